@@ -1,0 +1,18 @@
+"""Free TCP port lookup for the local launchers."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on `host` that nothing is listening on right now.
+
+    The kernel picks it (bind to port 0). There is an unavoidable race between
+    closing our socket and the child binding the port; callers detect a lost
+    race because the child then fails to start and its readiness check fails.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
