@@ -64,7 +64,7 @@ def _tokenizer_json(meta: dict[str, Any]) -> dict[str, Any]:
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    pre: list[Any] = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if meta.get("tokenizer.ggml.pre") == "smollm":
         # SmolLM's pre-tokenizer splits every digit off before the byte-level regex.
         pre.insert(0, pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"))
@@ -83,8 +83,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, dequantize: bool = False) ->
     `dequantize=True` stores float32 weights: on Linux CPUs MLX's quantized
     kernels are several times slower than a float32 GEMV.
     """
-    weights_raw, meta = mx.load(str(gguf_path), return_metadata=True)
-    assert isinstance(weights_raw, dict)
+    loaded: Any = mx.load(str(gguf_path), return_metadata=True)
+    weights_raw: dict[str, mx.array] = loaded[0]
+    meta: dict[str, Any] = loaded[1]
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"unsupported GGUF architecture {meta.get('general.architecture')!r}")
 

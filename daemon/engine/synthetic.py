@@ -1,0 +1,69 @@
+"""SyntheticEngine: NOT a model. Emits a fixed text as fast as it can.
+
+It exists so the benchmark can measure the gateway and bus overhead without
+the model's speed drowning it out. It never runs for buyers: the daemon only
+uses it when `MP_ENGINE=synthetic` is set explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from daemon.engine.base import CancelToken, EngineError, Event, Finished, Prepared, TextChunk
+from schemas import bus
+
+WORDS = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".")
+
+
+class SyntheticEngine:
+    def __init__(self, model_id: str = "synthetic", *, slots: int = 256, token_delay_s: float = 0.0) -> None:
+        self.model_id = model_id
+        self.slots = slots
+        self.context_length = 1 << 20
+        self.token_delay_s = token_delay_s
+        self._running = 0
+        self._tps = 0.0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def prepare(self, request: bus.InferenceRequest) -> Prepared:
+        if self._running >= self.slots:
+            raise EngineError("provider_busy", "all synthetic slots are busy", retryable=True)
+        words = sum(len(m.content.split()) for m in request.messages)
+        return Prepared(request=request, prompt_tokens=list(range(words + 4 * len(request.messages))))
+
+    def running(self) -> int:
+        return self._running
+
+    def queued(self) -> int:
+        return 0
+
+    def decode_tps(self) -> float:
+        return self._tps
+
+    async def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:
+        self._running += 1
+        started = time.monotonic()
+        n = 0
+        finish: bus.FinishReason = "length"
+        try:
+            for n in range(1, prepared.request.params.max_tokens + 1):
+                if cancel.cancelled:
+                    finish = "cancelled"
+                    n -= 1
+                    break
+                yield TextChunk(WORDS[(n - 1) % len(WORDS)], 1)
+                # Yield to the loop every token, as a real engine's thread hand-off would.
+                await asyncio.sleep(self.token_delay_s)
+            elapsed = time.monotonic() - started
+            if n > 1 and elapsed > 0:
+                self._tps = n / elapsed
+            yield Finished(finish, len(prepared.prompt_tokens), n, generation_ms=elapsed * 1000)
+        finally:
+            self._running -= 1

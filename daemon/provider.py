@@ -1,0 +1,219 @@
+"""The daemon on the bus: takes work for this provider, streams frames back, heartbeats.
+
+Frames for one request are numbered from 0 and always end with Done or Failed,
+so the gateway can tell a finished answer from a provider that vanished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import nats
+import structlog
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+
+from daemon import __version__
+from daemon.engine.base import CancelToken, Engine, EngineError, Finished
+from daemon.settings import DaemonSettings
+from schemas import bus, subjects
+
+log = structlog.get_logger("daemon")
+
+_REQUEST = bus.decoder(bus.InferenceRequest)
+_CANCEL = bus.decoder(bus.Cancel)
+
+
+@dataclass
+class _InFlight:
+    cancel: CancelToken
+    task: asyncio.Task[None]
+
+
+@dataclass
+class _Replier:
+    nc: Nats
+    subject: str
+    seq: int = 0
+
+    async def send(self, make: type[bus.Frame], **fields: object) -> None:
+        frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
+        self.seq += 1
+        await self.nc.publish(self.subject, bus.encode(frame))
+
+
+@dataclass
+class Provider:
+    settings: DaemonSettings
+    engine: Engine
+    boot_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    draining: bool = False
+    _nc: Nats | None = None
+    _inflight: dict[str, _InFlight] = field(default_factory=dict)
+    served: int = 0
+
+    @property
+    def nc(self) -> Nats:
+        assert self._nc is not None, "provider not connected"
+        return self._nc
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self._nc = await nats.connect(
+            s.nats_url,
+            name=f"mac-provider-daemon-{s.provider_id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
+        await self.nc.subscribe(subjects.work(s.provider_id), cb=self._on_work)
+        await self.nc.subscribe(subjects.cancel(s.provider_id), cb=self._on_cancel)
+        await self.nc.subscribe(subjects.PROBE, cb=self._on_probe)
+        beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
+        log.info("provider_online", provider=s.provider_id, model=self.engine.model_id, nats=s.nats_url)
+        try:
+            await stop.wait()
+        finally:
+            await self._drain()
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+            with contextlib.suppress(Exception):
+                await self.nc.publish(
+                    subjects.leave(s.provider_id),
+                    bus.encode(bus.Leave(provider_id=s.provider_id, boot_id=self.boot_id)),
+                )
+                await self.nc.drain()
+            log.info("provider_offline", provider=s.provider_id, served=self.served)
+
+    async def _drain(self) -> None:
+        """Stop taking work, tell the pool, and let in-flight requests finish."""
+        self.draining = True
+        with contextlib.suppress(Exception):
+            await self._publish_heartbeat()
+        pending = [f.task for f in self._inflight.values()]
+        if pending:
+            log.info("draining", in_flight=len(pending))
+            _, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout_s)
+            for task in late:
+                task.cancel()
+
+    # ---- heartbeats ------------------------------------------------------------------
+
+    def heartbeat(self) -> bus.Heartbeat:
+        e = self.engine
+        running = e.running()
+        return bus.Heartbeat(
+            provider_id=self.settings.provider_id,
+            daemon_version=__version__,
+            boot_id=self.boot_id,
+            models=[bus.ModelInfo(id=e.model_id, context_length=e.context_length)],
+            slots=e.slots,
+            slots_free=max(0, e.slots - running),
+            queue_depth=e.queued(),
+            queue_limit=getattr(e, "queue_limit", 0),
+            decode_tps=round(e.decode_tps(), 2),
+            interval_s=self.settings.heartbeat_s,
+            sent_at_ms=int(time.time() * 1000),
+            draining=self.draining,
+        )
+
+    async def _publish_heartbeat(self) -> None:
+        await self.nc.publish(subjects.heartbeat(self.settings.provider_id), bus.encode(self.heartbeat()))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self._publish_heartbeat()
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _on_probe(self, msg: Msg) -> None:
+        await self._publish_heartbeat()
+
+    # ---- work --------------------------------------------------------------------------
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = _CANCEL.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        inflight = self._inflight.get(cancel.request_id)
+        if inflight is not None:
+            inflight.cancel.cancel(cancel.reason)
+            log.info("request_cancelled", request_id=cancel.request_id, reason=cancel.reason)
+
+    async def _on_work(self, msg: Msg) -> None:
+        # Only answer on our own reply prefix: NATS would refuse anything else anyway.
+        if not msg.reply.startswith(subjects.reply_prefix(self.settings.provider_id)):
+            log.warning("bad_reply_subject", reply=msg.reply)
+            return
+        replier = _Replier(self.nc, msg.reply)
+        try:
+            request = _REQUEST.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await replier.send(bus.Failed, code="bad_request", message=f"undecodable request: {exc}")
+            return
+        if request.request_id in self._inflight:
+            return  # a duplicate delivery of a request we are already running
+        cancel = CancelToken()
+        task = asyncio.create_task(self._serve(request, replier, cancel), name=f"req-{request.request_id}")
+        self._inflight[request.request_id] = _InFlight(cancel, task)
+        task.add_done_callback(lambda _: self._inflight.pop(request.request_id, None))
+
+    async def _serve(self, request: bus.InferenceRequest, replier: _Replier, cancel: CancelToken) -> None:
+        if self.draining:
+            await replier.send(bus.Failed, code="provider_draining", message="provider is draining", retryable=True)
+            return
+        if request.model != self.engine.model_id:
+            await replier.send(
+                bus.Failed, code="model_not_loaded", message=f"{request.model!r} is not loaded here", retryable=True
+            )
+            return
+        try:
+            prepared = self.engine.prepare(request)
+            await replier.send(
+                bus.Accepted, prompt_tokens=len(prepared.prompt_tokens), queue_position=self.engine.queued()
+            )
+            finished: Finished | None = None
+            async for event in self.engine.generate(prepared, cancel):
+                if isinstance(event, Finished):
+                    finished = event
+                else:
+                    await replier.send(bus.Delta, text=event.text, tokens=event.tokens)
+            assert finished is not None
+            await replier.send(
+                bus.Done,
+                finish_reason=finished.finish_reason,
+                prompt_tokens=finished.prompt_tokens,
+                completion_tokens=finished.completion_tokens,
+                cached_tokens=finished.cached_tokens,
+                queue_ms=round(finished.queue_ms, 2),
+                ttft_ms=round(finished.ttft_ms, 2),
+                generation_ms=round(finished.generation_ms, 2),
+            )
+            self.served += 1
+            log.info(
+                "request_done",
+                request_id=request.request_id,
+                finish=finished.finish_reason,
+                prompt_tokens=finished.prompt_tokens,
+                completion_tokens=finished.completion_tokens,
+                ttft_ms=round(finished.ttft_ms, 1),
+                generation_ms=round(finished.generation_ms, 1),
+            )
+        except EngineError as exc:
+            await replier.send(
+                bus.Failed, code=exc.code, message=exc.message, retryable=exc.retryable and replier.seq == 0
+            )
+        except asyncio.CancelledError:
+            cancel.cancel("daemon_stopping")
+            with contextlib.suppress(Exception):
+                await replier.send(bus.Failed, code="provider_stopping", message="the provider is shutting down")
+            raise
+        except Exception as exc:
+            log.exception("request_failed", request_id=request.request_id)
+            await replier.send(bus.Failed, code="provider_internal_error", message=type(exc).__name__)

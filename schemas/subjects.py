@@ -1,0 +1,89 @@
+"""Every NATS subject the system uses, built here and nowhere else.
+
+Subjects are an API between independently deployed gateways and daemons, so
+they are versioned (`mp.v1`). Reply subjects sit under a per-provider prefix
+(`mp.v1.reply.<provider>.…`): NATS permissions can then let only that provider
+publish there, which also proves to the gateway who sent each chunk.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "mp.v1"
+
+# Provider, gateway and request ids become subject tokens: no dots, no wildcards.
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SubjectError(ValueError):
+    pass
+
+
+def _token(kind: str, value: str) -> str:
+    if not _TOKEN.match(value):
+        raise SubjectError(f"invalid {kind} {value!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    return value
+
+
+def valid_token(value: str) -> bool:
+    return bool(_TOKEN.match(value))
+
+
+def work(provider_id: str) -> str:
+    """Inference requests routed to one provider."""
+    return f"{PREFIX}.work.{_token('provider id', provider_id)}"
+
+
+def cancel(provider_id: str) -> str:
+    """Cancellations for requests a provider is running."""
+    return f"{PREFIX}.cancel.{_token('provider id', provider_id)}"
+
+
+def heartbeat(provider_id: str) -> str:
+    return f"{PREFIX}.heartbeat.{_token('provider id', provider_id)}"
+
+
+HEARTBEATS = f"{PREFIX}.heartbeat.*"
+
+
+def leave(provider_id: str) -> str:
+    """A daemon announces it is leaving the pool (drain finished / shutdown)."""
+    return f"{PREFIX}.leave.{_token('provider id', provider_id)}"
+
+
+LEAVES = f"{PREFIX}.leave.*"
+
+# Gateways ask every daemon for an immediate heartbeat (a fresh replica fills its pool view at once).
+PROBE = f"{PREFIX}.pool.probe"
+
+
+def reply(provider_id: str, gateway_id: str, request_id: str) -> str:
+    """Where a provider streams one request's frames back to one gateway replica."""
+    return (
+        f"{PREFIX}.reply.{_token('provider id', provider_id)}."
+        f"{_token('gateway id', gateway_id)}.{_token('request id', request_id)}"
+    )
+
+
+def replies_for_gateway(gateway_id: str) -> str:
+    """One wildcard subscription per gateway replica receives all its replies."""
+    return f"{PREFIX}.reply.*.{_token('gateway id', gateway_id)}.*"
+
+
+def reply_prefix(provider_id: str) -> str:
+    """The prefix a provider may publish replies under (for permissions and checks)."""
+    return f"{PREFIX}.reply.{_token('provider id', provider_id)}."
+
+
+def parse_reply(subject: str) -> tuple[str, str, str]:
+    """(provider_id, gateway_id, request_id) of a reply subject."""
+    parts = subject.split(".")
+    if len(parts) != 6 or f"{parts[0]}.{parts[1]}" != PREFIX or parts[2] != "reply":
+        raise SubjectError(f"not a reply subject: {subject!r}")
+    return parts[3], parts[4], parts[5]
+
+
+def parse_provider(subject: str) -> str:
+    """The provider id that ends a heartbeat/leave subject."""
+    return subject.rsplit(".", 1)[-1]

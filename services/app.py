@@ -1,0 +1,49 @@
+"""The Litestar application factory.
+
+Each service is a list of route handlers. `create_app` mounts the ones asked
+for, so a service can run (and scale) alone in the cloud, or all of them in one
+process, which is what the local stack does. They share only Postgres and NATS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from litestar import Litestar
+from litestar.config.response_cache import ResponseCacheConfig
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ControllerRouterHandler
+
+from services.errors import exception_handler
+from services.gateway.chat import chat_completions
+from services.middleware import request_id_middleware
+from services.runtime import provide_runtime, runtime_lifespan
+from services.settings import Settings
+from services.status.routes import health, list_models, pool_status
+
+SERVICES: dict[str, list[ControllerRouterHandler]] = {
+    "gateway": [chat_completions],
+    "status": [pool_status, list_models, health],
+}
+
+
+def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) -> Litestar:
+    unknown = set(services) - set(SERVICES)
+    if unknown:
+        raise ValueError(f"unknown services {sorted(unknown)}; choose from {sorted(SERVICES)}")
+    handlers: list[ControllerRouterHandler] = []
+    for name in services:
+        handlers.extend(SERVICES[name])
+    if "status" not in services:
+        handlers.append(health)
+    return Litestar(
+        route_handlers=handlers,
+        lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
+        dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
+        exception_handlers={Exception: exception_handler},
+        middleware=[request_id_middleware],
+        openapi_config=OpenAPIConfig(title="Mac Provider", version="0.1.0", path="/openapi"),
+        response_cache_config=ResponseCacheConfig(),
+        debug=False,
+    )

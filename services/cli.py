@@ -1,0 +1,69 @@
+"""`mac-provider`: run the control plane, migrate the database, or bring up the local stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from services.settings import Settings, SettingsError
+
+ALL = ("gateway", "status")
+
+
+def _serve(settings: Settings, services: list[str]) -> None:
+    import uvicorn
+
+    from services.app import create_app
+    from services.logs import configure
+
+    configure(json=settings.log_json, level=settings.log_level)
+    uvicorn.run(
+        create_app(settings, services),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,  # the gateway writes its own summary line per request
+        timeout_graceful_shutdown=10,
+    )
+
+
+async def _migrate(settings: Settings) -> None:
+    import asyncpg
+
+    from services.db.migrate import migrate
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print(f"applied migrations: {applied or 'none (up to date)'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mac-provider")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run control-plane services (all by default)")
+    serve.add_argument("--service", action="append", choices=ALL, help="run only this service (repeatable)")
+    sub.add_parser("migrate", help="apply database migrations")
+    sub.add_parser("up", help="start the whole local system (NATS, Postgres, control plane, one daemon)")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        from infra.stack import main as up
+
+        return up()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"mac-provider: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        _serve(settings, args.service or list(ALL))
+    elif args.command == "migrate":
+        asyncio.run(_migrate(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

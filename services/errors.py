@@ -1,0 +1,123 @@
+"""Domain exceptions and the one place that maps them to OpenAI error envelopes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from schemas.errors import ErrorBody, ErrorEnvelope
+
+log = structlog.get_logger("services.errors")
+
+
+class ApiError(Exception):
+    """An error a buyer sees: HTTP status plus the OpenAI envelope fields."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(message=self.message, type=self.type, code=self.code, param=self.param)
+
+
+class InvalidJson(ApiError):
+    code = "invalid_json"
+
+
+class InvalidRequest(ApiError):
+    code = "invalid_value"
+
+
+class MissingBearerToken(ApiError):
+    status = 401
+    type = "authentication_error"
+    code = "missing_bearer_token"
+
+
+class InvalidApiKey(ApiError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class CoordinatorUnavailable(ApiError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "coordinator_unavailable"
+
+
+class ProviderError(ApiError):
+    """The provider failed the request after accepting it."""
+
+    status = 502
+    type = "api_error"
+    code = "provider_error"
+
+
+class RequestTimeout(ApiError):
+    status = 504
+    type = "timeout_error"
+    code = "request_timeout"
+
+
+class InternalError(ApiError):
+    status = 500
+    type = "api_error"
+    code = "internal_error"
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def error_response(error: ApiError) -> Response[bytes]:
+    return Response(
+        content=_ENCODER.encode(ErrorEnvelope(error=error.body())),
+        status_code=error.status,
+        media_type="application/json",
+        headers=error.headers,
+    )
+
+
+def _from_http_exception(exc: HTTPException) -> ApiError:
+    if isinstance(exc, NotFoundException):
+        return NotFound("Not found: no such route. See GET /v1/models and the API reference.")
+    if exc.status_code == 405:
+        return MethodNotAllowed(str(exc.detail))
+    if isinstance(exc, ValidationException):
+        return InvalidRequest(str(exc.detail))
+    if exc.status_code == 401:
+        return InvalidApiKey(str(exc.detail))
+    err = ApiError(str(exc.detail))
+    err.status = exc.status_code
+    return err
+
+
+def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, ApiError):
+        return error_response(exc)
+    if isinstance(exc, HTTPException) and exc.status_code < HTTP_500_INTERNAL_SERVER_ERROR:
+        return error_response(_from_http_exception(exc))
+    log.exception("unhandled_error", path=request.url.path, method=request.method)
+    return error_response(InternalError("Internal error; the request id in x-request-id helps the operator."))

@@ -1,0 +1,120 @@
+"""This replica's view of the provider pool, rebuilt from heartbeats (soft state).
+
+Nothing here is durable: a restarted gateway asks every daemon for a heartbeat
+(`PROBE`) and is routable again within one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from schemas.bus import Heartbeat
+
+LostCallback = Callable[[str], None]
+
+
+@dataclass(slots=True)
+class ProviderState:
+    heartbeat: Heartbeat
+    last_seen: float
+    # Requests this replica sent since the provider's last heartbeat: the
+    # heartbeat does not count them yet, so we do, to avoid piling onto one Mac.
+    sent_since_heartbeat: int = 0
+
+    @property
+    def provider_id(self) -> str:
+        return self.heartbeat.provider_id
+
+    def free_slots(self) -> int:
+        return self.heartbeat.slots_free - self.sent_since_heartbeat
+
+    def room(self) -> int:
+        """Requests it can take now, running or queued on the daemon."""
+        hb = self.heartbeat
+        return hb.slots_free + max(0, hb.queue_limit - hb.queue_depth) - self.sent_since_heartbeat
+
+    def load(self) -> float:
+        hb = self.heartbeat
+        busy = hb.slots - hb.slots_free + hb.queue_depth + self.sent_since_heartbeat
+        return busy / max(1, hb.slots)
+
+    def serves(self, model: str) -> bool:
+        return any(m.id == model for m in self.heartbeat.models)
+
+
+@dataclass
+class PoolView:
+    heartbeat_misses: int = 3
+    clock: Callable[[], float] = time.monotonic
+    providers: dict[str, ProviderState] = field(default_factory=dict)
+    _watchers: dict[str, dict[int, LostCallback]] = field(default_factory=dict)
+    _next_watch: int = 0
+
+    def observe(self, hb: Heartbeat) -> None:
+        if hb.draining:
+            # A draining daemon finishes its work but takes nothing new.
+            self.providers.pop(hb.provider_id, None)
+            return
+        self.providers[hb.provider_id] = ProviderState(heartbeat=hb, last_seen=self.clock())
+
+    def remove(self, provider_id: str, boot_id: str | None = None) -> bool:
+        state = self.providers.get(provider_id)
+        if state is None or (boot_id is not None and state.heartbeat.boot_id != boot_id):
+            return False
+        del self.providers[provider_id]
+        self._notify_lost(provider_id)
+        return True
+
+    def expire(self) -> list[str]:
+        """Drop providers whose heartbeats stopped; returns their ids."""
+        now = self.clock()
+        gone = [
+            pid
+            for pid, state in self.providers.items()
+            if now - state.last_seen > self.heartbeat_misses * state.heartbeat.interval_s
+        ]
+        for pid in gone:
+            del self.providers[pid]
+            self._notify_lost(pid)
+        return gone
+
+    def candidates(self, model: str) -> list[ProviderState]:
+        """Providers that can take a request for `model` now, best first.
+
+        Rule: a provider with a free slot beats one that would queue; then the
+        least loaded (busy + queued per slot); then the fastest decoder.
+        """
+        able = [s for s in self.providers.values() if s.serves(model) and s.room() > 0]
+        able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.decode_tps))
+        return able
+
+    def note_sent(self, provider_id: str) -> None:
+        state = self.providers.get(provider_id)
+        if state is not None:
+            state.sent_since_heartbeat += 1
+
+    def models(self) -> dict[str, list[ProviderState]]:
+        served: dict[str, list[ProviderState]] = {}
+        for state in self.providers.values():
+            for m in state.heartbeat.models:
+                served.setdefault(m.id, []).append(state)
+        return served
+
+    def watch(self, provider_id: str, callback: LostCallback) -> int:
+        """Call `callback(provider_id)` if the provider leaves the pool; returns a handle."""
+        self._next_watch += 1
+        self._watchers.setdefault(provider_id, {})[self._next_watch] = callback
+        return self._next_watch
+
+    def unwatch(self, provider_id: str, handle: int) -> None:
+        watchers = self._watchers.get(provider_id)
+        if watchers is not None:
+            watchers.pop(handle, None)
+            if not watchers:
+                del self._watchers[provider_id]
+
+    def _notify_lost(self, provider_id: str) -> None:
+        for callback in list(self._watchers.pop(provider_id, {}).values()):
+            callback(provider_id)

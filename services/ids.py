@@ -1,0 +1,18 @@
+"""Request ids: one per HTTP request, returned in `x-request-id` and used on the bus."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from litestar import Request
+
+
+def new_request_id() -> str:
+    # 96 random bits, hex: safe as a NATS subject token and short enough to read out.
+    return secrets.token_hex(12)
+
+
+def request_id_of(request: Request[Any, Any, Any]) -> str:
+    rid: str = request.scope["state"].setdefault("request_id", new_request_id())
+    return rid

@@ -1,0 +1,86 @@
+"""What a running control-plane process shares between requests: connections and soft state.
+
+Built in the app's lifespan from Settings and stored on `app.state`; nothing
+lives at module level, so several apps (and tests) can run in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import nats
+import structlog
+from litestar import Litestar
+from litestar.datastructures import State
+from nats.aio.client import Client as Nats
+
+from services.db.pool import open_pool
+from services.gateway.dispatch import Dispatcher, ReplyRouter
+from services.gateway.membership import Membership
+from services.gateway.pool import PoolView
+from services.settings import Settings
+
+log = structlog.get_logger("services")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: asyncpg.Pool
+    nc: Nats
+    pool: PoolView
+    dispatcher: Dispatcher
+    started_at: float
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    db = await open_pool(settings.database_url, size=settings.db_pool_size)
+    nc = await nats.connect(
+        settings.nats_url,
+        name=f"mac-provider-gateway-{settings.gateway_id}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+    )
+    pool = PoolView(heartbeat_misses=settings.heartbeat_misses)
+    router = ReplyRouter(nc, settings.gateway_id)
+    membership = Membership(nc, pool, settings.gateway_id)
+    try:
+        await router.start()
+        await membership.start()
+        dispatcher = Dispatcher(
+            nc,
+            pool,
+            router,
+            settings.gateway_id,
+            accept_timeout_s=settings.accept_timeout_s,
+            stream_idle_timeout_s=settings.stream_idle_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+        )
+        log.info("control_plane_ready", gateway_id=settings.gateway_id)
+        yield Runtime(settings, db, nc, pool, dispatcher, time.time())
+    finally:
+        await membership.stop()
+        await router.stop()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await db.close()
+
+
+def runtime_lifespan(settings: Settings) -> contextlib.AbstractAsyncContextManager[None] | object:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_runtime(settings) as runtime:
+            app.state.runtime = runtime
+            yield
+
+    return lifespan
+
+
+def provide_runtime(state: State) -> Runtime:
+    runtime: Runtime = state.runtime
+    return runtime

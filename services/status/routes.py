@@ -1,0 +1,108 @@
+"""Pool status (public), the model list (authenticated) and a health route."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+from litestar import Request, Response, get
+
+from schemas import openai
+from services.auth.bearer import authenticate
+from services.runtime import Runtime
+
+
+class ModelStatus(msgspec.Struct, frozen=True):
+    id: str
+    providers: int
+    slots: int
+    slots_free: int
+    queue_depth: int
+
+
+class Capacity(msgspec.Struct, frozen=True):
+    providers: int
+    slots: int
+    slots_free: int
+    queue_depth: int
+    decode_tokens_per_s: float
+
+
+class PoolStatus(msgspec.Struct, frozen=True):
+    status: Literal["available", "unavailable"]
+    models: list[ModelStatus]
+    capacity: Capacity
+    disclosures: list[str]
+    object: Literal["status"] = "status"
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: Literal["ok", "degraded"]
+    database: bool
+    nats: bool
+    providers: int
+    uptime_s: float
+
+
+# Seed 000's tier-1 disclosures, stated wherever we describe the pool.
+DISCLOSURES = [
+    "Prompts and outputs are processed as plaintext on provider hardware; providers can observe them.",
+    "Model identity is provider-reported and not cryptographically verified.",
+    "There is no hardware attestation or runtime integrity check on providers.",
+]
+
+
+@get("/v1/status")
+async def pool_status(runtime: Runtime) -> PoolStatus:
+    states = list(runtime.pool.providers.values())
+    models = [
+        ModelStatus(
+            id=model_id,
+            providers=len(serving),
+            slots=sum(s.heartbeat.slots for s in serving),
+            slots_free=sum(max(0, s.free_slots()) for s in serving),
+            queue_depth=sum(s.heartbeat.queue_depth for s in serving),
+        )
+        for model_id, serving in sorted(runtime.pool.models().items())
+    ]
+    capacity = Capacity(
+        providers=len(states),
+        slots=sum(s.heartbeat.slots for s in states),
+        slots_free=sum(max(0, s.free_slots()) for s in states),
+        queue_depth=sum(s.heartbeat.queue_depth for s in states),
+        decode_tokens_per_s=round(sum(s.heartbeat.decode_tps for s in states), 1),
+    )
+    return PoolStatus(
+        status="available" if states else "unavailable",
+        models=models,
+        capacity=capacity,
+        disclosures=DISCLOSURES,
+    )
+
+
+@get("/v1/models")
+async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> openai.ModelList:
+    await authenticate(request, runtime.db)
+    now = int(time.time())
+    return openai.ModelList(
+        data=[openai.Model(id=m, created=now, owned_by="mac-provider-pool") for m in sorted(runtime.pool.models())]
+    )
+
+
+@get("/health")
+async def health(runtime: Runtime) -> Response[Health]:
+    try:
+        database = await runtime.db.fetchval("SELECT 1") == 1
+    except Exception:
+        database = False
+    nats_ok = runtime.nc.is_connected
+    ok = database and nats_ok
+    body = Health(
+        status="ok" if ok else "degraded",
+        database=database,
+        nats=nats_ok,
+        providers=len(runtime.pool.providers),
+        uptime_s=round(time.time() - runtime.started_at, 1),
+    )
+    return Response(body, status_code=200 if ok else 503)
