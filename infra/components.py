@@ -1,0 +1,145 @@
+"""Starting the control plane and a provider daemon as child processes.
+
+Shared by `mac-provider up` and the tests, so the tests exercise exactly the
+processes a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import Popen
+
+from infra import procs
+from infra.blas import fast_blas_env
+
+
+@dataclass
+class Child:
+    name: str
+    proc: Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        return procs.stop(self.proc, timeout=timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return procs.log_tail(self.log_path, lines)
+
+
+def _env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    # Children print as they go; a buffered log hides the reason a child died.
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_gateway(
+    home: Path,
+    *,
+    port: int,
+    nats_url: str,
+    database_url: str,
+    name: str = "gateway",
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Child:
+    log_path = home / "logs" / f"{name}.log"
+    proc = procs.spawn(
+        [sys.executable, "-m", "services", "serve"],
+        env=_env({
+            "MP_HOME": str(home),
+            "MP_PORT": str(port),
+            "NATS_URL": nats_url,
+            "DATABASE_URL": database_url,
+            **(env or {}),
+        }),
+        log_path=log_path,
+    )
+    child = Child(name, proc, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=timeout, child=child)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+def start_daemon(
+    home: Path,
+    *,
+    nats_url: str,
+    provider_id: str,
+    model_id: str,
+    model_path: Path | None = None,
+    engine: str = "mlx",
+    env: Mapping[str, str] | None = None,
+) -> Child:
+    log_path = home / "logs" / f"daemon-{provider_id}.log"
+    settings = {
+        **fast_blas_env(),
+        "NATS_URL": nats_url,
+        "MP_PROVIDER_ID": provider_id,
+        "MP_MODEL_ID": model_id,
+        "MP_ENGINE": engine,
+        **({"MP_MODEL_PATH": str(model_path)} if model_path else {}),
+        **(env or {}),
+    }
+    proc = procs.spawn([sys.executable, "-m", "daemon", "serve"], env=_env(settings), log_path=log_path)
+    return Child(f"daemon-{provider_id}", proc, log_path)
+
+
+def get_json(url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 5.0) -> tuple[int, object]:
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def wait_http(url: str, *, timeout: float, child: Child | None = None) -> None:
+    """Until `url` answers 200; fails fast (with the log) if `child` dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if child is not None and not child.alive():
+            raise procs.ProcessExitedError(f"{child.name} exited while starting; log tail:\n{child.log_tail()}")
+        try:
+            status, _ = get_json(url, timeout=2.0)
+            if status == 200:
+                return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            tail = child.log_tail() if child else ""
+            raise TimeoutError(f"{url} not ready after {timeout:.0f}s\n{tail}")
+        time.sleep(0.05)
+
+
+def wait_model(base_url: str, model_id: str, *, timeout: float, daemon: Child | None = None) -> None:
+    """Until the public status page shows `model_id` served by the pool."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if daemon is not None and not daemon.alive():
+            raise procs.ProcessExitedError(f"{daemon.name} exited while starting; log tail:\n{daemon.log_tail()}")
+        try:
+            status, body = get_json(f"{base_url}/v1/status", timeout=2.0)
+            if status == 200 and isinstance(body, dict) and any(m["id"] == model_id for m in body["models"]):
+                return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            tail = daemon.log_tail() if daemon else ""
+            raise TimeoutError(f"model {model_id} not served after {timeout:.0f}s\n{tail}")
+        time.sleep(0.1)

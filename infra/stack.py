@@ -1,0 +1,137 @@
+"""`just up`: the whole system on one machine, in a state folder (`MP_HOME`, default ./.mp).
+
+Starts NATS and PostgreSQL (unless NATS_URL / DATABASE_URL point elsewhere),
+applies migrations, makes the dev account and key, starts the control plane
+on MP_PORT (default 8080) and one provider daemon serving SmolLM2. Ctrl-C or
+SIGTERM stops everything it started, newest first. A second run reuses the
+state folder, so data survives restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra.devkey import ensure_dev_key, write_dev_env
+from infra.nats import NatsServer
+from infra.postgres import PostgresServer
+
+
+def _port(name: str) -> int | None:
+    raw = os.environ.get(name)
+    return int(raw) if raw else None
+
+
+def _say(message: str) -> None:
+    print(f"[mac-provider] {message}", flush=True)
+
+
+def main() -> int:
+    home = Path(os.environ.get("MP_HOME", ".mp")).expanduser().resolve()
+    port = _port("MP_PORT") or 8080
+    host = "127.0.0.1"
+    base = f"http://{host}:{port}"
+    home.mkdir(parents=True, exist_ok=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    cleanups: list[Callable[[], object]] = []
+    children: list[Child] = []
+    exit_code = 0
+    try:
+        nats_url = os.environ.get("NATS_URL")
+        if not nats_url:
+            nats = NatsServer.start(home / "nats", port=_port("MP_NATS_PORT"))
+            cleanups.append(nats.stop)
+            nats_url = nats.url
+            _say(f"nats-server on {nats_url}")
+        database_url = os.environ.get("DATABASE_URL")
+        if not database_url:
+            pg = PostgresServer.start(home / "postgres", port=_port("MP_PG_PORT"))
+            cleanups.append(pg.stop)
+            database_url = pg.url
+            _say(f"postgres on {database_url}")
+
+        dev_env = home / "dev.env"
+        key = asyncio.run(ensure_dev_key(database_url, dev_env))
+
+        model_path_env = os.environ.get("MP_MODEL_PATH")
+        if model_path_env:
+            model_path = Path(model_path_env).resolve()
+            model_id = os.environ.get("MP_MODEL_ID") or model_path.name
+        else:
+            from daemon.models.smollm2 import MODEL_ID, ensure_smollm2
+
+            _say("preparing the default model (SmolLM2-135M-Instruct; first run converts the GGUF once)")
+            model_path = ensure_smollm2(home / "models")
+            model_id = os.environ.get("MP_MODEL_ID") or MODEL_ID
+
+        gateway = start_gateway(home, port=port, nats_url=nats_url, database_url=database_url)
+        children.append(gateway)
+        _say(f"control plane on {base} (log: {gateway.log_path})")
+        daemon = start_daemon(
+            home,
+            nats_url=nats_url,
+            provider_id=os.environ.get("MP_PROVIDER_ID", "local-mac"),
+            model_id=model_id,
+            model_path=model_path,
+        )
+        children.append(daemon)
+        _say(f"provider daemon loading {model_id} (log: {daemon.log_path})")
+        wait_model(base, model_id, timeout=300, daemon=daemon)
+        write_dev_env(dev_env, base_url=f"{base}/v1", key=key)
+
+        payload = json.dumps(
+            {"model": model_id, "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+            separators=(",", ":"),
+        )
+        print(
+            f"""
+Mac Provider is up.
+  base URL : {base}/v1
+  API key  : {key}
+  model    : {model_id}
+  env file : {dev_env}   (set -a; . {dev_env}; set +a)
+
+  curl {base}/v1/chat/completions \\
+    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\
+    -d '{payload}'
+
+Ctrl-C stops everything.""",
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            for child in children:
+                if not child.alive():
+                    _say(f"{child.name} exited unexpectedly; log tail:\n{child.log_tail()}")
+                    exit_code = 1
+                    stop.set()
+    except Exception as exc:
+        _say(f"failed to start: {exc}")
+        exit_code = 1
+    finally:
+        _say("stopping")
+        # Signals during shutdown must not interrupt it halfway.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        started = time.monotonic()
+        for child in reversed(children):
+            child.stop()
+        for cleanup in reversed(cleanups):
+            cleanup()
+        _say(f"stopped in {time.monotonic() - started:.1f}s")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+# Mac Provider — local commands. `pip install -e '.[dev]'` installs `just` itself.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Start the whole local system (NATS, Postgres, control plane, one provider daemon).
+up:
+    mac-provider up
+
+# Run the whole test suite (real NATS, real Postgres, real mlx-lm models).
+test *ARGS:
+    python3 -m pytest {{ARGS}}
+
+# Lint and type-check.
+check:
+    ruff check .
+    ruff format --check .
+    mypy
+
+# Benchmarks, printed side by side with their baselines.
+bench *ARGS:
+    python3 -m tests.bench {{ARGS}}
