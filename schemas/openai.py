@@ -129,12 +129,12 @@ class ChunkError(msgspec.Struct, frozen=True):
 
 
 class ChatCompletionChunk(msgspec.Struct, frozen=True, omit_defaults=True):
+    # No default for `object`: omit_defaults would drop it, and SDKs read it.
     id: str
+    object: Literal["chat.completion.chunk"]
     created: int
     model: str
     choices: list[ChunkChoice]
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    system_fingerprint: str | None = None
     usage: Usage | None = None
     error: ChunkError | None = None
 

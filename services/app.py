@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from litestar import Litestar
-from litestar.config.response_cache import ResponseCacheConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ControllerRouterHandler
 
 from services.errors import exception_handler
 from services.gateway.chat import chat_completions
-from services.middleware import request_id_middleware
+from services.middleware import add_request_id
 from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings
 from services.status.routes import health, list_models, pool_status
@@ -42,8 +41,7 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},
-        middleware=[request_id_middleware],
+        before_send=[add_request_id],
         openapi_config=OpenAPIConfig(title="Mac Provider", version="0.1.0", path="/openapi"),
-        response_cache_config=ResponseCacheConfig(),
         debug=False,
     )

@@ -1,30 +1,21 @@
-"""Every response carries `x-request-id`; logs within a request are bound to it."""
+"""Every response carries `x-request-id`, including the router's own 404s and 405s.
+
+A `before_send` hook rather than a middleware: Litestar answers unknown routes
+before any middleware runs, and those responses need an id too.
+"""
 
 from __future__ import annotations
 
-import structlog
 from litestar.datastructures import MutableScopeHeaders
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Message, Scope
 
 from services.ids import new_request_id
 
 
-def request_id_middleware(app: ASGIApp) -> ASGIApp:
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        request_id = new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableScopeHeaders.from_message(message)
-                if "x-request-id" not in headers:
-                    headers["x-request-id"] = request_id
-            await send(message)
-
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            await app(scope, receive, send_with_id)
-
-    return middleware
+async def add_request_id(message: Message, scope: Scope) -> None:
+    if message["type"] == "http.response.start":
+        state = scope.setdefault("state", {})
+        request_id = state.setdefault("request_id", new_request_id())
+        headers = MutableScopeHeaders.from_message(message)
+        if "x-request-id" not in headers:
+            headers["x-request-id"] = request_id

@@ -32,6 +32,7 @@ class ChunkWriter:
         return event(
             openai.ChatCompletionChunk(
                 id=self.completion_id,
+                object="chat.completion.chunk",
                 created=self.created,
                 model=self.model,
                 choices=choices,

@@ -1,0 +1,115 @@
+"""Session fixtures: a real nats-server, a real PostgreSQL, a tiny real mlx-lm model,
+and the control plane plus a provider daemon running as the same processes a user runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra.devkey import ensure_dev_key
+from infra.nats import NatsServer
+from infra.ports import free_port
+from infra.postgres import PostgresServer
+from tests.support.tiny_model import write_tiny_model
+
+TINY_MODEL = "tiny-llama"
+TINY_PROVIDER = "tiny-mac-1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Stack:
+    home: Path
+    base_url: str
+    api_key: str
+    nats_url: str
+    database_url: str
+    gateway: Child
+    daemon: Child
+    model_path: Path
+    postgres: PostgresServer
+
+    @property
+    def v1(self) -> str:
+        return f"{self.base_url}/v1"
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mp-home")
+
+
+@pytest.fixture(scope="session")
+def nats_server(state_dir: Path) -> Iterator[NatsServer]:
+    server = NatsServer.start(state_dir / "nats")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(state_dir: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer.start(state_dir / "postgres", fast=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(state_dir: Path) -> Path:
+    # Seed 3 writes mostly readable text, which keeps assertion messages legible.
+    return write_tiny_model(state_dir / "models" / TINY_MODEL, seed=3)
+
+
+@pytest.fixture(scope="session")
+def stack(state_dir: Path, nats_server: NatsServer, postgres: PostgresServer, tiny_model_path: Path) -> Iterator[Stack]:
+    api_key = asyncio.run(ensure_dev_key(postgres.url, state_dir / "dev.env"))
+    port = free_port()
+    gateway = start_gateway(
+        state_dir,
+        port=port,
+        nats_url=nats_server.url,
+        database_url=postgres.url,
+        # Short silences so tests of a vanished provider finish quickly.
+        env={"MP_STREAM_IDLE_TIMEOUT_S": "30", "MP_LOG_LEVEL": "info"},
+    )
+    daemon = start_daemon(
+        state_dir,
+        nats_url=nats_server.url,
+        provider_id=TINY_PROVIDER,
+        model_id=TINY_MODEL,
+        model_path=tiny_model_path,
+        env={"MP_HEARTBEAT_S": "0.5"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_model(base, TINY_MODEL, timeout=120, daemon=daemon)
+        yield Stack(
+            home=state_dir,
+            base_url=base,
+            api_key=api_key,
+            nats_url=nats_server.url,
+            database_url=postgres.url,
+            gateway=gateway,
+            daemon=daemon,
+            model_path=tiny_model_path,
+            postgres=postgres,
+        )
+    finally:
+        daemon.stop()
+        gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """Where converted real models are kept between runs (they take seconds to make)."""
+    path = Path(os.environ.get("MP_TEST_CACHE", REPO / ".mp" / "test-cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
