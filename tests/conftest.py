@@ -65,7 +65,8 @@ def postgres(state_dir: Path) -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def tiny_model_path(state_dir: Path) -> Path:
     # Seed 3 writes mostly readable text, which keeps assertion messages legible.
-    return write_tiny_model(state_dir / "models" / TINY_MODEL, seed=3)
+    # A long context so that tests can ask for generations that outlast them (cancellation).
+    return write_tiny_model(state_dir / "models" / TINY_MODEL, seed=3, context_length=1 << 16)
 
 
 @pytest.fixture(scope="session")

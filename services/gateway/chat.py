@@ -34,9 +34,9 @@ class Outcome:
     """What the summary log line says about one request."""
 
     request_id: str
-    key_id: int
-    model: str
-    stream: bool
+    key_id: int | None = None
+    model: str | None = None
+    stream: bool = False
     started: float = field(default_factory=time.monotonic)
     provider: str | None = None
     prompt_tokens: int = 0
@@ -120,22 +120,23 @@ async def _unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
-    key = await authenticate(request, runtime.db)
-    body = await request.body()
-    req = decode_body(body, openai.ChatCompletionRequest)
-    request_id = request_id_of(request)
-    outcome = Outcome(request_id=request_id, key_id=key.key_id, model=req.model, stream=req.stream)
+    outcome = Outcome(request_id=request_id_of(request))
     try:
-        call = await runtime.dispatcher.start(_bus_request(req, request_id, runtime))
+        key = await authenticate(request, runtime.db)
+        outcome.key_id = key.key_id
+        req = decode_body(await request.body(), openai.ChatCompletionRequest)
+        outcome.model, outcome.stream = req.model, req.stream
+        call = await runtime.dispatcher.start(_bus_request(req, outcome.request_id, runtime))
     except ApiError as exc:
+        # Refused before any generation: still one summary line, with the reason.
         outcome.status = exc.code or "error"
         outcome.log()
         raise
     outcome.provider = call.provider_id
     outcome.prompt_tokens = call.accepted.prompt_tokens
-    completion_id = f"chatcmpl-{request_id}"
+    completion_id = f"chatcmpl-{outcome.request_id}"
     writer = ChunkWriter(completion_id, int(time.time()), req.model)
-    headers = {"x-request-id": request_id}
+    headers = {"x-request-id": outcome.request_id}
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return Stream(
@@ -216,6 +217,8 @@ async def _stream(call: Call, writer: ChunkWriter, outcome: Outcome, *, include_
         outcome.status = "client_disconnected"
         raise
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(call.close())
         outcome.log()
+        # A disconnect cancels this generator; the cancel message to the provider must still go out.
+        closing = asyncio.ensure_future(call.close())
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(closing)

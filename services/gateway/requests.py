@@ -20,6 +20,11 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
+        # msgspec validates while parsing; a broken document must still be called broken JSON.
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError as syntax:
+            raise InvalidJson(f"The request body is not valid JSON: {syntax}.") from None
         text = str(exc)
         match = _PATH.search(text)
         param = match.group("path") if match else None

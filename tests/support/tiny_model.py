@@ -164,7 +164,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
+def write_tiny_model(path: Path, *, seed: int = 0, context_length: int = 2048) -> Path:
     """Write a loadable mlx-lm llama model folder at ``path`` and return ``path``.
 
     The tokenizer is the same for every seed; the weights depend only on
@@ -210,7 +210,7 @@ def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
             "vocab_size": vocab_size,
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
-            "max_position_embeddings": 2048,
+            "max_position_embeddings": context_length,
             "tie_word_embeddings": True,
             "attention_bias": False,
             # The down-projection bias feeds the bias channel (see _weights).

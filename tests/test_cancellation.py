@@ -1,0 +1,109 @@
+"""A buyer hanging up stops the generation on the provider; a vanished provider ends the stream in-band."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from infra.components import start_daemon, wait_model
+from tests.conftest import TINY_MODEL, Stack
+from tests.support import logs
+
+# Far more than the test waits for: if generation kept going, the slot would stay busy for a long while.
+LONG = 30_000
+
+
+def _daemon_log(stack: Stack) -> object:
+    return stack.daemon.log_path
+
+
+def _quick_request(stack: Stack) -> float:
+    started = time.monotonic()
+    r = httpx.post(
+        f"{stack.v1}/chat/completions",
+        json={"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        headers=stack.auth(),
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    return time.monotonic() - started
+
+
+def test_stream_disconnect_cancels_generation(stack: Stack) -> None:
+    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": LONG}
+    with httpx.stream("POST", f"{stack.v1}/chat/completions", json={**body, "stream": True}, headers=stack.auth()) as r:
+        request_id = r.headers["x-request-id"]
+        lines = r.iter_lines()
+        seen = 0
+        for line in lines:
+            if line.startswith("data: {"):
+                seen += 1
+            if seen >= 5:
+                break
+    closed_at = time.time()
+    done = logs.wait_event(stack.daemon.log_path, "request_done", request_id=request_id)
+    assert done["finish"] == "cancelled"
+    assert int(done["completion_tokens"]) < LONG // 4
+    # The daemon noticed within a fraction of a second (log timestamps share this machine's clock).
+    assert logs.timestamp(done) - closed_at < 1.0
+    # The slot is free again: a new request is answered at once, not after the abandoned one.
+    assert _quick_request(stack) < 2.0
+    gateway_line = logs.wait_event(stack.gateway.log_path, "chat_completion", request_id=request_id)
+    assert gateway_line["status"] == "client_disconnected"
+
+
+def test_non_stream_disconnect_cancels_generation(stack: Stack) -> None:
+    before = len(logs.events(stack.gateway.log_path, "chat_completion"))
+    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": LONG}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=1.0)
+    deadline = time.monotonic() + 10
+    while True:
+        lines = logs.events(stack.gateway.log_path, "chat_completion")[before:]
+        gone = [e for e in lines if e["status"] == "client_disconnected"]
+        if gone or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert gone, lines
+    done = logs.wait_event(stack.daemon.log_path, "request_done", request_id=gone[0]["request_id"])
+    assert done["finish"] == "cancelled"
+    assert _quick_request(stack) < 2.0
+
+
+def test_provider_killed_mid_stream_ends_with_an_error_chunk(stack: Stack) -> None:
+    model = "tiny-llama-doomed"
+    doomed = start_daemon(
+        stack.home,
+        nats_url=stack.nats_url,
+        provider_id="doomed-mac",
+        model_id=model,
+        model_path=stack.model_path,
+        env={"MP_HEARTBEAT_S": "0.5"},
+    )
+    try:
+        wait_model(stack.base_url, model, timeout=60, daemon=doomed)
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": LONG, "stream": True}
+        events: list[str] = []
+        with httpx.stream("POST", f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=30) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                events.append(line.removeprefix("data: "))
+                if len(events) == 5:
+                    doomed.proc.send_signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
+        ended_after = time.monotonic() - killed_at
+    finally:
+        doomed.stop()
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"][0]["finish_reason"] == "error"
+    assert last["error"]["code"] == "provider_lost"
+    # Three missed 0.5 s heartbeats, plus the sweep: well under the idle timeout.
+    assert ended_after < 3.0, ended_after
+    status = httpx.get(f"{stack.v1}/status").json()
+    assert model not in [m["id"] for m in status["models"]]
