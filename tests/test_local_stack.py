@@ -1,0 +1,96 @@
+"""The README's first command: `mac-provider up` brings everything up, Ctrl-C takes it all down."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from openai import OpenAI
+
+from infra.devkey import read_env_file
+from infra.ports import free_port
+from tests.conftest import TINY_MODEL
+
+READY = "Mac Provider is up."
+
+
+def _start(home: Path, port: int, model_path: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    env = {
+        **os.environ,
+        "MP_HOME": str(home),
+        "MP_PORT": str(port),
+        "MP_MODEL_PATH": str(model_path),
+        "MP_MODEL_ID": TINY_MODEL,
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("NATS_URL", "DATABASE_URL"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    while not any(READY in line for line in seen):
+        try:
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        except queue.Empty:
+            proc.kill()
+            pytest.fail("mac-provider up did not come up:\n" + "".join(seen))
+        if proc.poll() is not None and lines.empty():
+            pytest.fail("mac-provider up exited:\n" + "".join(seen))
+    # The printout continues for a few lines after the banner.
+    time.sleep(0.3)
+    while not lines.empty():
+        seen.append(lines.get())
+    return proc, seen
+
+
+def _stop(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert len(family) >= 4, "nats, postgres, gateway and daemon are children of `up`"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == [], f"left running: {alive}"
+
+
+def test_up_serves_requests_and_stops_cleanly_twice(tmp_path: Path, tiny_model_path: Path) -> None:
+    home = tmp_path / "mp"
+    port = free_port()
+    proc, output = _start(home, port, tiny_model_path)
+    try:
+        text = "".join(output)
+        dev_env = read_env_file(home / "dev.env")
+        key = dev_env["OPENAI_API_KEY"]
+        assert dev_env["OPENAI_BASE_URL"] == f"http://127.0.0.1:{port}/v1"
+        assert key in text, "the key is printed"
+        assert "curl " in text
+        client = OpenAI(base_url=dev_env["OPENAI_BASE_URL"], api_key=key, max_retries=0)
+        resp = client.chat.completions.create(
+            model=TINY_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert resp.usage is not None
+        assert resp.usage.completion_tokens == 3
+    finally:
+        _stop(proc, signal.SIGINT)
+
+    # Second run: same state folder, same key, data kept.
+    proc, output = _start(home, port, tiny_model_path)
+    try:
+        assert read_env_file(home / "dev.env")["OPENAI_API_KEY"] == key
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        assert TINY_MODEL in [m.id for m in client.models.list()]
+    finally:
+        _stop(proc, signal.SIGTERM)

@@ -1,0 +1,67 @@
+"""The real SmolLM2-135M-Instruct through the whole path, driven by the official OpenAI SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from daemon.models.smollm2 import MODEL_ID, ensure_smollm2
+from infra.components import Child, start_daemon, wait_model
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.smollm2
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2(stack: Stack, model_cache: Path) -> Iterator[Child]:
+    folder = ensure_smollm2(model_cache / "models")
+    daemon = start_daemon(
+        stack.home, nats_url=stack.nats_url, provider_id="smollm2-mac", model_id=MODEL_ID, model_path=folder
+    )
+    try:
+        wait_model(stack.base_url, MODEL_ID, timeout=300, daemon=daemon)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def client(stack: Stack) -> OpenAI:
+    return OpenAI(base_url=stack.v1, api_key=stack.api_key, max_retries=0, timeout=120)
+
+
+def test_paris_non_stream(smollm2: Child, client: OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL_ID, messages=QUESTION, temperature=0, max_tokens=32)  # type: ignore[arg-type]
+    answer = resp.choices[0].message.content or ""
+    assert "Paris" in answer, answer
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None
+    assert resp.usage.completion_tokens == 7  # "The capital of France is Paris."
+    assert resp.usage.prompt_tokens > 20  # SmolLM2's template adds its own system prompt
+
+
+def test_paris_stream(smollm2: Child, client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=QUESTION,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "The capital of France is Paris."
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 7
+
+
+def test_model_is_listed(smollm2: Child, client: OpenAI) -> None:
+    assert MODEL_ID in [m.id for m in client.models.list()]

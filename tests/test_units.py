@@ -1,0 +1,154 @@
+"""Pure logic: stop-sequence filtering, subjects, the pool view's routing rule, reply ordering."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from daemon.engine.text import StopFilter
+from schemas import bus, subjects
+from services.gateway.dispatch import ReplyStream, StreamBroken
+from services.gateway.pool import PoolView
+from services.keys import format as key_format
+
+
+def _feed(stops: list[str], pieces: list[str]) -> tuple[list[str], bool, str]:
+    f = StopFilter(stops)
+    out = [f.feed(p) for p in pieces]
+    return out, f.stopped, f.flush()
+
+
+def test_stop_spanning_pieces_fires_and_is_never_emitted() -> None:
+    out, stopped, tail = _feed(["END"], ["Hello E", "N", "D and more"])
+    assert "".join(out) == "Hello "
+    assert stopped
+    assert tail == ""
+    assert all("E" not in piece for piece in out)
+
+
+def test_held_text_is_released_when_it_is_not_a_stop() -> None:
+    out, stopped, tail = _feed(["END"], ["Hello E", "X"])
+    assert out == ["Hello ", "EX"]
+    assert not stopped
+    out, stopped, tail = _feed(["END"], ["Hello EN"])
+    assert (out, stopped, tail) == (["Hello "], False, "EN")
+
+
+def test_earliest_of_several_stops_wins() -> None:
+    out, stopped, _ = _feed(["b", "xyz"], ["axyzb"])
+    assert out == ["a"]
+    assert stopped
+
+
+def test_no_stops_passes_everything() -> None:
+    assert _feed([], ["a", "b"]) == (["a", "b"], False, "")
+
+
+def test_subjects_are_built_and_parsed() -> None:
+    subject = subjects.reply("mac-1", "gw-2", "abc")
+    assert subject == "mp.v1.reply.mac-1.gw-2.abc"
+    assert subjects.parse_reply(subject) == ("mac-1", "gw-2", "abc")
+    assert subject.startswith(subjects.reply_prefix("mac-1"))
+    assert subjects.work("mac-1") == "mp.v1.work.mac-1"
+    for bad in ("a.b", "*", ">", "", "x" * 65, "sp ace"):
+        with pytest.raises(subjects.SubjectError):
+            subjects.work(bad)
+
+
+def _hb(
+    pid: str, *, slots: int = 1, free: int = 1, queue: int = 0, tps: float = 10.0, model: str = "m"
+) -> bus.Heartbeat:
+    return bus.Heartbeat(
+        provider_id=pid,
+        daemon_version="t",
+        boot_id="b",
+        models=[bus.ModelInfo(id=model)],
+        slots=slots,
+        slots_free=free,
+        queue_depth=queue,
+        queue_limit=4,
+        decode_tps=tps,
+        interval_s=1.0,
+        sent_at_ms=0,
+    )
+
+
+def test_routing_prefers_free_slots_then_load_then_speed() -> None:
+    pool = PoolView()
+    pool.observe(_hb("busy", free=0, queue=1))
+    pool.observe(_hb("slow", tps=5))
+    pool.observe(_hb("fast", tps=50))
+    pool.observe(_hb("other-model", model="x"))
+    assert [s.provider_id for s in pool.candidates("m")] == ["fast", "slow", "busy"]
+    # Requests sent since the last heartbeat count against a provider.
+    pool.note_sent("fast")
+    assert [s.provider_id for s in pool.candidates("m")] == ["slow", "fast", "busy"]
+    assert pool.candidates("nope") == []
+
+
+def test_full_and_draining_providers_are_not_candidates() -> None:
+    pool = PoolView()
+    pool.observe(_hb("full", free=0, queue=4))
+    pool.observe(_hb("ok"))
+    pool.observe(bus.Heartbeat(**{**msgspec.structs.asdict(_hb("drain")), "draining": True}))
+    assert [s.provider_id for s in pool.candidates("m")] == ["ok"]
+
+
+def test_missed_heartbeats_expire_and_notify_watchers() -> None:
+    now = [100.0]
+    pool = PoolView(heartbeat_misses=3, clock=lambda: now[0])
+    pool.observe(_hb("a"))
+    lost: list[str] = []
+    handle = pool.watch("a", lost.append)
+    now[0] += 2.9
+    assert pool.expire() == []
+    now[0] += 0.2
+    assert pool.expire() == ["a"]
+    assert lost == ["a"]
+    pool.unwatch("a", handle)  # harmless after the fact
+
+
+async def test_reply_stream_detects_gaps_and_drops_duplicates() -> None:
+    stream = ReplyStream("r", "p")
+    stream.push(bus.Accepted(seq=0, prompt_tokens=3))
+    stream.push(bus.Accepted(seq=0, prompt_tokens=3))  # duplicate
+    stream.push(bus.Delta(seq=1, text="a", tokens=1))
+    stream.push(bus.Delta(seq=3, text="c", tokens=1))  # seq 2 missing
+    assert isinstance(await stream.next(1), bus.Accepted)
+    assert await stream.next(1) == bus.Delta(seq=1, text="a", tokens=1)
+    assert stream.duplicates == 1
+    with pytest.raises(StreamBroken) as info:
+        await stream.next(1)
+    assert info.value.code == "provider_protocol_error"
+
+
+async def test_reply_stream_silence_is_an_error() -> None:
+    with pytest.raises(StreamBroken) as info:
+        await ReplyStream("r", "p").next(0.05)
+    assert info.value.code == "provider_timeout"
+    await asyncio.sleep(0)
+
+
+def test_frames_round_trip_msgpack() -> None:
+    frames: list[bus.Frame] = [
+        bus.Accepted(seq=0, prompt_tokens=1),
+        bus.Delta(seq=1, text="é日🙂", tokens=2),
+        bus.Done(seq=2, finish_reason="length", prompt_tokens=1, completion_tokens=2),
+        bus.Failed(seq=3, code="x", message="y", retryable=True),
+    ]
+    assert [bus.decode_frame(bus.encode(f)) for f in frames] == frames
+
+
+def test_key_format() -> None:
+    keys = {key_format.generate() for _ in range(200)}
+    assert len(keys) == 200
+    for key in keys:
+        assert key.startswith("mp_")
+        assert len(key) == key_format.KEY_LENGTH
+        assert key_format.well_formed(key)
+    key = keys.pop()
+    flipped = key[:10] + ("a" if key[10] != "a" else "b") + key[11:]
+    assert not key_format.well_formed(flipped)
+    assert key_format.digest(key) != key_format.digest(flipped)
