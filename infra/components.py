@@ -58,13 +58,15 @@ def start_gateway(
     log_path = home / "logs" / f"{name}.log"
     proc = procs.spawn(
         [sys.executable, "-m", "services", "serve"],
-        env=_env({
-            "MP_HOME": str(home),
-            "MP_PORT": str(port),
-            "NATS_URL": nats_url,
-            "DATABASE_URL": database_url,
-            **(env or {}),
-        }),
+        env=_env(
+            {
+                "MP_HOME": str(home),
+                "MP_PORT": str(port),
+                "NATS_URL": nats_url,
+                "DATABASE_URL": database_url,
+                **(env or {}),
+            }
+        ),
         log_path=log_path,
     )
     child = Child(name, proc, log_path)

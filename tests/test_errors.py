@@ -22,7 +22,7 @@ def _error(r: httpx.Response, status: int, code: str) -> dict[str, object]:
     assert error["code"] == code, error
     assert isinstance(error["message"], str)
     assert error["message"]
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 def _post(stack: Stack, body: object = GOOD, *, headers: dict[str, str] | None = None, content: bytes | None = None):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from daemon.models.smollm2 import MODEL_ID, ensure_smollm2
 from infra.components import Child, start_daemon, wait_model
@@ -14,7 +15,7 @@ from tests.conftest import Stack
 
 pytestmark = pytest.mark.smollm2
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def client(stack: Stack) -> OpenAI:
 
 
 def test_paris_non_stream(smollm2: Child, client: OpenAI) -> None:
-    resp = client.chat.completions.create(model=MODEL_ID, messages=QUESTION, temperature=0, max_tokens=32)  # type: ignore[arg-type]
+    resp = client.chat.completions.create(model=MODEL_ID, messages=QUESTION, temperature=0, max_tokens=32)
     answer = resp.choices[0].message.content or ""
     assert "Paris" in answer, answer
     assert resp.choices[0].finish_reason == "stop"
@@ -48,7 +49,7 @@ def test_paris_non_stream(smollm2: Child, client: OpenAI) -> None:
 def test_paris_stream(smollm2: Child, client: OpenAI) -> None:
     stream = client.chat.completions.create(
         model=MODEL_ID,
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=QUESTION,
         temperature=0,
         max_tokens=32,
         stream=True,
