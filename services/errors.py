@@ -52,6 +52,40 @@ class InvalidApiKey(ApiError):
     code = "invalid_api_key"
 
 
+class InvalidDemoToken(ApiError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_demo_token"
+
+
+class DemoTokenNotAllowed(ApiError):
+    """A valid demo token on a route that needs an API key."""
+
+    status = 403
+    type = "permission_error"
+    code = "demo_token_not_allowed"
+
+
+class NotSignedIn(ApiError):
+    """Account routes (keys) need the session cookie from GitHub sign-in."""
+
+    status = 401
+    type = "authentication_error"
+    code = "not_signed_in"
+
+
+class CrossOriginRefused(ApiError):
+    status = 403
+    type = "permission_error"
+    code = "cross_origin_refused"
+
+
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
 class NotFound(ApiError):
     status = 404
     code = "not_found"
@@ -121,3 +155,9 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
         return error_response(_from_http_exception(exc))
     log.exception("unhandled_error", path=request.url.path, method=request.method)
     return error_response(InternalError("Internal error; the request id in x-request-id helps the operator."))
+
+
+class QuotaExhausted(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    code = "quota_exhausted"

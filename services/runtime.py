@@ -23,6 +23,7 @@ from services.gateway.dispatch import Dispatcher, ReplyRouter
 from services.gateway.membership import Membership
 from services.gateway.pool import PoolView
 from services.settings import Settings
+from services.usage.metering import Metering
 
 log = structlog.get_logger("services")
 
@@ -34,6 +35,7 @@ class Runtime:
     nc: Nats
     pool: PoolView
     dispatcher: Dispatcher
+    metering: Metering
     started_at: float
 
 
@@ -49,7 +51,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     pool = PoolView(heartbeat_misses=settings.heartbeat_misses)
     router = ReplyRouter(nc, settings.gateway_id)
     membership = Membership(nc, pool, settings.gateway_id)
+    metering = Metering(
+        db, settings.gateway_id, enabled=settings.metering, stale_after_s=settings.reservation_stale_s
+    )
     try:
+        await metering.start()
         await router.start()
         await membership.start()
         dispatcher = Dispatcher(
@@ -62,8 +68,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             request_timeout_s=settings.request_timeout_s,
         )
         log.info("control_plane_ready", gateway_id=settings.gateway_id)
-        yield Runtime(settings, db, nc, pool, dispatcher, time.time())
+        yield Runtime(settings, db, nc, pool, dispatcher, metering, time.time())
     finally:
+        await metering.stop()
         await membership.stop()
         await router.stop()
         with contextlib.suppress(Exception):

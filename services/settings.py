@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Mapping
@@ -39,6 +40,29 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         raise SettingsError(f"{key} must be an integer, got {raw!r}") from None
 
 
+_SECRET_FILE = "secret_key"
+
+
+def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
+    """MP_SECRET_KEY, or one generated once under MP_HOME (the local stack and its replicas share it)."""
+    raw = env.get("MP_SECRET_KEY", "")
+    if raw:
+        if len(raw) < 32:
+            raise SettingsError("MP_SECRET_KEY must be at least 32 characters")
+        return raw.encode()
+    path = home / _SECRET_FILE
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{_SECRET_FILE}.{os.getpid()}")
+        tmp.write_text(secrets.token_urlsafe(48))
+        tmp.chmod(0o600)
+        # link() fails if another replica made the file first: then everyone uses that one.
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
+    return path.read_text().strip().encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     home: Path
@@ -58,19 +82,55 @@ class Settings:
     default_max_tokens: int
     # A provider missing this many heartbeat intervals leaves the pool view.
     heartbeat_misses: int
+    # Where browsers reach us; GitHub redirects to `<public_url>/auth/github/callback`.
+    public_url: str
+    github_client_id: str
+    github_client_secret: str
+    # GitHub's endpoints; tests point them at a loopback server speaking the same protocol.
+    github_authorize_url: str
+    github_token_url: str
+    github_api_url: str
+    # Signs demo tokens; every replica must share it (generated under MP_HOME when unset).
+    secret_key: bytes
+    demo_token_ttl_s: float
+    # Demo tokens one client IP may get per window, counted in Postgres across replicas.
+    demo_tokens_per_ip: int
+    demo_window_s: float
+    # Proxies in front of us that append to X-Forwarded-For (0: use the peer address).
+    trusted_proxy_hops: int
+    session_ttl_s: float
+    oauth_state_ttl_s: float
+    # Safety net for the key cache; revocations reach it at once through Postgres NOTIFY.
+    key_cache_ttl_s: float
+    key_cache_size: int
+    # How often the batched `last_used_at` of keys is written.
+    key_last_used_flush_s: float
     db_pool_size: int
     log_json: bool
     log_level: str
+    # Default quotas per account (operators override per account) and per demo token.
+    quota_requests_per_day: int
+    quota_tokens_per_day: int
+    quota_concurrent: int
+    demo_quota_requests_per_day: int
+    demo_quota_tokens_per_day: int
+    demo_quota_concurrent: int
+    # False only for measuring metering's own cost (`just bench metering`): no quotas, no ledger.
+    metering: bool
+    # A reservation its gateway stopped touching for this long is settled by another replica.
+    reservation_stale_s: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         home = Path(env.get("MP_HOME", ".mp")).expanduser().resolve()
         gateway_id = env.get("MP_GATEWAY_ID") or f"gw-{secrets.token_hex(4)}"
+        port = _int(env, "MP_PORT", 8080)
+        public_url = (env.get("MP_PUBLIC_URL") or f"http://127.0.0.1:{port}").rstrip("/")
         return cls(
             home=home,
             host=env.get("MP_HOST", "127.0.0.1"),
-            port=_int(env, "MP_PORT", 8080),
+            port=port,
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
             nats_url=env.get("NATS_URL", DEFAULT_NATS_URL),
             gateway_id=gateway_id,
@@ -79,7 +139,32 @@ class Settings:
             stream_idle_timeout_s=_float(env, "MP_STREAM_IDLE_TIMEOUT_S", 120.0),
             default_max_tokens=_int(env, "MP_DEFAULT_MAX_TOKENS", 1024),
             heartbeat_misses=_int(env, "MP_HEARTBEAT_MISSES", 3),
+            public_url=public_url,
+            github_client_id=env.get("MP_GITHUB_CLIENT_ID", ""),
+            github_client_secret=env.get("MP_GITHUB_CLIENT_SECRET", ""),
+            github_authorize_url=env.get("MP_GITHUB_AUTHORIZE_URL", "https://github.com/login/oauth/authorize"),
+            github_token_url=env.get("MP_GITHUB_TOKEN_URL", "https://github.com/login/oauth/access_token"),
+            github_api_url=env.get("MP_GITHUB_API_URL", "https://api.github.com").rstrip("/"),
+            secret_key=_secret_key(env, home),
+            demo_token_ttl_s=_float(env, "MP_DEMO_TOKEN_TTL_S", 900.0),
+            demo_tokens_per_ip=_int(env, "MP_DEMO_TOKENS_PER_IP", 10),
+            demo_window_s=_float(env, "MP_DEMO_WINDOW_S", 3600.0),
+            trusted_proxy_hops=_int(env, "MP_TRUSTED_PROXY_HOPS", 0),
+            session_ttl_s=_float(env, "MP_SESSION_TTL_S", 7 * 86400.0),
+            # The issue's ceiling: a sign-in must finish within 10 minutes.
+            oauth_state_ttl_s=min(_float(env, "MP_OAUTH_STATE_TTL_S", 600.0), 600.0),
+            key_cache_ttl_s=_float(env, "MP_KEY_CACHE_TTL_S", 60.0),
+            key_cache_size=_int(env, "MP_KEY_CACHE_SIZE", 100_000),
+            key_last_used_flush_s=_float(env, "MP_KEY_LAST_USED_FLUSH_S", 5.0),
             db_pool_size=_int(env, "MP_DB_POOL_SIZE", 10),
             log_json=env.get("MP_LOG_FORMAT", "console") == "json",
             log_level=env.get("MP_LOG_LEVEL", "info"),
+            quota_requests_per_day=_int(env, "MP_QUOTA_REQUESTS_PER_DAY", 10_000),
+            quota_tokens_per_day=_int(env, "MP_QUOTA_TOKENS_PER_DAY", 5_000_000),
+            quota_concurrent=_int(env, "MP_QUOTA_CONCURRENT", 16),
+            demo_quota_requests_per_day=_int(env, "MP_DEMO_QUOTA_REQUESTS_PER_DAY", 20),
+            demo_quota_tokens_per_day=_int(env, "MP_DEMO_QUOTA_TOKENS_PER_DAY", 20_000),
+            demo_quota_concurrent=_int(env, "MP_DEMO_QUOTA_CONCURRENT", 1),
+            metering=env.get("MP_METERING", "on") != "off",
+            reservation_stale_s=_float(env, "MP_RESERVATION_STALE_S", 30.0),
         )

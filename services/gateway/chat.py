@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: authenticate, validate, dispatch over NATS, answer."""
+"""POST /v1/chat/completions: authenticate, validate, reserve quota, dispatch over NATS, answer."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import structlog
 from litestar import Request, Response, post
 from litestar.response import Stream
 
@@ -17,60 +15,27 @@ from schemas import bus, openai
 from services.auth.bearer import authenticate
 from services.errors import ApiError, ProviderError
 from services.gateway.dispatch import Call, StreamBroken
+from services.gateway.exchange import Exchange
 from services.gateway.requests import decode_body
 from services.gateway.sse import DONE, ChunkWriter
 from services.ids import request_id_of
 from services.runtime import Runtime
-
-log = structlog.get_logger("gateway")
+from services.usage.metering import Ticket, estimate_prompt_tokens
+from services.usage.quotas import Holder, Limits
 
 T = TypeVar("T")
 
 _FINISH: dict[str, openai.FinishReason] = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
-@dataclass
-class Outcome:
-    """What the summary log line says about one request."""
-
-    request_id: str
-    key_id: int | None = None
-    model: str | None = None
-    stream: bool = False
-    started: float = field(default_factory=time.monotonic)
-    provider: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    ttft_ms: float | None = None
-    status: str = "ok"
-
-    def log(self) -> None:
-        log.info(
-            "chat_completion",
-            request_id=self.request_id,
-            key_id=self.key_id,
-            model=self.model,
-            provider=self.provider,
-            stream=self.stream,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cached_tokens=self.cached_tokens,
-            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 1),
-            duration_ms=round((time.monotonic() - self.started) * 1000, 1),
-            status=self.status,
-        )
-
-
 def _bus_request(req: openai.ChatCompletionRequest, request_id: str, rt: Runtime) -> bus.InferenceRequest:
-    limit = req.token_limit() or rt.settings.default_max_tokens
     deadline_ms = int((time.time() + rt.settings.request_timeout_s) * 1000)
     return bus.InferenceRequest(
         request_id=request_id,
         model=req.model,
         messages=[bus.BusMessage(role=m.role, content=m.text()) for m in req.messages],
         params=bus.SamplingParams(
-            max_tokens=limit,
+            max_tokens=_max_tokens(req, rt),
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,
@@ -82,19 +47,27 @@ def _bus_request(req: openai.ChatCompletionRequest, request_id: str, rt: Runtime
     )
 
 
-def _usage(done: bus.Done) -> openai.Usage:
+def _max_tokens(req: openai.ChatCompletionRequest, rt: Runtime) -> int:
+    return req.token_limit() or rt.settings.default_max_tokens
+
+
+def _usage(prompt: int, completion: int, cached: int) -> openai.Usage:
     return openai.Usage(
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
-        total_tokens=done.prompt_tokens + done.completion_tokens,
-        prompt_tokens_details=openai.PromptTokensDetails(cached_tokens=done.cached_tokens),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=openai.PromptTokensDetails(cached_tokens=cached),
     )
 
 
-def _record_done(outcome: Outcome, done: bus.Done) -> None:
-    outcome.prompt_tokens = done.prompt_tokens
-    outcome.completion_tokens = done.completion_tokens
-    outcome.cached_tokens = done.cached_tokens
+async def _reserve(
+    runtime: Runtime, account_id: int, key_id: int, req: openai.ChatCompletionRequest, rid: str
+) -> Ticket:
+    s = runtime.settings
+    holder = Holder(subject=f"a{account_id}", account_id=account_id, key_id=key_id, demo_token_id=None)
+    limits = Limits(s.quota_requests_per_day, s.quota_tokens_per_day, s.quota_concurrent)
+    tokens = estimate_prompt_tokens([m.text() for m in req.messages]) + _max_tokens(req, runtime)
+    return await runtime.metering.reserve(holder, limits, rid, req.model, tokens)
 
 
 async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
@@ -120,105 +93,112 @@ async def _unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
-    outcome = Outcome(request_id=request_id_of(request))
+    ex = Exchange(request_id=request_id_of(request))
     try:
         key = await authenticate(request, runtime.db)
-        outcome.key_id = key.key_id
+        ex.key_id = key.key_id
         req = decode_body(await request.body(), openai.ChatCompletionRequest)
-        outcome.model, outcome.stream = req.model, req.stream
-        call = await runtime.dispatcher.start(_bus_request(req, outcome.request_id, runtime))
+        ex.model, ex.stream = req.model, req.stream
+        ex.ticket = await _reserve(runtime, key.account_id, key.key_id, req, ex.request_id)
+        call = await runtime.dispatcher.start(_bus_request(req, ex.request_id, runtime))
     except ApiError as exc:
-        # Refused before any generation: still one summary line, with the reason.
-        outcome.status = exc.code or "error"
-        outcome.log()
+        # Refused before any generation: nothing was generated, so nothing is billed.
+        ex.status, ex.refund = exc.code or "error", True
+        await ex.finish(runtime.metering)
+        if ex.ticket is not None:
+            exc.headers = {**ex.ticket.headers(), **exc.headers}
         raise
-    outcome.provider = call.provider_id
-    outcome.prompt_tokens = call.accepted.prompt_tokens
-    completion_id = f"chatcmpl-{outcome.request_id}"
-    writer = ChunkWriter(completion_id, int(time.time()), req.model)
-    headers = {"x-request-id": outcome.request_id}
+    except BaseException:
+        ex.status, ex.refund = "internal_error", True
+        await ex.finish(runtime.metering)
+        raise
+    ex.accepted(call.provider_id, call.accepted)
+    writer = ChunkWriter(f"chatcmpl-{ex.request_id}", int(time.time()), req.model)
+    headers = {"x-request-id": ex.request_id, **ex.ticket.headers()}
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return Stream(
-            _stream(call, writer, outcome, include_usage=include_usage),
+            _stream(call, writer, ex, runtime, include_usage=include_usage),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
     try:
-        completion = await _unless_disconnected(request, _collect(call, writer, outcome))
+        completion = await _unless_disconnected(request, _collect(call, writer, ex))
     except asyncio.CancelledError:
-        outcome.status = "client_disconnected"
-        outcome.log()
+        ex.status = "client_disconnected"
         raise
-    return Response(completion, headers=headers)
-
-
-async def _collect(call: Call, writer: ChunkWriter, outcome: Outcome) -> openai.ChatCompletion:
-    parts: list[str] = []
-    done: bus.Done | None = None
-    try:
-        async for frame in call.frames():
-            if isinstance(frame, bus.Delta):
-                if outcome.ttft_ms is None:
-                    outcome.ttft_ms = (time.monotonic() - outcome.started) * 1000
-                parts.append(frame.text)
-            else:
-                done = frame
-    except StreamBroken as exc:
-        outcome.status = exc.code
-        raise ProviderError(f"The provider failed while generating: {exc.message}") from None
     except ApiError as exc:
-        outcome.status = exc.code or "error"
+        exc.headers = {**headers, **exc.headers}
         raise
     finally:
         await call.close()
-        if done is not None:
-            _record_done(outcome, done)
-        outcome.log()
-    assert done is not None
-    return openai.ChatCompletion(
-        id=writer.completion_id,
-        created=writer.created,
-        model=writer.model,
-        choices=[
-            openai.Choice(
-                index=0,
-                message=openai.AssistantMessage(content="".join(parts)),
-                finish_reason=_FINISH[done.finish_reason],
+        await ex.finish(runtime.metering)
+    return Response(completion, headers=headers)
+
+
+async def _collect(call: Call, writer: ChunkWriter, ex: Exchange) -> openai.ChatCompletion:
+    parts: list[str] = []
+    try:
+        async for frame in call.frames():
+            if isinstance(frame, bus.Delta):
+                ex.delta(frame)
+                parts.append(frame.text)
+                continue
+            prompt, completion = ex.done(frame)
+            return openai.ChatCompletion(
+                id=writer.completion_id,
+                created=writer.created,
+                model=writer.model,
+                choices=[
+                    openai.Choice(
+                        index=0,
+                        message=openai.AssistantMessage(content="".join(parts)),
+                        finish_reason=_FINISH[frame.finish_reason],
+                    )
+                ],
+                usage=_usage(prompt, completion, frame.cached_tokens),
             )
-        ],
-        usage=_usage(done),
-    )
+    except StreamBroken as exc:
+        ex.status = exc.code
+        raise ProviderError(f"The provider failed while generating: {exc.message}") from None
+    except ApiError as exc:
+        ex.status = exc.code or "error"
+        raise
+    raise ProviderError("The provider's answer ended without a final frame.")
 
 
-async def _stream(call: Call, writer: ChunkWriter, outcome: Outcome, *, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    call: Call, writer: ChunkWriter, ex: Exchange, runtime: Runtime, *, include_usage: bool
+) -> AsyncIterator[bytes]:
     try:
         yield writer.role()
         async for frame in call.frames():
             if isinstance(frame, bus.Delta):
-                if outcome.ttft_ms is None:
-                    outcome.ttft_ms = (time.monotonic() - outcome.started) * 1000
-                outcome.completion_tokens += frame.tokens
+                ex.delta(frame)
                 if frame.text:
                     yield writer.content(frame.text)
             else:
-                _record_done(outcome, frame)
+                prompt, completion = ex.done(frame)
                 yield writer.finish(_FINISH[frame.finish_reason])
                 if include_usage:
-                    yield writer.usage(_usage(frame))
+                    yield writer.usage(_usage(prompt, completion, frame.cached_tokens))
         yield DONE
     except (StreamBroken, ApiError) as exc:
         # Headers are gone already: the error travels in-band, then the stream ends properly.
-        code = exc.code or "error"
-        outcome.status = code
-        yield writer.error(openai.ChunkError(message=f"Generation failed: {exc.message}", type="api_error", code=code))
+        ex.status = exc.code or "error"
+        error = openai.ChunkError(message=f"Generation failed: {exc.message}", type="api_error", code=ex.status)
+        yield writer.error(error)
         yield DONE
     except (asyncio.CancelledError, GeneratorExit):
-        outcome.status = "client_disconnected"
+        ex.status = "client_disconnected"
         raise
     finally:
-        outcome.log()
-        # A disconnect cancels this generator; the cancel message to the provider must still go out.
-        closing = asyncio.ensure_future(call.close())
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        # A disconnect cancels this generator: the provider's cancel and the settlement must still happen.
+        closing = asyncio.ensure_future(_close(call, ex, runtime))
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(closing)
+
+
+async def _close(call: Call, ex: Exchange, runtime: Runtime) -> None:
+    await call.close()
+    await ex.finish(runtime.metering)

@@ -1,0 +1,183 @@
+"""Metering on the request path: reserve before dispatch, settle however the request ends.
+
+Each replica keeps only the reservations it opened (soft state). It reports
+their progress to Postgres every couple of seconds, so if the replica dies its
+reservations go stale and any other replica settles them with the tokens they
+had reached: nothing is lost, and the ledger's request-id key means nothing is
+counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+
+from services.errors import QuotaExhausted
+from services.usage import quotas
+from services.usage.quotas import Holder, Limits, Settlement, Usage
+
+log = structlog.get_logger("usage")
+
+
+@dataclass
+class Ticket:
+    """One request's reservation, updated by the gateway as frames arrive."""
+
+    request_id: str
+    holder: Holder
+    model: str
+    usage: Usage | None
+    started: float = field(default_factory=time.monotonic)
+    provider_id: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    settled: bool = False
+
+    def headers(self) -> dict[str, str]:
+        return rate_limit_headers(self.usage) if self.usage else {}
+
+
+def rate_limit_headers(usage: Usage) -> dict[str, str]:
+    reset = f"{usage.seconds_to_reset()}s"
+    return {
+        "x-ratelimit-limit-requests": str(usage.limits.requests_per_day),
+        "x-ratelimit-remaining-requests": str(usage.requests_left),
+        "x-ratelimit-reset-requests": reset,
+        "x-ratelimit-limit-tokens": str(usage.limits.tokens_per_day),
+        "x-ratelimit-remaining-tokens": str(usage.tokens_left),
+        "x-ratelimit-reset-tokens": reset,
+    }
+
+
+def estimate_prompt_tokens(texts: list[str]) -> int:
+    # The gateway has no tokenizer. BPE vocabularies average well over 3 bytes a
+    # token on prose, so this overestimates a little; settlement uses the real count.
+    return sum(len(t.encode()) // 3 + 8 for t in texts) + 8
+
+
+class Metering:
+    def __init__(
+        self,
+        db: asyncpg.Pool,
+        gateway_id: str,
+        *,
+        enabled: bool = True,
+        touch_interval_s: float = 2.0,
+        stale_after_s: float = 30.0,
+    ) -> None:
+        self._db = db
+        self._gateway_id = gateway_id
+        self.enabled = enabled
+        self._touch_interval_s = touch_interval_s
+        self._stale_after_s = stale_after_s
+        self._open: dict[str, Ticket] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.enabled:
+            self._tasks.append(asyncio.create_task(self._touch_loop(), name="metering-touch"))
+            self._tasks.append(asyncio.create_task(self._sweep_loop(), name="metering-sweep"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def reserve(self, holder: Holder, limits: Limits, request_id: str, model: str, tokens: int) -> Ticket:
+        if not self.enabled:
+            return Ticket(request_id, holder, model, usage=None)
+        granted, usage = await quotas.take(
+            self._db,
+            holder=holder,
+            limits=limits,
+            request_id=request_id,
+            model=model,
+            tokens=tokens,
+            gateway_id=self._gateway_id,
+        )
+        if not granted:
+            raise _refusal(usage, tokens)
+        ticket = Ticket(request_id, holder, model, usage)
+        self._open[request_id] = ticket
+        return ticket
+
+    async def settle(
+        self,
+        ticket: Ticket,
+        *,
+        outcome: str,
+        cached_tokens: int = 0,
+        ttft_ms: float | None = None,
+        refund: bool = False,
+    ) -> None:
+        """Write the ledger row and release the reservation. Safe to call twice."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        self._open.pop(ticket.request_id, None)
+        if not self.enabled:
+            return
+        settlement = Settlement(
+            provider_id=ticket.provider_id,
+            prompt_tokens=ticket.prompt_tokens,
+            completion_tokens=ticket.completion_tokens,
+            cached_tokens=cached_tokens,
+            ttft_ms=ttft_ms,
+            duration_ms=(time.monotonic() - ticket.started) * 1000,
+            outcome=outcome,
+            refund=refund,
+        )
+        try:
+            await quotas.settle(self._db, ticket.request_id, settlement)
+        except Exception:
+            # The reservation stays; once stale, a sweeper settles it from its last progress.
+            log.exception("settle_failed", request_id=ticket.request_id)
+
+    async def _touch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._touch_interval_s)
+            progress = [
+                (t.request_id, t.provider_id, t.prompt_tokens, t.completion_tokens) for t in self._open.values()
+            ]
+            try:
+                await quotas.touch(self._db, progress)
+            except Exception:
+                log.exception("reservation_touch_failed", open=len(progress))
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self._stale_after_s / 4))
+            try:
+                settled = await quotas.settle_stale(self._db, self._stale_after_s)
+            except Exception:
+                log.exception("reservation_sweep_failed")
+                continue
+            if settled:
+                log.warning("stale_reservations_settled", count=settled)
+
+
+def _refusal(usage: Usage, tokens: int) -> QuotaExhausted:
+    limits = usage.limits
+    reset = usage.resets_at.strftime("%Y-%m-%d %H:%M UTC")
+    if usage.requests + 1 > limits.requests_per_day:
+        message = f"Daily request quota exhausted ({limits.requests_per_day} requests); it resets at {reset}."
+        retry = usage.seconds_to_reset()
+    elif usage.tokens + tokens > limits.tokens_per_day:
+        message = (
+            f"Daily token quota exhausted: this request may need up to {tokens} tokens and "
+            f"{usage.tokens_left} of {limits.tokens_per_day} are left; it resets at {reset}. "
+            "A smaller max_tokens may fit."
+        )
+        retry = usage.seconds_to_reset()
+    else:
+        message = (
+            f"Concurrent request quota exhausted ({limits.concurrent} at a time); retry when one of yours finishes."
+        )
+        retry = 1
+    return QuotaExhausted(message, headers={**rate_limit_headers(usage), "retry-after": str(retry)})

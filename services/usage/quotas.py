@@ -1,0 +1,251 @@
+"""Quota check-and-take and settlement, each a single SQL statement.
+
+A request reserves one request, one concurrency slot and `prompt estimate +
+max_tokens` tokens up front. When it ends, however it ends, settlement swaps
+the reserved tokens for the real count, releases the slot and writes the
+ledger row keyed by request id, all in one statement; a second settlement of
+the same request finds no reservation and changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import asyncpg
+
+UTC = dt.UTC
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    requests_per_day: int
+    tokens_per_day: int
+    concurrent: int
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A subject's counters in the current window, as of one statement."""
+
+    limits: Limits
+    requests: int
+    tokens: int
+    inflight: int
+    window_day: dt.date
+
+    @property
+    def resets_at(self) -> dt.datetime:
+        return dt.datetime.combine(self.window_day + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
+
+    def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
+        now = now or dt.datetime.now(UTC)
+        return max(1, int((self.resets_at - now).total_seconds()) + 1)
+
+    @property
+    def requests_left(self) -> int:
+        return max(0, self.limits.requests_per_day - self.requests)
+
+    @property
+    def tokens_left(self) -> int:
+        return max(0, self.limits.tokens_per_day - self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who a request is billed to."""
+
+    subject: str
+    account_id: int | None
+    key_id: int | None
+    demo_token_id: str | None
+
+
+def today() -> dt.date:
+    return dt.datetime.now(UTC).date()
+
+
+_ENSURE = "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT (subject) DO NOTHING"
+
+# The check-and-take. A new UTC day resets the day counters inside the same
+# statement; in-flight requests carry over. No row back means refused.
+_TAKE = """
+WITH lim AS (
+    -- An operator's per-account override wins over the defaults passed in.
+    SELECT coalesce(q.requests_per_day, $4) AS requests_per_day,
+           coalesce(q.tokens_per_day, $5) AS tokens_per_day,
+           coalesce(q.concurrent, $6) AS concurrent
+    FROM (SELECT 1) AS one LEFT JOIN account_quotas q ON q.account_id = $8
+), took AS (
+    UPDATE quota_usage SET
+        requests = (CASE WHEN window_day = $2 THEN requests ELSE 0 END) + 1,
+        tokens = (CASE WHEN window_day = $2 THEN tokens ELSE 0 END) + $3,
+        inflight = inflight + 1,
+        window_day = $2
+    FROM lim
+    WHERE subject = $1
+      AND (CASE WHEN window_day = $2 THEN requests ELSE 0 END) + 1 <= lim.requests_per_day
+      AND (CASE WHEN window_day = $2 THEN tokens ELSE 0 END) + $3 <= lim.tokens_per_day
+      AND inflight + 1 <= lim.concurrent
+    RETURNING requests, tokens, inflight
+), held AS (
+    INSERT INTO reservations
+        (request_id, subject, account_id, key_id, demo_token_id, model, window_day, tokens_reserved, gateway_id)
+    SELECT $7, $1, $8, $9, $10, $11, $2, $3, $12 FROM took
+    RETURNING request_id
+)
+SELECT took.requests, took.tokens, took.inflight, lim.requests_per_day, lim.tokens_per_day, lim.concurrent,
+       (SELECT count(*) FROM held) AS held
+FROM lim LEFT JOIN took ON true
+"""
+
+_READ = "SELECT window_day, requests, tokens, inflight FROM quota_usage WHERE subject = $1"
+
+# Settlement. `refund` gives the request back to the day's count (nothing ran).
+_SETTLE = """
+WITH r AS (
+    DELETE FROM reservations WHERE request_id = $1 RETURNING *
+), led AS (
+    INSERT INTO usage_ledger
+        (request_id, subject, account_id, key_id, demo_token_id, model, provider_id, prompt_tokens,
+         completion_tokens, cached_tokens, ttft_ms, duration_ms, outcome, billed)
+    SELECT r.request_id, r.subject, r.account_id, r.key_id, r.demo_token_id, r.model,
+           coalesce($2, r.provider_id), $3, $4, $5, $6, $7, $8, NOT $9
+    FROM r
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
+), upd AS (
+    UPDATE quota_usage u SET
+        inflight = u.inflight - 1,
+        tokens = CASE WHEN u.window_day = r.window_day
+                      THEN greatest(0, u.tokens - r.tokens_reserved + CASE WHEN $9 THEN 0 ELSE $3 + $4 END)
+                      ELSE u.tokens END,
+        requests = CASE WHEN $9 AND u.window_day = r.window_day THEN u.requests - 1 ELSE u.requests END
+    FROM r
+    WHERE u.subject = r.subject
+    RETURNING u.window_day, u.requests, u.tokens, u.inflight
+)
+SELECT (SELECT count(*) FROM led) AS written, upd.* FROM upd
+"""
+
+# Reservations of a dead gateway: settled with the progress it last reported.
+_STALE = """
+SELECT request_id, provider_id, prompt_tokens, completion_tokens
+FROM reservations WHERE last_seen < now() - $1::interval
+"""
+
+_TOUCH = """
+UPDATE reservations r SET last_seen = now(), provider_id = coalesce(p.provider_id, r.provider_id),
+       prompt_tokens = p.prompt_tokens, completion_tokens = p.completion_tokens
+FROM unnest($1::text[], $2::text[], $3::int[], $4::int[])
+     AS p(request_id, provider_id, prompt_tokens, completion_tokens)
+WHERE r.request_id = p.request_id
+"""
+
+
+async def take(
+    db: asyncpg.Pool,
+    *,
+    holder: Holder,
+    limits: Limits,
+    request_id: str,
+    model: str,
+    tokens: int,
+    gateway_id: str,
+) -> tuple[bool, Usage]:
+    """Reserve a request's share; (granted, usage after, or as it was when refused)."""
+    day = today()
+    args = (
+        holder.subject,
+        day,
+        tokens,
+        limits.requests_per_day,
+        limits.tokens_per_day,
+        limits.concurrent,
+        request_id,
+        holder.account_id,
+        holder.key_id,
+        holder.demo_token_id,
+        model,
+        gateway_id,
+    )
+    async with db.acquire() as conn:
+        row = await conn.fetchrow(_TAKE, *args)
+        assert row is not None
+        if row["requests"] is None and (await conn.execute(_ENSURE, holder.subject, day)).endswith(" 1"):
+            # The subject's first request ever: its row exists now, take again.
+            row = await conn.fetchrow(_TAKE, *args)
+            assert row is not None
+        effective = Limits(row["requests_per_day"], row["tokens_per_day"], row["concurrent"])
+        if row["requests"] is not None and row["held"] == 1:
+            return True, Usage(effective, row["requests"], row["tokens"], row["inflight"], day)
+        current = await conn.fetchrow(_READ, holder.subject)
+    return False, _usage_from(effective, current, day)
+
+
+def _usage_from(limits: Limits, row: asyncpg.Record | None, day: dt.date) -> Usage:
+    if row is None or row["window_day"] != day:
+        return Usage(limits, 0, 0, row["inflight"] if row else 0, day)
+    return Usage(limits, row["requests"], row["tokens"], row["inflight"], day)
+
+
+async def read(db: asyncpg.Pool, subject: str, limits: Limits) -> Usage:
+    return _usage_from(limits, await db.fetchrow(_READ, subject), today())
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    provider_id: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_ms: float | None
+    duration_ms: float | None
+    outcome: str
+    # Nothing reached a provider: the request is not counted against the day.
+    refund: bool = False
+
+
+async def settle(db: asyncpg.Pool | asyncpg.Connection, request_id: str, s: Settlement) -> bool:
+    """Close a reservation into the ledger; False if it was already settled."""
+    row = await db.fetchrow(
+        _SETTLE,
+        request_id,
+        s.provider_id,
+        s.prompt_tokens,
+        s.completion_tokens,
+        s.cached_tokens,
+        s.ttft_ms,
+        s.duration_ms,
+        s.outcome,
+        s.refund,
+    )
+    return row is not None and row["written"] == 1
+
+
+async def touch(db: asyncpg.Pool, progress: list[tuple[str, str | None, int, int]]) -> None:
+    if progress:
+        ids, providers, prompts, completions = (list(col) for col in zip(*progress, strict=True))
+        await db.execute(_TOUCH, ids, providers, prompts, completions)
+
+
+async def settle_stale(db: asyncpg.Pool, stale_after_s: float) -> int:
+    """Settle reservations whose gateway stopped touching them; returns how many."""
+    rows = await db.fetch(_STALE, dt.timedelta(seconds=stale_after_s))
+    settled = 0
+    for row in rows:
+        done = await settle(
+            db,
+            row["request_id"],
+            Settlement(
+                provider_id=row["provider_id"],
+                prompt_tokens=row["prompt_tokens"],
+                completion_tokens=row["completion_tokens"],
+                cached_tokens=0,
+                ttft_ms=None,
+                duration_ms=None,
+                outcome="gateway_lost",
+            ),
+        )
+        settled += done
+    return settled
