@@ -1,0 +1,279 @@
+"""The two ways one request is sent (direct to the engine, or via the gateway) and the load driver."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+import msgspec
+
+from daemon.engine.base import CancelToken, EngineError, Finished, TextChunk
+from daemon.engine.synthetic import SyntheticEngine
+from schemas import bus
+
+# The same conversation both ways.
+MESSAGES: tuple[tuple[str, str], ...] = (
+    ("system", "You are a helpful assistant."),
+    ("user", "Write a short story about a quick brown fox and a lazy dog."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One request as the client saw it. Times are time.perf_counter() seconds."""
+
+    start: float
+    end: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first is None else self.first - self.start
+
+    @property
+    def decode_tps(self) -> float | None:
+        """Tokens after the first over the time after the first."""
+        if self.first is None or self.last is None or self.tokens < 2 or self.last <= self.first:
+            return None
+        return (self.tokens - 1) / (self.last - self.first)
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """All measured requests of one (path, concurrency) run."""
+
+    concurrency: int
+    samples: list[Sample]
+    wall_s: float
+    # CPU seconds this (the client's) process used meanwhile.
+    cpu_s: float
+
+
+# Called with the index of the closed-loop worker that sends the request.
+OneRequest = Callable[[int], Awaitable[Sample]]
+
+
+async def drive(one: OneRequest, *, concurrency: int, requests: int) -> Level:
+    """Run `requests` requests keeping `concurrency` of them in flight (closed loop)."""
+    counter = itertools.count()
+    samples: list[Sample] = []
+    cpu = time.process_time()
+
+    async def worker(w: int) -> None:
+        while next(counter) < requests:
+            samples.append(await one(w))
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for w in range(min(concurrency, requests)):
+            tg.create_task(worker(w))
+    wall = time.perf_counter() - started
+    return Level(concurrency, samples, wall, time.process_time() - cpu)
+
+
+# ---- direct: the engine alone, in this process -------------------------------------------
+
+
+class Direct:
+    """Baseline: `prepare()` + `generate()` on an in-process SyntheticEngine (no HTTP, no NATS)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.engine = SyntheticEngine("synthetic")
+        self.max_tokens = max_tokens
+        self._ids = itertools.count()
+
+    async def __call__(self, _: int) -> Sample:
+        request = bus.InferenceRequest(
+            request_id=f"bench-direct-{next(self._ids)}",
+            model=self.engine.model_id,
+            messages=[bus.BusMessage(role=r, content=c) for r, c in MESSAGES],
+            params=bus.SamplingParams(max_tokens=self.max_tokens),
+            deadline_ms=int((time.time() + 600) * 1000),
+        )
+        start = time.perf_counter()
+        first: float | None = None
+        last: float | None = None
+        tokens = 0
+        finished: Finished | None = None
+        try:
+            prepared = self.engine.prepare(request)
+            async for event in self.engine.generate(prepared, CancelToken()):
+                if isinstance(event, TextChunk):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    last = now
+                    tokens += event.tokens
+                else:
+                    finished = event
+        except EngineError as exc:
+            return Sample(start, time.perf_counter(), first, last, tokens, f"engine:{exc.code}")
+        end = time.perf_counter()
+        error = _check(finished.finish_reason if finished else None, tokens, self.max_tokens)
+        if error is None and finished is not None and finished.completion_tokens != tokens:
+            error = "usage_mismatch"
+        return Sample(start, end, first, last, tokens, error)
+
+
+# ---- via gateway: HTTP + SSE through the control plane, NATS and the daemon ---------------
+
+
+class _ChunkDelta(msgspec.Struct):
+    content: str | None = None
+
+
+class _ChunkChoice(msgspec.Struct):
+    delta: _ChunkDelta
+    finish_reason: str | None = None
+
+
+class _ChunkUsage(msgspec.Struct):
+    completion_tokens: int
+
+
+class _ChunkError(msgspec.Struct):
+    message: str = ""
+    code: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_ChunkChoice] = msgspec.field(default_factory=list)
+    usage: _ChunkUsage | None = None
+    error: _ChunkError | None = None
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: _ChunkError
+
+
+_CHUNK = msgspec.json.Decoder(_Chunk)
+_ERROR = msgspec.json.Decoder(_ErrorEnvelope)
+
+
+class HttpClients:
+    """httpx.AsyncClients (HTTP/1.1, keep-alive) with one pooled connection per concurrent stream.
+
+    Worker w uses client w // streams_per_client. One shared pool would do, but
+    httpcore re-scans every queued request against every pooled connection on
+    each request start and end (encode/httpx#3215): with one 64-connection pool
+    that scan alone keeps the benchmark client on a whole core, and the "via
+    gateway" column would measure httpx instead of the gateway. Sharding the
+    pool keeps each scan small; `--streams-per-client 0` uses a single pool.
+    """
+
+    def __init__(self, concurrency: int, streams_per_client: int) -> None:
+        per = streams_per_client if streams_per_client > 0 else max(concurrency, 1)
+        self.per_client = per
+        self.clients = [
+            httpx.AsyncClient(
+                http2=False,
+                limits=httpx.Limits(max_connections=per, max_keepalive_connections=per, keepalive_expiry=300),
+                timeout=httpx.Timeout(120.0, connect=10.0, pool=120.0),
+            )
+            for _ in range(-(-max(concurrency, 1) // per))
+        ]
+
+    def for_worker(self, worker: int) -> httpx.AsyncClient:
+        return self.clients[(worker // self.per_client) % len(self.clients)]
+
+    async def __aenter__(self) -> HttpClients:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+class ViaGateway:
+    """A streamed POST /v1/chat/completions, timed from sending to each content token."""
+
+    def __init__(self, clients: HttpClients, base_url: str, api_key: str, model: str, max_tokens: int) -> None:
+        self.clients = clients
+        self.url = f"{base_url}/v1/chat/completions"
+        self.max_tokens = max_tokens
+        self.headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
+        self.body = msgspec.json.encode(
+            {
+                "model": model,
+                "messages": [{"role": r, "content": c} for r, c in MESSAGES],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
+
+    async def __call__(self, worker: int) -> Sample:
+        client = self.clients.for_worker(worker)
+        start = time.perf_counter()
+        first: float | None = None
+        last: float | None = None
+        tokens = 0
+        usage: int | None = None
+        finish: str | None = None
+        done = False
+        try:
+            async with client.stream("POST", self.url, content=self.body, headers=self.headers) as response:
+                if response.status_code != 200:
+                    raw = await response.aread()
+                    try:
+                        code = _ERROR.decode(raw).error.code or "?"
+                    except msgspec.DecodeError:
+                        code = "?"
+                    return Sample(start, time.perf_counter(), error=f"http_{response.status_code}:{code}")
+                buffer = b""
+                async for data in response.aiter_bytes():
+                    buffer += data
+                    *events, buffer = buffer.split(b"\n\n")
+                    now = time.perf_counter()
+                    for event in events:
+                        if not event.startswith(b"data: "):
+                            continue
+                        payload = event[6:]
+                        if payload == b"[DONE]":
+                            done = True
+                            continue
+                        chunk = _CHUNK.decode(payload)
+                        if chunk.error is not None:
+                            return Sample(start, now, first, last, tokens, f"in_band:{chunk.error.code or '?'}")
+                        if chunk.usage is not None:
+                            usage = chunk.usage.completion_tokens
+                        for choice in chunk.choices:
+                            if choice.delta.content:
+                                if first is None:
+                                    first = now
+                                last = now
+                                # The synthetic daemon sends one token per delta.
+                                tokens += 1
+                            if choice.finish_reason is not None:
+                                finish = choice.finish_reason
+        except httpx.HTTPError as exc:
+            return Sample(start, time.perf_counter(), first, last, tokens, f"client:{type(exc).__name__}")
+        except msgspec.DecodeError:
+            return Sample(start, time.perf_counter(), first, last, tokens, "client:bad_sse_chunk")
+        end = time.perf_counter()
+        error = "no_done_marker" if not done else _check(finish, tokens, self.max_tokens)
+        if error is None and usage != tokens:
+            error = "usage_mismatch"
+        return Sample(start, end, first, last, tokens, error)
+
+
+def _check(finish: str | None, tokens: int, max_tokens: int) -> str | None:
+    """Both paths must end with finish_reason "length" after exactly max_tokens tokens."""
+    if finish is None:
+        return "no_finish"
+    if finish != "length":
+        return f"finish_{finish}"
+    if tokens != max_tokens:
+        return "short_stream"
+    return None
