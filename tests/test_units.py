@@ -88,6 +88,19 @@ def test_routing_prefers_free_slots_then_load_then_speed() -> None:
     assert pool.candidates("nope") == []
 
 
+def test_requests_finished_before_the_next_heartbeat_give_their_place_back() -> None:
+    pool = PoolView()
+    pool.observe(_hb("a", slots=2, free=2))
+    epochs = [pool.note_sent("a") for _ in range(2)]
+    assert pool.candidates("m")[0].free_slots() == 0
+    pool.note_finished("a", epochs[0])
+    assert pool.candidates("m")[0].free_slots() == 1
+    # After a new heartbeat, the provider's own numbers count; old tokens change nothing.
+    pool.observe(_hb("a", slots=2, free=1))
+    pool.note_finished("a", epochs[1])
+    assert pool.candidates("m")[0].free_slots() == 1
+
+
 def test_full_and_draining_providers_are_not_candidates() -> None:
     pool = PoolView()
     pool.observe(_hb("full", free=0, queue=4))

@@ -141,7 +141,9 @@ class Call:
     _dispatcher: Dispatcher
     _stream: ReplyStream
     _watch: int
+    _epoch: int
     finished: bool = False
+    _closed: bool = False
 
     async def frames(self) -> AsyncIterator[bus.Delta | bus.Done]:
         idle = self._dispatcher.stream_idle_timeout_s
@@ -168,7 +170,10 @@ class Call:
                 return
 
     async def close(self) -> None:
-        """Release the request; if it did not finish, tell the provider to stop generating."""
+        """Release the request; if it did not finish, tell the provider to stop generating. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._dispatcher.release(self)
         if not self.finished:
             await self._dispatcher.cancel(self.provider_id, self.request_id)
@@ -210,7 +215,7 @@ class Dispatcher:
             pid = state.provider_id
             stream = self._router.open(request.request_id, pid)
             watch = self._pool.watch(pid, _lost_notifier(stream))
-            self._pool.note_sent(pid)
+            epoch = self._pool.note_sent(pid)
             await self._nc.publish(
                 subjects.work(pid), payload, reply=subjects.reply(pid, self._gateway_id, request.request_id)
             )
@@ -219,9 +224,10 @@ class Dispatcher:
             except StreamBroken as exc:
                 frame = bus.Failed(seq=0, code=exc.code, message=exc.message, retryable=True)
             if isinstance(frame, bus.Accepted):
-                return Call(request.request_id, pid, frame, started, self, stream, watch)
+                return Call(request.request_id, pid, frame, started, self, stream, watch, epoch)
             self._router.close(stream)
             self._pool.unwatch(pid, watch)
+            self._pool.note_finished(pid, epoch)
             if isinstance(frame, bus.Failed) and not frame.retryable:
                 raise ProviderError(f"The provider refused the request: {frame.message}")
             # Nothing ran there; make sure a late acceptance is cancelled, then try the next one.
@@ -233,6 +239,7 @@ class Dispatcher:
     def release(self, call: Call) -> None:
         self._router.close(call._stream)
         self._pool.unwatch(call.provider_id, call._watch)
+        self._pool.note_finished(call.provider_id, call._epoch)
 
     async def cancel(self, provider_id: str, request_id: str) -> None:
         with contextlib.suppress(Exception):

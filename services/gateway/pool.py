@@ -19,9 +19,13 @@ LostCallback = Callable[[str], None]
 class ProviderState:
     heartbeat: Heartbeat
     last_seen: float
-    # Requests this replica sent since the provider's last heartbeat: the
-    # heartbeat does not count them yet, so we do, to avoid piling onto one Mac.
+    # Requests this replica sent since the provider's last heartbeat and that are
+    # still running: the heartbeat does not count them yet, so we do, to avoid
+    # piling onto one Mac. Ones that finish before the next heartbeat give their
+    # place back (see `PoolView.note_finished`).
     sent_since_heartbeat: int = 0
+    # Which heartbeat this state was built from; a new heartbeat makes a new state.
+    epoch: int = 0
 
     @property
     def provider_id(self) -> str:
@@ -51,13 +55,15 @@ class PoolView:
     providers: dict[str, ProviderState] = field(default_factory=dict)
     _watchers: dict[str, dict[int, LostCallback]] = field(default_factory=dict)
     _next_watch: int = 0
+    _epochs: int = 0
 
     def observe(self, hb: Heartbeat) -> None:
         if hb.draining:
             # A draining daemon finishes its work but takes nothing new.
             self.providers.pop(hb.provider_id, None)
             return
-        self.providers[hb.provider_id] = ProviderState(heartbeat=hb, last_seen=self.clock())
+        self._epochs += 1
+        self.providers[hb.provider_id] = ProviderState(heartbeat=hb, last_seen=self.clock(), epoch=self._epochs)
 
     def remove(self, provider_id: str, boot_id: str | None = None) -> bool:
         state = self.providers.get(provider_id)
@@ -90,10 +96,19 @@ class PoolView:
         able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.decode_tps))
         return able
 
-    def note_sent(self, provider_id: str) -> None:
+    def note_sent(self, provider_id: str) -> int:
+        """Count a request sent to the provider; returns a token for `note_finished`."""
         state = self.providers.get(provider_id)
-        if state is not None:
-            state.sent_since_heartbeat += 1
+        if state is None:
+            return 0
+        state.sent_since_heartbeat += 1
+        return state.epoch
+
+    def note_finished(self, provider_id: str, epoch: int) -> None:
+        """A request ended; if no heartbeat has counted it since it was sent, un-count it."""
+        state = self.providers.get(provider_id)
+        if state is not None and state.epoch == epoch and state.sent_since_heartbeat > 0:
+            state.sent_since_heartbeat -= 1
 
     def models(self) -> dict[str, list[ProviderState]]:
         served: dict[str, list[ProviderState]] = {}
