@@ -1,9 +1,15 @@
-"""`python3 -m tests.bench` (`just bench`): gateway overhead over the bare engine, side by side.
+"""`python3 -m tests.bench [MODE]` (`just bench [MODE]`): side-by-side measurements of the serving path.
 
-Starts nats-server, PostgreSQL, the control plane and one provider daemon on
-the synthetic engine in a scratch directory, measures the same streamed
-requests directly against an in-process SyntheticEngine and via the gateway,
-prints one table, and stops everything it started (also on Ctrl-C or error).
+Modes:
+  overhead  (the default) gateway overhead over the bare engine: starts nats-server,
+            PostgreSQL, the control plane and one provider daemon on the synthetic
+            engine in a scratch directory, and measures the same streamed requests
+            directly against an in-process SyntheticEngine and via the gateway.
+  metering  the cost of quotas + metering: the same stack with two control planes,
+            MP_METERING=off and MP_METERING=on, and the same requests to each
+            (streamed at each concurrency level, plus one non-streamed column).
+
+Each prints one table and stops everything it started (also on Ctrl-C or error).
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from tests.bench import metering
 from tests.bench.load import MESSAGES, Direct, HttpClients, ViaGateway, drive
 from tests.bench.report import Stats, render
 from tests.bench.stack import MODEL_ID, RAISED_QUOTAS, BenchStack, say
+
+MODES = ("overhead", "metering")
 
 DEFAULT_LEVELS = (1, 16, 64)
 QUICK_LEVELS = (1, 16)
@@ -68,20 +77,24 @@ def _levels(raw: str) -> tuple[int, ...]:
     return levels
 
 
-def parse_args(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python3 -m tests.bench", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m tests.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", nargs="?", choices=MODES, default="overhead", help="what to measure (default overhead)")
     parser.add_argument("--tokens", type=_positive, default=64, help="max_tokens of every request (default 64)")
     parser.add_argument(
         "--requests",
         type=_positive,
         default=None,
-        help="measured requests per concurrency level (default 4x concurrency, at least 16)",
+        help="measured requests per concurrency level (overhead: default 4x concurrency, at least 16) or per column"
+        " and gateway (metering: default 32x concurrency, at least 800)",
     )
     parser.add_argument(
         "--concurrency",
         type=_levels,
         default=None,
-        help="comma-separated concurrency levels (default 1,16,64; 1,16 with --quick)",
+        help="comma-separated concurrency levels of the streamed requests (default 1,16,64; 1,16 with --quick)",
     )
     parser.add_argument(
         "--streams-per-client",
@@ -89,18 +102,50 @@ def parse_args(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
         default=8,
         help="concurrent streams per httpx.AsyncClient pool (default 8; 0: one pool for all, see load.HttpClients)",
     )
-    parser.add_argument(
+    parser.add_argument("--quick", action="store_true", help="smoke run: concurrency 1 and 16, fewer requests")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs) after the run")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if any measured request failed")
+    overhead = parser.add_argument_group("overhead mode only")
+    overhead.add_argument(
         "--default-quotas",
         action="store_true",
         help="keep the product's default per-account quotas (concurrency 16 refuses part of the c=64 load)",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: concurrency 1 and 16, fewer requests")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs) after the run")
-    parser.add_argument("--strict", action="store_true", help="exit 1 if any measured request failed")
+    meter = parser.add_argument_group("metering mode only")
+    meter.add_argument(
+        "--rounds",
+        type=_positive,
+        default=None,
+        help=f"rounds per column, the gateways' order alternating (default {metering.DEFAULT_ROUNDS};"
+        f" {metering.QUICK_ROUNDS} with --quick)",
+    )
+    meter.add_argument(
+        "--non-stream",
+        type=int,
+        default=None,
+        metavar="C",
+        help=f"concurrency of the non-streamed column (default {metering.DEFAULT_NON_STREAM}; 0: no such column)",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
+    """The overhead mode's plan (ignore it in metering mode) and all arguments."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     levels = args.concurrency or (QUICK_LEVELS if args.quick else DEFAULT_LEVELS)
     if args.streams_per_client < 0:
         parser.error("--streams-per-client must be 0 or more")
+    if args.mode == "overhead":
+        given = [
+            flag for flag, value in (("--rounds", args.rounds), ("--non-stream", args.non_stream)) if value is not None
+        ]
+        if given:
+            parser.error(f"{', '.join(given)}: metering mode only (python3 -m tests.bench metering ...)")
+    elif args.default_quotas:
+        parser.error("--default-quotas: overhead mode only (metering mode raises the quotas of both gateways)")
+    if args.non_stream is not None and args.non_stream < 0:
+        parser.error("--non-stream must be 0 or more")
     plan = Plan(
         levels=levels,
         tokens=args.tokens,
@@ -191,6 +236,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     plan, args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.mode == "metering":
+        return metering.run(
+            metering.make_plan(args, plan.levels), keep_logs=args.keep, strict=args.strict, machine=_cores()
+        )
     started = time.monotonic()
     home = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     stack = BenchStack(home, gateway_env=None if plan.default_quotas else RAISED_QUOTAS)

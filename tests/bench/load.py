@@ -1,4 +1,4 @@
-"""The two ways one request is sent (direct to the engine, or via the gateway) and the load driver."""
+"""The ways one request is sent (direct to the engine, or via a gateway, streamed or not) and the load driver."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ class Sample:
         return None if self.first is None else self.first - self.start
 
     @property
+    def latency_s(self) -> float:
+        """The whole request: from sending it to the end of the response body."""
+        return self.end - self.start
+
+    @property
     def decode_tps(self) -> float | None:
         """Tokens after the first over the time after the first."""
         if self.first is None or self.last is None or self.tokens < 2 or self.last <= self.first:
@@ -58,6 +63,18 @@ class Level:
     wall_s: float
     # CPU seconds this (the client's) process used meanwhile.
     cpu_s: float
+
+    @staticmethod
+    def merge(parts: list[Level]) -> Level:
+        """Several rounds at the same concurrency as one level: samples pooled, wall and CPU time summed."""
+        if not parts or len({p.concurrency for p in parts}) != 1:
+            raise ValueError("merge needs at least one level, all at the same concurrency")
+        return Level(
+            parts[0].concurrency,
+            [s for p in parts for s in p.samples],
+            sum(p.wall_s for p in parts),
+            sum(p.cpu_s for p in parts),
+        )
 
 
 # Called with the index of the closed-loop worker that sends the request.
@@ -157,8 +174,23 @@ class _ErrorEnvelope(msgspec.Struct):
     error: _ChunkError
 
 
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message
+    finish_reason: str | None = None
+
+
+class _Completion(msgspec.Struct):
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _ChunkUsage | None = None
+
+
 _CHUNK = msgspec.json.Decoder(_Chunk)
 _ERROR = msgspec.json.Decoder(_ErrorEnvelope)
+_COMPLETION = msgspec.json.Decoder(_Completion)
 
 
 class HttpClients:
@@ -196,24 +228,36 @@ class HttpClients:
 
 
 class ViaGateway:
-    """A streamed POST /v1/chat/completions, timed from sending to each content token."""
+    """POST /v1/chat/completions: streamed (timed from sending to each content token), or not (`stream=False`)."""
 
-    def __init__(self, clients: HttpClients, base_url: str, api_key: str, model: str, max_tokens: int) -> None:
+    def __init__(
+        self,
+        clients: HttpClients,
+        base_url: str,
+        api_key: str,
+        model: str,
+        max_tokens: int,
+        *,
+        stream: bool = True,
+    ) -> None:
         self.clients = clients
         self.url = f"{base_url}/v1/chat/completions"
         self.max_tokens = max_tokens
+        self.stream = stream
         self.headers = {"authorization": f"Bearer {api_key}", "content-type": "application/json"}
-        self.body = msgspec.json.encode(
-            {
-                "model": model,
-                "messages": [{"role": r, "content": c} for r, c in MESSAGES],
-                "max_tokens": max_tokens,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        )
+        body: dict[str, object] = {
+            "model": model,
+            "messages": [{"role": r, "content": c} for r, c in MESSAGES],
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        self.body = msgspec.json.encode(body)
 
     async def __call__(self, worker: int) -> Sample:
+        if not self.stream:
+            return await self._whole(worker)
         client = self.clients.for_worker(worker)
         start = time.perf_counter()
         first: float | None = None
@@ -266,6 +310,33 @@ class ViaGateway:
         if error is None and usage != tokens:
             error = "usage_mismatch"
         return Sample(start, end, first, last, tokens, error)
+
+    async def _whole(self, worker: int) -> Sample:
+        """A non-streamed request: only its end is observable (no TTFT); tokens are the usage's count."""
+        client = self.clients.for_worker(worker)
+        start = time.perf_counter()
+        try:
+            response = await client.post(self.url, content=self.body, headers=self.headers)
+            end = time.perf_counter()
+            if response.status_code != 200:
+                try:
+                    code = _ERROR.decode(response.content).error.code or "?"
+                except msgspec.DecodeError:
+                    code = "?"
+                return Sample(start, end, error=f"http_{response.status_code}:{code}")
+            completion = _COMPLETION.decode(response.content)
+        except httpx.HTTPError as exc:
+            return Sample(start, time.perf_counter(), error=f"client:{type(exc).__name__}")
+        except msgspec.DecodeError:
+            return Sample(start, time.perf_counter(), error="client:bad_json")
+        tokens = completion.usage.completion_tokens if completion.usage is not None else 0
+        if completion.usage is None:
+            return Sample(start, end, tokens=tokens, error="no_usage")
+        if len(completion.choices) != 1 or not completion.choices[0].message.content:
+            return Sample(start, end, tokens=tokens, error="no_content")
+        return Sample(
+            start, end, tokens=tokens, error=_check(completion.choices[0].finish_reason, tokens, self.max_tokens)
+        )
 
 
 def _check(finish: str | None, tokens: int, max_tokens: int) -> str | None:

@@ -1,4 +1,4 @@
-"""Statistics per (path, concurrency) and the side-by-side plain-text table."""
+"""Statistics per (path, concurrency) and the side-by-side plain-text tables of both modes."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class Stats:
     failed: int
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
+    # The whole request, of the successful ones.
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
     decode_tps_p50: float | None
     throughput_tps: float
     requests_per_s: float
@@ -36,6 +39,7 @@ class Stats:
         ok = [s for s in level.samples if s.ok]
         ttfts = [t * 1000 for s in ok if (t := s.ttft_s) is not None]
         rates = [r for s in ok if (r := s.decode_tps) is not None]
+        latencies = [s.latency_s * 1000 for s in ok]
         wall = max(level.wall_s, 1e-9)
         p50, p99 = percentile(ttfts, 50), percentile(ttfts, 99)
         return cls(
@@ -44,6 +48,8 @@ class Stats:
             failed=len(level.samples) - len(ok),
             ttft_p50_ms=p50,
             ttft_p99_ms=p99,
+            latency_p50_ms=percentile(latencies, 50),
+            latency_p99_ms=percentile(latencies, 99),
             decode_tps_p50=percentile(rates, 50),
             # Only tokens of requests that completed correctly count.
             throughput_tps=sum(s.tokens for s in ok) / wall,
@@ -149,6 +155,135 @@ def render(
         for path, stats in (("direct", direct), ("via gateway", via))
         for s in stats
         if s.errors
+    ]
+    if failures:
+        lines.append("failed requests (by error):")
+        lines.extend(failures)
+    lines.extend(footer)
+    return "\n".join(lines)
+
+
+# ---- `metering` mode: the same gateway with MP_METERING=off and =on ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One gateway's measured requests of one column, with the server CPU they cost."""
+
+    stats: Stats
+    # CPU seconds of that gateway's process, and of PostgreSQL (all its processes), during its rounds.
+    gateway_cpu_s: float | None
+    postgres_cpu_s: float | None
+
+    def per_request_ms(self, cpu_s: float | None) -> float | None:
+        if cpu_s is None or self.stats.requests == 0:
+            return None
+        return 1000 * cpu_s / self.stats.requests
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    label: str
+    off: Side
+    on: Side
+    # Latency p50 of "on" minus that of "off", round by round (ms): how far noise moves the difference.
+    round_p50_deltas_ms: list[float]
+
+
+M_LABEL = 31
+M_CELL = 12
+
+
+def _delta_ms(on: float | None, off: float | None) -> str:
+    if on is None or off is None:
+        return "-"
+    return f"{on - off:+.2f} ms"
+
+
+def _delta_range(deltas: list[float]) -> str:
+    if not deltas:
+        return "-"
+    return f"{min(deltas):+.2f} .. {max(deltas):+.2f} ms"
+
+
+def _plain_ratio(num: float, den: float) -> str:
+    return f"{num / den:.3f}×" if den > 0 else "-"
+
+
+def render_metering(*, header: list[str], columns: list[Comparison], footer: list[str]) -> str:
+    group = 2 * M_CELL + 1
+    lines = [*header, ""]
+    rule = "-" * (M_LABEL + len(columns) * (group + 3))
+
+    def row(label: str, cells: list[str]) -> str:
+        return label.ljust(M_LABEL) + "".join(" | " + c for c in cells)
+
+    def pair(off: str, on: str) -> str:
+        return off.rjust(M_CELL) + " " + on.rjust(M_CELL)
+
+    def cpu(side: Side, cpu_s: float | None) -> str:
+        value = side.per_request_ms(cpu_s)
+        return "-" if value is None else f"{value:.2f}"
+
+    lines.append(row("", [c.label.center(group) for c in columns]))
+    lines.append(row("", [pair("metering off", "metering on") for _ in columns]))
+    lines.append(rule)
+    metrics: list[tuple[str, list[tuple[str, str]]]] = [
+        ("requests measured", [(str(c.off.stats.requests), str(c.on.stats.requests)) for c in columns]),
+        ("failed", [(str(c.off.stats.failed), str(c.on.stats.failed)) for c in columns]),
+        ("latency p50 (ms)", [(_ms(c.off.stats.latency_p50_ms), _ms(c.on.stats.latency_p50_ms)) for c in columns]),
+        ("latency p99 (ms)", [(_ms(c.off.stats.latency_p99_ms), _ms(c.on.stats.latency_p99_ms)) for c in columns]),
+        ("TTFT p50 (ms)", [(_ms(c.off.stats.ttft_p50_ms), _ms(c.on.stats.ttft_p50_ms)) for c in columns]),
+        ("TTFT p99 (ms)", [(_ms(c.off.stats.ttft_p99_ms), _ms(c.on.stats.ttft_p99_ms)) for c in columns]),
+        ("requests/s", [(_rate(c.off.stats.requests_per_s), _rate(c.on.stats.requests_per_s)) for c in columns]),
+        (
+            "gateway CPU per request (ms)",
+            [(cpu(c.off, c.off.gateway_cpu_s), cpu(c.on, c.on.gateway_cpu_s)) for c in columns],
+        ),
+        (
+            "Postgres CPU per request (ms)",
+            [(cpu(c.off, c.off.postgres_cpu_s), cpu(c.on, c.on.postgres_cpu_s)) for c in columns],
+        ),
+    ]
+    for label, cells in metrics:
+        lines.append(row(label, [pair(off, on) for off, on in cells]))
+    lines.append(rule)
+
+    def cpu_delta(on: Side, on_s: float | None, off: Side, off_s: float | None) -> str:
+        return _delta_ms(on.per_request_ms(on_s), off.per_request_ms(off_s))
+
+    lines.append("metering on vs off")
+    differences: list[tuple[str, list[str]]] = [
+        (
+            "  latency p50, on - off",
+            [_delta_ms(c.on.stats.latency_p50_ms, c.off.stats.latency_p50_ms) for c in columns],
+        ),
+        ("    per round, min .. max", [_delta_range(c.round_p50_deltas_ms) for c in columns]),
+        (
+            "  latency p99, on - off",
+            [_delta_ms(c.on.stats.latency_p99_ms, c.off.stats.latency_p99_ms) for c in columns],
+        ),
+        (
+            "  requests/s, on / off",
+            [_plain_ratio(c.on.stats.requests_per_s, c.off.stats.requests_per_s) for c in columns],
+        ),
+        (
+            "  gateway CPU/req., on - off",
+            [cpu_delta(c.on, c.on.gateway_cpu_s, c.off, c.off.gateway_cpu_s) for c in columns],
+        ),
+        (
+            "  Postgres CPU/req., on - off",
+            [cpu_delta(c.on, c.on.postgres_cpu_s, c.off, c.off.postgres_cpu_s) for c in columns],
+        ),
+    ]
+    for label, deltas in differences:
+        lines.append(row(label, [d.rjust(group) for d in deltas]))
+    lines.append(rule)
+    failures = [
+        f"  metering {side} @ {c.label}: " + ", ".join(f"{code} ×{n}" for code, n in stats.errors.most_common())
+        for c in columns
+        for side, stats in (("off", c.off.stats), ("on", c.on.stats))
+        if stats.errors
     ]
     if failures:
         lines.append("failed requests (by error):")

@@ -1,0 +1,243 @@
+"""`python3 -m tests.bench metering` (`just bench metering`): what quotas + metering cost per request.
+
+One nats-server, one PostgreSQL, one synthetic provider daemon, and two control
+planes on them that differ only in `MP_METERING` (off / on). The same requests
+go to both, in rounds whose order alternates, and one table puts the two side
+by side per column (streamed at each concurrency level, plus one non-streamed
+column). Everything started is stopped again, also on Ctrl-C or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.bench.cpu import CpuProbe
+from tests.bench.load import MESSAGES, HttpClients, Level, ViaGateway, drive
+from tests.bench.report import Comparison, Side, Stats, render_metering
+from tests.bench.stack import MODEL_ID, RAISED_QUOTAS, BenchStack, GatewaySpec, say
+
+OFF = "metering-off"
+ON = "metering-on"
+# Both get the raised quotas, so the two processes differ in MP_METERING alone.
+GATEWAYS = (
+    GatewaySpec(OFF, {**RAISED_QUOTAS, "MP_METERING": "off"}),
+    GatewaySpec(ON, {**RAISED_QUOTAS, "MP_METERING": "on"}),
+)
+
+DEFAULT_ROUNDS = 4
+QUICK_ROUNDS = 2
+DEFAULT_NON_STREAM = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column of the table: a kind of request at one concurrency."""
+
+    stream: bool
+    concurrency: int
+
+    @property
+    def label(self) -> str:
+        return f"{'stream' if self.stream else 'non-stream'}, concurrency {self.concurrency}"
+
+
+@dataclass(frozen=True)
+class MeteringPlan:
+    columns: tuple[Column, ...]
+    tokens: int
+    requests: int | None
+    quick: bool
+    rounds: int
+    streams_per_client: int
+
+    def requests_for(self, concurrency: int) -> int:
+        """Measured requests per column and gateway."""
+        if self.requests is not None:
+            return self.requests
+        if self.quick:
+            return max(64, 4 * concurrency)
+        return max(800, 32 * concurrency)
+
+    def round_sizes(self, concurrency: int) -> list[int]:
+        """The column's requests split as evenly as possible into rounds (fewer rounds than requests)."""
+        n = self.requests_for(concurrency)
+        rounds = min(self.rounds, n)
+        return [n // rounds + (1 if i < n % rounds else 0) for i in range(rounds)]
+
+    @staticmethod
+    def warmup_for(concurrency: int) -> int:
+        return max(4, concurrency)
+
+
+def make_plan(args: argparse.Namespace, levels: tuple[int, ...]) -> MeteringPlan:
+    non_stream = DEFAULT_NON_STREAM if args.non_stream is None else args.non_stream
+    columns = [Column(True, c) for c in levels]
+    if non_stream:
+        columns.append(Column(False, non_stream))
+    return MeteringPlan(
+        columns=tuple(columns),
+        tokens=args.tokens,
+        requests=args.requests,
+        quick=args.quick,
+        rounds=args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
+        streams_per_client=args.streams_per_client,
+    )
+
+
+@dataclass
+class _Tally:
+    """One gateway's rounds of one column."""
+
+    levels: list[Level]
+    gateway_cpu_s: float | None = 0.0
+    postgres_cpu_s: float | None = 0.0
+
+    def side(self) -> Side:
+        return Side(Stats.of(Level.merge(self.levels)), self.gateway_cpu_s, self.postgres_cpu_s)
+
+
+def _add(total: float | None, used: float | None) -> float | None:
+    return None if total is None or used is None else total + used
+
+
+def _order(k: int) -> tuple[str, str]:
+    return (OFF, ON) if k % 2 == 0 else (ON, OFF)
+
+
+async def measure(plan: MeteringPlan, stack: BenchStack) -> list[Comparison]:
+    assert stack.postgres_pid is not None
+    postgres = CpuProbe(stack.postgres_pid, tree=True)
+    probes = {name: CpuProbe(gw.child.proc.pid, tree=True) for name, gw in stack.gateways.items()}
+    top = max(c.concurrency for c in plan.columns)
+    results: list[Comparison] = []
+    # Each gateway has its own pools, so its warm keep-alive connections stay open while the other one runs.
+    async with HttpClients(top, plan.streams_per_client) as off, HttpClients(top, plan.streams_per_client) as on:
+        clients = {OFF: off, ON: on}
+        for index, column in enumerate(plan.columns):
+            c = column.concurrency
+            send = {
+                name: ViaGateway(clients[name], gw.base_url, stack.api_key, MODEL_ID, plan.tokens, stream=column.stream)
+                for name, gw in stack.gateways.items()
+            }
+            for name in _order(index):
+                await drive(send[name], concurrency=c, requests=plan.warmup_for(c))
+            tallies = {OFF: _Tally([]), ON: _Tally([])}
+            sizes = plan.round_sizes(c)
+            for r, size in enumerate(sizes):
+                # Whoever went first last round goes second now: neither side always follows the other.
+                for name in _order(index + r):
+                    tally = tallies[name]
+                    pg0, gw0 = postgres.snapshot(), probes[name].snapshot()
+                    tally.levels.append(await drive(send[name], concurrency=c, requests=size))
+                    pg1, gw1 = postgres.snapshot(), probes[name].snapshot()
+                    tally.postgres_cpu_s = _add(tally.postgres_cpu_s, CpuProbe.used(pg0, pg1))
+                    tally.gateway_cpu_s = _add(tally.gateway_cpu_s, CpuProbe.used(gw0, gw1))
+                stack.check_alive()
+            deltas = [
+                on_p50 - off_p50
+                for off_level, on_level in zip(tallies[OFF].levels, tallies[ON].levels, strict=True)
+                if (off_p50 := Stats.of(off_level).latency_p50_ms) is not None
+                and (on_p50 := Stats.of(on_level).latency_p50_ms) is not None
+            ]
+            comparison = Comparison(column.label, tallies[OFF].side(), tallies[ON].side(), deltas)
+            for name, side in (("off", comparison.off), ("on ", comparison.on)):
+                s = side.stats
+                say(
+                    f"{column.label:<26} metering {name}: {s.requests} requests in {len(sizes)} rounds, "
+                    f"{s.wall_s:6.2f}s, {s.failed} failed"
+                )
+            results.append(comparison)
+    return results
+
+
+def header(plan: MeteringPlan, machine: str) -> list[str]:
+    per_column = ", ".join(
+        f"{'' if col.stream else 'non-stream '}c={col.concurrency}: {plan.requests_for(col.concurrency)}"
+        for col in plan.columns
+    )
+    rounds = max(len(plan.round_sizes(col.concurrency)) for col in plan.columns)
+    n = plan.streams_per_client
+    pool = f"{n} streams per client (encode/httpx#3215)" if n else "one client for all streams"
+    return [
+        "mac-provider metering benchmark: what quotas + metering cost per request "
+        f"({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
+        "",
+        "ENGINE: the SYNTHETIC stand-in (MP_ENGINE=synthetic). IT IS NOT A MODEL: it emits a fixed text, one token",
+        "        per step, as fast as it can. These numbers measure the serving path, not inference speed.",
+        "measured: the same gateway with MP_METERING=off and =on. One nats-server, one PostgreSQL, one provider",
+        "          daemon, and TWO control-plane processes on them that differ only in MP_METERING.",
+        "  metering off = no quota check, no reservation, no usage ledger, no background writes (authentication,",
+        "                 dispatch over NATS and the response are the same code as with metering on)",
+        "  metering on  = the product's default. Per request, two SQL statements (round trips) to PostgreSQL:",
+        "                 before dispatch, one that checks and takes the quotas (a conditional UPDATE of",
+        "                 quota_usage) and INSERTs the reservation; after the provider's last frame, one that",
+        "                 DELETEs the reservation, INSERTs the usage_ledger row and UPDATEs quota_usage (settlement).",
+        "                 Per gateway: one UPDATE of its open reservations' progress every 2 s (while it has any),",
+        "                 one SELECT for stale reservations (of dead replicas) every 7.5 s.",
+        "                 All requests use one key of one account, so every statement of every request updates the",
+        "                 same quota_usage row: the worst case for contention on that row's lock.",
+        "  quotas (both): limits raised so that the load is never refused:",
+        "                 " + ", ".join(f"{k}={v}" for k, v in RAISED_QUOTAS.items()),
+        f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, the same {len(MESSAGES)} messages every time;",
+        "      stream=true (with include_usage) except in the non-stream column; closed loop at the column's",
+        f"      concurrency. Measured requests per column and gateway: {per_column},",
+        f"      in {rounds} rounds: each round runs one gateway, then the other, and who goes first alternates from",
+        "      round to round, so drift and noise fall on both alike; after an unmeasured warm-up of each",
+        "      (max(4, concurrency) requests). Client: httpx.AsyncClient, HTTP/1.1 keep-alive, its own pools per",
+        f"      gateway, {pool}, responses parsed in the benchmark process.",
+        f"machine: {machine}, {platform.system()} {platform.machine()}, Python {platform.python_version()};",
+        "         the client, both control planes, nats-server, daemon and PostgreSQL all share these cores",
+    ]
+
+
+FOOTER = [
+    "latency: from sending the request to the end of the response body. The gateway settles a request before it ends",
+    "the body (a streamed one after [DONE]), so latency includes reservation and settlement; TTFT (to the first",
+    "content token; streamed only) includes the reservation. requests/s: successful requests / wall time summed over",
+    "the gateway's rounds. CPU per request: CPU time (user + system) of that gateway's process, and of all PostgreSQL",
+    "processes, during its rounds / its measured requests (the client, NATS and the daemon are not counted).",
+    "p50/p99: nearest rank over the measured requests. 'per round': the p50 difference computed round by round",
+    "(each round's requests to one gateway against that round's to the other), to show how far noise moves it.",
+    "failed: HTTP error, in-band error, or not exactly max_tokens tokens ending in finish_reason=length.",
+]
+
+
+def run(plan: MeteringPlan, *, keep_logs: bool, strict: bool, machine: str) -> int:
+    started = time.monotonic()
+    home = Path(tempfile.mkdtemp(prefix="mp-bench-"))
+    stack = BenchStack(home, gateways=GATEWAYS)
+    # Logs stay for a post-mortem when the run fails; a finished or interrupted run cleans up.
+    keep = True
+    try:
+        say(f"scratch directory {home}")
+        stack.start()
+        columns = asyncio.run(measure(plan, stack))
+        # A column where nothing succeeded measured nothing: keep the logs that say why.
+        hollow = [s for c in columns for s in (c.off.stats, c.on.stats) if s.failed == s.requests]
+        keep = keep_logs or bool(hollow)
+    except KeyboardInterrupt:
+        say("interrupted")
+        keep = keep_logs
+        return 130
+    finally:
+        stack.stop()
+        if keep:
+            say(f"logs kept in {home}/logs")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+    footer = [*FOOTER, f"(whole run incl. starting and stopping the stack: {time.monotonic() - started:.0f}s)"]
+    print(render_metering(header=header(plan, machine), columns=columns, footer=footer), flush=True)
+    if hollow:
+        say("no request succeeded in some column (see 'failed requests' above and the logs); exit 1")
+        return 1
+    if strict and any(s.failed for c in columns for s in (c.off.stats, c.on.stats)):
+        say("--strict: some requests failed; exit 1")
+        return 1
+    return 0
