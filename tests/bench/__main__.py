@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         help="measured requests per concurrency level (overhead: default 4x concurrency, at least 16) or per column"
-        " and gateway (metering: default 32x concurrency, at least 800)",
+        " and gateway (metering: default 24x concurrency, at least 640)",
     )
     parser.add_argument(
         "--concurrency",

@@ -63,7 +63,7 @@ class MeteringPlan:
             return self.requests
         if self.quick:
             return max(64, 4 * concurrency)
-        return max(800, 32 * concurrency)
+        return max(640, 24 * concurrency)
 
     def round_sizes(self, concurrency: int) -> list[int]:
         """The column's requests split as evenly as possible into rounds (fewer rounds than requests)."""
