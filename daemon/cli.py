@@ -1,56 +1,31 @@
-"""`mac-provider-daemon`: serve this machine's model to the pool.
+"""`mac-provider-daemon`: serve this machine's model to the pool (and to its owner on 127.0.0.1).
 
-Configured from the environment (NATS_URL, MP_PROVIDER_ID, MP_MODEL_PATH,
-MP_MODEL_ID, MP_ENGINE, ...). `prepare-default-model` makes the default model's
-folder and prints its path.
+Configured from the environment and an optional config file of `KEY=value`
+lines (`--config` or MP_CONFIG): NATS_URL, MP_PROVIDER_ID, MP_MODEL_PATH,
+MP_MODEL_ID, MP_SLOTS, MP_MEMORY_BUDGET_GB, MP_IDLE_UNLOAD_S, ... (see README).
+`doctor` checks the machine and the configuration and says what to fix.
+`prepare-default-model` makes the default model's folder and prints its path.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
-import structlog
-
-from daemon.engine.base import Engine
 from daemon.logs import configure
-from daemon.provider import Provider
 from daemon.settings import DaemonSettings, SettingsError
-
-log = structlog.get_logger("daemon")
-
-
-def build_engine(settings: DaemonSettings) -> Engine:
-    if settings.engine == "synthetic":
-        from daemon.engine.synthetic import SyntheticEngine
-
-        return SyntheticEngine(settings.model_id)
-    from daemon.engine.mlx_engine import MlxEngine
-
-    assert settings.model_path is not None
-    return MlxEngine(settings.model_path, settings.model_id, queue_limit=settings.queue_limit)
-
-
-async def serve(settings: DaemonSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    engine = build_engine(settings)
-    await engine.start()
-    try:
-        await Provider(settings, engine).run(stop)
-    finally:
-        await engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mac-provider-daemon", description=__doc__)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="serve the configured model (default)")
+    serve = sub.add_parser("serve", help="serve the configured model (default)")
+    doctor = sub.add_parser("doctor", help="check this machine and the configuration")
+    for p in (serve, doctor):
+        p.add_argument("--config", type=Path, default=None, help="a file of KEY=value settings (MP_CONFIG)")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     prep = sub.add_parser("prepare-default-model", help="make the SmolLM2 model folder and print its path")
     prep.add_argument("--models-dir", type=Path, default=Path(".mp/models"))
     args = parser.parse_args(argv)
@@ -61,12 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_smollm2(args.models_dir))
         return 0
     try:
-        settings = DaemonSettings.from_env()
+        settings = DaemonSettings.from_env(config_file=getattr(args, "config", None))
     except SettingsError as exc:
         print(f"mac-provider-daemon: {exc}", file=sys.stderr)
         return 2
+    if args.command == "doctor":
+        from daemon.doctor import run_doctor
+
+        return run_doctor(settings, as_json=args.json)
     configure(json=settings.log_json, level=settings.log_level)
-    asyncio.run(serve(settings))
+    from daemon.runtime import serve as serve_daemon
+
+    asyncio.run(serve_daemon(settings))
     return 0
 
 

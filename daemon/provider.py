@@ -74,6 +74,9 @@ class Provider:
         await self.nc.subscribe(subjects.cancel(s.provider_id), cb=self._on_cancel)
         await self.nc.subscribe(subjects.PROBE, cb=self._on_probe)
         beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
+        add_listener = getattr(self.engine, "add_listener", None)
+        if add_listener is not None:
+            add_listener(self.engine_changed)
         log.info("provider_online", provider=s.provider_id, model=self.engine.model_id, nats=s.nats_url)
         try:
             await stop.wait()
@@ -105,22 +108,29 @@ class Provider:
     # ---- heartbeats ------------------------------------------------------------------
 
     def heartbeat(self) -> bus.Heartbeat:
-        e = self.engine
-        running = e.running()
+        c = self.engine.capacity()
         return bus.Heartbeat(
             provider_id=self.settings.provider_id,
             daemon_version=__version__,
             boot_id=self.boot_id,
-            models=[bus.ModelInfo(id=e.model_id, context_length=e.context_length)],
-            slots=e.slots,
-            slots_free=max(0, e.slots - running),
-            queue_depth=e.queued(),
-            queue_limit=getattr(e, "queue_limit", 0),
-            decode_tps=round(e.decode_tps(), 2),
+            models=c.models,
+            slots=c.slots,
+            # A worker that is restarting takes nothing: no free slot, no queue.
+            slots_free=max(0, c.slots - c.running) if c.accepting else 0,
+            queue_depth=c.queued,
+            queue_limit=c.queue_limit,
+            decode_tps=round(c.decode_tps, 2),
             interval_s=self.settings.heartbeat_s,
             sent_at_ms=int(time.time() * 1000),
             draining=self.draining,
+            worker=c.worker,
         )
+
+    def engine_changed(self) -> None:
+        """The worker crashed, restarted or unloaded: tell the pool now, not at the next beat."""
+        if self._nc is not None and not self._nc.is_closed:
+            task = asyncio.ensure_future(self._publish_heartbeat())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _publish_heartbeat(self) -> None:
         await self.nc.publish(subjects.heartbeat(self.settings.provider_id), bus.encode(self.heartbeat()))
@@ -168,7 +178,7 @@ class Provider:
         if self.draining:
             await replier.send(bus.Failed, code="provider_draining", message="provider is draining", retryable=True)
             return
-        if request.model != self.engine.model_id:
+        if not self.engine.serves(request.model):
             await replier.send(
                 bus.Failed, code="model_not_loaded", message=f"{request.model!r} is not loaded here", retryable=True
             )
@@ -183,7 +193,13 @@ class Provider:
                 if isinstance(event, Finished):
                     finished = event
                 else:
-                    await replier.send(bus.Delta, text=event.text, tokens=event.tokens)
+                    await replier.send(
+                        bus.Delta,
+                        text=event.text,
+                        tokens=event.tokens,
+                        tool_calls=list(event.tool_calls),
+                        logprobs=list(event.logprobs),
+                    )
             assert finished is not None
             await replier.send(
                 bus.Done,
@@ -202,12 +218,18 @@ class Provider:
                 finish=finished.finish_reason,
                 prompt_tokens=finished.prompt_tokens,
                 completion_tokens=finished.completion_tokens,
+                cached_tokens=finished.cached_tokens,
                 ttft_ms=round(finished.ttft_ms, 1),
                 generation_ms=round(finished.generation_ms, 1),
             )
         except EngineError as exc:
+            log.info("request_failed", request_id=request.request_id, code=exc.code, after_accept=replier.seq > 0)
             await replier.send(
-                bus.Failed, code=exc.code, message=exc.message, retryable=exc.retryable and replier.seq == 0
+                bus.Failed,
+                code=exc.code,
+                message=exc.message,
+                retryable=exc.retryable and replier.seq == 0,
+                param=exc.param,
             )
         except asyncio.CancelledError:
             cancel.cancel("daemon_stopping")

@@ -1,4 +1,10 @@
-"""Daemon settings, read once from the environment into a frozen object."""
+"""Daemon settings, read once from the environment (and an optional config file) into a frozen object.
+
+The config file (`MP_CONFIG`, or `serve --config`) holds `KEY=value` lines with
+the same names as the environment; the environment wins, so `brew services`
+can run the daemon from a file the owner edits while a shell can still
+override one setting for a try.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +27,32 @@ def _default_provider_id() -> str:
     return host[:64]
 
 
+def _default_slots() -> int:
+    # Metal decodes many sequences in one pass nearly for free; a CPU runs out of cores sooner.
+    return 8 if platform.system() == "Darwin" else 4
+
+
+def read_config_file(path: Path) -> dict[str, str]:
+    """`KEY=value` lines; blank lines and `#` comments are skipped, quotes around values removed."""
+    values: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from None
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"{path}:{number}: expected KEY=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key.strip()] = value
+    return values
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
     nats_url: str
@@ -31,27 +63,44 @@ class DaemonSettings:
     model_id: str
     queue_limit: int
     heartbeat_s: float
-    # Seconds a stopping daemon waits for in-flight requests before giving up on them.
+    # Seconds a stopping daemon waits for in-flight requests before giving up on them
+    # (launchd kills 20 s after SIGTERM; the default leaves room to leave the pool).
     drain_timeout_s: float
     log_json: bool
     log_level: str
+    # Local HTTP on 127.0.0.1 only; 0 turns the listener off.
+    admin_port: int = 11441
+    api_port: int = 11440
+    # Sequences decoded together in one batch (reported to the pool as slots).
+    slots: int = 4
+    # Stop the worker (returning its memory) after this long without requests; 0: never.
+    idle_unload_s: float = 600.0
+    # Memory the model may use: weights + KV cache + transients. None: a share of this Mac's RAM.
+    memory_budget_bytes: int | None = None
+    prompt_cache_entries: int = 16
+    prompt_cache_bytes: int = 1 << 30
+    # Prompt tokens processed per step: smaller interleaves long prompts with decoding sooner.
+    prefill_step: int = 512
+    worker_start_timeout_s: float = 120.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> DaemonSettings:
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] | None = None, *, config_file: Path | None = None) -> DaemonSettings:
+        env = dict(os.environ if env is None else env)
+        file_path = config_file or (Path(env["MP_CONFIG"]).expanduser() if env.get("MP_CONFIG") else None)
+        if file_path is not None:
+            env = {**read_config_file(file_path), **env}
         engine = env.get("MP_ENGINE", "mlx")
         if engine not in ("mlx", "synthetic"):
             raise SettingsError(f"MP_ENGINE must be 'mlx' or 'synthetic', got {engine!r}")
         raw_path = env.get("MP_MODEL_PATH")
         model_path = Path(raw_path).expanduser().resolve() if raw_path else None
-        if engine == "mlx" and model_path is None:
-            raise SettingsError("MP_MODEL_PATH must name an mlx-lm model folder")
         model_id = env.get("MP_MODEL_ID") or (model_path.name if model_path else "synthetic")
         provider_id = env.get("MP_PROVIDER_ID") or _default_provider_id()
         if not subjects.valid_token(provider_id):
             raise SettingsError(f"MP_PROVIDER_ID {provider_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
         try:
-            return cls(
+            budget_gb = env.get("MP_MEMORY_BUDGET_GB")
+            settings = cls(
                 nats_url=env.get("NATS_URL", "nats://127.0.0.1:4222"),
                 provider_id=provider_id,
                 engine=engine,
@@ -59,9 +108,25 @@ class DaemonSettings:
                 model_id=model_id,
                 queue_limit=int(env.get("MP_QUEUE_LIMIT", "16")),
                 heartbeat_s=float(env.get("MP_HEARTBEAT_S", "1.0")),
-                drain_timeout_s=float(env.get("MP_DRAIN_TIMEOUT_S", "20")),
+                drain_timeout_s=float(env.get("MP_DRAIN_TIMEOUT_S", "15")),
                 log_json=env.get("MP_LOG_FORMAT", "console") == "json",
                 log_level=env.get("MP_LOG_LEVEL", "info"),
+                admin_port=int(env.get("MP_ADMIN_PORT", "11441")),
+                api_port=int(env.get("MP_API_PORT", "11440")),
+                slots=int(env.get("MP_SLOTS") or _default_slots()),
+                idle_unload_s=float(env.get("MP_IDLE_UNLOAD_S", "600")),
+                memory_budget_bytes=int(float(budget_gb) * (1 << 30)) if budget_gb else None,
+                prompt_cache_entries=int(env.get("MP_PROMPT_CACHE_ENTRIES", "16")),
+                prompt_cache_bytes=int(float(env.get("MP_PROMPT_CACHE_GB", "1")) * (1 << 30)),
+                prefill_step=int(env.get("MP_PREFILL_STEP", "512")),
+                worker_start_timeout_s=float(env.get("MP_WORKER_START_TIMEOUT_S", "120")),
             )
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        for name, value in (("MP_SLOTS", settings.slots), ("MP_PREFILL_STEP", settings.prefill_step)):
+            if value < 1:
+                raise SettingsError(f"{name} must be at least 1, got {value}")
+        for name, port in (("MP_ADMIN_PORT", settings.admin_port), ("MP_API_PORT", settings.api_port)):
+            if not 0 <= port < 65536:
+                raise SettingsError(f"{name} must be a TCP port (0 turns it off), got {port}")
+        return settings

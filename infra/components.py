@@ -19,6 +19,7 @@ from subprocess import Popen
 
 from infra import procs
 from infra.blas import fast_blas_env
+from infra.ports import free_port
 
 
 @dataclass
@@ -78,6 +79,22 @@ def start_gateway(
     return child
 
 
+@dataclass
+class DaemonChild(Child):
+    """A provider daemon; its local admin and OpenAI-compatible APIs listen on 127.0.0.1."""
+
+    admin_port: int = 0
+    api_port: int = 0
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+
 def start_daemon(
     home: Path,
     *,
@@ -87,19 +104,26 @@ def start_daemon(
     model_path: Path | None = None,
     engine: str = "mlx",
     env: Mapping[str, str] | None = None,
-) -> Child:
+    admin_port: int | None = None,
+    api_port: int | None = None,
+) -> DaemonChild:
+    """Start a daemon; its local ports are free ones unless given (several daemons share one machine)."""
     log_path = home / "logs" / f"daemon-{provider_id}.log"
+    admin_port = free_port() if admin_port is None else admin_port
+    api_port = free_port() if api_port is None else api_port
     settings = {
         **fast_blas_env(),
         "NATS_URL": nats_url,
         "MP_PROVIDER_ID": provider_id,
         "MP_MODEL_ID": model_id,
         "MP_ENGINE": engine,
+        "MP_ADMIN_PORT": str(admin_port),
+        "MP_API_PORT": str(api_port),
         **({"MP_MODEL_PATH": str(model_path)} if model_path else {}),
         **(env or {}),
     }
     proc = procs.spawn([sys.executable, "-m", "daemon", "serve"], env=_env(settings), log_path=log_path)
-    return Child(f"daemon-{provider_id}", proc, log_path)
+    return DaemonChild(f"daemon-{provider_id}", proc, log_path, admin_port=admin_port, api_port=api_port)
 
 
 def get_json(url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 5.0) -> tuple[int, object]:

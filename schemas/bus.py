@@ -8,18 +8,30 @@ provider that went silent instead of truncating an answer without a word.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 T = TypeVar("T")
 
-FinishReason = Literal["stop", "length", "cancelled"]
+# "tool_calls": the model called tools (only when the request offered some).
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
-class BusMessage(msgspec.Struct, frozen=True, array_like=True):
+class ToolCall(msgspec.Struct, frozen=True, array_like=True):
+    id: str
+    name: str
+    # JSON text, as OpenAI sends it.
+    arguments: str
+
+
+class BusMessage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    # Trailing fields are omitted when unset, so older peers (role, content) still decode.
     role: str
     content: str
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    name: str | None = None
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -30,6 +42,16 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] = msgspec.field(default_factory=list)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    # Per-token log-probabilities; `top_logprobs` alternatives for each (0-20).
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # True when the buyer set max_tokens: a daemon whose memory budget cannot hold it
+    # refuses (context_over_budget) instead of silently generating less.
+    max_tokens_explicit: bool = False
 
 
 class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -39,6 +61,13 @@ class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     params: SamplingParams
     # Unix ms after which the gateway has given up; the daemon stops there too.
     deadline_ms: int = 0
+    # A legacy text completion: `prompt` is sent to the model as is (no chat template).
+    prompt: str | None = None
+    # OpenAI function tools (JSON objects as the buyer sent them) and tool_choice.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
 
 
 class Cancel(msgspec.Struct, frozen=True):
@@ -57,12 +86,25 @@ class Accepted(msgspec.Struct, frozen=True, tag="accepted"):
     queue_position: int = 0
 
 
-class Delta(msgspec.Struct, frozen=True, tag="delta"):
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token: str
+    logprob: float
+    # UTF-8 bytes of the token (it may be part of a character), as OpenAI reports them.
+    bytes: list[int] | None = None
+    # The most likely alternatives at this position: (token, logprob, bytes).
+    top: list[tuple[str, float, list[int] | None]] = msgspec.field(default_factory=list)
+
+
+class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     """New text. Never ends inside a multi-byte character or a possible stop sequence."""
 
     seq: int
     text: str
     tokens: int
+    # Complete tool calls parsed from the model's tool markup (never partial).
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    # One entry per generated token in this delta, when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = msgspec.field(default_factory=list)
 
 
 class Done(msgspec.Struct, frozen=True, tag="done"):
@@ -83,6 +125,8 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
     message: str
     # True when nothing was generated and another provider may take the request.
     retryable: bool = False
+    # The request field at fault, when the request itself was invalid (e.g. "max_tokens").
+    param: str | None = None
 
 
 Frame = Accepted | Delta | Done | Failed
@@ -94,6 +138,10 @@ Frame = Accepted | Delta | Done | Failed
 class ModelInfo(msgspec.Struct, frozen=True):
     id: str
     context_length: int = 0
+    # False while the daemon's worker is unloaded for idleness: it reloads on the next request.
+    loaded: bool = True
+    # Longest prompt + max_tokens this daemon's memory budget admits (0: not reported).
+    max_safe_context: int = 0
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -110,6 +158,9 @@ class Heartbeat(msgspec.Struct, frozen=True):
     interval_s: float
     sent_at_ms: int
     draining: bool = False
+    # The inference worker: "healthy", "starting", "restarting" (crashed, coming back) or "idle"
+    # (unloaded, reloads on demand). While it restarts the daemon reports no room.
+    worker: str = "healthy"
 
 
 class Leave(msgspec.Struct, frozen=True):

@@ -1,9 +1,10 @@
-"""The small interface between the daemon's bus handling and an inference engine."""
+"""The small interface between the daemon's front ends (NATS, local API) and an inference engine."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -11,13 +12,20 @@ from schemas import bus
 
 
 class EngineError(Exception):
-    """A request the engine cannot run. `code` goes back to the gateway."""
+    """A request the engine cannot run. `code` goes back to the gateway; `param` names a bad field."""
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, code: str, message: str, *, retryable: bool = False, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.param = param
+
+
+# Codes meaning "the request itself is wrong" (HTTP 400 on the local API), not "this provider failed".
+INVALID_REQUEST_CODES = frozenset(
+    {"invalid_value", "invalid_messages", "context_length_exceeded", "context_over_budget", "unsupported_value"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +34,16 @@ class Prepared:
 
     request: bus.InferenceRequest
     prompt_tokens: list[int]
+    # Generation limit after clipping to the context and memory budget (0: use request.params.max_tokens).
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class TextChunk:
     text: str
     tokens: int
+    tool_calls: tuple[bus.ToolCall, ...] = ()
+    logprobs: tuple[bus.TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,24 +62,59 @@ Event = TextChunk | Finished
 
 @dataclass
 class CancelToken:
-    """Set by the bus side; checked by the engine between tokens."""
+    """Set by a front end (bus cancel, client hang-up); the engine stops at the next token."""
 
     event: threading.Event = field(default_factory=threading.Event)
     reason: str = ""
+    _callbacks: list[Callable[[], None]] = field(default_factory=list)
 
     def cancel(self, reason: str) -> None:
+        if self.event.is_set():
+            return
         self.reason = reason
         self.event.set()
+        for callback in self._callbacks:
+            with contextlib.suppress(Exception):
+                callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when cancelled (at once if already cancelled)."""
+        if self.event.is_set():
+            callback()
+        else:
+            self._callbacks.append(callback)
 
     @property
     def cancelled(self) -> bool:
         return self.event.is_set()
 
 
-class Engine(Protocol):
-    model_id: str
-    context_length: int
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What a heartbeat says about the engine right now."""
+
+    models: list[bus.ModelInfo]
     slots: int
+    running: int
+    queued: int
+    queue_limit: int
+    decode_tps: float
+    worker: str = "healthy"
+    # False while the engine cannot take work (worker restarting after a crash).
+    accepting: bool = True
+
+
+class Engine(Protocol):
+    @property
+    def model_id(self) -> str:
+        """The loaded model's id ("" when none is loaded)."""
+        ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def slots(self) -> int: ...
 
     async def start(self) -> None:
         """Load the model (may take seconds) and warm up."""
@@ -79,7 +126,7 @@ class Engine(Protocol):
         ...
 
     def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:
-        """Text chunks then exactly one Finished, unless cancelled or failed (raises)."""
+        """Text chunks then exactly one Finished, unless failed (raises EngineError)."""
         ...
 
     def running(self) -> int: ...
@@ -87,3 +134,7 @@ class Engine(Protocol):
     def queued(self) -> int: ...
 
     def decode_tps(self) -> float: ...
+
+    def capacity(self) -> Capacity: ...
+
+    def serves(self, model: str) -> bool: ...

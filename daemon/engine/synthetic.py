@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from daemon.engine.base import CancelToken, EngineError, Event, Finished, Prepared, TextChunk
+from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared, TextChunk
 from schemas import bus
 
 WORDS = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".")
@@ -46,6 +46,19 @@ class SyntheticEngine:
 
     def decode_tps(self) -> float:
         return self._tps
+
+    def serves(self, model: str) -> bool:
+        return model == self.model_id
+
+    def capacity(self) -> Capacity:
+        return Capacity(
+            models=[bus.ModelInfo(id=self.model_id, context_length=self.context_length)],
+            slots=self.slots,
+            running=self._running,
+            queued=0,
+            queue_limit=0,
+            decode_tps=self._tps,
+        )
 
     async def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:
         self._running += 1

@@ -1,0 +1,1 @@
+"""The local admin API."""

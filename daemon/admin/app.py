@@ -1,0 +1,219 @@
+"""The local admin API (127.0.0.1): health, status, load, unload, fit (seeds 001 and 002).
+
+Errors are `{"detail": "..."}` as seed 001 specifies for this API.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+
+from daemon import __version__
+from daemon.engine import fit
+from daemon.engine.base import EngineError
+
+if TYPE_CHECKING:
+    from daemon.engine.worker_engine import WorkerEngine
+    from daemon.runtime import Daemon
+
+GB = 1 << 30
+
+# The worker states seed 001 names, from the supervisor's finer ones.
+_HEALTH_STATUS = {
+    "healthy": "healthy",
+    "no_worker": "no_worker",
+    "idle": "no_worker",
+    "starting": "starting",
+    "restarting": "dead",
+    "dead": "dead",
+    "stopping": "no_worker",
+}
+
+
+def _detail(status: int, message: str) -> Response[dict[str, str]]:
+    return Response({"detail": message}, status_code=status)
+
+
+def _worker_engine(daemon: Daemon) -> WorkerEngine | None:
+    from daemon.engine.worker_engine import WorkerEngine
+
+    return daemon.engine if isinstance(daemon.engine, WorkerEngine) else None
+
+
+def _machine_type(ram_bytes: int) -> str:
+    gb = ram_bytes / GB
+    return "high-memory" if gb >= 64 else "standard" if gb >= 16 else "low-memory"
+
+
+def _gb(n: int) -> float:
+    return round(n / GB, 3)
+
+
+def create_admin_app(daemon: Daemon) -> Litestar:
+    @get("/admin/health")
+    async def health() -> Response[dict[str, Any]]:
+        engine = _worker_engine(daemon)
+        if engine is None:
+            worker_status = "healthy"
+        else:
+            worker_status = _HEALTH_STATUS.get(engine.supervisor.state, engine.supervisor.state)
+            if worker_status == "healthy" and await engine.supervisor.ping(timeout=5.0) is None:
+                # Alive but not answering: as good as dead for a buyer.
+                worker_status = "dead"
+        body = {"status": "draining" if daemon.draining else "healthy", "worker_status": worker_status}
+        return Response({**body, "version": __version__})
+
+    @get("/admin/status")
+    async def status() -> dict[str, Any]:
+        s = daemon.settings
+        engine = daemon.engine
+        body: dict[str, Any] = {
+            "status": "draining" if daemon.draining else "running",
+            "version": __version__,
+            "uptime_s": round(time.time() - daemon.started_at, 1),
+            "ports": {"main": daemon.listening.get("api"), "admin": daemon.listening.get("admin")},
+            "pool": {
+                "provider_id": s.provider_id,
+                "nats_url": s.nats_url,
+                "connected": daemon.pool_connected(),
+                "draining": daemon.draining,
+                "served": daemon.provider.served,
+            },
+            "requests": {
+                "in_flight": engine.running() + engine.queued(),
+                "running": engine.running(),
+                "queued": engine.queued(),
+            },
+            "config": {
+                "machine_type": _machine_type(daemon.machine.ram_bytes),
+                "chip": daemon.machine.chip,
+                "total_ram_gb": _gb(daemon.machine.ram_bytes),
+                "idle_timeout_seconds": s.idle_unload_s,
+                "slots": engine.slots,
+                "queue_limit": s.queue_limit,
+                "engine": s.engine,
+            },
+        }
+        w = _worker_engine(daemon)
+        if w is None:
+            body["model"] = {"loaded": True, "name": engine.model_id, "memory_gb": 0.0}
+            body["worker"] = {"healthy": True, "status": "healthy"}
+            return body
+        sup = w.supervisor
+        stats = await sup.ping(timeout=2.0)
+        model = w.model
+        info = sup.info
+        rss = sup.rss()
+        body["model"] = {
+            "loaded": model is not None and sup.state == "healthy",
+            "name": model.model_id if model else None,
+            "path": str(model.path) if model else None,
+            # Unloaded for idleness: the next request reloads it.
+            "idle_unloaded": model is not None and sup.state == "idle",
+            "memory_gb": _gb(stats.memory_active if stats and stats.memory_active else rss),
+            "weights_gb": _gb(info.weights_bytes) if info and model else None,
+        }
+        body["worker"] = {
+            "healthy": sup.state == "healthy" and stats is not None,
+            "status": _HEALTH_STATUS.get(sup.state, sup.state),
+            "state": sup.state,
+            "pid": sup.pid,
+            "rss_bytes": rss,
+            "restarts": sup.restarts,
+            "last_crash": sup.last_crash,
+            "idle_for_s": round(time.monotonic() - sup.last_active, 1),
+        }
+        adm = w.admission()
+        body["config"]["memory_budget_bytes"] = w.memory_budget_bytes
+        body["admission"] = (
+            {
+                "max_safe_context": adm.max_safe_context,
+                "memory_budget_bytes": adm.budget_bytes,
+                "usable_bytes": adm.usable_bytes,
+                "weights_bytes": adm.weights_bytes,
+                "kv_bytes_per_token": adm.kv_bytes_per_token,
+            }
+            if adm
+            else None
+        )
+        body["batch"] = {
+            "slots": w.slots,
+            "active_rows": stats.active if stats else 0,
+            "waiting": stats.waiting if stats else 0,
+            "decode_tps": round(w.decode_tps(), 2),
+        }
+        body["prompt_cache"] = (
+            {
+                "entries": stats.prompt_cache_entries,
+                "bytes": stats.prompt_cache_bytes,
+                "max_bytes": w.config.cache_bytes,
+                "hits": stats.prompt_cache_hits,
+                "misses": stats.prompt_cache_misses,
+            }
+            if stats
+            else None
+        )
+        return body
+
+    @post("/admin/load", status_code=200)
+    async def load(model_path: str) -> Response[dict[str, Any]]:
+        w = _worker_engine(daemon)
+        if w is None:
+            return _detail(400, "The synthetic engine has no model to load")
+        started = time.monotonic()
+        try:
+            await w.load(Path(model_path))
+        except EngineError as exc:
+            return _detail(500, f"Load failed: {exc.message}")
+        model = w.model
+        assert model is not None
+        stats = await w.supervisor.ping(timeout=5.0)
+        memory = stats.memory_active if stats and stats.memory_active else w.supervisor.rss()
+        return Response(
+            {
+                "status": "success",
+                "model_name": model.model_id,
+                "memory_gb": _gb(memory),
+                "load_time": round(time.monotonic() - started, 3),
+            }
+        )
+
+    @post("/admin/unload", status_code=200)
+    async def unload() -> Response[dict[str, Any]]:
+        w = _worker_engine(daemon)
+        if w is None or w.model is None:
+            return _detail(400, "No model loaded")
+        started = time.monotonic()
+        model_id, freed = await w.unload()
+        return Response(
+            {
+                "status": "success",
+                "model_name": model_id,
+                "memory_freed_gb": _gb(freed),
+                "unload_time": round(time.monotonic() - started, 3),
+            }
+        )
+
+    @get("/admin/fit")
+    async def fit_report() -> Response[dict[str, Any]]:
+        w = _worker_engine(daemon)
+        if w is None or w.model is None:
+            return _detail(400, "No model loaded")
+        info = w.supervisor.info
+        measured = info.kv_bytes_per_token if info and info.kv_bytes_per_token else None
+        report = fit.assess(w.model.footprint, daemon.machine, w.memory_budget_bytes, kv_bytes_per_token=measured)
+        return Response({"model": w.model.model_id, **report, "measured_decode_tps": w.decode_tps() or None})
+
+    def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
+        return _detail(exc.status_code, str(exc.detail))
+
+    return Litestar(
+        route_handlers=[health, status, load, unload, fit_report],
+        exception_handlers={HTTPException: on_http_error},
+        openapi_config=None,
+        logging_config=None,
+    )

@@ -1,0 +1,184 @@
+"""Generated tokens to what a client may see: text, tool calls, log-probabilities.
+
+Per request, in order: a streaming detokenizer (never splits a UTF-8
+character), the tool-call markup of the model's family (withheld from the text
+and parsed with mlx-lm's tool parser for that family, while content before it
+still streams live), then the stop strings (text that could begin one is held
+back until it is clear).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_lm.generate import TextStateMachine
+from mlx_lm.tokenizer_utils import _byte_decoder
+
+from daemon.engine.base import TextChunk
+from daemon.engine.text import StopFilter
+from daemon.worker.protocol import Token
+from schemas import bus
+
+
+class TokenText:
+    """Token ids to the text and raw bytes OpenAI's logprobs report for them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._map: list[Any] | None = getattr(tokenizer.detokenizer, "tokenmap", None)
+
+    def bytes_of(self, token: int) -> bytes:
+        tokenmap = self._map
+        if tokenmap is not None and 0 <= token < len(tokenmap):
+            piece = tokenmap[token]
+            if isinstance(piece, bytes):
+                return piece
+            decoder = _byte_decoder()
+            out = bytearray()
+            for ch in piece:
+                b = decoder.get(ch)
+                if b is None:
+                    out.extend(ch.encode("utf-8"))
+                else:
+                    out.append(b)
+            return bytes(out)
+        return str(self._tokenizer.decode([token])).encode("utf-8")
+
+    def logprob(self, token: int, logprob: float, top: list[tuple[int, float]] | None) -> bus.TokenLogprob:
+        raw = self.bytes_of(token)
+        alternatives: list[tuple[str, float, list[int] | None]] = []
+        for tid, lp in top or []:
+            b = self.bytes_of(tid)
+            alternatives.append((b.decode("utf-8", "replace"), lp, list(b)))
+        return bus.TokenLogprob(
+            token=raw.decode("utf-8", "replace"), logprob=logprob, bytes=list(raw), top=alternatives
+        )
+
+
+@dataclass
+class _Tools:
+    start: str
+    end: str
+    parser: Any
+    tools: list[dict[str, Any]]
+    machine: TextStateMachine
+    state: Any = None
+    text: str = ""
+    calls: list[bus.ToolCall] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state = self.machine.make_state("normal")
+
+    def split(self, text: str, *, final: bool) -> tuple[str, list[bus.ToolCall]]:
+        """Content outside the markup, and the tool calls completed by this text."""
+        self.state, segments = TextStateMachine.split(self.state, text)
+        if final:
+            self.state, flushed, current = TextStateMachine.flush(self.state)
+            segments.append((current, flushed))
+        content: list[str] = []
+        done: list[bus.ToolCall] = []
+        for state, piece in segments:
+            if state == "tool":
+                self.text += piece
+            else:
+                if self.text:
+                    content.append(self._complete(done))
+                content.append(piece)
+        if final and self.text:
+            # Markup the model never closed (e.g. it ran out of tokens): parse what there is.
+            content.append(self._complete(done))
+        return "".join(content), done
+
+    def _complete(self, done: list[bus.ToolCall]) -> str:
+        """Parse the collected markup into calls; markup that does not parse stays plain content."""
+        text, self.text = self.text, ""
+        try:
+            parsed = self.parser(text, self.tools)
+        except Exception:
+            return self.start + text + self.end
+        for call in parsed if isinstance(parsed, list) else [parsed]:
+            if not isinstance(call, dict) or "name" not in call:
+                return self.start + text + self.end
+            arguments = call.get("arguments", {})
+            done.append(
+                bus.ToolCall(
+                    id=str(call.get("id") or f"call_{secrets.token_hex(12)}"),
+                    name=str(call["name"]),
+                    arguments=arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False),
+                )
+            )
+        self.calls.extend(done)
+        return ""
+
+
+class Output:
+    """One request's tokens in, TextChunks out (None while everything is held back)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        stops: list[str],
+        tools: list[dict[str, Any]] | None,
+        token_text: TokenText | None,
+    ) -> None:
+        self._detokenizer = tokenizer.detokenizer
+        self._stops = StopFilter(stops)
+        self._token_text = token_text
+        self._tools: _Tools | None = None
+        if tools and getattr(tokenizer, "has_tool_calling", False) and tokenizer.tool_parser is not None:
+            start, end = tokenizer.tool_call_start, tokenizer.tool_call_end
+            transitions = {"normal": [(start, "tool")], "tool": [(end, "normal")] if end else []}
+            self._tools = _Tools(start, end or "", tokenizer.tool_parser, tools, TextStateMachine(transitions))
+        self.completion_tokens = 0
+        self._unsent_tokens = 0
+        self._unsent_logprobs: list[bus.TokenLogprob] = []
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string matched: generation must end now."""
+        return self._stops.stopped
+
+    @property
+    def called_tools(self) -> bool:
+        return bool(self._tools and self._tools.calls)
+
+    def feed(self, token: Token) -> TextChunk | None:
+        if token.finish == "stop":
+            # An end-of-sequence token: it ends the text but is not part of it.
+            self._detokenizer.finalize()
+        else:
+            self.completion_tokens += 1
+            self._unsent_tokens += 1
+            self._detokenizer.add_token(token.token)
+            if token.finish is not None:
+                self._detokenizer.finalize()
+            if self._token_text is not None and token.logprob is not None:
+                self._unsent_logprobs.append(self._token_text.logprob(token.token, token.logprob, token.top))
+        return self._route(self._detokenizer.last_segment, final=token.finish is not None)
+
+    def cut(self) -> TextChunk | None:
+        """Generation was stopped before a finish token: send what was counted, not held text."""
+        return self._chunk("", [])
+
+    def _route(self, text: str, *, final: bool) -> TextChunk | None:
+        calls: list[bus.ToolCall] = []
+        if self._tools is not None:
+            text, calls = self._tools.split(text, final=final)
+        visible = self._stops.feed(text)
+        if final or self._stops.stopped:
+            visible += self._stops.flush()
+        if visible or calls or final or self._stops.stopped:
+            return self._chunk(visible, calls)
+        return None
+
+    def _chunk(self, text: str, calls: list[bus.ToolCall]) -> TextChunk | None:
+        if not (text or calls or self._unsent_tokens):
+            return None
+        chunk = TextChunk(text, self._unsent_tokens, tuple(calls), tuple(self._unsent_logprobs))
+        self._unsent_tokens = 0
+        self._unsent_logprobs = []
+        return chunk

@@ -1,0 +1,95 @@
+"""From a request to prompt tokens: the model's chat template, tools, template kwargs.
+
+Runs in the daemon process (the tokenizer is small), so a request is checked
+and counted before it reaches the worker, even while the worker is reloading.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from daemon.engine.base import EngineError
+from schemas import bus
+
+_ROLE_FOR_TEMPLATE = {"developer": "system"}
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+
+def _arguments(text: str) -> Any:
+    # Chat templates expect a mapping (transformers' convention); keep text that is not JSON as is.
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def template_messages(messages: list[bus.BusMessage]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        item: dict[str, Any] = {"role": _ROLE_FOR_TEMPLATE.get(m.role, m.role), "content": m.content}
+        if m.tool_calls:
+            item["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            item["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            item["name"] = m.name
+        out.append(item)
+    return out
+
+
+def tools_offered(request: bus.InferenceRequest) -> list[dict[str, Any]] | None:
+    """The tools the model may call, after tool_choice ("none" hides them; a named function keeps only it)."""
+    tools = request.tools or None
+    choice = request.tool_choice
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        chosen = [t for t in tools if (t.get("function") or {}).get("name") == name]
+        if not chosen:
+            raise EngineError(
+                "invalid_value", f"tool_choice names {name!r}, which is not in tools", param="tool_choice"
+            )
+        return chosen
+    if choice not in (None, "auto", "required"):
+        raise EngineError("invalid_value", f"tool_choice {choice!r} is not none, auto or required", param="tool_choice")
+    return list(tools)
+
+
+def encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
+    """Prompt tokens for a chat or text completion request."""
+    if request.prompt is not None:
+        return list(tokenizer.encode(request.prompt))
+    if not request.messages:
+        raise EngineError("invalid_messages", "messages must not be empty", param="messages")
+    kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+    effort = request.reasoning_effort
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise EngineError(
+                "invalid_value",
+                f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}",
+                param="reasoning_effort",
+            )
+        # On models that think, the effort gates the thinking channel; others ignore it.
+        kwargs["enable_thinking"] = effort != "none"
+    tools = tools_offered(request)
+    messages = template_messages(request.messages)
+    if not getattr(tokenizer, "has_chat_template", True):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return list(tokenizer.encode(text))
+    try:
+        tokens = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, tools=tools, **kwargs
+        )
+    except Exception as exc:
+        raise EngineError(
+            "invalid_messages", f"the model's chat template rejected the messages: {exc}", param="messages"
+        ) from None
+    if isinstance(tokens, dict):  # some tokenizers return a BatchEncoding
+        tokens = tokens["input_ids"]
+    return list(tokens)

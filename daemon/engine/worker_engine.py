@@ -1,0 +1,363 @@
+"""The mlx-lm engine: requests are checked and tokenized here, generated in the worker process.
+
+The daemon process holds the tokenizer (small) and everything about a request
+that is text: chat template, validation, memory admission, detokenization,
+stop strings, tool calls. The worker (daemon/worker) holds the model, the batch
+and the prompt cache. The NATS side and the local API both call this one
+object, so their requests share the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.engine import fit, prompt
+from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared
+from daemon.engine.output import Output, TokenText
+from daemon.engine.sampling import GenerationDefaults, resolve
+from daemon.worker import protocol as p
+from daemon.worker.supervisor import Supervisor, WorkerConfig, WorkerLost, WorkerStartError
+from schemas import bus
+
+log = structlog.get_logger("daemon.engine")
+
+# What heartbeats call the supervisor's states.
+_WORKER_STATE = {
+    "healthy": "healthy",
+    "starting": "starting",
+    "idle": "idle",
+    "restarting": "restarting",
+    "dead": "restarting",
+    "no_worker": "none",
+    "stopping": "stopping",
+}
+
+
+class _CancelledWake:
+    """Put in a request's queue by its cancel token, to wake the waiting generator."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model_id: str
+    path: Path
+    tokenizer: Any
+    token_text: TokenText
+    defaults: GenerationDefaults
+    footprint: fit.Footprint
+    vocab_size: int
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    return load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
+
+
+def _vocab_size(path: Path, tokenizer: Any) -> int:
+    try:
+        config = json.loads((path / "config.json").read_text())
+        config = {**config, **(config.get("text_config") or {})}
+        return int(config.get("vocab_size") or len(tokenizer))
+    except (OSError, ValueError):
+        return len(tokenizer)
+
+
+class WorkerEngine:
+    def __init__(
+        self,
+        *,
+        config: WorkerConfig,
+        queue_limit: int,
+        memory_budget_bytes: int,
+        default_model_id: tuple[Path, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.queue_limit = queue_limit
+        self.memory_budget_bytes = memory_budget_bytes
+        self._default = default_model_id
+        self._model: LoadedModel | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self.supervisor = Supervisor(config, on_change=self._changed)
+        self._tps = 0.0
+        self.served = 0
+
+    # ---- identity and capacity ---------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    @property
+    def model_id(self) -> str:
+        return self._model.model_id if self._model else ""
+
+    @property
+    def context_length(self) -> int:
+        return self._model.footprint.context_length if self._model else 0
+
+    @property
+    def slots(self) -> int:
+        return self.config.slots
+
+    def serves(self, model: str) -> bool:
+        return self._model is not None and model == self._model.model_id
+
+    def admission(self) -> fit.Admission | None:
+        m = self._model
+        if m is None:
+            return None
+        info = self.supervisor.info
+        measured = info.kv_bytes_per_token if info is not None and info.kv_bytes_per_token > 0 else None
+        return fit.admission(m.footprint, self.memory_budget_bytes, kv_bytes_per_token=measured)
+
+    def running(self) -> int:
+        return min(self.supervisor.in_flight, self.slots)
+
+    def queued(self) -> int:
+        return max(0, self.supervisor.in_flight - self.slots)
+
+    def decode_tps(self) -> float:
+        return self._tps
+
+    def worker_state(self) -> str:
+        return _WORKER_STATE.get(self.supervisor.state, self.supervisor.state)
+
+    def accepting(self) -> bool:
+        return self._model is not None and self.supervisor.state in ("healthy", "idle", "starting")
+
+    def capacity(self) -> Capacity:
+        m = self._model
+        accepting = self.accepting()
+        models = []
+        if m is not None:
+            adm = self.admission()
+            models.append(
+                bus.ModelInfo(
+                    id=m.model_id,
+                    context_length=m.footprint.context_length,
+                    loaded=self.supervisor.state == "healthy",
+                    max_safe_context=adm.max_safe_context if adm else 0,
+                )
+            )
+        return Capacity(
+            models=models,
+            slots=self.slots,
+            running=self.running(),
+            # Not accepting (the worker is restarting): no free slot and no queue, so gateways route elsewhere.
+            queued=self.queued(),
+            queue_limit=self.queue_limit if accepting else 0,
+            decode_tps=round(self._tps, 2),
+            worker=self.worker_state(),
+            accepting=accepting,
+        )
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Called whenever the worker's state changes (the daemon heartbeats at once)."""
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._default is not None:
+            path, model_id = self._default
+            await self.load(path, model_id)
+
+    def _read_model(self, path: Path, model_id: str | None) -> LoadedModel:
+        """Everything the daemon side needs from a model folder (blocking: run in a thread)."""
+        path = path.expanduser().resolve()
+        if not (path / "config.json").exists():
+            raise EngineError("model_not_found", f"{path} is not an mlx-lm model folder (no config.json)")
+        if model_id is None:
+            model_id = self._default[1] if self._default and self._default[0] == path else path.name
+        tokenizer = _load_tokenizer(path)
+        return LoadedModel(
+            model_id=model_id,
+            path=path,
+            tokenizer=tokenizer,
+            token_text=TokenText(tokenizer),
+            defaults=GenerationDefaults.from_model_dir(path),
+            footprint=fit.footprint(path),
+            vocab_size=_vocab_size(path, tokenizer),
+        )
+
+    async def load(self, path: Path, model_id: str | None = None) -> p.Ready:
+        """Load `path` (replacing the current model): tokenizer here, weights in a new worker."""
+        loaded = await asyncio.to_thread(self._read_model, path, model_id)
+        path = loaded.path
+        try:
+            info = await self.supervisor.load(path)
+        except WorkerStartError as exc:
+            self._model = None
+            self._changed()
+            raise EngineError("load_failed", str(exc)) from None
+        self._model = loaded
+        self._changed()
+        log.info("model_loaded", model=loaded.model_id, path=str(path), seconds=info.load_s)
+        return info
+
+    async def unload(self) -> tuple[str, int]:
+        """Stop the worker and forget the model: (model id, resident bytes freed)."""
+        model_id = self.model_id
+        self._model = None
+        freed = await self.supervisor.unload()
+        self._changed()
+        return model_id, freed
+
+    async def close(self) -> None:
+        await self.supervisor.close()
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def prepare(self, request: bus.InferenceRequest) -> Prepared:
+        m = self._model
+        if m is None or request.model != m.model_id:
+            raise EngineError("model_not_loaded", f"{request.model!r} is not loaded here", retryable=True)
+        if not self.accepting():
+            raise EngineError("worker_restarting", "the provider's inference worker is restarting", retryable=True)
+        if self.supervisor.in_flight >= self.slots + self.queue_limit:
+            raise EngineError("provider_busy", "the provider's queue is full", retryable=True)
+        resolve(request.params, m.defaults, vocab_size=m.vocab_size)
+        tokens = prompt.encode(m.tokenizer, request)
+        n = len(tokens)
+        if n == 0:
+            raise EngineError("invalid_value", "the prompt is empty", param="prompt")
+        context = m.footprint.context_length
+        if n >= context:
+            raise EngineError(
+                "context_length_exceeded",
+                f"the prompt has {n} tokens; this model's context is {context}",
+                param="messages",
+            )
+        adm = self.admission()
+        assert adm is not None
+        limit = request.params.max_tokens
+        if n >= adm.max_safe_context or (request.params.max_tokens_explicit and n + limit > adm.max_safe_context):
+            raise EngineError(
+                "context_over_budget",
+                f"prompt ({n} tokens) + max_tokens ({limit}) exceeds this provider's memory budget: "
+                f"at most {adm.max_safe_context} tokens fit. Lower max_tokens or shorten the prompt.",
+                param="max_tokens",
+            )
+        return Prepared(request=request, prompt_tokens=tokens, max_tokens=min(limit, adm.max_safe_context - n))
+
+    async def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:
+        m = self._model
+        request = prepared.request
+        if m is None or request.model != m.model_id:
+            raise EngineError("model_not_loaded", f"{request.model!r} is not loaded here", retryable=True)
+        enqueued = time.monotonic()
+        try:
+            await self.supervisor.ensure()
+        except WorkerStartError as exc:
+            raise EngineError("worker_unavailable", str(exc), retryable=True) from None
+        if self._model is not m:
+            raise EngineError("model_not_loaded", f"{request.model!r} was unloaded", retryable=True)
+        sampling = resolve(request.params, m.defaults, vocab_size=m.vocab_size)
+        job = p.Generate(
+            id=request.request_id,
+            prompt=prepared.prompt_tokens,
+            max_tokens=prepared.max_tokens or request.params.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            seed=sampling.seed,
+            repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logit_bias=sampling.logit_bias,
+            logprobs=sampling.logprobs,
+        )
+        try:
+            queue = self.supervisor.submit(job)
+        except WorkerStartError as exc:
+            raise EngineError("worker_unavailable", str(exc), retryable=True) from None
+        loop = asyncio.get_running_loop()
+        wake = _CancelledWake()
+        # The token may be cancelled from another thread (or from this loop): hop onto the loop.
+        cancel.on_cancel(lambda: loop.call_soon_threadsafe(queue.put_nowait, wake))  # type: ignore[arg-type]
+        timer = None
+        if request.deadline_ms:
+            remaining = request.deadline_ms / 1000 - time.time()
+            timer = loop.call_later(max(0.0, remaining), cancel.cancel, "deadline")
+        output = Output(
+            m.tokenizer,
+            stops=request.params.stop,
+            tools=prompt.tools_offered(request),
+            token_text=m.token_text if sampling.logprobs >= 0 else None,
+        )
+        started_at: float | None = None
+        first_at: float | None = None
+        cached = 0
+        finish: bus.FinishReason | None = None
+        in_worker = True
+        try:
+            while finish is None:
+                item = await queue.get()
+                if isinstance(item, _CancelledWake):
+                    finish = "cancelled"
+                elif isinstance(item, WorkerLost):
+                    in_worker = False
+                    raise EngineError("worker_crashed", f"the inference worker stopped: {item.reason}", retryable=True)
+                elif isinstance(item, p.Started):
+                    started_at = time.monotonic()
+                    cached = item.cached_tokens
+                elif isinstance(item, p.Ended):
+                    in_worker = False
+                    if item.reason != "cancelled":
+                        raise EngineError("engine_error", f"generation failed: {item.message}")
+                    finish = "cancelled"
+                else:
+                    if first_at is None:
+                        first_at = time.monotonic()
+                    chunk = output.feed(item)
+                    if chunk is not None:
+                        yield chunk
+                    if item.finish is not None:
+                        in_worker = False
+                    if output.stopped:
+                        finish = "stop"
+                    elif item.finish == "length":
+                        finish = "length"
+                    elif item.finish == "stop":
+                        finish = "tool_calls" if output.called_tools else "stop"
+            if finish == "cancelled":
+                tail = output.cut()
+                if tail is not None:
+                    yield tail
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if in_worker:
+                # Stop string, cancel or a consumer that went away: leave the batch now.
+                self.supervisor.cancel(request.request_id)
+            self.supervisor.release(request.request_id)
+        ended = time.monotonic()
+        started = started_at or enqueued
+        first = first_at or ended
+        if output.completion_tokens > 1 and ended > first:
+            rate = (output.completion_tokens - 1) / (ended - first)
+            self._tps = rate if self._tps == 0 else 0.8 * self._tps + 0.2 * rate
+        self.served += 1
+        yield Finished(
+            finish_reason=finish,
+            prompt_tokens=len(prepared.prompt_tokens),
+            completion_tokens=output.completion_tokens,
+            cached_tokens=cached,
+            queue_ms=(started - enqueued) * 1000,
+            ttft_ms=(first - started) * 1000,
+            generation_ms=(ended - started) * 1000,
+        )

@@ -1,0 +1,111 @@
+"""The daemon process: engine, pool connection and local HTTP, started and stopped in order.
+
+On SIGTERM (launchd, systemd, `brew services stop`) it stops taking work, lets
+in-flight requests finish for up to `drain_timeout_s` (then fails the rest
+cleanly), leaves the pool, stops the worker and exits, all before launchd's
+20 s kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from daemon.engine.base import Engine
+from daemon.http import LocalServer
+from daemon.machine import Machine, detect
+from daemon.provider import Provider
+from daemon.settings import DaemonSettings
+
+log = structlog.get_logger("daemon")
+
+
+def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
+    if settings.engine == "synthetic":
+        from daemon.engine.synthetic import SyntheticEngine
+
+        return SyntheticEngine(settings.model_id)
+    from daemon.engine.fit import default_budget
+    from daemon.engine.worker_engine import WorkerEngine
+    from daemon.worker.supervisor import WorkerConfig
+
+    config = WorkerConfig(
+        slots=settings.slots,
+        prefill_step=settings.prefill_step,
+        cache_entries=settings.prompt_cache_entries,
+        cache_bytes=settings.prompt_cache_bytes,
+        start_timeout_s=settings.worker_start_timeout_s,
+        idle_unload_s=settings.idle_unload_s,
+    )
+    return WorkerEngine(
+        config=config,
+        queue_limit=settings.queue_limit,
+        memory_budget_bytes=settings.memory_budget_bytes or default_budget(machine.ram_bytes),
+        default_model_id=(settings.model_path, settings.model_id) if settings.model_path else None,
+    )
+
+
+@dataclass
+class Daemon:
+    settings: DaemonSettings
+    engine: Engine
+    machine: Machine
+    provider: Provider
+    started_at: float = field(default_factory=time.time)
+    listening: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def draining(self) -> bool:
+        return self.provider.draining
+
+    def pool_connected(self) -> bool:
+        nc = self.provider._nc
+        return nc is not None and nc.is_connected
+
+
+async def _wait_idle(engine: Engine, timeout: float) -> None:  # noqa: ASYNC109 - bounded drain
+    deadline = time.monotonic() + timeout
+    while engine.running() + engine.queued() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls counts
+        await asyncio.sleep(0.05)
+
+
+async def serve(settings: DaemonSettings) -> None:
+    from daemon.admin.app import create_admin_app
+    from daemon.api.app import create_api_app
+    from daemon.engine.base import EngineError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    machine = detect()
+    engine = build_engine(settings, machine)
+    daemon = Daemon(settings, engine, machine, Provider(settings, engine))
+    servers = []
+    for name, port, factory in (
+        ("admin", settings.admin_port, create_admin_app),
+        ("api", settings.api_port, create_api_app),
+    ):
+        if port:
+            server = LocalServer(name, factory(daemon), port)
+            if await server.start():
+                servers.append(server)
+                daemon.listening[name] = port
+    try:
+        await engine.start()
+    except EngineError as exc:
+        # Keep running without a model: the owner can fix the path and POST /admin/load.
+        log.error("model_load_failed", error=exc.message)
+    try:
+        await daemon.provider.run(stop)
+        # Local API requests drain too, within what is left of the drain time.
+        await _wait_idle(engine, settings.drain_timeout_s / 2)
+    finally:
+        for server in servers:
+            await server.stop()
+        await engine.close()
+        log.info("daemon_stopped")

@@ -1,0 +1,1 @@
+"""The inference worker process and the daemon side that supervises it."""

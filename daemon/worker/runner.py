@@ -1,0 +1,209 @@
+"""The worker's generation loop: one BatchGenerator, one LRU prompt cache, one thread.
+
+Requests join the running batch as they arrive (continuous batching) and leave
+it the moment they finish or are cancelled. Before a prompt is processed the
+prompt cache is searched for the longest reusable prefix (a multi-turn
+conversation re-sends everything said so far); finished and cancelled
+sequences put their KV cache back for the next turn.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import structlog
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from daemon.worker import protocol as p
+from daemon.worker.sampling import make_processors, make_sampler
+
+log = structlog.get_logger("daemon.worker")
+
+Emit = Callable[[Any], None]
+
+
+@dataclass
+class _Sequence:
+    job: p.Generate
+    uid: int
+    cached_tokens: int
+    started: bool = False
+    generated: int = 0
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    generated: int = 0
+
+
+@dataclass
+class Runner:
+    model: Any
+    model_key: str
+    eos_token_ids: list[int]
+    vocab_size: int
+    emit: Emit
+    slots: int = 4
+    prefill_step: int = 512
+    cache_entries: int = 16
+    cache_bytes: int = 1 << 30
+    counters: Counters = field(default_factory=Counters)
+
+    def __post_init__(self) -> None:
+        self.generator = BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self.eos_token_ids],
+            completion_batch_size=self.slots,
+            prefill_batch_size=min(self.slots, 8),
+            prefill_step_size=self.prefill_step,
+        )
+        self.prompt_cache = LRUPromptCache(max_size=self.cache_entries, max_bytes=self.cache_bytes)
+        self.by_uid: dict[int, _Sequence] = {}
+        self.by_id: dict[str, _Sequence] = {}
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def serve(self, inbox: queue.Queue[p.ToWorker]) -> None:
+        """Until Shutdown: take messages, then advance the batch one step."""
+        while True:
+            try:
+                # Idle: block for work. Busy: only take what has already arrived.
+                message = inbox.get(block=not self.by_uid)
+                while True:
+                    if isinstance(message, p.Shutdown):
+                        return
+                    self.handle(message)
+                    message = inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if self.by_uid:
+                self.step()
+
+    def handle(self, message: p.ToWorker) -> None:
+        if isinstance(message, p.Generate):
+            try:
+                self.submit(message)
+            except Exception as exc:
+                log.exception("submit_failed", request_id=message.id)
+                self.emit(p.Ended(id=message.id, reason="error", message=f"{type(exc).__name__}: {exc}"))
+        elif isinstance(message, p.Cancel):
+            self.cancel(message.id)
+
+    # ---- requests --------------------------------------------------------------------
+
+    def submit(self, job: p.Generate) -> None:
+        prompt = job.prompt
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_key, prompt)
+        if cache is not None and not rest:
+            # The whole prompt is cached: recompute its last token, which starts generation.
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+            else:
+                cache, rest = None, prompt
+        cached = len(prompt) - len(rest)
+        if cached:
+            self.counters.hits += 1
+        else:
+            self.counters.misses += 1
+        (uid,) = self.generator.insert(
+            [list(rest)],
+            max_tokens=[job.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[list(prompt[:cached])],
+            samplers=[make_sampler(job, self.vocab_size)],
+            logits_processors=[make_processors(job)],
+        )
+        seq = _Sequence(job=job, uid=uid, cached_tokens=cached)
+        self.by_uid[uid] = seq
+        self.by_id[job.id] = seq
+
+    def cancel(self, request_id: str) -> None:
+        seq = self.by_id.get(request_id)
+        if seq is None:
+            return
+        caches = self.generator.remove([seq.uid], return_prompt_caches=True)
+        self._forget(seq)
+        for cache, tokens in caches.values():
+            # What was computed so far still serves the next turn of this conversation.
+            if tokens and cache:
+                self.prompt_cache.insert_cache(self.model_key, list(tokens), cache, cache_type="assistant")
+        self.emit(p.Ended(id=request_id, reason="cancelled"))
+
+    def _forget(self, seq: _Sequence) -> None:
+        self.by_uid.pop(seq.uid, None)
+        self.by_id.pop(seq.job.id, None)
+
+    # ---- one step --------------------------------------------------------------------
+
+    def step(self) -> None:
+        prompt_responses, gen_responses = self.generator.next()
+        for r in prompt_responses:
+            seq = self.by_uid.get(r.uid)
+            if seq is not None and not seq.started:
+                seq.started = True
+                self.emit(p.Started(id=seq.job.id, cached_tokens=seq.cached_tokens))
+        if not gen_responses:
+            return
+        items: list[p.Token] = []
+        for r in gen_responses:
+            seq = self.by_uid.get(r.uid)
+            if seq is None:
+                continue
+            if not seq.started:
+                seq.started = True
+                self.emit(p.Started(id=seq.job.id, cached_tokens=seq.cached_tokens))
+            seq.generated += 1
+            self.counters.generated += 1
+            logprob, top = self._logprobs(seq.job.logprobs, r.logprobs, r.token)
+            items.append(p.Token(id=seq.job.id, token=r.token, finish=r.finish_reason, logprob=logprob, top=top))
+            if r.finish_reason is not None:
+                self._forget(seq)
+                if r.prompt_cache is not None and r.all_tokens:
+                    self.prompt_cache.insert_cache(
+                        self.model_key, list(r.all_tokens), r.prompt_cache, cache_type="assistant"
+                    )
+        self.emit(p.Tokens(items=items))
+
+    @staticmethod
+    def _logprobs(want: int, logprobs: mx.array, token: int) -> tuple[float | None, list[tuple[int, float]] | None]:
+        if want < 0:
+            return None, None
+        chosen: float = logprobs[token].item()  # type: ignore[assignment]
+        if want == 0:
+            return chosen, None
+        top_ids = mx.argpartition(-logprobs, kth=want - 1)[:want]
+        values = logprobs[top_ids]
+        order = mx.argsort(-values)
+        ids: list[int] = top_ids[order].tolist()  # type: ignore[assignment]
+        vals: list[float] = values[order].tolist()  # type: ignore[assignment]
+        return chosen, list(zip(ids, vals, strict=True))
+
+    # ---- introspection ---------------------------------------------------------------
+
+    def stats(self) -> p.Stats:
+        # Called from the pipe-reader thread: copy before iterating, the loop may be changing it.
+        sequences = list(self.by_id.values())
+        active = sum(1 for s in sequences if s.started)
+        return p.Stats(
+            active=active,
+            waiting=len(sequences) - active,
+            memory_active=mx.get_active_memory(),
+            memory_peak=mx.get_peak_memory(),
+            memory_cache=mx.get_cache_memory(),
+            prompt_cache_entries=len(self.prompt_cache),
+            prompt_cache_bytes=self.prompt_cache.nbytes,
+            prompt_cache_hits=self.counters.hits,
+            prompt_cache_misses=self.counters.misses,
+            generated_tokens=self.counters.generated,
+        )
+
+    def close(self) -> None:
+        self.generator.close()
