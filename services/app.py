@@ -14,8 +14,11 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ControllerRouterHandler
 
+from services.auth.routes import demo_token, github_callback, github_start, logout
 from services.errors import exception_handler
 from services.gateway.chat import chat_completions
+from services.keys.account_page import account, account_new_key, account_revoke
+from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.middleware import add_request_id
 from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings
@@ -24,6 +27,8 @@ from services.status.routes import health, list_models, pool_status
 SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "gateway": [chat_completions],
     "status": [pool_status, list_models, health],
+    "auth": [github_start, github_callback, logout, demo_token],
+    "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke],
 }
 
 

@@ -8,7 +8,7 @@ import sys
 
 from services.settings import Settings, SettingsError
 
-ALL = ("gateway", "status")
+ALL = ("gateway", "status", "auth", "keys")
 
 
 def _serve(settings: Settings, services: list[str]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import nats
@@ -18,10 +18,12 @@ from litestar import Litestar
 from litestar.datastructures import State
 from nats.aio.client import Client as Nats
 
+from services.auth.demo import DemoTokens
 from services.db.pool import open_pool
 from services.gateway.dispatch import Dispatcher, ReplyRouter
 from services.gateway.membership import Membership
 from services.gateway.pool import PoolView
+from services.keys.lookup import KeyLookup
 from services.settings import Settings
 from services.usage.metering import Metering
 
@@ -37,6 +39,9 @@ class Runtime:
     dispatcher: Dispatcher
     metering: Metering
     started_at: float
+    # Key lookups (cache + revocation listener) and demo-token signing, for `authenticate`.
+    keys: KeyLookup = field(kw_only=True)
+    demo: DemoTokens = field(kw_only=True)
 
 
 @contextlib.asynccontextmanager
@@ -51,10 +56,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     pool = PoolView(heartbeat_misses=settings.heartbeat_misses)
     router = ReplyRouter(nc, settings.gateway_id)
     membership = Membership(nc, pool, settings.gateway_id)
+    keys = KeyLookup(db, settings)
+    demo = DemoTokens(settings.secret_key, ttl_s=settings.demo_token_ttl_s)
     metering = Metering(
         db, settings.gateway_id, enabled=settings.metering, stale_after_s=settings.reservation_stale_s
     )
     try:
+        await keys.start()
         await metering.start()
         await router.start()
         await membership.start()
@@ -68,8 +76,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             request_timeout_s=settings.request_timeout_s,
         )
         log.info("control_plane_ready", gateway_id=settings.gateway_id)
-        yield Runtime(settings, db, nc, pool, dispatcher, metering, time.time())
+        yield Runtime(settings, db, nc, pool, dispatcher, metering, time.time(), keys=keys, demo=demo)
     finally:
+        await keys.stop()
         await metering.stop()
         await membership.stop()
         await router.stop()

@@ -1,18 +1,38 @@
-"""Who is calling: `Authorization: Bearer mp_...` checked against Postgres."""
+"""Who is calling: `Authorization: Bearer mp_...` (an API key) or `Bearer mpd_...` (a demo token).
+
+Each route says whether it takes demo tokens (`allow_demo`); the default is no,
+so a route added later is closed to them until someone decides otherwise.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from litestar import Request
 
-from services.errors import InvalidApiKey, MissingBearerToken
+from services.auth import demo
+from services.errors import DemoTokenNotAllowed, InvalidApiKey, MissingBearerToken
 from services.keys import format as key_format
-from services.keys.store import KeyRecord, find_active_key
+
+if TYPE_CHECKING:
+    from services.runtime import Runtime
 
 # Far above any real key; longer values are refused before any parsing work.
 MAX_AUTHORIZATION_BYTES = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An API key of an account, or an anonymous browser demo token (no account)."""
+
+    account_id: int | None
+    key_id: int | None
+    demo_token_id: str | None = None
+
+    @property
+    def is_demo(self) -> bool:
+        return self.demo_token_id is not None
 
 
 def bearer_token(request: Request[Any, Any, Any]) -> str:
@@ -27,12 +47,20 @@ def bearer_token(request: Request[Any, Any, Any]) -> str:
     return token.strip()
 
 
-async def authenticate(request: Request[Any, Any, Any], db: asyncpg.Pool) -> KeyRecord:
+async def authenticate(request: Request[Any, Any, Any], runtime: Runtime, *, allow_demo: bool = False) -> Principal:
     token = bearer_token(request)
+    if token.startswith(demo.PREFIX):
+        claims = runtime.demo.verify(token)
+        if not allow_demo:
+            raise DemoTokenNotAllowed(
+                "Demo tokens work only on /v1/chat/completions, /v1/models and /v1/feedback; "
+                "use an mp_ API key here (sign up at /auth/github/start)."
+            )
+        return Principal(account_id=None, key_id=None, demo_token_id=claims.token_id)
     # The checksum rejects typos and garbage (SQL, control characters) without touching the database.
     if not key_format.well_formed(token):
         raise InvalidApiKey("Invalid API key: it is not a well-formed mp_ key. Check that it was copied whole.")
-    record = await find_active_key(db, token)
+    record = await runtime.keys.find(token)
     if record is None:
         raise InvalidApiKey("Invalid API key: unknown or revoked.")
-    return record
+    return Principal(account_id=record.account_id, key_id=record.key_id)

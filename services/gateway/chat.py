@@ -95,7 +95,7 @@ async def _unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[
 async def chat_completions(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
     ex = Exchange(request_id=request_id_of(request))
     try:
-        key = await authenticate(request, runtime.db)
+        key = await authenticate(request, runtime, allow_demo=True)
         ex.key_id = key.key_id
         req = decode_body(await request.body(), openai.ChatCompletionRequest)
         ex.model, ex.stream = req.model, req.stream

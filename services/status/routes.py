@@ -83,7 +83,7 @@ async def pool_status(runtime: Runtime) -> PoolStatus:
 
 @get("/v1/models")
 async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> openai.ModelList:
-    await authenticate(request, runtime.db)
+    await authenticate(request, runtime, allow_demo=True)
     now = int(time.time())
     return openai.ModelList(
         data=[openai.Model(id=m, created=now, owned_by="mac-provider-pool") for m in sorted(runtime.pool.models())]

@@ -1,0 +1,142 @@
+"""The auth service: GitHub sign-up/sign-in, sign-out, and browser demo tokens."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import msgspec
+import structlog
+from litestar import Request, Response, get, post
+from litestar.response import Redirect
+
+from services.auth.client_ip import client_ip
+from services.auth.demo_limit import take_demo_slot
+from services.auth.github import GitHubError, GitHubOAuth
+from services.auth.oauth_state import open_state, take_state
+from services.auth.sessions import (
+    OAUTH_COOKIE,
+    OAUTH_COOKIE_PATH,
+    check_origin,
+    cleared_session_cookie,
+    create_session,
+    end_session,
+    make_cookie,
+    session_account,
+    session_cookie,
+    session_token,
+)
+from services.errors import RateLimited
+from services.keys.store import create_key, upsert_github_account
+from services.pages import HEADERS, html_response, message_page, one_shot_key_page
+from services.runtime import Runtime
+
+log = structlog.get_logger("auth")
+
+# Codes and states from GitHub are tens of characters; longer ones are not worth a query.
+_MAX_PARAM = 512
+DEMO_ROUTES = ["/v1/chat/completions", "/v1/models", "/v1/feedback"]
+_START_AGAIN = ("/auth/github/start", "Sign in with GitHub")
+
+
+class DemoTokenIssued(msgspec.Struct, frozen=True):
+    token: str
+    expires_at: int
+    expires_in: int
+    allowed_routes: list[str]
+    token_type: str = "bearer"
+    object: str = "demo_token"
+
+
+@get("/auth/github/start")
+async def github_start(runtime: Runtime) -> Response[Any]:
+    settings = runtime.settings
+    oauth = GitHubOAuth(settings)
+    if not oauth.configured:
+        text = (
+            "GitHub sign-in is not configured on this deployment (MP_GITHUB_CLIENT_ID, MP_GITHUB_CLIENT_SECRET). "
+            "On the local stack, use the dev key in .mp/dev.env."
+        )
+        return html_response(message_page("Sign-in unavailable", text), status=503)
+    state, verifier = await open_state(runtime.db, ttl_s=settings.oauth_state_ttl_s)
+    # The state also goes to this browser, so a callback carrying someone else's state is refused.
+    cookie = make_cookie(settings, OAUTH_COOKIE, state, max_age=int(settings.oauth_state_ttl_s), path=OAUTH_COOKIE_PATH)
+    return Redirect(oauth.authorize_url(state, verifier), status_code=302, cookies=[cookie], headers=HEADERS)
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+@get("/auth/github/callback")
+async def github_callback(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+    settings = runtime.settings
+    query = request.query_params
+    code, state, error = query.get("code"), query.get("state"), query.get("error")
+    spent_state = make_cookie(settings, OAUTH_COOKIE, "", max_age=0, path=OAUTH_COOKIE_PATH)
+    browser_state = request.cookies.get(OAUTH_COOKIE)
+    verifier = None
+    if state and browser_state and len(state) <= _MAX_PARAM and _same(state, browser_state):
+        verifier = await take_state(runtime.db, state)
+    if verifier is None:
+        log.info("github_signin_refused", reason="state missing, mismatched, used or expired")
+        # A reload or the back button after signing in: the account page, which shows no key.
+        # The browser's own state cookie stays: a forged callback must not break its sign-in.
+        if await session_account(request, runtime.db, settings) is not None:
+            return Redirect("/account", status_code=303, headers=HEADERS)
+        text = "This sign-in link has expired, was already used, or was started in another browser. Start again."
+        return html_response(message_page("Sign-in expired", text, link=_START_AGAIN), status=400)
+    if error is not None or not code or len(code) > _MAX_PARAM:
+        log.info("github_signin_refused", reason="cancelled on GitHub" if error else "no code")
+        page = message_page("Sign-in cancelled", "GitHub did not authorize the sign-in.", link=_START_AGAIN)
+        return html_response(page, status=400, cookies=[spent_state])
+    try:
+        user = await GitHubOAuth(settings).user_for_code(code, verifier)
+    except GitHubError as exc:
+        log.warning("github_signin_failed", reason=exc.reason)
+        text = "GitHub did not accept this sign-in." if exc.refused else "GitHub could not be reached; try again."
+        page = message_page("Sign-in failed", text, link=_START_AGAIN)
+        return html_response(page, status=400 if exc.refused else 502, cookies=[spent_state])
+
+    async with runtime.db.acquire() as conn, conn.transaction():
+        account = await upsert_github_account(conn, user.id, user.login)
+        # A new account gets its first key here; a returning one manages its keys on /account.
+        first = await create_key(conn, account.account_id, name="first key") if account.created else None
+        token = await create_session(conn, account.account_id, ttl_s=settings.session_ttl_s)
+    log.info("github_signin", account_id=account.account_id, new_account=account.created)
+    cookies = [session_cookie(settings, token), spent_state]
+    if first is None:
+        return Redirect("/account", status_code=303, headers=HEADERS, cookies=cookies)
+    key, record = first
+    page = one_shot_key_page(login=account.login, key=key, prefix=record.prefix, base_url=settings.public_url)
+    return html_response(page, cookies=cookies)
+
+
+@post("/auth/logout", status_code=303)
+async def logout(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+    check_origin(request, runtime.settings)
+    token = session_token(request, runtime.settings)
+    if token is not None:
+        await end_session(runtime.db, token)
+    return Redirect("/account", status_code=303, headers=HEADERS, cookies=[cleared_session_cookie(runtime.settings)])
+
+
+@post("/auth/demo", status_code=201)
+async def demo_token(request: Request[Any, Any, Any], runtime: Runtime) -> Response[DemoTokenIssued]:
+    settings = runtime.settings
+    ip = client_ip(request, trusted_hops=settings.trusted_proxy_hops)
+    reset_in = await take_demo_slot(runtime.db, ip, limit=settings.demo_tokens_per_ip, window_s=settings.demo_window_s)
+    if reset_in is not None:
+        raise RateLimited(
+            f"Too many demo tokens from this address; try again in {reset_in} s, or sign up for a key.",
+            headers={"retry-after": str(reset_in)},
+        )
+    token, issued = runtime.demo.issue()
+    log.info("demo_token_issued", demo_token_id=issued.token_id)
+    body = DemoTokenIssued(
+        token=token,
+        expires_at=issued.expires_at,
+        expires_in=issued.expires_at - issued.issued_at,
+        allowed_routes=DEMO_ROUTES,
+    )
+    return Response(body, status_code=201, headers={"cache-control": "no-store"})

@@ -1,0 +1,56 @@
+"""The keys service, HTML: the account page and its two forms (new key, revoke)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import Request, Response, get, post
+from litestar.response import Redirect
+
+from services.auth.sessions import check_origin, session_account
+from services.keys.routes import clean_name
+from services.keys.store import account_login, create_key, list_keys, revoke_key
+from services.pages import HEADERS, account_page, html_response, message_page, one_shot_key_page
+from services.runtime import Runtime
+
+log = structlog.get_logger("keys")
+
+_SIGN_IN = ("/auth/github/start", "Sign in with GitHub")
+
+
+def _signed_out() -> Response[str]:
+    return html_response(message_page("Your account", "You are not signed in.", link=_SIGN_IN))
+
+
+@get("/account")
+async def account(request: Request[Any, Any, Any], runtime: Runtime) -> Response[str]:
+    account_id = await session_account(request, runtime.db, runtime.settings)
+    if account_id is None:
+        return _signed_out()
+    login = await account_login(runtime.db, account_id) or ""
+    return html_response(account_page(login=login, keys=await list_keys(runtime.db, account_id)))
+
+
+@post("/account/new-key", status_code=200)
+async def account_new_key(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+    check_origin(request, runtime.settings)
+    account_id = await session_account(request, runtime.db, runtime.settings)
+    if account_id is None:
+        return Redirect("/account", status_code=303, headers=HEADERS)
+    form = await request.form()
+    name = clean_name(str(form.get("name") or ""))
+    key, record = await create_key(runtime.db, account_id, name=name)
+    log.info("api_key_created", account_id=account_id, key_id=record.key_id)
+    login = await account_login(runtime.db, account_id) or ""
+    page = one_shot_key_page(login=login, key=key, prefix=record.prefix, base_url=runtime.settings.public_url)
+    return html_response(page)
+
+
+@post("/account/revoke/{key_id:int}", status_code=303)
+async def account_revoke(request: Request[Any, Any, Any], runtime: Runtime, key_id: int) -> Response[Any]:
+    check_origin(request, runtime.settings)
+    account_id = await session_account(request, runtime.db, runtime.settings)
+    if account_id is not None and 0 < key_id < 2**63 and await revoke_key(runtime.db, account_id, key_id):
+        log.info("api_key_revoked", account_id=account_id, key_id=key_id)
+    return Redirect("/account", status_code=303, headers=HEADERS)

@@ -1,0 +1,120 @@
+"""Key changes (revocations) pushed to every replica by Postgres LISTEN/NOTIFY.
+
+A trigger on `api_keys` (migration 0002) notifies `CHANNEL` inside the revoking
+transaction, so the notice leaves exactly when the revocation commits, whoever
+wrote it. Each replica keeps one dedicated connection listening. While that
+connection is not known to be alive, `healthy` is False and callers must not
+trust their cache: a notice may have been missed. Every (re)connection calls
+`on_reset` so whatever was cached before is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger("keys.revocations")
+
+# Also named in services/db/migrations/0002_signin_sessions_demo.sql.
+CHANNEL = "mp_api_key_changed"
+# How the listening connection shows in pg_stat_activity.
+APPLICATION_NAME = "mp-key-revocations"
+
+
+class RevocationListener:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        on_change: Callable[[int], None],
+        on_reset: Callable[[], None],
+        probe_interval_s: float = 5.0,
+        retry_s: float = 0.5,
+        ready_timeout_s: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._on_change = on_change
+        self._on_reset = on_reset
+        self._probe_interval_s = probe_interval_s
+        self._retry_s = retry_s
+        self._ready_timeout_s = ready_timeout_s
+        self._ready = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self.healthy = False
+
+    async def start(self) -> None:
+        """Begin listening; returns once listening (or after a while, still retrying behind)."""
+        self._task = asyncio.create_task(self._run(), name="key-revocation-listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), timeout=self._ready_timeout_s)
+        if not self.healthy:
+            log.warning("revocation_listener_not_ready", note="key cache bypassed until it is")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._listen()
+                await self._watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("revocation_listener_lost", error=type(exc).__name__)
+            self._mark_lost()
+            await self._close()
+            await asyncio.sleep(self._retry_s)
+
+    async def _listen(self) -> None:
+        self._lost.clear()
+        conn = await asyncpg.connect(self._dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME})
+        self._conn = conn
+        conn.add_termination_listener(lambda _conn: self._mark_lost())
+        await conn.add_listener(CHANNEL, self._notified)
+        # Anything cached before this point may have missed a notice.
+        self._on_reset()
+        self.healthy = True
+        self._ready.set()
+        log.info("revocation_listener_ready", channel=CHANNEL)
+
+    async def _watch(self) -> None:
+        """Until the connection is lost; a periodic probe also catches a silently dead peer."""
+        assert self._conn is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), timeout=self._probe_interval_s)
+            if self._lost.is_set():
+                return
+            await self._conn.fetchval("SELECT 1", timeout=max(1.0, self._probe_interval_s / 2))
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            key_id = int(str(payload))
+        except ValueError:
+            log.warning("revocation_notice_unreadable")
+            self._on_reset()
+            return
+        self._on_change(key_id)
+
+    def _mark_lost(self) -> None:
+        if self.healthy:
+            self.healthy = False
+            self._on_reset()
+        self._lost.set()
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=2)

@@ -1,0 +1,104 @@
+"""The few server-rendered HTML pages of sign-up and key management.
+
+Every page is `no-store` (a key must not come back from a cache or the back
+button), never framed, and loads nothing from anywhere. All text is escaped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from html import escape
+
+from litestar import Response
+from litestar.datastructures import Cookie
+
+from services.keys.store import KeyInfo
+
+HEADERS = {
+    "cache-control": "no-store",
+    "pragma": "no-cache",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+}
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
+    "code,pre{background:#f3f3f3;padding:.15rem .35rem;border-radius:4px}"
+    "pre{padding:.75rem;overflow-x:auto}table{border-collapse:collapse;width:100%}"
+    "td,th{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd}"
+    ".key{font-size:1.1rem;word-break:break-all;user-select:all}.warn{color:#8a4b00}"
+)
+
+_NEW_KEY_FORM = (
+    '<form method="post" action="/account/new-key">'
+    '<label>Name (optional) <input name="name" maxlength="100"></label> '
+    "<button>Create a new key</button></form>"
+)
+
+
+def html_response(body: str, *, status: int = 200, cookies: Sequence[Cookie] = ()) -> Response[str]:
+    return Response(content=body, status_code=status, media_type="text/html", headers=HEADERS, cookies=list(cookies))
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)} · Mac Provider</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style></head>'
+        f"<body><h1>{escape(title)}</h1>{body}</body></html>"
+    )
+
+
+def _when(value: datetime | None) -> str:
+    return "never" if value is None else escape(value.strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def one_shot_key_page(*, login: str, key: str, prefix: str, base_url: str) -> str:
+    body = (
+        f"<p>Signed in as <b>{escape(login)}</b>. Here is your API key:</p>"
+        f'<p class="key"><code>{escape(key)}</code></p>'
+        '<p class="warn"><b>Save it now: this is the only time it is shown.</b> '
+        f"We keep only a hash; after you leave this page you will see just its prefix "
+        f"(<code>{escape(prefix)}…</code>). If you lose it, revoke it and create a new one.</p>"
+        "<p>Use it with any OpenAI SDK:</p>"
+        f'<pre>from openai import OpenAI\nclient = OpenAI(api_key="{escape(key)}", '
+        f'base_url="{escape(base_url)}/v1")</pre>'
+        '<p><a href="/account">Go to your account</a></p>'
+    )
+    return _page("Your new API key", body)
+
+
+def account_page(*, login: str, keys: Sequence[KeyInfo], notice: str | None = None) -> str:
+    rows = "".join(
+        f"<tr><td><code>{escape(k.prefix)}…</code></td><td>{escape(k.name)}</td><td>{_when(k.created_at)}</td>"
+        f"<td>{_when(k.last_used_at)}</td><td>"
+        + (
+            f"revoked {_when(k.revoked_at)}"
+            if k.revoked_at is not None
+            else f'<form method="post" action="/account/revoke/{k.key_id}"><button>Revoke</button></form>'
+        )
+        + "</td></tr>"
+        for k in keys
+    )
+    table = (
+        "<table><tr><th>Key</th><th>Name</th><th>Created</th><th>Last used</th><th></th></tr>" + rows + "</table>"
+        if keys
+        else "<p>You have no keys yet.</p>"
+    )
+    body = (
+        (f"<p>{escape(notice)}</p>" if notice else "") + f"<p>Signed in as <b>{escape(login)}</b>.</p><h2>API keys</h2>"
+        "<p>Keys are shown only once, when they are made; here you see their prefixes. "
+        "Lost one? Revoke it and create a new one.</p>"
+        + table
+        + _NEW_KEY_FORM
+        + '<form method="post" action="/auth/logout"><button>Sign out</button></form>'
+    )
+    return _page("Your account", body)
+
+
+def message_page(title: str, text: str, *, link: tuple[str, str] | None = None) -> str:
+    more = f'<p><a href="{escape(link[0])}">{escape(link[1])}</a></p>' if link else ""
+    return _page(title, f"<p>{escape(text)}</p>{more}")
