@@ -11,8 +11,8 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 import structlog
@@ -157,15 +157,28 @@ def create_api_app(daemon: Daemon) -> Litestar:
 
     async def _events(prepared: Prepared) -> AsyncIterator[Any]:
         cancel = CancelToken()
-        finished = False
+        finished: Finished | None = None
+        events = cast(AsyncGenerator[Any, None], engine.generate(prepared, cancel))
         try:
-            async for event in engine.generate(prepared, cancel):
-                finished = isinstance(event, Finished)
+            async for event in events:
+                if isinstance(event, Finished):
+                    finished = event
                 yield event
         finally:
-            # The client went away (or the consumer stopped): the engine stops at the next token.
-            if not finished:
+            # The client went away (or the consumer stopped): the engine stops at the next token,
+            # and closing its generator takes the request out of the batch now, not at GC time.
+            if finished is None:
                 cancel.cancel("client_closed")
+            await events.aclose()
+            log.info(
+                "local_request_done",
+                request_id=prepared.request.request_id,
+                finish=finished.finish_reason if finished else "client_closed",
+                prompt_tokens=len(prepared.prompt_tokens),
+                completion_tokens=finished.completion_tokens if finished else None,
+                cached_tokens=finished.cached_tokens if finished else None,
+                ttft_ms=round(finished.ttft_ms, 1) if finished else None,
+            )
 
     async def _chat_collect(prepared: Prepared, cid: str, created: int, model: str) -> openai.ChatCompletion:
         text: list[str] = []
