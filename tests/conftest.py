@@ -16,6 +16,7 @@ from infra.devkey import ensure_dev_key
 from infra.nats import NatsServer
 from infra.ports import free_port
 from infra.postgres import PostgresServer
+from tests.support.auth_stack import auth_stack  # noqa: F401  (registered here once: one set of replicas for all modules)
 from tests.support.tiny_model import write_tiny_model
 
 TINY_MODEL = "tiny-llama"

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.support import rawhttp
-from tests.support.auth_stack import AuthStack, auth_stack  # noqa: F401
+from tests.support.auth_stack import AuthStack
 
 # (Authorization header value, the codes it may get): missing, not Bearer, huge, SQL, bad checksum...
 BAD = [
@@ -45,7 +45,7 @@ def _key_lookups(text: str) -> int:
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-def test_bad_authorization_values(auth_stack: AuthStack, method: str, path: str) -> None:  # noqa: F811
+def test_bad_authorization_values(auth_stack: AuthStack, method: str, path: str) -> None:
     auth = auth_stack
     log_before = _pg_log(auth)
     for value, codes in BAD:
@@ -64,14 +64,14 @@ def test_bad_authorization_values(auth_stack: AuthStack, method: str, path: str)
     assert "ERROR:" not in log_after
 
 
-def test_a_key_in_a_mixed_case_scheme_still_works(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_a_key_in_a_mixed_case_scheme_still_works(auth_stack: AuthStack) -> None:
     key = auth_stack.stack.api_key
     for scheme in (b"bearer", b"BEARER", b"bEaReR"):
         r = rawhttp.request(f"{auth_stack.b}/v1/models", "GET", [(b"Authorization", scheme + b" " + key.encode())])
         assert r.status == 200, r.body
 
 
-def test_garbage_at_the_oauth_callback(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_garbage_at_the_oauth_callback(auth_stack: AuthStack) -> None:
     auth = auth_stack
     exchanges = len(auth.github.exchanges)
     cases = [

@@ -17,7 +17,7 @@ import pytest
 
 from services.auth.sessions import cleared_session_cookie, cookies_secure, session_cookie
 from services.settings import Settings
-from tests.support.auth_stack import AuthStack, auth_stack  # noqa: F401
+from tests.support.auth_stack import AuthStack
 from tests.support.github import User
 
 _ids = itertools.count(int(time.time()) % 10_000_000 * 100)
@@ -47,7 +47,7 @@ def set_cookie(r: httpx.Response, name: str) -> str:
     return found[0]
 
 
-def test_sign_up_shows_the_key_exactly_once(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_sign_up_shows_the_key_exactly_once(auth_stack: AuthStack) -> None:
     auth, user = auth_stack, new_user()
     browser = auth.browser()
     auth.github.sign_in(user)
@@ -97,7 +97,7 @@ def test_sign_up_shows_the_key_exactly_once(auth_stack: AuthStack) -> None:  # n
     assert keys_of(auth, user) == 1
 
 
-def test_a_renamed_github_login_is_the_same_account(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_a_renamed_github_login_is_the_same_account(auth_stack: AuthStack) -> None:
     auth, user = auth_stack, new_user()
     auth.key_from_page(auth.sign_up(auth.browser(), user))
     renamed = User(id=user.id, login=user.login + "-renamed")
@@ -114,7 +114,7 @@ def _refused(r: httpx.Response) -> None:
     assert "mp_session=" not in r.headers.get("set-cookie", "")
 
 
-def test_missing_or_mismatched_state_is_refused_before_any_exchange(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_missing_or_mismatched_state_is_refused_before_any_exchange(auth_stack: AuthStack) -> None:
     auth, user = auth_stack, new_user()
     browser = auth.browser()
     auth.github.sign_in(user)
@@ -136,7 +136,7 @@ def test_missing_or_mismatched_state_is_refused_before_any_exchange(auth_stack: 
     assert accounts_of(auth, user) == 1
 
 
-def test_a_used_state_is_refused(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_a_used_state_is_refused(auth_stack: AuthStack) -> None:
     auth, first = auth_stack, new_user()
     browser = auth.browser()
     auth.github.sign_in(first)
@@ -152,7 +152,7 @@ def test_a_used_state_is_refused(auth_stack: AuthStack) -> None:  # noqa: F811
     assert keys_of(auth, first) == 1
 
 
-def test_an_expired_state_is_refused(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_an_expired_state_is_refused(auth_stack: AuthStack) -> None:
     auth, user = auth_stack, new_user()
     browser = auth.browser()
     auth.github.sign_in(user)
@@ -164,7 +164,7 @@ def test_an_expired_state_is_refused(auth_stack: AuthStack) -> None:  # noqa: F8
     assert accounts_of(auth, user) == 0
 
 
-def test_a_reused_code_is_refused(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_a_reused_code_is_refused(auth_stack: AuthStack) -> None:
     auth, user = auth_stack, new_user()
     browser = auth.browser()
     auth.github.sign_in(user)
@@ -181,7 +181,7 @@ def test_a_reused_code_is_refused(auth_stack: AuthStack) -> None:  # noqa: F811
     assert keys_of(auth, user) == 1
 
 
-def test_a_code_with_another_sign_ins_verifier_is_refused(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_a_code_with_another_sign_ins_verifier_is_refused(auth_stack: AuthStack) -> None:
     auth, user = auth_stack, new_user()
     browser = auth.browser()
     auth.github.sign_in(user)
@@ -196,7 +196,7 @@ def test_a_code_with_another_sign_ins_verifier_is_refused(auth_stack: AuthStack)
     assert keys_of(auth, user) == 0
 
 
-def test_sign_in_cancelled_on_github(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_sign_in_cancelled_on_github(auth_stack: AuthStack) -> None:
     auth, user = auth_stack, new_user()
     browser = auth.browser()
     auth.github.sign_in(user)
@@ -208,7 +208,7 @@ def test_sign_in_cancelled_on_github(auth_stack: AuthStack) -> None:  # noqa: F8
     assert accounts_of(auth, user) == 0
 
 
-def test_authorize_request_carries_pkce_and_a_fresh_state(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_authorize_request_carries_pkce_and_a_fresh_state(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = auth.browser()
     urls = [browser.get(f"{auth.a}/auth/github/start") for _ in range(2)]
@@ -226,7 +226,7 @@ def test_authorize_request_carries_pkce_and_a_fresh_state(auth_stack: AuthStack)
     assert urls[0].headers["cache-control"] == "no-store"
 
 
-def test_sign_in_is_unavailable_without_github_settings(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_sign_in_is_unavailable_without_github_settings(auth_stack: AuthStack) -> None:
     # The session stack's gateway has no GitHub client configured (like `just up`).
     r = httpx.get(f"{auth_stack.stack.base_url}/auth/github/start")
     assert r.status_code == 503
@@ -246,7 +246,7 @@ def test_session_cookie_is_secure_off_localhost(public_url: str, tmp_path: Path)
     assert "max-age=0" in cleared_session_cookie(settings).to_header(header="").lower()
 
 
-def test_sign_out(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_sign_out(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = auth.browser()
     auth.key_from_page(auth.sign_up(browser, new_user()))

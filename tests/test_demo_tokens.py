@@ -20,7 +20,7 @@ from services.auth.demo import DemoTokens
 from services.runtime import Runtime
 from services.settings import Settings
 from tests.conftest import TINY_MODEL
-from tests.support.auth_stack import AuthStack, auth_stack  # noqa: F401
+from tests.support.auth_stack import AuthStack
 
 _client = httpx.Client(timeout=30)
 
@@ -54,7 +54,7 @@ def _error(r: httpx.Response, status: int, code: str) -> None:
 CHAT = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-def test_a_demo_token_works_on_the_demo_routes_of_every_replica(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_a_demo_token_works_on_the_demo_routes_of_every_replica(auth_stack: AuthStack) -> None:
     auth = auth_stack
     r = _issue(auth.a, _unique_ip())
     assert r.status_code == 201, r.text
@@ -77,7 +77,7 @@ def test_a_demo_token_works_on_the_demo_routes_of_every_replica(auth_stack: Auth
     assert chat.json()["usage"]["completion_tokens"] == 2
 
 
-def test_expired_demo_tokens_are_refused(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_expired_demo_tokens_are_refused(auth_stack: AuthStack) -> None:
     auth = auth_stack
     token = _token(auth, auth.short)  # lives one to two seconds
     assert _client.get(f"{auth.a}/v1/models", headers=_bearer(token)).status_code == 200
@@ -108,7 +108,7 @@ def _tampered(token: str) -> list[str]:
     ]
 
 
-def test_tampered_demo_tokens_are_refused(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_tampered_demo_tokens_are_refused(auth_stack: AuthStack) -> None:
     auth = auth_stack
     token = _token(auth)
     for bad in _tampered(token):
@@ -116,7 +116,7 @@ def test_tampered_demo_tokens_are_refused(auth_stack: AuthStack) -> None:  # noq
     assert _client.get(f"{auth.b}/v1/models", headers=_bearer(token)).status_code == 200
 
 
-def test_demo_tokens_are_limited_per_client_ip_across_replicas(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_demo_tokens_are_limited_per_client_ip_across_replicas(auth_stack: AuthStack) -> None:
     auth = auth_stack  # three per IP per hour on these replicas
     ip = _unique_ip()
     for replica in (auth.a, auth.b, auth.a):
@@ -133,7 +133,7 @@ def test_demo_tokens_are_limited_per_client_ip_across_replicas(auth_stack: AuthS
     assert sorted(statuses) == [201] * 3 + [429] * 21
 
 
-def test_forwarded_for_is_only_trusted_as_far_as_configured(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_forwarded_for_is_only_trusted_as_far_as_configured(auth_stack: AuthStack) -> None:
     auth = auth_stack  # one trusted hop: the right-most entry is the client
     ip = _unique_ip()
     for _ in range(3):
@@ -161,7 +161,7 @@ async def demo_probe(request: Request[Any, Any, Any], runtime: Runtime) -> dict[
     return {"demo_token_id": principal.demo_token_id, "key_id": principal.key_id}
 
 
-async def test_demo_tokens_get_403_on_routes_that_need_a_key(auth_stack: AuthStack) -> None:  # noqa: F811
+async def test_demo_tokens_get_403_on_routes_that_need_a_key(auth_stack: AuthStack) -> None:
     auth = auth_stack
     token = _token(auth)
     # The real app and runtime, on the same Postgres, NATS and secret, with two probe routes.

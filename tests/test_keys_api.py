@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from tests.support.auth_stack import AuthStack, auth_stack  # noqa: F401
+from tests.support.auth_stack import AuthStack
 from tests.test_auth_signup import ANY_KEY, new_user
 
 
@@ -20,7 +20,7 @@ def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_create_list_revoke(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_create_list_revoke(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = _signed_in(auth)
     r = browser.post(f"{auth.a}/account/keys", json={"name": "laptop"})
@@ -68,7 +68,7 @@ def test_create_list_revoke(auth_stack: AuthStack) -> None:  # noqa: F811
     assert r.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_accounts_cannot_touch_each_others_keys(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_accounts_cannot_touch_each_others_keys(auth_stack: AuthStack) -> None:
     auth = auth_stack
     alice, mallory = _signed_in(auth), _signed_in(auth)
     key_id, key = auth.create_key(alice)
@@ -82,7 +82,7 @@ def test_accounts_cannot_touch_each_others_keys(auth_stack: AuthStack) -> None: 
     assert httpx.get(f"{auth.a}/v1/models", headers=_bearer(key)).status_code == 200, "still valid"
 
 
-def test_key_routes_need_a_session(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_key_routes_need_a_session(auth_stack: AuthStack) -> None:
     auth = auth_stack
     for method, path in (("GET", "/account/keys"), ("POST", "/account/keys"), ("DELETE", "/account/keys/1")):
         for cookies in ({}, {"mp_session": "forged"}, {"mp_session": "x" * 4000}, {"mp_session": "' OR 1=1 --"}):
@@ -94,7 +94,7 @@ def test_key_routes_need_a_session(auth_stack: AuthStack) -> None:  # noqa: F811
     assert r.status_code == 401
 
 
-def test_cross_site_requests_are_refused(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_cross_site_requests_are_refused(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = _signed_in(auth)
     before = len(browser.get(f"{auth.a}/account/keys").json()["data"])
@@ -112,7 +112,7 @@ def test_cross_site_requests_are_refused(auth_stack: AuthStack) -> None:  # noqa
     auth.secrets_seen.append(same.json()["key"])
 
 
-def test_bad_bodies_are_named(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_bad_bodies_are_named(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = _signed_in(auth)
     url = f"{auth.a}/account/keys"
@@ -133,7 +133,7 @@ def test_bad_bodies_are_named(auth_stack: AuthStack) -> None:  # noqa: F811
     auth.secrets_seen.append(r.json()["key"])
 
 
-def test_account_page_forms(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_account_page_forms(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = _signed_in(auth)
     r = browser.post(f"{auth.b}/account/new-key", data={"name": "<script>alert(1)</script>"})

@@ -13,7 +13,7 @@ import httpx
 
 from services.keys import format as key_format
 from services.keys.revocations import APPLICATION_NAME
-from tests.support.auth_stack import AuthStack, auth_stack  # noqa: F401
+from tests.support.auth_stack import AuthStack
 from tests.test_auth_signup import new_user
 
 LIMIT_S = 1.0
@@ -48,7 +48,7 @@ def _warm(auth: AuthStack, key: str) -> None:
             assert _status(replica, key) == 200
 
 
-def test_revocation_reaches_the_other_replica_within_a_second(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_revocation_reaches_the_other_replica_within_a_second(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = _signed_in(auth)
     delays, after_commit = [], []
@@ -71,7 +71,7 @@ def test_revocation_reaches_the_other_replica_within_a_second(auth_stack: AuthSt
     assert max(delays) < LIMIT_S
 
 
-def test_revocation_by_an_operator_in_sql_propagates_too(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_revocation_by_an_operator_in_sql_propagates_too(auth_stack: AuthStack) -> None:
     auth = auth_stack
     key_id, key = auth.create_key(_signed_in(auth))
     _warm(auth, key)
@@ -81,7 +81,7 @@ def test_revocation_by_an_operator_in_sql_propagates_too(auth_stack: AuthStack) 
     assert _refused_after(auth.a, key, sent) < LIMIT_S
 
 
-def test_a_lost_listener_connection_never_leaves_a_stale_cache(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_a_lost_listener_connection_never_leaves_a_stale_cache(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = _signed_in(auth)
     key_id, key = auth.create_key(browser)
@@ -110,7 +110,7 @@ def _lookups_logged(auth: AuthStack, key: str) -> int:
     return auth.stack.postgres.log_path.read_text(errors="replace").count(digest)
 
 
-def test_steady_state_requests_make_no_database_round_trip(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_steady_state_requests_make_no_database_round_trip(auth_stack: AuthStack) -> None:
     auth = auth_stack
     _, key = auth.create_key(_signed_in(auth))
     assert _lookups_logged(auth, key) == 0

@@ -8,13 +8,13 @@ import httpx
 
 from services.keys import format as key_format
 from tests.conftest import TINY_MODEL
-from tests.support.auth_stack import AuthStack, auth_stack  # noqa: F401
+from tests.support.auth_stack import AuthStack
 from tests.test_auth_signup import new_user
 
 CHAT = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-def test_secrets_never_reach_the_database_or_the_logs(auth_stack: AuthStack) -> None:  # noqa: F811
+def test_secrets_never_reach_the_database_or_the_logs(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = auth.browser()
     # Keys from every path: the sign-up page, the JSON API, the account page's form, the dev key.

@@ -7,7 +7,7 @@ GitHub. Replica `b` logs its SQL statements to the Postgres log, so tests can
 count the database round trips a request costs. Replica `short` issues demo
 tokens and sign-in states that expire after a second.
 
-Import the fixture into a test module: `from tests.support.auth_stack import auth_stack  # noqa: F401`.
+The fixture is registered in tests/conftest.py, so all modules share one set of replicas.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -24,8 +24,10 @@ import pytest
 
 from infra.components import Child, start_gateway
 from infra.ports import free_port
-from tests.conftest import Stack
 from tests.support.github import LoopbackGitHub, User
+
+if TYPE_CHECKING:
+    from tests.conftest import Stack
 
 _KEY_ON_PAGE = re.compile(r"<code>(mp_[0-9A-Za-z]{36})</code>")
 
@@ -124,9 +126,11 @@ def auth_stack(stack: Stack) -> Iterator[AuthStack]:
         "short": {**common, "MP_DEMO_TOKEN_TTL_S": "1", "MP_OAUTH_STATE_TTL_S": "1"},
     }
     with ThreadPoolExecutor(3) as pool:
-        futures = {n: pool.submit(_start, stack, f"gateway-auth-{n}", ports[n], envs[n]) for n in ports}
-        children = [f.result() for f in futures.values()]
+        futures = [pool.submit(_start, stack, f"gateway-auth-{n}", ports[n], envs[n]) for n in ports]
+    children = [f.result() for f in futures if f.exception() is None]
     try:
+        for f in futures:
+            f.result()  # re-raises a replica's failure to start, after the others are stopped below
         yield AuthStack(
             stack=stack,
             github=github,
@@ -138,7 +142,3 @@ def auth_stack(stack: Stack) -> Iterator[AuthStack]:
         for child in children:
             child.stop()
         github.stop()
-
-
-def postgres_log(stack: Stack) -> Path:
-    return stack.postgres.log_path
