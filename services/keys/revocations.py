@@ -64,17 +64,21 @@ class RevocationListener:
         await self._close()
 
     async def _run(self) -> None:
+        delay = self._retry_s
         while True:
             try:
                 await self._listen()
+                delay = self._retry_s
                 await self._watch()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("revocation_listener_lost", error=type(exc).__name__)
+                log.warning("revocation_listener_lost", error=type(exc).__name__, retry_in_s=delay)
             self._mark_lost()
             await self._close()
-            await asyncio.sleep(self._retry_s)
+            await asyncio.sleep(delay)
+            # Quick to come back after a blip, quiet during a long outage (lookups go to Postgres meanwhile).
+            delay = min(delay * 2, 5.0)
 
     async def _listen(self) -> None:
         self._lost.clear()
