@@ -1,0 +1,85 @@
+"""A few truths on the real SmolLM2: the second turn reuses the prompt cache, batching pays off."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
+
+from daemon.models.smollm2 import ensure_smollm2
+from infra.components import DaemonChild, wait_model
+from tests.conftest import Stack
+from tests.support.daemons import running_daemon
+
+pytestmark = pytest.mark.smollm2
+
+MODEL = "SmolLM2-135M-Instruct-batch"
+
+
+@pytest.fixture(scope="module")
+def smollm2(stack: Stack, model_cache: Path) -> Iterator[DaemonChild]:
+    folder = ensure_smollm2(model_cache / "models")
+    with running_daemon(
+        stack.home, nats_url=stack.nats_url, provider_id="smollm2-batch-mac", model_id=MODEL, model_path=folder
+    ) as d:
+        wait_model(stack.base_url, MODEL, timeout=60, daemon=d)
+        yield d
+
+
+def test_second_turn_reuses_the_prompt_cache_through_the_pool(smollm2: DaemonChild, stack: Stack) -> None:
+    client = OpenAI(base_url=stack.v1, api_key=stack.api_key, max_retries=0, timeout=120)
+    turn: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+    first = client.chat.completions.create(model=MODEL, messages=turn, temperature=0, max_tokens=32)
+    answer = first.choices[0].message.content or ""
+    assert "Paris" in answer
+    turn += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Germany?"}]
+    second = client.chat.completions.create(model=MODEL, messages=turn, temperature=0, max_tokens=32)
+    assert "Berlin" in (second.choices[0].message.content or "")
+    assert first.usage is not None
+    assert second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None
+    assert details.cached_tokens is not None
+    # Everything of the first turn (prompt and answer) came from the cache.
+    assert details.cached_tokens >= first.usage.prompt_tokens + first.usage.completion_tokens
+    assert details.cached_tokens < second.usage.prompt_tokens
+    print(f"\nSmolLM2 second turn: {details.cached_tokens} of {second.usage.prompt_tokens} prompt tokens cached")
+
+
+PROMPTS = ["Write a story about a dragon.", "Explain photosynthesis.", "Describe Paris.", "Tell me about the ocean."]
+
+
+async def _ask(client: httpx.AsyncClient, daemon: DaemonChild, prompt: str, tokens: int) -> dict[str, Any]:
+    body = {"model": "x", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0}
+    r = await client.post(f"{daemon.api_url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+async def test_four_concurrent_requests_finish_faster_together(smollm2: DaemonChild) -> None:
+    tokens = 40
+    async with httpx.AsyncClient(timeout=300) as client:
+        await _ask(client, smollm2, "Hi", 2)
+        started = time.monotonic()
+        alone = [await _ask(client, smollm2, p, tokens) for p in PROMPTS]
+        sequential_s = time.monotonic() - started
+        started = time.monotonic()
+        together = await asyncio.gather(*(_ask(client, smollm2, p, tokens) for p in PROMPTS))
+        concurrent_s = time.monotonic() - started
+    assert [r["choices"][0]["message"]["content"] for r in together] == [
+        r["choices"][0]["message"]["content"] for r in alone
+    ]
+    generated = sum(r["usage"]["completion_tokens"] for r in together)
+    print(
+        f"\nSmolLM2 4 x {tokens} tokens: one after another {sequential_s:.2f}s, together {concurrent_s:.2f}s "
+        f"(x{sequential_s / concurrent_s:.2f}; {generated / concurrent_s:.1f} tokens/s aggregate)"
+    )
+    assert concurrent_s < 0.85 * sequential_s
