@@ -23,12 +23,14 @@ from services.middleware import add_request_id
 from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings
 from services.status.routes import health, list_models, pool_status
+from services.usage.routes import feedback, usage
 
 SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "gateway": [chat_completions],
     "status": [pool_status, list_models, health],
     "auth": [github_start, github_callback, logout, demo_token],
     "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke],
+    "usage": [usage, feedback],
 }
 
 

@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import sys
 
+from services.app import SERVICES
 from services.settings import Settings, SettingsError
+from services.usage import admin as usage_admin
 
-ALL = ("gateway", "status", "auth", "keys")
+ALL = tuple(SERVICES)
 
 
 def _serve(settings: Settings, services: list[str]) -> None:
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--service", action="append", choices=ALL, help="run only this service (repeatable)")
     sub.add_parser("migrate", help="apply database migrations")
     sub.add_parser("up", help="start the whole local system (NATS, Postgres, control plane, one daemon)")
+    admin = sub.add_parser("admin", help="operator commands (against DATABASE_URL)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    usage_admin.add_commands(admin_sub)
     args = parser.parse_args(argv)
     if args.command == "up":
         from infra.stack import main as up
@@ -62,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         _serve(settings, args.service or list(ALL))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
+    elif args.command == "admin":
+        return asyncio.run(usage_admin.run(args, settings.database_url))
     return 0
 
 

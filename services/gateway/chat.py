@@ -12,7 +12,7 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from schemas import bus, openai
-from services.auth.bearer import authenticate
+from services.auth.bearer import Principal, authenticate
 from services.errors import ApiError, ProviderError
 from services.gateway.dispatch import Call, StreamBroken
 from services.gateway.exchange import Exchange
@@ -20,8 +20,7 @@ from services.gateway.requests import decode_body
 from services.gateway.sse import DONE, ChunkWriter
 from services.ids import request_id_of
 from services.runtime import Runtime
-from services.usage.metering import Ticket, estimate_prompt_tokens
-from services.usage.quotas import Holder, Limits
+from services.usage.metering import Ticket, estimate_prompt_tokens, holder_for
 
 T = TypeVar("T")
 
@@ -60,12 +59,8 @@ def _usage(prompt: int, completion: int, cached: int) -> openai.Usage:
     )
 
 
-async def _reserve(
-    runtime: Runtime, account_id: int, key_id: int, req: openai.ChatCompletionRequest, rid: str
-) -> Ticket:
-    s = runtime.settings
-    holder = Holder(subject=f"a{account_id}", account_id=account_id, key_id=key_id, demo_token_id=None)
-    limits = Limits(s.quota_requests_per_day, s.quota_tokens_per_day, s.quota_concurrent)
+async def _reserve(runtime: Runtime, principal: Principal, req: openai.ChatCompletionRequest, rid: str) -> Ticket:
+    holder, limits = holder_for(principal, runtime.settings)
     tokens = estimate_prompt_tokens([m.text() for m in req.messages]) + _max_tokens(req, runtime)
     return await runtime.metering.reserve(holder, limits, rid, req.model, tokens)
 
@@ -95,11 +90,11 @@ async def _unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[
 async def chat_completions(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
     ex = Exchange(request_id=request_id_of(request))
     try:
-        key = await authenticate(request, runtime, allow_demo=True)
-        ex.key_id = key.key_id
+        principal = await authenticate(request, runtime, allow_demo=True)
+        ex.key_id = principal.key_id
         req = decode_body(await request.body(), openai.ChatCompletionRequest)
         ex.model, ex.stream = req.model, req.stream
-        ex.ticket = await _reserve(runtime, key.account_id, key.key_id, req, ex.request_id)
+        ex.ticket = await _reserve(runtime, principal, req, ex.request_id)
         call = await runtime.dispatcher.start(_bus_request(req, ex.request_id, runtime))
     except ApiError as exc:
         # Refused before any generation: nothing was generated, so nothing is billed.

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 
+from services.auth.bearer import Principal
 from services.errors import QuotaExhausted
+from services.settings import Settings
 from services.usage import quotas
 from services.usage.quotas import Holder, Limits, Settlement, Usage
 
@@ -52,6 +54,25 @@ def rate_limit_headers(usage: Usage) -> dict[str, str]:
         "x-ratelimit-remaining-tokens": str(usage.tokens_left),
         "x-ratelimit-reset-tokens": reset,
     }
+
+
+def default_limits(settings: Settings) -> Limits:
+    return Limits(settings.quota_requests_per_day, settings.quota_tokens_per_day, settings.quota_concurrent)
+
+
+def demo_limits(settings: Settings) -> Limits:
+    return Limits(
+        settings.demo_quota_requests_per_day, settings.demo_quota_tokens_per_day, settings.demo_quota_concurrent
+    )
+
+
+def holder_for(principal: Principal, settings: Settings) -> tuple[Holder, Limits]:
+    """Who pays for a request and under which default limits: the account, or the demo token itself."""
+    if principal.demo_token_id is not None:
+        return Holder(f"d{principal.demo_token_id}", None, None, principal.demo_token_id), demo_limits(settings)
+    assert principal.account_id is not None
+    holder = Holder(f"a{principal.account_id}", principal.account_id, principal.key_id, None)
+    return holder, default_limits(settings)
 
 
 def estimate_prompt_tokens(texts: list[str]) -> int:

@@ -172,8 +172,10 @@ async def take(
     async with db.acquire() as conn:
         row = await conn.fetchrow(_TAKE, *args)
         assert row is not None
-        if row["requests"] is None and (await conn.execute(_ENSURE, holder.subject, day)).endswith(" 1"):
-            # The subject's first request ever: its row exists now, take again.
+        if row["requests"] is None:
+            # Refused, or the subject has no row yet (its first request, maybe racing
+            # others): make sure the row exists and take once more.
+            await conn.execute(_ENSURE, holder.subject, day)
             row = await conn.fetchrow(_TAKE, *args)
             assert row is not None
         effective = Limits(row["requests_per_day"], row["tokens_per_day"], row["concurrent"])
@@ -249,3 +251,16 @@ async def settle_stale(db: asyncpg.Pool, stale_after_s: float) -> int:
         )
         settled += done
     return settled
+
+
+async def effective_limits(db: asyncpg.Pool, account_id: int, default: Limits) -> Limits:
+    row = await db.fetchrow(
+        """SELECT coalesce(requests_per_day, $2) AS r, coalesce(tokens_per_day, $3) AS t, coalesce(concurrent, $4) AS c
+           FROM (SELECT 1) AS one LEFT JOIN account_quotas ON account_id = $1""",
+        account_id,
+        default.requests_per_day,
+        default.tokens_per_day,
+        default.concurrent,
+    )
+    assert row is not None
+    return Limits(row["r"], row["t"], row["c"])

@@ -1,0 +1,103 @@
+"""GET /v1/usage and POST /v1/feedback."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from msgspec import Meta
+
+from services.auth.bearer import authenticate
+from services.errors import InvalidRequest, NotFound
+from services.gateway.requests import decode_body
+from services.runtime import Runtime
+from services.usage import quotas, reports
+from services.usage.metering import holder_for, rate_limit_headers
+
+MAX_DAYS = 90
+MAX_COMMENT = 2000
+
+
+def _days(raw: str | None) -> int:
+    if raw is None:
+        return 7
+    try:
+        days = int(raw)
+    except ValueError:
+        raise InvalidRequest("Invalid value for 'days': expected a whole number.", param="days") from None
+    if not 1 <= days <= MAX_DAYS:
+        raise InvalidRequest(f"Invalid value for 'days': must be between 1 and {MAX_DAYS}.", param="days")
+    return days
+
+
+@get("/v1/usage")
+async def usage(request: Request[Any, Any, Any], runtime: Runtime) -> Response[reports.UsageReport]:
+    principal = await authenticate(request, runtime)
+    assert principal.account_id is not None
+    assert principal.key_id is not None
+    days = _days(request.query_params.get("days"))
+    holder, defaults = holder_for(principal, runtime.settings)
+    limits = await quotas.effective_limits(runtime.db, principal.account_id, defaults)
+    current = await quotas.read(runtime.db, holder.subject, limits)
+    prefix: str = await runtime.db.fetchval("SELECT prefix FROM api_keys WHERE id = $1", principal.key_id)
+    since = dt.datetime.combine(current.window_day - dt.timedelta(days=days - 1), dt.time(), tzinfo=dt.UTC)
+    report = reports.UsageReport(
+        account_id=principal.account_id,
+        key=reports.KeyInfo(
+            id=principal.key_id,
+            prefix=prefix,
+            requests_today=await reports.key_requests_today(runtime.db, principal.key_id, current.window_day),
+        ),
+        window=reports.Window(
+            day=current.window_day.isoformat(),
+            resets_at=current.resets_at.isoformat(),
+            resets_in_s=current.seconds_to_reset(),
+        ),
+        quotas=reports.quotas_of(current),
+        days=days,
+        by_model=await reports.by_model(runtime.db, holder.subject, since),
+        ratings=await reports.ratings(runtime.db, holder.subject, since),
+    )
+    return Response(report, headers=rate_limit_headers(current))
+
+
+class FeedbackRequest(msgspec.Struct, frozen=True):
+    request_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    # 1 (bad) to 5 (excellent).
+    rating: Annotated[int, Meta(ge=1, le=5)]
+    comment: Annotated[str, Meta(max_length=MAX_COMMENT)] = ""
+
+
+class FeedbackRecord(msgspec.Struct, frozen=True):
+    request_id: str
+    rating: int
+    comment: str
+    replaced: bool
+    object: str = "feedback"
+
+
+@post("/v1/feedback", status_code=200)
+async def feedback(request: Request[Any, Any, Any], runtime: Runtime) -> FeedbackRecord:
+    principal = await authenticate(request, runtime, allow_demo=True)
+    holder, _ = holder_for(principal, runtime.settings)
+    body = decode_body(await request.body(), FeedbackRequest)
+    # Buyers may paste the completion id; the request id is its suffix.
+    request_id = body.request_id.removeprefix("chatcmpl-")
+    row = await runtime.db.fetchrow(
+        """WITH mine AS (SELECT request_id FROM usage_ledger WHERE request_id = $1 AND subject = $2)
+           INSERT INTO feedback (request_id, rating, comment)
+           SELECT request_id, $3, $4 FROM mine
+           ON CONFLICT (request_id) DO UPDATE SET rating = EXCLUDED.rating, comment = EXCLUDED.comment,
+                                                  updated_at = now()
+           RETURNING (xmax <> 0) AS replaced""",
+        request_id,
+        holder.subject,
+        body.rating,
+        body.comment,
+    )
+    if row is None:
+        # 404 whether the id does not exist or is someone else's: ids are not probeable.
+        raise NotFound(f"No finished request {body.request_id!r} on your account.", param="request_id")
+    return FeedbackRecord(request_id=request_id, rating=body.rating, comment=body.comment, replaced=row["replaced"])

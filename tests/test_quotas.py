@@ -1,0 +1,300 @@
+"""Quotas and metering across gateway replicas, cancellations and a crashed gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra.ports import free_port
+from tests.conftest import TINY_MODEL, Stack
+from tests.support import logs
+from tests.support.accounts import fetch, make_account, make_account_async, query
+
+SYNTHETIC = "synthetic-quota-model"
+
+
+@pytest.fixture(scope="module")
+def synthetic_daemon(stack: Stack) -> Iterator[Child]:
+    # The stand-in engine (never a model) answers instantly with many slots, so quota tests measure quotas.
+    daemon = start_daemon(
+        stack.home, nats_url=stack.nats_url, provider_id="synthetic-quota", model_id=SYNTHETIC, engine="synthetic"
+    )
+    try:
+        wait_model(stack.base_url, SYNTHETIC, timeout=60, daemon=daemon)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(stack: Stack, synthetic_daemon: Child) -> Iterator[list[str]]:
+    """Three more gateway replicas beside the stack's own: four in all, one Postgres, one NATS."""
+    started: list[Child] = []
+    urls = [stack.base_url]
+    try:
+        for i in range(3):
+            port = free_port()
+            started.append(
+                start_gateway(
+                    stack.home,
+                    port=port,
+                    nats_url=stack.nats_url,
+                    database_url=stack.database_url,
+                    name=f"gateway-replica-{i}",
+                    env={"MP_RESERVATION_STALE_S": "2"},
+                )
+            )
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_model(url, SYNTHETIC, timeout=30)
+        yield urls
+    finally:
+        for child in started:
+            child.stop()
+
+
+def _body(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
+
+
+async def test_four_replicas_never_overshoot_a_request_quota(stack: Stack, replicas: list[str]) -> None:
+    account = await make_account_async(stack.database_url, requests_per_day=100, concurrent=1000)
+    limits = httpx.Limits(max_connections=600, max_keepalive_connections=600)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+
+        async def one(url: str) -> httpx.Response:
+            return await client.post(f"{url}/v1/chat/completions", json=_body(SYNTHETIC), headers=account.auth())
+
+        responses = await asyncio.gather(*(one(url) for url, _ in zip(itertools.cycle(replicas), range(500))))
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {200: 100, 429: 400}, statuses
+    refused = [r for r in responses if r.status_code == 429]
+    assert {r.json()["error"]["code"] for r in refused} == {"quota_exhausted"}
+    assert "100 requests" in refused[0].json()["error"]["message"]
+    assert all(int(r.headers["retry-after"]) > 0 for r in refused)
+    assert all(r.headers["x-ratelimit-remaining-requests"] == "0" for r in refused)
+    assert all("x-ratelimit-limit-requests" in r.headers for r in responses)
+    ok_rows = await fetch(
+        stack.database_url, "SELECT count(*) AS n FROM usage_ledger WHERE subject = $1", account.subject
+    )
+    assert ok_rows[0]["n"] == 100
+    (usage,) = await fetch(
+        stack.database_url, "SELECT requests, inflight FROM quota_usage WHERE subject = $1", account.subject
+    )
+    assert (usage["requests"], usage["inflight"]) == (100, 0)
+
+
+def test_concurrency_quota(stack: Stack, synthetic_daemon: Child) -> None:
+    account = make_account(stack.database_url, concurrent=1)
+    long = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", f"{stack.v1}/chat/completions", json=long, headers=account.auth(), timeout=60) as r:
+        assert r.status_code == 200
+        second = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=account.auth())
+        assert second.status_code == 429
+        assert "Concurrent" in second.json()["error"]["message"]
+        assert second.headers["retry-after"] == "1"
+    # The slot comes back once the stream is gone.
+    deadline = time.monotonic() + 5
+    while True:
+        third = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=account.auth())
+        if third.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert third.status_code == 200, third.text
+
+
+def test_token_quota_counts_what_was_generated(stack: Stack) -> None:
+    account = make_account(stack.database_url, tokens_per_day=20_000)
+    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "story"}], "stream": True}
+    seen_ids = []
+    for max_tokens, read in ((3000, 10), (3000, 30), (5000, 3)):
+        with httpx.stream(
+            "POST", f"{stack.v1}/chat/completions", json={**body, "max_tokens": max_tokens}, headers=account.auth()
+        ) as r:
+            assert r.status_code == 200, r.read()
+            seen_ids.append(r.headers["x-request-id"])
+            chunks = 0
+            for line in r.iter_lines():
+                chunks += line.startswith("data: {")
+                if chunks > read:
+                    break
+    for rid in seen_ids:
+        logs.wait_event(stack.daemon.log_path, "request_done", request_id=rid)
+    deadline = time.monotonic() + 5
+    while query(stack.database_url, "SELECT 1 FROM reservations WHERE subject = $1", account.subject):
+        assert time.monotonic() < deadline, "reservations left behind"
+        time.sleep(0.05)
+    rows = query(
+        stack.database_url,
+        "SELECT request_id, prompt_tokens, completion_tokens, outcome FROM usage_ledger WHERE subject = $1",
+        account.subject,
+    )
+    assert {r["request_id"] for r in rows} == set(seen_ids)
+    for row in rows:
+        assert row["outcome"] == "cancelled"
+        done = logs.wait_event(stack.daemon.log_path, "request_done", request_id=row["request_id"])
+        # Billed: what reached the gateway, never more than the provider generated.
+        assert 0 < row["completion_tokens"] <= int(done["completion_tokens"])
+        assert row["completion_tokens"] < 1000
+    (usage,) = query(stack.database_url, "SELECT tokens, inflight FROM quota_usage WHERE subject = $1", account.subject)
+    assert usage["inflight"] == 0
+    assert usage["tokens"] == sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    # A request that could need more tokens than are left is refused up front, saying so.
+    big = httpx.post(
+        f"{stack.v1}/chat/completions",
+        json={"model": TINY_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 30_000},
+        headers=account.auth(),
+    )
+    assert big.status_code == 429
+    assert "token quota" in big.json()["error"]["message"]
+
+
+def test_refused_requests_do_not_use_the_quota(stack: Stack) -> None:
+    account = make_account(stack.database_url, requests_per_day=2)
+    for _ in range(3):
+        r = httpx.post(f"{stack.v1}/chat/completions", json=_body("not-served"), headers=account.auth())
+        assert r.status_code == 503
+    ok = httpx.post(f"{stack.v1}/chat/completions", json=_body(TINY_MODEL), headers=account.auth())
+    assert ok.status_code == 200
+    assert ok.headers["x-ratelimit-remaining-requests"] == "1"
+    (usage,) = query(stack.database_url, "SELECT requests FROM quota_usage WHERE subject = $1", account.subject)
+    assert usage["requests"] == 1
+    outcomes = Counter(
+        r["outcome"]
+        for r in query(stack.database_url, "SELECT outcome FROM usage_ledger WHERE subject = $1", account.subject)
+    )
+    assert outcomes == {"unavailable": 3, "ok": 1}
+
+
+def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str]) -> None:
+    account = make_account(stack.database_url)
+    model = "tiny-llama-for-gateway-crash"
+    daemon = start_daemon(
+        stack.home, nats_url=stack.nats_url, provider_id="crash-mac", model_id=model, model_path=stack.model_path
+    )
+    port = free_port()
+    doomed = start_gateway(
+        stack.home, port=port, nats_url=stack.nats_url, database_url=stack.database_url, name="gateway-doomed"
+    )
+    try:
+        wait_model(f"http://127.0.0.1:{port}", model, timeout=60, daemon=daemon)
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": True}
+        with httpx.stream(
+            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=account.auth(), timeout=30
+        ) as r:
+            request_id = r.headers["x-request-id"]
+            started = time.monotonic()
+            for _ in r.iter_lines():
+                # Long enough for the gateway to have reported progress at least once.
+                if time.monotonic() - started > 2.5:
+                    break
+            doomed.proc.send_signal(signal.SIGKILL)
+            doomed.proc.wait()
+        # The replicas (stale after 2 s) settle the orphaned reservation.
+        deadline = time.monotonic() + 15
+        while not (rows := query(stack.database_url, "SELECT * FROM usage_ledger WHERE request_id = $1", request_id)):
+            assert time.monotonic() < deadline, "the orphaned reservation was never settled"
+            time.sleep(0.2)
+        (row,) = rows
+        assert row["outcome"] == "gateway_lost"
+        assert row["completion_tokens"] > 0
+        assert row["provider_id"] == "crash-mac"
+        assert query(stack.database_url, "SELECT 1 FROM reservations WHERE request_id = $1", request_id) == []
+        (usage,) = query(stack.database_url, "SELECT inflight FROM quota_usage WHERE subject = $1", account.subject)
+        assert usage["inflight"] == 0
+        time.sleep(3)  # more sweeps: still exactly one row
+        assert len(query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE request_id = $1", request_id)) == 1
+    finally:
+        doomed.stop()
+        daemon.stop()
+
+
+def test_usage_report(stack: Stack) -> None:
+    account = make_account(stack.database_url, requests_per_day=50, tokens_per_day=100_000, concurrent=3)
+    ids = []
+    for n in (3, 5):
+        r = httpx.post(f"{stack.v1}/chat/completions", json=_body(TINY_MODEL, max_tokens=n), headers=account.auth())
+        ids.append(r.headers["x-request-id"])
+    r = httpx.get(f"{stack.v1}/usage", headers=account.auth())
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["object"] == "usage"
+    assert report["account_id"] == account.account_id
+    assert report["key"]["id"] == account.key_id
+    assert report["key"]["prefix"] == account.key[:9]
+    assert account.key not in r.text
+    assert report["key"]["requests_today"] == 2
+    quotas = report["quotas"]
+    assert quotas["requests_per_day"] == {"limit": 50, "used": 2, "remaining": 48}
+    assert quotas["concurrent_requests"] == {"limit": 3, "in_flight": 0}
+    (model_day,) = report["by_model"]
+    assert model_day["model"] == TINY_MODEL
+    assert model_day["requests"] == 2
+    assert model_day["completion_tokens"] == 8
+    assert quotas["tokens_per_day"]["used"] == model_day["total_tokens"]
+    assert report["window"]["resets_in_s"] > 0
+    assert report["days"] == 7
+    assert r.headers["x-ratelimit-remaining-requests"] == "48"
+    assert httpx.get(f"{stack.v1}/usage?days=30", headers=account.auth()).json()["days"] == 30
+    for bad in ("0", "91", "abc", "-1"):
+        err = httpx.get(f"{stack.v1}/usage?days={bad}", headers=account.auth())
+        assert err.status_code == 400
+        assert err.json()["error"]["param"] == "days"
+    assert httpx.get(f"{stack.v1}/usage").json()["error"]["code"] == "missing_bearer_token"
+
+
+def test_feedback(stack: Stack) -> None:
+    mine = make_account(stack.database_url)
+    other = make_account(stack.database_url)
+    r = httpx.post(f"{stack.v1}/chat/completions", json=_body(TINY_MODEL), headers=mine.auth())
+    request_id = r.headers["x-request-id"]
+
+    def rate(who: dict[str, str], **body: object) -> httpx.Response:
+        return httpx.post(f"{stack.v1}/feedback", json=body, headers=who)
+
+    first = rate(mine.auth(), request_id=request_id, rating=2, comment="meh")
+    assert first.status_code == 200, first.text
+    assert first.json()["replaced"] is False
+    again = rate(mine.auth(), request_id=r.json()["id"], rating=5, comment="great, actually")
+    assert again.json()["replaced"] is True
+    # Someone else's request and an unknown id look the same.
+    for who, rid in ((other.auth(), request_id), (mine.auth(), "0" * 24)):
+        err = rate(who, request_id=rid, rating=1)
+        assert err.status_code == 404
+        assert err.json()["error"]["code"] == "not_found"
+    for bad, param in (({"rating": 6}, "rating"), ({"rating": 0}, "rating"), ({"comment": "x" * 2001}, "comment")):
+        err = rate(mine.auth(), **{"request_id": request_id, "rating": 3, **bad})
+        assert err.status_code == 400
+        assert err.json()["error"]["param"] == param
+    report = httpx.get(f"{stack.v1}/usage", headers=mine.auth()).json()
+    assert report["ratings"]["count"] == 1
+    assert report["ratings"]["average"] == 5.0
+    assert report["ratings"]["distribution"]["5"] == 1
+    # Operators see it.
+    out = subprocess.run(
+        [sys.executable, "-m", "services", "admin", "feedback", "--model", TINY_MODEL, "--rating", "5"],
+        env={"DATABASE_URL": stack.database_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "great, actually" in out
+    assert TINY_MODEL in out
+    out = subprocess.run(
+        [sys.executable, "-m", "services", "admin", "feedback", "--rating", "1"],
+        env={"DATABASE_URL": stack.database_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "great, actually" not in out
