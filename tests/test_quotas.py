@@ -298,3 +298,32 @@ def test_feedback(stack: Stack) -> None:
         check=True,
     ).stdout
     assert "great, actually" not in out
+
+
+def test_demo_tokens_have_their_own_quota_and_feedback(stack: Stack, synthetic_daemon: Child) -> None:
+    issued = httpx.post(f"{stack.base_url}/auth/demo")
+    assert issued.status_code == 201, issued.text
+    demo = {"Authorization": f"Bearer {issued.json()['token']}"}
+    account = make_account(stack.database_url)
+    theirs = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=account.auth())
+
+    first = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=demo)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-ratelimit-limit-requests"] == "20"  # the demo default, not an account's
+    mine = first.headers["x-request-id"]
+    assert httpx.post(f"{stack.v1}/feedback", json={"request_id": mine, "rating": 4}, headers=demo).status_code == 200
+    # A demo token cannot rate an account's request, nor an account the demo's.
+    other = theirs.headers["x-request-id"]
+    assert httpx.post(f"{stack.v1}/feedback", json={"request_id": other, "rating": 1}, headers=demo).status_code == 404
+    assert (
+        httpx.post(f"{stack.v1}/feedback", json={"request_id": mine, "rating": 1}, headers=account.auth()).status_code
+        == 404
+    )
+    # /v1/usage needs an API key.
+    refused = httpx.get(f"{stack.v1}/usage", headers=demo)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "demo_token_not_allowed"
+    statuses = Counter(
+        httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=demo).status_code for _ in range(20)
+    )
+    assert statuses == {200: 19, 429: 1}
