@@ -246,6 +246,9 @@ def test_usage_report(stack: Stack) -> None:
     assert report["days"] == 7
     assert r.headers["x-ratelimit-remaining-requests"] == "48"
     assert httpx.get(f"{stack.v1}/usage?days=30", headers=account.auth()).json()["days"] == 30
+    models = httpx.get(f"{stack.v1}/models", headers=account.auth())
+    assert models.headers["x-ratelimit-remaining-requests"] == "48"
+    assert models.headers["x-ratelimit-limit-tokens"] == "100000"
     for bad in ("0", "91", "abc", "-1"):
         err = httpx.get(f"{stack.v1}/usage?days={bad}", headers=account.auth())
         assert err.status_code == 400

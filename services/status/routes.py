@@ -11,6 +11,7 @@ from litestar import Request, Response, get
 from schemas import openai
 from services.auth.bearer import authenticate
 from services.runtime import Runtime
+from services.usage.metering import quota_headers
 
 
 class ModelStatus(msgspec.Struct, frozen=True):
@@ -82,12 +83,13 @@ async def pool_status(runtime: Runtime) -> PoolStatus:
 
 
 @get("/v1/models")
-async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> openai.ModelList:
-    await authenticate(request, runtime, allow_demo=True)
+async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> Response[openai.ModelList]:
+    principal = await authenticate(request, runtime, allow_demo=True)
     now = int(time.time())
-    return openai.ModelList(
+    models = openai.ModelList(
         data=[openai.Model(id=m, created=now, owned_by="mac-provider-pool") for m in sorted(runtime.pool.models())]
     )
+    return Response(models, headers=await quota_headers(runtime.db, principal, runtime.settings))
 
 
 @get("/health")

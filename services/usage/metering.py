@@ -75,6 +75,14 @@ def holder_for(principal: Principal, settings: Settings) -> tuple[Holder, Limits
     return holder, default_limits(settings)
 
 
+async def quota_headers(db: asyncpg.Pool, principal: Principal, settings: Settings) -> dict[str, str]:
+    """x-ratelimit-* headers for responses that reserve nothing (models, usage, feedback)."""
+    if not settings.metering:
+        return {}
+    holder, defaults = holder_for(principal, settings)
+    return rate_limit_headers(await quotas.snapshot(db, holder, defaults))
+
+
 def estimate_prompt_tokens(texts: list[str]) -> int:
     # The gateway has no tokenizer. BPE vocabularies average well over 3 bytes a
     # token on prose, so this overestimates a little; settlement uses the real count.

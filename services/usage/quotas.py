@@ -191,10 +191,6 @@ def _usage_from(limits: Limits, row: asyncpg.Record | None, day: dt.date) -> Usa
     return Usage(limits, row["requests"], row["tokens"], row["inflight"], day)
 
 
-async def read(db: asyncpg.Pool, subject: str, limits: Limits) -> Usage:
-    return _usage_from(limits, await db.fetchrow(_READ, subject), today())
-
-
 @dataclass(frozen=True, slots=True)
 class Settlement:
     provider_id: str | None
@@ -253,14 +249,25 @@ async def settle_stale(db: asyncpg.Pool, stale_after_s: float) -> int:
     return settled
 
 
-async def effective_limits(db: asyncpg.Pool, account_id: int, default: Limits) -> Limits:
+_SNAPSHOT = """
+SELECT coalesce(q.requests_per_day, $3) AS r, coalesce(q.tokens_per_day, $4) AS t, coalesce(q.concurrent, $5) AS c,
+       u.window_day, u.requests, u.tokens, u.inflight
+FROM (SELECT 1) AS one
+LEFT JOIN account_quotas q ON q.account_id = $2
+LEFT JOIN quota_usage u ON u.subject = $1
+"""
+
+
+async def snapshot(db: asyncpg.Pool, holder: Holder, default: Limits) -> Usage:
+    """A subject's effective limits and current counters, in one query (no reservation)."""
     row = await db.fetchrow(
-        """SELECT coalesce(requests_per_day, $2) AS r, coalesce(tokens_per_day, $3) AS t, coalesce(concurrent, $4) AS c
-           FROM (SELECT 1) AS one LEFT JOIN account_quotas ON account_id = $1""",
-        account_id,
+        _SNAPSHOT,
+        holder.subject,
+        holder.account_id,
         default.requests_per_day,
         default.tokens_per_day,
         default.concurrent,
     )
     assert row is not None
-    return Limits(row["r"], row["t"], row["c"])
+    limits = Limits(row["r"], row["t"], row["c"])
+    return _usage_from(limits, row if row["window_day"] is not None else None, today())

@@ -14,7 +14,7 @@ from services.errors import InvalidRequest, NotFound
 from services.gateway.requests import decode_body
 from services.runtime import Runtime
 from services.usage import quotas, reports
-from services.usage.metering import holder_for, rate_limit_headers
+from services.usage.metering import holder_for, quota_headers, rate_limit_headers
 
 MAX_DAYS = 90
 MAX_COMMENT = 2000
@@ -39,8 +39,7 @@ async def usage(request: Request[Any, Any, Any], runtime: Runtime) -> Response[r
     assert principal.key_id is not None
     days = _days(request.query_params.get("days"))
     holder, defaults = holder_for(principal, runtime.settings)
-    limits = await quotas.effective_limits(runtime.db, principal.account_id, defaults)
-    current = await quotas.read(runtime.db, holder.subject, limits)
+    current = await quotas.snapshot(runtime.db, holder, defaults)
     prefix: str = await runtime.db.fetchval("SELECT prefix FROM api_keys WHERE id = $1", principal.key_id)
     since = dt.datetime.combine(current.window_day - dt.timedelta(days=days - 1), dt.time(), tzinfo=dt.UTC)
     report = reports.UsageReport(
@@ -79,7 +78,7 @@ class FeedbackRecord(msgspec.Struct, frozen=True):
 
 
 @post("/v1/feedback", status_code=200)
-async def feedback(request: Request[Any, Any, Any], runtime: Runtime) -> FeedbackRecord:
+async def feedback(request: Request[Any, Any, Any], runtime: Runtime) -> Response[FeedbackRecord]:
     principal = await authenticate(request, runtime, allow_demo=True)
     holder, _ = holder_for(principal, runtime.settings)
     body = decode_body(await request.body(), FeedbackRequest)
@@ -100,4 +99,5 @@ async def feedback(request: Request[Any, Any, Any], runtime: Runtime) -> Feedbac
     if row is None:
         # 404 whether the id does not exist or is someone else's: ids are not probeable.
         raise NotFound(f"No finished request {body.request_id!r} on your account.", param="request_id")
-    return FeedbackRecord(request_id=request_id, rating=body.rating, comment=body.comment, replaced=row["replaced"])
+    record = FeedbackRecord(request_id=request_id, rating=body.rating, comment=body.comment, replaced=row["replaced"])
+    return Response(record, headers=await quota_headers(runtime.db, principal, runtime.settings))
