@@ -54,6 +54,19 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens_explicit: bool = False
 
 
+class Continuation(msgspec.Struct, frozen=True):
+    """What earlier providers generated for this request before they were lost.
+
+    The new provider appends `token_ids` to the prompt and generates only what
+    follows; `text` is what the buyer has already received (the tokens' text may
+    run further: held back as a possible stop sequence or a partial character),
+    so the provider sends exactly the rest and nothing is repeated or missing.
+    """
+
+    token_ids: list[int]
+    text: str
+
+
 class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str
     model: str
@@ -68,6 +81,7 @@ class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    continuation: Continuation | None = None
 
 
 class Cancel(msgspec.Struct, frozen=True):
@@ -105,6 +119,8 @@ class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
     # One entry per generated token in this delta, when the request asked for logprobs.
     logprobs: list[TokenLogprob] = msgspec.field(default_factory=list)
+    # The ids of the `tokens` generated tokens, so another provider can continue after them.
+    token_ids: list[int] = msgspec.field(default_factory=list)
 
 
 class Done(msgspec.Struct, frozen=True, tag="done"):

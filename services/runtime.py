@@ -74,6 +74,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             accept_timeout_s=settings.accept_timeout_s,
             stream_idle_timeout_s=settings.stream_idle_timeout_s,
             request_timeout_s=settings.request_timeout_s,
+            first_token_timeout_s=settings.first_token_timeout_s,
+            lost_after_intervals=settings.lost_after_intervals,
+            max_failovers=settings.max_failovers,
         )
         log.info("control_plane_ready", gateway_id=settings.gateway_id)
         yield Runtime(settings, db, nc, pool, dispatcher, metering, time.time(), keys=keys, demo=demo)

@@ -78,6 +78,12 @@ class Settings:
     accept_timeout_s: float
     # Longest silence tolerated between two frames of a running stream.
     stream_idle_timeout_s: float
+    # A request with no first token this long after it was accepted moves to another provider.
+    first_token_timeout_s: float
+    # How many times a request may move to another provider when its provider is lost.
+    max_failovers: int
+    # A provider whose heartbeats stopped for this many intervals is lost to its running requests.
+    lost_after_intervals: float
     # max_tokens when the buyer sends none.
     default_max_tokens: int
     # A provider missing this many heartbeat intervals leaves the pool view.
@@ -137,6 +143,9 @@ class Settings:
             request_timeout_s=_float(env, "MP_REQUEST_TIMEOUT_S", 600.0),
             accept_timeout_s=_float(env, "MP_ACCEPT_TIMEOUT_S", 2.0),
             stream_idle_timeout_s=_float(env, "MP_STREAM_IDLE_TIMEOUT_S", 120.0),
+            first_token_timeout_s=_float(env, "MP_FIRST_TOKEN_TIMEOUT_S", 60.0),
+            max_failovers=_int(env, "MP_MAX_FAILOVERS", 2),
+            lost_after_intervals=_float(env, "MP_LOST_AFTER_INTERVALS", 2.0),
             default_max_tokens=_int(env, "MP_DEFAULT_MAX_TOKENS", 1024),
             heartbeat_misses=_int(env, "MP_HEARTBEAT_MISSES", 3),
             public_url=public_url,

@@ -9,7 +9,7 @@ import pytest
 
 from daemon.engine.text import StopFilter
 from schemas import bus, subjects
-from services.gateway.dispatch import ReplyStream, StreamBroken
+from services.gateway.replies import ReplyStream, StreamBroken
 from services.gateway.pool import PoolView
 from services.keys import format as key_format
 
@@ -137,10 +137,14 @@ async def test_reply_stream_detects_gaps_and_drops_duplicates() -> None:
     assert info.value.code == "provider_protocol_error"
 
 
-async def test_reply_stream_silence_is_an_error() -> None:
+async def test_reply_stream_silence_is_reported_and_loss_is_recoverable() -> None:
+    stream = ReplyStream("r", "p")
+    assert await stream.next(0.05) is None
+    stream.lost("p")
     with pytest.raises(StreamBroken) as info:
-        await ReplyStream("r", "p").next(0.05)
-    assert info.value.code == "provider_timeout"
+        await stream.next(1)
+    assert info.value.code == "provider_lost"
+    assert info.value.recoverable
     await asyncio.sleep(0)
 
 

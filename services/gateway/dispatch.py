@@ -1,182 +1,197 @@
-"""Sending a request to a provider over NATS and reading its reply stream.
+"""Handing a request to a provider over NATS, and keeping it alive if the provider is lost.
 
-Each gateway replica has one wildcard subscription for all its replies
-(`mp.v1.reply.*.<gateway>.*`) and hands frames to the waiting request by id.
-The provider id in the subject must be the one we sent the request to, and
-frames must arrive in sequence; anything else ends the stream with an error.
+`Dispatcher.start` sends the request to the best candidate that accepts it
+(or raises at once). The returned `Call` yields the answer's frames; if its
+provider dies, goes silent, misbehaves or fails mid-answer, the call
+continues on another provider from the prompt plus the tokens already
+generated (`bus.Continuation`), so the buyer sees one uninterrupted answer.
+When no provider can continue, the call ends with `StreamBroken`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
 from nats.aio.client import Client as Nats
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from schemas import bus, subjects
-from services.errors import CoordinatorUnavailable, ProviderError, RequestTimeout
+from services.errors import ApiError, CoordinatorUnavailable, InvalidRequest, ProviderError, RequestTimeout
 from services.gateway.pool import PoolView
+from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
+
+__all__ = ["Call", "Dispatcher", "ReplyRouter", "StreamBroken"]
 
 log = structlog.get_logger("gateway.dispatch")
 
+# Failures of the provider, not of the request: another provider may take over.
+RECOVERABLE = frozenset(
+    {
+        "worker_crashed",
+        "worker_restarting",
+        "worker_unavailable",
+        "provider_stopping",
+        "provider_draining",
+        "provider_internal_error",
+        "provider_busy",
+        "engine_error",
+        "model_not_loaded",
+    }
+)
 
-class StreamBroken(Exception):
-    """The reply stream cannot be trusted any more (gap, lost provider, silence)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# How often a waiting request re-checks its provider's heartbeat and its deadlines.
+_TICK_S = 0.25
 
 
-@dataclass(frozen=True, slots=True)
-class _ProviderLost:
+def _refusal(frame: bus.Failed) -> ApiError:
+    """A provider refused the request itself (bad field, too long): the buyer's error, not ours."""
+    if frame.param is not None or frame.code.startswith(("invalid", "context_")):
+        error: ApiError = InvalidRequest(frame.message, param=frame.param)
+        error.code = frame.code
+        return error
+    return ProviderError(f"The provider refused the request: {frame.message}")
+
+
+@dataclass
+class _Leg:
+    """One provider's part of a call."""
+
     provider_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Garbled:
-    reason: str
-
-
-_Item = bus.Frame | _ProviderLost | _Garbled
-
-
-class ReplyStream:
-    """The frames of one request from one provider, checked for order."""
-
-    def __init__(self, request_id: str, provider_id: str) -> None:
-        self.request_id = request_id
-        self.provider_id = provider_id
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._expected = 0
-        self.duplicates = 0
-
-    def push(self, item: _Item) -> None:
-        self._queue.put_nowait(item)
-
-    async def next(self, timeout: float) -> bus.Frame:  # noqa: ASYNC109 - per-frame deadline
-        while True:
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
-            except TimeoutError:
-                raise StreamBroken("provider_timeout", f"provider {self.provider_id} went silent") from None
-            if isinstance(item, _ProviderLost):
-                raise StreamBroken("provider_lost", f"provider {self.provider_id} left the pool mid-request")
-            if isinstance(item, _Garbled):
-                raise StreamBroken("provider_protocol_error", item.reason)
-            if item.seq < self._expected:
-                self.duplicates += 1  # a redelivered frame: already handled, drop it
-                continue
-            if item.seq > self._expected:
-                raise StreamBroken(
-                    "provider_protocol_error",
-                    f"frame gap from {self.provider_id}: got {item.seq}, want {self._expected}",
-                )
-            self._expected += 1
-            return item
-
-
-def _lost_notifier(stream: ReplyStream) -> Callable[[str], None]:
-    return lambda provider_id: stream.push(_ProviderLost(provider_id))
-
-
-class ReplyRouter:
-    def __init__(self, nc: Nats, gateway_id: str) -> None:
-        self._nc = nc
-        self._gateway_id = gateway_id
-        self._streams: dict[str, ReplyStream] = {}
-        self._sub: Subscription | None = None
-        self.stray_frames = 0
-
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(subjects.replies_for_gateway(self._gateway_id), cb=self._on_msg)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-
-    def open(self, request_id: str, provider_id: str) -> ReplyStream:
-        stream = ReplyStream(request_id, provider_id)
-        self._streams[request_id] = stream
-        return stream
-
-    def close(self, stream: ReplyStream) -> None:
-        if self._streams.get(stream.request_id) is stream:
-            del self._streams[stream.request_id]
-
-    async def _on_msg(self, msg: Msg) -> None:
-        try:
-            provider_id, _, request_id = subjects.parse_reply(msg.subject)
-        except subjects.SubjectError:
-            self.stray_frames += 1
-            return
-        stream = self._streams.get(request_id)
-        if stream is None or stream.provider_id != provider_id:
-            # Late frames of a finished or failed-over request, or a provider answering for another.
-            self.stray_frames += 1
-            return
-        try:
-            stream.push(bus.decode_frame(msg.data))
-        except msgspec.DecodeError as exc:
-            stream.push(_Garbled(f"undecodable frame from {provider_id}: {exc}"))
+    stream: ReplyStream
+    watch: int
+    epoch: int
+    accepted: bus.Accepted
 
 
 @dataclass
 class Call:
     """A request a provider has accepted; iterate `frames()` for Delta and a final Done."""
 
-    request_id: str
-    provider_id: str
+    request: bus.InferenceRequest
     accepted: bus.Accepted
     started: float
     _dispatcher: Dispatcher
-    _stream: ReplyStream
-    _watch: int
-    _epoch: int
+    _leg: _Leg
+    providers: list[str] = field(default_factory=list)
     finished: bool = False
     _closed: bool = False
+    # What earlier legs delivered, for a continuation and for usage.
+    _text: list[str] = field(default_factory=list)
+    _token_ids: list[int] = field(default_factory=list)
+    _tokens: int = 0
+    _got_first_token: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def provider_id(self) -> str:
+        return self._leg.provider_id
+
+    @property
+    def failovers(self) -> int:
+        return len(self.providers) - 1
 
     async def frames(self) -> AsyncIterator[bus.Delta | bus.Done]:
-        idle = self._dispatcher.stream_idle_timeout_s
-        deadline = self.started + self._dispatcher.request_timeout_s
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RequestTimeout("The request exceeded the gateway's time limit.")
             try:
-                frame = await self._stream.next(min(idle, remaining))
-            except StreamBroken:
-                if time.monotonic() >= deadline:
-                    raise RequestTimeout("The request exceeded the gateway's time limit.") from None
-                raise
-            if isinstance(frame, bus.Failed):
-                self.finished = True
-                raise StreamBroken(frame.code, frame.message)
-            if isinstance(frame, bus.Accepted):
-                raise StreamBroken("provider_protocol_error", "second accepted frame")
-            if isinstance(frame, bus.Done):
-                self.finished = True
-            yield frame
-            if self.finished:
-                return
+                frame = await self._next()
+            except StreamBroken as exc:
+                if not exc.recoverable:
+                    raise
+                await self._fail_over(exc)
+                continue
+            if isinstance(frame, bus.Delta):
+                self._got_first_token = True
+                self._text.append(frame.text)
+                self._token_ids.extend(frame.token_ids)
+                self._tokens += frame.tokens
+                yield frame
+                continue
+            self.finished = True
+            # Bill the original prompt once and every token delivered, across providers.
+            yield msgspec.structs.replace(
+                frame,
+                prompt_tokens=self.accepted.prompt_tokens,
+                completion_tokens=self._tokens,
+            )
+            return
+
+    async def _next(self) -> bus.Delta | bus.Done:
+        d = self._dispatcher
+        deadline = self.started + d.request_timeout_s
+        last_frame = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise RequestTimeout(f"The request exceeded the gateway's time limit of {d.request_timeout_s:g} s.")
+            frame = await self._leg.stream.next(min(_TICK_S, deadline - now))
+            now = time.monotonic()
+            if frame is not None:
+                if isinstance(frame, bus.Failed):
+                    raise StreamBroken(frame.code, frame.message, recoverable=frame.code in RECOVERABLE)
+                if isinstance(frame, bus.Accepted):
+                    raise StreamBroken("provider_protocol_error", "second accepted frame", recoverable=True)
+                return frame
+            pid = self.provider_id
+            if d.pool.silent(pid, d.lost_after_intervals):
+                # A sleeping Mac or a cut network: its heartbeats stopped too.
+                raise StreamBroken("provider_lost", f"provider {pid} stopped sending heartbeats", recoverable=True)
+            if not self._got_first_token and now - self.started > d.first_token_timeout_s:
+                raise StreamBroken(
+                    "first_token_timeout",
+                    f"no first token from {pid} within {d.first_token_timeout_s:g} s",
+                    recoverable=True,
+                )
+            if now - last_frame > d.stream_idle_timeout_s:
+                raise StreamBroken("provider_timeout", f"provider {pid} went silent", recoverable=True)
+
+    async def _fail_over(self, cause: StreamBroken) -> None:
+        d = self._dispatcher
+        lost = self.provider_id
+        await self._release_leg(cancel=True)
+        if self.failovers >= d.max_failovers or len(self._token_ids) != self._tokens:
+            # Out of retries, or the provider did not report token ids: continuing would repeat text.
+            self.finished = True
+            raise StreamBroken(cause.code, cause.message)
+        continued = msgspec.structs.replace(
+            self.request,
+            continuation=bus.Continuation(token_ids=list(self._token_ids), text="".join(self._text)),
+        )
+        try:
+            self._leg = await d.open_leg(continued, exclude=set(self.providers))
+        except ApiError as exc:
+            self.finished = True
+            raise StreamBroken(
+                cause.code, f"{cause.message}; no other provider could continue ({exc.message})"
+            ) from None
+        self.providers.append(self.provider_id)
+        log.warning(
+            "failover",
+            request_id=self.request_id,
+            lost=lost,
+            to=self.provider_id,
+            reason=cause.code,
+            tokens_so_far=self._tokens,
+        )
+
+    async def _release_leg(self, *, cancel: bool) -> None:
+        leg = self._leg
+        self._dispatcher.release_leg(self.request_id, leg)
+        if cancel:
+            await self._dispatcher.cancel(leg.provider_id, self.request_id)
 
     async def close(self) -> None:
         """Release the request; if it did not finish, tell the provider to stop generating. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._dispatcher.release(self)
-        if not self.finished:
-            await self._dispatcher.cancel(self.provider_id, self.request_id)
+        await self._release_leg(cancel=not self.finished)
 
 
 class Dispatcher:
@@ -190,23 +205,33 @@ class Dispatcher:
         accept_timeout_s: float,
         stream_idle_timeout_s: float,
         request_timeout_s: float,
+        first_token_timeout_s: float = 60.0,
+        lost_after_intervals: float = 2.0,
+        max_failovers: int = 2,
         max_attempts: int = 3,
     ) -> None:
         self._nc = nc
-        self._pool = pool
+        self.pool = pool
         self._router = router
         self._gateway_id = gateway_id
         self.accept_timeout_s = accept_timeout_s
         self.stream_idle_timeout_s = stream_idle_timeout_s
         self.request_timeout_s = request_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
+        self.lost_after_intervals = lost_after_intervals
+        self.max_failovers = max_failovers
         self.max_attempts = max_attempts
 
     async def start(self, request: bus.InferenceRequest) -> Call:
         """Hand the request to the best provider that accepts it, or raise at once."""
         started = time.monotonic()
-        candidates = self._pool.candidates(request.model)
+        leg = await self.open_leg(request, exclude=set())
+        return Call(request, leg.accepted, started, self, leg, providers=[leg.provider_id])
+
+    async def open_leg(self, request: bus.InferenceRequest, *, exclude: set[str]) -> _Leg:
+        candidates = [s for s in self.pool.candidates(request.model) if s.provider_id not in exclude]
         if not candidates:
-            served = sorted(self._pool.models())
+            served = sorted(self.pool.models())
             hint = f" Models served now: {', '.join(served)}." if served else " No provider is connected."
             raise CoordinatorUnavailable(f"No provider can serve model {request.model!r} right now.{hint}")
         payload = bus.encode(request)
@@ -214,8 +239,8 @@ class Dispatcher:
         for state in candidates[: self.max_attempts]:
             pid = state.provider_id
             stream = self._router.open(request.request_id, pid)
-            watch = self._pool.watch(pid, _lost_notifier(stream))
-            epoch = self._pool.note_sent(pid)
+            watch = self.pool.watch(pid, lost_notifier(stream))
+            epoch = self.pool.note_sent(pid)
             await self._nc.publish(
                 subjects.work(pid), payload, reply=subjects.reply(pid, self._gateway_id, request.request_id)
             )
@@ -223,23 +248,24 @@ class Dispatcher:
                 frame = await stream.next(self.accept_timeout_s)
             except StreamBroken as exc:
                 frame = bus.Failed(seq=0, code=exc.code, message=exc.message, retryable=True)
-            if isinstance(frame, bus.Accepted):
-                return Call(request.request_id, pid, frame, started, self, stream, watch, epoch)
+            leg = _Leg(pid, stream, watch, epoch, frame) if isinstance(frame, bus.Accepted) else None
+            if leg is not None:
+                return leg
             self._router.close(stream)
-            self._pool.unwatch(pid, watch)
-            self._pool.note_finished(pid, epoch)
+            self.pool.unwatch(pid, watch)
+            self.pool.note_finished(pid, epoch)
             if isinstance(frame, bus.Failed) and not frame.retryable:
-                raise ProviderError(f"The provider refused the request: {frame.message}")
+                raise _refusal(frame)
             # Nothing ran there; make sure a late acceptance is cancelled, then try the next one.
             await self.cancel(pid, request.request_id)
-            last_error = frame.message if isinstance(frame, bus.Failed) else "unexpected first frame"
+            last_error = frame.message if isinstance(frame, bus.Failed) else f"no answer in {self.accept_timeout_s:g} s"
             log.warning("provider_declined", provider=pid, request_id=request.request_id, reason=last_error)
         raise CoordinatorUnavailable(f"No provider accepted the request for {request.model!r} ({last_error}).")
 
-    def release(self, call: Call) -> None:
-        self._router.close(call._stream)
-        self._pool.unwatch(call.provider_id, call._watch)
-        self._pool.note_finished(call.provider_id, call._epoch)
+    def release_leg(self, request_id: str, leg: _Leg) -> None:
+        self._router.close(leg.stream)
+        self.pool.unwatch(leg.provider_id, leg.watch)
+        self.pool.note_finished(leg.provider_id, leg.epoch)
 
     async def cancel(self, provider_id: str, request_id: str) -> None:
         with contextlib.suppress(Exception):

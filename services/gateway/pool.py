@@ -96,6 +96,13 @@ class PoolView:
         able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.decode_tps))
         return able
 
+    def silent(self, provider_id: str, intervals: float) -> bool:
+        """True if the provider's heartbeats stopped for `intervals` of its own intervals."""
+        state = self.providers.get(provider_id)
+        if state is None:
+            return False  # already gone: its watchers were told
+        return self.clock() - state.last_seen > intervals * state.heartbeat.interval_s
+
     def note_sent(self, provider_id: str) -> int:
         """Count a request sent to the provider; returns a token for `note_finished`."""
         state = self.providers.get(provider_id)

@@ -1,0 +1,141 @@
+"""Receiving providers' reply frames: one wildcard subscription per gateway replica.
+
+Frames go to the waiting request by id. The provider id in the subject must be
+the one the request was sent to (NATS permissions pin who may publish under
+that prefix), frames must arrive in sequence and be of bounded size; anything
+else ends that provider's part of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from schemas import bus, subjects
+
+# Far above any real frame (a delta is a few tokens); a bigger one is a broken or hostile provider.
+MAX_FRAME_BYTES = 1 << 20
+
+
+class StreamBroken(Exception):
+    """A provider's reply stream cannot be trusted any more.
+
+    `recoverable`: the provider failed, not the request; another provider may continue it.
+    """
+
+    def __init__(self, code: str, message: str, *, recoverable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.recoverable = recoverable
+
+
+@dataclass(frozen=True, slots=True)
+class _ProviderLost:
+    provider_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Garbled:
+    reason: str
+
+
+_Item = bus.Frame | _ProviderLost | _Garbled
+
+
+class ReplyStream:
+    """The frames of one request from one provider, checked for order."""
+
+    def __init__(self, request_id: str, provider_id: str) -> None:
+        self.request_id = request_id
+        self.provider_id = provider_id
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._expected = 0
+        self.duplicates = 0
+
+    def push(self, item: _Item) -> None:
+        self._queue.put_nowait(item)
+
+    def lost(self, provider_id: str) -> None:
+        self.push(_ProviderLost(provider_id))
+
+    async def next(self, timeout: float) -> bus.Frame | None:  # noqa: ASYNC109 - per-frame deadline
+        """The next frame in sequence, or None if none arrived within `timeout`."""
+        while True:
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                return None
+            if isinstance(item, _ProviderLost):
+                raise StreamBroken(
+                    "provider_lost", f"provider {self.provider_id} left the pool mid-request", recoverable=True
+                )
+            if isinstance(item, _Garbled):
+                raise StreamBroken("provider_protocol_error", item.reason, recoverable=True)
+            if item.seq < self._expected:
+                self.duplicates += 1  # a redelivered frame: already handled, drop it
+                continue
+            if item.seq > self._expected:
+                raise StreamBroken(
+                    "provider_protocol_error",
+                    f"frame gap from {self.provider_id}: got {item.seq}, want {self._expected}",
+                    recoverable=True,
+                )
+            self._expected += 1
+            return item
+
+
+def lost_notifier(stream: ReplyStream) -> Callable[[str], None]:
+    return stream.lost
+
+
+class ReplyRouter:
+    def __init__(self, nc: Nats, gateway_id: str) -> None:
+        self._nc = nc
+        self._gateway_id = gateway_id
+        self._streams: dict[str, ReplyStream] = {}
+        self._sub: Subscription | None = None
+        self.stray_frames = 0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(subjects.replies_for_gateway(self._gateway_id), cb=self._on_msg)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    def open(self, request_id: str, provider_id: str) -> ReplyStream:
+        stream = ReplyStream(request_id, provider_id)
+        self._streams[request_id] = stream
+        return stream
+
+    def close(self, stream: ReplyStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            provider_id, _, request_id = subjects.parse_reply(msg.subject)
+        except subjects.SubjectError:
+            self.stray_frames += 1
+            return
+        stream = self._streams.get(request_id)
+        if stream is None or stream.provider_id != provider_id:
+            # Late frames of a finished or failed-over request, or a provider answering for another.
+            self.stray_frames += 1
+            return
+        if len(msg.data) > MAX_FRAME_BYTES:
+            stream.push(_Garbled(f"oversized frame ({len(msg.data)} bytes) from {provider_id}"))
+            return
+        try:
+            stream.push(bus.decode_frame(msg.data))
+        except msgspec.DecodeError as exc:
+            stream.push(_Garbled(f"undecodable frame from {provider_id}: {exc}"))
