@@ -55,6 +55,7 @@ class Provider:
     draining: bool = False
     _nc: Nats | None = None
     _inflight: dict[str, _InFlight] = field(default_factory=dict)
+    _operator_drain: asyncio.Task[None] | None = None
     served: int = 0
 
     @property
@@ -69,10 +70,15 @@ class Provider:
             name=f"mac-provider-daemon-{s.provider_id}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            user=s.nats_user or None,
+            password=s.nats_password or None,
+            # The provider's NATS credentials (JWT + key) from the pool operator, when it uses them.
+            user_credentials=str(s.nats_creds) if s.nats_creds else None,
         )
         await self.nc.subscribe(subjects.work(s.provider_id), cb=self._on_work)
         await self.nc.subscribe(subjects.cancel(s.provider_id), cb=self._on_cancel)
         await self.nc.subscribe(subjects.PROBE, cb=self._on_probe)
+        await self.nc.subscribe(subjects.drain(s.provider_id), cb=self._on_drain)
         beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
         add_listener = getattr(self.engine, "add_listener", None)
         if add_listener is not None:
@@ -104,6 +110,12 @@ class Provider:
             _, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout_s)
             for task in late:
                 task.cancel()
+
+    async def _on_drain(self, msg: Msg) -> None:
+        """An operator drained us (`mac-provider admin providers drain`): the same path as SIGTERM, minus leaving."""
+        if not self.draining:
+            log.info("drain_requested", provider=self.settings.provider_id)
+            self._operator_drain = asyncio.create_task(self._drain(), name="operator-drain")
 
     # ---- heartbeats ------------------------------------------------------------------
 
@@ -199,6 +211,7 @@ class Provider:
                         tokens=event.tokens,
                         tool_calls=list(event.tool_calls),
                         logprobs=list(event.logprobs),
+                        token_ids=list(event.token_ids),
                     )
             assert finished is not None
             await replier.send(

@@ -44,6 +44,8 @@ class TextChunk:
     tokens: int
     tool_calls: tuple[bus.ToolCall, ...] = ()
     logprobs: tuple[bus.TokenLogprob, ...] = ()
+    # The ids of the `tokens` tokens, so the gateway can hand the answer to another provider.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

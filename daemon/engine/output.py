@@ -124,6 +124,7 @@ class Output:
         stops: list[str],
         tools: list[dict[str, Any]] | None,
         token_text: TokenText | None,
+        continuation: bus.Continuation | None = None,
     ) -> None:
         self._detokenizer = tokenizer.detokenizer
         self._stops = StopFilter(stops)
@@ -135,7 +136,27 @@ class Output:
             self._tools = _Tools(start, end or "", tokenizer.tool_parser, tools, TextStateMachine(transitions))
         self.completion_tokens = 0
         self._unsent_tokens = 0
+        self._unsent_ids: list[int] = []
         self._unsent_logprobs: list[bus.TokenLogprob] = []
+        self._primed = ""
+        if continuation is not None:
+            self._prime(continuation)
+
+    def _prime(self, continuation: bus.Continuation) -> None:
+        """Continue another provider's answer: the buyer has `continuation.text` already.
+
+        The earlier tokens go through the detokenizer (so spacing and partial
+        characters carry on exactly) and their text beyond what was delivered,
+        held back there as a possible stop sequence, goes through the stop
+        filter again; it is sent before the first new text.
+        """
+        for token in continuation.token_ids:
+            self._detokenizer.add_token(token)
+        prior = self._detokenizer.last_segment
+        if prior.startswith(continuation.text):
+            held = prior[len(continuation.text) :]
+            chunk = self._route(held, final=False)
+            self._primed = chunk.text if chunk is not None else ""
 
     @property
     def stopped(self) -> bool:
@@ -153,6 +174,7 @@ class Output:
         else:
             self.completion_tokens += 1
             self._unsent_tokens += 1
+            self._unsent_ids.append(token.token)
             self._detokenizer.add_token(token.token)
             if token.finish is not None:
                 self._detokenizer.finalize()
@@ -176,9 +198,14 @@ class Output:
         return None
 
     def _chunk(self, text: str, calls: list[bus.ToolCall]) -> TextChunk | None:
+        if self._primed and self._unsent_tokens:
+            text, self._primed = self._primed + text, ""
         if not (text or calls or self._unsent_tokens):
             return None
-        chunk = TextChunk(text, self._unsent_tokens, tuple(calls), tuple(self._unsent_logprobs))
+        chunk = TextChunk(
+            text, self._unsent_tokens, tuple(calls), tuple(self._unsent_logprobs), tuple(self._unsent_ids)
+        )
         self._unsent_tokens = 0
+        self._unsent_ids = []
         self._unsent_logprobs = []
         return chunk

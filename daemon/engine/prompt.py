@@ -61,7 +61,14 @@ def tools_offered(request: bus.InferenceRequest) -> list[dict[str, Any]] | None:
 
 
 def encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
-    """Prompt tokens for a chat or text completion request."""
+    """Prompt tokens for a request; a continuation appends the tokens earlier providers generated."""
+    tokens = _encode(tokenizer, request)
+    if request.continuation is not None:
+        tokens.extend(request.continuation.token_ids)
+    return tokens
+
+
+def _encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
     if request.prompt is not None:
         return list(tokenizer.encode(request.prompt))
     if not request.messages:

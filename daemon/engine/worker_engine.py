@@ -243,7 +243,9 @@ class WorkerEngine:
             )
         adm = self.admission()
         assert adm is not None
-        limit = request.params.max_tokens
+        # A continuation's earlier tokens count against the buyer's max_tokens.
+        done_before = len(request.continuation.token_ids) if request.continuation else 0
+        limit = max(1, request.params.max_tokens - done_before)
         if n >= adm.max_safe_context or (request.params.max_tokens_explicit and n + limit > adm.max_safe_context):
             raise EngineError(
                 "context_over_budget",
@@ -298,6 +300,7 @@ class WorkerEngine:
             stops=request.params.stop,
             tools=prompt.tools_offered(request),
             token_text=m.token_text if sampling.logprobs >= 0 else None,
+            continuation=request.continuation,
         )
         started_at: float | None = None
         first_at: float | None = None

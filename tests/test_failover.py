@@ -1,0 +1,165 @@
+"""A provider that dies or falls asleep mid-answer: the answer continues on another, unbroken."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from infra.components import DaemonChild, get_json, start_daemon, wait_model
+from tests.conftest import Stack
+from tests.support import logs
+
+MODEL = "tiny-llama-ha"
+TOKENS = 2000
+PROMPT = [{"role": "user", "content": "Tell me a long story about the sea."}]
+
+
+@pytest.fixture
+def pair(stack: Stack) -> Iterator[list[DaemonChild]]:
+    """Two providers serving the same model."""
+    daemons = [
+        start_daemon(
+            stack.home,
+            nats_url=stack.nats_url,
+            provider_id=f"ha-{name}-{time.monotonic_ns() % 100000}",
+            model_id=MODEL,
+            model_path=stack.model_path,
+            env={"MP_HEARTBEAT_S": "0.5"},
+        )
+        for name in ("a", "b")
+    ]
+    try:
+        for d in daemons:
+            wait_model(stack.base_url, MODEL, timeout=60, daemon=d)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{stack.v1}/status").json()["models"] and _providers(stack) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        yield daemons
+    finally:
+        for d in daemons:
+            if d.alive():
+                d.proc.send_signal(signal.SIGCONT)
+            d.stop()
+
+
+def _providers(stack: Stack) -> int:
+    models = httpx.get(f"{stack.v1}/status").json()["models"]
+    return next((m["providers"] for m in models if m["id"] == MODEL), 0)
+
+
+def _busy(daemons: list[DaemonChild]) -> DaemonChild:
+    for d in daemons:
+        status, body = get_json(f"http://127.0.0.1:{d.admin_port}/admin/status")
+        assert status == 200
+        assert isinstance(body, dict)
+        if body["requests"]["in_flight"]:
+            return d
+    raise AssertionError("no daemon is running the request")
+
+
+def _single_provider_answer(stack: Stack) -> str:
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+    r = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=120)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def _stream_and_break(stack: Stack, daemons: list[DaemonChild], sig: signal.Signals) -> tuple[list[dict], float, str]:
+    body = {
+        "model": MODEL,
+        "messages": PROMPT,
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks: list[dict] = []
+    victim_id = ""
+    gaps: list[float] = []
+    last = time.monotonic()
+    with httpx.stream("POST", f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            if line == "data: [DONE]":
+                break
+            chunks.append(json.loads(line.removeprefix("data: ")))
+            if len(chunks) == 20:
+                victim = _busy(daemons)
+                victim_id = victim.name
+                victim.proc.send_signal(sig)
+    return chunks, max(gaps[21:]), victim_id
+
+
+def _text(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_killed_provider_mid_stream_the_answer_continues_unbroken(stack: Stack, pair: list[DaemonChild]) -> None:
+    chunks, longest_gap, victim = _stream_and_break(stack, pair, signal.SIGKILL)
+    assert all("error" not in c for c in chunks), chunks[-3:]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == ["length"]
+    assert chunks[-1]["usage"]["completion_tokens"] == TOKENS
+    # Two missed 0.5 s heartbeats, then the survivor re-reads the prompt and the tokens so far.
+    assert longest_gap < 3.0, longest_gap
+    logs.wait_event(stack.gateway.log_path, "failover", reason="provider_lost")
+    # Exactly what one provider says on its own (temperature 0): nothing repeated, nothing missing.
+    assert _text(chunks) == _single_provider_answer(stack)
+    assert victim
+
+
+def test_sleeping_provider_mid_stream_the_answer_moves_and_it_stops_when_woken(
+    stack: Stack, pair: list[DaemonChild]
+) -> None:
+    chunks, longest_gap, victim_name = _stream_and_break(stack, pair, signal.SIGSTOP)
+    assert all("error" not in c for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] == TOKENS
+    assert longest_gap < 3.0, longest_gap
+    assert _text(chunks) == _single_provider_answer(stack)
+    # The Mac wakes up: it was told to cancel, so it stops and rejoins the pool.
+    sleeper = next(d for d in pair if d.name == victim_name)
+    sleeper.proc.send_signal(signal.SIGCONT)
+    logs.wait_event(sleeper.log_path, "request_cancelled", timeout=10)
+    deadline = time.monotonic() + 10
+    while _providers(stack) < 2:
+        assert time.monotonic() < deadline, "the woken provider did not rejoin"
+        time.sleep(0.1)
+
+
+def test_non_stream_request_survives_its_provider(stack: Stack, pair: list[DaemonChild]) -> None:
+    import threading
+
+    result: dict[str, httpx.Response] = {}
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+
+    def ask() -> None:
+        result["r"] = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            victim = _busy(pair)
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    time.sleep(0.3)
+    victim.proc.send_signal(signal.SIGKILL)
+    asker.join(60)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == TOKENS
+    assert r.json()["choices"][0]["message"]["content"] == _single_provider_answer(stack)
