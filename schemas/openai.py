@@ -18,6 +18,12 @@ MAX_STOP_SEQUENCES = 4
 MAX_TOKENS_CEILING = 32_768
 
 
+# Model ids are provider-reported names like "mlx-community/Llama-3.2-3B-Instruct-4bit"
+# ("." and "/" are fine: ids never become NATS subject tokens), but NATS wildcards,
+# whitespace and control characters are refused before anything is published.
+ModelId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\s*>\x00-\x1f\x7f]+$")]
+
+
 class TextPart(msgspec.Struct, frozen=True):
     type: Literal["text"]
     text: str
@@ -92,7 +98,7 @@ ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
 
 class ChatCompletionRequest(msgspec.Struct, frozen=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: ModelId
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
@@ -235,7 +241,7 @@ class ModelList(msgspec.Struct, frozen=True):
 
 
 class CompletionRequest(msgspec.Struct, frozen=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: ModelId
     prompt: str
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None

@@ -113,6 +113,12 @@ def test_malformed_json(stack: Stack, content: bytes) -> None:
         ({"stop": [""]}, "stop"),
         ({"n": 2}, "n"),
         ({"model": ""}, "model"),
+        ({"model": "mlx-community/*"}, "model"),
+        ({"model": "mp.v1.>"}, "model"),
+        ({"model": "two words"}, "model"),
+        ({"model": "tab\there"}, "model"),
+        ({"model": "ctrl\u0007"}, "model"),
+        ({"model": "m" * 257}, "model"),
         ({"stream": "yes"}, "stream"),
     ],
 )
@@ -134,6 +140,13 @@ def test_body_must_be_an_object(stack: Stack) -> None:
 
 def test_auth_is_checked_before_the_body(stack: Stack) -> None:
     _error(_post(stack, content=b"{broken", headers={}), 401, "missing_bearer_token")
+
+
+def test_real_model_ids_with_dots_and_slashes_are_fine(stack: Stack) -> None:
+    error = _error(
+        _post(stack, {**GOOD, "model": "mlx-community/Llama-3.2-3B-Instruct-4bit"}), 503, "coordinator_unavailable"
+    )
+    assert "Llama-3.2" in str(error["message"])
 
 
 def test_unserved_model_fails_fast(stack: Stack) -> None:

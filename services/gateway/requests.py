@@ -12,6 +12,7 @@ from services.errors import InvalidJson, InvalidRequest
 T = TypeVar("T")
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_REGEX = re.compile(r"Expected `str` matching regex '.*'")
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:
@@ -28,7 +29,9 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         text = str(exc)
         match = _PATH.search(text)
         param = match.group("path") if match else None
-        detail = _PATH.sub("", text)
+        detail = _REGEX.sub(
+            "contains characters that are not allowed (whitespace, control characters, * or >)", _PATH.sub("", text)
+        )
         if param:
             raise InvalidRequest(f"Invalid value for '{param}': {detail}.", param=param) from None
         raise InvalidRequest(f"Invalid request body: {detail}.") from None
