@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,8 +23,12 @@ from daemon import __version__
 from daemon.engine.base import CancelToken, Engine, EngineError, Finished
 from daemon.settings import DaemonSettings
 from schemas import bus, subjects
+from schemas.conversations import conversation_key
 
 log = structlog.get_logger("daemon")
+
+# How many conversation keys a heartbeat carries (16 hex characters each).
+CACHED_CONVERSATIONS = 64
 
 _REQUEST = bus.decoder(bus.InferenceRequest)
 _CANCEL = bus.decoder(bus.Cancel)
@@ -57,6 +62,8 @@ class Provider:
     _inflight: dict[str, _InFlight] = field(default_factory=dict)
     _operator_drain: asyncio.Task[None] | None = None
     served: int = 0
+    # Recent conversations the worker's prompt cache holds (newest last), for cache-aware routing.
+    _conversations: deque[str] = field(default_factory=lambda: deque(maxlen=CACHED_CONVERSATIONS))
 
     @property
     def nc(self) -> Nats:
@@ -136,10 +143,13 @@ class Provider:
             sent_at_ms=int(time.time() * 1000),
             draining=self.draining,
             worker=c.worker,
+            cached_conversations=list(self._conversations),
         )
 
     def engine_changed(self) -> None:
         """The worker crashed, restarted or unloaded: tell the pool now, not at the next beat."""
+        if self.engine.capacity().worker != "healthy":
+            self._conversations.clear()  # that prompt cache is gone with the worker
         if self._nc is not None and not self._nc.is_closed:
             task = asyncio.ensure_future(self._publish_heartbeat())
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -186,6 +196,14 @@ class Provider:
         self._inflight[request.request_id] = _InFlight(cancel, task)
         task.add_done_callback(lambda _: self._inflight.pop(request.request_id, None))
 
+    def _remember(self, request: bus.InferenceRequest, answer: str) -> None:
+        """The prompt cache now holds this conversation: a next turn here starts warm."""
+        turns = [(m.role, m.content) for m in request.messages] + [("assistant", answer)]
+        key = conversation_key(turns)
+        if key in self._conversations:
+            self._conversations.remove(key)
+        self._conversations.append(key)
+
     async def _serve(self, request: bus.InferenceRequest, replier: _Replier, cancel: CancelToken) -> None:
         if self.draining:
             await replier.send(bus.Failed, code="provider_draining", message="provider is draining", retryable=True)
@@ -201,10 +219,12 @@ class Provider:
                 bus.Accepted, prompt_tokens=len(prepared.prompt_tokens), queue_position=self.engine.queued()
             )
             finished: Finished | None = None
+            answer: list[str] = []
             async for event in self.engine.generate(prepared, cancel):
                 if isinstance(event, Finished):
                     finished = event
                 else:
+                    answer.append(event.text)
                     await replier.send(
                         bus.Delta,
                         text=event.text,
@@ -225,6 +245,8 @@ class Provider:
                 generation_ms=round(finished.generation_ms, 2),
             )
             self.served += 1
+            if request.prompt is None and finished.finish_reason in ("stop", "length"):
+                self._remember(request, "".join(answer))
             log.info(
                 "request_done",
                 request_id=request.request_id,

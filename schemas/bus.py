@@ -177,6 +177,8 @@ class Heartbeat(msgspec.Struct, frozen=True):
     # The inference worker: "healthy", "starting", "restarting" (crashed, coming back) or "idle"
     # (unloaded, reloads on demand). While it restarts the daemon reports no room.
     worker: str = "healthy"
+    # Keys (schemas.conversations) of recent conversations whose prefix the prompt cache holds.
+    cached_conversations: list[str] = msgspec.field(default_factory=list)
 
 
 class Leave(msgspec.Struct, frozen=True):

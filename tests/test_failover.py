@@ -163,3 +163,23 @@ def test_non_stream_request_survives_its_provider(stack: Stack, pair: list[Daemo
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == TOKENS
     assert r.json()["choices"][0]["message"]["content"] == _single_provider_answer(stack)
+
+
+def test_the_next_turn_goes_to_the_provider_holding_the_conversation(stack: Stack, pair: list[DaemonChild]) -> None:
+    from tests.support.accounts import query
+
+    history = [{"role": "user", "content": "Hello there, tell me about the sea and the sky."}]
+    served_by = []
+    for turn in range(4):
+        body = {"model": MODEL, "messages": history, "max_tokens": 24, "temperature": 0}
+        r = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60)
+        assert r.status_code == 200, r.text
+        (row,) = query(
+            stack.database_url, "SELECT provider_id FROM usage_ledger WHERE request_id = $1", r.headers["x-request-id"]
+        )
+        served_by.append(row["provider_id"])
+        if turn:
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        history += [r.json()["choices"][0]["message"], {"role": "user", "content": f"And then? ({turn})"}]
+        time.sleep(1.2)  # the next heartbeat carries the conversation key
+    assert len(set(served_by)) == 1, served_by

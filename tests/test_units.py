@@ -9,8 +9,8 @@ import pytest
 
 from daemon.engine.text import StopFilter
 from schemas import bus, subjects
-from services.gateway.replies import ReplyStream, StreamBroken
 from services.gateway.pool import PoolView
+from services.gateway.replies import ReplyStream, StreamBroken
 from services.keys import format as key_format
 
 
@@ -86,6 +86,18 @@ def test_routing_prefers_free_slots_then_load_then_speed() -> None:
     pool.note_sent("fast")
     assert [s.provider_id for s in pool.candidates("m")] == ["slow", "fast", "busy"]
     assert pool.candidates("nope") == []
+
+
+def test_routing_prefers_the_provider_holding_the_conversation_unless_much_busier() -> None:
+    pool = PoolView()
+    pool.observe(_hb("idle", slots=2, free=2, tps=50))
+    warm = msgspec.structs.replace(_hb("warm", slots=2, free=0, queue=0, tps=10), cached_conversations=["k1"])
+    pool.observe(warm)
+    # Busy but within one request per slot of the idle one: the cache wins.
+    assert next(s.provider_id for s in pool.candidates("m", "k1")) == "warm"
+    assert next(s.provider_id for s in pool.candidates("m", "other")) == "idle"
+    pool.observe(msgspec.structs.replace(warm, queue_depth=3))
+    assert next(s.provider_id for s in pool.candidates("m", "k1")) == "idle"
 
 
 def test_requests_finished_before_the_next_heartbeat_give_their_place_back() -> None:

@@ -20,6 +20,7 @@ import structlog
 from nats.aio.client import Client as Nats
 
 from schemas import bus, subjects
+from schemas.conversations import conversation_key
 from services.errors import ApiError, CoordinatorUnavailable, InvalidRequest, ProviderError, RequestTimeout
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
@@ -54,6 +55,13 @@ def _refusal(frame: bus.Failed) -> ApiError:
         error.code = frame.code
         return error
     return ProviderError(f"The provider refused the request: {frame.message}")
+
+
+def _conversation_of(request: bus.InferenceRequest) -> str | None:
+    """The key of the conversation this request continues (all but its last message)."""
+    if request.prompt is not None or len(request.messages) < 2:
+        return None
+    return conversation_key((m.role, m.content) for m in request.messages[:-1])
 
 
 @dataclass
@@ -229,7 +237,8 @@ class Dispatcher:
         return Call(request, leg.accepted, started, self, leg, providers=[leg.provider_id])
 
     async def open_leg(self, request: bus.InferenceRequest, *, exclude: set[str]) -> _Leg:
-        candidates = [s for s in self.pool.candidates(request.model) if s.provider_id not in exclude]
+        key = _conversation_of(request)
+        candidates = [s for s in self.pool.candidates(request.model, key) if s.provider_id not in exclude]
         if not candidates:
             served = sorted(self.pool.models())
             hint = f" Models served now: {', '.join(served)}." if served else " No provider is connected."

@@ -86,14 +86,24 @@ class PoolView:
             self._notify_lost(pid)
         return gone
 
-    def candidates(self, model: str) -> list[ProviderState]:
+    def candidates(self, model: str, conversation: str | None = None) -> list[ProviderState]:
         """Providers that can take a request for `model` now, best first.
 
         Rule: a provider with a free slot beats one that would queue; then the
-        least loaded (busy + queued per slot); then the fastest decoder.
+        least loaded (busy + queued per slot); then the fastest decoder. But a
+        provider whose prompt cache holds the conversation (`conversation`, a
+        key from schemas.conversations) goes first when it has a free slot, or
+        when it is at most one request per slot busier than the best: re-reading
+        a long conversation costs more than that.
         """
         able = [s for s in self.providers.values() if s.serves(model) and s.room() > 0]
         able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.decode_tps))
+        if conversation and able:
+            best = able[0]
+            warm = next((s for s in able if conversation in s.heartbeat.cached_conversations), None)
+            if warm is not None and warm is not best and (warm.free_slots() > 0 or warm.load() <= best.load() + 1):
+                able.remove(warm)
+                able.insert(0, warm)
         return able
 
     def silent(self, provider_id: str, intervals: float) -> bool:
