@@ -99,6 +99,31 @@ def ram_bytes() -> int:
     return 0
 
 
+def available_bytes() -> int:
+    """Memory the system could give to new work now (0 when unknown): the pool's headroom figure."""
+    if platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["vm_stat"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        page = 16384
+        pages = 0
+        for line in out.splitlines():
+            if line.startswith("Mach Virtual Memory Statistics") and "page size of" in line:
+                page = int(line.split("page size of")[1].split()[0])
+            elif line.startswith(("Pages free:", "Pages inactive:", "Pages speculative:", "Pages purgeable:")):
+                pages += int(line.split(":")[1].strip().rstrip("."))
+        return pages * page
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def detect() -> Machine:
     system = platform.system()
     if system == "Darwin":

@@ -11,6 +11,7 @@ import contextlib
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -21,6 +22,7 @@ from nats.aio.msg import Msg
 
 from daemon import __version__
 from daemon.engine.base import CancelToken, Engine, EngineError, Finished
+from daemon.machine import available_bytes
 from daemon.settings import DaemonSettings
 from schemas import bus, subjects
 from schemas.conversations import conversation_key
@@ -53,6 +55,22 @@ class _Replier:
 
 
 @dataclass
+class _Every:
+    """A reading refreshed at most every `seconds` (heartbeats come every second)."""
+
+    seconds: float
+    read: Callable[[], int]
+    _value: int = 0
+    _at: float = float("-inf")
+
+    def get(self) -> int:
+        now = time.monotonic()
+        if now - self._at >= self.seconds:
+            self._value, self._at = self.read(), now
+        return self._value
+
+
+@dataclass
 class Provider:
     settings: DaemonSettings
     engine: Engine
@@ -64,6 +82,7 @@ class Provider:
     served: int = 0
     # Recent conversations the worker's prompt cache holds (newest last), for cache-aware routing.
     _conversations: deque[str] = field(default_factory=lambda: deque(maxlen=CACHED_CONVERSATIONS))
+    _memory: _Every = field(default_factory=lambda: _Every(5.0, available_bytes))
 
     @property
     def nc(self) -> Nats:
@@ -144,6 +163,7 @@ class Provider:
             draining=self.draining,
             worker=c.worker,
             cached_conversations=list(self._conversations),
+            memory_available_bytes=self._memory.get(),
         )
 
     def engine_changed(self) -> None:

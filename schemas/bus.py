@@ -179,6 +179,8 @@ class Heartbeat(msgspec.Struct, frozen=True):
     worker: str = "healthy"
     # Keys (schemas.conversations) of recent conversations whose prefix the prompt cache holds.
     cached_conversations: list[str] = msgspec.field(default_factory=list)
+    # Memory the Mac could still give to new work (0: unknown).
+    memory_available_bytes: int = 0
 
 
 class Leave(msgspec.Struct, frozen=True):
