@@ -53,7 +53,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
     )
-    pool = PoolView(heartbeat_misses=settings.heartbeat_misses)
+    pool = PoolView(heartbeat_misses=settings.heartbeat_misses, routing=settings.routing)
     router = ReplyRouter(nc, settings.gateway_id)
     membership = Membership(nc, pool, settings.gateway_id)
     keys = KeyLookup(db, settings)

@@ -63,6 +63,13 @@ def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
     return path.read_text().strip().encode()
 
 
+def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
+    value = env.get(key) or choices[0]
+    if value not in choices:
+        raise SettingsError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     home: Path
@@ -84,6 +91,8 @@ class Settings:
     max_failovers: int
     # A provider whose heartbeats stopped for this many intervals is lost to its running requests.
     lost_after_intervals: float
+    # "least-loaded" (the rule in services/gateway/pool.py) or "random": only to measure the rule.
+    routing: str
     # max_tokens when the buyer sends none.
     default_max_tokens: int
     # A provider missing this many heartbeat intervals leaves the pool view.
@@ -146,6 +155,7 @@ class Settings:
             first_token_timeout_s=_float(env, "MP_FIRST_TOKEN_TIMEOUT_S", 60.0),
             max_failovers=_int(env, "MP_MAX_FAILOVERS", 2),
             lost_after_intervals=_float(env, "MP_LOST_AFTER_INTERVALS", 2.0),
+            routing=_choice(env, "MP_ROUTING", ("least-loaded", "random")),
             default_max_tokens=_int(env, "MP_DEFAULT_MAX_TOKENS", 1024),
             heartbeat_misses=_int(env, "MP_HEARTBEAT_MISSES", 3),
             public_url=public_url,

@@ -6,6 +6,7 @@ Nothing here is durable: a restarted gateway asks every daemon for a heartbeat
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class ProviderState:
 class PoolView:
     heartbeat_misses: int = 3
     clock: Callable[[], float] = time.monotonic
+    routing: str = "least-loaded"
     providers: dict[str, ProviderState] = field(default_factory=dict)
     _watchers: dict[str, dict[int, LostCallback]] = field(default_factory=dict)
     _next_watch: int = 0
@@ -97,6 +99,9 @@ class PoolView:
         a long conversation costs more than that.
         """
         able = [s for s in self.providers.values() if s.serves(model) and s.room() > 0]
+        if self.routing == "random":
+            random.shuffle(able)  # the benchmark's baseline, never the default
+            return able
         able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.decode_tps))
         if conversation and able:
             best = able[0]
