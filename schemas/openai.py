@@ -85,6 +85,33 @@ class StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool = False
 
 
+class TextFormat(msgspec.Struct, frozen=True, tag_field="type", tag="text"):
+    pass
+
+
+class JsonObjectFormat(msgspec.Struct, frozen=True, tag_field="type", tag="json_object"):
+    pass
+
+
+class JsonSchemaSpec(msgspec.Struct, frozen=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(msgspec.Struct, frozen=True, tag_field="type", tag="json_schema"):
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+
+# OpenAI's bounds: up to 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[
+    dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]], Meta(max_length=16)
+]
+
+
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_CEILING)]
@@ -123,6 +150,9 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True):
     tool_choice: ToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    response_format: ResponseFormat | None = None
+    metadata: Metadata | None = None
+    parallel_tool_calls: bool | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -260,6 +290,11 @@ class CompletionRequest(msgspec.Struct, frozen=True):
     # Legacy completions take a count of alternatives here, not a boolean.
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     user: Annotated[str, Meta(max_length=256)] | None = None
+    # The prompt repeated before the completion.
+    echo: bool = False
+    # Fill-in-the-middle text after the completion; not offered (refused unless empty).
+    suffix: str | None = None
+    best_of: Annotated[int, Meta(ge=1, le=1)] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -289,3 +324,5 @@ class Completion(msgspec.Struct, frozen=True, omit_defaults=True):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    # Only on a stream's last chunk when generation failed after it began.
+    error: ChunkError | None = None

@@ -11,22 +11,25 @@ from collections.abc import Sequence
 
 from litestar import Litestar
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
 from litestar.types import ControllerRouterHandler
 
 from services.auth.routes import demo_token, github_callback, github_start, logout
 from services.errors import exception_handler
 from services.gateway.chat import chat_completions
+from services.gateway.completions import completions
+from services.gateway.messages import messages
 from services.keys.account_page import account, account_new_key, account_revoke
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.middleware import add_request_id
+from services.openapi import openapi_config
+from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings
 from services.status.routes import health, list_models, pool_status
 from services.usage.routes import feedback, usage
 
 SERVICES: dict[str, list[ControllerRouterHandler]] = {
-    "gateway": [chat_completions],
+    "gateway": [chat_completions, completions, messages, create_response, get_response, delete_response],
     "status": [pool_status, list_models, health],
     "auth": [github_start, github_callback, logout, demo_token],
     "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke],
@@ -49,6 +52,6 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},
         before_send=[add_request_id],
-        openapi_config=OpenAPIConfig(title="Mac Provider", version="0.1.0", path="/openapi"),
+        openapi_config=openapi_config(),
         debug=False,
     )

@@ -10,6 +10,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from schemas import anthropic
 from schemas.errors import ErrorBody, ErrorEnvelope
 
 log = structlog.get_logger("services.errors")
@@ -38,6 +39,12 @@ class InvalidJson(ApiError):
 
 class InvalidRequest(ApiError):
     code = "invalid_value"
+
+
+class UnsupportedValue(ApiError):
+    """A well-formed request asking for something the pool does not offer (named in `param`)."""
+
+    code = "unsupported_value"
 
 
 class MissingBearerToken(ApiError):
@@ -124,6 +131,20 @@ class InternalError(ApiError):
 
 _ENCODER = msgspec.json.Encoder()
 
+# The Anthropic surface answers errors in Anthropic's shape, with the statuses its SDKs map to exceptions.
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC: dict[int, tuple[anthropic.ErrorType, int]] = {
+    400: ("invalid_request_error", 400),
+    401: ("authentication_error", 401),
+    403: ("permission_error", 403),
+    404: ("not_found_error", 404),
+    405: ("invalid_request_error", 405),
+    413: ("request_too_large", 413),
+    429: ("rate_limit_error", 429),
+    503: ("overloaded_error", 529),
+    504: ("timeout_error", 504),
+}
+
 
 def error_response(error: ApiError) -> Response[bytes]:
     return Response(
@@ -132,6 +153,15 @@ def error_response(error: ApiError) -> Response[bytes]:
         media_type="application/json",
         headers=error.headers,
     )
+
+
+def anthropic_error_response(error: ApiError, request_id: str | None) -> Response[bytes]:
+    kind, status = _ANTHROPIC.get(
+        error.status, ("api_error", 500) if error.status >= 500 else ("invalid_request_error", 400)
+    )
+    body = anthropic.ErrorResponse(error=anthropic.ErrorBody(type=kind, message=error.message))
+    headers = {**error.headers, "request-id": request_id} if request_id else error.headers
+    return Response(content=_ENCODER.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def _from_http_exception(exc: HTTPException) -> ApiError:
@@ -148,13 +178,20 @@ def _from_http_exception(exc: HTTPException) -> ApiError:
     return err
 
 
-def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def _api_error(request: Request[Any, Any, Any], exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
-        return error_response(exc)
+        return exc
     if isinstance(exc, HTTPException) and exc.status_code < HTTP_500_INTERNAL_SERVER_ERROR:
-        return error_response(_from_http_exception(exc))
+        return _from_http_exception(exc)
     log.exception("unhandled_error", path=request.url.path, method=request.method)
-    return error_response(InternalError("Internal error; the request id in x-request-id helps the operator."))
+    return InternalError("Internal error; the request id in x-request-id helps the operator.")
+
+
+def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    error = _api_error(request, exc)
+    if request.url.path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error_response(error, request.scope.get("state", {}).get("request_id"))
+    return error_response(error)
 
 
 class QuotaExhausted(ApiError):

@@ -134,6 +134,10 @@ class Settings:
     metering: bool
     # A reservation its gateway stopped touching for this long is settled by another replica.
     reservation_stale_s: float
+    # Stored Responses API answers (previous_response_id, GET) expire after this long.
+    response_ttl_s: float
+    # The largest conversation a stored response keeps (bytes of JSON).
+    response_max_bytes: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -186,4 +190,6 @@ class Settings:
             demo_quota_concurrent=_int(env, "MP_DEMO_QUOTA_CONCURRENT", 1),
             metering=env.get("MP_METERING", "on") != "off",
             reservation_stale_s=_float(env, "MP_RESERVATION_STALE_S", 30.0),
+            response_ttl_s=_float(env, "MP_RESPONSE_TTL_S", 86400.0),
+            response_max_bytes=_int(env, "MP_RESPONSE_MAX_BYTES", 4 << 20),
         )

@@ -47,8 +47,25 @@ def bearer_token(request: Request[Any, Any, Any]) -> str:
     return token.strip()
 
 
-async def authenticate(request: Request[Any, Any, Any], runtime: Runtime, *, allow_demo: bool = False) -> Principal:
-    token = bearer_token(request)
+def api_key_or_bearer(request: Request[Any, Any, Any]) -> str:
+    """Anthropic's SDKs send the key as `x-api-key`; `Authorization: Bearer` works as well."""
+    raw = request.headers.get("x-api-key")
+    if raw is None or not raw.strip():
+        if not (request.headers.get("authorization") or "").strip():
+            raise MissingBearerToken(
+                "Missing API key: add the header 'x-api-key: mp_...' (or 'Authorization: Bearer mp_...')."
+            )
+        return bearer_token(request)
+    if len(raw) > MAX_AUTHORIZATION_BYTES:
+        raise InvalidApiKey("Invalid API key: the x-api-key header is too long.")
+    return raw.strip()
+
+
+async def authenticate(
+    request: Request[Any, Any, Any], runtime: Runtime, *, allow_demo: bool = False, api_key_header: bool = False
+) -> Principal:
+    """The caller; `api_key_header` also takes the key from `x-api-key` (the Anthropic surface)."""
+    token = api_key_or_bearer(request) if api_key_header else bearer_token(request)
     if token.startswith(demo.PREFIX):
         claims = runtime.demo.verify(token)
         if not allow_demo:

@@ -28,6 +28,7 @@ from services.auth.sessions import (
 )
 from services.errors import RateLimited
 from services.keys.store import create_key, upsert_github_account
+from services.openapi import HTML, documented, html, redirect
 from services.pages import HEADERS, html_response, message_page, one_shot_key_page
 from services.runtime import Runtime
 
@@ -48,7 +49,7 @@ class DemoTokenIssued(msgspec.Struct, frozen=True):
     object: str = "demo_token"
 
 
-@get("/auth/github/start")
+@get("/auth/github/start", **documented(status=302, errors=(500,), extra=html(503)))
 async def github_start(runtime: Runtime) -> Response[Any]:
     settings = runtime.settings
     oauth = GitHubOAuth(settings)
@@ -68,7 +69,10 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-@get("/auth/github/callback")
+@get(
+    "/auth/github/callback",
+    **documented(ok=str, media_type=HTML, errors=(500,), extra={**redirect(303), **html(400), **html(502)}),
+)
 async def github_callback(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
     settings = runtime.settings
     query = request.query_params
@@ -112,7 +116,7 @@ async def github_callback(request: Request[Any, Any, Any], runtime: Runtime) -> 
     return html_response(page, cookies=cookies)
 
 
-@post("/auth/logout", status_code=303)
+@post("/auth/logout", status_code=303, **documented(status=303, errors=(403, 500)))
 async def logout(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
     check_origin(request, runtime.settings)
     token = session_token(request, runtime.settings)
@@ -121,7 +125,7 @@ async def logout(request: Request[Any, Any, Any], runtime: Runtime) -> Response[
     return Redirect("/account", status_code=303, headers=HEADERS, cookies=[cleared_session_cookie(runtime.settings)])
 
 
-@post("/auth/demo", status_code=201)
+@post("/auth/demo", status_code=201, **documented(ok=DemoTokenIssued, status=201, errors=(429, 500)))
 async def demo_token(request: Request[Any, Any, Any], runtime: Runtime) -> Response[DemoTokenIssued]:
     settings = runtime.settings
     ip = client_ip(request, trusted_hops=settings.trusted_proxy_hops)

@@ -27,6 +27,8 @@ _LEDGER_OUTCOME = {"ok": "ok", "client_disconnected": "cancelled", "request_time
 @dataclass
 class Exchange:
     request_id: str
+    # The summary line's event name: one per surface (chat_completion, text_completion, message, response).
+    event: str = "chat_completion"
     key_id: int | None = None
     model: str | None = None
     stream: bool = False
@@ -83,7 +85,7 @@ class Exchange:
     def _log(self) -> None:
         t = self.ticket
         log.info(
-            "chat_completion",
+            self.event,
             request_id=self.request_id,
             key_id=self.key_id,
             model=self.model,

@@ -10,8 +10,18 @@ _ENCODER = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
 
 
+def data(payload: object) -> bytes:
+    """One `data:` event (OpenAI's chat and text completion streams have no event names)."""
+    return b"data: " + _ENCODER.encode(payload) + b"\n\n"
+
+
+def named(event: str, payload: object) -> bytes:
+    """One event with a name (Anthropic Messages, OpenAI Responses)."""
+    return b"event: " + event.encode() + b"\ndata: " + _ENCODER.encode(payload) + b"\n\n"
+
+
 def event(chunk: openai.ChatCompletionChunk) -> bytes:
-    return b"data: " + _ENCODER.encode(chunk) + b"\n\n"
+    return data(chunk)
 
 
 class ChunkWriter:
@@ -21,6 +31,8 @@ class ChunkWriter:
         self.completion_id = completion_id
         self.created = created
         self.model = model
+        # OpenAI numbers a response's tool calls 0, 1, ... across all chunks.
+        self._tool_index = 0
 
     def _chunk(
         self,
@@ -44,8 +56,16 @@ class ChunkWriter:
     def role(self) -> bytes:
         return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(role="assistant", content=""))])
 
-    def content(self, text: str) -> bytes:
-        return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=text))])
+    def content(self, text: str, logprobs: openai.ChoiceLogprobs | None = None) -> bytes:
+        return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=text), logprobs=logprobs)])
+
+    def tool_calls(self, calls: list[openai.ToolCall]) -> bytes:
+        """Complete calls, each with its index and id in its one delta (OpenAI's first-delta shape)."""
+        deltas = []
+        for call in calls:
+            deltas.append(openai.ToolCallDelta(index=self._tool_index, id=call.id, function=call.function))
+            self._tool_index += 1
+        return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(tool_calls=deltas))])
 
     def finish(self, reason: openai.FinishReason) -> bytes:
         return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(), finish_reason=reason)])

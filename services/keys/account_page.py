@@ -11,6 +11,7 @@ from litestar.response import Redirect
 from services.auth.sessions import check_origin, session_account
 from services.keys.routes import clean_name
 from services.keys.store import account_login, create_key, list_keys, revoke_key
+from services.openapi import HTML, SESSION, documented, redirect
 from services.pages import HEADERS, account_page, html_response, message_page, one_shot_key_page
 from services.runtime import Runtime
 
@@ -23,7 +24,7 @@ def _signed_out() -> Response[str]:
     return html_response(message_page("Your account", "You are not signed in.", link=_SIGN_IN))
 
 
-@get("/account")
+@get("/account", **documented(ok=str, media_type=HTML, errors=(500,)))
 async def account(request: Request[Any, Any, Any], runtime: Runtime) -> Response[str]:
     account_id = await session_account(request, runtime.db, runtime.settings)
     if account_id is None:
@@ -32,7 +33,11 @@ async def account(request: Request[Any, Any, Any], runtime: Runtime) -> Response
     return html_response(account_page(login=login, keys=await list_keys(runtime.db, account_id)))
 
 
-@post("/account/new-key", status_code=200)
+@post(
+    "/account/new-key",
+    status_code=200,
+    **documented(ok=str, media_type=HTML, errors=(403, 413, 500), extra=redirect(303), security=[SESSION]),
+)
 async def account_new_key(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
     check_origin(request, runtime.settings)
     account_id = await session_account(request, runtime.db, runtime.settings)
@@ -47,7 +52,11 @@ async def account_new_key(request: Request[Any, Any, Any], runtime: Runtime) -> 
     return html_response(page)
 
 
-@post("/account/revoke/{key_id:int}", status_code=303)
+@post(
+    "/account/revoke/{key_id:int}",
+    status_code=303,
+    **documented(status=303, errors=(400, 403, 500), security=[SESSION]),
+)
 async def account_revoke(request: Request[Any, Any, Any], runtime: Runtime, key_id: int) -> Response[Any]:
     check_origin(request, runtime.settings)
     account_id = await session_account(request, runtime.db, runtime.settings)

@@ -18,6 +18,7 @@ from services.auth.sessions import require_account
 from services.errors import NotFound
 from services.gateway.requests import decode_body
 from services.keys.store import KeyInfo, create_key, get_key, list_keys, revoke_key
+from services.openapi import SESSION, documented
 from services.runtime import Runtime
 
 log = structlog.get_logger("keys")
@@ -68,13 +69,17 @@ def clean_name(name: str) -> str:
     return _CONTROL.sub("", name).strip()[:MAX_NAME]
 
 
-@get("/account/keys")
+@get("/account/keys", **documented(ok=ApiKeyList, errors=(401, 500), security=[SESSION]))
 async def keys_list(request: Request[Any, Any, Any], runtime: Runtime) -> ApiKeyList:
     account_id = await require_account(request, runtime.db, runtime.settings)
     return ApiKeyList(data=[view(k) for k in await list_keys(runtime.db, account_id)])
 
 
-@post("/account/keys", status_code=201)
+@post(
+    "/account/keys",
+    status_code=201,
+    **documented(ok=ApiKeyView, status=201, body=NewKey, errors=(400, 401, 403, 413, 500), security=[SESSION]),
+)
 async def keys_create(request: Request[Any, Any, Any], runtime: Runtime) -> Response[ApiKeyView]:
     account_id = await require_account(request, runtime.db, runtime.settings)
     body = await request.body()
@@ -86,7 +91,11 @@ async def keys_create(request: Request[Any, Any, Any], runtime: Runtime) -> Resp
     return Response(view(info, key=key), status_code=201, headers={"cache-control": "no-store"})
 
 
-@delete("/account/keys/{key_id:int}", status_code=200)
+@delete(
+    "/account/keys/{key_id:int}",
+    status_code=200,
+    **documented(ok=ApiKeyView, errors=(400, 401, 403, 404, 500), security=[SESSION]),
+)
 async def keys_revoke(request: Request[Any, Any, Any], runtime: Runtime, key_id: int) -> ApiKeyView:
     account_id = await require_account(request, runtime.db, runtime.settings)
     # Someone else's key and no key at all look the same: ids are not probeable.

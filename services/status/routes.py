@@ -10,6 +10,7 @@ from litestar import Request, Response, get
 
 from schemas import openai
 from services.auth.bearer import authenticate
+from services.openapi import API_KEY, documented
 from services.runtime import Runtime
 from services.usage.metering import quota_headers
 
@@ -54,7 +55,7 @@ DISCLOSURES = [
 ]
 
 
-@get("/v1/status")
+@get("/v1/status", **documented(ok=PoolStatus, errors=(500,)))
 async def pool_status(runtime: Runtime) -> PoolStatus:
     states = list(runtime.pool.providers.values())
     models = [
@@ -82,7 +83,7 @@ async def pool_status(runtime: Runtime) -> PoolStatus:
     )
 
 
-@get("/v1/models")
+@get("/v1/models", **documented(ok=openai.ModelList, errors=(401, 403, 500), security=[API_KEY]))
 async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> Response[openai.ModelList]:
     principal = await authenticate(request, runtime, allow_demo=True)
     now = int(time.time())
@@ -92,7 +93,7 @@ async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> Resp
     return Response(models, headers=await quota_headers(runtime.db, principal, runtime.settings))
 
 
-@get("/health")
+@get("/health", **documented(ok=Health, errors=(503,), error_body=Health))
 async def health(runtime: Runtime) -> Response[Health]:
     try:
         database = await runtime.db.fetchval("SELECT 1") == 1

@@ -12,6 +12,7 @@ from msgspec import Meta
 from services.auth.bearer import authenticate
 from services.errors import InvalidRequest, NotFound
 from services.gateway.requests import decode_body
+from services.openapi import API_KEY, documented
 from services.runtime import Runtime
 from services.usage import quotas, reports
 from services.usage.metering import holder_for, quota_headers, rate_limit_headers
@@ -32,7 +33,7 @@ def _days(raw: str | None) -> int:
     return days
 
 
-@get("/v1/usage")
+@get("/v1/usage", **documented(ok=reports.UsageReport, errors=(400, 401, 403, 500), security=[API_KEY]))
 async def usage(request: Request[Any, Any, Any], runtime: Runtime) -> Response[reports.UsageReport]:
     principal = await authenticate(request, runtime)
     assert principal.account_id is not None
@@ -77,7 +78,11 @@ class FeedbackRecord(msgspec.Struct, frozen=True):
     object: str = "feedback"
 
 
-@post("/v1/feedback", status_code=200)
+@post(
+    "/v1/feedback",
+    status_code=200,
+    **documented(ok=FeedbackRecord, body=FeedbackRequest, errors=(400, 401, 403, 404, 413, 500), security=[API_KEY]),
+)
 async def feedback(request: Request[Any, Any, Any], runtime: Runtime) -> Response[FeedbackRecord]:
     principal = await authenticate(request, runtime, allow_demo=True)
     holder, _ = holder_for(principal, runtime.settings)

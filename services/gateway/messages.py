@@ -1,0 +1,338 @@
+"""POST /v1/messages: Anthropic's Messages API over the shared pipeline.
+
+Key-only (`x-api-key` or Bearer). `tool_use` / `tool_result` blocks become the
+chat template's tool calls and tool turns; the model's tool calls come back as
+`tool_use` blocks. Errors on this route take Anthropic's shape (services/errors.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from litestar import Request, Response, post
+
+from schemas import anthropic, bus
+from services.auth.bearer import Principal
+from services.errors import InvalidRequest
+from services.gateway import pipeline
+from services.gateway.params import function_tool, named_tool_choice
+from services.gateway.pipeline import Event, Finished, Job
+from services.gateway.requests import decode_body
+from services.gateway.sse import named
+from services.openapi import ANTHROPIC_ERRORS, ANTHROPIC_KEY, API_KEY, documented
+from services.runtime import Runtime
+
+STOP_REASON: dict[str, anthropic.StopReason] = {
+    "stop": "end_turn",
+    "cancelled": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+}
+# Anthropic's client tools have no type (or "custom"); typed ones are server tools we do not run.
+_CLIENT_TOOL_TYPES = (None, "custom")
+
+
+def _user_turn(blocks: list[anthropic.InputBlock], at: str) -> list[bus.BusMessage]:
+    out: list[bus.BusMessage] = []
+    text: list[str] = []
+    for i, block in enumerate(blocks):
+        if isinstance(block, anthropic.ToolResultBlock):
+            content = block.text()
+            out.append(
+                bus.BusMessage(
+                    role="tool",
+                    content=f"Error: {content}" if block.is_error else content,
+                    tool_call_id=block.tool_use_id,
+                )
+            )
+        elif isinstance(block, anthropic.TextBlock):
+            text.append(block.text)
+        elif isinstance(block, anthropic.ToolUseBlock):
+            raise InvalidRequest(
+                f"Invalid value for '{at}[{i}].type': tool_use blocks belong in assistant turns.",
+                param=f"{at}[{i}].type",
+            )
+    if text:
+        out.append(bus.BusMessage(role="user", content="".join(text)))
+    return out
+
+
+def _assistant_turn(blocks: list[anthropic.InputBlock], at: str) -> bus.BusMessage:
+    text: list[str] = []
+    calls: list[bus.ToolCall] = []
+    for i, block in enumerate(blocks):
+        if isinstance(block, anthropic.TextBlock):
+            text.append(block.text)
+        elif isinstance(block, anthropic.ToolUseBlock):
+            calls.append(
+                bus.ToolCall(id=block.id, name=block.name, arguments=json.dumps(block.input, ensure_ascii=False))
+            )
+        elif isinstance(block, anthropic.ToolResultBlock):
+            raise InvalidRequest(
+                f"Invalid value for '{at}[{i}].type': tool_result blocks belong in user turns.", param=f"{at}[{i}].type"
+            )
+        # Thinking blocks are dropped: these models do not read earlier reasoning.
+    return bus.BusMessage(role="assistant", content="".join(text), tool_calls=calls or None)
+
+
+def bus_messages(req: anthropic.MessagesRequest) -> list[bus.BusMessage]:
+    out: list[bus.BusMessage] = []
+    system = req.system_text()
+    if system:
+        out.append(bus.BusMessage(role="system", content=system))
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, str):
+            out.append(bus.BusMessage(role=m.role, content=m.content))
+        elif m.role == "assistant":
+            out.append(_assistant_turn(m.content, f"messages[{i}].content"))
+        else:
+            out.extend(_user_turn(m.content, f"messages[{i}].content"))
+    return out
+
+
+def _tools(req: anthropic.MessagesRequest) -> list[dict[str, Any]]:
+    tools = []
+    for i, tool in enumerate(req.tools or []):
+        if tool.type not in _CLIENT_TOOL_TYPES:
+            continue  # a server tool (web search, code execution...): not offered here, dropped as seed 002 says
+        if tool.input_schema is None:
+            raise InvalidRequest(
+                f"Invalid value for 'tools[{i}].input_schema': a client tool needs an input_schema.",
+                param=f"tools[{i}].input_schema",
+            )
+        tools.append(function_tool(tool.name, tool.description, tool.input_schema))
+    return tools
+
+
+def _tool_choice(choice: anthropic.ToolChoice | None) -> str | dict[str, Any] | None:
+    if choice is None or isinstance(choice, anthropic.ToolChoiceAuto):
+        return "auto"
+    if isinstance(choice, anthropic.ToolChoiceAny):
+        return "required"
+    if isinstance(choice, anthropic.ToolChoiceNone):
+        return "none"
+    return named_tool_choice(choice.name)
+
+
+def bus_request(req: anthropic.MessagesRequest) -> bus.InferenceRequest:
+    tools = _tools(req)
+    return bus.InferenceRequest(
+        request_id="",
+        model=req.model,
+        messages=bus_messages(req),
+        params=bus.SamplingParams(
+            max_tokens=req.max_tokens,
+            max_tokens_explicit=True,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            stop=list(req.stop_sequences or []),
+        ),
+        tools=tools or None,
+        tool_choice=_tool_choice(req.tool_choice) if tools else None,
+    )
+
+
+@post(
+    "/v1/messages",
+    status_code=200,
+    **documented(
+        ok=anthropic.Message,
+        body=anthropic.MessagesRequest,
+        errors=ANTHROPIC_ERRORS,
+        error_body=anthropic.ErrorResponse,
+        stream=True,
+        security=[ANTHROPIC_KEY, API_KEY],
+    ),
+)
+async def messages(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+    decoded: list[anthropic.MessagesRequest] = []
+
+    async def prepare(principal: Principal, body: bytes) -> Job:
+        req = decode_body(body, anthropic.MessagesRequest)
+        decoded.append(req)
+        request = bus_request(req)
+        return Job(request, req.stream, [m.content for m in request.messages])
+
+    started = await pipeline.start(
+        request, runtime, event="message", allow_demo=False, prepare=prepare, api_key_header=True
+    )
+    # Anthropic's SDKs report this header as the request id.
+    started.headers["request-id"] = started.ex.request_id
+    req = decoded[0]
+    shape = _Shape(f"msg_{started.ex.request_id}", req.model, started.call.accepted.prompt_tokens)
+    if req.stream:
+        return pipeline.stream(runtime, started, _Events(shape))
+    message = await pipeline.answer(request, runtime, started, shape.collect)
+    return Response(message, headers=started.headers)
+
+
+def tool_use(call: bus.ToolCall) -> anthropic.ToolUseContent:
+    try:
+        parsed = json.loads(call.arguments)
+    except ValueError:
+        parsed = call.arguments
+    # Anthropic's input is an object; arguments that are not one are kept under a key rather than lost.
+    arguments = parsed if isinstance(parsed, dict) else {"input": parsed}
+    tool_id = call.id if call.id.startswith("toolu_") else f"toolu_{call.id.removeprefix('call_')}"
+    return anthropic.ToolUseContent(id=tool_id, name=call.name, input=arguments)
+
+
+class _Blocks:
+    """Deltas to content blocks, in order: text runs as they stream, each tool call as a whole block.
+
+    `feed` returns (kind, index, payload) steps: ("start", i, block), ("text", i, str), ("json", i, str),
+    ("stop", i, None). Both the stream and the non-stream answer are built from them.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._open_text: int | None = None
+
+    def _close_text(self) -> list[tuple[str, int, Any]]:
+        if self._open_text is None:
+            return []
+        index, self._open_text = self._open_text, None
+        return [("stop", index, None)]
+
+    def feed(self, delta: bus.Delta) -> list[tuple[str, int, Any]]:
+        steps: list[tuple[str, int, Any]] = []
+        if delta.text:
+            if self._open_text is None:
+                self._open_text = self.count
+                self.count += 1
+                steps.append(("start", self._open_text, anthropic.TextContent(text="")))
+            steps.append(("text", self._open_text, delta.text))
+        for call in delta.tool_calls:
+            steps.extend(self._close_text())
+            block = tool_use(call)
+            index = self.count
+            self.count += 1
+            steps.append(("start", index, anthropic.ToolUseContent(id=block.id, name=block.name, input={})))
+            steps.append(("json", index, json.dumps(block.input, ensure_ascii=False)))
+            steps.append(("stop", index, None))
+        return steps
+
+    def finish(self) -> list[tuple[str, int, Any]]:
+        if self.count == 0:
+            # An empty answer is still one (empty) text block, as Anthropic sends it.
+            self._open_text = 0
+            self.count = 1
+            return [("start", 0, anthropic.TextContent(text="")), ("stop", 0, None)]
+        return self._close_text()
+
+
+class _Shape:
+    def __init__(self, message_id: str, model: str, prompt_tokens: int) -> None:
+        self.id = message_id
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.started = time.time()
+
+    @staticmethod
+    def usage(event: Finished) -> anthropic.Usage:
+        # Anthropic counts cached prompt tokens apart: input + cache_read is the whole prompt.
+        return anthropic.Usage(
+            input_tokens=event.prompt_tokens - event.cached_tokens,
+            output_tokens=event.completion_tokens,
+            cache_read_input_tokens=event.cached_tokens,
+        )
+
+    async def collect(self, events: AsyncIterator[Event]) -> anthropic.Message:
+        blocks = _Blocks()
+        steps: list[tuple[str, int, Any]] = []
+        async for event in events:
+            if not isinstance(event, Finished):
+                steps.extend(blocks.feed(event))
+                continue
+            steps.extend(blocks.finish())
+            return anthropic.Message(
+                id=self.id,
+                model=self.model,
+                content=_content(steps),
+                stop_reason=STOP_REASON[event.finish_reason],
+                usage=self.usage(event),
+            )
+        raise AssertionError("pipeline.events always ends with Finished")
+
+
+def _content(steps: list[tuple[str, int, Any]]) -> list[anthropic.ContentBlock]:
+    """The blocks the steps of a whole answer build."""
+    started: list[anthropic.ContentBlock] = []
+    pieces: dict[int, list[str]] = {}
+    for kind, index, payload in steps:
+        if kind == "start":
+            started.append(payload)
+        elif kind in ("text", "json"):
+            pieces.setdefault(index, []).append(payload)
+    content: list[anthropic.ContentBlock] = []
+    for index, block in enumerate(started):
+        joined = "".join(pieces.get(index, []))
+        if isinstance(block, anthropic.ToolUseContent):
+            content.append(anthropic.ToolUseContent(id=block.id, name=block.name, input=json.loads(joined)))
+        else:
+            content.append(anthropic.TextContent(text=joined))
+    return content
+
+
+class _Events:
+    """Anthropic's event grammar: message_start, ping, content blocks, message_delta, message_stop."""
+
+    def __init__(self, shape: _Shape) -> None:
+        self._shape = shape
+
+    async def render(self, events: AsyncIterator[Event]) -> AsyncGenerator[bytes, None]:
+        shape = self._shape
+        start = anthropic.Message(
+            id=shape.id,
+            model=shape.model,
+            content=[],
+            stop_reason=None,
+            usage=anthropic.Usage(input_tokens=shape.prompt_tokens, output_tokens=0),
+        )
+        yield named("message_start", anthropic.MessageStart(message=start))
+        yield named("ping", anthropic.Ping())
+        blocks = _Blocks()
+        async for event in events:
+            if not isinstance(event, Finished):
+                for step in blocks.feed(event):
+                    yield _step(step)
+                continue
+            for step in blocks.finish():
+                yield _step(step)
+            usage = shape.usage(event)
+            yield named(
+                "message_delta",
+                anthropic.MessageDelta(
+                    delta=anthropic.MessageDeltaBody(stop_reason=STOP_REASON[event.finish_reason]),
+                    usage=anthropic.DeltaUsage(
+                        output_tokens=usage.output_tokens,
+                        input_tokens=usage.input_tokens,
+                        cache_read_input_tokens=usage.cache_read_input_tokens,
+                    ),
+                ),
+            )
+            yield named("message_stop", anthropic.MessageStop())
+
+    def failed(self, code: str, message: str) -> list[bytes]:
+        error = anthropic.ErrorBody(type="api_error", message=f"{message} ({code})")
+        return [named("error", anthropic.ErrorResponse(error=error))]
+
+
+def _step(step: tuple[str, int, Any]) -> bytes:
+    kind, index, payload = step
+    if kind == "start":
+        return named("content_block_start", anthropic.ContentBlockStart(index=index, content_block=payload))
+    if kind == "text":
+        return named(
+            "content_block_delta", anthropic.ContentBlockDelta(index=index, delta=anthropic.TextDelta(text=payload))
+        )
+    if kind == "json":
+        return named(
+            "content_block_delta",
+            anthropic.ContentBlockDelta(index=index, delta=anthropic.InputJsonDelta(partial_json=payload)),
+        )
+    return named("content_block_stop", anthropic.ContentBlockStop(index=index))

@@ -1,0 +1,217 @@
+"""The request path every inference surface shares: auth, body, quota, dispatch, answer, settlement.
+
+Chat completions, text completions, Anthropic Messages and OpenAI Responses
+differ only in their wire formats. A surface turns its body into a `Job` and
+renders the provider's events; everything else happens here, once, so auth,
+quotas, metering, cancellation and the summary log line are identical on
+every route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+from litestar import Request
+from litestar.response import Stream
+
+from schemas import bus
+from services.auth.bearer import Principal, authenticate
+from services.errors import ApiError, ProviderError
+from services.gateway.dispatch import Call, StreamBroken
+from services.gateway.exchange import Exchange
+from services.ids import request_id_of
+from services.runtime import Runtime
+from services.usage.metering import Ticket, estimate_prompt_tokens, holder_for
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a surface asks the pool for.
+
+    `request` is complete but for its id and deadline, which the pipeline sets.
+    """
+
+    request: bus.InferenceRequest
+    stream: bool
+    # The prompt's texts: the quota reserves an estimate before any provider has counted tokens.
+    prompt_texts: list[str]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of an answer, with the tokens billed (never more completion than the gateway saw)."""
+
+    finish_reason: bus.FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+Event = bus.Delta | Finished
+Prepare = Callable[[Principal, bytes], Awaitable[Job]]
+
+
+@dataclass
+class Started:
+    """A request a provider accepted."""
+
+    principal: Principal
+    job: Job
+    call: Call
+    ex: Exchange
+    # x-request-id and the x-ratelimit-* headers, for the answer and for any later error.
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Renderer(Protocol):
+    """A surface's streaming wire format."""
+
+    def render(self, events: AsyncIterator[Event]) -> AsyncGenerator[bytes, None]: ...
+
+    def failed(self, code: str, message: str) -> list[bytes]:
+        """The protocol's in-band error, ending a stream whose headers are already sent."""
+        ...
+
+
+async def _reserve(runtime: Runtime, principal: Principal, job: Job, request_id: str) -> Ticket:
+    holder, limits = holder_for(principal, runtime.settings)
+    tokens = estimate_prompt_tokens(job.prompt_texts) + job.request.params.max_tokens
+    return await runtime.metering.reserve(holder, limits, request_id, job.request.model, tokens)
+
+
+async def start(
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    *,
+    event: str,
+    allow_demo: bool,
+    prepare: Prepare,
+    api_key_header: bool = False,
+) -> Started:
+    """Authenticate, decode (`prepare`), reserve quota and hand the job to a provider, or raise."""
+    ex = Exchange(request_id=request_id_of(request), event=event)
+    try:
+        principal = await authenticate(request, runtime, allow_demo=allow_demo, api_key_header=api_key_header)
+        ex.key_id = principal.key_id
+        job = await prepare(principal, await request.body())
+        ex.model, ex.stream = job.request.model, job.stream
+        ex.ticket = await _reserve(runtime, principal, job, ex.request_id)
+        deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
+        bus_request = msgspec.structs.replace(job.request, request_id=ex.request_id, deadline_ms=deadline_ms)
+        call = await runtime.dispatcher.start(bus_request)
+    except ApiError as exc:
+        # Refused before any generation: nothing was generated, so nothing is billed.
+        ex.status, ex.refund = exc.code or "error", True
+        await ex.finish(runtime.metering)
+        if ex.ticket is not None:
+            exc.headers = {**ex.ticket.headers(), **exc.headers}
+        raise
+    except BaseException:
+        ex.status, ex.refund = "internal_error", True
+        await ex.finish(runtime.metering)
+        raise
+    ex.accepted(call.provider_id, call.accepted)
+    headers = {"x-request-id": ex.request_id, **ex.ticket.headers()}
+    return Started(principal, job, call, ex, headers)
+
+
+async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
+    """The provider's frames, metered as they pass: deltas, then one `Finished`."""
+    async for frame in call.frames():
+        if isinstance(frame, bus.Delta):
+            ex.delta(frame)
+            yield frame
+        else:
+            prompt, completion = ex.done(frame)
+            yield Finished(frame.finish_reason, prompt, completion, frame.cached_tokens)
+            return
+    raise ProviderError("The provider's answer ended without a final frame.")
+
+
+async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
+    """Returns when the client hangs up (the body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the buyer hangs up first (non-stream requests)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task
+
+
+async def answer(
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    started: Started,
+    consume: Callable[[AsyncIterator[Event]], Awaitable[T]],
+) -> T:
+    """A non-stream answer: `consume` reads the events into the surface's response body."""
+    ex, call = started.ex, started.call
+    try:
+        return await _unless_disconnected(request, consume(events(call, ex)))
+    except asyncio.CancelledError:
+        ex.status = "client_disconnected"
+        raise
+    except StreamBroken as exc:
+        ex.status = exc.code
+        raise ProviderError(f"The provider failed while generating: {exc.message}", headers=started.headers) from None
+    except ApiError as exc:
+        ex.status = exc.code or "error"
+        exc.headers = {**started.headers, **exc.headers}
+        raise
+    finally:
+        await call.close()
+        await ex.finish(runtime.metering)
+
+
+def stream(runtime: Runtime, started: Started, renderer: Renderer) -> Stream:
+    """A server-sent-event answer in the surface's format; it always ends properly."""
+    return Stream(
+        _guarded(runtime, started, renderer),
+        media_type="text/event-stream",
+        headers={**started.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _guarded(runtime: Runtime, started: Started, renderer: Renderer) -> AsyncIterator[bytes]:
+    ex, call = started.ex, started.call
+    try:
+        async with contextlib.aclosing(renderer.render(events(call, ex))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    except (StreamBroken, ApiError) as exc:
+        # Headers are gone already: the error travels in-band, then the stream ends properly.
+        ex.status = exc.code or "error"
+        for chunk in renderer.failed(ex.status, f"Generation failed: {exc.message}"):
+            yield chunk
+    except (asyncio.CancelledError, GeneratorExit):
+        ex.status = "client_disconnected"
+        raise
+    finally:
+        # A disconnect cancels this generator: the provider's cancel and the settlement must still happen.
+        closing = asyncio.ensure_future(_close(call, ex, runtime))
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(closing)
+
+
+async def _close(call: Call, ex: Exchange, runtime: Runtime) -> None:
+    await call.close()
+    await ex.finish(runtime.metering)

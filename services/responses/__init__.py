@@ -1,0 +1,1 @@
+"""OpenAI's Responses API: `/v1/responses`, with stored responses for `previous_response_id`."""
