@@ -12,7 +12,7 @@ import os
 import platform
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas import subjects
@@ -82,6 +82,11 @@ class DaemonSettings:
     # Prompt tokens processed per step: smaller interleaves long prompts with decoding sooner.
     prefill_step: int = 512
     worker_start_timeout_s: float = 120.0
+    # This provider's NATS user and password (the pool operator issues them); empty: none.
+    nats_user: str = ""
+    nats_password: str = field(default="", repr=False)
+    # A NATS .creds file (the provider's identity on the pool); None: the URL alone.
+    nats_creds: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, config_file: Path | None = None) -> DaemonSettings:
@@ -120,6 +125,9 @@ class DaemonSettings:
                 prompt_cache_bytes=int(float(env.get("MP_PROMPT_CACHE_GB", "1")) * (1 << 30)),
                 prefill_step=int(env.get("MP_PREFILL_STEP", "512")),
                 worker_start_timeout_s=float(env.get("MP_WORKER_START_TIMEOUT_S", "120")),
+                nats_user=env.get("MP_NATS_USER", ""),
+                nats_password=env.get("MP_NATS_PASSWORD", ""),
+                nats_creds=Path(env["MP_NATS_CREDS"]).expanduser() if env.get("MP_NATS_CREDS") else None,
             )
         except ValueError as exc:
             raise SettingsError(str(exc)) from None

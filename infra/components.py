@@ -19,6 +19,7 @@ from subprocess import Popen
 
 from infra import procs
 from infra.blas import fast_blas_env
+from infra.nats_auth import Credentials, child_env
 from infra.ports import free_port
 
 
@@ -55,7 +56,9 @@ def start_gateway(
     name: str = "gateway",
     env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
+    nats_credentials: Credentials | None = None,
 ) -> Child:
+    """Start a control plane; on a NATS server this process runs it logs in as the control plane."""
     log_path = home / "logs" / f"{name}.log"
     proc = procs.spawn(
         [sys.executable, "-m", "services", "serve"],
@@ -63,7 +66,7 @@ def start_gateway(
             {
                 "MP_HOME": str(home),
                 "MP_PORT": str(port),
-                "NATS_URL": nats_url,
+                **child_env(nats_url, credentials=nats_credentials),
                 "DATABASE_URL": database_url,
                 **(env or {}),
             }
@@ -106,14 +109,19 @@ def start_daemon(
     env: Mapping[str, str] | None = None,
     admin_port: int | None = None,
     api_port: int | None = None,
+    nats_credentials: Credentials | None = None,
 ) -> DaemonChild:
-    """Start a daemon; its local ports are free ones unless given (several daemons share one machine)."""
+    """Start a daemon; its local ports are free ones unless given (several daemons share one machine).
+
+    On a NATS server this process runs, the daemon logs in as its own provider
+    user, registered with the server now if it is new.
+    """
     log_path = home / "logs" / f"daemon-{provider_id}.log"
     admin_port = free_port() if admin_port is None else admin_port
     api_port = free_port() if api_port is None else api_port
     settings = {
         **fast_blas_env(),
-        "NATS_URL": nats_url,
+        **child_env(nats_url, provider_id=provider_id, credentials=nats_credentials),
         "MP_PROVIDER_ID": provider_id,
         "MP_MODEL_ID": model_id,
         "MP_ENGINE": engine,

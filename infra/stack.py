@@ -19,10 +19,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
+
 from infra.components import Child, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key, write_dev_env
-from infra.nats import NatsServer
+from infra.nats_auth import SecuredNats
 from infra.postgres import PostgresServer
+from services.providers import store as providers
 
 
 def _port(name: str) -> int | None:
@@ -32,6 +35,23 @@ def _port(name: str) -> int | None:
 
 def _say(message: str) -> None:
     print(f"[mac-provider] {message}", flush=True)
+
+
+def _write_admin_env(path: Path, values: dict[str, str]) -> None:
+    """What `mac-provider admin ...` needs to reach this stack (it holds the control plane's NATS password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# Written by `just up`. Load with: set -a; . {path}; set +a\n")
+        f.writelines(f"{name}={value}\n" for name, value in values.items())
+
+
+async def _pin(database_url: str, provider_id: str) -> None:
+    """The stack's own daemon is admitted at once, whatever the provisional rate."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await providers.set_status(conn, provider_id, "pinned", "the local stack's own daemon")
+    finally:
+        await conn.close()
 
 
 def main() -> int:
@@ -46,15 +66,19 @@ def main() -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     cleanups: list[Callable[[], object]] = []
+    admin_env: dict[str, str] = {}
     children: list[Child] = []
     exit_code = 0
     try:
         nats_url = os.environ.get("NATS_URL")
         if not nats_url:
-            nats = NatsServer.start(home / "nats", port=_port("MP_NATS_PORT"))
+            # Authorization on: the control plane and the daemon each log in as their own user
+            # (credentials in $MP_HOME/nats/credentials.json, 0600; the config holds bcrypt hashes).
+            nats = SecuredNats.start(home / "nats", port=_port("MP_NATS_PORT"))
             cleanups.append(nats.stop)
             nats_url = nats.url
-            _say(f"nats-server on {nats_url}")
+            admin_env.update(nats.gateway.env())
+            _say(f"nats-server on {nats_url} (users: {nats.users.state_dir / 'credentials.json'})")
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
             pg = PostgresServer.start(home / "postgres", port=_port("MP_PG_PORT"))
@@ -64,6 +88,9 @@ def main() -> int:
 
         dev_env = home / "dev.env"
         key = asyncio.run(ensure_dev_key(database_url, dev_env))
+        provider_id = os.environ.get("MP_PROVIDER_ID", "local-mac")
+        asyncio.run(_pin(database_url, provider_id))
+        _write_admin_env(home / "admin.env", {"DATABASE_URL": database_url, "NATS_URL": nats_url, **admin_env})
 
         model_path_env = os.environ.get("MP_MODEL_PATH")
         if model_path_env:
@@ -82,7 +109,7 @@ def main() -> int:
         daemon = start_daemon(
             home,
             nats_url=nats_url,
-            provider_id=os.environ.get("MP_PROVIDER_ID", "local-mac"),
+            provider_id=provider_id,
             model_id=model_id,
             model_path=model_path,
         )
@@ -102,6 +129,7 @@ Mac Provider is up.
   API key  : {key}
   model    : {model_id}
   env file : {dev_env}   (set -a; . {dev_env}; set +a)
+  operator : set -a; . {home / "admin.env"}; set +a; mac-provider admin providers list
 
   curl {base}/v1/chat/completions \\
     -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\

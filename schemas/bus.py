@@ -192,6 +192,13 @@ class Probe(msgspec.Struct, frozen=True):
     gateway_id: str
 
 
+class Drain(msgspec.Struct, frozen=True):
+    """An operator's order to one provider: finish the requests you have, take no new ones."""
+
+    provider_id: str
+    note: str = ""
+
+
 _ENCODER = msgspec.msgpack.Encoder()
 _FRAME_DECODER = msgspec.msgpack.Decoder(Frame)
 

@@ -58,6 +58,18 @@ LEAVES = f"{PREFIX}.leave.*"
 PROBE = f"{PREFIX}.pool.probe"
 
 
+def drain(provider_id: str) -> str:
+    """An operator asks one provider to finish its in-flight requests and take no new ones."""
+    return f"{PREFIX}.drain.{_token('provider id', provider_id)}"
+
+
+# Every provider's work, cancels, drains and replies: what the control plane's NATS user may touch.
+ALL_WORK = f"{PREFIX}.work.*"
+ALL_CANCELS = f"{PREFIX}.cancel.*"
+ALL_DRAINS = f"{PREFIX}.drain.*"
+ALL_REPLIES = f"{PREFIX}.reply.>"
+
+
 def reply(provider_id: str, gateway_id: str, request_id: str) -> str:
     """Where a provider streams one request's frames back to one gateway replica."""
     return (
@@ -74,6 +86,11 @@ def replies_for_gateway(gateway_id: str) -> str:
 def reply_prefix(provider_id: str) -> str:
     """The prefix a provider may publish replies under (for permissions and checks)."""
     return f"{PREFIX}.reply.{_token('provider id', provider_id)}."
+
+
+def provider_replies(provider_id: str) -> str:
+    """Every reply subject one provider may publish to (its NATS permission)."""
+    return f"{reply_prefix(provider_id)}>"
 
 
 def parse_reply(subject: str) -> tuple[str, str, str]:

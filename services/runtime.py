@@ -24,6 +24,7 @@ from services.gateway.dispatch import Dispatcher, ReplyRouter
 from services.gateway.membership import Membership
 from services.gateway.pool import PoolView
 from services.keys.lookup import KeyLookup
+from services.providers.admission import Admission
 from services.settings import Settings
 from services.usage.metering import Metering
 
@@ -52,10 +53,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         name=f"mac-provider-gateway-{settings.gateway_id}",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
+        user=settings.nats_user or None,
+        password=settings.nats_password or None,
     )
     pool = PoolView(heartbeat_misses=settings.heartbeat_misses, routing=settings.routing)
     router = ReplyRouter(nc, settings.gateway_id)
-    membership = Membership(nc, pool, settings.gateway_id)
+    admission = Admission(
+        db,
+        settings.database_url,
+        per_minute=settings.provisional_admissions_per_min,
+        cache_ttl_s=settings.admission_cache_ttl_s,
+    )
+    membership = Membership(nc, pool, settings.gateway_id, admission=admission)
     keys = KeyLookup(db, settings)
     demo = DemoTokens(settings.secret_key, ttl_s=settings.demo_token_ttl_s)
     metering = Metering(
@@ -65,6 +74,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await keys.start()
         await metering.start()
         await router.start()
+        await admission.start()
         await membership.start()
         dispatcher = Dispatcher(
             nc,
@@ -84,6 +94,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await keys.stop()
         await metering.stop()
         await membership.stop()
+        await admission.stop()
         await router.stop()
         with contextlib.suppress(Exception):
             await nc.drain()

@@ -6,7 +6,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -138,6 +138,13 @@ class Settings:
     response_ttl_s: float
     # The largest conversation a stored response keeps (bytes of JSON).
     response_max_bytes: int
+    # Unknown provider ids admitted per minute across all replicas (pinned ones need no room).
+    provisional_admissions_per_min: int
+    # Safety net for the per-replica admission cache; pins, bans and drains reach it at once by NOTIFY.
+    admission_cache_ttl_s: float
+    # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone.
+    nats_user: str
+    nats_password: str = field(repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -192,4 +199,8 @@ class Settings:
             reservation_stale_s=_float(env, "MP_RESERVATION_STALE_S", 30.0),
             response_ttl_s=_float(env, "MP_RESPONSE_TTL_S", 86400.0),
             response_max_bytes=_int(env, "MP_RESPONSE_MAX_BYTES", 4 << 20),
+            provisional_admissions_per_min=_int(env, "MP_PROVISIONAL_ADMISSIONS_PER_MIN", 10),
+            admission_cache_ttl_s=_float(env, "MP_ADMISSION_CACHE_TTL_S", 30.0),
+            nats_user=env.get("MP_NATS_USER", ""),
+            nats_password=env.get("MP_NATS_PASSWORD", ""),
         )

@@ -13,11 +13,15 @@ import pytest
 
 from infra.components import Child, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key
-from infra.nats import NatsServer
+from infra.nats_auth import SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
 from tests.support.auth_stack import auth_stack  # noqa: F401  (registered here once: one set of replicas for all modules)
 from tests.support.tiny_model import write_tiny_model
+
+# The suite starts dozens of daemons with new provider ids within a minute; every gateway it
+# starts admits them freely. The admission rate itself is tested on its own stack (test_admission.py).
+os.environ.setdefault("MP_PROVISIONAL_ADMISSIONS_PER_MIN", "100000")
 
 TINY_MODEL = "tiny-llama"
 TINY_PROVIDER = "tiny-mac-1"
@@ -50,8 +54,10 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def nats_server(state_dir: Path) -> Iterator[NatsServer]:
-    server = NatsServer.start(state_dir / "nats")
+def nats_server(state_dir: Path) -> Iterator[SecuredNats]:
+    """NATS with authorization on, as deployed: the gateway logs in as the control plane and every
+    daemon a test starts as its own provider user, registered (config reload) when first started."""
+    server = SecuredNats.start(state_dir / "nats")
     yield server
     server.stop()
 
@@ -71,7 +77,9 @@ def tiny_model_path(state_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(state_dir: Path, nats_server: NatsServer, postgres: PostgresServer, tiny_model_path: Path) -> Iterator[Stack]:
+def stack(
+    state_dir: Path, nats_server: SecuredNats, postgres: PostgresServer, tiny_model_path: Path
+) -> Iterator[Stack]:
     api_key = asyncio.run(ensure_dev_key(postgres.url, state_dir / "dev.env"))
     port = free_port()
     gateway = start_gateway(
@@ -97,7 +105,8 @@ def stack(state_dir: Path, nats_server: NatsServer, postgres: PostgresServer, ti
             home=state_dir,
             base_url=base,
             api_key=api_key,
-            nats_url=nats_server.url,
+            # Tests that talk to the bus themselves do it as the control plane.
+            nats_url=nats_server.gateway_url,
             database_url=postgres.url,
             gateway=gateway,
             daemon=daemon,

@@ -1,9 +1,15 @@
-"""Keeps a PoolView current from the bus: heartbeats, leaves, and expiry."""
+"""Keeps a PoolView current from the bus: heartbeats, leaves, and expiry.
+
+Only admitted providers enter the view (services/providers/admission.py): a
+heartbeat from one not admitted yet is held until its verdict comes, a banned
+or drained one is kept out, and a ban fails its running requests at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import msgspec
 import structlog
@@ -13,6 +19,7 @@ from nats.aio.subscription import Subscription
 
 from schemas import bus, subjects
 from services.gateway.pool import PoolView
+from services.providers.admission import Admission, Verdict
 
 log = structlog.get_logger("gateway.pool")
 
@@ -21,13 +28,27 @@ _LEAVE = bus.decoder(bus.Leave)
 
 
 class Membership:
-    def __init__(self, nc: Nats, pool: PoolView, gateway_id: str, *, sweep_interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        nc: Nats,
+        pool: PoolView,
+        gateway_id: str,
+        *,
+        sweep_interval_s: float = 0.25,
+        admission: Admission | None = None,
+    ) -> None:
         self._nc = nc
         self._pool = pool
         self._gateway_id = gateway_id
         self._sweep_interval_s = sweep_interval_s
         self._subs: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
+        # None: every provider is admitted (tests of the pool alone).
+        self._admission = admission
+        # The latest heartbeat of each provider awaiting its verdict, and when it came.
+        self._held: dict[str, tuple[bus.Heartbeat, float]] = {}
+        if admission is not None:
+            admission.on_change(self._verdict_changed)
 
     async def start(self) -> None:
         self._subs.append(await self._nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
@@ -54,10 +75,36 @@ class Membership:
         if hb.provider_id != subjects.parse_provider(msg.subject):
             log.warning("heartbeat_id_mismatch", subject=msg.subject, claimed=hb.provider_id)
             return
-        known = hb.provider_id in self._pool.providers
+        self._consider(hb, time.monotonic())
+
+    def _consider(self, hb: bus.Heartbeat, received: float) -> None:
+        pid = hb.provider_id
+        if self._admission is not None:
+            verdict = self._admission.check(pid)
+            if verdict is not Verdict.ADMITTED:
+                if verdict is Verdict.PENDING:
+                    self._held[pid] = (hb, received)
+                if pid in self._pool.providers:
+                    self._pool.withdraw(pid, fail_in_flight=verdict is Verdict.BANNED)
+                return
+        known = pid in self._pool.providers
         self._pool.observe(hb)
         if not known and not hb.draining:
-            log.info("provider_joined", provider=hb.provider_id, models=[m.id for m in hb.models], slots=hb.slots)
+            log.info("provider_joined", provider=pid, models=[m.id for m in hb.models], slots=hb.slots)
+
+    def _verdict_changed(self, pid: str, verdict: Verdict) -> None:
+        if verdict is Verdict.ADMITTED:
+            held = self._held.pop(pid, None)
+            # Route it now rather than at its next heartbeat, if the one we hold is still current.
+            if held is not None and time.monotonic() - held[1] < held[0].interval_s:
+                self._consider(*held)
+            return
+        if verdict is Verdict.BANNED:
+            log.warning("provider_banned", provider=pid, in_pool=pid in self._pool.providers)
+        elif verdict is Verdict.DRAINING:
+            log.info("provider_drained", provider=pid, in_pool=pid in self._pool.providers)
+        self._held.pop(pid, None)
+        self._pool.withdraw(pid, fail_in_flight=verdict is Verdict.BANNED)
 
     async def _on_leave(self, msg: Msg) -> None:
         try:
@@ -74,3 +121,8 @@ class Membership:
             await asyncio.sleep(self._sweep_interval_s)
             for pid in self._pool.expire():
                 log.warning("provider_lost", provider=pid, reason="missed_heartbeats")
+            now = time.monotonic()
+            for pid in [
+                p for p, (hb, t) in self._held.items() if now - t > self._pool.heartbeat_misses * hb.interval_s
+            ]:
+                del self._held[pid]

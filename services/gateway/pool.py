@@ -75,6 +75,16 @@ class PoolView:
         self._notify_lost(provider_id)
         return True
 
+    def withdraw(self, provider_id: str, *, fail_in_flight: bool) -> None:
+        """Stop routing to a provider now, whatever its heartbeats say (an operator's drain or ban).
+
+        A drain lets its running requests finish; a ban fails them here (the
+        failover moves them elsewhere), even if it was already out of routing.
+        """
+        self.providers.pop(provider_id, None)
+        if fail_in_flight:
+            self._notify_lost(provider_id)
+
     def expire(self) -> list[str]:
         """Drop providers whose heartbeats stopped; returns their ids."""
         now = self.clock()

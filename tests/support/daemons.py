@@ -14,6 +14,7 @@ import httpx
 import nats
 
 from infra.components import DaemonChild, start_daemon
+from infra.nats_auth import control_url
 from schemas import bus, subjects
 
 
@@ -77,7 +78,7 @@ def stream_text(payloads: list[str]) -> str:
 
 async def bus_call(nats_url: str, provider_id: str, request: bus.InferenceRequest, timeout: float = 60) -> list[Any]:  # noqa: ASYNC109
     """Send one request straight to a daemon over NATS (no gateway); returns its frames in order."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(control_url(nats_url))  # as the control plane: only it may send work
     try:
         reply = subjects.reply(provider_id, "testgw", request.request_id)
         frames: list[Any] = []

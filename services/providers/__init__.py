@@ -1,0 +1,1 @@
+"""Provider admission: pinned / provisional / banned / draining, in Postgres and cached per replica."""

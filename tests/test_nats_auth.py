@@ -1,0 +1,160 @@
+"""NATS vouches for who is talking: a provider's credentials reach only its own subjects (real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as Nats
+
+from infra.nats_auth import Credentials, SecuredNats
+from schemas import bus, subjects
+
+MINE = "auth-mac-mine"
+OTHER = "auth-mac-other"
+
+
+@asynccontextmanager
+async def _connect(server: SecuredNats, credentials: Credentials, errors: list[str]) -> AsyncIterator[Nats]:
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(
+        server.url,
+        user=credentials.user,
+        password=credentials.password,
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def _violations(errors: list[str], expected: int) -> list[str]:
+    # The server answers a refused SUB or PUB asynchronously with -ERR (nats-py lowercases its text).
+    for _ in range(50):
+        if len(errors) >= expected:
+            break
+        await asyncio.sleep(0.02)
+    return [e for e in errors if "permissions violation" in e.lower()]
+
+
+async def test_a_provider_cannot_read_or_write_as_anyone_else(nats_server: SecuredNats) -> None:
+    mine = nats_server.provider(MINE)
+    errors: list[str] = []
+    async with _connect(nats_server, mine, errors) as nc:
+        for subject in (subjects.work(OTHER), subjects.cancel(OTHER), subjects.ALL_REPLIES, "_INBOX.>", ">"):
+            await nc.subscribe(subject)
+        await nc.subscribe(subjects.HEARTBEATS)  # reading the pool's heartbeats is the gateway's business
+        await nc.publish(subjects.heartbeat(OTHER), b"spoof")
+        await nc.publish(subjects.reply(OTHER, "gw-1", "req-1"), b"spoof")
+        await nc.publish(subjects.work(OTHER), b"work")
+        await nc.publish(subjects.work(MINE), b"work")
+        await nc.publish(subjects.drain(OTHER), b"drain")
+        await nc.publish(subjects.PROBE, b"probe")
+        await nc.flush()
+        refused = await _violations(errors, 12)
+        assert nc.is_connected, "a refused subject is an error, not a disconnect"
+    assert len(refused) == 12, errors
+    for subject in (subjects.work(OTHER), subjects.cancel(OTHER), subjects.ALL_REPLIES, "_INBOX.>"):
+        assert any(f'subscription to "{subject.lower()}"' in e for e in refused), (subject, refused)
+
+    for subject in (subjects.heartbeat(OTHER), subjects.reply(OTHER, "gw-1", "req-1"), subjects.work(MINE)):
+        assert any(f'publish to "{subject.lower()}"' in e for e in refused), (subject, refused)
+
+
+async def test_refused_subjects_deliver_nothing_and_own_subjects_work(nats_server: SecuredNats) -> None:
+    mine = nats_server.provider(MINE)
+    errors: list[str] = []
+    got: dict[str, list[Any]] = {"stolen": [], "work": [], "beats": [], "replies": []}
+    async with (
+        _connect(nats_server, mine, errors) as provider,
+        _connect(nats_server, nats_server.gateway, []) as gateway,
+    ):
+
+        def sink(name: str) -> Any:
+            async def cb(msg: Any) -> None:
+                got[name].append(msg.subject)
+
+            return cb
+
+        await provider.subscribe(subjects.work(OTHER), cb=sink("stolen"))
+        await provider.subscribe(subjects.ALL_REPLIES, cb=sink("stolen"))
+        await provider.subscribe(subjects.work(MINE), cb=sink("work"))
+        await gateway.subscribe(subjects.heartbeat(MINE), cb=sink("beats"))
+        await gateway.subscribe(subjects.replies_for_gateway("gw-auth"), cb=sink("replies"))
+        await provider.flush()
+        await gateway.flush()
+        await gateway.publish(subjects.work(OTHER), b"not for you")
+        await gateway.publish(subjects.reply(OTHER, "gw-auth", "r1"), b"forged")  # refused: not even gateways
+        await gateway.publish(subjects.work(MINE), b"yours", reply=subjects.reply(MINE, "gw-auth", "r2"))
+        await gateway.flush()
+        hb = bus.Heartbeat(MINE, "0", "boot", [], 1, 1, 0, 0, 0.0, 1.0, 0)
+        await provider.publish(subjects.heartbeat(MINE), bus.encode(hb))
+        await provider.publish(subjects.reply(MINE, "gw-auth", "r2"), b"frame")
+        await provider.publish(subjects.heartbeat(OTHER), b"spoof")  # refused: never reaches the gateway
+        await provider.flush()
+        for _ in range(50):
+            if got["work"] and got["beats"] and got["replies"]:
+                break
+            await asyncio.sleep(0.02)
+    assert got["stolen"] == []
+    assert got["work"] == [subjects.work(MINE)]
+    assert got["beats"] == [subjects.heartbeat(MINE)]
+    # Only a provider can answer on its own reply prefix: nothing forged reached the gateway.
+    assert got["replies"] == [subjects.reply(MINE, "gw-auth", "r2")]
+
+
+@pytest.mark.parametrize(
+    "who",
+    ["wrong password", "no credentials", "another provider's password", "unknown user"],
+)
+async def test_bad_credentials_are_refused(nats_server: SecuredNats, who: str) -> None:
+    mine, other = nats_server.provider(MINE), nats_server.provider(OTHER)
+    login = {
+        "wrong password": {"user": mine.user, "password": mine.password + "x"},
+        "no credentials": {},
+        "another provider's password": {"user": mine.user, "password": other.password},
+        "unknown user": {"user": "provider-nobody", "password": mine.password},
+    }[who]
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(nats_server.url, allow_reconnect=False, max_reconnect_attempts=0, **login)
+
+
+def test_credentials_stay_private_and_the_config_holds_only_hashes(nats_server: SecuredNats) -> None:
+    mine = nats_server.provider(MINE)
+    state = nats_server.users.state_dir
+    for name in ("credentials.json", "auth.conf"):
+        assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+    conf = (state / "auth.conf").read_text()
+    assert mine.password not in conf
+    assert nats_server.gateway.password not in conf
+    assert conf.count('"$2b$') >= 3  # gateway + the two providers, bcrypt
+    assert mine.password not in repr(mine)
+    # Registering the same provider again changes nothing (and does not reload the server).
+    assert nats_server.provider(MINE) == mine
+
+
+async def test_a_daemon_started_for_a_new_id_gets_its_own_user(nats_server: SecuredNats) -> None:
+    from infra.nats_auth import child_env
+
+    env = child_env(nats_server.gateway_url, provider_id="auth-mac-new")
+    assert env["NATS_URL"] == nats_server.url, "never the control plane's credentials"
+    assert env["MP_NATS_USER"] == "provider-auth-mac-new"
+    errors: list[str] = []
+    creds = Credentials(env["MP_NATS_USER"], env["MP_NATS_PASSWORD"])
+    async with _connect(nats_server, creds, errors) as nc:
+        await nc.subscribe(subjects.work("auth-mac-new"))
+        await nc.subscribe(subjects.drain("auth-mac-new"))
+        await nc.subscribe(subjects.work(MINE))
+        await nc.flush()
+        refused = await _violations(errors, 1)
+    assert len(refused) == 1
+    assert subjects.work(MINE) in refused[0]
