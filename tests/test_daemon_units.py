@@ -273,3 +273,30 @@ def test_worker_frames_round_trip() -> None:
     out = p.Tokens(items=[p.Token(id="a", token=9, finish="length", logprob=-0.1, top=[(9, -0.1)])])
     body = p.frame(out)[p.HEADER_SIZE :]
     assert p.FROM_WORKER.decode(body) == out
+
+
+# ---- packaging -------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_shipped_config_template_is_valid_and_names_only_real_settings() -> None:
+    import re
+
+    template = REPO / "infra" / "homebrew" / "daemon.env"
+    s = DaemonSettings.from_env({}, config_file=template)
+    assert (s.slots, s.idle_unload_s, s.api_port, s.admin_port, s.log_json) == (8, 600, 11440, 11441, True)
+    known = set(re.findall(r'"((?:MP|NATS)_[A-Z_]+)"', (REPO / "daemon" / "settings.py").read_text()))
+    named = set(re.findall(r"^#?\s*((?:MP|NATS)_[A-Z_]+)=", template.read_text(), re.MULTILINE))
+    assert named, "the template documents settings"
+    assert named <= known, named - known
+
+
+def test_service_definitions_run_the_daemon_with_its_config_file() -> None:
+    unit = (REPO / "infra" / "systemd" / "mac-provider-daemon.service").read_text()
+    assert "ExecStart=/opt/mac-provider/bin/mac-provider-daemon serve --config /etc/mac-provider/daemon.env" in unit
+    assert "KillMode=mixed" in unit
+    formula = (REPO / "infra" / "homebrew" / "mac-provider-daemon.rb").read_text()
+    assert 'run [opt_bin/"mac-provider-daemon", "serve", "--config", etc/"mac-provider/daemon.env"]' in formula
+    assert 'log_path var/"log/mac-provider-daemon.log"' in formula
+    assert "keep_alive" in formula

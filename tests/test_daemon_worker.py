@@ -323,3 +323,28 @@ async def test_sigterm_finishes_in_flight_work_then_leaves(stack: Stack) -> None
     assert refused.json()["error"]["code"] == "draining"
     assert [leave.provider_id for leave in leaves] == ["term-mac"]
     assert logs.events(d.log_path, "daemon_stopped")
+
+
+def test_doctor_checks_the_machine_model_and_pool(stack: Stack) -> None:
+    import subprocess
+    import sys
+
+    def doctor(nats_url: str, model_path: str) -> tuple[int, dict[str, dict[str, str]]]:
+        env = {**os.environ, "NATS_URL": nats_url, "MP_MODEL_PATH": model_path, "MP_ADMIN_PORT": "0"}
+        done = subprocess.run(
+            [sys.executable, "-m", "daemon", "doctor", "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        return done.returncode, {c["name"]: c for c in json.loads(done.stdout)}
+
+    code, checks = doctor(stack.nats_url, str(stack.model_path))
+    assert code == 0, checks
+    assert checks["pool"]["status"] == "ok"
+    assert checks["model"]["status"] == "ok"
+    assert checks["fit"]["status"] == "ok"
+    assert "65536 tokens of context" in checks["fit"]["detail"]
+    assert checks["admin port"]["detail"] == "turned off (port 0)"
+    code, checks = doctor("nats://127.0.0.1:1", "/nonexistent")
+    assert code == 1
+    assert checks["pool"]["status"] == "fail"
+    assert checks["pool"]["fix"]
+    assert checks["model"]["status"] == "fail"

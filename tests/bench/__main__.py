@@ -8,6 +8,15 @@ Modes:
   metering  the cost of quotas + metering: the same stack with two control planes,
             MP_METERING=off and MP_METERING=on, and the same requests to each
             (streamed at each concurrency level, plus one non-streamed column).
+  daemon    our provider daemon's local API vs mlx_lm.server on the same model
+            (SmolLM2 by default): aggregate tokens/s and TTFT at concurrency 1, 2, 4, 8
+            (options: python3 -m tests.bench daemon --help).
+  failover  a provider killed (SIGKILL) or asleep (SIGSTOP) mid-answer: the buyer's stall until the next
+            token, over repeated kills, beside the same streams' normal inter-chunk gaps; 3 daemons with
+            the tiny real mlx-lm model (options: python3 -m tests.bench failover --help).
+  routing   least-loaded vs random routing over 3 tiny-model daemons of uneven size (MP_SLOTS 1, 2, 4)
+            under a mix of long and short requests: tokens/s, requests/s, latency and TTFT
+            (options: python3 -m tests.bench routing --help).
 
 Each prints one table and stops everything it started (also on Ctrl-C or error).
 """
@@ -234,6 +243,23 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["daemon"]:
+        # Its own options and stack (tests/bench/daemon.py): our daemon vs mlx_lm.server.
+        from tests.bench import daemon
+
+        return daemon.main(argv[1:])
+    # Their own options and stacks (tests/bench/failover.py, routing.py): daemons with the tiny real model.
+    if argv[:1] == ["failover"]:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        from tests.bench import failover
+
+        return failover.main(argv[1:])
+    if argv[:1] == ["routing"]:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        from tests.bench import routing
+
+        return routing.main(argv[1:])
     plan, args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if args.mode == "metering":
