@@ -10,6 +10,10 @@ up:
 test *ARGS:
     python3 -m pytest {{ARGS}}
 
+# Schemathesis against the OpenAPI document with every check, far bigger than in `just test`.
+fuzz EXAMPLES="200" PHASES="examples,coverage,fuzzing,stateful":
+    MP_FUZZ_EXAMPLES={{EXAMPLES}} MP_FUZZ_PHASES={{PHASES}} python3 -m pytest tests/test_openapi.py -k schemathesis -s
+
 # Lint and type-check.
 check:
     ruff check .

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from litestar import Litestar
+from litestar import Litestar, Response, route
 from litestar.di import Provide
+from litestar.enums import HttpMethod
+from litestar.handlers import HTTPRouteHandler
 from litestar.types import ControllerRouterHandler
 
 from services.auth.routes import demo_token, github_callback, github_start, logout
@@ -37,6 +39,31 @@ SERVICES: dict[str, list[ControllerRouterHandler]] = {
 }
 
 
+def _options(path: str, methods: set[str]) -> HTTPRouteHandler:
+    allow = ", ".join(sorted({*methods, "OPTIONS"}))
+
+    @route(path, http_method=[HttpMethod.OPTIONS], include_in_schema=False, sync_to_thread=False)
+    def options() -> Response[None]:
+        return Response(content=None, status_code=204, headers={"allow": allow})
+
+    return options
+
+
+def _with_options(handlers: list[ControllerRouterHandler]) -> list[ControllerRouterHandler]:
+    """An OPTIONS answer for each path served by several handlers, registered before them.
+
+    Litestar makes one when the first handler of a path is registered, and its
+    `Allow` keeps naming only that handler's methods after others join the path.
+    """
+    methods: dict[str, set[str]] = {}
+    for handler in handlers:
+        if isinstance(handler, HTTPRouteHandler):
+            for path in handler.paths:
+                methods.setdefault(path, set()).update(handler.http_methods)
+    shared = [_options(path, m) for path, m in methods.items() if len(m) > 1]
+    return [*shared, *handlers]
+
+
 def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) -> Litestar:
     unknown = set(services) - set(SERVICES)
     if unknown:
@@ -47,7 +74,7 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
     if "status" not in services:
         handlers.append(health)
     return Litestar(
-        route_handlers=handlers,
+        route_handlers=_with_options(handlers),
         lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers={Exception: exception_handler},

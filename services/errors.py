@@ -168,7 +168,8 @@ def _from_http_exception(exc: HTTPException) -> ApiError:
     if isinstance(exc, NotFoundException):
         return NotFound("Not found: no such route. See GET /v1/models and the API reference.")
     if exc.status_code == 405:
-        return MethodNotAllowed(str(exc.detail))
+        # Litestar names the route's methods in `Allow`, which RFC 9110 requires on a 405.
+        return MethodNotAllowed(str(exc.detail), headers=dict(exc.headers or {}))
     if isinstance(exc, ValidationException):
         return InvalidRequest(str(exc.detail))
     if exc.status_code == 401:

@@ -49,7 +49,7 @@ class DemoTokenIssued(msgspec.Struct, frozen=True):
     object: str = "demo_token"
 
 
-@get("/auth/github/start", **documented(status=302, errors=(500,), extra=html(503)))
+@get("/auth/github/start", status_code=302, **documented(status=302, errors=(500,), extra=html(503)))
 async def github_start(runtime: Runtime) -> Response[Any]:
     settings = runtime.settings
     oauth = GitHubOAuth(settings)

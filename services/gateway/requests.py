@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -15,6 +15,19 @@ _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _REGEX = re.compile(r"Expected `str` matching regex '.*'")
 
 
+_INT_AS_FLOAT = "Expected `int`, got `float`"
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
 def decode_body(body: bytes, kind: type[T]) -> T:
     if not body.strip():
         raise InvalidJson("The request body is empty; send a JSON object.")
@@ -23,9 +36,15 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         # msgspec validates while parsing; a broken document must still be called broken JSON.
         try:
-            msgspec.json.decode(body)
+            document = msgspec.json.decode(body)
         except msgspec.DecodeError as syntax:
             raise InvalidJson(f"The request body is not valid JSON: {syntax}.") from None
+        if _INT_AS_FLOAT in str(exc):
+            # JSON does not tell 3 from 3.0 and JSON Schema calls both integers; msgspec only the first.
+            try:
+                return msgspec.convert(_integral_floats_as_ints(document), type=kind)
+            except msgspec.ValidationError as again:
+                exc = again
         text = str(exc)
         match = _PATH.search(text)
         param = match.group("path") if match else None

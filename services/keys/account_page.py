@@ -11,7 +11,7 @@ from litestar.response import Redirect
 from services.auth.sessions import check_origin, session_account
 from services.keys.routes import clean_name
 from services.keys.store import account_login, create_key, list_keys, revoke_key
-from services.openapi import HTML, SESSION, documented, redirect
+from services.openapi import HTML, documented, redirect
 from services.pages import HEADERS, account_page, html_response, message_page, one_shot_key_page
 from services.runtime import Runtime
 
@@ -36,7 +36,8 @@ async def account(request: Request[Any, Any, Any], runtime: Runtime) -> Response
 @post(
     "/account/new-key",
     status_code=200,
-    **documented(ok=str, media_type=HTML, errors=(403, 413, 500), extra=redirect(303), security=[SESSION]),
+    # No security requirement: signed out, the form answers with a redirect to /account, not a refusal.
+    **documented(ok=str, media_type=HTML, errors=(403, 413, 500), extra=redirect(303)),
 )
 async def account_new_key(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
     check_origin(request, runtime.settings)
@@ -55,7 +56,7 @@ async def account_new_key(request: Request[Any, Any, Any], runtime: Runtime) -> 
 @post(
     "/account/revoke/{key_id:int}",
     status_code=303,
-    **documented(status=303, errors=(400, 403, 500), security=[SESSION]),
+    **documented(status=303, errors=(400, 403, 404, 500)),
 )
 async def account_revoke(request: Request[Any, Any, Any], runtime: Runtime, key_id: int) -> Response[Any]:
     check_origin(request, runtime.settings)

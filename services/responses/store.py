@@ -6,6 +6,7 @@ Expired rows are invisible at once and deleted a few at a time by later writes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import asyncpg
@@ -18,6 +19,8 @@ _INPUT = msgspec.json.Decoder(list[responses.InputItem])
 _RESPONSE = msgspec.json.Decoder(responses.Response)
 # Expired rows each write clears: enough to keep up, small enough never to slow a request.
 _SWEEP = 20
+# What our ids look like (resp_ + hex); anything else is unknown without a query (and NUL never reaches Postgres).
+_ID = re.compile(r"^resp_[0-9a-f]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ async def save(
 
 
 async def load(db: asyncpg.Pool, account_id: int, response_id: str) -> Stored | None:
+    if not _ID.match(response_id):
+        return None
     row = await db.fetchrow(
         "SELECT input, response FROM stored_responses WHERE id = $1 AND account_id = $2 AND expires_at > now()",
         response_id,
@@ -68,6 +73,8 @@ async def load(db: asyncpg.Pool, account_id: int, response_id: str) -> Stored | 
 
 
 async def delete(db: asyncpg.Pool, account_id: int, response_id: str) -> bool:
+    if not _ID.match(response_id):
+        return False
     status = await db.execute(
         "DELETE FROM stored_responses WHERE id = $1 AND account_id = $2 AND expires_at > now()",
         response_id,

@@ -1,0 +1,62 @@
+"""Conformance with the official SDKs: fixtures shared by the OpenAI (Python, Node) and Anthropic modules.
+
+Plain text comes from the tiny random model; tool calls from the scripted
+model (tests/support/script_model.py), served by a daemon of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from infra.components import Child, start_daemon, wait_model
+from tests.conftest import Stack
+from tests.support.script_model import write_script_model
+
+SCRIPT_MODEL = "tiny-script"
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def script_daemon(stack: Stack) -> Iterator[Child]:
+    folder = write_script_model(stack.model_path, stack.home / "models" / SCRIPT_MODEL)
+    daemon = start_daemon(
+        stack.home,
+        nats_url=stack.nats_url,
+        provider_id="script-mac",
+        model_id=SCRIPT_MODEL,
+        model_path=folder,
+        env={"MP_HEARTBEAT_S": "0.5"},
+    )
+    try:
+        wait_model(stack.base_url, SCRIPT_MODEL, timeout=120, daemon=daemon)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def oai(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.v1, api_key=stack.api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def async_oai(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.v1, api_key=stack.api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def claude(stack: Stack) -> anthropic.Anthropic:
+    # The SDK appends /v1/messages to the base URL itself.
+    return anthropic.Anthropic(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=60)
