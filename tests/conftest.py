@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra.components import Child, DaemonChild, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
@@ -36,7 +36,7 @@ class Stack:
     nats_url: str
     database_url: str
     gateway: Child
-    daemon: Child
+    daemon: DaemonChild
     model_path: Path
     postgres: PostgresServer
 
