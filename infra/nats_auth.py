@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,14 @@ class SecuredNats:
     def provider(self, provider_id: str) -> Credentials:
         """Credentials for one provider, registered with the running server on first use."""
         return self.add_user(provider_user(provider_id), provider_permissions(provider_id))
+
+    def restart(self, *, down_s: float = 0.0) -> None:
+        """Stop the server and start it again on the same port, users and config (clients reconnect)."""
+        self.server.stop()
+        time.sleep(down_s)
+        self.server = NatsServer.start(
+            self.server.state_dir, port=self.server.port, config_extra=self.users.config_extra
+        )
 
     def stop(self) -> None:
         if _LAUNCHED.get(_endpoint(self.server.url)) is self:

@@ -6,6 +6,7 @@ import asyncio
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -158,3 +159,48 @@ async def test_a_daemon_started_for_a_new_id_gets_its_own_user(nats_server: Secu
         refused = await _violations(errors, 1)
     assert len(refused) == 1
     assert subjects.work(MINE) in refused[0]
+
+
+async def test_a_restarted_server_keeps_every_user(tmp_path: Path) -> None:
+    server = SecuredNats.start(tmp_path / "nats")
+    mine = server.provider(MINE)
+    conns: list[Nats] = []
+    back = [asyncio.Event(), asyncio.Event()]
+    try:
+        for creds, event in zip((server.gateway, mine), back, strict=True):
+
+            async def reconnected(event: asyncio.Event = event) -> None:
+                event.set()
+
+            conns.append(
+                await nats.connect(
+                    server.url,
+                    user=creds.user,
+                    password=creds.password,
+                    reconnect_time_wait=0.1,
+                    max_reconnect_attempts=-1,
+                    reconnected_cb=reconnected,
+                )
+            )
+        gateway, provider = conns
+        work = await provider.subscribe(subjects.work(MINE))
+        await provider.flush()
+        server.restart()
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in back)), timeout=10)
+        await provider.flush()  # its subscription is back on the new server
+        await gateway.publish(subjects.work(MINE), b"after the restart")
+        assert (await work.next_msg(timeout=5)).data == b"after the restart"
+    finally:
+        for c in conns:
+            await c.close()
+        server.stop()
+
+
+def test_credentials_ride_in_a_url_and_come_out_intact() -> None:
+    from infra.nats_auth import split_credentials
+
+    creds = Credentials("provider-x", "p@ss:w/rd?")
+    url = creds.in_url("nats://127.0.0.1:4222")
+    assert split_credentials(url) == ("nats://127.0.0.1:4222", creds)
+    assert split_credentials("nats://127.0.0.1:4222") == ("nats://127.0.0.1:4222", None)
+    assert "p@ss" not in repr(creds)

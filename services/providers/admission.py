@@ -61,6 +61,8 @@ def verdict_of(status: str, draining: bool) -> Verdict:
 class _Entry:
     verdict: Verdict
     checked_at: float
+    # Set by a NOTIFY: newer than any query that was already under way when it came.
+    by_notice: bool = False
 
 
 ChangeCallback = Callable[[str, Verdict], None]
@@ -146,9 +148,14 @@ class Admission:
 
     # ---- decisions ----------------------------------------------------------------------------
 
-    def _apply(self, provider_id: str, verdict: Verdict) -> None:
+    def _apply(self, provider_id: str, verdict: Verdict, *, asked_at: float | None = None) -> None:
+        """Cache a verdict: from a notice (`asked_at` None), or from a query sent at `asked_at`."""
         old = self._cache.get(provider_id)
-        self._cache[provider_id] = _Entry(verdict, self._clock())
+        if asked_at is not None and old is not None and old.by_notice and old.checked_at >= asked_at:
+            # A notice came while the query ran, so the query's snapshot may predate it. Every
+            # status change sends one, so the last notice is the latest truth: keep it.
+            return
+        self._cache[provider_id] = _Entry(verdict, self._clock(), by_notice=asked_at is None)
         if old is None or old.verdict is not verdict:
             for callback in self._callbacks:
                 callback(provider_id, verdict)
@@ -188,10 +195,11 @@ class Admission:
         while self._lookups:
             batch = sorted(self._lookups)[:_BATCH]
             self._lookups.difference_update(batch)
+            asked_at = self._clock()
             found = await store.sight(self._db, batch)
             for provider_id, state in found.items():
                 verdict = verdict_of(state.status, state.draining)
-                self._apply(provider_id, verdict)
+                self._apply(provider_id, verdict, asked_at=asked_at)
                 if verdict is Verdict.PENDING and self._may_try(self._clock()):
                     self._attempts[provider_id] = None
 
@@ -206,11 +214,16 @@ class Admission:
             entry = self._cache.get(provider_id)
             if entry is None or entry.verdict is not Verdict.PENDING:
                 continue
+            asked_at = self._clock()
             attempt = await store.try_admit(self._db, provider_id, self.per_minute)
             if attempt.admitted:
                 log.info("provider_admitted", provider=provider_id, how="provisional")
-                self._apply(provider_id, Verdict.ADMITTED)
-            elif not attempt.contended:
+                self._apply(provider_id, Verdict.ADMITTED, asked_at=asked_at)
+            elif attempt.contended:
+                # Not pending any more: another replica or an operator decided; its notice may
+                # have come already (or will), but make sure this replica reads the outcome.
+                self._queue_lookup(provider_id)
+            else:
                 self._bucket_empty_until = self._clock() + max(0.05, attempt.retry_after_s)
 
     async def _touch_loop(self) -> None:
