@@ -348,3 +348,31 @@ def test_doctor_checks_the_machine_model_and_pool(stack: Stack) -> None:
     assert checks["pool"]["status"] == "fail"
     assert checks["pool"]["fix"]
     assert checks["model"]["status"] == "fail"
+
+
+def test_a_worker_that_cannot_restart_keeps_trying_until_it_can(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import shutil
+
+    folder = tmp_path_factory.mktemp("fragile") / "tiny-llama-fragile"
+    shutil.copytree(stack.model_path, folder)
+    with running_daemon(
+        stack.home, nats_url=stack.nats_url, provider_id="fragile-mac", model_id="tiny-fragile", model_path=folder
+    ) as d:
+        pid = status(d)["worker"]["pid"]
+        weights, away = folder / "model.safetensors", folder / "model.safetensors.away"
+        weights.rename(away)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "could not load" not in (status(d)["worker"]["last_crash"] or "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "could not load" in status(d)["worker"]["last_crash"]
+        assert httpx.get(f"{d.admin_url}/admin/health").json()["worker_status"] == "dead"
+        refused = chat(d, max_tokens=2)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "worker_restarting"
+        away.rename(weights)
+        wait_worker(d, timeout=60)
+        assert chat(d, max_tokens=2).status_code == 200
+        assert logs.events(d.log_path, "worker_restart_failed")

@@ -60,7 +60,7 @@ def create_admin_app(daemon: Daemon) -> Litestar:
         if engine is None:
             worker_status = "healthy"
         else:
-            worker_status = _HEALTH_STATUS.get(engine.supervisor.state, engine.supervisor.state)
+            worker_status = _HEALTH_STATUS.get(engine.supervisor.health, engine.supervisor.health)
             if worker_status == "healthy" and await engine.supervisor.ping(timeout=5.0) is None:
                 # Alive but not answering: as good as dead for a buyer.
                 worker_status = "dead"
@@ -119,8 +119,8 @@ def create_admin_app(daemon: Daemon) -> Litestar:
         }
         body["worker"] = {
             "healthy": sup.state == "healthy" and stats is not None,
-            "status": _HEALTH_STATUS.get(sup.state, sup.state),
-            "state": sup.state,
+            "status": _HEALTH_STATUS.get(sup.health, sup.health),
+            "state": sup.health,
             "pid": sup.pid,
             "rss_bytes": rss,
             "restarts": sup.restarts,

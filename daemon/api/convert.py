@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from daemon.engine.base import EngineError
 from schemas import bus, openai
 
 # When a local request sets no limit (the gateway has its own default for pool requests).
@@ -33,6 +34,15 @@ def _message(m: openai.ChatMessage) -> bus.BusMessage:
 
 
 def chat_request(req: openai.ChatCompletionRequest, request_id: str, model_id: str) -> bus.InferenceRequest:
+    if req.response_format is not None and not isinstance(req.response_format, openai.TextFormat):
+        # mlx-lm cannot constrain decoding to JSON: say so rather than return free text.
+        kind = "json_object" if isinstance(req.response_format, openai.JsonObjectFormat) else "json_schema"
+        raise EngineError(
+            "unsupported_value",
+            f"response_format '{kind}' is not offered: the engine cannot constrain output to JSON. "
+            "Omit response_format (or send {'type': 'text'}) and ask for JSON in the prompt.",
+            param="response_format.type",
+        )
     limit = req.token_limit()
     tools = [_tool(t) for t in req.tools] if req.tools else None
     choice = req.tool_choice

@@ -129,10 +129,10 @@ class WorkerEngine:
         return self._tps
 
     def worker_state(self) -> str:
-        return _WORKER_STATE.get(self.supervisor.state, self.supervisor.state)
+        return _WORKER_STATE.get(self.supervisor.health, self.supervisor.health)
 
     def accepting(self) -> bool:
-        return self._model is not None and self.supervisor.state in ("healthy", "idle", "starting")
+        return self._model is not None and self.supervisor.health in ("healthy", "idle", "starting")
 
     def capacity(self) -> Capacity:
         m = self._model

@@ -76,6 +76,8 @@ class Supervisor:
         self.model_path: Path | None = None
         self.info: p.Ready | None = None
         self.restarts = 0
+        # Set by a crash, cleared when a worker runs again: while set, the daemon takes no work.
+        self.crashed = False
         self.last_crash: str | None = None
         self.last_active = time.monotonic()
         self._worker: _Worker | None = None
@@ -101,6 +103,13 @@ class Supervisor:
     def in_flight(self) -> int:
         return len(self._queues)
 
+    @property
+    def health(self) -> str:
+        """The state, except that a worker coming back from a crash is "restarting" throughout."""
+        if self.crashed and self.state in ("starting", "dead", "restarting"):
+            return "restarting"
+        return self.state
+
     def rss(self) -> int:
         pid = self.pid
         return process_rss(pid) if pid is not None else 0
@@ -119,6 +128,7 @@ class Supervisor:
         async with self._lock:
             freed = self.rss()
             await self._stop_worker("unloaded")
+            self.crashed = False
             self.model_path = None
             self.info = None
             self._set_state("no_worker")
@@ -130,10 +140,9 @@ class Supervisor:
             return
         if self.model_path is None:
             raise WorkerStartError("no model is loaded")
-        if self.state == "restarting" and self._restart is not None:
-            await asyncio.shield(self._restart)
-            if self.state == "healthy":
-                return
+        if self.health == "restarting":
+            # Fail fast: the caller's client can go to another provider meanwhile.
+            raise WorkerStartError(f"the worker is restarting after a crash ({self.last_crash})")
         async with self._lock:
             if self.state == "healthy" and self._worker is not None:
                 return
@@ -240,6 +249,7 @@ class Supervisor:
             self.last_crash = reason
             raise WorkerStartError(f"the worker could not load {self.model_path}: {reason}") from None
         worker.info = self.info = info
+        self.crashed = False
         self._set_state("healthy")
         self._touch()
         self._ensure_idle_watch()
@@ -340,6 +350,7 @@ class Supervisor:
                 reason = f"the worker was killed by {signal.Signals(-code).name}"
         self.last_crash = reason
         self.restarts += 1
+        self.crashed = True
         log.error("worker_crashed", pid=w.proc.pid, returncode=code, in_flight=len(self._queues))
         self._worker = None
         self._fail_all(reason)
@@ -349,21 +360,26 @@ class Supervisor:
         self._restart = asyncio.create_task(self._restart_after_crash(), name="worker-restart")
 
     async def _restart_after_crash(self) -> None:
-        now = time.monotonic()
-        self._crash_times = [t for t in self._crash_times if now - t < 60] + [now]
-        # First crash in a minute: restart at once; a crash loop backs off.
-        delay = min(self.config.max_restart_delay_s, 0.5 * 2 ** (len(self._crash_times) - 1) - 0.5)
-        if delay > 0:
-            log.warning("worker_restart_backoff", seconds=delay)
-            await asyncio.sleep(delay)
-        async with self._lock:
-            if self.state != "restarting" or self.model_path is None:
-                return
-            try:
-                await self._start_locked()
-            except WorkerStartError as exc:
-                log.error("worker_restart_failed", error=str(exc))
-                # Stay "dead"; the next request (ensure) or an admin load tries again.
+        """Until a worker runs again: the first crash in a minute restarts at once, a crash loop backs off."""
+        while not self.closed:
+            now = time.monotonic()
+            self._crash_times = [t for t in self._crash_times if now - t < 60] + [now]
+            delay = min(self.config.max_restart_delay_s, 0.5 * 2 ** (len(self._crash_times) - 1) - 0.5)
+            if delay > 0:
+                log.warning("worker_restart_backoff", seconds=delay)
+                await asyncio.sleep(delay)
+            async with self._lock:
+                # Unloaded, replaced or stopped meanwhile: nothing to restart.
+                if self.state not in ("restarting", "dead") or self.model_path is None:
+                    return
+                try:
+                    await self._start_locked()
+                    return
+                except WorkerStartError as exc:
+                    log.error("worker_restart_failed", error=str(exc))
+                    self.last_crash = str(exc)
+                    # Keep telling the pool "restarting" (no room) and try again after the backoff.
+                    self._set_state("restarting")
 
     def _ensure_idle_watch(self) -> None:
         if self.config.idle_unload_s > 0 and (self._idle is None or self._idle.done()):
