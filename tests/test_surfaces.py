@@ -177,3 +177,19 @@ def test_stored_conversations_are_capped(stack: Stack) -> None:
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "input"
     assert "store: false" in r.json()["error"]["message"]
+
+
+def test_feedback_takes_any_surfaces_answer_id(stack: Stack) -> None:
+    message = httpx.post(
+        f"{stack.v1}/messages",
+        json={"model": TINY_MODEL, "max_tokens": 2, "messages": HELLO},
+        headers={"x-api-key": stack.api_key},
+        timeout=60,
+    ).json()
+    answer = _respond(stack.base_url, stack.api_key, input="hi").json()
+    for answer_id in (message["id"], answer["id"]):
+        r = httpx.post(f"{stack.v1}/feedback", json={"request_id": answer_id, "rating": 4}, headers=stack.auth())
+        assert r.status_code == 200, r.text
+    r = httpx.post(f"{stack.v1}/feedback", json={"request_id": "abc\u0000", "rating": 4}, headers=stack.auth())
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "request_id"

@@ -27,7 +27,7 @@ _LEDGER_OUTCOME = {"ok": "ok", "client_disconnected": "cancelled", "request_time
 @dataclass
 class Exchange:
     request_id: str
-    # The summary line's event name: one per surface (chat_completion, text_completion, message, response).
+    # The summary line's event name, one per surface (chat_completion, text_completion, ...).
     event: str = "chat_completion"
     key_id: int | None = None
     model: str | None = None

@@ -154,11 +154,11 @@ async def messages(request: Request[Any, Any, Any], runtime: Runtime) -> Respons
     async def prepare(principal: Principal, body: bytes) -> Job:
         req = decode_body(body, anthropic.MessagesRequest)
         decoded.append(req)
-        request = bus_request(req)
-        return Job(request, req.stream, [m.content for m in request.messages])
+        job = bus_request(req)
+        return Job(job, req.stream, [m.content for m in job.messages])
 
     started = await pipeline.start(
-        request, runtime, event="message", allow_demo=False, prepare=prepare, api_key_header=True
+        request, runtime, event="anthropic_message", allow_demo=False, prepare=prepare, api_key_header=True
     )
     # Anthropic's SDKs report this header as the request id.
     started.headers["request-id"] = started.ex.request_id

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import bus
 from services.errors import InvalidRequest
 
 
@@ -39,8 +38,3 @@ def function_tool(name: str, description: str | None, parameters: dict[str, Any]
 
 def named_tool_choice(name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name}}
-
-
-def tool_call_message(content: str, calls: list[bus.ToolCall]) -> bus.BusMessage:
-    """An assistant turn that called tools, as the chat template renders it back."""
-    return bus.BusMessage(role="assistant", content=content, tool_calls=calls or None)

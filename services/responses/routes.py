@@ -200,7 +200,7 @@ async def create_response(request: Request[Any, Any, Any], runtime: Runtime) -> 
         job = bus_request(req, messages, tools, runtime.settings.default_max_tokens)
         return Job(job, req.stream, [m.content for m in messages])
 
-    started = await pipeline.start(request, runtime, event="response", allow_demo=False, prepare=prepare)
+    started = await pipeline.start(request, runtime, event="openai_response", allow_demo=False, prepare=prepare)
     shape = shapes[0]
     if shape.req.stream:
         return pipeline.stream(runtime, started, _Events(shape))

@@ -18,6 +18,8 @@ from services.usage import quotas, reports
 from services.usage.metering import holder_for, quota_headers, rate_limit_headers
 
 MAX_DAYS = 90
+# Each surface's answer id is the request id behind a prefix (chat, text completion, Messages, Responses).
+_ANSWER_ID_PREFIXES = ("chatcmpl-", "cmpl-", "msg_", "resp_")
 MAX_COMMENT = 2000
 
 
@@ -64,7 +66,8 @@ async def usage(request: Request[Any, Any, Any], runtime: Runtime) -> Response[r
 
 
 class FeedbackRequest(msgspec.Struct, frozen=True):
-    request_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    # Ids we issue are letters, digits, "-" and "_"; anything else (a NUL) must not reach Postgres.
+    request_id: Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
     # 1 (bad) to 5 (excellent).
     rating: Annotated[int, Meta(ge=1, le=5)]
     comment: Annotated[str, Meta(max_length=MAX_COMMENT)] = ""
@@ -88,7 +91,9 @@ async def feedback(request: Request[Any, Any, Any], runtime: Runtime) -> Respons
     holder, _ = holder_for(principal, runtime.settings)
     body = decode_body(await request.body(), FeedbackRequest)
     # Buyers may paste the completion id; the request id is its suffix.
-    request_id = body.request_id.removeprefix("chatcmpl-")
+    request_id = body.request_id
+    for prefix in _ANSWER_ID_PREFIXES:
+        request_id = request_id.removeprefix(prefix)
     row = await runtime.db.fetchrow(
         """WITH mine AS (SELECT request_id FROM usage_ledger WHERE request_id = $1 AND subject = $2)
            INSERT INTO feedback (request_id, rating, comment)
