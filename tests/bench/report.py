@@ -1,4 +1,4 @@
-"""Statistics per (path, concurrency) and the side-by-side plain-text tables of both modes."""
+"""Statistics per (path, concurrency) and the side-by-side plain-text tables of every mode."""
 
 from __future__ import annotations
 
@@ -290,3 +290,212 @@ def render_metering(*, header: list[str], columns: list[Comparison], footer: lis
         lines.extend(failures)
     lines.extend(footer)
     return "\n".join(lines)
+
+
+# ---- `failover` mode: a provider killed or asleep mid-answer -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverColumn:
+    """All rounds of one way of losing the provider (times in seconds)."""
+
+    label: str
+    rounds: int
+    errors: Counter[str]
+    stall_s: list[float]
+    kill_to_next_s: list[float]
+    kill_to_accepted_s: list[float]
+    accepted_to_next_s: list[float]
+    # Content chunks the buyer had when the signal went out.
+    killed_after_chunks: list[int]
+    normal_gaps_s: list[float]
+    rejoin_s: list[float]
+    # The gateway's 'failover' log lines: how many per stream, and their reasons.
+    failovers_per_stream: Counter[int]
+    reasons: Counter[str]
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+
+F_LABEL = 44
+F_CELL = 26
+
+
+def _ms_of(values: list[float], q: float) -> str:
+    """A percentile of seconds, shown in ms."""
+    p = percentile(values, q)
+    return "-" if p is None else _ms(p * 1000)
+
+
+def _max_ms(values: list[float]) -> str:
+    return "-" if not values else _ms(max(values) * 1000)
+
+
+def _min_ms(values: list[float]) -> str:
+    return "-" if not values else _ms(min(values) * 1000)
+
+
+def _counts(counter: Counter[str] | Counter[int]) -> str:
+    return ", ".join(f"{key} ×{n}" for key, n in counter.most_common()) or "-"
+
+
+def render_failover(*, header: list[str], columns: list[FailoverColumn], footer: list[str]) -> str:
+    lines = [*header, ""]
+    rule = "-" * (F_LABEL + len(columns) * (F_CELL + 3))
+
+    def row(label: str, cells: list[str]) -> str:
+        return label.ljust(F_LABEL) + "".join(" | " + c.rjust(F_CELL) for c in cells)
+
+    lines.append(row("", [c.label for c in columns]))
+    lines.append(rule)
+    metrics: list[tuple[str, list[str]]] = [
+        ("rounds (kills)", [str(c.rounds) for c in columns]),
+        ("failed rounds", [str(c.failed) for c in columns]),
+        (
+            "signalled after content chunk p50 / max",
+            [_chunks(c.killed_after_chunks) for c in columns],
+        ),
+        ("buyer's stall p50 (ms)", [_ms_of(c.stall_s, 50) for c in columns]),
+        ("buyer's stall p99 (ms)", [_ms_of(c.stall_s, 99) for c in columns]),
+        ("buyer's stall max (ms)", [_max_ms(c.stall_s) for c in columns]),
+        ("kill -> next token p50 (ms)", [_ms_of(c.kill_to_next_s, 50) for c in columns]),
+        ("kill -> next token p99 (ms)", [_ms_of(c.kill_to_next_s, 99) for c in columns]),
+        ("kill -> next token max (ms)", [_max_ms(c.kill_to_next_s) for c in columns]),
+        ("  kill -> continuation accepted min (ms)", [_min_ms(c.kill_to_accepted_s) for c in columns]),
+        ("  kill -> continuation accepted p50 (ms)", [_ms_of(c.kill_to_accepted_s, 50) for c in columns]),
+        ("  kill -> continuation accepted max (ms)", [_max_ms(c.kill_to_accepted_s) for c in columns]),
+        ("  accepted -> next token p50 (ms)", [_ms_of(c.accepted_to_next_s, 50) for c in columns]),
+        ("  accepted -> next token max (ms)", [_max_ms(c.accepted_to_next_s) for c in columns]),
+        ("baseline: normal inter-chunk gap p50 (ms)", [_ms_of(c.normal_gaps_s, 50) for c in columns]),
+        ("baseline: normal inter-chunk gap p99 (ms)", [_ms_of(c.normal_gaps_s, 99) for c in columns]),
+        ("baseline: normal inter-chunk gap max (ms)", [_max_ms(c.normal_gaps_s) for c in columns]),
+        ("baseline: normal gaps measured", [f"{len(c.normal_gaps_s):,}" for c in columns]),
+        ("back in the pool p50 (s)", [_seconds(percentile(c.rejoin_s, 50)) for c in columns]),
+        ("back in the pool max (s)", [_seconds(max(c.rejoin_s) if c.rejoin_s else None) for c in columns]),
+        ("failovers per stream (gateway log)", [_counts(c.failovers_per_stream) for c in columns]),
+        ("failover reason (gateway log)", [_counts(c.reasons) for c in columns]),
+    ]
+    for label, cells in metrics:
+        lines.append(row(label, cells))
+    lines.append(rule)
+    failures = [f"  {c.label}: {_counts(c.errors)}" for c in columns if c.errors]
+    if failures:
+        lines.append("failed rounds (by error):")
+        lines.extend(failures)
+    lines.extend(footer)
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+# ---- `routing` mode: least-loaded vs random over daemons of uneven size ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySide:
+    """One routing policy's measured rounds."""
+
+    label: str
+    stats: Stats
+    # The short and the long requests alone (their latency and TTFT).
+    short: Stats
+    long: Stats
+    # Aggregate tokens/s of each round alone.
+    round_tps: list[float]
+    # Requests each daemon (by provider id) finished for this policy's gateway.
+    served: dict[str, int]
+
+
+R_LABEL = 34
+R_CELL = 24
+
+
+def _ratio_of(num: float | None, den: float | None) -> str:
+    return "-" if num is None or not den else f"{num / den:.2f}×"
+
+
+def _tps_range(values: list[float]) -> str:
+    return "-" if not values else f"{_rate(min(values))} .. {_rate(max(values))}"
+
+
+def render_routing(
+    *,
+    header: list[str],
+    sides: list[PolicySide],
+    daemons: list[str],
+    daemon_labels: list[str],
+    footer: list[str],
+) -> str:
+    if len(sides) != 2:
+        raise ValueError("two policies: the product's and the baseline")
+    a, b = sides
+    lines = [*header, ""]
+    rule = "-" * (R_LABEL + 3 * (R_CELL + 3))
+
+    def row(label: str, cells: list[str]) -> str:
+        return label.ljust(R_LABEL) + "".join(" | " + c.rjust(R_CELL) for c in cells)
+
+    def served(side: PolicySide, pid: str) -> str:
+        total = sum(side.served.values())
+        n = side.served.get(pid, 0)
+        return f"{n} ({100 * n / total:.0f}%)" if total else "-"
+
+    lines.append(row("", [a.label, b.label, f"{a.label.split()[0]} / {b.label.split()[0]}"]))
+    lines.append(rule)
+    rows: list[tuple[str, str, str, str]] = [
+        ("requests measured", str(a.stats.requests), str(b.stats.requests), ""),
+        ("failed", str(a.stats.failed), str(b.stats.failed), ""),
+        (
+            "aggregate throughput (tok/s)",
+            _rate(a.stats.throughput_tps),
+            _rate(b.stats.throughput_tps),
+            _ratio_of(a.stats.throughput_tps, b.stats.throughput_tps),
+        ),
+        ("  per round, min .. max", _tps_range(a.round_tps), _tps_range(b.round_tps), ""),
+        (
+            "requests/s",
+            _rate(a.stats.requests_per_s),
+            _rate(b.stats.requests_per_s),
+            _ratio_of(a.stats.requests_per_s, b.stats.requests_per_s),
+        ),
+    ]
+    for name, pick in (
+        ("latency p50 (ms)", lambda s: s.latency_p50_ms),
+        ("latency p99 (ms)", lambda s: s.latency_p99_ms),
+        ("TTFT p50 (ms)", lambda s: s.ttft_p50_ms),
+        ("TTFT p99 (ms)", lambda s: s.ttft_p99_ms),
+    ):
+        rows.append((name, _ms(pick(a.stats)), _ms(pick(b.stats)), _ratio_of(pick(a.stats), pick(b.stats))))
+    for kind, pa, pb in (("short", a.short, b.short), ("long", a.long, b.long)):
+        for name, pick in (
+            ("latency p50 (ms)", lambda s: s.latency_p50_ms),
+            ("latency p99 (ms)", lambda s: s.latency_p99_ms),
+            ("TTFT p99 (ms)", lambda s: s.ttft_p99_ms),
+        ):
+            rows.append((f"{kind} requests: {name}", _ms(pick(pa)), _ms(pick(pb)), _ratio_of(pick(pa), pick(pb))))
+    for pid, label in zip(daemons, daemon_labels, strict=True):
+        rows.append((f"served by {label}", served(a, pid), served(b, pid), ""))
+    for label, x, y, ratio in rows:
+        lines.append(row(label, [x, y, ratio]))
+    lines.append(rule)
+    failures = [
+        f"  {side.label}: " + ", ".join(f"{code} ×{n}" for code, n in side.stats.errors.most_common())
+        for side in sides
+        if side.stats.errors
+    ]
+    if failures:
+        lines.append("failed requests (by error):")
+        lines.extend(failures)
+    lines.extend(footer)
+    return "\n".join(lines)
+
+
+def _chunks(values: list[int]) -> str:
+    if not values:
+        return "-"
+    p50 = percentile([float(v) for v in values], 50)
+    return f"{p50:.0f} / {max(values)}"
