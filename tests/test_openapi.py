@@ -124,7 +124,8 @@ def test_schemathesis_finds_nothing(stack: Stack, fuzz_gateway: str, tmp_path: P
         "--report-dir",
         str(report),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=3000, check=False)
+    # Run where it may leave its own state (.schemathesis/), not in the repository.
+    run = subprocess.run(command, capture_output=True, text=True, timeout=3000, check=False, cwd=tmp_path)
     summary = re.search(r"(\d+) generated, (.*)", run.stdout)
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
     assert summary is not None, run.stdout[-5000:]
