@@ -134,17 +134,36 @@ def _model(settings: DaemonSettings, m: Machine) -> list[Check]:
     return checks
 
 
-async def _nats(url: str) -> Check:
+async def _nats(settings: DaemonSettings) -> Check:
     import nats
 
     async def quiet(_: Exception) -> None:
         return None
 
+    url = settings.nats_url
     try:
         nc = await asyncio.wait_for(
-            nats.connect(url, connect_timeout=3, max_reconnect_attempts=1, allow_reconnect=False, error_cb=quiet), 5
+            nats.connect(
+                url,
+                connect_timeout=3,
+                max_reconnect_attempts=1,
+                allow_reconnect=False,
+                error_cb=quiet,
+                # The pool's NATS refuses a daemon without its provider credentials.
+                user=settings.nats_user or None,
+                password=settings.nats_password or None,
+                user_credentials=str(settings.nats_creds) if settings.nats_creds else None,
+            ),
+            5,
         )
     except Exception as exc:
+        if "authorization violation" in str(exc).lower():
+            return Check(
+                "pool",
+                "fail",
+                f"the coordinator at {url} refused this provider's credentials",
+                "check MP_NATS_USER / MP_NATS_PASSWORD (or MP_NATS_CREDS) from the pool operator",
+            )
         return Check(
             "pool",
             "fail",
@@ -174,7 +193,7 @@ def checks(settings: DaemonSettings) -> list[Check]:
     out = _machine(m) + _mlx() + _model(settings, m)
     if settings.engine == "mlx" and settings.slots > 16 and m.system != "Darwin":
         out.append(Check("slots", "warn", f"{settings.slots} slots on a CPU", "MP_SLOTS=4 decodes faster here"))
-    out.append(asyncio.run(_nats(settings.nats_url)))
+    out.append(asyncio.run(_nats(settings)))
     out.append(_port("admin port", settings.admin_port))
     out.append(_port("api port", settings.api_port))
     return out

@@ -133,6 +133,27 @@ async def test_pins_bans_and_drains_are_announced_to_every_replica(db: asyncpg.P
     assert rows["quiet"]["last_seen"] is not None
 
 
+def test_a_lookup_that_raced_a_notice_does_not_undo_it() -> None:
+    from services.providers.admission import Admission, Verdict
+
+    now = [0.0]
+    changes: list[tuple[str, Verdict]] = []
+    admission = Admission(None, "postgresql://unused", per_minute=RATE, clock=lambda: now[0])  # type: ignore[arg-type]
+    admission.on_change(lambda pid, verdict: changes.append((pid, verdict)))
+    assert admission.check("x") is Verdict.PENDING  # unknown: a lookup is queued
+    asked_at = now[0] = 1.0  # the lookup is sent; its snapshot says pending
+    now[0] = 2.0
+    admission._notified(
+        json.dumps({"id": "x", "status": "provisional", "draining": False})
+    )  # another replica admitted it
+    now[0] = 3.0
+    admission._apply("x", Verdict.PENDING, asked_at=asked_at)  # the lookup's answer arrives late
+    assert admission.check("x") is Verdict.ADMITTED
+    admission._apply("x", Verdict.BANNED, asked_at=now[0])  # a lookup sent after the notice counts
+    assert admission.check("x") is Verdict.BANNED
+    assert changes == [("x", Verdict.ADMITTED), ("x", Verdict.BANNED)]
+
+
 # ---- a flood of 1,000 unknown ids against two gateway replicas -----------------------------------
 
 

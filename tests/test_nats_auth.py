@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -204,3 +206,32 @@ def test_credentials_ride_in_a_url_and_come_out_intact() -> None:
     assert split_credentials(url) == ("nats://127.0.0.1:4222", creds)
     assert split_credentials("nats://127.0.0.1:4222") == ("nats://127.0.0.1:4222", None)
     assert "p@ss" not in repr(creds)
+
+
+def test_the_daemon_doctor_logs_in_as_its_provider(nats_server: SecuredNats) -> None:
+    import subprocess
+    import sys
+
+    mine = nats_server.provider(MINE)
+
+    def pool_check(password: str) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "NATS_URL": nats_server.url,
+            "MP_PROVIDER_ID": MINE,
+            "MP_NATS_USER": mine.user,
+            "MP_NATS_PASSWORD": password,
+            "MP_ADMIN_PORT": "0",
+            "MP_API_PORT": "0",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "daemon", "doctor", "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+        checks = {c["name"]: c for c in json.loads(done.stdout)}
+        return dict(checks["pool"])
+
+    assert pool_check(mine.password)["status"] == "ok"
+    refused = pool_check("not-the-password")
+    assert refused["status"] == "fail"
+    assert "refused this provider's credentials" in refused["detail"]
+    assert "MP_NATS_PASSWORD" in refused["fix"]
