@@ -113,6 +113,13 @@ def test_requests_finished_before_the_next_heartbeat_give_their_place_back() -> 
     assert pool.candidates("m")[0].free_slots() == 1
 
 
+def test_when_everything_is_busy_more_slots_win_over_a_faster_single_slot() -> None:
+    pool = PoolView()
+    pool.observe(_hb("one-slot", slots=1, free=0, tps=40))
+    pool.observe(_hb("four-slots", slots=4, free=0, tps=10))
+    assert next(s.provider_id for s in pool.candidates("m")) == "four-slots"
+
+
 def test_full_and_draining_providers_are_not_candidates() -> None:
     pool = PoolView()
     pool.observe(_hb("full", free=0, queue=4))

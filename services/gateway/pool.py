@@ -102,7 +102,9 @@ class PoolView:
         """Providers that can take a request for `model` now, best first.
 
         Rule: a provider with a free slot beats one that would queue; then the
-        least loaded (busy + queued per slot); then the fastest decoder. But a
+        least loaded (busy + queued per slot); then the one with more slots (a
+        queued request waits for the first of them to finish, so more slots means
+        a shorter wait); then the fastest decoder. But a
         provider whose prompt cache holds the conversation (`conversation`, a
         key from schemas.conversations) goes first when it has a free slot, or
         when it is at most one request per slot busier than the best: re-reading
@@ -112,7 +114,7 @@ class PoolView:
         if self.routing == "random":
             random.shuffle(able)  # the benchmark's baseline, never the default
             return able
-        able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.decode_tps))
+        able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.slots, -s.heartbeat.decode_tps))
         if conversation and able:
             best = able[0]
             warm = next((s for s in able if conversation in s.heartbeat.cached_conversations), None)
