@@ -4,8 +4,8 @@ Triggers send a NOTIFY inside the transaction that changes a row, so the notice
 leaves exactly when the change commits, whoever wrote it. While the connection
 is not known to be alive, `healthy` is False and a caller's cache may have
 missed a notice; every (re)connection calls `on_reset` so the caller can
-distrust what it cached before. (services/keys/revocations.py is the same idea
-for API keys, with integer payloads.)
+distrust what it cached before. Used for API-key revocations
+(services/keys/revocations.py) and provider admission changes.
 """
 
 from __future__ import annotations

@@ -1,21 +1,19 @@
 """Key changes (revocations) pushed to every replica by Postgres LISTEN/NOTIFY.
 
-A trigger on `api_keys` (migration 0002) notifies `CHANNEL` inside the revoking
-transaction, so the notice leaves exactly when the revocation commits, whoever
-wrote it. Each replica keeps one dedicated connection listening. While that
-connection is not known to be alive, `healthy` is False and callers must not
-trust their cache: a notice may have been missed. Every (re)connection calls
-`on_reset` so whatever was cached before is forgotten.
+A trigger on `api_keys` (migration 0002) notifies `CHANNEL` with the key id
+inside the revoking transaction, so the notice leaves exactly when the
+revocation commits, whoever wrote it. The listening connection and its
+recovery are services/db/notify.py's; while it is not known to be alive,
+`healthy` is False and callers must not trust their key cache.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 
-import asyncpg
 import structlog
+
+from services.db.notify import NotifyListener
 
 log = structlog.get_logger("keys.revocations")
 
@@ -25,7 +23,7 @@ CHANNEL = "mp_api_key_changed"
 APPLICATION_NAME = "mp-key-revocations"
 
 
-class RevocationListener:
+class RevocationListener(NotifyListener):
     def __init__(
         self,
         dsn: str,
@@ -36,89 +34,22 @@ class RevocationListener:
         retry_s: float = 0.5,
         ready_timeout_s: float = 10.0,
     ) -> None:
-        self._dsn = dsn
-        self._on_change = on_change
-        self._on_reset = on_reset
-        self._probe_interval_s = probe_interval_s
-        self._retry_s = retry_s
-        self._ready_timeout_s = ready_timeout_s
-        self._ready = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._lost = asyncio.Event()
-        self.healthy = False
-
-    async def start(self) -> None:
-        """Begin listening; returns once listening (or after a while, still retrying behind)."""
-        self._task = asyncio.create_task(self._run(), name="key-revocation-listener")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout=self._ready_timeout_s)
-        if not self.healthy:
-            log.warning("revocation_listener_not_ready", note="key cache bypassed until it is")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._close()
-
-    async def _run(self) -> None:
-        delay = self._retry_s
-        while True:
+        def on_notice(payload: str) -> None:
             try:
-                await self._listen()
-                delay = self._retry_s
-                await self._watch()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("revocation_listener_lost", error=type(exc).__name__, retry_in_s=delay)
-            self._mark_lost()
-            await self._close()
-            await asyncio.sleep(delay)
-            # Quick to come back after a blip, quiet during a long outage (lookups go to Postgres meanwhile).
-            delay = min(delay * 2, 5.0)
-
-    async def _listen(self) -> None:
-        self._lost.clear()
-        conn = await asyncpg.connect(self._dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME})
-        self._conn = conn
-        conn.add_termination_listener(lambda _conn: self._mark_lost())
-        await conn.add_listener(CHANNEL, self._notified)
-        # Anything cached before this point may have missed a notice.
-        self._on_reset()
-        self.healthy = True
-        self._ready.set()
-        log.info("revocation_listener_ready", channel=CHANNEL)
-
-    async def _watch(self) -> None:
-        """Until the connection is lost; a periodic probe also catches a silently dead peer."""
-        assert self._conn is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), timeout=self._probe_interval_s)
-            if self._lost.is_set():
+                key_id = int(payload)
+            except ValueError:
+                log.warning("revocation_notice_unreadable")
+                on_reset()  # forget everything rather than keep a key that may be revoked
                 return
-            await self._conn.fetchval("SELECT 1", timeout=max(1.0, self._probe_interval_s / 2))
+            on_change(key_id)
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            key_id = int(str(payload))
-        except ValueError:
-            log.warning("revocation_notice_unreadable")
-            self._on_reset()
-            return
-        self._on_change(key_id)
-
-    def _mark_lost(self) -> None:
-        if self.healthy:
-            self.healthy = False
-            self._on_reset()
-        self._lost.set()
-
-    async def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), timeout=2)
+        super().__init__(
+            dsn,
+            CHANNEL,
+            on_notice=on_notice,
+            on_reset=on_reset,
+            application_name=APPLICATION_NAME,
+            probe_interval_s=probe_interval_s,
+            retry_s=retry_s,
+            ready_timeout_s=ready_timeout_s,
+        )
