@@ -36,6 +36,7 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
     config = WorkerConfig(
         slots=settings.slots,
         prefill_step=settings.prefill_step,
+        prefill_gather=settings.prefill_gather,
         cache_entries=settings.prompt_cache_entries,
         cache_bytes=settings.prompt_cache_bytes,
         start_timeout_s=settings.worker_start_timeout_s,

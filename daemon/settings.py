@@ -81,6 +81,9 @@ class DaemonSettings:
     prompt_cache_bytes: int = 1 << 30
     # Prompt tokens processed per step: smaller interleaves long prompts with decoding sooner.
     prefill_step: int = 512
+    # A lone new prompt waits up to this share of its expected prefill time for others to
+    # prefill with it (requests arriving together then start together); 0: never wait.
+    prefill_gather: float = 0.05
     worker_start_timeout_s: float = 120.0
     # This provider's NATS user and password (the pool operator issues them); empty: none.
     nats_user: str = ""
@@ -124,6 +127,7 @@ class DaemonSettings:
                 prompt_cache_entries=int(env.get("MP_PROMPT_CACHE_ENTRIES", "16")),
                 prompt_cache_bytes=int(float(env.get("MP_PROMPT_CACHE_GB", "1")) * (1 << 30)),
                 prefill_step=int(env.get("MP_PREFILL_STEP", "512")),
+                prefill_gather=float(env.get("MP_PREFILL_GATHER", "0.05")),
                 worker_start_timeout_s=float(env.get("MP_WORKER_START_TIMEOUT_S", "120")),
                 nats_user=env.get("MP_NATS_USER", ""),
                 nats_password=env.get("MP_NATS_PASSWORD", ""),
@@ -134,6 +138,8 @@ class DaemonSettings:
         for name, value in (("MP_SLOTS", settings.slots), ("MP_PREFILL_STEP", settings.prefill_step)):
             if value < 1:
                 raise SettingsError(f"{name} must be at least 1, got {value}")
+        if not 0 <= settings.prefill_gather <= 1:
+            raise SettingsError(f"MP_PREFILL_GATHER must be between 0 and 1, got {settings.prefill_gather}")
         for name, port in (("MP_ADMIN_PORT", settings.admin_port), ("MP_API_PORT", settings.api_port)):
             if not 0 <= port < 65536:
                 raise SettingsError(f"{name} must be a TCP port (0 turns it off), got {port}")

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", type=Path, required=True)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--prefill-step", type=int, default=512)
+    parser.add_argument("--prefill-gather", type=float, default=0.05)
     parser.add_argument("--cache-entries", type=int, default=16)
     parser.add_argument("--cache-bytes", type=int, default=1 << 30)
     args = parser.parse_args(argv)
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             emit=writer.send,
             slots=args.slots,
             prefill_step=args.prefill_step,
+            gather=args.prefill_gather,
             cache_entries=args.cache_entries,
             cache_bytes=args.cache_bytes,
         )

@@ -10,6 +10,7 @@ sequences put their KV cache back for the next turn.
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,10 @@ class Runner:
     prefill_step: int = 512
     cache_entries: int = 16
     cache_bytes: int = 1 << 30
+    # A prompt that arrives alone waits up to this share of its own expected prefill time for
+    # company (see `serve`); 0 turns gathering off.
+    gather: float = 0.05
+    gather_max_s: float = 0.05
     counters: Counters = field(default_factory=Counters)
 
     def __post_init__(self) -> None:
@@ -67,38 +72,60 @@ class Runner:
         self.prompt_cache = LRUPromptCache(max_size=self.cache_entries, max_bytes=self.cache_bytes)
         self.by_uid: dict[int, _Sequence] = {}
         self.by_id: dict[str, _Sequence] = {}
+        # Measured prefill speed (tokens/s, moving average); seeded by the warm-up.
+        self.prefill_tps = 0.0
 
     # ---- the loop --------------------------------------------------------------------
 
     def serve(self, inbox: queue.Queue[p.ToWorker]) -> None:
-        """Until Shutdown: take messages, then advance the batch one step."""
+        """Until Shutdown: take messages, then advance the batch one step.
+
+        Requests that arrive together should be prefilled together: a prefill cannot be
+        joined once it runs, so one started for the first of eight simultaneous requests
+        makes the other seven wait through it. The daemon hands them over a few ms apart
+        (each is parsed and tokenized in turn), so a new prompt waits briefly for company
+        before its prefill starts: at most `gather` of that prefill's expected time, which
+        is what a request that really comes alone pays.
+        """
         while True:
             try:
                 # Idle: block for work. Busy: only take what has already arrived.
                 message = inbox.get(block=not self.by_uid)
+                deadline: float | None = None
                 while True:
                     if isinstance(message, p.Shutdown):
                         return
-                    self.handle(message)
-                    message = inbox.get_nowait()
+                    fresh = self.handle(message)
+                    if fresh and deadline is None:
+                        deadline = time.monotonic() + self.gather_window(fresh)
+                    remaining = deadline - time.monotonic() if deadline is not None else 0.0
+                    message = inbox.get(timeout=remaining) if remaining > 0 else inbox.get_nowait()
             except queue.Empty:
                 pass
             if self.by_uid:
                 self.step()
 
-    def handle(self, message: p.ToWorker) -> None:
+    def gather_window(self, prompt_tokens: int) -> float:
+        if self.gather <= 0 or self.prefill_tps <= 0:
+            return 0.0
+        return min(self.gather_max_s, self.gather * prompt_tokens / self.prefill_tps)
+
+    def handle(self, message: p.ToWorker) -> int:
+        """Act on a message; returns how many prompt tokens a new request will prefill."""
         if isinstance(message, p.Generate):
             try:
-                self.submit(message)
+                return self.submit(message)
             except Exception as exc:
                 log.exception("submit_failed", request_id=message.id)
                 self.emit(p.Ended(id=message.id, reason="error", message=f"{type(exc).__name__}: {exc}"))
         elif isinstance(message, p.Cancel):
             self.cancel(message.id)
+        return 0
 
     # ---- requests --------------------------------------------------------------------
 
-    def submit(self, job: p.Generate) -> None:
+    def submit(self, job: p.Generate) -> int:
+        """Add a request to the batch; returns the prompt tokens left to prefill (after the cache)."""
         prompt = job.prompt
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_key, prompt)
         if cache is not None and not rest:
@@ -124,6 +151,7 @@ class Runner:
         seq = _Sequence(job=job, uid=uid, cached_tokens=cached)
         self.by_uid[uid] = seq
         self.by_id[job.id] = seq
+        return len(rest)
 
     def cancel(self, request_id: str) -> None:
         seq = self.by_id.get(request_id)
@@ -144,7 +172,11 @@ class Runner:
     # ---- one step --------------------------------------------------------------------
 
     def step(self) -> None:
-        prompt_responses, gen_responses = self.generator.next()
+        with self.generator.stats() as work:
+            prompt_responses, gen_responses = self.generator.next()
+        if work.prompt_tokens and work.prompt_time > 0:
+            rate = work.prompt_tokens / work.prompt_time
+            self.prefill_tps = rate if not self.prefill_tps else 0.7 * self.prefill_tps + 0.3 * rate
         for r in prompt_responses:
             seq = self.by_uid.get(r.uid)
             if seq is not None and not seq.started:

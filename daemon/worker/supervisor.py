@@ -45,6 +45,7 @@ Item = p.Started | p.Token | p.Ended | WorkerLost
 class WorkerConfig:
     slots: int = 4
     prefill_step: int = 512
+    prefill_gather: float = 0.05
     cache_entries: int = 16
     cache_bytes: int = 1 << 30
     start_timeout_s: float = 120.0
@@ -228,6 +229,8 @@ class Supervisor:
             str(c.slots),
             "--prefill-step",
             str(c.prefill_step),
+            "--prefill-gather",
+            str(c.prefill_gather),
             "--cache-entries",
             str(c.cache_entries),
             "--cache-bytes",
