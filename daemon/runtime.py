@@ -40,6 +40,7 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
         cache_entries=settings.prompt_cache_entries,
         cache_bytes=settings.prompt_cache_bytes,
         start_timeout_s=settings.worker_start_timeout_s,
+        stall_s=settings.worker_stall_s,
         idle_unload_s=settings.idle_unload_s,
     )
     return WorkerEngine(

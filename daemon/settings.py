@@ -85,6 +85,8 @@ class DaemonSettings:
     # prefill with it (requests arriving together then start together); 0: never wait.
     prefill_gather: float = 0.05
     worker_start_timeout_s: float = 120.0
+    # A worker holding requests with no progress for this long is killed and restarted; 0: never.
+    worker_stall_s: float = 60.0
     # This provider's NATS user and password (the pool operator issues them); empty: none.
     nats_user: str = ""
     nats_password: str = field(default="", repr=False)
@@ -129,6 +131,7 @@ class DaemonSettings:
                 prefill_step=int(env.get("MP_PREFILL_STEP", "512")),
                 prefill_gather=float(env.get("MP_PREFILL_GATHER", "0.05")),
                 worker_start_timeout_s=float(env.get("MP_WORKER_START_TIMEOUT_S", "120")),
+                worker_stall_s=float(env.get("MP_WORKER_STALL_S", "60")),
                 nats_user=env.get("MP_NATS_USER", ""),
                 nats_password=env.get("MP_NATS_PASSWORD", ""),
                 nats_creds=Path(env["MP_NATS_CREDS"]).expanduser() if env.get("MP_NATS_CREDS") else None,

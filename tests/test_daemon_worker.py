@@ -31,7 +31,13 @@ PROVIDER = "worker-mac"
 @pytest.fixture(scope="module")
 def daemon(stack: Stack) -> Iterator[DaemonChild]:
     with running_daemon(
-        stack.home, nats_url=stack.nats_url, provider_id=PROVIDER, model_id=MODEL, model_path=stack.model_path
+        stack.home,
+        nats_url=stack.nats_url,
+        provider_id=PROVIDER,
+        model_id=MODEL,
+        model_path=stack.model_path,
+        # A tiny-model step takes milliseconds: 3 s without one is a hang.
+        env={"MP_WORKER_STALL_S": "3"},
     ) as d:
         wait_model(stack.base_url, MODEL, timeout=30, daemon=d)
         yield d
@@ -219,6 +225,47 @@ def test_local_request_fails_cleanly_when_the_worker_dies(daemon: DaemonChild) -
     assert err["error"]["code"] == "worker_crashed"
     wait_worker(daemon)
     assert chat(daemon, max_tokens=3).status_code == 200
+
+
+def test_a_hung_worker_is_killed_and_replaced(daemon: DaemonChild) -> None:
+    """Alive but making no progress (here: SIGSTOPped) while holding a request: killed, restarted."""
+    wait_worker(daemon)
+    pid = status(daemon)["worker"]["pid"]
+    payloads: list[str] = []
+    stopped_at = 0.0
+    with httpx.stream(
+        "POST",
+        f"{daemon.api_url}/v1/chat/completions",
+        json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": True},
+        timeout=60,
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                payloads.append(line.removeprefix("data: "))
+            if len(payloads) == 3:
+                os.kill(pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+    ended_after = time.monotonic() - stopped_at
+    assert payloads[-1] == "[DONE]"
+    err = json.loads(payloads[-2])
+    assert err["error"]["code"] == "worker_crashed"
+    assert "stopped making progress" in err["error"]["message"]
+    # MP_WORKER_STALL_S=3, checked every 0.75 s.
+    assert 2.5 < ended_after < 8, ended_after
+    assert not _alive(pid) or _zombie(pid), "the hung worker was killed"
+    wait_worker(daemon)
+    assert status(daemon)["worker"]["pid"] != pid
+    assert chat(daemon, max_tokens=3).status_code == 200
+    hung = logs.wait_event(daemon.log_path, "worker_hung")
+    assert hung["pid"] == str(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 def test_idle_unload_returns_memory_then_reloads_on_demand(stack: Stack) -> None:

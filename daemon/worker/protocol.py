@@ -110,6 +110,8 @@ class Stats(msgspec.Struct, frozen=True):
     prompt_cache_hits: int = 0
     prompt_cache_misses: int = 0
     generated_tokens: int = 0
+    # Batch steps taken so far: the supervisor's evidence that the loop is not wedged.
+    steps: int = 0
 
 
 class Pong(msgspec.Struct, frozen=True, tag="pong"):

@@ -42,6 +42,7 @@ class Counters:
     hits: int = 0
     misses: int = 0
     generated: int = 0
+    steps: int = 0
 
 
 @dataclass
@@ -174,6 +175,7 @@ class Runner:
     def step(self) -> None:
         with self.generator.stats() as work:
             prompt_responses, gen_responses = self.generator.next()
+        self.counters.steps += 1
         if work.prompt_tokens and work.prompt_time > 0:
             rate = work.prompt_tokens / work.prompt_time
             self.prefill_tps = rate if not self.prefill_tps else 0.7 * self.prefill_tps + 0.3 * rate
@@ -235,6 +237,7 @@ class Runner:
             prompt_cache_hits=self.counters.hits,
             prompt_cache_misses=self.counters.misses,
             generated_tokens=self.counters.generated,
+            steps=self.counters.steps,
         )
 
     def close(self) -> None:

@@ -3,6 +3,8 @@
 A worker that exits on its own has crashed: every request it held fails at
 once (its queue receives `WorkerLost`), the daemon reports no room while it
 restarts the worker, and the next request is served by the new one. A worker
+that is alive but makes no progress while it holds requests (a wedged kernel, a
+stopped process) for `stall_s` is killed and handled as a crash. A worker
 that has had nothing to do for `idle_unload_s` is stopped, which returns all
 of the model's memory to the system; the next request starts it again.
 """
@@ -55,6 +57,10 @@ class WorkerConfig:
     stop_grace_s: float = 3.0
     # Crash restarts back off up to this long when the worker keeps dying.
     max_restart_delay_s: float = 30.0
+    # A worker holding requests that makes no progress (no frame, no new batch step) for
+    # this long is hung: it is killed and restarted. One step is a decode or a prefill chunk
+    # (at most prefill_step tokens), seconds even for a large model on a small Mac. 0: never.
+    stall_s: float = 60.0
 
 
 @dataclass
@@ -66,6 +72,11 @@ class _Worker:
     expected_exit: bool = False
     reader: asyncio.Task[None] | None = None
     info: p.Ready | None = None
+    # When the worker last showed progress (any frame, or a pong with a new step count).
+    progress_at: float = field(default_factory=time.monotonic)
+    steps: int = -1
+    hung: str | None = None
+    watch: asyncio.Task[None] | None = None
 
 
 class Supervisor:
@@ -256,6 +267,8 @@ class Supervisor:
         self._set_state("healthy")
         self._touch()
         self._ensure_idle_watch()
+        if c.stall_s > 0:
+            worker.watch = asyncio.create_task(self._stall_watch(worker), name=f"worker-stall-watch-{proc.pid}")
         log.info(
             "worker_started",
             pid=proc.pid,
@@ -270,6 +283,8 @@ class Supervisor:
         if w is None:
             return
         w.expected_exit = True
+        if w.watch is not None:
+            w.watch.cancel()
         self._fail_all(f"worker stopped ({reason})")
         if w.proc.returncode is None:
             self._send(p.Shutdown())
@@ -302,7 +317,13 @@ class Supervisor:
             while True:
                 header = await stdout.readexactly(p.HEADER_SIZE)
                 body = await stdout.readexactly(p.frame_size(header))
-                self._dispatch(w, p.FROM_WORKER.decode(body))
+                message = p.FROM_WORKER.decode(body)
+                if not isinstance(message, p.Pong):
+                    w.progress_at = time.monotonic()
+                elif message.stats.steps != w.steps:
+                    w.steps = message.stats.steps
+                    w.progress_at = time.monotonic()
+                self._dispatch(w, message)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except Exception:
@@ -347,8 +368,12 @@ class Supervisor:
     # ---- internals: crashes and idleness ---------------------------------------------
 
     def _on_crash(self, w: _Worker, code: int) -> None:
+        if w.watch is not None:
+            w.watch.cancel()
         reason = f"the worker exited unexpectedly (code {code})"
-        if code < 0:
+        if w.hung is not None:
+            reason = w.hung
+        elif code < 0:
             with contextlib.suppress(ValueError):
                 reason = f"the worker was killed by {signal.Signals(-code).name}"
         self.last_crash = reason
@@ -383,6 +408,33 @@ class Supervisor:
                     self.last_crash = str(exc)
                     # Keep telling the pool "restarting" (no room) and try again after the backoff.
                     self._set_state("restarting")
+
+    async def _stall_watch(self, w: _Worker) -> None:
+        """Kill a worker that holds requests but has stopped making progress.
+
+        The worker's pipe reader answers pings with its step count even while its loop runs,
+        so a busy worker shows progress and a wedged loop does not; a stopped process answers
+        nothing at all.
+        """
+        limit = self.config.stall_s
+        tick = max(0.05, min(5.0, limit / 4))
+        while self._worker is w and w.proc.returncode is None:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if not self._queues:
+                w.progress_at = now
+                continue
+            if now - w.progress_at < limit:
+                self._nonce += 1
+                self._send(p.Ping(nonce=self._nonce))
+                continue
+            w.hung = f"the worker stopped making progress ({now - w.progress_at:.0f}s without a step)"
+            log.error(
+                "worker_hung", pid=w.proc.pid, in_flight=len(self._queues), stalled_s=round(now - w.progress_at, 1)
+            )
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+            return
 
     def _ensure_idle_watch(self) -> None:
         if self.config.idle_unload_s > 0 and (self._idle is None or self._idle.done()):
