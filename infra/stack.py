@@ -130,6 +130,7 @@ Mac Provider is up.
   model    : {model_id}
   env file : {dev_env}   (set -a; . {dev_env}; set +a)
   operator : set -a; . {home / "admin.env"}; set +a; mac-provider admin providers list
+  daemon   : {daemon.api_url}/v1 (the Mac owner's own OpenAI API, no key), admin {daemon.admin_url}/admin/status
 
   curl {base}/v1/chat/completions \\
     -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,11 @@ def test_up_serves_requests_and_stops_cleanly_twice(tmp_path: Path, tiny_model_p
         )
         assert resp.usage is not None
         assert resp.usage.completion_tokens == 3
+        # The daemon's own local API (the Mac owner's, no key) is printed too, and answers.
+        local = re.search(r"daemon +: (http://127\.0\.0\.1:\d+/v1)", text)
+        assert local is not None, text
+        local_client = OpenAI(base_url=local.group(1), api_key="unused", max_retries=0)
+        assert [m.id for m in local_client.models.list()] == [TINY_MODEL]
     finally:
         _stop(proc, signal.SIGINT)
 
