@@ -188,3 +188,20 @@ def test_key_format() -> None:
     flipped = key[:10] + ("a" if key[10] != "a" else "b") + key[11:]
     assert not key_format.well_formed(flipped)
     assert key_format.digest(key) != key_format.digest(flipped)
+
+
+def test_the_control_plane_uses_no_deprecated_litestar_style() -> None:
+    """Inferred dependencies and path parameters stop working in Litestar 3: every route marks them."""
+    import warnings
+
+    from litestar.exceptions import LitestarDeprecationWarning
+
+    from services.app import create_app
+    from services.settings import Settings
+
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "NATS_URL": "nats://127.0.0.1:1", "MP_SECRET_KEY": "k" * 64}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LitestarDeprecationWarning)
+        create_app(settings)

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.response import Redirect
 
 from services.auth.client_ip import client_ip
@@ -50,7 +51,7 @@ class DemoTokenIssued(msgspec.Struct, frozen=True):
 
 
 @get("/auth/github/start", status_code=302, **documented(status=302, errors=(500,), extra=html(503)))
-async def github_start(runtime: Runtime) -> Response[Any]:
+async def github_start(runtime: NamedDependency[Runtime]) -> Response[Any]:
     settings = runtime.settings
     oauth = GitHubOAuth(settings)
     if not oauth.configured:
@@ -73,7 +74,7 @@ def _same(a: str, b: str) -> bool:
     "/auth/github/callback",
     **documented(ok=str, media_type=HTML, errors=(500,), extra={**redirect(303), **html(400), **html(502)}),
 )
-async def github_callback(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+async def github_callback(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     settings = runtime.settings
     query = request.query_params
     code, state, error = query.get("code"), query.get("state"), query.get("error")
@@ -117,7 +118,7 @@ async def github_callback(request: Request[Any, Any, Any], runtime: Runtime) -> 
 
 
 @post("/auth/logout", status_code=303, **documented(status=303, errors=(403, 500)))
-async def logout(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+async def logout(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     check_origin(request, runtime.settings)
     token = session_token(request, runtime.settings)
     if token is not None:
@@ -126,7 +127,7 @@ async def logout(request: Request[Any, Any, Any], runtime: Runtime) -> Response[
 
 
 @post("/auth/demo", status_code=201, **documented(ok=DemoTokenIssued, status=201, errors=(429, 500)))
-async def demo_token(request: Request[Any, Any, Any], runtime: Runtime) -> Response[DemoTokenIssued]:
+async def demo_token(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[DemoTokenIssued]:
     settings = runtime.settings
     ip = client_ip(request, trusted_hops=settings.trusted_proxy_hops)
     reset_in = await take_demo_slot(runtime.db, ip, limit=settings.demo_tokens_per_ip, window_s=settings.demo_window_s)

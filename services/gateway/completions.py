@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from litestar import Request, Response, post
+from litestar.di import NamedDependency
 
 from schemas import bus, openai
 from services.auth.bearer import Principal
@@ -69,7 +70,7 @@ def bus_request(req: openai.CompletionRequest) -> bus.InferenceRequest:
         security=[API_KEY],
     ),
 )
-async def completions(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+async def completions(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     decoded: list[openai.CompletionRequest] = []
 
     async def prepare(principal: Principal, body: bytes) -> Job:

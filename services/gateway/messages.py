@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from litestar import Request, Response, post
+from litestar.di import NamedDependency
 
 from schemas import anthropic, bus
 from services.auth.bearer import Principal
@@ -148,7 +149,7 @@ def bus_request(req: anthropic.MessagesRequest) -> bus.InferenceRequest:
         security=[ANTHROPIC_KEY, API_KEY],
     ),
 )
-async def messages(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+async def messages(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     decoded: list[anthropic.MessagesRequest] = []
 
     async def prepare(principal: Principal, body: bytes) -> Job:

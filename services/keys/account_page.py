@@ -6,6 +6,8 @@ from typing import Any
 
 import structlog
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 from litestar.response import Redirect
 
 from services.auth.sessions import check_origin, session_account
@@ -25,7 +27,7 @@ def _signed_out() -> Response[str]:
 
 
 @get("/account", **documented(ok=str, media_type=HTML, errors=(500,)))
-async def account(request: Request[Any, Any, Any], runtime: Runtime) -> Response[str]:
+async def account(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[str]:
     account_id = await session_account(request, runtime.db, runtime.settings)
     if account_id is None:
         return _signed_out()
@@ -39,7 +41,7 @@ async def account(request: Request[Any, Any, Any], runtime: Runtime) -> Response
     # No security requirement: signed out, the form answers with a redirect to /account, not a refusal.
     **documented(ok=str, media_type=HTML, errors=(403, 413, 500), extra=redirect(303)),
 )
-async def account_new_key(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     check_origin(request, runtime.settings)
     account_id = await session_account(request, runtime.db, runtime.settings)
     if account_id is None:
@@ -58,7 +60,9 @@ async def account_new_key(request: Request[Any, Any, Any], runtime: Runtime) -> 
     status_code=303,
     **documented(status=303, errors=(400, 403, 404, 500)),
 )
-async def account_revoke(request: Request[Any, Any, Any], runtime: Runtime, key_id: int) -> Response[Any]:
+async def account_revoke(
+    request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], key_id: FromPath[int]
+) -> Response[Any]:
     check_origin(request, runtime.settings)
     account_id = await session_account(request, runtime.db, runtime.settings)
     if account_id is not None and 0 < key_id < 2**63 and await revoke_key(runtime.db, account_id, key_id):

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 from litestar import Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from services.auth.sessions import require_account
 from services.errors import NotFound
@@ -70,7 +72,7 @@ def clean_name(name: str) -> str:
 
 
 @get("/account/keys", **documented(ok=ApiKeyList, errors=(401, 500), security=[SESSION]))
-async def keys_list(request: Request[Any, Any, Any], runtime: Runtime) -> ApiKeyList:
+async def keys_list(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> ApiKeyList:
     account_id = await require_account(request, runtime.db, runtime.settings)
     return ApiKeyList(data=[view(k) for k in await list_keys(runtime.db, account_id)])
 
@@ -80,7 +82,7 @@ async def keys_list(request: Request[Any, Any, Any], runtime: Runtime) -> ApiKey
     status_code=201,
     **documented(ok=ApiKeyView, status=201, body=NewKey, errors=(400, 401, 403, 413, 500), security=[SESSION]),
 )
-async def keys_create(request: Request[Any, Any, Any], runtime: Runtime) -> Response[ApiKeyView]:
+async def keys_create(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[ApiKeyView]:
     account_id = await require_account(request, runtime.db, runtime.settings)
     body = await request.body()
     name = clean_name(decode_body(body, NewKey).name) if body.strip() else ""
@@ -96,7 +98,9 @@ async def keys_create(request: Request[Any, Any, Any], runtime: Runtime) -> Resp
     status_code=200,
     **documented(ok=ApiKeyView, errors=(400, 401, 403, 404, 500), security=[SESSION]),
 )
-async def keys_revoke(request: Request[Any, Any, Any], runtime: Runtime, key_id: int) -> ApiKeyView:
+async def keys_revoke(
+    request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], key_id: FromPath[int]
+) -> ApiKeyView:
     account_id = await require_account(request, runtime.db, runtime.settings)
     # Someone else's key and no key at all look the same: ids are not probeable.
     info = await revoke_key(runtime.db, account_id, key_id) if 0 < key_id <= _MAX_ID else None

@@ -14,6 +14,8 @@ from typing import Any
 import msgspec
 import structlog
 from litestar import Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from schemas import responses
 from services.auth.bearer import Principal, authenticate
@@ -162,7 +164,7 @@ class _Events:
         security=[API_KEY],
     ),
 )
-async def create_response(request: Request[Any, Any, Any], runtime: Runtime) -> Response[Any]:
+async def create_response(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     shapes: list[_Shape] = []
     request_id = request_id_of(request)
 
@@ -209,7 +211,9 @@ async def create_response(request: Request[Any, Any, Any], runtime: Runtime) -> 
 
 
 @get("/v1/responses/{response_id:str}", **documented(ok=responses.Response, errors=_LOOKUP_ERRORS, security=[API_KEY]))
-async def get_response(request: Request[Any, Any, Any], runtime: Runtime, response_id: str) -> responses.Response:
+async def get_response(
+    request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], response_id: FromPath[str]
+) -> responses.Response:
     principal = await authenticate(request, runtime)
     assert principal.account_id is not None
     stored = await store.load(runtime.db, principal.account_id, response_id)
@@ -223,7 +227,9 @@ async def get_response(request: Request[Any, Any, Any], runtime: Runtime, respon
     status_code=200,
     **documented(ok=responses.Deleted, errors=_LOOKUP_ERRORS, security=[API_KEY]),
 )
-async def delete_response(request: Request[Any, Any, Any], runtime: Runtime, response_id: str) -> responses.Deleted:
+async def delete_response(
+    request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], response_id: FromPath[str]
+) -> responses.Deleted:
     principal = await authenticate(request, runtime)
     assert principal.account_id is not None
     if not await store.delete(runtime.db, principal.account_id, response_id):

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, get
+from litestar.di import NamedDependency
 
 from schemas import openai
 from services.auth.bearer import authenticate
@@ -56,7 +57,7 @@ DISCLOSURES = [
 
 
 @get("/v1/status", **documented(ok=PoolStatus, errors=(500,)))
-async def pool_status(runtime: Runtime) -> PoolStatus:
+async def pool_status(runtime: NamedDependency[Runtime]) -> PoolStatus:
     states = list(runtime.pool.providers.values())
     models = [
         ModelStatus(
@@ -84,7 +85,7 @@ async def pool_status(runtime: Runtime) -> PoolStatus:
 
 
 @get("/v1/models", **documented(ok=openai.ModelList, errors=(401, 403, 500), security=[API_KEY]))
-async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> Response[openai.ModelList]:
+async def list_models(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[openai.ModelList]:
     principal = await authenticate(request, runtime, allow_demo=True)
     now = int(time.time())
     models = openai.ModelList(
@@ -94,7 +95,7 @@ async def list_models(request: Request[Any, Any, Any], runtime: Runtime) -> Resp
 
 
 @get("/health", **documented(ok=Health, errors=(503,), error_body=Health))
-async def health(runtime: Runtime) -> Response[Health]:
+async def health(runtime: NamedDependency[Runtime]) -> Response[Health]:
     try:
         database = await runtime.db.fetchval("SELECT 1") == 1
     except Exception:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
 from msgspec import Meta
 
 from services.auth.bearer import authenticate
@@ -36,7 +37,7 @@ def _days(raw: str | None) -> int:
 
 
 @get("/v1/usage", **documented(ok=reports.UsageReport, errors=(400, 401, 403, 500), security=[API_KEY]))
-async def usage(request: Request[Any, Any, Any], runtime: Runtime) -> Response[reports.UsageReport]:
+async def usage(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[reports.UsageReport]:
     principal = await authenticate(request, runtime)
     assert principal.account_id is not None
     assert principal.key_id is not None
@@ -86,7 +87,7 @@ class FeedbackRecord(msgspec.Struct, frozen=True):
     status_code=200,
     **documented(ok=FeedbackRecord, body=FeedbackRequest, errors=(400, 401, 403, 404, 413, 500), security=[API_KEY]),
 )
-async def feedback(request: Request[Any, Any, Any], runtime: Runtime) -> Response[FeedbackRecord]:
+async def feedback(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[FeedbackRecord]:
     principal = await authenticate(request, runtime, allow_demo=True)
     holder, _ = holder_for(principal, runtime.settings)
     body = decode_body(await request.body(), FeedbackRequest)
