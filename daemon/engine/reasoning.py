@@ -4,7 +4,8 @@ Models with a thinking channel write `<think>…</think>` (the tags are the
 tokenizer's; mlx-lm's TokenizerWrapper knows them) before the answer. The tags
 are matched on decoded text with mlx-lm's TextStateMachine, so a tag split
 across tokens still matches, and text that could begin one is held back until
-it is clear: neither tag ever reaches the buyer, in either part.
+it is clear: neither tag ever reaches the buyer, in either part (only an
+answer cut short by max_tokens in the middle of a tag ends with what it wrote).
 
 Whitespace that only frames the blocks is dropped, as hosted reasoning APIs
 do: the newlines just inside the tags, those between `</think>` and the
