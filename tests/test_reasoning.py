@@ -255,14 +255,12 @@ def test_responses_reasoning_item_and_stream_events(
     again = oai.responses.create(model=MODEL, input="And then?", previous_response_id=response.id)
     assert again.output_text == ANSWER
     # Reasoning items sent back by a client that keeps its own context are accepted (and dropped).
-    manual = oai.responses.create(
-        model=MODEL,
-        input=[
-            {"role": "user", "content": "Hello, how are you?"},
-            *[item.model_dump(exclude_none=True) for item in response.output],
-            {"role": "user", "content": "And then?"},
-        ],
-    )
+    history: Any = [
+        {"role": "user", "content": "Hello, how are you?"},
+        *[item.model_dump(exclude_none=True) for item in response.output],
+        {"role": "user", "content": "And then?"},
+    ]
+    manual = oai.responses.create(model=MODEL, input=history)
     assert manual.output_text == ANSWER
     with oai.responses.stream(model=MODEL, input="Hello, how are you?") as stream:
         kinds = [e.type for e in stream]
