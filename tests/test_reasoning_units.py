@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from mlx_lm.utils import load_tokenizer
 
@@ -261,3 +262,26 @@ def test_models_without_thinking_get_no_tags(tiny_model_path: Path) -> None:
     assert not tokenizer.has_thinking
     request = _chat("Hi")
     assert prompt.thinking(tokenizer, request, prompt.encode(tokenizer, request)) is None
+
+
+# ---- the bus: old peers and new fields -----------------------------------------------
+
+
+def test_new_frame_fields_leave_old_frames_as_they_were() -> None:
+    class OldDone(msgspec.Struct, frozen=True, tag="done"):
+        seq: int
+        finish_reason: str
+        prompt_tokens: int
+        completion_tokens: int
+
+    # A delta without reasoning encodes as before; an old peer's Done decodes with the defaults.
+    assert b"reasoning" not in bus.encode(bus.Delta(seq=1, text="hi", tokens=1))
+    done = bus.decode_frame(
+        msgspec.msgpack.encode(OldDone(seq=2, finish_reason="stop", prompt_tokens=3, completion_tokens=4))
+    )
+    assert isinstance(done, bus.Done)
+    assert (done.reasoning_tokens, done.stop_sequence) == (0, None)
+    # An old gateway's continuation (no reasoning) decodes; one with none delivered encodes without it.
+    old = msgspec.msgpack.encode({"token_ids": [5], "text": "x"})
+    assert msgspec.msgpack.decode(old, type=bus.Continuation) == bus.Continuation(token_ids=[5], text="x")
+    assert bus.encode(bus.Continuation(token_ids=[5], text="x")) == old
