@@ -252,6 +252,7 @@ class Provider:
                         tool_calls=list(event.tool_calls),
                         logprobs=list(event.logprobs),
                         token_ids=list(event.token_ids),
+                        reasoning=event.reasoning,
                     )
             assert finished is not None
             await replier.send(
@@ -263,6 +264,8 @@ class Provider:
                 queue_ms=round(finished.queue_ms, 2),
                 ttft_ms=round(finished.ttft_ms, 2),
                 generation_ms=round(finished.generation_ms, 2),
+                reasoning_tokens=finished.reasoning_tokens,
+                stop_sequence=finished.stop_sequence,
             )
             self.served += 1
             if request.prompt is None and finished.finish_reason in ("stop", "length"):

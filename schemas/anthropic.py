@@ -104,6 +104,13 @@ class Metadata(msgspec.Struct, frozen=True):
     user_id: Annotated[str, Meta(max_length=256)] | None = None
 
 
+class ThinkingConfig(msgspec.Struct, frozen=True):
+    """`{"type": "enabled", "budget_tokens": N}`, `{"type": "disabled"}` (or newer kinds, taken as enabled)."""
+
+    type: Annotated[str, Meta(min_length=1, max_length=64)]
+    budget_tokens: int | None = None
+
+
 class MessagesRequest(msgspec.Struct, frozen=True):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_CEILING)]
@@ -119,6 +126,7 @@ class MessagesRequest(msgspec.Struct, frozen=True):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
+    thinking: ThinkingConfig | None = None
 
     def system_text(self) -> str:
         if self.system is None:
@@ -146,7 +154,14 @@ class ToolUseContent(msgspec.Struct, frozen=True, tag_field="type", tag="tool_us
     input: dict[str, Any]
 
 
-ContentBlock = TextContent | ToolUseContent
+class ThinkingContent(msgspec.Struct, frozen=True, tag_field="type", tag="thinking"):
+    """A thinking model's reasoning. There is no signature to give (no one could verify one): empty."""
+
+    thinking: str
+    signature: str = ""
+
+
+ContentBlock = TextContent | ToolUseContent | ThinkingContent
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -180,9 +195,17 @@ class InputJsonDelta(msgspec.Struct, frozen=True, tag_field="type", tag="input_j
     partial_json: str
 
 
+class ThinkingDelta(msgspec.Struct, frozen=True, tag_field="type", tag="thinking_delta"):
+    thinking: str
+
+
+class SignatureDelta(msgspec.Struct, frozen=True, tag_field="type", tag="signature_delta"):
+    signature: str = ""
+
+
 class ContentBlockDelta(msgspec.Struct, frozen=True, tag_field="type", tag="content_block_delta"):
     index: int
-    delta: TextDelta | InputJsonDelta
+    delta: TextDelta | InputJsonDelta | ThinkingDelta | SignatureDelta
 
 
 class ContentBlockStop(msgspec.Struct, frozen=True, tag_field="type", tag="content_block_stop"):

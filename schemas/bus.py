@@ -54,17 +54,20 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens_explicit: bool = False
 
 
-class Continuation(msgspec.Struct, frozen=True):
+class Continuation(msgspec.Struct, frozen=True, omit_defaults=True):
     """What earlier providers generated for this request before they were lost.
 
     The new provider appends `token_ids` to the prompt and generates only what
     follows; `text` is what the buyer has already received (the tokens' text may
     run further: held back as a possible stop sequence or a partial character),
     so the provider sends exactly the rest and nothing is repeated or missing.
+    `reasoning` is the same for the thinking channel; whether the answer is inside
+    it is re-derived from the prompt and `token_ids`, as the first provider did.
     """
 
     token_ids: list[int]
     text: str
+    reasoning: str = ""
 
 
 class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -110,7 +113,7 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
-    """New text. Never ends inside a multi-byte character or a possible stop sequence."""
+    """New text. Never ends inside a multi-byte character, a possible stop sequence or think tag."""
 
     seq: int
     text: str
@@ -121,6 +124,9 @@ class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     logprobs: list[TokenLogprob] = msgspec.field(default_factory=list)
     # The ids of the `tokens` generated tokens, so another provider can continue after them.
     token_ids: list[int] = msgspec.field(default_factory=list)
+    # New text of the model's thinking channel (`<think>…</think>`, tags removed); it came before
+    # this frame's `text`. Chat requests on models that think only; `text` is then the answer alone.
+    reasoning: str = ""
 
 
 class Done(msgspec.Struct, frozen=True, tag="done"):
@@ -133,6 +139,10 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     queue_ms: float = 0.0
     ttft_ms: float = 0.0
     generation_ms: float = 0.0
+    # Of completion_tokens, those the model spent thinking (the think tags included).
+    reasoning_tokens: int = 0
+    # The request's stop string that ended the answer (finish_reason "stop"), if one did.
+    stop_sequence: str | None = None
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):

@@ -168,11 +168,17 @@ class PromptTokensDetails(msgspec.Struct, frozen=True):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(msgspec.Struct, frozen=True):
+    # Tokens the model spent thinking (counted in completion_tokens too).
+    reasoning_tokens: int = 0
+
+
 class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = msgspec.field(default_factory=CompletionTokensDetails)
 
 
 class TopLogprob(msgspec.Struct, frozen=True):
@@ -197,6 +203,8 @@ class AssistantMessage(msgspec.Struct, frozen=True):
     role: Literal["assistant"] = "assistant"
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    # A thinking model's reasoning, apart from `content` (DeepSeek's field); absent otherwise.
+    reasoning_content: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class Choice(msgspec.Struct, frozen=True):
@@ -227,6 +235,7 @@ class Delta(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChunkChoice(msgspec.Struct, frozen=True):

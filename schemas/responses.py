@@ -32,13 +32,21 @@ class OutputTextPart(msgspec.Struct, frozen=True, tag_field="type", tag="output_
     text: str
 
 
-ContentPart = InputText | OutputTextPart
+class ReasoningText(msgspec.Struct, frozen=True, tag_field="type", tag="reasoning_text"):
+    """A reasoning item's text: in output, and sent back in input (dropped: these models do not read it)."""
+
+    text: str
+
+
+ContentPart = InputText | OutputTextPart | ReasoningText
 
 
 def part_text(content: str | list[ContentPart] | None) -> str:
     if content is None:
         return ""
-    return content if isinstance(content, str) else "".join(p.text for p in content)
+    if isinstance(content, str):
+        return content
+    return "".join(p.text for p in content if not isinstance(p, ReasoningText))
 
 
 class InputItem(msgspec.Struct, frozen=True):
@@ -138,7 +146,20 @@ class FunctionCall(msgspec.Struct, frozen=True, tag_field="type", tag="function_
     status: Status = "completed"
 
 
-OutputItem = OutputMessage | FunctionCall
+class SummaryText(msgspec.Struct, frozen=True, tag_field="type", tag="summary_text"):
+    text: str
+
+
+class ReasoningItem(msgspec.Struct, frozen=True, tag_field="type", tag="reasoning"):
+    """A thinking model's reasoning, as written (`content`); there is no summary of it (`summary` is empty)."""
+
+    id: str
+    summary: list[SummaryText]
+    content: list[ReasoningText]
+    status: Status = "completed"
+
+
+OutputItem = OutputMessage | FunctionCall | ReasoningItem
 
 
 class InputTokensDetails(msgspec.Struct, frozen=True):
@@ -248,7 +269,7 @@ class PartAdded(msgspec.Struct, frozen=True, tag_field="type", tag="response.con
     item_id: str
     output_index: int
     content_index: int
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class PartDone(msgspec.Struct, frozen=True, tag_field="type", tag="response.content_part.done"):
@@ -256,7 +277,7 @@ class PartDone(msgspec.Struct, frozen=True, tag_field="type", tag="response.cont
     item_id: str
     output_index: int
     content_index: int
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class TextDelta(msgspec.Struct, frozen=True, tag_field="type", tag="response.output_text.delta"):
@@ -275,6 +296,22 @@ class TextDone(msgspec.Struct, frozen=True, tag_field="type", tag="response.outp
     content_index: int
     text: str
     logprobs: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+
+class ReasoningTextDelta(msgspec.Struct, frozen=True, tag_field="type", tag="response.reasoning_text.delta"):
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ReasoningTextDone(msgspec.Struct, frozen=True, tag_field="type", tag="response.reasoning_text.done"):
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
 
 
 class ArgumentsDelta(msgspec.Struct, frozen=True, tag_field="type", tag="response.function_call_arguments.delta"):

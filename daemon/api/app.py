@@ -88,6 +88,7 @@ def _usage(f: Finished) -> openai.Usage:
         completion_tokens=f.completion_tokens,
         total_tokens=f.prompt_tokens + f.completion_tokens,
         prompt_tokens_details=openai.PromptTokensDetails(cached_tokens=f.cached_tokens),
+        completion_tokens_details=openai.CompletionTokensDetails(reasoning_tokens=f.reasoning_tokens),
     )
 
 
@@ -182,6 +183,7 @@ def create_api_app(daemon: Daemon) -> Litestar:
 
     async def _chat_collect(prepared: Prepared, cid: str, created: int, model: str) -> openai.ChatCompletion:
         text: list[str] = []
+        reasoning: list[str] = []
         calls: list[bus.ToolCall] = []
         logprobs: list[bus.TokenLogprob] = []
         finished: Finished | None = None
@@ -191,13 +193,16 @@ def create_api_app(daemon: Daemon) -> Litestar:
                     finished = event
                 else:
                     text.append(event.text)
+                    reasoning.append(event.reasoning)
                     calls.extend(event.tool_calls)
                     logprobs.extend(event.logprobs)
         except EngineError as exc:
             raise _engine_error(exc) from None
         assert finished is not None
         message = openai.AssistantMessage(
-            content="".join(text), tool_calls=convert.tool_calls(calls) if calls else None
+            content="".join(text),
+            tool_calls=convert.tool_calls(calls) if calls else None,
+            reasoning_content="".join(reasoning) or msgspec.UNSET,
         )
         choice = openai.Choice(
             index=0,
@@ -242,6 +247,8 @@ def create_api_app(daemon: Daemon) -> Litestar:
                             )
                         )
                     continue
+                if event.reasoning:
+                    yield chunk(openai.Delta(reasoning_content=event.reasoning))
                 lp = (
                     openai.ChoiceLogprobs(content=convert.token_logprobs(list(event.logprobs)))
                     if want_logprobs and event.logprobs

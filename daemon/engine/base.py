@@ -29,6 +29,17 @@ INVALID_REQUEST_CODES = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
+class ThinkTags:
+    """The tags around a thinking model's reasoning (the tokenizer's: `<think>`, `</think>`, ...)."""
+
+    start: str
+    end: str
+    # The prompt already opened the block (a Qwen3-style generation prompt ends with `<think>`):
+    # the answer begins inside it.
+    opened: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
     """A request turned into prompt tokens, ready to queue."""
 
@@ -36,6 +47,8 @@ class Prepared:
     prompt_tokens: list[int]
     # Generation limit after clipping to the context and memory budget (0: use request.params.max_tokens).
     max_tokens: int = 0
+    # Set for chat requests on a model that thinks: its output is split into reasoning and answer.
+    think: ThinkTags | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +59,8 @@ class TextChunk:
     logprobs: tuple[bus.TokenLogprob, ...] = ()
     # The ids of the `tokens` tokens, so the gateway can hand the answer to another provider.
     token_ids: tuple[int, ...] = ()
+    # Thinking-channel text (tags removed), which came before `text`.
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +72,9 @@ class Finished:
     queue_ms: float = 0.0
     ttft_ms: float = 0.0
     generation_ms: float = 0.0
+    reasoning_tokens: int = 0
+    # The stop string that ended the answer, when one did.
+    stop_sequence: str | None = None
 
 
 Event = TextChunk | Finished

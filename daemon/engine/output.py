@@ -1,10 +1,13 @@
 """Generated tokens to what a client may see: text, tool calls, log-probabilities.
 
 Per request, in order: a streaming detokenizer (never splits a UTF-8
-character), the tool-call markup of the model's family (withheld from the text
-and parsed with mlx-lm's tool parser for that family, while content before it
-still streams live), then the stop strings (text that could begin one is held
-back until it is clear).
+character), the thinking channel of a model that has one (split off as
+reasoning, daemon/engine/reasoning.py), then on the answer alone: the tool-call
+markup of the model's family (withheld from the text and parsed with mlx-lm's
+tool parser for that family, while content before it still streams live), then
+the stop strings (text that could begin one is held back until it is clear).
+Stop strings apply to the answer, not to the reasoning: thinking that mentions
+one does not end the answer before it began.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 from mlx_lm.generate import TextStateMachine
 from mlx_lm.tokenizer_utils import _byte_decoder
 
-from daemon.engine.base import TextChunk
+from daemon.engine.base import TextChunk, ThinkTags
+from daemon.engine.reasoning import ReasoningSplitter
 from daemon.engine.text import StopFilter
 from daemon.worker.protocol import Token
 from schemas import bus
@@ -125,6 +129,7 @@ class Output:
         tools: list[dict[str, Any]] | None,
         token_text: TokenText | None,
         continuation: bus.Continuation | None = None,
+        think: ThinkTags | None = None,
     ) -> None:
         self._detokenizer = tokenizer.detokenizer
         self._stops = StopFilter(stops)
@@ -134,34 +139,52 @@ class Output:
             start, end = tokenizer.tool_call_start, tokenizer.tool_call_end
             transitions = {"normal": [(start, "tool")], "tool": [(end, "normal")] if end else []}
             self._tools = _Tools(start, end or "", tokenizer.tool_parser, tools, TextStateMachine(transitions))
+        self._think = ReasoningSplitter(think, tool_start=self._tools.start if self._tools else None) if think else None
         self.completion_tokens = 0
+        # Tokens generated inside the thinking block, from the one completing `<think>` to the one
+        # completing `</think>` (earlier providers' included, after a failover).
+        self.reasoning_tokens = 0
         self._unsent_tokens = 0
         self._unsent_ids: list[int] = []
         self._unsent_logprobs: list[bus.TokenLogprob] = []
         self._primed = ""
+        self._primed_reasoning = ""
         if continuation is not None:
             self._prime(continuation)
 
     def _prime(self, continuation: bus.Continuation) -> None:
-        """Continue another provider's answer: the buyer has `continuation.text` already.
+        """Continue another provider's answer: the buyer has `continuation.text` (and `.reasoning`) already.
 
-        The earlier tokens go through the detokenizer (so spacing and partial
-        characters carry on exactly) and their text beyond what was delivered,
-        held back there as a possible stop sequence, goes through the stop
-        filter again; it is sent before the first new text.
+        The earlier tokens go through the detokenizer and the reasoning split one
+        by one, as they did on the first provider (so spacing, partial characters,
+        a half-read tag and whether the answer is inside the thinking block carry
+        on exactly); their answer text beyond what was delivered, held back there
+        as a possible stop sequence, goes through the stop filter again. What was
+        held back is sent before the first new text.
         """
+        reasoning: list[str] = []
+        content: list[str] = []
         for token in continuation.token_ids:
             self._detokenizer.add_token(token)
-        prior = self._detokenizer.last_segment
+            r, c = self._split(self._detokenizer.last_segment, final=False, counted=True)
+            reasoning.append(r)
+            content.append(c)
+        prior_reasoning, prior = "".join(reasoning), "".join(content)
+        if prior_reasoning.startswith(continuation.reasoning):
+            self._primed_reasoning = prior_reasoning[len(continuation.reasoning) :]
         if prior.startswith(continuation.text):
-            held = prior[len(continuation.text) :]
-            chunk = self._route(held, final=False)
-            self._primed = chunk.text if chunk is not None else ""
+            visible, _ = self._answer(prior[len(continuation.text) :], final=False)
+            self._primed = visible
 
     @property
     def stopped(self) -> bool:
         """A stop string matched: generation must end now."""
         return self._stops.stopped
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that matched, if one did."""
+        return self._stops.matched
 
     @property
     def called_tools(self) -> bool:
@@ -180,30 +203,50 @@ class Output:
                 self._detokenizer.finalize()
             if self._token_text is not None and token.logprob is not None:
                 self._unsent_logprobs.append(self._token_text.logprob(token.token, token.logprob, token.top))
-        return self._route(self._detokenizer.last_segment, final=token.finish is not None)
+        final = token.finish is not None
+        reasoning, text = self._split(self._detokenizer.last_segment, final=final, counted=token.finish != "stop")
+        visible, calls = self._answer(text, final=final)
+        if visible or reasoning or calls or final or self._stops.stopped:
+            return self._chunk(visible, calls, reasoning)
+        return None
 
     def cut(self) -> TextChunk | None:
         """Generation was stopped before a finish token: send what was counted, not held text."""
-        return self._chunk("", [])
+        return self._chunk("", [], "")
 
-    def _route(self, text: str, *, final: bool) -> TextChunk | None:
+    def _split(self, text: str, *, final: bool, counted: bool) -> tuple[str, str]:
+        """(reasoning, answer text) of a token's text; counts the token if it was part of the thinking."""
+        if self._think is None:
+            return "", text
+        before = self._think.thinking
+        reasoning, text = self._think.split(text, final=final)
+        if counted and (before or self._think.thinking):
+            self.reasoning_tokens += 1
+        return reasoning, text
+
+    def _answer(self, text: str, *, final: bool) -> tuple[str, list[bus.ToolCall]]:
+        """Answer text through the tool markup and the stop strings: (what can be sent, calls completed)."""
         calls: list[bus.ToolCall] = []
         if self._tools is not None:
             text, calls = self._tools.split(text, final=final)
         visible = self._stops.feed(text)
         if final or self._stops.stopped:
             visible += self._stops.flush()
-        if visible or calls or final or self._stops.stopped:
-            return self._chunk(visible, calls)
-        return None
+        return visible, calls
 
-    def _chunk(self, text: str, calls: list[bus.ToolCall]) -> TextChunk | None:
-        if self._primed and self._unsent_tokens:
+    def _chunk(self, text: str, calls: list[bus.ToolCall], reasoning: str) -> TextChunk | None:
+        if self._unsent_tokens:
             text, self._primed = self._primed + text, ""
-        if not (text or calls or self._unsent_tokens):
+            reasoning, self._primed_reasoning = self._primed_reasoning + reasoning, ""
+        if not (text or calls or reasoning or self._unsent_tokens):
             return None
         chunk = TextChunk(
-            text, self._unsent_tokens, tuple(calls), tuple(self._unsent_logprobs), tuple(self._unsent_ids)
+            text,
+            self._unsent_tokens,
+            tuple(calls),
+            tuple(self._unsent_logprobs),
+            tuple(self._unsent_ids),
+            reasoning=reasoning,
         )
         self._unsent_tokens = 0
         self._unsent_ids = []

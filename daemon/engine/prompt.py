@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon.engine.base import EngineError
+from daemon.engine.base import EngineError, ThinkTags
 from schemas import bus
 
 _ROLE_FOR_TEMPLATE = {"developer": "system"}
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# Prompt tokens read back to see how the generation prompt ends (a think tag is 1-3 tokens).
+_TAIL_TOKENS = 16
 
 
 def _arguments(text: str) -> Any:
@@ -66,6 +68,23 @@ def encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
     if request.continuation is not None:
         tokens.extend(request.continuation.token_ids)
     return tokens
+
+
+def thinking(tokenizer: Any, request: bus.InferenceRequest, tokens: list[int]) -> ThinkTags | None:
+    """The think tags of a chat request on a model that thinks (None: its output is all answer).
+
+    Raw prompts (/v1/completions) are the buyer's own text: their output stays text.
+    A template that opens the block itself (Qwen3-style: the generation prompt ends
+    with `<think>` while thinking is on) starts the answer inside it; only the
+    prompt's tail is read, so a tag the buyer typed in a message decides nothing.
+    """
+    if request.prompt is not None or not getattr(tokenizer, "has_thinking", False):
+        return None
+    if request.continuation is not None:
+        tokens = tokens[: len(tokens) - len(request.continuation.token_ids)]
+    start, end = tokenizer.think_start, tokenizer.think_end
+    tail = str(tokenizer.decode(tokens[-_TAIL_TOKENS:])).rstrip()
+    return ThinkTags(start=start, end=end, opened=tail.endswith(start))
 
 
 def _encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:

@@ -13,6 +13,8 @@ class StopFilter:
         self._stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
+        # The stop string that matched (the earliest in the text; the first listed on a tie).
+        self.matched: str | None = None
 
     def feed(self, text: str) -> str:
         """Add generated text; returns what can be sent now (sets `stopped` on a match)."""
@@ -22,11 +24,12 @@ class StopFilter:
         if not self._stops:
             self._held = ""
             return buffer
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(at, stop) for stop in self._stops if (at := buffer.find(stop)) >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
             self._held = ""
-            return buffer[: min(hits)]
+            return buffer[:at]
         keep = self._longest_stop_prefix_suffix(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep]

@@ -253,7 +253,12 @@ class WorkerEngine:
                 f"at most {adm.max_safe_context} tokens fit. Lower max_tokens or shorten the prompt.",
                 param="max_tokens",
             )
-        return Prepared(request=request, prompt_tokens=tokens, max_tokens=min(limit, adm.max_safe_context - n))
+        return Prepared(
+            request=request,
+            prompt_tokens=tokens,
+            max_tokens=min(limit, adm.max_safe_context - n),
+            think=prompt.thinking(m.tokenizer, request, tokens),
+        )
 
     async def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:
         m = self._model
@@ -301,6 +306,7 @@ class WorkerEngine:
             tools=prompt.tools_offered(request),
             token_text=m.token_text if sampling.logprobs >= 0 else None,
             continuation=request.continuation,
+            think=prepared.think,
         )
         started_at: float | None = None
         first_at: float | None = None
@@ -363,4 +369,6 @@ class WorkerEngine:
             queue_ms=(started - enqueued) * 1000,
             ttft_ms=(first - started) * 1000,
             generation_ms=(ended - started) * 1000,
+            reasoning_tokens=output.reasoning_tokens,
+            stop_sequence=output.stop_sequence if finish == "stop" else None,
         )

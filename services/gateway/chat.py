@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import msgspec
 from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
@@ -106,11 +107,13 @@ async def _collect(
     events: AsyncIterator[Event], writer: ChunkWriter, req: openai.ChatCompletionRequest
 ) -> openai.ChatCompletion:
     parts: list[str] = []
+    reasoning: list[str] = []
     calls: list[bus.ToolCall] = []
     logprobs: list[bus.TokenLogprob] = []
     async for event in events:
         if not isinstance(event, Finished):
             parts.append(event.text)
+            reasoning.append(event.reasoning)
             calls.extend(event.tool_calls)
             logprobs.extend(event.logprobs)
             continue
@@ -119,6 +122,7 @@ async def _collect(
             # As OpenAI: no content, not an empty one, when the answer is only tool calls.
             content=None if calls and not text else text,
             tool_calls=tool_calls(calls) or None,
+            reasoning_content="".join(reasoning) or msgspec.UNSET,
         )
         choice = openai.Choice(
             index=0,
@@ -131,7 +135,7 @@ async def _collect(
             created=writer.created,
             model=writer.model,
             choices=[choice],
-            usage=usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
+            usage=usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens, event.reasoning_tokens),
         )
     raise AssertionError("pipeline.events always ends with Finished")
 
@@ -151,8 +155,11 @@ class _Chunks:
             if isinstance(event, Finished):
                 yield w.finish(FINISH[event.finish_reason])
                 if self._include_usage:
-                    yield w.usage(usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens))
+                    u = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens, event.reasoning_tokens)
+                    yield w.usage(u)
                 continue
+            if event.reasoning:
+                yield w.reasoning(event.reasoning)
             lp = openai.ChoiceLogprobs(content=token_logprobs(event.logprobs)) if self._logprobs else None
             if event.text or (lp is not None and event.logprobs):
                 yield w.content(event.text, lp)

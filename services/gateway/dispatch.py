@@ -89,6 +89,7 @@ class Call:
     _closed: bool = False
     # What earlier legs delivered, for a continuation and for usage.
     _text: list[str] = field(default_factory=list)
+    _reasoning: list[str] = field(default_factory=list)
     _token_ids: list[int] = field(default_factory=list)
     _tokens: int = 0
     _got_first_token: bool = False
@@ -117,6 +118,7 @@ class Call:
             if isinstance(frame, bus.Delta):
                 self._got_first_token = True
                 self._text.append(frame.text)
+                self._reasoning.append(frame.reasoning)
                 self._token_ids.extend(frame.token_ids)
                 self._tokens += frame.tokens
                 yield frame
@@ -169,7 +171,9 @@ class Call:
             raise StreamBroken(cause.code, cause.message)
         continued = msgspec.structs.replace(
             self.request,
-            continuation=bus.Continuation(token_ids=list(self._token_ids), text="".join(self._text)),
+            continuation=bus.Continuation(
+                token_ids=list(self._token_ids), text="".join(self._text), reasoning="".join(self._reasoning)
+            ),
         )
         try:
             self._leg = await d.open_leg(continued, exclude=set(self.providers))

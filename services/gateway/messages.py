@@ -134,6 +134,8 @@ def bus_request(req: anthropic.MessagesRequest) -> bus.InferenceRequest:
         ),
         tools=tools or None,
         tool_choice=_tool_choice(req.tool_choice) if tools else None,
+        # Thinking turned off turns the model's thinking channel off; a budget cannot be held to.
+        reasoning_effort="none" if req.thinking is not None and req.thinking.type == "disabled" else None,
     )
 
 
@@ -183,32 +185,46 @@ def tool_use(call: bus.ToolCall) -> anthropic.ToolUseContent:
 
 
 class _Blocks:
-    """Deltas to content blocks, in order: text runs as they stream, each tool call as a whole block.
+    """Deltas to content blocks, in order: thinking and text runs as they stream, each tool call as a whole block.
 
-    `feed` returns (kind, index, payload) steps: ("start", i, block), ("text", i, str), ("json", i, str),
-    ("stop", i, None). Both the stream and the non-stream answer are built from them.
+    `feed` returns (kind, index, payload) steps: ("start", i, block), ("thinking", i, str), ("text", i, str),
+    ("json", i, str), ("signature", i, ""), ("stop", i, None). Both the stream and the non-stream answer
+    are built from them.
     """
 
     def __init__(self) -> None:
         self.count = 0
-        self._open_text: int | None = None
+        # The block receiving streamed text: "thinking" or "text", and its index.
+        self._open: tuple[str, int] | None = None
 
-    def _close_text(self) -> list[tuple[str, int, Any]]:
-        if self._open_text is None:
+    def _close(self) -> list[tuple[str, int, Any]]:
+        if self._open is None:
             return []
-        index, self._open_text = self._open_text, None
-        return [("stop", index, None)]
+        (kind, index), self._open = self._open, None
+        # Anthropic ends every thinking block with its signature; there is none to give here.
+        signature = [("signature", index, "")] if kind == "thinking" else []
+        return [*signature, ("stop", index, None)]
+
+    def _run(self, kind: str, text: str) -> list[tuple[str, int, Any]]:
+        steps: list[tuple[str, int, Any]] = []
+        if self._open is None or self._open[0] != kind:
+            steps.extend(self._close())
+            self._open = (kind, self.count)
+            self.count += 1
+            block = anthropic.ThinkingContent(thinking="") if kind == "thinking" else anthropic.TextContent(text="")
+            steps.append(("start", self._open[1], block))
+        steps.append((kind, self._open[1], text))
+        return steps
 
     def feed(self, delta: bus.Delta) -> list[tuple[str, int, Any]]:
         steps: list[tuple[str, int, Any]] = []
+        # A frame's reasoning came before its text.
+        if delta.reasoning:
+            steps.extend(self._run("thinking", delta.reasoning))
         if delta.text:
-            if self._open_text is None:
-                self._open_text = self.count
-                self.count += 1
-                steps.append(("start", self._open_text, anthropic.TextContent(text="")))
-            steps.append(("text", self._open_text, delta.text))
+            steps.extend(self._run("text", delta.text))
         for call in delta.tool_calls:
-            steps.extend(self._close_text())
+            steps.extend(self._close())
             block = tool_use(call)
             index = self.count
             self.count += 1
@@ -220,10 +236,16 @@ class _Blocks:
     def finish(self) -> list[tuple[str, int, Any]]:
         if self.count == 0:
             # An empty answer is still one (empty) text block, as Anthropic sends it.
-            self._open_text = 0
             self.count = 1
             return [("start", 0, anthropic.TextContent(text="")), ("stop", 0, None)]
-        return self._close_text()
+        return self._close()
+
+
+def _stop(event: Finished) -> tuple[anthropic.StopReason, str | None]:
+    """stop_reason and stop_sequence: which of the request's stop_sequences ended the answer, if one did."""
+    if event.stop_sequence is not None:
+        return "stop_sequence", event.stop_sequence
+    return STOP_REASON[event.finish_reason], None
 
 
 class _Shape:
@@ -250,11 +272,13 @@ class _Shape:
                 steps.extend(blocks.feed(event))
                 continue
             steps.extend(blocks.finish())
+            stop_reason, stop_sequence = _stop(event)
             return anthropic.Message(
                 id=self.id,
                 model=self.model,
                 content=_content(steps),
-                stop_reason=STOP_REASON[event.finish_reason],
+                stop_reason=stop_reason,
+                stop_sequence=stop_sequence,
                 usage=self.usage(event),
             )
         raise AssertionError("pipeline.events always ends with Finished")
@@ -267,13 +291,15 @@ def _content(steps: list[tuple[str, int, Any]]) -> list[anthropic.ContentBlock]:
     for kind, index, payload in steps:
         if kind == "start":
             started.append(payload)
-        elif kind in ("text", "json"):
+        elif kind in ("text", "json", "thinking"):
             pieces.setdefault(index, []).append(payload)
     content: list[anthropic.ContentBlock] = []
     for index, block in enumerate(started):
         joined = "".join(pieces.get(index, []))
         if isinstance(block, anthropic.ToolUseContent):
             content.append(anthropic.ToolUseContent(id=block.id, name=block.name, input=json.loads(joined)))
+        elif isinstance(block, anthropic.ThinkingContent):
+            content.append(anthropic.ThinkingContent(thinking=joined))
         else:
             content.append(anthropic.TextContent(text=joined))
     return content
@@ -305,10 +331,11 @@ class _Events:
             for step in blocks.finish():
                 yield _step(step)
             usage = shape.usage(event)
+            stop_reason, stop_sequence = _stop(event)
             yield named(
                 "message_delta",
                 anthropic.MessageDelta(
-                    delta=anthropic.MessageDeltaBody(stop_reason=STOP_REASON[event.finish_reason]),
+                    delta=anthropic.MessageDeltaBody(stop_reason=stop_reason, stop_sequence=stop_sequence),
                     usage=anthropic.DeltaUsage(
                         output_tokens=usage.output_tokens,
                         input_tokens=usage.input_tokens,
@@ -335,5 +362,13 @@ def _step(step: tuple[str, int, Any]) -> bytes:
         return named(
             "content_block_delta",
             anthropic.ContentBlockDelta(index=index, delta=anthropic.InputJsonDelta(partial_json=payload)),
+        )
+    if kind == "thinking":
+        return named(
+            "content_block_delta", anthropic.ContentBlockDelta(index=index, delta=anthropic.ThinkingDelta(payload))
+        )
+    if kind == "signature":
+        return named(
+            "content_block_delta", anthropic.ContentBlockDelta(index=index, delta=anthropic.SignatureDelta(payload))
         )
     return named("content_block_stop", anthropic.ContentBlockStop(index=index))

@@ -12,12 +12,13 @@ FINISH: dict[str, openai.FinishReason] = {
 }
 
 
-def usage(prompt: int, completion: int, cached: int) -> openai.Usage:
+def usage(prompt: int, completion: int, cached: int, reasoning: int = 0) -> openai.Usage:
     return openai.Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
         prompt_tokens_details=openai.PromptTokensDetails(cached_tokens=cached),
+        completion_tokens_details=openai.CompletionTokensDetails(reasoning_tokens=reasoning),
     )
 
 

@@ -53,6 +53,10 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # Of completion_tokens, those spent thinking.
+    reasoning_tokens: int = 0
+    # The request's stop string that ended the answer, if one did.
+    stop_sequence: str | None = None
 
 
 Event = bus.Delta | Finished
@@ -131,7 +135,14 @@ async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
             yield frame
         else:
             prompt, completion = ex.done(frame)
-            yield Finished(frame.finish_reason, prompt, completion, frame.cached_tokens)
+            yield Finished(
+                frame.finish_reason,
+                prompt,
+                completion,
+                frame.cached_tokens,
+                reasoning_tokens=min(frame.reasoning_tokens, completion),
+                stop_sequence=frame.stop_sequence,
+            )
             return
     raise ProviderError("The provider's answer ended without a final frame.")
 

@@ -59,6 +59,9 @@ class ChunkWriter:
     def content(self, text: str, logprobs: openai.ChoiceLogprobs | None = None) -> bytes:
         return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=text), logprobs=logprobs)])
 
+    def reasoning(self, text: str) -> bytes:
+        return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(reasoning_content=text))])
+
     def tool_calls(self, calls: list[openai.ToolCall]) -> bytes:
         """Complete calls, each with its index and id in its one delta (OpenAI's first-delta shape)."""
         deltas = []

@@ -38,12 +38,13 @@ def conversation(
     items = new_items(req)
     if previous is None:
         return req.instructions, items
-    earlier = [_as_input(item) for item in previous.response.output]
+    # Earlier reasoning is left out, as the chat templates leave it out of earlier turns.
+    earlier = [_as_input(item) for item in previous.response.output if not isinstance(item, responses.ReasoningItem)]
     instructions = req.instructions if req.instructions is not None else previous.response.instructions
     return instructions, [*previous.input, *earlier, *items]
 
 
-def _as_input(item: responses.OutputItem) -> responses.InputItem:
+def _as_input(item: responses.OutputMessage | responses.FunctionCall) -> responses.InputItem:
     if isinstance(item, responses.FunctionCall):
         return responses.InputItem(
             type="function_call", call_id=item.call_id, name=item.name, arguments=item.arguments, id=item.id

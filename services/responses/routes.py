@@ -84,6 +84,7 @@ class _Shape:
             output_tokens=event.completion_tokens,
             total_tokens=event.prompt_tokens + event.completion_tokens,
             input_tokens_details=responses.InputTokensDetails(cached_tokens=event.cached_tokens),
+            output_tokens_details=responses.OutputTokensDetails(reasoning_tokens=event.reasoning_tokens),
         )
         if event.finish_reason == "length":
             return self.response(

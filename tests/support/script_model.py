@@ -40,8 +40,15 @@ SCRIPT = (*TEXT_PIECES, CALL_MARKUP)
 _GAIN = 40.0
 
 
-def write_script_model(source: Path, target: Path) -> Path:
-    """Copy the tiny model at `source` (its tokenizer and shape) to `target` as the scripted model."""
+def write_script_model(
+    source: Path, target: Path, *, script: tuple[str, ...] = SCRIPT, template: str = TOOL_TEMPLATE
+) -> Path:
+    """Copy the tiny model at `source` (its tokenizer and shape) to `target` as a model that says `script`.
+
+    Each piece of `script` becomes one added token; the chain starts after a newline
+    (the end of the chat template's generation prompt), or after any piece a template
+    puts at the end of the prompt itself (the model then says the rest of the script).
+    """
     target.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / "config.json").read_text())
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
@@ -50,12 +57,12 @@ def write_script_model(source: Path, target: Path) -> Path:
 
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
     # Normal (not special) added tokens: they decode as their text, so the markup reaches the tool parser.
-    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in SCRIPT])
+    tokenizer.add_tokens([AddedToken(piece, normalized=False) for piece in script])
     tokenizer.save(str(target / "tokenizer.json"))
     vocab = tokenizer.get_vocab_size()
     eos = tokenizer.token_to_id(EOS_TOKEN)
     newline = tokenizer.encode("\n", add_special_tokens=False).ids[-1]
-    chain = [newline, *(tokenizer.token_to_id(piece) for piece in SCRIPT), eos]
+    chain = [newline, *(tokenizer.token_to_id(piece) for piece in script), eos]
     if len(set(chain)) != len(chain) or len(chain) >= hidden:
         raise AssertionError(f"script tokens must be distinct and fewer than {hidden}: {chain}")
 
@@ -98,7 +105,7 @@ def write_script_model(source: Path, target: Path) -> Path:
     config.update(vocab_size=vocab, tie_word_embeddings=False)
     (target / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
-    tokenizer_config["chat_template"] = TOOL_TEMPLATE
+    tokenizer_config["chat_template"] = template
     (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (target / "generation_config.json").write_text((source / "generation_config.json").read_text())
     return target
