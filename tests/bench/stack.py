@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ class Gateway:
     child: Child
 
 
-class Stack:
+class Stack(ABC):
     """nats-server, PostgreSQL and the given control planes; `start_daemons` adds the providers."""
 
     def __init__(self, home: Path, gateways: Sequence[GatewaySpec]) -> None:
@@ -84,9 +85,9 @@ class Stack:
             say(f"{self.gateway_label(spec)} on {base_url} (log: {child.log_path})")
         self.start_daemons()
 
+    @abstractmethod
     def start_daemons(self) -> None:
         """Start the providers (their NATS: `nats_url`) and wait until every gateway's pool holds them."""
-        raise NotImplementedError
 
     def gateway_label(self, spec: GatewaySpec) -> str:
         return f"control plane {spec.name!r}"
