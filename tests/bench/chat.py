@@ -15,38 +15,7 @@ import httpx
 import msgspec
 
 from tests.bench.load import Sample
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta
-    finish_reason: str | None = None
-
-
-class _Usage(msgspec.Struct):
-    completion_tokens: int
-
-
-class _Error(msgspec.Struct):
-    message: str = ""
-    code: str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_Choice] = msgspec.field(default_factory=list)
-    usage: _Usage | None = None
-    error: _Error | None = None
-
-
-class _Envelope(msgspec.Struct):
-    error: _Error
-
-
-_CHUNK = msgspec.json.Decoder(_Chunk)
-_ENVELOPE = msgspec.json.Decoder(_Envelope)
+from tests.bench.wire import Events, error_code
 
 # Called with (number of content chunks so far, the time.perf_counter() they arrived at).
 OnChunk = Callable[[int, float], None]
@@ -103,30 +72,16 @@ async def stream_chat(
     """POST a `stream: true` chat completion and read it to the end, timing each content chunk as it is read."""
     result = Streamed(max_tokens=max_tokens, start=time.perf_counter())
     parts: list[str] = []
+    events = Events()
     try:
         async with client.stream("POST", url, content=body, headers=headers) as response:
             result.request_id = response.headers.get("x-request-id", "")
             if response.status_code != 200:
-                raw = await response.aread()
-                try:
-                    code = _ENVELOPE.decode(raw).error.code or "?"
-                except msgspec.DecodeError:
-                    code = "?"
-                result.transport_error = f"http_{response.status_code}:{code}"
+                result.transport_error = f"http_{response.status_code}:{error_code(await response.aread())}"
                 return result
-            buffer = b""
             async for data in response.aiter_bytes():
                 now = time.perf_counter()
-                buffer += data
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    if not event.startswith(b"data: "):
-                        continue
-                    payload = event[6:]
-                    if payload == b"[DONE]":
-                        result.done = True
-                        continue
-                    chunk = _CHUNK.decode(payload)
+                for chunk in events.feed(data):
                     if chunk.error is not None:
                         result.transport_error = f"in_band:{chunk.error.code or '?'}"
                         return result
@@ -146,19 +101,23 @@ async def stream_chat(
         result.transport_error = "client:bad_sse_chunk"
     finally:
         result.end = time.perf_counter()
+        result.done = events.done
         result.text = "".join(parts)
     return result
 
 
-def chat_body(prompt: str, max_tokens: int, *, model: str) -> bytes:
+def chat_request(prompt: str, max_tokens: int, *, model: str) -> dict[str, object]:
     """A greedy (temperature 0) streamed chat request with one user message (no conversation key to route by)."""
-    return msgspec.json.encode(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    )
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def chat_body(prompt: str, max_tokens: int, *, model: str) -> bytes:
+    """`chat_request` as the bytes to POST."""
+    return msgspec.json.encode(chat_request(prompt, max_tokens, model=model))

@@ -28,21 +28,8 @@ from infra.blas import fast_blas_env
 from infra.components import start_daemon, wait_http
 from infra.nats import NatsServer
 from infra.ports import free_port
-
-TOPICS = (
-    "dragons",
-    "the ocean",
-    "photosynthesis",
-    "Paris",
-    "a lighthouse keeper",
-    "volcanoes",
-    "the moon",
-    "bees",
-    "a robot",
-    "winter",
-    "trains",
-    "a library",
-)
+from tests.bench.chat import chat_request
+from tests.bench.prompts import numbered
 
 
 @dataclass
@@ -58,14 +45,7 @@ class Level:
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = chat_request(prompt, max_tokens, model=model)
     started = time.monotonic()
     ttft = 0.0
     tokens = 0
@@ -87,7 +67,7 @@ async def _level(url: str, model: str, concurrency: int, requests: int, max_toke
         queue: asyncio.Queue[str] = asyncio.Queue()
         for _ in range(requests):
             seq[0] += 1
-            queue.put_nowait(f"Request {seq[0]}: write a short story about {TOPICS[seq[0] % len(TOPICS)]}.")
+            queue.put_nowait(numbered(seq[0], "write a short story about"))
         results: list[tuple[float, int]] = []
 
         async def worker() -> None:

@@ -20,10 +20,7 @@ import argparse
 import asyncio
 import math
 import os
-import platform
-import shutil
 import signal
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,10 +29,14 @@ from pathlib import Path
 import httpx
 
 from infra.components import DaemonChild
-from tests.bench.chat import Streamed, chat_body, stream_chat
-from tests.bench.pool import MODEL_ID, MODEL_SEED, DaemonSpec, PoolStack, cores, load_average
+from tests.bench import cli, harness
+from tests.bench.chat import OnChunk, Streamed, chat_body, stream_chat
+from tests.bench.harness import Verdict
+from tests.bench.machine import machine_lines
+from tests.bench.pool import MODEL_ID, MODEL_SEED, DaemonSpec, PoolStack
+from tests.bench.progress import say
 from tests.bench.report import FailoverColumn, render_failover
-from tests.bench.stack import RAISED_QUOTAS, GatewaySpec, say
+from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
 from tests.support import logs
 
 KILL = "kill"
@@ -91,13 +92,6 @@ class Round:
     killed_after_chunks: int = 0
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _seconds(raw: str) -> float:
     value = float(raw)
     if not 0.05 <= value <= 10:
@@ -106,14 +100,10 @@ def _seconds(raw: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python3 -m tests.bench failover",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser(__doc__, "failover")
     parser.add_argument(
         "--kills",
-        type=_positive,
+        type=cli.positive,
         default=None,
         help=f"rounds per column (default {DEFAULT_ROUNDS}; {QUICK_ROUNDS} with --quick)",
     )
@@ -128,13 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokens",
-        type=_positive,
+        type=cli.positive,
         default=DEFAULT_TOKENS,
         help=f"max_tokens of every stream (default {DEFAULT_TOKENS})",
     )
     parser.add_argument(
         "--kill-at",
-        type=_positive,
+        type=cli.positive,
         default=DEFAULT_KILL_AT,
         help=f"content chunks received before the kill (default {DEFAULT_KILL_AT})",
     )
@@ -150,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=HEARTBEAT_S,
         help=f"the daemons' MP_HEARTBEAT_S (default {HEARTBEAT_S})",
     )
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_ROUNDS} rounds per column")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs) after the run")
-    parser.add_argument("--strict", action="store_true", help="exit 1 if any round failed")
+    cli.add_run_flags(parser, quick=f"smoke run: {QUICK_ROUNDS} rounds per column", strict="exit 1 if any round failed")
     return parser
 
 
@@ -257,23 +245,24 @@ def _failover_events(stack: PoolStack, request_id: str) -> list[dict[str, str]]:
     return [e for e in logs.events(log_path, "failover") if e.get("request_id") == request_id]
 
 
+async def _stream(
+    stack: PoolStack, client: httpx.AsyncClient, plan: FailoverPlan, on_chunk: OnChunk | None = None
+) -> Streamed:
+    """The round's one request: the same prompt every time, via the gateway."""
+    url = f"{stack.gateways[GATEWAY].base_url}/v1/chat/completions"
+    body = chat_body(PROMPT, plan.tokens, model=MODEL_ID)
+    return await stream_chat(client, url, stack.auth, body, plan.tokens, on_chunk=on_chunk)
+
+
 async def _one_round(
     stack: PoolStack, client: httpx.AsyncClient, plan: FailoverPlan, column: str, reference: str
 ) -> Round:
     out = Round(column)
     killer = _Killer(stack, column, plan.kill_at)
-    gateway = stack.gateways[GATEWAY]
     # Until the request is accepted no daemon is busy: the lookup keeps polling.
     killer.start()
     try:
-        result = await stream_chat(
-            client,
-            f"{gateway.base_url}/v1/chat/completions",
-            stack.auth,
-            chat_body(PROMPT, plan.tokens, model=MODEL_ID),
-            plan.tokens,
-            on_chunk=killer.on_chunk,
-        )
+        result = await _stream(stack, client, plan, on_chunk=killer.on_chunk)
     finally:
         if killer.lookup is not None and not killer.lookup.done():
             killer.lookup.cancel()
@@ -312,17 +301,10 @@ async def _one_round(
 
 
 async def measure(plan: FailoverPlan, stack: PoolStack) -> dict[str, list[Round]]:
-    gateway = stack.gateways[GATEWAY]
     results: dict[str, list[Round]] = {column: [] for column in plan.columns}
     async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=10.0)) as client:
         # The answer as one provider gives it, unbroken (temperature 0): every failover must reproduce it.
-        unbroken = await stream_chat(
-            client,
-            f"{gateway.base_url}/v1/chat/completions",
-            stack.auth,
-            chat_body(PROMPT, plan.tokens, model=MODEL_ID),
-            plan.tokens,
-        )
+        unbroken = await _stream(stack, client, plan)
         if unbroken.error is not None:
             raise RuntimeError(f"the unbroken reference stream failed: {unbroken.error}")
         schedule = plan.schedule()
@@ -413,8 +395,7 @@ def header(plan: FailoverPlan) -> list[str]:
         f"      local request. {plan.rounds} rounds per column, the columns alternating round by round.",
         "      A round fails unless its stream ends with [DONE], no in-band error, finish_reason=length,",
         "      usage.completion_tokens == max_tokens and exactly the text of one unbroken answer (taken first).",
-        f"machine: {cores()}, {platform.system()} {platform.machine()}, Python {platform.python_version()};",
-        "         the client, control plane, nats-server, daemons and PostgreSQL all share these cores",
+        *machine_lines("the client, control plane, nats-server, daemons and PostgreSQL"),
     ]
 
 
@@ -434,9 +415,7 @@ FOOTER = [
 ]
 
 
-def run(plan: FailoverPlan, *, keep_logs: bool, strict: bool) -> int:
-    started = time.monotonic()
-    home = Path(tempfile.mkdtemp(prefix="mp-bench-failover-"))
+def _stack(plan: FailoverPlan, home: Path) -> PoolStack:
     env = {
         **RAISED_QUOTAS,
         "MP_LOST_AFTER_INTERVALS": str(LOST_AFTER_INTERVALS),
@@ -445,40 +424,35 @@ def run(plan: FailoverPlan, *, keep_logs: bool, strict: bool) -> int:
     daemons = [
         DaemonSpec(f"fo-{chr(ord('a') + i)}", {"MP_HEARTBEAT_S": f"{plan.heartbeat_s:g}"}) for i in range(plan.daemons)
     ]
-    stack = PoolStack(home, gateways=[GatewaySpec(GATEWAY, env)], daemons=daemons)
-    # Logs stay for a post-mortem when the run fails; a finished or interrupted run cleans up.
-    keep = True
-    load_before = load_average()
-    try:
-        say(f"scratch directory {home}")
-        stack.start()
-        results = asyncio.run(measure(plan, stack))
-        columns = [_column(LABELS[c], results[c]) for c in plan.columns]
-        failed = any(col.failed for col in columns)
-        keep = keep_logs or failed
-    except KeyboardInterrupt:
-        say("interrupted")
-        keep = keep_logs
-        return 130
-    finally:
-        stack.stop()
-        if keep:
-            say(f"logs kept in {home}/logs")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
-    footer = [
-        *FOOTER,
-        f"(whole run incl. starting and stopping the stack: {time.monotonic() - started:.0f}s; the machine's 1-minute",
-        f"load average: {load_before:.1f} before, {load_average():.1f} after: any other work competes for the cores)",
-    ]
-    print(render_failover(header=header(plan), columns=columns, footer=footer), flush=True)
-    if all(col.failed == col.rounds for col in columns):
-        say("no round succeeded (see 'failed rounds' above and the logs); exit 1")
-        return 1
-    if strict and failed:
-        say("--strict: some rounds failed; exit 1")
-        return 1
-    return 0
+    return PoolStack(home, gateways=[GatewaySpec(GATEWAY, env)], daemons=daemons)
+
+
+async def _columns(plan: FailoverPlan, stack: PoolStack) -> list[FailoverColumn]:
+    results = await measure(plan, stack)
+    return [_column(LABELS[c], results[c]) for c in plan.columns]
+
+
+def _verdict(columns: list[FailoverColumn]) -> Verdict:
+    hollow = all(col.failed == col.rounds for col in columns)
+    return Verdict(
+        failed=any(col.failed for col in columns),
+        hollow="no round succeeded" if hollow else None,
+        unit="rounds",
+        keep_failed_logs=True,
+    )
+
+
+def run(plan: FailoverPlan, *, keep_logs: bool, strict: bool) -> int:
+    return harness.run(
+        prefix="mp-bench-failover-",
+        stack=lambda home: _stack(plan, home),
+        measure=lambda stack: _columns(plan, stack),
+        verdict=_verdict,
+        table=lambda columns, tail: render_failover(header=header(plan), columns=columns, footer=[*FOOTER, *tail]),
+        keep_logs=keep_logs,
+        strict=strict,
+        load_line=True,
+    )
 
 
 def main(argv: list[str]) -> int:

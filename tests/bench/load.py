@@ -14,12 +14,8 @@ import msgspec
 from daemon.engine.base import CancelToken, EngineError, Finished, TextChunk
 from daemon.engine.synthetic import SyntheticEngine
 from schemas import bus
-
-# The same conversation both ways.
-MESSAGES: tuple[tuple[str, str], ...] = (
-    ("system", "You are a helpful assistant."),
-    ("user", "Write a short story about a quick brown fox and a lazy dog."),
-)
+from tests.bench.prompts import MESSAGES
+from tests.bench.wire import COMPLETION, Events, error_code
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +71,11 @@ class Level:
             sum(p.wall_s for p in parts),
             sum(p.cpu_s for p in parts),
         )
+
+
+def warmup(concurrency: int) -> int:
+    """Unmeasured requests before a level: one round at its concurrency (also opens every pooled connection)."""
+    return max(4, concurrency)
 
 
 # Called with the index of the closed-loop worker that sends the request.
@@ -144,53 +145,6 @@ class Direct:
 
 
 # ---- via gateway: HTTP + SSE through the control plane, NATS and the daemon ---------------
-
-
-class _ChunkDelta(msgspec.Struct):
-    content: str | None = None
-
-
-class _ChunkChoice(msgspec.Struct):
-    delta: _ChunkDelta
-    finish_reason: str | None = None
-
-
-class _ChunkUsage(msgspec.Struct):
-    completion_tokens: int
-
-
-class _ChunkError(msgspec.Struct):
-    message: str = ""
-    code: str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_ChunkChoice] = msgspec.field(default_factory=list)
-    usage: _ChunkUsage | None = None
-    error: _ChunkError | None = None
-
-
-class _ErrorEnvelope(msgspec.Struct):
-    error: _ChunkError
-
-
-class _Message(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    message: _Message
-    finish_reason: str | None = None
-
-
-class _Completion(msgspec.Struct):
-    choices: list[_Choice] = msgspec.field(default_factory=list)
-    usage: _ChunkUsage | None = None
-
-
-_CHUNK = msgspec.json.Decoder(_Chunk)
-_ERROR = msgspec.json.Decoder(_ErrorEnvelope)
-_COMPLETION = msgspec.json.Decoder(_Completion)
 
 
 class HttpClients:
@@ -265,29 +219,15 @@ class ViaGateway:
         tokens = 0
         usage: int | None = None
         finish: str | None = None
-        done = False
+        events = Events()
         try:
             async with client.stream("POST", self.url, content=self.body, headers=self.headers) as response:
                 if response.status_code != 200:
-                    raw = await response.aread()
-                    try:
-                        code = _ERROR.decode(raw).error.code or "?"
-                    except msgspec.DecodeError:
-                        code = "?"
+                    code = error_code(await response.aread())
                     return Sample(start, time.perf_counter(), error=f"http_{response.status_code}:{code}")
-                buffer = b""
                 async for data in response.aiter_bytes():
-                    buffer += data
-                    *events, buffer = buffer.split(b"\n\n")
                     now = time.perf_counter()
-                    for event in events:
-                        if not event.startswith(b"data: "):
-                            continue
-                        payload = event[6:]
-                        if payload == b"[DONE]":
-                            done = True
-                            continue
-                        chunk = _CHUNK.decode(payload)
+                    for chunk in events.feed(data):
                         if chunk.error is not None:
                             return Sample(start, now, first, last, tokens, f"in_band:{chunk.error.code or '?'}")
                         if chunk.usage is not None:
@@ -306,7 +246,7 @@ class ViaGateway:
         except msgspec.DecodeError:
             return Sample(start, time.perf_counter(), first, last, tokens, "client:bad_sse_chunk")
         end = time.perf_counter()
-        error = "no_done_marker" if not done else _check(finish, tokens, self.max_tokens)
+        error = "no_done_marker" if not events.done else _check(finish, tokens, self.max_tokens)
         if error is None and usage != tokens:
             error = "usage_mismatch"
         return Sample(start, end, first, last, tokens, error)
@@ -319,12 +259,8 @@ class ViaGateway:
             response = await client.post(self.url, content=self.body, headers=self.headers)
             end = time.perf_counter()
             if response.status_code != 200:
-                try:
-                    code = _ERROR.decode(response.content).error.code or "?"
-                except msgspec.DecodeError:
-                    code = "?"
-                return Sample(start, end, error=f"http_{response.status_code}:{code}")
-            completion = _COMPLETION.decode(response.content)
+                return Sample(start, end, error=f"http_{response.status_code}:{error_code(response.content)}")
+            completion = COMPLETION.decode(response.content)
         except httpx.HTTPError as exc:
             return Sample(start, time.perf_counter(), error=f"client:{type(exc).__name__}")
         except msgspec.DecodeError:

@@ -10,18 +10,19 @@ column). Everything started is stopped again, also on Ctrl-C or error.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
+from tests.bench import harness
 from tests.bench.cpu import CpuProbe
-from tests.bench.load import MESSAGES, HttpClients, Level, ViaGateway, drive
+from tests.bench.harness import Verdict
+from tests.bench.load import HttpClients, Level, ViaGateway, drive, warmup
+from tests.bench.machine import machine_lines
+from tests.bench.progress import say
+from tests.bench.prompts import MESSAGES
 from tests.bench.report import Comparison, Side, Stats, render_metering
-from tests.bench.stack import MODEL_ID, RAISED_QUOTAS, BenchStack, GatewaySpec, say
+from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
+from tests.bench.synthetic import MODEL_ID, SyntheticStack
 
 OFF = "metering-off"
 ON = "metering-on"
@@ -71,10 +72,6 @@ class MeteringPlan:
         rounds = min(self.rounds, n)
         return [n // rounds + (1 if i < n % rounds else 0) for i in range(rounds)]
 
-    @staticmethod
-    def warmup_for(concurrency: int) -> int:
-        return max(4, concurrency)
-
 
 def make_plan(args: argparse.Namespace, levels: tuple[int, ...]) -> MeteringPlan:
     non_stream = DEFAULT_NON_STREAM if args.non_stream is None else args.non_stream
@@ -111,7 +108,7 @@ def _order(k: int) -> tuple[str, str]:
     return (OFF, ON) if k % 2 == 0 else (ON, OFF)
 
 
-async def measure(plan: MeteringPlan, stack: BenchStack) -> list[Comparison]:
+async def measure(plan: MeteringPlan, stack: SyntheticStack) -> list[Comparison]:
     assert stack.postgres_pid is not None
     postgres = CpuProbe(stack.postgres_pid, tree=True)
     probes = {name: CpuProbe(gw.child.proc.pid, tree=True) for name, gw in stack.gateways.items()}
@@ -127,7 +124,7 @@ async def measure(plan: MeteringPlan, stack: BenchStack) -> list[Comparison]:
                 for name, gw in stack.gateways.items()
             }
             for name in _order(index):
-                await drive(send[name], concurrency=c, requests=plan.warmup_for(c))
+                await drive(send[name], concurrency=c, requests=warmup(c))
             tallies = {OFF: _Tally([]), ON: _Tally([])}
             sizes = plan.round_sizes(c)
             for r, size in enumerate(sizes):
@@ -157,7 +154,7 @@ async def measure(plan: MeteringPlan, stack: BenchStack) -> list[Comparison]:
     return results
 
 
-def header(plan: MeteringPlan, machine: str) -> list[str]:
+def header(plan: MeteringPlan) -> list[str]:
     per_column = ", ".join(
         f"{'' if col.stream else 'non-stream '}c={col.concurrency}: {plan.requests_for(col.concurrency)}"
         for col in plan.columns
@@ -192,8 +189,7 @@ def header(plan: MeteringPlan, machine: str) -> list[str]:
         "      round to round, so drift and noise fall on both alike; after an unmeasured warm-up of each",
         "      (max(4, concurrency) requests). Client: httpx.AsyncClient, HTTP/1.1 keep-alive, its own pools per",
         f"      gateway, {pool}, responses parsed in the benchmark process.",
-        f"machine: {machine}, {platform.system()} {platform.machine()}, Python {platform.python_version()};",
-        "         the client, both control planes, nats-server, daemon and PostgreSQL all share these cores",
+        *machine_lines("the client, both control planes, nats-server, daemon and PostgreSQL"),
     ]
 
 
@@ -209,35 +205,22 @@ FOOTER = [
 ]
 
 
-def run(plan: MeteringPlan, *, keep_logs: bool, strict: bool, machine: str) -> int:
-    started = time.monotonic()
-    home = Path(tempfile.mkdtemp(prefix="mp-bench-"))
-    stack = BenchStack(home, gateways=GATEWAYS)
-    # Logs stay for a post-mortem when the run fails; a finished or interrupted run cleans up.
-    keep = True
-    try:
-        say(f"scratch directory {home}")
-        stack.start()
-        columns = asyncio.run(measure(plan, stack))
-        # A column where nothing succeeded measured nothing: keep the logs that say why.
-        hollow = [s for c in columns for s in (c.off.stats, c.on.stats) if s.failed == s.requests]
-        keep = keep_logs or bool(hollow)
-    except KeyboardInterrupt:
-        say("interrupted")
-        keep = keep_logs
-        return 130
-    finally:
-        stack.stop()
-        if keep:
-            say(f"logs kept in {home}/logs")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
-    footer = [*FOOTER, f"(whole run incl. starting and stopping the stack: {time.monotonic() - started:.0f}s)"]
-    print(render_metering(header=header(plan, machine), columns=columns, footer=footer), flush=True)
-    if hollow:
-        say("no request succeeded in some column (see 'failed requests' above and the logs); exit 1")
-        return 1
-    if strict and any(s.failed for c in columns for s in (c.off.stats, c.on.stats)):
-        say("--strict: some requests failed; exit 1")
-        return 1
-    return 0
+def _verdict(columns: list[Comparison]) -> Verdict:
+    sides = [s for c in columns for s in (c.off.stats, c.on.stats)]
+    # A column where nothing succeeded measured nothing: keep the logs that say why.
+    hollow = any(s.failed == s.requests for s in sides)
+    return Verdict(
+        failed=any(s.failed for s in sides), hollow="no request succeeded in some column" if hollow else None
+    )
+
+
+def run(plan: MeteringPlan, *, keep_logs: bool, strict: bool) -> int:
+    return harness.run(
+        prefix="mp-bench-",
+        stack=lambda home: SyntheticStack(home, gateways=GATEWAYS),
+        measure=lambda stack: measure(plan, stack),
+        verdict=_verdict,
+        table=lambda columns, tail: render_metering(header=header(plan), columns=columns, footer=[*FOOTER, *tail]),
+        keep_logs=keep_logs,
+        strict=strict,
+    )

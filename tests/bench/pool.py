@@ -1,9 +1,8 @@
-"""A real pool for the failover and routing modes: nats-server, PostgreSQL, control plane(s), and several
-provider daemons serving the SAME model id with the tiny real mlx-lm model (tests/support/tiny_model.py).
+"""A real pool for the failover and routing modes: the servers (stack.py) and several provider daemons
+serving the SAME model id with the tiny real mlx-lm model (tests/support/tiny_model.py).
 
-Daemons can be killed, stopped (SIGSTOP) and restarted under the same provider id.
-Everything is torn down newest first by `stop()`, which ignores Ctrl-C/SIGTERM
-while it runs, continues any stopped daemon first, and never raises.
+Daemons can be killed, stopped (SIGSTOP) and restarted under the same provider id;
+`stop()` continues any stopped daemon before stopping it.
 """
 
 from __future__ import annotations
@@ -13,19 +12,16 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from infra.components import Child, DaemonChild, start_daemon, start_gateway
-from infra.devkey import ensure_dev_key
-from infra.nats import NatsServer
-from infra.ports import free_port
-from infra.postgres import PostgresServer
-from tests.bench.stack import Gateway, GatewaySpec, say
+from infra.components import Child, DaemonChild, start_daemon
+from tests.bench.progress import say
+from tests.bench.stack import Gateway, GatewaySpec, Stack
 from tests.support.tiny_model import write_tiny_model
 
 MODEL_ID = "tiny-llama-bench"
@@ -34,46 +30,22 @@ MODEL_SEED = 3
 MODEL_CONTEXT = 1 << 16
 
 
-def cores() -> str:
-    total = os.cpu_count() or 0
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        usable = total
-    return f"{usable} CPU cores" + ("" if usable == total else f" usable (of {total})")
-
-
-def load_average() -> float:
-    """The machine's 1-minute load average: how much else (besides this benchmark) wants the cores."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
 @dataclass(frozen=True, slots=True)
 class DaemonSpec:
     provider_id: str
     env: Mapping[str, str] = field(default_factory=dict)
 
 
-class PoolStack:
+class PoolStack(Stack):
     """nats-server, PostgreSQL, the given control planes, and one tiny-model daemon per DaemonSpec."""
 
     def __init__(self, home: Path, *, gateways: Sequence[GatewaySpec], daemons: Sequence[DaemonSpec]) -> None:
-        if not gateways or len({g.name for g in gateways}) != len(gateways):
-            raise ValueError("at least one gateway, each with its own name")
+        super().__init__(home, gateways)
         if not daemons or len({d.provider_id for d in daemons}) != len(daemons):
             raise ValueError("at least one daemon, each with its own provider id")
-        self.home = home
-        self.gateway_specs = list(gateways)
         self.daemon_specs = {d.provider_id: d for d in daemons}
-        self.gateways: dict[str, Gateway] = {}
         self.daemons: dict[str, DaemonChild] = {}
-        self.api_key = ""
-        self.nats_url = ""
         self.model_path = home / "models" / MODEL_ID
-        self._cleanups: list[tuple[str, Callable[[], object]]] = []
 
     @property
     def auth(self) -> dict[str, str]:
@@ -81,27 +53,11 @@ class PoolStack:
 
     def start(self) -> None:
         write_tiny_model(self.model_path, seed=MODEL_SEED, context_length=MODEL_CONTEXT)
-        nats = NatsServer.start(self.home / "nats")
-        self._cleanups.append(("nats-server", nats.stop))
-        self.nats_url = nats.url
-        say(f"nats-server on {nats.url}")
+        super().start()
 
-        pg = PostgresServer.start(self.home / "postgres", fast=True)
-        self._cleanups.append(("postgres", pg.stop))
-        say(f"postgres on {pg.url}")
-        self.api_key = asyncio.run(ensure_dev_key(pg.url, self.home / "dev.env"))
-
-        for spec in self.gateway_specs:
-            port = free_port()
-            child = start_gateway(
-                self.home, port=port, nats_url=nats.url, database_url=pg.url, name=spec.name, env=spec.env
-            )
-            self._cleanups.append((spec.name, child.stop))
-            self.gateways[spec.name] = Gateway(spec.name, f"http://127.0.0.1:{port}", child)
-            say(f"control plane {spec.name!r} on http://127.0.0.1:{port} (log: {child.log_path})")
-
+    def start_daemons(self) -> None:
         # One cleanup for all daemons: whichever process is current for each id when we stop.
-        self._cleanups.append(("daemons", self._stop_daemons))
+        self.on_stop("daemons", self._stop_daemons)
         # All start at once (their imports and model loads overlap); then wait for each in every gateway's pool.
         for provider_id in self.daemon_specs:
             self.spawn_daemon(provider_id)
@@ -131,16 +87,12 @@ class PoolStack:
         return next((int(m["providers"]) for m in r.json()["models"] if m["id"] == MODEL_ID), 0)
 
     async def in_flight(self, client: httpx.AsyncClient, daemon: DaemonChild) -> int:
-        """Requests the daemon runs or queues now (its /admin/status)."""
-        r = await client.get(f"{daemon.admin_url}/admin/status", timeout=5)
-        r.raise_for_status()
-        return int(r.json()["requests"]["in_flight"])
+        """Requests the daemon runs or queues now."""
+        return int((await _admin_status(client, daemon))["requests"]["in_flight"])
 
     async def served(self, client: httpx.AsyncClient, daemon: DaemonChild) -> int:
-        """Requests the daemon took from the pool since it started (its /admin/status)."""
-        r = await client.get(f"{daemon.admin_url}/admin/status", timeout=5)
-        r.raise_for_status()
-        return int(r.json()["pool"]["served"])
+        """Requests the daemon took from the pool since it started."""
+        return int((await _admin_status(client, daemon))["pool"]["served"])
 
     async def wait_pool(self, *, within_s: float) -> float:
         """Until every gateway's pool holds every daemon and no daemon runs anything; then one warm-up each.
@@ -177,17 +129,8 @@ class PoolStack:
                     raise RuntimeError(f"warm-up of {daemon.name} failed: {r.status_code} {r.text[:200]}")
         return full_at
 
-    def dead_children(self) -> list[Child]:
-        children: list[Child] = [g.child for g in self.gateways.values()]
-        children.extend(self.daemons.values())
-        return [c for c in children if not c.alive()]
-
-    def check_alive(self) -> None:
-        """Raise (with their log tails) if a gateway or a daemon died (other than by the benchmark's hand)."""
-        dead = self.dead_children()
-        if dead:
-            tails = "\n".join(f"--- {child.name}:\n{child.log_tail()}" for child in dead)
-            raise RuntimeError(f"{', '.join(c.name for c in dead)} died during the benchmark\n{tails}")
+    def children(self) -> list[Child]:
+        return [*super().children(), *self.daemons.values()]
 
     @staticmethod
     def signal_group(daemon: DaemonChild, sig: signal.Signals) -> None:
@@ -205,22 +148,8 @@ class PoolStack:
             except Exception as exc:
                 say(f"stopping {daemon.name} failed: {exc!r}")
 
-    def stop(self) -> None:
-        """Stop everything started so far, newest first. Idempotent; never raises."""
-        if not self._cleanups:
-            return
-        previous: dict[signal.Signals, Any] = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, signal.SIG_IGN)
-        try:
-            while self._cleanups:
-                name, stop = self._cleanups.pop()
-                try:
-                    stop()
-                except Exception as exc:
-                    say(f"stopping {name} failed: {exc!r}")
-        finally:
-            for sig, handler in previous.items():
-                with contextlib.suppress(Exception):
-                    signal.signal(sig, handler)
-        say("stack stopped")
+
+async def _admin_status(client: httpx.AsyncClient, daemon: DaemonChild) -> dict[str, Any]:
+    r = await client.get(f"{daemon.admin_url}/admin/status", timeout=5)
+    r.raise_for_status()
+    return r.json()

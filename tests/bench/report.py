@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from tests.bench.load import Level
+from tests.bench.table import PairTable, Table, counts, ms, rate
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -60,18 +62,6 @@ class Stats:
         )
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:,.0f}"
-
-
-def _rate(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
-
-
 def _pct(cpu_s: float, wall_s: float) -> str:
     return f"{100 * cpu_s / wall_s:.0f}" if wall_s > 0 else "-"
 
@@ -91,76 +81,39 @@ def _ttft_delta(via: Stats, direct: Stats) -> str:
     return f"{via.ttft_p50_ms - direct.ttft_p50_ms:+.2f} ms"
 
 
-LABEL = 31
-CELL = 13
-
-
-def render(
-    *,
-    header: list[str],
-    direct: list[Stats],
-    via: list[Stats],
-    footer: list[str],
-) -> str:
-    group = 2 * CELL + 1
-    lines = list(header)
-    lines.append("")
-    rule = "-" * (LABEL + len(direct) * (group + 3))
-
-    def row(label: str, cells: list[str]) -> str:
-        return label.ljust(LABEL) + "".join(" | " + c for c in cells)
-
-    def pair(d: str, v: str) -> str:
-        return d.rjust(CELL) + " " + v.rjust(CELL)
-
-    lines.append(row("", [f"concurrency {d.concurrency}".center(group) for d in direct]))
-    lines.append(row("", [pair("direct", "via gateway") for _ in direct]))
-    lines.append(rule)
-    metrics: list[tuple[str, list[tuple[str, str]]]] = [
-        ("requests measured", [(str(d.requests), str(v.requests)) for d, v in zip(direct, via, strict=True)]),
-        ("failed", [(str(d.failed), str(v.failed)) for d, v in zip(direct, via, strict=True)]),
-        ("TTFT p50 (ms)", [(_ms(d.ttft_p50_ms), _ms(v.ttft_p50_ms)) for d, v in zip(direct, via, strict=True)]),
-        ("TTFT p99 (ms)", [(_ms(d.ttft_p99_ms), _ms(v.ttft_p99_ms)) for d, v in zip(direct, via, strict=True)]),
-        (
-            "decode tok/s per request, p50",
-            [(_rate(d.decode_tps_p50), _rate(v.decode_tps_p50)) for d, v in zip(direct, via, strict=True)],
-        ),
-        (
-            "aggregate throughput (tok/s)",
-            [(_rate(d.throughput_tps), _rate(v.throughput_tps)) for d, v in zip(direct, via, strict=True)],
-        ),
-        ("requests/s", [(_rate(d.requests_per_s), _rate(v.requests_per_s)) for d, v in zip(direct, via, strict=True)]),
-        ("wall time (ms)", [(_ms(d.wall_s * 1000), _ms(v.wall_s * 1000)) for d, v in zip(direct, via, strict=True)]),
-        (
-            "benchmark process CPU (%)",
-            [(_pct(d.cpu_s, d.wall_s), _pct(v.cpu_s, v.wall_s)) for d, v in zip(direct, via, strict=True)],
-        ),
+def render(*, header: list[str], direct: list[Stats], via: list[Stats], footer: list[str]) -> str:
+    pairs = list(zip(direct, via, strict=True))
+    table = PairTable(header, label=31, half=13, columns=len(pairs))
+    table.row("", [f"concurrency {d.concurrency}".center(table.cell) for d in direct])
+    table.pairs("", [("direct", "via gateway") for _ in pairs])
+    table.rule()
+    metrics: list[tuple[str, Callable[[Stats], str]]] = [
+        ("requests measured", lambda s: str(s.requests)),
+        ("failed", lambda s: str(s.failed)),
+        ("TTFT p50 (ms)", lambda s: ms(s.ttft_p50_ms)),
+        ("TTFT p99 (ms)", lambda s: ms(s.ttft_p99_ms)),
+        ("decode tok/s per request, p50", lambda s: rate(s.decode_tps_p50)),
+        ("aggregate throughput (tok/s)", lambda s: rate(s.throughput_tps)),
+        ("requests/s", lambda s: rate(s.requests_per_s)),
+        ("wall time (ms)", lambda s: ms(s.wall_s * 1000)),
+        ("benchmark process CPU (%)", lambda s: _pct(s.cpu_s, s.wall_s)),
     ]
-    for label, cells in metrics:
-        lines.append(row(label, [pair(d, v) for d, v in cells]))
-    lines.append(rule)
-    lines.append("gateway overhead")
-    lines.append(
-        row("  TTFT p50, via minus direct", [_ttft_delta(v, d).rjust(group) for d, v in zip(direct, via, strict=True)])
+    for label, cell in metrics:
+        table.pairs(label, [(cell(d), cell(v)) for d, v in pairs])
+    table.rule()
+    table.add("gateway overhead")
+    table.row("  TTFT p50, via minus direct", [_ttft_delta(v, d) for d, v in pairs])
+    table.row("  throughput, via / direct", [_ratio(v.throughput_tps, d.throughput_tps) for d, v in pairs])
+    table.rule()
+    table.failures(
+        "failed requests (by error):",
+        [
+            (f"{path} @ concurrency {s.concurrency}", s.errors)
+            for path, ss in (("direct", direct), ("via gateway", via))
+            for s in ss
+        ],
     )
-    lines.append(
-        row(
-            "  throughput, via / direct",
-            [_ratio(v.throughput_tps, d.throughput_tps).rjust(group) for d, v in zip(direct, via, strict=True)],
-        )
-    )
-    lines.append(rule)
-    failures = [
-        f"  {path} @ concurrency {s.concurrency}: " + ", ".join(f"{code} ×{n}" for code, n in s.errors.most_common())
-        for path, stats in (("direct", direct), ("via gateway", via))
-        for s in stats
-        if s.errors
-    ]
-    if failures:
-        lines.append("failed requests (by error):")
-        lines.extend(failures)
-    lines.extend(footer)
-    return "\n".join(lines)
+    return table.text(footer)
 
 
 # ---- `metering` mode: the same gateway with MP_METERING=off and =on ----------------------
@@ -190,10 +143,6 @@ class Comparison:
     round_p50_deltas_ms: list[float]
 
 
-M_LABEL = 31
-M_CELL = 12
-
-
 def _delta_ms(on: float | None, off: float | None) -> str:
     if on is None or off is None:
         return "-"
@@ -210,86 +159,57 @@ def _plain_ratio(num: float, den: float) -> str:
     return f"{num / den:.3f}×" if den > 0 else "-"
 
 
+def _cpu_ms(side: Side, cpu_s: float | None) -> str:
+    value = side.per_request_ms(cpu_s)
+    return "-" if value is None else f"{value:.2f}"
+
+
 def render_metering(*, header: list[str], columns: list[Comparison], footer: list[str]) -> str:
-    group = 2 * M_CELL + 1
-    lines = [*header, ""]
-    rule = "-" * (M_LABEL + len(columns) * (group + 3))
-
-    def row(label: str, cells: list[str]) -> str:
-        return label.ljust(M_LABEL) + "".join(" | " + c for c in cells)
-
-    def pair(off: str, on: str) -> str:
-        return off.rjust(M_CELL) + " " + on.rjust(M_CELL)
-
-    def cpu(side: Side, cpu_s: float | None) -> str:
-        value = side.per_request_ms(cpu_s)
-        return "-" if value is None else f"{value:.2f}"
-
-    lines.append(row("", [c.label.center(group) for c in columns]))
-    lines.append(row("", [pair("metering off", "metering on") for _ in columns]))
-    lines.append(rule)
-    metrics: list[tuple[str, list[tuple[str, str]]]] = [
-        ("requests measured", [(str(c.off.stats.requests), str(c.on.stats.requests)) for c in columns]),
-        ("failed", [(str(c.off.stats.failed), str(c.on.stats.failed)) for c in columns]),
-        ("latency p50 (ms)", [(_ms(c.off.stats.latency_p50_ms), _ms(c.on.stats.latency_p50_ms)) for c in columns]),
-        ("latency p99 (ms)", [(_ms(c.off.stats.latency_p99_ms), _ms(c.on.stats.latency_p99_ms)) for c in columns]),
-        ("TTFT p50 (ms)", [(_ms(c.off.stats.ttft_p50_ms), _ms(c.on.stats.ttft_p50_ms)) for c in columns]),
-        ("TTFT p99 (ms)", [(_ms(c.off.stats.ttft_p99_ms), _ms(c.on.stats.ttft_p99_ms)) for c in columns]),
-        ("requests/s", [(_rate(c.off.stats.requests_per_s), _rate(c.on.stats.requests_per_s)) for c in columns]),
-        (
-            "gateway CPU per request (ms)",
-            [(cpu(c.off, c.off.gateway_cpu_s), cpu(c.on, c.on.gateway_cpu_s)) for c in columns],
-        ),
-        (
-            "Postgres CPU per request (ms)",
-            [(cpu(c.off, c.off.postgres_cpu_s), cpu(c.on, c.on.postgres_cpu_s)) for c in columns],
-        ),
+    table = PairTable(header, label=31, half=12, columns=len(columns))
+    table.row("", [c.label.center(table.cell) for c in columns])
+    table.pairs("", [("metering off", "metering on") for _ in columns])
+    table.rule()
+    metrics: list[tuple[str, Callable[[Side], str]]] = [
+        ("requests measured", lambda s: str(s.stats.requests)),
+        ("failed", lambda s: str(s.stats.failed)),
+        ("latency p50 (ms)", lambda s: ms(s.stats.latency_p50_ms)),
+        ("latency p99 (ms)", lambda s: ms(s.stats.latency_p99_ms)),
+        ("TTFT p50 (ms)", lambda s: ms(s.stats.ttft_p50_ms)),
+        ("TTFT p99 (ms)", lambda s: ms(s.stats.ttft_p99_ms)),
+        ("requests/s", lambda s: rate(s.stats.requests_per_s)),
+        ("gateway CPU per request (ms)", lambda s: _cpu_ms(s, s.gateway_cpu_s)),
+        ("Postgres CPU per request (ms)", lambda s: _cpu_ms(s, s.postgres_cpu_s)),
     ]
-    for label, cells in metrics:
-        lines.append(row(label, [pair(off, on) for off, on in cells]))
-    lines.append(rule)
-
-    def cpu_delta(on: Side, on_s: float | None, off: Side, off_s: float | None) -> str:
-        return _delta_ms(on.per_request_ms(on_s), off.per_request_ms(off_s))
-
-    lines.append("metering on vs off")
-    differences: list[tuple[str, list[str]]] = [
-        (
-            "  latency p50, on - off",
-            [_delta_ms(c.on.stats.latency_p50_ms, c.off.stats.latency_p50_ms) for c in columns],
-        ),
-        ("    per round, min .. max", [_delta_range(c.round_p50_deltas_ms) for c in columns]),
-        (
-            "  latency p99, on - off",
-            [_delta_ms(c.on.stats.latency_p99_ms, c.off.stats.latency_p99_ms) for c in columns],
-        ),
-        (
-            "  requests/s, on / off",
-            [_plain_ratio(c.on.stats.requests_per_s, c.off.stats.requests_per_s) for c in columns],
-        ),
+    for label, cell in metrics:
+        table.pairs(label, [(cell(c.off), cell(c.on)) for c in columns])
+    table.rule()
+    table.add("metering on vs off")
+    differences: list[tuple[str, Callable[[Comparison], str]]] = [
+        ("  latency p50, on - off", lambda c: _delta_ms(c.on.stats.latency_p50_ms, c.off.stats.latency_p50_ms)),
+        ("    per round, min .. max", lambda c: _delta_range(c.round_p50_deltas_ms)),
+        ("  latency p99, on - off", lambda c: _delta_ms(c.on.stats.latency_p99_ms, c.off.stats.latency_p99_ms)),
+        ("  requests/s, on / off", lambda c: _plain_ratio(c.on.stats.requests_per_s, c.off.stats.requests_per_s)),
         (
             "  gateway CPU/req., on - off",
-            [cpu_delta(c.on, c.on.gateway_cpu_s, c.off, c.off.gateway_cpu_s) for c in columns],
+            lambda c: _delta_ms(c.on.per_request_ms(c.on.gateway_cpu_s), c.off.per_request_ms(c.off.gateway_cpu_s)),
         ),
         (
             "  Postgres CPU/req., on - off",
-            [cpu_delta(c.on, c.on.postgres_cpu_s, c.off, c.off.postgres_cpu_s) for c in columns],
+            lambda c: _delta_ms(c.on.per_request_ms(c.on.postgres_cpu_s), c.off.per_request_ms(c.off.postgres_cpu_s)),
         ),
     ]
-    for label, deltas in differences:
-        lines.append(row(label, [d.rjust(group) for d in deltas]))
-    lines.append(rule)
-    failures = [
-        f"  metering {side} @ {c.label}: " + ", ".join(f"{code} ×{n}" for code, n in stats.errors.most_common())
-        for c in columns
-        for side, stats in (("off", c.off.stats), ("on", c.on.stats))
-        if stats.errors
-    ]
-    if failures:
-        lines.append("failed requests (by error):")
-        lines.extend(failures)
-    lines.extend(footer)
-    return "\n".join(lines)
+    for label, delta in differences:
+        table.row(label, [delta(c) for c in columns])
+    table.rule()
+    table.failures(
+        "failed requests (by error):",
+        [
+            (f"metering {name} @ {c.label}", side.stats.errors)
+            for c in columns
+            for name, side in (("off", c.off), ("on", c.on))
+        ],
+    )
+    return table.text(footer)
 
 
 # ---- `failover` mode: a provider killed or asleep mid-answer -------------------------------
@@ -319,77 +239,64 @@ class FailoverColumn:
         return sum(self.errors.values())
 
 
-F_LABEL = 44
-F_CELL = 26
-
-
 def _ms_of(values: list[float], q: float) -> str:
     """A percentile of seconds, shown in ms."""
     p = percentile(values, q)
-    return "-" if p is None else _ms(p * 1000)
+    return "-" if p is None else ms(p * 1000)
 
 
 def _max_ms(values: list[float]) -> str:
-    return "-" if not values else _ms(max(values) * 1000)
+    return "-" if not values else ms(max(values) * 1000)
 
 
 def _min_ms(values: list[float]) -> str:
-    return "-" if not values else _ms(min(values) * 1000)
-
-
-def _counts(counter: Counter[str] | Counter[int]) -> str:
-    return ", ".join(f"{key} ×{n}" for key, n in counter.most_common()) or "-"
-
-
-def render_failover(*, header: list[str], columns: list[FailoverColumn], footer: list[str]) -> str:
-    lines = [*header, ""]
-    rule = "-" * (F_LABEL + len(columns) * (F_CELL + 3))
-
-    def row(label: str, cells: list[str]) -> str:
-        return label.ljust(F_LABEL) + "".join(" | " + c.rjust(F_CELL) for c in cells)
-
-    lines.append(row("", [c.label for c in columns]))
-    lines.append(rule)
-    metrics: list[tuple[str, list[str]]] = [
-        ("rounds (kills)", [str(c.rounds) for c in columns]),
-        ("failed rounds", [str(c.failed) for c in columns]),
-        (
-            "signalled after content chunk p50 / max",
-            [_chunks(c.killed_after_chunks) for c in columns],
-        ),
-        ("buyer's stall p50 (ms)", [_ms_of(c.stall_s, 50) for c in columns]),
-        ("buyer's stall p99 (ms)", [_ms_of(c.stall_s, 99) for c in columns]),
-        ("buyer's stall max (ms)", [_max_ms(c.stall_s) for c in columns]),
-        ("kill -> next token p50 (ms)", [_ms_of(c.kill_to_next_s, 50) for c in columns]),
-        ("kill -> next token p99 (ms)", [_ms_of(c.kill_to_next_s, 99) for c in columns]),
-        ("kill -> next token max (ms)", [_max_ms(c.kill_to_next_s) for c in columns]),
-        ("  kill -> continuation accepted min (ms)", [_min_ms(c.kill_to_accepted_s) for c in columns]),
-        ("  kill -> continuation accepted p50 (ms)", [_ms_of(c.kill_to_accepted_s, 50) for c in columns]),
-        ("  kill -> continuation accepted max (ms)", [_max_ms(c.kill_to_accepted_s) for c in columns]),
-        ("  accepted -> next token p50 (ms)", [_ms_of(c.accepted_to_next_s, 50) for c in columns]),
-        ("  accepted -> next token max (ms)", [_max_ms(c.accepted_to_next_s) for c in columns]),
-        ("baseline: normal inter-chunk gap p50 (ms)", [_ms_of(c.normal_gaps_s, 50) for c in columns]),
-        ("baseline: normal inter-chunk gap p99 (ms)", [_ms_of(c.normal_gaps_s, 99) for c in columns]),
-        ("baseline: normal inter-chunk gap max (ms)", [_max_ms(c.normal_gaps_s) for c in columns]),
-        ("baseline: normal gaps measured", [f"{len(c.normal_gaps_s):,}" for c in columns]),
-        ("back in the pool p50 (s)", [_seconds(percentile(c.rejoin_s, 50)) for c in columns]),
-        ("back in the pool max (s)", [_seconds(max(c.rejoin_s) if c.rejoin_s else None) for c in columns]),
-        ("failovers per stream (gateway log)", [_counts(c.failovers_per_stream) for c in columns]),
-        ("failover reason (gateway log)", [_counts(c.reasons) for c in columns]),
-    ]
-    for label, cells in metrics:
-        lines.append(row(label, cells))
-    lines.append(rule)
-    failures = [f"  {c.label}: {_counts(c.errors)}" for c in columns if c.errors]
-    if failures:
-        lines.append("failed rounds (by error):")
-        lines.extend(failures)
-    lines.extend(footer)
-    return "\n".join(lines)
+    return "-" if not values else ms(min(values) * 1000)
 
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _chunks(values: list[int]) -> str:
+    if not values:
+        return "-"
+    p50 = percentile([float(v) for v in values], 50)
+    return f"{p50:.0f} / {max(values)}"
+
+
+def render_failover(*, header: list[str], columns: list[FailoverColumn], footer: list[str]) -> str:
+    table = Table(header, label=44, cell=26, columns=len(columns))
+    table.row("", [c.label for c in columns])
+    table.rule()
+    metrics: list[tuple[str, Callable[[FailoverColumn], str]]] = [
+        ("rounds (kills)", lambda c: str(c.rounds)),
+        ("failed rounds", lambda c: str(c.failed)),
+        ("signalled after content chunk p50 / max", lambda c: _chunks(c.killed_after_chunks)),
+        ("buyer's stall p50 (ms)", lambda c: _ms_of(c.stall_s, 50)),
+        ("buyer's stall p99 (ms)", lambda c: _ms_of(c.stall_s, 99)),
+        ("buyer's stall max (ms)", lambda c: _max_ms(c.stall_s)),
+        ("kill -> next token p50 (ms)", lambda c: _ms_of(c.kill_to_next_s, 50)),
+        ("kill -> next token p99 (ms)", lambda c: _ms_of(c.kill_to_next_s, 99)),
+        ("kill -> next token max (ms)", lambda c: _max_ms(c.kill_to_next_s)),
+        ("  kill -> continuation accepted min (ms)", lambda c: _min_ms(c.kill_to_accepted_s)),
+        ("  kill -> continuation accepted p50 (ms)", lambda c: _ms_of(c.kill_to_accepted_s, 50)),
+        ("  kill -> continuation accepted max (ms)", lambda c: _max_ms(c.kill_to_accepted_s)),
+        ("  accepted -> next token p50 (ms)", lambda c: _ms_of(c.accepted_to_next_s, 50)),
+        ("  accepted -> next token max (ms)", lambda c: _max_ms(c.accepted_to_next_s)),
+        ("baseline: normal inter-chunk gap p50 (ms)", lambda c: _ms_of(c.normal_gaps_s, 50)),
+        ("baseline: normal inter-chunk gap p99 (ms)", lambda c: _ms_of(c.normal_gaps_s, 99)),
+        ("baseline: normal inter-chunk gap max (ms)", lambda c: _max_ms(c.normal_gaps_s)),
+        ("baseline: normal gaps measured", lambda c: f"{len(c.normal_gaps_s):,}"),
+        ("back in the pool p50 (s)", lambda c: _seconds(percentile(c.rejoin_s, 50))),
+        ("back in the pool max (s)", lambda c: _seconds(max(c.rejoin_s) if c.rejoin_s else None)),
+        ("failovers per stream (gateway log)", lambda c: counts(c.failovers_per_stream)),
+        ("failover reason (gateway log)", lambda c: counts(c.reasons)),
+    ]
+    for label, cell in metrics:
+        table.row(label, [cell(c) for c in columns])
+    table.rule()
+    table.failures("failed rounds (by error):", [(c.label, c.errors) for c in columns])
+    return table.text(footer)
 
 
 # ---- `routing` mode: least-loaded vs random over daemons of uneven size ----------------------
@@ -410,16 +317,32 @@ class PolicySide:
     served: dict[str, int]
 
 
-R_LABEL = 34
-R_CELL = 24
-
-
 def _ratio_of(num: float | None, den: float | None) -> str:
     return "-" if num is None or not den else f"{num / den:.2f}×"
 
 
 def _tps_range(values: list[float]) -> str:
-    return "-" if not values else f"{_rate(min(values))} .. {_rate(max(values))}"
+    return "-" if not values else f"{rate(min(values))} .. {rate(max(values))}"
+
+
+def _served(side: PolicySide, pid: str) -> str:
+    total = sum(side.served.values())
+    n = side.served.get(pid, 0)
+    return f"{n} ({100 * n / total:.0f}%)" if total else "-"
+
+
+def _compare(a: float | None, b: float | None) -> list[str]:
+    """Two times in ms and their ratio."""
+    return [ms(a), ms(b), _ratio_of(a, b)]
+
+
+_Time = tuple[str, Callable[[Stats], float | None]]
+_LATENCY: list[_Time] = [
+    ("latency p50 (ms)", lambda s: s.latency_p50_ms),
+    ("latency p99 (ms)", lambda s: s.latency_p99_ms),
+]
+_TTFT_P50: _Time = ("TTFT p50 (ms)", lambda s: s.ttft_p50_ms)
+_TTFT_P99: _Time = ("TTFT p99 (ms)", lambda s: s.ttft_p99_ms)
 
 
 def render_routing(
@@ -433,69 +356,22 @@ def render_routing(
     if len(sides) != 2:
         raise ValueError("two policies: the product's and the baseline")
     a, b = sides
-    lines = [*header, ""]
-    rule = "-" * (R_LABEL + 3 * (R_CELL + 3))
-
-    def row(label: str, cells: list[str]) -> str:
-        return label.ljust(R_LABEL) + "".join(" | " + c.rjust(R_CELL) for c in cells)
-
-    def served(side: PolicySide, pid: str) -> str:
-        total = sum(side.served.values())
-        n = side.served.get(pid, 0)
-        return f"{n} ({100 * n / total:.0f}%)" if total else "-"
-
-    lines.append(row("", [a.label, b.label, f"{a.label.split()[0]} / {b.label.split()[0]}"]))
-    lines.append(rule)
-    rows: list[tuple[str, str, str, str]] = [
-        ("requests measured", str(a.stats.requests), str(b.stats.requests), ""),
-        ("failed", str(a.stats.failed), str(b.stats.failed), ""),
-        (
-            "aggregate throughput (tok/s)",
-            _rate(a.stats.throughput_tps),
-            _rate(b.stats.throughput_tps),
-            _ratio_of(a.stats.throughput_tps, b.stats.throughput_tps),
-        ),
-        ("  per round, min .. max", _tps_range(a.round_tps), _tps_range(b.round_tps), ""),
-        (
-            "requests/s",
-            _rate(a.stats.requests_per_s),
-            _rate(b.stats.requests_per_s),
-            _ratio_of(a.stats.requests_per_s, b.stats.requests_per_s),
-        ),
-    ]
-    for name, pick in (
-        ("latency p50 (ms)", lambda s: s.latency_p50_ms),
-        ("latency p99 (ms)", lambda s: s.latency_p99_ms),
-        ("TTFT p50 (ms)", lambda s: s.ttft_p50_ms),
-        ("TTFT p99 (ms)", lambda s: s.ttft_p99_ms),
-    ):
-        rows.append((name, _ms(pick(a.stats)), _ms(pick(b.stats)), _ratio_of(pick(a.stats), pick(b.stats))))
-    for kind, pa, pb in (("short", a.short, b.short), ("long", a.long, b.long)):
-        for name, pick in (
-            ("latency p50 (ms)", lambda s: s.latency_p50_ms),
-            ("latency p99 (ms)", lambda s: s.latency_p99_ms),
-            ("TTFT p99 (ms)", lambda s: s.ttft_p99_ms),
-        ):
-            rows.append((f"{kind} requests: {name}", _ms(pick(pa)), _ms(pick(pb)), _ratio_of(pick(pa), pick(pb))))
+    table = Table(header, label=34, cell=24, columns=3)
+    table.row("", [a.label, b.label, f"{a.label.split()[0]} / {b.label.split()[0]}"])
+    table.rule()
+    table.row("requests measured", [str(a.stats.requests), str(b.stats.requests), ""])
+    table.row("failed", [str(a.stats.failed), str(b.stats.failed), ""])
+    tps, rps = (a.stats.throughput_tps, b.stats.throughput_tps), (a.stats.requests_per_s, b.stats.requests_per_s)
+    table.row("aggregate throughput (tok/s)", [rate(tps[0]), rate(tps[1]), _ratio_of(*tps)])
+    table.row("  per round, min .. max", [_tps_range(a.round_tps), _tps_range(b.round_tps), ""])
+    table.row("requests/s", [rate(rps[0]), rate(rps[1]), _ratio_of(*rps)])
+    for name, pick in [*_LATENCY, _TTFT_P50, _TTFT_P99]:
+        table.row(name, _compare(pick(a.stats), pick(b.stats)))
+    for kind, x, y in (("short", a.short, b.short), ("long", a.long, b.long)):
+        for name, pick in [*_LATENCY, _TTFT_P99]:
+            table.row(f"{kind} requests: {name}", _compare(pick(x), pick(y)))
     for pid, label in zip(daemons, daemon_labels, strict=True):
-        rows.append((f"served by {label}", served(a, pid), served(b, pid), ""))
-    for label, x, y, ratio in rows:
-        lines.append(row(label, [x, y, ratio]))
-    lines.append(rule)
-    failures = [
-        f"  {side.label}: " + ", ".join(f"{code} ×{n}" for code, n in side.stats.errors.most_common())
-        for side in sides
-        if side.stats.errors
-    ]
-    if failures:
-        lines.append("failed requests (by error):")
-        lines.extend(failures)
-    lines.extend(footer)
-    return "\n".join(lines)
-
-
-def _chunks(values: list[int]) -> str:
-    if not values:
-        return "-"
-    p50 = percentile([float(v) for v in values], 50)
-    return f"{p50:.0f} / {max(values)}"
+        table.row(f"served by {label}", [_served(a, pid), _served(b, pid), ""])
+    table.rule()
+    table.failures("failed requests (by error):", [(side.label, side.stats.errors) for side in sides])
+    return table.text(footer)

@@ -13,26 +13,28 @@ on Ctrl-C or error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
-import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from tests.bench import cli, harness
 from tests.bench.chat import chat_body, stream_chat
+from tests.bench.harness import Verdict
 from tests.bench.load import Level, Sample, drive
-from tests.bench.pool import MODEL_ID, MODEL_SEED, DaemonSpec, PoolStack, cores, load_average
+from tests.bench.machine import machine_lines
+from tests.bench.pool import MODEL_ID, MODEL_SEED, DaemonSpec, PoolStack
+from tests.bench.progress import say
+from tests.bench.prompts import numbered
 from tests.bench.report import PolicySide, Stats, render_routing
-from tests.bench.stack import RAISED_QUOTAS, GatewaySpec, say
+from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
 
 LEAST_LOADED = "least-loaded"
 RANDOM = "random"
 POLICIES = (LEAST_LOADED, RANDOM)
+LABELS = ("least-loaded (default)", "random (baseline)")
 
 DEFAULT_SLOTS = (1, 2, 4)
 DEFAULT_CONCURRENCY = 8
@@ -45,21 +47,6 @@ DEFAULT_LONG = 1000
 DEFAULT_LONG_EVERY = 8
 # The product's default heartbeat, set explicitly so that the header states what ran.
 HEARTBEAT_S = 1.0
-
-TOPICS = (
-    "dragons",
-    "the ocean",
-    "photosynthesis",
-    "Paris",
-    "a lighthouse keeper",
-    "volcanoes",
-    "the moon",
-    "bees",
-    "a robot",
-    "winter",
-    "trains",
-    "a library",
-)
 
 
 @dataclass(frozen=True)
@@ -84,29 +71,11 @@ class RoutingPlan:
         return self.concurrency
 
 
-def _positive(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _slots(raw: str) -> tuple[int, ...]:
-    try:
-        slots = tuple(_positive(part) for part in raw.split(",") if part.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"comma-separated positive integers, got {raw!r} ({exc})") from None
-    if len(slots) < 2:
-        raise argparse.ArgumentTypeError("at least two daemons (routing needs a choice)")
-    return slots
+_slots = cli.positive_list(at_least=2, too_few="at least two daemons (routing needs a choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python3 -m tests.bench routing",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser(__doc__, "routing")
     parser.add_argument(
         "--slots",
         type=_slots,
@@ -115,37 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive,
+        type=cli.positive,
         default=DEFAULT_CONCURRENCY,
         help=f"requests in flight, closed loop (default {DEFAULT_CONCURRENCY})",
     )
     parser.add_argument(
         "--rounds",
-        type=_positive,
+        type=cli.positive,
         default=None,
         help=f"rounds per policy, their order alternating (default {DEFAULT_ROUNDS}; {QUICK_ROUNDS} with --quick)",
     )
     parser.add_argument(
         "--requests",
-        type=_positive,
+        type=cli.positive,
         default=None,
         help=f"requests per round and policy (default {DEFAULT_REQUESTS}; {QUICK_REQUESTS} with --quick)",
     )
     parser.add_argument(
-        "--short-tokens", type=_positive, default=DEFAULT_SHORT, help=f"max_tokens of short requests ({DEFAULT_SHORT})"
+        "--short-tokens",
+        type=cli.positive,
+        default=DEFAULT_SHORT,
+        help=f"max_tokens of short requests ({DEFAULT_SHORT})",
     )
     parser.add_argument(
-        "--long-tokens", type=_positive, default=DEFAULT_LONG, help=f"max_tokens of long requests ({DEFAULT_LONG})"
+        "--long-tokens", type=cli.positive, default=DEFAULT_LONG, help=f"max_tokens of long requests ({DEFAULT_LONG})"
     )
     parser.add_argument(
         "--long-every",
-        type=_positive,
+        type=cli.positive,
         default=DEFAULT_LONG_EVERY,
         help=f"every N-th request is long (default {DEFAULT_LONG_EVERY}; 1: all long)",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer and smaller rounds")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs) after the run")
-    parser.add_argument("--strict", action="store_true", help="exit 1 if any measured request failed")
+    cli.add_run_flags(parser, quick="smoke run: fewer and smaller rounds")
     return parser
 
 
@@ -182,8 +152,7 @@ class _Sender:
     async def __call__(self, worker: int) -> Sample:
         long = self.plan.is_long(next(self._index))
         max_tokens = self.plan.long_tokens if long else self.plan.short_tokens
-        n = next(_PROMPTS)
-        prompt = f"Request {n}: write a story about {TOPICS[n % len(TOPICS)]}."
+        prompt = numbered(next(_PROMPTS), "write a story about")
         streamed = await stream_chat(
             self.client, self.url, self.auth, chat_body(prompt, max_tokens, model=MODEL_ID), max_tokens
         )
@@ -290,8 +259,7 @@ def header(plan: RoutingPlan) -> list[str]:
         f"      {plan.rounds} rounds per policy: each round runs one gateway, then the other, who goes first",
         "      alternating; before each, every pool must hold all daemons, none busy. After an unmeasured",
         f"      warm-up of {plan.warmup()} requests each.",
-        f"machine: {cores()}, {platform.system()} {platform.machine()}, Python {platform.python_version()};",
-        "         the client, both control planes, nats-server, daemons and PostgreSQL all share these cores",
+        *machine_lines("the client, both control planes, nats-server, daemons and PostgreSQL"),
     ]
 
 
@@ -304,57 +272,50 @@ FOOTER = [
 ]
 
 
-def run(plan: RoutingPlan, *, keep_logs: bool, strict: bool) -> int:
-    started = time.monotonic()
-    home = Path(tempfile.mkdtemp(prefix="mp-bench-routing-"))
+def _stack(plan: RoutingPlan, home: Path) -> PoolStack:
     gateways = [GatewaySpec(policy, {**RAISED_QUOTAS, "MP_ROUTING": policy}) for policy in POLICIES]
     daemons = [
         DaemonSpec(pid, {"MP_SLOTS": str(n), "MP_HEARTBEAT_S": f"{HEARTBEAT_S:g}"})
         for pid, n in zip(_daemon_ids(plan), plan.slots, strict=True)
     ]
-    stack = PoolStack(home, gateways=gateways, daemons=daemons)
-    # Logs stay for a post-mortem when the run fails; a finished or interrupted run cleans up.
-    keep = True
-    load_before = load_average()
-    try:
-        say(f"scratch directory {home}")
-        stack.start()
-        tallies = asyncio.run(measure(plan, stack))
-        sides = [tallies[policy].side(label) for policy, label in zip(POLICIES, LABELS, strict=True)]
-        hollow = [side for side in sides if side.stats.failed == side.stats.requests]
-        keep = keep_logs or bool(hollow)
-    except KeyboardInterrupt:
-        say("interrupted")
-        keep = keep_logs
-        return 130
-    finally:
-        stack.stop()
-        if keep:
-            say(f"logs kept in {home}/logs")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
-    footer = [
-        *FOOTER,
-        f"(whole run incl. starting and stopping the stack: {time.monotonic() - started:.0f}s; the machine's 1-minute",
-        f"load average: {load_before:.1f} before, {load_average():.1f} after: any other work competes for the cores)",
-    ]
-    served_labels = [f"slots={n} ({pid})" for pid, n in zip(_daemon_ids(plan), plan.slots, strict=True)]
-    print(
-        render_routing(
-            header=header(plan), sides=sides, daemons=_daemon_ids(plan), daemon_labels=served_labels, footer=footer
-        ),
-        flush=True,
+    return PoolStack(home, gateways=gateways, daemons=daemons)
+
+
+async def _sides(plan: RoutingPlan, stack: PoolStack) -> list[PolicySide]:
+    tallies = await measure(plan, stack)
+    return [tallies[policy].side(label) for policy, label in zip(POLICIES, LABELS, strict=True)]
+
+
+def _verdict(sides: list[PolicySide]) -> Verdict:
+    hollow = any(side.stats.failed == side.stats.requests for side in sides)
+    return Verdict(
+        failed=any(side.stats.failed for side in sides),
+        hollow="no request succeeded for some policy" if hollow else None,
     )
-    if hollow:
-        say("no request succeeded for some policy (see 'failed requests' above and the logs); exit 1")
-        return 1
-    if strict and any(side.stats.failed for side in sides):
-        say("--strict: some requests failed; exit 1")
-        return 1
-    return 0
 
 
-LABELS = ("least-loaded (default)", "random (baseline)")
+def _table(plan: RoutingPlan, sides: list[PolicySide], tail: list[str]) -> str:
+    served_labels = [f"slots={n} ({pid})" for pid, n in zip(_daemon_ids(plan), plan.slots, strict=True)]
+    return render_routing(
+        header=header(plan),
+        sides=sides,
+        daemons=_daemon_ids(plan),
+        daemon_labels=served_labels,
+        footer=[*FOOTER, *tail],
+    )
+
+
+def run(plan: RoutingPlan, *, keep_logs: bool, strict: bool) -> int:
+    return harness.run(
+        prefix="mp-bench-routing-",
+        stack=lambda home: _stack(plan, home),
+        measure=lambda stack: _sides(plan, stack),
+        verdict=_verdict,
+        table=lambda sides, tail: _table(plan, sides, tail),
+        keep_logs=keep_logs,
+        strict=strict,
+        load_line=True,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -1,8 +1,8 @@
-"""The real local stack the benchmark talks to: nats-server, PostgreSQL, control plane(s), one daemon.
+"""The servers every benchmark stack runs: nats-server, PostgreSQL and control plane(s), in a scratch directory.
 
-Started in a scratch directory and torn down newest first by `stop()`, which
-ignores Ctrl-C/SIGTERM while it runs so that a second Ctrl-C cannot leave
-children behind.
+Subclasses add their daemons (synthetic.py, pool.py). Everything is torn down
+newest first by `stop()`, which ignores Ctrl-C/SIGTERM while it runs so that a
+second Ctrl-C cannot leave children behind.
 """
 
 from __future__ import annotations
@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra.components import Child, start_gateway
 from infra.devkey import ensure_dev_key
 from infra.nats import NatsServer
 from infra.ports import free_port
 from infra.postgres import PostgresServer
-
-MODEL_ID = "synthetic"
-PROVIDER_ID = "bench-synthetic"
+from tests.bench.progress import say
 
 # Quotas stay on (their bookkeeping is part of the gateway's cost per request),
 # but the one benchmark key must not be refused: the product's default per-account
@@ -33,11 +31,6 @@ RAISED_QUOTAS = {
     "MP_QUOTA_REQUESTS_PER_DAY": "1000000000",
     "MP_QUOTA_TOKENS_PER_DAY": "1000000000000",
 }
-
-
-def say(message: str) -> None:
-    """Progress goes to stderr; stdout carries only the table."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,79 +48,61 @@ class Gateway:
     child: Child
 
 
-class BenchStack:
-    """nats-server, PostgreSQL, one or more control planes on them, and one synthetic daemon."""
+class Stack(ABC):
+    """nats-server, PostgreSQL and the given control planes; `start_daemons` adds the providers."""
 
-    def __init__(
-        self,
-        home: Path,
-        *,
-        gateway_env: Mapping[str, str] | None = None,
-        gateways: Sequence[GatewaySpec] | None = None,
-    ) -> None:
-        self.home = home
-        if gateways is None:
-            gateways = [GatewaySpec("gateway", dict(gateway_env or {}))]
-        elif gateway_env is not None:
-            raise ValueError("pass either gateway_env (one gateway) or gateways")
+    def __init__(self, home: Path, gateways: Sequence[GatewaySpec]) -> None:
         if not gateways or len({g.name for g in gateways}) != len(gateways):
             raise ValueError("at least one gateway, each with its own name")
-        self.specs = list(gateways)
+        self.home = home
+        self.gateway_specs = list(gateways)
         self.gateways: dict[str, Gateway] = {}
         self.api_key = ""
-        self.daemon: Child | None = None
+        self.nats_url = ""
         self.postgres_pid: int | None = None
         self._cleanups: list[tuple[str, Callable[[], object]]] = []
 
-    @property
-    def gateway(self) -> Child | None:
-        """The first gateway's process (the only one in the default mode)."""
-        first = self.gateways.get(self.specs[0].name)
-        return first.child if first else None
-
-    @property
-    def base_url(self) -> str:
-        first = self.gateways.get(self.specs[0].name)
-        return first.base_url if first else ""
-
     def start(self) -> None:
         nats = NatsServer.start(self.home / "nats")
-        self._cleanups.append(("nats-server", nats.stop))
+        self.on_stop("nats-server", nats.stop)
+        self.nats_url = nats.url
         say(f"nats-server on {nats.url}")
 
         pg = PostgresServer.start(self.home / "postgres", fast=True)
-        self._cleanups.append(("postgres", pg.stop))
+        self.on_stop("postgres", pg.stop)
         self.postgres_pid = pg.proc.pid
         say(f"postgres on {pg.url}")
-
         self.api_key = asyncio.run(ensure_dev_key(pg.url, self.home / "dev.env"))
 
-        for spec in self.specs:
+        for spec in self.gateway_specs:
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
             child = start_gateway(
                 self.home, port=port, nats_url=nats.url, database_url=pg.url, name=spec.name, env=spec.env
             )
-            self._cleanups.append((spec.name, child.stop))
+            self.on_stop(spec.name, child.stop)
             self.gateways[spec.name] = Gateway(spec.name, base_url, child)
-            label = "control plane" if len(self.specs) == 1 else f"control plane {spec.name!r}"
-            say(f"{label} on {base_url} (log: {child.log_path})")
+            say(f"{self.gateway_label(spec)} on {base_url} (log: {child.log_path})")
+        self.start_daemons()
 
-        self.daemon = start_daemon(
-            self.home, nats_url=nats.url, provider_id=PROVIDER_ID, model_id=MODEL_ID, engine="synthetic"
-        )
-        self._cleanups.append((self.daemon.name, self.daemon.stop))
-        for gateway in self.gateways.values():
-            wait_model(gateway.base_url, MODEL_ID, timeout=60, daemon=self.daemon)
-        say(f"daemon {PROVIDER_ID} serving {MODEL_ID!r} with MP_ENGINE=synthetic (log: {self.daemon.log_path})")
+    @abstractmethod
+    def start_daemons(self) -> None:
+        """Start the providers (their NATS: `nats_url`) and wait until every gateway's pool holds them."""
 
-    def dead_children(self) -> list[Child]:
-        children = [g.child for g in self.gateways.values()]
-        return [c for c in (*children, self.daemon) if c is not None and not c.alive()]
+    def gateway_label(self, spec: GatewaySpec) -> str:
+        return f"control plane {spec.name!r}"
+
+    def on_stop(self, name: str, stop: Callable[[], object]) -> None:
+        """Run `stop` when the stack stops, before what was registered earlier."""
+        self._cleanups.append((name, stop))
+
+    def children(self) -> list[Child]:
+        """The processes that must stay alive while the benchmark runs; subclasses add their daemons."""
+        return [g.child for g in self.gateways.values()]
 
     def check_alive(self) -> None:
-        """Raise (with their log tails) if a gateway or the daemon died."""
-        dead = self.dead_children()
+        """Raise (with their log tails) if a gateway or a daemon died (other than by the benchmark's hand)."""
+        dead = [c for c in self.children() if not c.alive()]
         if dead:
             tails = "\n".join(f"--- {child.name}:\n{child.log_tail()}" for child in dead)
             raise RuntimeError(f"{', '.join(c.name for c in dead)} died during the benchmark\n{tails}")
