@@ -19,7 +19,7 @@ from subprocess import Popen
 
 from infra import procs
 from infra.blas import fast_blas_env
-from infra.nats_auth import Credentials, child_env
+from infra.nats_auth import Credentials, NatsTarget, child_env
 from infra.ports import free_port
 
 
@@ -51,14 +51,14 @@ def start_gateway(
     home: Path,
     *,
     port: int,
-    nats_url: str,
+    nats: NatsTarget,
     database_url: str,
     name: str = "gateway",
     env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
     nats_credentials: Credentials | None = None,
 ) -> Child:
-    """Start a control plane; on a NATS server this process runs it logs in as the control plane."""
+    """Start a control plane; on a server we launched (a SecuredNats) it logs in as the control plane."""
     log_path = home / "logs" / f"{name}.log"
     proc = procs.spawn(
         [sys.executable, "-m", "services", "serve"],
@@ -66,7 +66,7 @@ def start_gateway(
             {
                 "MP_HOME": str(home),
                 "MP_PORT": str(port),
-                **child_env(nats_url, credentials=nats_credentials),
+                **child_env(nats, credentials=nats_credentials),
                 "DATABASE_URL": database_url,
                 **(env or {}),
             }
@@ -101,7 +101,7 @@ class DaemonChild(Child):
 def start_daemon(
     home: Path,
     *,
-    nats_url: str,
+    nats: NatsTarget,
     provider_id: str,
     model_id: str,
     model_path: Path | None = None,
@@ -113,7 +113,7 @@ def start_daemon(
 ) -> DaemonChild:
     """Start a daemon; its local ports are free ones unless given (several daemons share one machine).
 
-    On a NATS server this process runs, the daemon logs in as its own provider
+    On a server we launched (a SecuredNats), the daemon logs in as its own provider
     user, registered with the server now if it is new.
     """
     log_path = home / "logs" / f"daemon-{provider_id}.log"
@@ -121,7 +121,7 @@ def start_daemon(
     api_port = free_port() if api_port is None else api_port
     settings = {
         **fast_blas_env(),
-        **child_env(nats_url, provider_id=provider_id, credentials=nats_credentials),
+        **child_env(nats, provider_id=provider_id, credentials=nats_credentials),
         "MP_PROVIDER_ID": provider_id,
         "MP_MODEL_ID": model_id,
         "MP_ENGINE": engine,

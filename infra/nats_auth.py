@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from infra.nats import NatsServer
@@ -197,9 +198,7 @@ class SecuredNats:
         gateway, _ = users.ensure(GATEWAY_USER, gateway_permissions())
         users.save()
         server = NatsServer.start(state_dir, port=port, config_extra=users.config_extra)
-        secured = cls(server, users, gateway)
-        _LAUNCHED[_endpoint(server.url)] = secured
-        return secured
+        return cls(server, users, gateway)
 
     @property
     def url(self) -> str:
@@ -236,47 +235,34 @@ class SecuredNats:
         )
 
     def stop(self) -> None:
-        if _LAUNCHED.get(_endpoint(self.server.url)) is self:
-            del _LAUNCHED[_endpoint(self.server.url)]
         self.server.stop()
 
 
-# Servers this process started, by host:port. Only their launcher can add users,
-# so it is where start_daemon() gets a new provider's credentials.
-_LAUNCHED: dict[str, SecuredNats] = {}
+# What start_gateway()/start_daemon() are given: a server we launched (it can make a new
+# provider's user on the spot) or the URL of one run elsewhere (credentials are the caller's).
+NatsTarget: TypeAlias = "SecuredNats | str"
 
 
-def _endpoint(url: str) -> str:
-    return urlsplit(url).netloc.rpartition("@")[2]
-
-
-def launched(url: str) -> SecuredNats | None:
-    """The secured server this process runs at `url`, if any."""
-    return _LAUNCHED.get(_endpoint(url))
-
-
-def child_env(url: str, *, provider_id: str | None = None, credentials: Credentials | None = None) -> dict[str, str]:
+def child_env(
+    nats: NatsTarget, *, provider_id: str | None = None, credentials: Credentials | None = None
+) -> dict[str, str]:
     """NATS_URL and credentials for a gateway (no provider id) or a daemon we start.
 
-    Explicit credentials win; else, for a server this process runs, the
-    control plane's or the provider's own (made now if new), and never the
-    ones embedded in the URL we were handed; else the URL is used as given (an
-    external NATS: its credentials are the caller's business).
+    Explicit credentials win; else, on a server we launched, the control plane's or
+    the provider's own (made now if new), and never credentials embedded in a URL;
+    else the URL is used as given (an external NATS: its credentials are the caller's).
     """
-    plain, _ = split_credentials(url)
-    if credentials is None:
-        server = launched(plain)
-        if server is not None:
-            credentials = server.gateway if provider_id is None else server.provider(provider_id)
+    if isinstance(nats, SecuredNats):
+        url = nats.url
+        if credentials is None:
+            credentials = nats.gateway if provider_id is None else nats.provider(provider_id)
+    else:
+        url = nats
     if credentials is None:
         return {"NATS_URL": url}
-    return {"NATS_URL": plain, **credentials.env()}
+    return {"NATS_URL": split_credentials(url)[0], **credentials.env()}
 
 
-def control_url(url: str) -> str:
-    """`url` with the control plane's credentials when it has none and this process runs that server."""
-    plain, embedded = split_credentials(url)
-    server = launched(plain)
-    if embedded is not None or server is None:
-        return url
-    return server.gateway_url
+def control_url(nats: NatsTarget) -> str:
+    """A URL to connect as the control plane: with its credentials on a server we launched."""
+    return nats.gateway_url if isinstance(nats, SecuredNats) else nats

@@ -23,7 +23,7 @@ import asyncpg
 
 from infra.components import Child, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key, write_dev_env
-from infra.nats_auth import SecuredNats
+from infra.nats_auth import NatsTarget, SecuredNats
 from infra.postgres import PostgresServer
 from services.providers import store as providers
 
@@ -71,12 +71,13 @@ def main() -> int:
     exit_code = 0
     try:
         nats_url = os.environ.get("NATS_URL")
+        target: NatsTarget = nats_url or ""
         if not nats_url:
             # Authorization on: the control plane and the daemon each log in as their own user
             # (credentials in $MP_HOME/nats/credentials.json, 0600; the config holds bcrypt hashes).
             nats = SecuredNats.start(home / "nats", port=_port("MP_NATS_PORT"))
             cleanups.append(nats.stop)
-            nats_url = nats.url
+            nats_url, target = nats.url, nats
             admin_env.update(nats.gateway.env())
             _say(f"nats-server on {nats_url} (users: {nats.users.state_dir / 'credentials.json'})")
         database_url = os.environ.get("DATABASE_URL")
@@ -103,12 +104,12 @@ def main() -> int:
             model_path = ensure_smollm2(home / "models")
             model_id = os.environ.get("MP_MODEL_ID") or MODEL_ID
 
-        gateway = start_gateway(home, port=port, nats_url=nats_url, database_url=database_url)
+        gateway = start_gateway(home, port=port, nats=target, database_url=database_url)
         children.append(gateway)
         _say(f"control plane on {base} (log: {gateway.log_path})")
         daemon = start_daemon(
             home,
-            nats_url=nats_url,
+            nats=target,
             provider_id=provider_id,
             model_id=model_id,
             model_path=model_path,

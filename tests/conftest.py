@@ -33,12 +33,17 @@ class Stack:
     home: Path
     base_url: str
     api_key: str
-    nats_url: str
+    nats: SecuredNats
     database_url: str
     gateway: Child
     daemon: DaemonChild
     model_path: Path
     postgres: PostgresServer
+
+    @property
+    def nats_url(self) -> str:
+        """A URL for tests that talk to the bus themselves: they do it as the control plane."""
+        return self.nats.gateway_url
 
     @property
     def v1(self) -> str:
@@ -85,14 +90,14 @@ def stack(
     gateway = start_gateway(
         state_dir,
         port=port,
-        nats_url=nats_server.url,
+        nats=nats_server,
         database_url=postgres.url,
         # Short silences so tests of a vanished provider finish quickly.
         env={"MP_STREAM_IDLE_TIMEOUT_S": "30", "MP_LOG_LEVEL": "info"},
     )
     daemon = start_daemon(
         state_dir,
-        nats_url=nats_server.url,
+        nats=nats_server,
         provider_id=TINY_PROVIDER,
         model_id=TINY_MODEL,
         model_path=tiny_model_path,
@@ -105,8 +110,7 @@ def stack(
             home=state_dir,
             base_url=base,
             api_key=api_key,
-            # Tests that talk to the bus themselves do it as the control plane.
-            nats_url=nats_server.gateway_url,
+            nats=nats_server,
             database_url=postgres.url,
             gateway=gateway,
             daemon=daemon,

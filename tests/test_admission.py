@@ -175,7 +175,7 @@ def flood_stack(tmp_path_factory: pytest.TempPathFactory, admission_db: str) -> 
 
     def start(i: int) -> Child:
         return start_gateway(
-            home, port=ports[i], nats_url=secured.url, database_url=admission_db, name=f"gateway-flood-{i}", env=env
+            home, port=ports[i], nats=secured, database_url=admission_db, name=f"gateway-flood-{i}", env=env
         )
 
     with ThreadPoolExecutor(2) as pool:
@@ -333,7 +333,7 @@ def operated(stack: Stack) -> Iterator[dict[str, DaemonChild]]:
     daemons = {
         pid: start_daemon(
             stack.home,
-            nats_url=stack.nats_url,
+            nats=stack.nats,
             provider_id=pid,
             model_id=f"tiny-llama-{pid}",
             model_path=stack.model_path,

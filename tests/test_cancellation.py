@@ -103,7 +103,7 @@ def test_provider_killed_mid_stream_ends_with_an_error_chunk(stack: Stack) -> No
     model = "tiny-llama-doomed"
     doomed = start_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id="doomed-mac",
         model_id=model,
         model_path=stack.model_path,

@@ -32,7 +32,7 @@ PROVIDER = "engine-mac"
 @pytest.fixture(scope="module")
 def daemon(stack: Stack) -> Iterator[DaemonChild]:
     with running_daemon(
-        stack.home, nats_url=stack.nats_url, provider_id=PROVIDER, model_id=MODEL, model_path=stack.model_path
+        stack.home, nats=stack.nats, provider_id=PROVIDER, model_id=MODEL, model_path=stack.model_path
     ) as d:
         yield d
 
@@ -103,10 +103,8 @@ def test_a_cancelled_request_leaves_the_batch_at_once(daemon: DaemonChild) -> No
     assert status(daemon)["requests"]["in_flight"] == 0
 
 
-async def test_prompt_cache_serves_the_second_turn(daemon: DaemonChild) -> None:
-    first = await bus_call(
-        daemon_nats(daemon), PROVIDER, bus_request("cache-turn-1", MODEL, "Tell me a story.", max_tokens=20)
-    )
+async def test_prompt_cache_serves_the_second_turn(daemon: DaemonChild, stack: Stack) -> None:
+    first = await bus_call(stack.nats, PROVIDER, bus_request("cache-turn-1", MODEL, "Tell me a story.", max_tokens=20))
     done1 = first[-1]
     assert isinstance(done1, bus.Done), first
     reply = "".join(f.text for f in first if isinstance(f, bus.Delta))
@@ -115,7 +113,7 @@ async def test_prompt_cache_serves_the_second_turn(daemon: DaemonChild) -> None:
         bus.BusMessage(role="assistant", content=reply),
         bus.BusMessage(role="user", content="And then?"),
     ]
-    second = await bus_call(daemon_nats(daemon), PROVIDER, bus_request("cache-turn-2", MODEL, messages=turn2))
+    second = await bus_call(stack.nats, PROVIDER, bus_request("cache-turn-2", MODEL, messages=turn2))
     done2 = second[-1]
     assert isinstance(done2, bus.Done), second
     # At least the whole first prompt came from the cache (its reply too, when it re-tokenizes the same).
@@ -128,10 +126,6 @@ async def test_prompt_cache_serves_the_second_turn(daemon: DaemonChild) -> None:
     assert cache["hits"] >= 2
     assert cache["entries"] >= 1
     assert cache["bytes"] > 0
-
-
-def daemon_nats(daemon: DaemonChild) -> str:
-    return str(status(daemon)["pool"]["nats_url"])
 
 
 async def test_a_seed_gives_the_same_text_alone_or_in_a_batch(daemon: DaemonChild) -> None:
@@ -227,8 +221,8 @@ def test_top_logprobs_needs_logprobs(daemon: DaemonChild) -> None:
     assert r.json()["error"]["param"] == "top_logprobs"
 
 
-async def test_the_daemon_validates_bus_requests_too(daemon: DaemonChild) -> None:
-    frames = await bus_call(daemon_nats(daemon), PROVIDER, bus_request("bad-temp", MODEL, temperature=9.0))
+async def test_the_daemon_validates_bus_requests_too(daemon: DaemonChild, stack: Stack) -> None:
+    frames = await bus_call(stack.nats, PROVIDER, bus_request("bad-temp", MODEL, temperature=9.0))
     (failed,) = frames
     assert isinstance(failed, bus.Failed)
     assert (failed.code, failed.param, failed.retryable) == ("invalid_value", "temperature", False)
@@ -293,7 +287,7 @@ def budget_daemon(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Ite
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.0}))
     with running_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id="budget-mac",
         model_id="tiny-llama-budget",
         model_path=folder,
@@ -318,10 +312,10 @@ def test_context_over_budget_is_refused_up_front(budget_daemon: DaemonChild) -> 
     assert usage["prompt_tokens"] + usage["completion_tokens"] <= ceiling
 
 
-async def test_context_over_budget_on_the_bus(budget_daemon: DaemonChild) -> None:
+async def test_context_over_budget_on_the_bus(budget_daemon: DaemonChild, stack: Stack) -> None:
     ceiling = status(budget_daemon)["admission"]["max_safe_context"]
     request = bus_request("over-budget", "tiny-llama-budget", max_tokens=ceiling, max_tokens_explicit=True)
-    (failed,) = await bus_call(daemon_nats(budget_daemon), "budget-mac", request)
+    (failed,) = await bus_call(stack.nats, "budget-mac", request)
     assert isinstance(failed, bus.Failed)
     assert (failed.code, failed.param, failed.retryable) == ("context_over_budget", "max_tokens", False)
 

@@ -27,7 +27,7 @@ MODEL = "SmolLM2-135M-Instruct-batch"
 def smollm2(stack: Stack, model_cache: Path) -> Iterator[DaemonChild]:
     folder = ensure_smollm2(model_cache / "models")
     with running_daemon(
-        stack.home, nats_url=stack.nats_url, provider_id="smollm2-batch-mac", model_id=MODEL, model_path=folder
+        stack.home, nats=stack.nats, provider_id="smollm2-batch-mac", model_id=MODEL, model_path=folder
     ) as d:
         wait_model(stack.base_url, MODEL, timeout=60, daemon=d)
         yield d

@@ -32,7 +32,7 @@ PROVIDER = "worker-mac"
 def daemon(stack: Stack) -> Iterator[DaemonChild]:
     with running_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id=PROVIDER,
         model_id=MODEL,
         model_path=stack.model_path,
@@ -271,7 +271,7 @@ def _zombie(pid: int) -> bool:
 def test_idle_unload_returns_memory_then_reloads_on_demand(stack: Stack) -> None:
     with running_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id="idle-mac",
         model_id="tiny-llama-idle",
         model_path=stack.model_path,
@@ -317,7 +317,7 @@ async def _until_refused(client: httpx.AsyncClient, d: DaemonChild) -> httpx.Res
 async def test_sigterm_finishes_in_flight_work_then_leaves(stack: Stack) -> None:
     d = start_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id="term-mac",
         model_id="tiny-llama-term",
         model_path=stack.model_path,
@@ -405,7 +405,7 @@ def test_a_worker_that_cannot_restart_keeps_trying_until_it_can(
     folder = tmp_path_factory.mktemp("fragile") / "tiny-llama-fragile"
     shutil.copytree(stack.model_path, folder)
     with running_daemon(
-        stack.home, nats_url=stack.nats_url, provider_id="fragile-mac", model_id="tiny-fragile", model_path=folder
+        stack.home, nats=stack.nats, provider_id="fragile-mac", model_id="tiny-fragile", model_path=folder
     ) as d:
         pid = status(d)["worker"]["pid"]
         weights, away = folder / "model.safetensors", folder / "model.safetensors.away"

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from litestar import Request, get
+from litestar.di import NamedDependency
 from litestar.testing import AsyncTestClient
 
 from services.app import create_app
@@ -156,7 +157,7 @@ async def key_only(request: Request[Any, Any, Any], runtime: Runtime) -> dict[st
 
 
 @get("/v1/demo-probe")
-async def demo_probe(request: Request[Any, Any, Any], runtime: Runtime) -> dict[str, object]:
+async def demo_probe(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> dict[str, object]:
     principal = await authenticate(request, runtime, allow_demo=True)
     return {"demo_token_id": principal.demo_token_id, "key_id": principal.key_id}
 

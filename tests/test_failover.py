@@ -25,7 +25,7 @@ def pair(stack: Stack) -> Iterator[list[DaemonChild]]:
     daemons = [
         start_daemon(
             stack.home,
-            nats_url=stack.nats_url,
+            nats=stack.nats,
             provider_id=f"ha-{name}-{time.monotonic_ns() % 100000}",
             model_id=MODEL,
             model_path=stack.model_path,

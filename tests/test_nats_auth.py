@@ -148,7 +148,7 @@ def test_credentials_stay_private_and_the_config_holds_only_hashes(nats_server: 
 async def test_a_daemon_started_for_a_new_id_gets_its_own_user(nats_server: SecuredNats) -> None:
     from infra.nats_auth import child_env
 
-    env = child_env(nats_server.gateway_url, provider_id="auth-mac-new")
+    env = child_env(nats_server, provider_id="auth-mac-new")
     assert env["NATS_URL"] == nats_server.url, "never the control plane's credentials"
     assert env["MP_NATS_USER"] == "provider-auth-mac-new"
     errors: list[str] = []

@@ -31,7 +31,7 @@ def own_bus(stack: Stack, tmp_path: Path) -> Iterator[tuple[SecuredNats, str]]:
             start_gateway(
                 stack.home,
                 port=port,
-                nats_url=nats_server.url,
+                nats=nats_server,
                 database_url=stack.database_url,
                 name="gateway-nats-restart",
                 env={"MP_REQUEST_TIMEOUT_S": str(TIMEOUT_S)},
@@ -41,7 +41,7 @@ def own_bus(stack: Stack, tmp_path: Path) -> Iterator[tuple[SecuredNats, str]]:
             children.append(
                 start_daemon(
                     stack.home,
-                    nats_url=nats_server.url,
+                    nats=nats_server,
                     provider_id=f"nats-restart-{i}",
                     model_id=MODEL,
                     model_path=stack.model_path,

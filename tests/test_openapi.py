@@ -78,7 +78,7 @@ def fuzz_gateway(stack: Stack) -> Iterator[str]:
     child: Child = start_gateway(
         stack.home,
         port=port,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         database_url=stack.database_url,
         name="gateway-fuzz",
         env={

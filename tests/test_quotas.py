@@ -27,7 +27,7 @@ SYNTHETIC = "synthetic-quota-model"
 def synthetic_daemon(stack: Stack) -> Iterator[Child]:
     # The stand-in engine (never a model) answers instantly with many slots, so quota tests measure quotas.
     daemon = start_daemon(
-        stack.home, nats_url=stack.nats_url, provider_id="synthetic-quota", model_id=SYNTHETIC, engine="synthetic"
+        stack.home, nats=stack.nats, provider_id="synthetic-quota", model_id=SYNTHETIC, engine="synthetic"
     )
     try:
         wait_model(stack.base_url, SYNTHETIC, timeout=60, daemon=daemon)
@@ -48,7 +48,7 @@ def replicas(stack: Stack, synthetic_daemon: Child) -> Iterator[list[str]]:
                 start_gateway(
                     stack.home,
                     port=port,
-                    nats_url=stack.nats_url,
+                    nats=stack.nats,
                     database_url=stack.database_url,
                     name=f"gateway-replica-{i}",
                     env={"MP_RESERVATION_STALE_S": "2"},
@@ -180,11 +180,11 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str]) -> N
     account = make_account(stack.database_url)
     model = "tiny-llama-for-gateway-crash"
     daemon = start_daemon(
-        stack.home, nats_url=stack.nats_url, provider_id="crash-mac", model_id=model, model_path=stack.model_path
+        stack.home, nats=stack.nats, provider_id="crash-mac", model_id=model, model_path=stack.model_path
     )
     port = free_port()
     doomed = start_gateway(
-        stack.home, port=port, nats_url=stack.nats_url, database_url=stack.database_url, name="gateway-doomed"
+        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name="gateway-doomed"
     )
     try:
         wait_model(f"http://127.0.0.1:{port}", model, timeout=60, daemon=daemon)

@@ -39,7 +39,7 @@ def think_daemon(stack: Stack) -> Iterator[DaemonChild]:
     folder = write_think_model(stack.model_path, stack.home / "models" / MODEL)
     daemon = start_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id=PROVIDER,
         model_id=MODEL,
         model_path=folder,
@@ -294,7 +294,7 @@ async def test_continuation_resumes_inside_and_after_the_thinking(
     """What a provider says after being handed the first k deltas of an answer, for every k."""
     kwargs = template.get("chat_template_kwargs")
     request = _with(bus_request("think-whole", MODEL, max_tokens=32), chat_template_kwargs=kwargs)
-    frames = await bus_call(stack.nats_url, PROVIDER, request)
+    frames = await bus_call(stack.nats, PROVIDER, request)
     deltas = [f for f in frames if isinstance(f, bus.Delta)]
     (done,) = [f for f in frames if isinstance(f, bus.Done)]
     assert "".join(d.reasoning for d in deltas) == REASONING
@@ -310,7 +310,7 @@ async def test_continuation_resumes_inside_and_after_the_thinking(
                 reasoning="".join(d.reasoning for d in before),
             ),
         )
-        rest = await bus_call(stack.nats_url, PROVIDER, continued)
+        rest = await bus_call(stack.nats, PROVIDER, continued)
         more = [f for f in rest if isinstance(f, bus.Delta)]
         (finished,) = [f for f in rest if isinstance(f, bus.Done)]
         assert "".join(d.reasoning for d in before + more) == REASONING, k

@@ -21,9 +21,7 @@ QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What 
 @pytest.fixture(scope="module")
 def smollm2(stack: Stack, model_cache: Path) -> Iterator[Child]:
     folder = ensure_smollm2(model_cache / "models")
-    daemon = start_daemon(
-        stack.home, nats_url=stack.nats_url, provider_id="smollm2-mac", model_id=MODEL_ID, model_path=folder
-    )
+    daemon = start_daemon(stack.home, nats=stack.nats, provider_id="smollm2-mac", model_id=MODEL_ID, model_path=folder)
     try:
         wait_model(stack.base_url, MODEL_ID, timeout=300, daemon=daemon)
         yield daemon

@@ -23,7 +23,7 @@ LONG = 30_000
 def sleepy(stack: Stack) -> Iterator[DaemonChild]:
     daemon = start_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id="sleepy-mac",
         model_id=MODEL,
         model_path=stack.model_path,

@@ -129,7 +129,7 @@ def replica(stack: Stack) -> Iterator[str]:
     """A second gateway on the same Postgres and NATS, as behind a load balancer."""
     port = free_port()
     child: Child = start_gateway(
-        stack.home, port=port, nats_url=stack.nats_url, database_url=stack.database_url, name="gateway-responses"
+        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name="gateway-responses"
     )
     try:
         base = f"http://127.0.0.1:{port}"

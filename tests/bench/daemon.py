@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
     nats = NatsServer.start(home / "nats")
     daemon = start_daemon(
         home,
-        nats_url=nats.url,
+        nats=nats.url,
         provider_id="bench-mac",
         model_id=model_path.name,
         model_path=model_path,

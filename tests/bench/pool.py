@@ -71,7 +71,7 @@ class PoolStack(Stack):
         env = {"MP_IDLE_UNLOAD_S": "0", **spec.env}
         child = start_daemon(
             self.home,
-            nats_url=self.nats_url,
+            nats=self.nats_url,
             provider_id=provider_id,
             model_id=MODEL_ID,
             model_path=self.model_path,

@@ -78,7 +78,7 @@ class Stack(ABC):
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
             child = start_gateway(
-                self.home, port=port, nats_url=nats.url, database_url=pg.url, name=spec.name, env=spec.env
+                self.home, port=port, nats=nats.url, database_url=pg.url, name=spec.name, env=spec.env
             )
             self.on_stop(spec.name, child.stop)
             self.gateways[spec.name] = Gateway(spec.name, base_url, child)

@@ -42,7 +42,7 @@ class SyntheticStack(Stack):
 
     def start_daemons(self) -> None:
         self.daemon = start_daemon(
-            self.home, nats_url=self.nats_url, provider_id=PROVIDER_ID, model_id=MODEL_ID, engine="synthetic"
+            self.home, nats=self.nats_url, provider_id=PROVIDER_ID, model_id=MODEL_ID, engine="synthetic"
         )
         self.on_stop(self.daemon.name, self.daemon.stop)
         for gateway in self.gateways.values():

@@ -33,7 +33,7 @@ def script_daemon(stack: Stack) -> Iterator[Child]:
     folder = write_script_model(stack.model_path, stack.home / "models" / SCRIPT_MODEL)
     daemon = start_daemon(
         stack.home,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         provider_id="script-mac",
         model_id=SCRIPT_MODEL,
         model_path=folder,

@@ -99,7 +99,7 @@ def _start(stack: Stack, name: str, port: int, env: dict[str, str]) -> Child:
     return start_gateway(
         stack.home,
         port=port,
-        nats_url=stack.nats_url,
+        nats=stack.nats,
         database_url=env.pop("DATABASE_URL", stack.database_url),
         name=name,
         env=env,

@@ -14,7 +14,7 @@ import httpx
 import nats
 
 from infra.components import DaemonChild, start_daemon
-from infra.nats_auth import control_url
+from infra.nats_auth import NatsTarget, control_url
 from schemas import bus, subjects
 
 
@@ -35,11 +35,17 @@ def wait_worker(daemon: DaemonChild, status: str = "healthy", timeout: float = 9
 
 @contextlib.contextmanager
 def running_daemon(
-    home: Path, *, nats_url: str, provider_id: str, model_id: str, model_path: Path, env: dict[str, str] | None = None
+    home: Path,
+    *,
+    nats: NatsTarget,
+    provider_id: str,
+    model_id: str,
+    model_path: Path,
+    env: dict[str, str] | None = None,
 ) -> Iterator[DaemonChild]:
     daemon = start_daemon(
         home,
-        nats_url=nats_url,
+        nats=nats,
         provider_id=provider_id,
         model_id=model_id,
         model_path=model_path,
@@ -76,9 +82,14 @@ def stream_text(payloads: list[str]) -> str:
     return "".join(out)
 
 
-async def bus_call(nats_url: str, provider_id: str, request: bus.InferenceRequest, timeout: float = 60) -> list[Any]:  # noqa: ASYNC109
+async def bus_call(
+    target: NatsTarget,
+    provider_id: str,
+    request: bus.InferenceRequest,
+    timeout: float = 60,  # noqa: ASYNC109 - a test helper's own bound
+) -> list[Any]:
     """Send one request straight to a daemon over NATS (no gateway); returns its frames in order."""
-    nc = await nats.connect(control_url(nats_url))  # as the control plane: only it may send work
+    nc = await nats.connect(control_url(target))  # as the control plane: only it may send work
     try:
         reply = subjects.reply(provider_id, "testgw", request.request_id)
         frames: list[Any] = []
