@@ -150,7 +150,7 @@ def test_forwarded_for_is_only_trusted_as_far_as_configured(auth_stack: AuthStac
 
 
 @get("/v1/key-only-probe")
-async def key_only(request: Request[Any, Any, Any], runtime: Runtime) -> dict[str, object]:
+async def key_only(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> dict[str, object]:
     # Like /v1/usage or /v1/messages: authenticate without allow_demo.
     principal = await authenticate(request, runtime)
     return {"account_id": principal.account_id, "key_id": principal.key_id}
