@@ -63,3 +63,41 @@ def test_requests_arriving_together_are_prefilled_together(model: Any) -> None:
 def test_without_gathering_the_first_request_starts_alone(model: Any) -> None:
     # The control: the same arrivals with gathering off; the first prompt is prefilled before the rest arrive.
     assert _first_step_ids(model, gather=0.0, gap_s=0.1) == {"r0"}
+
+
+def test_gathering_fades_for_a_one_at_a_time_user_and_returns_for_groups(model: Any) -> None:
+    out: list[Any] = []
+    runner = Runner(model=model, model_key="tiny", eos_token_ids=[2], vocab_size=256, emit=out.append, gather=0.05)
+    inbox: queue.Queue[p.ToWorker] = queue.Queue()
+    loop = threading.Thread(target=runner.serve, args=(inbox,), daemon=True)
+    loop.start()
+
+    def send(*ids: str) -> None:
+        # All at once: the loop sees them in one wake-up however the threads are scheduled.
+        with inbox.not_empty:
+            inbox.queue.extend(p.Generate(id=request_id, prompt=PROMPT, max_tokens=2) for request_id in ids)
+            inbox.not_empty.notify()
+        deadline = time.monotonic() + 60
+        finished = lambda: {t.id for m in out if isinstance(m, p.Tokens) for t in m.items if t.finish}  # noqa: E731
+        while not set(ids) <= finished() or runner.by_uid:
+            assert time.monotonic() < deadline, "the runner did not finish"
+            time.sleep(0.01)
+
+    try:
+        for i in range(3):
+            send(f"lone{i}")
+        # Each prompt waited and stayed alone: the wait halves each time.
+        assert runner.gather_gain == 0.125
+        send("a", "b", "c")
+        assert runner.gather_gain == 1.0, "requests that came together bring gathering back"
+        send("lone3")
+        assert runner.gather_gain == 0.5
+        # A request arriving while a lone prompt is still expected to be prefilling would have
+        # been company: the gain goes back to 1 (then halves, as this one too stayed alone).
+        runner._alone_until = time.monotonic() + 60
+        send("late")
+        assert runner.gather_gain == 0.5, "without the missed-company check it would be 0.25"
+    finally:
+        inbox.put(p.Shutdown())
+        loop.join(10)
+        runner.close()

@@ -75,6 +75,11 @@ class Runner:
         self.by_id: dict[str, _Sequence] = {}
         # Measured prefill speed (tokens/s, moving average); seeded by the warm-up.
         self.prefill_tps = 0.0
+        # How much gathering pays here lately: 1 when requests come in groups, halved each
+        # time a prompt waited and stayed alone, so a one-at-a-time user stops paying for it.
+        self.gather_gain = 1.0
+        # Until when the last prompt that started alone is expected to be prefilling.
+        self._alone_until = 0.0
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -86,9 +91,11 @@ class Runner:
         makes the other seven wait through it. The daemon hands them over a few ms apart
         (each is parsed and tokenized in turn), so a new prompt waits briefly for company
         before its prefill starts: at most `gather` of that prefill's expected time, which
-        is what a request that really comes alone pays.
+        is what a request that really comes alone pays, and less (`gather_gain`) where
+        requests have lately been coming one at a time.
         """
         while True:
+            fresh: list[int] = []
             try:
                 # Idle: block for work. Busy: only take what has already arrived.
                 message = inbox.get(block=not self.by_uid)
@@ -96,20 +103,32 @@ class Runner:
                 while True:
                     if isinstance(message, p.Shutdown):
                         return
-                    fresh = self.handle(message)
-                    if fresh and deadline is None:
-                        deadline = time.monotonic() + self.gather_window(fresh)
+                    tokens = self.handle(message)
+                    if tokens:
+                        fresh.append(tokens)
+                        now = time.monotonic()
+                        if now < self._alone_until:
+                            # Company came just after a prompt started alone: gathering would have paid.
+                            self.gather_gain = 1.0
+                        if deadline is None:
+                            deadline = now + self.gather_window(tokens)
                     remaining = deadline - time.monotonic() if deadline is not None else 0.0
                     message = inbox.get(timeout=remaining) if remaining > 0 else inbox.get_nowait()
             except queue.Empty:
                 pass
+            if len(fresh) == 1:
+                self.gather_gain *= 0.5
+                if self.prefill_tps > 0:
+                    self._alone_until = time.monotonic() + fresh[0] / self.prefill_tps
+            elif fresh:
+                self.gather_gain = 1.0
             if self.by_uid:
                 self.step()
 
     def gather_window(self, prompt_tokens: int) -> float:
         if self.gather <= 0 or self.prefill_tps <= 0:
             return 0.0
-        return min(self.gather_max_s, self.gather * prompt_tokens / self.prefill_tps)
+        return min(self.gather_max_s, self.gather * self.gather_gain * prompt_tokens / self.prefill_tps)
 
     def handle(self, message: p.ToWorker) -> int:
         """Act on a message; returns how many prompt tokens a new request will prefill."""
