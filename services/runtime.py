@@ -67,9 +67,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     membership = Membership(nc, pool, settings.gateway_id, admission=admission)
     keys = KeyLookup(db, settings)
     demo = DemoTokens(settings.secret_key, ttl_s=settings.demo_token_ttl_s)
-    metering = Metering(
-        db, settings.gateway_id, enabled=settings.metering, stale_after_s=settings.reservation_stale_s
-    )
+    metering = Metering(db, settings.gateway_id, enabled=settings.metering, stale_after_s=settings.reservation_stale_s)
     try:
         await keys.start()
         await metering.start()

@@ -36,6 +36,8 @@ class Prepared:
     prompt_tokens: list[int]
     # Generation limit after clipping to the context and memory budget (0: use request.params.max_tokens).
     max_tokens: int = 0
+    # The llguidance grammar of request.params.response_format (daemon/engine/structured.py).
+    grammar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

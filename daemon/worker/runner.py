@@ -20,6 +20,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from daemon.worker import protocol as p
+from daemon.worker.grammar import Constraint, GrammarError
 from daemon.worker.sampling import make_processors, make_sampler
 
 log = structlog.get_logger("daemon.worker")
@@ -34,6 +35,7 @@ class _Sequence:
     cached_tokens: int
     started: bool = False
     generated: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Runner:
     prefill_step: int = 512
     cache_entries: int = 16
     cache_bytes: int = 1 << 30
+    # llguidance's tokenizer for this model (daemon/worker/grammar.py); None: cannot constrain.
+    grammar_tokenizer: Any = None
     counters: Counters = field(default_factory=Counters)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,7 @@ class Runner:
 
     def submit(self, job: p.Generate) -> None:
         prompt = job.prompt
+        constraint = self._constraint(job)
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_key, prompt)
         if cache is not None and not rest:
             # The whole prompt is cached: recompute its last token, which starts generation.
@@ -119,11 +124,20 @@ class Runner:
             caches=[cache] if cache is not None else None,
             all_tokens=[list(prompt[:cached])],
             samplers=[make_sampler(job, self.vocab_size)],
-            logits_processors=[make_processors(job)],
+            logits_processors=[make_processors(job, constraint)],
         )
-        seq = _Sequence(job=job, uid=uid, cached_tokens=cached)
+        seq = _Sequence(job=job, uid=uid, cached_tokens=cached, constraint=constraint)
         self.by_uid[uid] = seq
         self.by_id[job.id] = seq
+
+    def _constraint(self, job: p.Generate) -> Constraint | None:
+        if job.grammar is None:
+            return None
+        if self.grammar_tokenizer is None:
+            # The daemon checks Ready.structured_output first; never generate unconstrained text instead.
+            raise GrammarError("this worker cannot constrain output (llguidance is unavailable)")
+        prefix = job.prompt[len(job.prompt) - job.grammar_prefix :] if job.grammar_prefix else []
+        return Constraint(self.grammar_tokenizer, job.grammar, prefix)
 
     def cancel(self, request_id: str) -> None:
         seq = self.by_id.get(request_id)
@@ -160,6 +174,14 @@ class Runner:
             if not seq.started:
                 seq.started = True
                 self.emit(p.Started(id=seq.job.id, cached_tokens=seq.cached_tokens))
+            if seq.constraint is not None and seq.constraint.error:
+                # This token broke the grammar (an llguidance limit, not a sampling choice):
+                # fail the request rather than let invalid JSON pass as constrained output.
+                self.generator.remove([seq.uid])
+                self._forget(seq)
+                message = f"the output no longer fits response_format: {seq.constraint.error}"
+                self.emit(p.Ended(id=seq.job.id, reason="error", message=message))
+                continue
             seq.generated += 1
             self.counters.generated += 1
             logprob, top = self._logprobs(seq.job.logprobs, r.logprobs, r.token)
