@@ -93,11 +93,17 @@ def _vocab_size(model: Any, tokenizer: Any) -> int:
 
 
 def _warm_up(runner: Any) -> None:
-    """One short request through the batch path itself (its kernels compile on first use)."""
+    """Short requests through the batch path itself (its kernels compile on first use)."""
     sink: list[Any] = []
     runner.emit, emit = sink.append, runner.emit
     try:
         runner.submit(p.Generate(id="warm-up", prompt=[1, 2, 3, 4], max_tokens=2))
+        if runner.grammar_tokenizer is not None:
+            from llguidance import LLMatcher
+
+            # And a constrained row beside it: the masked path must not be slow on a buyer's request.
+            grammar = LLMatcher.grammar_from_json_schema({"type": "object"})
+            runner.submit(p.Generate(id="warm-up-json", prompt=[1, 2, 3, 5], max_tokens=2, grammar=grammar))
         while runner.by_uid:
             runner.step()
     finally:
