@@ -91,8 +91,6 @@ class Constraint:
             if not self._matcher.is_stopped():
                 self._matcher.consume_tokens(new)
         fill_next_token_bitmask(self._matcher, self._bitmask)
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
-        vocab = logits.shape[-1]
-        if allowed.size < vocab:
-            allowed = np.concatenate([allowed, np.zeros(vocab - allowed.size, np.uint8)])
-        return mx.where(mx.array(allowed[:vocab].astype(np.bool_)), logits, -math.inf)
+        # One bit per token, at least as many as the logits (grammar_tokenizer sized it so).
+        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: logits.shape[-1]]
+        return mx.where(mx.array(allowed.astype(np.bool_)), logits, -math.inf)
