@@ -4,9 +4,9 @@ The daemon compiles a request's response_format into an llguidance grammar
 and refuses it there if it does not compile; here each constrained sequence
 gets its own matcher, run as the last logits processor of its row in the
 batch. llguidance walks the tokenizer's token trie on the fly (no index
-precomputed per schema), typically in tens of microseconds a token, so a
-constrained request costs its unconstrained neighbours little: the batch only
-waits for the previous token before masking (the mask depends on it).
+precomputed per schema), in a fraction of a millisecond a token, while the
+model computes the step's logits, so a constrained request costs its
+unconstrained neighbours little.
 """
 
 from __future__ import annotations
@@ -81,10 +81,16 @@ class Constraint:
         from llguidance.numpy import fill_next_token_bitmask
 
         n = tokens.shape[0]
+        # The mask needs the previous token, not this step's logits: queue the context's update,
+        # then the forward pass, and compute the mask on this thread while the model runs (so
+        # the batch keeps mlx-lm's overlap of compute and Python). The context is read through
+        # its buffer: a new op (a slice) would queue behind the forward pass and wait for it.
+        mx.async_eval(tokens)
+        mx.async_eval(logits)
         if self._seen is None:
             self._seen = n  # the prompt: nothing generated yet
         elif n > self._seen:
-            new: list[int] = tokens[self._seen :].tolist()  # type: ignore[assignment]
+            new = np.asarray(memoryview(tokens))[self._seen :].tolist()  # type: ignore[arg-type]
             self._seen = n
             # A complete grammar has nothing left to consume but EOS (sampled into the batch's
             # look-ahead step after the sequence ended); feeding it again would be an error.
