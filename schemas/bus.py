@@ -43,10 +43,9 @@ class ResponseFormat(msgspec.Struct, frozen=True, omit_defaults=True):
     """
 
     type: Literal["json_object", "json_schema"]
-    # The JSON Schema ("json_schema" only), as the buyer sent it.
+    # The JSON Schema ("json_schema" only), as the buyer sent it. OpenAI's `strict` is not
+    # carried: the schema is always enforced.
     schema: dict[str, Any] | None = None
-    name: str | None = None
-    strict: bool | None = None
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):

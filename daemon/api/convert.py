@@ -37,8 +37,7 @@ def _response_format(fmt: openai.ResponseFormat | None) -> bus.ResponseFormat | 
     if isinstance(fmt, openai.JsonObjectFormat):
         return bus.ResponseFormat(type="json_object")
     if isinstance(fmt, openai.JsonSchemaFormat):
-        spec = fmt.json_schema
-        return bus.ResponseFormat(type="json_schema", schema=spec.schema, name=spec.name, strict=spec.strict)
+        return bus.ResponseFormat(type="json_schema", schema=fmt.json_schema.schema)
     return None
 
 

@@ -7,7 +7,7 @@ schema), found here at prepare time, before anything is queued. The worker
 JSON comes out on one line with `, ` and `: ` between items (as Python's
 json.dumps writes it): free whitespace would let a model pad the object with
 blank lines until max_tokens. A schema's own "x-guidance" options, if any,
-override that. `strict` changes nothing: the schema is always enforced.
+override that. OpenAI's `strict` changes nothing: the schema is always enforced.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from schemas import bus
 SCHEMA_PARAM = "response_format.json_schema.schema"
 FORMAT_PARAM = "response_format"
 
-_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# llguidance's JsonCompileOptions (a TypedDict its stubs declare but the module does not export).
+_JSON_LAYOUT: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -54,7 +55,7 @@ def grammar(request: bus.InferenceRequest) -> str | None:
     else:
         schema = fmt.schema
     try:
-        compiled = LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_LAYOUT)  # type: ignore[arg-type]
+        compiled = LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_LAYOUT)
     except (ValueError, TypeError) as exc:
         raise EngineError("invalid_value", f"the JSON schema is not usable: {exc}", param=SCHEMA_PARAM) from None
     failed, problems = LLMatcher.validate_grammar_with_warnings(compiled)

@@ -252,8 +252,8 @@ class Dispatcher:
         if not candidates:
             if structured and request.model in self.pool.models() and not self.pool.can_structure(request.model):
                 raise UnsupportedValue(
-                    f"No provider serving {request.model!r} can constrain its output to JSON right now. "
-                    "Omit response_format (or send {'type': 'text'}) and ask for JSON in the prompt.",
+                    f"No provider serving {request.model!r} can constrain its output to JSON right now: "
+                    "send the request without a JSON format and ask for JSON in the prompt.",
                     param="response_format",
                 )
             served = sorted(self.pool.models())

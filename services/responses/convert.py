@@ -115,7 +115,7 @@ def text_format(req: responses.CreateResponse) -> bus.ResponseFormat | None:
     if isinstance(fmt, responses.JsonObjectFormat):
         return bus.ResponseFormat(type="json_object")
     if isinstance(fmt, responses.JsonSchemaFormat):
-        return bus.ResponseFormat(type="json_schema", schema=fmt.schema, name=fmt.name or None, strict=fmt.strict)
+        return bus.ResponseFormat(type="json_schema", schema=fmt.schema)
     return None
 
 

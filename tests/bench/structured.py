@@ -29,7 +29,7 @@ STORY = {
     "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
     "required": ["title", "story"],
 }
-LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+LAYOUT: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _rates(runner: Any, prompts: list[list[int]], grammars: list[str | None], tokens: int, tag: str) -> list[float]:
@@ -96,7 +96,7 @@ def run(model_path: Path, tokens: int, rounds: int) -> None:
         cache_entries=0,
         grammar_tokenizer=ll_tokenizer,
     )
-    story = LLMatcher.grammar_from_json_schema(STORY, defaults=LAYOUT)  # type: ignore[arg-type]
+    story = LLMatcher.grammar_from_json_schema(STORY, defaults=LAYOUT)
     prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": f"Write a long story about the sea, number {i}."}], add_generation_prompt=True
