@@ -119,6 +119,21 @@ async def test_streamed_chunks_concatenate_to_valid_json(stack: Stack) -> None:
     assert text == _content(plain)[0]
 
 
+def test_logprobs_of_a_constrained_answer_list_only_allowed_alternatives(stack: Stack) -> None:
+    body = {"model": TINY_MODEL, "messages": ASK, "max_tokens": 4, "temperature": 0, "logprobs": True}
+    body |= {"top_logprobs": 5, "response_format": _schema_format(PERSON)}
+    r = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    tokens = r.json()["choices"][0]["logprobs"]["content"]
+    assert '{"name": "'.startswith("".join(t["token"] for t in tokens))
+    for t in tokens:
+        assert isinstance(t["logprob"], float)
+        # Where the grammar leaves one token (the opening brace), it is the only alternative.
+        assert 1 <= len(t["top_logprobs"]) <= 5
+        assert all(isinstance(alt["logprob"], float) for alt in t["top_logprobs"])
+    assert [alt["token"] for alt in tokens[0]["top_logprobs"]] == [tokens[0]["token"]]
+
+
 async def test_max_tokens_cuts_a_valid_prefix_with_finish_length(stack: Stack) -> None:
     async with httpx.AsyncClient(timeout=120) as client:
         cut, whole = await asyncio.gather(

@@ -9,6 +9,7 @@ sequences put their KV cache back for the next turn.
 
 from __future__ import annotations
 
+import math
 import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,7 +207,8 @@ class Runner:
         order = mx.argsort(-values)
         ids: list[int] = top_ids[order].tolist()  # type: ignore[assignment]
         vals: list[float] = values[order].tolist()  # type: ignore[assignment]
-        return chosen, list(zip(ids, vals, strict=True))
+        # Tokens a grammar forbids (-inf) are no alternatives: fewer than `want` remain then.
+        return chosen, [(i, v) for i, v in zip(ids, vals, strict=True) if v != -math.inf]
 
     # ---- introspection ---------------------------------------------------------------
 
