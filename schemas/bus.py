@@ -34,6 +34,20 @@ class BusMessage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tru
     name: str | None = None
 
 
+class ResponseFormat(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Constrain the answer to JSON: any object ("json_object") or one valid against `schema`.
+
+    The daemon compiles it into a grammar and masks every token that would
+    break it, so the text is always valid JSON or, cut by max_tokens, a prefix
+    of valid JSON. A daemon that cannot constrain refuses the request.
+    """
+
+    type: Literal["json_object", "json_schema"]
+    # The JSON Schema ("json_schema" only), as the buyer sent it. OpenAI's `strict` is not
+    # carried: the schema is always enforced.
+    schema: dict[str, Any] | None = None
+
+
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens: int
     temperature: float | None = None
@@ -52,6 +66,9 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     # True when the buyer set max_tokens: a daemon whose memory budget cannot hold it
     # refuses (context_over_budget) instead of silently generating less.
     max_tokens_explicit: bool = False
+    # JSON output by constrained decoding (None: free text). Only daemons whose heartbeat
+    # says `structured_output` get such requests: an older daemon would ignore this field.
+    response_format: ResponseFormat | None = None
 
 
 class Continuation(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -168,6 +185,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     loaded: bool = True
     # Longest prompt + max_tokens this daemon's memory budget admits (0: not reported).
     max_safe_context: int = 0
+    # The daemon can constrain this model's output to JSON (response_format).
+    structured_output: bool = False
 
 
 class Heartbeat(msgspec.Struct, frozen=True):

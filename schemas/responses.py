@@ -188,7 +188,8 @@ class ResponseError(msgspec.Struct, frozen=True):
 
 
 class TextFormatOut(msgspec.Struct, frozen=True):
-    format: TextFormat = msgspec.field(default_factory=TextFormat)
+    # The request's text.format, repeated (JSON formats constrain the output text).
+    format: TextFormat | JsonObjectFormat | JsonSchemaFormat = msgspec.field(default_factory=TextFormat)
 
 
 class Response(msgspec.Struct, frozen=True):

@@ -6,6 +6,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -63,14 +64,16 @@ def _busy(daemons: list[DaemonChild]) -> DaemonChild:
     raise AssertionError("no daemon is running the request")
 
 
-def _single_provider_answer(stack: Stack) -> str:
-    body = {"model": MODEL, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0}
+def _single_provider_answer(stack: Stack, **extra: Any) -> str:
+    body = {"model": MODEL, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0, **extra}
     r = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=120)
     assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["message"]["content"])
 
 
-def _stream_and_break(stack: Stack, daemons: list[DaemonChild], sig: signal.Signals) -> tuple[list[dict], float, str]:
+def _stream_and_break(
+    stack: Stack, daemons: list[DaemonChild], sig: signal.Signals, **extra: Any
+) -> tuple[list[dict], float, str]:
     body = {
         "model": MODEL,
         "messages": PROMPT,
@@ -78,6 +81,7 @@ def _stream_and_break(stack: Stack, daemons: list[DaemonChild], sig: signal.Sign
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **extra,
     }
     chunks: list[dict] = []
     victim_id = ""
@@ -117,6 +121,23 @@ def test_killed_provider_mid_stream_the_answer_continues_unbroken(stack: Stack, 
     # Exactly what one provider says on its own (temperature 0): nothing repeated, nothing missing.
     assert _text(chunks) == _single_provider_answer(stack)
     assert victim
+
+
+def test_json_output_moves_to_another_provider_inside_its_grammar(stack: Stack, pair: list[DaemonChild]) -> None:
+    # Long and exactly sized: 500 small numbers, so the answer outlasts the failover and ends with "stop".
+    schema = {"type": "array", "items": {"enum": [1, 2, 3]}, "minItems": 500, "maxItems": 500}
+    fmt = {"type": "json_schema", "json_schema": {"name": "digits", "schema": schema}}
+    chunks, _, victim = _stream_and_break(stack, pair, signal.SIGKILL, response_format=fmt)
+    assert victim
+    assert all("error" not in c for c in chunks), chunks[-3:]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == ["stop"]
+    logs.wait_event(stack.gateway.log_path, "failover", reason="provider_lost")
+    # The survivor's matcher read the tokens so far: valid JSON, the same as one provider's.
+    values = json.loads(_text(chunks))
+    assert len(values) == 500
+    assert set(values) <= {1, 2, 3}
+    assert _text(chunks) == _single_provider_answer(stack, response_format=fmt)
 
 
 def test_sleeping_provider_mid_stream_the_answer_moves_and_it_stops_when_woken(

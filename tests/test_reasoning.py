@@ -142,6 +142,19 @@ def test_thinking_off_answers_without_reasoning(stack: Stack, think_daemon: Daem
     assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
 
 
+def test_json_output_from_a_thinking_model_is_all_answer(stack: Stack, think_daemon: DaemonChild) -> None:
+    # The grammar allows JSON from the first token: no thinking block, even where the template
+    # would open one, and the whole constrained text is the answer.
+    for extra in ({}, OPEN):
+        body = _post(
+            stack, "chat/completions", messages=HELLO, max_tokens=400, response_format={"type": "json_object"}, **extra
+        ).json()
+        message = body["choices"][0]["message"]
+        assert isinstance(json.loads(message["content"]), dict), message
+        assert "reasoning_content" not in message
+        assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+
+
 def test_stop_strings_end_the_answer_not_the_thinking(stack: Stack, think_daemon: DaemonChild) -> None:
     # "greets" is in the reasoning only: the answer is whole.
     body = _post(stack, "chat/completions", messages=HELLO, max_tokens=32, stop=["greets"]).json()

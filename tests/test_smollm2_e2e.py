@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydantic
 import pytest
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
@@ -64,3 +65,19 @@ def test_paris_stream(smollm2: Child, client: OpenAI) -> None:
 
 def test_model_is_listed(smollm2: Child, client: OpenAI) -> None:
     assert MODEL_ID in [m.id for m in client.models.list()]
+
+
+class Capital(pydantic.BaseModel):
+    country: str
+    city: str
+
+
+def test_json_schema_answer_is_a_sensible_object(smollm2: Child, client: OpenAI) -> None:
+    resp = client.chat.completions.parse(
+        model=MODEL_ID, messages=QUESTION, temperature=0, max_tokens=40, response_format=Capital
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert choice.message.parsed is not None
+    assert choice.message.parsed.city == "Paris", choice.message.content
+    assert choice.message.parsed.country.lower() == "france", choice.message.content

@@ -12,6 +12,7 @@ from schemas import bus, subjects
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyStream, StreamBroken
 from services.keys import format as key_format
+from services.responses.convert import surface_param
 
 
 def _feed(stops: list[str], pieces: list[str]) -> tuple[list[str], bool, str]:
@@ -126,6 +127,26 @@ def test_full_and_draining_providers_are_not_candidates() -> None:
     pool.observe(_hb("ok"))
     pool.observe(bus.Heartbeat(**{**msgspec.structs.asdict(_hb("drain")), "draining": True}))
     assert [s.provider_id for s in pool.candidates("m")] == ["ok"]
+
+
+def test_json_requests_go_only_to_providers_that_can_constrain() -> None:
+    pool = PoolView()
+    pool.observe(_hb("free-text", tps=90))
+    able = _hb("constrains", tps=10)
+    pool.observe(msgspec.structs.replace(able, models=[bus.ModelInfo(id="m", structured_output=True)]))
+    assert [s.provider_id for s in pool.candidates("m")] == ["free-text", "constrains"]
+    assert [s.provider_id for s in pool.candidates("m", structured=True)] == ["constrains"]
+    assert pool.can_structure("m")
+    pool.remove("constrains")
+    assert pool.candidates("m", structured=True) == []
+    assert not pool.can_structure("m")
+
+
+def test_responses_name_their_own_text_format_field() -> None:
+    assert surface_param("response_format.json_schema.schema") == "text.format.schema"
+    assert surface_param("response_format") == "text.format"
+    assert surface_param("input[0].call_id") == "input[0].call_id"
+    assert surface_param(None) is None
 
 
 def test_missed_heartbeats_expire_and_notify_watchers() -> None:

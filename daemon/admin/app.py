@@ -116,6 +116,8 @@ def create_admin_app(daemon: Daemon) -> Litestar:
             "idle_unloaded": model is not None and sup.state == "idle",
             "memory_gb": _gb(stats.memory_active if stats and stats.memory_active else rss),
             "weights_gb": _gb(info.weights_bytes) if info and model else None,
+            # response_format json_object / json_schema can be constrained (llguidance read the tokenizer).
+            "structured_output": w.structured_output(),
         }
         body["worker"] = {
             "healthy": sup.state == "healthy" and stats is not None,

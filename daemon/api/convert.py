@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.engine.base import EngineError
 from schemas import bus, openai
 
 # When a local request sets no limit (the gateway has its own default for pool requests).
@@ -33,16 +32,16 @@ def _message(m: openai.ChatMessage) -> bus.BusMessage:
     return bus.BusMessage(role=m.role, content=m.text(), tool_call_id=m.tool_call_id, tool_calls=calls, name=m.name)
 
 
+def _response_format(fmt: openai.ResponseFormat | None) -> bus.ResponseFormat | None:
+    """JSON formats are constrained by the engine (daemon/engine/structured.py); "text" is no constraint."""
+    if isinstance(fmt, openai.JsonObjectFormat):
+        return bus.ResponseFormat(type="json_object")
+    if isinstance(fmt, openai.JsonSchemaFormat):
+        return bus.ResponseFormat(type="json_schema", schema=fmt.json_schema.schema)
+    return None
+
+
 def chat_request(req: openai.ChatCompletionRequest, request_id: str, model_id: str) -> bus.InferenceRequest:
-    if req.response_format is not None and not isinstance(req.response_format, openai.TextFormat):
-        # mlx-lm cannot constrain decoding to JSON: say so rather than return free text.
-        kind = "json_object" if isinstance(req.response_format, openai.JsonObjectFormat) else "json_schema"
-        raise EngineError(
-            "unsupported_value",
-            f"response_format '{kind}' is not offered: the engine cannot constrain output to JSON. "
-            "Omit response_format (or send {'type': 'text'}) and ask for JSON in the prompt.",
-            param="response_format.type",
-        )
     limit = req.token_limit()
     tools = [_tool(t) for t in req.tools] if req.tools else None
     choice = req.tool_choice
@@ -65,6 +64,7 @@ def chat_request(req: openai.ChatCompletionRequest, request_id: str, model_id: s
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs or 0,
             stop=req.stop_list(),
+            response_format=_response_format(req.response_format),
         ),
         tools=tools,
         tool_choice=(

@@ -49,6 +49,8 @@ class Prepared:
     max_tokens: int = 0
     # Set for chat requests on a model that thinks: its output is split into reasoning and answer.
     think: ThinkTags | None = None
+    # The llguidance grammar of request.params.response_format (daemon/engine/structured.py).
+    grammar: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

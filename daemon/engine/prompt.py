@@ -103,6 +103,9 @@ def _encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
             )
         # On models that think, the effort gates the thinking channel; others ignore it.
         kwargs["enable_thinking"] = effort != "none"
+    if request.params.response_format is not None:
+        # The grammar forces JSON from the first token: a template must not open a thinking block.
+        kwargs["enable_thinking"] = False
     tools = tools_offered(request)
     messages = template_messages(request.messages)
     if not getattr(tokenizer, "has_chat_template", True):

@@ -35,6 +35,8 @@ class SyntheticEngine:
     def prepare(self, request: bus.InferenceRequest) -> Prepared:
         if self._running >= self.slots:
             raise EngineError("provider_busy", "all synthetic slots are busy", retryable=True)
+        if request.params.response_format is not None:
+            raise EngineError("unsupported_value", "fixed text cannot follow a JSON format", param="response_format")
         words = sum(len(m.content.split()) for m in request.messages)
         return Prepared(request=request, prompt_tokens=list(range(words + 4 * len(request.messages))))
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from daemon.engine import fit, prompt
+from daemon.engine import fit, prompt, structured
 from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared
 from daemon.engine.output import Output, TokenText
 from daemon.engine.sampling import GenerationDefaults, resolve
@@ -131,6 +131,11 @@ class WorkerEngine:
     def worker_state(self) -> str:
         return _WORKER_STATE.get(self.supervisor.health, self.supervisor.health)
 
+    def structured_output(self) -> bool:
+        """The worker built llguidance's tokenizer for this model (kept across idle unloads)."""
+        info = self.supervisor.info
+        return self._model is not None and info is not None and info.structured_output
+
     def accepting(self) -> bool:
         return self._model is not None and self.supervisor.health in ("healthy", "idle", "starting")
 
@@ -146,6 +151,7 @@ class WorkerEngine:
                     context_length=m.footprint.context_length,
                     loaded=self.supervisor.state == "healthy",
                     max_safe_context=adm.max_safe_context if adm else 0,
+                    structured_output=self.structured_output(),
                 )
             )
         return Capacity(
@@ -230,6 +236,13 @@ class WorkerEngine:
         if self.supervisor.in_flight >= self.slots + self.queue_limit:
             raise EngineError("provider_busy", "the provider's queue is full", retryable=True)
         resolve(request.params, m.defaults, vocab_size=m.vocab_size)
+        grammar = structured.grammar(request)
+        if grammar is not None and not self.structured_output():
+            raise EngineError(
+                "unsupported_value",
+                "this provider cannot constrain this model's output to JSON (see its log for why)",
+                param=structured.FORMAT_PARAM,
+            )
         tokens = prompt.encode(m.tokenizer, request)
         n = len(tokens)
         if n == 0:
@@ -257,7 +270,9 @@ class WorkerEngine:
             request=request,
             prompt_tokens=tokens,
             max_tokens=min(limit, adm.max_safe_context - n),
-            think=prompt.thinking(m.tokenizer, request, tokens),
+            # Constrained output is JSON from its first token: all answer, no thinking block.
+            think=prompt.thinking(m.tokenizer, request, tokens) if grammar is None else None,
+            grammar=grammar,
         )
 
     async def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:
@@ -273,6 +288,7 @@ class WorkerEngine:
         if self._model is not m:
             raise EngineError("model_not_loaded", f"{request.model!r} was unloaded", retryable=True)
         sampling = resolve(request.params, m.defaults, vocab_size=m.vocab_size)
+        done_before = len(request.continuation.token_ids) if request.continuation else 0
         job = p.Generate(
             id=request.request_id,
             prompt=prepared.prompt_tokens,
@@ -287,6 +303,9 @@ class WorkerEngine:
             frequency_penalty=sampling.frequency_penalty,
             logit_bias=sampling.logit_bias,
             logprobs=sampling.logprobs,
+            grammar=prepared.grammar,
+            # The continuation's tokens end the prompt; the grammar must read them first.
+            grammar_prefix=done_before if prepared.grammar is not None else 0,
         )
         try:
             queue = self.supervisor.submit(job)

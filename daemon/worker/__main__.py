@@ -49,11 +49,13 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, p.Ready]:
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, p.Ready]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
+
+    from daemon.worker.grammar import grammar_tokenizer
 
     started = time.monotonic()
     model, tokenizer = load(str(args.model_path))[:2]
@@ -73,22 +75,35 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, p.Ready]:
             kv_per_token += values.shape[1] * values.shape[3] * values.dtype.size
     del cache
     mx.clear_cache()
+    grammar = grammar_tokenizer(tokenizer, _vocab_size(model, tokenizer))
     ready = p.Ready(
         pid=os.getpid(),
         load_s=round(time.monotonic() - started, 3),
         weights_bytes=int(weights),
         kv_bytes_per_token=int(kv_per_token),
         batchable=batchable,
+        structured_output=grammar is not None,
     )
-    return model, tokenizer, ready
+    return model, tokenizer, grammar, ready
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int:
+    """Width of the model's logits (may exceed the tokenizer's vocabulary)."""
+    return int(getattr(model.args, "vocab_size", 0) or len(tokenizer))
 
 
 def _warm_up(runner: Any) -> None:
-    """One short request through the batch path itself (its kernels compile on first use)."""
+    """Short requests through the batch path itself (its kernels compile on first use)."""
     sink: list[Any] = []
     runner.emit, emit = sink.append, runner.emit
     try:
         runner.submit(p.Generate(id="warm-up", prompt=[1, 2, 3, 4], max_tokens=2))
+        if runner.grammar_tokenizer is not None:
+            from llguidance import LLMatcher
+
+            # And a constrained row beside it: the masked path must not be slow on a buyer's request.
+            grammar = LLMatcher.grammar_from_json_schema({"type": "object"})
+            runner.submit(p.Generate(id="warm-up-json", prompt=[1, 2, 3, 5], max_tokens=2, grammar=grammar))
         while runner.by_uid:
             runner.step()
     finally:
@@ -136,20 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     writer = Writer(out)
 
     try:
-        model, tokenizer, ready = _load(args)
+        model, tokenizer, grammar, ready = _load(args)
         from daemon.worker.runner import Runner
 
         runner = Runner(
             model=model,
             model_key=str(args.model_path),
             eos_token_ids=sorted(tokenizer.eos_token_ids),
-            vocab_size=int(getattr(model.args, "vocab_size", 0) or len(tokenizer)),
+            vocab_size=_vocab_size(model, tokenizer),
             emit=writer.send,
             slots=args.slots,
             prefill_step=args.prefill_step,
             gather=args.prefill_gather,
             cache_entries=args.cache_entries,
             cache_bytes=args.cache_bytes,
+            grammar_tokenizer=grammar,
         )
         _warm_up(runner)
     except Exception as exc:
@@ -162,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         load_s=ready.load_s,
         weights_mb=round(ready.weights_bytes / 1e6, 1),
         kv_bytes_per_token=ready.kv_bytes_per_token,
+        structured_output=ready.structured_output,
     )
     writer.send(ready)
 

@@ -35,6 +35,11 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     logit_bias: dict[int, float] | None = None
     # -1: no logprobs; 0: the sampled token's; n: plus the n most likely alternatives.
     logprobs: int = -1
+    # An llguidance grammar (the daemon compiled and checked it): every token is masked to fit it.
+    grammar: str | None = None
+    # How many trailing prompt tokens are output an earlier provider generated (a failover
+    # continuation): the grammar consumes them before it constrains the first new token.
+    grammar_prefix: int = 0
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
@@ -62,6 +67,8 @@ class Ready(msgspec.Struct, frozen=True, tag="ready"):
     # Measured on a real cache after warm-up: bytes of keys + values one token costs.
     kv_bytes_per_token: int
     batchable: bool
+    # llguidance took this model's tokenizer: Generate.grammar is honoured.
+    structured_output: bool = False
 
 
 class LoadFailed(msgspec.Struct, frozen=True, tag="load_failed"):

@@ -9,6 +9,7 @@ sequences put their KV cache back for the next turn.
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from daemon.worker import protocol as p
+from daemon.worker.grammar import Constraint, GrammarError
 from daemon.worker.sampling import make_processors, make_sampler
 
 log = structlog.get_logger("daemon.worker")
@@ -35,6 +37,7 @@ class _Sequence:
     cached_tokens: int
     started: bool = False
     generated: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Runner:
     # company (see `serve`); 0 turns gathering off.
     gather: float = 0.05
     gather_max_s: float = 0.05
+    # llguidance's tokenizer for this model (daemon/worker/grammar.py); None: cannot constrain.
+    grammar_tokenizer: Any = None
     counters: Counters = field(default_factory=Counters)
 
     def __post_init__(self) -> None:
@@ -147,6 +152,7 @@ class Runner:
     def submit(self, job: p.Generate) -> int:
         """Add a request to the batch; returns the prompt tokens left to prefill (after the cache)."""
         prompt = job.prompt
+        constraint = self._constraint(job)
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_key, prompt)
         if cache is not None and not rest:
             # The whole prompt is cached: recompute its last token, which starts generation.
@@ -166,12 +172,21 @@ class Runner:
             caches=[cache] if cache is not None else None,
             all_tokens=[list(prompt[:cached])],
             samplers=[make_sampler(job, self.vocab_size)],
-            logits_processors=[make_processors(job)],
+            logits_processors=[make_processors(job, constraint)],
         )
-        seq = _Sequence(job=job, uid=uid, cached_tokens=cached)
+        seq = _Sequence(job=job, uid=uid, cached_tokens=cached, constraint=constraint)
         self.by_uid[uid] = seq
         self.by_id[job.id] = seq
         return len(rest)
+
+    def _constraint(self, job: p.Generate) -> Constraint | None:
+        if job.grammar is None:
+            return None
+        if self.grammar_tokenizer is None:
+            # The daemon checks Ready.structured_output first; never generate unconstrained text instead.
+            raise GrammarError("this worker cannot constrain output (llguidance is unavailable)")
+        prefix = job.prompt[len(job.prompt) - job.grammar_prefix :] if job.grammar_prefix else []
+        return Constraint(self.grammar_tokenizer, job.grammar, prefix)
 
     def cancel(self, request_id: str) -> None:
         seq = self.by_id.get(request_id)
@@ -213,6 +228,14 @@ class Runner:
             if not seq.started:
                 seq.started = True
                 self.emit(p.Started(id=seq.job.id, cached_tokens=seq.cached_tokens))
+            if seq.constraint is not None and seq.constraint.error:
+                # This token broke the grammar (an llguidance limit, not a sampling choice):
+                # fail the request rather than let invalid JSON pass as constrained output.
+                self.generator.remove([seq.uid])
+                self._forget(seq)
+                message = f"the output no longer fits response_format: {seq.constraint.error}"
+                self.emit(p.Ended(id=seq.job.id, reason="error", message=message))
+                continue
             seq.generated += 1
             self.counters.generated += 1
             logprob, top = self._logprobs(seq.job.logprobs, r.logprobs, r.token)
@@ -237,7 +260,8 @@ class Runner:
         order = mx.argsort(-values)
         ids: list[int] = top_ids[order].tolist()  # type: ignore[assignment]
         vals: list[float] = values[order].tolist()  # type: ignore[assignment]
-        return chosen, list(zip(ids, vals, strict=True))
+        # Tokens a grammar forbids (-inf) are no alternatives: fewer than `want` remain then.
+        return chosen, [(i, v) for i, v in zip(ids, vals, strict=True) if v != -math.inf]
 
     # ---- introspection ---------------------------------------------------------------
 

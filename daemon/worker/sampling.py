@@ -52,10 +52,17 @@ def make_sampler(job: Generate, vocab_size: int) -> Sampler:
     return sample
 
 
-def make_processors(job: Generate) -> list[Callable[[mx.array, mx.array], mx.array]]:
-    return make_logits_processors(
+Processor = Callable[[mx.array, mx.array], mx.array]
+
+
+def make_processors(job: Generate, constraint: Processor | None = None) -> list[Processor]:
+    processors: list[Processor] = make_logits_processors(
         logit_bias=job.logit_bias or None,
         repetition_penalty=job.repetition_penalty,
         presence_penalty=job.presence_penalty,
         frequency_penalty=job.frequency_penalty,
     )
+    if constraint is not None:
+        # Last, so no bias or penalty can bring back a token the grammar forbids.
+        processors.append(constraint)
+    return processors

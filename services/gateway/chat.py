@@ -12,7 +12,6 @@ from litestar.di import NamedDependency
 
 from schemas import bus, openai
 from services.auth.bearer import Principal
-from services.errors import UnsupportedValue
 from services.gateway import pipeline
 from services.gateway.openai_common import FINISH, token_logprobs, tool_calls, usage
 from services.gateway.params import function_tool, logit_bias, named_tool_choice
@@ -36,15 +35,17 @@ def _tool_choice(choice: openai.ToolChoice | None) -> str | dict[str, Any] | Non
     return choice
 
 
+def _response_format(fmt: openai.ResponseFormat | None) -> bus.ResponseFormat | None:
+    """JSON formats go to the daemon, which constrains decoding to them ("text" is no constraint)."""
+    if isinstance(fmt, openai.JsonObjectFormat):
+        return bus.ResponseFormat(type="json_object")
+    if isinstance(fmt, openai.JsonSchemaFormat):
+        return bus.ResponseFormat(type="json_schema", schema=fmt.json_schema.schema)
+    return None
+
+
 def bus_request(req: openai.ChatCompletionRequest, default_max_tokens: int) -> bus.InferenceRequest:
     """The request for the pool (id and deadline are the pipeline's)."""
-    if req.response_format is not None and not isinstance(req.response_format, openai.TextFormat):
-        kind = "json_object" if isinstance(req.response_format, openai.JsonObjectFormat) else "json_schema"
-        raise UnsupportedValue(
-            f"response_format '{kind}' is not offered: providers cannot constrain output to JSON yet. "
-            "Omit response_format (or send {'type': 'text'}) and ask for JSON in the prompt.",
-            param="response_format.type",
-        )
     limit = req.token_limit()
     tools = [function_tool(t.function.name, t.function.description, t.function.parameters) for t in req.tools or []]
     return bus.InferenceRequest(
@@ -66,6 +67,7 @@ def bus_request(req: openai.ChatCompletionRequest, default_max_tokens: int) -> b
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs or 0,
             stop=req.stop_list(),
+            response_format=_response_format(req.response_format),
         ),
         tools=tools or None,
         tool_choice=_tool_choice(req.tool_choice) if tools else None,

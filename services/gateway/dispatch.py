@@ -21,7 +21,14 @@ from nats.aio.client import Client as Nats
 
 from schemas import bus, subjects
 from schemas.conversations import conversation_key
-from services.errors import ApiError, CoordinatorUnavailable, InvalidRequest, ProviderError, RequestTimeout
+from services.errors import (
+    ApiError,
+    CoordinatorUnavailable,
+    InvalidRequest,
+    ProviderError,
+    RequestTimeout,
+    UnsupportedValue,
+)
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
 
@@ -242,8 +249,17 @@ class Dispatcher:
 
     async def open_leg(self, request: bus.InferenceRequest, *, exclude: set[str]) -> _Leg:
         key = _conversation_of(request)
-        candidates = [s for s in self.pool.candidates(request.model, key) if s.provider_id not in exclude]
+        structured = request.params.response_format is not None
+        candidates = [
+            s for s in self.pool.candidates(request.model, key, structured=structured) if s.provider_id not in exclude
+        ]
         if not candidates:
+            if structured and request.model in self.pool.models() and not self.pool.can_structure(request.model):
+                raise UnsupportedValue(
+                    f"No provider serving {request.model!r} can constrain its output to JSON right now: "
+                    "send the request without a JSON format and ask for JSON in the prompt.",
+                    param="response_format",
+                )
             served = sorted(self.pool.models())
             hint = f" Models served now: {', '.join(served)}." if served else " No provider is connected."
             raise CoordinatorUnavailable(f"No provider can serve model {request.model!r} right now.{hint}")

@@ -45,8 +45,9 @@ class ProviderState:
         busy = hb.slots - hb.slots_free + hb.queue_depth + self.sent_since_heartbeat
         return busy / max(1, hb.slots)
 
-    def serves(self, model: str) -> bool:
-        return any(m.id == model for m in self.heartbeat.models)
+    def serves(self, model: str, *, structured: bool = False) -> bool:
+        """It has `model` loaded (and, if `structured`, can constrain its output to JSON)."""
+        return any(m.id == model and (m.structured_output or not structured) for m in self.heartbeat.models)
 
 
 @dataclass
@@ -98,7 +99,9 @@ class PoolView:
             self._notify_lost(pid)
         return gone
 
-    def candidates(self, model: str, conversation: str | None = None) -> list[ProviderState]:
+    def candidates(
+        self, model: str, conversation: str | None = None, *, structured: bool = False
+    ) -> list[ProviderState]:
         """Providers that can take a request for `model` now, best first.
 
         Rule: a provider with a free slot beats one that would queue; then the
@@ -108,9 +111,10 @@ class PoolView:
         provider whose prompt cache holds the conversation (`conversation`, a
         key from schemas.conversations) goes first when it has a free slot, or
         when it is at most one request per slot busier than the best: re-reading
-        a long conversation costs more than that.
+        a long conversation costs more than that. A request for JSON output
+        (`structured`) only goes to providers that can constrain it.
         """
-        able = [s for s in self.providers.values() if s.serves(model) and s.room() > 0]
+        able = [s for s in self.providers.values() if s.serves(model, structured=structured) and s.room() > 0]
         if self.routing == "random":
             random.shuffle(able)  # the benchmark's baseline, never the default
             return able
@@ -143,6 +147,10 @@ class PoolView:
         state = self.providers.get(provider_id)
         if state is not None and state.epoch == epoch and state.sent_since_heartbeat > 0:
             state.sent_since_heartbeat -= 1
+
+    def can_structure(self, model: str) -> bool:
+        """Some provider serving `model` can constrain its output to JSON (busy or not)."""
+        return any(s.serves(model, structured=True) for s in self.providers.values())
 
     def models(self) -> dict[str, list[ProviderState]]:
         served: dict[str, list[ProviderState]] = {}

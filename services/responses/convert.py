@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from schemas import bus, responses
-from services.errors import InvalidRequest, UnsupportedValue
+from services.errors import InvalidRequest
 from services.gateway.params import function_tool, named_tool_choice
 from services.responses.store import Stored
 
@@ -110,15 +110,21 @@ def _tool_choice(choice: responses.ToolChoice | None) -> str | dict[str, Any] | 
     return choice
 
 
-def check_text_format(req: responses.CreateResponse) -> None:
+def text_format(req: responses.CreateResponse) -> bus.ResponseFormat | None:
+    """`text.format` JSON formats, constrained by the daemon as chat's response_format is."""
     fmt = req.text.format if req.text is not None else None
-    if fmt is not None and not isinstance(fmt, responses.TextFormat):
-        kind = "json_object" if isinstance(fmt, responses.JsonObjectFormat) else "json_schema"
-        raise UnsupportedValue(
-            f"text.format '{kind}' is not offered: providers cannot constrain output to JSON yet. "
-            "Omit text.format and ask for JSON in the instructions.",
-            param="text.format.type",
-        )
+    if isinstance(fmt, responses.JsonObjectFormat):
+        return bus.ResponseFormat(type="json_object")
+    if isinstance(fmt, responses.JsonSchemaFormat):
+        return bus.ResponseFormat(type="json_schema", schema=fmt.schema)
+    return None
+
+
+def surface_param(param: str | None) -> str | None:
+    """Daemons name chat's `response_format...` in their refusals; here the buyer wrote `text.format...`."""
+    if param is None or not param.startswith("response_format"):
+        return param
+    return "text.format" + param.removeprefix("response_format").removeprefix(".json_schema")
 
 
 def bus_request(
@@ -140,6 +146,7 @@ def bus_request(
             top_p=req.top_p,
             top_k=req.top_k,
             seed=req.seed,
+            response_format=text_format(req),
         ),
         tools=offered or None,
         tool_choice=_tool_choice(req.tool_choice) if offered else None,

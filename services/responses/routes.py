@@ -19,7 +19,7 @@ from litestar.params import FromPath
 
 from schemas import responses
 from services.auth.bearer import Principal, authenticate
-from services.errors import InvalidRequest, NotFound
+from services.errors import ApiError, InvalidRequest, NotFound
 from services.gateway import pipeline
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
@@ -27,7 +27,7 @@ from services.gateway.sse import named
 from services.ids import request_id_of
 from services.openapi import API_KEY, GATEWAY_ERRORS, documented
 from services.responses import store
-from services.responses.convert import bus_messages, bus_request, check_text_format, conversation, function_tools
+from services.responses.convert import bus_messages, bus_request, conversation, function_tools, surface_param
 from services.responses.output import Output
 from services.runtime import Runtime
 
@@ -75,6 +75,9 @@ class _Shape:
             metadata=req.metadata or {},
             truncation=req.truncation or "disabled",
             user=req.user,
+            text=responses.TextFormatOut(format=req.text.format)
+            if req.text is not None and req.text.format is not None
+            else responses.TextFormatOut(),
             **extra,
         )
 
@@ -172,7 +175,6 @@ async def create_response(request: Request[Any, Any, Any], runtime: NamedDepende
     async def prepare(principal: Principal, body: bytes) -> Job:
         assert principal.account_id is not None  # key-only route
         req = decode_body(body, responses.CreateResponse)
-        check_text_format(req)
         tools = function_tools(req.tools)
         previous = None
         if req.previous_response_id is not None:
@@ -203,7 +205,11 @@ async def create_response(request: Request[Any, Any, Any], runtime: NamedDepende
         job = bus_request(req, messages, tools, runtime.settings.default_max_tokens)
         return Job(job, req.stream, [m.content for m in messages])
 
-    started = await pipeline.start(request, runtime, event="openai_response", allow_demo=False, prepare=prepare)
+    try:
+        started = await pipeline.start(request, runtime, event="openai_response", allow_demo=False, prepare=prepare)
+    except ApiError as exc:
+        exc.param = surface_param(exc.param)
+        raise
     shape = shapes[0]
     if shape.req.stream:
         return pipeline.stream(runtime, started, _Events(shape))

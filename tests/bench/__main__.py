@@ -14,6 +14,8 @@ Modes:
   failover  a provider killed (SIGKILL) or asleep (SIGSTOP) mid-answer: the buyer's stall until the next
             token, over repeated kills, beside the same streams' normal inter-chunk gaps; 3 daemons with
             the tiny real mlx-lm model (options: python3 -m tests.bench failover --help).
+  structured  what response_format's constrained decoding costs in the worker's batch: free vs constrained
+            requests alone and side by side, on SmolLM2 in process (options: python3 -m tests.bench structured --help).
   routing   least-loaded vs random routing over 3 tiny-model daemons of uneven size (MP_SLOTS 1, 2, 4)
             under a mix of long and short requests: tokens/s, requests/s, latency and TTFT
             (options: python3 -m tests.bench routing --help).
@@ -31,7 +33,7 @@ from tests.bench import cli, metering, overhead
 
 MODES = ("overhead", "metering")
 # Modes with their own options and stacks: `python3 -m tests.bench <mode> --help`.
-SEPARATE = ("daemon", "failover", "routing")
+SEPARATE = ("daemon", "failover", "routing", "structured")
 
 DEFAULT_LEVELS = (1, 16, 64)
 QUICK_LEVELS = (1, 16)

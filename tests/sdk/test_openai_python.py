@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Literal
 
 import openai
+import pydantic
 import pytest
 
 from infra.components import Child
@@ -152,14 +153,22 @@ def test_chat_tools(oai: openai.OpenAI, script_daemon: Child) -> None:
     assert "<tool_call>" in (plain.choices[0].message.content or "")
 
 
-def test_chat_json_response_format_is_refused_clearly(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(
-            model=TINY_MODEL, messages=HELLO, max_tokens=2, response_format={"type": "json_object"}
-        )
-    body: Any = err.value.body
-    assert body["code"] == "unsupported_value"
-    assert body["param"] == "response_format.type"
+class Town(pydantic.BaseModel):
+    """What the SDK's parse() turns into a strict JSON schema and back."""
+
+    name: str = pydantic.Field(max_length=10)
+    population: int = pydantic.Field(ge=0, le=5000)
+    kind: Literal["city", "town", "village"]
+    ports: list[Literal["north", "south"]] = pydantic.Field(max_length=2)
+
+
+def test_chat_parse_with_a_pydantic_model(oai: openai.OpenAI) -> None:
+    completion = oai.chat.completions.parse(
+        model=TINY_MODEL, messages=HELLO, max_tokens=200, temperature=0, response_format=Town
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, Town)
     ok = oai.chat.completions.create(model=TINY_MODEL, messages=HELLO, max_tokens=2, response_format={"type": "text"})
     assert ok.choices[0].finish_reason == "length"
 
@@ -306,5 +315,15 @@ def test_responses_bad_input_names_the_field(oai: openai.OpenAI) -> None:
         oai.responses.create(model=TINY_MODEL, input=[{"type": "function_call_output", "output": "x"}])
     assert err.value.body["param"] == "input[0].call_id"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as err:
-        oai.responses.create(model=TINY_MODEL, input="hi", text={"format": {"type": "json_object"}})
-    assert err.value.body["code"] == "unsupported_value"  # type: ignore[index]
+        oai.responses.create(
+            model=TINY_MODEL,
+            input="hi",
+            text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}},
+        )
+    assert err.value.body["param"] == "text.format.schema"  # type: ignore[index]
+
+
+def test_responses_parse_with_a_pydantic_model(oai: openai.OpenAI) -> None:
+    response = oai.responses.parse(model=TINY_MODEL, input="A town?", temperature=0, text_format=Town, store=False)
+    assert response.status == "completed"
+    assert isinstance(response.output_parsed, Town)

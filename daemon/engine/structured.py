@@ -1,0 +1,64 @@
+"""response_format to an llguidance grammar, compiled and checked before a request is accepted.
+
+A schema llguidance cannot enforce is the buyer's error (400 naming the
+schema), found here at prepare time, before anything is queued. The worker
+(daemon/worker/grammar.py) then masks every token against the grammar.
+
+JSON comes out on one line with `, ` and `: ` between items (as Python's
+json.dumps writes it): free whitespace would let a model pad the object with
+blank lines until max_tokens. A schema's own "x-guidance" options, if any,
+override that. OpenAI's `strict` changes nothing: the schema is always enforced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemon.engine.base import EngineError
+from daemon.engine.prompt import tools_offered
+from schemas import bus
+
+SCHEMA_PARAM = "response_format.json_schema.schema"
+FORMAT_PARAM = "response_format"
+
+# llguidance's JsonCompileOptions (a TypedDict its stubs declare but the module does not export).
+_JSON_LAYOUT: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def grammar(request: bus.InferenceRequest) -> str | None:
+    """The llguidance grammar for the request's response_format (None: unconstrained); raises EngineError."""
+    fmt = request.params.response_format
+    if fmt is None:
+        return None
+    if tools_offered(request):
+        # A tool call is not JSON of the answer's schema: constraining would forbid it, not
+        # constraining would break the promise. Say so instead of doing either quietly.
+        raise EngineError(
+            "unsupported_value",
+            "response_format json_object / json_schema cannot be combined with tools: "
+            "send tool_choice 'none' (or no tools) to get constrained JSON.",
+            param=FORMAT_PARAM,
+        )
+    try:
+        from llguidance import LLMatcher
+    except ImportError as exc:
+        raise EngineError(
+            "unsupported_value",
+            f"this provider cannot constrain output to JSON (llguidance is unavailable: {exc})",
+            param=FORMAT_PARAM,
+        ) from None
+    if fmt.type == "json_object":
+        schema = _ANY_OBJECT
+    elif fmt.schema is None:
+        raise EngineError("invalid_value", "json_schema needs a schema to constrain the output to", param=SCHEMA_PARAM)
+    else:
+        schema = fmt.schema
+    try:
+        compiled = LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_LAYOUT)
+    except (ValueError, TypeError) as exc:
+        raise EngineError("invalid_value", f"the JSON schema is not usable: {exc}", param=SCHEMA_PARAM) from None
+    failed, problems = LLMatcher.validate_grammar_with_warnings(compiled)
+    if failed:
+        raise EngineError("invalid_value", f"the JSON schema cannot be enforced: {problems[0]}", param=SCHEMA_PARAM)
+    return compiled
