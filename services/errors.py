@@ -12,6 +12,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from schemas import anthropic
 from schemas.errors import ErrorBody, ErrorEnvelope
+from schemas.openai_bus import Untranslatable
 
 log = structlog.get_logger("services.errors")
 
@@ -179,9 +180,17 @@ def _from_http_exception(exc: HTTPException) -> ApiError:
     return err
 
 
+def untranslatable(exc: Untranslatable) -> ApiError:
+    """A field the bus cannot carry (schemas.openai_bus): 400 naming it."""
+    kind = UnsupportedValue if exc.code == UnsupportedValue.code else InvalidRequest
+    return kind(exc.message, param=exc.param)
+
+
 def _api_error(request: Request[Any, Any, Any], exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, Untranslatable):
+        return untranslatable(exc)
     if isinstance(exc, HTTPException) and exc.status_code < HTTP_500_INTERNAL_SERVER_ERROR:
         return _from_http_exception(exc)
     log.exception("unhandled_error", path=request.url.path, method=request.method)

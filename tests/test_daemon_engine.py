@@ -265,6 +265,24 @@ def test_local_api_surface(daemon: DaemonChild) -> None:
         timeout=30,
     ).json()
     assert text == greedy["choices"][0]["text"]
+    # echo: the prompt comes back first, streamed or not; what the gateway refuses, so does the daemon.
+    echoed = {"model": "x", "prompt": "The quick", "max_tokens": 7, "temperature": 0, "echo": True}
+    body = httpx.post(f"{daemon.api_url}/v1/completions", json=echoed, timeout=30).json()
+    assert body["choices"][0]["text"] == "The quick" + text
+    streamed = httpx.post(f"{daemon.api_url}/v1/completions", json={**echoed, "stream": True}, timeout=30)
+    assert "".join(json.loads(p)["choices"][0]["text"] for p in sse_payloads(streamed.text)[:-1]) == "The quick" + text
+    for refused, param in (({"suffix": "!"}, "suffix"), ({"echo": True, "logprobs": 1}, "echo")):
+        r = httpx.post(f"{daemon.api_url}/v1/completions", json={"model": "x", "prompt": "a", **refused}, timeout=30)
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == param
+        assert r.json()["error"]["code"] == "unsupported_value"
+    bias = httpx.post(
+        f"{daemon.api_url}/v1/chat/completions",
+        json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}},
+        timeout=30,
+    )
+    assert bias.status_code == 400
+    assert bias.json()["error"]["param"] == "logit_bias"
     # The chat stream has OpenAI's framing.
     r = chat(daemon, max_tokens=5, stream=True, stream_options={"include_usage": True})
     chunks = [json.loads(p) for p in sse_payloads(r.text)[:-1]]

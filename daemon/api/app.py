@@ -21,9 +21,8 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from daemon import __version__
-from daemon.api import convert
 from daemon.engine.base import INVALID_REQUEST_CODES, CancelToken, EngineError, Finished, Prepared
-from schemas import bus, openai
+from schemas import bus, openai, openai_bus
 from schemas.errors import ErrorBody, ErrorEnvelope
 
 if TYPE_CHECKING:
@@ -34,12 +33,11 @@ log = structlog.get_logger("daemon.api")
 T = TypeVar("T")
 _JSON = msgspec.json.Encoder()
 _PARAM = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
-_FINISH: dict[str, openai.FinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "cancelled": "stop",
-    "tool_calls": "tool_calls",
-}
+_FINISH = openai_bus.FINISH
+# When a local request sets no limit (the gateway has its own default for pool requests).
+DEFAULT_CHAT_MAX_TOKENS = 1024
+# Seed 001's default for /v1/completions.
+DEFAULT_COMPLETION_MAX_TOKENS = 100
 
 
 class ApiError(Exception):
@@ -83,13 +81,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 def _usage(f: Finished) -> openai.Usage:
-    return openai.Usage(
-        prompt_tokens=f.prompt_tokens,
-        completion_tokens=f.completion_tokens,
-        total_tokens=f.prompt_tokens + f.completion_tokens,
-        prompt_tokens_details=openai.PromptTokensDetails(cached_tokens=f.cached_tokens),
-        completion_tokens_details=openai.CompletionTokensDetails(reasoning_tokens=f.reasoning_tokens),
-    )
+    return openai_bus.usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens, f.reasoning_tokens)
 
 
 async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
@@ -125,8 +117,8 @@ def create_api_app(daemon: Daemon) -> Litestar:
             return engine.prepare(build(model_id))
         except EngineError as exc:
             raise _engine_error(exc) from None
-        except ValueError as exc:
-            raise ApiError(400, str(exc), type="invalid_request_error", code="invalid_value") from None
+        except openai_bus.Untranslatable as exc:
+            raise ApiError(400, exc.message, type="invalid_request_error", code=exc.code, param=exc.param) from None
 
     @get("/health")
     async def health() -> dict[str, Any]:
@@ -141,7 +133,11 @@ def create_api_app(daemon: Daemon) -> Litestar:
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
         req = _decode(await request.body(), openai.ChatCompletionRequest)
         request_id = secrets.token_hex(12)
-        prepared = prepare(lambda model_id: convert.chat_request(req, request_id, model_id))
+        prepared = prepare(
+            lambda model_id: openai_bus.chat_request(
+                req, default_max_tokens=DEFAULT_CHAT_MAX_TOKENS, model=model_id, request_id=request_id
+            )
+        )
         created = int(time.time())
         cid = f"chatcmpl-{request_id}"
         model = prepared.request.model
@@ -201,14 +197,14 @@ def create_api_app(daemon: Daemon) -> Litestar:
         assert finished is not None
         message = openai.AssistantMessage(
             content="".join(text),
-            tool_calls=convert.tool_calls(calls) if calls else None,
+            tool_calls=openai_bus.tool_calls(calls) if calls else None,
             reasoning_content="".join(reasoning) or msgspec.UNSET,
         )
         choice = openai.Choice(
             index=0,
             message=message,
             finish_reason=_FINISH[finished.finish_reason],
-            logprobs=openai.ChoiceLogprobs(content=convert.token_logprobs(logprobs))
+            logprobs=openai.ChoiceLogprobs(content=openai_bus.token_logprobs(logprobs))
             if prepared.request.params.logprobs
             else None,
         )
@@ -250,7 +246,7 @@ def create_api_app(daemon: Daemon) -> Litestar:
                 if event.reasoning:
                     yield chunk(openai.Delta(reasoning_content=event.reasoning))
                 lp = (
-                    openai.ChoiceLogprobs(content=convert.token_logprobs(list(event.logprobs)))
+                    openai.ChoiceLogprobs(content=openai_bus.token_logprobs(list(event.logprobs)))
                     if want_logprobs and event.logprobs
                     else None
                 )
@@ -288,7 +284,11 @@ def create_api_app(daemon: Daemon) -> Litestar:
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
         req = _decode(await request.body(), openai.CompletionRequest)
         request_id = secrets.token_hex(12)
-        prepared = prepare(lambda model_id: convert.completion_request(req, request_id, model_id))
+        prepared = prepare(
+            lambda model_id: openai_bus.completion_request(
+                req, default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS, model=model_id, request_id=request_id
+            )
+        )
         created = int(time.time())
         cid = f"cmpl-{request_id}"
         model = prepared.request.model
@@ -296,11 +296,12 @@ def create_api_app(daemon: Daemon) -> Litestar:
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             return Stream(
-                _completion_stream(prepared, cid, created, model, include_usage=include_usage),
+                _completion_stream(prepared, cid, created, model, include_usage=include_usage, echo=req.echo),
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
-        completion = await _unless_disconnected(request, _completion_collect(prepared, cid, created, model))
+        collect = _completion_collect(prepared, cid, created, model, echo=req.echo)
+        completion = await _unless_disconnected(request, collect)
         return Response(completion, headers=headers)
 
     def _completion_logprobs(items: list[bus.TokenLogprob], offset: int) -> openai.CompletionLogprobs:
@@ -315,8 +316,11 @@ def create_api_app(daemon: Daemon) -> Litestar:
             text_offset=offsets,
         )
 
-    async def _completion_collect(prepared: Prepared, cid: str, created: int, model: str) -> openai.Completion:
-        text: list[str] = []
+    async def _completion_collect(
+        prepared: Prepared, cid: str, created: int, model: str, *, echo: bool
+    ) -> openai.Completion:
+        # echo: the prompt comes back before the completion (refused with logprobs: openai_bus).
+        text: list[str] = [prepared.request.prompt or ""] if echo else []
         logprobs: list[bus.TokenLogprob] = []
         finished: Finished | None = None
         try:
@@ -340,7 +344,7 @@ def create_api_app(daemon: Daemon) -> Litestar:
         )
 
     async def _completion_stream(
-        prepared: Prepared, cid: str, created: int, model: str, *, include_usage: bool
+        prepared: Prepared, cid: str, created: int, model: str, *, include_usage: bool, echo: bool
     ) -> AsyncIterator[bytes]:
         def chunk(text: str, finish: openai.FinishReason | None = None, **extra: Any) -> bytes:
             choice = openai.CompletionChoice(index=0, text=text, finish_reason=finish, **extra)
@@ -349,6 +353,8 @@ def create_api_app(daemon: Daemon) -> Litestar:
             )
 
         offset = 0
+        if echo and prepared.request.prompt:
+            yield chunk(prepared.request.prompt)
         try:
             async for event in _events(prepared):
                 if isinstance(event, Finished):

@@ -11,69 +11,14 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
 from schemas import bus, openai
+from schemas.openai_bus import FINISH, chat_request, token_logprobs, tool_calls, usage
 from services.auth.bearer import Principal
 from services.gateway import pipeline
-from services.gateway.openai_common import FINISH, token_logprobs, tool_calls, usage
-from services.gateway.params import function_tool, logit_bias, named_tool_choice
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
 from services.gateway.sse import DONE, ChunkWriter
 from services.openapi import API_KEY, GATEWAY_ERRORS, documented
 from services.runtime import Runtime
-
-
-def _message(m: openai.ChatMessage) -> bus.BusMessage:
-    calls = [bus.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls or []]
-    return bus.BusMessage(
-        role=m.role, content=m.text(), tool_call_id=m.tool_call_id, tool_calls=calls or None, name=m.name
-    )
-
-
-def _tool_choice(choice: openai.ToolChoice | None) -> str | dict[str, Any] | None:
-    if isinstance(choice, openai.NamedToolChoice):
-        return named_tool_choice(choice.function.name)
-    return choice
-
-
-def _response_format(fmt: openai.ResponseFormat | None) -> bus.ResponseFormat | None:
-    """JSON formats go to the daemon, which constrains decoding to them ("text" is no constraint)."""
-    if isinstance(fmt, openai.JsonObjectFormat):
-        return bus.ResponseFormat(type="json_object")
-    if isinstance(fmt, openai.JsonSchemaFormat):
-        return bus.ResponseFormat(type="json_schema", schema=fmt.json_schema.schema)
-    return None
-
-
-def bus_request(req: openai.ChatCompletionRequest, default_max_tokens: int) -> bus.InferenceRequest:
-    """The request for the pool (id and deadline are the pipeline's)."""
-    limit = req.token_limit()
-    tools = [function_tool(t.function.name, t.function.description, t.function.parameters) for t in req.tools or []]
-    return bus.InferenceRequest(
-        request_id="",
-        model=req.model,
-        messages=[_message(m) for m in req.messages],
-        params=bus.SamplingParams(
-            max_tokens=limit or default_max_tokens,
-            max_tokens_explicit=limit is not None,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=logit_bias(req.logit_bias),
-            logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs or 0,
-            stop=req.stop_list(),
-            response_format=_response_format(req.response_format),
-        ),
-        tools=tools or None,
-        tool_choice=_tool_choice(req.tool_choice) if tools else None,
-        chat_template_kwargs=req.chat_template_kwargs,
-        reasoning_effort=req.reasoning_effort,
-    )
 
 
 @post(
@@ -93,7 +38,11 @@ async def chat_completions(request: Request[Any, Any, Any], runtime: NamedDepend
     async def prepare(principal: Principal, body: bytes) -> Job:
         req = decode_body(body, openai.ChatCompletionRequest)
         decoded.append(req)
-        return Job(bus_request(req, runtime.settings.default_max_tokens), req.stream, [m.text() for m in req.messages])
+        return Job(
+            chat_request(req, default_max_tokens=runtime.settings.default_max_tokens),
+            req.stream,
+            [m.text() for m in req.messages],
+        )
 
     started = await pipeline.start(request, runtime, event="chat_completion", allow_demo=True, prepare=prepare)
     req = decoded[0]

@@ -10,11 +10,9 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
 from schemas import bus, openai
+from schemas.openai_bus import FINISH, completion_request, usage
 from services.auth.bearer import Principal
-from services.errors import UnsupportedValue
 from services.gateway import pipeline
-from services.gateway.openai_common import FINISH, usage
-from services.gateway.params import logit_bias
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
 from services.gateway.sse import DONE, data
@@ -23,40 +21,6 @@ from services.runtime import Runtime
 
 # Seed 001's default when the request sets no max_tokens.
 DEFAULT_MAX_TOKENS = 100
-
-
-def bus_request(req: openai.CompletionRequest) -> bus.InferenceRequest:
-    if req.suffix:
-        raise UnsupportedValue(
-            "suffix (fill-in-the-middle) is not offered: the prompt is completed from its end only.", param="suffix"
-        )
-    if req.echo and req.logprobs is not None:
-        raise UnsupportedValue(
-            "echo with logprobs would need log-probabilities of the prompt, which providers do not report.",
-            param="echo",
-        )
-    return bus.InferenceRequest(
-        request_id="",
-        model=req.model,
-        messages=[],
-        prompt=req.prompt,
-        params=bus.SamplingParams(
-            max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS,
-            max_tokens_explicit=req.max_tokens is not None,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=logit_bias(req.logit_bias),
-            logprobs=req.logprobs is not None,
-            top_logprobs=req.logprobs or 0,
-            stop=req.stop_list(),
-        ),
-    )
 
 
 @post(
@@ -76,7 +40,7 @@ async def completions(request: Request[Any, Any, Any], runtime: NamedDependency[
     async def prepare(principal: Principal, body: bytes) -> Job:
         req = decode_body(body, openai.CompletionRequest)
         decoded.append(req)
-        return Job(bus_request(req), req.stream, [req.prompt])
+        return Job(completion_request(req, default_max_tokens=DEFAULT_MAX_TOKENS), req.stream, [req.prompt])
 
     started = await pipeline.start(request, runtime, event="text_completion", allow_demo=False, prepare=prepare)
     req = decoded[0]

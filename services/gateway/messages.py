@@ -16,10 +16,10 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
 from schemas import anthropic, bus
+from schemas.openai_bus import function_tool, named_tool_choice
 from services.auth.bearer import Principal
 from services.errors import InvalidRequest
 from services.gateway import pipeline
-from services.gateway.params import function_tool, named_tool_choice
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
 from services.gateway.sse import named

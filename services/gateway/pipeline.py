@@ -21,8 +21,9 @@ from litestar import Request
 from litestar.response import Stream
 
 from schemas import bus
+from schemas.openai_bus import Untranslatable
 from services.auth.bearer import Principal, authenticate
-from services.errors import ApiError, ProviderError
+from services.errors import ApiError, ProviderError, untranslatable
 from services.gateway.dispatch import Call, StreamBroken
 from services.gateway.exchange import Exchange
 from services.ids import request_id_of
@@ -105,7 +106,10 @@ async def start(
     try:
         principal = await authenticate(request, runtime, allow_demo=allow_demo, api_key_header=api_key_header)
         ex.key_id = principal.key_id
-        job = await prepare(principal, await request.body())
+        try:
+            job = await prepare(principal, await request.body())
+        except Untranslatable as exc:
+            raise untranslatable(exc) from None
         ex.model, ex.stream = job.request.model, job.stream
         ex.ticket = await _reserve(runtime, principal, job, ex.request_id)
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)

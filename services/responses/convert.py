@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 
 from schemas import bus, responses
+from schemas.openai_bus import function_tool, named_tool_choice
 from services.errors import InvalidRequest
-from services.gateway.params import function_tool, named_tool_choice
 from services.responses.store import Stored
 
 _SYSTEM_ROLES = ("system", "developer")

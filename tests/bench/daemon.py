@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-path", type=Path, default=None, help="an mlx-lm model folder (default: SmolLM2)")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request (default 64)")
     parser.add_argument("--concurrency", default="1,2,4,8", help="levels (default 1,2,4,8)")
-    parser.add_argument("--requests", type=int, default=0, help="requests per level (default 2x concurrency, >= 4)")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default 2x concurrency, >= 8)")
     parser.add_argument("--slots", type=int, default=8, help="our daemon's MP_SLOTS (default 8)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per level, best kept (default 2)")
     args = parser.parse_args(argv)
@@ -185,7 +185,7 @@ def main(argv: list[str]) -> int:
         _wait_ready(theirs_url, "default_model", 300)
         seq = [0]
         for concurrency in levels:
-            requests = args.requests or max(4, 2 * concurrency)
+            requests = args.requests or max(8, 2 * concurrency)
             # Warm both (kernels for this batch size), then measure in alternating rounds and keep
             # each side's best: other load on a shared machine only ever makes a round slower.
             for url, model in ((ours_url, "any"), (theirs_url, "default_model")):
