@@ -204,10 +204,15 @@ async def test_worker_killed_mid_request_fails_cleanly_restarts_and_tells_the_po
     print(f"\nworker restart after SIGKILL: {restart_s:.2f}s (tiny model)")
 
 
-def test_local_request_fails_cleanly_when_the_worker_dies(daemon: DaemonChild) -> None:
+def _signal_worker_mid_stream(daemon: DaemonChild, sig: signal.Signals) -> tuple[int, list[str], float]:
+    """Stream a long local request and send `sig` to the worker at the third chunk.
+
+    Returns the worker's pid, the SSE payloads and the seconds from the signal to the stream's end.
+    """
     wait_worker(daemon)
-    pid = status(daemon)["worker"]["pid"]
+    pid = int(status(daemon)["worker"]["pid"])
     payloads: list[str] = []
+    signalled_at = 0.0
     with httpx.stream(
         "POST",
         f"{daemon.api_url}/v1/chat/completions",
@@ -217,8 +222,14 @@ def test_local_request_fails_cleanly_when_the_worker_dies(daemon: DaemonChild) -
         for line in r.iter_lines():
             if line.startswith("data: "):
                 payloads.append(line.removeprefix("data: "))
-            if len(payloads) == 3:
-                os.kill(pid, signal.SIGKILL)
+            if len(payloads) == 3 and not signalled_at:
+                os.kill(pid, sig)
+                signalled_at = time.monotonic()
+    return pid, payloads, time.monotonic() - signalled_at
+
+
+def test_local_request_fails_cleanly_when_the_worker_dies(daemon: DaemonChild) -> None:
+    _, payloads, _ = _signal_worker_mid_stream(daemon, signal.SIGKILL)
     assert payloads[-1] == "[DONE]"
     err = json.loads(payloads[-2])
     assert err["choices"][0]["finish_reason"] == "error"
@@ -229,23 +240,7 @@ def test_local_request_fails_cleanly_when_the_worker_dies(daemon: DaemonChild) -
 
 def test_a_hung_worker_is_killed_and_replaced(daemon: DaemonChild) -> None:
     """Alive but making no progress (here: SIGSTOPped) while holding a request: killed, restarted."""
-    wait_worker(daemon)
-    pid = status(daemon)["worker"]["pid"]
-    payloads: list[str] = []
-    stopped_at = 0.0
-    with httpx.stream(
-        "POST",
-        f"{daemon.api_url}/v1/chat/completions",
-        json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": True},
-        timeout=60,
-    ) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                payloads.append(line.removeprefix("data: "))
-            if len(payloads) == 3:
-                os.kill(pid, signal.SIGSTOP)
-                stopped_at = time.monotonic()
-    ended_after = time.monotonic() - stopped_at
+    pid, payloads, ended_after = _signal_worker_mid_stream(daemon, signal.SIGSTOP)
     assert payloads[-1] == "[DONE]"
     err = json.loads(payloads[-2])
     assert err["error"]["code"] == "worker_crashed"
