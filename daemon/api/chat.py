@@ -9,16 +9,16 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
-from litestar.response import Stream
 
 from daemon.api.common import (
     DONE,
     FINISH,
     LocalRequests,
+    collected,
     decode,
     engine_error,
     sse,
-    unless_disconnected,
+    streamed,
     usage,
 )
 from daemon.engine.base import EngineError, Finished, Prepared
@@ -41,16 +41,10 @@ def chat_routes(local: LocalRequests) -> list[Any]:
         created = int(time.time())
         cid = f"chatcmpl-{request_id}"
         model = prepared.request.model
-        headers = {"x-request-id": request_id}
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return Stream(
-                _stream(prepared, cid, created, model, include_usage=include_usage),
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache"},
-            )
-        completion = await unless_disconnected(request, _collect(prepared, cid, created, model))
-        return Response(completion, headers=headers)
+            return streamed(request_id, _stream(prepared, cid, created, model, include_usage=include_usage))
+        return await collected(request, request_id, _collect(prepared, cid, created, model))
 
     async def _collect(prepared: Prepared, cid: str, created: int, model: str) -> openai.ChatCompletion:
         text: list[str] = []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import msgspec
 import structlog
 from litestar import Request, Response
+from litestar.response import Stream
 
 from daemon.engine.base import INVALID_REQUEST_CODES, CancelToken, EngineError, Finished, Prepared
 from schemas import bus, openai, openai_bus
@@ -94,6 +95,17 @@ async def unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[T
         if not task.done():
             task.cancel()
     return await task
+
+
+def streamed(request_id: str, chunks: AsyncIterator[bytes]) -> Stream:
+    return Stream(
+        chunks, media_type="text/event-stream", headers={"x-request-id": request_id, "cache-control": "no-cache"}
+    )
+
+
+async def collected(request: Request[Any, Any, Any], request_id: str, work: Awaitable[Any]) -> Response[Any]:
+    """A non-stream answer; the generation is cancelled if the client hangs up first."""
+    return Response(await unless_disconnected(request, work), headers={"x-request-id": request_id})
 
 
 @dataclass

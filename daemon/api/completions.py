@@ -8,16 +8,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Request, Response, post
-from litestar.response import Stream
 
 from daemon.api.common import (
     DONE,
     FINISH,
     LocalRequests,
+    collected,
     decode,
     engine_error,
     sse,
-    unless_disconnected,
+    streamed,
     usage,
 )
 from daemon.engine.base import EngineError, Finished, Prepared
@@ -40,17 +40,12 @@ def completion_routes(local: LocalRequests) -> list[Any]:
         created = int(time.time())
         cid = f"cmpl-{request_id}"
         model = prepared.request.model
-        headers = {"x-request-id": request_id}
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
-            return Stream(
-                _stream(prepared, cid, created, model, include_usage=include_usage, echo=req.echo),
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache"},
+            return streamed(
+                request_id, _stream(prepared, cid, created, model, include_usage=include_usage, echo=req.echo)
             )
-        collect = _collect(prepared, cid, created, model, echo=req.echo)
-        completion = await unless_disconnected(request, collect)
-        return Response(completion, headers=headers)
+        return await collected(request, request_id, _collect(prepared, cid, created, model, echo=req.echo))
 
     def _logprobs(items: list[bus.TokenLogprob], offset: int) -> openai.CompletionLogprobs:
         offsets = []
