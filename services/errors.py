@@ -124,6 +124,14 @@ class RequestTimeout(ApiError):
     code = "request_timeout"
 
 
+class ClientDisconnected(ApiError):
+    """The client hung up before its request body arrived (nobody reads the answer; nginx's 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 class InternalError(ApiError):
     status = 500
     type = "api_error"

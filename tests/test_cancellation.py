@@ -101,6 +101,26 @@ def test_non_stream_disconnect_cancels_generation(stack: Stack) -> None:
         time.sleep(0.02)
 
 
+def test_a_client_that_hangs_up_before_its_body_arrives_is_logged_as_gone(stack: Stack) -> None:
+    before = len(logs.events(stack.gateway.log_path, "chat_completion"))
+    errors_before = len(logs.events(stack.gateway.log_path, "unhandled_error"))
+    with socket.create_connection(("127.0.0.1", int(stack.base_url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {stack.api_key}\r\nContent-Length: 500\r\n\r\n".encode()
+            + b'{"model": "'
+        )
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not (lines := logs.events(stack.gateway.log_path, "chat_completion")[before:]):
+        assert time.monotonic() < deadline, "no summary line for the abandoned request"
+        time.sleep(0.05)
+    # A hang-up, not a server error: nothing generated, nothing billed, no error logged.
+    assert lines[0]["status"] == "client_disconnected", lines
+    assert lines[0]["completion_tokens"] == "0"
+    assert len(logs.events(stack.gateway.log_path, "unhandled_error")) == errors_before
+
+
 def test_provider_killed_mid_stream_ends_with_an_error_chunk(stack: Stack) -> None:
     model = "tiny-llama-doomed"
     doomed = start_daemon(

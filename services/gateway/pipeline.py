@@ -18,12 +18,13 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 from litestar import Request
+from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from schemas import bus
 from schemas.openai_bus import Untranslatable
 from services.auth.bearer import Principal, authenticate
-from services.errors import ApiError, ProviderError, untranslatable
+from services.errors import ApiError, ClientDisconnected, ProviderError, untranslatable
 from services.gateway.dispatch import Call, StreamBroken
 from services.gateway.exchange import Exchange
 from services.ids import request_id_of
@@ -107,7 +108,12 @@ async def start(
         principal = await authenticate(request, runtime, allow_demo=allow_demo, api_key_header=api_key_header)
         ex.key_id = principal.key_id
         try:
-            job = await prepare(principal, await request.body())
+            body = await request.body()
+        except InternalServerException:
+            # Litestar's "client disconnected prematurely": a hang-up, not a server error.
+            raise ClientDisconnected("The client hung up before its request body arrived.") from None
+        try:
+            job = await prepare(principal, body)
         except Untranslatable as exc:
             raise untranslatable(exc) from None
         ex.model, ex.stream = job.request.model, job.stream
