@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -176,6 +177,7 @@ def main(argv: list[str]) -> int:
         env=env,
         log_path=home / "logs" / "mlx_lm_server.log",
     )
+    finished = False
     ours: list[Level] = []
     theirs: list[Level] = []
     try:
@@ -213,8 +215,14 @@ def main(argv: list[str]) -> int:
         theirs.sort(key=lambda x: x.concurrency)
         print()
         print(render(ours, theirs, model_path.name, args.tokens))
+        finished = True
         return 0
     finally:
         daemon.stop()
         procs.stop(reference)
         nats.stop()
+        # A finished run leaves nothing behind; a failed one keeps its logs for a post-mortem.
+        if finished:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            print(f"[bench] logs kept in {home / 'logs'}", flush=True)
