@@ -82,6 +82,23 @@ def response_format(fmt: openai.ResponseFormat | None) -> bus.ResponseFormat | N
     return None
 
 
+def _sampling(req: openai.ChatCompletionRequest | openai.CompletionRequest, **differing: Any) -> bus.SamplingParams:
+    """The sampling fields chat and text completions share; `differing` holds the rest."""
+    return bus.SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        logit_bias=logit_bias(req.logit_bias),
+        stop=req.stop_list(),
+        **differing,
+    )
+
+
 def chat_request(
     req: openai.ChatCompletionRequest, *, default_max_tokens: int, model: str | None = None, request_id: str = ""
 ) -> bus.InferenceRequest:
@@ -93,21 +110,12 @@ def chat_request(
         request_id=request_id,
         model=req.model if model is None else model,
         messages=[chat_message(m) for m in req.messages],
-        params=bus.SamplingParams(
+        params=_sampling(
+            req,
             max_tokens=limit or default_max_tokens,
             max_tokens_explicit=limit is not None,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=logit_bias(req.logit_bias),
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs or 0,
-            stop=req.stop_list(),
             response_format=response_format(req.response_format),
         ),
         tools=tools or None,
@@ -142,21 +150,12 @@ def completion_request(
         model=req.model if model is None else model,
         messages=[],
         prompt=req.prompt,
-        params=bus.SamplingParams(
+        params=_sampling(
+            req,
             max_tokens=req.max_tokens or default_max_tokens,
             max_tokens_explicit=req.max_tokens is not None,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            seed=req.seed,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=logit_bias(req.logit_bias),
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,
-            stop=req.stop_list(),
         ),
     )
 
@@ -171,6 +170,20 @@ def usage(prompt: int, completion: int, cached: int, reasoning: int = 0) -> open
         total_tokens=prompt + completion,
         prompt_tokens_details=openai.PromptTokensDetails(cached_tokens=cached),
         completion_tokens_details=openai.CompletionTokensDetails(reasoning_tokens=reasoning),
+    )
+
+
+def completion_logprobs(items: list[bus.TokenLogprob], offset: int, *, with_top: bool) -> openai.CompletionLogprobs:
+    """Legacy logprobs: parallel lists, `text_offset` counted in characters of the returned text."""
+    offsets = []
+    for t in items:
+        offsets.append(offset)
+        offset += len(t.token)
+    return openai.CompletionLogprobs(
+        tokens=[t.token for t in items],
+        token_logprobs=[t.logprob for t in items],
+        top_logprobs=[{a: lp for a, lp, _ in t.top} for t in items] if with_top else None,
+        text_offset=offsets,
     )
 
 

@@ -48,16 +48,7 @@ def completion_routes(local: LocalRequests) -> list[Any]:
         return await collected(request, request_id, _collect(prepared, cid, created, model, echo=req.echo))
 
     def _logprobs(items: list[bus.TokenLogprob], offset: int) -> openai.CompletionLogprobs:
-        offsets = []
-        for t in items:
-            offsets.append(offset)
-            offset += len(t.token)
-        return openai.CompletionLogprobs(
-            tokens=[t.token for t in items],
-            token_logprobs=[t.logprob for t in items],
-            top_logprobs=[{a: lp for a, lp, _ in t.top} for t in items] if any(t.top for t in items) else None,
-            text_offset=offsets,
-        )
+        return openai_bus.completion_logprobs(items, offset, with_top=any(t.top for t in items))
 
     async def _collect(prepared: Prepared, cid: str, created: int, model: str, *, echo: bool) -> openai.Completion:
         # echo: the prompt comes back before the completion (refused with logprobs: openai_bus).

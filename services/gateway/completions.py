@@ -10,7 +10,7 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
 from schemas import bus, openai
-from schemas.openai_bus import FINISH, completion_request, usage
+from schemas.openai_bus import FINISH, completion_logprobs, completion_request, usage
 from services.auth.bearer import Principal
 from services.gateway import pipeline
 from services.gateway.pipeline import Event, Finished, Job
@@ -77,19 +77,9 @@ class _Shape:
         )
 
     def logprobs(self, items: list[bus.TokenLogprob], offset: int) -> openai.CompletionLogprobs | None:
-        """Legacy logprobs: parallel lists, `text_offset` counted in characters of the returned text."""
         if self.req.logprobs is None:
             return None
-        offsets = []
-        for t in items:
-            offsets.append(offset)
-            offset += len(t.token)
-        return openai.CompletionLogprobs(
-            tokens=[t.token for t in items],
-            token_logprobs=[t.logprob for t in items],
-            top_logprobs=[{a: lp for a, lp, _ in t.top} for t in items] if self.req.logprobs else None,
-            text_offset=offsets,
-        )
+        return completion_logprobs(items, offset, with_top=bool(self.req.logprobs))
 
     async def collect(self, events: AsyncIterator[Event]) -> openai.Completion:
         parts = [self.req.prompt] if self.req.echo else []
