@@ -49,6 +49,9 @@ class _Replier:
     seq: int = 0
 
     async def send(self, make: type[bus.Frame], **fields: object) -> None:
+        if make is bus.Failed:
+            # The wire type bounds a message's length: a longer one would not even decode at the gateway.
+            fields["message"] = str(fields["message"])[: bus.MAX_MESSAGE_CHARS]
         frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
         self.seq += 1
         await self.nc.publish(self.subject, bus.encode(frame))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas import subjects
+from schemas import bus, subjects
 
 
 class SettingsError(ValueError):
@@ -141,6 +141,11 @@ class DaemonSettings:
         for name, value in (("MP_SLOTS", settings.slots), ("MP_PREFILL_STEP", settings.prefill_step)):
             if value < 1:
                 raise SettingsError(f"{name} must be at least 1, got {value}")
+        if not bus.MIN_HEARTBEAT_S <= settings.heartbeat_s <= bus.MAX_HEARTBEAT_S:
+            raise SettingsError(
+                f"MP_HEARTBEAT_S must be between {bus.MIN_HEARTBEAT_S:g} and {bus.MAX_HEARTBEAT_S:g}, "
+                f"got {settings.heartbeat_s}"
+            )
         if not 0 <= settings.prefill_gather <= 1:
             raise SettingsError(f"MP_PREFILL_GATHER must be between 0 and 1, got {settings.prefill_gather}")
         for name, port in (("MP_ADMIN_PORT", settings.admin_port), ("MP_API_PORT", settings.api_port)):

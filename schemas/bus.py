@@ -8,21 +8,47 @@ provider that went silent instead of truncating an answer without a word.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 T = TypeVar("T")
+
+# ---- bounds -------------------------------------------------------------------------
+# A peer is untrusted input: every number it sends is bounded, so a lie is a decode error
+# here rather than an overflow in Postgres or a NaN that never compares. The bounds are far
+# above anything honest (a million-token context, a 256k vocabulary, 4096 slots).
+MAX_COUNT = 1 << 24
+MAX_TOKEN_ID = (1 << 24) - 1
+MAX_SLOTS = 4096
+# Models one daemon may announce, and recent conversations it may list.
+MAX_MODELS = 16
+MAX_CACHED_CONVERSATIONS = 64
+MAX_TOOL_CALLS = 128
+MAX_TOP_LOGPROBS = 20
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+TokenIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_COUNT)]
+# Durations and rates: finite and non-negative (NaN and infinities fail `ge`/`le`).
+Millis = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
+Rate = Annotated[float, msgspec.Meta(ge=0, le=1e7)]
+# Short identifiers a peer chooses (ids, versions, codes): no room for essays or control characters.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Code = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+MAX_MESSAGE_CHARS = 4096
+Message = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
+ConversationKey = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
 
 # "tool_calls": the model called tools (only when the request offered some).
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class ToolCall(msgspec.Struct, frozen=True, array_like=True):
-    id: str
-    name: str
+    id: Annotated[str, msgspec.Meta(max_length=256)]
+    name: Annotated[str, msgspec.Meta(max_length=256)]
     # JSON text, as OpenAI sends it.
-    arguments: str
+    arguments: Annotated[str, msgspec.Meta(max_length=1 << 20)]
 
 
 class BusMessage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -49,7 +75,7 @@ class ResponseFormat(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
-    max_tokens: int
+    max_tokens: Count
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -59,10 +85,10 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    logit_bias: dict[int, float] | None = None
+    logit_bias: dict[TokenId, float] | None = None
     # Per-token log-probabilities; `top_logprobs` alternatives for each (0-20).
     logprobs: bool = False
-    top_logprobs: int = 0
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     # True when the buyer set max_tokens: a daemon whose memory budget cannot hold it
     # refuses (context_over_budget) instead of silently generating less.
     max_tokens_explicit: bool = False
@@ -82,7 +108,7 @@ class Continuation(msgspec.Struct, frozen=True, omit_defaults=True):
     it is re-derived from the prompt and `token_ids`, as the first provider did.
     """
 
-    token_ids: list[int]
+    token_ids: TokenIds
     text: str
     reasoning: str = ""
 
@@ -93,7 +119,7 @@ class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     messages: list[BusMessage]
     params: SamplingParams
     # Unix ms after which the gateway has given up; the daemon stops there too.
-    deadline_ms: int = 0
+    deadline_ms: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)] = 0
     # A legacy text completion: `prompt` is sent to the model as is (no chat template).
     prompt: str | None = None
     # OpenAI function tools (JSON objects as the buyer sent them) and tool_choice.
@@ -115,61 +141,69 @@ class Cancel(msgspec.Struct, frozen=True):
 class Accepted(msgspec.Struct, frozen=True, tag="accepted"):
     """First frame: the provider took the request (prompt tokenized, queued or running)."""
 
-    seq: int
-    prompt_tokens: int
-    queue_position: int = 0
+    seq: Count
+    prompt_tokens: Count
+    queue_position: Count = 0
+
+
+_Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
+_TokenBytes = Annotated[list[_Byte], msgspec.Meta(max_length=1024)]
+_TokenText = Annotated[str, msgspec.Meta(max_length=1024)]
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
-    token: str
+    token: _TokenText
     logprob: float
     # UTF-8 bytes of the token (it may be part of a character), as OpenAI reports them.
-    bytes: list[int] | None = None
+    bytes: _TokenBytes | None = None
     # The most likely alternatives at this position: (token, logprob, bytes).
-    top: list[tuple[str, float, list[int] | None]] = msgspec.field(default_factory=list)
+    top: Annotated[list[tuple[_TokenText, float, _TokenBytes | None]], msgspec.Meta(max_length=MAX_TOP_LOGPROBS)] = (
+        msgspec.field(default_factory=list)
+    )
 
 
 class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     """New text. Never ends inside a multi-byte character, a possible stop sequence or think tag."""
 
-    seq: int
+    seq: Count
     text: str
-    tokens: int
+    # Declared count; the gateway bills `token_ids`, and a disagreement is a protocol violation.
+    tokens: Count
     # Complete tool calls parsed from the model's tool markup (never partial).
-    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    tool_calls: Annotated[list[ToolCall], msgspec.Meta(max_length=MAX_TOOL_CALLS)] = msgspec.field(default_factory=list)
     # One entry per generated token in this delta, when the request asked for logprobs.
     logprobs: list[TokenLogprob] = msgspec.field(default_factory=list)
     # The ids of the `tokens` generated tokens, so another provider can continue after them.
-    token_ids: list[int] = msgspec.field(default_factory=list)
+    token_ids: TokenIds = msgspec.field(default_factory=list)
     # New text of the model's thinking channel (`<think>…</think>`, tags removed); it came before
     # this frame's `text`. Chat requests on models that think only; `text` is then the answer alone.
     reasoning: str = ""
 
 
 class Done(msgspec.Struct, frozen=True, tag="done"):
-    seq: int
+    seq: Count
     finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
+    prompt_tokens: Count
+    completion_tokens: Count
+    cached_tokens: Count = 0
     # Provider-side timings, for the gateway's summary log line.
-    queue_ms: float = 0.0
-    ttft_ms: float = 0.0
-    generation_ms: float = 0.0
+    queue_ms: Millis = 0.0
+    ttft_ms: Millis = 0.0
+    generation_ms: Millis = 0.0
     # Of completion_tokens, those the model spent thinking (the think tags included).
-    reasoning_tokens: int = 0
+    reasoning_tokens: Count = 0
     # The request's stop string that ended the answer (finish_reason "stop"), if one did.
     stop_sequence: str | None = None
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):
-    seq: int
-    code: str
-    message: str
+    seq: Count
+    code: Code
+    message: Message
     # True when nothing was generated and another provider may take the request.
     retryable: bool = False
     # The request field at fault, when the request itself was invalid (e.g. "max_tokens").
-    param: str | None = None
+    param: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\[\]-]{1,128}$")] | None = None
 
 
 Frame = Accepted | Delta | Done | Failed
@@ -179,37 +213,47 @@ Frame = Accepted | Delta | Done | Failed
 
 
 class ModelInfo(msgspec.Struct, frozen=True):
-    id: str
-    context_length: int = 0
+    id: Name
+    context_length: Count = 0
     # False while the daemon's worker is unloaded for idleness: it reloads on the next request.
     loaded: bool = True
     # Longest prompt + max_tokens this daemon's memory budget admits (0: not reported).
-    max_safe_context: int = 0
+    max_safe_context: Count = 0
     # The daemon can constrain this model's output to JSON (response_format).
     structured_output: bool = False
+    # Token ids this model has (0: not reported); a continuation's ids are checked against it.
+    vocab_size: Count = 0
+
+
+# Heartbeats come every second or so; these bound how often and how seldom a daemon may claim.
+MIN_HEARTBEAT_S = 0.05
+MAX_HEARTBEAT_S = 10.0
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
-    provider_id: str
-    daemon_version: str
+    provider_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    daemon_version: Annotated[str, msgspec.Meta(max_length=64)]
     # Changes when the daemon restarts, so a gateway can tell a restart from a blip.
-    boot_id: str
-    models: list[ModelInfo]
-    slots: int
-    slots_free: int
-    queue_depth: int
-    queue_limit: int
-    decode_tps: float
-    interval_s: float
-    sent_at_ms: int
+    boot_id: Annotated[str, msgspec.Meta(max_length=64)]
+    models: Annotated[list[ModelInfo], msgspec.Meta(max_length=MAX_MODELS)]
+    slots: Annotated[int, msgspec.Meta(ge=0, le=MAX_SLOTS)]
+    slots_free: Annotated[int, msgspec.Meta(ge=0, le=MAX_SLOTS)]
+    queue_depth: Count
+    queue_limit: Count
+    # Claimed only: gateways route on the speed they observe themselves.
+    decode_tps: Rate
+    interval_s: Annotated[float, msgspec.Meta(ge=MIN_HEARTBEAT_S, le=MAX_HEARTBEAT_S)]
+    sent_at_ms: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)]
     draining: bool = False
     # The inference worker: "healthy", "starting", "restarting" (crashed, coming back) or "idle"
     # (unloaded, reloads on demand). While it restarts the daemon reports no room.
-    worker: str = "healthy"
+    worker: Annotated[str, msgspec.Meta(max_length=32)] = "healthy"
     # Keys (schemas.conversations) of recent conversations whose prefix the prompt cache holds.
-    cached_conversations: list[str] = msgspec.field(default_factory=list)
+    cached_conversations: Annotated[list[ConversationKey], msgspec.Meta(max_length=MAX_CACHED_CONVERSATIONS)] = (
+        msgspec.field(default_factory=list)
+    )
     # Memory the Mac could still give to new work (0: unknown).
-    memory_available_bytes: int = 0
+    memory_available_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)] = 0
 
 
 class Leave(msgspec.Struct, frozen=True):

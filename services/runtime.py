@@ -25,6 +25,7 @@ from services.gateway.membership import Membership
 from services.gateway.pool import PoolView
 from services.keys.lookup import KeyLookup
 from services.providers.admission import Admission
+from services.providers.violations import Violations
 from services.settings import Settings
 from services.usage.metering import Metering
 
@@ -64,7 +65,15 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         per_minute=settings.provisional_admissions_per_min,
         cache_ttl_s=settings.admission_cache_ttl_s,
     )
-    membership = Membership(nc, pool, settings.gateway_id, admission=admission)
+    violations = Violations(
+        db,
+        settings.gateway_id,
+        limit=settings.provider_violation_limit,
+        window_s=settings.provider_violation_window_s,
+    )
+    membership = Membership(
+        nc, pool, settings.gateway_id, admission=admission, violations=violations, max_slots=settings.provider_max_slots
+    )
     keys = KeyLookup(db, settings)
     demo = DemoTokens(settings.secret_key, ttl_s=settings.demo_token_ttl_s)
     metering = Metering(db, settings.gateway_id, enabled=settings.metering, stale_after_s=settings.reservation_stale_s)
@@ -73,6 +82,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await metering.start()
         await router.start()
         await admission.start()
+        await violations.start()
         await membership.start()
         dispatcher = Dispatcher(
             nc,
@@ -85,6 +95,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             first_token_timeout_s=settings.first_token_timeout_s,
             lost_after_intervals=settings.lost_after_intervals,
             max_failovers=settings.max_failovers,
+            violations=violations,
         )
         log.info("control_plane_ready", gateway_id=settings.gateway_id)
         yield Runtime(settings, db, nc, pool, dispatcher, metering, time.time(), keys=keys, demo=demo)
@@ -93,6 +104,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await metering.stop()
         await membership.stop()
         await admission.stop()
+        await violations.stop()
         await router.stop()
         with contextlib.suppress(Exception):
             await nc.drain()

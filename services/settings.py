@@ -142,6 +142,11 @@ class Settings:
     provisional_admissions_per_min: int
     # Safety net for the per-replica admission cache; pins, bans and drains reach it at once by NOTIFY.
     admission_cache_ttl_s: float
+    # The most slots a provider's heartbeat is believed to have (an operator raises it per provider).
+    provider_max_slots: int
+    # Protocol violations within the window that suspend a provider automatically (0: never).
+    provider_violation_limit: int
+    provider_violation_window_s: float
     # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone.
     nats_user: str
     nats_password: str = field(repr=False)
@@ -201,6 +206,9 @@ class Settings:
             response_max_bytes=_int(env, "MP_RESPONSE_MAX_BYTES", 4 << 20),
             provisional_admissions_per_min=_int(env, "MP_PROVISIONAL_ADMISSIONS_PER_MIN", 10),
             admission_cache_ttl_s=_float(env, "MP_ADMISSION_CACHE_TTL_S", 30.0),
+            provider_max_slots=_int(env, "MP_PROVIDER_MAX_SLOTS", 64),
+            provider_violation_limit=_int(env, "MP_PROVIDER_VIOLATION_LIMIT", 3),
+            provider_violation_window_s=_float(env, "MP_PROVIDER_VIOLATION_WINDOW_S", 3600.0),
             nats_user=env.get("MP_NATS_USER", ""),
             nats_password=env.get("MP_NATS_PASSWORD", ""),
         )

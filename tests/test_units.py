@@ -76,17 +76,50 @@ def _hb(
     )
 
 
-def test_routing_prefers_free_slots_then_load_then_speed() -> None:
+def test_routing_prefers_free_slots_then_load_then_measured_speed() -> None:
     pool = PoolView()
     pool.observe(_hb("busy", free=0, queue=1))
-    pool.observe(_hb("slow", tps=5))
-    pool.observe(_hb("fast", tps=50))
+    # Speed is what this replica measured; a claim in the heartbeat decides nothing.
+    pool.observe(_hb("slow", tps=5000))
+    pool.observe(_hb("fast", tps=1))
     pool.observe(_hb("other-model", model="x"))
+    pool.note_first_token("slow", 0.5)
+    pool.note_decoding("slow", 100, 10.0)
+    pool.note_first_token("fast", 0.1)
+    pool.note_decoding("fast", 100, 1.0)
     assert [s.provider_id for s in pool.candidates("m")] == ["fast", "slow", "busy"]
     # Requests sent since the last heartbeat count against a provider.
     pool.note_sent("fast")
     assert [s.provider_id for s in pool.candidates("m")] == ["slow", "fast", "busy"]
     assert pool.candidates("nope") == []
+
+
+def test_a_provider_cannot_hide_load_from_the_replica_that_sent_it_work() -> None:
+    pool = PoolView()
+    pool.observe(_hb("liar", slots=8, free=8))
+    pool.observe(_hb("honest", slots=2, free=2))
+    for _ in range(8):
+        pool.note_sent("liar")
+        # Its next heartbeat claims every slot free again: the requests this replica has there still count.
+        pool.observe(_hb("liar", slots=8, free=8))
+    liar = pool.providers["liar"]
+    assert liar.free_slots() == 0
+    assert liar.load() == 1.0
+    assert [s.provider_id for s in pool.candidates("m")] == ["honest", "liar"]
+
+
+def test_a_provider_that_failed_us_goes_behind_the_others() -> None:
+    clock = [100.0]
+    pool = PoolView(clock=lambda: clock[0])
+    pool.observe(_hb("flaky", slots=4, free=4))
+    pool.observe(_hb("steady", slots=1, free=1))
+    assert pool.candidates("m")[0].provider_id == "flaky"
+    pool.note_failure("flaky")
+    assert [s.provider_id for s in pool.candidates("m")] == ["steady", "flaky"]
+    clock[0] += 61
+    pool.observe(_hb("flaky", slots=4, free=4))
+    pool.observe(_hb("steady", slots=1, free=1))
+    assert pool.candidates("m")[0].provider_id == "flaky"
 
 
 def test_routing_prefers_the_provider_holding_the_conversation_unless_much_busier() -> None:

@@ -73,7 +73,8 @@ class SyntheticEngine:
                     finish = "cancelled"
                     n -= 1
                     break
-                yield TextChunk(WORDS[(n - 1) % len(WORDS)], 1)
+                # Each word is "token" n % len(WORDS): the ids are what the gateway bills.
+                yield TextChunk(WORDS[(n - 1) % len(WORDS)], 1, token_ids=((n - 1) % len(WORDS),))
                 # Yield to the loop every token, as a real engine's thread hand-off would.
                 await asyncio.sleep(self.token_delay_s)
             elapsed = time.monotonic() - started

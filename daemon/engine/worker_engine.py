@@ -152,6 +152,7 @@ class WorkerEngine:
                     loaded=self.supervisor.state == "healthy",
                     max_safe_context=adm.max_safe_context if adm else 0,
                     structured_output=self.structured_output(),
+                    vocab_size=m.vocab_size,
                 )
             )
         return Capacity(

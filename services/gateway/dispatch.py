@@ -6,10 +6,17 @@ provider dies, goes silent, misbehaves or fails mid-answer, the call
 continues on another provider from the prompt plus the tokens already
 generated (`bus.Continuation`), so the buyer sees one uninterrupted answer.
 When no provider can continue, the call ends with `StreamBroken`.
+
+Providers are untrusted (services/gateway/vetting.py): every frame is checked
+before it is passed on, the buyer is billed for the token ids received, a
+provider that breaks the protocol loses the request (and has it recorded
+against it), and a provider's refusal of the request itself is tried once more
+elsewhere before the buyer hears of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -29,8 +36,11 @@ from services.errors import (
     RequestTimeout,
     UnsupportedValue,
 )
+from services.gateway import vetting
+from services.gateway.json_check import JsonAnswer, byte_tokenizer
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
+from services.providers.violations import Violations
 
 __all__ = ["Call", "Dispatcher", "ReplyRouter", "StreamBroken"]
 
@@ -51,17 +61,36 @@ RECOVERABLE = frozenset(
     }
 )
 
+# Refusals that say the request itself cannot run: the buyer's error (a 400 naming the field).
+REQUEST_FAULTS = frozenset(
+    {
+        "invalid_value",
+        "invalid_messages",
+        "context_length_exceeded",
+        "context_over_budget",
+        "unsupported_value",
+        "prompt_too_complex",
+    }
+)
+
 # How often a waiting request re-checks its provider's heartbeat and its deadlines.
 _TICK_S = 0.25
 
 
 def _refusal(frame: bus.Failed) -> ApiError:
-    """A provider refused the request itself (bad field, too long): the buyer's error, not ours."""
-    if frame.param is not None or frame.code.startswith(("invalid", "context_")):
+    """A provider refused the request itself (bad field, too long): the buyer's error, not ours.
+
+    Only a known code becomes the buyer's error; anything else a provider says is its own failure.
+    """
+    if frame.code in REQUEST_FAULTS:
         error: ApiError = InvalidRequest(frame.message, param=frame.param)
         error.code = frame.code
         return error
-    return ProviderError(f"The provider refused the request: {frame.message}")
+    return ProviderError(f"The provider refused the request ({frame.code}).")
+
+
+def _vocab_size(hb: bus.Heartbeat, model: str) -> int:
+    return next((m.vocab_size for m in hb.models if m.id == model), 0)
 
 
 def _conversation_of(request: bus.InferenceRequest) -> str | None:
@@ -80,6 +109,9 @@ class _Leg:
     watch: int
     epoch: int
     accepted: bus.Accepted
+    check: vetting.LegCheck
+    sent_at: float
+    first_token_at: float | None = None
 
 
 @dataclass
@@ -116,7 +148,7 @@ class Call:
     async def frames(self) -> AsyncIterator[bus.Delta | bus.Done]:
         while True:
             try:
-                frame = await self._next()
+                frame = self._checked(await self._next())
             except StreamBroken as exc:
                 if not exc.recoverable:
                     raise
@@ -127,17 +159,37 @@ class Call:
                 self._text.append(frame.text)
                 self._reasoning.append(frame.reasoning)
                 self._token_ids.extend(frame.token_ids)
-                self._tokens += frame.tokens
+                # Billed from the ids received (vetting checked the declared count agrees).
+                self._tokens += len(frame.token_ids)
                 yield frame
                 continue
             self.finished = True
+            self._dispatcher.measure_end(self._leg)
             # Bill the original prompt once and every token delivered, across providers.
             yield msgspec.structs.replace(
                 frame,
                 prompt_tokens=self.accepted.prompt_tokens,
                 completion_tokens=self._tokens,
+                cached_tokens=min(frame.cached_tokens, self.accepted.prompt_tokens),
             )
             return
+
+    def _checked(self, frame: bus.Delta | bus.Done) -> bus.Delta | bus.Done:
+        """The frame if the provider kept the protocol; a violation ends its part (StreamBroken)."""
+        leg = self._leg
+        try:
+            if isinstance(frame, bus.Delta):
+                leg.check.delta(frame)
+                if leg.first_token_at is None and frame.token_ids:
+                    leg.first_token_at = time.monotonic()
+                return frame
+            return leg.check.done(frame)
+        except vetting.Violation as v:
+            raise StreamBroken("provider_protocol_error", v.detail, recoverable=True, violation=v.kind) from None
+        finally:
+            for problem in leg.check.problems:
+                self._dispatcher.violation(leg.provider_id, problem.kind, problem.detail, self.request_id)
+            leg.check.problems.clear()
 
     async def _next(self) -> bus.Delta | bus.Done:
         d = self._dispatcher
@@ -171,9 +223,11 @@ class Call:
     async def _fail_over(self, cause: StreamBroken) -> None:
         d = self._dispatcher
         lost = self.provider_id
+        d.pool.note_failure(lost)
+        if cause.violation is not None:
+            d.violation(lost, cause.violation, cause.message, self.request_id)
         await self._release_leg(cancel=True)
-        if self.failovers >= d.max_failovers or len(self._token_ids) != self._tokens:
-            # Out of retries, or the provider did not report token ids: continuing would repeat text.
+        if self.failovers >= d.max_failovers:
             self.finished = True
             raise StreamBroken(cause.code, cause.message)
         continued = msgspec.structs.replace(
@@ -183,7 +237,7 @@ class Call:
             ),
         )
         try:
-            self._leg = await d.open_leg(continued, exclude=set(self.providers))
+            self._leg = await d.open_leg(continued, exclude=set(self.providers), json=self._leg.check.json)
         except ApiError as exc:
             self.finished = True
             raise StreamBroken(
@@ -228,6 +282,7 @@ class Dispatcher:
         lost_after_intervals: float = 2.0,
         max_failovers: int = 2,
         max_attempts: int = 3,
+        violations: Violations | None = None,
     ) -> None:
         self._nc = nc
         self.pool = pool
@@ -240,18 +295,46 @@ class Dispatcher:
         self.lost_after_intervals = lost_after_intervals
         self.max_failovers = max_failovers
         self.max_attempts = max_attempts
+        self._violations = violations
+        self._bytes = byte_tokenizer()
+
+    def violation(self, provider_id: str, kind: str, detail: str, request_id: str | None = None) -> None:
+        if self._violations is not None:
+            self._violations.record(provider_id, kind, detail, request_id)
 
     async def start(self, request: bus.InferenceRequest) -> Call:
         """Hand the request to the best provider that accepts it, or raise at once."""
         started = time.monotonic()
-        leg = await self.open_leg(request, exclude=set())
+        json = None
+        if request.params.response_format is not None:
+            try:
+                # Compiling a large schema takes a while: off the event loop.
+                json = await asyncio.to_thread(JsonAnswer, self._bytes, request.params.response_format)
+            except (ValueError, TypeError) as exc:
+                raise InvalidRequest(
+                    f"The JSON schema is not usable: {str(exc)[:300]}", param="response_format.json_schema.schema"
+                ) from None
+        leg = await self.open_leg(request, exclude=set(), json=json)
         return Call(request, leg.accepted, started, self, leg, providers=[leg.provider_id])
 
-    async def open_leg(self, request: bus.InferenceRequest, *, exclude: set[str]) -> _Leg:
+    def measure_end(self, leg: _Leg) -> None:
+        """A leg ended properly: what it showed of the provider's speed."""
+        now = time.monotonic()
+        if leg.first_token_at is not None:
+            self.pool.note_first_token(leg.provider_id, leg.first_token_at - leg.sent_at)
+            self.pool.note_decoding(leg.provider_id, leg.check.tokens - 1, now - leg.first_token_at)
+
+    async def open_leg(
+        self, request: bus.InferenceRequest, *, exclude: set[str], json: JsonAnswer | None = None
+    ) -> _Leg:
         key = _conversation_of(request)
         structured = request.params.response_format is not None
+        tools = vetting.offered_tools(request)
+        continued = max(request.continuation.token_ids, default=-1) if request.continuation else -1
         candidates = [
-            s for s in self.pool.candidates(request.model, key, structured=structured) if s.provider_id not in exclude
+            s
+            for s in self.pool.candidates(request.model, key, structured=structured)
+            if s.provider_id not in exclude and continued < (_vocab_size(s.heartbeat, request.model) or bus.MAX_COUNT)
         ]
         if not candidates:
             if structured and request.model in self.pool.models() and not self.pool.can_structure(request.model):
@@ -264,32 +347,51 @@ class Dispatcher:
             hint = f" Models served now: {', '.join(served)}." if served else " No provider is connected."
             raise CoordinatorUnavailable(f"No provider can serve model {request.model!r} right now.{hint}")
         payload = bus.encode(request)
+        max_frames, max_bytes = vetting.frame_budget(request)
         last_error = ""
+        refused: bus.Failed | None = None
         for state in candidates[: self.max_attempts]:
             pid = state.provider_id
-            stream = self._router.open(request.request_id, pid)
+            stream = self._router.open(request.request_id, pid, max_frames=max_frames, max_bytes=max_bytes)
             watch = self.pool.watch(pid, lost_notifier(stream))
             epoch = self.pool.note_sent(pid)
+            sent_at = time.monotonic()
             await self._nc.publish(
                 subjects.work(pid), payload, reply=subjects.reply(pid, self._gateway_id, request.request_id)
             )
+            check = vetting.LegCheck(request, _vocab_size(state.heartbeat, request.model), tools, json)
             try:
                 frame = await stream.next(self.accept_timeout_s)
+                if isinstance(frame, bus.Accepted):
+                    check.accepted(frame)
+                    return _Leg(pid, stream, watch, epoch, frame, check, sent_at)
+                if frame is None:
+                    self.pool.note_failure(pid)
             except StreamBroken as exc:
+                self.pool.note_failure(pid)
+                if exc.violation is not None:
+                    self.violation(pid, exc.violation, exc.message, request.request_id)
                 frame = bus.Failed(seq=0, code=exc.code, message=exc.message, retryable=True)
-            leg = _Leg(pid, stream, watch, epoch, frame) if isinstance(frame, bus.Accepted) else None
-            if leg is not None:
-                return leg
+            except vetting.Violation as v:
+                self.pool.note_failure(pid)
+                self.violation(pid, v.kind, v.detail, request.request_id)
+                frame = bus.Failed(seq=0, code="provider_protocol_error", message=v.detail, retryable=True)
             self._router.close(stream)
             self.pool.unwatch(pid, watch)
             self.pool.note_finished(pid, epoch)
-            if isinstance(frame, bus.Failed) and not frame.retryable:
-                raise _refusal(frame)
             # Nothing ran there; make sure a late acceptance is cancelled, then try the next one.
             await self.cancel(pid, request.request_id)
+            if isinstance(frame, bus.Failed) and not frame.retryable:
+                if refused is not None:
+                    raise _refusal(frame)
+                # The request itself was refused: one other provider gets to say so too before the
+                # buyer hears it, so one provider (broken or lying) cannot fail requests alone.
+                refused = frame
             last_error = frame.message if isinstance(frame, bus.Failed) else f"no answer in {self.accept_timeout_s:g} s"
-            log.warning("provider_declined", provider=pid, request_id=request.request_id, reason=last_error)
-        raise CoordinatorUnavailable(f"No provider accepted the request for {request.model!r} ({last_error}).")
+            log.warning("provider_declined", provider=pid, request_id=request.request_id, reason=last_error[:200])
+        if refused is not None:
+            raise _refusal(refused)
+        raise CoordinatorUnavailable(f"No provider accepted the request for {request.model!r} ({last_error[:200]}).")
 
     def release_leg(self, request_id: str, leg: _Leg) -> None:
         self._router.close(leg.stream)

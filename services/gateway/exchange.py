@@ -52,11 +52,12 @@ class Exchange:
         if self.ttft_ms is None:
             self.ttft_ms = (time.monotonic() - self.started) * 1000
         if self.ticket is not None:
-            self.ticket.completion_tokens += frame.tokens
+            # What the gateway received, never what the provider declares.
+            self.ticket.completion_tokens += len(frame.token_ids)
 
     def done(self, frame: bus.Done) -> tuple[int, int]:
         """(prompt, completion) tokens to bill: never more completion than the gateway saw."""
-        self.cached_tokens = frame.cached_tokens
+        self.cached_tokens = min(frame.cached_tokens, frame.prompt_tokens)
         if self.ticket is None:
             return frame.prompt_tokens, frame.completion_tokens
         self.ticket.prompt_tokens = frame.prompt_tokens

@@ -3,6 +3,12 @@
 Only admitted providers enter the view (services/providers/admission.py): a
 heartbeat from one not admitted yet is held until its verdict comes, a banned
 or drained one is kept out, and a ban fails its running requests at once.
+
+A heartbeat is a provider's claim, so it is size-limited before it is decoded,
+bounded by the wire type as it is decoded (schemas/bus.py), rate-limited per
+provider, and its capacity capped at what the operator allows that provider
+(services/gateway/vetting.py). What breaks those rules is recorded against the
+provider the subject names (NATS permissions pin who may publish there).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import bus, subjects
+from services.gateway import vetting
 from services.gateway.pool import PoolView
 from services.providers.admission import Admission, Verdict
+from services.providers.violations import Violations
 
 log = structlog.get_logger("gateway.pool")
 
@@ -36,11 +44,17 @@ class Membership:
         *,
         sweep_interval_s: float = 0.25,
         admission: Admission | None = None,
+        violations: Violations | None = None,
+        max_slots: int = bus.MAX_SLOTS,
     ) -> None:
         self._nc = nc
         self._pool = pool
         self._gateway_id = gateway_id
         self._sweep_interval_s = sweep_interval_s
+        self._violations = violations
+        self._max_slots = max_slots
+        # Per provider: (tokens left in its heartbeat bucket, when it was last filled).
+        self._buckets: dict[str, tuple[float, float]] = {}
         self._subs: list[Subscription] = []
         self._sweeper: asyncio.Task[None] | None = None
         # None: every provider is admitted (tests of the pool alone).
@@ -51,7 +65,12 @@ class Membership:
             admission.on_change(self._verdict_changed)
 
     async def start(self) -> None:
-        self._subs.append(await self._nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
+        # A flood beyond these is dropped by the client library (slow consumer) rather than queued.
+        self._subs.append(
+            await self._nc.subscribe(
+                subjects.HEARTBEATS, cb=self._on_heartbeat, pending_msgs_limit=65536, pending_bytes_limit=64 << 20
+            )
+        )
         self._subs.append(await self._nc.subscribe(subjects.LEAVES, cb=self._on_leave))
         await self._nc.publish(subjects.PROBE, bus.encode(bus.Probe(gateway_id=self._gateway_id)))
         self._sweeper = asyncio.create_task(self._sweep(), name="pool-sweeper")
@@ -65,17 +84,42 @@ class Membership:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    def _violation(self, provider_id: str, kind: str, detail: str) -> None:
+        if self._violations is not None and subjects.valid_token(provider_id):
+            self._violations.record(provider_id, kind, detail)
+
+    def _within_rate(self, provider_id: str, now: float) -> bool:
+        tokens, at = self._buckets.get(provider_id, (float(vetting.HEARTBEAT_BURST), now))
+        tokens = min(float(vetting.HEARTBEAT_BURST), tokens + (now - at) * vetting.HEARTBEATS_PER_S)
+        if tokens < 1:
+            self._buckets[provider_id] = (tokens, now)
+            return False
+        self._buckets[provider_id] = (tokens - 1, now)
+        return True
+
     async def _on_heartbeat(self, msg: Msg) -> None:
+        # The subject names the sender (NATS permissions pin it): what is wrong is its doing.
+        sender = subjects.parse_provider(msg.subject)
+        now = time.monotonic()
+        if not self._within_rate(sender, now):
+            self._violation(sender, "heartbeat_flood", f"more than {vetting.HEARTBEATS_PER_S:g} heartbeats a second")
+            return
+        if len(msg.data) > vetting.MAX_HEARTBEAT_BYTES:
+            self._violation(sender, "oversized_heartbeat", f"{len(msg.data)} bytes")
+            return
         try:
             hb = _HEARTBEAT.decode(msg.data)
-        except msgspec.DecodeError:
-            log.warning("bad_heartbeat", subject=msg.subject)
+        except msgspec.DecodeError as exc:
+            self._violation(sender, "bad_heartbeat", str(exc)[:200])
             return
-        # The subject names the sender (NATS permissions pin it); the body must agree.
-        if hb.provider_id != subjects.parse_provider(msg.subject):
-            log.warning("heartbeat_id_mismatch", subject=msg.subject, claimed=hb.provider_id)
+        if hb.provider_id != sender:
+            self._violation(sender, "heartbeat_id_mismatch", f"claimed to be {hb.provider_id!r}")
             return
-        self._consider(hb, time.monotonic())
+        cap = self._admission.max_slots(sender) if self._admission is not None else None
+        hb, problems = vetting.vet_heartbeat(hb, self._max_slots if cap is None else cap)
+        for problem in problems:
+            self._violation(sender, problem.kind, problem.detail)
+        self._consider(hb, now)
 
     def _consider(self, hb: bus.Heartbeat, received: float) -> None:
         pid = hb.provider_id
@@ -126,3 +170,6 @@ class Membership:
                 p for p, (hb, t) in self._held.items() if now - t > self._pool.heartbeat_misses * hb.interval_s
             ]:
                 del self._held[pid]
+            # Buckets full again (untouched for a minute) say nothing: forget them, so ids bound nothing.
+            for pid in [p for p, (_, at) in self._buckets.items() if now - at > 60.0]:
+                del self._buckets[pid]

@@ -2,6 +2,12 @@
 
 Nothing here is durable: a restarted gateway asks every daemon for a heartbeat
 (`PROBE`) and is routable again within one round trip.
+
+Heartbeats are claims (services/gateway/membership.py bounds them); routing
+leans on what this replica sees itself wherever it can: the requests it has
+running at each provider (a provider cannot hide load from the replica that
+sent it the work), the time to first token and the decoding speed it measured,
+and whether the provider failed it lately.
 """
 
 from __future__ import annotations
@@ -15,6 +21,37 @@ from schemas.bus import Heartbeat
 
 LostCallback = Callable[[str], None]
 
+# Weight of a new measurement in the moving averages.
+_ALPHA = 0.3
+# A provider that failed this replica (vanished, stalled, broke the protocol) goes behind
+# the others for this long.
+SUSPECT_S = 60.0
+# Answer length the routing compares providers on: first-token time + this many tokens.
+_TYPICAL_TOKENS = 128
+# A claimed decoding speed counts for the pool's status only up to this until measured.
+UNMEASURED_TPS_CAP = 100.0
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _ALPHA) * old + _ALPHA * new
+
+
+@dataclass(slots=True)
+class Observed:
+    """What this replica measured of one provider itself (kept across heartbeats)."""
+
+    # Requests of this replica running there now.
+    inflight: int = 0
+    first_token_s: float | None = None
+    decode_tps: float | None = None
+    failed_at: float = float("-inf")
+
+    def expected_s(self) -> float:
+        """Seconds a typical answer takes there; 0 until measured (new providers get tried)."""
+        if self.first_token_s is None:
+            return 0.0
+        return self.first_token_s + (_TYPICAL_TOKENS / self.decode_tps if self.decode_tps else 0.0)
+
 
 @dataclass(slots=True)
 class ProviderState:
@@ -27,23 +64,31 @@ class ProviderState:
     sent_since_heartbeat: int = 0
     # Which heartbeat this state was built from; a new heartbeat makes a new state.
     epoch: int = 0
+    observed: Observed = field(default_factory=Observed)
 
     @property
     def provider_id(self) -> str:
         return self.heartbeat.provider_id
 
     def free_slots(self) -> int:
-        return self.heartbeat.slots_free - self.sent_since_heartbeat
+        hb = self.heartbeat
+        return min(hb.slots_free - self.sent_since_heartbeat, hb.slots - self.observed.inflight)
 
     def room(self) -> int:
         """Requests it can take now, running or queued on the daemon."""
         hb = self.heartbeat
-        return hb.slots_free + max(0, hb.queue_limit - hb.queue_depth) - self.sent_since_heartbeat
+        claimed = hb.slots_free + max(0, hb.queue_limit - hb.queue_depth) - self.sent_since_heartbeat
+        return min(claimed, hb.slots + hb.queue_limit - self.observed.inflight)
 
     def load(self) -> float:
         hb = self.heartbeat
-        busy = hb.slots - hb.slots_free + hb.queue_depth + self.sent_since_heartbeat
+        busy = max(hb.slots - hb.slots_free + hb.queue_depth + self.sent_since_heartbeat, self.observed.inflight)
         return busy / max(1, hb.slots)
+
+    def decode_tps(self) -> float:
+        """Measured here if it was; until then the claim, capped (for the pool's status, not routing)."""
+        measured = self.observed.decode_tps
+        return measured if measured is not None else min(self.heartbeat.decode_tps, UNMEASURED_TPS_CAP)
 
     def serves(self, model: str, *, structured: bool = False) -> bool:
         """It has `model` loaded (and, if `structured`, can constrain its output to JSON)."""
@@ -59,6 +104,8 @@ class PoolView:
     _watchers: dict[str, dict[int, LostCallback]] = field(default_factory=dict)
     _next_watch: int = 0
     _epochs: int = 0
+    # Measurements outlive heartbeats and short absences (a provider that rejoins is not new).
+    _observed: dict[str, Observed] = field(default_factory=dict)
 
     def observe(self, hb: Heartbeat) -> None:
         if hb.draining:
@@ -66,7 +113,43 @@ class PoolView:
             self.providers.pop(hb.provider_id, None)
             return
         self._epochs += 1
-        self.providers[hb.provider_id] = ProviderState(heartbeat=hb, last_seen=self.clock(), epoch=self._epochs)
+        observed = self._observed.get(hb.provider_id)
+        if observed is None:
+            self._prune_observed()
+            observed = self._observed[hb.provider_id] = Observed()
+        self.providers[hb.provider_id] = ProviderState(
+            heartbeat=hb, last_seen=self.clock(), epoch=self._epochs, observed=observed
+        )
+
+    def _prune_observed(self) -> None:
+        """Forget idle measurements of providers gone from the pool, once they outnumber it."""
+        if len(self._observed) > 2 * len(self.providers) + 256:
+            for pid in [p for p, o in self._observed.items() if p not in self.providers and o.inflight == 0]:
+                del self._observed[pid]
+
+    # ---- what this replica measured -----------------------------------------------------
+
+    def measured(self, provider_id: str) -> Observed:
+        observed = self._observed.get(provider_id)
+        if observed is None:
+            observed = self._observed[provider_id] = Observed()
+        return observed
+
+    def note_first_token(self, provider_id: str, seconds: float) -> None:
+        o = self.measured(provider_id)
+        o.first_token_s = _ewma(o.first_token_s, seconds)
+
+    def note_decoding(self, provider_id: str, tokens: int, seconds: float) -> None:
+        if tokens >= 2 and seconds > 0:
+            o = self.measured(provider_id)
+            o.decode_tps = _ewma(o.decode_tps, tokens / seconds)
+
+    def note_failure(self, provider_id: str) -> None:
+        """The provider failed a request of ours: it goes behind the others for a while."""
+        self.measured(provider_id).failed_at = self.clock()
+
+    def suspect(self, state: ProviderState) -> bool:
+        return self.clock() - state.observed.failed_at < SUSPECT_S
 
     def remove(self, provider_id: str, boot_id: str | None = None) -> bool:
         state = self.providers.get(provider_id)
@@ -104,10 +187,12 @@ class PoolView:
     ) -> list[ProviderState]:
         """Providers that can take a request for `model` now, best first.
 
-        Rule: a provider with a free slot beats one that would queue; then the
-        least loaded (busy + queued per slot); then the one with more slots (a
-        queued request waits for the first of them to finish, so more slots means
-        a shorter wait); then the fastest decoder. But a
+        Rule: a provider that failed this replica lately goes last; then one
+        with a free slot beats one that would queue; then the least loaded (busy
+        + queued per slot, and never less than what this replica has running
+        there); then the one with more slots (a queued request waits for the
+        first of them to finish, so more slots means a shorter wait); then the
+        one this replica measured fastest (untried ones first). But a
         provider whose prompt cache holds the conversation (`conversation`, a
         key from schemas.conversations) goes first when it has a free slot, or
         when it is at most one request per slot busier than the best: re-reading
@@ -118,7 +203,9 @@ class PoolView:
         if self.routing == "random":
             random.shuffle(able)  # the benchmark's baseline, never the default
             return able
-        able.sort(key=lambda s: (s.free_slots() <= 0, s.load(), -s.heartbeat.slots, -s.heartbeat.decode_tps))
+        able.sort(
+            key=lambda s: (self.suspect(s), s.free_slots() <= 0, s.load(), -s.heartbeat.slots, s.observed.expected_s())
+        )
         if conversation and able:
             best = able[0]
             warm = next((s for s in able if conversation in s.heartbeat.cached_conversations), None)
@@ -136,6 +223,7 @@ class PoolView:
 
     def note_sent(self, provider_id: str) -> int:
         """Count a request sent to the provider; returns a token for `note_finished`."""
+        self.measured(provider_id).inflight += 1
         state = self.providers.get(provider_id)
         if state is None:
             return 0
@@ -144,6 +232,9 @@ class PoolView:
 
     def note_finished(self, provider_id: str, epoch: int) -> None:
         """A request ended; if no heartbeat has counted it since it was sent, un-count it."""
+        observed = self._observed.get(provider_id)
+        if observed is not None and observed.inflight > 0:
+            observed.inflight -= 1
         state = self.providers.get(provider_id)
         if state is not None and state.epoch == epoch and state.sent_since_heartbeat > 0:
             state.sent_since_heartbeat -= 1

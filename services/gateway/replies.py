@@ -2,8 +2,12 @@
 
 Frames go to the waiting request by id. The provider id in the subject must be
 the one the request was sent to (NATS permissions pin who may publish under
-that prefix), frames must arrive in sequence and be of bounded size; anything
-else ends that provider's part of the request.
+that prefix), frames must arrive in sequence and be of bounded size, and one
+provider's frames for one request are bounded in number and bytes by what the
+request's max_tokens allows (services/gateway/vetting.py), so a flood can never
+queue more than an honest answer would; anything else ends that provider's part
+of the request, and the ones only a broken or hostile provider sends are
+reported as violations.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ class StreamBroken(Exception):
     """A provider's reply stream cannot be trusted any more.
 
     `recoverable`: the provider failed, not the request; another provider may continue it.
+    `violation`: the kind of protocol violation, when the provider broke the protocol.
     """
 
-    def __init__(self, code: str, message: str, *, recoverable: bool = False) -> None:
+    def __init__(self, code: str, message: str, *, recoverable: bool = False, violation: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.recoverable = recoverable
+        self.violation = violation
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,23 +51,40 @@ class _ProviderLost:
 @dataclass(frozen=True, slots=True)
 class _Garbled:
     reason: str
+    violation: str
 
 
 _Item = bus.Frame | _ProviderLost | _Garbled
 
 
 class ReplyStream:
-    """The frames of one request from one provider, checked for order."""
+    """The frames of one request from one provider, checked for order and bounded in number and bytes."""
 
-    def __init__(self, request_id: str, provider_id: str) -> None:
+    def __init__(
+        self, request_id: str, provider_id: str, *, max_frames: int = 1 << 20, max_bytes: int = 1 << 30
+    ) -> None:
         self.request_id = request_id
         self.provider_id = provider_id
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._expected = 0
         self.duplicates = 0
+        self._frames_left = max_frames
+        self._bytes_left = max_bytes
+        # Set once the stream is broken by what arrived: later frames are dropped unread.
+        self.dead = False
 
     def push(self, item: _Item) -> None:
         self._queue.put_nowait(item)
+
+    def take(self, size: int) -> bool:
+        """Count a frame of `size` bytes against the budget; False (stream dead) when over it."""
+        self._frames_left -= 1
+        self._bytes_left -= size
+        if self._frames_left >= 0 and self._bytes_left >= 0:
+            return True
+        self.dead = True
+        self.push(_Garbled(f"{self.provider_id} sent more frames than max_tokens allows", "frame_flood"))
+        return False
 
     def lost(self, provider_id: str) -> None:
         self.push(_ProviderLost(provider_id))
@@ -78,7 +101,7 @@ class ReplyStream:
                     "provider_lost", f"provider {self.provider_id} left the pool mid-request", recoverable=True
                 )
             if isinstance(item, _Garbled):
-                raise StreamBroken("provider_protocol_error", item.reason, recoverable=True)
+                raise StreamBroken("provider_protocol_error", item.reason, recoverable=True, violation=item.violation)
             if item.seq < self._expected:
                 self.duplicates += 1  # a redelivered frame: already handled, drop it
                 continue
@@ -112,8 +135,8 @@ class ReplyRouter:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    def open(self, request_id: str, provider_id: str) -> ReplyStream:
-        stream = ReplyStream(request_id, provider_id)
+    def open(self, request_id: str, provider_id: str, *, max_frames: int, max_bytes: int) -> ReplyStream:
+        stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes)
         self._streams[request_id] = stream
         return stream
 
@@ -128,14 +151,20 @@ class ReplyRouter:
             self.stray_frames += 1
             return
         stream = self._streams.get(request_id)
-        if stream is None or stream.provider_id != provider_id:
-            # Late frames of a finished or failed-over request, or a provider answering for another.
+        if stream is None or stream.provider_id != provider_id or stream.dead:
+            # Late frames of a finished or failed-over request, a provider answering for another,
+            # or the rest of a flood: dropped before any decoding.
             self.stray_frames += 1
             return
-        if len(msg.data) > MAX_FRAME_BYTES:
-            stream.push(_Garbled(f"oversized frame ({len(msg.data)} bytes) from {provider_id}"))
+        size = len(msg.data)
+        if size > MAX_FRAME_BYTES:
+            stream.dead = True
+            stream.push(_Garbled(f"oversized frame ({size} bytes) from {provider_id}", "oversized_frame"))
+            return
+        if not stream.take(size):
             return
         try:
             stream.push(bus.decode_frame(msg.data))
         except msgspec.DecodeError as exc:
-            stream.push(_Garbled(f"undecodable frame from {provider_id}: {exc}"))
+            stream.dead = True
+            stream.push(_Garbled(f"undecodable frame from {provider_id}: {str(exc)[:200]}", "undecodable_frame"))

@@ -50,7 +50,7 @@ class Verdict(enum.Enum):
 
 
 def verdict_of(status: str, draining: bool) -> Verdict:
-    if status == "banned":
+    if status in ("banned", "suspended"):
         return Verdict.BANNED
     if status not in ("pinned", "provisional"):
         return Verdict.PENDING
@@ -63,6 +63,8 @@ class _Entry:
     checked_at: float
     # Set by a NOTIFY: newer than any query that was already under way when it came.
     by_notice: bool = False
+    # The operator's slot cap for this provider (None: the default).
+    max_slots: int | None = None
 
 
 ChangeCallback = Callable[[str, Verdict], None]
@@ -139,6 +141,11 @@ class Admission:
             self._wake.set()
         return entry.verdict
 
+    def max_slots(self, provider_id: str) -> int | None:
+        """The operator's slot cap for this provider, if one was set (cached; no I/O)."""
+        entry = self._cache.get(provider_id)
+        return entry.max_slots if entry is not None else None
+
     def _may_try(self, now: float) -> bool:
         return self.per_minute > 0 and now >= self._bucket_empty_until
 
@@ -148,14 +155,16 @@ class Admission:
 
     # ---- decisions ----------------------------------------------------------------------------
 
-    def _apply(self, provider_id: str, verdict: Verdict, *, asked_at: float | None = None) -> None:
+    def _apply(
+        self, provider_id: str, verdict: Verdict, *, asked_at: float | None = None, max_slots: int | None = None
+    ) -> None:
         """Cache a verdict: from a notice (`asked_at` None), or from a query sent at `asked_at`."""
         old = self._cache.get(provider_id)
         if asked_at is not None and old is not None and old.by_notice and old.checked_at >= asked_at:
             # A notice came while the query ran, so the query's snapshot may predate it. Every
             # status change sends one, so the last notice is the latest truth: keep it.
             return
-        self._cache[provider_id] = _Entry(verdict, self._clock(), by_notice=asked_at is None)
+        self._cache[provider_id] = _Entry(verdict, self._clock(), by_notice=asked_at is None, max_slots=max_slots)
         if old is None or old.verdict is not verdict:
             for callback in self._callbacks:
                 callback(provider_id, verdict)
@@ -164,13 +173,15 @@ class Admission:
         try:
             notice = json.loads(payload)
             provider_id, status, draining = str(notice["id"]), str(notice["status"]), bool(notice["draining"])
-        except (ValueError, KeyError, TypeError):
+            raw_slots = notice.get("max_slots")
+            max_slots = None if raw_slots is None else int(raw_slots)
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("admission_notice_unreadable")
             self._reset()
             return
         verdict = verdict_of(status, draining)
         if verdict is not Verdict.PENDING or provider_id in self._cache:
-            self._apply(provider_id, verdict)
+            self._apply(provider_id, verdict, max_slots=max_slots)
 
     def _reset(self) -> None:
         # A notice may have been missed: re-read every decision on its provider's next heartbeat.
@@ -199,7 +210,7 @@ class Admission:
             found = await store.sight(self._db, batch)
             for provider_id, state in found.items():
                 verdict = verdict_of(state.status, state.draining)
-                self._apply(provider_id, verdict, asked_at=asked_at)
+                self._apply(provider_id, verdict, asked_at=asked_at, max_slots=state.max_slots)
                 if verdict is Verdict.PENDING and self._may_try(self._clock()):
                     self._attempts[provider_id] = None
 
@@ -218,7 +229,10 @@ class Admission:
             attempt = await store.try_admit(self._db, provider_id, self.per_minute)
             if attempt.admitted:
                 log.info("provider_admitted", provider=provider_id, how="provisional")
-                self._apply(provider_id, Verdict.ADMITTED, asked_at=asked_at)
+                entry = self._cache.get(provider_id)
+                self._apply(
+                    provider_id, Verdict.ADMITTED, asked_at=asked_at, max_slots=entry.max_slots if entry else None
+                )
             elif attempt.contended:
                 # Not pending any more: another replica or an operator decided; its notice may
                 # have come already (or will), but make sure this replica reads the outcome.

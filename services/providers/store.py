@@ -16,9 +16,10 @@ from typing import Any
 
 import asyncpg
 
-# The notices of migration 0005's trigger: {"id", "status", "draining"}.
+# The notices of migration 0006's trigger: {"id", "status", "draining", "max_slots"}.
 CHANNEL = "mp_provider_changed"
-STATUSES = ("pending", "provisional", "pinned", "banned")
+# "suspended": stopped automatically after repeated protocol violations (services/providers/violations.py).
+STATUSES = ("pending", "provisional", "pinned", "banned", "suspended")
 
 Db = asyncpg.Pool | asyncpg.Connection
 
@@ -28,6 +29,7 @@ class ProviderState:
     provider_id: str
     status: str
     draining: bool
+    max_slots: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +46,10 @@ WITH new AS (
     INSERT INTO providers (provider_id, first_seen, last_seen)
     SELECT id, now(), now() FROM unnest($1::text[]) AS id
     ON CONFLICT (provider_id) DO NOTHING
-    RETURNING provider_id, status, draining)
-SELECT provider_id, status, draining FROM new
+    RETURNING provider_id, status, draining, max_slots)
+SELECT provider_id, status, draining, max_slots FROM new
 UNION ALL
-SELECT provider_id, status, draining FROM providers WHERE provider_id = ANY($1::text[])
+SELECT provider_id, status, draining, max_slots FROM providers WHERE provider_id = ANY($1::text[])
 """
 
 # $2: the rate per minute, which is also the bucket's capacity (a burst of at most one minute's worth).
@@ -82,7 +84,7 @@ UPDATE providers SET last_seen = now(), first_seen = coalesce(first_seen, now())
 
 
 def _state(row: asyncpg.Record) -> ProviderState:
-    return ProviderState(row["provider_id"], row["status"], row["draining"])
+    return ProviderState(row["provider_id"], row["status"], row["draining"], row["max_slots"])
 
 
 async def sight(db: Db, provider_ids: list[str]) -> dict[str, ProviderState]:
@@ -159,11 +161,27 @@ async def set_draining(db: Db, provider_id: str, draining: bool, note: str | Non
     return dict(row) if row is not None else {}
 
 
+async def set_max_slots(db: Db, provider_id: str, max_slots: int | None) -> dict[str, Any]:
+    """The most slots gateways believe this provider claims (None: back to the default cap)."""
+    row = await db.fetchrow(
+        """INSERT INTO providers (provider_id, max_slots) VALUES ($1, $2)
+           ON CONFLICT (provider_id) DO UPDATE SET max_slots = $2, updated_at = now()
+           RETURNING *""",
+        provider_id,
+        max_slots,
+    )
+    return dict(row) if row is not None else {}
+
+
 async def list_providers(db: Db, status: str | None = None) -> list[dict[str, Any]]:
+    """Providers with their violations of the last day (the column `violations` counts all time)."""
     rows = await db.fetch(
-        """SELECT * FROM providers WHERE $1::text IS NULL OR status = $1
-            ORDER BY array_position(ARRAY['pinned', 'provisional', 'pending', 'banned'], status),
-                     last_seen DESC NULLS LAST, provider_id""",
+        """SELECT p.*,
+                  (SELECT coalesce(sum(v.occurrences), 0) FROM provider_violations v
+                    WHERE v.provider_id = p.provider_id AND v.at > now() - interval '1 day') AS violations_24h
+             FROM providers p WHERE $1::text IS NULL OR p.status = $1
+            ORDER BY array_position(ARRAY['pinned', 'provisional', 'pending', 'suspended', 'banned'], p.status),
+                     p.last_seen DESC NULLS LAST, p.provider_id""",
         status,
     )
     return [dict(r) for r in rows]
