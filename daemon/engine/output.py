@@ -103,18 +103,22 @@ class _Tools:
             parsed = self.parser(text, self.tools)
         except Exception:
             return self.start + text + self.end
-        for call in parsed if isinstance(parsed, list) else [parsed]:
-            if not isinstance(call, dict) or "name" not in call:
-                return self.start + text + self.end
-            arguments = call.get("arguments", {})
-            done.append(
-                bus.ToolCall(
-                    id=str(call.get("id") or f"call_{secrets.token_hex(12)}"),
-                    name=str(call["name"]),
-                    arguments=arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False),
-                )
+        offered = {(t.get("function") or {}).get("name") for t in self.tools}
+        calls = parsed if isinstance(parsed, list) else [parsed]
+        # A call to a tool the request did not offer is not a call (gateways refuse to pass one on):
+        # the markup stays text, as when it does not parse.
+        if not calls or any(not isinstance(c, dict) or c.get("name") not in offered for c in calls):
+            return self.start + text + self.end
+        made = [
+            bus.ToolCall(
+                id=str(call.get("id") or f"call_{secrets.token_hex(12)}")[:256],
+                name=str(call["name"]),
+                arguments=(a if isinstance(a := call.get("arguments", {}), str) else json.dumps(a, ensure_ascii=False)),
             )
-        self.calls.extend(done)
+            for call in calls
+        ]
+        done.extend(made)
+        self.calls.extend(made)
         return ""
 
 

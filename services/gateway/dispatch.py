@@ -145,6 +145,10 @@ class Call:
     def failovers(self) -> int:
         return len(self.providers) - 1
 
+    @property
+    def tokens_delivered(self) -> int:
+        return self._tokens
+
     async def frames(self) -> AsyncIterator[bus.Delta | bus.Done]:
         while True:
             try:
@@ -244,6 +248,11 @@ class Call:
                 cause.code, f"{cause.message}; no other provider could continue ({exc.message})"
             ) from None
         self.providers.append(self.provider_id)
+        if cause.violation is not None:
+            # The lost provider lied about something: its prompt count is not billed either. The new
+            # one counted the prompt plus the continuation's tokens.
+            prompt = max(0, self._leg.accepted.prompt_tokens - len(self._token_ids))
+            self.accepted = msgspec.structs.replace(self.accepted, prompt_tokens=prompt)
         log.warning(
             "failover",
             request_id=self.request_id,

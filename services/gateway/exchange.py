@@ -38,7 +38,8 @@ class Exchange:
     cached_tokens: int = 0
     ttft_ms: float | None = None
     status: str = "ok"
-    # Set when nothing reached a provider: the request is given back to the quota.
+    # Set when nothing reached a provider, or providers failed before delivering a token:
+    # the request is given back to the quota and nothing is billed.
     refund: bool = False
     _finished: bool = False
 
@@ -73,7 +74,10 @@ class Exchange:
             settling = asyncio.ensure_future(
                 metering.settle(
                     self.ticket,
-                    outcome=_LEDGER_OUTCOME.get(self.status, "unavailable" if self.refund else "failed"),
+                    # Refunded before any provider took it: unavailable; after (nothing delivered): failed.
+                    outcome=_LEDGER_OUTCOME.get(
+                        self.status, "unavailable" if self.refund and self.provider is None else "failed"
+                    ),
                     cached_tokens=self.cached_tokens,
                     ttft_ms=self.ttft_ms,
                     refund=self.refund,

@@ -144,6 +144,10 @@ async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
             ex.delta(frame)
             yield frame
         else:
+            # Bill the provider that finished the answer (the first one may have been lost or cut off).
+            ex.provider = call.provider_id
+            if ex.ticket is not None:
+                ex.ticket.provider_id = call.provider_id
             prompt, completion = ex.done(frame)
             yield Finished(
                 frame.finish_reason,
@@ -193,6 +197,8 @@ async def answer(
         raise
     except StreamBroken as exc:
         ex.status = exc.code
+        # Providers failed the buyer before a single token arrived: nothing of value, nothing billed.
+        ex.refund = call.tokens_delivered == 0
         raise ProviderError(f"The provider failed while generating: {exc.message}", headers=started.headers) from None
     except ApiError as exc:
         ex.status = exc.code or "error"
@@ -221,6 +227,7 @@ async def _guarded(runtime: Runtime, started: Started, renderer: Renderer) -> As
     except (StreamBroken, ApiError) as exc:
         # Headers are gone already: the error travels in-band, then the stream ends properly.
         ex.status = exc.code or "error"
+        ex.refund = isinstance(exc, StreamBroken) and call.tokens_delivered == 0
         for chunk in renderer.failed(ex.status, f"Generation failed: {exc.message}"):
             yield chunk
     except (asyncio.CancelledError, GeneratorExit):

@@ -1,4 +1,5 @@
-"""`mac-provider admin providers list|pin|unpin|ban|unban|drain|undrain <id> [--note ...]`.
+"""`mac-provider admin providers list|pin|unpin|ban|unban|unsuspend|drain|undrain <id> [--note ...]`,
+`mac-provider admin providers slots <id> N|default`.
 
 Every change is a row in Postgres (DATABASE_URL); its trigger tells every
 gateway replica at once. Drain and ban also reach the daemon over NATS (as the
@@ -27,6 +28,7 @@ _CHANGES = {
     "unpin": "keep admitted, as provisional",
     "ban": "never route to it again; its running requests stop now",
     "unban": "admit it again, as provisional",
+    "unsuspend": "admit again, as provisional, one suspended for protocol violations",
     "drain": "finish its running requests, route nothing new to it",
     "undrain": "route to it again (a drained daemon takes work again once restarted)",
 }
@@ -46,6 +48,11 @@ def add_commands(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             change.add_argument(
                 "--wait-s", type=float, default=5.0, help="how long to wait for the daemon to confirm (0: don't)"
             )
+    slots = sub.add_parser(
+        "slots", help="the most slots gateways believe this provider has (default: MP_PROVIDER_MAX_SLOTS)"
+    )
+    slots.add_argument("provider_id")
+    slots.add_argument("max_slots", help=f"0-{bus.MAX_SLOTS}, or 'default'")
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -57,6 +64,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if command == "list":
             return await _list(conn, args)
+        if command == "slots":
+            return await _slots(conn, args.provider_id, args.max_slots, settings)
         return await _change(conn, settings, command, args.provider_id, args.note, getattr(args, "wait_s", 0.0))
     finally:
         await conn.close()
@@ -68,13 +77,33 @@ async def _list(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
         for row in rows:
             print(msgspec.json.encode(row).decode())
         return 0
-    print(f"{'provider':<32} {'status':<12} {'drain':<5} {'first seen (UTC)':<19}  {'last seen (UTC)':<19}  note")
+    print(
+        f"{'provider':<32} {'status':<12} {'drain':<5} {'slots':>5} {'violations 24h/all':>18}  "
+        f"{'last violation':<24} {'first seen (UTC)':<19}  {'last seen (UTC)':<19}  note"
+    )
     for r in rows:
+        violations = f"{r['violations_24h']}/{r['violations']}"
         print(
             f"{r['provider_id']:<32} {r['status']:<12} {'yes' if r['draining'] else '':<5} "
+            f"{r['max_slots'] if r['max_slots'] is not None else '-':>5} {violations:>18}  "
+            f"{r['last_violation'] or '-':<24} "
             f"{_when(r['first_seen']):<19}  {_when(r['last_seen']):<19}  {r['note']}"
         )
     print(f"({len(rows)} providers)")
+    return 0
+
+
+async def _slots(conn: asyncpg.Connection, pid: str, value: str, settings: Settings) -> int:
+    if value == "default":
+        cap = None
+    elif value.isdigit() and int(value) <= bus.MAX_SLOTS:
+        cap = int(value)
+    else:
+        print(f"max slots must be 0-{bus.MAX_SLOTS} or 'default', got {value!r}")
+        return 2
+    await store.set_max_slots(conn, pid, cap)
+    shown = cap if cap is not None else f"the default ({settings.provider_max_slots})"
+    print(f"provider {pid}: at most {shown} slots believed on every gateway")
     return 0
 
 
@@ -87,8 +116,8 @@ async def _change(
 ) -> int:
     if command in ("pin", "ban"):
         row = await store.set_status(conn, pid, "pinned" if command == "pin" else "banned", note)
-    elif command in ("unpin", "unban"):
-        was = "pinned" if command == "unpin" else "banned"
+    elif command in ("unpin", "unban", "unsuspend"):
+        was = {"unpin": "pinned", "unban": "banned", "unsuspend": "suspended"}[command]
         if not await store.change_status(conn, pid, from_status=was, to_status="provisional", note=note):
             print(f"provider {pid}: not {was}; nothing changed")
             return 1

@@ -177,7 +177,7 @@ async def list_providers(db: Db, status: str | None = None) -> list[dict[str, An
     """Providers with their violations of the last day (the column `violations` counts all time)."""
     rows = await db.fetch(
         """SELECT p.*,
-                  (SELECT coalesce(sum(v.occurrences), 0) FROM provider_violations v
+                  (SELECT coalesce(sum(v.occurrences), 0)::bigint FROM provider_violations v
                     WHERE v.provider_id = p.provider_id AND v.at > now() - interval '1 day') AS violations_24h
              FROM providers p WHERE $1::text IS NULL OR p.status = $1
             ORDER BY array_position(ARRAY['pinned', 'provisional', 'pending', 'suspended', 'banned'], p.status),

@@ -74,7 +74,8 @@ async def pool_status(runtime: NamedDependency[Runtime]) -> PoolStatus:
         slots=sum(s.heartbeat.slots for s in states),
         slots_free=sum(max(0, s.free_slots()) for s in states),
         queue_depth=sum(s.heartbeat.queue_depth for s in states),
-        decode_tokens_per_s=round(sum(s.heartbeat.decode_tps for s in states), 1),
+        # Measured by this replica where it can; a claim counts only up to a cap until then.
+        decode_tokens_per_s=round(sum(s.decode_tps() for s in states), 1),
     )
     return PoolStatus(
         status="available" if states else "unavailable",
