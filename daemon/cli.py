@@ -4,7 +4,9 @@ Configured from the environment and an optional config file of `KEY=value`
 lines (`--config` or MP_CONFIG): NATS_URL, MP_PROVIDER_ID, MP_MODEL_PATH,
 MP_MODEL_ID, MP_SLOTS, MP_MEMORY_BUDGET_GB, MP_IDLE_UNLOAD_S, ... (see README).
 `doctor` checks the machine and the configuration and says what to fix.
-`prepare-default-model` makes the default model's folder and prints its path.
+`prepare-default-model` makes the default model's folder (in MP_MODELS_DIR, the one
+place `/admin/load` loads from) and prints its path. `serve` makes the admin API's token
+file (MP_ADMIN_TOKEN_FILE, 0600) at first start and exits 2 if it is unusable.
 """
 
 from __future__ import annotations
@@ -23,31 +25,40 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve the configured model (default)")
     doctor = sub.add_parser("doctor", help="check this machine and the configuration")
-    for p in (serve, doctor):
-        p.add_argument("--config", type=Path, default=None, help="a file of KEY=value settings (MP_CONFIG)")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     prep = sub.add_parser("prepare-default-model", help="make the SmolLM2 model folder and print its path")
-    prep.add_argument("--models-dir", type=Path, default=Path(".mp/models"))
+    for p in (serve, doctor, prep):
+        p.add_argument("--config", type=Path, default=None, help="a file of KEY=value settings (MP_CONFIG)")
+    prep.add_argument(
+        "--models-dir", type=Path, default=None, help="default: the daemon's models folder (MP_MODELS_DIR)"
+    )
     args = parser.parse_args(argv)
 
-    if args.command == "prepare-default-model":
-        from daemon.models.smollm2 import ensure_smollm2
-
-        print(ensure_smollm2(args.models_dir))
-        return 0
     try:
         settings = DaemonSettings.from_env(config_file=getattr(args, "config", None))
     except SettingsError as exc:
         print(f"mac-provider-daemon: {exc}", file=sys.stderr)
         return 2
+    if args.command == "prepare-default-model":
+        from daemon.models.smollm2 import ensure_smollm2
+
+        # In the models folder by default: the one place /admin/load may load from.
+        print(ensure_smollm2(args.models_dir or settings.models_dir))
+        return 0
     if args.command == "doctor":
         from daemon.doctor import run_doctor
 
         return run_doctor(settings, as_json=args.json)
     configure(json=settings.log_json, level=settings.log_level)
+    from daemon.admin.token import AdminTokenError
     from daemon.runtime import serve as serve_daemon
 
-    asyncio.run(serve_daemon(settings))
+    try:
+        asyncio.run(serve_daemon(settings))
+    except AdminTokenError as exc:
+        # Refused, not repaired: a token others could read may already be known to them.
+        print(f"mac-provider-daemon: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Checks the chip and memory, the GPU path (Metal) or the CPU fallback's BLAS,
 the model folder and whether it fits the memory budget, the pool connection,
-and the local ports. Exit code 1 when something must be fixed.
+the local ports and the admin token file. Exit code 1 when something must be fixed.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def _model(settings: DaemonSettings, m: Machine) -> list[Check]:
                 "model",
                 "warn",
                 "no MP_MODEL_PATH: the daemon starts without a model",
-                "set MP_MODEL_PATH, or POST /admin/load?model_path=... once it runs",
+                f"set MP_MODEL_PATH, or put a model folder in {settings.models_dir} and "
+                "POST /admin/load?model_path=<folder name> once it runs",
             )
         ]
     if not (path / "config.json").exists():
@@ -188,6 +189,21 @@ def _port(name: str, port: int) -> Check:
     return Check(name, "ok", f"127.0.0.1:{port} is free")
 
 
+def _admin_token(settings: DaemonSettings) -> Check:
+    from daemon.admin.token import AdminTokenError, read_admin_token
+
+    path = settings.admin_token_file
+    if settings.admin_port == 0:
+        return Check("admin token", "ok", "the admin API is off (MP_ADMIN_PORT=0)")
+    if not os.path.lexists(path):
+        return Check("admin token", "ok", f"made at first start in {path} (0600)")
+    try:
+        read_admin_token(path)
+    except AdminTokenError as exc:
+        return Check("admin token", "fail", str(exc), f"delete {path}; the daemon makes a private one")
+    return Check("admin token", "ok", f"{path} (private to this user)")
+
+
 def checks(settings: DaemonSettings) -> list[Check]:
     m = detect()
     out = _machine(m) + _mlx() + _model(settings, m)
@@ -195,6 +211,7 @@ def checks(settings: DaemonSettings) -> list[Check]:
         out.append(Check("slots", "warn", f"{settings.slots} slots on a CPU", "MP_SLOTS=4 decodes faster here"))
     out.append(asyncio.run(_nats(settings)))
     out.append(_port("admin port", settings.admin_port))
+    out.append(_admin_token(settings))
     out.append(_port("api port", settings.api_port))
     return out
 

@@ -1,6 +1,8 @@
 """Local HTTP listeners (admin API, OpenAI-compatible API) inside the daemon's event loop.
 
-Both bind 127.0.0.1 only: they are for the owner of the Mac, never the network.
+Both bind 127.0.0.1 only: they are for the owner of the Mac, never the network. That
+does not keep out the browser on the same Mac: each app comes wrapped in
+daemon.http_guard.LocalGuard (loopback Host, no cross-site Origin, JSON only, admin token).
 uvicorn would install its own SIGTERM/SIGINT handlers; the daemon owns those
 (it drains before it exits), so they are turned off here.
 """
@@ -32,7 +34,15 @@ class LocalServer:
         self.name = name
         self.port = port
         config = uvicorn.Config(
-            app, host=HOST, port=port, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            app,
+            host=HOST,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            # Nothing proxies these listeners: X-Forwarded-* from a local client must not count.
+            proxy_headers=False,
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None

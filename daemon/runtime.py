@@ -59,6 +59,8 @@ class Daemon:
     provider: Provider
     started_at: float = field(default_factory=time.time)
     listening: dict[str, int] = field(default_factory=dict)
+    # The admin API's bearer token (daemon.admin.token); None when the admin API is off.
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def draining(self) -> bool:
@@ -76,17 +78,20 @@ async def _wait_idle(engine: Engine, timeout: float) -> None:  # noqa: ASYNC109 
 
 
 async def serve(settings: DaemonSettings) -> None:
+    """Run until SIGINT/SIGTERM; AdminTokenError (before anything starts) if the token file is unusable."""
     from daemon.admin.app import create_admin_app
+    from daemon.admin.token import ensure_admin_token
     from daemon.api.app import create_api_app
     from daemon.engine.base import EngineError
 
+    admin_token = ensure_admin_token(settings.admin_token_file) if settings.admin_port else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     machine = detect()
     engine = build_engine(settings, machine)
-    daemon = Daemon(settings, engine, machine, Provider(settings, engine))
+    daemon = Daemon(settings, engine, machine, Provider(settings, engine), admin_token=admin_token)
     servers = []
     for name, port, factory in (
         ("admin", settings.admin_port, create_admin_app),

@@ -14,8 +14,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from schemas import bus, subjects
+
+# The admin token's file name in the state folder (MP_ADMIN_TOKEN_FILE overrides the whole path).
+ADMIN_TOKEN_FILE_NAME = "admin-token"
 
 
 class SettingsError(ValueError):
@@ -30,6 +34,34 @@ def _default_provider_id() -> str:
 def _default_slots() -> int:
     # Metal decodes many sequences in one pass nearly for free; a CPU runs out of cores sooner.
     return 8 if platform.system() == "Darwin" else 4
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """Where the daemon keeps its own files (admin token, models) when MP_STATE_DIR is unset.
+
+    Per user, so `brew services` (which runs as the owner) and the owner's shell agree on it.
+    """
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if platform.system() == "Darwin":
+        return home / "Library" / "Application Support" / "mac-provider"
+    state = Path(env["XDG_STATE_HOME"]) if env.get("XDG_STATE_HOME") else home / ".local" / "state"
+    return state / "mac-provider"
+
+
+def url_without_credentials(url: str) -> str:
+    """`scheme://host:port` of each of a (comma-separated) NATS URL's servers: no user, password or token."""
+    shown = []
+    for part in url.split(","):
+        parts = urlsplit(part.strip())
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:
+            port = ""
+        shown.append(f"{parts.scheme}://{host}{port}" if parts.scheme else "(unparsable URL)")
+    return ",".join(shown)
 
 
 def read_config_file(path: Path) -> dict[str, str]:
@@ -92,6 +124,13 @@ class DaemonSettings:
     nats_password: str = field(default="", repr=False)
     # A NATS .creds file (the provider's identity on the pool); None: the URL alone.
     nats_creds: Path | None = None
+    # The daemon's own files. `/admin/load` loads only folders inside models_dir (a page or a
+    # local process must not make the daemon read arbitrary paths); MP_MODEL_PATH is the
+    # owner's own configuration and may be anywhere.
+    state_dir: Path = Path(".")
+    models_dir: Path = Path("models")
+    # The admin API's bearer token (0600, made at first start).
+    admin_token_file: Path = Path("admin-token")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, config_file: Path | None = None) -> DaemonSettings:
@@ -106,6 +145,10 @@ class DaemonSettings:
         model_path = Path(raw_path).expanduser().resolve() if raw_path else None
         model_id = env.get("MP_MODEL_ID") or (model_path.name if model_path else "synthetic")
         provider_id = env.get("MP_PROVIDER_ID") or _default_provider_id()
+        state_dir = (Path(env["MP_STATE_DIR"]) if env.get("MP_STATE_DIR") else default_state_dir(env)).expanduser()
+        state_dir = state_dir.resolve()
+        models_dir = Path(env["MP_MODELS_DIR"]).expanduser().resolve() if env.get("MP_MODELS_DIR") else None
+        token_file = Path(env["MP_ADMIN_TOKEN_FILE"]).expanduser() if env.get("MP_ADMIN_TOKEN_FILE") else None
         if not subjects.valid_token(provider_id):
             raise SettingsError(f"MP_PROVIDER_ID {provider_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
         try:
@@ -135,6 +178,9 @@ class DaemonSettings:
                 nats_user=env.get("MP_NATS_USER", ""),
                 nats_password=env.get("MP_NATS_PASSWORD", ""),
                 nats_creds=Path(env["MP_NATS_CREDS"]).expanduser() if env.get("MP_NATS_CREDS") else None,
+                state_dir=state_dir,
+                models_dir=models_dir or state_dir / "models",
+                admin_token_file=(token_file or state_dir / ADMIN_TOKEN_FILE_NAME).absolute(),
             )
         except ValueError as exc:
             raise SettingsError(str(exc)) from None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
 
+from daemon.settings import ADMIN_TOKEN_FILE_NAME
 from infra import procs
 from infra.blas import fast_blas_env
 from infra.nats_auth import Credentials, NatsTarget, child_env
@@ -88,10 +89,20 @@ class DaemonChild(Child):
 
     admin_port: int = 0
     api_port: int = 0
+    # The admin API's bearer token lives here (0600, made by the daemon when it starts).
+    admin_token_file: Path | None = None
 
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
+
+    def admin_headers(self) -> dict[str, str]:
+        """What a call to the admin API sends: the token read from its file (checked private)."""
+        from daemon.admin.token import read_admin_token
+
+        if self.admin_token_file is None:
+            raise RuntimeError(f"{self.name} has no admin token file")
+        return {"Authorization": f"Bearer {read_admin_token(self.admin_token_file)}"}
 
     @property
     def api_url(self) -> str:
@@ -114,7 +125,9 @@ def start_daemon(
     """Start a daemon; its local ports are free ones unless given (several daemons share one machine).
 
     On a server we launched (a SecuredNats), the daemon logs in as its own provider
-    user, registered with the server now if it is new.
+    user, registered with the server now if it is new. Its state folder (admin token) is
+    `home/daemons/<provider_id>`; its models folder, where /admin/load may load from, is
+    `home/models` (where `mac-provider up` and the tests put models), unless `env` says otherwise.
     """
     log_path = home / "logs" / f"daemon-{provider_id}.log"
     admin_port = free_port() if admin_port is None else admin_port
@@ -128,10 +141,20 @@ def start_daemon(
         "MP_ADMIN_PORT": str(admin_port),
         "MP_API_PORT": str(api_port),
         **({"MP_MODEL_PATH": str(model_path)} if model_path else {}),
+        "MP_STATE_DIR": str(home / "daemons" / provider_id),
+        "MP_MODELS_DIR": str(home / "models"),
         **(env or {}),
     }
+    token_file = Path(settings.get("MP_ADMIN_TOKEN_FILE") or Path(settings["MP_STATE_DIR"]) / ADMIN_TOKEN_FILE_NAME)
     proc = procs.spawn([sys.executable, "-m", "daemon", "serve"], env=_env(settings), log_path=log_path)
-    return DaemonChild(f"daemon-{provider_id}", proc, log_path, admin_port=admin_port, api_port=api_port)
+    return DaemonChild(
+        f"daemon-{provider_id}",
+        proc,
+        log_path,
+        admin_port=admin_port,
+        api_port=api_port,
+        admin_token_file=token_file.expanduser(),
+    )
 
 
 def get_json(url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 5.0) -> tuple[int, object]:

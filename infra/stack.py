@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -119,6 +120,8 @@ def main() -> int:
         wait_model(base, model_id, timeout=300, daemon=daemon)
         write_dev_env(dev_env, base_url=f"{base}/v1", key=key)
 
+        # The daemon's admin token stays in its 0600 file: the line reads it, nothing prints it.
+        token_file = shlex.quote(str(daemon.admin_token_file))
         payload = json.dumps(
             {"model": model_id, "messages": [{"role": "user", "content": "What is the capital of France?"}]},
             separators=(",", ":"),
@@ -131,7 +134,8 @@ Mac Provider is up.
   model    : {model_id}
   env file : {dev_env}   (set -a; . {dev_env}; set +a)
   operator : set -a; . {home / "admin.env"}; set +a; mac-provider admin providers list
-  daemon   : {daemon.api_url}/v1 (the Mac owner's own OpenAI API, no key), admin {daemon.admin_url}/admin/status
+  daemon   : {daemon.api_url}/v1 (the Mac owner's own OpenAI API, no key)
+  admin    : curl -H "Authorization: Bearer $(cat {token_file})" {daemon.admin_url}/admin/status
 
   curl {base}/v1/chat/completions \\
     -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\

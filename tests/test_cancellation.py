@@ -60,7 +60,7 @@ def test_stream_disconnect_cancels_generation(stack: Stack) -> None:
 
 
 def _in_flight(stack: Stack) -> int:
-    status, body = get_json(f"http://127.0.0.1:{stack.daemon.admin_port}/admin/status")
+    status, body = get_json(f"{stack.daemon.admin_url}/admin/status", headers=stack.daemon.admin_headers())
     assert status == 200
     assert isinstance(body, dict)
     return int(body["requests"]["in_flight"])

@@ -289,7 +289,12 @@ def test_local_api_surface(daemon: DaemonChild) -> None:
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"]["completion_tokens"] == 5
-    bad = httpx.post(f"{daemon.api_url}/v1/chat/completions", content=b"{nope", timeout=10)
+    bad = httpx.post(
+        f"{daemon.api_url}/v1/chat/completions",
+        content=b"{nope",
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert bad.status_code == 400
     assert bad.json()["error"]["code"] == "invalid_json"
 

@@ -66,6 +66,7 @@ def test_admin_health_and_status(daemon: DaemonChild) -> None:
     assert body["worker"]["rss_bytes"] > 0
     assert body["config"]["idle_timeout_seconds"] == 600
     assert body["config"]["total_ram_gb"] > 0
+    assert "path" not in body["model"]  # the model is named by its id, no file paths
     assert body["pool"] == {
         "provider_id": PROVIDER,
         "nats_url": body["pool"]["nats_url"],
@@ -92,7 +93,8 @@ def _external_ip() -> str:
 
 def test_unload_then_load(daemon: DaemonChild, stack: Stack) -> None:
     pid = status(daemon)["worker"]["pid"]
-    r = httpx.post(f"{daemon.admin_url}/admin/unload", timeout=30)
+    admin = {**daemon.admin_headers(), "content-type": "application/json"}
+    r = httpx.post(f"{daemon.admin_url}/admin/unload", headers=admin, timeout=30)
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "success"
@@ -102,17 +104,22 @@ def test_unload_then_load(daemon: DaemonChild, stack: Stack) -> None:
     assert not _alive(pid), "the worker process is gone: all its memory is back"
     assert httpx.get(f"{daemon.admin_url}/admin/health").json()["worker_status"] == "no_worker"
     assert status(daemon)["model"]["loaded"] is False
-    again = httpx.post(f"{daemon.admin_url}/admin/unload")
+    again = httpx.post(f"{daemon.admin_url}/admin/unload", headers=admin)
     assert (again.status_code, again.json()) == (400, {"detail": "No model loaded"})
     # Nothing to serve: the local API says so, and the pool stops routing here.
     assert chat(daemon, max_tokens=2).status_code == 503
     assert httpx.get(f"{daemon.api_url}/v1/models").json()["data"] == []
 
-    bad = httpx.post(f"{daemon.admin_url}/admin/load", params={"model_path": "/nonexistent"}, timeout=30)
+    # Inside the models folder but no model there.
+    bad = httpx.post(f"{daemon.admin_url}/admin/load", params={"model_path": "nonexistent"}, headers=admin, timeout=30)
     assert bad.status_code == 500
     assert "Load failed" in bad.json()["detail"]
 
-    r = httpx.post(f"{daemon.admin_url}/admin/load", params={"model_path": str(stack.model_path)}, timeout=90)
+    # A folder named relative to the models folder, as in seed 001's examples.
+    assert stack.model_path.parent == stack.home / "models"
+    r = httpx.post(
+        f"{daemon.admin_url}/admin/load", params={"model_path": stack.model_path.name}, headers=admin, timeout=90
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "success"
@@ -124,7 +131,7 @@ def test_unload_then_load(daemon: DaemonChild, stack: Stack) -> None:
 
 
 def test_fit_report(daemon: DaemonChild) -> None:
-    fit = httpx.get(f"{daemon.admin_url}/admin/fit").json()
+    fit = httpx.get(f"{daemon.admin_url}/admin/fit", headers=daemon.admin_headers()).json()
     assert fit["model"] == MODEL
     report = fit["report"]
     assert report["fits"] is True

@@ -56,7 +56,7 @@ def _providers(stack: Stack) -> int:
 
 def _busy(daemons: list[DaemonChild]) -> DaemonChild:
     for d in daemons:
-        status, body = get_json(f"http://127.0.0.1:{d.admin_port}/admin/status")
+        status, body = get_json(f"{d.admin_url}/admin/status", headers=d.admin_headers())
         assert status == 200
         assert isinstance(body, dict)
         if body["requests"]["in_flight"]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -94,6 +96,14 @@ def test_up_serves_requests_and_stops_cleanly_twice(tmp_path: Path, tiny_model_p
         assert local is not None, text
         local_client = OpenAI(base_url=local.group(1), api_key="unused", max_retries=0)
         assert [m.id for m in local_client.models.list()] == [TINY_MODEL]
+        # The daemon's admin API: the printed line reads the token from its 0600 file, and works.
+        admin = re.search(r"admin +: (curl .*/admin/status)", text)
+        assert admin is not None, text
+        token_file = home / "daemons" / "local-mac" / "admin-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert token_file.read_text().strip() not in text, "the token itself is never printed"
+        answer = subprocess.run(["bash", "-c", admin.group(1)], capture_output=True, text=True, timeout=30)
+        assert json.loads(answer.stdout)["model"]["name"] == TINY_MODEL, answer
     finally:
         _stop(proc, signal.SIGINT)
 

@@ -247,7 +247,9 @@ def test_responses_text_format_is_constrained_and_echoed(stack: Stack) -> None:
 
 
 def test_the_daemons_local_api_constrains_too(stack: Stack) -> None:
-    status = httpx.get(f"{stack.daemon.admin_url}/admin/status", timeout=10).json()
+    status = httpx.get(
+        f"{stack.daemon.admin_url}/admin/status", headers=stack.daemon.admin_headers(), timeout=10
+    ).json()
     assert status["model"]["structured_output"] is True
     url = f"{stack.daemon.api_url}/v1/chat/completions"
     body = {"model": "any", "messages": ASK, "max_tokens": 300, "temperature": 0}
@@ -324,7 +326,8 @@ def test_a_provider_that_cannot_constrain_refuses_instead_of_writing_free_text(s
         body.pop("response_format")
         r = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60)
         assert r.status_code == 200, r.text
-        assert httpx.get(f"{daemon.admin_url}/admin/status", timeout=10).json()["model"]["structured_output"] is False
+        answer = httpx.get(f"{daemon.admin_url}/admin/status", headers=daemon.admin_headers(), timeout=10).json()
+        assert answer["model"]["structured_output"] is False
     finally:
         daemon.stop()
     assert "structured_output_unavailable" in daemon.log_tail()

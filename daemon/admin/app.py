@@ -1,20 +1,27 @@
 """The local admin API (127.0.0.1): health, status, load, unload, fit (seeds 001 and 002).
 
-Errors are `{"detail": "..."}` as seed 001 specifies for this API.
+Errors are `{"detail": "..."}` as seed 001 specifies for this API. Behind daemon.http_guard:
+loopback Host, no cross-site Origin, JSON only, and the admin token on every route but
+/admin/health. Answers carry no secrets: the NATS URL without its credentials, and no file
+paths (the model is named by its id).
 """
 
 from __future__ import annotations
 
+import re
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 
 from daemon import __version__
+from daemon.admin.model_folder import ModelFolderRefused, resolve_model_folder
 from daemon.engine import fit
 from daemon.engine.base import EngineError
+from daemon.http_guard import LocalGuard, Refusal
+from daemon.settings import url_without_credentials
 
 if TYPE_CHECKING:
     from daemon.engine.worker_engine import WorkerEngine
@@ -34,8 +41,29 @@ _HEALTH_STATUS = {
 }
 
 
+# /admin/health stays open (no token): it is what liveness probes and "is it up yet?" loops
+# call, it changes nothing and tells only healthy/draining, the worker's state and the
+# version. It is still behind the Host/Origin checks, so no web page can read it.
+OPEN_PATHS = frozenset({"/admin/health"})
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.~])/[^\s'\"():,]+")
+
+
 def _detail(status: int, message: str) -> Response[dict[str, str]]:
     return Response({"detail": message}, status_code=status)
+
+
+def _render_refusal(refusal: Refusal) -> bytes:
+    return msgspec.json.encode({"detail": refusal.message})
+
+
+def _without_paths(text: str | None, model_path: str | None, model_id: str | None) -> str | None:
+    """A worker crash reason as shown in /admin/status: the model folder named by its id, no other paths."""
+    if text is None:
+        return None
+    if model_path and model_id:
+        text = text.replace(model_path, model_id)
+    return _ABSOLUTE_PATH.sub("<path>", text)
 
 
 def _worker_engine(daemon: Daemon) -> WorkerEngine | None:
@@ -53,7 +81,12 @@ def _gb(n: int) -> float:
     return round(n / GB, 3)
 
 
-def create_admin_app(daemon: Daemon) -> Litestar:
+def create_admin_app(daemon: Daemon) -> LocalGuard:
+    """The admin API behind the local guard, requiring daemon.admin_token."""
+    return LocalGuard(_admin_app(daemon), render=_render_refusal, token=daemon.admin_token, open_paths=OPEN_PATHS)
+
+
+def _admin_app(daemon: Daemon) -> Litestar:
     @get("/admin/health")
     async def health() -> Response[dict[str, Any]]:
         engine = _worker_engine(daemon)
@@ -78,7 +111,8 @@ def create_admin_app(daemon: Daemon) -> Litestar:
             "ports": {"main": daemon.listening.get("api"), "admin": daemon.listening.get("admin")},
             "pool": {
                 "provider_id": s.provider_id,
-                "nats_url": s.nats_url,
+                # The URL can hold the provider's NATS user and password.
+                "nats_url": url_without_credentials(s.nats_url),
                 "connected": daemon.pool_connected(),
                 "draining": daemon.draining,
                 "served": daemon.provider.served,
@@ -111,7 +145,6 @@ def create_admin_app(daemon: Daemon) -> Litestar:
         body["model"] = {
             "loaded": model is not None and sup.state == "healthy",
             "name": model.model_id if model else None,
-            "path": str(model.path) if model else None,
             # Unloaded for idleness: the next request reloads it.
             "idle_unloaded": model is not None and sup.state == "idle",
             "memory_gb": _gb(stats.memory_active if stats and stats.memory_active else rss),
@@ -126,7 +159,9 @@ def create_admin_app(daemon: Daemon) -> Litestar:
             "pid": sup.pid,
             "rss_bytes": rss,
             "restarts": sup.restarts,
-            "last_crash": sup.last_crash,
+            "last_crash": _without_paths(
+                sup.last_crash, str(model.path) if model else None, model.model_id if model else None
+            ),
             "idle_for_s": round(time.monotonic() - sup.last_active, 1),
         }
         adm = w.admission()
@@ -166,9 +201,15 @@ def create_admin_app(daemon: Daemon) -> Litestar:
         w = _worker_engine(daemon)
         if w is None:
             return _detail(400, "The synthetic engine has no model to load")
+        try:
+            folder = resolve_model_folder(
+                model_path, models_dir=daemon.settings.models_dir, configured=daemon.settings.model_path
+            )
+        except ModelFolderRefused as exc:
+            return _detail(exc.status, exc.message)
         started = time.monotonic()
         try:
-            await w.load(Path(model_path))
+            await w.load(folder)
         except EngineError as exc:
             return _detail(500, f"Load failed: {exc.message}")
         model = w.model

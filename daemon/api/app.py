@@ -3,13 +3,16 @@
 `/health`, `/v1/models`, `/v1/chat/completions` (daemon/api/chat.py), `/v1/completions`
 (daemon/api/completions.py). Requests run on the engine that serves NATS work, in the
 same batch. The request's `model` is not used to pick a model: the loaded one answers
-and its id is echoed.
+and its id is echoed. Behind daemon.http_guard (loopback Host, no cross-site Origin, JSON
+bodies); refusals in the OpenAI envelope. No token: the owner's tools use it like a local
+OpenAI server, and a web page can neither reach it (Host/Origin) nor read it (no CORS).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException
 
@@ -17,13 +20,28 @@ from daemon import __version__
 from daemon.api.chat import chat_routes
 from daemon.api.common import ApiError, LocalRequests, error_response
 from daemon.api.completions import completion_routes
+from daemon.http_guard import LocalGuard, Refusal
 from schemas import openai
+from schemas.errors import ErrorBody, ErrorEnvelope
 
 if TYPE_CHECKING:
     from daemon.runtime import Daemon
 
 
-def create_api_app(daemon: Daemon) -> Litestar:
+_REFUSAL_TYPES = {401: "authentication_error", 403: "permission_error"}
+
+
+def _render_refusal(refusal: Refusal) -> bytes:
+    kind = _REFUSAL_TYPES.get(refusal.status, "invalid_request_error")
+    return msgspec.json.encode(ErrorEnvelope(error=ErrorBody(message=refusal.message, type=kind, code=refusal.code)))
+
+
+def create_api_app(daemon: Daemon) -> LocalGuard:
+    """The local API behind the local guard (loopback Host, no cross-site Origin, JSON bodies; no token)."""
+    return LocalGuard(_api_app(daemon), render=_render_refusal)
+
+
+def _api_app(daemon: Daemon) -> Litestar:
     engine = daemon.engine
     local = LocalRequests(daemon)
 

@@ -47,7 +47,8 @@ class MacProviderDaemon < Formula
         #{etc}/mac-provider/daemon.env
       Check the machine and the configuration:
         mac-provider-daemon doctor --config #{etc}/mac-provider/daemon.env
-      Local APIs, on 127.0.0.1 only: OpenAI-compatible on :11440, admin on :11441.
+      Local APIs, on 127.0.0.1 only: OpenAI-compatible on :11440, admin on :11441
+      (admin token: ~/Library/Application Support/mac-provider/admin-token).
       Prompts you serve are processed as plaintext on this Mac.
     EOS
   end

@@ -150,6 +150,6 @@ class PoolStack(Stack):
 
 
 async def _admin_status(client: httpx.AsyncClient, daemon: DaemonChild) -> dict[str, Any]:
-    r = await client.get(f"{daemon.admin_url}/admin/status", timeout=5)
+    r = await client.get(f"{daemon.admin_url}/admin/status", headers=daemon.admin_headers(), timeout=5)
     r.raise_for_status()
     return r.json()

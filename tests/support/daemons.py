@@ -59,7 +59,9 @@ def running_daemon(
 
 
 def status(daemon: DaemonChild) -> dict[str, Any]:
-    body: dict[str, Any] = httpx.get(f"{daemon.admin_url}/admin/status", timeout=10).json()
+    body: dict[str, Any] = httpx.get(
+        f"{daemon.admin_url}/admin/status", headers=daemon.admin_headers(), timeout=10
+    ).json()
     return body
 
 

@@ -18,13 +18,19 @@ class RawResponse:
         return json.loads(self.body)
 
 
-def request(url: str, method: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> RawResponse:
+def request(
+    url: str, method: str, headers: list[tuple[bytes, bytes]], body: bytes = b"", *, host: bytes | None = None
+) -> RawResponse:
+    """`host`: the Host header to send instead of the URL's (b"": none at all)."""
     parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    lines = [f"{method} {parts.path or '/'} HTTP/1.1".encode(), f"Host: {host}:{port}".encode()]
+    hostname, port = parts.hostname or "127.0.0.1", parts.port or 80
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [f"{method} {target} HTTP/1.1".encode()]
+    if host != b"":
+        lines.append(b"Host: " + (host if host is not None else f"{hostname}:{port}".encode()))
     lines += [name + b": " + value for name, value in headers]
     lines += [b"Content-Length: " + str(len(body)).encode(), b"Connection: close"]
-    with socket.create_connection((host, port), timeout=10) as sock:
+    with socket.create_connection((hostname, port), timeout=10) as sock:
         sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         data = b""
         while chunk := sock.recv(65536):
