@@ -230,6 +230,8 @@ class Call:
         d.pool.note_failure(lost)
         if cause.violation is not None:
             d.violation(lost, cause.violation, cause.message, self.request_id)
+            # It lied about something: none of its counts are trusted, its prompt count included.
+            self.accepted = msgspec.structs.replace(self.accepted, prompt_tokens=0)
         await self._release_leg(cancel=True)
         if self.failovers >= d.max_failovers:
             self.finished = True
@@ -249,8 +251,7 @@ class Call:
             ) from None
         self.providers.append(self.provider_id)
         if cause.violation is not None:
-            # The lost provider lied about something: its prompt count is not billed either. The new
-            # one counted the prompt plus the continuation's tokens.
+            # The new provider counted the prompt plus the continuation's tokens.
             prompt = max(0, self._leg.accepted.prompt_tokens - len(self._token_ids))
             self.accepted = msgspec.structs.replace(self.accepted, prompt_tokens=prompt)
         log.warning(

@@ -161,6 +161,14 @@ async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
     raise ProviderError("The provider's answer ended without a final frame.")
 
 
+def _broken(ex: Exchange, call: Call) -> None:
+    """The call ended without an answer: record the counts the call still trusts."""
+    if ex.ticket is not None:
+        ex.ticket.prompt_tokens = call.accepted.prompt_tokens
+    # Providers failed the buyer before a single token arrived: nothing of value, nothing billed.
+    ex.refund = call.tokens_delivered == 0
+
+
 async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
     """Returns when the client hangs up (the body has already been read)."""
     while True:
@@ -197,8 +205,7 @@ async def answer(
         raise
     except StreamBroken as exc:
         ex.status = exc.code
-        # Providers failed the buyer before a single token arrived: nothing of value, nothing billed.
-        ex.refund = call.tokens_delivered == 0
+        _broken(ex, call)
         raise ProviderError(f"The provider failed while generating: {exc.message}", headers=started.headers) from None
     except ApiError as exc:
         ex.status = exc.code or "error"
@@ -227,7 +234,8 @@ async def _guarded(runtime: Runtime, started: Started, renderer: Renderer) -> As
     except (StreamBroken, ApiError) as exc:
         # Headers are gone already: the error travels in-band, then the stream ends properly.
         ex.status = exc.code or "error"
-        ex.refund = isinstance(exc, StreamBroken) and call.tokens_delivered == 0
+        if isinstance(exc, StreamBroken):
+            _broken(ex, call)
         for chunk in renderer.failed(ex.status, f"Generation failed: {exc.message}"):
             yield chunk
     except (asyncio.CancelledError, GeneratorExit):

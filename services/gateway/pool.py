@@ -28,6 +28,9 @@ _ALPHA = 0.3
 SUSPECT_S = 60.0
 # Answer length the routing compares providers on: first-token time + this many tokens.
 _TYPICAL_TOKENS = 128
+# A decoding speed is measured on answers at least this long (tokens and seconds).
+_MIN_RATE_TOKENS = 16
+_MIN_RATE_S = 0.2
 # A claimed decoding speed counts for the pool's status only up to this until measured.
 UNMEASURED_TPS_CAP = 100.0
 
@@ -140,7 +143,8 @@ class PoolView:
         o.first_token_s = _ewma(o.first_token_s, seconds)
 
     def note_decoding(self, provider_id: str, tokens: int, seconds: float) -> None:
-        if tokens >= 2 and seconds > 0:
+        # Short answers arrive in a burst or two: their rate says more about the network than the Mac.
+        if tokens >= _MIN_RATE_TOKENS and seconds >= _MIN_RATE_S:
             o = self.measured(provider_id)
             o.decode_tps = _ewma(o.decode_tps, tokens / seconds)
 

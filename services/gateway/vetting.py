@@ -34,6 +34,12 @@ _FRAMES_WITHOUT_TOKENS = 16
 # with their bytes), plus a fixed allowance: far above honest, small enough to bound memory.
 _BYTES_PER_TOKEN = 4096
 _BASE_BYTES = 256 << 10
+# Text one token can stand for: the longest tokens of real vocabularies are runs of a few dozen
+# to a hundred-odd spaces or symbols. Text held back (a possible stop string, tool markup that
+# did not parse) is released later but still came from counted tokens; a continuation's first
+# frame may also carry text its predecessor held back: the allowance covers it.
+_TEXT_BYTES_PER_TOKEN = 256
+_TEXT_ALLOWANCE = 16 << 10
 
 
 class Violation(Exception):
@@ -103,6 +109,7 @@ class LegCheck:
     # The answer's JSON so far, across every provider of the request (None: unconstrained).
     json: JsonAnswer | None = None
     tokens: int = 0
+    text_bytes: int = 0
     problems: list[Violation] = field(default_factory=list)
 
     def accepted(self, frame: bus.Accepted) -> None:
@@ -121,6 +128,9 @@ class LegCheck:
             raise Violation("too_many_tokens", f"{self.tokens + len(ids)} tokens where max_tokens allows {allowed}")
         if self.vocab_size and ids and max(ids) >= self.vocab_size:
             raise Violation("token_id_out_of_range", f"token id {max(ids)} in a vocabulary of {self.vocab_size}")
+        text_bytes = self.text_bytes + len(frame.text.encode()) + len(frame.reasoning.encode())
+        if text_bytes > _TEXT_ALLOWANCE + (self.tokens + len(ids)) * _TEXT_BYTES_PER_TOKEN:
+            raise Violation("oversized_text", f"{text_bytes} bytes of text for {self.tokens + len(ids)} tokens")
         for call in frame.tool_calls:
             if call.name not in self.tools:
                 raise Violation("unoffered_tool_call", f"a call to {call.name[:64]!r}, which the request did not offer")
@@ -135,6 +145,7 @@ class LegCheck:
             if not self.json.feed(frame.text):
                 raise Violation("invalid_json", "the answer stopped being valid JSON of the requested schema")
         self.tokens += len(ids)
+        self.text_bytes = text_bytes
 
     def done(self, frame: bus.Done) -> bus.Done:
         """The final frame made consistent with what was received; raises Violation if it cannot be."""
