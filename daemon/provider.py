@@ -86,6 +86,7 @@ class Provider:
     # Recent conversations the worker's prompt cache holds (newest last), for cache-aware routing.
     _conversations: deque[str] = field(default_factory=lambda: deque(maxlen=CACHED_CONVERSATIONS))
     _memory: _Every = field(default_factory=lambda: _Every(5.0, available_bytes))
+    _nats_errors: dict[str, float] = field(default_factory=dict)
 
     @property
     def nc(self) -> Nats:
@@ -94,7 +95,24 @@ class Provider:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        self._nc = await nats.connect(
+        # The coordinator may be unreachable for a long time (a laptop offline): a stop order
+        # (SIGTERM from launchd) must not wait for it.
+        connecting = asyncio.ensure_future(self._connect())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            log.info("provider_offline", provider=s.provider_id, served=0, reason="stopped before connecting")
+            return
+        self._nc = connecting.result()
+        await self._serve_pool(stop)
+
+    async def _connect(self) -> Nats:
+        s = self.settings
+        return await nats.connect(
             s.nats_url,
             name=f"mac-provider-daemon-{s.provider_id}",
             max_reconnect_attempts=-1,
@@ -103,7 +121,18 @@ class Provider:
             password=s.nats_password or None,
             # The provider's NATS credentials (JWT + key) from the pool operator, when it uses them.
             user_credentials=str(s.nats_creds) if s.nats_creds else None,
+            error_cb=self._nats_error,
         )
+
+    async def _nats_error(self, exc: Exception) -> None:
+        # One line per error kind a minute, not a traceback every reconnect attempt.
+        now, kind = time.monotonic(), type(exc).__name__
+        if now - self._nats_errors.get(kind, float("-inf")) >= 60.0:
+            self._nats_errors[kind] = now
+            log.warning("nats_error", error=kind, detail=str(exc)[:200])
+
+    async def _serve_pool(self, stop: asyncio.Event) -> None:
+        s = self.settings
         await self.nc.subscribe(subjects.work(s.provider_id), cb=self._on_work)
         await self.nc.subscribe(subjects.cancel(s.provider_id), cb=self._on_cancel)
         await self.nc.subscribe(subjects.PROBE, cb=self._on_probe)
