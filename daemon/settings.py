@@ -12,7 +12,7 @@ import os
 import platform
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from schemas import subjects
@@ -20,6 +20,25 @@ from schemas import subjects
 
 class SettingsError(ValueError):
     pass
+
+
+# The daemon's own copy of services.settings.redact_url (the daemon never imports services/).
+# A URL's user info: from its scheme to the last "@" before the next URL of a list (a
+# password may hold a raw "/" or "@"; hiding too much beats showing part of a secret).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>(?:(?!://)\S)*?)@(?=[^@,\s]*(?:,|\s|$))")
+_SECRET_PARAM = re.compile(r"(?P<name>[?&](?:password|token|pass)=)[^&#\s,]*", re.IGNORECASE)
+REDACTED = "***"
+
+
+def _userinfo(match: re.Match[str]) -> str:
+    user, colon, _ = match.group("userinfo").partition(":")
+    # nats://user:password@host keeps its user; nats://TOKEN@host loses its token.
+    return f"{match.group('scheme')}{user}:{REDACTED}@" if colon else f"{match.group('scheme')}{REDACTED}@"
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL (or a comma-separated list of them) safe to log or show: no password, no token."""
+    return _SECRET_PARAM.sub(lambda m: m.group("name") + REDACTED, _USERINFO.sub(_userinfo, url))
 
 
 def _default_provider_id() -> str:
@@ -55,7 +74,8 @@ def read_config_file(path: Path) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
-    nats_url: str
+    # May carry user:password (shown only through redact_url).
+    nats_url: str = field(metadata={"url": True})
     provider_id: str
     # "mlx" runs the model; "synthetic" is the benchmark's stand-in and never a model.
     engine: str
@@ -89,9 +109,25 @@ class DaemonSettings:
     worker_stall_s: float = 60.0
     # This provider's NATS user and password (the pool operator issues them); empty: none.
     nats_user: str = ""
-    nats_password: str = field(default="", repr=False)
+    nats_password: str = field(default="", metadata={"secret": True})
     # A NATS .creds file (the provider's identity on the pool); None: the URL alone.
     nats_creds: Path | None = None
+
+    @property
+    def nats_url_redacted(self) -> str:
+        """NATS_URL as logs and answers may show it."""
+        return redact_url(self.nats_url)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret"):
+                value = REDACTED if value else ""
+            elif f.metadata.get("url"):
+                value = redact_url(value)
+            parts.append(f"{f.name}={value!r}")
+        return f"DaemonSettings({', '.join(parts)})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, config_file: Path | None = None) -> DaemonSettings:
