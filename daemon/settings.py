@@ -23,22 +23,27 @@ class SettingsError(ValueError):
 
 
 # The daemon's own copy of services.settings.redact_url (the daemon never imports services/).
-# A URL's user info: from its scheme to the last "@" before the next URL of a list (a
-# password may hold a raw "/" or "@"; hiding too much beats showing part of a secret).
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>(?:(?!://)\S)*?)@(?=[^@,\s]*(?:,|\s|$))")
-_SECRET_PARAM = re.compile(r"(?P<name>[?&](?:password|token|pass)=)[^&#\s,]*", re.IGNORECASE)
+# One URL: its scheme, then everything up to the next URL's scheme or a blank. Its user info
+# ends at the last "@" in there (a password may hold a raw "/", "," or "@": hiding too
+# much beats showing part of a secret).
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>(?:(?![A-Za-z][A-Za-z0-9+.-]*://)\S)*)")
+_SECRET_PARAM = re.compile(r"(?P<name>[?&](?:password|token|pass)=)[^&#\s]*", re.IGNORECASE)
 REDACTED = "***"
 
 
-def _userinfo(match: re.Match[str]) -> str:
-    user, colon, _ = match.group("userinfo").partition(":")
+def _without_credentials(match: re.Match[str]) -> str:
+    scheme, rest = match.group("scheme"), match.group("rest")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _ = userinfo.partition(":")
     # nats://user:password@host keeps its user; nats://TOKEN@host loses its token.
-    return f"{match.group('scheme')}{user}:{REDACTED}@" if colon else f"{match.group('scheme')}{REDACTED}@"
+    return f"{scheme}{user}:{REDACTED}@{host}" if colon else f"{scheme}{REDACTED}@{host}"
 
 
 def redact_url(url: str) -> str:
-    """A NATS URL (or a comma-separated list of them) safe to log or show: no password, no token."""
-    return _SECRET_PARAM.sub(lambda m: m.group("name") + REDACTED, _USERINFO.sub(_userinfo, url))
+    """A NATS URL (or a text holding URLs) safe to log or show: no password, no token."""
+    return _SECRET_PARAM.sub(lambda m: m.group("name") + REDACTED, _URL.sub(_without_credentials, url))
 
 
 def _default_provider_id() -> str:
