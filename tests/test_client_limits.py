@@ -26,6 +26,8 @@ from litestar.testing import AsyncTestClient
 from infra.components import Child, start_gateway
 from infra.ports import free_port
 from services.app import create_app
+from services.auth.client_ip import client_key
+from services.auth.rate_limit import TokenBuckets
 from services.keys import format as key_format
 from services.settings import Settings
 from tests.conftest import Stack
@@ -246,3 +248,28 @@ async def test_the_global_demo_budget_holds_across_replicas(stack: Stack) -> Non
         for client in (a, b):
             r = await client.post("/auth/demo", headers={"X-Forwarded-For": v6()})
             assert r.status_code == 429, r.text
+
+
+def test_token_buckets_refill_and_stay_bounded_under_a_flood_of_clients() -> None:
+    now = [1000.0]
+    buckets = TokenBuckets(per_minute=30, max_clients=1000, clock=lambda: now[0])
+    assert [buckets.take("a") for _ in range(30)] == [None] * 30
+    assert buckets.take("a") == 2, "one token every 2 s"
+    now[0] += 2.0
+    assert buckets.take("a") is None
+    buckets.give_back("a")
+    assert buckets.take("a") is None
+    assert buckets.take("a") == 2
+    # A flood from 100k addresses keeps at most 1000 buckets; each got its full budget once.
+    for i in range(100_000):
+        assert buckets.take(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") is None
+    assert len(buckets) == 1000
+    # A bucket that has refilled is forgotten: it is the same as none.
+    now[0] += 60.0
+    buckets.take("b")
+    assert len(buckets) == 1000
+    buckets.give_back("b")
+    assert len(buckets) == 999
+    # Every address of one IPv6 /64 is one client; an IPv4 address is itself.
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("192.0.2.7") == "192.0.2.7"

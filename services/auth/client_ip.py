@@ -48,9 +48,9 @@ def net64(ip: str) -> str | None:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return None
-    if not isinstance(address, ipaddress.IPv6Address):
+    if not isinstance(address, ipaddress.IPv6Address) or address.ipv4_mapped is not None:
         return None
-    return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"
 
 
 def client_key(ip: str) -> str:
