@@ -35,7 +35,7 @@ class MacProviderDaemon < Formula
     # It will hold the provider's NATS password: private to the owner from its creation.
     unless config.exist?
       File.open(config, File::WRONLY | File::CREAT | File::EXCL, 0600) do |f|
-        f.write (buildpath/"infra/homebrew/daemon.env").read
+        f.write((buildpath/"infra/homebrew/daemon.env").read)
       end
     end
   end
