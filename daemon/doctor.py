@@ -141,11 +141,11 @@ async def _nats(settings: DaemonSettings) -> Check:
     async def quiet(_: Exception) -> None:
         return None
 
-    url = settings.nats_url
+    url = settings.nats_url_redacted  # what the report shows; the connection uses the real one
     try:
         nc = await asyncio.wait_for(
             nats.connect(
-                url,
+                settings.nats_url,
                 connect_timeout=3,
                 max_reconnect_attempts=1,
                 allow_reconnect=False,

@@ -141,7 +141,7 @@ class Provider:
         add_listener = getattr(self.engine, "add_listener", None)
         if add_listener is not None:
             add_listener(self.engine_changed)
-        log.info("provider_online", provider=s.provider_id, model=self.engine.model_id, nats=s.nats_url)
+        log.info("provider_online", provider=s.provider_id, model=self.engine.model_id, nats=s.nats_url_redacted)
         try:
             await stop.wait()
         finally:

@@ -12,7 +12,7 @@ import os
 import platform
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -24,6 +24,30 @@ ADMIN_TOKEN_FILE_NAME = "admin-token"
 
 class SettingsError(ValueError):
     pass
+
+
+# The daemon's own copy of services.settings.redact_url (the daemon never imports services/).
+# One URL: its scheme, then everything up to the next URL's scheme or a blank. Its user info
+# ends at the last "@" in there (a password may hold a raw "/", "," or "@": hiding too
+# much beats showing part of a secret).
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>(?:(?![A-Za-z][A-Za-z0-9+.-]*://)\S)*)")
+_SECRET_PARAM = re.compile(r"(?P<name>[?&](?:password|token|pass)=)[^&#\s]*", re.IGNORECASE)
+REDACTED = "***"
+
+
+def _without_credentials(match: re.Match[str]) -> str:
+    scheme, rest = match.group("scheme"), match.group("rest")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _ = userinfo.partition(":")
+    # nats://user:password@host keeps its user; nats://TOKEN@host loses its token.
+    return f"{scheme}{user}:{REDACTED}@{host}" if colon else f"{scheme}{REDACTED}@{host}"
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL (or a text holding URLs) safe to log or show: no password, no token."""
+    return _SECRET_PARAM.sub(lambda m: m.group("name") + REDACTED, _URL.sub(_without_credentials, url))
 
 
 def _default_provider_id() -> str:
@@ -87,7 +111,8 @@ def read_config_file(path: Path) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
-    nats_url: str
+    # May carry user:password (shown only through redact_url).
+    nats_url: str = field(metadata={"url": True})
     provider_id: str
     # "mlx" runs the model; "synthetic" is the benchmark's stand-in and never a model.
     engine: str
@@ -121,7 +146,7 @@ class DaemonSettings:
     worker_stall_s: float = 60.0
     # This provider's NATS user and password (the pool operator issues them); empty: none.
     nats_user: str = ""
-    nats_password: str = field(default="", repr=False)
+    nats_password: str = field(default="", metadata={"secret": True})
     # A NATS .creds file (the provider's identity on the pool); None: the URL alone.
     nats_creds: Path | None = None
     # The daemon's own files. `/admin/load` loads only folders inside models_dir (a page or a
@@ -131,6 +156,22 @@ class DaemonSettings:
     models_dir: Path = Path("models")
     # The admin API's bearer token (0600, made at first start).
     admin_token_file: Path = Path("admin-token")
+
+    @property
+    def nats_url_redacted(self) -> str:
+        """NATS_URL as logs and answers may show it."""
+        return redact_url(self.nats_url)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret"):
+                value = REDACTED if value else ""
+            elif f.metadata.get("url"):
+                value = redact_url(value)
+            parts.append(f"{f.name}={value!r}")
+        return f"DaemonSettings({', '.join(parts)})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, config_file: Path | None = None) -> DaemonSettings:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from infra.private_file import write_private
 from services.db.migrate import migrate
 from services.keys import format as key_format
 from services.keys.store import account_by_login, create_account, create_key, find_active_key
@@ -44,10 +45,8 @@ async def ensure_dev_key(database_url: str, dev_env: Path) -> str:
 
 def write_dev_env(dev_env: Path, *, base_url: str, key: str) -> None:
     dev_env.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dev_env.with_suffix(".tmp")
-    tmp.write_text(
+    write_private(
+        dev_env,
         "# Written by `just up`. Load with: set -a; . .mp/dev.env; set +a\n"
-        f"OPENAI_BASE_URL={base_url}\nOPENAI_API_KEY={key}\n"
+        f"OPENAI_BASE_URL={base_url}\nOPENAI_API_KEY={key}\n",
     )
-    tmp.chmod(0o600)
-    tmp.replace(dev_env)

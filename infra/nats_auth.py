@@ -21,7 +21,6 @@ given and nothing here runs.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import TypeAlias
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from infra.nats import NatsServer
+from infra.private_file import write_private
 from schemas import subjects
 
 GATEWAY_USER = "gateway"
@@ -132,14 +132,6 @@ def _hash(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(_BCRYPT_ROUNDS)).decode()
 
 
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
-
-
 class NatsUsers:
     """The users of one nats-server: passwords for us, hashes for the server, both under `state_dir`."""
 
@@ -168,8 +160,8 @@ class NatsUsers:
 
     def save(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_private(self._path, json.dumps(self._users, indent=1, sort_keys=True))
-        _write_private(
+        write_private(self._path, json.dumps(self._users, indent=1, sort_keys=True))
+        write_private(
             self.state_dir / _AUTH_FILE,
             render_authorization(
                 (

@@ -26,7 +26,9 @@ from infra.components import Child, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key, write_dev_env
 from infra.nats_auth import NatsTarget, SecuredNats
 from infra.postgres import PostgresServer
+from infra.private_file import write_private
 from services.providers import store as providers
+from services.settings import redact_url
 
 
 def _port(name: str) -> int | None:
@@ -40,10 +42,9 @@ def _say(message: str) -> None:
 
 def _write_admin_env(path: Path, values: dict[str, str]) -> None:
     """What `mac-provider admin ...` needs to reach this stack (it holds the control plane's NATS password)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"# Written by `just up`. Load with: set -a; . {path}; set +a\n")
-        f.writelines(f"{name}={value}\n" for name, value in values.items())
+    lines = [f"# Written by `just up`. Load with: set -a; . {path}; set +a\n"]
+    lines += [f"{name}={value}\n" for name, value in values.items()]
+    write_private(path, "".join(lines))
 
 
 async def _pin(database_url: str, provider_id: str) -> None:
@@ -80,13 +81,13 @@ def main() -> int:
             cleanups.append(nats.stop)
             nats_url, target = nats.url, nats
             admin_env.update(nats.gateway.env())
-            _say(f"nats-server on {nats_url} (users: {nats.users.state_dir / 'credentials.json'})")
+            _say(f"nats-server on {redact_url(nats_url)} (users: {nats.users.state_dir / 'credentials.json'})")
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
             pg = PostgresServer.start(home / "postgres", port=_port("MP_PG_PORT"))
             cleanups.append(pg.stop)
             database_url = pg.url
-            _say(f"postgres on {database_url}")
+            _say(f"postgres on {redact_url(database_url)}")
 
         dev_env = home / "dev.env"
         key = asyncio.run(ensure_dev_key(database_url, dev_env))
@@ -151,7 +152,7 @@ Ctrl-C stops everything.""",
                     exit_code = 1
                     stop.set()
     except Exception as exc:
-        _say(f"failed to start: {exc}")
+        _say(f"failed to start: {redact_url(str(exc))}")
         exit_code = 1
     finally:
         _say("stopping")

@@ -3,19 +3,24 @@
 Each service is a list of route handlers. `create_app` mounts the ones asked
 for, so a service can run (and scale) alone in the cloud, or all of them in one
 process, which is what the local stack does. They share only Postgres and NATS.
+
+Every route declares its authentication (services/auth/declared.py); the app
+refuses to build with one that does not, and its guard closes any added later.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from litestar import Litestar, Response, route
+from litestar import Litestar, Response, Router, route
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.enums import HttpMethod
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ControllerRouterHandler
 
-from services.auth.routes import demo_token, github_callback, github_start, logout
+from services.auth.declared import OPT, Auth, check_declared, enforce, requires
+from services.auth.routes import GITHUB_STARTS, demo_token, github_callback, github_start, github_start_budget, logout
 from services.errors import exception_handler
 from services.gateway.chat import chat_completions
 from services.gateway.completions import completions
@@ -42,7 +47,9 @@ SERVICES: dict[str, list[ControllerRouterHandler]] = {
 def _options(path: str, methods: set[str]) -> HTTPRouteHandler:
     allow = ", ".join(sorted({*methods, "OPTIONS"}))
 
-    @route(path, http_method=[HttpMethod.OPTIONS], include_in_schema=False, sync_to_thread=False)
+    @route(
+        path, http_method=[HttpMethod.OPTIONS], include_in_schema=False, sync_to_thread=False, **requires(Auth.PUBLIC)
+    )
     def options() -> Response[None]:
         return Response(content=None, status_code=204, headers={"allow": allow})
 
@@ -50,18 +57,18 @@ def _options(path: str, methods: set[str]) -> HTTPRouteHandler:
 
 
 def _with_options(handlers: list[ControllerRouterHandler]) -> list[ControllerRouterHandler]:
-    """An OPTIONS answer for each path served by several handlers, registered before them.
+    """An OPTIONS answer for each path, registered before its handlers.
 
-    Litestar makes one when the first handler of a path is registered, and its
-    `Allow` keeps naming only that handler's methods after others join the path.
+    Litestar makes one when the first handler of a path is registered, but its
+    `Allow` keeps naming only that handler's methods after others join the path,
+    and it declares no authentication (ours is public: it only names methods).
     """
     methods: dict[str, set[str]] = {}
     for handler in handlers:
         if isinstance(handler, HTTPRouteHandler):
             for path in handler.paths:
                 methods.setdefault(path, set()).update(handler.http_methods)
-    shared = [_options(path, m) for path, m in methods.items() if len(m) > 1]
-    return [*shared, *handlers]
+    return [*(_options(path, m) for path, m in methods.items()), *handlers]
 
 
 def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) -> Litestar:
@@ -73,12 +80,20 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         handlers.extend(SERVICES[name])
     if "status" not in services:
         handlers.append(health)
-    return Litestar(
+    # The API document and its page are public (their routes are Litestar's, declared through their router).
+    docs = openapi_config()
+    docs.openapi_router = Router(
+        path="/openapi", route_handlers=[], include_in_schema=False, dto=None, return_dto=None, opt={OPT: Auth.PUBLIC}
+    )
+    app = Litestar(
         route_handlers=_with_options(handlers),
         lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
+        guards=[enforce],
+        state=State({GITHUB_STARTS: github_start_budget(settings)}),
         exception_handlers={Exception: exception_handler},
         before_send=[add_request_id],
-        openapi_config=openapi_config(),
+        openapi_config=docs,
         debug=False,
     )
+    return check_declared(app)

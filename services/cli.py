@@ -28,6 +28,10 @@ def _serve(settings: Settings, services: list[str]) -> None:
         log_level="warning",
         access_log=False,  # the gateway writes its own summary line per request
         timeout_graceful_shutdown=10,
+        # uvicorn would otherwise take X-Forwarded-For / X-Forwarded-Proto from any client on
+        # 127.0.0.1 and rewrite the peer address before we see it; MP_TRUSTED_PROXY_HOPS
+        # (services/auth/client_ip.py) is the only authority on proxy headers.
+        proxy_headers=False,
     )
 
 

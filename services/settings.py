@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+from infra.private_file import write_private
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/macprovider"
@@ -40,7 +44,45 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         raise SettingsError(f"{key} must be an integer, got {raw!r}") from None
 
 
+def _positive_int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = _int(env, key, default)
+    if value < 1:
+        raise SettingsError(f"{key} must be at least 1, got {value}")
+    return value
+
+
 _SECRET_FILE = "secret_key"
+
+# One URL: its scheme, then everything up to the next URL's scheme or a blank. Its user info
+# ends at the last "@" in there (a password may hold a raw "/", "," or "@": hiding too
+# much beats showing part of a secret).
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>(?:(?![A-Za-z][A-Za-z0-9+.-]*://)\S)*)")
+# libpq takes a password as a query parameter too; NATS a token.
+_SECRET_PARAM = re.compile(r"(?P<name>[?&](?:password|sslpassword|token|pass)=)[^&#\s]*", re.IGNORECASE)
+# Schemes whose lone user name (no ":password") is a login, not a NATS token.
+_LOGIN_SCHEMES = ("postgres", "postgresql")
+REDACTED = "***"
+
+
+def _without_credentials(match: re.Match[str]) -> str:
+    scheme, rest = match.group("scheme"), match.group("rest")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return match.group(0)
+    user, colon, _ = userinfo.partition(":")
+    if colon:
+        return f"{scheme}{user}:{REDACTED}@{host}"
+    if scheme.removesuffix("://").lower() in _LOGIN_SCHEMES:
+        return match.group(0)
+    return f"{scheme}{REDACTED}@{host}"  # nats://TOKEN@host
+
+
+def redact_url(url: str) -> str:
+    """`url` (or a text holding URLs) safe to log: passwords and tokens replaced by ***.
+
+    The user name stays (it says who connects); `nats://token@host` loses its token.
+    """
+    return _SECRET_PARAM.sub(lambda m: m.group("name") + REDACTED, _URL.sub(_without_credentials, url))
 
 
 def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
@@ -53,14 +95,28 @@ def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
     path = home / _SECRET_FILE
     if not path.exists():
         home.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{_SECRET_FILE}.{os.getpid()}")
-        tmp.write_text(secrets.token_urlsafe(48))
-        tmp.chmod(0o600)
-        # link() fails if another replica made the file first: then everyone uses that one.
+        # Not replacing: if another replica made the file first, everyone uses that one.
         with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-        tmp.unlink()
+            write_private(path, secrets.token_urlsafe(48), replace=False)
     return path.read_text().strip().encode()
+
+
+# Field metadata: a secret is never shown; a URL is shown without its credentials.
+SECRET = {"secret": True}
+URL = {"url": True}
+
+
+def _safe_fields(obj: Any) -> str:
+    """`name=value, ...` of a settings dataclass for repr(), with secrets hidden (logs, tracebacks)."""
+    parts = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("secret"):
+            value = REDACTED if value else ""
+        elif f.metadata.get("url"):
+            value = redact_url(value)
+        parts.append(f"{f.name}={value!r}")
+    return ", ".join(parts)
 
 
 def _choice(env: Mapping[str, str], key: str, choices: tuple[str, ...]) -> str:
@@ -75,8 +131,8 @@ class Settings:
     home: Path
     host: str
     port: int
-    database_url: str
-    nats_url: str
+    database_url: str = field(metadata=URL)
+    nats_url: str = field(metadata=URL)
     # Identifies this replica on the bus; replies for its requests come to its own subject.
     gateway_id: str
     # Whole-request ceiling enforced by the gateway (seed 000: deployment-configured).
@@ -98,19 +154,29 @@ class Settings:
     # A provider missing this many heartbeat intervals leaves the pool view.
     heartbeat_misses: int
     # Where browsers reach us; GitHub redirects to `<public_url>/auth/github/callback`.
-    public_url: str
+    public_url: str = field(metadata=URL)
     github_client_id: str
-    github_client_secret: str
+    github_client_secret: str = field(metadata=SECRET)
     # GitHub's endpoints; tests point them at a loopback server speaking the same protocol.
-    github_authorize_url: str
-    github_token_url: str
-    github_api_url: str
+    github_authorize_url: str = field(metadata=URL)
+    github_token_url: str = field(metadata=URL)
+    github_api_url: str = field(metadata=URL)
     # Signs demo tokens; every replica must share it (generated under MP_HOME when unset).
-    secret_key: bytes
+    secret_key: bytes = field(metadata=SECRET)
     demo_token_ttl_s: float
-    # Demo tokens one client IP may get per window, counted in Postgres across replicas.
+    # Demo tokens one client IP may get per window, counted in Postgres across replicas;
+    # an IPv6 client's whole /64 (one subscriber's network) has its own count, and the
+    # whole deployment a global one.
     demo_tokens_per_ip: int
+    demo_tokens_per_net64: int
+    demo_tokens_global: int
     demo_window_s: float
+    # Per-client budgets counted in each replica's memory (see services/auth/rate_limit.py):
+    # key lookups that found nothing (each costs a query), and sign-ins started (each writes a row).
+    failed_auth_per_min: int
+    github_start_per_min: int
+    # Clients each of those budgets remembers (the least recently seen are forgotten first).
+    rate_limit_clients: int
     # Proxies in front of us that append to X-Forwarded-For (0: use the peer address).
     trusted_proxy_hops: int
     session_ttl_s: float
@@ -149,7 +215,10 @@ class Settings:
     provider_violation_window_s: float
     # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone.
     nats_user: str
-    nats_password: str = field(repr=False)
+    nats_password: str = field(metadata=SECRET)
+
+    def __repr__(self) -> str:
+        return f"Settings({_safe_fields(self)})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -183,7 +252,12 @@ class Settings:
             secret_key=_secret_key(env, home),
             demo_token_ttl_s=_float(env, "MP_DEMO_TOKEN_TTL_S", 900.0),
             demo_tokens_per_ip=_int(env, "MP_DEMO_TOKENS_PER_IP", 10),
+            demo_tokens_per_net64=_int(env, "MP_DEMO_TOKENS_PER_NET64", 20),
+            demo_tokens_global=_int(env, "MP_DEMO_TOKENS_GLOBAL", 500),
             demo_window_s=_float(env, "MP_DEMO_WINDOW_S", 3600.0),
+            failed_auth_per_min=_positive_int(env, "MP_FAILED_AUTH_PER_MIN", 30),
+            github_start_per_min=_positive_int(env, "MP_GITHUB_START_PER_MIN", 10),
+            rate_limit_clients=_positive_int(env, "MP_RATE_LIMIT_CLIENTS", 50_000),
             trusted_proxy_hops=_int(env, "MP_TRUSTED_PROXY_HOPS", 0),
             session_ttl_s=_float(env, "MP_SESSION_TTL_S", 7 * 86400.0),
             # The issue's ceiling: a sign-in must finish within 10 minutes.

@@ -22,6 +22,10 @@ from tests.support.tiny_model import write_tiny_model
 # The suite starts dozens of daemons with new provider ids within a minute; every gateway it
 # starts admits them freely. The admission rate itself is tested on its own stack (test_admission.py).
 os.environ.setdefault("MP_PROVISIONAL_ADMISSIONS_PER_MIN", "100000")
+# Likewise, the suite's clients all share 127.0.0.1 (or a few test addresses): the per-client
+# abuse budgets are tested on gateways of their own (test_client_limits.py).
+for _name in ("MP_FAILED_AUTH_PER_MIN", "MP_GITHUB_START_PER_MIN", "MP_DEMO_TOKENS_PER_NET64", "MP_DEMO_TOKENS_GLOBAL"):
+    os.environ.setdefault(_name, "100000")
 
 TINY_MODEL = "tiny-llama"
 TINY_PROVIDER = "tiny-mac-1"

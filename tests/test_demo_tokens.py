@@ -17,6 +17,7 @@ from litestar.testing import AsyncTestClient
 
 from services.app import create_app
 from services.auth.bearer import authenticate
+from services.auth.declared import Auth, requires
 from services.auth.demo import DemoTokens
 from services.runtime import Runtime
 from services.settings import Settings
@@ -149,14 +150,14 @@ def test_forwarded_for_is_only_trusted_as_far_as_configured(auth_stack: AuthStac
         assert _client.post(f"{auth.a}/auth/demo", headers={"X-Forwarded-For": junk}).status_code in (201, 429)
 
 
-@get("/v1/key-only-probe")
+@get("/v1/key-only-probe", **requires(Auth.API_KEY))
 async def key_only(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> dict[str, object]:
     # Like /v1/usage or /v1/messages: authenticate without allow_demo.
     principal = await authenticate(request, runtime)
     return {"account_id": principal.account_id, "key_id": principal.key_id}
 
 
-@get("/v1/demo-probe")
+@get("/v1/demo-probe", **requires(Auth.API_KEY_OR_DEMO))
 async def demo_probe(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> dict[str, object]:
     principal = await authenticate(request, runtime, allow_demo=True)
     return {"demo_token_id": principal.demo_token_id, "key_id": principal.key_id}

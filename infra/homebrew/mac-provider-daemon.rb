@@ -32,7 +32,12 @@ class MacProviderDaemon < Formula
     # The owner's configuration: installed once, never overwritten by an upgrade.
     (etc/"mac-provider").mkpath
     config = etc/"mac-provider/daemon.env"
-    config.write (buildpath/"infra/homebrew/daemon.env").read unless config.exist?
+    # It will hold the provider's NATS password: private to the owner from its creation.
+    unless config.exist?
+      File.open(config, File::WRONLY | File::CREAT | File::EXCL, 0600) do |f|
+        f.write((buildpath/"infra/homebrew/daemon.env").read)
+      end
+    end
   end
 
   def post_install

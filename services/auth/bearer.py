@@ -1,7 +1,7 @@
 """Who is calling: `Authorization: Bearer mp_...` (an API key) or `Bearer mpd_...` (a demo token).
 
-Each route says whether it takes demo tokens (`allow_demo`); the default is no,
-so a route added later is closed to them until someone decides otherwise.
+Each route declares which it takes (services/auth/declared.py); a demo token is
+accepted only where the declaration and the handler's `allow_demo` both say so.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 
 from services.auth import demo
+from services.auth.client_ip import client_ip, client_key
 from services.errors import DemoTokenNotAllowed, InvalidApiKey, MissingBearerToken
 from services.keys import format as key_format
 
@@ -35,7 +37,7 @@ class Principal:
         return self.demo_token_id is not None
 
 
-def bearer_token(request: Request[Any, Any, Any]) -> str:
+def bearer_token(request: ASGIConnection[Any, Any, Any, Any]) -> str:
     raw = request.headers.get("authorization")
     if raw is None or not raw.strip():
         raise MissingBearerToken("Missing bearer token: add the header 'Authorization: Bearer mp_...'.")
@@ -47,7 +49,7 @@ def bearer_token(request: Request[Any, Any, Any]) -> str:
     return token.strip()
 
 
-def api_key_or_bearer(request: Request[Any, Any, Any]) -> str:
+def api_key_or_bearer(request: ASGIConnection[Any, Any, Any, Any]) -> str:
     """Anthropic's SDKs send the key as `x-api-key`; `Authorization: Bearer` works as well."""
     raw = request.headers.get("x-api-key")
     if raw is None or not raw.strip():
@@ -61,23 +63,48 @@ def api_key_or_bearer(request: Request[Any, Any, Any]) -> str:
     return raw.strip()
 
 
-async def authenticate(
-    request: Request[Any, Any, Any], runtime: Runtime, *, allow_demo: bool = False, api_key_header: bool = False
-) -> Principal:
-    """The caller; `api_key_header` also takes the key from `x-api-key` (the Anthropic surface)."""
+DEMO_NOT_ALLOWED = (
+    "Demo tokens work only on /v1/chat/completions, /v1/models and /v1/feedback; "
+    "use an mp_ API key here (sign up at /auth/github/start)."
+)
+# Where a request's caller is kept once known: the route guard (services/auth/declared.py)
+# authenticates it, the handler's authenticate() reads it back.
+_STATE_KEY = "mp_principal"
+
+
+async def _lookup(request: ASGIConnection[Any, Any, Any, Any], runtime: Runtime, *, api_key_header: bool) -> Principal:
     token = api_key_or_bearer(request) if api_key_header else bearer_token(request)
     if token.startswith(demo.PREFIX):
         claims = runtime.demo.verify(token)
-        if not allow_demo:
-            raise DemoTokenNotAllowed(
-                "Demo tokens work only on /v1/chat/completions, /v1/models and /v1/feedback; "
-                "use an mp_ API key here (sign up at /auth/github/start)."
-            )
         return Principal(account_id=None, key_id=None, demo_token_id=claims.token_id)
     # The checksum rejects typos and garbage (SQL, control characters) without touching the database.
     if not key_format.well_formed(token):
         raise InvalidApiKey("Invalid API key: it is not a well-formed mp_ key. Check that it was copied whole.")
-    record = await runtime.keys.find(token)
+    client = client_key(client_ip(request, trusted_hops=runtime.settings.trusted_proxy_hops))
+    record = await runtime.keys.find(token, client=client)
     if record is None:
         raise InvalidApiKey("Invalid API key: unknown or revoked.")
     return Principal(account_id=record.account_id, key_id=record.key_id)
+
+
+async def resolve(request: ASGIConnection[Any, Any, Any, Any], runtime: Runtime, *, api_key_header: bool) -> Principal:
+    """The caller (an account's key or a demo token), looked up once per request."""
+    known: Principal | None = request.state.get(_STATE_KEY)
+    if known is None:
+        known = await _lookup(request, runtime, api_key_header=api_key_header)
+        request.state[_STATE_KEY] = known
+    return known
+
+
+async def authenticate(
+    request: Request[Any, Any, Any], runtime: Runtime, *, allow_demo: bool = False, api_key_header: bool = False
+) -> Principal:
+    """The caller; `api_key_header` also takes the key from `x-api-key` (the Anthropic surface).
+
+    The route's declaration has already authenticated it (the guard); a demo token
+    passes only if both the declaration and this call allow it.
+    """
+    principal = await resolve(request, runtime, api_key_header=api_key_header)
+    if principal.is_demo and not allow_demo:
+        raise DemoTokenNotAllowed(DEMO_NOT_ALLOWED)
+    return principal

@@ -11,10 +11,12 @@ from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.response import Redirect
 
-from services.auth.client_ip import client_ip
-from services.auth.demo_limit import take_demo_slot
+from services.auth.client_ip import client_ip, client_key, net64
+from services.auth.declared import Auth, requires
+from services.auth.demo_limit import DemoLimits, take_demo_slot
 from services.auth.github import GitHubError, GitHubOAuth
 from services.auth.oauth_state import open_state, take_state
+from services.auth.rate_limit import TokenBuckets
 from services.auth.sessions import (
     OAUTH_COOKIE,
     OAUTH_COOKIE_PATH,
@@ -32,6 +34,7 @@ from services.keys.store import create_key, upsert_github_account
 from services.openapi import HTML, documented, html, redirect
 from services.pages import HEADERS, html_response, message_page, one_shot_key_page
 from services.runtime import Runtime
+from services.settings import Settings
 
 log = structlog.get_logger("auth")
 
@@ -39,6 +42,8 @@ log = structlog.get_logger("auth")
 _MAX_PARAM = 512
 DEMO_ROUTES = ["/v1/chat/completions", "/v1/models", "/v1/feedback"]
 _START_AGAIN = ("/auth/github/start", "Sign in with GitHub")
+# The app state key of this replica's sign-in budget (github_start_budget, made by create_app).
+GITHUB_STARTS = "github_starts"
 
 
 class DemoTokenIssued(msgspec.Struct, frozen=True):
@@ -50,9 +55,25 @@ class DemoTokenIssued(msgspec.Struct, frozen=True):
     object: str = "demo_token"
 
 
-@get("/auth/github/start", status_code=302, **documented(status=302, errors=(500,), extra=html(503)))
-async def github_start(runtime: NamedDependency[Runtime]) -> Response[Any]:
+def github_start_budget(settings: Settings) -> TokenBuckets:
+    """Sign-ins one client may start per minute in one replica (each writes a state row)."""
+    return TokenBuckets(per_minute=settings.github_start_per_min, max_clients=settings.rate_limit_clients)
+
+
+@get(
+    "/auth/github/start",
+    status_code=302,
+    **documented(status=302, errors=(429, 500), extra=html(503)),
+    **requires(Auth.PUBLIC),
+)
+async def github_start(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     settings = runtime.settings
+    budget: TokenBuckets = request.app.state[GITHUB_STARTS]
+    wait = budget.take(client_key(client_ip(request, trusted_hops=settings.trusted_proxy_hops)))
+    if wait is not None:
+        raise RateLimited(
+            f"Too many sign-ins started from this address; try again in {wait} s.", headers={"retry-after": str(wait)}
+        )
     oauth = GitHubOAuth(settings)
     if not oauth.configured:
         text = (
@@ -73,6 +94,7 @@ def _same(a: str, b: str) -> bool:
 @get(
     "/auth/github/callback",
     **documented(ok=str, media_type=HTML, errors=(500,), extra={**redirect(303), **html(400), **html(502)}),
+    **requires(Auth.GITHUB_STATE),
 )
 async def github_callback(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     settings = runtime.settings
@@ -117,7 +139,7 @@ async def github_callback(request: Request[Any, Any, Any], runtime: NamedDepende
     return html_response(page, cookies=cookies)
 
 
-@post("/auth/logout", status_code=303, **documented(status=303, errors=(403, 500)))
+@post("/auth/logout", status_code=303, **documented(status=303, errors=(403, 500)), **requires(Auth.SESSION_PAGE))
 async def logout(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     check_origin(request, runtime.settings)
     token = session_token(request, runtime.settings)
@@ -126,15 +148,35 @@ async def logout(request: Request[Any, Any, Any], runtime: NamedDependency[Runti
     return Redirect("/account", status_code=303, headers=HEADERS, cookies=[cleared_session_cookie(runtime.settings)])
 
 
-@post("/auth/demo", status_code=201, **documented(ok=DemoTokenIssued, status=201, errors=(429, 500)))
+_DEMO_REFUSED = {
+    "ip": "Too many demo tokens from this address",
+    "net64": "Too many demo tokens from this network (IPv6 /64)",
+    "global": "The demo has handed out all its tokens for now",
+}
+
+
+@post(
+    "/auth/demo",
+    status_code=201,
+    **documented(ok=DemoTokenIssued, status=201, errors=(429, 500)),
+    **requires(Auth.PUBLIC),
+)
 async def demo_token(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[DemoTokenIssued]:
     settings = runtime.settings
     ip = client_ip(request, trusted_hops=settings.trusted_proxy_hops)
-    reset_in = await take_demo_slot(runtime.db, ip, limit=settings.demo_tokens_per_ip, window_s=settings.demo_window_s)
-    if reset_in is not None:
+    limits = DemoLimits(
+        per_ip=settings.demo_tokens_per_ip,
+        per_net64=settings.demo_tokens_per_net64,
+        total=settings.demo_tokens_global,
+        window_s=settings.demo_window_s,
+    )
+    refused = await take_demo_slot(runtime.db, ip, net64(ip), limits)
+    if refused is not None:
+        if refused.scope == "global":
+            log.info("demo_tokens_exhausted", retry_after=refused.retry_after)
         raise RateLimited(
-            f"Too many demo tokens from this address; try again in {reset_in} s, or sign up for a key.",
-            headers={"retry-after": str(reset_in)},
+            f"{_DEMO_REFUSED[refused.scope]}; try again in {refused.retry_after} s, or sign up for a key.",
+            headers={"retry-after": str(refused.retry_after)},
         )
     token, issued = runtime.demo.issue()
     log.info("demo_token_issued", demo_token_id=issued.token_id)

@@ -24,6 +24,8 @@ _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 # The short-lived cookie that ties a sign-in's `state` to the browser that started it.
 OAUTH_COOKIE = "mp_oauth_state"
 OAUTH_COOKIE_PATH = "/auth/github"
+# Where a request's signed-in account is kept once checked.
+_ACCOUNT_KEY = "mp_account"
 
 
 def _hash(token: str) -> bytes:
@@ -111,8 +113,13 @@ def check_origin(request: Request[Any, Any, Any], settings: Settings) -> None:
 
 
 async def require_account(request: Request[Any, Any, Any], db: asyncpg.Pool, settings: Settings) -> int:
+    """The signed-in account, checked once per request (the route guard does it first)."""
+    known: int | None = request.state.get(_ACCOUNT_KEY)
+    if known is not None:
+        return known
     check_origin(request, settings)
     account_id = await session_account(request, db, settings)
     if account_id is None:
         raise NotSignedIn("Not signed in: sign in with GitHub at /auth/github/start to manage your keys.")
+    request.state[_ACCOUNT_KEY] = account_id
     return account_id

@@ -13,11 +13,12 @@ from litestar.di import NamedDependency
 from schemas import bus, openai
 from schemas.openai_bus import FINISH, chat_request, token_logprobs, tool_calls, usage
 from services.auth.bearer import Principal
+from services.auth.declared import Auth, requires
 from services.gateway import pipeline
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
 from services.gateway.sse import DONE, ChunkWriter
-from services.openapi import API_KEY, GATEWAY_ERRORS, documented
+from services.openapi import GATEWAY_ERRORS, documented
 from services.runtime import Runtime
 
 
@@ -29,8 +30,8 @@ from services.runtime import Runtime
         body=openai.ChatCompletionRequest,
         errors=GATEWAY_ERRORS,
         stream=True,
-        security=[API_KEY],
     ),
+    **requires(Auth.API_KEY_OR_DEMO),
 )
 async def chat_completions(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     decoded: list[openai.ChatCompletionRequest] = []

@@ -12,11 +12,12 @@ from litestar.di import NamedDependency
 from schemas import bus, openai
 from schemas.openai_bus import FINISH, completion_logprobs, completion_request, usage
 from services.auth.bearer import Principal
+from services.auth.declared import Auth, requires
 from services.gateway import pipeline
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
 from services.gateway.sse import DONE, data
-from services.openapi import API_KEY, GATEWAY_ERRORS, documented
+from services.openapi import GATEWAY_ERRORS, documented
 from services.runtime import Runtime
 
 # Seed 001's default when the request sets no max_tokens.
@@ -31,8 +32,8 @@ DEFAULT_MAX_TOKENS = 100
         body=openai.CompletionRequest,
         errors=GATEWAY_ERRORS,
         stream=True,
-        security=[API_KEY],
     ),
+    **requires(Auth.API_KEY),
 )
 async def completions(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     decoded: list[openai.CompletionRequest] = []

@@ -18,12 +18,13 @@ from litestar.di import NamedDependency
 from schemas import anthropic, bus
 from schemas.openai_bus import function_tool, named_tool_choice
 from services.auth.bearer import Principal
+from services.auth.declared import Auth, requires
 from services.errors import InvalidRequest
 from services.gateway import pipeline
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
 from services.gateway.sse import named
-from services.openapi import ANTHROPIC_ERRORS, ANTHROPIC_KEY, API_KEY, documented
+from services.openapi import ANTHROPIC_ERRORS, documented
 from services.runtime import Runtime
 
 STOP_REASON: dict[str, anthropic.StopReason] = {
@@ -148,8 +149,8 @@ def bus_request(req: anthropic.MessagesRequest) -> bus.InferenceRequest:
         errors=ANTHROPIC_ERRORS,
         error_body=anthropic.ErrorResponse,
         stream=True,
-        security=[ANTHROPIC_KEY, API_KEY],
     ),
+    **requires(Auth.ANTHROPIC_KEY),
 )
 async def messages(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     decoded: list[anthropic.MessagesRequest] = []

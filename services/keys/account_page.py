@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Redirect
 
+from services.auth.declared import Auth, requires
 from services.auth.sessions import check_origin, session_account
 from services.keys.routes import clean_name
 from services.keys.store import account_login, create_key, list_keys, revoke_key
@@ -26,7 +27,7 @@ def _signed_out() -> Response[str]:
     return html_response(message_page("Your account", "You are not signed in.", link=_SIGN_IN))
 
 
-@get("/account", **documented(ok=str, media_type=HTML, errors=(500,)))
+@get("/account", **documented(ok=str, media_type=HTML, errors=(500,)), **requires(Auth.SESSION_PAGE))
 async def account(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[str]:
     account_id = await session_account(request, runtime.db, runtime.settings)
     if account_id is None:
@@ -40,6 +41,7 @@ async def account(request: Request[Any, Any, Any], runtime: NamedDependency[Runt
     status_code=200,
     # No security requirement: signed out, the form answers with a redirect to /account, not a refusal.
     **documented(ok=str, media_type=HTML, errors=(403, 413, 500), extra=redirect(303)),
+    **requires(Auth.SESSION_PAGE),
 )
 async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     check_origin(request, runtime.settings)
@@ -59,6 +61,7 @@ async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDepende
     "/account/revoke/{key_id:int}",
     status_code=303,
     **documented(status=303, errors=(400, 403, 404, 500)),
+    **requires(Auth.SESSION_PAGE),
 )
 async def account_revoke(
     request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], key_id: FromPath[int]

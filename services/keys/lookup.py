@@ -3,12 +3,22 @@
 In the steady state an authenticated request costs a SHA-256 and a dict lookup,
 no database round trip. The cache is trusted only while the revocation listener
 is connected; otherwise every lookup goes to Postgres.
+
+A lookup that reaches Postgres and finds nothing (a well-formed key, right
+checksum, unknown or revoked) costs a query and answers nothing: each client may
+have `MP_FAILED_AUTH_PER_MIN` of those (rate_limit.TokenBuckets, per replica). The
+budget is taken before the query and given back when the key is found, so a flood
+of concurrent guesses cannot overshoot it and a client using a real key never
+spends any; a client over budget is refused (429) for keys this replica has not
+cached, without a query.
 """
 
 from __future__ import annotations
 
 import asyncpg
 
+from services.auth.rate_limit import TokenBuckets
+from services.errors import RateLimited
 from services.keys import format as key_format
 from services.keys.cache import KeyCache
 from services.keys.last_used import LastUsed
@@ -25,6 +35,9 @@ class KeyLookup:
             settings.database_url, on_change=self.cache.invalidate, on_reset=self.cache.clear
         )
         self.last_used = LastUsed(db, interval_s=settings.key_last_used_flush_s)
+        self.failed_lookups = TokenBuckets(
+            per_minute=settings.failed_auth_per_min, max_clients=settings.rate_limit_clients
+        )
 
     async def start(self) -> None:
         await self.listener.start()
@@ -34,15 +47,29 @@ class KeyLookup:
         await self.last_used.stop()
         await self.listener.stop()
 
-    async def find(self, key: str) -> KeyRecord | None:
-        """The active record of a well-formed key, or None if unknown or revoked."""
+    async def find(self, key: str, *, client: str) -> KeyRecord | None:
+        """The active record of a well-formed key, or None if unknown or revoked.
+
+        `client` (client_ip.client_key) is who a lookup that finds nothing is counted against.
+        """
         digest = key_format.digest(key)
         record = self.cache.get(digest) if self.listener.healthy else None
         if record is None:
+            wait = self.failed_lookups.take(client)
+            if wait is not None:
+                raise RateLimited(
+                    f"Too many requests with unknown API keys from this address; try again in {wait} s.",
+                    headers={"retry-after": str(wait)},
+                )
             epoch = self.cache.epoch
-            record = await find_active_digest(self._db, digest)
+            try:
+                record = await find_active_digest(self._db, digest)
+            except BaseException:
+                self.failed_lookups.give_back(client)  # the database failed, not the key
+                raise
             if record is None:
                 return None
+            self.failed_lookups.give_back(client)
             if self.listener.healthy:
                 self.cache.put(digest, record, epoch=epoch)
         self.last_used.touch(record.key_id)

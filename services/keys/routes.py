@@ -16,11 +16,12 @@ from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from services.auth.declared import Auth, requires
 from services.auth.sessions import require_account
 from services.errors import NotFound
 from services.gateway.requests import decode_body
 from services.keys.store import KeyInfo, create_key, get_key, list_keys, revoke_key
-from services.openapi import SESSION, documented
+from services.openapi import documented
 from services.runtime import Runtime
 
 log = structlog.get_logger("keys")
@@ -71,7 +72,7 @@ def clean_name(name: str) -> str:
     return _CONTROL.sub("", name).strip()[:MAX_NAME]
 
 
-@get("/account/keys", **documented(ok=ApiKeyList, errors=(401, 500), security=[SESSION]))
+@get("/account/keys", **documented(ok=ApiKeyList, errors=(401, 500)), **requires(Auth.SESSION))
 async def keys_list(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> ApiKeyList:
     account_id = await require_account(request, runtime.db, runtime.settings)
     return ApiKeyList(data=[view(k) for k in await list_keys(runtime.db, account_id)])
@@ -80,7 +81,8 @@ async def keys_list(request: Request[Any, Any, Any], runtime: NamedDependency[Ru
 @post(
     "/account/keys",
     status_code=201,
-    **documented(ok=ApiKeyView, status=201, body=NewKey, errors=(400, 401, 403, 413, 500), security=[SESSION]),
+    **documented(ok=ApiKeyView, status=201, body=NewKey, errors=(400, 401, 403, 413, 500)),
+    **requires(Auth.SESSION),
 )
 async def keys_create(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[ApiKeyView]:
     account_id = await require_account(request, runtime.db, runtime.settings)
@@ -96,7 +98,8 @@ async def keys_create(request: Request[Any, Any, Any], runtime: NamedDependency[
 @delete(
     "/account/keys/{key_id:int}",
     status_code=200,
-    **documented(ok=ApiKeyView, errors=(400, 401, 403, 404, 500), security=[SESSION]),
+    **documented(ok=ApiKeyView, errors=(400, 401, 403, 404, 500)),
+    **requires(Auth.SESSION),
 )
 async def keys_revoke(
     request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], key_id: FromPath[int]

@@ -19,13 +19,14 @@ from litestar.params import FromPath
 
 from schemas import responses
 from services.auth.bearer import Principal, authenticate
+from services.auth.declared import Auth, requires
 from services.errors import ApiError, InvalidRequest, NotFound
 from services.gateway import pipeline
 from services.gateway.pipeline import Event, Finished, Job
 from services.gateway.requests import decode_body
 from services.gateway.sse import named
 from services.ids import request_id_of
-from services.openapi import API_KEY, GATEWAY_ERRORS, documented
+from services.openapi import GATEWAY_ERRORS, documented
 from services.responses import store
 from services.responses.convert import bus_messages, bus_request, conversation, function_tools, surface_param
 from services.responses.output import Output
@@ -165,8 +166,8 @@ class _Events:
         body=responses.CreateResponse,
         errors=(*GATEWAY_ERRORS, 404),
         stream=True,
-        security=[API_KEY],
     ),
+    **requires(Auth.API_KEY),
 )
 async def create_response(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     shapes: list[_Shape] = []
@@ -217,7 +218,11 @@ async def create_response(request: Request[Any, Any, Any], runtime: NamedDepende
     return Response(answer, headers=started.headers)
 
 
-@get("/v1/responses/{response_id:str}", **documented(ok=responses.Response, errors=_LOOKUP_ERRORS, security=[API_KEY]))
+@get(
+    "/v1/responses/{response_id:str}",
+    **documented(ok=responses.Response, errors=(*_LOOKUP_ERRORS, 429)),
+    **requires(Auth.API_KEY),
+)
 async def get_response(
     request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], response_id: FromPath[str]
 ) -> responses.Response:
@@ -232,7 +237,8 @@ async def get_response(
 @delete(
     "/v1/responses/{response_id:str}",
     status_code=200,
-    **documented(ok=responses.Deleted, errors=_LOOKUP_ERRORS, security=[API_KEY]),
+    **documented(ok=responses.Deleted, errors=(*_LOOKUP_ERRORS, 429)),
+    **requires(Auth.API_KEY),
 )
 async def delete_response(
     request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], response_id: FromPath[str]

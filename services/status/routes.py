@@ -11,7 +11,8 @@ from litestar.di import NamedDependency
 
 from schemas import openai
 from services.auth.bearer import authenticate
-from services.openapi import API_KEY, documented
+from services.auth.declared import Auth, requires
+from services.openapi import documented
 from services.runtime import Runtime
 from services.usage.metering import quota_headers
 
@@ -56,7 +57,7 @@ DISCLOSURES = [
 ]
 
 
-@get("/v1/status", **documented(ok=PoolStatus, errors=(500,)))
+@get("/v1/status", **documented(ok=PoolStatus, errors=(500,)), **requires(Auth.PUBLIC))
 async def pool_status(runtime: NamedDependency[Runtime]) -> PoolStatus:
     states = list(runtime.pool.providers.values())
     models = [
@@ -85,7 +86,7 @@ async def pool_status(runtime: NamedDependency[Runtime]) -> PoolStatus:
     )
 
 
-@get("/v1/models", **documented(ok=openai.ModelList, errors=(401, 403, 500), security=[API_KEY]))
+@get("/v1/models", **documented(ok=openai.ModelList, errors=(401, 403, 429, 500)), **requires(Auth.API_KEY_OR_DEMO))
 async def list_models(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[openai.ModelList]:
     principal = await authenticate(request, runtime, allow_demo=True)
     now = int(time.time())
@@ -95,7 +96,7 @@ async def list_models(request: Request[Any, Any, Any], runtime: NamedDependency[
     return Response(models, headers=await quota_headers(runtime.db, principal, runtime.settings))
 
 
-@get("/health", **documented(ok=Health, errors=(503,), error_body=Health))
+@get("/health", **documented(ok=Health, errors=(503,), error_body=Health), **requires(Auth.PUBLIC))
 async def health(runtime: NamedDependency[Runtime]) -> Response[Health]:
     try:
         database = await runtime.db.fetchval("SELECT 1") == 1

@@ -11,9 +11,10 @@ from litestar.di import NamedDependency
 from msgspec import Meta
 
 from services.auth.bearer import authenticate
+from services.auth.declared import Auth, requires
 from services.errors import InvalidRequest, NotFound
 from services.gateway.requests import decode_body
-from services.openapi import API_KEY, documented
+from services.openapi import documented
 from services.runtime import Runtime
 from services.usage import quotas, reports
 from services.usage.metering import holder_for, quota_headers, rate_limit_headers
@@ -36,7 +37,7 @@ def _days(raw: str | None) -> int:
     return days
 
 
-@get("/v1/usage", **documented(ok=reports.UsageReport, errors=(400, 401, 403, 500), security=[API_KEY]))
+@get("/v1/usage", **documented(ok=reports.UsageReport, errors=(400, 401, 403, 429, 500)), **requires(Auth.API_KEY))
 async def usage(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[reports.UsageReport]:
     principal = await authenticate(request, runtime)
     assert principal.account_id is not None
@@ -85,7 +86,8 @@ class FeedbackRecord(msgspec.Struct, frozen=True):
 @post(
     "/v1/feedback",
     status_code=200,
-    **documented(ok=FeedbackRecord, body=FeedbackRequest, errors=(400, 401, 403, 404, 413, 500), security=[API_KEY]),
+    **documented(ok=FeedbackRecord, body=FeedbackRequest, errors=(400, 401, 403, 404, 413, 429, 500)),
+    **requires(Auth.API_KEY_OR_DEMO),
 )
 async def feedback(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[FeedbackRecord]:
     principal = await authenticate(request, runtime, allow_demo=True)

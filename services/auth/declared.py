@@ -1,0 +1,125 @@
+"""Every route declares who may call it; one app-wide guard enforces the declaration.
+
+A route decorator says `**requires(Auth.API_KEY)` (Litestar's `opt`, plus the
+route's OpenAPI `security`, so the document says what the guard does). The guard
+(`enforce`, on the app) reads it before any dependency or body is touched:
+
+- key kinds: the caller is authenticated here (bearer.resolve) and kept on the
+  request; the handler's `authenticate()` returns it;
+- `SESSION`: the session cookie must name an account (401 not_signed_in) and a
+  state-changing request must come from our own origin;
+- `PUBLIC`, `SESSION_PAGE`, `GITHUB_STATE`: nothing to check here (pages answer a
+  signed-out visitor themselves; the callback checks its state cookie).
+
+A route that declares nothing is closed: `check_declared` refuses to build an app
+that has one, and one registered later is answered 401 `route_closed`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from litestar import Litestar, Request
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+from litestar.routes import HTTPRoute
+
+from services.auth import bearer
+from services.auth.sessions import require_account
+from services.errors import ApiError, DemoTokenNotAllowed
+from services.openapi import ANTHROPIC_KEY, API_KEY, SESSION
+from services.runtime import Runtime
+
+log = structlog.get_logger("auth")
+
+OPT = "auth"
+
+
+class Auth(StrEnum):
+    # Anyone: status, health, the API document, starting a sign-in, getting a demo token.
+    PUBLIC = "public"
+    # `Authorization: Bearer mp_...`.
+    API_KEY = "api_key"
+    # The same, or a demo token (`Bearer mpd_...`).
+    API_KEY_OR_DEMO = "api_key_or_demo"
+    # `x-api-key: mp_...` (Anthropic's SDKs) or `Authorization: Bearer mp_...`.
+    ANTHROPIC_KEY = "anthropic_key"
+    # The browser session cookie; without one: 401 not_signed_in.
+    SESSION = "session"
+    # The same cookie on HTML pages and forms; without one the page says so (or redirects) and does nothing.
+    SESSION_PAGE = "session_page"
+    # The sign-in state cookie /auth/github/start set; the callback compares it with GitHub's `state`.
+    GITHUB_STATE = "github_state"
+
+
+KEY_KINDS = frozenset({Auth.API_KEY, Auth.API_KEY_OR_DEMO, Auth.ANTHROPIC_KEY})
+_SECURITY = {
+    Auth.API_KEY: [API_KEY],
+    Auth.API_KEY_OR_DEMO: [API_KEY],
+    Auth.ANTHROPIC_KEY: [ANTHROPIC_KEY, API_KEY],
+    Auth.SESSION: [SESSION],
+}
+
+
+class RouteClosed(ApiError):
+    """A route that never said who may call it (a programming error): closed, not open."""
+
+    status = 401
+    type = "authentication_error"
+    code = "route_closed"
+
+
+def requires(kind: Auth) -> dict[str, Any]:
+    """Route decorator arguments declaring its authentication (and documenting it)."""
+    kwargs: dict[str, Any] = {"opt": {OPT: kind}}
+    schemes = _SECURITY.get(kind)
+    if schemes:
+        kwargs["security"] = [{name: []} for name in schemes]
+    return kwargs
+
+
+def declared(handler: BaseRouteHandler) -> Auth | None:
+    kind = (handler.opt or {}).get(OPT)
+    return kind if isinstance(kind, Auth) else None
+
+
+async def enforce(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The app-wide guard: refuse what the route's declaration does not let through."""
+    kind = declared(handler)
+    try:
+        if kind is None or not isinstance(connection, Request):
+            raise RouteClosed("This route is closed: it does not declare how callers authenticate.")
+        if kind in KEY_KINDS or kind is Auth.SESSION:
+            runtime: Runtime = connection.app.state.runtime
+            if kind is Auth.SESSION:
+                await require_account(connection, runtime.db, runtime.settings)
+                return
+            # Kept on the request: the handler's authenticate() returns it without another lookup.
+            principal = await bearer.resolve(connection, runtime, api_key_header=kind is Auth.ANTHROPIC_KEY)
+            if principal.is_demo and kind is not Auth.API_KEY_OR_DEMO:
+                raise DemoTokenNotAllowed(bearer.DEMO_NOT_ALLOWED)
+    except ApiError as exc:
+        log.info("auth_refused", method=connection.scope.get("method"), path=connection.url.path, code=exc.code)
+        raise
+
+
+def undeclared(app: Litestar) -> list[str]:
+    """`METHOD /path` of every registered route that declares no authentication."""
+    missing = []
+    for route in app.routes:
+        handlers = route.route_handlers if isinstance(route, HTTPRoute) else [getattr(route, "route_handler", None)]
+        for handler in handlers:
+            if handler is None or declared(handler) is None:
+                methods = ",".join(sorted(getattr(handler, "http_methods", None) or ["*"]))
+                missing.append(f"{methods} {route.path}")
+    return missing
+
+
+def check_declared(app: Litestar) -> Litestar:
+    """The app, or ValueError naming each route that does not declare its authentication."""
+    missing = undeclared(app)
+    if missing:
+        raise ValueError(f"routes without an auth declaration (use services.auth.declared.requires): {missing}")
+    return app
