@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from schemas import bus, subjects
 
@@ -70,22 +69,6 @@ def default_state_dir(env: Mapping[str, str]) -> Path:
         return home / "Library" / "Application Support" / "mac-provider"
     state = Path(env["XDG_STATE_HOME"]) if env.get("XDG_STATE_HOME") else home / ".local" / "state"
     return state / "mac-provider"
-
-
-def url_without_credentials(url: str) -> str:
-    """`scheme://host:port` of each of a (comma-separated) NATS URL's servers: no user, password or token."""
-    shown = []
-    for part in url.split(","):
-        parts = urlsplit(part.strip())
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        try:
-            port = f":{parts.port}" if parts.port else ""
-        except ValueError:
-            port = ""
-        shown.append(f"{parts.scheme}://{host}{port}" if parts.scheme else "(unparsable URL)")
-    return ",".join(shown)
 
 
 def read_config_file(path: Path) -> dict[str, str]:

@@ -21,7 +21,6 @@ from daemon.admin.model_folder import ModelFolderRefused, resolve_model_folder
 from daemon.engine import fit
 from daemon.engine.base import EngineError
 from daemon.http_guard import LocalGuard, Refusal
-from daemon.settings import url_without_credentials
 
 if TYPE_CHECKING:
     from daemon.engine.worker_engine import WorkerEngine
@@ -112,7 +111,7 @@ def _admin_app(daemon: Daemon) -> Litestar:
             "pool": {
                 "provider_id": s.provider_id,
                 # The URL can hold the provider's NATS user and password.
-                "nats_url": url_without_credentials(s.nats_url),
+                "nats_url": s.nats_url_redacted,
                 "connected": daemon.pool_connected(),
                 "draining": daemon.draining,
                 "served": daemon.provider.served,
