@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from infra.components import Child, start_gateway
+from infra.components import Child, start_gateway, wait_model
 from infra.ports import free_port
 from tests.support.github import LoopbackGitHub, User
 
@@ -131,6 +131,12 @@ def auth_stack(stack: Stack) -> Iterator[AuthStack]:
     try:
         for f in futures:
             f.result()  # re-raises a replica's failure to start, after the others are stopped below
+        # A new replica learns the pool from heartbeats and admission within a moment: wait for it,
+        # so a test that routes through any replica does not race it.
+        served = httpx.get(f"{stack.base_url}/v1/models", headers=stack.auth(), timeout=10).json()["data"]
+        for port in ports.values():
+            for model in served:
+                wait_model(f"http://127.0.0.1:{port}", model["id"], timeout=30)
         yield AuthStack(
             stack=stack,
             github=github,
