@@ -39,6 +39,8 @@ Code = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 MAX_MESSAGE_CHARS = 4096
 Message = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
 ConversationKey = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
+# A subject token (schemas/subjects.py): provider, gateway and request ids.
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 # "tool_calls": the model called tools (only when the request offered some).
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
@@ -78,7 +80,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens: Count
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), lt=1 << 64)] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] = msgspec.field(default_factory=list)
@@ -131,8 +133,8 @@ class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Cancel(msgspec.Struct, frozen=True):
-    request_id: str
-    reason: str = "client_disconnected"
+    request_id: Token
+    reason: Annotated[str, msgspec.Meta(max_length=64)] = "client_disconnected"
 
 
 # ---- reply frames -------------------------------------------------------------------
@@ -231,7 +233,7 @@ MAX_HEARTBEAT_S = 10.0
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
-    provider_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    provider_id: Token
     daemon_version: Annotated[str, msgspec.Meta(max_length=64)]
     # Changes when the daemon restarts, so a gateway can tell a restart from a blip.
     boot_id: Annotated[str, msgspec.Meta(max_length=64)]
@@ -257,12 +259,12 @@ class Heartbeat(msgspec.Struct, frozen=True):
 
 
 class Leave(msgspec.Struct, frozen=True):
-    provider_id: str
-    boot_id: str
+    provider_id: Token
+    boot_id: Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class Probe(msgspec.Struct, frozen=True):
-    gateway_id: str
+    gateway_id: Token
 
 
 class Drain(msgspec.Struct, frozen=True):
