@@ -22,6 +22,9 @@ from tests.support.tiny_model import write_tiny_model
 # The suite starts dozens of daemons with new provider ids within a minute; every gateway it
 # starts admits them freely. The admission rate itself is tested on its own stack (test_admission.py).
 os.environ.setdefault("MP_PROVISIONAL_ADMISSIONS_PER_MIN", "100000")
+# Each prepare helper process costs about a second of CPU to start, and the suite starts dozens of
+# daemons on 2 cores: one helper each is plenty for its load. test_hostile_buyer.py runs the default two.
+os.environ.setdefault("MP_PREPARE_HELPERS", "1")
 
 TINY_MODEL = "tiny-llama"
 TINY_PROVIDER = "tiny-mac-1"
