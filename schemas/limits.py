@@ -234,9 +234,9 @@ def explain(error: msgspec.ValidationError) -> tuple[str | None, str]:
     detail = _ERROR_PATH.sub("", text)
     unknown = _UNKNOWN_FIELD.match(detail)
     if unknown is not None:
-        # Only structs that forbid unknown fields say this (chat_template_kwargs): name the key.
+        # Only ChatTemplateKwargs forbids unknown fields: name the key, and what is accepted instead.
         param = f"{param}.{unknown.group('field')}" if param else unknown.group("field")
-        detail = "not accepted here"
+        detail = f"not a template variable accepted here (only {', '.join(TEMPLATE_KWARGS)})"
     pattern = _PATTERN.search(detail)
     if pattern is not None:
         detail = PATTERN_HELP.get(pattern.group("regex").encode().decode("unicode_escape"), "has a wrong format")

@@ -243,6 +243,7 @@ class PreparePool:
             if helper.generation != self._generation:
                 raise EngineError("model_not_loaded", "the model was unloaded meanwhile", retryable=True) from None
             self.crashes += 1
+            helper.kill()  # a reply it could not frame leaves it running
             code = await helper.proc.wait()
             log.warning("prepare_helper_died", pid=helper.proc.pid, returncode=code, job=type(job).__name__)
             message = f"{what} stopped its helper process (exit code {code})"

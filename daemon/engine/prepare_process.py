@@ -76,7 +76,7 @@ def run(tokenizer: Any, job: Job) -> Reply:
         return Rendered(tokens=prompt.render(tokenizer, job.request))
     except EngineError as exc:
         return Refused(code=exc.code, message=exc.message, param=exc.param)
-    except (Exception, RecursionError, MemoryError) as exc:
+    except Exception as exc:  # RecursionError and MemoryError included
         # Whatever the template or the compiler choked on came from the request.
         if isinstance(job, Compile):
             return Refused("invalid_value", f"the JSON schema is not usable: {exc}", structured.SCHEMA_PARAM)

@@ -1,6 +1,6 @@
 """From a request to prompt tokens: the model's chat template, tools, template kwargs.
 
-`encode` runs in a prepare helper process (daemon/engine/prepare_process.py),
+`render` runs in a prepare helper process (daemon/engine/prepare_process.py),
 off the daemon's event loop and under a time limit: a chat template is a
 program, and the buyer chooses its input. The request is still checked and
 counted before it reaches the worker, even while the worker is reloading.
