@@ -266,7 +266,8 @@ class Provider:
             )
             return
         try:
-            prepared = self.engine.prepare(request)
+            # Off the loop and time-limited (templates and schemas): heartbeats and other requests go on.
+            prepared = await self.engine.prepare(request)
             await replier.send(
                 bus.Accepted, prompt_tokens=len(prepared.prompt_tokens), queue_position=self.engine.queued()
             )

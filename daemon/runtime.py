@@ -48,6 +48,8 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
         queue_limit=settings.queue_limit,
         memory_budget_bytes=settings.memory_budget_bytes or default_budget(machine.ram_bytes),
         default_model_id=(settings.model_path, settings.model_id) if settings.model_path else None,
+        prepare_helpers=settings.prepare_helpers,
+        prepare_timeout_s=settings.prepare_timeout_s,
     )
 
 

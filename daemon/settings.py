@@ -127,6 +127,11 @@ class DaemonSettings:
     worker_start_timeout_s: float = 120.0
     # A worker holding requests with no progress for this long is killed and restarted; 0: never.
     worker_stall_s: float = 60.0
+    # Chat templates and JSON schemas run in this many helper processes, each job killed after
+    # prepare_timeout_s (keep it under the gateway's MP_ACCEPT_TIMEOUT_S, 2 s by default: the
+    # gateway waits no longer for the provider to accept).
+    prepare_helpers: int = 2
+    prepare_timeout_s: float = 1.5
     # This provider's NATS user and password (the pool operator issues them); empty: none.
     nats_user: str = ""
     nats_password: str = field(default="", metadata={"secret": True})
@@ -199,6 +204,8 @@ class DaemonSettings:
                 prefill_gather=float(env.get("MP_PREFILL_GATHER", "0.05")),
                 worker_start_timeout_s=float(env.get("MP_WORKER_START_TIMEOUT_S", "120")),
                 worker_stall_s=float(env.get("MP_WORKER_STALL_S", "60")),
+                prepare_helpers=int(env.get("MP_PREPARE_HELPERS", "2")),
+                prepare_timeout_s=float(env.get("MP_PREPARE_TIMEOUT_S", "1.5")),
                 nats_user=env.get("MP_NATS_USER", ""),
                 nats_password=env.get("MP_NATS_PASSWORD", ""),
                 nats_creds=Path(env["MP_NATS_CREDS"]).expanduser() if env.get("MP_NATS_CREDS") else None,
@@ -208,7 +215,13 @@ class DaemonSettings:
             )
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
-        for name, value in (("MP_SLOTS", settings.slots), ("MP_PREFILL_STEP", settings.prefill_step)):
+        if not settings.prepare_timeout_s > 0:
+            raise SettingsError(f"MP_PREPARE_TIMEOUT_S must be positive, got {settings.prepare_timeout_s}")
+        for name, value in (
+            ("MP_SLOTS", settings.slots),
+            ("MP_PREFILL_STEP", settings.prefill_step),
+            ("MP_PREPARE_HELPERS", settings.prepare_helpers),
+        ):
             if value < 1:
                 raise SettingsError(f"{name} must be at least 1, got {value}")
         if not bus.MIN_HEARTBEAT_S <= settings.heartbeat_s <= bus.MAX_HEARTBEAT_S:

@@ -3,6 +3,7 @@
 Requests ignore unknown fields (`cache_control`, `metadata`, betas) but
 validate the ones we act on. Content blocks are tagged by `type`; kinds the
 pool cannot serve (images, documents) are refused with the field named.
+Sizes are bounded by schemas/limits.py (per field here, the rest in `__post_init__`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from schemas import limits
+from schemas.limits import Count, ModelId, StopText, Text
 from schemas.openai import MAX_TOKENS_CEILING
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
@@ -27,14 +30,14 @@ ErrorType = Literal[
     "overloaded_error",
 ]
 
-MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCES = limits.MAX_STOP_SEQUENCES_ANTHROPIC
 
 
 # ---- request -----------------------------------------------------------------------
 
 
 class TextBlock(msgspec.Struct, frozen=True, tag_field="type", tag="text"):
-    text: str
+    text: Text
 
 
 class ToolUseBlock(msgspec.Struct, frozen=True, tag_field="type", tag="tool_use"):
@@ -45,7 +48,7 @@ class ToolUseBlock(msgspec.Struct, frozen=True, tag_field="type", tag="tool_use"
 
 class ToolResultBlock(msgspec.Struct, frozen=True, tag_field="type", tag="tool_result"):
     tool_use_id: Annotated[str, Meta(min_length=1, max_length=256)]
-    content: str | list[TextBlock] = ""
+    content: Text | Annotated[list[TextBlock], Meta(max_length=limits.MAX_CONTENT_PARTS)] = ""
     is_error: bool = False
 
     def text(self) -> str:
@@ -55,12 +58,12 @@ class ToolResultBlock(msgspec.Struct, frozen=True, tag_field="type", tag="tool_r
 class ThinkingBlock(msgspec.Struct, frozen=True, tag_field="type", tag="thinking"):
     """Earlier reasoning a client sends back; the models here do not take it as input (dropped)."""
 
-    thinking: str = ""
-    signature: str = ""
+    thinking: Text = ""
+    signature: Text = ""
 
 
 class RedactedThinkingBlock(msgspec.Struct, frozen=True, tag_field="type", tag="redacted_thinking"):
-    data: str = ""
+    data: Text = ""
 
 
 InputBlock = TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock
@@ -68,16 +71,16 @@ InputBlock = TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | Redact
 
 class MessageParam(msgspec.Struct, frozen=True):
     role: Literal["user", "assistant"]
-    content: str | list[InputBlock]
+    content: Text | Annotated[list[InputBlock], Meta(max_length=limits.MAX_CONTENT_PARTS)]
 
 
 class Tool(msgspec.Struct, frozen=True):
     """A client tool (`input_schema`), or a server tool (`type` such as web_search_20250305), which is dropped."""
 
     name: Annotated[str, Meta(min_length=1, max_length=128)]
-    description: str | None = None
+    description: Text | None = None
     input_schema: dict[str, Any] | None = None
-    type: str | None = None
+    type: Annotated[str, Meta(max_length=128)] | None = None
 
 
 class ToolChoiceAuto(msgspec.Struct, frozen=True, tag_field="type", tag="auto"):
@@ -108,25 +111,44 @@ class ThinkingConfig(msgspec.Struct, frozen=True):
     """`{"type": "enabled", "budget_tokens": N}`, `{"type": "disabled"}` (or newer kinds, taken as enabled)."""
 
     type: Annotated[str, Meta(min_length=1, max_length=64)]
-    budget_tokens: int | None = None
+    budget_tokens: Count | None = None
 
 
 class MessagesRequest(msgspec.Struct, frozen=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: ModelId
     max_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_CEILING)]
-    messages: Annotated[list[MessageParam], Meta(min_length=1)]
-    system: str | list[TextBlock] | None = None
-    stop_sequences: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_STOP_SEQUENCES)] | None = (
-        None
-    )
+    messages: Annotated[list[MessageParam], Meta(min_length=1, max_length=limits.MAX_MESSAGES)]
+    system: Text | Annotated[list[TextBlock], Meta(max_length=limits.MAX_CONTENT_PARTS)] | None = None
+    stop_sequences: Annotated[list[StopText], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     temperature: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
-    tools: list[Tool] | None = None
+    top_k: Count | None = None
+    tools: Annotated[list[Tool], Meta(max_length=limits.MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     metadata: Metadata | None = None
     thinking: ThinkingConfig | None = None
+
+    def __post_init__(self) -> None:
+        texts: list[str | None] = [self.system_text()]
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, str):
+                texts.append(m.content)
+                continue
+            for j, block in enumerate(m.content):
+                if isinstance(block, TextBlock):
+                    texts.append(block.text)
+                elif isinstance(block, ToolResultBlock):
+                    texts.extend((block.tool_use_id, block.text()))
+                elif isinstance(block, ToolUseBlock):
+                    # The input becomes JSON text in the prompt: bounded like a tool's schema.
+                    param = f"messages[{i}].content[{j}].input"
+                    limits.check_depth(block.input, param=param)
+                    texts.extend((block.id, block.name, msgspec.json.encode(block.input).decode()))
+        limits.check_conversation(texts, param="messages")
+        limits.check_tools(
+            (f"tools[{i}]", t, f"tools[{i}].input_schema", t.input_schema) for i, t in enumerate(self.tools or ())
+        )
 
     def system_text(self) -> str:
         if self.system is None:

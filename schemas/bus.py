@@ -80,7 +80,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens: Count
     temperature: float | None = None
     top_p: float | None = None
-    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), lt=1 << 64)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] = msgspec.field(default_factory=list)

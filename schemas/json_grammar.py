@@ -31,8 +31,12 @@ def schema_of(fmt: bus.ResponseFormat) -> dict[str, Any]:
     return fmt.schema
 
 
-def grammar(fmt: bus.ResponseFormat) -> str:
-    """The llguidance grammar of a format (not yet validated); ValueError/TypeError when unusable."""
+def grammar_of(schema: dict[str, Any]) -> str:
+    """The llguidance grammar of a JSON schema (not yet validated); ValueError/TypeError when unusable."""
     from llguidance import LLMatcher
 
-    return LLMatcher.grammar_from_json_schema(schema_of(fmt), defaults=JSON_LAYOUT)
+    return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+
+
+def grammar(fmt: bus.ResponseFormat) -> str:
+    return grammar_of(schema_of(fmt))

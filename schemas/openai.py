@@ -2,6 +2,7 @@
 
 Request structs ignore unknown fields (SDKs add new ones all the time) but
 validate the ones we act on, so a bad value is refused with the field named.
+Sizes are bounded by schemas/limits.py (per field here, the rest in `__post_init__`).
 """
 
 from __future__ import annotations
@@ -11,39 +12,36 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from schemas import limits
+from schemas.limits import Int64, ModelId, Name, StopText, Text
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "error", "tool_calls", "content_filter"]
 
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = limits.MAX_STOP_SEQUENCES
 MAX_TOKENS_CEILING = 32_768
-
-
-# Model ids are provider-reported names like "mlx-community/Llama-3.2-3B-Instruct-4bit"
-# ("." and "/" are fine: ids never become NATS subject tokens), but NATS wildcards,
-# whitespace and control characters are refused before anything is published.
-ModelId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\s*>\x00-\x1f\x7f]+$")]
 
 
 class TextPart(msgspec.Struct, frozen=True):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class FunctionCall(msgspec.Struct, frozen=True):
-    name: str
+    name: Name
     # JSON text of the arguments (OpenAI sends a string).
-    arguments: str = "{}"
+    arguments: Text = "{}"
 
 
 class ToolCall(msgspec.Struct, frozen=True):
-    id: str
+    id: Name
     function: FunctionCall
     type: Literal["function"] = "function"
 
 
 class FunctionTool(msgspec.Struct, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
-    description: str | None = None
+    description: Text | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
@@ -54,7 +52,7 @@ class Tool(msgspec.Struct, frozen=True):
 
 
 class NamedFunction(msgspec.Struct, frozen=True):
-    name: str
+    name: Name
 
 
 class NamedToolChoice(msgspec.Struct, frozen=True):
@@ -67,11 +65,11 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 class ChatMessage(msgspec.Struct, frozen=True):
     role: Role
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
+    content: Text | Annotated[list[TextPart], Meta(max_length=limits.MAX_CONTENT_PARTS)] | None = None
+    name: Name | None = None
+    tool_call_id: Name | None = None
     # An assistant turn that called tools (the tool round trip sends it back).
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=limits.MAX_TOOL_CALLS)] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -95,7 +93,7 @@ class JsonObjectFormat(msgspec.Struct, frozen=True, tag_field="type", tag="json_
 
 class JsonSchemaSpec(msgspec.Struct, frozen=True):
     name: Annotated[str, Meta(min_length=1, max_length=64)]
-    description: str | None = None
+    description: Text | None = None
     schema: dict[str, Any] | None = None
     strict: bool | None = None
 
@@ -116,26 +114,27 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_CEILING)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-StopText = Annotated[str, Meta(min_length=1)]
-TopK = Annotated[int, Meta(ge=0)]
+TopK = limits.Count
 MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
+LogitBias = Annotated[dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]], Meta(max_length=limits.MAX_LOGIT_BIAS)]
+Stop = StopText | Annotated[list[StopText], Meta(max_length=MAX_STOP_SEQUENCES)]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
 
 
 class ChatCompletionRequest(msgspec.Struct, frozen=True):
     model: ModelId
-    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=limits.MAX_MESSAGES)]
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    stop: StopText | Annotated[list[StopText], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: Annotated[str, Meta(max_length=256)] | None = None
@@ -143,16 +142,33 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True):
     top_k: TopK | None = None
     min_p: MinP | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: LogitBias | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Meta(max_length=limits.MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    # Only the variables chat templates read to select their behaviour (schemas/limits.py).
+    chat_template_kwargs: limits.ChatTemplateKwargs | None = None  # type: ignore[valid-type]
     reasoning_effort: ReasoningEffort | None = None
     response_format: ResponseFormat | None = None
     metadata: Metadata | None = None
     parallel_tool_calls: bool | None = None
+
+    def __post_init__(self) -> None:
+        texts: list[str | None] = []
+        for m in self.messages:
+            texts.append(m.text())
+            texts.extend((m.name, m.tool_call_id))
+            for call in m.tool_calls or ():
+                texts.extend((call.id, call.function.name, call.function.arguments))
+        limits.check_conversation(texts, param="messages")
+        limits.check_tools(
+            (f"tools[{i}]", t, f"tools[{i}].function.parameters", t.function.parameters)
+            for i, t in enumerate(self.tools or ())
+        )
+        fmt = self.response_format
+        if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.schema is not None:
+            limits.check_schema(fmt.json_schema.schema, param="response_format.json_schema.schema")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -281,29 +297,32 @@ class ModelList(msgspec.Struct, frozen=True):
 
 class CompletionRequest(msgspec.Struct, frozen=True):
     model: ModelId
-    prompt: str
+    prompt: Text
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    stop: StopText | Annotated[list[StopText], Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     top_k: TopK | None = None
     min_p: MinP | None = None
     repetition_penalty: RepetitionPenalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: LogitBias | None = None
     # Legacy completions take a count of alternatives here, not a boolean.
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     user: Annotated[str, Meta(max_length=256)] | None = None
     # The prompt repeated before the completion.
     echo: bool = False
     # Fill-in-the-middle text after the completion; not offered (refused unless empty).
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: Annotated[int, Meta(ge=1, le=1)] | None = None
+
+    def __post_init__(self) -> None:
+        limits.check_conversation([self.prompt, self.suffix], param="prompt")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

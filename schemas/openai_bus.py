@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas import bus, openai
+from schemas import bus, limits, openai
 
 FINISH: dict[str, openai.FinishReason] = {
     "stop": "stop",
@@ -124,7 +124,8 @@ def chat_request(
             if tools
             else None
         ),
-        chat_template_kwargs=req.chat_template_kwargs,
+        # Decoding kept only the allowlisted template variables (schemas/limits.py); the daemon checks again.
+        chat_template_kwargs=limits.template_kwargs(req.chat_template_kwargs),
         reasoning_effort=req.reasoning_effort,
     )
 

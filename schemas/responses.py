@@ -4,7 +4,8 @@ Input items are one flat struct (a message may come without `type`, as the
 SDKs' "easy" messages do); which fields an item needs is checked by the
 gateway per type, naming the field. Built-in tools (web search, file search,
 ...) are not served and are dropped, so `tools` is decoded loosely and each
-function tool is checked on its own.
+function tool is checked on its own. Sizes are bounded by schemas/limits.py
+(per field here, the rest in `__post_init__`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from schemas import limits
+from schemas.limits import Count, Int64, ModelId, Name, Text
 from schemas.openai import MAX_TOKENS_CEILING, Metadata, ReasoningEffort
 
 Status = Literal["completed", "incomplete", "in_progress", "failed"]
@@ -23,19 +26,19 @@ MAX_ID_LENGTH = 128
 
 
 class InputText(msgspec.Struct, frozen=True, tag_field="type", tag="input_text"):
-    text: str
+    text: Text
 
 
 class OutputTextPart(msgspec.Struct, frozen=True, tag_field="type", tag="output_text"):
     """Assistant text sent back as input (earlier output items)."""
 
-    text: str
+    text: Text
 
 
 class ReasoningText(msgspec.Struct, frozen=True, tag_field="type", tag="reasoning_text"):
     """A reasoning item's text: in output, and sent back in input (dropped: these models do not read it)."""
 
-    text: str
+    text: Text
 
 
 ContentPart = InputText | OutputTextPart | ReasoningText
@@ -54,18 +57,21 @@ class InputItem(msgspec.Struct, frozen=True):
 
     type: Literal["message", "function_call", "function_call_output", "reasoning"] = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
-    content: str | list[ContentPart] | None = None
+    content: Text | Annotated[list[ContentPart], Meta(max_length=limits.MAX_CONTENT_PARTS)] | None = None
     call_id: Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)] | None = None
     name: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
-    arguments: str | None = None
-    output: str | list[ContentPart] | None = None
-    id: str | None = None
+    arguments: Text | None = None
+    output: Text | Annotated[list[ContentPart], Meta(max_length=limits.MAX_CONTENT_PARTS)] | None = None
+    id: Name | None = None
+
+    def texts(self) -> list[str | None]:
+        return [part_text(self.content), self.call_id, self.name, self.arguments, part_text(self.output)]
 
 
 class FunctionTool(msgspec.Struct, frozen=True):
     type: Literal["function"]
     name: Annotated[str, Meta(min_length=1, max_length=64)]
-    description: str | None = None
+    description: Text | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
@@ -87,7 +93,7 @@ class JsonObjectFormat(msgspec.Struct, frozen=True, tag_field="type", tag="json_
 
 
 class JsonSchemaFormat(msgspec.Struct, frozen=True, tag_field="type", tag="json_schema"):
-    name: str = ""
+    name: Annotated[str, Meta(max_length=64)] = ""
     schema: dict[str, Any] | None = None
     strict: bool | None = None
 
@@ -101,16 +107,16 @@ class Reasoning(msgspec.Struct, frozen=True):
 
 
 class CreateResponse(msgspec.Struct, frozen=True):
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
-    input: str | list[InputItem] | None = None
-    instructions: str | None = None
+    model: ModelId
+    input: Text | Annotated[list[InputItem], Meta(max_length=limits.MAX_MESSAGES)] | None = None
+    instructions: Text | None = None
     previous_response_id: Annotated[str, Meta(min_length=1, max_length=MAX_ID_LENGTH)] | None = None
     max_output_tokens: Annotated[int, Meta(ge=1, le=MAX_TOKENS_CEILING)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
-    seed: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_k: Count | None = None
+    seed: Int64 | None = None
+    tools: Annotated[list[dict[str, Any]], Meta(max_length=limits.MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     stream: bool = False
@@ -120,6 +126,20 @@ class CreateResponse(msgspec.Struct, frozen=True):
     text: TextConfig | None = None
     reasoning: Reasoning | None = None
     truncation: Literal["auto", "disabled"] | None = None
+
+    def __post_init__(self) -> None:
+        texts: list[str | None] = [self.instructions]
+        if isinstance(self.input, str):
+            texts.append(self.input)
+        else:
+            for item in self.input or ():
+                texts.extend(item.texts())
+        limits.check_conversation(texts, param="input")
+        # Built-in tools are dropped later, but they were sent: every entry is bounded.
+        limits.check_tools((f"tools[{i}]", t, f"tools[{i}]", t) for i, t in enumerate(self.tools or ()))
+        fmt = self.text.format if self.text is not None else None
+        if isinstance(fmt, JsonSchemaFormat) and fmt.schema is not None:
+            limits.check_schema(fmt.schema, param="text.format.schema")
 
 
 # ---- response ----------------------------------------------------------------------

@@ -26,6 +26,9 @@ os.environ.setdefault("MP_PROVISIONAL_ADMISSIONS_PER_MIN", "100000")
 # abuse budgets are tested on gateways of their own (test_client_limits.py).
 for _name in ("MP_FAILED_AUTH_PER_MIN", "MP_GITHUB_START_PER_MIN", "MP_DEMO_TOKENS_PER_NET64", "MP_DEMO_TOKENS_GLOBAL"):
     os.environ.setdefault(_name, "100000")
+# Each prepare helper process costs about a second of CPU to start, and the suite starts dozens of
+# daemons on 2 cores: one helper each is plenty for its load. test_hostile_buyer.py runs the default two.
+os.environ.setdefault("MP_PREPARE_HELPERS", "1")
 
 TINY_MODEL = "tiny-llama"
 TINY_PROVIDER = "tiny-mac-1"

@@ -31,7 +31,7 @@ HELLO: Any = [{"role": "user", "content": "Hello, how are you?"}]
 # <think>, four reasoning pieces, </think>: the tags count as thinking.
 REASONING_TOKENS = 6
 COMPLETION_TOKENS = 9
-OPEN: Any = {"chat_template_kwargs": {"open_think": True}}
+OPEN: Any = {"chat_template_kwargs": {"thinking": True}}
 
 
 @pytest.fixture(scope="module")

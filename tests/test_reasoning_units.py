@@ -237,8 +237,8 @@ def test_prompt_tail_says_whether_the_block_is_open(think_tokenizer: Any) -> Non
         return prompt.thinking(think_tokenizer, request, prompt.encode(think_tokenizer, request))
 
     assert tags(_chat("Hi")) == ThinkTags("<think>", "</think>", opened=False)
-    assert tags(_chat("Hi", chat_template_kwargs={"open_think": True})) == OPENED
-    assert tags(_chat("Hi", chat_template_kwargs={"open_think": True}, reasoning_effort="none")) == ThinkTags(
+    assert tags(_chat("Hi", chat_template_kwargs={"thinking": True})) == OPENED
+    assert tags(_chat("Hi", chat_template_kwargs={"thinking": True}, reasoning_effort="none")) == ThinkTags(
         "<think>", "</think>", False
     )
     # A tag the buyer typed is not the template's.
@@ -251,7 +251,7 @@ def test_prompt_tail_says_whether_the_block_is_open(think_tokenizer: Any) -> Non
     # A continuation's tokens are not the prompt's tail.
     cont = _chat(
         "Hi",
-        chat_template_kwargs={"open_think": True},
+        chat_template_kwargs={"thinking": True},
         continuation=bus.Continuation(token_ids=_ids(think_tokenizer, "x</think>y"), text="y", reasoning="x"),
     )
     assert tags(cont) == OPENED

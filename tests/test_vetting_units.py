@@ -7,7 +7,7 @@ import pytest
 
 from schemas import bus
 from services.gateway import vetting
-from services.gateway.json_check import JsonAnswer, byte_tokenizer
+from services.gateway.json_check import JsonChecks
 from services.gateway.replies import ReplyStream, StreamBroken
 
 
@@ -81,10 +81,10 @@ def test_an_honest_leg_is_billed_by_its_ids_and_its_done_made_consistent() -> No
     assert [p.kind for p in check.problems] == ["token_count_mismatch"]
 
 
-def test_constrained_answers_are_checked_byte_by_byte() -> None:
+async def test_constrained_answers_are_checked_byte_by_byte() -> None:
     fmt = bus.ResponseFormat(type="json_schema", schema={"type": "object", "properties": {"n": {"type": "integer"}}})
     req = _request(params=bus.SamplingParams(max_tokens=50, response_format=fmt))
-    check = vetting.LegCheck(req, 0, frozenset(), JsonAnswer(byte_tokenizer(), fmt))
+    check = vetting.LegCheck(req, 0, frozenset(), await JsonChecks().answer(fmt))
     check.delta(bus.Delta(seq=1, text='{"n": ', tokens=1, token_ids=[1]))
     with pytest.raises(vetting.Violation):
         check.delta(bus.Delta(seq=2, text='"two"', tokens=1, token_ids=[1]))
@@ -135,3 +135,31 @@ async def test_a_reply_stream_holds_no_more_than_its_budget() -> None:
     with pytest.raises(StreamBroken) as broken:
         await stream.next(1)
     assert broken.value.violation == "frame_flood"
+
+
+async def test_a_schema_too_slow_to_check_is_refused_once_and_remembered() -> None:
+    import time
+
+    from services.gateway.json_check import TooComplex
+
+    checks = JsonChecks(build_timeout_s=0.3)
+    # 300 patternProperties: seconds of llguidance's lexer construction.
+    slow = {"type": "object", "patternProperties": {f"^p{i}[a-z]+$": {"type": "integer"} for i in range(300)}}
+    fmt = bus.ResponseFormat(type="json_schema", schema=slow)
+    started = time.monotonic()
+    with pytest.raises(TooComplex):
+        await checks.answer(fmt)
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    with pytest.raises(TooComplex):
+        await checks.answer(fmt)
+    assert time.monotonic() - started < 0.05, "the verdict is remembered"
+
+
+async def test_a_limit_of_llguidance_is_not_blamed_on_the_provider() -> None:
+    # A thousand optional properties: the parser's row limit, on the daemon's matcher as on ours.
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(1000)}}
+    answer = await JsonChecks().answer(bus.ResponseFormat(type="json_schema", schema=wide))
+    assert answer.feed('{"p1": "x"}')
+    assert answer.unchecked
+    assert answer.complete()

@@ -33,7 +33,7 @@ def chat_routes(local: LocalRequests) -> list[Any]:
     async def chat(request: Request[Any, Any, Any]) -> Response[Any]:
         req = decode(await request.body(), openai.ChatCompletionRequest)
         request_id = secrets.token_hex(12)
-        prepared = local.prepare(
+        prepared = await local.prepare(
             lambda model_id: openai_bus.chat_request(
                 req, default_max_tokens=DEFAULT_CHAT_MAX_TOKENS, model=model_id, request_id=request_id
             )

@@ -8,7 +8,6 @@ model, translate with schemas.openai_bus, prepare on the engine (its refusals be
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -19,7 +18,7 @@ from litestar import Request, Response
 from litestar.response import Stream
 
 from daemon.engine.base import INVALID_REQUEST_CODES, CancelToken, EngineError, Finished, Prepared
-from schemas import bus, openai, openai_bus
+from schemas import bus, limits, openai, openai_bus
 from schemas.errors import ErrorBody, ErrorEnvelope
 
 if TYPE_CHECKING:
@@ -29,7 +28,6 @@ log = structlog.get_logger("daemon.api")
 
 T = TypeVar("T")
 _JSON = msgspec.json.Encoder()
-_PARAM = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
 FINISH = openai_bus.FINISH
 
 
@@ -54,14 +52,25 @@ def engine_error(exc: EngineError) -> ApiError:
     return ApiError(500, exc.message, type="api_error", code=exc.code)
 
 
+def _invalid(message: str, param: str | None) -> ApiError:
+    return ApiError(400, message, type="invalid_request_error", code="invalid_value", param=param)
+
+
 def decode(body: bytes, kind: type[T]) -> T:
+    """The body as `kind`, or a 400 naming the field (the gateway's bounds hold here too: schemas/limits.py)."""
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        m = _PARAM.search(str(exc))
-        raise ApiError(
-            400, str(exc), type="invalid_request_error", code="invalid_value", param=m.group(1) if m else None
-        ) from None
+        param, detail = limits.explain(exc)
+        raise _invalid(f"Invalid value for '{param}': {detail}." if param else f"{detail}.", param) from None
+    except limits.LimitExceeded as exc:
+        raise _invalid(exc.message, exc.param) from None
+    except RecursionError:
+        # Nested past what the decoder follows (about a thousand levels): find the field.
+        param = limits.deep_field(body, kind)
+        at = f"'{param}'" if param else "the request body"
+        message = f"Invalid value for {at}: JSON nested more than {limits.MAX_JSON_DEPTH} levels deep."
+        raise _invalid(message, param) from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"invalid JSON: {exc}", type="invalid_request_error", code="invalid_json") from None
 
@@ -112,7 +121,7 @@ async def collected(request: Request[Any, Any, Any], request_id: str, work: Awai
 class LocalRequests:
     daemon: Daemon
 
-    def prepare(self, build: Callable[[str], bus.InferenceRequest]) -> Prepared:
+    async def prepare(self, build: Callable[[str], bus.InferenceRequest]) -> Prepared:
         if self.daemon.draining:
             raise ApiError(503, "the daemon is shutting down", type="service_unavailable_error", code="draining")
         engine = self.daemon.engine
@@ -120,7 +129,7 @@ class LocalRequests:
         if not model_id:
             raise ApiError(503, "No model loaded", type="service_unavailable_error", code="no_model_loaded")
         try:
-            return engine.prepare(build(model_id))
+            return await engine.prepare(build(model_id))
         except EngineError as exc:
             raise engine_error(exc) from None
         except openai_bus.Untranslatable as exc:

@@ -32,7 +32,7 @@ def completion_routes(local: LocalRequests) -> list[Any]:
     async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
         req = decode(await request.body(), openai.CompletionRequest)
         request_id = secrets.token_hex(12)
-        prepared = local.prepare(
+        prepared = await local.prepare(
             lambda model_id: openai_bus.completion_request(
                 req, default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS, model=model_id, request_id=request_id
             )

@@ -24,7 +24,15 @@ class EngineError(Exception):
 
 # Codes meaning "the request itself is wrong" (HTTP 400 on the local API), not "this provider failed".
 INVALID_REQUEST_CODES = frozenset(
-    {"invalid_value", "invalid_messages", "context_length_exceeded", "context_over_budget", "unsupported_value"}
+    {
+        "invalid_value",
+        "invalid_messages",
+        "context_length_exceeded",
+        "context_over_budget",
+        "unsupported_value",
+        # Its chat template or JSON schema overran the prepare time limit (daemon/engine/prepare_pool.py).
+        "request_too_complex",
+    }
 )
 
 
@@ -143,8 +151,8 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def prepare(self, request: bus.InferenceRequest) -> Prepared:
-        """Tokenize and check limits; raises EngineError for a request that cannot run."""
+    async def prepare(self, request: bus.InferenceRequest) -> Prepared:
+        """Tokenize and check limits, off the event loop; raises EngineError for a request that cannot run."""
         ...
 
     def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:

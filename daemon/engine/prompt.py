@@ -1,16 +1,21 @@
 """From a request to prompt tokens: the model's chat template, tools, template kwargs.
 
-Runs in the daemon process (the tokenizer is small), so a request is checked
-and counted before it reaches the worker, even while the worker is reloading.
+`render` runs in a prepare helper process (daemon/engine/prepare_process.py),
+off the daemon's event loop and under a time limit: a chat template is a
+program, and the buyer chooses its input. The request is still checked and
+counted before it reaches the worker, even while the worker is reloading.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from daemon.engine.base import EngineError, ThinkTags
-from schemas import bus
+from schemas import bus, limits
 
 _ROLE_FOR_TEMPLATE = {"developer": "system"}
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -18,12 +23,37 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 _TAIL_TOKENS = 16
 
 
+def load_tokenizer(path: Path) -> Any:
+    """The model's tokenizer, as mlx-lm loads it (the daemon and the prepare helpers load the same)."""
+    from mlx_lm.utils import load_config
+    from mlx_lm.utils import load_tokenizer as load
+
+    return load(path, eos_token_ids=load_config(path).get("eos_token_id"))
+
+
 def _arguments(text: str) -> Any:
-    # Chat templates expect a mapping (transformers' convention); keep text that is not JSON as is.
+    # Chat templates expect a mapping (transformers' convention); keep text that is not JSON as is
+    # (nested too deep for the parser included).
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
+
+
+def template_kwargs(request: bus.InferenceRequest) -> dict[str, Any]:
+    """The request's chat_template_kwargs, checked again here: the bus is input too.
+
+    Only the variables templates read to select their behaviour (schemas/limits.py); anything
+    else could replace the template itself or apply_chat_template's own options.
+    """
+    raw = request.chat_template_kwargs or {}
+    try:
+        checked = msgspec.convert(raw, limits.ChatTemplateKwargs)
+    except msgspec.ValidationError as exc:
+        param, detail = limits.explain(exc)
+        param = f"chat_template_kwargs.{param}" if param else "chat_template_kwargs"
+        raise EngineError("invalid_value", f"chat_template_kwargs: {detail} ({param})", param=param) from None
+    return limits.template_kwargs(checked) or {}
 
 
 def template_messages(messages: list[bus.BusMessage]) -> list[dict[str, Any]]:
@@ -64,7 +94,7 @@ def tools_offered(request: bus.InferenceRequest) -> list[dict[str, Any]] | None:
 
 def encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
     """Prompt tokens for a request; a continuation appends the tokens earlier providers generated."""
-    tokens = _encode(tokenizer, request)
+    tokens = render(tokenizer, request)
     if request.continuation is not None:
         tokens.extend(request.continuation.token_ids)
     return tokens
@@ -87,12 +117,13 @@ def thinking(tokenizer: Any, request: bus.InferenceRequest, tokens: list[int]) -
     return ThinkTags(start=start, end=end, opened=tail.endswith(start))
 
 
-def _encode(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
+def render(tokenizer: Any, request: bus.InferenceRequest) -> list[int]:
+    """The prompt's tokens: the chat template applied to the messages, or a raw prompt as is (slow: off the loop)."""
     if request.prompt is not None:
         return list(tokenizer.encode(request.prompt))
     if not request.messages:
         raise EngineError("invalid_messages", "messages must not be empty", param="messages")
-    kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
+    kwargs = template_kwargs(request)
     effort = request.reasoning_effort
     if effort is not None:
         if effort not in REASONING_EFFORTS:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.engine.base import EngineError
-from schemas import bus
+from schemas import bus, limits
 
-MAX_STOP_SEQUENCES = 4
+# The most any surface accepts (Anthropic's stop_sequences: 16; OpenAI's stop: 4).
+MAX_STOP_SEQUENCES = limits.MAX_STOP_SEQUENCES_ANTHROPIC
 MAX_TOP_LOGPROBS = 20
 
 
@@ -85,6 +86,8 @@ def validate_stop(stop: list[str]) -> None:
         raise _bad("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}")
     if any(not s for s in stop):
         raise _bad("stop", "stop sequences must not be empty")
+    if any(len(s) > limits.MAX_STOP_CHARS for s in stop):
+        raise _bad("stop", f"stop sequences are at most {limits.MAX_STOP_CHARS} characters")
 
 
 def resolve(params: bus.SamplingParams, defaults: GenerationDefaults, *, vocab_size: int) -> Sampling:
@@ -105,6 +108,8 @@ def resolve(params: bus.SamplingParams, defaults: GenerationDefaults, *, vocab_s
         raise _bad("top_logprobs", "top_logprobs needs logprobs: true")
     validate_stop(params.stop)
     if params.logit_bias:
+        if len(params.logit_bias) > limits.MAX_LOGIT_BIAS:
+            raise _bad("logit_bias", f"at most {limits.MAX_LOGIT_BIAS} logit_bias entries")
         for token, bias in params.logit_bias.items():
             if not 0 <= token < vocab_size:
                 raise _bad("logit_bias", f"logit_bias names token {token}, outside this model's vocabulary")

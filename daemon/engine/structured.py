@@ -3,11 +3,14 @@
 A schema llguidance cannot enforce is the buyer's error (400 naming the
 schema), found here at prepare time, before anything is queued. The worker
 (daemon/worker/grammar.py) then masks every token against the grammar.
+`schema` is cheap and runs on the daemon's loop; `compile_schema` can take as long as
+the schema makes it (llguidance's own limits leave whole minutes: 600
+`patternProperties` took 65 s), so it runs in a prepare helper process under
+a time limit (daemon/engine/prepare_pool.py).
 
-JSON comes out on one line with `, ` and `: ` between items (as Python's
-json.dumps writes it): free whitespace would let a model pad the object with
-blank lines until max_tokens. A schema's own "x-guidance" options, if any,
-override that. OpenAI's `strict` changes nothing: the schema is always enforced.
+The grammar is built by schemas/json_grammar.py, which the gateway uses too to
+check each provider's answer: both sides must build exactly the same one.
+OpenAI's `strict` changes nothing: the schema is always enforced.
 """
 
 from __future__ import annotations
@@ -16,18 +19,14 @@ from typing import Any
 
 from daemon.engine.base import EngineError
 from daemon.engine.prompt import tools_offered
-from schemas import bus
+from schemas import bus, json_grammar
 
 SCHEMA_PARAM = "response_format.json_schema.schema"
 FORMAT_PARAM = "response_format"
 
-# llguidance's JsonCompileOptions (a TypedDict its stubs declare but the module does not export).
-_JSON_LAYOUT: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
-
-def grammar(request: bus.InferenceRequest) -> str | None:
-    """The llguidance grammar for the request's response_format (None: unconstrained); raises EngineError."""
+def schema(request: bus.InferenceRequest) -> dict[str, Any] | None:
+    """The JSON schema the request's output must follow (None: unconstrained); raises EngineError."""
     fmt = request.params.response_format
     if fmt is None:
         return None
@@ -41,6 +40,20 @@ def grammar(request: bus.InferenceRequest) -> str | None:
             param=FORMAT_PARAM,
         )
     try:
+        return json_grammar.schema_of(fmt)
+    except ValueError as exc:
+        raise EngineError("invalid_value", str(exc), param=SCHEMA_PARAM) from None
+
+
+def param(request: bus.InferenceRequest) -> str:
+    """The field a refusal of the request's format names."""
+    fmt = request.params.response_format
+    return SCHEMA_PARAM if fmt is not None and fmt.type == "json_schema" else FORMAT_PARAM
+
+
+def compile_schema(schema: dict[str, Any]) -> str:
+    """The checked llguidance grammar of a JSON schema; raises EngineError."""
+    try:
         from llguidance import LLMatcher
     except ImportError as exc:
         raise EngineError(
@@ -48,17 +61,17 @@ def grammar(request: bus.InferenceRequest) -> str | None:
             f"this provider cannot constrain output to JSON (llguidance is unavailable: {exc})",
             param=FORMAT_PARAM,
         ) from None
-    if fmt.type == "json_object":
-        schema = _ANY_OBJECT
-    elif fmt.schema is None:
-        raise EngineError("invalid_value", "json_schema needs a schema to constrain the output to", param=SCHEMA_PARAM)
-    else:
-        schema = fmt.schema
     try:
-        compiled = LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_LAYOUT)
-    except (ValueError, TypeError) as exc:
+        compiled = json_grammar.grammar_of(schema)
+    except (ValueError, TypeError, RecursionError) as exc:
         raise EngineError("invalid_value", f"the JSON schema is not usable: {exc}", param=SCHEMA_PARAM) from None
     failed, problems = LLMatcher.validate_grammar_with_warnings(compiled)
     if failed:
         raise EngineError("invalid_value", f"the JSON schema cannot be enforced: {problems[0]}", param=SCHEMA_PARAM)
     return compiled
+
+
+def grammar(request: bus.InferenceRequest) -> str | None:
+    """The llguidance grammar for the request's response_format (None: unconstrained), in this process."""
+    wanted = schema(request)
+    return compile_schema(wanted) if wanted is not None else None

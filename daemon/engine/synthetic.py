@@ -32,7 +32,7 @@ class SyntheticEngine:
     async def close(self) -> None:
         return None
 
-    def prepare(self, request: bus.InferenceRequest) -> Prepared:
+    async def prepare(self, request: bus.InferenceRequest) -> Prepared:
         if self._running >= self.slots:
             raise EngineError("provider_busy", "all synthetic slots are busy", retryable=True)
         if request.params.response_format is not None:

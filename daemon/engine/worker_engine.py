@@ -1,15 +1,17 @@
 """The mlx-lm engine: requests are checked and tokenized here, generated in the worker process.
 
 The daemon process holds the tokenizer (small) and everything about a request
-that is text: chat template, validation, memory admission, detokenization,
-stop strings, tool calls. The worker (daemon/worker) holds the model, the batch
-and the prompt cache. The NATS side and the local API both call this one
-object, so their requests share the same batch.
+that is text: validation, memory admission, detokenization, stop strings, tool
+calls; its chat template and JSON schema run in prepare helper processes under
+a time limit (daemon/engine/prepare_pool.py). The worker (daemon/worker) holds
+the model, the batch and the prompt cache. The NATS side and the local API both
+call this one object, so their requests share the same batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +24,7 @@ import structlog
 from daemon.engine import fit, prompt, structured
 from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared
 from daemon.engine.output import Output, TokenText
+from daemon.engine.prepare_pool import PreparePool
 from daemon.engine.sampling import GenerationDefaults, resolve
 from daemon.worker import protocol as p
 from daemon.worker.supervisor import Supervisor, WorkerConfig, WorkerLost, WorkerStartError
@@ -56,12 +59,6 @@ class LoadedModel:
     vocab_size: int
 
 
-def _load_tokenizer(path: Path) -> Any:
-    from mlx_lm.utils import load_config, load_tokenizer
-
-    return load_tokenizer(path, eos_token_ids=load_config(path).get("eos_token_id"))
-
-
 def _vocab_size(path: Path, tokenizer: Any) -> int:
     try:
         config = json.loads((path / "config.json").read_text())
@@ -79,6 +76,8 @@ class WorkerEngine:
         queue_limit: int,
         memory_budget_bytes: int,
         default_model_id: tuple[Path, str] | None = None,
+        prepare_helpers: int = 2,
+        prepare_timeout_s: float = 1.5,
     ) -> None:
         self.config = config
         self.queue_limit = queue_limit
@@ -87,6 +86,13 @@ class WorkerEngine:
         self._model: LoadedModel | None = None
         self._listeners: list[Callable[[], None]] = []
         self.supervisor = Supervisor(config, on_change=self._changed)
+        # Chat templates and schema compilation: off the loop, time-limited, at most this many at once.
+        self.preparer = PreparePool(
+            helpers=prepare_helpers,
+            timeout_s=prepare_timeout_s,
+            max_waiting=config.slots + queue_limit,
+            start_timeout_s=config.start_timeout_s,
+        )
         self._tps = 0.0
         self.served = 0
 
@@ -189,7 +195,7 @@ class WorkerEngine:
             raise EngineError("model_not_found", f"{path} is not an mlx-lm model folder (no config.json)")
         if model_id is None:
             model_id = self._default[1] if self._default and self._default[0] == path else path.name
-        tokenizer = _load_tokenizer(path)
+        tokenizer = prompt.load_tokenizer(path)
         return LoadedModel(
             model_id=model_id,
             path=path,
@@ -204,14 +210,26 @@ class WorkerEngine:
         """Load `path` (replacing the current model): tokenizer here, weights in a new worker."""
         loaded = await asyncio.to_thread(self._read_model, path, model_id)
         path = loaded.path
+        # The helpers load the tokenizer while the worker loads the weights; a request that comes
+        # before they are up waits for them (daemon/engine/prepare_pool.py).
+        helpers = asyncio.ensure_future(self.preparer.start(path))
         try:
             info = await self.supervisor.load(path)
         except WorkerStartError as exc:
+            helpers.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EngineError):
+                await helpers
+            await self.preparer.stop()
             self._model = None
             self._changed()
             raise EngineError("load_failed", str(exc)) from None
         self._model = loaded
         self._changed()
+        try:
+            await helpers
+        except EngineError as exc:
+            await self.unload()
+            raise EngineError("load_failed", exc.message) from None
         log.info("model_loaded", model=loaded.model_id, path=str(path), seconds=info.load_s)
         return info
 
@@ -219,16 +237,18 @@ class WorkerEngine:
         """Stop the worker and forget the model: (model id, resident bytes freed)."""
         model_id = self.model_id
         self._model = None
+        await self.preparer.stop()
         freed = await self.supervisor.unload()
         self._changed()
         return model_id, freed
 
     async def close(self) -> None:
+        await self.preparer.stop()
         await self.supervisor.close()
 
     # ---- requests ----------------------------------------------------------------------
 
-    def prepare(self, request: bus.InferenceRequest) -> Prepared:
+    async def prepare(self, request: bus.InferenceRequest) -> Prepared:
         m = self._model
         if m is None or request.model != m.model_id:
             raise EngineError("model_not_loaded", f"{request.model!r} is not loaded here", retryable=True)
@@ -237,14 +257,21 @@ class WorkerEngine:
         if self.supervisor.in_flight >= self.slots + self.queue_limit:
             raise EngineError("provider_busy", "the provider's queue is full", retryable=True)
         resolve(request.params, m.defaults, vocab_size=m.vocab_size)
-        grammar = structured.grammar(request)
-        if grammar is not None and not self.structured_output():
-            raise EngineError(
-                "unsupported_value",
-                "this provider cannot constrain this model's output to JSON (see its log for why)",
-                param=structured.FORMAT_PARAM,
-            )
-        tokens = prompt.encode(m.tokenizer, request)
+        continued = _check_continuation(request, m)
+        schema = structured.schema(request)
+        grammar = None
+        if schema is not None:
+            if not self.structured_output():
+                raise EngineError(
+                    "unsupported_value",
+                    "this provider cannot constrain this model's output to JSON (see its log for why)",
+                    param=structured.FORMAT_PARAM,
+                )
+            grammar = await self.preparer.compile_schema(schema, param=structured.param(request))
+        tokens = await self.preparer.render(request)
+        if self._model is not m:
+            raise EngineError("model_not_loaded", f"{request.model!r} was unloaded meanwhile", retryable=True)
+        tokens.extend(continued)
         n = len(tokens)
         if n == 0:
             raise EngineError("invalid_value", "the prompt is empty", param="prompt")
@@ -258,8 +285,7 @@ class WorkerEngine:
         adm = self.admission()
         assert adm is not None
         # A continuation's earlier tokens count against the buyer's max_tokens.
-        done_before = len(request.continuation.token_ids) if request.continuation else 0
-        limit = max(1, request.params.max_tokens - done_before)
+        limit = max(1, request.params.max_tokens - len(continued))
         if n >= adm.max_safe_context or (request.params.max_tokens_explicit and n + limit > adm.max_safe_context):
             raise EngineError(
                 "context_over_budget",
@@ -392,3 +418,27 @@ class WorkerEngine:
             reasoning_tokens=output.reasoning_tokens,
             stop_sequence=output.stop_sequence if finish == "stop" else None,
         )
+
+
+def _check_continuation(request: bus.InferenceRequest, m: LoadedModel) -> list[int]:
+    """The token ids earlier providers generated (relayed by the gateway), or invalid_continuation.
+
+    They go straight to the model's embedding lookup, so each must be a row of it, and
+    together they must leave room in the context.
+    """
+    ids = request.continuation.token_ids if request.continuation is not None else []
+    if not ids:
+        return []
+    context = m.footprint.context_length
+    if len(ids) >= context:
+        raise EngineError(
+            "invalid_continuation", f"the continuation holds {len(ids)} tokens; this model's context is {context}"
+        )
+    low, high = min(ids), max(ids)
+    if low < 0 or high >= m.vocab_size:
+        bad = low if low < 0 else high
+        raise EngineError(
+            "invalid_continuation",
+            f"continuation token id {bad} is outside this model's vocabulary (0 to {m.vocab_size - 1})",
+        )
+    return list(ids)

@@ -16,7 +16,6 @@ elsewhere before the buyer hears of it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +36,7 @@ from services.errors import (
     UnsupportedValue,
 )
 from services.gateway import vetting
-from services.gateway.json_check import JsonAnswer, byte_tokenizer
+from services.gateway.json_check import Busy, JsonAnswer, JsonChecks, TooComplex
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
 from services.providers.violations import Violations
@@ -69,7 +68,8 @@ REQUEST_FAULTS = frozenset(
         "context_length_exceeded",
         "context_over_budget",
         "unsupported_value",
-        "prompt_too_complex",
+        # A chat template or JSON schema that takes the provider longer than its time limit.
+        "request_too_complex",
     }
 )
 
@@ -306,7 +306,7 @@ class Dispatcher:
         self.max_failovers = max_failovers
         self.max_attempts = max_attempts
         self._violations = violations
-        self._bytes = byte_tokenizer()
+        self._json = JsonChecks()
 
     def violation(self, provider_id: str, kind: str, detail: str, request_id: str | None = None) -> None:
         if self._violations is not None:
@@ -316,14 +316,19 @@ class Dispatcher:
         """Hand the request to the best provider that accepts it, or raise at once."""
         started = time.monotonic()
         json = None
-        if request.params.response_format is not None:
+        fmt = request.params.response_format
+        if fmt is not None:
+            param = "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
             try:
-                # Compiling a large schema takes a while: off the event loop.
-                json = await asyncio.to_thread(JsonAnswer, self._bytes, request.params.response_format)
+                json = await self._json.answer(fmt)
+            except Busy as exc:
+                raise CoordinatorUnavailable(f"The gateway cannot check JSON answers right now: {exc}.") from None
+            except TooComplex as exc:
+                error = InvalidRequest(f"The JSON schema is too complex to enforce: {exc}.", param=param)
+                error.code = "request_too_complex"
+                raise error from None
             except (ValueError, TypeError) as exc:
-                raise InvalidRequest(
-                    f"The JSON schema is not usable: {str(exc)[:300]}", param="response_format.json_schema.schema"
-                ) from None
+                raise InvalidRequest(f"The JSON schema is not usable: {str(exc)[:400]}", param=param) from None
         leg = await self.open_leg(request, exclude=set(), json=json)
         return Call(request, leg.accepted, started, self, leg, providers=[leg.provider_id])
 

@@ -17,7 +17,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from schemas import responses
+from schemas import limits, responses
 from services.auth.bearer import Principal, authenticate
 from services.auth.declared import Auth, requires
 from services.errors import ApiError, InvalidRequest, NotFound
@@ -191,6 +191,12 @@ async def create_response(request: Request[Any, Any, Any], runtime: NamedDepende
                 param="input",
             )
         messages = bus_messages(instructions, items)
+        # A stored conversation plus the new input: the whole must still fit the bound.
+        try:
+            texts = [m.content for m in messages] + [c.arguments for m in messages for c in m.tool_calls or ()]
+            limits.check_conversation(texts, param="input")
+        except limits.LimitExceeded as exc:
+            raise InvalidRequest(exc.message, param=exc.param) from None
         shapes.append(
             _Shape(
                 id=f"resp_{request_id}",

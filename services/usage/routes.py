@@ -10,6 +10,7 @@ from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
 from msgspec import Meta
 
+from schemas.limits import ISSUED_ID_PATTERN, PLAIN_TEXT_PATTERN
 from services.auth.bearer import authenticate
 from services.auth.declared import Auth, requires
 from services.errors import InvalidRequest, NotFound
@@ -69,10 +70,11 @@ async def usage(request: Request[Any, Any, Any], runtime: NamedDependency[Runtim
 
 class FeedbackRequest(msgspec.Struct, frozen=True):
     # Ids we issue are letters, digits, "-" and "_"; anything else (a NUL) must not reach Postgres.
-    request_id: Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+    request_id: Annotated[str, Meta(min_length=1, max_length=128, pattern=ISSUED_ID_PATTERN)]
     # 1 (bad) to 5 (excellent).
     rating: Annotated[int, Meta(ge=1, le=5)]
-    comment: Annotated[str, Meta(max_length=MAX_COMMENT)] = ""
+    # Shown to operators later: no NUL (Postgres refuses it in text) nor other control characters.
+    comment: Annotated[str, Meta(max_length=MAX_COMMENT, pattern=PLAIN_TEXT_PATTERN)] = ""
 
 
 class FeedbackRecord(msgspec.Struct, frozen=True):

@@ -125,7 +125,7 @@ class Direct:
         tokens = 0
         finished: Finished | None = None
         try:
-            prepared = self.engine.prepare(request)
+            prepared = await self.engine.prepare(request)
             async for event in self.engine.generate(prepared, CancelToken()):
                 if isinstance(event, TextChunk):
                     now = time.perf_counter()

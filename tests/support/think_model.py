@@ -6,7 +6,7 @@ the vocabulary, so mlx-lm's TokenizerWrapper reports `has_thinking`, and the
 chat template (the tool template, so tool markup parses too) has the two
 generation prompts real thinking models use:
 
-- `chat_template_kwargs={"open_think": true}`: the prompt ends with `<think>`
+- `chat_template_kwargs={"thinking": true}` (DeepSeek V3.1's variable): the prompt ends with `<think>`
   (Qwen3-style templates open the block themselves); the model, reading that
   token, says the rest of the script: the answer begins inside the block;
 - `enable_thinking=false` (or `reasoning_effort: "none"`): the prompt ends with
@@ -31,7 +31,7 @@ THINK_TEMPLATE = TOOL_TEMPLATE.replace(
     _GENERATION_PROMPT,
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think></think>' }}"
-    "{% elif open_think %}{{ '<think>' }}{% endif %}{% endif %}",
+    "{% elif thinking is defined and thinking %}{{ '<think>' }}{% endif %}{% endif %}",
 )
 assert THINK_TEMPLATE != TOOL_TEMPLATE, "the tool template's generation prompt changed"
 
