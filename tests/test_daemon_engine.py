@@ -303,11 +303,17 @@ def test_local_api_surface(daemon: DaemonChild) -> None:
 
 
 @pytest.fixture(scope="module")
-def budget_daemon(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonChild]:
+def budget_model(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The tiny model with a chat template that speaks tools (mlx-lm's json_tools parser).
     folder = write_tool_model(stack.model_path, tmp_path_factory.mktemp("models") / "tiny-llama-greedy")
     # The author's defaults: greedy unless the request says otherwise.
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.0}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def budget_daemon(stack: Stack, budget_model: Path) -> Iterator[DaemonChild]:
+    folder = budget_model
     with running_daemon(
         stack.home,
         nats=stack.nats,
@@ -352,7 +358,7 @@ def test_generation_config_defaults_apply_when_a_field_is_omitted(budget_daemon:
     assert _text(chat(budget_daemon, max_tokens=30, temperature=1.5, seed=1)) != explicit
 
 
-def test_tool_round_trip_on_the_local_api(budget_daemon: DaemonChild) -> None:
+def test_tool_round_trip_on_the_local_api(budget_daemon: DaemonChild, budget_model: Path) -> None:
     from mlx_lm.utils import load_tokenizer
 
     messages: list[dict[str, Any]] = [
@@ -373,7 +379,7 @@ def test_tool_round_trip_on_the_local_api(budget_daemon: DaemonChild) -> None:
     r = chat(budget_daemon, max_tokens=5, messages=messages, tools=[WEATHER_TOOL], tool_choice="auto")
     assert r.status_code == 200, r.text
     # The prompt the model saw is the template's rendering of the whole round trip.
-    tokenizer = load_tokenizer(Path(status(budget_daemon)["model"]["path"]), eos_token_ids=[2])
+    tokenizer = load_tokenizer(budget_model, eos_token_ids=[2])
     rendered = copy.deepcopy(messages)
     # As the daemon hands them to the template: no None content, arguments as a mapping.
     rendered[1]["content"] = ""
