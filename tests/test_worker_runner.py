@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -101,3 +102,54 @@ def test_gathering_fades_for_a_one_at_a_time_user_and_returns_for_groups(model: 
         inbox.put(p.Shutdown())
         loop.join(10)
         runner.close()
+
+
+def test_a_slow_schema_builds_off_the_loop_and_the_batch_keeps_decoding(tiny_model_path: Path) -> None:
+    from daemon.worker.grammar import grammar_tokenizer
+    from schemas import json_grammar
+
+    model, tokenizer = load(str(tiny_model_path))[:2]
+    times: list[float] = []
+    out: list[Any] = []
+
+    def emit(message: Any) -> None:
+        out.append(message)
+        if isinstance(message, p.Tokens) and any(item.id == "free" for item in message.items):
+            times.append(time.monotonic())
+
+    runner = Runner(
+        model=model,
+        model_key="tiny",
+        eos_token_ids=[2],
+        vocab_size=400,
+        emit=emit,
+        grammar_tokenizer=grammar_tokenizer(tokenizer, 400),
+    )
+    # Some seconds of llguidance's lexer construction (600 of these took 65 s on this machine).
+    slow = {"type": "object", "patternProperties": {f"^p{i}[a-z]+$": {"type": "integer"} for i in range(250)}}
+    inbox: queue.Queue[Any] = queue.Queue()
+    loop = threading.Thread(target=runner.serve, args=(inbox,), daemon=True)
+    loop.start()
+    try:
+        inbox.put(p.Generate(id="free", prompt=PROMPT, max_tokens=100_000))
+        deadline = time.monotonic() + 30
+        while not times:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        asked = time.monotonic()
+        inbox.put(p.Generate(id="json", prompt=PROMPT, max_tokens=4, grammar=json_grammar.grammar_of(slow)))
+        while not any(isinstance(m, p.Tokens) and any(i.id == "json" for i in m.items) for m in out):
+            assert time.monotonic() < asked + 120, "the constrained request never started"
+            time.sleep(0.01)
+        started = time.monotonic()
+        inbox.put(p.Cancel(id="free"))
+    finally:
+        inbox.put(p.Shutdown())
+        loop.join(10)
+        runner.close()
+    during = [t for t in times if asked <= t <= started]
+    gaps = [b - a for a, b in itertools.pairwise(during)]
+    assert started - asked > 0.5, "the schema was meant to take a while to build"
+    # The unconstrained sequence kept decoding while the matcher was built.
+    assert len(during) > 10
+    assert max(gaps) < 0.5, max(gaps)

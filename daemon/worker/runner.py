@@ -5,6 +5,11 @@ it the moment they finish or are cancelled. Before a prompt is processed the
 prompt cache is searched for the longest reusable prefix (a multi-turn
 conversation re-sends everything said so far); finished and cancelled
 sequences put their KV cache back for the next turn.
+
+A JSON-constrained request's grammar matcher is built on a helper thread
+(llguidance drops the GIL while it builds): a schema that takes a second to
+build must not stall every other sequence in the batch for that second. The
+request joins the batch when its matcher is ready.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import queue
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +44,25 @@ class _Sequence:
     started: bool = False
     generated: int = 0
     constraint: Constraint | None = None
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A constrained request whose matcher was built off the loop (or failed to be)."""
+
+    job: p.Generate
+    future: Future[Constraint | None]
+
+
+@dataclass(frozen=True)
+class _Deliver:
+    """Puts a finished build back on the loop's inbox."""
+
+    job: p.Generate
+    inbox: queue.Queue[Any]
+
+    def __call__(self, future: Future[Constraint | None]) -> None:
+        self.inbox.put(_Built(self.job, future))
 
 
 @dataclass
@@ -85,10 +110,14 @@ class Runner:
         self.gather_gain = 1.0
         # Until when the last prompt that started alone is expected to be prefilling.
         self._alone_until = 0.0
+        # Constrained requests whose matcher is being built, and those cancelled meanwhile.
+        self._building: set[str] = set()
+        self._cancelled_builds: set[str] = set()
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="grammar")
 
     # ---- the loop --------------------------------------------------------------------
 
-    def serve(self, inbox: queue.Queue[p.ToWorker]) -> None:
+    def serve(self, inbox: queue.Queue[Any]) -> None:
         """Until Shutdown: take messages, then advance the batch one step.
 
         Requests that arrive together should be prefilled together: a prefill cannot be
@@ -107,8 +136,9 @@ class Runner:
                 deadline: float | None = None
                 while True:
                     if isinstance(message, p.Shutdown):
+                        self._builder.shutdown(wait=False, cancel_futures=True)
                         return
-                    tokens = self.handle(message)
+                    tokens = self.handle(message, inbox)
                     if tokens:
                         fresh.append(tokens)
                         now = time.monotonic()
@@ -135,24 +165,36 @@ class Runner:
             return 0.0
         return min(self.gather_max_s, self.gather * self.gather_gain * prompt_tokens / self.prefill_tps)
 
-    def handle(self, message: p.ToWorker) -> int:
+    def handle(self, message: p.ToWorker | _Built, inbox: queue.Queue[Any] | None = None) -> int:
         """Act on a message; returns how many prompt tokens a new request will prefill."""
-        if isinstance(message, p.Generate):
+        if isinstance(message, p.Generate) and message.grammar is not None and inbox is not None:
+            self._building.add(message.id)
+            future = self._builder.submit(self._constraint, message)
+            future.add_done_callback(_Deliver(message, inbox))
+        elif isinstance(message, (p.Generate, _Built)):
+            job = message if isinstance(message, p.Generate) else message.job
             try:
-                return self.submit(message)
+                if isinstance(message, p.Generate):
+                    return self.submit(job)
+                self._building.discard(job.id)
+                if job.id in self._cancelled_builds:
+                    self._cancelled_builds.discard(job.id)
+                    return 0
+                return self.submit(job, message.future.result())
             except Exception as exc:
-                log.exception("submit_failed", request_id=message.id)
-                self.emit(p.Ended(id=message.id, reason="error", message=f"{type(exc).__name__}: {exc}"))
+                log.exception("submit_failed", request_id=job.id)
+                self.emit(p.Ended(id=job.id, reason="error", message=f"{type(exc).__name__}: {exc}"))
         elif isinstance(message, p.Cancel):
             self.cancel(message.id)
         return 0
 
     # ---- requests --------------------------------------------------------------------
 
-    def submit(self, job: p.Generate) -> int:
+    def submit(self, job: p.Generate, constraint: Constraint | None = None) -> int:
         """Add a request to the batch; returns the prompt tokens left to prefill (after the cache)."""
         prompt = job.prompt
-        constraint = self._constraint(job)
+        if constraint is None:
+            constraint = self._constraint(job)
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.model_key, prompt)
         if cache is not None and not rest:
             # The whole prompt is cached: recompute its last token, which starts generation.
@@ -189,6 +231,9 @@ class Runner:
         return Constraint(self.grammar_tokenizer, job.grammar, prefix)
 
     def cancel(self, request_id: str) -> None:
+        if request_id in self._building:
+            self._cancelled_builds.add(request_id)
+            return
         seq = self.by_id.get(request_id)
         if seq is None:
             return
@@ -284,4 +329,5 @@ class Runner:
         )
 
     def close(self) -> None:
+        self._builder.shutdown(wait=False, cancel_futures=True)
         self.generator.close()
