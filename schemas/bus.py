@@ -198,6 +198,22 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     stop_sequence: str | None = None
 
 
+# Failed codes meaning the request itself cannot run: the buyer's error (a 400 naming `param`).
+# Every other code is the provider's failure, and a gateway never shows a buyer a provider's
+# code outside this set as the buyer's fault.
+REQUEST_FAULTS = frozenset(
+    {
+        "invalid_value",
+        "invalid_messages",
+        "context_length_exceeded",
+        "context_over_budget",
+        "unsupported_value",
+        # A chat template or JSON schema that takes the provider longer than its time limit.
+        "request_too_complex",
+    }
+)
+
+
 class Failed(msgspec.Struct, frozen=True, tag="failed"):
     seq: Count
     code: Code

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +25,7 @@ from schemas import bus, subjects
 from services.db.migrate import migrate
 from services.providers import store
 from tests.conftest import Stack
+from tests.support.admin_cli import providers_cli
 from tests.support.auth_stack import AuthStack
 from tests.support.daemons import status as daemon_status
 from tests.support.daemons import wait_worker
@@ -216,22 +215,6 @@ def _pool_size(replica: str) -> int:
     return int(body["capacity"]["providers"])
 
 
-async def _cli(*args: str, nats_url: str, database_url: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services",
-        "admin",
-        "providers",
-        *args,
-        env={**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode()
-
-
 async def test_a_flood_of_unknown_ids_is_admitted_at_the_configured_rate(flood_stack: FloodStack) -> None:
     fs = flood_stack
     ids = [f"flood-{i:04d}" for i in range(FLOOD)]
@@ -268,7 +251,7 @@ async def test_a_flood_of_unknown_ids_is_admitted_at_the_configured_rate(flood_s
 
         # An operator pins one that waits: both replicas route it within a heartbeat, bucket or not.
         waiting = await db.fetchval("SELECT provider_id FROM providers WHERE status = 'pending' LIMIT 1")
-        code, out = await _cli(
+        code, out = await providers_cli(
             "pin", waiting, "--note", "vouched for", nats_url=fs.nats.gateway_url, database_url=fs.database_url
         )
         assert code == 0, out
@@ -280,7 +263,9 @@ async def test_a_flood_of_unknown_ids_is_admitted_at_the_configured_rate(flood_s
             await asyncio.sleep(0.05)
         assert sizes[0] >= admitted + 1
         print(f"pin: routed by both replicas {time.monotonic() - pinned_at:.2f} s after the CLI returned")
-        code, out = await _cli("list", "--status", "pinned", nats_url=fs.nats.gateway_url, database_url=fs.database_url)
+        code, out = await providers_cli(
+            "list", "--status", "pinned", nats_url=fs.nats.gateway_url, database_url=fs.database_url
+        )
         assert code == 0
         assert waiting in out
         assert "vouched for" in out
@@ -411,7 +396,7 @@ async def test_drain_finishes_running_work_and_takes_no_more(
             _read_stream(client, stack.base_url, _body(model, DRAINED_TOKENS), stack.auth(), started)
         )
         await asyncio.wait_for(started.wait(), timeout=30)
-        code, out = await _cli(
+        code, out = await providers_cli(
             "drain", pid, "--note", "maintenance", nats_url=stack.nats_url, database_url=stack.database_url
         )
         assert code == 0, out
@@ -426,18 +411,18 @@ async def test_drain_finishes_running_work_and_takes_no_more(
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert len(text) > 500, "the whole answer, not a cut one"
     assert daemon_status(daemon)["status"] == "draining"
-    code, out = await _cli("list", nats_url=stack.nats_url, database_url=stack.database_url)
+    code, out = await providers_cli("list", nats_url=stack.nats_url, database_url=stack.database_url)
     assert code == 0
     (line,) = [row for row in out.splitlines() if row.startswith(pid)]
     assert "yes" in line
     assert "maintenance" in line
-    code, out = await _cli("undrain", pid, nats_url=stack.nats_url, database_url=stack.database_url)
+    code, out = await providers_cli("undrain", pid, nats_url=stack.nats_url, database_url=stack.database_url)
     assert code == 0, out
     # The gateways would route to it again, but the daemon itself stays drained until restarted.
     assert _unavailable(stack.base_url, model, stack)
 
 
 def test_admin_refuses_a_provider_id_that_cannot_be_a_subject(stack: Stack) -> None:
-    code, out = asyncio.run(_cli("ban", "a.b>", nats_url=stack.nats_url, database_url=stack.database_url))
+    code, out = asyncio.run(providers_cli("ban", "a.b>", nats_url=stack.nats_url, database_url=stack.database_url))
     assert code == 2
     assert "not a provider id" in out

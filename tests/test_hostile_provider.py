@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +23,7 @@ import pytest
 
 from schemas import bus
 from tests.conftest import TINY_MODEL, TINY_PROVIDER, Stack
+from tests.support.admin_cli import providers_cli
 from tests.support.rogue import Rogue, heartbeat, rogue_in_pool
 
 Send = Callable[[Any], Awaitable[None]]
@@ -393,20 +393,10 @@ async def test_a_provider_that_keeps_violating_is_suspended(stack: Stack, db: as
         assert after.status_code == 503, after.text
         assert after.json()["error"]["code"] == "coordinator_unavailable"
         assert len(rogue.requests) == 3
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services",
-        "admin",
-        "providers",
-        "list",
-        "--status",
-        "suspended",
-        env={**os.environ, "DATABASE_URL": stack.database_url},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    code, out = await providers_cli(
+        "list", "--status", "suspended", nats_url=stack.nats_url, database_url=stack.database_url
     )
-    out = (await proc.communicate())[0].decode()
+    assert code == 0, out
     line = next(line for line in out.splitlines() if rogue.provider_id in line)
     assert "suspended" in line
     assert "token_count_mismatch" in line

@@ -23,17 +23,7 @@ class EngineError(Exception):
 
 
 # Codes meaning "the request itself is wrong" (HTTP 400 on the local API), not "this provider failed".
-INVALID_REQUEST_CODES = frozenset(
-    {
-        "invalid_value",
-        "invalid_messages",
-        "context_length_exceeded",
-        "context_over_budget",
-        "unsupported_value",
-        # Its chat template or JSON schema overran the prepare time limit (daemon/engine/prepare_pool.py).
-        "request_too_complex",
-    }
-)
+INVALID_REQUEST_CODES = bus.REQUEST_FAULTS
 
 
 @dataclass(frozen=True, slots=True)

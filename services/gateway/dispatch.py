@@ -60,19 +60,6 @@ RECOVERABLE = frozenset(
     }
 )
 
-# Refusals that say the request itself cannot run: the buyer's error (a 400 naming the field).
-REQUEST_FAULTS = frozenset(
-    {
-        "invalid_value",
-        "invalid_messages",
-        "context_length_exceeded",
-        "context_over_budget",
-        "unsupported_value",
-        # A chat template or JSON schema that takes the provider longer than its time limit.
-        "request_too_complex",
-    }
-)
-
 # How often a waiting request re-checks its provider's heartbeat and its deadlines.
 _TICK_S = 0.25
 
@@ -82,7 +69,7 @@ def _refusal(frame: bus.Failed) -> ApiError:
 
     Only a known code becomes the buyer's error; anything else a provider says is its own failure.
     """
-    if frame.code in REQUEST_FAULTS:
+    if frame.code in bus.REQUEST_FAULTS:
         error: ApiError = InvalidRequest(frame.message, param=frame.param)
         error.code = frame.code
         return error

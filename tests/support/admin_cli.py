@@ -1,0 +1,24 @@
+"""`mac-provider admin providers ...` as an operator runs it: a real process against the test's Postgres and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+
+async def providers_cli(*args: str, nats_url: str, database_url: str) -> tuple[int, str]:
+    """(exit code, what it printed)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services",
+        "admin",
+        "providers",
+        *args,
+        env={**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
