@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import msgspec
 import pytest
@@ -259,3 +260,15 @@ def test_the_control_plane_uses_no_deprecated_litestar_style() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", LitestarDeprecationWarning)
         create_app(settings)
+
+
+def test_sse_events_survive_clients_that_split_lines_like_python() -> None:
+    from schemas import sse
+
+    # A model may emit NEL, LINE SEPARATOR or PARAGRAPH SEPARATOR: httpx's aiter_lines() and
+    # str.splitlines() break lines there, SSE does not. Each event must stay one line.
+    text = "a\x85b\u2028c\u2029d\x1ce\u00e9\u2027"
+    for event in (sse.data({"t": text}), sse.named("x", {"t": text})):
+        lines = [line for line in event.decode().splitlines() if line]
+        assert lines[-1].startswith("data: ")
+        assert json.loads(lines[-1].removeprefix("data: ")) == {"t": text}

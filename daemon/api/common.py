@@ -19,6 +19,7 @@ from litestar.response import Stream
 
 from daemon.engine.base import INVALID_REQUEST_CODES, CancelToken, EngineError, Finished, Prepared
 from schemas import bus, limits, openai, openai_bus
+from schemas import sse as wire_sse
 from schemas.errors import ErrorBody, ErrorEnvelope
 
 if TYPE_CHECKING:
@@ -75,11 +76,8 @@ def decode(body: bytes, kind: type[T]) -> T:
         raise ApiError(400, f"invalid JSON: {exc}", type="invalid_request_error", code="invalid_json") from None
 
 
-def sse(payload: Any) -> bytes:
-    return b"data: " + _JSON.encode(payload) + b"\n\n"
-
-
-DONE = b"data: [DONE]\n\n"
+sse = wire_sse.data
+DONE = wire_sse.DONE
 
 
 def usage(f: Finished) -> openai.Usage:

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import msgspec
+from schemas import openai, sse
 
-from schemas import openai
-
-_ENCODER = msgspec.json.Encoder()
-DONE = b"data: [DONE]\n\n"
-
-
-def data(payload: object) -> bytes:
-    """One `data:` event (OpenAI's chat and text completion streams have no event names)."""
-    return b"data: " + _ENCODER.encode(payload) + b"\n\n"
-
-
-def named(event: str, payload: object) -> bytes:
-    """One event with a name (Anthropic Messages, OpenAI Responses)."""
-    return b"event: " + event.encode() + b"\ndata: " + _ENCODER.encode(payload) + b"\n\n"
+DONE = sse.DONE
+data = sse.data
+named = sse.named
 
 
 def event(chunk: openai.ChatCompletionChunk) -> bytes:
