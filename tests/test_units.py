@@ -272,3 +272,24 @@ def test_sse_events_survive_clients_that_split_lines_like_python() -> None:
         lines = [line for line in event.decode().splitlines() if line]
         assert lines[-1].startswith("data: ")
         assert json.loads(lines[-1].removeprefix("data: ")) == {"t": text}
+
+
+async def test_a_hang_up_arriving_with_a_frame_still_cancels_the_request() -> None:
+    # On Python 3.11, asyncio.wait_for() loses a cancellation that arrives in the same loop turn
+    # as the item it waits for (gh-86296): the buyer's hang-up was then ignored and the provider
+    # generated on to max_tokens. The frame and the cancel arrive together here, every time.
+    for _ in range(20):
+        stream = ReplyStream("r", "p")
+
+        async def consume(stream: ReplyStream = stream) -> None:
+            while True:
+                await stream.next(5)
+
+        task = asyncio.create_task(consume())
+        for _ in range(2):
+            await asyncio.sleep(0)
+        stream.push(bus.Delta(seq=0, text="x", tokens=1, token_ids=[1]))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 1)

@@ -211,7 +211,10 @@ class PreparePool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
-                helper = await asyncio.wait_for(self._idle.get(), remaining)
+                # Not asyncio.wait_for: on Python 3.11 a cancellation arriving as a helper frees up
+                # is lost (gh-86296), and the helper with it.
+                async with asyncio.timeout(remaining):
+                    helper = await self._idle.get()
                 if helper.alive and helper.generation == self._generation:
                     return helper
                 # It died idle (or belongs to a model gone since): not this request's doing.

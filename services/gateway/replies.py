@@ -93,7 +93,11 @@ class ReplyStream:
         """The next frame in sequence, or None if none arrived within `timeout`."""
         while True:
             try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
+                # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives just as
+                # a frame does (gh-86296), and with frames arriving every few ms a buyer's hang-up
+                # was lost that way now and then: the request went on generating to max_tokens.
+                async with asyncio.timeout(timeout):
+                    item = await self._queue.get()
             except TimeoutError:
                 return None
             if isinstance(item, _ProviderLost):
