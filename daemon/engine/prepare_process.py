@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ from typing import Any
 import msgspec
 import structlog
 
+from daemon.child import become_child
 from daemon.engine import prompt, structured
 from daemon.engine.base import EngineError
-from daemon.logs import configure
 from daemon.worker import protocol as p
 from schemas import bus
 
@@ -88,13 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon.engine.prepare_process")
     parser.add_argument("--model-path", type=Path, required=True)
     args = parser.parse_args(argv)
-    # Replies go to a private copy of stdout; anything a library prints lands in the log.
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)
-    # The daemon decides when we stop: closing our stdin, or SIGKILL when a job overruns.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure(json=os.environ.get("MP_LOG_FORMAT", "console") == "json", level=os.environ.get("MP_LOG_LEVEL", "info"))
+    # Replies go to a private stdout; the daemon stops us by closing our stdin, or SIGKILL when a job overruns.
+    out = become_child()
     try:
         tokenizer = prompt.load_tokenizer(args.model_path)
     except Exception as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any, BinaryIO
 import msgspec
 import structlog
 
-from daemon.logs import configure
+from daemon.child import become_child
 from daemon.worker import protocol as p
 
 log = structlog.get_logger("daemon.worker")
@@ -138,15 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-bytes", type=int, default=1 << 30)
     args = parser.parse_args(argv)
 
-    # Protocol frames go to a private copy of stdout; anything a library prints lands in the log.
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)
-    # The daemon decides when we stop: a Ctrl-C in its terminal, or a SIGTERM sent to its whole
-    # process group (systemd, `kill -- -pgid`), must not kill requests it is still draining.
-    # It stops us with a Shutdown message, or SIGKILL; if it dies, our stdin closes and we exit.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    configure(json=os.environ.get("MP_LOG_FORMAT", "console") == "json", level=os.environ.get("MP_LOG_LEVEL", "info"))
+    # Protocol frames go to a private stdout. The daemon stops us with a Shutdown message, or
+    # SIGKILL; if it dies, our stdin closes and we exit.
+    out = become_child()
     structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
     writer = Writer(out)
 
