@@ -38,6 +38,12 @@ MAX_TOOLS_BYTES = 1 << 20
 MAX_TOOL_CALLS = 512
 # A response_format / text.format JSON schema.
 MAX_SCHEMA_BYTES = 256 << 10
+# Properties one object of a response_format schema may declare, and pattern-keyed ones.
+# llguidance's parser takes every optional property as a branch of one Earley row (limit 2000
+# items, about 500 properties: past it the answer fails at its first token), and builds an
+# automaton over all patternProperties at once (300 took 4 s, 600 took 70 s here).
+MAX_SCHEMA_PROPERTIES = 400
+MAX_SCHEMA_PATTERN_PROPERTIES = 32
 # Nesting of any free-form JSON (tool parameters, schemas, tool inputs): objects and arrays.
 MAX_JSON_DEPTH = 64
 # Stop strings: how many (OpenAI allows 4, Anthropic's stop_sequences here 16) and how long.
@@ -201,6 +207,28 @@ def check_schema(schema: Any, *, param: str) -> None:
     """A response_format / text.format JSON schema."""
     check_depth(schema, param=param)
     check_size(schema, param=param, max_bytes=MAX_SCHEMA_BYTES)
+    check_schema_width(schema, param=param)
+
+
+def check_schema_width(schema: Any, *, param: str) -> None:
+    """No object of the schema declares more (pattern) properties than constrained decoding can carry."""
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, limit in (("properties", MAX_SCHEMA_PROPERTIES), ("patternProperties", MAX_SCHEMA_PATTERN_PROPERTIES)):
+            declared = node.get(key)
+            if isinstance(declared, dict) and len(declared) > limit:
+                raise LimitExceeded(
+                    f"Invalid value for '{param}': an object declares {len(declared)} {key}; "
+                    f"constrained output supports at most {limit} per object.",
+                    param=param,
+                )
+        stack.extend(node.values())
 
 
 def check_tools(tools: Iterable[tuple[str, Any, str, Any]]) -> None:

@@ -364,18 +364,40 @@ async def test_a_slow_chat_template_fails_alone_and_the_daemon_keeps_serving(
     assert (failed.code, failed.param, failed.retryable) == ("request_too_complex", "messages", False)
 
 
-async def test_a_slow_schema_fails_alone_on_the_local_api(slow_daemon: DaemonChild) -> None:
+async def test_a_slow_schema_is_refused_up_front_and_fails_alone_past_the_bounds(
+    stack: Stack, slow_daemon: DaemonChild
+) -> None:
     url = f"{slow_daemon.api_url}/v1/chat/completions"
     # The previous test's killed helpers have been replaced (2 at start, 3 kills).
     await _helpers_back(slow_daemon, 5)
     slow = _chat(SLOW_MODEL, response_format=_schema_format(SLOW_SCHEMA))
     honest = _chat(SLOW_MODEL, response_format=_schema_format({"type": "object"}), max_tokens=4)
-    (refused, refused_s), (answer, _) = await asyncio.gather(
-        asyncio.to_thread(_timed, lambda: _post(url, slow, {})),
+    # Wider than constrained decoding can carry: a 400 at once, on the local API as at the gateway.
+    for target, headers in ((url, {}), (f"{stack.v1}/chat/completions", stack.auth())):
+        refused, refused_s = await asyncio.to_thread(_timed, lambda t=target, h=headers: _post(t, slow, h))
+        _refused(refused, "response_format.json_schema.schema", code="invalid_value")
+        assert "patternProperties" in refused.json()["error"]["message"]
+        assert refused_s < 0.5, refused_s
+    # Past the surface's bounds (straight on the bus), the prepare time limit still holds: the slow
+    # compile fails alone, in its helper, and an honest request beside it is answered.
+    fmt = bus.ResponseFormat(type="json_schema", schema=SLOW_SCHEMA)
+    request = msgspec.structs.replace(
+        bus_request("slow-schema", SLOW_MODEL),
+        params=bus.SamplingParams(max_tokens=4, response_format=fmt),
+    )
+    started = time.monotonic()
+    frames, (answer, _) = await asyncio.gather(
+        bus_call(stack.nats, SLOW_PROVIDER, request, timeout=10),
         asyncio.to_thread(_timed, lambda: _post(url, honest, {})),
     )
-    _refused(refused, "response_format.json_schema.schema", code="request_too_complex")
-    assert refused_s < PREPARE_TIMEOUT_S + 1.5, refused_s
+    failed = frames[-1]
+    assert isinstance(failed, bus.Failed), frames
+    assert (failed.code, failed.param, failed.retryable) == (
+        "request_too_complex",
+        "response_format.json_schema.schema",
+        False,
+    )
+    assert time.monotonic() - started < PREPARE_TIMEOUT_S + 1.5
     assert answer.status_code == 200, answer.text
     health = await asyncio.to_thread(httpx.get, f"{slow_daemon.api_url}/health", timeout=5)
     assert health.json()["model"] == SLOW_MODEL

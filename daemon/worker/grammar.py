@@ -74,8 +74,9 @@ class Constraint:
 
     @property
     def error(self) -> str:
-        """Why the output stopped fitting the grammar ("" while it fits)."""
-        return self._matcher.get_error() if self._matcher.is_error() else ""
+        """Why the output stopped fitting the grammar ("" while it fits): llguidance's first line,
+        not the parser state dump that follows it (schema internals, no use to a buyer)."""
+        return self._matcher.get_error().split("\n", 1)[0][:300] if self._matcher.is_error() else ""
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         from llguidance.numpy import fill_next_token_bitmask
