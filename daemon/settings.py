@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from schemas import bus, subjects
+from schemas.redact import REDACTED, redact_url
 
 # The admin token's file name in the state folder (MP_ADMIN_TOKEN_FILE overrides the whole path).
 ADMIN_TOKEN_FILE_NAME = "admin-token"
@@ -23,30 +24,6 @@ ADMIN_TOKEN_FILE_NAME = "admin-token"
 
 class SettingsError(ValueError):
     pass
-
-
-# The daemon's own copy of services.settings.redact_url (the daemon never imports services/).
-# One URL: its scheme, then everything up to the next URL's scheme or a blank. Its user info
-# ends at the last "@" in there (a password may hold a raw "/", "," or "@": hiding too
-# much beats showing part of a secret).
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>(?:(?![A-Za-z][A-Za-z0-9+.-]*://)\S)*)")
-_SECRET_PARAM = re.compile(r"(?P<name>[?&](?:password|token|pass)=)[^&#\s]*", re.IGNORECASE)
-REDACTED = "***"
-
-
-def _without_credentials(match: re.Match[str]) -> str:
-    scheme, rest = match.group("scheme"), match.group("rest")
-    userinfo, at, host = rest.rpartition("@")
-    if not at:
-        return match.group(0)
-    user, colon, _ = userinfo.partition(":")
-    # nats://user:password@host keeps its user; nats://TOKEN@host loses its token.
-    return f"{scheme}{user}:{REDACTED}@{host}" if colon else f"{scheme}{REDACTED}@{host}"
-
-
-def redact_url(url: str) -> str:
-    """A NATS URL (or a text holding URLs) safe to log or show: no password, no token."""
-    return _SECRET_PARAM.sub(lambda m: m.group("name") + REDACTED, _URL.sub(_without_credentials, url))
 
 
 def _default_provider_id() -> str:

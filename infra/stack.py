@@ -27,8 +27,8 @@ from infra.devkey import ensure_dev_key, write_dev_env
 from infra.nats_auth import NatsTarget, SecuredNats
 from infra.postgres import PostgresServer
 from infra.private_file import write_private
+from schemas.redact import redact_url
 from services.providers import store as providers
-from services.settings import redact_url
 
 
 def _port(name: str) -> int | None:

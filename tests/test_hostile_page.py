@@ -24,9 +24,9 @@ import pytest
 from daemon.admin.model_folder import ModelFolderRefused, resolve_model_folder
 from daemon.admin.token import AdminTokenError, ensure_admin_token, read_admin_token
 from daemon.http_guard import _loopback_host
-from daemon.settings import redact_url
 from infra.components import DaemonChild, start_daemon, wait_http
 from infra.ports import free_port
+from schemas.redact import redact_url
 from tests.conftest import TINY_MODEL, Stack
 from tests.support import logs, rawhttp
 from tests.support.daemons import status

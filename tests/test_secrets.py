@@ -15,12 +15,12 @@ import pytest
 
 import infra.private_file as private_file
 from daemon.settings import DaemonSettings
-from daemon.settings import redact_url as daemon_redact_url
 from infra.components import start_daemon
 from infra.devkey import write_dev_env
 from infra.nats_auth import GATEWAY_USER, NatsUsers, SecuredNats, gateway_permissions
 from infra.private_file import write_private
-from services.settings import Settings, redact_url
+from schemas.redact import redact_url
+from services.settings import Settings
 from tests.support.logs import wait_event
 
 
@@ -165,7 +165,6 @@ def test_settings_repr_hides_every_secret(tmp_path: Path) -> None:
 )
 def test_nats_urls_lose_their_credentials_on_both_sides(url: str, shown: str) -> None:
     assert redact_url(url) == shown
-    assert daemon_redact_url(url) == shown
 
 
 @pytest.mark.parametrize(
