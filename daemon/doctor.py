@@ -153,6 +153,7 @@ async def _nats(settings: DaemonSettings) -> Check:
                 # The pool's NATS refuses a daemon without its provider credentials.
                 user=settings.nats_user or None,
                 password=settings.nats_password or None,
+                token=settings.provider_token or None,
                 user_credentials=str(settings.nats_creds) if settings.nats_creds else None,
             ),
             5,

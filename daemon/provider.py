@@ -119,6 +119,8 @@ class Provider:
             reconnect_time_wait=0.5,
             user=s.nats_user or None,
             password=s.nats_password or None,
+            # A signed-in Mac presents its provider token; the pool's auth callout checks it.
+            token=s.provider_token or None,
             # The provider's NATS credentials (JWT + key) from the pool operator, when it uses them.
             user_credentials=str(s.nats_creds) if s.nats_creds else None,
             error_cb=self._nats_error,

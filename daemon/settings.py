@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from daemon import credentials
 from schemas import bus, subjects
 from schemas.redact import REDACTED, redact_url
 
@@ -112,6 +113,9 @@ class DaemonSettings:
     # This provider's NATS user and password (the pool operator issues them); empty: none.
     nats_user: str = ""
     nats_password: str = field(default="", metadata={"secret": True})
+    # The `mpp_` provider token (from `login`'s credentials file, or MP_PROVIDER_TOKEN): what the
+    # pool's NATS auth callout checks; it also fixes the provider id.
+    provider_token: str = field(default="", metadata={"secret": True})
     # A NATS .creds file (the provider's identity on the pool); None: the URL alone.
     nats_creds: Path | None = None
     # The daemon's own files. `/admin/load` loads only folders inside models_dir (a page or a
@@ -150,9 +154,10 @@ class DaemonSettings:
         raw_path = env.get("MP_MODEL_PATH")
         model_path = Path(raw_path).expanduser().resolve() if raw_path else None
         model_id = env.get("MP_MODEL_ID") or (model_path.name if model_path else "synthetic")
-        provider_id = env.get("MP_PROVIDER_ID") or _default_provider_id()
         state_dir = (Path(env["MP_STATE_DIR"]) if env.get("MP_STATE_DIR") else default_state_dir(env)).expanduser()
         state_dir = state_dir.resolve()
+        signed_in = _signed_in(env, state_dir)
+        provider_id = env.get("MP_PROVIDER_ID") or (signed_in.provider_id if signed_in else _default_provider_id())
         models_dir = Path(env["MP_MODELS_DIR"]).expanduser().resolve() if env.get("MP_MODELS_DIR") else None
         token_file = Path(env["MP_ADMIN_TOKEN_FILE"]).expanduser() if env.get("MP_ADMIN_TOKEN_FILE") else None
         if not subjects.valid_token(provider_id):
@@ -160,7 +165,7 @@ class DaemonSettings:
         try:
             budget_gb = env.get("MP_MEMORY_BUDGET_GB")
             settings = cls(
-                nats_url=env.get("NATS_URL", "nats://127.0.0.1:4222"),
+                nats_url=env.get("NATS_URL") or (signed_in.nats_url if signed_in else "nats://127.0.0.1:4222"),
                 provider_id=provider_id,
                 engine=engine,
                 model_path=model_path,
@@ -185,6 +190,7 @@ class DaemonSettings:
                 prepare_timeout_s=float(env.get("MP_PREPARE_TIMEOUT_S", "1.5")),
                 nats_user=env.get("MP_NATS_USER", ""),
                 nats_password=env.get("MP_NATS_PASSWORD", ""),
+                provider_token=env.get("MP_PROVIDER_TOKEN") or (signed_in.token if signed_in else ""),
                 nats_creds=Path(env["MP_NATS_CREDS"]).expanduser() if env.get("MP_NATS_CREDS") else None,
                 state_dir=state_dir,
                 models_dir=models_dir or state_dir / "models",
@@ -211,4 +217,23 @@ class DaemonSettings:
         for name, port in (("MP_ADMIN_PORT", settings.admin_port), ("MP_API_PORT", settings.api_port)):
             if not 0 <= port < 65536:
                 raise SettingsError(f"{name} must be a TCP port (0 turns it off), got {port}")
+        if signed_in is not None and settings.provider_id != signed_in.provider_id and not env.get("MP_PROVIDER_TOKEN"):
+            raise SettingsError(
+                f"MP_PROVIDER_ID {settings.provider_id!r} is not the id this Mac signed in as "
+                f"({signed_in.provider_id!r}): unset it, or run `mac-provider-daemon login` again"
+            )
         return settings
+
+
+def credentials_path(env: Mapping[str, str], state_dir: Path) -> Path:
+    """Where `login` keeps this Mac's provider credentials (MP_PROVIDER_CREDENTIALS overrides)."""
+    if env.get("MP_PROVIDER_CREDENTIALS"):
+        return Path(env["MP_PROVIDER_CREDENTIALS"]).expanduser().absolute()
+    return state_dir / credentials.FILE_NAME
+
+
+def _signed_in(env: Mapping[str, str], state_dir: Path) -> credentials.ProviderCredentials | None:
+    try:
+        return credentials.load(credentials_path(env, state_dir))
+    except credentials.CredentialsError as exc:
+        raise SettingsError(str(exc)) from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from infra.private_file import write_private
+from schemas.private_file import write_private
 from services.db.migrate import migrate
 from services.keys import format as key_format
 from services.keys.store import account_by_login, create_account, create_key, find_active_key

@@ -31,8 +31,8 @@ from typing import TypeAlias
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from infra.nats import NatsServer
-from infra.private_file import write_private
 from schemas import subjects
+from schemas.private_file import write_private
 
 GATEWAY_USER = "gateway"
 _CREDENTIALS_FILE = "credentials.json"

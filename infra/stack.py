@@ -26,7 +26,7 @@ from infra.components import Child, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key, write_dev_env
 from infra.nats_auth import NatsTarget, SecuredNats
 from infra.postgres import PostgresServer
-from infra.private_file import write_private
+from schemas.private_file import write_private
 from schemas.redact import redact_url
 from services.providers import store as providers
 

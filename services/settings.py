@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from infra.private_file import write_private
+from schemas.private_file import write_private
 from schemas.redact import REDACTED, redact_url
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import infra.private_file as private_file
+import schemas.private_file as private_file
 from daemon.settings import DaemonSettings
 from infra.components import start_daemon
 from infra.devkey import write_dev_env
 from infra.nats_auth import GATEWAY_USER, NatsUsers, SecuredNats, gateway_permissions
-from infra.private_file import write_private
+from schemas.private_file import write_private
 from schemas.redact import redact_url
 from services.settings import Settings
 from tests.support.logs import wait_event

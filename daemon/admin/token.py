@@ -14,8 +14,9 @@ import contextlib
 import os
 import re
 import secrets
-import stat
 from pathlib import Path
+
+from schemas.private_file import PrivateFileError, read_private
 
 # Visible ASCII only, so it fits in a header as is; long enough not to be guessed.
 _TOKEN = re.compile(r"[\x21-\x7e]{32,512}")
@@ -29,29 +30,13 @@ class AdminTokenError(Exception):
 def read_admin_token(path: Path) -> str:
     """The token in `path`, refused unless it is a private regular file of this user."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        raw = read_private(path, max_bytes=_MAX_BYTES, what="admin token file")
     except FileNotFoundError:
         raise AdminTokenError(f"no admin token file at {path} (the daemon makes it when it starts)") from None
-    except OSError as exc:
-        # ELOOP: a symlink, which could point anywhere (another user's file, a file anyone can read).
-        raise AdminTokenError(f"cannot open the admin token file {path}: {exc.strerror} (a symlink?)") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise AdminTokenError(f"the admin token file {path} is not a regular file")
-        if st.st_uid != os.getuid():
-            raise AdminTokenError(
-                f"the admin token file {path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}): "
-                "delete it; the daemon makes a new one"
-            )
-        if st.st_mode & 0o077:
-            raise AdminTokenError(
-                f"the admin token file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                f"run `chmod 600 {path}`, or delete it and the daemon makes a new one"
-            )
-        raw = f.read(_MAX_BYTES + 1)
+    except PrivateFileError as exc:
+        raise AdminTokenError(f"{exc} (the daemon makes a new one)") from None
     token = raw.decode("ascii", errors="replace").strip()
-    if len(raw) > _MAX_BYTES or not _TOKEN.fullmatch(token):
+    if not _TOKEN.fullmatch(token):
         raise AdminTokenError(
             f"the admin token file {path} holds no usable token (32-512 visible ASCII characters): "
             "delete it; the daemon makes a new one"

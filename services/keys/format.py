@@ -1,7 +1,9 @@
-"""The `mp_` key format: 30 random base62 characters plus a 6-character CRC32.
+"""Secret token formats: a fixed prefix, 30 random base62 characters and a 6-character CRC32.
 
-Like GitHub's tokens, the checksum lets us refuse a mistyped or truncated key
+Like GitHub's tokens, the checksum lets us refuse a mistyped or truncated token
 without a database query, and the fixed prefix lets secret scanners find leaks.
+Buyers' API keys are `mp_`; provider daemons' tokens are `mpp_` (same rules, so
+a key can never pass for a provider token or the other way round).
 """
 
 from __future__ import annotations
@@ -10,14 +12,13 @@ import hashlib
 import hmac
 import secrets
 import zlib
+from dataclasses import dataclass
 
-PREFIX = "mp_"
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _RANDOM_CHARS = 30  # 30 * log2(62) ≈ 178 bits
 _CHECK_CHARS = 6  # 62**6 > 2**32
-KEY_LENGTH = len(PREFIX) + _RANDOM_CHARS + _CHECK_CHARS
-# How much of a key its owner sees in listings: enough to tell keys apart, useless to an attacker.
-DISPLAY_CHARS = len(PREFIX) + 6
+# How many random characters their owner sees in listings: enough to tell tokens apart, useless to an attacker.
+_DISPLAY_RANDOM = 6
 
 
 def _base62(number: int, width: int) -> str:
@@ -32,23 +33,42 @@ def _checksum(body: str) -> str:
     return _base62(zlib.crc32(body.encode()), _CHECK_CHARS)
 
 
-def generate() -> str:
-    body = "".join(secrets.choice(_ALPHABET) for _ in range(_RANDOM_CHARS))
-    return f"{PREFIX}{body}{_checksum(body)}"
+@dataclass(frozen=True, slots=True)
+class TokenFormat:
+    prefix: str
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + _RANDOM_CHARS + _CHECK_CHARS
+
+    def generate(self) -> str:
+        body = "".join(secrets.choice(_ALPHABET) for _ in range(_RANDOM_CHARS))
+        return f"{self.prefix}{body}{_checksum(body)}"
+
+    def well_formed(self, token: str) -> bool:
+        if len(token) != self.length or not token.startswith(self.prefix):
+            return False
+        body, check = token[len(self.prefix) : -_CHECK_CHARS], token[-_CHECK_CHARS:]
+        if any(c not in _ALPHABET for c in body):
+            return False
+        return hmac.compare_digest(check, _checksum(body))
+
+    def display_prefix(self, token: str) -> str:
+        return token[: len(self.prefix) + _DISPLAY_RANDOM]
 
 
-def well_formed(key: str) -> bool:
-    if len(key) != KEY_LENGTH or not key.startswith(PREFIX):
-        return False
-    body, check = key[len(PREFIX) : -_CHECK_CHARS], key[-_CHECK_CHARS:]
-    if any(c not in _ALPHABET for c in body):
-        return False
-    return hmac.compare_digest(check, _checksum(body))
+API_KEYS = TokenFormat("mp_")
+PROVIDER_TOKENS = TokenFormat("mpp_")
+
+# The buyer's `mp_` key, the common case.
+PREFIX = API_KEYS.prefix
+KEY_LENGTH = API_KEYS.length
+DISPLAY_CHARS = len(PREFIX) + _DISPLAY_RANDOM
+generate = API_KEYS.generate
+well_formed = API_KEYS.well_formed
+display_prefix = API_KEYS.display_prefix
 
 
-def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-def display_prefix(key: str) -> str:
-    return key[:DISPLAY_CHARS]
+def digest(token: str) -> bytes:
+    """What is stored: 178 random bits need no slow hash, and a SHA-256 stays indexable."""
+    return hashlib.sha256(token.encode()).digest()

@@ -1,5 +1,7 @@
 """`mac-provider admin providers list|pin|unpin|ban|unban|unsuspend|drain|undrain <id> [--note ...]`,
-`mac-provider admin providers slots <id> N|default`.
+`mac-provider admin providers slots <id> N|default`,
+`mac-provider admin providers token <id> [--name ...]` (a new `mpp_` token for an unattended Mac),
+`mac-provider admin providers tokens <id>`, `mac-provider admin providers revoke-tokens <id>`.
 
 Every change is a row in Postgres (DATABASE_URL); its trigger tells every
 gateway replica at once. Drain and ban also reach the daemon over NATS (as the
@@ -20,7 +22,7 @@ import msgspec
 import nats
 
 from schemas import bus, subjects
-from services.providers import store
+from services.providers import store, tokens
 from services.settings import Settings
 
 _CHANGES = {
@@ -48,6 +50,13 @@ def add_commands(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             change.add_argument(
                 "--wait-s", type=float, default=5.0, help="how long to wait for the daemon to confirm (0: don't)"
             )
+    token = sub.add_parser("token", help="make a provider token (mpp_) for a Mac set up without device login")
+    token.add_argument("provider_id")
+    token.add_argument("--name", help="what to call the Mac")
+    tokens = sub.add_parser("tokens", help="a provider's tokens (prefixes, last used, revoked)")
+    tokens.add_argument("provider_id")
+    revoke = sub.add_parser("revoke-tokens", help="revoke every token of a provider (it is disconnected at once)")
+    revoke.add_argument("provider_id")
     slots = sub.add_parser(
         "slots", help="the most slots gateways believe this provider has (default: MP_PROVIDER_MAX_SLOTS)"
     )
@@ -64,6 +73,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if command == "list":
             return await _list(conn, args)
+        if command == "token":
+            print(await tokens.mint(conn, args.provider_id, name=args.name))
+            return 0
+        if command == "tokens":
+            return _print_tokens(await tokens.list_tokens(conn, provider_id=args.provider_id))
+        if command == "revoke-tokens":
+            print(f"provider {args.provider_id}: {await tokens.revoke_provider(conn, args.provider_id)} tokens revoked")
+            return 0
         if command == "slots":
             return await _slots(conn, args.provider_id, args.max_slots, settings)
         return await _change(conn, settings, command, args.provider_id, args.note, getattr(args, "wait_s", 0.0))
@@ -104,6 +121,17 @@ async def _slots(conn: asyncpg.Connection, pid: str, value: str, settings: Setti
     await store.set_max_slots(conn, pid, cap)
     shown = cap if cap is not None else f"the default ({settings.provider_max_slots})"
     print(f"provider {pid}: at most {shown} slots believed on every gateway")
+    return 0
+
+
+def _print_tokens(rows: list[tokens.TokenInfo]) -> int:
+    print(f"{'id':>6}  {'token':<12} {'owner':>8}  {'created (UTC)':<19}  {'last used (UTC)':<19}  revoked (UTC)")
+    for t in rows:
+        owner = str(t.account_id) if t.account_id is not None else "operator"
+        print(
+            f"{t.token_id:>6}  {t.prefix + '…':<12} {owner:>8}  {_when(t.created_at):<19}  "
+            f"{_when(t.last_used_at):<19}  {_when(t.revoked_at)}"
+        )
     return 0
 
 
