@@ -4,6 +4,7 @@ Configured from the environment and an optional config file of `KEY=value`
 lines (`--config` or MP_CONFIG): NATS_URL, MP_PROVIDER_ID, MP_MODEL_PATH,
 MP_MODEL_ID, MP_SLOTS, MP_MEMORY_BUDGET_GB, MP_IDLE_UNLOAD_S, ... (see README).
 `doctor` checks the machine and the configuration and says what to fix.
+`status` shows this Mac as the daemon and the pool see it, and why it gets no traffic.
 `prepare-default-model` makes the default model's folder (in MP_MODELS_DIR, the one
 place `/admin/load` loads from) and prints its path. `serve` makes the admin API's token
 file (MP_ADMIN_TOKEN_FILE, 0600) at first start and exits 2 if it is unusable.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the configured model (default)")
     doctor = sub.add_parser("doctor", help="check this machine and the configuration")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    status = sub.add_parser("status", help="this Mac: the daemon's state and the pool's view (why no traffic?)")
+    status.add_argument("--json", action="store_true", help="print both views as JSON")
     prep = sub.add_parser("prepare-default-model", help="make the SmolLM2 model folder and print its path")
-    for p in (serve, doctor, prep):
+    for p in (serve, doctor, status, prep):
         p.add_argument("--config", type=Path, default=None, help="a file of KEY=value settings (MP_CONFIG)")
     prep.add_argument(
         "--models-dir", type=Path, default=None, help="default: the daemon's models folder (MP_MODELS_DIR)"
@@ -45,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         # In the models folder by default: the one place /admin/load may load from.
         print(ensure_smollm2(args.models_dir or settings.models_dir))
         return 0
+    if args.command == "status":
+        from daemon.status import run_status
+
+        return run_status(settings, dict(os.environ), as_json=args.json)
     if args.command == "doctor":
         from daemon.doctor import run_doctor
 

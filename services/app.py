@@ -29,6 +29,7 @@ from services.keys.account_page import account, account_new_key, account_revoke
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.middleware import add_request_id
 from services.openapi import openapi_config
+from services.providers.routes import provider_home, provider_mac, provider_macs
 from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings
@@ -41,6 +42,7 @@ SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "auth": [github_start, github_callback, logout, demo_token],
     "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke],
     "usage": [usage, feedback],
+    "providers": [provider_macs, provider_mac, provider_home],
 }
 
 

@@ -102,3 +102,8 @@ def account_page(*, login: str, keys: Sequence[KeyInfo], notice: str | None = No
 def message_page(title: str, text: str, *, link: tuple[str, str] | None = None) -> str:
     more = f'<p><a href="{escape(link[0])}">{escape(link[1])}</a></p>' if link else ""
     return _page(title, f"<p>{escape(text)}</p>{more}")
+
+
+def page(title: str, body: str) -> str:
+    """A page of ours around `body` (HTML the caller escaped)."""
+    return _page(title, body)

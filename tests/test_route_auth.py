@@ -28,7 +28,7 @@ from services.settings import Settings
 from tests.conftest import Stack
 
 # A value for each path parameter the routes have.
-_PARAMS = {"key_id:int": "1", "response_id:str": "resp_nothing", "path:str": "nothing"}
+_PARAMS = {"key_id:int": "1", "response_id:str": "resp_nothing", "path:str": "nothing", "provider_id:str": "nobody"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ def test_every_route_of_the_whole_app_declares_a_known_kind(built: tuple[Litesta
     assert by_route[("POST", "/account/keys")] is Auth.SESSION
     assert by_route[("GET", "/account")] is Auth.SESSION_PAGE
     assert by_route[("GET", "/auth/github/callback")] is Auth.GITHUB_STATE
+    assert by_route[("GET", "/provider/macs")] is Auth.PROVIDER_OWNER
     assert all(kind is Auth.PUBLIC for (method, _), kind in by_route.items() if method == "OPTIONS")
 
 
@@ -138,6 +139,12 @@ async def test_each_route_answers_as_it_declares(stack: Stack, built: tuple[Lite
                 for name in bearer:
                     assert statuses[name] == 401, (where, name)
                     assert _error(answers[name]) == ("authentication_error", "not_signed_in"), (where, name)
+            elif call.kind is Auth.PROVIDER_OWNER:
+                # Signed out, an unknown key, a demo token: refused; an owner's key gets an answer.
+                assert _error(answers["none"]) == ("authentication_error", "not_signed_in"), where
+                assert _error(answers["unknown"])[1] == "invalid_api_key", where
+                assert statuses["demo"] == 401, where
+                assert statuses["key"] in (200, 404), (where, answers["key"].text)
             elif call.kind is Auth.SESSION_PAGE:
                 for name in bearer:
                     r = answers[name]

@@ -8,6 +8,8 @@ route's OpenAPI `security`, so the document says what the guard does). The guard
   request; the handler's `authenticate()` returns it;
 - `SESSION`: the session cookie must name an account (401 not_signed_in) and a
   state-changing request must come from our own origin;
+- `PROVIDER_OWNER`: the session cookie or an `mp_` key (an owner), or a Mac's own
+  `mpp_` token (services/auth/owner.py);
 - `PUBLIC`, `SESSION_PAGE`, `GITHUB_STATE`: nothing to check here (pages answer a
   signed-out visitor themselves; the callback checks its state cookie).
 
@@ -27,6 +29,7 @@ from litestar.handlers import BaseRouteHandler
 from litestar.routes import HTTPRoute
 
 from services.auth import bearer
+from services.auth.owner import resolve_owner
 from services.auth.sessions import require_account
 from services.errors import ApiError, DemoTokenNotAllowed
 from services.openapi import ANTHROPIC_KEY, API_KEY, SESSION
@@ -50,6 +53,8 @@ class Auth(StrEnum):
     SESSION = "session"
     # The same cookie on HTML pages and forms; without one the page says so (or redirects) and does nothing.
     SESSION_PAGE = "session_page"
+    # A provider's owner (session cookie or `Bearer mp_...`) or one Mac itself (`Bearer mpp_...`).
+    PROVIDER_OWNER = "provider_owner"
     # The sign-in state cookie /auth/github/start set; the callback compares it with GitHub's `state`.
     GITHUB_STATE = "github_state"
 
@@ -60,6 +65,8 @@ _SECURITY = {
     Auth.API_KEY_OR_DEMO: [API_KEY],
     Auth.ANTHROPIC_KEY: [ANTHROPIC_KEY, API_KEY],
     Auth.SESSION: [SESSION],
+    # Scripts and the daemon send a bearer token (`mp_` or `mpp_`); the cookie serves the owner's pages.
+    Auth.PROVIDER_OWNER: [API_KEY],
 }
 
 
@@ -91,6 +98,9 @@ async def enforce(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseR
     try:
         if kind is None or not isinstance(connection, Request):
             raise RouteClosed("This route is closed: it does not declare how callers authenticate.")
+        if kind is Auth.PROVIDER_OWNER:
+            await resolve_owner(connection, connection.app.state.runtime)
+            return
         if kind in KEY_KINDS or kind is Auth.SESSION:
             runtime: Runtime = connection.app.state.runtime
             if kind is Auth.SESSION:

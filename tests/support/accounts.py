@@ -13,6 +13,8 @@ from services.keys.store import create_account, create_key
 
 @dataclass(frozen=True)
 class TestAccount:
+    __test__ = False  # a helper, not a test class
+
     account_id: int
     key_id: int
     key: str
