@@ -84,7 +84,7 @@ class DeviceToken(msgspec.Struct, frozen=True):
 
 class OAuthError(msgspec.Struct, frozen=True, omit_defaults=True):
     error: OAuthErrorCode
-    error_description: Annotated[str, msgspec.Meta(max_length=512)] = ""
+    error_description: Annotated[str, msgspec.Meta(max_length=512, pattern=_NAME)] = ""
     # With slow_down (and authorization_pending): the seconds the client must now wait between polls.
     interval: Annotated[int, msgspec.Meta(ge=1, le=MAX_INTERVAL_S)] | None = None
 
