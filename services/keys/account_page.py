@@ -86,7 +86,7 @@ async def account_revoke(
     "/account/macs/{token_id:int}/revoke",
     status_code=303,
     request_max_body_size=4096,
-    **documented(status=303, errors=(400, 403, 413, 500), extra=html(403)),
+    **documented(status=303, errors=(400, 403, 404, 413, 500), extra=html(403)),
     **requires(Auth.SESSION_PAGE),
 )
 async def account_revoke_mac(
