@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from daemon import credentials
+from daemon.keychain import Keychain
 from daemon.login import LoginError, check_url
 from infra.components import Child, start_gateway
 from infra.ports import free_port
@@ -431,3 +432,65 @@ def test_device_login_units() -> None:
     for bad in ("http://pool.example", "ftp://pool.example", "https://u:p@pool.example", "pool.example"):
         with pytest.raises(LoginError):
             check_url(bad)
+
+
+# A stand-in for /usr/bin/security with the three commands daemon/keychain.py uses; it records
+# every argv it is started with, so the test sees whether a secret ever appeared in one.
+_FAKE_SECURITY = """#!/usr/bin/env python3
+import json, shlex, sys
+from pathlib import Path
+here = Path(__file__).parent
+store = here / "items.json"
+items = json.loads(store.read_text()) if store.exists() else {}
+with (here / "argv.log").open("a") as log:
+    log.write(json.dumps(sys.argv) + "\\n")
+
+def opts(args):
+    return {args[i]: args[i + 1] if i + 1 < len(args) else "" for i in range(len(args)) if args[i].startswith("-")}
+
+def run(args):
+    o = opts(args[1:])
+    key = o.get("-s", "") + "/" + o.get("-a", "")
+    if args[0] == "add-generic-password":
+        if key in items and "-U" not in args:
+            return 45
+        items[key] = o["-w"]
+    elif args[0] == "find-generic-password":
+        if key not in items:
+            return 44
+        print(items[key])
+    elif args[0] == "delete-generic-password":
+        return 0 if items.pop(key, None) is not None else 44
+    return 0
+
+if sys.argv[1:] == ["-i"]:
+    for line in sys.stdin:
+        run(shlex.split(line))
+    code = 0
+else:
+    code = run(sys.argv[1:])
+store.write_text(json.dumps(items))
+sys.exit(code)
+"""
+
+
+def test_the_token_in_the_keychain_never_passes_through_an_argv(tmp_path: Path) -> None:
+    tool = tmp_path / "bin" / "security"
+    tool.parent.mkdir()
+    tool.write_text(_FAKE_SECURITY)
+    tool.chmod(0o755)
+    token, provider_id = PROVIDER_TOKENS.generate(), tokens.new_provider_id()
+    chain = Keychain(tool=tool)
+    chain.store(provider_id, token)
+    assert chain.read(provider_id) == token
+    path = tmp_path / "state" / credentials.FILE_NAME
+    stored = credentials.ProviderCredentials(provider_id, "", "nats://pool.example:4222", keychain=chain.service)
+    credentials.save(path, stored)
+    assert token not in path.read_text(), "the file names the keychain item, it does not hold the token"
+    loaded = credentials.load(path, keychain_tool=tool)
+    assert loaded is not None
+    assert loaded.token == token
+    assert token not in (tool.parent / "argv.log").read_text()
+    chain.delete(provider_id)
+    with pytest.raises(credentials.CredentialsError, match="login keychain"):
+        credentials.load(path, keychain_tool=tool)
