@@ -123,6 +123,7 @@ def new_code(gw: DeviceGateway, client: str, **params: str) -> dict:
     r = httpx.post(f"{gw.url}/provider/device/code", data=params, headers={"X-Forwarded-For": client})
     assert r.status_code == 200, r.text
     assert r.headers["cache-control"] == "no-store"
+    gw.auth.secrets_seen.append(r.json()["device_code"])  # for test_keys_secrets: never stored or logged
     return r.json()
 
 
