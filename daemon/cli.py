@@ -3,7 +3,8 @@
 Configured from the environment and an optional config file of `KEY=value`
 lines (`--config` or MP_CONFIG): NATS_URL, MP_PROVIDER_ID, MP_MODEL_PATH,
 MP_MODEL_ID, MP_SLOTS, MP_MEMORY_BUDGET_GB, MP_IDLE_UNLOAD_S, ... (see README).
-`doctor` checks the machine and the configuration and says what to fix.
+`login` signs this Mac in to a pool (device login in the browser; daemon/login.py) and keeps
+its provider token; `doctor` checks the machine and the configuration and says what to fix.
 `status` shows this Mac as the daemon and the pool see it, and why it gets no traffic.
 `prepare-default-model` makes the default model's folder (in MP_MODELS_DIR, the one
 place `/admin/load` loads from) and prints its path. `serve` makes the admin API's token
@@ -31,12 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="this Mac: the daemon's state and the pool's view (why no traffic?)")
     status.add_argument("--json", action="store_true", help="print both views as JSON")
     prep = sub.add_parser("prepare-default-model", help="make the SmolLM2 model folder and print its path")
-    for p in (serve, doctor, status, prep):
+    login = sub.add_parser("login", help="sign this Mac in to a pool (approve it in your browser)")
+    login.add_argument("--url", default=None, help="the pool's control plane, https://… (default: MP_CONTROL_URL)")
+    login.add_argument("--name", default=None, help="a name for this Mac (default: its host name)")
+    for p in (serve, doctor, status, prep, login):
         p.add_argument("--config", type=Path, default=None, help="a file of KEY=value settings (MP_CONFIG)")
     prep.add_argument(
         "--models-dir", type=Path, default=None, help="default: the daemon's models folder (MP_MODELS_DIR)"
     )
     args = parser.parse_args(argv)
+    if args.command == "login":
+        # Before the daemon's settings: login is how a missing or broken credentials file gets fixed.
+        from daemon.login import main as login_main
+
+        return login_main(args.url, args.name, args.config)
 
     try:
         settings = DaemonSettings.from_env(config_file=getattr(args, "config", None))

@@ -70,6 +70,20 @@ def read_config_file(path: Path) -> dict[str, str]:
     return values
 
 
+def merged_env(env: Mapping[str, str] | None = None, config_file: Path | None = None) -> dict[str, str]:
+    """The environment over the config file (`config_file`, or MP_CONFIG): what every command reads."""
+    merged = dict(os.environ if env is None else env)
+    file_path = config_file or (Path(merged["MP_CONFIG"]).expanduser() if merged.get("MP_CONFIG") else None)
+    if file_path is not None:
+        merged = {**read_config_file(file_path), **merged}
+    return merged
+
+
+def state_dir_of(env: Mapping[str, str]) -> Path:
+    """MP_STATE_DIR, or the per-user default."""
+    return (Path(env["MP_STATE_DIR"]) if env.get("MP_STATE_DIR") else default_state_dir(env)).expanduser().resolve()
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
     # May carry user:password (shown only through redact_url).
@@ -144,18 +158,14 @@ class DaemonSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, config_file: Path | None = None) -> DaemonSettings:
-        env = dict(os.environ if env is None else env)
-        file_path = config_file or (Path(env["MP_CONFIG"]).expanduser() if env.get("MP_CONFIG") else None)
-        if file_path is not None:
-            env = {**read_config_file(file_path), **env}
+        env = merged_env(env, config_file)
         engine = env.get("MP_ENGINE", "mlx")
         if engine not in ("mlx", "synthetic"):
             raise SettingsError(f"MP_ENGINE must be 'mlx' or 'synthetic', got {engine!r}")
         raw_path = env.get("MP_MODEL_PATH")
         model_path = Path(raw_path).expanduser().resolve() if raw_path else None
         model_id = env.get("MP_MODEL_ID") or (model_path.name if model_path else "synthetic")
-        state_dir = (Path(env["MP_STATE_DIR"]) if env.get("MP_STATE_DIR") else default_state_dir(env)).expanduser()
-        state_dir = state_dir.resolve()
+        state_dir = state_dir_of(env)
         signed_in = _signed_in(env, state_dir)
         provider_id = env.get("MP_PROVIDER_ID") or (signed_in.provider_id if signed_in else _default_provider_id())
         models_dir = Path(env["MP_MODELS_DIR"]).expanduser().resolve() if env.get("MP_MODELS_DIR") else None

@@ -25,10 +25,13 @@ from services.errors import exception_handler
 from services.gateway.chat import chat_completions
 from services.gateway.completions import completions
 from services.gateway.messages import messages
-from services.keys.account_page import account, account_new_key, account_revoke
+from services.keys.account_page import account, account_new_key, account_revoke, account_revoke_mac
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.middleware import add_request_id
 from services.openapi import openapi_config
+from services.providers.device_budgets import DEVICE_BUDGETS, device_budgets
+from services.providers.device_page import device_decide, device_form
+from services.providers.device_routes import device_code, device_token
 from services.providers.routes import provider_home, provider_mac, provider_macs
 from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
@@ -39,8 +42,9 @@ from services.usage.routes import feedback, usage
 SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "gateway": [chat_completions, completions, messages, create_response, get_response, delete_response],
     "status": [pool_status, list_models, health],
-    "auth": [github_start, github_callback, logout, demo_token],
-    "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke],
+    # Device login (RFC 8628) signs Macs in: the daemon's two OAuth routes and the owner's page.
+    "auth": [github_start, github_callback, logout, demo_token, device_code, device_token, device_form, device_decide],
+    "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke, account_revoke_mac],
     "usage": [usage, feedback],
     "providers": [provider_macs, provider_mac, provider_home],
 }
@@ -92,7 +96,7 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         guards=[enforce],
-        state=State({GITHUB_STARTS: github_start_budget(settings)}),
+        state=State({GITHUB_STARTS: github_start_budget(settings), DEVICE_BUDGETS: device_budgets(settings)}),
         exception_handlers={Exception: exception_handler},
         before_send=[add_request_id],
         openapi_config=docs,

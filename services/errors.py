@@ -11,6 +11,7 @@ from litestar.exceptions import HTTPException, NotFoundException, ValidationExce
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from schemas import anthropic
+from schemas.device import OAuthError, OAuthErrorCode
 from schemas.errors import ErrorBody, ErrorEnvelope
 from schemas.openai_bus import Untranslatable
 
@@ -138,6 +139,30 @@ class InternalError(ApiError):
     code = "internal_error"
 
 
+class OAuthProblem(Exception):
+    """An error at the device login endpoints (/provider/device/*), answered in OAuth's shape.
+
+    RFC 6749 §5.2 / RFC 8628 §3.5 `{"error", "error_description"}`, not the OpenAI
+    envelope: the clients of these two routes are OAuth device clients (the daemon's
+    `login`), which read `error` to decide whether to keep polling.
+    """
+
+    def __init__(
+        self,
+        error: OAuthErrorCode,
+        description: str,
+        *,
+        status: int = 400,
+        interval: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(description)
+        self.body = OAuthError(error=error, error_description=description, interval=interval)
+        self.status = status
+        # RFC 6749 §5.1: token endpoint answers, errors included, are never cached.
+        self.headers = {"cache-control": "no-store", "pragma": "no-cache", **(headers or {})}
+
+
 _ENCODER = msgspec.json.Encoder()
 
 # The Anthropic surface answers errors in Anthropic's shape, with the statuses its SDKs map to exceptions.
@@ -205,7 +230,18 @@ def _api_error(request: Request[Any, Any, Any], exc: Exception) -> ApiError:
     return InternalError("Internal error; the request id in x-request-id helps the operator.")
 
 
+def oauth_error_response(problem: OAuthProblem) -> Response[bytes]:
+    return Response(
+        content=_ENCODER.encode(problem.body),
+        status_code=problem.status,
+        media_type="application/json",
+        headers=problem.headers,
+    )
+
+
 def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    if isinstance(exc, OAuthProblem):
+        return oauth_error_response(exc)
     error = _api_error(request, exc)
     if request.url.path.startswith(ANTHROPIC_PREFIX):
         return anthropic_error_response(error, request.scope.get("state", {}).get("request_id"))

@@ -14,6 +14,7 @@ from litestar import Response
 from litestar.datastructures import Cookie
 
 from services.keys.store import KeyInfo
+from services.providers.macs import MacToken
 
 HEADERS = {
     "cache-control": "no-store",
@@ -56,7 +57,13 @@ def _when(value: datetime | None) -> str:
     return "never" if value is None else escape(value.strftime("%Y-%m-%d %H:%M UTC"))
 
 
-def one_shot_key_page(*, login: str, key: str, prefix: str, base_url: str) -> str:
+def one_shot_key_page(*, login: str, key: str, prefix: str, base_url: str, next_path: str | None = None) -> str:
+    # A sign-in started from another page (the device page) goes on there once the key is saved.
+    onward = (
+        f'<p><a href="{escape(next_path)}">I saved it: continue</a></p>'
+        if next_path
+        else '<p><a href="/account">Go to your account</a></p>'
+    )
     body = (
         f"<p>Signed in as <b>{escape(login)}</b>. Here is your API key:</p>"
         f'<p class="key"><code>{escape(key)}</code></p>'
@@ -65,13 +72,49 @@ def one_shot_key_page(*, login: str, key: str, prefix: str, base_url: str) -> st
         f"(<code>{escape(prefix)}…</code>). If you lose it, revoke it and create a new one.</p>"
         "<p>Use it with any OpenAI SDK:</p>"
         f'<pre>from openai import OpenAI\nclient = OpenAI(api_key="{escape(key)}", '
-        f'base_url="{escape(base_url)}/v1")</pre>'
-        '<p><a href="/account">Go to your account</a></p>'
+        f'base_url="{escape(base_url)}/v1")</pre>' + onward
     )
     return _page("Your new API key", body)
 
 
-def account_page(*, login: str, keys: Sequence[KeyInfo], notice: str | None = None) -> str:
+def _csrf_field(csrf: str) -> str:
+    return f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
+
+
+def _macs_section(macs: Sequence[MacToken], csrf: str) -> str:
+    rows = "".join(
+        f"<tr><td><code>{escape(m.prefix)}…</code></td><td>{escape(m.name)}</td><td><code>{escape(m.provider_id)}</code>"
+        f"</td><td>{_when(m.created_at)}</td><td>{_when(m.last_used_at)}</td><td>"
+        + (
+            f"revoked {_when(m.revoked_at)}"
+            if m.revoked_at is not None
+            else f'<form method="post" action="/account/macs/{m.token_id}/revoke">{_csrf_field(csrf)}'
+            "<button>Revoke</button></form>"
+        )
+        + "</td></tr>"
+        for m in macs
+    )
+    table = (
+        "<table><tr><th>Token</th><th>Mac</th><th>Provider id</th><th>Created</th><th>Last used</th><th></th></tr>"
+        + rows
+        + "</table>"
+        if macs
+        else "<p>No Mac has signed in yet: run <code>mac-provider-daemon login</code> on one.</p>"
+    )
+    return (
+        "<h2>Your Macs</h2><p>Each Mac signed in with <code>mac-provider-daemon login</code> holds its own provider "
+        "token. Revoking one cuts that Mac off from the pool at once.</p>" + table
+    )
+
+
+def account_page(
+    *,
+    login: str,
+    keys: Sequence[KeyInfo],
+    notice: str | None = None,
+    macs: Sequence[MacToken] = (),
+    csrf: str = "",
+) -> str:
     rows = "".join(
         f"<tr><td><code>{escape(k.prefix)}…</code></td><td>{escape(k.name)}</td><td>{_when(k.created_at)}</td>"
         f"<td>{_when(k.last_used_at)}</td><td>"
@@ -94,9 +137,30 @@ def account_page(*, login: str, keys: Sequence[KeyInfo], notice: str | None = No
         "Lost one? Revoke it and create a new one.</p>"
         + table
         + _NEW_KEY_FORM
-        + '<form method="post" action="/auth/logout"><button>Sign out</button></form>'
+        + _macs_section(macs, csrf)
+        + '<h2>Session</h2><form method="post" action="/auth/logout"><button>Sign out</button></form>'
     )
     return _page("Your account", body)
+
+
+def device_page(*, login: str, csrf: str, user_code: str = "", name: str = "", notice: str | None = None) -> str:
+    """The owner's side of `mac-provider-daemon login`: type (or check) the Mac's code, name it, approve or deny."""
+    body = (
+        (f'<p class="warn"><b>{escape(notice)}</b></p>' if notice else "")
+        + f"<p>Signed in as <b>{escape(login)}</b>.</p>"
+        "<p>Your Mac shows a code when you run <code>mac-provider-daemon login</code> on it. Approve it only if "
+        "you started that yourself, just now: the Mac that holds this code will serve the pool as yours.</p>"
+        '<form method="post" action="/device">'
+        + _csrf_field(csrf)
+        + '<p><label>Code <input name="user_code" required maxlength="16" autocomplete="off" spellcheck="false" '
+        f'autocapitalize="characters" placeholder="XXXX-XXXX" value="{escape(user_code)}"></label></p>'
+        '<p><label>Name for this Mac <input name="name" maxlength="64" placeholder="the name it asked for" '
+        f'value="{escape(name)}"></label></p>'
+        '<p><button name="action" value="approve">Approve</button> '
+        '<button name="action" value="deny">Deny</button></p></form>'
+        '<p><a href="/account">Your account and Macs</a></p>'
+    )
+    return _page("Sign in a Mac", body)
 
 
 def message_page(title: str, text: str, *, link: tuple[str, str] | None = None) -> str:

@@ -9,7 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from schemas.device import MAX_EXPIRES_IN_S, MAX_INTERVAL_S
 from schemas.private_file import write_private
 from schemas.redact import REDACTED, redact_url
 
@@ -49,6 +51,31 @@ def _positive_int(env: Mapping[str, str], key: str, default: int) -> int:
     if value < 1:
         raise SettingsError(f"{key} must be at least 1, got {value}")
     return value
+
+
+def _bounded_int(env: Mapping[str, str], key: str, default: int, *, low: int, high: int) -> int:
+    value = _int(env, key, default)
+    if not low <= value <= high:
+        raise SettingsError(f"{key} must be between {low} and {high}, got {value}")
+    return value
+
+
+def without_credentials(url: str) -> str:
+    """A (comma-separated list of) URL(s) with no user, password, token or query: safe to hand out."""
+    out = []
+    for part in url.split(","):
+        parts = urlsplit(part.strip())
+        host = parts.netloc.rpartition("@")[2]
+        out.append(urlunsplit((parts.scheme, host, parts.path, "", "")))
+    return ",".join(out)
+
+
+def _public_nats_url(env: Mapping[str, str]) -> str:
+    raw = env.get("MP_PUBLIC_NATS_URL") or without_credentials(env.get("NATS_URL", DEFAULT_NATS_URL))
+    if without_credentials(raw) != raw:
+        # Every Mac that signs in receives it: it must not carry anyone's credentials.
+        raise SettingsError("MP_PUBLIC_NATS_URL must not hold a user, password, token or query")
+    return raw
 
 
 _SECRET_FILE = "secret_key"
@@ -185,6 +212,15 @@ class Settings:
     # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone.
     nats_user: str
     nats_password: str = field(metadata=SECRET)
+    # Device login (RFC 8628): how long a code lives, and the least seconds between two polls.
+    device_code_ttl_s: int = 600
+    device_poll_interval_s: int = 5
+    # Per-client budgets in each replica's memory: device codes asked for, and wrong user codes
+    # typed on /device (also counted per account).
+    device_codes_per_min: int = 10
+    device_wrong_codes_per_min: int = 10
+    # The NATS URL handed to a Mac that signs in (never with the control plane's own credentials).
+    public_nats_url: str = field(default="", metadata=URL)
 
     def __repr__(self) -> str:
         return f"Settings({_safe_fields(self)})"
@@ -254,4 +290,9 @@ class Settings:
             provider_violation_window_s=_float(env, "MP_PROVIDER_VIOLATION_WINDOW_S", 3600.0),
             nats_user=env.get("MP_NATS_USER", ""),
             nats_password=env.get("MP_NATS_PASSWORD", ""),
+            device_code_ttl_s=_bounded_int(env, "MP_DEVICE_CODE_TTL_S", 600, low=1, high=MAX_EXPIRES_IN_S),
+            device_poll_interval_s=_bounded_int(env, "MP_DEVICE_POLL_INTERVAL_S", 5, low=1, high=MAX_INTERVAL_S),
+            device_codes_per_min=_positive_int(env, "MP_DEVICE_CODES_PER_MIN", 10),
+            device_wrong_codes_per_min=_positive_int(env, "MP_DEVICE_WRONG_CODES_PER_MIN", 10),
+            public_nats_url=_public_nats_url(env),
         )

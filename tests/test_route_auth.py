@@ -28,7 +28,13 @@ from services.settings import Settings
 from tests.conftest import Stack
 
 # A value for each path parameter the routes have.
-_PARAMS = {"key_id:int": "1", "response_id:str": "resp_nothing", "path:str": "nothing", "provider_id:str": "nobody"}
+_PARAMS = {
+    "key_id:int": "1",
+    "token_id:int": "1",
+    "response_id:str": "resp_nothing",
+    "path:str": "nothing",
+    "provider_id:str": "nobody",
+}
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,9 @@ def test_every_route_of_the_whole_app_declares_a_known_kind(built: tuple[Litesta
     assert by_route[("GET", "/account")] is Auth.SESSION_PAGE
     assert by_route[("GET", "/auth/github/callback")] is Auth.GITHUB_STATE
     assert by_route[("GET", "/provider/macs")] is Auth.PROVIDER_OWNER
+    assert by_route[("POST", "/provider/device/token")] is Auth.PUBLIC
+    assert by_route[("GET", "/device")] is Auth.SESSION_PAGE
+    assert by_route[("POST", "/account/macs/1/revoke")] is Auth.SESSION_PAGE
     assert all(kind is Auth.PUBLIC for (method, _), kind in by_route.items() if method == "OPTIONS")
 
 
@@ -148,11 +157,16 @@ async def test_each_route_answers_as_it_declares(stack: Stack, built: tuple[Lite
             elif call.kind is Auth.SESSION_PAGE:
                 for name in bearer:
                     r = answers[name]
-                    if call.method == "GET":
+                    if call.method == "GET" and r.status_code == 303:
+                        # A page that needs the owner (the device page) sends the browser to sign in, and back.
+                        assert r.headers["location"].startswith("/auth/github/start?next="), (where, name)
+                    elif call.method == "GET":
                         assert r.status_code == 200, (where, name)
                         assert "You are not signed in" in r.text, (where, name)
                     else:
-                        assert (r.status_code, r.headers.get("location")) == (303, "/account"), (where, name)
+                        # A form does nothing, and goes back to its page.
+                        assert r.status_code == 303, (where, name)
+                        assert r.headers.get("location") in ("/account", "/device"), (where, name)
             elif call.kind is Auth.GITHUB_STATE:
                 assert all(s == 400 for s in statuses.values()), where
                 assert "Sign-in expired" in answers["none"].text, where

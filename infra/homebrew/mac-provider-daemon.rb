@@ -1,9 +1,11 @@
 # Homebrew formula for the Mac Provider daemon (a tap formula: `brew tap <org>/mac-provider`).
 #
 #   brew install mac-provider-daemon
-#   $EDITOR "$(brew --prefix)/etc/mac-provider/daemon.env"   # coordinator, credentials, model
-#   mac-provider-daemon doctor --config "$(brew --prefix)/etc/mac-provider/daemon.env"
+#   mac-provider-daemon login --config "$(brew --prefix)/etc/mac-provider/daemon.env" --url https://<pool>
 #   brew services start mac-provider-daemon
+#
+# `login` signs the Mac in (approve the code it prints in your browser) and keeps its provider
+# token in the login keychain; daemon.env holds the rest (model, slots, memory budget).
 #
 # Logs: $(brew --prefix)/var/log/mac-provider-daemon.log. See infra/homebrew/README.md.
 class MacProviderDaemon < Formula
@@ -32,7 +34,7 @@ class MacProviderDaemon < Formula
     # The owner's configuration: installed once, never overwritten by an upgrade.
     (etc/"mac-provider").mkpath
     config = etc/"mac-provider/daemon.env"
-    # It will hold the provider's NATS password: private to the owner from its creation.
+    # It may hold secrets (a provider token, NATS credentials): private to the owner from its creation.
     unless config.exist?
       File.open(config, File::WRONLY | File::CREAT | File::EXCL, 0600) do |f|
         f.write((buildpath/"infra/homebrew/daemon.env").read)
@@ -47,8 +49,13 @@ class MacProviderDaemon < Formula
 
   def caveats
     <<~EOS
-      Configure the daemon (coordinator URL, provider credentials, model folder, slots,
-      memory budget, idle unload) in:
+      Two steps to join the pool:
+        1. Sign this Mac in (approve the code it prints in your browser, signed in with GitHub):
+             mac-provider-daemon login --config #{etc}/mac-provider/daemon.env --url https://<the pool>
+        2. Start it:
+             brew services start mac-provider-daemon
+      The provider token goes to your login keychain; revoke it on your account page.
+      Model folder, slots, memory budget and idle unload are in:
         #{etc}/mac-provider/daemon.env
       Check the machine and the configuration:
         mac-provider-daemon doctor --config #{etc}/mac-provider/daemon.env

@@ -17,6 +17,7 @@ from services.auth.demo_limit import DemoLimits, take_demo_slot
 from services.auth.github import GitHubError, GitHubOAuth
 from services.auth.oauth_state import open_state, take_state
 from services.auth.rate_limit import TokenBuckets
+from services.auth.return_path import safe_return_path
 from services.auth.sessions import (
     OAUTH_COOKIE,
     OAUTH_COOKIE_PATH,
@@ -81,7 +82,9 @@ async def github_start(request: Request[Any, Any, Any], runtime: NamedDependency
             "On the local stack, use the dev key in .mp/dev.env."
         )
         return html_response(message_page("Sign-in unavailable", text), status=503)
-    state, verifier = await open_state(runtime.db, ttl_s=settings.oauth_state_ttl_s)
+    # Where to come back to (the device page with its code), if it is one of our pages; else nowhere.
+    return_to = safe_return_path(request.query_params.get("next"))
+    state, verifier = await open_state(runtime.db, ttl_s=settings.oauth_state_ttl_s, return_to=return_to)
     # The state also goes to this browser, so a callback carrying someone else's state is refused.
     cookie = make_cookie(settings, OAUTH_COOKIE, state, max_age=int(settings.oauth_state_ttl_s), path=OAUTH_COOKIE_PATH)
     return Redirect(oauth.authorize_url(state, verifier), status_code=302, cookies=[cookie], headers=HEADERS)
@@ -102,10 +105,10 @@ async def github_callback(request: Request[Any, Any, Any], runtime: NamedDepende
     code, state, error = query.get("code"), query.get("state"), query.get("error")
     spent_state = make_cookie(settings, OAUTH_COOKIE, "", max_age=0, path=OAUTH_COOKIE_PATH)
     browser_state = request.cookies.get(OAUTH_COOKIE)
-    verifier = None
+    taken = None
     if state and browser_state and len(state) <= _MAX_PARAM and _same(state, browser_state):
-        verifier = await take_state(runtime.db, state)
-    if verifier is None:
+        taken = await take_state(runtime.db, state)
+    if taken is None:
         log.info("github_signin_refused", reason="state missing, mismatched, used or expired")
         # A reload or the back button after signing in: the account page, which shows no key.
         # The browser's own state cookie stays: a forged callback must not break its sign-in.
@@ -118,7 +121,7 @@ async def github_callback(request: Request[Any, Any, Any], runtime: NamedDepende
         page = message_page("Sign-in cancelled", "GitHub did not authorize the sign-in.", link=_START_AGAIN)
         return html_response(page, status=400, cookies=[spent_state])
     try:
-        user = await GitHubOAuth(settings).user_for_code(code, verifier)
+        user = await GitHubOAuth(settings).user_for_code(code, taken.code_verifier)
     except GitHubError as exc:
         log.warning("github_signin_failed", reason=exc.reason)
         text = "GitHub did not accept this sign-in." if exc.refused else "GitHub could not be reached; try again."
@@ -132,10 +135,14 @@ async def github_callback(request: Request[Any, Any, Any], runtime: NamedDepende
         token = await create_session(conn, account.account_id, ttl_s=settings.session_ttl_s)
     log.info("github_signin", account_id=account.account_id, new_account=account.created)
     cookies = [session_cookie(settings, token), spent_state]
+    # Checked again on the way out: the column's CHECK is a backstop, this is the rule.
+    back = safe_return_path(taken.return_to)
     if first is None:
-        return Redirect("/account", status_code=303, headers=HEADERS, cookies=cookies)
+        return Redirect(back or "/account", status_code=303, headers=HEADERS, cookies=cookies)
     key, record = first
-    page = one_shot_key_page(login=account.login, key=key, prefix=record.prefix, base_url=settings.public_url)
+    page = one_shot_key_page(
+        login=account.login, key=key, prefix=record.prefix, base_url=settings.public_url, next_path=back
+    )
     return html_response(page, cookies=cookies)
 
 

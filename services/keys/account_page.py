@@ -1,4 +1,4 @@
-"""The keys service, HTML: the account page and its two forms (new key, revoke)."""
+"""The keys service, HTML: the account page and its forms (new key, revoke a key, revoke a Mac)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Redirect
 
+from services.auth.csrf import FIELD, csrf_ok, csrf_token
 from services.auth.declared import Auth, requires
 from services.auth.sessions import check_origin, session_account
 from services.keys.routes import clean_name
 from services.keys.store import account_login, create_key, list_keys, revoke_key
-from services.openapi import HTML, documented, redirect
+from services.openapi import HTML, documented, html, redirect
 from services.pages import HEADERS, account_page, html_response, message_page, one_shot_key_page
+from services.providers import tokens
+from services.providers.macs import list_macs
 from services.runtime import Runtime
 
 log = structlog.get_logger("keys")
@@ -33,7 +36,13 @@ async def account(request: Request[Any, Any, Any], runtime: NamedDependency[Runt
     if account_id is None:
         return _signed_out()
     login = await account_login(runtime.db, account_id) or ""
-    return html_response(account_page(login=login, keys=await list_keys(runtime.db, account_id)))
+    page = account_page(
+        login=login,
+        keys=await list_keys(runtime.db, account_id),
+        macs=await list_macs(runtime.db, account_id),
+        csrf=csrf_token(request, runtime.settings),
+    )
+    return html_response(page)
 
 
 @post(
@@ -70,4 +79,31 @@ async def account_revoke(
     account_id = await session_account(request, runtime.db, runtime.settings)
     if account_id is not None and 0 < key_id < 2**63 and await revoke_key(runtime.db, account_id, key_id):
         log.info("api_key_revoked", account_id=account_id, key_id=key_id)
+    return Redirect("/account", status_code=303, headers=HEADERS)
+
+
+@post(
+    "/account/macs/{token_id:int}/revoke",
+    status_code=303,
+    request_max_body_size=4096,
+    **documented(status=303, errors=(400, 403, 404, 413, 500), extra=html(403)),
+    **requires(Auth.SESSION_PAGE),
+)
+async def account_revoke_mac(
+    request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], token_id: FromPath[int]
+) -> Response[Any]:
+    """Revoke one of the account's provider tokens: that Mac is cut off (the NATS side hears it by NOTIFY)."""
+    check_origin(request, runtime.settings)
+    account_id = await session_account(request, runtime.db, runtime.settings)
+    if account_id is None:
+        return Redirect("/account", status_code=303, headers=HEADERS)
+    form = await request.form()
+    if not csrf_ok(request, runtime.settings, form.get(FIELD)):
+        text = "This form is out of date or did not come from our page. Reload your account page and try again."
+        return html_response(message_page("Nothing was revoked", text, link=("/account", "Your account")), status=403)
+    # Another account's token and no token look the same: nothing happens, back to the page.
+    if 0 < token_id < 2**63:
+        provider_id = await tokens.revoke(runtime.db, token_id, account_id=account_id)
+        if provider_id is not None:
+            log.info("provider_token_revoked", account_id=account_id, token_id=token_id, provider_id=provider_id)
     return Redirect("/account", status_code=303, headers=HEADERS)
