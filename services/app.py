@@ -10,7 +10,8 @@ refuses to build with one that does not, and its guard closes any added later.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
 from litestar import Litestar, Response, Router, route
 from litestar.datastructures import State
@@ -28,6 +29,8 @@ from services.gateway.messages import messages
 from services.keys.account_page import account, account_new_key, account_revoke
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.middleware import add_request_id
+from services.natsauth.routes import natsauth_health
+from services.natsauth.service import open_natsauth
 from services.openapi import openapi_config
 from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
@@ -41,6 +44,8 @@ SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "auth": [github_start, github_callback, logout, demo_token],
     "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke],
     "usage": [usage, feedback],
+    # The NATS auth callout (services/natsauth/): no routes, a lifespan; on when MP_NATS_ISSUER_SEED is set.
+    "natsauth": [],
 }
 
 
@@ -71,6 +76,16 @@ def _with_options(handlers: list[ControllerRouterHandler]) -> list[ControllerRou
     return [*(_options(path, m) for path, m in methods.items()), *handlers]
 
 
+def _natsauth_lifespan(settings: Settings) -> contextlib.AbstractAsyncContextManager[None] | object:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_natsauth(settings) as natsauth:
+            app.state.natsauth = natsauth
+            yield
+
+    return lifespan
+
+
 def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) -> Litestar:
     unknown = set(services) - set(SERVICES)
     if unknown:
@@ -78,8 +93,15 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
     handlers: list[ControllerRouterHandler] = []
     for name in services:
         handlers.extend(SERVICES[name])
-    if "status" not in services:
-        handlers.append(health)
+    # The callout runs where it is configured; it comes up first, since this process's own
+    # NATS login (the gateway's) may be the first request it answers.
+    lifespans = [_natsauth_lifespan(settings)] if "natsauth" in services and settings.nats_issuer_seed else []
+    if set(services) == {"natsauth"}:
+        handlers.append(natsauth_health)  # the callout alone: no gateway runtime to report on
+    else:
+        lifespans.append(runtime_lifespan(settings))
+        if "status" not in services:
+            handlers.append(health)
     # The API document and its page are public (their routes are Litestar's, declared through their router).
     docs = openapi_config()
     docs.openapi_router = Router(
@@ -87,7 +109,7 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
     )
     app = Litestar(
         route_handlers=_with_options(handlers),
-        lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
+        lifespan=lifespans,  # type: ignore[arg-type]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         guards=[enforce],
         state=State({GITHUB_STARTS: github_start_budget(settings)}),

@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mac-provider: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
+        if "natsauth" in (args.service or []):
+            from services.natsauth.service import check_settings
+
+            try:
+                check_settings(settings)
+            except SettingsError as exc:
+                print(f"mac-provider: {exc}", file=sys.stderr)
+                return 2
         _serve(settings, args.service or list(ALL))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))

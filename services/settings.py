@@ -70,6 +70,27 @@ def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
     return path.read_text().strip().encode()
 
 
+def _seed(env: Mapping[str, str], key: str, *, account: bool) -> str:
+    """An nkey seed (account or curve), checked now so a typo fails at start (never quoted back)."""
+    from services.natsauth import keys
+
+    raw = env.get(key, "").strip()
+    if raw:
+        try:
+            keys.decode_seed(raw, keys.PREFIX_ACCOUNT if account else keys.PREFIX_CURVE)
+        except keys.NkeyError:
+            kind = "an account nkey seed (SA...)" if account else "a curve nkey seed (SX...)"
+            raise SettingsError(f"{key} is not {kind}") from None
+    return raw
+
+
+def _nats_name(env: Mapping[str, str], key: str, default: str) -> str:
+    value = env.get(key) or default
+    if not value.isascii() or not value.replace("_", "").replace("-", "").isalnum() or len(value) > 64:
+        raise SettingsError(f"{key} must be a NATS account name (A-Z a-z 0-9 _ -), got {value!r}")
+    return value
+
+
 # Field metadata: a secret is never shown; a URL is shown without its credentials.
 SECRET = {"secret": True}
 URL = {"url": True}
@@ -182,9 +203,26 @@ class Settings:
     # Protocol violations within the window that suspend a provider automatically (0: never).
     provider_violation_limit: int
     provider_violation_window_s: float
-    # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone.
+    # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone. With the
+    # auth callout below, it is also the one credential besides provider tokens that it lets in.
     nats_user: str
     nats_password: str = field(metadata=SECRET)
+    # The NATS auth callout (services/natsauth/; off while the seed is empty): the account nkey seed
+    # that signs user JWTs (the server's `auth_callout.issuer` is its public key), and the curve
+    # seed that opens sealed requests (`auth_callout.xkey`; empty: the server sends them in clear).
+    nats_issuer_seed: str = field(metadata=SECRET)
+    nats_xkey_seed: str = field(metadata=SECRET)
+    # The callout service's own login (one of `auth_callout.auth_users`, in its `account`).
+    nats_auth_user: str
+    nats_auth_password: str = field(metadata=SECRET)
+    # A login in the server's system account, to find and close a banned provider's connections
+    # (CONNZ / KICK); empty: revocations and bans act when the user JWT expires.
+    nats_sys_user: str
+    nats_sys_password: str = field(metadata=SECRET)
+    # The account the callout puts the control plane and providers in (the audience of user JWTs).
+    nats_account: str
+    # How long a user JWT lets a connection live; then it reconnects and is checked again.
+    nats_user_ttl_s: float
 
     def __repr__(self) -> str:
         return f"Settings({_safe_fields(self)})"
@@ -254,4 +292,12 @@ class Settings:
             provider_violation_window_s=_float(env, "MP_PROVIDER_VIOLATION_WINDOW_S", 3600.0),
             nats_user=env.get("MP_NATS_USER", ""),
             nats_password=env.get("MP_NATS_PASSWORD", ""),
+            nats_issuer_seed=_seed(env, "MP_NATS_ISSUER_SEED", account=True),
+            nats_xkey_seed=_seed(env, "MP_NATS_XKEY_SEED", account=False),
+            nats_auth_user=env.get("MP_NATS_AUTH_USER", ""),
+            nats_auth_password=env.get("MP_NATS_AUTH_PASSWORD", ""),
+            nats_sys_user=env.get("MP_NATS_SYS_USER", ""),
+            nats_sys_password=env.get("MP_NATS_SYS_PASSWORD", ""),
+            nats_account=_nats_name(env, "MP_NATS_ACCOUNT", "APP"),
+            nats_user_ttl_s=_float(env, "MP_NATS_USER_TTL_S", 3600.0),
         )

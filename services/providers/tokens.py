@@ -133,3 +133,15 @@ async def list_tokens(db: Db, *, account_id: int | None = None, provider_id: str
         )
         for r in rows
     ]
+
+
+async def without_access(db: Db, provider_ids: list[str]) -> list[str]:
+    """Those of `provider_ids` that may not connect now: banned, suspended, or no live token."""
+    rows = await db.fetch(
+        """SELECT id FROM unnest($1::text[]) AS id
+            WHERE NOT EXISTS (
+                SELECT 1 FROM provider_tokens t JOIN providers p ON p.provider_id = t.provider_id
+                 WHERE t.provider_id = id AND t.revoked_at IS NULL AND p.status NOT IN ('banned', 'suspended'))""",
+        provider_ids,
+    )
+    return [r["id"] for r in rows]
