@@ -198,7 +198,8 @@ def render_authorization(bus: BusSecrets, hashes: Mapping[str, str]) -> str:
     )
 
 
-def _write_config(state_dir: Path, bus: BusSecrets) -> str:
+def write_config(state_dir: Path, bus: BusSecrets) -> str:
+    """Write `auth.conf` (0600) for this bus; the line that includes it from nats.conf."""
     names = [CALLOUT_USER, SYSTEM_USER, *bus.tool_permissions]
     write_private(state_dir / _AUTH_FILE, render_authorization(bus, {n: _hash(bus.passwords[n]) for n in names}))
     return f"include {_conf(_AUTH_FILE)}"
@@ -253,7 +254,7 @@ class SecuredNats:
             bus.passwords.setdefault(name, _password())
             bus.tool_permissions[name] = permissions
         bus.save(path)
-        server = NatsServer.start(state_dir, port=port, config_extra=_write_config(state_dir, bus))
+        server = NatsServer.start(state_dir, port=port, config_extra=write_config(state_dir, bus))
         return cls(server, bus, state_dir, database_url)
 
     @property

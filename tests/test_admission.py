@@ -18,7 +18,8 @@ import nats
 import pytest
 
 from infra.components import Child, DaemonChild, get_json, start_daemon, start_gateway, wait_model
-from infra.nats_auth import Permissions, SecuredNats
+from infra.nats_auth import SecuredNats
+from schemas.permissions import Permissions
 from infra.ports import free_port
 from infra.postgres import PostgresServer
 from schemas import bus, subjects
@@ -167,8 +168,13 @@ class FloodStack:
 @pytest.fixture(scope="module")
 def flood_stack(tmp_path_factory: pytest.TempPathFactory, admission_db: str) -> Iterator[FloodStack]:
     home = tmp_path_factory.mktemp("mp-flood")
-    secured = SecuredNats.start(home / "nats")
-    flooder = secured.add_user("flood", Permissions(publish=(subjects.HEARTBEATS,), subscribe=()))
+    # The flooder is a login of the server's own (not a provider: the callout never sees it).
+    secured = SecuredNats.start(
+        home / "nats",
+        database_url=admission_db,
+        tool_users={"flood": Permissions(publish=(subjects.HEARTBEATS,), subscribe=())},
+    )
+    flooder = secured.tool("flood")
     ports = [free_port(), free_port()]
     env = {"MP_PROVISIONAL_ADMISSIONS_PER_MIN": str(RATE), "MP_LOG_LEVEL": "info"}
 

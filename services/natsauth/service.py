@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import unquote, urlsplit
 from dataclasses import dataclass
 
 import asyncpg
@@ -44,6 +45,21 @@ def check_settings(settings: Settings) -> None:
         raise SettingsError("the natsauth service needs MP_NATS_AUTH_USER / MP_NATS_AUTH_PASSWORD (an auth_users login)")
 
 
+def control_plane_credential(settings: Settings) -> tuple[str, str]:
+    """What the control plane logs in with: MP_NATS_USER / MP_NATS_PASSWORD, or else NATS_URL's user info.
+
+    Every replica of the callout must agree on it (any of them answers any login), and the
+    control plane of this very process logs in with it.
+    """
+    if settings.nats_user:
+        return settings.nats_user, settings.nats_password
+    first = settings.nats_url.split(",")[0]
+    parts = urlsplit(first)
+    if parts.username and parts.password is not None:
+        return unquote(parts.username), unquote(parts.password)
+    return "", ""
+
+
 async def _login(settings: Settings, user: str, password: str, role: str) -> Nats:
     async def quiet(_: Exception) -> None:
         return None  # nats-py prints each reconnect error otherwise; the state shows in /health
@@ -69,7 +85,8 @@ async def open_natsauth(settings: Settings) -> AsyncIterator[NatsAuth]:
         stack.push_async_callback(db.close)
         nc = await _login(settings, settings.nats_auth_user, settings.nats_auth_password, "callout")
         stack.push_async_callback(nc.drain)
-        authorizer = Authorizer(db, control_user=settings.nats_user, control_password=settings.nats_password)
+        control_user, control_password = control_plane_credential(settings)
+        authorizer = Authorizer(db, control_user=control_user, control_password=control_password)
         responder = Responder(nc, authorizer, issuer, xkey, settings.nats_account, settings.nats_user_ttl_s)
         await responder.start()
         stack.push_async_callback(responder.stop)
