@@ -124,7 +124,10 @@ class BusSecrets:
             "issuer_seed": self.issuer_seed,
             "xkey_seed": self.xkey_seed,
             "passwords": self.passwords,
-            "tools": {n: {"publish": list(p.publish), "subscribe": list(p.subscribe)} for n, p in self.tool_permissions.items()},
+            "tools": {
+                n: {"publish": list(p.publish), "subscribe": list(p.subscribe)}
+                for n, p in self.tool_permissions.items()
+            },
             "provider_tokens": self.provider_tokens,
         }
         write_private(path, json.dumps(body, indent=1, sort_keys=True))

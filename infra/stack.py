@@ -88,7 +88,9 @@ def main() -> int:
             cleanups.append(nats.stop)
             nats_url, target = nats.url, nats
             admin_env.update(nats.gateway.env())
-            _say(f"nats-server on {redact_url(nats_url)} (auth callout; secrets: {nats.state_dir / 'credentials.json'})")
+            _say(
+                f"nats-server on {redact_url(nats_url)} (auth callout; secrets: {nats.state_dir / 'credentials.json'})"
+            )
 
         dev_env = home / "dev.env"
         key = asyncio.run(ensure_dev_key(database_url, dev_env))

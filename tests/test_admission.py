@@ -19,10 +19,10 @@ import pytest
 
 from infra.components import Child, DaemonChild, get_json, start_daemon, start_gateway, wait_model
 from infra.nats_auth import SecuredNats
-from schemas.permissions import Permissions
 from infra.ports import free_port
 from infra.postgres import PostgresServer
 from schemas import bus, subjects
+from schemas.permissions import Permissions
 from services.db.migrate import migrate
 from services.providers import store
 from tests.conftest import Stack

@@ -155,10 +155,12 @@ def test_secrets_stay_private_and_the_config_holds_no_provider_and_no_secret(nat
     assert "auth_callout" in conf
     for secret in (mine, nats_server.gateway.password, nats_server.bus.issuer_seed, nats_server.bus.xkey_seed):
         assert secret not in conf
-    assert MINE not in conf and "provider" not in conf, "no provider is a user of the server"
+    assert MINE not in conf, "no provider is a user of the server"
+    assert "provider" not in conf
     assert nats_server.gateway.user not in conf, "the control plane is let in by the callout too"
     assert conf.count('"$2b$') == 2  # the callout's and the system account's logins, bcrypt
-    assert mine not in repr(nats_server.bus) and nats_server.bus.issuer_seed not in repr(nats_server.bus)
+    assert mine not in repr(nats_server.bus)
+    assert nats_server.bus.issuer_seed not in repr(nats_server.bus)
     # The same provider keeps its token (it is minted once).
     assert nats_server.provider_token(MINE) == mine
 
@@ -168,7 +170,8 @@ async def test_a_daemon_started_for_a_new_id_gets_its_own_token(nats_server: Sec
 
     env = child_env(nats_server, provider_id="auth-mac-new")
     assert env["NATS_URL"] == nats_server.url, "never the control plane's credentials"
-    assert "MP_NATS_PASSWORD" not in env and "MP_NATS_ISSUER_SEED" not in env
+    assert "MP_NATS_PASSWORD" not in env
+    assert "MP_NATS_ISSUER_SEED" not in env
     errors: list[str] = []
     async with _connect(nats_server, env["MP_PROVIDER_TOKEN"], errors) as nc:
         await nc.subscribe(subjects.work("auth-mac-new"))
@@ -187,14 +190,15 @@ async def test_a_restarted_server_lets_everyone_back(tmp_path: Path, postgres: P
     conns: list[Nats] = []
     back = [asyncio.Event(), asyncio.Event()]
     try:
-        for creds, event in zip((server.gateway, mine), back, strict=True):
+        logins: list[dict[str, Any]] = [
+            {"user": server.gateway.user, "password": server.gateway.password},
+            {"token": mine},
+        ]
+        for login, event in zip(logins, back, strict=True):
 
             async def reconnected(event: asyncio.Event = event) -> None:
                 event.set()
 
-            login: dict[str, Any] = (
-                {"token": creds} if isinstance(creds, str) else {"user": creds.user, "password": creds.password}
-            )
             conns.append(
                 await nats.connect(
                     server.url,

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,17 +130,10 @@ class Disconnector:
             user = provider_user(provider_id)
         except ValueError:
             return  # never a connection: the callout refuses ids that are not subject tokens
-        started = time.monotonic()
-        closed = await self._close_where({"user": user, "acc": self._account}, _every)
-        log.info(
-            "provider_disconnected",
-            provider=provider_id,
-            reason=reason,
-            connections=closed,
-            ms=round((time.monotonic() - started) * 1000, 1),
-        )
+        closed, ms = await self._close_where({"user": user, "acc": self._account}, _every)
+        log.info("provider_disconnected", provider=provider_id, reason=reason, connections=closed, ms=ms)
         await asyncio.sleep(self._settle_s)
-        late = await self._close_where({"user": user, "acc": self._account}, _every)
+        late, _ = await self._close_where({"user": user, "acc": self._account}, _every)
         if late:
             log.info("provider_disconnected", provider=provider_id, reason=reason, connections=late, late=True)
 
@@ -150,7 +143,7 @@ class Disconnector:
             await asyncio.sleep(0.2)  # both listeners reset together: one pass
             self._reconcile.clear()
             try:
-                closed = await self._close_where({"acc": self._account, "auth": True}, self._without_access)
+                closed, _ = await self._close_where({"acc": self._account, "auth": True}, self._without_access)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -167,27 +160,33 @@ class Disconnector:
         return [c for c in conns if c.user in shut]
 
     async def _close_where(
-        self,
-        connz_filter: dict[str, Any],
-        choose: Callable[[list[Connection]], Awaitable[list[Connection]]],
-    ) -> int:
-        """Close the connections (of every node) that `choose` picks from those matching the filter."""
-        closed = 0
+        self, connz_filter: dict[str, Any], choose: Callable[[list[Connection]], Awaitable[list[Connection]]]
+    ) -> tuple[int, float | None]:
+        """Close the connections (of every node) that `choose` picks from those matching the filter.
+
+        Each node's answer is acted on as it comes (the wait for other nodes costs nothing).
+        Returns how many were closed, and the milliseconds until the last of them was.
+        """
+        started = time.monotonic()
+        closed, done_ms = 0, None
         for page in range(_MAX_PAGES):
-            conns, full = await self._connz({**connz_filter, "offset": page * _PAGE, "limit": _PAGE})
-            picked = await choose(conns)
-            results = await asyncio.gather(*(self._kick(c) for c in picked))
-            closed += sum(results)
+            kicks: list[asyncio.Task[float | None]] = []
+            full = False
+            async for conns, page_full in self._connz({**connz_filter, "offset": page * _PAGE, "limit": _PAGE}):
+                full = full or page_full
+                kicks += [asyncio.create_task(self._kick(c)) for c in await choose(conns)]
+            finished = [at for at in await asyncio.gather(*kicks) if at is not None]
+            if finished:
+                closed += len(finished)
+                done_ms = round((max(finished) - started) * 1000, 1)
             if not full:
                 break
-        return closed
+        return closed, done_ms
 
-    async def _connz(self, options: dict[str, Any]) -> tuple[list[Connection], bool]:
-        """One page of connections from every node that answers within `gather_s`; True if any page was full."""
+    async def _connz(self, options: dict[str, Any]) -> AsyncIterator[tuple[list[Connection], bool]]:
+        """Each node's page of connections as it answers, within `gather_s`; True if that page was full."""
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
-        conns: list[Connection] = []
-        full = False
         try:
             await self._nc.publish(CONNZ_PING, json.dumps(options).encode(), reply=inbox)
             deadline = time.monotonic() + self._gather_s
@@ -202,24 +201,24 @@ class Disconnector:
                 if not isinstance(server_id, str) or not isinstance(data, dict):
                     continue
                 page = data.get("connections") or []
-                full = full or len(page) >= _PAGE
-                for conn in page:
-                    if isinstance(conn, dict) and isinstance(conn.get("cid"), int):
-                        user = str(conn.get("authorized_user") or options.get("user", ""))
-                        conns.append(Connection(server_id, conn["cid"], user))
+                conns = [
+                    Connection(server_id, c["cid"], str(c.get("authorized_user") or options.get("user", "")))
+                    for c in page
+                    if isinstance(c, dict) and isinstance(c.get("cid"), int)
+                ]
+                yield conns, len(page) >= _PAGE
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        return conns, full
 
-    async def _kick(self, conn: Connection) -> bool:
+    async def _kick(self, conn: Connection) -> float | None:
+        """Close one connection on its node; when it was closed (None: it was not, mostly gone already)."""
         try:
             msg = await self._nc.request(kick_subject(conn.server_id), json.dumps({"cid": conn.cid}).encode(), 2.0)
         except Exception as exc:
             log.warning("provider_kick_failed", cid=conn.cid, error=type(exc).__name__)
-            return False
-        error = _json(msg.data).get("error")
-        return not error  # an error here is mostly "already gone"
+            return None
+        return None if _json(msg.data).get("error") else time.monotonic()
 
 
 async def _every(conns: list[Connection]) -> list[Connection]:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from services.natsauth.keys import AccountKey, verify
+from services.natsauth.keys import SigningKey, verify
 
 HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 _HEADER_B64 = base64.urlsafe_b64encode(json.dumps(HEADER, separators=(",", ":")).encode()).rstrip(b"=")
@@ -43,7 +43,8 @@ def _b64(data: bytes) -> bytes:
 
 def _unb64(part: bytes) -> bytes:
     try:
-        return base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
+        # validate: refuse what is not base64url rather than skip over it.
+        return base64.b64decode(part + b"=" * (-len(part) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise JwtError("not base64url") from None
 
@@ -58,8 +59,8 @@ def jti(claims: dict[str, Any]) -> str:
     return base64.b32encode(digest).decode().rstrip("=")
 
 
-def encode(claims: dict[str, Any], key: AccountKey, *, now: float | None = None) -> str:
-    """Sign `claims` (aud, sub, exp, name and "nats" as the caller sets them) as `key`'s account."""
+def encode(claims: dict[str, Any], key: SigningKey, *, now: float | None = None) -> str:
+    """Sign `claims` (aud, sub, exp, name and "nats" as the caller sets them); `key` becomes `iss`."""
     body = {k: v for k, v in claims.items() if k not in ("iss", "iat", "jti")}
     body["iss"] = key.public
     body["iat"] = int(time.time() if now is None else now)

@@ -101,15 +101,15 @@ def new_curve_seed() -> str:
 
 
 @dataclass(frozen=True)
-class AccountKey:
-    """An account's signing key: it issues user JWTs (the server's `auth_callout.issuer`)."""
+class SigningKey:
+    """An nkey that signs JWTs: an account's issues user JWTs (the server's `auth_callout.issuer`)."""
 
     public: str
     _pair: nkeys.KeyPair = field(repr=False)
 
     @classmethod
-    def from_seed(cls, seed: str) -> AccountKey:
-        decode_seed(seed, PREFIX_ACCOUNT)  # our own check first: a clear error, never the seed in it
+    def from_seed(cls, seed: str, prefix: int = PREFIX_ACCOUNT) -> SigningKey:
+        decode_seed(seed, prefix)  # our own check first: a clear error, never the seed in it
         pair = nkeys.from_seed(seed.strip().encode())
         return cls(pair.public_key.decode(), pair)
 
@@ -119,7 +119,7 @@ class AccountKey:
 
 
 def account_public_key(seed: str) -> str:
-    return AccountKey.from_seed(seed).public
+    return SigningKey.from_seed(seed).public
 
 
 def verify(public: str, prefix: int, data: bytes, signature: bytes) -> bool:

@@ -37,7 +37,7 @@ MAX_REQUEST_BYTES = 32 * 1024
 class Responder:
     nc: Nats  # logged in to the callout account (one of auth_users)
     authorizer: Authorizer
-    issuer: keys.AccountKey
+    issuer: keys.SigningKey
     xkey: keys.CurveKey | None
     account: str  # where granted connections are placed
     ttl_s: float

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import unquote, urlsplit
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import nats
@@ -21,7 +21,7 @@ from nats.aio.client import Client as Nats
 from services.db.pool import open_pool
 from services.natsauth.decide import Authorizer
 from services.natsauth.disconnect import Disconnector
-from services.natsauth.keys import AccountKey, CurveKey
+from services.natsauth.keys import CurveKey, SigningKey
 from services.natsauth.responder import Responder
 from services.settings import Settings, SettingsError
 
@@ -42,7 +42,9 @@ def check_settings(settings: Settings) -> None:
     if not settings.nats_issuer_seed:
         raise SettingsError("the natsauth service needs MP_NATS_ISSUER_SEED (the auth_callout issuer's seed)")
     if not settings.nats_auth_user:
-        raise SettingsError("the natsauth service needs MP_NATS_AUTH_USER / MP_NATS_AUTH_PASSWORD (an auth_users login)")
+        raise SettingsError(
+            "the natsauth service needs MP_NATS_AUTH_USER / MP_NATS_AUTH_PASSWORD (an auth_users login)"
+        )
 
 
 def control_plane_credential(settings: Settings) -> tuple[str, str]:
@@ -78,7 +80,7 @@ async def _login(settings: Settings, user: str, password: str, role: str) -> Nat
 @contextlib.asynccontextmanager
 async def open_natsauth(settings: Settings) -> AsyncIterator[NatsAuth]:
     check_settings(settings)
-    issuer = AccountKey.from_seed(settings.nats_issuer_seed)
+    issuer = SigningKey.from_seed(settings.nats_issuer_seed)
     xkey = CurveKey.from_seed(settings.nats_xkey_seed) if settings.nats_xkey_seed else None
     async with contextlib.AsyncExitStack() as stack:
         db = await open_pool(settings.database_url, size=settings.db_pool_size)
