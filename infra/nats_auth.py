@@ -246,7 +246,13 @@ class SecuredNats:
         port: int | None = None,
         database_url: str | None = None,
         tool_users: Mapping[str, Permissions] | None = None,
+        extra_config: str = "",
     ) -> SecuredNats:
+        """Start the server on `state_dir` (its secrets kept there, or made there the first time).
+
+        `extra_config` is added to the config as is (e.g. a `cluster` block: nodes that share
+        one `credentials.json` make one bus).
+        """
         state_dir.mkdir(parents=True, exist_ok=True)
         state_dir = state_dir.resolve()
         path = state_dir / _CREDENTIALS_FILE
@@ -257,7 +263,8 @@ class SecuredNats:
             bus.passwords.setdefault(name, _password())
             bus.tool_permissions[name] = permissions
         bus.save(path)
-        server = NatsServer.start(state_dir, port=port, config_extra=write_config(state_dir, bus))
+        config = write_config(state_dir, bus) + ("\n" + extra_config if extra_config else "")
+        server = NatsServer.start(state_dir, port=port, config_extra=config)
         return cls(server, bus, state_dir, database_url)
 
     @property

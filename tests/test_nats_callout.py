@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,10 @@ import nats
 import pytest
 from nats.aio.client import Client as Nats
 
+from infra.components import start_natsauth
 from infra.nats_auth import SecuredNats
+from infra.ports import free_port
+from infra.postgres import PostgresServer
 from services.keys.format import PROVIDER_TOKENS
 from services.providers import store, tokens
 
@@ -223,3 +227,58 @@ def test_the_callout_alone_refuses_to_start_without_its_settings(tmp_path: Path)
     )
     assert done.returncode == 2
     assert "MP_NATS_ISSUER_SEED" in done.stderr
+
+
+async def test_any_node_of_a_cluster_calls_out_and_a_revocation_reaches_every_node(
+    tmp_path: Path, postgres: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two nodes, the callout service logged in to the first only: a provider on the second is let in
+    (its request crosses the route) and closed there when its token is revoked."""
+    routes = [free_port(), free_port()]
+
+    def cluster(i: int) -> str:
+        return (
+            f"cluster {{ name: mp-test, listen: 127.0.0.1:{routes[i]}, "
+            f"routes: [nats-route://127.0.0.1:{routes[1 - i]}] }}"
+        )
+
+    first = SecuredNats.start(tmp_path / "a", database_url=postgres.url, extra_config=cluster(0))
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "credentials.json", tmp_path / "b" / "credentials.json")
+    second = SecuredNats.start(tmp_path / "b", database_url=postgres.url, extra_config=cluster(1))
+    callout = start_natsauth(tmp_path, nats=first, database_url=postgres.url)
+    try:
+        pid = _pid("cluster")
+        token = first.provider_token(pid)
+        deadline = time.monotonic() + 10
+        while True:  # until the route is up and the callout's interest has crossed it
+            try:
+                started = time.perf_counter()
+                nc = await nats.connect(second.url, token=token, allow_reconnect=False, connect_timeout=3)
+                took_ms = (time.perf_counter() - started) * 1000
+                await nc.close()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        with capsys.disabled():
+            print(f"\n[figure] callout connect->authorised on the other node of a cluster: {took_ms:.1f} ms")
+        async with _watched(second, token=token) as victim:
+            conn = await asyncpg.connect(postgres.url)
+            try:
+                started = time.perf_counter()
+                await tokens.revoke_provider(conn, pid)
+            finally:
+                await conn.close()
+            await asyncio.wait_for(victim.lost.wait(), timeout=1.0)
+            with capsys.disabled():
+                took_ms = (victim.lost_at - started) * 1000
+                print(f"[figure] revocation -> disconnect on the other node: {took_ms:.0f} ms")
+            await asyncio.sleep(0.5)
+            assert not victim.nc.is_connected
+        assert "authorization violation" in (await _refused(second, token=token)).lower()
+    finally:
+        callout.stop()
+        second.stop()
+        first.stop()
