@@ -34,6 +34,19 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _non_negative(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{key} must be a number, got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{key} must be 0 or more, got {raw!r}")
+    return value
+
+
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -221,8 +234,14 @@ class Settings:
     nats_sys_password: str = field(metadata=SECRET)
     # The account the callout puts the control plane and providers in (the audience of user JWTs).
     nats_account: str
-    # How long a user JWT lets a connection live; then it reconnects and is checked again.
+    # How long a provider's user JWT lets its connection live (0: no expiry). The server then closes
+    # it with "User Authentication Expired", which nats-py takes as final: it never reconnects
+    # (nats-io/nats.py#1019). So it is off by default, and the re-check below bounds instead how long
+    # a provider that lost its access (a notice missed) stays connected, without disconnecting the rest.
     nats_user_ttl_s: float
+    # How often the callout checks every provider connection against Postgres and closes those
+    # that may not connect any more (revocations and bans close them at once anyway).
+    nats_recheck_s: float
 
     def __repr__(self) -> str:
         return f"Settings({_safe_fields(self)})"
@@ -299,5 +318,6 @@ class Settings:
             nats_sys_user=env.get("MP_NATS_SYS_USER", ""),
             nats_sys_password=env.get("MP_NATS_SYS_PASSWORD", ""),
             nats_account=_nats_name(env, "MP_NATS_ACCOUNT", "APP"),
-            nats_user_ttl_s=_float(env, "MP_NATS_USER_TTL_S", 3600.0),
+            nats_user_ttl_s=_non_negative(env, "MP_NATS_USER_TTL_S", 0.0),
+            nats_recheck_s=_float(env, "MP_NATS_RECHECK_S", 60.0),
         )

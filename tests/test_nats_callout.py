@@ -50,6 +50,7 @@ class Watched:
     nc: Nats
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     lost_at: float = 0.0
+    back: asyncio.Event = field(default_factory=asyncio.Event)
     errors: list[str] = field(default_factory=list)
 
 
@@ -66,11 +67,15 @@ async def _watched(server: SecuredNats, **login: Any) -> AsyncIterator[Watched]:
     async def error(exc: Exception) -> None:
         box["w"].errors.append(str(exc).lower())
 
+    async def reconnected() -> None:
+        box["w"].back.set()
+
     nc = await nats.connect(
         server.url,
         reconnect_time_wait=0.1,
         max_reconnect_attempts=-1,
         disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
         error_cb=error,
         **login,
     )
@@ -233,7 +238,8 @@ async def test_any_node_of_a_cluster_calls_out_and_a_revocation_reaches_every_no
     tmp_path: Path, postgres: PostgresServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two nodes, the callout service logged in to the first only: a provider on the second is let in
-    (its request crosses the route) and closed there when its token is revoked."""
+    (its request crosses the route) and closed there when its token is revoked; one whose revocation
+    sent no notice at all is closed by the periodic re-check."""
     routes = [free_port(), free_port()]
 
     def cluster(i: int) -> str:
@@ -246,7 +252,7 @@ async def test_any_node_of_a_cluster_calls_out_and_a_revocation_reaches_every_no
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "a" / "credentials.json", tmp_path / "b" / "credentials.json")
     second = SecuredNats.start(tmp_path / "b", database_url=postgres.url, extra_config=cluster(1))
-    callout = start_natsauth(tmp_path, nats=first, database_url=postgres.url)
+    callout = start_natsauth(tmp_path, nats=first, database_url=postgres.url, env={"MP_NATS_RECHECK_S": "1"})
     try:
         pid = _pid("cluster")
         token = first.provider_token(pid)
@@ -264,7 +270,19 @@ async def test_any_node_of_a_cluster_calls_out_and_a_revocation_reaches_every_no
                 await asyncio.sleep(0.2)
         with capsys.disabled():
             print(f"\n[figure] callout connect->authorised on the other node of a cluster: {took_ms:.1f} ms")
-        async with _watched(second, token=token) as victim:
+        silent = _pid("silent")
+        silent_token = first.provider_token(silent)
+        async with _watched(second, token=token) as victim, _watched(second, token=silent_token) as unnoticed:
+            conn = await asyncpg.connect(postgres.url)
+            try:
+                # As a tool writing around the trigger would: no notice leaves.
+                async with conn.transaction():
+                    await conn.execute("ALTER TABLE provider_tokens DISABLE TRIGGER provider_tokens_revoked")
+                    await tokens.revoke_provider(conn, silent)
+                    await conn.execute("ALTER TABLE provider_tokens ENABLE TRIGGER provider_tokens_revoked")
+            finally:
+                await conn.close()
+            await asyncio.wait_for(unnoticed.lost.wait(), timeout=3.0)
             conn = await asyncpg.connect(postgres.url)
             try:
                 started = time.perf_counter()

@@ -75,6 +75,7 @@ def _permission(allow: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 def user_claims(*, user_nkey: str, account: str, name: str, permissions: Permissions, expires: int) -> dict[str, Any]:
+    """`expires`: Unix seconds, or 0 for a JWT that never expires."""
     return {
         "aud": account,
         "exp": expires,

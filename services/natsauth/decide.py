@@ -8,7 +8,8 @@
 - anything else is refused.
 
 A token that is unknown or revoked stays so forever, so that answer is remembered
-for a while: a revoked daemon reconnecting every half second costs no query.
+for a while (a banned provider's, for a few seconds): a shut-out daemon
+reconnecting every half second costs no query.
 Refusal reasons go to the server's log and ours: they never quote a credential.
 """
 
@@ -86,6 +87,7 @@ class Authorizer:
         control_user: str,
         control_password: str,
         dead_token_ttl_s: float = 60.0,
+        shut_out_ttl_s: float = 5.0,
         dead_token_cache: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -93,6 +95,8 @@ class Authorizer:
         # An unset control-plane credential admits nobody (never "empty equals empty").
         self._control = (_h(control_user), _h(control_password)) if control_user else None
         self._dead = _Forgotten(dead_token_cache, dead_token_ttl_s, clock)
+        # A banned provider's daemon retries every half second; an unban may take this long to count.
+        self._shut = _Forgotten(dead_token_cache, shut_out_ttl_s, clock)
 
     async def decide(self, opts: ConnectOptions) -> Grant | Refusal:
         if opts.auth_token:
@@ -107,11 +111,14 @@ class Authorizer:
         key = digest(token)
         if key in self._dead:
             return Refusal("unknown or revoked provider token")
+        if key in self._shut:
+            return Refusal("provider banned or suspended")
         owner = await tokens.owner_of(self._db, token)
         if owner is None:
             self._dead.add(key)
             return Refusal("unknown or revoked provider token")
         if owner.status in _SHUT_OUT:
+            self._shut.add(key)
             return Refusal(f"provider {owner.provider_id} is {owner.status}")
         try:
             permissions = provider_permissions(owner.provider_id)

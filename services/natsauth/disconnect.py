@@ -12,7 +12,9 @@ holding another live token is let back in at once.
 A login the callout decided just before the change may only land after the first
 sweep, so a second sweep follows once the server's auth timeout has passed. When
 the LISTEN connection comes (back) up, a notice may have been missed: every
-provider connection is then checked against Postgres once.
+provider connection is then checked against Postgres, as it is every
+`recheck_s` anyway (what bounds a provider's stay after a change whose notice
+never came; user JWTs do not expire, see services/settings.py).
 """
 
 from __future__ import annotations
@@ -61,10 +63,12 @@ class Disconnector:
         dsn: str,
         *,
         account: str,
+        recheck_s: float = 60.0,
         settle_s: float = 3.0,
         gather_s: float = 0.5,
     ) -> None:
         self._nc = nc
+        self._recheck_s = recheck_s
         self._db = db
         self._account = account
         self._settle_s = settle_s
@@ -90,6 +94,7 @@ class Disconnector:
 
     async def start(self) -> None:
         self._spawn(self._reconcile_loop())
+        self._spawn(self._recheck_loop())
         for listener in self._listeners:
             await listener.start()
 
@@ -151,6 +156,11 @@ class Disconnector:
                 continue
             if closed:
                 log.info("provider_disconnected", reason="no access on reconcile", connections=closed)
+
+    async def _recheck_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._recheck_s)
+            self._reconcile.set()
 
     async def _without_access(self, conns: list[Connection]) -> list[Connection]:
         by_provider = {c.user.removeprefix(_PROVIDER_PREFIX) for c in conns if c.user.startswith(_PROVIDER_PREFIX)}

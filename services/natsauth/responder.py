@@ -109,7 +109,7 @@ class Responder:
                     account=self.account,
                     name=decision.user,
                     permissions=decision.permissions,
-                    expires=int(time.time() + self.ttl_s),
+                    expires=self._expiry(decision),
                 ),
                 self.issuer,
             )
@@ -125,6 +125,16 @@ class Responder:
         else:
             log.info("nats_login", user=decision.user, ms=ms, **client)
         return out
+
+    def _expiry(self, grant: Grant) -> int:
+        """When a provider's JWT expires, if MP_NATS_USER_TTL_S says so (0: never).
+
+        The control plane's never does: its credential is a shared secret no re-check could
+        revoke, and the server closing a gateway's connection would drop the frames streaming to it.
+        """
+        if grant.provider_id is None or self.ttl_s <= 0:
+            return 0
+        return int(time.time() + max(1.0, self.ttl_s))
 
     def _misaddressed(self, claims: RequestClaims) -> str:
         request = claims.nats

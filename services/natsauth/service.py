@@ -96,10 +96,12 @@ async def open_natsauth(settings: Settings) -> AsyncIterator[NatsAuth]:
         if settings.nats_sys_user:
             sys_nc = await _login(settings, settings.nats_sys_user, settings.nats_sys_password, "system")
             stack.push_async_callback(sys_nc.drain)
-            disconnector = Disconnector(sys_nc, db, settings.database_url, account=settings.nats_account)
+            disconnector = Disconnector(
+                sys_nc, db, settings.database_url, account=settings.nats_account, recheck_s=settings.nats_recheck_s
+            )
             await disconnector.start()
             stack.push_async_callback(disconnector.stop)
         else:
-            log.warning("natsauth_no_system_login", effect="revocations and bans act when user JWTs expire")
+            log.warning("natsauth_no_system_login", effect="revocations and bans keep connected providers connected")
         log.info("natsauth_ready", issuer=issuer.public, account=settings.nats_account, sealed=xkey is not None)
         yield NatsAuth(db, nc, sys_nc, responder, time.time())
