@@ -374,7 +374,8 @@ async def test_a_ban_stops_running_streams_on_every_replica_at_once(
             assert last["error"]["code"], last
             assert ended - banned_at < 1.0, "the ban stops the stream at once"
         print(f"\nban: streams ended {[round((e - banned_at) * 1000) for _, e in results]} ms after the commit")
-        # Never routed again, though it keeps heartbeating; its running work was cancelled.
+        # Never routed again (it is off the bus too: the callout refuses it); its running work was
+        # cancelled (the gateways' cancels reach it before the callout service closes its connection).
         await asyncio.sleep(1.5)
         assert daemon.alive()
         for replica in replicas:

@@ -9,7 +9,9 @@ login in the system account. The reconnection then meets the callout, which
 refuses it. A revoked token closes all of its provider's connections; one still
 holding another live token is let back in at once.
 
-A login the callout decided just before the change may only land after the first
+A ban waits a moment (`ban_grace_s`) so the cancels every gateway sends the daemon
+for its running requests reach it first. A login the callout decided just before
+the change may only land after the first
 sweep, so a second sweep follows once the server's auth timeout has passed. When
 the LISTEN connection comes (back) up, a notice may have been missed: every
 provider connection is then checked against Postgres, as it is every
@@ -64,11 +66,13 @@ class Disconnector:
         *,
         account: str,
         recheck_s: float = 60.0,
+        ban_grace_s: float = 0.3,
         settle_s: float = 3.0,
         gather_s: float = 0.5,
     ) -> None:
         self._nc = nc
         self._recheck_s = recheck_s
+        self._ban_grace_s = ban_grace_s
         self._db = db
         self._account = account
         self._settle_s = settle_s
@@ -126,15 +130,19 @@ class Disconnector:
         if not isinstance(provider_id, str) or not isinstance(status, str):
             self._reconcile.set()
         elif status in _SHUT_OUT:
-            self._spawn(self.disconnect(provider_id, status))
+            # Every gateway hears the same notice and cancels the provider's running requests over
+            # NATS; let those cancels reach the daemon before it is cut off (it stops computing).
+            self._spawn(self.disconnect(provider_id, status, after_s=self._ban_grace_s))
 
     # ---- closing connections ----------------------------------------------------------------
 
-    async def disconnect(self, provider_id: str, reason: str) -> None:
+    async def disconnect(self, provider_id: str, reason: str, *, after_s: float = 0.0) -> None:
         try:
             user = provider_user(provider_id)
         except ValueError:
             return  # never a connection: the callout refuses ids that are not subject tokens
+        if after_s > 0:
+            await asyncio.sleep(after_s)
         closed, ms = await self._close_where({"user": user, "acc": self._account}, _every)
         log.info("provider_disconnected", provider=provider_id, reason=reason, connections=closed, ms=ms)
         await asyncio.sleep(self._settle_s)
