@@ -49,7 +49,10 @@ def provider_permissions(provider_id: str) -> Permissions:
     )
 
 
+PROVIDER_USER_PREFIX = "provider-"
+
+
 def provider_user(provider_id: str) -> str:
     """The NATS user name of a provider's connections (what CONNZ finds them by)."""
     subjects.heartbeat(provider_id)  # validates the id
-    return f"provider-{provider_id}"
+    return f"{PROVIDER_USER_PREFIX}{provider_id}"

@@ -11,8 +11,8 @@ holding another live token is let back in at once.
 
 A ban waits a moment (`ban_grace_s`) so the cancels every gateway sends the daemon
 for its running requests reach it first. A login the callout decided just before
-the change may only land after the first
-sweep, so a second sweep follows once the server's auth timeout has passed. When
+the change may only land after the first sweep, so a second sweep follows once
+the server's auth timeout has passed. When
 the LISTEN connection comes (back) up, a notice may have been missed: every
 provider connection is then checked against Postgres, as it is every
 `recheck_s` anyway (what bounds a provider's stay after a change whose notice
@@ -33,21 +33,16 @@ import asyncpg
 import structlog
 from nats.aio.client import Client as Nats
 
-from schemas.permissions import provider_user
+from schemas import subjects
+from schemas.permissions import PROVIDER_USER_PREFIX, provider_user
 from services.db.notify import NotifyListener
 from services.providers import store, tokens
 
 log = structlog.get_logger("natsauth")
 
-CONNZ_PING = "$SYS.REQ.SERVER.PING.CONNZ"
-_PROVIDER_PREFIX = provider_user("x")[:-1]
 _SHUT_OUT = ("banned", "suspended")
 _PAGE = 1024
 _MAX_PAGES = 64
-
-
-def kick_subject(server_id: str) -> str:
-    return f"$SYS.REQ.SERVER.{server_id}.KICK"
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +166,8 @@ class Disconnector:
             self._reconcile.set()
 
     async def _without_access(self, conns: list[Connection]) -> list[Connection]:
-        by_provider = {c.user.removeprefix(_PROVIDER_PREFIX) for c in conns if c.user.startswith(_PROVIDER_PREFIX)}
+        prefix = PROVIDER_USER_PREFIX
+        by_provider = {c.user.removeprefix(prefix) for c in conns if c.user.startswith(prefix)}
         if not by_provider:
             return []
         shut = {provider_user(p) for p in await tokens.without_access(self._db, sorted(by_provider))}
@@ -206,7 +202,7 @@ class Disconnector:
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         try:
-            await self._nc.publish(CONNZ_PING, json.dumps(options).encode(), reply=inbox)
+            await self._nc.publish(subjects.SERVER_CONNZ, json.dumps(options).encode(), reply=inbox)
             deadline = time.monotonic() + self._gather_s
             while (left := deadline - time.monotonic()) > 0:
                 try:
@@ -232,7 +228,8 @@ class Disconnector:
     async def _kick(self, conn: Connection) -> float | None:
         """Close one connection on its node; when it was closed (None: it was not, mostly gone already)."""
         try:
-            msg = await self._nc.request(kick_subject(conn.server_id), json.dumps({"cid": conn.cid}).encode(), 2.0)
+            kick = subjects.server_kick(conn.server_id)
+            msg = await self._nc.request(kick, json.dumps({"cid": conn.cid}).encode(), 2.0)
         except Exception as exc:
             log.warning("provider_kick_failed", cid=conn.cid, error=type(exc).__name__)
             return None

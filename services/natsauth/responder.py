@@ -20,13 +20,13 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from schemas import subjects
 from services.natsauth import jwt, keys
 from services.natsauth.claims import REQUEST_AUDIENCE, RequestClaims, response_claims, user_claims
 from services.natsauth.decide import Authorizer, Grant, Refusal
 
 log = structlog.get_logger("natsauth")
 
-SUBJECT = "$SYS.REQ.USER.AUTH"
 QUEUE = "mp-natsauth"
 XKEY_HEADER = "Nats-Server-Xkey"
 # A request holds the client's CONNECT options, which a stranger writes; ours are well under 4 KiB.
@@ -50,7 +50,7 @@ class Responder:
         self._slots = asyncio.Semaphore(self.max_in_flight)
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(SUBJECT, queue=QUEUE, cb=self._on_request)
+        self._sub = await self.nc.subscribe(subjects.AUTH_CALLOUT, queue=QUEUE, cb=self._on_request)
         await self.nc.flush()
 
     async def stop(self) -> None:
