@@ -30,7 +30,7 @@ from services.keys.account_page import account, account_new_key, account_revoke
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.middleware import add_request_id
 from services.natsauth.routes import natsauth_health
-from services.natsauth.service import open_natsauth
+from services.natsauth.service import check_settings, open_natsauth
 from services.openapi import openapi_config
 from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
@@ -97,6 +97,7 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
     # NATS login (the gateway's) may be the first request it answers.
     lifespans = [_natsauth_lifespan(settings)] if "natsauth" in services and settings.nats_issuer_seed else []
     if set(services) == {"natsauth"}:
+        check_settings(settings)  # asked for alone, it must run
         handlers.append(natsauth_health)  # the callout alone: no gateway runtime to report on
     else:
         lifespans.append(runtime_lifespan(settings))
