@@ -28,7 +28,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -37,22 +37,18 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from infra.nats import NatsServer
 from schemas.permissions import Permissions
 from schemas.private_file import read_private, write_private
-from services.natsauth import keys
+from services.natsauth import keys, server_config
 
 GATEWAY_USER = "gateway"
 # The callout service's login (in AUTH_ACCOUNT) and the system account's.
 CALLOUT_USER = "natsauth"
 SYSTEM_USER = "system"
-AUTH_ACCOUNT = "AUTH"
-APP_ACCOUNT = "APP"
-SYS_ACCOUNT = "SYS"
+APP_ACCOUNT = server_config.APP_ACCOUNT
 _CREDENTIALS_FILE = "credentials.json"
 _AUTH_FILE = "auth.conf"
 # The passwords are 256-bit random strings, so a slow hash buys nothing against
 # guessing; the cost is paid by the server on every (re)connect of these few logins.
 _BCRYPT_ROUNDS = 8
-# Seconds the server waits for the callout's answer (its default is 2).
-AUTH_TIMEOUT_S = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,64 +144,31 @@ class BusSecrets:
         }
 
 
-def _conf(value: str) -> str:
-    # JSON strings are valid NATS config strings; quoting keeps `$` in bcrypt hashes literal.
-    return json.dumps(value)
-
-
-def _conf_list(values: Iterable[str]) -> str:
-    return "[" + ", ".join(_conf(v) for v in values) + "]"
-
-
 def _hash(password: str) -> str:
     import bcrypt  # only the local stack and the tests write NATS configs
 
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(_BCRYPT_ROUNDS)).decode()
 
 
-def _allow(subjects: tuple[str, ...]) -> str:
-    # An empty allow list would let everything through: deny everything instead.
-    return f"{{allow: {_conf_list(subjects)}}}" if subjects else '{deny: [">"]}'
-
-
-def _user(name: str, password_hash: str, permissions: Permissions | None = None) -> str:
-    perms = ""
-    if permissions is not None:
-        perms = f", permissions: {{publish: {_allow(permissions.publish)}, subscribe: {_allow(permissions.subscribe)}}}"
-    return f"{{user: {_conf(name)}, password: {_conf(password_hash)}{perms}}}"
-
-
-def render_authorization(bus: BusSecrets, hashes: Mapping[str, str]) -> str:
+def render_authorization(bus: BusSecrets) -> str:
     """The accounts and `authorization { auth_callout }` blocks for a bus (public keys and hashes only)."""
-    tools = sorted(bus.tool_permissions)
-    app_users = ", ".join(_user(n, hashes[n], bus.tool_permissions[n]) for n in tools)
-    return "\n".join(
-        [
-            "accounts {",
-            f"  {AUTH_ACCOUNT} {{ users: [{_user(CALLOUT_USER, hashes[CALLOUT_USER])}] }}",
-            f"  {APP_ACCOUNT} {{ users: [{app_users}] }}",
-            f"  {SYS_ACCOUNT} {{ users: [{_user(SYSTEM_USER, hashes[SYSTEM_USER])}] }}",
-            "}",
-            f"system_account: {SYS_ACCOUNT}",
-            "authorization {",
-            f"  timeout: {AUTH_TIMEOUT_S}",
-            "  auth_callout {",
-            f"    issuer: {_conf(keys.account_public_key(bus.issuer_seed))}",
-            f"    xkey: {_conf(keys.curve_public_key(bus.xkey_seed))}",
-            f"    account: {AUTH_ACCOUNT}",
-            f"    auth_users: {_conf_list([CALLOUT_USER, SYSTEM_USER, *tools])}",
-            "  }",
-            "}",
-            "",
-        ]
+
+    def login(name: str, permissions: Permissions | None = None) -> server_config.Login:
+        return server_config.Login(name, _hash(bus.passwords[name]), permissions)
+
+    return server_config.render(
+        issuer_public=keys.account_public_key(bus.issuer_seed),
+        xkey_public=keys.curve_public_key(bus.xkey_seed),
+        callout=login(CALLOUT_USER),
+        system=login(SYSTEM_USER),
+        app_users=[login(name, bus.tool_permissions[name]) for name in sorted(bus.tool_permissions)],
     )
 
 
 def write_config(state_dir: Path, bus: BusSecrets) -> str:
     """Write `auth.conf` (0600) for this bus; the line that includes it from nats.conf."""
-    names = [CALLOUT_USER, SYSTEM_USER, *bus.tool_permissions]
-    write_private(state_dir / _AUTH_FILE, render_authorization(bus, {n: _hash(bus.passwords[n]) for n in names}))
-    return f"include {_conf(_AUTH_FILE)}"
+    write_private(state_dir / _AUTH_FILE, render_authorization(bus))
+    return f"include {json.dumps(_AUTH_FILE)}"
 
 
 def _run(coro_fn: Any) -> Any:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
+from infra.nats import find_nats_server
+from infra.ports import free_port
 from schemas.permissions import control_plane_permissions
 from services.natsauth import jwt, keys
 from services.natsauth.claims import REQUEST_AUDIENCE
@@ -195,7 +199,7 @@ async def test_the_control_plane_credential_is_exact() -> None:
     assert isinstance(await unset.decide(ConnectOptions(user="x", password="")), Refusal)
 
 
-def test_callout_settings_refuse_a_wrong_seed_without_quoting_it(tmp_path: Any) -> None:
+def test_callout_settings_refuse_a_wrong_seed_without_quoting_it(tmp_path: Path) -> None:
     curve = keys.new_curve_seed()
     with pytest.raises(SettingsError, match="MP_NATS_ISSUER_SEED is not an account nkey seed") as caught:
         Settings.from_env({"MP_HOME": str(tmp_path), "MP_NATS_ISSUER_SEED": curve})
@@ -205,3 +209,25 @@ def test_callout_settings_refuse_a_wrong_seed_without_quoting_it(tmp_path: Any) 
     settings = Settings.from_env({"MP_HOME": str(tmp_path), "MP_NATS_XKEY_SEED": curve})
     assert settings.nats_xkey_seed == curve
     assert curve not in repr(settings)
+
+
+def test_the_operator_gets_secrets_and_a_server_config_that_nats_server_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.natsauth import admin
+
+    seed = keys.new_account_seed()
+    assert admin.run(Settings.from_env({"MP_HOME": str(tmp_path), "MP_NATS_ISSUER_SEED": seed})) == 0
+    out = capsys.readouterr().out
+    env = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("MP_"))
+    assert env["MP_NATS_ISSUER_SEED"] == seed, "a seed already set is kept"
+    config = out[out.index("accounts {") :]
+    for name in ("MP_NATS_ISSUER_SEED", "MP_NATS_XKEY_SEED", "MP_NATS_AUTH_PASSWORD", "MP_NATS_SYS_PASSWORD"):
+        assert env[name] not in config, f"{name} stays out of the server's config"
+    assert f'issuer: "{keys.account_public_key(seed)}"' in config
+    assert Settings.from_env({"MP_HOME": str(tmp_path), **env}).nats_xkey_seed == env["MP_NATS_XKEY_SEED"]
+    (tmp_path / "nats.conf").write_text(f"listen: 127.0.0.1:{free_port()}\n{config}")
+    checked = subprocess.run(
+        [str(find_nats_server()), "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
