@@ -160,12 +160,13 @@ async def _nats(settings: DaemonSettings) -> Check:
         )
     except Exception as exc:
         if "authorization violation" in str(exc).lower():
-            return Check(
-                "pool",
-                "fail",
-                f"the coordinator at {url} refused this provider's credentials",
-                "check MP_NATS_USER / MP_NATS_PASSWORD (or MP_NATS_CREDS) from the pool operator",
+            fix = (
+                "its provider token was revoked, or the provider banned: sign in again "
+                "(mac-provider-daemon login) or check MP_PROVIDER_TOKEN"
+                if settings.provider_token
+                else "check MP_NATS_USER / MP_NATS_PASSWORD (or MP_NATS_CREDS) from the pool operator"
             )
+            return Check("pool", "fail", f"the coordinator at {url} refused this provider's credentials", fix)
         return Check(
             "pool",
             "fail",

@@ -20,7 +20,7 @@ from subprocess import Popen
 from daemon.settings import ADMIN_TOKEN_FILE_NAME
 from infra import procs
 from infra.blas import fast_blas_env
-from infra.nats_auth import Credentials, NatsTarget, child_env
+from infra.nats_auth import Credentials, NatsTarget, SecuredNats, child_env
 from infra.ports import free_port
 
 
@@ -59,7 +59,8 @@ def start_gateway(
     timeout: float = 60.0,
     nats_credentials: Credentials | None = None,
 ) -> Child:
-    """Start a control plane; on a server we launched (a SecuredNats) it logs in as the control plane."""
+    """Start a control plane; on a server we launched (a SecuredNats) it logs in as the control plane
+    and also answers the server's auth callout."""
     log_path = home / "logs" / f"{name}.log"
     proc = procs.spawn(
         [sys.executable, "-m", "services", "serve"],
@@ -69,6 +70,42 @@ def start_gateway(
                 "MP_PORT": str(port),
                 **child_env(nats, credentials=nats_credentials),
                 "DATABASE_URL": database_url,
+                **(env or {}),
+            }
+        ),
+        log_path=log_path,
+    )
+    child = Child(name, proc, log_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=timeout, child=child)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+def start_natsauth(
+    home: Path,
+    *,
+    nats: SecuredNats,
+    database_url: str,
+    name: str = "natsauth",
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Child:
+    """Start the auth callout alone (`mac-provider serve --service natsauth`): what lets anyone onto
+    a server we launched while no control plane runs (tests of daemons and of the bus itself)."""
+    log_path = home / "logs" / f"{name}.log"
+    port = free_port()
+    proc = procs.spawn(
+        [sys.executable, "-m", "services", "serve", "--service", "natsauth"],
+        env=_env(
+            {
+                "MP_HOME": str(home),
+                "MP_PORT": str(port),
+                **child_env(nats),
+                "DATABASE_URL": database_url,
+                "MP_DB_POOL_SIZE": "4",
                 **(env or {}),
             }
         ),
@@ -124,8 +161,8 @@ def start_daemon(
 ) -> DaemonChild:
     """Start a daemon; its local ports are free ones unless given (several daemons share one machine).
 
-    On a server we launched (a SecuredNats), the daemon logs in as its own provider
-    user, registered with the server now if it is new. Its state folder (admin token) is
+    On a server we launched (a SecuredNats), the daemon presents its own provider token
+    (minted in Postgres now if it is new), which the auth callout checks. Its state folder (admin token) is
     `home/daemons/<provider_id>`; its models folder, where /admin/load may load from, is
     `home/models` (where `mac-provider up` and the tests put models), unless `env` says otherwise.
     """

@@ -72,22 +72,25 @@ def main() -> int:
     children: list[Child] = []
     exit_code = 0
     try:
-        nats_url = os.environ.get("NATS_URL")
-        target: NatsTarget = nats_url or ""
-        if not nats_url:
-            # Authorization on: the control plane and the daemon each log in as their own user
-            # (credentials in $MP_HOME/nats/credentials.json, 0600; the config holds bcrypt hashes).
-            nats = SecuredNats.start(home / "nats", port=_port("MP_NATS_PORT"))
-            cleanups.append(nats.stop)
-            nats_url, target = nats.url, nats
-            admin_env.update(nats.gateway.env())
-            _say(f"nats-server on {redact_url(nats_url)} (users: {nats.users.state_dir / 'credentials.json'})")
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
             pg = PostgresServer.start(home / "postgres", port=_port("MP_PG_PORT"))
             cleanups.append(pg.stop)
             database_url = pg.url
             _say(f"postgres on {redact_url(database_url)}")
+        nats_url = os.environ.get("NATS_URL")
+        target: NatsTarget = nats_url or ""
+        if not nats_url:
+            # The auth callout on: the control plane (which answers it) logs in with its password,
+            # the daemon with a provider token minted in Postgres; the server's config names no
+            # provider (secrets in $MP_HOME/nats/credentials.json, 0600).
+            nats = SecuredNats.start(home / "nats", port=_port("MP_NATS_PORT"), database_url=database_url)
+            cleanups.append(nats.stop)
+            nats_url, target = nats.url, nats
+            admin_env.update(nats.gateway.env())
+            _say(
+                f"nats-server on {redact_url(nats_url)} (auth callout; secrets: {nats.state_dir / 'credentials.json'})"
+            )
 
         dev_env = home / "dev.env"
         key = asyncio.run(ensure_dev_key(database_url, dev_env))

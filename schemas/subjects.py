@@ -104,3 +104,16 @@ def parse_reply(subject: str) -> tuple[str, str, str]:
 def parse_provider(subject: str) -> str:
     """The provider id that ends a heartbeat/leave subject."""
     return subject.rsplit(".", 1)[-1]
+
+
+# ---- the nats-server's own system subjects (not ours to version) ------------------------------
+
+# Where the server sends each connection attempt to the auth callout (in the callout's account).
+AUTH_CALLOUT = "$SYS.REQ.USER.AUTH"
+# Every server of a cluster answers with its own connections (system account only).
+SERVER_CONNZ = "$SYS.REQ.SERVER.PING.CONNZ"
+
+
+def server_kick(server_id: str) -> str:
+    """Closes one connection (`{"cid": ...}`) on the server with this id (system account only)."""
+    return f"$SYS.REQ.SERVER.{_token('server id', server_id)}.KICK"

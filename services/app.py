@@ -10,7 +10,8 @@ refuses to build with one that does not, and its guard closes any added later.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
 from litestar import Litestar, Response, Router, route
 from litestar.datastructures import State
@@ -28,6 +29,8 @@ from services.gateway.messages import messages
 from services.keys.account_page import account, account_new_key, account_revoke, account_revoke_mac
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.middleware import add_request_id
+from services.natsauth.routes import natsauth_health
+from services.natsauth.service import check_settings, open_natsauth
 from services.openapi import openapi_config
 from services.providers.device_budgets import DEVICE_BUDGETS, device_budgets
 from services.providers.device_page import device_decide, device_form
@@ -47,6 +50,8 @@ SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke, account_revoke_mac],
     "usage": [usage, feedback],
     "providers": [provider_macs, provider_mac, provider_home],
+    # The NATS auth callout (services/natsauth/): no routes, a lifespan; on when MP_NATS_ISSUER_SEED is set.
+    "natsauth": [],
 }
 
 
@@ -77,6 +82,16 @@ def _with_options(handlers: list[ControllerRouterHandler]) -> list[ControllerRou
     return [*(_options(path, m) for path, m in methods.items()), *handlers]
 
 
+def _natsauth_lifespan(settings: Settings) -> contextlib.AbstractAsyncContextManager[None] | object:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with open_natsauth(settings) as natsauth:
+            app.state.natsauth = natsauth
+            yield
+
+    return lifespan
+
+
 def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) -> Litestar:
     unknown = set(services) - set(SERVICES)
     if unknown:
@@ -84,8 +99,16 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
     handlers: list[ControllerRouterHandler] = []
     for name in services:
         handlers.extend(SERVICES[name])
-    if "status" not in services:
-        handlers.append(health)
+    # The callout runs where it is configured; it comes up first, since this process's own
+    # NATS login (the gateway's) may be the first request it answers.
+    lifespans = [_natsauth_lifespan(settings)] if "natsauth" in services and settings.nats_issuer_seed else []
+    if set(services) == {"natsauth"}:
+        check_settings(settings)  # asked for alone, it must run
+        handlers.append(natsauth_health)  # the callout alone: no gateway runtime to report on
+    else:
+        lifespans.append(runtime_lifespan(settings))
+        if "status" not in services:
+            handlers.append(health)
     # The API document and its page are public (their routes are Litestar's, declared through their router).
     docs = openapi_config()
     docs.openapi_router = Router(
@@ -93,7 +116,7 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
     )
     app = Litestar(
         route_handlers=_with_options(handlers),
-        lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
+        lifespan=lifespans,  # type: ignore[arg-type]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         guards=[enforce],
         state=State({GITHUB_STARTS: github_start_budget(settings), DEVICE_BUDGETS: device_budgets(settings)}),

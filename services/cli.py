@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from services.app import SERVICES
+from services.natsauth import admin as natsauth_admin
 from services.providers import admin as providers_admin
 from services.settings import Settings, SettingsError
 from services.usage import admin as usage_admin
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     usage_admin.add_commands(admin_sub)
     providers_admin.add_commands(admin_sub)
+    natsauth_admin.add_commands(admin_sub)
     args = parser.parse_args(argv)
     if args.command == "up":
         from infra.stack import main as up
@@ -70,9 +72,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mac-provider: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
+        if "natsauth" in (args.service or []):
+            from services.natsauth.service import check_settings
+
+            try:
+                check_settings(settings)
+            except SettingsError as exc:
+                print(f"mac-provider: {exc}", file=sys.stderr)
+                return 2
         _serve(settings, args.service or list(ALL))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
+    elif args.command == "admin" and args.admin_command == "nats-callout":
+        return natsauth_admin.run(settings)
     elif args.command == "admin" and args.admin_command == "providers":
         return asyncio.run(providers_admin.run(args, settings))
     elif args.command == "admin":

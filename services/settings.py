@@ -36,6 +36,19 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _non_negative(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{key} must be a number, got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise SettingsError(f"{key} must be 0 or more, got {raw!r}")
+    return value
+
+
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -95,6 +108,27 @@ def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
         with contextlib.suppress(FileExistsError):
             write_private(path, secrets.token_urlsafe(48), replace=False)
     return path.read_text().strip().encode()
+
+
+def _seed(env: Mapping[str, str], key: str, *, account: bool) -> str:
+    """An nkey seed (account or curve), checked now so a typo fails at start (never quoted back)."""
+    from services.natsauth import keys
+
+    raw = env.get(key, "").strip()
+    if raw:
+        try:
+            keys.decode_seed(raw, keys.PREFIX_ACCOUNT if account else keys.PREFIX_CURVE)
+        except keys.NkeyError:
+            kind = "an account nkey seed (SA...)" if account else "a curve nkey seed (SX...)"
+            raise SettingsError(f"{key} is not {kind}") from None
+    return raw
+
+
+def _nats_name(env: Mapping[str, str], key: str, default: str) -> str:
+    value = env.get(key) or default
+    if not value.isascii() or not value.replace("_", "").replace("-", "").isalnum() or len(value) > 64:
+        raise SettingsError(f"{key} must be a NATS account name (A-Z a-z 0-9 _ -), got {value!r}")
+    return value
 
 
 # Field metadata: a secret is never shown; a URL is shown without its credentials.
@@ -209,9 +243,32 @@ class Settings:
     # Protocol violations within the window that suspend a provider automatically (0: never).
     provider_violation_limit: int
     provider_violation_window_s: float
-    # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone.
+    # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone. With the
+    # auth callout below, it is also the one credential besides provider tokens that it lets in.
     nats_user: str
     nats_password: str = field(metadata=SECRET)
+    # The NATS auth callout (services/natsauth/; off while the seed is empty): the account nkey seed
+    # that signs user JWTs (the server's `auth_callout.issuer` is its public key), and the curve
+    # seed that opens sealed requests (`auth_callout.xkey`; empty: the server sends them in clear).
+    nats_issuer_seed: str = field(metadata=SECRET)
+    nats_xkey_seed: str = field(metadata=SECRET)
+    # The callout service's own login (one of `auth_callout.auth_users`, in its `account`).
+    nats_auth_user: str
+    nats_auth_password: str = field(metadata=SECRET)
+    # A login in the server's system account, to find and close a banned provider's connections
+    # (CONNZ / KICK); empty: revocations and bans act when the user JWT expires.
+    nats_sys_user: str
+    nats_sys_password: str = field(metadata=SECRET)
+    # The account the callout puts the control plane and providers in (the audience of user JWTs).
+    nats_account: str
+    # How long a provider's user JWT lets its connection live (0: no expiry). The server then closes
+    # it with "User Authentication Expired", which nats-py takes as final: it never reconnects
+    # (nats-io/nats.py#1019). So it is off by default, and the re-check below bounds instead how long
+    # a provider that lost its access (a notice missed) stays connected, without disconnecting the rest.
+    nats_user_ttl_s: float
+    # How often the callout checks every provider connection against Postgres and closes those
+    # that may not connect any more (revocations and bans close them at once anyway).
+    nats_recheck_s: float
     # Device login (RFC 8628): how long a code lives, and the least seconds between two polls.
     device_code_ttl_s: int = 600
     device_poll_interval_s: int = 5
@@ -290,6 +347,15 @@ class Settings:
             provider_violation_window_s=_float(env, "MP_PROVIDER_VIOLATION_WINDOW_S", 3600.0),
             nats_user=env.get("MP_NATS_USER", ""),
             nats_password=env.get("MP_NATS_PASSWORD", ""),
+            nats_issuer_seed=_seed(env, "MP_NATS_ISSUER_SEED", account=True),
+            nats_xkey_seed=_seed(env, "MP_NATS_XKEY_SEED", account=False),
+            nats_auth_user=env.get("MP_NATS_AUTH_USER", ""),
+            nats_auth_password=env.get("MP_NATS_AUTH_PASSWORD", ""),
+            nats_sys_user=env.get("MP_NATS_SYS_USER", ""),
+            nats_sys_password=env.get("MP_NATS_SYS_PASSWORD", ""),
+            nats_account=_nats_name(env, "MP_NATS_ACCOUNT", "APP"),
+            nats_user_ttl_s=_non_negative(env, "MP_NATS_USER_TTL_S", 0.0),
+            nats_recheck_s=_float(env, "MP_NATS_RECHECK_S", 60.0),
             device_code_ttl_s=_bounded_int(env, "MP_DEVICE_CODE_TTL_S", 600, low=1, high=MAX_EXPIRES_IN_S),
             device_poll_interval_s=_bounded_int(env, "MP_DEVICE_POLL_INTERVAL_S", 5, low=1, high=MAX_INTERVAL_S),
             device_codes_per_min=_positive_int(env, "MP_DEVICE_CODES_PER_MIN", 10),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.components import Child, DaemonChild, start_daemon, start_gateway, wait_model
+from infra.components import Child, DaemonChild, start_daemon, start_gateway, start_natsauth, wait_model
 from infra.devkey import ensure_dev_key
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
@@ -66,18 +66,27 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def nats_server(state_dir: Path) -> Iterator[SecuredNats]:
-    """NATS with authorization on, as deployed: the gateway logs in as the control plane and every
-    daemon a test starts as its own provider user, registered (config reload) when first started."""
-    server = SecuredNats.start(state_dir / "nats")
+def postgres(state_dir: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer.start(state_dir / "postgres", fast=True)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def postgres(state_dir: Path) -> Iterator[PostgresServer]:
-    server = PostgresServer.start(state_dir / "postgres", fast=True)
+def nats_server(state_dir: Path, postgres: PostgresServer) -> Iterator[SecuredNats]:
+    """NATS with the auth callout on, as deployed: the gateway logs in as the control plane and every
+    daemon a test starts with its own provider token (minted in Postgres when first started).
+
+    The callout is answered by a `serve --service natsauth` process of its own, so tests of the bus
+    and of daemons need no gateway; the session's gateway answers it too (a second replica)."""
+    server = SecuredNats.start(state_dir / "nats", database_url=postgres.url)
+    try:
+        responder = start_natsauth(state_dir, nats=server, database_url=postgres.url)
+    except BaseException:
+        server.stop()
+        raise
     yield server
+    responder.stop()
     server.stop()
 
 

@@ -18,10 +18,11 @@ import nats
 import pytest
 
 from infra.components import Child, DaemonChild, get_json, start_daemon, start_gateway, wait_model
-from infra.nats_auth import Permissions, SecuredNats
+from infra.nats_auth import SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
 from schemas import bus, subjects
+from schemas.permissions import Permissions
 from services.db.migrate import migrate
 from services.providers import store
 from tests.conftest import Stack
@@ -167,8 +168,13 @@ class FloodStack:
 @pytest.fixture(scope="module")
 def flood_stack(tmp_path_factory: pytest.TempPathFactory, admission_db: str) -> Iterator[FloodStack]:
     home = tmp_path_factory.mktemp("mp-flood")
-    secured = SecuredNats.start(home / "nats")
-    flooder = secured.add_user("flood", Permissions(publish=(subjects.HEARTBEATS,), subscribe=()))
+    # The flooder is a login of the server's own (not a provider: the callout never sees it).
+    secured = SecuredNats.start(
+        home / "nats",
+        database_url=admission_db,
+        tool_users={"flood": Permissions(publish=(subjects.HEARTBEATS,), subscribe=())},
+    )
+    flooder = secured.tool("flood")
     ports = [free_port(), free_port()]
     env = {"MP_PROVISIONAL_ADMISSIONS_PER_MIN": str(RATE), "MP_LOG_LEVEL": "info"}
 
@@ -368,7 +374,8 @@ async def test_a_ban_stops_running_streams_on_every_replica_at_once(
             assert last["error"]["code"], last
             assert ended - banned_at < 1.0, "the ban stops the stream at once"
         print(f"\nban: streams ended {[round((e - banned_at) * 1000) for _, e in results]} ms after the commit")
-        # Never routed again, though it keeps heartbeating; its running work was cancelled.
+        # Never routed again (it is off the bus too: the callout refuses it); its running work was
+        # cancelled (the gateways' cancels reach it before the callout service closes its connection).
         await asyncio.sleep(1.5)
         assert daemon.alive()
         for replica in replicas:

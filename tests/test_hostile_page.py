@@ -160,10 +160,10 @@ def test_a_hostile_page_cannot_drive_or_read_the_daemon(stack: Stack, outside_mo
 
 
 def test_status_answers_hold_no_secrets_or_paths(stack: Stack, tmp_path: Path) -> None:
-    """A provider's NATS password in its URL stays out of /admin/status; no answer shows file paths."""
+    """A provider's NATS token in its URL stays out of /admin/status; no answer shows file paths."""
     provider = "page-creds-mac"
-    url = stack.nats.provider(provider).in_url(stack.nats.url)
-    password = url.split("@")[0].rsplit(":", 1)[1]
+    password = stack.nats.provider_token(provider)
+    url = stack.nats.url.replace("nats://", f"nats://{password}@")
     d = start_daemon(tmp_path, nats=url, provider_id=provider, model_id="page-synthetic", engine="synthetic")
     try:
         wait_http(f"{d.admin_url}/admin/health", timeout=60, child=d)

@@ -1,4 +1,5 @@
-"""NATS vouches for who is talking: a provider's credentials reach only its own subjects (real nats-server)."""
+"""NATS vouches for who is talking: a provider's token reaches only its own subjects (real nats-server,
+its auth callout answered by the control plane's natsauth service)."""
 
 from __future__ import annotations
 
@@ -15,25 +16,29 @@ import nats
 import pytest
 from nats.aio.client import Client as Nats
 
+from infra.components import start_natsauth
 from infra.nats_auth import Credentials, SecuredNats
+from infra.postgres import PostgresServer
 from schemas import bus, subjects
+from services.keys.format import PROVIDER_TOKENS
 
 MINE = "auth-mac-mine"
 OTHER = "auth-mac-other"
 
 
 @asynccontextmanager
-async def _connect(server: SecuredNats, credentials: Credentials, errors: list[str]) -> AsyncIterator[Nats]:
+async def _connect(server: SecuredNats, credentials: Credentials | str, errors: list[str]) -> AsyncIterator[Nats]:
+    """As the control plane (its Credentials) or as a provider (its token)."""
+
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
 
-    nc = await nats.connect(
-        server.url,
-        user=credentials.user,
-        password=credentials.password,
-        error_cb=on_error,
-        allow_reconnect=False,
+    login: dict[str, Any] = (
+        {"token": credentials}
+        if isinstance(credentials, str)
+        else {"user": credentials.user, "password": credentials.password}
     )
+    nc = await nats.connect(server.url, error_cb=on_error, allow_reconnect=False, **login)
     try:
         yield nc
     finally:
@@ -50,7 +55,7 @@ async def _violations(errors: list[str], expected: int) -> list[str]:
 
 
 async def test_a_provider_cannot_read_or_write_as_anyone_else(nats_server: SecuredNats) -> None:
-    mine = nats_server.provider(MINE)
+    mine = nats_server.provider_token(MINE)
     errors: list[str] = []
     async with _connect(nats_server, mine, errors) as nc:
         for subject in (subjects.work(OTHER), subjects.cancel(OTHER), subjects.ALL_REPLIES, "_INBOX.>", ">"):
@@ -74,7 +79,7 @@ async def test_a_provider_cannot_read_or_write_as_anyone_else(nats_server: Secur
 
 
 async def test_refused_subjects_deliver_nothing_and_own_subjects_work(nats_server: SecuredNats) -> None:
-    mine = nats_server.provider(MINE)
+    mine = nats_server.provider_token(MINE)
     errors: list[str] = []
     got: dict[str, list[Any]] = {"stolen": [], "work": [], "beats": [], "replies": []}
     async with (
@@ -117,43 +122,58 @@ async def test_refused_subjects_deliver_nothing_and_own_subjects_work(nats_serve
 
 @pytest.mark.parametrize(
     "who",
-    ["wrong password", "no credentials", "another provider's password", "unknown user"],
+    [
+        "wrong password",
+        "no credentials",
+        "unknown user",
+        "the control plane's password as a token",
+        "a token never minted",
+        "another provider's token, one character changed",
+    ],
 )
 async def test_bad_credentials_are_refused(nats_server: SecuredNats, who: str) -> None:
-    mine, other = nats_server.provider(MINE), nats_server.provider(OTHER)
+    gateway, other = nats_server.gateway, nats_server.provider_token(OTHER)
+    changed = other[:-7] + ("A" if other[-7] != "A" else "B") + other[-6:]
     login = {
-        "wrong password": {"user": mine.user, "password": mine.password + "x"},
+        "wrong password": {"user": gateway.user, "password": gateway.password + "x"},
         "no credentials": {},
-        "another provider's password": {"user": mine.user, "password": other.password},
-        "unknown user": {"user": "provider-nobody", "password": mine.password},
+        "unknown user": {"user": "provider-nobody", "password": gateway.password},
+        "the control plane's password as a token": {"token": gateway.password},
+        "a token never minted": {"token": PROVIDER_TOKENS.generate()},
+        "another provider's token, one character changed": {"token": changed},
     }[who]
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(nats_server.url, allow_reconnect=False, max_reconnect_attempts=0, **login)
 
 
-def test_credentials_stay_private_and_the_config_holds_only_hashes(nats_server: SecuredNats) -> None:
-    mine = nats_server.provider(MINE)
-    state = nats_server.users.state_dir
+def test_secrets_stay_private_and_the_config_holds_no_provider_and_no_secret(nats_server: SecuredNats) -> None:
+    mine = nats_server.provider_token(MINE)
+    state = nats_server.state_dir
     for name in ("credentials.json", "auth.conf"):
         assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
-    conf = (state / "auth.conf").read_text()
-    assert mine.password not in conf
-    assert nats_server.gateway.password not in conf
-    assert conf.count('"$2b$') >= 3  # gateway + the two providers, bcrypt
-    assert mine.password not in repr(mine)
-    # Registering the same provider again changes nothing (and does not reload the server).
-    assert nats_server.provider(MINE) == mine
+    conf = (state / "auth.conf").read_text() + (state / "nats.conf").read_text()
+    assert "auth_callout" in conf
+    for secret in (mine, nats_server.gateway.password, nats_server.bus.issuer_seed, nats_server.bus.xkey_seed):
+        assert secret not in conf
+    assert MINE not in conf, "no provider is a user of the server"
+    assert "provider" not in conf
+    assert nats_server.gateway.user not in conf, "the control plane is let in by the callout too"
+    assert conf.count('"$2b$') == 2  # the callout's and the system account's logins, bcrypt
+    assert mine not in repr(nats_server.bus)
+    assert nats_server.bus.issuer_seed not in repr(nats_server.bus)
+    # The same provider keeps its token (it is minted once).
+    assert nats_server.provider_token(MINE) == mine
 
 
-async def test_a_daemon_started_for_a_new_id_gets_its_own_user(nats_server: SecuredNats) -> None:
+async def test_a_daemon_started_for_a_new_id_gets_its_own_token(nats_server: SecuredNats) -> None:
     from infra.nats_auth import child_env
 
     env = child_env(nats_server, provider_id="auth-mac-new")
     assert env["NATS_URL"] == nats_server.url, "never the control plane's credentials"
-    assert env["MP_NATS_USER"] == "provider-auth-mac-new"
+    assert "MP_NATS_PASSWORD" not in env
+    assert "MP_NATS_ISSUER_SEED" not in env
     errors: list[str] = []
-    creds = Credentials(env["MP_NATS_USER"], env["MP_NATS_PASSWORD"])
-    async with _connect(nats_server, creds, errors) as nc:
+    async with _connect(nats_server, env["MP_PROVIDER_TOKEN"], errors) as nc:
         await nc.subscribe(subjects.work("auth-mac-new"))
         await nc.subscribe(subjects.drain("auth-mac-new"))
         await nc.subscribe(subjects.work(MINE))
@@ -163,13 +183,18 @@ async def test_a_daemon_started_for_a_new_id_gets_its_own_user(nats_server: Secu
     assert subjects.work(MINE) in refused[0]
 
 
-async def test_a_restarted_server_keeps_every_user(tmp_path: Path) -> None:
-    server = SecuredNats.start(tmp_path / "nats")
-    mine = server.provider(MINE)
+async def test_a_restarted_server_lets_everyone_back(tmp_path: Path, postgres: PostgresServer) -> None:
+    server = SecuredNats.start(tmp_path / "nats", database_url=postgres.url)
+    callout = start_natsauth(tmp_path, nats=server, database_url=postgres.url)
+    mine = server.provider_token(MINE)
     conns: list[Nats] = []
     back = [asyncio.Event(), asyncio.Event()]
     try:
-        for creds, event in zip((server.gateway, mine), back, strict=True):
+        logins: list[dict[str, Any]] = [
+            {"user": server.gateway.user, "password": server.gateway.password},
+            {"token": mine},
+        ]
+        for login, event in zip(logins, back, strict=True):
 
             async def reconnected(event: asyncio.Event = event) -> None:
                 event.set()
@@ -177,11 +202,10 @@ async def test_a_restarted_server_keeps_every_user(tmp_path: Path) -> None:
             conns.append(
                 await nats.connect(
                     server.url,
-                    user=creds.user,
-                    password=creds.password,
                     reconnect_time_wait=0.1,
                     max_reconnect_attempts=-1,
                     reconnected_cb=reconnected,
+                    **login,
                 )
             )
         gateway, provider = conns
@@ -195,6 +219,7 @@ async def test_a_restarted_server_keeps_every_user(tmp_path: Path) -> None:
     finally:
         for c in conns:
             await c.close()
+        callout.stop()
         server.stop()
 
 
@@ -212,15 +237,14 @@ def test_the_daemon_doctor_logs_in_as_its_provider(nats_server: SecuredNats) -> 
     import subprocess
     import sys
 
-    mine = nats_server.provider(MINE)
+    mine = nats_server.provider_token(MINE)
 
-    def pool_check(password: str) -> dict[str, str]:
+    def pool_check(token: str) -> dict[str, str]:
         env = {
             **os.environ,
             "NATS_URL": nats_server.url,
             "MP_PROVIDER_ID": MINE,
-            "MP_NATS_USER": mine.user,
-            "MP_NATS_PASSWORD": password,
+            "MP_PROVIDER_TOKEN": token,
             "MP_ADMIN_PORT": "0",
             "MP_API_PORT": "0",
         }
@@ -230,8 +254,8 @@ def test_the_daemon_doctor_logs_in_as_its_provider(nats_server: SecuredNats) -> 
         checks = {c["name"]: c for c in json.loads(done.stdout)}
         return dict(checks["pool"])
 
-    assert pool_check(mine.password)["status"] == "ok"
-    refused = pool_check("not-the-password")
+    assert pool_check(mine)["status"] == "ok"
+    refused = pool_check(PROVIDER_TOKENS.generate())
     assert refused["status"] == "fail"
     assert "refused this provider's credentials" in refused["detail"]
-    assert "MP_NATS_PASSWORD" in refused["fix"]
+    assert "MP_PROVIDER_TOKEN" in refused["fix"]

@@ -23,7 +23,7 @@ TIMEOUT_S = 20
 @pytest.fixture
 def own_bus(stack: Stack, tmp_path: Path) -> Iterator[tuple[SecuredNats, str]]:
     """Its own nats-server, gateway and two daemons (Postgres shared), so the restart hurts no other test."""
-    nats_server = SecuredNats.start(tmp_path / "nats")
+    nats_server = SecuredNats.start(tmp_path / "nats", database_url=stack.database_url)
     children: list[Child] = []
     try:
         port = free_port()

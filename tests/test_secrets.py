@@ -17,9 +17,10 @@ import schemas.private_file as private_file
 from daemon.settings import DaemonSettings
 from infra.components import start_daemon
 from infra.devkey import write_dev_env
-from infra.nats_auth import GATEWAY_USER, NatsUsers, SecuredNats, gateway_permissions
+from infra.nats_auth import BusSecrets, SecuredNats, write_config
 from schemas.private_file import write_private
 from schemas.redact import redact_url
+from services.natsauth import keys
 from services.settings import Settings
 from tests.support.logs import wait_event
 
@@ -104,10 +105,11 @@ def test_every_secret_file_the_stack_writes_is_private(
     dev_env = tmp_path / "home" / "dev.env"
     write_dev_env(dev_env, base_url="http://127.0.0.1:1/v1", key="mp_" + "k" * 36)
     assert _mode(dev_env) == 0o600
-    # NATS passwords and the server's auth config.
-    users = NatsUsers(tmp_path / "nats")
-    users.ensure(GATEWAY_USER, gateway_permissions())
-    users.save()
+    # The local bus's seeds and passwords, and the server's auth config.
+    (tmp_path / "nats").mkdir()
+    bus = BusSecrets.new()
+    bus.save(tmp_path / "nats" / "credentials.json")
+    write_config(tmp_path / "nats", bus)
     assert _mode(tmp_path / "nats" / "credentials.json") == 0o600
     assert _mode(tmp_path / "nats" / "auth.conf") == 0o600
     assert modes_when_published == [0o600] * 4
@@ -122,6 +124,7 @@ DB_PASSWORD = "pg-pa55"
 def test_settings_repr_hides_every_secret(tmp_path: Path) -> None:
     secret_key = "sk-" + secrets.token_hex(20)
     github_secret = "gh-" + secrets.token_hex(8)
+    issuer_seed, xkey_seed = keys.new_account_seed(), keys.new_curve_seed()
     env = {
         "MP_HOME": str(tmp_path),
         "MP_SECRET_KEY": secret_key,
@@ -129,10 +132,17 @@ def test_settings_repr_hides_every_secret(tmp_path: Path) -> None:
         "MP_GITHUB_CLIENT_SECRET": github_secret,
         "MP_NATS_USER": "gateway",
         "MP_NATS_PASSWORD": "nats-" + NATS_PASSWORD,
+        "MP_NATS_ISSUER_SEED": issuer_seed,
+        "MP_NATS_XKEY_SEED": xkey_seed,
+        "MP_NATS_AUTH_USER": "natsauth",
+        "MP_NATS_AUTH_PASSWORD": "auth-" + NATS_PASSWORD,
+        "MP_NATS_SYS_USER": "system",
+        "MP_NATS_SYS_PASSWORD": "sys-" + NATS_PASSWORD,
         "NATS_URL": f"nats://gateway:{NATS_PASSWORD}@nats.internal:4222",
         "DATABASE_URL": f"postgresql://app:{DB_PASSWORD}@db.internal/mp?password=q-{DB_PASSWORD}",
     }
     settings = Settings.from_env(env)
+    assert settings.nats_issuer_seed == issuer_seed, "the value itself is intact"
     daemon = DaemonSettings.from_env(
         {
             "NATS_URL": f"nats://provider-x:{NATS_PASSWORD}@pool.example:4222,nats://tok-{NATS_PASSWORD}@b:4222",
@@ -142,7 +152,7 @@ def test_settings_repr_hides_every_secret(tmp_path: Path) -> None:
     )
     assert settings.nats_password == "nats-" + NATS_PASSWORD, "the value itself is intact"
     for text in (repr(settings), str(settings), repr(daemon), str(daemon)):
-        for secret in (secret_key, github_secret, NATS_PASSWORD, DB_PASSWORD, "pa55"):
+        for secret in (secret_key, github_secret, NATS_PASSWORD, DB_PASSWORD, "pa55", issuer_seed, xkey_seed):
             assert secret not in text
     assert "nats://gateway:***@nats.internal:4222" in repr(settings)
     assert "postgresql://app:***@db.internal/mp?password=***" in repr(settings)
@@ -184,15 +194,14 @@ def test_database_urls_lose_their_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
-def test_a_daemon_and_its_doctor_never_show_the_nats_password_of_their_url(
+def test_a_daemon_and_its_doctor_never_show_the_nats_token_of_their_url(
     nats_server: SecuredNats, tmp_path: Path
 ) -> None:
     provider_id = "secret-url-mac"
-    creds = nats_server.provider(provider_id)
-    url = creds.in_url(nats_server.url)  # the provider's password rides in NATS_URL
-    assert creds.password in url
-    shown = f"nats://{creds.user}:***@{nats_server.url.removeprefix('nats://')}"
-    env = {"NATS_URL": url, "MP_NATS_USER": "", "MP_NATS_PASSWORD": "", "MP_ADMIN_PORT": "0", "MP_API_PORT": "0"}
+    token = nats_server.provider_token(provider_id)
+    url = nats_server.url.replace("nats://", f"nats://{token}@")  # the provider's token rides in NATS_URL
+    shown = f"nats://***@{nats_server.url.removeprefix('nats://')}"
+    env = {"NATS_URL": url, "MP_PROVIDER_TOKEN": "", "MP_ADMIN_PORT": "0", "MP_API_PORT": "0"}
     daemon = start_daemon(
         tmp_path, nats=nats_server, provider_id=provider_id, model_id="secret-url-model", engine="synthetic", env=env
     )
@@ -200,8 +209,8 @@ def test_a_daemon_and_its_doctor_never_show_the_nats_password_of_their_url(
         online = wait_event(daemon.log_path, "provider_online", timeout=60)
     finally:
         daemon.stop()
-    assert online["nats"] == shown, "it logged in with the URL's credentials and says so without the password"
-    assert creds.password not in daemon.log_path.read_text()
+    assert online["nats"] == shown, "it logged in with the URL's token and says so without it"
+    assert token not in daemon.log_path.read_text()
 
     doctor = subprocess.run(
         [sys.executable, "-m", "daemon", "doctor", "--json"],
@@ -211,4 +220,4 @@ def test_a_daemon_and_its_doctor_never_show_the_nats_password_of_their_url(
         timeout=60,
     )
     assert f"coordinator reachable at {shown}" in doctor.stdout, doctor.stdout
-    assert creds.password not in doctor.stdout + doctor.stderr
+    assert token not in doctor.stdout + doctor.stderr

@@ -133,3 +133,16 @@ async def list_tokens(db: Db, *, account_id: int | None = None, provider_id: str
         )
         for r in rows
     ]
+
+
+async def without_access(db: Db, provider_ids: list[str]) -> list[str]:
+    """Those of `provider_ids` that may not connect now: banned, suspended, or no live token."""
+    rows = await db.fetch(
+        """SELECT u.provider_id FROM unnest($1::text[]) AS u(provider_id)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM provider_tokens t JOIN providers p ON p.provider_id = t.provider_id
+                 WHERE t.provider_id = u.provider_id AND t.revoked_at IS NULL
+                   AND p.status NOT IN ('banned', 'suspended'))""",
+        provider_ids,
+    )
+    return [r["provider_id"] for r in rows]

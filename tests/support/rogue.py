@@ -66,10 +66,8 @@ class Rogue:
         return self._nc
 
     async def start(self) -> None:
-        credentials = self.nats.provider(self.provider_id)
-        self._nc = await nats.connect(
-            self.nats.url, user=credentials.user, password=credentials.password, allow_reconnect=False
-        )
+        token = await asyncio.to_thread(self.nats.provider_token, self.provider_id)
+        self._nc = await nats.connect(self.nats.url, token=token, allow_reconnect=False)
         await self.nc.subscribe(subjects.work(self.provider_id), cb=self._on_work)
         self._tasks.append(asyncio.create_task(self._beats()))
 
