@@ -30,7 +30,7 @@ import pytest
 from daemon import credentials
 from daemon.keychain import Keychain
 from daemon.login import LoginError, check_url
-from infra.components import Child, start_gateway
+from infra.components import Child, start_gateway, wait_model
 from infra.ports import free_port
 from schemas.device import GRANT_TYPE, normalize_user_code
 from services.auth.return_path import safe_return_path
@@ -38,12 +38,15 @@ from services.keys.format import PROVIDER_TOKENS
 from services.providers import tokens
 from services.settings import without_credentials
 from tests.support.auth_stack import AuthStack
+from tests.support.daemons import start_signed_in_daemon, wait_pool_connected, wait_worker
+from tests.support.daemons import status as daemon_status
 from tests.support.github import User
 
 _ids = iter(range(int(time.time()) % 10_000_000 * 100 + 50, 1 << 62))
 _USER_CODE = re.compile(r"^\s+([BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4})\s*$")
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 WRONG_CODES_PER_MIN = 4
+_JOINED_MODEL = "tiny-joined"
 
 
 def new_user() -> User:
@@ -237,6 +240,45 @@ def test_a_mac_signs_in_through_the_browser_and_its_owner_revokes_it(gw: DeviceG
     assert owner is not None
     assert (owner.provider_id, owner.account_id) == (creds.provider_id, account_of(gw, user))
 
+    # The Mac joins with nothing but its credentials file (as `brew services` starts it), passes the
+    # NATS auth callout with its token, is admitted and serves a buyer (another account) through the pool.
+    stack = gw.auth.stack
+    daemon = start_signed_in_daemon(
+        login_dir, model_id=_JOINED_MODEL, model_path=stack.model_path, log_dir=stack.home / "logs"
+    )
+    try:
+        wait_worker(daemon)
+        wait_model(gw.url, _JOINED_MODEL, timeout=60, daemon=daemon)
+        answer = httpx.post(
+            f"{gw.url}/v1/chat/completions",
+            headers=stack.auth(),
+            json={"model": _JOINED_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        served_by = stack.postgres.psql(
+            f"SELECT provider_id FROM usage_ledger WHERE request_id = '{answer.headers['x-request-id']}'"
+        ).strip()
+        assert served_by == creds.provider_id
+        _revoke_on_the_account_page(gw, browser, user, creds, owner)
+        # Cut off at once, and refused when it tries again.
+        cut_s = wait_pool_connected(daemon, False, timeout=5)
+        print(f"revoked on the account page -> daemon disconnected in {cut_s * 1000:.0f} ms")
+        assert cut_s < 1.0
+        time.sleep(2.0)  # it retries every 0.5 s
+        assert daemon_status(daemon)["pool"]["connected"] is False
+        assert daemon.alive()
+    finally:
+        daemon.stop()
+
+
+def _revoke_on_the_account_page(
+    gw: DeviceGateway,
+    browser: httpx.Client,
+    user: User,
+    creds: credentials.ProviderCredentials,
+    owner: tokens.TokenOwner,
+) -> None:
     # The account page lists the Mac; revoking needs the form's CSRF token, then cuts the token off.
     page = browser.get(f"{gw.auth.a}/account")
     assert page.status_code == 200

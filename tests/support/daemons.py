@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +124,50 @@ def bus_request(
         messages=messages,
         params=bus.SamplingParams(**{"max_tokens": 8, "temperature": 0.0, **params}),
     )
+
+
+def start_signed_in_daemon(state_dir: Path, *, model_id: str, model_path: Path, log_dir: Path) -> DaemonChild:
+    """A daemon as `brew services` runs it after `mac-provider-daemon login`: its identity, token and
+    NATS URL come from the credentials file in `state_dir` alone (no MP_PROVIDER_ID, no token, no NATS_URL)."""
+    from daemon.settings import ADMIN_TOKEN_FILE_NAME
+    from infra import procs
+    from infra.blas import fast_blas_env
+    from infra.ports import free_port
+
+    admin_port, api_port = free_port(), free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NATS_URL", "MP_PROVIDER_ID", "MP_PROVIDER_TOKEN", "MP_NATS_USER", "MP_NATS_PASSWORD", "MP_CONFIG")
+    }
+    env.update(
+        fast_blas_env(),
+        PYTHONUNBUFFERED="1",
+        MP_STATE_DIR=str(state_dir),
+        MP_MODEL_PATH=str(model_path),
+        MP_MODEL_ID=model_id,
+        MP_ADMIN_PORT=str(admin_port),
+        MP_API_PORT=str(api_port),
+        MP_HEARTBEAT_S="0.5",
+    )
+    log_path = log_dir / f"daemon-signed-in-{state_dir.name}.log"
+    proc = procs.spawn([sys.executable, "-m", "daemon", "serve"], env=env, log_path=log_path)
+    return DaemonChild(
+        f"daemon-{state_dir.name}",
+        proc,
+        log_path,
+        admin_port=admin_port,
+        api_port=api_port,
+        admin_token_file=state_dir / ADMIN_TOKEN_FILE_NAME,
+    )
+
+
+def wait_pool_connected(daemon: DaemonChild, connected: bool, timeout: float = 30.0) -> float:
+    """Seconds until the daemon's own status says it is (or is not) connected to the pool."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(httpx.HTTPError, KeyError):
+            if status(daemon)["pool"]["connected"] is connected:
+                return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"{daemon.name} never {'connected' if connected else 'disconnected'}:\n{daemon.log_tail()}")
