@@ -260,7 +260,7 @@ def test_a_mac_signs_in_through_the_browser_and_its_owner_revokes_it(gw: DeviceG
             f"SELECT provider_id FROM usage_ledger WHERE request_id = '{answer.headers['x-request-id']}'"
         ).strip()
         assert served_by == creds.provider_id
-        _revoke_on_the_account_page(gw, browser, user, creds, owner)
+        _revoke_on_the_account_page(gw, browser, creds, owner)
         # Cut off at once, and refused when it tries again.
         cut_s = wait_pool_connected(daemon, False, timeout=5)
         print(f"revoked on the account page -> daemon disconnected in {cut_s * 1000:.0f} ms")
@@ -275,7 +275,6 @@ def test_a_mac_signs_in_through_the_browser_and_its_owner_revokes_it(gw: DeviceG
 def _revoke_on_the_account_page(
     gw: DeviceGateway,
     browser: httpx.Client,
-    user: User,
     creds: credentials.ProviderCredentials,
     owner: tokens.TokenOwner,
 ) -> None:
