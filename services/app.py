@@ -27,13 +27,14 @@ from services.gateway.completions import completions
 from services.gateway.messages import messages
 from services.keys.account_page import account, account_new_key, account_revoke
 from services.keys.routes import keys_create, keys_list, keys_revoke
+from services.lifecycle import LIFECYCLE, CountRequests, Lifecycle, close_when_stopping
 from services.middleware import add_request_id
 from services.openapi import openapi_config
 from services.providers.routes import provider_home, provider_mac, provider_macs
 from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings
-from services.status.routes import health, list_models, pool_status
+from services.status.routes import health, list_models, live, pool_status, ready
 from services.usage.routes import feedback, usage
 
 SERVICES: dict[str, list[ControllerRouterHandler]] = {
@@ -82,6 +83,9 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         handlers.extend(SERVICES[name])
     if "status" not in services:
         handlers.append(health)
+    # Every service answers its orchestrator's probes (services/lifecycle.py).
+    handlers.extend([live, ready])
+    lifecycle = Lifecycle.for_app(settings, set(services))
     # The API document and its page are public (their routes are Litestar's, declared through their router).
     docs = openapi_config()
     docs.openapi_router = Router(
@@ -92,9 +96,10 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         lifespan=[runtime_lifespan(settings)],  # type: ignore[list-item]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         guards=[enforce],
-        state=State({GITHUB_STARTS: github_start_budget(settings)}),
+        state=State({GITHUB_STARTS: github_start_budget(settings), LIFECYCLE: lifecycle}),
         exception_handlers={Exception: exception_handler},
-        before_send=[add_request_id],
+        middleware=[CountRequests(lifecycle)],
+        before_send=[add_request_id, close_when_stopping],
         openapi_config=docs,
         debug=False,
     )

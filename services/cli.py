@@ -15,24 +15,12 @@ ALL = tuple(SERVICES)
 
 
 def _serve(settings: Settings, services: list[str]) -> None:
-    import uvicorn
-
     from services.app import create_app
     from services.logs import configure
+    from services.serving import serve
 
     configure(json=settings.log_json, level=settings.log_level)
-    uvicorn.run(
-        create_app(settings, services),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,  # the gateway writes its own summary line per request
-        timeout_graceful_shutdown=10,
-        # uvicorn would otherwise take X-Forwarded-For / X-Forwarded-Proto from any client on
-        # 127.0.0.1 and rewrite the peer address before we see it; MP_TRUSTED_PROXY_HOPS
-        # (services/auth/client_ip.py) is the only authority on proxy headers.
-        proxy_headers=False,
-    )
+    serve(create_app(settings, services), settings)
 
 
 async def _migrate(settings: Settings) -> None:

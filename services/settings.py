@@ -34,6 +34,20 @@ def _float(env: Mapping[str, str], key: str, default: float) -> float:
     return value
 
 
+def _seconds(env: Mapping[str, str], key: str, default: float) -> float:
+    """A duration that may be 0."""
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{key} must be a number of seconds, got {raw!r}") from None
+    if not 0 <= value < 86400:
+        raise SettingsError(f"{key} must be between 0 and 86400 seconds, got {raw!r}")
+    return value
+
+
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
     raw = env.get(key)
     if raw is None or raw == "":
@@ -169,6 +183,15 @@ class Settings:
     metering: bool
     # A reservation its gateway stopped touching for this long is settled by another replica.
     reservation_stale_s: float
+    # After SIGTERM: readiness fails at once, but requests are still taken for this long, while
+    # load balancers stop sending (Kubernetes removes a terminating pod from its endpoints late).
+    shutdown_delay_s: float
+    # Then new requests are refused (503) and running ones get this long to finish; past it,
+    # streams still running end with an in-band error, are settled, and the process exits.
+    shutdown_grace_s: float
+    # A replica that routes is ready once it has listened for heartbeats this long since it
+    # (re)connected to NATS: one heartbeat interval of the daemons (their MP_HEARTBEAT_S).
+    pool_warmup_s: float
     # Stored Responses API answers (previous_response_id, GET) expire after this long.
     response_ttl_s: float
     # The largest conversation a stored response keeps (bytes of JSON).
@@ -245,6 +268,9 @@ class Settings:
             demo_quota_concurrent=_int(env, "MP_DEMO_QUOTA_CONCURRENT", 1),
             metering=env.get("MP_METERING", "on") != "off",
             reservation_stale_s=_float(env, "MP_RESERVATION_STALE_S", 30.0),
+            shutdown_delay_s=_seconds(env, "MP_SHUTDOWN_DELAY_S", 0.0),
+            shutdown_grace_s=_seconds(env, "MP_SHUTDOWN_GRACE_S", 10.0),
+            pool_warmup_s=_seconds(env, "MP_POOL_WARMUP_S", 1.0),
             response_ttl_s=_float(env, "MP_RESPONSE_TTL_S", 86400.0),
             response_max_bytes=_int(env, "MP_RESPONSE_MAX_BYTES", 4 << 20),
             provisional_admissions_per_min=_int(env, "MP_PROVISIONAL_ADMISSIONS_PER_MIN", 10),
