@@ -63,7 +63,7 @@ class Runtime:
 
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    db = await open_pool(settings.database_url, size=settings.db_pool_size)
+    db = await open_pool(settings.database_url, size=settings.db_pool_size, run_migrations=settings.migrate_on_start)
     listening = Since()
     nc = await nats.connect(
         settings.nats_url,

@@ -170,6 +170,9 @@ class Settings:
     # How often the batched `last_used_at` of keys is written.
     key_last_used_flush_s: float
     db_pool_size: int
+    # Apply pending migrations when a process starts (the local stack); off where a migration Job
+    # does it (Kubernetes, infra/deploy), so the services' database role needs no DDL rights.
+    migrate_on_start: bool
     log_json: bool
     log_level: str
     # Default quotas per account (operators override per account) and per demo token.
@@ -258,6 +261,7 @@ class Settings:
             key_cache_size=_int(env, "MP_KEY_CACHE_SIZE", 100_000),
             key_last_used_flush_s=_float(env, "MP_KEY_LAST_USED_FLUSH_S", 5.0),
             db_pool_size=_int(env, "MP_DB_POOL_SIZE", 10),
+            migrate_on_start=_choice(env, "MP_MIGRATE_ON_START", ("on", "off")) == "on",
             log_json=env.get("MP_LOG_FORMAT", "console") == "json",
             log_level=env.get("MP_LOG_LEVEL", "info"),
             quota_requests_per_day=_int(env, "MP_QUOTA_REQUESTS_PER_DAY", 10_000),
