@@ -151,15 +151,20 @@ async def live() -> Liveness:
 
 
 @get("/healthz/ready", **_PROBE)
-async def ready(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Readiness]:
+async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
     lifecycle: Lifecycle = request.app.state[LIFECYCLE]
-    try:
-        async with asyncio.timeout(_DB_CHECK_S):
-            database = await runtime.db.fetchval("SELECT 1") == 1
-    except Exception:
-        database = False
-    nats_ok = runtime.nc.is_connected
-    warm = runtime.pool_listening_s() >= runtime.settings.pool_warmup_s if lifecycle.routes else None
+    # Looked up rather than injected: an app without the gateway runtime answers "not ready", never a 500.
+    runtime: Runtime | None = request.app.state.get("runtime")
+    database = nats_ok = False
+    warm: bool | None = None
+    if runtime is not None:
+        try:
+            async with asyncio.timeout(_DB_CHECK_S):
+                database = await runtime.db.fetchval("SELECT 1") == 1
+        except Exception:
+            database = False
+        nats_ok = runtime.nc.is_connected
+        warm = runtime.pool_listening_s() >= runtime.settings.pool_warmup_s if lifecycle.routes else None
     ok = not lifecycle.stopping and database and nats_ok and warm is not False
     body = Readiness(
         status="ready" if ok else "not_ready",
