@@ -70,9 +70,15 @@ def test_the_lock_pins_every_control_plane_dependency_with_hashes() -> None:
             f"{name}=={pins[name]} does not satisfy pyproject's {req.specifier}: run `python -m infra.deploy.lock`"
         )
     assert not set(pins) & {"mlx", "mlx-lm", "mlx-metal", "tokenizers", "transformers", "torch", "numpy"}
-    blocks = re.split(r"\n(?=\S)", lock.REQUIREMENTS.read_text().split("\n", 2)[2].strip())
+    # Every pin is followed by its hashes (pip's --require-hashes refuses anything less).
+    blocks = re.findall(
+        r"^\S+==\S+ \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)", lock.REQUIREMENTS.read_text(), re.M
+    )
     assert len(blocks) == len(pins)
-    assert all("--hash=sha256:" in block for block in blocks)
+    # Wheels only, but for the named pure-Python packages published as source alone.
+    options = [line for line in lock.REQUIREMENTS.read_text().splitlines() if line.startswith("--")]
+    assert options[0] == "--only-binary :all:"
+    assert {o.removeprefix("--no-binary ") for o in options[1:]} <= lock.SOURCE_ONLY
     build = lock.pinned(lock.BUILD_REQUIREMENTS)
     for raw in tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]:
         req = Requirement(raw)
