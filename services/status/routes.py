@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, get
+from litestar.datastructures import State
 from litestar.di import NamedDependency
 
 from schemas import openai
@@ -150,21 +151,36 @@ async def live() -> Liveness:
     return Liveness()
 
 
+def _backends(state: State) -> tuple[Any, list[Any]] | None:
+    """(the database pool, the NATS connections) this app runs on, whichever kind of app it is."""
+    runtime: Runtime | None = state.get("runtime")
+    if runtime is not None:
+        return runtime.db, [runtime.nc]
+    # The NATS auth callout run alone (`serve --service natsauth`): its own pool and logins.
+    natsauth = state.get("natsauth")
+    if natsauth is not None:
+        return natsauth.db, [c for c in (natsauth.nc, getattr(natsauth, "sys_nc", None)) if c is not None]
+    return None
+
+
 @get("/healthz/ready", **_PROBE)
 async def ready(request: Request[Any, Any, Any]) -> Response[Readiness]:
     lifecycle: Lifecycle = request.app.state[LIFECYCLE]
-    # Looked up rather than injected: an app without the gateway runtime answers "not ready", never a 500.
-    runtime: Runtime | None = request.app.state.get("runtime")
+    # Looked up rather than injected: an app still starting, or of another kind, answers "not ready", never a 500.
+    backends = _backends(request.app.state)
     database = nats_ok = False
-    warm: bool | None = None
-    if runtime is not None:
+    if backends is not None:
+        db, connections = backends
         try:
             async with asyncio.timeout(_DB_CHECK_S):
-                database = await runtime.db.fetchval("SELECT 1") == 1
+                database = await db.fetchval("SELECT 1") == 1
         except Exception:
             database = False
-        nats_ok = runtime.nc.is_connected
-        warm = runtime.pool_listening_s() >= runtime.settings.pool_warmup_s if lifecycle.routes else None
+        nats_ok = all(c.is_connected for c in connections)
+    warm: bool | None = None
+    if lifecycle.routes:
+        runtime: Runtime | None = request.app.state.get("runtime")
+        warm = runtime is not None and runtime.pool_listening_s() >= runtime.settings.pool_warmup_s
     ok = not lifecycle.stopping and database and nats_ok and warm is not False
     body = Readiness(
         status="ready" if ok else "not_ready",
