@@ -23,3 +23,7 @@ check:
 # Benchmarks, printed side by side with their baselines.
 bench *ARGS:
     python3 -m tests.bench {{ARGS}}
+
+# The deployment's offline checks: hadolint, Kubernetes schemas, checkov, nats-server -t (infra/deploy).
+deploy-check:
+    python3 -m pytest -q tests/test_deploy_image.py tests/test_deploy_manifests.py

@@ -28,6 +28,7 @@ from services.gateway.completions import completions
 from services.gateway.messages import messages
 from services.keys.account_page import account, account_new_key, account_revoke, account_revoke_mac
 from services.keys.routes import keys_create, keys_list, keys_revoke
+from services.lifecycle import LIFECYCLE, CountRequests, Lifecycle, close_when_stopping
 from services.middleware import add_request_id
 from services.natsauth.routes import natsauth_health
 from services.natsauth.service import check_settings, open_natsauth
@@ -39,17 +40,18 @@ from services.providers.routes import provider_home, provider_mac, provider_macs
 from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings
-from services.status.routes import health, list_models, pool_status
+from services.status.routes import health, list_models, live, pool_status, ready
 from services.usage.routes import feedback, usage
 
 SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "gateway": [chat_completions, completions, messages, create_response, get_response, delete_response],
     "status": [pool_status, list_models, health],
-    # Device login (RFC 8628) signs Macs in: the daemon's two OAuth routes and the owner's page.
-    "auth": [github_start, github_callback, logout, demo_token, device_code, device_token, device_form, device_decide],
+    "auth": [github_start, github_callback, logout, demo_token],
     "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke, account_revoke_mac],
     "usage": [usage, feedback],
-    "providers": [provider_macs, provider_mac, provider_home],
+    # The Mac owner's side: device login (RFC 8628: the daemon's two OAuth routes and the owner's
+    # /device page) and the owner's view of their Macs.
+    "providers": [device_code, device_token, device_form, device_decide, provider_macs, provider_mac, provider_home],
     # The NATS auth callout (services/natsauth/): no routes, a lifespan; on when MP_NATS_ISSUER_SEED is set.
     "natsauth": [],
 }
@@ -109,6 +111,9 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         lifespans.append(runtime_lifespan(settings))
         if "status" not in services:
             handlers.append(health)
+    # Every service answers its orchestrator's probes (services/lifecycle.py).
+    handlers.extend([live, ready])
+    lifecycle = Lifecycle.for_app(settings, set(services))
     # The API document and its page are public (their routes are Litestar's, declared through their router).
     docs = openapi_config()
     docs.openapi_router = Router(
@@ -119,9 +124,16 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         lifespan=lifespans,  # type: ignore[arg-type]
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         guards=[enforce],
-        state=State({GITHUB_STARTS: github_start_budget(settings), DEVICE_BUDGETS: device_budgets(settings)}),
+        state=State(
+            {
+                GITHUB_STARTS: github_start_budget(settings),
+                DEVICE_BUDGETS: device_budgets(settings),
+                LIFECYCLE: lifecycle,
+            }
+        ),
         exception_handlers={Exception: exception_handler},
-        before_send=[add_request_id],
+        middleware=[CountRequests(lifecycle)],
+        before_send=[add_request_id, close_when_stopping],
         openapi_config=docs,
         debug=False,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
 from services.app import SERVICES
 from services.natsauth import admin as natsauth_admin
@@ -16,24 +17,12 @@ ALL = tuple(SERVICES)
 
 
 def _serve(settings: Settings, services: list[str]) -> None:
-    import uvicorn
-
     from services.app import create_app
     from services.logs import configure
+    from services.serving import serve
 
     configure(json=settings.log_json, level=settings.log_level)
-    uvicorn.run(
-        create_app(settings, services),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,  # the gateway writes its own summary line per request
-        timeout_graceful_shutdown=10,
-        # uvicorn would otherwise take X-Forwarded-For / X-Forwarded-Proto from any client on
-        # 127.0.0.1 and rewrite the peer address before we see it; MP_TRUSTED_PROXY_HOPS
-        # (services/auth/client_ip.py) is the only authority on proxy headers.
-        proxy_headers=False,
-    )
+    serve(create_app(settings, services), settings)
 
 
 async def _migrate(settings: Settings) -> None:
@@ -49,12 +38,48 @@ async def _migrate(settings: Settings) -> None:
     print(f"applied migrations: {applied or 'none (up to date)'}")
 
 
+async def _check_migrated(settings: Settings, wait_s: float) -> int:
+    """0 once the database has every migration this code ships; 3 if it still lacks some after `wait_s`.
+
+    Changes nothing: a new version's pods wait here for the migration Job (infra/deploy).
+    """
+    import asyncpg
+
+    from services.db.migrate import pending
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn = await asyncpg.connect(settings.database_url, timeout=10)
+            try:
+                missing = await pending(conn)
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError) as exc:
+            missing, problem = None, f"database unreachable ({type(exc).__name__})"
+        else:
+            problem = f"migrations not applied yet: {missing}"
+        if missing == []:
+            print("database schema up to date")
+            return 0
+        if time.monotonic() >= deadline:
+            print(f"mac-provider: {problem}", file=sys.stderr)
+            return 3
+        await asyncio.sleep(2.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mac-provider")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run control-plane services (all by default)")
     serve.add_argument("--service", action="append", choices=ALL, help="run only this service (repeatable)")
-    sub.add_parser("migrate", help="apply database migrations")
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument(
+        "--check", action="store_true", help="apply nothing; exit 0 if the database is up to date, 3 if not"
+    )
+    migrate.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="with --check: keep checking this long"
+    )
     sub.add_parser("up", help="start the whole local system (NATS, Postgres, control plane, one daemon)")
     admin = sub.add_parser("admin", help="operator commands (against DATABASE_URL)")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
@@ -81,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mac-provider: {exc}", file=sys.stderr)
                 return 2
         _serve(settings, args.service or list(ALL))
+    elif args.command == "migrate" and args.check:
+        return asyncio.run(_check_migrated(settings, args.wait))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings))
     elif args.command == "admin" and args.admin_command == "nats-callout":

@@ -111,6 +111,10 @@ class CoordinatorUnavailable(ApiError):
     code = "coordinator_unavailable"
 
 
+class ShuttingDown(CoordinatorUnavailable):
+    """This replica is stopping (SIGTERM): the request was not started; any other replica takes it."""
+
+
 class ProviderError(ApiError):
     """The provider failed the request after accepting it."""
 

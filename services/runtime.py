@@ -33,6 +33,15 @@ log = structlog.get_logger("services")
 
 
 @dataclass
+class Since:
+    at: float = field(default_factory=time.monotonic)
+
+    async def reset(self) -> None:
+        # A nats-py callback (a coroutine): heartbeats missed while disconnected left the pool view stale.
+        self.at = time.monotonic()
+
+
+@dataclass
 class Runtime:
     settings: Settings
     db: asyncpg.Pool
@@ -44,11 +53,18 @@ class Runtime:
     # Key lookups (cache + revocation listener) and demo-token signing, for `authenticate`.
     keys: KeyLookup = field(kw_only=True)
     demo: DemoTokens = field(kw_only=True)
+    # When this process last (re)connected to NATS and so began hearing heartbeats again.
+    listening: Since = field(kw_only=True)
+
+    def pool_listening_s(self) -> float:
+        """How long the pool view has been fed by heartbeats without a break (0 while disconnected)."""
+        return time.monotonic() - self.listening.at if self.nc.is_connected else 0.0
 
 
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    db = await open_pool(settings.database_url, size=settings.db_pool_size)
+    db = await open_pool(settings.database_url, size=settings.db_pool_size, run_migrations=settings.migrate_on_start)
+    listening = Since()
     nc = await nats.connect(
         settings.nats_url,
         name=f"mac-provider-gateway-{settings.gateway_id}",
@@ -56,6 +72,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         reconnect_time_wait=0.5,
         user=settings.nats_user or None,
         password=settings.nats_password or None,
+        reconnected_cb=listening.reset,
     )
     pool = PoolView(heartbeat_misses=settings.heartbeat_misses, routing=settings.routing)
     router = ReplyRouter(nc, settings.gateway_id)
@@ -84,6 +101,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await admission.start()
         await violations.start()
         await membership.start()
+        await listening.reset()
         dispatcher = Dispatcher(
             nc,
             pool,
@@ -98,7 +116,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             violations=violations,
         )
         log.info("control_plane_ready", gateway_id=settings.gateway_id)
-        yield Runtime(settings, db, nc, pool, dispatcher, metering, time.time(), keys=keys, demo=demo)
+        yield Runtime(
+            settings, db, nc, pool, dispatcher, metering, time.time(), keys=keys, demo=demo, listening=listening
+        )
     finally:
         await keys.stop()
         await metering.stop()

@@ -217,6 +217,9 @@ class Settings:
     # How often the batched `last_used_at` of keys is written.
     key_last_used_flush_s: float
     db_pool_size: int
+    # Apply pending migrations when a process starts (the local stack); off where a migration Job
+    # does it (Kubernetes, infra/deploy), so the services' database role needs no DDL rights.
+    migrate_on_start: bool
     log_json: bool
     log_level: str
     # Default quotas per account (operators override per account) and per demo token.
@@ -230,6 +233,15 @@ class Settings:
     metering: bool
     # A reservation its gateway stopped touching for this long is settled by another replica.
     reservation_stale_s: float
+    # After SIGTERM: readiness fails at once, but requests are still taken for this long, while
+    # load balancers stop sending (Kubernetes removes a terminating pod from its endpoints late).
+    shutdown_delay_s: float
+    # Then new requests are refused (503) and running ones get this long to finish; past it,
+    # streams still running end with an in-band error, are settled, and the process exits.
+    shutdown_grace_s: float
+    # A replica that routes is ready once it has listened for heartbeats this long since it
+    # (re)connected to NATS: one heartbeat interval of the daemons (their MP_HEARTBEAT_S).
+    pool_warmup_s: float
     # Stored Responses API answers (previous_response_id, GET) expire after this long.
     response_ttl_s: float
     # The largest conversation a stored response keeps (bytes of JSON).
@@ -328,6 +340,7 @@ class Settings:
             key_cache_size=_int(env, "MP_KEY_CACHE_SIZE", 100_000),
             key_last_used_flush_s=_float(env, "MP_KEY_LAST_USED_FLUSH_S", 5.0),
             db_pool_size=_int(env, "MP_DB_POOL_SIZE", 10),
+            migrate_on_start=_choice(env, "MP_MIGRATE_ON_START", ("on", "off")) == "on",
             log_json=env.get("MP_LOG_FORMAT", "console") == "json",
             log_level=env.get("MP_LOG_LEVEL", "info"),
             quota_requests_per_day=_int(env, "MP_QUOTA_REQUESTS_PER_DAY", 10_000),
@@ -338,6 +351,9 @@ class Settings:
             demo_quota_concurrent=_int(env, "MP_DEMO_QUOTA_CONCURRENT", 1),
             metering=env.get("MP_METERING", "on") != "off",
             reservation_stale_s=_float(env, "MP_RESERVATION_STALE_S", 30.0),
+            shutdown_delay_s=_non_negative(env, "MP_SHUTDOWN_DELAY_S", 0.0),
+            shutdown_grace_s=_non_negative(env, "MP_SHUTDOWN_GRACE_S", 10.0),
+            pool_warmup_s=_non_negative(env, "MP_POOL_WARMUP_S", 1.0),
             response_ttl_s=_float(env, "MP_RESPONSE_TTL_S", 86400.0),
             response_max_bytes=_int(env, "MP_RESPONSE_MAX_BYTES", 4 << 20),
             provisional_admissions_per_min=_int(env, "MP_PROVISIONAL_ADMISSIONS_PER_MIN", 10),

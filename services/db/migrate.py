@@ -34,6 +34,13 @@ def available() -> list[Migration]:
     return found
 
 
+async def pending(conn: asyncpg.Connection) -> list[int]:
+    """Versions this code ships that the database has not applied (all of them on a new database)."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")} if exists else set()
+    return [m.version for m in available() if m.version not in done]
+
+
 async def migrate(conn: asyncpg.Connection) -> list[int]:
     """Apply pending migrations; returns the versions applied now."""
     applied_now: list[int] = []

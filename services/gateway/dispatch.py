@@ -41,7 +41,7 @@ from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
 from services.providers.violations import Violations
 
-__all__ = ["Call", "Dispatcher", "ReplyRouter", "StreamBroken"]
+__all__ = ["SHUTTING_DOWN", "Call", "Dispatcher", "ReplyRouter", "StreamBroken"]
 
 log = structlog.get_logger("gateway.dispatch")
 
@@ -59,6 +59,9 @@ RECOVERABLE = frozenset(
         "model_not_loaded",
     }
 )
+
+# The code a call ends with when its replica's shutdown grace ran out (`Dispatcher.cut`).
+SHUTTING_DOWN = "shutting_down"
 
 # How often a waiting request re-checks its provider's heartbeat and its deadlines.
 _TICK_S = 0.25
@@ -187,6 +190,9 @@ class Call:
         deadline = self.started + d.request_timeout_s
         last_frame = time.monotonic()
         while True:
+            if d.cutting:
+                # This replica is stopping and its grace ran out (services/lifecycle.py): end in-band, now.
+                raise StreamBroken(SHUTTING_DOWN, "this gateway replica is shutting down")
             now = time.monotonic()
             if now >= deadline:
                 raise RequestTimeout(f"The request exceeded the gateway's time limit of {d.request_timeout_s:g} s.")
@@ -294,6 +300,12 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self._violations = violations
         self._json = JsonChecks()
+        # Set by `cut`: every running call ends within one tick.
+        self.cutting = False
+
+    def cut(self) -> None:
+        """End every running call (with StreamBroken `shutting_down`): the replica's shutdown grace ran out."""
+        self.cutting = True
 
     def violation(self, provider_id: str, kind: str, detail: str, request_id: str | None = None) -> None:
         if self._violations is not None:

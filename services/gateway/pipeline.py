@@ -24,8 +24,8 @@ from litestar.response import Stream
 from schemas import bus
 from schemas.openai_bus import Untranslatable
 from services.auth.bearer import Principal, authenticate
-from services.errors import ApiError, ClientDisconnected, ProviderError, untranslatable
-from services.gateway.dispatch import Call, StreamBroken
+from services.errors import ApiError, ClientDisconnected, CoordinatorUnavailable, ProviderError, untranslatable
+from services.gateway.dispatch import SHUTTING_DOWN, Call, StreamBroken
 from services.gateway.exchange import Exchange
 from services.ids import request_id_of
 from services.runtime import Runtime
@@ -206,6 +206,11 @@ async def answer(
     except StreamBroken as exc:
         ex.status = exc.code
         _broken(ex, call)
+        if exc.code == SHUTTING_DOWN:
+            raise CoordinatorUnavailable(
+                "This replica shut down before the answer was complete; retry and another replica will answer.",
+                headers=started.headers,
+            ) from None
         raise ProviderError(f"The provider failed while generating: {exc.message}", headers=started.headers) from None
     except ApiError as exc:
         ex.status = exc.code or "error"

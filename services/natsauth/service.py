@@ -83,7 +83,9 @@ async def open_natsauth(settings: Settings) -> AsyncIterator[NatsAuth]:
     issuer = SigningKey.from_seed(settings.nats_issuer_seed)
     xkey = CurveKey.from_seed(settings.nats_xkey_seed) if settings.nats_xkey_seed else None
     async with contextlib.AsyncExitStack() as stack:
-        db = await open_pool(settings.database_url, size=settings.db_pool_size)
+        db = await open_pool(
+            settings.database_url, size=settings.db_pool_size, run_migrations=settings.migrate_on_start
+        )
         stack.push_async_callback(db.close)
         nc = await _login(settings, settings.nats_auth_user, settings.nats_auth_password, "callout")
         stack.push_async_callback(nc.drain)

@@ -1,0 +1,81 @@
+"""uvicorn, with SIGTERM meaning a graceful stop (services/lifecycle.py) rather than an immediate one.
+
+uvicorn alone stops listening the moment SIGTERM arrives, gives running
+requests `timeout_graceful_shutdown`, then cancels them without a word, and
+re-raises the signal so the process dies of it. Here the first SIGTERM starts
+`Lifecycle.stop` (readiness fails, requests drain, overdue streams end with an
+in-band error and are settled) and only then lets uvicorn shut down, and the
+process exits 0. SIGINT (Ctrl-C) and a second signal keep uvicorn's behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from types import FrameType
+
+import structlog
+import uvicorn
+from litestar import Litestar
+
+from services.lifecycle import LIFECYCLE, Lifecycle
+from services.settings import Settings
+
+log = structlog.get_logger("services")
+
+# What uvicorn still waits for after our drain (it has nothing left to wait for but idle connections).
+_AFTER_DRAIN_S = 3
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: Litestar) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self._loop is None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        # Not recorded as captured: uvicorn would re-raise it at exit and the process would die of it.
+        self._loop.call_soon_threadsafe(self._begin_stop)
+
+    def _begin_stop(self) -> None:
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+
+    async def _stop(self) -> None:
+        lifecycle: Lifecycle = self._app.state[LIFECYCLE]
+        try:
+            await lifecycle.stop(cut=self._cut)
+        except Exception:
+            log.exception("shutdown_failed")
+        finally:
+            self.should_exit = True
+
+    def _cut(self) -> None:
+        runtime = self._app.state.get("runtime")
+        if runtime is not None:
+            runtime.dispatcher.cut()
+
+
+def serve(app: Litestar, settings: Settings) -> None:
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,  # the gateway writes its own summary line per request
+        timeout_graceful_shutdown=_AFTER_DRAIN_S,
+        # uvicorn would otherwise take X-Forwarded-For / X-Forwarded-Proto from any client on
+        # 127.0.0.1 and rewrite the peer address before we see it; MP_TRUSTED_PROXY_HOPS
+        # (services/auth/client_ip.py) is the only authority on proxy headers.
+        proxy_headers=False,
+    )
+    _Server(config, app).run()
