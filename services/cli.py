@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from services.app import SERVICES
+from services.catalog import admin as models_admin
 from services.providers import admin as providers_admin
 from services.settings import Settings, SettingsError
 from services.usage import admin as usage_admin
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     usage_admin.add_commands(admin_sub)
     providers_admin.add_commands(admin_sub)
+    models_admin.add_commands(admin_sub)
     args = parser.parse_args(argv)
     if args.command == "up":
         from infra.stack import main as up
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_migrate(settings))
     elif args.command == "admin" and args.admin_command == "providers":
         return asyncio.run(providers_admin.run(args, settings))
+    elif args.command == "admin" and args.admin_command == "models":
+        return asyncio.run(models_admin.run(args, settings))
     elif args.command == "admin":
         return asyncio.run(usage_admin.run(args, settings.database_url))
     return 0
