@@ -49,7 +49,9 @@ class Comparison:
 
 def margin(item: bus.TokenLogprob) -> float | None:
     """How far the chosen token led the best other token (None: no alternative reported)."""
-    others = [lp for text, lp, _ in item.top if text != item.token]
+    # Tokens are told apart by their bytes (two tokens that are parts of characters show the same text).
+    chosen = item.bytes if item.bytes is not None else item.token
+    others = [lp for text, lp, raw in item.top if (raw if raw is not None else text) != chosen]
     if not others:
         return None
     return item.logprob - max(others)

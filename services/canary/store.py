@@ -93,6 +93,8 @@ def _answer(row: asyncpg.Record) -> Answer:
     n = len(row["token_ids"])
     logprobs = tuple(row["logprobs"]) if row["logprobs"] is not None else (None,) * n
     margins = tuple(row["margins"]) if row["margins"] is not None else (None,) * n
+    if len(logprobs) != n or len(margins) != n:
+        logprobs, margins = (None,) * n, (None,) * n
     return Answer(tuple(row["token_ids"]), logprobs, margins, row["finish_reason"])
 
 
@@ -113,8 +115,9 @@ async def record_reference(db: Db, sha256: str, prompt_key: str, answer: Answer,
         sha256,
         prompt_key,
         list(answer.token_ids),
-        None if any(v is None for v in answer.logprobs) else list(answer.logprobs),
-        None if any(v is None for v in answer.margins) else list(answer.margins),
+        # NULL elements where a token's value was not reported.
+        list(answer.logprobs),
+        list(answer.margins),
         answer.finish_reason,
         provider_id,
     )

@@ -8,7 +8,8 @@ whenever the listener (re)connects, when a notice may have been missed, and ever
 
 Verdicts (bus.ModelVerdict), for a model id and the identity a provider reports for it:
 - `verified`: the identity is listed for the id: routed;
-- `hash_mismatch`: the id is listed with other identities: not routed;
+- `hash_mismatch`: the id is listed with other identities, or with none any more (all revoked):
+  not routed;
 - `hash_pending`: the id is listed but the provider reports no identity yet (still hashing): not routed;
 - an id with no entry at all: `not_in_catalog` (not routed) when `uncatalogued` is "refuse",
   the production default; `uncatalogued` (routed, unverified) when it is "allow" (a pool
@@ -107,6 +108,10 @@ class Catalog:
             )
         if sha in hashes:
             return bus.ModelVerdict(model.id, "verified", True, sha)
+        if not hashes:
+            return bus.ModelVerdict(
+                model.id, "hash_mismatch", False, sha, f"no weights are listed for {model.id!r} any more (revoked)"
+            )
         if not sha:
             return bus.ModelVerdict(
                 model.id, "hash_pending", False, sha, "no weights hash reported yet (still hashing?)"
@@ -134,19 +139,21 @@ class Catalog:
         try:
             notice = json.loads(payload)
             model_id, sha, active = str(notice["model_id"]), str(notice["weights_sha256"]), bool(notice["active"])
+            deleted = bool(notice.get("deleted"))
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("catalog_notice_unreadable")
             self._reload_now.set()
             return
+        # Revoked stays catalogued (store.active says why); a row deleted by hand may have been the
+        # id's last, which only a full read can tell: until it comes, the id stays catalogued.
         hashes = set(self._entries.get(model_id, ()))
         if active:
             hashes.add(sha)
         else:
             hashes.discard(sha)
-        if hashes:
-            self._entries[model_id] = frozenset(hashes)
-        else:
-            self._entries.pop(model_id, None)
+        self._entries[model_id] = frozenset(hashes)
+        if deleted:
+            self._reload_now.set()
         log.info("catalog_changed", model=model_id, weights_sha256=sha, active=active)
         self._changed()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-# The notices of migration 0010's trigger: {"model_id", "weights_sha256", "active"}.
+# The notices of migration 0010's trigger: {"model_id", "weights_sha256", "active", "deleted"}.
 CHANNEL = "mp_model_catalog_changed"
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -37,11 +37,17 @@ class Entry:
 
 
 async def active(db: Db) -> dict[str, frozenset[str]]:
-    """Every model id with at least one active entry, and its identities."""
-    rows = await db.fetch("SELECT model_id, weights_sha256 FROM model_catalog WHERE revoked_at IS NULL")
+    """Every model id the catalog has ever listed, with the identities listed for it now (maybe none).
+
+    An id whose every entry was revoked stays catalogued with nothing allowed: revoking the last
+    weights of an id must stop it being served, not open it to any weights as an uncatalogued id.
+    """
+    rows = await db.fetch("SELECT model_id, weights_sha256, revoked_at IS NULL AS active FROM model_catalog")
     catalog: dict[str, set[str]] = {}
     for row in rows:
-        catalog.setdefault(row["model_id"], set()).add(row["weights_sha256"])
+        hashes = catalog.setdefault(row["model_id"], set())
+        if row["active"]:
+            hashes.add(row["weights_sha256"])
     return {model: frozenset(hashes) for model, hashes in catalog.items()}
 
 

@@ -8,7 +8,9 @@
 -- those weights, against answers recorded from a pinned provider of the same identity.
 
 CREATE TABLE model_catalog (
-    model_id        text NOT NULL CHECK (model_id ~ '^[^[:space:][:cntrl:]*>]{1,256}$'),
+    -- A public model id, as buyers' requests may name one (schemas/limits.py).
+    model_id        text NOT NULL
+                    CHECK (length(model_id) BETWEEN 1 AND 256 AND model_id !~ '[[:space:][:cntrl:]*>]'),
     weights_sha256  text NOT NULL CHECK (weights_sha256 ~ '^[0-9a-f]{64}$'),
     -- Who listed it (the operator's login) and, through `admin models trust`, from which pinned provider.
     added_by        text NOT NULL CHECK (length(added_by) <= 256),
@@ -37,7 +39,8 @@ BEGIN
     END IF;
     PERFORM pg_notify(
         'mp_model_catalog_changed',
-        json_build_object('model_id', row.model_id, 'weights_sha256', row.weights_sha256, 'active', active)::text
+        json_build_object('model_id', row.model_id, 'weights_sha256', row.weights_sha256, 'active', active,
+                          'deleted', TG_OP = 'DELETE')::text
     );
     RETURN row;
 END;
@@ -70,8 +73,8 @@ CREATE TABLE canary_references (
     prompt_key      text NOT NULL CHECK (prompt_key ~ '^[0-9a-f]{64}$'),
     token_ids       integer[] NOT NULL CHECK (cardinality(token_ids) BETWEEN 1 AND 256),
     -- Per token: its log-probability and its lead over the runner-up (NULL: not reported).
-    logprobs        double precision[],
-    margins         double precision[],
+    logprobs        double precision[] CHECK (cardinality(logprobs) = cardinality(token_ids)),
+    margins         double precision[] CHECK (cardinality(margins) = cardinality(token_ids)),
     finish_reason   text NOT NULL CHECK (finish_reason ~ '^[a-z_]{1,32}$'),
     provider_id     text NOT NULL,
     recorded_at     timestamptz NOT NULL DEFAULT now(),
