@@ -168,6 +168,11 @@ def _chat(base: str, stack: Stack, model: str = MODEL, **extra: Any) -> httpx.Re
     return httpx.post(f"{base}/v1/chat/completions", json=body, headers=stack.auth(), timeout=30)
 
 
+def _serving(base: str, providers: int) -> Callable[[], bool]:
+    """A check: `base` routes MODEL to exactly `providers` providers (0: not at all)."""
+    return lambda: _models_on(base).get(MODEL, 0) == providers
+
+
 def _models_on(base: str) -> dict[str, int]:
     _, body = get_json(f"{base}/v1/status")
     assert isinstance(body, dict)
@@ -289,14 +294,23 @@ def test_revoking_weights_stops_routing_everywhere_at_once(verified: Verified) -
     assert code == 0, out
     revoked_at = time.monotonic()
     for base in (stack.base_url, verified.refuse):
-        _until(f"{base} stops routing {MODEL}", lambda b=base: MODEL not in _models_on(b), timeout=2.0)
+        _until(f"{base} stops routing {MODEL}", _serving(base, 0), timeout=2.0)
     assert time.monotonic() - revoked_at < 2.0
     assert _chat(verified.refuse, stack).status_code == 503
-    args = ("allow", MODEL, verified.honest_sha, "--note", "back again")
-    code, out = asyncio.run(models_cli(*args, nats_url=stack.nats_url, database_url=stack.database_url))
+    code, out = asyncio.run(
+        models_cli(
+            "allow",
+            MODEL,
+            verified.honest_sha,
+            "--note",
+            "back",
+            nats_url=stack.nats_url,
+            database_url=stack.database_url,
+        )
+    )
     assert code == 0, out
     for base in (stack.base_url, verified.refuse):
-        _until(f"{base} routes {MODEL} again", lambda b=base: _models_on(b).get(MODEL) == 1, timeout=2.0)
+        _until(f"{base} routes {MODEL} again", _serving(base, 1), timeout=2.0)
 
 
 def test_a_provider_serving_other_weights_is_caught_by_the_canary_and_suspended(verified: Verified) -> None:
@@ -331,7 +345,7 @@ def test_a_provider_serving_other_weights_is_caught_by_the_canary_and_suspended(
 
     # Buyers are served at once, by the honest Mac, on every replica.
     for base in (stack.base_url, verified.refuse):
-        _until(f"{base} drops the liar", lambda b=base: _models_on(b).get(MODEL) == 1, timeout=2.0)
+        _until(f"{base} drops the liar", _serving(base, 1), timeout=2.0)
     ids = []
     for base in (stack.base_url, verified.refuse, stack.base_url, verified.refuse):
         r = _chat(base, stack)
