@@ -73,6 +73,8 @@ def test_admin_health_and_status(daemon: DaemonChild) -> None:
         "connected": True,
         "draining": False,
         "served": body["pool"]["served"],
+        # How the pool sees its models, once a gateway has said (test_verified_models.py).
+        "models": body["pool"]["models"],
     }
     assert body["requests"]["in_flight"] == 0
     assert body["admission"]["max_safe_context"] == 1 << 16
