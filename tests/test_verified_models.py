@@ -364,12 +364,47 @@ def test_a_provider_serving_other_weights_is_caught_by_the_canary_and_suspended(
 
 def test_canary_traffic_is_never_billed(verified: Verified) -> None:
     stack = verified.stack
-    runs = _rows(stack, "SELECT request_id, provider_id, result FROM canary_runs")
+    runs = _rows(stack, "SELECT request_id, provider_id, result, ttft_ms FROM canary_runs")
     assert {r["provider_id"] for r in runs} >= {HONEST, LIAR}
     assert any(r["provider_id"] == HONEST and r["result"] in ("passed", "recorded") for r in runs), runs
+    # Every answered canary measured the provider (what routing uses).
+    assert all(r["ttft_ms"] is not None and r["ttft_ms"] > 0 for r in runs if r["result"] != "unanswered"), runs
     ids = [r["request_id"] for r in runs]
     assert _rows(stack, "SELECT request_id FROM usage_ledger WHERE request_id = ANY($1)", ids) == []
     assert _rows(stack, "SELECT request_id FROM reservations WHERE request_id = ANY($1)", ids) == []
     # What the ledger bills for the model is exactly what buyers were served above (1 + 6 + 4).
     ledger = _rows(stack, "SELECT count(*) AS n FROM usage_ledger WHERE model = $1 AND outcome = 'ok'", MODEL)
     assert ledger[0]["n"] == 11
+
+
+async def test_one_replica_at_a_time_holds_a_providers_canary(stack: Stack) -> None:
+    from services.canary import store as canaries
+
+    pool = await asyncpg.create_pool(stack.database_url, min_size=6, max_size=6)
+    try:
+        await providers.set_status(pool, "lease-mac", "provisional", "test: canary lease")
+        await canaries.note_seen(pool, "lease-mac", "boot-1:abc", due_in_s=0)
+        # Six replicas want it at the same instant: one gets it.
+        claims = await asyncio.gather(
+            *(canaries.claim(pool, f"gw-{i}", ["lease-mac"], lease_s=60, limit=4) for i in range(6))
+        )
+        assert sorted(len(c) for c in claims) == [0, 0, 0, 0, 0, 1]
+        holder = next(i for i, c in enumerate(claims) if c)
+        assert claims[holder][0].status == "provisional"
+        # Nobody else while it holds the lease; given back and due again, anyone may.
+        assert await canaries.claim(pool, "gw-other", ["lease-mac"], lease_s=60, limit=4) == []
+        await canaries.finish(pool, "lease-mac", f"gw-{holder}", next_in_s=0, result="passed")
+        assert len(await canaries.claim(pool, "gw-other", ["lease-mac"], lease_s=0, limit=4)) == 1
+        # A lease its replica never gave back (it died) expires.
+        assert len(await canaries.claim(pool, "gw-third", ["lease-mac"], lease_s=60, limit=4)) == 1
+        # The same daemon run noted again by another replica does not move the schedule; a new run does.
+        await pool.execute(
+            "UPDATE provider_canaries SET next_at = now() + interval '1 hour' WHERE provider_id = $1", "lease-mac"
+        )
+        await canaries.note_seen(pool, "lease-mac", "boot-1:abc", due_in_s=0)
+        assert await pool.fetchval("SELECT next_at > now() FROM provider_canaries WHERE provider_id = 'lease-mac'")
+        await canaries.note_seen(pool, "lease-mac", "boot-2:abc", due_in_s=0)
+        assert await pool.fetchval("SELECT next_at <= now() FROM provider_canaries WHERE provider_id = 'lease-mac'")
+    finally:
+        await pool.execute("DELETE FROM providers WHERE provider_id = 'lease-mac'")
+        await pool.close()

@@ -126,6 +126,7 @@ class Canaries:
         verified = [(v.model, v.weights_sha256) for v in verdicts if v.status == "verified"]
         if not verified or hb.draining:
             self._targets.pop(pid, None)
+            self._noted.pop(pid, None)
             return
         key = seen_key(hb, verified)
         self._targets[pid] = key
@@ -165,6 +166,8 @@ class Canaries:
         # Forget providers gone from this replica's view (their schedule stays in Postgres).
         for pid in [p for p in self._targets if self._membership.reported(p) is None]:
             del self._targets[pid]
+            # Noted again if it comes back (a no-op in Postgres when its run did not change).
+            self._noted.pop(pid, None)
         candidates = [p for p in self._targets if p not in self._running]
         free = _CONCURRENCY - len(self._running)
         claimed = await store.claim(
