@@ -103,6 +103,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 tokens=settings.canary_tokens,
                 accept_timeout_s=settings.accept_timeout_s,
                 timeout_s=min(settings.request_timeout_s, 60.0),
+                deadline_s=settings.request_timeout_s,
             ),
         )
         if settings.canaries

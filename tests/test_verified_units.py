@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -193,9 +194,11 @@ def test_margin_is_the_lead_over_the_best_other_token() -> None:
 
 
 def test_a_canary_is_a_plain_chat_completion() -> None:
-    first = prompts.request("m", prompts.PROMPTS[0], 16, timeout_s=60)
-    second = prompts.request("m", prompts.PROMPTS[0], 16, timeout_s=60)
+    first = prompts.request("m", prompts.PROMPTS[0], 16, deadline_s=600)
+    second = prompts.request("m", prompts.PROMPTS[0], 16, deadline_s=600)
     assert first.request_id != second.request_id
     assert len(first.request_id) == 24  # the gateway's own request ids (services/ids.py)
     assert (first.params.temperature, first.params.logprobs, first.params.max_tokens) == (0, True, 16)
+    # The deadline a buyer's request carries (MP_REQUEST_TIMEOUT_S), not a canary's own shorter wait.
+    assert abs(first.deadline_ms / 1000 - time.time() - 600) < 5
     assert prompts.prompt_key(prompts.PROMPTS[0], 16) != prompts.prompt_key(prompts.PROMPTS[0], 17)

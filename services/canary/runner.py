@@ -54,7 +54,9 @@ class CanarySettings:
     interval_s: float = 1800.0
     tokens: int = 16
     accept_timeout_s: float = 2.0
+    # How long a canary's answer is waited for, and the deadline it carries (a buyer's: MP_REQUEST_TIMEOUT_S).
     timeout_s: float = 60.0
+    deadline_s: float = 600.0
 
     def next_in(self) -> float:
         return self.interval_s * random.uniform(0.5, 1.5)
@@ -211,7 +213,7 @@ class Canaries:
         # A provider that cannot record a reference is asked what can be compared, if anything can.
         choices = list(keys) if status == "pinned" else [k for k in keys if k in references] or list(keys)
         key = random.choice(choices)
-        request = prompts.request(model.id, keys[key], self.settings.tokens, timeout_s=self.settings.timeout_s)
+        request = prompts.request(model.id, keys[key], self.settings.tokens, deadline_s=self.settings.deadline_s)
         reply = await ask(
             self._nc,
             self._router,

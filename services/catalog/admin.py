@@ -239,7 +239,9 @@ async def _trust(conn: asyncpg.Connection, settings: Settings, args: argparse.Na
             print(f"{m.id}: weights {m.weights_sha256} {'listed' if added else 'already listed'} (from {pid})")
         if not args.no_reference:
             for m, _ in listed:
-                recorded = await record_references(nc, conn, pid, m, tokens=settings.canary_tokens)
+                recorded = await record_references(
+                    nc, conn, pid, m, tokens=settings.canary_tokens, deadline_s=settings.request_timeout_s
+                )
                 print(f"{m.id}: {recorded} canary references recorded from {pid}")
         return 0
     finally:
@@ -276,7 +278,7 @@ async def trusted_models(
 
 
 async def record_references(
-    nc: Nats, conn: asyncpg.Connection, provider_id: str, model: bus.ModelInfo, *, tokens: int
+    nc: Nats, conn: asyncpg.Connection, provider_id: str, model: bus.ModelInfo, *, tokens: int, deadline_s: float
 ) -> int:
     """Ask the provider every canary prompt it has no reference for yet, and record its answers."""
     gateway_id = f"gw-{secrets.token_hex(4)}"
@@ -289,7 +291,7 @@ async def record_references(
             key = prompts.prompt_key(prompt, tokens)
             if key in existing:
                 continue
-            request = prompts.request(model.id, prompt, tokens, timeout_s=60.0)
+            request = prompts.request(model.id, prompt, tokens, deadline_s=deadline_s)
             reply = await ask(nc, router, gateway_id, provider_id, request, vocab_size=model.vocab_size)
             if reply.answer is None or not reply.answer.token_ids:
                 print(f"{model.id}: no answer to a canary prompt ({reply.error or 'empty'}); not recorded")
