@@ -295,7 +295,9 @@ def test_revoking_weights_stops_routing_everywhere_at_once(verified: Verified) -
     revoked_at = time.monotonic()
     for base in (stack.base_url, verified.refuse):
         _until(f"{base} stops routing {MODEL}", _serving(base, 0), timeout=2.0)
-    assert time.monotonic() - revoked_at < 2.0
+    took = time.monotonic() - revoked_at
+    assert took < 2.0
+    print(f"\nrevoke: both replicas stopped routing {took * 1000:.0f} ms after the CLI returned")
     assert _chat(verified.refuse, stack).status_code == 503
     code, out = asyncio.run(
         models_cli(
@@ -329,8 +331,11 @@ def test_a_provider_serving_other_weights_is_caught_by_the_canary_and_suspended(
     )
     assert "canary failed" in row["note"]
     runs = _rows(stack, "SELECT result, detail, request_id FROM canary_runs WHERE provider_id = $1", LIAR)
-    assert [r["result"] for r in runs] == ["failed"], runs
-    assert "where the reference has" in runs[0]["detail"]
+    results = [r["result"] for r in runs]
+    assert "failed" in results, runs
+    assert "passed" not in results, runs
+    (failed,) = [r for r in runs if r["result"] == "failed"]
+    assert "where the reference has" in failed["detail"]
 
     # The Mac's owner sees why; so does the operator.
     verdict = _until(

@@ -202,3 +202,32 @@ def test_a_canary_is_a_plain_chat_completion() -> None:
     # The deadline a buyer's request carries (MP_REQUEST_TIMEOUT_S), not a canary's own shorter wait.
     assert abs(first.deadline_ms / 1000 - time.time() - 600) < 5
     assert prompts.prompt_key(prompts.PROMPTS[0], 16) != prompts.prompt_key(prompts.PROMPTS[0], 17)
+
+
+def test_a_canary_verdict_is_the_last_word_until_the_provider_is_back() -> None:
+    from services.catalog.verdicts import Verdicts
+
+    verdicts = Verdicts(None, None)  # type: ignore[arg-type]  # flush is not called: only the bookkeeping
+    ok = bus.ModelVerdict("m", "verified", True, A)
+    failed = bus.ModelVerdict("m", "canary_failed", False, A, "differs")
+    verdicts.update("p", "boot", [ok])
+    assert verdicts._pending == {"p"}
+    verdicts._pending.clear()
+    verdicts._known["p"].sent_at = time.monotonic()  # as the flush does
+    verdicts.update("p", "boot", [ok])
+    assert verdicts._pending == set()  # nothing new: nothing to say
+    # Another replica judged a heartbeat just before the suspension: its notice is dropped.
+    verdicts.update("q", "boot", [ok])
+    verdicts.withdraw("q")
+    assert "q" not in verdicts._pending
+    # This replica's canary failed: a heartbeat judged before the suspension arrives does not undo it.
+    verdicts.override("p", failed)
+    verdicts.update("p", "boot", [ok])
+    assert verdicts.current("p") == (failed,)
+    verdicts.withdraw("p")
+    assert "p" in verdicts._pending  # still told why
+    # Unsuspended and heartbeating again: back to the catalog's verdict.
+    verdicts._pending.clear()
+    verdicts.update("p", "boot", [ok])
+    assert verdicts.current("p") == (ok,)
+    assert verdicts._pending == {"p"}

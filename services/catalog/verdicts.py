@@ -38,6 +38,10 @@ class _Known:
     seen_at: float
     sent_at: float = float("-inf")
     recorded: tuple[bus.ModelVerdict, ...] | None = None
+    # Not admitted any more (banned, suspended, drained): nothing more is said about it, except
+    # a verdict `forced` by this replica's canary, which must be the last word the provider hears.
+    withdrawn: bool = False
+    forced: bool = False
 
 
 class Verdicts:
@@ -73,9 +77,27 @@ class Verdicts:
             self._queue(provider_id)
             return
         known.seen_at = now
-        if known.boot_id != boot_id or known.verdicts != new or now - known.sent_at > _REFRESH_S:
+        if known.forced and not known.withdrawn:
+            return  # this replica's canary verdict stands (its suspension is on its way here)
+        readmitted, known.withdrawn, known.forced = known.withdrawn, False, False
+        if readmitted or known.boot_id != boot_id or known.verdicts != new or now - known.sent_at > _REFRESH_S:
             known.boot_id, known.verdicts = boot_id, new
             self._queue(provider_id)
+
+    def withdraw(self, provider_id: str) -> None:
+        """The provider is not admitted any more: say nothing more about it (a pending notice is dropped).
+
+        Otherwise a replica that judged its heartbeat a moment before a canary suspended it could
+        tell it "verified" after the canary's replica told it why it was suspended.
+        """
+        known = self._known.get(provider_id)
+        if known is None:
+            return
+        known.withdrawn = True
+        # Another replica may write its verdicts meanwhile: if it comes back, write them again.
+        known.recorded = None
+        if not known.forced:
+            self._pending.discard(provider_id)
 
     def override(self, provider_id: str, verdict: bus.ModelVerdict) -> None:
         """Replace one model's verdict now (a canary failed): the provider and the operator hear at once."""
@@ -83,6 +105,7 @@ class Verdicts:
         if known is None:
             known = self._known[provider_id] = _Known("", (), time.monotonic())
         known.verdicts = (*(v for v in known.verdicts if v.model != verdict.model), verdict)
+        known.forced = True
         self._queue(provider_id)
 
     def _queue(self, provider_id: str) -> None:
@@ -111,7 +134,7 @@ class Verdicts:
         pending, self._pending = self._pending, set()
         for pid in sorted(pending):
             known = self._known.get(pid)
-            if known is None:
+            if known is None or (known.withdrawn and not known.forced):
                 continue
             verdicts = known.verdicts
             notice = bus.PoolNotice(provider_id=pid, models=list(verdicts), sent_at_ms=int(time.time() * 1000))

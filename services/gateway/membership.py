@@ -158,7 +158,7 @@ class Membership:
         if self._admission is not None:
             verdict = self._admission.check(pid)
             if verdict is not Verdict.ADMITTED:
-                self._reported.pop(pid, None)
+                self._unreport(pid)
                 if verdict is Verdict.PENDING:
                     self._held[pid] = (hb, received)
                 if pid in self._pool.providers:
@@ -225,8 +225,13 @@ class Membership:
         elif verdict is Verdict.DRAINING:
             log.info("provider_drained", provider=pid, in_pool=pid in self._pool.providers)
         self._held.pop(pid, None)
-        self._reported.pop(pid, None)
+        self._unreport(pid)
         self._pool.withdraw(pid, fail_in_flight=verdict is Verdict.BANNED)
+
+    def _unreport(self, pid: str) -> None:
+        """The provider is not admitted (any more): forget its claims, and stop telling it about them."""
+        if self._reported.pop(pid, None) is not None and self._verdicts is not None:
+            self._verdicts.withdraw(pid)
 
     async def _on_leave(self, msg: Msg) -> None:
         try:
