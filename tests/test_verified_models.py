@@ -413,3 +413,21 @@ async def test_one_replica_at_a_time_holds_a_providers_canary(stack: Stack) -> N
     finally:
         await pool.execute("DELETE FROM providers WHERE provider_id = 'lease-mac'")
         await pool.close()
+
+
+async def test_a_heartbeat_naming_a_model_twice_is_recorded_once(stack: Stack) -> None:
+    from services.catalog import store as catalog
+
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        await providers.set_status(conn, "twice-mac", "provisional", "test: hostile heartbeat")
+        verdict = ("m", "", "uncatalogued", True, "")
+        await catalog.record_verdicts(conn, "twice-mac", [verdict, ("m", "", "not_in_catalog", False, "x"), verdict])
+        rows = await catalog.provider_models(conn, "twice-mac")
+        assert [(r["model_id"], r["status"]) for r in rows] == [("m", "uncatalogued")]
+        # Models it no longer reports are dropped.
+        await catalog.record_verdicts(conn, "twice-mac", [("n", "", "uncatalogued", True, "")])
+        assert [r["model_id"] for r in await catalog.provider_models(conn, "twice-mac")] == ["n"]
+    finally:
+        await conn.execute("DELETE FROM providers WHERE provider_id = 'twice-mac'")
+        await conn.close()

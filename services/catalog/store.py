@@ -110,6 +110,8 @@ async def entries(db: Db, *, include_revoked: bool = False) -> list[Entry]:
 
 async def record_verdicts(db: Db, provider_id: str, verdicts: list[tuple[str, str, str, bool, str]]) -> None:
     """The provider's models now: (model_id, weights_sha256, status, routed, detail); others are dropped."""
+    # A heartbeat may name a model twice (a broken or hostile daemon): one row each, the first wins.
+    verdicts = list({v[0]: v for v in reversed(verdicts)}.values())[::-1]
     # One statement: the rows of models it no longer reports go, the others are written if they changed.
     await db.execute(
         """WITH gone AS (

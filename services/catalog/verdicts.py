@@ -140,12 +140,17 @@ class Verdicts:
             notice = bus.PoolNotice(provider_id=pid, models=list(verdicts), sent_at_ms=int(time.time() * 1000))
             try:
                 await self._nc.publish(subjects.notices(pid), bus.encode(notice))
-                known.sent_at = now
-                if self._db is not None and known.recorded != verdicts:
-                    await store.record_verdicts(
-                        self._db, pid, [(v.model, v.weights_sha256, v.status, v.routed, v.detail) for v in verdicts]
-                    )
-                    known.recorded = verdicts
             except Exception:
                 self._pending.add(pid)
-                raise
+                raise  # NATS is down: the loop tries again
+            known.sent_at = now
+            if self._db is None or known.recorded == verdicts:
+                continue
+            try:
+                await store.record_verdicts(
+                    self._db, pid, [(v.model, v.weights_sha256, v.status, v.routed, v.detail) for v in verdicts]
+                )
+                known.recorded = verdicts
+            except asyncpg.PostgresError as exc:
+                # This provider's rows only (e.g. it was deleted meanwhile): the others are still written.
+                log.warning("verdicts_not_recorded", provider=pid, error=type(exc).__name__)
