@@ -273,7 +273,7 @@ class Settings:
             canaries=_choice(env, "MP_CANARIES", ("on", "off")) == "on",
             canary_join_delay_s=_float(env, "MP_CANARY_JOIN_DELAY_S", 30.0),
             canary_interval_s=_float(env, "MP_CANARY_INTERVAL_S", 1800.0),
-            canary_tokens=_bounded_int(env, "MP_CANARY_TOKENS", 16, 1, 256),
+            canary_tokens=_bounded_int(env, "MP_CANARY_TOKENS", 24, 1, 256),
             nats_user=env.get("MP_NATS_USER", ""),
             nats_password=env.get("MP_NATS_PASSWORD", ""),
         )

@@ -52,7 +52,7 @@ _CONCURRENCY = 4
 class CanarySettings:
     join_delay_s: float = 30.0
     interval_s: float = 1800.0
-    tokens: int = 16
+    tokens: int = 24
     accept_timeout_s: float = 2.0
     # How long a canary's answer is waited for, and the deadline it carries (a buyer's: MP_REQUEST_TIMEOUT_S).
     timeout_s: float = 60.0
