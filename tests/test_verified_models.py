@@ -10,6 +10,7 @@ this module's own runs the production default, MP_UNCATALOGUED_MODELS=refuse.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import time
@@ -377,6 +378,18 @@ def test_canary_traffic_is_never_billed(verified: Verified) -> None:
     ids = [r["request_id"] for r in runs]
     assert _rows(stack, "SELECT request_id FROM usage_ledger WHERE request_id = ANY($1)", ids) == []
     assert _rows(stack, "SELECT request_id FROM reservations WHERE request_id = ANY($1)", ids) == []
+    # The operator sees the runs (and the catalog as JSON, for scripts).
+    code, out = asyncio.run(models_cli("canaries", LIAR, nats_url=stack.nats_url, database_url=stack.database_url))
+    assert code == 0, out
+    (line,) = [row for row in out.splitlines() if LIAR in row]
+    assert " failed " in line
+    code, out = asyncio.run(models_cli("list", "--json", nats_url=stack.nats_url, database_url=stack.database_url))
+    assert code == 0, out
+    rows = [json.loads(row) for row in out.splitlines()]
+    listed = [r["weights_sha256"] for r in rows if r["kind"] == "catalog" and r["model_id"] == MODEL]
+    assert listed == [verified.honest_sha]
+    mine = {r["provider_id"]: r["status"] for r in rows if r["kind"] == "provider_model" and r["model_id"] == MODEL}
+    assert mine[TAMPERED] == "hash_mismatch"
     # What the ledger bills for the model is exactly what buyers were served above (1 + 6 + 4).
     ledger = _rows(stack, "SELECT count(*) AS n FROM usage_ledger WHERE model = $1 AND outcome = 'ok'", MODEL)
     assert ledger[0]["n"] == 11
