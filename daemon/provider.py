@@ -34,6 +34,7 @@ CACHED_CONVERSATIONS = 64
 
 _REQUEST = bus.decoder(bus.InferenceRequest)
 _CANCEL = bus.decoder(bus.Cancel)
+_NOTICE = bus.decoder(bus.PoolNotice)
 
 
 @dataclass
@@ -87,6 +88,9 @@ class Provider:
     _conversations: deque[str] = field(default_factory=lambda: deque(maxlen=CACHED_CONVERSATIONS))
     _memory: _Every = field(default_factory=lambda: _Every(5.0, available_bytes))
     _nats_errors: dict[str, float] = field(default_factory=dict)
+    # How the pool last said it sees our models (routed or why not), and when (unix seconds).
+    pool_notice: bus.PoolNotice | None = None
+    pool_notice_at: float = 0.0
 
     @property
     def nc(self) -> Nats:
@@ -226,11 +230,33 @@ class Provider:
         try:
             cancel = _CANCEL.decode(msg.data)
         except msgspec.DecodeError:
+            # The control plane's notices share this subject (schemas/subjects.py: notices).
+            self._on_notice(msg.data)
             return
         inflight = self._inflight.get(cancel.request_id)
         if inflight is not None:
             inflight.cancel.cancel(cancel.reason)
             log.info("request_cancelled", request_id=cancel.request_id, reason=cancel.reason)
+
+    def _on_notice(self, data: bytes) -> None:
+        try:
+            notice = _NOTICE.decode(data)
+        except msgspec.DecodeError:
+            return
+        if notice.provider_id != self.settings.provider_id:
+            return
+        before = self.pool_notice.models if self.pool_notice is not None else None
+        self.pool_notice, self.pool_notice_at = notice, time.time()
+        if notice.models != before:
+            for m in notice.models:
+                log.info(
+                    "pool_verdict",
+                    model=m.model,
+                    status=m.status,
+                    routed=m.routed,
+                    weights_sha256=m.weights_sha256,
+                    detail=m.detail,
+                )
 
     async def _on_work(self, msg: Msg) -> None:
         # Only answer on our own reply prefix: NATS would refuse anything else anyway.

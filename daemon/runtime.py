@@ -31,6 +31,7 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
         return SyntheticEngine(settings.model_id)
     from daemon.engine.fit import default_budget
     from daemon.engine.worker_engine import WorkerEngine
+    from daemon.models.identity import WeightsHasher
     from daemon.worker.supervisor import WorkerConfig
 
     config = WorkerConfig(
@@ -50,6 +51,7 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
         default_model_id=(settings.model_path, settings.model_id) if settings.model_path else None,
         prepare_helpers=settings.prepare_helpers,
         prepare_timeout_s=settings.prepare_timeout_s,
+        hasher=WeightsHasher(settings.state_dir),
     )
 
 

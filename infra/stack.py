@@ -21,13 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import nats as nats_client
 
-from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra import procs
+from infra.components import Child, DaemonChild, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key, write_dev_env
 from infra.nats_auth import NatsTarget, SecuredNats
 from infra.postgres import PostgresServer
 from schemas.private_file import write_private
 from schemas.redact import redact_url
+from services.catalog.admin import trust
 from services.providers import store as providers
 
 
@@ -54,6 +57,45 @@ async def _pin(database_url: str, provider_id: str) -> None:
         await providers.set_status(conn, provider_id, "pinned", "the local stack's own daemon")
     finally:
         await conn.close()
+
+
+async def _trust_once(database_url: str, nats_url: str, nats_env: dict[str, str], provider_id: str) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    # As the control plane: the stack's own NATS user, or the one the environment names.
+    nc = await nats_client.connect(
+        nats_url,
+        user=nats_env.get("MP_NATS_USER") or os.environ.get("MP_NATS_USER") or None,
+        password=nats_env.get("MP_NATS_PASSWORD") or os.environ.get("MP_NATS_PASSWORD") or None,
+        allow_reconnect=False,
+        connect_timeout=5,
+    )
+    try:
+        listed = await trust(
+            conn, nc, provider_id, None, added_by="mac-provider up", note="the local stack's own daemon", wait_s=2.0
+        )
+        return [f"{m.id} = {m.weights_sha256}" for m, _ in listed or []]
+    finally:
+        await nc.close()
+        await conn.close()
+
+
+def _trust_own_daemon(
+    database_url: str, nats_url: str, nats_env: dict[str, str], provider_id: str, daemon: DaemonChild, timeout: float
+) -> list[str]:
+    """List the weights the stack's own (pinned) daemon serves in the catalog, as `admin models trust` does.
+
+    Gateways refuse model ids the catalog does not list (MP_UNCATALOGUED_MODELS=refuse), so
+    `just up` vouches for its own daemon's model once the daemon reports its weights hash.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if not daemon.alive():
+            raise procs.ProcessExitedError(f"{daemon.name} exited while starting; log tail:\n{daemon.log_tail()}")
+        listed = asyncio.run(_trust_once(database_url, nats_url, nats_env, provider_id))
+        if listed:
+            return listed
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{daemon.name} reported no weights hash within {timeout:.0f}s\n{daemon.log_tail()}")
 
 
 def main() -> int:
@@ -121,6 +163,8 @@ def main() -> int:
         )
         children.append(daemon)
         _say(f"provider daemon loading {model_id} (log: {daemon.log_path})")
+        for line in _trust_own_daemon(database_url, nats_url, admin_env, provider_id, daemon, timeout=300):
+            _say(f"model catalog: {line} (trusted from {provider_id})")
         wait_model(base, model_id, timeout=300, daemon=daemon)
         write_dev_env(dev_env, base_url=f"{base}/v1", key=key)
 

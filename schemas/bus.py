@@ -41,6 +41,8 @@ Message = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_CHARS)]
 ConversationKey = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
 # A subject token (schemas/subjects.py): provider, gateway and request ids.
 Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+# A model folder's identity (daemon/models/identity.py): 64 lowercase hex digits, or empty (not known yet).
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^(?:[0-9a-f]{64})?$")]
 
 # "tool_calls": the model called tools (only when the request offered some).
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
@@ -241,6 +243,10 @@ class ModelInfo(msgspec.Struct, frozen=True):
     structured_output: bool = False
     # Token ids this model has (0: not reported); a continuation's ids are checked against it.
     vocab_size: Count = 0
+    # SHA-256 identity of the model's weights, config and tokenizer files (daemon/models/identity.py);
+    # empty while the daemon is still hashing them. Gateways route a model id only to the identities
+    # the operator's catalog lists for it (services/catalog/).
+    weights_sha256: Sha256 = ""
 
 
 # Heartbeats come every second or so; these bound how often and how seldom a daemon may claim.
@@ -281,6 +287,32 @@ class Leave(msgspec.Struct, frozen=True):
 
 class Probe(msgspec.Struct, frozen=True):
     gateway_id: Token
+
+
+class ModelVerdict(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How the pool sees one model a provider serves.
+
+    `status`: "verified" (its identity is in the catalog for this id), "uncatalogued" (the id has
+    no catalog entry and this pool routes such ids anyway), "not_in_catalog" (the id has none and
+    this pool refuses such ids), "hash_mismatch" (the catalog lists other identities for this id),
+    "hash_pending" (the provider has not reported an identity yet), "canary_failed".
+    A code, not a closed list, so a newer control plane can add one without breaking older daemons.
+    """
+
+    model: Name
+    status: Code
+    # Whether gateways route requests for this model to the provider.
+    routed: bool
+    weights_sha256: Sha256 = ""
+    detail: Message = ""
+
+
+class PoolNotice(msgspec.Struct, frozen=True, tag="pool_notice"):
+    """The control plane tells one provider how the pool sees its models (and why it gets no traffic)."""
+
+    provider_id: Token
+    models: Annotated[list[ModelVerdict], msgspec.Meta(max_length=MAX_MODELS)]
+    sent_at_ms: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)] = 0
 
 
 class Drain(msgspec.Struct, frozen=True):

@@ -40,6 +40,17 @@ def cancel(provider_id: str) -> str:
     return f"{PREFIX}.cancel.{_token('provider id', provider_id)}"
 
 
+def notices(provider_id: str) -> str:
+    """The control plane's notices to one provider (`bus.PoolNotice`: how the pool sees its models).
+
+    They ride on the provider's cancel subject: every NATS permission scheme that lets a provider
+    read its own cancels (and lets the control plane send them) carries them with no new grant.
+    The message types differ (a notice is tagged; a `Cancel` needs a request id), and a daemon
+    that predates notices drops one as an undecodable cancel.
+    """
+    return cancel(provider_id)
+
+
 def heartbeat(provider_id: str) -> str:
     return f"{PREFIX}.heartbeat.{_token('provider id', provider_id)}"
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 from services.app import SERVICES
+from services.catalog import admin as models_admin
 from services.natsauth import admin as natsauth_admin
 from services.providers import admin as providers_admin
 from services.settings import Settings, SettingsError
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     usage_admin.add_commands(admin_sub)
     providers_admin.add_commands(admin_sub)
     natsauth_admin.add_commands(admin_sub)
+    models_admin.add_commands(admin_sub)
     args = parser.parse_args(argv)
     if args.command == "up":
         from infra.stack import main as up
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return natsauth_admin.run(settings)
     elif args.command == "admin" and args.admin_command == "providers":
         return asyncio.run(providers_admin.run(args, settings))
+    elif args.command == "admin" and args.admin_command == "models":
+        return asyncio.run(models_admin.run(args, settings))
     elif args.command == "admin":
         return asyncio.run(usage_admin.run(args, settings.database_url))
     return 0

@@ -19,6 +19,9 @@ from litestar.datastructures import State
 from nats.aio.client import Client as Nats
 
 from services.auth.demo import DemoTokens
+from services.canary.runner import Canaries, CanarySettings
+from services.catalog.catalog import Catalog
+from services.catalog.verdicts import Verdicts
 from services.db.pool import open_pool
 from services.gateway.dispatch import Dispatcher, ReplyRouter
 from services.gateway.membership import Membership
@@ -88,8 +91,40 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         limit=settings.provider_violation_limit,
         window_s=settings.provider_violation_window_s,
     )
+    catalog = Catalog(db, settings.database_url, uncatalogued=settings.uncatalogued_models)
+    verdicts = Verdicts(nc, db)
     membership = Membership(
-        nc, pool, settings.gateway_id, admission=admission, violations=violations, max_slots=settings.provider_max_slots
+        nc,
+        pool,
+        settings.gateway_id,
+        admission=admission,
+        violations=violations,
+        max_slots=settings.provider_max_slots,
+        catalog=catalog,
+        verdicts=verdicts,
+    )
+    canaries = (
+        Canaries(
+            db=db,
+            nc=nc,
+            router=router,
+            pool=pool,
+            membership=membership,
+            catalog=catalog,
+            verdicts=verdicts,
+            violations=violations,
+            gateway_id=settings.gateway_id,
+            settings=CanarySettings(
+                join_delay_s=settings.canary_join_delay_s,
+                interval_s=settings.canary_interval_s,
+                tokens=settings.canary_tokens,
+                accept_timeout_s=settings.accept_timeout_s,
+                timeout_s=min(settings.request_timeout_s, 60.0),
+                deadline_s=settings.request_timeout_s,
+            ),
+        )
+        if settings.canaries
+        else None
     )
     keys = KeyLookup(db, settings)
     demo = DemoTokens(settings.secret_key, ttl_s=settings.demo_token_ttl_s)
@@ -100,8 +135,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await router.start()
         await admission.start()
         await violations.start()
+        # The catalog is read before the first heartbeat is judged against it.
+        await catalog.start()
+        await verdicts.start()
         await membership.start()
         await listening.reset()
+        if canaries is not None:
+            await canaries.start()
         dispatcher = Dispatcher(
             nc,
             pool,
@@ -120,9 +160,13 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             settings, db, nc, pool, dispatcher, metering, time.time(), keys=keys, demo=demo, listening=listening
         )
     finally:
+        if canaries is not None:
+            await canaries.stop()
         await keys.stop()
         await metering.stop()
         await membership.stop()
+        await verdicts.stop()
+        await catalog.stop()
         await admission.stop()
         await violations.stop()
         await router.stop()

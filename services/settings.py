@@ -255,6 +255,16 @@ class Settings:
     # Protocol violations within the window that suspend a provider automatically (0: never).
     provider_violation_limit: int
     provider_violation_window_s: float
+    # A model id with no entry in the operator's catalog: "refuse" (never routed; production) or
+    # "allow" (routed unverified: a pool serving whatever its providers bring).
+    uncatalogued_models: str
+    # Canary checks of providers (services/canary/): on or off; the first one within
+    # canary_join_delay_s of a provider joining (a random moment), then every canary_interval_s
+    # on average (uniformly 0.5x to 1.5x); tokens each canary generates.
+    canaries: bool
+    canary_join_delay_s: float
+    canary_interval_s: float
+    canary_tokens: int
     # The control plane's NATS user (the local stack makes one); empty: NATS_URL alone. With the
     # auth callout below, it is also the one credential besides provider tokens that it lets in.
     nats_user: str
@@ -361,6 +371,11 @@ class Settings:
             provider_max_slots=_int(env, "MP_PROVIDER_MAX_SLOTS", 64),
             provider_violation_limit=_int(env, "MP_PROVIDER_VIOLATION_LIMIT", 3),
             provider_violation_window_s=_float(env, "MP_PROVIDER_VIOLATION_WINDOW_S", 3600.0),
+            uncatalogued_models=_choice(env, "MP_UNCATALOGUED_MODELS", ("refuse", "allow")),
+            canaries=_choice(env, "MP_CANARIES", ("on", "off")) == "on",
+            canary_join_delay_s=_float(env, "MP_CANARY_JOIN_DELAY_S", 30.0),
+            canary_interval_s=_float(env, "MP_CANARY_INTERVAL_S", 1800.0),
+            canary_tokens=_bounded_int(env, "MP_CANARY_TOKENS", 24, low=1, high=256),
             nats_user=env.get("MP_NATS_USER", ""),
             nats_password=env.get("MP_NATS_PASSWORD", ""),
             nats_issuer_seed=_seed(env, "MP_NATS_ISSUER_SEED", account=True),

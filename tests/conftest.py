@@ -29,6 +29,12 @@ for _name in ("MP_FAILED_AUTH_PER_MIN", "MP_GITHUB_START_PER_MIN", "MP_DEMO_TOKE
 # Each prepare helper process costs about a second of CPU to start, and the suite starts dozens of
 # daemons on 2 cores: one helper each is plenty for its load. test_hostile_buyer.py runs the default two.
 os.environ.setdefault("MP_PREPARE_HELPERS", "1")
+# The suite's daemons serve dozens of random tiny models the operator catalog does not list: its
+# gateways route them unverified. test_verified_models.py proves the production default (refuse)
+# on a gateway of its own, and catalogues the models it checks.
+os.environ.setdefault("MP_UNCATALOGUED_MODELS", "allow")
+# A provider joining with catalogued weights gets its first canary within half a second (not 30 s).
+os.environ.setdefault("MP_CANARY_JOIN_DELAY_S", "0.5")
 
 TINY_MODEL = "tiny-llama"
 TINY_PROVIDER = "tiny-mac-1"

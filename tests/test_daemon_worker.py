@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -73,6 +74,8 @@ def test_admin_health_and_status(daemon: DaemonChild) -> None:
         "connected": True,
         "draining": False,
         "served": body["pool"]["served"],
+        # How the pool sees its models, once a gateway has said (test_verified_models.py).
+        "models": body["pool"]["models"],
     }
     assert body["requests"]["in_flight"] == 0
     assert body["admission"]["max_safe_context"] == 1 << 16
@@ -128,6 +131,25 @@ def test_unload_then_load(daemon: DaemonChild, stack: Stack) -> None:
     assert "memory_gb" in body
     assert chat(daemon, max_tokens=2).status_code == 200
     wait_model(stack.base_url, MODEL, timeout=10)
+
+    # Two loads at once (an owner's load while another still runs) run one after the other: both
+    # succeed and the model stays loaded. Interleaved, the older one's failure handling used to tear
+    # down the newer one's worker ("no prepare helper could start").
+    with ThreadPoolExecutor(2) as pool:
+        both = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{daemon.admin_url}/admin/load",
+                    params={"model_path": stack.model_path.name},
+                    headers=admin,
+                    timeout=120,
+                ),
+                range(2),
+            )
+        )
+    assert [r.status_code for r in both] == [200, 200], [r.text for r in both]
+    assert status(daemon)["model"]["loaded"] is True
+    assert chat(daemon, max_tokens=2).status_code == 200
 
 
 def test_fit_report(daemon: DaemonChild) -> None:

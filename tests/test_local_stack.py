@@ -34,7 +34,9 @@ def _start(home: Path, port: int, model_path: Path) -> tuple[subprocess.Popen[st
         "MP_MODEL_ID": TINY_MODEL,
         "PYTHONUNBUFFERED": "1",
     }
-    for name in ("NATS_URL", "DATABASE_URL"):
+    # As a developer runs it: the production default refuses uncatalogued models, so this also
+    # proves the stack lists its own daemon's weights in the catalog (infra/stack.py).
+    for name in ("NATS_URL", "DATABASE_URL", "MP_UNCATALOGUED_MODELS"):
         env.pop(name, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "services", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -80,6 +80,40 @@ def _gb(n: int) -> float:
     return round(n / GB, 3)
 
 
+def _identity(w: WorkerEngine) -> dict[str, Any] | None:
+    """The loaded model's SHA-256 identity and what computing it cost (None while hashing)."""
+    identity = w.identity
+    if identity is None:
+        return None
+    return {
+        "weights_sha256": identity.sha256,
+        "files": identity.files,
+        "bytes_total": identity.bytes_total,
+        # 0 when every file's digest came from the cache (daemon/models/identity.py).
+        "bytes_hashed": identity.bytes_hashed,
+        "files_from_cache": identity.files_from_cache,
+        "seconds": identity.seconds,
+    }
+
+
+def _pool_models(daemon: Daemon) -> list[dict[str, Any]]:
+    notice = daemon.provider.pool_notice
+    if notice is None:
+        return []
+    at = round(daemon.provider.pool_notice_at, 3)
+    return [
+        {
+            "id": m.model,
+            "status": m.status,
+            "routed": m.routed,
+            "weights_sha256": m.weights_sha256,
+            "detail": m.detail,
+            "at": at,
+        }
+        for m in notice.models
+    ]
+
+
 def create_admin_app(daemon: Daemon) -> LocalGuard:
     """The admin API behind the local guard, requiring daemon.admin_token."""
     return LocalGuard(_admin_app(daemon), render=_render_refusal, token=daemon.admin_token, open_paths=OPEN_PATHS)
@@ -115,6 +149,8 @@ def _admin_app(daemon: Daemon) -> Litestar:
                 "connected": daemon.pool_connected(),
                 "draining": daemon.draining,
                 "served": daemon.provider.served,
+                # How the pool sees each model (routed, or why not), as the control plane last said.
+                "models": _pool_models(daemon),
             },
             "requests": {
                 "in_flight": engine.running() + engine.queued(),
@@ -150,6 +186,7 @@ def _admin_app(daemon: Daemon) -> Litestar:
             "weights_gb": _gb(info.weights_bytes) if info and model else None,
             # response_format json_object / json_schema can be constrained (llguidance read the tokenizer).
             "structured_output": w.structured_output(),
+            "identity": _identity(w),
         }
         body["worker"] = {
             "healthy": sup.state == "healthy" and stats is not None,

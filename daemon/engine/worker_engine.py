@@ -26,6 +26,7 @@ from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finish
 from daemon.engine.output import Output, TokenText
 from daemon.engine.prepare_pool import PreparePool
 from daemon.engine.sampling import GenerationDefaults, resolve
+from daemon.models.identity import Identity, IdentityError, WeightsHasher
 from daemon.worker import protocol as p
 from daemon.worker.supervisor import Supervisor, WorkerConfig, WorkerLost, WorkerStartError
 from schemas import bus
@@ -78,6 +79,7 @@ class WorkerEngine:
         default_model_id: tuple[Path, str] | None = None,
         prepare_helpers: int = 2,
         prepare_timeout_s: float = 1.5,
+        hasher: WeightsHasher | None = None,
     ) -> None:
         self.config = config
         self.queue_limit = queue_limit
@@ -95,6 +97,14 @@ class WorkerEngine:
         )
         self._tps = 0.0
         self.served = 0
+        # The loaded model's identity (daemon/models/identity.py): None while it is being hashed.
+        self.hasher = hasher
+        self._identity: Identity | None = None
+        # Held while a model is loaded or unloaded (see load).
+        self._switching = asyncio.Lock()
+        self._hashing: asyncio.Task[None] | None = None
+        # Bumped by every load and unload: a hash that finishes for an older one is dropped.
+        self._generation = 0
 
     # ---- identity and capacity ---------------------------------------------------------
 
@@ -142,6 +152,11 @@ class WorkerEngine:
         info = self.supervisor.info
         return self._model is not None and info is not None and info.structured_output
 
+    @property
+    def identity(self) -> Identity | None:
+        """The loaded model's identity once hashed (None while hashing, or with no model)."""
+        return self._identity if self._model is not None else None
+
     def accepting(self) -> bool:
         return self._model is not None and self.supervisor.health in ("healthy", "idle", "starting")
 
@@ -159,6 +174,7 @@ class WorkerEngine:
                     max_safe_context=adm.max_safe_context if adm else 0,
                     structured_output=self.structured_output(),
                     vocab_size=m.vocab_size,
+                    weights_sha256=self._identity.sha256 if self._identity else "",
                 )
             )
         return Capacity(
@@ -178,8 +194,44 @@ class WorkerEngine:
         self._listeners.append(callback)
 
     def _changed(self) -> None:
+        self._recheck_identity()
         for callback in self._listeners:
             callback()
+
+    # ---- identity ----------------------------------------------------------------------
+
+    def _start_hashing(self, path: Path) -> None:
+        if self.hasher is None:
+            return
+        if self._hashing is not None and not self._hashing.done():
+            self._hashing.cancel()
+        self._hashing = asyncio.ensure_future(self._hash(self.hasher, path, self._generation))
+
+    async def _hash(self, hasher: WeightsHasher, path: Path, generation: int) -> None:
+        try:
+            identity = await hasher.identity_async(path)
+        except (OSError, IdentityError) as exc:
+            # Reported as no identity: the pool routes it only where uncatalogued models are allowed.
+            log.warning("weights_identity_failed", error=str(exc)[:300])
+            return
+        if generation != self._generation:
+            return
+        changed = self._identity is None or identity.sha256 != self._identity.sha256
+        self._identity = identity
+        if changed:
+            # Tell the pool now, not at the next heartbeat.
+            self._changed()
+
+    def _recheck_identity(self) -> None:
+        """The worker is reading the loaded model's files again (idle reload, crash restart): so do we.
+
+        The per-file cache makes this a few stats unless a file changed meanwhile.
+        """
+        m = self._model
+        if m is None or self.supervisor.state != "starting" or self.supervisor.model_path != m.path:
+            return
+        if self._hashing is None or self._hashing.done():
+            self._start_hashing(m.path)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -207,9 +259,22 @@ class WorkerEngine:
         )
 
     async def load(self, path: Path, model_id: str | None = None) -> p.Ready:
-        """Load `path` (replacing the current model): tokenizer here, weights in a new worker."""
+        """Load `path` (replacing the current model): tokenizer here, weights in a new worker.
+
+        Loads and unloads run one at a time: an owner's /admin/load that comes while the
+        start-up load still runs waits for it, instead of the older one's failure handling
+        tearing down the newer one's worker and helpers.
+        """
+        async with self._switching:
+            return await self._load(path, model_id)
+
+    async def _load(self, path: Path, model_id: str | None) -> p.Ready:
         loaded = await asyncio.to_thread(self._read_model, path, model_id)
         path = loaded.path
+        self._generation += 1
+        self._identity = None
+        # Hashed while the worker loads the same files (the page cache serves the second reader).
+        self._start_hashing(path)
         # The helpers load the tokenizer while the worker loads the weights; a request that comes
         # before they are up waits for them (daemon/engine/prepare_pool.py).
         helpers = asyncio.ensure_future(self.preparer.start(path))
@@ -228,21 +293,33 @@ class WorkerEngine:
         try:
             await helpers
         except EngineError as exc:
-            await self.unload()
+            await self._unload()
             raise EngineError("load_failed", exc.message) from None
         log.info("model_loaded", model=loaded.model_id, path=str(path), seconds=info.load_s)
         return info
 
     async def unload(self) -> tuple[str, int]:
         """Stop the worker and forget the model: (model id, resident bytes freed)."""
+        async with self._switching:
+            return await self._unload()
+
+    async def _unload(self) -> tuple[str, int]:
         model_id = self.model_id
         self._model = None
+        self._generation += 1
+        self._identity = None
+        if self._hashing is not None:
+            self._hashing.cancel()
         await self.preparer.stop()
         freed = await self.supervisor.unload()
         self._changed()
         return model_id, freed
 
     async def close(self) -> None:
+        if self._hashing is not None:
+            self._hashing.cancel()
+        if self.hasher is not None:
+            self.hasher.close()
         await self.preparer.stop()
         await self.supervisor.close()
 

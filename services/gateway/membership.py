@@ -4,6 +4,12 @@ Only admitted providers enter the view (services/providers/admission.py): a
 heartbeat from one not admitted yet is held until its verdict comes, a banned
 or drained one is kept out, and a ban fails its running requests at once.
 
+Only the models the operator's catalog lets it serve are routed to it
+(services/catalog/catalog.py): the others are removed from the heartbeat the
+view keeps, and a provider left with none stays out of the view. Each model's
+verdict goes back to the provider and to the operator (services/catalog/verdicts.py);
+an entry allowed or revoked re-decides every provider at once.
+
 A heartbeat is a provider's claim, so it is size-limited before it is decoded,
 bounded by the wire type as it is decoded (schemas/bus.py), rate-limited per
 provider, and its capacity capped at what the operator allows that provider
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import msgspec
 import structlog
@@ -24,6 +31,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import bus, subjects
+from services.catalog.catalog import Catalog
+from services.catalog.verdicts import Verdicts
 from services.gateway import vetting
 from services.gateway.pool import PoolView
 from services.providers.admission import Admission, Verdict
@@ -33,6 +42,9 @@ log = structlog.get_logger("gateway.pool")
 
 _HEARTBEAT = bus.decoder(bus.Heartbeat)
 _LEAVE = bus.decoder(bus.Leave)
+
+# Told of every admitted provider's heartbeat (as it reported it) and its models' verdicts.
+Observer = Callable[[bus.Heartbeat, list[bus.ModelVerdict]], None]
 
 
 class Membership:
@@ -46,6 +58,8 @@ class Membership:
         admission: Admission | None = None,
         violations: Violations | None = None,
         max_slots: int = bus.MAX_SLOTS,
+        catalog: Catalog | None = None,
+        verdicts: Verdicts | None = None,
     ) -> None:
         self._nc = nc
         self._pool = pool
@@ -61,8 +75,26 @@ class Membership:
         self._admission = admission
         # The latest heartbeat of each provider awaiting its verdict, and when it came.
         self._held: dict[str, tuple[bus.Heartbeat, float]] = {}
+        # None: every model is routed (tests of the pool alone).
+        self._catalog = catalog
+        self._verdicts = verdicts
+        # The latest heartbeat of each admitted provider as it reported it (all its models), and when.
+        self._reported: dict[str, tuple[bus.Heartbeat, float]] = {}
+        self._observers: list[Observer] = []
         if admission is not None:
             admission.on_change(self._verdict_changed)
+        if catalog is not None:
+            catalog.on_change(self._catalog_changed)
+
+    def add_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def reported(self, provider_id: str) -> bus.Heartbeat | None:
+        """The provider's latest heartbeat as it sent it, if it is admitted and current."""
+        entry = self._reported.get(provider_id)
+        if entry is None or time.monotonic() - entry[1] > self._pool.heartbeat_misses * entry[0].interval_s:
+            return None
+        return entry[0]
 
     async def start(self) -> None:
         # A flood beyond these is dropped by the client library (slow consumer) rather than queued.
@@ -126,15 +158,60 @@ class Membership:
         if self._admission is not None:
             verdict = self._admission.check(pid)
             if verdict is not Verdict.ADMITTED:
+                self._unreport(pid)
                 if verdict is Verdict.PENDING:
                     self._held[pid] = (hb, received)
                 if pid in self._pool.providers:
                     self._pool.withdraw(pid, fail_in_flight=verdict is Verdict.BANNED)
                 return
+        self._reported[pid] = (hb, received)
+        routed, verdicts = self._judge(hb)
+        for observer in self._observers:
+            observer(hb, verdicts)
         known = pid in self._pool.providers
-        self._pool.observe(hb)
+        if hb.models and not routed.models and not hb.draining:
+            # Nothing it serves may be routed to it: out of the view (its running requests finish).
+            if known:
+                self._pool.withdraw(pid, fail_in_flight=False)
+                log.info("provider_unrouted", provider=pid, models={v.model: v.status for v in verdicts})
+            return
+        self._pool.observe(routed)
         if not known and not hb.draining:
-            log.info("provider_joined", provider=pid, models=[m.id for m in hb.models], slots=hb.slots)
+            log.info(
+                "provider_joined",
+                provider=pid,
+                models=[m.id for m in routed.models],
+                slots=hb.slots,
+                unrouted={v.model: v.status for v in verdicts if not v.routed},
+            )
+
+    def _judge(self, hb: bus.Heartbeat) -> tuple[bus.Heartbeat, list[bus.ModelVerdict]]:
+        """The heartbeat with only the models the catalog routes, and every model's verdict."""
+        if self._catalog is None:
+            return hb, []
+        verdicts = [self._catalog.verdict(m) for m in hb.models]
+        if self._verdicts is not None:
+            self._verdicts.update(hb.provider_id, hb.boot_id, verdicts)
+        if all(v.routed for v in verdicts):
+            return hb, verdicts
+        models = [m for m, v in zip(hb.models, verdicts, strict=True) if v.routed]
+        return msgspec.structs.replace(hb, models=models), verdicts
+
+    def _catalog_changed(self) -> None:
+        """An entry was allowed or revoked: re-decide every current provider now, not at its next heartbeat."""
+        for pid in list(self._reported):
+            hb = self.reported(pid)
+            if hb is None or hb.draining:
+                continue
+            routed, verdicts = self._judge(hb)
+            state = self._pool.providers.get(pid)
+            if state is not None and hb.models and not routed.models:
+                self._pool.withdraw(pid, fail_in_flight=False)
+                log.info("provider_unrouted", provider=pid, models={v.model: v.status for v in verdicts})
+            elif state is not None:
+                state.heartbeat = msgspec.structs.replace(state.heartbeat, models=routed.models)
+            elif routed.models:
+                self._consider(hb, self._reported[pid][1])
 
     def _verdict_changed(self, pid: str, verdict: Verdict) -> None:
         if verdict is Verdict.ADMITTED:
@@ -148,16 +225,25 @@ class Membership:
         elif verdict is Verdict.DRAINING:
             log.info("provider_drained", provider=pid, in_pool=pid in self._pool.providers)
         self._held.pop(pid, None)
+        self._unreport(pid)
         self._pool.withdraw(pid, fail_in_flight=verdict is Verdict.BANNED)
+
+    def _unreport(self, pid: str) -> None:
+        """The provider is not admitted (any more): forget its claims, and stop telling it about them."""
+        if self._reported.pop(pid, None) is not None and self._verdicts is not None:
+            self._verdicts.withdraw(pid)
 
     async def _on_leave(self, msg: Msg) -> None:
         try:
             leave = _LEAVE.decode(msg.data)
         except msgspec.DecodeError:
             return
-        if leave.provider_id == subjects.parse_provider(msg.subject) and self._pool.remove(
-            leave.provider_id, leave.boot_id
-        ):
+        if leave.provider_id != subjects.parse_provider(msg.subject):
+            return
+        reported = self._reported.get(leave.provider_id)
+        if reported is not None and reported[0].boot_id == leave.boot_id:
+            del self._reported[leave.provider_id]
+        if self._pool.remove(leave.provider_id, leave.boot_id):
             log.info("provider_left", provider=leave.provider_id)
 
     async def _sweep(self) -> None:
@@ -170,6 +256,10 @@ class Membership:
                 p for p, (hb, t) in self._held.items() if now - t > self._pool.heartbeat_misses * hb.interval_s
             ]:
                 del self._held[pid]
+            for pid in [
+                p for p, (hb, t) in self._reported.items() if now - t > self._pool.heartbeat_misses * hb.interval_s
+            ]:
+                del self._reported[pid]
             # Buckets full again (untouched for a minute) say nothing: forget them, so ids bound nothing.
             for pid in [p for p, (_, at) in self._buckets.items() if now - at > 60.0]:
                 del self._buckets[pid]

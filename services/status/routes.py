@@ -79,7 +79,11 @@ class Health(msgspec.Struct, frozen=True):
 # Seed 000's tier-1 disclosures, stated wherever we describe the pool.
 DISCLOSURES = [
     "Prompts and outputs are processed as plaintext on provider hardware; providers can observe them.",
-    "Model identity is provider-reported and not cryptographically verified.",
+    (
+        "Model identity is provider-reported: the pool checks the weights hash a provider reports against the "
+        "operator's catalog and spot-checks its answers with canary prompts, but does not cryptographically "
+        "verify the loaded model."
+    ),
     "There is no hardware attestation or runtime integrity check on providers.",
 ]
 

@@ -78,7 +78,13 @@ class Stack(ABC):
             port = free_port()
             base_url = f"http://127.0.0.1:{port}"
             child = start_gateway(
-                self.home, port=port, nats=nats.url, database_url=pg.url, name=spec.name, env=spec.env
+                self.home,
+                port=port,
+                nats=nats.url,
+                database_url=pg.url,
+                name=spec.name,
+                # The synthetic engine is no model and has no weights hash to catalogue.
+                env={"MP_UNCATALOGUED_MODELS": "allow", **spec.env},
             )
             self.on_stop(spec.name, child.stop)
             self.gateways[spec.name] = Gateway(spec.name, base_url, child)

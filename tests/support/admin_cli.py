@@ -1,4 +1,4 @@
-"""`mac-provider admin providers ...` as an operator runs it: a real process against the test's Postgres and NATS."""
+"""`mac-provider admin providers|models ...` as an operator runs it: a real process against the test's stack."""
 
 from __future__ import annotations
 
@@ -9,12 +9,20 @@ import sys
 
 async def providers_cli(*args: str, nats_url: str, database_url: str) -> tuple[int, str]:
     """(exit code, what it printed)."""
+    return await admin_cli("providers", *args, nats_url=nats_url, database_url=database_url)
+
+
+async def models_cli(*args: str, nats_url: str, database_url: str) -> tuple[int, str]:
+    """`mac-provider admin models ...`: (exit code, what it printed)."""
+    return await admin_cli("models", *args, nats_url=nats_url, database_url=database_url)
+
+
+async def admin_cli(*args: str, nats_url: str, database_url: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "services",
         "admin",
-        "providers",
         *args,
         env={**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url},
         stdout=asyncio.subprocess.PIPE,

@@ -1,0 +1,1 @@
+"""Canary checks: greedy prompts compared with a trusted provider's answers (a spot check, not attestation)."""
