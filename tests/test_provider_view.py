@@ -153,7 +153,7 @@ def test_the_daemon_status_command_shows_both_views(
         [sys.executable, "-m", "daemon", "status"], env=env, capture_output=True, text=True, timeout=60
     ).stdout
     assert "Tiny test Mac" in text
-    assert f"{TINY_MODEL}: unchecked, routed" in text
+    assert f"{TINY_MODEL}: uncatalogued, routed" in text  # the suite routes uncatalogued models
     assert token not in done.stdout + text
     # Signed out (no credentials): it says what to do, and fails for scripts.
     creds.unlink()

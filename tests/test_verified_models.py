@@ -197,6 +197,18 @@ def _provider(stack: Stack, pid: str) -> asyncpg.Record | None:
     return rows[0] if rows else None
 
 
+def _mac_view(stack: Stack, pid: str) -> dict[str, Any]:
+    """What `mac-provider-daemon status` shows the Mac's owner: `/provider/macs/<id>` with its own token."""
+    r = httpx.get(
+        f"{stack.base_url}/provider/macs/{pid}",
+        headers={"Authorization": f"Bearer {stack.nats.provider_token(pid)}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
 # ---- the tests, in order: they share the daemons ------------------------------------------------
 
 
@@ -270,6 +282,12 @@ def test_one_byte_changed_is_not_routed_and_both_sides_see_why(verified: Verifie
     )
     assert verdict["routed"] is False
     assert "not listed" in verdict["detail"]
+    # ... and in the pool's view of the Mac (`/provider/macs`, asked with its own token).
+    mac = _mac_view(stack, TAMPERED)
+    (model,) = mac["models"]
+    assert (model["id"], model["routed"], model["verification"]) == (MODEL, False, "hash_mismatch")
+    assert mac["traffic"] == "not_routable"
+    assert any("weights are not the ones the catalog lists" in w for w in mac["why_no_traffic"]), mac["why_no_traffic"]
     # ... and the operator in `admin models list`.
     code, out = asyncio.run(models_cli("list", nats_url=stack.nats_url, database_url=stack.database_url))
     assert code == 0, out
@@ -348,6 +366,11 @@ def test_a_provider_serving_other_weights_is_caught_by_the_canary_and_suspended(
     (line,) = [row for row in out.splitlines() if row.startswith(LIAR)]
     assert "suspended" in line
     assert "canary_failed" in line
+    mac = _mac_view(stack, LIAR)
+    assert mac["admission"] == "suspended"
+    assert mac["canaries"]["failed"] >= 1
+    assert mac["canaries"]["last_result"] == "failed"
+    assert mac["why_no_traffic"][0].startswith("Suspended automatically (canary")
 
     # Buyers are served at once, by the honest Mac, on every replica.
     for base in (stack.base_url, verified.refuse):

@@ -41,7 +41,27 @@ def _mac(m: Mac) -> str:
         f"Violations: {m.violations_24h} in 24 h, {m.violations} in all"
         + (f" (last: {escape(m.last_violation)}, {_when(m.last_violation_at)})" if m.last_violation else "")
         + f". First seen {_when(m.first_seen)}, last seen {_when(m.last_seen)}.</p>"
-        f"<h3>Models</h3><ul>{models}</ul><h3>Why no traffic?</h3>{why}</section>"
+        + _canaries(m)
+        + f"<h3>Models</h3><ul>{models}</ul><h3>Why no traffic?</h3>{why}</section>"
+    )
+
+
+def _canaries(m: Mac) -> str:
+    c = m.canaries
+    if c.last_result is None:
+        return "<p>Canary checks: none yet (spot checks of its answers against a trusted Mac's).</p>"
+    measured = (
+        f" It answered in {c.first_token_ms:.0f} ms to the first token"
+        + (f" at {c.decode_tokens_per_s:.1f} tokens/s" if c.decode_tokens_per_s else "")
+        + "."
+        if c.first_token_ms is not None
+        else ""
+    )
+    return (
+        f"<p>Canary checks (30 days): {c.passed} passed, {c.failed} failed; the last one "
+        f"{escape(c.last_result)} {_when(c.last_at)}"
+        + (f" ({escape(c.last_detail)})" if c.last_detail else "")
+        + f".{escape(measured)} A spot check, not attestation.</p>"
     )
 
 

@@ -45,7 +45,9 @@ _SIGHT = """
 WITH new AS (
     INSERT INTO providers (provider_id, first_seen, last_seen)
     SELECT id, now(), now() FROM unnest($1::text[]) AS id
-    ON CONFLICT (provider_id) DO NOTHING
+    -- A row made before its first heartbeat (a token minted, an operator's pin) is seen now.
+    ON CONFLICT (provider_id) DO UPDATE SET first_seen = now(), last_seen = now()
+        WHERE providers.first_seen IS NULL
     RETURNING provider_id, status, draining, max_slots)
 SELECT provider_id, status, draining, max_slots FROM new
 UNION ALL
