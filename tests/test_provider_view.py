@@ -75,6 +75,7 @@ def test_the_owner_sees_each_mac_and_a_routable_one_has_nothing_holding_it_back(
     assert tiny["admission"] in ("provisional", "pinned")
     assert [(m["id"], m["routed"]) for m in tiny["models"]] == [(TINY_MODEL, True)]
     assert tiny["traffic"] == "routable"
+    assert tiny["uptime_s"] > 0
     assert tiny["why_no_traffic"] == []
     assert macs[pending]["traffic"] == "not_routable"
     assert macs[pending]["why_no_traffic"][0].startswith("Pending admission")

@@ -48,6 +48,10 @@ class Observed:
     first_token_s: float | None = None
     decode_tps: float | None = None
     failed_at: float = float("-inf")
+    # The daemon run (boot id) heard last, and when (wall clock) this replica first heard it: a
+    # lower bound on that run's uptime, shown to its owner (services/providers/view.py).
+    boot_id: str = ""
+    up_since: float = 0.0
 
     def expected_s(self) -> float:
         """Seconds a typical answer takes there; 0 until measured (new providers get tried)."""
@@ -120,6 +124,8 @@ class PoolView:
         if observed is None:
             self._prune_observed()
             observed = self._observed[hb.provider_id] = Observed()
+        if observed.boot_id != hb.boot_id:
+            observed.boot_id, observed.up_since = hb.boot_id, time.time()
         self.providers[hb.provider_id] = ProviderState(
             heartbeat=hb, last_seen=self.clock(), epoch=self._epochs, observed=observed
         )

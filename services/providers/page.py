@@ -14,6 +14,13 @@ def _when(value: datetime | None) -> str:
     return "never" if value is None else escape(value.strftime("%Y-%m-%d %H:%M UTC"))
 
 
+def _duration(seconds: float) -> str:
+    minutes, hours = int(seconds // 60), int(seconds // 3600)
+    if hours >= 48:
+        return f"{hours // 24} days"
+    return f"{hours} h {minutes % 60} min" if hours else f"{minutes} min {int(seconds) % 60} s"
+
+
 def _mac(m: Mac) -> str:
     state = "online" if m.online else "offline"
     models = (
@@ -31,6 +38,8 @@ def _mac(m: Mac) -> str:
         else "<p>Nothing holds it back: it gets work whenever buyers ask for its models.</p>"
     )
     speed = f"{m.decode_tokens_per_s} tokens/s measured" if m.decode_tokens_per_s else "speed not measured yet"
+    if m.uptime_s is not None:
+        speed += f" · up {_duration(m.uptime_s)}"
     return (
         f"<section><h2>{escape(m.name or m.provider_id)}</h2>"
         f"<p><code>{escape(m.provider_id)}</code> · {state} · admission: <b>{escape(m.admission)}</b>"

@@ -9,6 +9,7 @@ so an owner whose Mac sits idle reads the one thing to fix.
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
@@ -73,6 +74,8 @@ class Mac(msgspec.Struct, frozen=True):
     decode_tokens_per_s: float | None
     first_token_s: float | None
     worker: str
+    # Seconds the daemon has run without a restart, as far as this control plane has heard it.
+    uptime_s: float | None
     served_24h: Traffic24h
     served_30d: Traffic24h
     violations_24h: int
@@ -168,6 +171,7 @@ def _mac(row: asyncpg.Record, pool: PoolView, admissions_per_min: int) -> Mac:
         decode_tokens_per_s=round(observed.decode_tps, 1) if observed and observed.decode_tps else None,
         first_token_s=round(observed.first_token_s, 3) if observed and observed.first_token_s else None,
         worker=live.heartbeat.worker if live else "offline",
+        uptime_s=round(time.time() - observed.up_since, 1) if observed and observed.up_since else None,
         served_24h=Traffic24h(int(row["requests_24h"]), int(row["tokens_24h"])),
         served_30d=Traffic24h(int(row["requests_30d"]), int(row["tokens_30d"])),
         violations_24h=int(row["violations_24h"]),
