@@ -88,6 +88,8 @@ class Provider:
     _conversations: deque[str] = field(default_factory=lambda: deque(maxlen=CACHED_CONVERSATIONS))
     _memory: _Every = field(default_factory=lambda: _Every(5.0, available_bytes))
     _nats_errors: dict[str, float] = field(default_factory=dict)
+    # Said once: the pool refused our credentials (see _refused).
+    _refused_logged: bool = False
     # How the pool last said it sees our models (routed or why not), and when (unix seconds).
     pool_notice: bus.PoolNotice | None = None
     pool_notice_at: float = 0.0
@@ -131,11 +133,34 @@ class Provider:
         )
 
     async def _nats_error(self, exc: Exception) -> None:
+        # nats-py reports the server's refusal as a plain Error ("nats: 'Authorization Violation'").
+        if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower():
+            self._refused()
         # One line per error kind a minute, not a traceback every reconnect attempt.
         now, kind = time.monotonic(), type(exc).__name__
         if now - self._nats_errors.get(kind, float("-inf")) >= 60.0:
             self._nats_errors[kind] = now
             log.warning("nats_error", error=kind, detail=str(exc)[:200])
+
+    def _refused(self) -> None:
+        """The pool refused this Mac's credentials (token revoked, provider banned): stop its work.
+
+        Its answers could not reach anyone (the pool closed the connection and will not let it
+        back in), so generating on only burns the owner's Mac. The daemon stays up and keeps
+        trying: an unban lets it back in; a revoked token needs `mac-provider-daemon login`.
+        """
+        if self._inflight:
+            log.warning("pool_refused_requests_stopped", requests=len(self._inflight))
+        for inflight in list(self._inflight.values()):
+            inflight.cancel.cancel("pool_refused")
+        if not self._refused_logged:
+            self._refused_logged = True
+            log.error(
+                "pool_refused",
+                provider=self.settings.provider_id,
+                hint="the pool refused this Mac's credentials (revoked or banned?): "
+                "run `mac-provider-daemon status`, or `mac-provider-daemon login` again",
+            )
 
     async def _serve_pool(self, stop: asyncio.Event) -> None:
         s = self.settings

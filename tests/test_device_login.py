@@ -8,6 +8,7 @@ loopback GitHub, so a browser signs in on any replica and comes back to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import re
@@ -30,7 +31,7 @@ import pytest
 from daemon import credentials
 from daemon.keychain import Keychain
 from daemon.login import LoginError, check_url
-from infra.components import Child, start_gateway, wait_model
+from infra.components import Child, DaemonChild, start_gateway, wait_model
 from infra.ports import free_port
 from schemas.device import GRANT_TYPE, normalize_user_code
 from services.auth.return_path import safe_return_path
@@ -260,16 +261,40 @@ def test_a_mac_signs_in_through_the_browser_and_its_owner_revokes_it(gw: DeviceG
             f"SELECT provider_id FROM usage_ledger WHERE request_id = '{answer.headers['x-request-id']}'"
         ).strip()
         assert served_by == creds.provider_id
+        # A long answer is running when the owner revokes the Mac.
+        long = threading.Thread(target=_long_answer, args=(gw.url, stack.auth()), daemon=True)
+        long.start()
+        _until_running(daemon)
         _revoke_on_the_account_page(gw, browser, creds, owner)
         # Cut off at once, and refused when it tries again.
         cut_s = wait_pool_connected(daemon, False, timeout=5)
         print(f"revoked on the account page -> daemon disconnected in {cut_s * 1000:.0f} ms")
         assert cut_s < 1.0
+        # Its answers can reach no one now: it stops generating rather than burn its owner's Mac.
+        _until_running(daemon, 0, timeout=5)
         time.sleep(2.0)  # it retries every 0.5 s
         assert daemon_status(daemon)["pool"]["connected"] is False
         assert daemon.alive()
+        assert "pool_refused" in daemon.log_tail()
     finally:
         daemon.stop()
+
+
+def _long_answer(url: str, auth: dict[str, str]) -> None:
+    body = {"model": _JOINED_MODEL, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 20000}
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(f"{url}/v1/chat/completions", headers=auth, json={**body, "stream": True}, timeout=60)
+
+
+def _until_running(daemon: DaemonChild, count: int | None = None, timeout: float = 30.0) -> None:
+    """Until the daemon runs `count` requests (None: at least one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = daemon_status(daemon)["requests"]["in_flight"]
+        if (running >= 1) if count is None else (running == count):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never {count} running:\n{daemon.log_tail()}")
 
 
 def _revoke_on_the_account_page(
