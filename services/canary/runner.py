@@ -273,12 +273,16 @@ class Canaries:
 
     async def _fail(self, pid: str, model: bus.ModelInfo, outcome: Outcome, request_id: str) -> None:
         detail = f"canary answer differs from the reference of these weights: {outcome.detail}"
-        newly = await store.suspend(self._db, pid, model.id, detail, request_id=request_id, gateway_id=self._gateway_id)
-        log.warning("provider_suspended", provider=pid, reason="canary_failed", model=model.id, detail=detail[:300])
         if self._verdicts is not None:
+            # Told first: the suspension closes the provider's NATS connection (services/natsauth/),
+            # after which no notice can reach it.
             self._verdicts.override(
                 pid, bus.ModelVerdict(model.id, "canary_failed", False, model.weights_sha256, detail[:1000])
             )
+            with contextlib.suppress(Exception):
+                await self._verdicts.tell_now()
+        newly = await store.suspend(self._db, pid, model.id, detail, request_id=request_id, gateway_id=self._gateway_id)
+        log.warning("provider_suspended", provider=pid, reason="canary_failed", model=model.id, detail=detail[:300])
         if not newly:
             log.info("canary_failed_provider_already_out", provider=pid)
 

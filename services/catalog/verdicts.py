@@ -126,6 +126,11 @@ class Verdicts:
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
+    async def tell_now(self) -> None:
+        """Send what is pending now, and wait until the server has it (before cutting a provider off)."""
+        await self.flush()
+        await self._nc.flush(timeout=2)
+
     async def flush(self) -> None:
         now = time.monotonic()
         for pid in [p for p, k in self._known.items() if now - k.seen_at > _FORGET_S]:
