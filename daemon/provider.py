@@ -168,6 +168,7 @@ class Provider:
         await self.nc.subscribe(subjects.cancel(s.provider_id), cb=self._on_cancel)
         await self.nc.subscribe(subjects.PROBE, cb=self._on_probe)
         await self.nc.subscribe(subjects.drain(s.provider_id), cb=self._on_drain)
+        await self.nc.subscribe(subjects.notices(s.provider_id), cb=self._on_notice)
         beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
         add_listener = getattr(self.engine, "add_listener", None)
         if add_listener is not None:
@@ -255,17 +256,15 @@ class Provider:
         try:
             cancel = _CANCEL.decode(msg.data)
         except msgspec.DecodeError:
-            # The control plane's notices share this subject (schemas/subjects.py: notices).
-            self._on_notice(msg.data)
             return
         inflight = self._inflight.get(cancel.request_id)
         if inflight is not None:
             inflight.cancel.cancel(cancel.reason)
             log.info("request_cancelled", request_id=cancel.request_id, reason=cancel.reason)
 
-    def _on_notice(self, data: bytes) -> None:
+    async def _on_notice(self, msg: Msg) -> None:
         try:
-            notice = _NOTICE.decode(data)
+            notice = _NOTICE.decode(msg.data)
         except msgspec.DecodeError:
             return
         if notice.provider_id != self.settings.provider_id:

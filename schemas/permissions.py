@@ -1,7 +1,7 @@
 """Who may use which NATS subjects: the control plane, and each provider for its own subjects only.
 
 Providers are other people's Macs, so NATS vouches for who is talking. A
-provider may only receive its own work, cancels and drains (and the pool-wide
+provider may only receive its own work, cancels, drains and notices (and the pool-wide
 probe), and only publish its own heartbeats, leaves and replies under its own
 reply prefix, which also proves to the gateway who sent each frame. No
 `_INBOX.>` and no wildcard over other providers: a provider never sees anyone
@@ -27,7 +27,7 @@ class Permissions:
 
 def control_plane_permissions() -> Permissions:
     return Permissions(
-        publish=(subjects.ALL_WORK, subjects.ALL_CANCELS, subjects.ALL_DRAINS, subjects.PROBE),
+        publish=(subjects.ALL_WORK, subjects.ALL_CANCELS, subjects.ALL_DRAINS, subjects.ALL_NOTICES, subjects.PROBE),
         subscribe=(subjects.HEARTBEATS, subjects.LEAVES, subjects.ALL_REPLIES),
     )
 
@@ -44,6 +44,7 @@ def provider_permissions(provider_id: str) -> Permissions:
             subjects.work(provider_id),
             subjects.cancel(provider_id),
             subjects.drain(provider_id),
+            subjects.notices(provider_id),
             subjects.PROBE,
         ),
     )

@@ -41,14 +41,8 @@ def cancel(provider_id: str) -> str:
 
 
 def notices(provider_id: str) -> str:
-    """The control plane's notices to one provider (`bus.PoolNotice`: how the pool sees its models).
-
-    They ride on the provider's cancel subject: every NATS permission scheme that lets a provider
-    read its own cancels (and lets the control plane send them) carries them with no new grant.
-    The message types differ (a notice is tagged; a `Cancel` needs a request id), and a daemon
-    that predates notices drops one as an undecodable cancel.
-    """
-    return cancel(provider_id)
+    """The control plane's notices to one provider (`bus.PoolNotice`: how the pool sees its models)."""
+    return f"{PREFIX}.notice.{_token('provider id', provider_id)}"
 
 
 def heartbeat(provider_id: str) -> str:
@@ -78,6 +72,7 @@ def drain(provider_id: str) -> str:
 ALL_WORK = f"{PREFIX}.work.*"
 ALL_CANCELS = f"{PREFIX}.cancel.*"
 ALL_DRAINS = f"{PREFIX}.drain.*"
+ALL_NOTICES = f"{PREFIX}.notice.*"
 ALL_REPLIES = f"{PREFIX}.reply.>"
 
 

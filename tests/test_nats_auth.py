@@ -58,7 +58,14 @@ async def test_a_provider_cannot_read_or_write_as_anyone_else(nats_server: Secur
     mine = nats_server.provider_token(MINE)
     errors: list[str] = []
     async with _connect(nats_server, mine, errors) as nc:
-        for subject in (subjects.work(OTHER), subjects.cancel(OTHER), subjects.ALL_REPLIES, "_INBOX.>", ">"):
+        for subject in (
+            subjects.work(OTHER),
+            subjects.cancel(OTHER),
+            subjects.notices(OTHER),
+            subjects.ALL_REPLIES,
+            "_INBOX.>",
+            ">",
+        ):
             await nc.subscribe(subject)
         await nc.subscribe(subjects.HEARTBEATS)  # reading the pool's heartbeats is the gateway's business
         await nc.publish(subjects.heartbeat(OTHER), b"spoof")
@@ -67,14 +74,26 @@ async def test_a_provider_cannot_read_or_write_as_anyone_else(nats_server: Secur
         await nc.publish(subjects.work(MINE), b"work")
         await nc.publish(subjects.drain(OTHER), b"drain")
         await nc.publish(subjects.PROBE, b"probe")
+        await nc.publish(subjects.notices(MINE), b"a verdict of my own making")
         await nc.flush()
-        refused = await _violations(errors, 12)
+        refused = await _violations(errors, 14)
         assert nc.is_connected, "a refused subject is an error, not a disconnect"
-    assert len(refused) == 12, errors
-    for subject in (subjects.work(OTHER), subjects.cancel(OTHER), subjects.ALL_REPLIES, "_INBOX.>"):
+    assert len(refused) == 14, errors
+    for subject in (
+        subjects.work(OTHER),
+        subjects.cancel(OTHER),
+        subjects.notices(OTHER),
+        subjects.ALL_REPLIES,
+        "_INBOX.>",
+    ):
         assert any(f'subscription to "{subject.lower()}"' in e for e in refused), (subject, refused)
 
-    for subject in (subjects.heartbeat(OTHER), subjects.reply(OTHER, "gw-1", "req-1"), subjects.work(MINE)):
+    for subject in (
+        subjects.heartbeat(OTHER),
+        subjects.reply(OTHER, "gw-1", "req-1"),
+        subjects.work(MINE),
+        subjects.notices(MINE),
+    ):
         assert any(f'publish to "{subject.lower()}"' in e for e in refused), (subject, refused)
 
 
