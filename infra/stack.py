@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats as nats_client
@@ -27,6 +28,7 @@ from infra import procs
 from infra.components import Child, DaemonChild, start_daemon, start_gateway, wait_model
 from infra.devkey import ensure_dev_key, write_dev_env
 from infra.nats_auth import NatsTarget, SecuredNats
+from infra.ports import free_port
 from infra.postgres import PostgresServer
 from schemas.private_file import write_private
 from schemas.redact import redact_url
@@ -116,7 +118,8 @@ def main() -> int:
     try:
         database_url = os.environ.get("DATABASE_URL")
         if not database_url:
-            pg = PostgresServer.start(home / "postgres", port=_port("MP_PG_PORT"))
+            # Free ports for the servers started first must not be the one the control plane was promised.
+            pg = PostgresServer.start(home / "postgres", port=_port("MP_PG_PORT") or free_port(avoid={port}))
             cleanups.append(pg.stop)
             database_url = pg.url
             _say(f"postgres on {redact_url(database_url)}")
@@ -126,7 +129,8 @@ def main() -> int:
             # The auth callout on: the control plane (which answers it) logs in with its password,
             # the daemon with a provider token minted in Postgres; the server's config names no
             # provider (secrets in $MP_HOME/nats/credentials.json, 0600).
-            nats = SecuredNats.start(home / "nats", port=_port("MP_NATS_PORT"), database_url=database_url)
+            nats_port = _port("MP_NATS_PORT") or free_port(avoid={port, urlsplit(database_url).port or 0})
+            nats = SecuredNats.start(home / "nats", port=nats_port, database_url=database_url)
             cleanups.append(nats.stop)
             nats_url, target = nats.url, nats
             admin_env.update(nats.gateway.env())

@@ -293,3 +293,30 @@ async def test_a_hang_up_arriving_with_a_frame_still_cancels_the_request() -> No
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 1)
+
+
+def test_a_free_port_is_never_one_already_promised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mac-provider up` starts Postgres and NATS on free ports before the control plane binds MP_PORT:
+    the kernel may offer that very port (seen once); it is skipped."""
+    import infra.ports as ports
+
+    offered = iter([8080, 8080, 5433])
+
+    class Scripted:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def __enter__(self) -> Scripted:
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            pass
+
+        def bind(self, address: object) -> None:
+            pass
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", next(offered))
+
+    monkeypatch.setattr(ports.socket, "socket", Scripted)
+    assert ports.free_port(avoid={8080}) == 5433
