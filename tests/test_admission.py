@@ -23,13 +23,13 @@ from infra.ports import free_port
 from infra.postgres import PostgresServer
 from schemas import bus, subjects
 from schemas.permissions import Permissions
-from services.db.migrate import migrate
 from services.providers import store
 from tests.conftest import Stack
 from tests.support.admin_cli import providers_cli
 from tests.support.auth_stack import AuthStack
 from tests.support.daemons import status as daemon_status
 from tests.support.daemons import wait_worker
+from tests.support.databases import fresh_database
 
 RATE = 10  # provisional admissions per minute on the flood stack
 FLOOD = 1000
@@ -39,25 +39,9 @@ DRAINED_TOKENS = 3000
 # ---- an isolated database: the bucket and the table belong to these tests alone -------------------
 
 
-def _database(postgres: PostgresServer, name: str) -> str:
-    postgres.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", database="postgres")
-    postgres.psql(f"CREATE DATABASE {name}", database="postgres")
-    return f"{postgres.url.rsplit('/', 1)[0]}/{name}"
-
-
 @pytest.fixture(scope="module")
 def admission_db(postgres: PostgresServer) -> str:
-    url = _database(postgres, "mp_admission")
-
-    async def setup() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
-    return url
+    return fresh_database(postgres, "mp_admission")
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from services.keys import format as key_format
 from services.settings import Settings
 from tests.conftest import Stack
 from tests.support.accounts import fetch, make_account, make_account_async
+from tests.support.databases import fresh_database
 
 _client = httpx.Client(timeout=30)
 LIMITS = {
@@ -44,12 +45,6 @@ LIMITS = {
     "MP_GITHUB_CLIENT_ID": "limits-test",
     "MP_GITHUB_CLIENT_SECRET": "limits-test-secret",
 }
-
-
-def fresh_database(stack: Stack, name: str) -> str:
-    database = f"{name}_{secrets.token_hex(4)}"
-    stack.postgres.psql(f"CREATE DATABASE {database}", database="postgres")
-    return f"{stack.database_url.rsplit('/', 1)[0]}/{database}"
 
 
 def net() -> str:
@@ -75,7 +70,7 @@ class Limited:
 
 @pytest.fixture(scope="module")
 def limited(stack: Stack) -> Iterator[Limited]:
-    database_url = fresh_database(stack, "limits")
+    database_url = fresh_database(stack.postgres, "limits", migrated=False)
     ports = {"edge": free_port(), "direct": free_port()}
     envs = {
         "edge": {
@@ -223,7 +218,7 @@ def test_a_nats_password_given_in_the_url_stays_out_of_the_gateway_log(stack: St
 
 
 async def test_the_global_demo_budget_holds_across_replicas(stack: Stack) -> None:
-    database_url = fresh_database(stack, "global")
+    database_url = fresh_database(stack.postgres, "global", migrated=False)
     env = {
         **os.environ,
         "MP_HOME": str(stack.home),

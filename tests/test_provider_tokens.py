@@ -10,27 +10,15 @@ import asyncpg
 import pytest
 
 from infra.postgres import PostgresServer
-from services.db.migrate import migrate
 from services.keys import format as key_format
 from services.keys.store import create_account
 from services.providers import tokens
+from tests.support.databases import fresh_database
 
 
 @pytest.fixture(scope="module")
 def tokens_db(postgres: PostgresServer) -> str:
-    postgres.psql("DROP DATABASE IF EXISTS mp_provider_tokens WITH (FORCE)", database="postgres")
-    postgres.psql("CREATE DATABASE mp_provider_tokens", database="postgres")
-    url = f"{postgres.url.rsplit('/', 1)[0]}/mp_provider_tokens"
-
-    async def setup() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
-    return url
+    return fresh_database(postgres, "mp_provider_tokens")
 
 
 @pytest.fixture

@@ -26,10 +26,10 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import nats
 from nats.aio.client import Client as Nats
 
 from schemas import bus, subjects
+from services.admin_nats import connect_as_control_plane
 from services.canary import prompts
 from services.canary import store as canary_store
 from services.canary.probe import ask
@@ -213,13 +213,7 @@ async def trust(
 async def _trust(conn: asyncpg.Connection, settings: Settings, args: argparse.Namespace) -> int:
     pid: str = args.provider_id
     try:
-        nc = await nats.connect(
-            settings.nats_url,
-            user=settings.nats_user or None,
-            password=settings.nats_password or None,
-            allow_reconnect=False,
-            connect_timeout=5,
-        )
+        nc = await connect_as_control_plane(settings)
     except Exception as exc:
         print(f"NATS unreachable ({type(exc).__name__}): cannot read provider {pid}'s heartbeat")
         return 1

@@ -19,9 +19,9 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import nats
 
 from schemas import bus, subjects
+from services.admin_nats import connect_as_control_plane
 from services.providers import store, tokens
 from services.settings import Settings
 
@@ -170,13 +170,7 @@ async def _change(
 async def _tell_daemon(settings: Settings, pid: str, note: str, wait_s: float) -> bool:
     """Publish the drain order; with `wait_s`, wait for a heartbeat that says it is draining."""
     try:
-        nc = await nats.connect(
-            settings.nats_url,
-            user=settings.nats_user or None,
-            password=settings.nats_password or None,
-            allow_reconnect=False,
-            connect_timeout=5,
-        )
+        nc = await connect_as_control_plane(settings)
     except Exception as exc:
         print(f"provider {pid}: NATS unreachable ({type(exc).__name__}); the daemon was not told")
         return False
