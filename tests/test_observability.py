@@ -20,10 +20,14 @@ import httpx
 import nats
 import pytest
 
+from daemon.settings import DaemonSettings
+from daemon.settings import SettingsError as DaemonSettingsError
 from infra.components import Child, DaemonChild, start_daemon, start_gateway, wait_model
 from infra.nats_auth import control_url
 from infra.ports import free_port
 from schemas import bus, subjects
+from schemas.tracing import parse_traceparent, remote_parent
+from services.settings import Settings, SettingsError
 from tests.conftest import TINY_MODEL, Stack
 from tests.support.daemons import bus_request
 from tests.support.logs import wait_event
@@ -285,3 +289,42 @@ def test_with_traces_off_no_line_names_a_trace(stack: Stack) -> None:
     done = wait_event(stack.daemon.log_path, "request_done", request_id=request_id)
     assert "trace_id" not in done
     assert done["request_id"] == request_id
+
+
+# ---- settings and the header format, in process ---------------------------------------------------
+
+
+def test_traceparent_parsing_is_strict() -> None:
+    good = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    ctx = parse_traceparent(good)
+    assert ctx is not None
+    assert (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", ctx.trace_flags.sampled) == ("ab" * 16, "cd" * 8, True)
+    assert parse_traceparent(good[:-2] + "00").trace_flags.sampled is False  # type: ignore[union-attr]
+    for bad in (None, 42, b"00", "", good + " ", " " + good, good.replace("-", "_"), good[:-1] + "g"):
+        assert parse_traceparent(bad) is None, bad
+    assert remote_parent({"traceparent": good}) == ctx
+    assert remote_parent({"Traceparent": good}) is None
+    assert remote_parent(None) is None
+
+
+def test_observability_settings_are_checked(tmp_path: Path) -> None:
+    env = {"MP_HOME": str(tmp_path), "MP_SECRET_KEY": "k" * 32}
+    settings = Settings.from_env(env)
+    assert settings.tracing.exporter == "none"
+    assert settings.metrics_token == (tmp_path / "metrics_token").read_text().strip()
+    assert len(settings.metrics_token) >= 32
+    assert settings.metrics_token not in repr(settings)
+    traced = Settings.from_env({**env, "MP_OTEL_EXPORTER": "jsonl:spans.jsonl", "MP_OTEL_SAMPLE_RATIO": "0.5"})
+    assert traced.tracing.jsonl_path is not None
+    assert traced.tracing.jsonl_path.is_absolute()
+    for key, raw in (
+        ("MP_OTEL_EXPORTER", "zipkin"),
+        ("MP_OTEL_EXPORTER", "jsonl:"),
+        ("MP_OTEL_SAMPLE_RATIO", "2"),
+        ("MP_OTEL_ENDPOINT", "collector:4318"),
+        ("MP_METRICS_TOKEN", "short"),
+    ):
+        with pytest.raises(SettingsError, match=key):
+            Settings.from_env({**env, key: raw})
+    with pytest.raises(DaemonSettingsError, match="MP_OTEL_EXPORTER"):
+        DaemonSettings.from_env({"MP_STATE_DIR": str(tmp_path / "d"), "MP_OTEL_EXPORTER": "nope"})
