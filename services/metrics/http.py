@@ -8,14 +8,16 @@ start only; a stream's later chunks pass through it with one comparison.
 
 from __future__ import annotations
 
-from litestar.types import BeforeMessageSendHookHandler, Message, Scope
+from collections.abc import Awaitable, Callable
+
+from litestar.types import Message, Scope
 
 from services.errors import ERROR_CODE
 from services.metrics.labels import UNMATCHED, method_label
 from services.metrics.registry import Metrics
 
 
-def count_responses(metrics: Metrics) -> BeforeMessageSendHookHandler:
+def count_responses(metrics: Metrics) -> Callable[[Message, Scope], Awaitable[None]]:
     codes = metrics.codes
 
     async def hook(message: Message, scope: Scope) -> None:
