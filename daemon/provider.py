@@ -19,13 +19,16 @@ import nats
 import structlog
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
+from opentelemetry.trace import Span, SpanContext, StatusCode
 
 from daemon import __version__
 from daemon.engine.base import CancelToken, Engine, EngineError, Finished
 from daemon.machine import available_bytes
+from daemon.metrics import DaemonMetrics
 from daemon.settings import DaemonSettings
 from schemas import bus, subjects
 from schemas.conversations import conversation_key
+from schemas.tracing import Tracing, parent_context, remote_parent
 
 log = structlog.get_logger("daemon")
 
@@ -78,6 +81,9 @@ class _Every:
 class Provider:
     settings: DaemonSettings
     engine: Engine
+    # Counted as each request ends (daemon/metrics.py); traces (None: off; schemas/tracing.py).
+    metrics: DaemonMetrics = field(default_factory=DaemonMetrics)
+    tracing: Tracing | None = None
     boot_id: str = field(default_factory=lambda: secrets.token_hex(6))
     draining: bool = False
     _nc: Nats | None = None
@@ -291,12 +297,15 @@ class Provider:
         try:
             request = _REQUEST.decode(msg.data)
         except msgspec.DecodeError as exc:
+            self.metrics.outcome("bad_request")
             await replier.send(bus.Failed, code="bad_request", message=f"undecodable request: {exc}")
             return
         if request.request_id in self._inflight:
             return  # a duplicate delivery of a request we are already running
+        # The gateway's trace context (W3C traceparent); a malformed header is ignored.
+        remote = remote_parent(msg.headers)
         cancel = CancelToken()
-        task = asyncio.create_task(self._serve(request, replier, cancel), name=f"req-{request.request_id}")
+        task = asyncio.create_task(self._traced(request, replier, cancel, remote), name=f"req-{request.request_id}")
         self._inflight[request.request_id] = _InFlight(cancel, task)
         task.add_done_callback(lambda _: self._inflight.pop(request.request_id, None))
 
@@ -308,18 +317,59 @@ class Provider:
             self._conversations.remove(key)
         self._conversations.append(key)
 
-    async def _serve(self, request: bus.InferenceRequest, replier: _Replier, cancel: CancelToken) -> None:
+    async def _traced(
+        self, request: bus.InferenceRequest, replier: _Replier, cancel: CancelToken, remote: SpanContext | None
+    ) -> None:
+        """One request in its own task: its log lines carry its request id and trace id, its spans join the trace."""
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.start(
+                "work",
+                parent=parent_context(remote),
+                attributes={"mp.request_id": request.request_id, "mp.provider": self.settings.provider_id},
+            )
+        context = span.get_span_context() if span is not None else remote
+        structlog.contextvars.bind_contextvars(
+            request_id=request.request_id, **({"trace_id": f"{context.trace_id:032x}"} if context else {})
+        )
+        try:
+            outcome = await self._serve(request, replier, cancel, span)
+        except BaseException:
+            outcome = "provider_stopping"
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("mp.outcome", outcome)
+                if outcome not in ("stop", "length", "tool_calls", "cancelled"):
+                    span.set_status(StatusCode.ERROR, outcome)
+                span.end()
+
+    async def _serve(
+        self, request: bus.InferenceRequest, replier: _Replier, cancel: CancelToken, span: Span | None = None
+    ) -> str:
+        """Answer one request on the bus; returns how it ended (its finish reason or error code)."""
         if self.draining:
+            self.metrics.outcome("provider_draining")
             await replier.send(bus.Failed, code="provider_draining", message="provider is draining", retryable=True)
-            return
+            return "provider_draining"
         if not self.engine.serves(request.model):
+            self.metrics.outcome("model_not_loaded")
             await replier.send(
                 bus.Failed, code="model_not_loaded", message=f"{request.model!r} is not loaded here", retryable=True
             )
-            return
+            return "model_not_loaded"
+        tracing = self.tracing if span is not None else None
         try:
             # Off the loop and time-limited (templates and schemas): heartbeats and other requests go on.
-            prepared = await self.engine.prepare(request)
+            prepare_started, prepare_ns = time.monotonic(), time.time_ns()
+            prepare_span = tracing.start("prepare", parent=span, start_time=prepare_ns) if tracing else None
+            try:
+                prepared = await self.engine.prepare(request)
+            finally:
+                if prepare_span is not None:
+                    prepare_span.end()
+            self.metrics.prepare.observe(time.monotonic() - prepare_started)
+            generation_ns = time.time_ns()
             await replier.send(
                 bus.Accepted, prompt_tokens=len(prepared.prompt_tokens), queue_position=self.engine.queued()
             )
@@ -355,9 +405,19 @@ class Provider:
             self.served += 1
             if request.prompt is None and finished.finish_reason in ("stop", "length"):
                 self._remember(request, "".join(answer))
+            self.metrics.finished(
+                finish_reason=finished.finish_reason,
+                prompt_tokens=finished.prompt_tokens,
+                completion_tokens=finished.completion_tokens,
+                cached_tokens=finished.cached_tokens,
+                queue_s=finished.queue_ms / 1000,
+                ttft_s=finished.ttft_ms / 1000,
+                generation_s=finished.generation_ms / 1000,
+            )
+            if tracing is not None:
+                _generation_spans(tracing, span, generation_ns, finished)
             log.info(
                 "request_done",
-                request_id=request.request_id,
                 finish=finished.finish_reason,
                 prompt_tokens=finished.prompt_tokens,
                 completion_tokens=finished.completion_tokens,
@@ -365,8 +425,10 @@ class Provider:
                 ttft_ms=round(finished.ttft_ms, 1),
                 generation_ms=round(finished.generation_ms, 1),
             )
+            return finished.finish_reason
         except EngineError as exc:
-            log.info("request_failed", request_id=request.request_id, code=exc.code, after_accept=replier.seq > 0)
+            log.info("request_failed", code=exc.code, after_accept=replier.seq > 0)
+            self.metrics.outcome(exc.code)
             await replier.send(
                 bus.Failed,
                 code=exc.code,
@@ -374,11 +436,34 @@ class Provider:
                 retryable=exc.retryable and replier.seq == 0,
                 param=exc.param,
             )
+            return exc.code
         except asyncio.CancelledError:
+            self.metrics.outcome("provider_stopping")
             cancel.cancel("daemon_stopping")
             with contextlib.suppress(Exception):
                 await replier.send(bus.Failed, code="provider_stopping", message="the provider is shutting down")
             raise
         except Exception as exc:
-            log.exception("request_failed", request_id=request.request_id)
+            log.exception("request_failed")
+            self.metrics.outcome("provider_internal_error")
             await replier.send(bus.Failed, code="provider_internal_error", message=type(exc).__name__)
+            return "provider_internal_error"
+
+
+def _generation_spans(tracing: Tracing, parent: Span | None, started_ns: int, finished: Finished) -> None:
+    """`queue_wait` then `generate`, from the engine's own timings (no span is kept open per token)."""
+    queued_ns = started_ns + int(finished.queue_ms * 1e6)
+    tracing.start("queue_wait", parent=parent, start_time=started_ns).end(end_time=queued_ns)
+    generate = tracing.start(
+        "generate",
+        parent=parent,
+        start_time=queued_ns,
+        attributes={
+            "mp.finish_reason": finished.finish_reason,
+            "mp.prompt_tokens": finished.prompt_tokens,
+            "mp.cached_tokens": finished.cached_tokens,
+            "mp.completion_tokens": finished.completion_tokens,
+            "mp.ttft_ms": round(finished.ttft_ms, 1),
+        },
+    )
+    generate.end(end_time=queued_ns + int(finished.generation_ms * 1e6))

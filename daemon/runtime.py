@@ -18,8 +18,10 @@ import structlog
 from daemon.engine.base import Engine
 from daemon.http import LocalServer
 from daemon.machine import Machine, detect
+from daemon.metrics import DaemonMetrics
 from daemon.provider import Provider
 from daemon.settings import DaemonSettings
+from schemas.tracing import open_tracing
 
 log = structlog.get_logger("daemon")
 
@@ -65,6 +67,8 @@ class Daemon:
     listening: dict[str, int] = field(default_factory=dict)
     # The admin API's bearer token (daemon.admin.token); None when the admin API is off.
     admin_token: str | None = field(default=None, repr=False)
+    # What /metrics on the admin port shows (daemon/metrics.py).
+    metrics: DaemonMetrics = field(default_factory=DaemonMetrics, repr=False)
 
     @property
     def draining(self) -> bool:
@@ -95,7 +99,10 @@ async def serve(settings: DaemonSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     machine = detect()
     engine = build_engine(settings, machine)
-    daemon = Daemon(settings, engine, machine, Provider(settings, engine), admin_token=admin_token)
+    metrics = DaemonMetrics()
+    tracing = open_tracing(settings.tracing, service="mac-provider-daemon", instance=settings.provider_id)
+    provider = Provider(settings, engine, metrics=metrics, tracing=tracing)
+    daemon = Daemon(settings, engine, machine, provider, admin_token=admin_token, metrics=metrics)
     servers = []
     for name, port, factory in (
         ("admin", settings.admin_port, create_admin_app),
@@ -119,4 +126,6 @@ async def serve(settings: DaemonSettings) -> None:
         for server in servers:
             await server.stop()
         await engine.close()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)
         log.info("daemon_stopped")

@@ -18,6 +18,7 @@ from pathlib import Path
 from daemon import credentials
 from schemas import bus, subjects
 from schemas.redact import REDACTED, redact_url
+from schemas.tracing import TracingConfig, TracingSettingsError, config_from_env
 
 # The admin token's file name in the state folder (MP_ADMIN_TOKEN_FILE overrides the whole path).
 ADMIN_TOKEN_FILE_NAME = "admin-token"
@@ -139,6 +140,8 @@ class DaemonSettings:
     models_dir: Path = Path("models")
     # The admin API's bearer token (0600, made at first start).
     admin_token_file: Path = Path("admin-token")
+    # OpenTelemetry traces (MP_OTEL_EXPORTER, schemas/tracing.py); off by default.
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     @property
     def nats_url_redacted(self) -> str:
@@ -205,7 +208,10 @@ class DaemonSettings:
                 state_dir=state_dir,
                 models_dir=models_dir or state_dir / "models",
                 admin_token_file=(token_file or state_dir / ADMIN_TOKEN_FILE_NAME).absolute(),
+                tracing=config_from_env(env),
             )
+        except TracingSettingsError as exc:
+            raise SettingsError(str(exc)) from None
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         if not settings.prepare_timeout_s > 0:

@@ -29,6 +29,10 @@ from services.gateway.messages import messages
 from services.keys.account_page import account, account_new_key, account_revoke, account_revoke_mac
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.lifecycle import LIFECYCLE, CountRequests, Lifecycle, close_when_stopping
+from services.metrics.http import count_responses
+from services.metrics.registry import Metrics
+from services.metrics.routes import metrics as metrics_route
+from services.metrics.scrape import METRICS, METRICS_TOKEN
 from services.middleware import add_request_id
 from services.natsauth.routes import natsauth_health
 from services.natsauth.service import check_settings, open_natsauth
@@ -84,10 +88,10 @@ def _with_options(handlers: list[ControllerRouterHandler]) -> list[ControllerRou
     return [*(_options(path, m) for path, m in methods.items()), *handlers]
 
 
-def _natsauth_lifespan(settings: Settings) -> contextlib.AbstractAsyncContextManager[None] | object:
+def _natsauth_lifespan(settings: Settings, metrics: Metrics) -> contextlib.AbstractAsyncContextManager[None] | object:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_natsauth(settings) as natsauth:
+        async with open_natsauth(settings, metrics) as natsauth:
             app.state.natsauth = natsauth
             yield
 
@@ -103,16 +107,18 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         handlers.extend(SERVICES[name])
     # The callout runs where it is configured; it comes up first, since this process's own
     # NATS login (the gateway's) may be the first request it answers.
-    lifespans = [_natsauth_lifespan(settings)] if "natsauth" in services and settings.nats_issuer_seed else []
+    # This app's own registry (never prometheus_client's global one), passed to whatever counts.
+    metrics = Metrics()
+    lifespans = [_natsauth_lifespan(settings, metrics)] if "natsauth" in services and settings.nats_issuer_seed else []
     if set(services) == {"natsauth"}:
         check_settings(settings)  # asked for alone, it must run
         handlers.append(natsauth_health)  # the callout alone: no gateway runtime to report on
     else:
-        lifespans.append(runtime_lifespan(settings))
+        lifespans.append(runtime_lifespan(settings, metrics))
         if "status" not in services:
             handlers.append(health)
-    # Every service answers its orchestrator's probes (services/lifecycle.py).
-    handlers.extend([live, ready])
+    # Every service answers its orchestrator's probes (services/lifecycle.py) and its scraper.
+    handlers.extend([live, ready, metrics_route])
     lifecycle = Lifecycle.for_app(settings, set(services))
     # The API document and its page are public (their routes are Litestar's, declared through their router).
     docs = openapi_config()
@@ -129,11 +135,13 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
                 GITHUB_STARTS: github_start_budget(settings),
                 DEVICE_BUDGETS: device_budgets(settings),
                 LIFECYCLE: lifecycle,
+                METRICS: metrics,
+                METRICS_TOKEN: settings.metrics_token.encode(),
             }
         ),
         exception_handlers={Exception: exception_handler},
         middleware=[CountRequests(lifecycle)],
-        before_send=[add_request_id, close_when_stopping],
+        before_send=[add_request_id, close_when_stopping, count_responses(metrics)],
         openapi_config=docs,
         debug=False,
     )

@@ -137,6 +137,20 @@ class ClientDisconnected(ApiError):
     code = "client_disconnected"
 
 
+class MissingMetricsToken(ApiError):
+    """/metrics without `Authorization: Bearer <MP_METRICS_TOKEN>` (services/metrics/scrape.py)."""
+
+    status = 401
+    type = "authentication_error"
+    code = "missing_metrics_token"
+
+
+class InvalidMetricsToken(ApiError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_metrics_token"
+
+
 class InternalError(ApiError):
     status = 500
     type = "api_error"
@@ -243,10 +257,20 @@ def oauth_error_response(problem: OAuthProblem) -> Response[bytes]:
     )
 
 
+# Where the handler leaves the code it answered with, for the metrics (services/metrics/http.py).
+ERROR_CODE = "error_code"
+
+
+def _note_code(request: Request[Any, Any, Any], code: str | None) -> None:
+    request.scope.setdefault("state", {})[ERROR_CODE] = code
+
+
 def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     if isinstance(exc, OAuthProblem):
+        _note_code(request, exc.body.error)
         return oauth_error_response(exc)
     error = _api_error(request, exc)
+    _note_code(request, error.code)
     if request.url.path.startswith(ANTHROPIC_PREFIX):
         return anthropic_error_response(error, request.scope.get("state", {}).get("request_id"))
     return error_response(error)

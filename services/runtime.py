@@ -6,6 +6,7 @@ lives at module level, so several apps (and tests) can run in one process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from nats.aio.client import Client as Nats
 
+from schemas.tracing import Tracing, open_tracing
 from services.auth.demo import DemoTokens
 from services.canary.runner import Canaries, CanarySettings
 from services.catalog.catalog import Catalog
@@ -27,6 +29,7 @@ from services.gateway.dispatch import Dispatcher, ReplyRouter
 from services.gateway.membership import Membership
 from services.gateway.pool import PoolView
 from services.keys.lookup import KeyLookup
+from services.metrics.registry import Metrics
 from services.providers.admission import Admission
 from services.providers.violations import Violations
 from services.settings import Settings
@@ -58,6 +61,9 @@ class Runtime:
     demo: DemoTokens = field(kw_only=True)
     # When this process last (re)connected to NATS and so began hearing heartbeats again.
     listening: Since = field(kw_only=True)
+    # The app's metrics (services/metrics/), and its tracer (None: traces are off).
+    metrics: Metrics = field(kw_only=True)
+    tracing: Tracing | None = field(kw_only=True, default=None)
 
     def pool_listening_s(self) -> float:
         """How long the pool view has been fed by heartbeats without a break (0 while disconnected)."""
@@ -65,7 +71,8 @@ class Runtime:
 
 
 @contextlib.asynccontextmanager
-async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Runtime]:
+    metrics = metrics or Metrics()
     db = await open_pool(settings.database_url, size=settings.db_pool_size, run_migrations=settings.migrate_on_start)
     listening = Since()
     nc = await nats.connect(
@@ -122,13 +129,21 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 timeout_s=min(settings.request_timeout_s, 60.0),
                 deadline_s=settings.request_timeout_s,
             ),
+            metrics=metrics,
         )
         if settings.canaries
         else None
     )
     keys = KeyLookup(db, settings)
     demo = DemoTokens(settings.secret_key, ttl_s=settings.demo_token_ttl_s)
-    metering = Metering(db, settings.gateway_id, enabled=settings.metering, stale_after_s=settings.reservation_stale_s)
+    metering = Metering(
+        db,
+        settings.gateway_id,
+        enabled=settings.metering,
+        stale_after_s=settings.reservation_stale_s,
+        metrics=metrics,
+    )
+    tracing = open_tracing(settings.tracing, service="mac-provider-gateway", instance=settings.gateway_id)
     try:
         await keys.start()
         await metering.start()
@@ -154,10 +169,23 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             lost_after_intervals=settings.lost_after_intervals,
             max_failovers=settings.max_failovers,
             violations=violations,
+            metrics=metrics,
+            tracing=tracing,
         )
         log.info("control_plane_ready", gateway_id=settings.gateway_id)
         yield Runtime(
-            settings, db, nc, pool, dispatcher, metering, time.time(), keys=keys, demo=demo, listening=listening
+            settings,
+            db,
+            nc,
+            pool,
+            dispatcher,
+            metering,
+            time.time(),
+            keys=keys,
+            demo=demo,
+            listening=listening,
+            metrics=metrics,
+            tracing=tracing,
         )
     finally:
         if canaries is not None:
@@ -173,12 +201,15 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         with contextlib.suppress(Exception):
             await nc.drain()
         await db.close()
+        if tracing is not None:
+            # Off the loop: flushing waits for the exporter.
+            await asyncio.to_thread(tracing.shutdown)
 
 
-def runtime_lifespan(settings: Settings) -> contextlib.AbstractAsyncContextManager[None] | object:
+def runtime_lifespan(settings: Settings, metrics: Metrics) -> contextlib.AbstractAsyncContextManager[None] | object:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_runtime(settings) as runtime:
+        async with open_runtime(settings, metrics) as runtime:
             app.state.runtime = runtime
             yield
 

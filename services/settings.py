@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from schemas.device import MAX_EXPIRES_IN_S, MAX_INTERVAL_S
 from schemas.private_file import write_private
 from schemas.redact import REDACTED, redact_url
+from schemas.tracing import TracingConfig, TracingSettingsError, config_from_env
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/macprovider"
@@ -108,6 +109,31 @@ def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
         with contextlib.suppress(FileExistsError):
             write_private(path, secrets.token_urlsafe(48), replace=False)
     return path.read_text().strip().encode()
+
+
+_METRICS_TOKEN_FILE = "metrics_token"
+
+
+def _metrics_token(env: Mapping[str, str], home: Path) -> str:
+    """MP_METRICS_TOKEN, or one generated once under MP_HOME (where `mac-provider up`'s scraper reads it)."""
+    raw = env.get("MP_METRICS_TOKEN", "").strip()
+    if raw:
+        if len(raw) < 32 or not raw.isascii() or not raw.isprintable() or " " in raw:
+            raise SettingsError("MP_METRICS_TOKEN must be 32+ visible ASCII characters")
+        return raw
+    path = home / _METRICS_TOKEN_FILE
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            write_private(path, secrets.token_urlsafe(32), replace=False)
+    return path.read_text().strip()
+
+
+def _tracing(env: Mapping[str, str]) -> TracingConfig:
+    try:
+        return config_from_env(env)
+    except TracingSettingsError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _seed(env: Mapping[str, str], key: str, *, account: bool) -> str:
@@ -300,6 +326,11 @@ class Settings:
     device_wrong_codes_per_min: int = 10
     # The NATS URL handed to a Mac that signs in (never with the control plane's own credentials).
     public_nats_url: str = field(default="", metadata=URL)
+    # What a Prometheus scraper sends to read /metrics (`Authorization: Bearer ...`); every replica
+    # should share it (generated under MP_HOME when unset).
+    metrics_token: str = field(default="", metadata=SECRET)
+    # OpenTelemetry traces (schemas/tracing.py): MP_OTEL_EXPORTER and friends; off by default.
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
     def __repr__(self) -> str:
         return f"Settings({_safe_fields(self)})"
@@ -392,4 +423,6 @@ class Settings:
             device_codes_per_min=_positive_int(env, "MP_DEVICE_CODES_PER_MIN", 10),
             device_wrong_codes_per_min=_positive_int(env, "MP_DEVICE_WRONG_CODES_PER_MIN", 10),
             public_nats_url=_public_nats_url(env),
+            metrics_token=_metrics_token(env, home),
+            tracing=_tracing(env),
         )

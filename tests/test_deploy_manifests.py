@@ -177,6 +177,8 @@ def test_ingress_paths_reach_the_service_that_serves_them(rendered: dict[str, li
                 owners = {svc for prefix, svc in routed.items() if path == prefix or path.startswith(prefix + "/")}
                 assert owners == {name}, (path, owners)
     assert not any(p.startswith("/healthz") for p in routed)
+    # The scrape endpoint is for the cluster's Prometheus only (and wants MP_METRICS_TOKEN besides).
+    assert not any(p == "/metrics" or "/metrics".startswith(p.rstrip("/") + "/") for p in routed), routed
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)

@@ -95,6 +95,7 @@ def test_every_route_of_the_whole_app_declares_a_known_kind(built: tuple[Litesta
     assert by_route[("POST", "/provider/device/token")] is Auth.PUBLIC
     assert by_route[("GET", "/device")] is Auth.SESSION_PAGE
     assert by_route[("POST", "/account/macs/1/revoke")] is Auth.SESSION_PAGE
+    assert by_route[("GET", "/metrics")] is Auth.METRICS
     assert all(kind is Auth.PUBLIC for (method, _), kind in by_route.items() if method == "OPTIONS")
 
 
@@ -167,6 +168,15 @@ async def test_each_route_answers_as_it_declares(stack: Stack, built: tuple[Lite
                         # A form does nothing, and goes back to its page.
                         assert r.status_code == 303, (where, name)
                         assert r.headers.get("location") in ("/account", "/device"), (where, name)
+            elif call.kind is Auth.METRICS:
+                # Only the scraper's token: a buyer's key or a demo token is not it.
+                assert _error(answers["none"]) == ("authentication_error", "missing_metrics_token"), where
+                for name in ("demo", "unknown", "key"):
+                    assert _error(answers[name]) == ("authentication_error", "invalid_metrics_token"), (where, name)
+                scraper = {"Authorization": f"Bearer {settings.metrics_token}"}
+                r = await client.request(call.method, call.path, headers=scraper)
+                assert r.status_code == 200, (where, r.text)
+                assert "mp_http_requests_total" in r.text, where
             elif call.kind is Auth.GITHUB_STATE:
                 assert all(s == 400 for s in statuses.values()), where
                 assert "Sign-in expired" in answers["none"].text, where

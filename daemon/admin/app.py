@@ -1,4 +1,4 @@
-"""The local admin API (127.0.0.1): health, status, load, unload, fit (seeds 001 and 002).
+"""The local admin API (127.0.0.1): health, status, load, unload, fit (seeds 001 and 002), and Prometheus metrics.
 
 Errors are `{"detail": "..."}` as seed 001 specifies for this API. Behind daemon.http_guard:
 loopback Host, no cross-site Origin, JSON only, and the admin token on every route but
@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon import __version__
 from daemon.admin.model_folder import ModelFolderRefused, resolve_model_folder
 from daemon.engine import fit
 from daemon.engine.base import EngineError
 from daemon.http_guard import LocalGuard, Refusal
+from daemon.metrics import exposition
 
 if TYPE_CHECKING:
     from daemon.engine.worker_engine import WorkerEngine
@@ -287,11 +289,17 @@ def _admin_app(daemon: Daemon) -> Litestar:
         report = fit.assess(w.model.footprint, daemon.machine, w.memory_budget_bytes, kv_bytes_per_token=measured)
         return Response({"model": w.model.model_id, **report, "measured_decode_tps": w.decode_tps() or None})
 
+    @get("/metrics")
+    async def metrics() -> Response[bytes]:
+        # Behind the admin token like every route but /admin/health: a local Prometheus reads the
+        # token file (README, "Metrics and traces"); a web page or another user's process cannot.
+        return Response(await exposition(daemon), media_type=CONTENT_TYPE_LATEST)
+
     def on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, str]]:
         return _detail(exc.status_code, str(exc.detail))
 
     return Litestar(
-        route_handlers=[health, status, load, unload, fit_report],
+        route_handlers=[health, status, load, unload, fit_report, metrics],
         exception_handlers={HTTPException: on_http_error},
         openapi_config=None,
         logging_config=None,

@@ -10,6 +10,7 @@ route's OpenAPI `security`, so the document says what the guard does). The guard
   state-changing request must come from our own origin;
 - `PROVIDER_OWNER`: the session cookie or an `mp_` key (an owner), or a Mac's own
   `mpp_` token (services/auth/owner.py);
+- `METRICS`: the scraper's `Bearer <MP_METRICS_TOKEN>` (services/metrics/scrape.py);
 - `PUBLIC`, `SESSION_PAGE`, `GITHUB_STATE`: nothing to check here (pages answer a
   signed-out visitor themselves; the callback checks its state cookie).
 
@@ -32,6 +33,7 @@ from services.auth import bearer
 from services.auth.owner import resolve_owner
 from services.auth.sessions import require_account
 from services.errors import ApiError, DemoTokenNotAllowed
+from services.metrics.scrape import check_token
 from services.openapi import ANTHROPIC_KEY, API_KEY, SESSION
 from services.runtime import Runtime
 
@@ -57,6 +59,8 @@ class Auth(StrEnum):
     PROVIDER_OWNER = "provider_owner"
     # The sign-in state cookie /auth/github/start set; the callback compares it with GitHub's `state`.
     GITHUB_STATE = "github_state"
+    # A metrics scraper: `Authorization: Bearer <MP_METRICS_TOKEN>` (no key, session or demo token will do).
+    METRICS = "metrics"
 
 
 KEY_KINDS = frozenset({Auth.API_KEY, Auth.API_KEY_OR_DEMO, Auth.ANTHROPIC_KEY})
@@ -98,6 +102,9 @@ async def enforce(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseR
     try:
         if kind is None or not isinstance(connection, Request):
             raise RouteClosed("This route is closed: it does not declare how callers authenticate.")
+        if kind is Auth.METRICS:
+            check_token(connection)
+            return
         if kind is Auth.PROVIDER_OWNER:
             await resolve_owner(connection, connection.app.state.runtime)
             return

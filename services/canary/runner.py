@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -41,6 +42,9 @@ from services.gateway.membership import Membership
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter
 from services.providers.violations import Violations
+
+if TYPE_CHECKING:
+    from services.metrics.registry import Metrics
 
 log = structlog.get_logger("gateway.canary")
 
@@ -89,6 +93,7 @@ class Canaries:
         violations: Violations | None,
         gateway_id: str,
         settings: CanarySettings,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._nc = nc
@@ -100,6 +105,7 @@ class Canaries:
         self._violations = violations
         self._gateway_id = gateway_id
         self.settings = settings
+        self._metrics = metrics
         # Providers with verified models, and the schedule key this replica last noted for each.
         self._targets: dict[str, str] = {}
         self._noted: dict[str, str] = {}
@@ -200,6 +206,8 @@ class Canaries:
             result = "error"
         finally:
             self._running.pop(pid, None)
+            if self._metrics is not None:
+                self._metrics.canary(result)
             # Tried again sooner when it could not be judged; suspended providers are not due again.
             soon = result in ("unanswered", "error", "skipped")
             next_in = random.uniform(0.5, 1.5) * self.settings.join_delay_s if soon else self.settings.next_in()

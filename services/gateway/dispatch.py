@@ -20,13 +20,16 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
 from nats.aio.client import Client as Nats
+from opentelemetry.trace import Span, StatusCode
 
 from schemas import bus, subjects
 from schemas.conversations import conversation_key
+from schemas.tracing import Tracing, headers_for
 from services.errors import (
     ApiError,
     CoordinatorUnavailable,
@@ -40,6 +43,9 @@ from services.gateway.json_check import Busy, JsonAnswer, JsonChecks, TooComplex
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
 from services.providers.violations import Violations
+
+if TYPE_CHECKING:
+    from services.metrics.registry import Metrics
 
 __all__ = ["SHUTTING_DOWN", "Call", "Dispatcher", "ReplyRouter", "StreamBroken"]
 
@@ -102,6 +108,8 @@ class _Leg:
     check: vetting.LegCheck
     sent_at: float
     first_token_at: float | None = None
+    # The `dispatch` span of this provider's part (None: traces are off); ends when the leg is released.
+    span: Span | None = None
 
 
 @dataclass
@@ -122,6 +130,8 @@ class Call:
     _token_ids: list[int] = field(default_factory=list)
     _tokens: int = 0
     _got_first_token: bool = False
+    # The buyer request's span: every leg's `dispatch` span is its child.
+    _parent: Span | None = None
 
     @property
     def request_id(self) -> str:
@@ -220,6 +230,8 @@ class Call:
     async def _fail_over(self, cause: StreamBroken) -> None:
         d = self._dispatcher
         lost = self.provider_id
+        if self._leg.span is not None:
+            self._leg.span.set_status(StatusCode.ERROR, cause.code[:64])
         d.pool.note_failure(lost)
         if cause.violation is not None:
             d.violation(lost, cause.violation, cause.message, self.request_id)
@@ -236,7 +248,9 @@ class Call:
             ),
         )
         try:
-            self._leg = await d.open_leg(continued, exclude=set(self.providers), json=self._leg.check.json)
+            self._leg = await d.open_leg(
+                continued, exclude=set(self.providers), json=self._leg.check.json, parent=self._parent
+            )
         except ApiError as exc:
             self.finished = True
             raise StreamBroken(
@@ -247,6 +261,8 @@ class Call:
             # The new provider counted the prompt plus the continuation's tokens.
             prompt = max(0, self._leg.accepted.prompt_tokens - len(self._token_ids))
             self.accepted = msgspec.structs.replace(self.accepted, prompt_tokens=prompt)
+        if d.metrics is not None:
+            d.metrics.failovers.labels(d.metrics.codes(cause.code)).inc()
         log.warning(
             "failover",
             request_id=self.request_id,
@@ -286,6 +302,8 @@ class Dispatcher:
         max_failovers: int = 2,
         max_attempts: int = 3,
         violations: Violations | None = None,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._nc = nc
         self.pool = pool
@@ -299,6 +317,8 @@ class Dispatcher:
         self.max_failovers = max_failovers
         self.max_attempts = max_attempts
         self._violations = violations
+        self.metrics = metrics
+        self._tracing = tracing
         self._json = JsonChecks()
         # Set by `cut`: every running call ends within one tick.
         self.cutting = False
@@ -311,8 +331,11 @@ class Dispatcher:
         if self._violations is not None:
             self._violations.record(provider_id, kind, detail, request_id)
 
-    async def start(self, request: bus.InferenceRequest) -> Call:
-        """Hand the request to the best provider that accepts it, or raise at once."""
+    async def start(self, request: bus.InferenceRequest, *, parent: Span | None = None) -> Call:
+        """Hand the request to the best provider that accepts it, or raise at once.
+
+        `parent`: the buyer request's span; each provider's part is a `dispatch` span under it.
+        """
         started = time.monotonic()
         json = None
         fmt = request.params.response_format
@@ -328,8 +351,8 @@ class Dispatcher:
                 raise error from None
             except (ValueError, TypeError) as exc:
                 raise InvalidRequest(f"The JSON schema is not usable: {str(exc)[:400]}", param=param) from None
-        leg = await self.open_leg(request, exclude=set(), json=json)
-        return Call(request, leg.accepted, started, self, leg, providers=[leg.provider_id])
+        leg = await self.open_leg(request, exclude=set(), json=json, parent=parent)
+        return Call(request, leg.accepted, started, self, leg, providers=[leg.provider_id], _parent=parent)
 
     def measure_end(self, leg: _Leg) -> None:
         """A leg ended properly: what it showed of the provider's speed."""
@@ -339,7 +362,32 @@ class Dispatcher:
             self.pool.note_decoding(leg.provider_id, leg.check.tokens - 1, now - leg.first_token_at)
 
     async def open_leg(
-        self, request: bus.InferenceRequest, *, exclude: set[str], json: JsonAnswer | None = None
+        self,
+        request: bus.InferenceRequest,
+        *,
+        exclude: set[str],
+        json: JsonAnswer | None = None,
+        parent: Span | None = None,
+    ) -> _Leg:
+        span = None
+        if self._tracing is not None and parent is not None:
+            span = self._tracing.start(
+                "dispatch",
+                parent=parent,
+                attributes={"mp.request_id": request.request_id, "mp.continuation": request.continuation is not None},
+            )
+        try:
+            leg = await self._open_leg(request, exclude=exclude, json=json, span=span)
+        except BaseException as exc:
+            if span is not None:
+                span.set_status(StatusCode.ERROR, getattr(exc, "code", None) or type(exc).__name__)
+                span.end()
+            raise
+        leg.span = span
+        return leg
+
+    async def _open_leg(
+        self, request: bus.InferenceRequest, *, exclude: set[str], json: JsonAnswer | None, span: Span | None
     ) -> _Leg:
         key = _conversation_of(request)
         structured = request.params.response_format is not None
@@ -361,6 +409,8 @@ class Dispatcher:
             hint = f" Models served now: {', '.join(served)}." if served else " No provider is connected."
             raise CoordinatorUnavailable(f"No provider can serve model {request.model!r} right now.{hint}")
         payload = bus.encode(request)
+        # The trace context rides in the work message's headers (W3C traceparent): the daemon's spans join it.
+        headers = headers_for(span)
         max_frames, max_bytes = vetting.frame_budget(request)
         last_error = ""
         refused: bus.Failed | None = None
@@ -370,8 +420,13 @@ class Dispatcher:
             watch = self.pool.watch(pid, lost_notifier(stream))
             epoch = self.pool.note_sent(pid)
             sent_at = time.monotonic()
+            if span is not None:
+                span.set_attribute("mp.provider", pid)
             await self._nc.publish(
-                subjects.work(pid), payload, reply=subjects.reply(pid, self._gateway_id, request.request_id)
+                subjects.work(pid),
+                payload,
+                reply=subjects.reply(pid, self._gateway_id, request.request_id),
+                headers=headers,
             )
             check = vetting.LegCheck(request, _vocab_size(state.heartbeat, request.model), tools, json)
             try:
@@ -403,11 +458,16 @@ class Dispatcher:
                 refused = frame
             last_error = frame.message if isinstance(frame, bus.Failed) else f"no answer in {self.accept_timeout_s:g} s"
             log.warning("provider_declined", provider=pid, request_id=request.request_id, reason=last_error[:200])
+            if self.metrics is not None:
+                self.metrics.declines.inc()
         if refused is not None:
             raise _refusal(refused)
         raise CoordinatorUnavailable(f"No provider accepted the request for {request.model!r} ({last_error[:200]}).")
 
     def release_leg(self, request_id: str, leg: _Leg) -> None:
+        if leg.span is not None:
+            leg.span.end()
+            leg.span = None
         self._router.close(leg.stream)
         self.pool.unwatch(leg.provider_id, leg.watch)
         self.pool.note_finished(leg.provider_id, leg.epoch)

@@ -12,11 +12,17 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from opentelemetry.trace import Span, StatusCode
 
 from schemas import bus
+from services.metrics.labels import OTHER
 from services.usage.metering import Metering, Ticket
+
+if TYPE_CHECKING:
+    from services.metrics.registry import Metrics
 
 log = structlog.get_logger("gateway")
 
@@ -41,7 +47,24 @@ class Exchange:
     # Set when nothing reached a provider, or providers failed before delivering a token:
     # the request is given back to the quota and nothing is billed.
     refund: bool = False
+    # The app's metrics (None where an Exchange is built alone) and the model label this request
+    # counts under (a model the pool serves, else `other`: services/metrics/labels.py).
+    metrics: Metrics | None = None
+    model_label: str = OTHER
+    # The request's span (None: traces are off); it ends with the request.
+    span: Span | None = None
     _finished: bool = False
+    _first_token_at: float = 0.0
+    _last_token_at: float = 0.0
+    _inter_token: Any = None
+
+    def label(self, model: str, served: Any) -> None:
+        """The model is known: the labels this request's metrics use, and its span's attribute."""
+        if self.span is not None:
+            self.span.set_attribute("mp.model", model[:128])
+        if self.metrics is not None:
+            self.model_label = self.metrics.models(model, served)
+            self._inter_token = self.metrics.model_inter_token(self.model_label)
 
     def accepted(self, provider_id: str, accepted: bus.Accepted) -> None:
         self.provider = provider_id
@@ -50,8 +73,13 @@ class Exchange:
             self.ticket.prompt_tokens = accepted.prompt_tokens
 
     def delta(self, frame: bus.Delta) -> None:
+        now = time.monotonic()
         if self.ttft_ms is None:
-            self.ttft_ms = (time.monotonic() - self.started) * 1000
+            self.ttft_ms = (now - self.started) * 1000
+            self._first_token_at = now
+        elif self._inter_token is not None and frame.token_ids:
+            self._inter_token.observe((now - self._last_token_at) / len(frame.token_ids))
+        self._last_token_at = now
         if self.ticket is not None:
             # What the gateway received, never what the provider declares.
             self.ticket.completion_tokens += len(frame.token_ids)
@@ -70,6 +98,10 @@ class Exchange:
             return
         self._finished = True
         self._log()
+        if self.metrics is not None:
+            self._count(self.metrics)
+        if self.span is not None:
+            self._end_span(self.span)
         if self.ticket is not None:
             settling = asyncio.ensure_future(
                 metering.settle(
@@ -87,6 +119,37 @@ class Exchange:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.shield(settling)
 
+    def _count(self, m: Metrics) -> None:
+        model = self.model_label
+        m.request(self.event, model, m.codes(self.status)).inc()
+        if self.ttft_ms is not None:
+            m.model_ttft(model).observe(self.ttft_ms / 1000)
+        t = self.ticket
+        if t is None:
+            return
+        if t.completion_tokens:
+            m.model_completion_tokens(model).inc(t.completion_tokens)
+            decoding = self._last_token_at - self._first_token_at
+            if t.completion_tokens >= 2 and decoding > 0:
+                m.model_decode_rate(model).observe((t.completion_tokens - 1) / decoding)
+        if t.prompt_tokens and self.provider is not None:
+            m.model_prompt_tokens(model).inc(t.prompt_tokens)
+
+    def _end_span(self, span: Span) -> None:
+        t = self.ticket
+        span.set_attribute("mp.outcome", self.status[:64])
+        span.set_attribute("mp.stream", self.stream)
+        if self.provider is not None:
+            span.set_attribute("mp.provider", self.provider)
+        if t is not None:
+            span.set_attribute("mp.prompt_tokens", t.prompt_tokens)
+            span.set_attribute("mp.completion_tokens", t.completion_tokens)
+        if self.ttft_ms is not None:
+            span.set_attribute("mp.ttft_ms", round(self.ttft_ms, 1))
+        if self.status != "ok":
+            span.set_status(StatusCode.ERROR, self.status[:64])
+        span.end()
+
     def _log(self) -> None:
         t = self.ticket
         log.info(
@@ -102,4 +165,5 @@ class Exchange:
             ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 1),
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
             status=self.status,
+            **({"trace_id": f"{self.span.get_span_context().trace_id:032x}"} if self.span is not None else {}),
         )

@@ -103,7 +103,11 @@ async def start(
     api_key_header: bool = False,
 ) -> Started:
     """Authenticate, decode (`prepare`), reserve quota and hand the job to a provider, or raise."""
-    ex = Exchange(request_id=request_id_of(request), event=event)
+    request_id = request_id_of(request)
+    ex = Exchange(request_id=request_id, event=event, metrics=runtime.metrics)
+    if runtime.tracing is not None:
+        # A trace of our own per request: a buyer's traceparent header is not trusted to join one.
+        ex.span = runtime.tracing.start(event, attributes={"mp.request_id": request_id, "mp.surface": event})
     try:
         principal = await authenticate(request, runtime, allow_demo=allow_demo, api_key_header=api_key_header)
         ex.key_id = principal.key_id
@@ -117,10 +121,11 @@ async def start(
         except Untranslatable as exc:
             raise untranslatable(exc) from None
         ex.model, ex.stream = job.request.model, job.stream
+        ex.label(job.request.model, runtime.pool.serves_model)
         ex.ticket = await _reserve(runtime, principal, job, ex.request_id)
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
         bus_request = msgspec.structs.replace(job.request, request_id=ex.request_id, deadline_ms=deadline_ms)
-        call = await runtime.dispatcher.start(bus_request)
+        call = await runtime.dispatcher.start(bus_request, parent=ex.span)
     except ApiError as exc:
         # Refused before any generation: nothing was generated, so nothing is billed.
         ex.status, ex.refund = exc.code or "error", True

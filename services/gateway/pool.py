@@ -249,6 +249,10 @@ class PoolView:
         if state is not None and state.epoch == epoch and state.sent_since_heartbeat > 0:
             state.sent_since_heartbeat -= 1
 
+    def serves_model(self, model: str) -> bool:
+        """Some provider in the view serves `model` now (busy or not)."""
+        return any(s.serves(model) for s in self.providers.values())
+
     def can_structure(self, model: str) -> bool:
         """Some provider serving `model` can constrain its output to JSON (busy or not)."""
         return any(s.serves(model, structured=True) for s in self.providers.values())

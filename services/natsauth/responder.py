@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 from nats.aio.client import Client as Nats
@@ -24,6 +25,9 @@ from schemas import subjects
 from services.natsauth import jwt, keys
 from services.natsauth.claims import REQUEST_AUDIENCE, RequestClaims, response_claims, user_claims
 from services.natsauth.decide import Authorizer, Grant, Refusal
+
+if TYPE_CHECKING:
+    from services.metrics.registry import Metrics
 
 log = structlog.get_logger("natsauth")
 
@@ -42,6 +46,7 @@ class Responder:
     account: str  # where granted connections are placed
     ttl_s: float
     max_in_flight: int = 64
+    metrics: Metrics | None = None
     _sub: Subscription | None = None
     _slots: asyncio.Semaphore = field(init=False)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -78,28 +83,37 @@ class Responder:
 
     async def answer(self, data: bytes, server_xkey: str, started: float) -> bytes | None:
         """The bytes to answer a request with, or None when it cannot be answered."""
+        out, decision, kind = await self._answer_counted(data, server_xkey, started)
+        if self.metrics is not None:
+            self.metrics.natsauth_decisions.labels(decision, kind).inc()
+            self.metrics.natsauth_seconds.observe(time.perf_counter() - started)
+        return out
+
+    async def _answer_counted(self, data: bytes, server_xkey: str, started: float) -> tuple[bytes | None, str, str]:
+        """(the answer, granted|refused|unreadable, who asked: provider|control_plane|none|unknown)."""
+        unreadable = None, "unreadable", "unknown"
         if len(data) > MAX_REQUEST_BYTES + 64:
             log.warning("nats_login_unreadable", reason="request too large", size=len(data))
-            return None
+            return unreadable
         if server_xkey:
             if self.xkey is None:
                 log.error("nats_login_unreadable", reason="sealed request but no MP_NATS_XKEY_SEED")
-                return None
+                return unreadable
             try:
                 data = self.xkey.open(data, server_xkey)
             except keys.NkeyError as exc:
                 log.warning("nats_login_unreadable", reason=str(exc))
-                return None
+                return unreadable
         try:
             claims = jwt.decode(data, RequestClaims, issuer_prefix=keys.PREFIX_SERVER, max_bytes=MAX_REQUEST_BYTES)
         except jwt.JwtError as exc:
             log.warning("nats_login_unreadable", reason=str(exc))
-            return None
+            return unreadable
         request = claims.nats
         problem = self._misaddressed(claims)
         if problem:
             log.warning("nats_login_unreadable", reason=problem, server=request.server_id.name[:64])
-            return None
+            return unreadable
         decision = await self.authorizer.decide(request.connect_opts)
         client = {"client_host": request.client_info.host[:64], "client_id": request.client_info.id}
         if isinstance(decision, Grant):
@@ -124,7 +138,9 @@ class Responder:
             log.warning("nats_login_refused", reason=decision.reason, ms=ms, **client)
         else:
             log.info("nats_login", user=decision.user, ms=ms, **client)
-        return out
+        opts = request.connect_opts
+        kind = "provider" if opts.auth_token else "control_plane" if opts.user else "none"
+        return out, "granted" if isinstance(decision, Grant) else "refused", kind
 
     def _expiry(self, grant: Grant) -> int:
         """When a provider's JWT expires, if MP_NATS_USER_TTL_S says so (0: never).

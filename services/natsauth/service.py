@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -24,6 +25,9 @@ from services.natsauth.disconnect import Disconnector
 from services.natsauth.keys import CurveKey, SigningKey
 from services.natsauth.responder import Responder
 from services.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from services.metrics.registry import Metrics
 
 log = structlog.get_logger("natsauth")
 
@@ -78,7 +82,7 @@ async def _login(settings: Settings, user: str, password: str, role: str) -> Nat
 
 
 @contextlib.asynccontextmanager
-async def open_natsauth(settings: Settings) -> AsyncIterator[NatsAuth]:
+async def open_natsauth(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[NatsAuth]:
     check_settings(settings)
     issuer = SigningKey.from_seed(settings.nats_issuer_seed)
     xkey = CurveKey.from_seed(settings.nats_xkey_seed) if settings.nats_xkey_seed else None
@@ -91,7 +95,9 @@ async def open_natsauth(settings: Settings) -> AsyncIterator[NatsAuth]:
         stack.push_async_callback(nc.drain)
         control_user, control_password = control_plane_credential(settings)
         authorizer = Authorizer(db, control_user=control_user, control_password=control_password)
-        responder = Responder(nc, authorizer, issuer, xkey, settings.nats_account, settings.nats_user_ttl_s)
+        responder = Responder(
+            nc, authorizer, issuer, xkey, settings.nats_account, settings.nats_user_ttl_s, metrics=metrics
+        )
         await responder.start()
         stack.push_async_callback(responder.stop)
         sys_nc = None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
@@ -22,6 +23,9 @@ from services.errors import QuotaExhausted
 from services.settings import Settings
 from services.usage import quotas
 from services.usage.quotas import Holder, Limits, Settlement, Usage
+
+if TYPE_CHECKING:
+    from services.metrics.registry import Metrics
 
 log = structlog.get_logger("usage")
 
@@ -98,6 +102,7 @@ class Metering:
         enabled: bool = True,
         touch_interval_s: float = 2.0,
         stale_after_s: float = 30.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._gateway_id = gateway_id
@@ -106,6 +111,16 @@ class Metering:
         self._stale_after_s = stale_after_s
         self._open: dict[str, Ticket] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._metrics = metrics
+
+    def open_count(self) -> int:
+        """Reservations of requests running on this replica (for the metrics, read at scrape time)."""
+        return len(self._open)
+
+    def oldest_open_s(self) -> float:
+        if not self._open:
+            return 0.0
+        return time.monotonic() - min(t.started for t in self._open.values())
 
     async def start(self) -> None:
         if self.enabled:
@@ -131,7 +146,11 @@ class Metering:
             gateway_id=self._gateway_id,
         )
         if not granted:
-            raise _refusal(usage, tokens)
+            refusal, limit = _refusal(usage, tokens)
+            if self._metrics is not None:
+                kind = "demo" if holder.demo_token_id is not None else "account"
+                self._metrics.quota_rejections.labels(kind, limit).inc()
+            raise refusal
         ticket = Ticket(request_id, holder, model, usage)
         self._open[request_id] = ticket
         return ticket
@@ -152,13 +171,14 @@ class Metering:
         self._open.pop(ticket.request_id, None)
         if not self.enabled:
             return
+        ended = time.monotonic()
         settlement = Settlement(
             provider_id=ticket.provider_id,
             prompt_tokens=ticket.prompt_tokens,
             completion_tokens=ticket.completion_tokens,
             cached_tokens=cached_tokens,
             ttft_ms=ttft_ms,
-            duration_ms=(time.monotonic() - ticket.started) * 1000,
+            duration_ms=(ended - ticket.started) * 1000,
             outcome=outcome,
             refund=refund,
         )
@@ -167,6 +187,11 @@ class Metering:
         except Exception:
             # The reservation stays; once stale, a sweeper settles it from its last progress.
             log.exception("settle_failed", request_id=ticket.request_id)
+            if self._metrics is not None:
+                self._metrics.settle_failures.inc()
+            return
+        if self._metrics is not None:
+            self._metrics.settlement_lag.observe(time.monotonic() - ended)
 
     async def _touch_loop(self) -> None:
         while True:
@@ -189,24 +214,27 @@ class Metering:
                 continue
             if settled:
                 log.warning("stale_reservations_settled", count=settled)
+                if self._metrics is not None:
+                    self._metrics.stale_settled.inc(settled)
 
 
-def _refusal(usage: Usage, tokens: int) -> QuotaExhausted:
+def _refusal(usage: Usage, tokens: int) -> tuple[QuotaExhausted, str]:
+    """The buyer's error, and which limit it hit (requests, tokens or concurrent)."""
     limits = usage.limits
     reset = usage.resets_at.strftime("%Y-%m-%d %H:%M UTC")
     if usage.requests + 1 > limits.requests_per_day:
         message = f"Daily request quota exhausted ({limits.requests_per_day} requests); it resets at {reset}."
-        retry = usage.seconds_to_reset()
+        retry, limit = usage.seconds_to_reset(), "requests"
     elif usage.tokens + tokens > limits.tokens_per_day:
         message = (
             f"Daily token quota exhausted: this request may need up to {tokens} tokens and "
             f"{usage.tokens_left} of {limits.tokens_per_day} are left; it resets at {reset}. "
             "A smaller max_tokens may fit."
         )
-        retry = usage.seconds_to_reset()
+        retry, limit = usage.seconds_to_reset(), "tokens"
     else:
         message = (
             f"Concurrent request quota exhausted ({limits.concurrent} at a time); retry when one of yours finishes."
         )
-        retry = 1
-    return QuotaExhausted(message, headers={**rate_limit_headers(usage), "retry-after": str(retry)})
+        retry, limit = 1, "concurrent"
+    return QuotaExhausted(message, headers={**rate_limit_headers(usage), "retry-after": str(retry)}), limit

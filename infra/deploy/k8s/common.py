@@ -16,6 +16,8 @@ NATS_CLIENT = "mac-provider/nats-client"
 DATABASE_CLIENT = "mac-provider/database-client"
 PUBLIC_HTTP = "mac-provider/public-http"
 GITHUB_CLIENT = "mac-provider/github-client"
+# Serves /metrics to the cluster's Prometheus (with MP_METRICS_TOKEN; services/metrics/scrape.py).
+METRICS = "mac-provider/metrics"
 
 # checkov checks the base waives everywhere they apply, each with its reason.
 WAIVERS: dict[str, str] = {

@@ -18,6 +18,7 @@ from infra.deploy.k8s.common import (
     APP_UID,
     DATABASE_CLIENT,
     GITHUB_CLIENT,
+    METRICS,
     NATS_CLIENT,
     PUBLIC_HTTP,
     Obj,
@@ -113,7 +114,7 @@ def _schema_wait(values: Obj) -> Obj:
 
 
 def _pod_labels(name: str, spec: Obj) -> dict[str, str]:
-    extra = {NATS_CLIENT: "true", DATABASE_CLIENT: "true"}
+    extra = {NATS_CLIENT: "true", DATABASE_CLIENT: "true", METRICS: "true"}
     if spec["paths"]:
         extra[PUBLIC_HTTP] = "true"
     if name == "auth":
@@ -156,7 +157,15 @@ def deployment(values: Obj, name: str, spec: Obj) -> Obj:
             # A new pod must be ready before an old one goes: capacity never drops during a rollout.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
             "template": {
-                "metadata": {"labels": _pod_labels(name, spec)},
+                "metadata": {
+                    "labels": _pod_labels(name, spec),
+                    # For Prometheus' Kubernetes discovery (the README's scrape job keeps the pods that say so).
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {
                     "serviceAccountName": ACCOUNT,
                     "automountServiceAccountToken": False,

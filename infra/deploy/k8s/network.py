@@ -1,6 +1,8 @@
 """Who may talk to whom: the namespace, the public Ingress, and NetworkPolicies (deny unless allowed).
 
-- Buyers and browsers reach the HTTP services only through the ingress controller.
+- Buyers and browsers reach the HTTP services only through the ingress controller (whose
+  Ingress routes no path to /metrics or the probes).
+- Prometheus, in `monitoringNamespace`, reaches every control-plane pod's port, for /metrics.
 - Providers reach NATS' client port (TLS) through its LoadBalancer; nothing else of ours is public.
 - Only NATS pods reach each other's route port; only our pods reach NATS and the database.
 - Only `auth` goes out to the internet (GitHub's OAuth endpoints, HTTPS).
@@ -9,7 +11,16 @@ Probes come from the kubelet on the node, which NetworkPolicies always let throu
 
 from __future__ import annotations
 
-from infra.deploy.k8s.common import DATABASE_CLIENT, GITHUB_CLIENT, NATS_CLIENT, PUBLIC_HTTP, Obj, metadata, selector
+from infra.deploy.k8s.common import (
+    DATABASE_CLIENT,
+    GITHUB_CLIENT,
+    METRICS,
+    NATS_CLIENT,
+    PUBLIC_HTTP,
+    Obj,
+    metadata,
+    selector,
+)
 from infra.deploy.k8s.control_plane import PORT
 from infra.deploy.k8s.nats import CLIENT_PORT, NAME, ROUTE_PORT
 
@@ -58,7 +69,26 @@ def policies(values: Obj) -> list[Obj]:
     nats_pods = {"podSelector": {"matchLabels": selector(NAME)}}
     everyone: Obj = {"matchLabels": {}}
     public_nats = [{"ipBlock": {"cidr": "0.0.0.0/0"}}] if values["nats"]["public"] else []
+    scrapers = values["monitoringNamespace"]
+    metrics = (
+        [
+            _policy(
+                values,
+                "metrics",
+                {"matchLabels": {METRICS: "true"}},
+                ingress=[
+                    {
+                        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": scrapers}}}],
+                        "ports": _tcp(PORT),
+                    }
+                ],
+            )
+        ]
+        if scrapers
+        else []
+    )
     return [
+        *metrics,
         _policy(values, "default-deny", everyone, ingress=[], egress=[]),
         _policy(
             values,

@@ -55,6 +55,9 @@ DEFAULTS: Obj = {
     "ingressClass": "nginx",
     # The namespace of the ingress controller: the only source of HTTP traffic to the services.
     "ingressNamespace": "ingress-nginx",
+    # The namespace Prometheus scrapes from: it alone may reach the pods' /metrics (which also wants
+    # MP_METRICS_TOKEN, in the mac-provider Secret). Empty: no scraper is let in.
+    "monitoringNamespace": "monitoring",
     # A kubernetes.io/tls Secret for the host (cert-manager can make it); empty: plain HTTP.
     "tlsSecret": "mac-provider-tls",
     # Proxies in front of the services that append to X-Forwarded-For: the ingress controller.

@@ -1,0 +1,167 @@
+"""Every metric a control-plane app exports, on a registry of its own.
+
+One `Metrics` per app (services/app.py makes it and passes it to what counts):
+never prometheus_client's global REGISTRY, so several apps in one process (the
+tests) keep their own counts. What is counted on the request path is a counter
+or a histogram whose label children are cached (a dict lookup, then an
+increment: well under a microsecond each); what describes the pool, the
+connections and the open reservations is read when Prometheus scrapes
+(services/metrics/scrape.py), never updated per request.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+
+from services.metrics.labels import CodeLabels, ModelLabels, known_codes
+
+# Seconds: a first token takes from tens of ms (warm cache, Metal) to tens of seconds (a cold CPU worker).
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+# Seconds between two tokens reaching the gateway.
+INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# Tokens per second one answer was decoded at, as the gateway received it.
+RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0)
+# Seconds from a request's end to its ledger row being written.
+SETTLE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0)
+AUTH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+CANARY_RESULTS = frozenset(
+    {"passed", "failed", "inconclusive", "recorded", "no_reference", "unanswered", "error", "skipped"}
+)
+
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class Children(Generic[M]):
+    """A metric's label children, looked up once per label tuple (the tuples are bounded: labels.py)."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux: read from /proc at scrape).
+        ProcessCollector(registry=r)
+        self.codes = CodeLabels(known_codes())
+        self.models = ModelLabels()
+        # ---- HTTP, every route of every service (services/metrics/http.py) ----
+        self.http_requests = Counter(
+            "mp_http_requests",
+            "HTTP responses by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_errors = Counter(
+            "mp_http_errors", "HTTP error responses by route template and error code.", ["route", "code"], registry=r
+        )
+        # ---- buyer requests at the gateway (services/gateway/exchange.py) ----
+        self.requests = Counter(
+            "mp_gateway_requests",
+            "Inference requests by surface, model and outcome (ok or the error code they ended with, "
+            "streams' in-band errors included).",
+            ["surface", "model", "outcome"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "mp_gateway_ttft_seconds",
+            "Time from a request's arrival to its first token reaching the gateway.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "mp_gateway_inter_token_seconds",
+            "Time between two tokens of an answer reaching the gateway (per frame, divided by its tokens).",
+            ["model"],
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.decode_rate = Histogram(
+            "mp_gateway_decode_tokens_per_second",
+            "Tokens per second of each answer after its first token (answers of 2 tokens or more).",
+            ["model"],
+            buckets=RATE_BUCKETS,
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "mp_gateway_completion_tokens",
+            "Completion tokens delivered to buyers (rate() is tokens/s).",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "mp_gateway_prompt_tokens", "Prompt tokens of the requests answered.", ["model"], registry=r
+        )
+        self.failovers = Counter(
+            "mp_gateway_failovers",
+            "Requests moved to another provider mid-answer, by the reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.declines = Counter(
+            "mp_gateway_provider_declines",
+            "Providers that did not take a request offered to them (refused, or silent past the accept timeout).",
+            registry=r,
+        )
+        # ---- metering (services/usage/metering.py) ----
+        self.quota_rejections = Counter(
+            "mp_quota_rejections",
+            "Requests refused by a quota, by holder kind and the limit hit.",
+            ["holder", "limit"],
+            registry=r,
+        )
+        self.settlement_lag = Histogram(
+            "mp_usage_settlement_lag_seconds",
+            "Time from a request's end to its ledger row being written.",
+            buckets=SETTLE_BUCKETS,
+            registry=r,
+        )
+        self.settle_failures = Counter(
+            "mp_usage_settle_failures",
+            "Ledger writes that failed (the reservation is settled later by a sweeper, from its last progress).",
+            registry=r,
+        )
+        self.stale_settled = Counter(
+            "mp_usage_stale_reservations_settled",
+            "Reservations whose gateway stopped reporting, settled by this replica's sweeper.",
+            registry=r,
+        )
+        # ---- canaries (services/canary/) and the NATS auth callout (services/natsauth/) ----
+        self.canary_runs = Counter("mp_canary_runs", "Canary checks by result.", ["result"], registry=r)
+        self.natsauth_decisions = Counter(
+            "mp_natsauth_decisions",
+            "NATS logins the auth callout answered: granted, refused, or unreadable (no answer), by who asked.",
+            ["decision", "kind"],
+            registry=r,
+        )
+        self.natsauth_seconds = Histogram(
+            "mp_natsauth_decision_seconds",
+            "Time to answer one auth callout request.",
+            buckets=AUTH_BUCKETS,
+            registry=r,
+        )
+
+        self.http = Children(self.http_requests)
+        self.http_error = Children(self.http_errors)
+        self.request = Children(self.requests)
+        self.model_ttft = Children(self.ttft)
+        self.model_inter_token = Children(self.inter_token)
+        self.model_decode_rate = Children(self.decode_rate)
+        self.model_completion_tokens = Children(self.completion_tokens)
+        self.model_prompt_tokens = Children(self.prompt_tokens)
+
+    def canary(self, result: str) -> None:
+        self.canary_runs.labels(result if result in CANARY_RESULTS else "other").inc()
