@@ -20,6 +20,9 @@ Modes:
             under a mix of long and short requests: tokens/s, requests/s, latency and TTFT
             (options: python3 -m tests.bench routing --help).
 
+  observability  the CPU that Prometheus metrics and OpenTelemetry traces add to one request, gateway
+            and daemon, in process on the real objects, beside the same work with metrics off.
+
 Each prints one table and stops everything it started (also on Ctrl-C or error).
 """
 
@@ -33,7 +36,7 @@ from tests.bench import cli, metering, overhead
 
 MODES = ("overhead", "metering")
 # Modes with their own options and stacks: `python3 -m tests.bench <mode> --help`.
-SEPARATE = ("daemon", "failover", "routing", "structured")
+SEPARATE = ("daemon", "failover", "routing", "structured", "observability")
 
 DEFAULT_LEVELS = (1, 16, 64)
 QUICK_LEVELS = (1, 16)

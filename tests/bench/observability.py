@@ -1,4 +1,4 @@
-"""What metrics and traces add to one request, in microseconds of CPU: `python -m tests.bench_observability`.
+"""What metrics and traces add to one request, in microseconds of CPU: `just bench observability`.
 
 In process, on the real objects: for a streamed answer of TOKENS tokens, the
 gateway's per-request work that observability adds (the response hook on the
@@ -7,7 +7,7 @@ observation per frame, the counters and histograms at the end), measured
 against the same work with metrics off; then a traced request (request and
 dispatch spans, the traceparent header) with spans batched to an exporter that
 drops them, and the daemon's side (its counters, then its spans).
-Not a test (pytest does not collect it): a figure for the README.
+A benchmark mode, not a test: a figure for the README.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _best(fn: Callable[[], None]) -> float:
     return min(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     metrics = Metrics()
     hook = count_responses(metrics)
     deltas = [_delta(i) for i in range(TOKENS)]
@@ -137,7 +137,4 @@ def main() -> None:
     print(f"  (the same simulated gateway work with metrics off: {off:.1f} us)")
     provider.shutdown()
     loop.close()
-
-
-if __name__ == "__main__":
-    main()
+    return 0
