@@ -101,6 +101,8 @@ def test_every_secret_file_the_stack_writes_is_private(
     assert _mode(secret_file) == 0o600
     assert settings.secret_key == secret_file.read_bytes().strip()
     assert Settings.from_env({"MP_HOME": str(tmp_path / "home")}).secret_key == settings.secret_key, "kept"
+    # The generated token a Prometheus scraper sends for /metrics.
+    assert _mode(tmp_path / "home" / "metrics_token") == 0o600
     # dev.env with the dev key.
     dev_env = tmp_path / "home" / "dev.env"
     write_dev_env(dev_env, base_url="http://127.0.0.1:1/v1", key="mp_" + "k" * 36)
@@ -112,7 +114,7 @@ def test_every_secret_file_the_stack_writes_is_private(
     write_config(tmp_path / "nats", bus)
     assert _mode(tmp_path / "nats" / "credentials.json") == 0o600
     assert _mode(tmp_path / "nats" / "auth.conf") == 0o600
-    assert modes_when_published == [0o600] * 4
+    assert modes_when_published == [0o600] * 5
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
 
