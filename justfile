@@ -27,3 +27,8 @@ bench *ARGS:
 # The deployment's offline checks: hadolint, Kubernetes schemas, checkov, nats-server -t (infra/deploy).
 deploy-check:
     python3 -m pytest -q tests/test_deploy_image.py tests/test_deploy_manifests.py
+
+# The control plane as deployed, on loopback: 3 NATS nodes, PostgreSQL, 3 gateway replicas behind Caddy,
+# the other services once each, 3 daemons (synthetic engine by default; --model smollm2|PATH). Until Ctrl-C.
+cluster *ARGS:
+    python3 -m infra.cluster {{ARGS}}

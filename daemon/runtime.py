@@ -30,7 +30,7 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
     if settings.engine == "synthetic":
         from daemon.engine.synthetic import SyntheticEngine
 
-        return SyntheticEngine(settings.model_id)
+        return SyntheticEngine(settings.model_id, token_delay_s=settings.synthetic_token_delay_s)
     from daemon.engine.fit import default_budget
     from daemon.engine.worker_engine import WorkerEngine
     from daemon.models.identity import WeightsHasher

@@ -106,6 +106,9 @@ class DaemonSettings:
     api_port: int = 11440
     # Sequences decoded together in one batch (reported to the pool as slots).
     slots: int = 4
+    # The synthetic engine only: seconds between its tokens (0: as fast as it can), so the
+    # benchmarks can hold streams open at a model's pace (`just bench scale`).
+    synthetic_token_delay_s: float = 0.0
     # Stop the worker (returning its memory) after this long without requests; 0: never.
     idle_unload_s: float = 600.0
     # Memory the model may use: weights + KV cache + transients. None: a share of this Mac's RAM.
@@ -191,6 +194,7 @@ class DaemonSettings:
                 admin_port=int(env.get("MP_ADMIN_PORT", "11441")),
                 api_port=int(env.get("MP_API_PORT", "11440")),
                 slots=int(env.get("MP_SLOTS") or _default_slots()),
+                synthetic_token_delay_s=float(env.get("MP_SYNTHETIC_TOKEN_DELAY_S", "0")),
                 idle_unload_s=float(env.get("MP_IDLE_UNLOAD_S", "600")),
                 memory_budget_bytes=int(float(budget_gb) * (1 << 30)) if budget_gb else None,
                 prompt_cache_entries=int(env.get("MP_PROMPT_CACHE_ENTRIES", "16")),
@@ -227,6 +231,10 @@ class DaemonSettings:
             raise SettingsError(
                 f"MP_HEARTBEAT_S must be between {bus.MIN_HEARTBEAT_S:g} and {bus.MAX_HEARTBEAT_S:g}, "
                 f"got {settings.heartbeat_s}"
+            )
+        if not 0 <= settings.synthetic_token_delay_s <= 10:
+            raise SettingsError(
+                f"MP_SYNTHETIC_TOKEN_DELAY_S must be between 0 and 10, got {settings.synthetic_token_delay_s}"
             )
         if not 0 <= settings.prefill_gather <= 1:
             raise SettingsError(f"MP_PREFILL_GATHER must be between 0 and 1, got {settings.prefill_gather}")

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
@@ -58,12 +58,13 @@ def start_gateway(
     env: Mapping[str, str] | None = None,
     timeout: float = 60.0,
     nats_credentials: Credentials | None = None,
+    services: Sequence[str] = (),
 ) -> Child:
-    """Start a control plane; on a server we launched (a SecuredNats) it logs in as the control plane
-    and also answers the server's auth callout."""
+    """Start a control plane (every service, or only `services`); on a server we launched (a SecuredNats)
+    it logs in as the control plane and also answers the server's auth callout (when natsauth runs in it)."""
     log_path = home / "logs" / f"{name}.log"
     proc = procs.spawn(
-        [sys.executable, "-m", "services", "serve"],
+        [sys.executable, "-m", "services", "serve", *(arg for s in services for arg in ("--service", s))],
         env=_env(
             {
                 "MP_HOME": str(home),

@@ -52,7 +52,7 @@ def _write_admin_env(path: Path, values: dict[str, str]) -> None:
     write_private(path, "".join(lines))
 
 
-async def _pin(database_url: str, provider_id: str) -> None:
+async def pin_provider(database_url: str, provider_id: str) -> None:
     """The stack's own daemon is admitted at once, whatever the provisional rate."""
     conn = await asyncpg.connect(database_url)
     try:
@@ -81,7 +81,7 @@ async def _trust_once(database_url: str, nats_url: str, nats_env: dict[str, str]
         await conn.close()
 
 
-def _trust_own_daemon(
+def trust_own_daemon(
     database_url: str, nats_url: str, nats_env: dict[str, str], provider_id: str, daemon: DaemonChild, timeout: float
 ) -> list[str]:
     """List the weights the stack's own (pinned) daemon serves in the catalog, as `admin models trust` does.
@@ -141,7 +141,7 @@ def main() -> int:
         dev_env = home / "dev.env"
         key = asyncio.run(ensure_dev_key(database_url, dev_env))
         provider_id = os.environ.get("MP_PROVIDER_ID", "local-mac")
-        asyncio.run(_pin(database_url, provider_id))
+        asyncio.run(pin_provider(database_url, provider_id))
         _write_admin_env(home / "admin.env", {"DATABASE_URL": database_url, "NATS_URL": nats_url, **admin_env})
 
         model_path_env = os.environ.get("MP_MODEL_PATH")
@@ -167,7 +167,7 @@ def main() -> int:
         )
         children.append(daemon)
         _say(f"provider daemon loading {model_id} (log: {daemon.log_path})")
-        for line in _trust_own_daemon(database_url, nats_url, admin_env, provider_id, daemon, timeout=300):
+        for line in trust_own_daemon(database_url, nats_url, admin_env, provider_id, daemon, timeout=300):
             _say(f"model catalog: {line} (trusted from {provider_id})")
         wait_model(base, model_id, timeout=300, daemon=daemon)
         write_dev_env(dev_env, base_url=f"{base}/v1", key=key)
