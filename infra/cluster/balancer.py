@@ -140,7 +140,7 @@ class Balancer:
             "XDG_DATA_HOME": str(state_dir / "data"),
             "XDG_CONFIG_HOME": str(state_dir / "config"),
         }
-        argv = [find_caddy(), "run", "--config", config, "--adapter", "caddyfile"]
+        argv: list[str | os.PathLike[str]] = [find_caddy(), "run", "--config", config, "--adapter", "caddyfile"]
         proc = procs.spawn(argv, env=dict(env), log_path=log_path, cwd=state_dir)
         balancer = cls(proc, port, state_dir, log_path)
         try:

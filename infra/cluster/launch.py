@@ -142,6 +142,8 @@ class Cluster:
         self.balancer: Balancer | None = None
         self.api_key = ""
         self._tokens: dict[str, str] = {}
+        # What the daemons are started with (restart_daemons changes it: the benchmark's phases).
+        self.daemon_env: dict[str, str] = dict(config.daemon_env)
         # Chosen before anything starts: every service is told where buyers reach it (MP_PUBLIC_URL).
         self.port = config.port or free_port()
 
@@ -245,7 +247,7 @@ class Cluster:
             engine="synthetic" if cfg.synthetic else "mlx",
             admin_port=admin_port,
             api_port=api_port,
-            env={"MP_PROVIDER_TOKEN": self._tokens[pid], **cfg.daemon_env},
+            env={"MP_PROVIDER_TOKEN": self._tokens[pid], **self.daemon_env},
         )
         daemon = Daemon(pid, node, child)
         if i < len(self.daemons):
@@ -299,7 +301,9 @@ class Cluster:
         while True:
             try:
                 status, body = get_json(f"{self.url}/v1/models", headers=headers, timeout=2.0)
-                served = isinstance(body, dict) and any(m.get("id") == self.config.model_id for m in body.get("data", []))
+                served = isinstance(body, dict) and any(
+                    m.get("id") == self.config.model_id for m in body.get("data", [])
+                )
                 if status == 200 and served:
                     return
             except (OSError, ValueError):
@@ -318,26 +322,32 @@ class Cluster:
         ]
 
     def stop(self) -> None:
-        """Stop everything, the balancer and daemons first, PostgreSQL last. Never raises."""
-        steps: list[Callable[[], object]] = []
-        if self.balancer is not None:
-            steps.append(self.balancer.stop)
+        """Stop everything: the balancer, then daemons and control planes together (each drains on its
+        own), the callout, NATS, PostgreSQL last. Never raises; idempotent."""
         for d in self.daemons:
             if d.stopped:
-                steps.append(lambda d=d: _signal_group(d.child, signal.SIGCONT))
-            steps.append(d.child.stop)
-        steps += [g.child.stop for g in self.gateways]
-        steps += [s.child.stop for s in self.services.values()]
-        steps += [c.stop for c in self.natsauth]
-        if self.nats is not None:
-            steps.append(self.nats.stop)
-        if self.postgres is not None:
-            steps.append(self.postgres.stop)
-        for step in steps:
-            try:
-                step()
-            except Exception as exc:
-                self.say(f"stopping: {exc!r}")
+                _signal_group(d.child, signal.SIGCONT)
+        waves: list[list[Callable[[], object]]] = [
+            [self.balancer.stop] if self.balancer is not None else [],
+            [
+                c.stop
+                for c in [
+                    *(d.child for d in self.daemons),
+                    *(r.child for r in [*self.gateways, *self.services.values()]),
+                ]
+            ],
+            [c.stop for c in self.natsauth],
+            [self.nats.stop] if self.nats is not None else [],
+            [self.postgres.stop] if self.postgres is not None else [],
+        ]
+        for wave in waves:
+            if wave:
+                with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+                    for future in [pool.submit(step) for step in wave]:
+                        try:
+                            future.result()
+                        except Exception as exc:
+                            self.say(f"stopping: {exc!r}")
         self.balancer = None
         self.daemons, self.gateways, self.services, self.natsauth = [], [], {}, []
         self.nats = self.postgres = None
@@ -393,6 +403,17 @@ class Cluster:
     def start_daemon_again(self, i: int) -> None:
         old = self.daemons[i].child
         self._start_daemon(i, admin_port=old.admin_port, api_port=old.api_port)
+        self._wait_pool()
+
+    def restart_daemons(self, env: Mapping[str, str]) -> None:
+        """Stop every daemon and start it again (same ports) with `env` over the config's daemon_env."""
+        self.daemon_env = {**self.config.daemon_env, **env}
+        with ThreadPoolExecutor(max_workers=max(1, len(self.daemons))) as pool:
+            list(pool.map(lambda d: d.child.stop(), self.daemons))
+        for i, d in enumerate(list(self.daemons)):
+            self._start_daemon(i, admin_port=d.child.admin_port, api_port=d.child.api_port)
+        # The gateways first notice the old processes leave (their last heartbeats), then the new ones.
+        time.sleep(2.0)
         self._wait_pool()
 
     def freeze_daemon(self, i: int) -> None:

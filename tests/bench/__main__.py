@@ -19,6 +19,10 @@ Modes:
   routing   least-loaded vs random routing over 3 tiny-model daemons of uneven size (MP_SLOTS 1, 2, 4)
             under a mix of long and short requests: tokens/s, requests/s, latency and TTFT
             (options: python3 -m tests.bench routing --help).
+  scale     the local cluster (`just cluster`: 3 NATS nodes, PostgreSQL, 3 gateway replicas behind Caddy, 3
+            synthetic daemons) under load (1 to 3 replicas beside LiteLLM's proxy and the bare engine), concurrent
+            streams, faults (kill -9, SIGSTOP, restarts) with a ledger audit, and a soak
+            (options: python3 -m tests.bench scale --help).
 
   observability  the CPU that Prometheus metrics and OpenTelemetry traces add to one request, gateway
             and daemon, in process on the real objects, beside the same work with metrics off.
@@ -36,7 +40,7 @@ from tests.bench import cli, metering, overhead
 
 MODES = ("overhead", "metering")
 # Modes with their own options and stacks: `python3 -m tests.bench <mode> --help`.
-SEPARATE = ("daemon", "failover", "routing", "structured", "observability")
+SEPARATE = ("daemon", "failover", "routing", "structured", "observability", "scale")
 
 DEFAULT_LEVELS = (1, 16, 64)
 QUICK_LEVELS = (1, 16)

@@ -17,13 +17,21 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tests.bench.machine import load_average
 from tests.bench.progress import say
-from tests.bench.stack import Stack
 
-S = TypeVar("S", bound=Stack)
+
+class Startable(Protocol):
+    """What a run starts and stops around its measurements (tests/bench/stack.py's Stack, the cluster)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Startable)
 T = TypeVar("T")
 
 

@@ -28,6 +28,8 @@ class Sample:
     last: float | None = None
     tokens: int = 0
     error: str | None = None
+    # The answer's x-request-id (None if none came: refused before any server, or no such header).
+    request_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -100,6 +102,34 @@ async def drive(one: OneRequest, *, concurrency: int, requests: int) -> Level:
     return Level(concurrency, samples, wall, time.process_time() - cpu)
 
 
+async def drive_for(one: OneRequest, *, concurrency: int, seconds: float, workers_from: int = 0) -> Level:
+    """Keep `concurrency` requests in flight for `seconds` (closed loop), then let the running ones finish."""
+    until = time.perf_counter() + seconds
+    return await drive_while(
+        one, concurrency=concurrency, going=lambda: time.perf_counter() < until, workers_from=workers_from
+    )
+
+
+async def drive_while(one: OneRequest, *, concurrency: int, going: Callable[[], bool], workers_from: int = 0) -> Level:
+    """Keep `concurrency` requests in flight while `going()`, then let the running ones finish.
+
+    `workers_from` offsets the worker indexes (so two loads side by side use different client pools).
+    """
+    samples: list[Sample] = []
+    cpu = time.process_time()
+    started = time.perf_counter()
+
+    async def worker(w: int) -> None:
+        while going():
+            samples.append(await one(w))
+
+    async with asyncio.TaskGroup() as tg:
+        for w in range(concurrency):
+            tg.create_task(worker(workers_from + w))
+    wall = time.perf_counter() - started
+    return Level(concurrency, samples, wall, time.process_time() - cpu)
+
+
 # ---- direct: the engine alone, in this process -------------------------------------------
 
 
@@ -158,14 +188,14 @@ class HttpClients:
     pool keeps each scan small; `--streams-per-client 0` uses a single pool.
     """
 
-    def __init__(self, concurrency: int, streams_per_client: int) -> None:
+    def __init__(self, concurrency: int, streams_per_client: int, *, timeout_s: float = 120.0) -> None:
         per = streams_per_client if streams_per_client > 0 else max(concurrency, 1)
         self.per_client = per
         self.clients = [
             httpx.AsyncClient(
                 http2=False,
                 limits=httpx.Limits(max_connections=per, max_keepalive_connections=per, keepalive_expiry=300),
-                timeout=httpx.Timeout(120.0, connect=10.0, pool=120.0),
+                timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s), pool=timeout_s),
             )
             for _ in range(-(-max(concurrency, 1) // per))
         ]
@@ -220,16 +250,21 @@ class ViaGateway:
         usage: int | None = None
         finish: str | None = None
         events = Events()
+        rid: str | None = None
         try:
             async with client.stream("POST", self.url, content=self.body, headers=self.headers) as response:
+                rid = response.headers.get("x-request-id")
                 if response.status_code != 200:
                     code = error_code(await response.aread())
-                    return Sample(start, time.perf_counter(), error=f"http_{response.status_code}:{code}")
+                    return Sample(
+                        start, time.perf_counter(), error=f"http_{response.status_code}:{code}", request_id=rid
+                    )
                 async for data in response.aiter_bytes():
                     now = time.perf_counter()
                     for chunk in events.feed(data):
                         if chunk.error is not None:
-                            return Sample(start, now, first, last, tokens, f"in_band:{chunk.error.code or '?'}")
+                            failure = f"in_band:{chunk.error.code or '?'}"
+                            return Sample(start, now, first, last, tokens, failure, rid)
                         if chunk.usage is not None:
                             usage = chunk.usage.completion_tokens
                         for choice in chunk.choices:
@@ -242,14 +277,14 @@ class ViaGateway:
                             if choice.finish_reason is not None:
                                 finish = choice.finish_reason
         except httpx.HTTPError as exc:
-            return Sample(start, time.perf_counter(), first, last, tokens, f"client:{type(exc).__name__}")
+            return Sample(start, time.perf_counter(), first, last, tokens, f"client:{type(exc).__name__}", rid)
         except msgspec.DecodeError:
-            return Sample(start, time.perf_counter(), first, last, tokens, "client:bad_sse_chunk")
+            return Sample(start, time.perf_counter(), first, last, tokens, "client:bad_sse_chunk", rid)
         end = time.perf_counter()
         error = "no_done_marker" if not events.done else _check(finish, tokens, self.max_tokens)
         if error is None and usage != tokens:
             error = "usage_mismatch"
-        return Sample(start, end, first, last, tokens, error)
+        return Sample(start, end, first, last, tokens, error, rid)
 
     async def _whole(self, worker: int) -> Sample:
         """A non-streamed request: only its end is observable (no TTFT); tokens are the usage's count."""
@@ -258,21 +293,22 @@ class ViaGateway:
         try:
             response = await client.post(self.url, content=self.body, headers=self.headers)
             end = time.perf_counter()
+            rid = response.headers.get("x-request-id")
             if response.status_code != 200:
-                return Sample(start, end, error=f"http_{response.status_code}:{error_code(response.content)}")
+                failure = f"http_{response.status_code}:{error_code(response.content)}"
+                return Sample(start, end, error=failure, request_id=rid)
             completion = COMPLETION.decode(response.content)
         except httpx.HTTPError as exc:
             return Sample(start, time.perf_counter(), error=f"client:{type(exc).__name__}")
         except msgspec.DecodeError:
-            return Sample(start, time.perf_counter(), error="client:bad_json")
+            return Sample(start, time.perf_counter(), error="client:bad_json", request_id=rid)
         tokens = completion.usage.completion_tokens if completion.usage is not None else 0
         if completion.usage is None:
-            return Sample(start, end, tokens=tokens, error="no_usage")
+            return Sample(start, end, tokens=tokens, error="no_usage", request_id=rid)
         if len(completion.choices) != 1 or not completion.choices[0].message.content:
-            return Sample(start, end, tokens=tokens, error="no_content")
-        return Sample(
-            start, end, tokens=tokens, error=_check(completion.choices[0].finish_reason, tokens, self.max_tokens)
-        )
+            return Sample(start, end, tokens=tokens, error="no_content", request_id=rid)
+        error = _check(completion.choices[0].finish_reason, tokens, self.max_tokens)
+        return Sample(start, end, tokens=tokens, error=error, request_id=rid)
 
 
 def _check(finish: str | None, tokens: int, max_tokens: int) -> str | None:
