@@ -86,6 +86,8 @@ class ClusterConfig:
     port: int | None = None
     # PostgreSQL without fsync (benchmarks and tests only).
     fast_postgres: bool = False
+    # A database elsewhere (a test's server): then no PostgreSQL is started (and none can be restarted).
+    database_url: str | None = None
     gateway_env: Mapping[str, str] = field(default_factory=dict)
     daemon_env: Mapping[str, str] = field(default_factory=dict)
     # The services besides the gateway (False: the replicas alone, with natsauth and status).
@@ -156,6 +158,8 @@ class Cluster:
 
     @property
     def database_url(self) -> str:
+        if self.config.database_url is not None:
+            return self.config.database_url
         if self.postgres is None:
             raise RuntimeError("the cluster is not started")
         return self.postgres.url
@@ -170,18 +174,25 @@ class Cluster:
     def _start(self) -> None:
         cfg = self.config
         self.home.mkdir(parents=True, exist_ok=True)
-        self.postgres = PostgresServer.start(self.home / "postgres", fast=cfg.fast_postgres)
-        self.say(f"postgres on {self.postgres.url}")
+        if cfg.database_url is None:
+            self.postgres = PostgresServer.start(self.home / "postgres", fast=cfg.fast_postgres)
+            self.say(f"postgres on {self.postgres.url}")
         # Migrates, and makes the dev account's key.
-        self.api_key = asyncio.run(ensure_dev_key(self.postgres.url, self.home / "dev.env"))
-        self.nats = NatsCluster.start(self.home, size=cfg.nats_nodes, database_url=self.postgres.url)
+        self.api_key = asyncio.run(ensure_dev_key(self.database_url, self.home / "dev.env"))
+        self.nats = NatsCluster.start(self.home, size=cfg.nats_nodes, database_url=self.database_url)
         for node in self.nats.nodes:
             self.say(f"{node.name} on {node.url} (routes :{node.route_port}, monitoring {node.monitor_url})")
-        for i in range(min(2, cfg.nats_nodes)):
-            child = start_natsauth(
-                self.home, nats=self.nats.node(i), database_url=self.postgres.url, name=f"natsauth-{i}"
+        nats = self.nats
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            self.natsauth = list(
+                pool.map(
+                    lambda i: start_natsauth(
+                        self.home, nats=nats.node(i), database_url=self.database_url, name=f"natsauth-{i}"
+                    ),
+                    range(min(2, cfg.nats_nodes)),
+                )
             )
-            self.natsauth.append(child)
+        for i in range(len(self.natsauth)):
             self.say(f"natsauth-{i} (the auth callout) on nats-{i}")
 
         planned: list[tuple[str, tuple[str, ...], int]] = [
@@ -213,13 +224,12 @@ class Cluster:
 
     def _start_control_plane(self, name: str, services: tuple[str, ...], port: int, node: int) -> Replica:
         assert self.nats is not None
-        assert self.postgres is not None
         env = {"MP_PUBLIC_URL": self.url, **self._gateway_env()}
         child = start_gateway(
             self.home,
             port=port,
             nats=self.nats.node(node),
-            database_url=self.postgres.url,
+            database_url=self.database_url,
             name=name,
             env=env,
             services=services,
@@ -231,12 +241,11 @@ class Cluster:
 
     def _start_daemon(self, i: int, *, admin_port: int | None = None, api_port: int | None = None) -> Daemon:
         assert self.nats is not None
-        assert self.postgres is not None
         cfg = self.config
         pid = self._provider_id(i)
         node = (i + 1) % cfg.nats_nodes
         if pid not in self._tokens:
-            asyncio.run(pin_provider(self.postgres.url, pid))
+            asyncio.run(pin_provider(self.database_url, pid))
             self._tokens[pid] = self.nats.first.provider_token(pid)
         child = start_daemon(
             self.home,
@@ -259,7 +268,7 @@ class Cluster:
         if not cfg.synthetic:
             # Gateways refuse uncatalogued weights: vouch for what our own pinned daemons serve.
             node_url = self.nats.first.url
-            trust_own_daemon(self.postgres.url, node_url, self.nats.first.gateway.env(), pid, child, timeout=300)
+            trust_own_daemon(self.database_url, node_url, self.nats.first.gateway.env(), pid, child, timeout=300)
         return daemon
 
     def _routes(self) -> list[Route]:
@@ -435,7 +444,8 @@ class Cluster:
 
     def restart_postgres(self, *, down_s: float = 0.0) -> None:
         """A fast shutdown of PostgreSQL (every connection dropped), then the same server again."""
-        assert self.postgres is not None
+        if self.postgres is None:
+            raise RuntimeError("this cluster runs on a database it did not start")
         port, data_dir = self.postgres.port, self.postgres.data_dir
         self.postgres.stop()
         time.sleep(down_s)

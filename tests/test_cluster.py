@@ -1,0 +1,71 @@
+"""`just cluster` in miniature: a 3-node NATS cluster, 2 gateway replicas behind the balancer (Caddy),
+one synthetic daemon. A request goes through; with one replica killed (-9), requests keep working
+through the balancer, and stopping the cluster leaves no process behind."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from infra.cluster.launch import SYNTHETIC, Cluster, ClusterConfig
+from infra.postgres import PostgresServer
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> Iterator[Cluster]:
+    # A database of its own on the session's server: no initdb, and no other test sees its providers.
+    database = f"cluster_{secrets.token_hex(4)}"
+    postgres.psql(f"CREATE DATABASE {database}", database="postgres")
+    url = postgres.url.rsplit("/", 1)[0] + f"/{database}"
+    home: Path = tmp_path_factory.mktemp("cluster")
+    cluster = Cluster(home, ClusterConfig(replicas=2, daemons=1, split_services=False, database_url=url))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _chat(cluster: Cluster, *, stream: bool = False) -> httpx.Response:
+    return httpx.post(
+        f"{cluster.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {cluster.api_key}"},
+        json={"model": SYNTHETIC, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream},
+        timeout=20,
+    )
+
+
+def test_a_request_goes_through_the_balancer_and_survives_a_killed_replica(cluster: Cluster) -> None:
+    assert cluster.nats is not None
+    assert [n.alive() for n in cluster.nats.nodes] == [True, True, True]
+    # The nodes are one cluster: each has routes to the others and knows their client URLs.
+    assert all(len(n.varz()["connect_urls"]) == 3 for n in cluster.nats.nodes)
+    ok = _chat(cluster)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 4
+    assert ok.headers["via"].endswith("Caddy")
+    streamed = _chat(cluster, stream=True)
+    assert streamed.status_code == 200
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+
+    cluster.kill_gateway(0)
+    # Requests sent at once: the balancer retries the refused connection on the live replica,
+    # then its health check takes the dead one out.
+    statuses = [_chat(cluster).status_code for _ in range(6)]
+    assert statuses == [200] * 6
+
+    cluster.start_gateway_again(0)
+    assert all(cluster.ready(g) for g in cluster.gateways)
+
+
+def test_stopping_the_cluster_leaves_no_process(tmp_path: Path, cluster: Cluster) -> None:
+    pids = list(cluster.pids().values())
+    assert len(pids) >= 8  # 3 nats-servers, Caddy, 2 callouts, 2 replicas, 1 daemon
+    cluster.stop()
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
