@@ -302,3 +302,26 @@ def test_service_definitions_run_the_daemon_with_its_config_file() -> None:
     assert 'run [opt_bin/"mac-provider-daemon", "serve", "--config", etc/"mac-provider/daemon.env"]' in formula
     assert 'log_path var/"log/mac-provider-daemon.log"' in formula
     assert "keep_alive" in formula
+
+
+async def test_the_synthetic_engine_continues_another_providers_answer_within_max_tokens() -> None:
+    """The benchmarks' stand-in keeps the continuation protocol as a real engine does: a failed-over request
+    gets only the tokens max_tokens still allows (more would be a violation that suspends the provider)."""
+    from daemon.engine.base import CancelToken, Finished
+    from daemon.engine.synthetic import WORDS, SyntheticEngine
+    from schemas import bus
+
+    engine = SyntheticEngine()
+    request = bus.InferenceRequest(
+        request_id="r1",
+        model="synthetic",
+        messages=[bus.BusMessage(role="user", content="hi")],
+        params=bus.SamplingParams(max_tokens=5),
+        deadline_ms=0,
+        continuation=bus.Continuation(token_ids=[0, 1, 2], text="".join(WORDS[:3])),
+    )
+    events = [e async for e in engine.generate(await engine.prepare(request), CancelToken())]
+    chunks = [e for e in events if isinstance(e, TextChunk)]
+    assert [c.text for c in chunks] == list(WORDS[3:5])
+    assert isinstance(events[-1], Finished)
+    assert events[-1].completion_tokens == 2

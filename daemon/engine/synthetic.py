@@ -38,7 +38,14 @@ class SyntheticEngine:
         if request.params.response_format is not None:
             raise EngineError("unsupported_value", "fixed text cannot follow a JSON format", param="response_format")
         words = sum(len(m.content.split()) for m in request.messages)
-        return Prepared(request=request, prompt_tokens=list(range(words + 4 * len(request.messages))))
+        # A continuation (the gateway failing over from another provider) carries the tokens already sent:
+        # they count against max_tokens, as they do on a real engine (worker_engine.py).
+        done = len(request.continuation.token_ids) if request.continuation else 0
+        return Prepared(
+            request=request,
+            prompt_tokens=list(range(words + 4 * len(request.messages) + done)),
+            max_tokens=max(1, request.params.max_tokens - done),
+        )
 
     def running(self) -> int:
         return self._running
@@ -67,14 +74,18 @@ class SyntheticEngine:
         started = time.monotonic()
         n = 0
         finish: bus.FinishReason = "length"
+        request = prepared.request
+        # A continuation goes on with the fixed text where the earlier provider stopped.
+        offset = len(request.continuation.token_ids) if request.continuation else 0
         try:
-            for n in range(1, prepared.request.params.max_tokens + 1):
+            for n in range(1, (prepared.max_tokens or request.params.max_tokens) + 1):
                 if cancel.cancelled:
                     finish = "cancelled"
                     n -= 1
                     break
                 # Each word is "token" n % len(WORDS): the ids are what the gateway bills.
-                yield TextChunk(WORDS[(n - 1) % len(WORDS)], 1, token_ids=((n - 1) % len(WORDS),))
+                word = (offset + n - 1) % len(WORDS)
+                yield TextChunk(WORDS[word], 1, token_ids=(word,))
                 # Yield to the loop every token, as a real engine's thread hand-off would.
                 await asyncio.sleep(self.token_delay_s)
             elapsed = time.monotonic() - started

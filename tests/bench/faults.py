@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from infra.cluster.launch import Cluster
+from services.providers.store import set_status
 from tests.bench.load import HttpClients, Sample, ViaGateway, drive_while
 from tests.bench.progress import say
 from tests.support.accounts import TestAccount, make_account_async
@@ -83,7 +84,8 @@ class FaultResult:
     fault_at: float
     repaired_at: float
     audit: Audit
-    stream_ids: set[str] = field(default_factory=set)
+    # Providers the pool suspended or banned during the fault (honest daemons: must be none).
+    shut_out: list[str] = field(default_factory=list)
 
     def _failed(self) -> list[Sample]:
         return [s for s in self.samples if not s.ok]
@@ -223,4 +225,21 @@ async def run_fault(
         levels = await asyncio.gather(*loads)
     samples = [s for level in levels for s in level.samples]
     result = await audit(cluster.database_url, account, samples, settle_s=settle_s)
-    return FaultResult(fault.label, samples, fault_at, repaired_at, result)
+    return FaultResult(fault.label, samples, fault_at, repaired_at, result, await readmit(cluster))
+
+
+async def readmit(cluster: Cluster) -> list[str]:
+    """The cluster's daemons the pool suspended or banned (named, then pinned again so the next part runs)."""
+    ids = [d.provider_id for d in cluster.daemons]
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT provider_id, status FROM providers"
+            " WHERE provider_id = ANY($1) AND status IN ('suspended', 'banned')",
+            ids,
+        )
+        for row in rows:
+            await set_status(conn, row["provider_id"], "pinned", "the scale benchmark's own daemon")
+    finally:
+        await conn.close()
+    return [f"{r['provider_id']} ({r['status']})" for r in rows]

@@ -316,7 +316,13 @@ async def measure(stack: ScaleStack, plan: Plan) -> Results:
 
 def _verdict(results: Results) -> Verdict:
     must_be_zero = sum(
-        f.hung + f.cut_silently + f.audit.lost + f.audit.unsettled + f.audit.over_billed + f.audit.unseen_billed
+        f.hung
+        + f.cut_silently
+        + len(f.shut_out)
+        + f.audit.lost
+        + f.audit.unsettled
+        + f.audit.over_billed
+        + f.audit.unseen_billed
         for f in results.faults
     )
     load_failed = any(s.failed for column in results.load for s in column.cells.values())

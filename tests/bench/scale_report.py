@@ -207,7 +207,8 @@ def render_faults(results: list[FaultResult], plan: Plan) -> list[str]:
         ("rows billing > delivered (must be 0)", lambda r: str(r.audit.over_billed)),
         ("billed rows no client saw (must be 0)", lambda r: str(r.audit.unseen_billed)),
         ("rows billing < delivered (tokens)", lambda r: f"{r.audit.under_billed} ({r.audit.under_billed_tokens})"),
-        ("time to recover (s)", lambda r: f"{r.recovered_s:.1f}"),
+        ("providers suspended/banned (must be 0)", lambda r: str(len(r.shut_out))),
+        ("time to recover (s)", lambda r: f"{r.recovered_s:.2f}"),
         ("fault -> repaired (s)", lambda r: f"{r.repair_s:.1f}"),
         ("slowest request (s)", lambda r: f"{r.slowest_s:.1f}"),
     ]
@@ -217,6 +218,10 @@ def render_faults(results: list[FaultResult], plan: Plan) -> list[str]:
     table.failures("failed requests (by error):", [(r.label, r.errors) for r in results])
     outcomes = [(r.label, Counter(r.audit.outcomes)) for r in results]
     table.failures("ledger outcomes:", outcomes)
+    table.failures(
+        "providers shut out by the pool (pinned again before the next fault):",
+        [(r.label, Counter(r.shut_out)) for r in results],
+    )
     table.add(
         "time to recover: from the fault to the end of the last failed request (0: none failed). fault -> repaired:",
         "the fault's own length (restart, SIGCONT, ...). lost: a 200 answer with no ledger row, or a reservation",
