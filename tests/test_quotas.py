@@ -330,3 +330,37 @@ def test_demo_tokens_have_their_own_quota_and_feedback(stack: Stack, synthetic_d
         httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=demo).status_code for _ in range(20)
     )
     assert statuses == {200: 19, 429: 1}
+
+
+def test_a_settlement_that_fails_is_retried_and_bills_what_was_delivered(stack: Stack, synthetic_daemon: Child) -> None:
+    """Postgres refuses the settlement when the answer ends (as while it restarts): the gateway tries again,
+    so the ledger bills the tokens the buyer got, not the progress last reported before the end."""
+    account = make_account(stack.database_url)
+    # A real failure of the settling statement, for this account only: its ledger insert raises.
+    fn, trigger = f"refuse_{account.key_id}", f"refuse_ledger_{account.key_id}"
+    query(
+        stack.database_url,
+        f"CREATE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'down'; END $$",
+    )
+    query(
+        stack.database_url,
+        f"CREATE TRIGGER {trigger} BEFORE INSERT ON usage_ledger FOR EACH ROW "
+        f"WHEN (NEW.key_id = {account.key_id}) EXECUTE FUNCTION {fn}()",
+    )
+    try:
+        r = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC, max_tokens=7), headers=account.auth())
+        assert r.status_code == 200, r.text
+        rid = r.headers["x-request-id"]
+        logs.wait_event(stack.gateway.log_path, "settle_failed", request_id=rid)
+        assert query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE request_id = $1", rid) == []
+    finally:
+        query(stack.database_url, f"DROP TRIGGER {trigger} ON usage_ledger")
+        query(stack.database_url, f"DROP FUNCTION {fn}()")
+    deadline = time.monotonic() + 10
+    while not (rows := query(stack.database_url, "SELECT * FROM usage_ledger WHERE request_id = $1", rid)):
+        assert time.monotonic() < deadline, "the failed settlement was never written"
+        time.sleep(0.1)
+    assert rows[0]["completion_tokens"] == r.json()["usage"]["completion_tokens"] == 7
+    assert rows[0]["outcome"] == "ok"
+    assert rows[0]["billed"]
+    assert query(stack.database_url, "SELECT 1 FROM reservations WHERE request_id = $1", rid) == []

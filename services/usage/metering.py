@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("usage")
 
+# A failed settlement is tried again with every touch (2 s) this many times (a Postgres restart or
+# failover takes seconds); after that the reservation is left to a sweeper.
+_SETTLE_TRIES = 60
+
 
 @dataclass
 class Ticket:
@@ -110,6 +114,11 @@ class Metering:
         self._touch_interval_s = touch_interval_s
         self._stale_after_s = stale_after_s
         self._open: dict[str, Ticket] = {}
+        # Settlements that failed (Postgres unreachable), retried until they are written: left to the
+        # sweeper, a request that ended would be settled from its last reported progress (the tokens it
+        # delivered since then, often all of them, never billed). Bounded by the requests running when
+        # Postgres went away: no new one is reserved without it.
+        self._unsettled: dict[str, tuple[Settlement, float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics = metrics
 
@@ -132,6 +141,8 @@ class Metering:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # A last try before the process exits (a graceful stop settles what it served).
+        await self._retry_unsettled()
 
     async def reserve(self, holder: Holder, limits: Limits, request_id: str, model: str, tokens: int) -> Ticket:
         if not self.enabled:
@@ -184,18 +195,37 @@ class Metering:
         )
         try:
             await quotas.settle(self._db, ticket.request_id, settlement)
-        except Exception:
-            # The reservation stays; once stale, a sweeper settles it from its last progress.
-            log.exception("settle_failed", request_id=ticket.request_id)
+        except Exception as exc:
+            # Retried from the touch loop; only if this replica dies first does a sweeper settle it.
+            self._unsettled[ticket.request_id] = (settlement, ended, 1)
+            log.warning("settle_failed", request_id=ticket.request_id, error=type(exc).__name__, retry=True)
             if self._metrics is not None:
                 self._metrics.settle_failures.inc()
             return
         if self._metrics is not None:
             self._metrics.settlement_lag.observe(time.monotonic() - ended)
 
+    async def _retry_unsettled(self) -> None:
+        """Write the settlements that failed; one that keeps failing is left to the sweeper at last."""
+        for request_id, (settlement, ended, tries) in list(self._unsettled.items()):
+            try:
+                await quotas.settle(self._db, request_id, settlement)
+            except Exception as exc:
+                if tries >= _SETTLE_TRIES:
+                    del self._unsettled[request_id]
+                    log.error("settle_abandoned", request_id=request_id, error=type(exc).__name__, tries=tries)
+                else:
+                    self._unsettled[request_id] = (settlement, ended, tries + 1)
+                continue
+            del self._unsettled[request_id]
+            log.info("settle_retried", request_id=request_id, tries=tries + 1)
+            if self._metrics is not None:
+                self._metrics.settlement_lag.observe(time.monotonic() - ended)
+
     async def _touch_loop(self) -> None:
         while True:
             await asyncio.sleep(self._touch_interval_s)
+            await self._retry_unsettled()
             progress = [
                 (t.request_id, t.provider_id, t.prompt_tokens, t.completion_tokens) for t in self._open.values()
             ]
