@@ -23,6 +23,7 @@ import pytest
 
 from schemas import bus
 from tests.conftest import TINY_MODEL, TINY_PROVIDER, Stack
+from tests.support import logs
 from tests.support.admin_cli import providers_cli
 from tests.support.rogue import Rogue, heartbeat, rogue_in_pool
 
@@ -135,6 +136,24 @@ async def test_inflated_counts_are_never_billed_and_the_answer_moves_on(
     assert row["prompt_tokens"] == honest["usage"]["prompt_tokens"]
     assert row["provider_id"] == TINY_PROVIDER
     assert "token_count_mismatch" in await _violations(db, rogue.provider_id)
+
+
+async def test_a_provider_nobody_listens_for_is_passed_over_without_a_violation(
+    stack: Stack, db: asyncpg.Connection, honest: dict[str, Any]
+) -> None:
+    """A daemon that died a moment ago still looks alive (its heartbeats are not stale yet): NATS answers the
+    request's reply subject with its own 'no responders' status. The request moves on, and the provider, which
+    sent nothing, is not charged with an undecodable frame (three of those suspend it: found by killing
+    daemons under load, `just bench scale`)."""
+    rogue = Rogue(stack.nats, _pid("gone"), TINY_MODEL, _one_answer(), listens=False)
+    async with rogue_in_pool(rogue, stack.base_url, providers=2):
+        r = await _post(stack)
+    _same_answer(r, honest)
+    declined = logs.wait_event(stack.gateway.log_path, "provider_declined", provider=rogue.provider_id)
+    assert "left the pool" in declined["reason"]
+    await asyncio.sleep(1.5)  # three flushes of the gateway's violation batches
+    rows = await db.fetch("SELECT kind FROM provider_violations WHERE provider_id = $1", rogue.provider_id)
+    assert rows == []
 
 
 async def test_impossible_counts_and_prompts_are_refused_before_anything_is_sent(

@@ -26,6 +26,11 @@ from schemas import bus, subjects
 
 # Far above any real frame (a delta is a few tokens); a bigger one is a broken or hostile provider.
 MAX_FRAME_BYTES = 1 << 20
+# The status message a NATS server sends to the reply subject of a message nobody subscribed to.
+# Only the server sets headers on our reply subjects: providers publish plain frames, and a provider's
+# own headers could at most fake its own loss (the same as going silent).
+_STATUS = "Status"
+_NO_RESPONDERS = "503"
 
 
 class StreamBroken(Exception):
@@ -159,6 +164,11 @@ class ReplyRouter:
             # Late frames of a finished or failed-over request, a provider answering for another,
             # or the rest of a flood: dropped before any decoding.
             self.stray_frames += 1
+            return
+        if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+            # NATS itself says nobody listens on the provider's work subject (its daemon died or lost
+            # its connection a moment ago): the provider is gone, it sent nothing, it broke no rule.
+            stream.lost(provider_id)
             return
         size = len(msg.data)
         if size > MAX_FRAME_BYTES:

@@ -53,6 +53,8 @@ class Rogue:
     # The heartbeat it sends every interval (raw bytes to send garbage); None: none at all.
     beat: Callable[[], bytes] | None = None
     requests: list[bus.InferenceRequest] = field(default_factory=list)
+    # False: it heartbeats but never subscribes to its work subject (a daemon that just died, to NATS).
+    listens: bool = True
     _nc: Nats | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -68,7 +70,8 @@ class Rogue:
     async def start(self) -> None:
         token = await asyncio.to_thread(self.nats.provider_token, self.provider_id)
         self._nc = await nats.connect(self.nats.url, token=token, allow_reconnect=False)
-        await self.nc.subscribe(subjects.work(self.provider_id), cb=self._on_work)
+        if self.listens:
+            await self.nc.subscribe(subjects.work(self.provider_id), cb=self._on_work)
         self._tasks.append(asyncio.create_task(self._beats()))
 
     async def stop(self) -> None:
