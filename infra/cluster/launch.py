@@ -378,13 +378,17 @@ class Cluster:
         return out
 
     def rss_mb(self) -> dict[str, float]:
-        """Resident memory (MB) of every process; PostgreSQL's counts its backends too."""
+        """Memory (MB) of every process: its RSS; PostgreSQL's is the USS of all its processes (their
+        shared buffers, counted once per process in RSS, would swamp any change)."""
         out: dict[str, float] = {}
         for name, pid in self.pids().items():
             try:
                 proc = psutil.Process(pid)
-                members = [proc, *proc.children(recursive=True)] if name in ("postgres",) else [proc]
-                out[name] = sum(p.memory_info().rss for p in members) / 1e6
+                if name == "postgres":
+                    members = [proc, *proc.children(recursive=True)]
+                    out[name] = sum(p.memory_full_info().uss for p in members) / 1e6
+                else:
+                    out[name] = proc.memory_info().rss / 1e6
             except psutil.Error:
                 continue
         return out

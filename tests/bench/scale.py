@@ -29,13 +29,14 @@ import asyncpg
 
 from infra.cluster.launch import SYNTHETIC, Cluster, ClusterConfig
 from tests.bench import cli, harness
+from tests.bench.cpu import CpuProbe
 from tests.bench.faults import CLIENT_TIMEOUT_S, FAULTS, Fault, FaultResult, audit, run_fault
 from tests.bench.harness import Verdict
 from tests.bench.litellm_proxy import LiteLLMProxy
 from tests.bench.load import HttpClients, ViaGateway, drive_for, drive_while
 from tests.bench.progress import say
 from tests.bench.report import Stats
-from tests.bench.scale_report import LoadColumn, SoakResult, StreamLevel, render
+from tests.bench.scale_report import Cell, LoadColumn, SoakResult, StreamLevel, render
 from tests.bench.stack import RAISED_QUOTAS
 from tests.support.accounts import make_account_async
 
@@ -146,38 +147,50 @@ class ScaleStack:
 # ---- load -----------------------------------------------------------------------------------
 
 
-async def _cell(url: str, key: str, plan: Plan, *, stream: bool, concurrency: int) -> Stats:
+async def _cell(url: str, key: str, plan: Plan, *, stream: bool, concurrency: int, cpu: list[CpuProbe]) -> Cell:
     async with HttpClients(concurrency, 8) as clients:
         one = ViaGateway(clients, url, key, MODEL, plan.tokens, stream=stream)
         await drive_for(one, concurrency=concurrency, seconds=min(2.0, plan.seconds))
-        return Stats.of(await drive_for(one, concurrency=concurrency, seconds=plan.seconds))
+        before = [p.snapshot() for p in cpu]
+        level = await drive_for(one, concurrency=concurrency, seconds=plan.seconds)
+        used = [CpuProbe.used(b, p.snapshot()) for p, b in zip(cpu, before, strict=True)]
+    return Cell(Stats.of(level), None if any(u is None for u in used) else sum(u or 0.0 for u in used))
 
 
-async def _column(label: str, url: str, key: str, plan: Plan) -> LoadColumn:
+async def _column(label: str, url: str, key: str, plan: Plan, cpu: list[CpuProbe]) -> LoadColumn:
+    """`cpu`: the processes whose CPU a request costs on this path (the proxy's own, not the upstream's)."""
     column = LoadColumn(label)
     for stream in (True, False):
         for c in plan.levels:
-            stats = await _cell(url, key, plan, stream=stream, concurrency=c)
-            column.cells[(stream, c)] = stats
+            cell = await _cell(url, key, plan, stream=stream, concurrency=c, cpu=cpu)
+            column.cells[(stream, c)] = cell.stats
+            column.cpu_s[(stream, c)] = cell.cpu_s
             kind = "stream" if stream else "whole "
-            say(f"  {label:<28} {kind} c={c:<3} {stats.requests_per_s:7.1f} req/s, {stats.failed} failed")
+            say(f"  {label:<28} {kind} c={c:<3} {cell.stats.requests_per_s:7.1f} req/s, {cell.stats.failed} failed")
     return column
+
+
+def _gateways(cluster: Cluster) -> list[CpuProbe]:
+    return [CpuProbe(g.child.proc.pid) for g in cluster.gateways if g.child.alive()]
 
 
 async def measure_load(stack: ScaleStack, plan: Plan) -> list[LoadColumn]:
     cluster = stack.cluster
     say("load: daemons at full speed (MP_SYNTHETIC_TOKEN_DELAY_S=0)")
-    columns = [await _column("direct (a daemon's API)", cluster.daemons[0].child.api_url, "none", plan)]
+    daemon = cluster.daemons[0].child
+    columns = [await _column("direct (a daemon's API)", daemon.api_url, "none", plan, [CpuProbe(daemon.proc.pid)])]
     if stack.litellm is not None:
-        columns.append(await _column("LiteLLM proxy", stack.litellm.url, stack.litellm.key, plan))
+        litellm = [CpuProbe(stack.litellm.child.proc.pid, tree=True)]
+        columns.append(await _column("LiteLLM proxy", stack.litellm.url, stack.litellm.key, plan, litellm))
     replicas = len(cluster.gateways)
-    columns.append(await _column(f"mac-provider, {replicas} replicas", cluster.url, cluster.api_key, plan))
+    label = f"mac-provider, {replicas} replicas"
+    columns.append(await _column(label, cluster.url, cluster.api_key, plan, _gateways(cluster)))
     # Scale down gracefully (SIGTERM: the balancer takes each out), measure, then bring them back.
     for n in range(replicas - 1, 0, -1):
         await asyncio.to_thread(cluster.drain_gateway, n)
         await asyncio.sleep(1.0)
         label = f"mac-provider, {n} replica" + ("s" if n > 1 else "")
-        columns.append(await _column(label, cluster.url, cluster.api_key, plan))
+        columns.append(await _column(label, cluster.url, cluster.api_key, plan, _gateways(cluster)))
     for n in range(1, replicas):
         await asyncio.to_thread(cluster.start_gateway_again, n)
     return columns

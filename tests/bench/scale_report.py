@@ -19,11 +19,26 @@ if TYPE_CHECKING:
     from tests.bench.scale import Plan, Results
 
 
+@dataclass(frozen=True)
+class Cell:
+    stats: Stats
+    # CPU seconds the path's own serving processes used meanwhile (None: unreadable).
+    cpu_s: float | None
+
+
 @dataclass
 class LoadColumn:
     label: str
-    # (streamed, concurrency) -> the measured cell.
+    # (streamed, concurrency) -> the measured cell, and the CPU it cost the path's serving processes.
     cells: dict[tuple[bool, int], Stats] = field(default_factory=dict)
+    cpu_s: dict[tuple[bool, int], float | None] = field(default_factory=dict)
+
+    def cpu_ms(self, key: tuple[bool, int]) -> float | None:
+        """CPU milliseconds per request of the path's serving processes."""
+        cpu, stats = self.cpu_s.get(key), self.cells.get(key)
+        if cpu is None or stats is None or stats.requests == 0:
+            return None
+        return 1000 * cpu / stats.requests
 
     def best_rps(self, stream: bool) -> float | None:
         values = [s.requests_per_s for (st, _), s in self.cells.items() if st == stream and s.failed == 0]
@@ -107,6 +122,9 @@ def render_load(plan: Plan, columns: list[LoadColumn]) -> list[str]:
             "             tracking) in front of that same daemon API",
             "  replicas = through Caddy to the gateway replicas, NATS and all 3 daemons; 2 and 1 replicas: the",
             "             others stopped by SIGTERM (the balancer took them out)",
+            "  serving CPU = CPU time of the path's own serving processes over its requests: the daemon (direct),",
+            "             LiteLLM's processes, the gateway replicas (not Caddy, NATS, daemons, Postgres); its inverse",
+            "             is what one core would serve: the figure that scales with cores, which this machine lacks",
         ],
         label=34,
         cell=24,
@@ -134,6 +152,9 @@ def render_load(plan: Plan, columns: list[LoadColumn]) -> list[str]:
                 table.row(
                     "  TTFT p50 / p99 (ms)", [f"{ms(s.ttft_p50_ms)} / {ms(s.ttft_p99_ms)}" if s else "-" for s in cells]
                 )
+            cpu = [col.cpu_ms((stream, c)) for col in columns]
+            table.row("  serving CPU per request (ms)", [ms(v) for v in cpu])
+            table.row("  = requests/s per core", [rate(1000 / v) if v else "-" for v in cpu])
             table.row("  failed / requests", [f"{s.failed} / {s.requests}" if s else "-" for s in cells])
     table.rule()
     table.row("highest requests/s, streamed", [rate(c.best_rps(True)) for c in columns])
@@ -242,14 +263,14 @@ def render_soak(soak: SoakResult) -> list[str]:
             f"NATS slow consumers (each node's /varz): start {sum(soak.slow_start.values())},"
             f" end {sum(soak.slow_end.values())} ({', '.join(f'{k}={v}' for k, v in soak.slow_end.items())})",
             f"PostgreSQL client connections (pg_stat_activity, every 5 s): min {min(soak.pg_connections, default=0)},"
-            f" max {max(soak.pg_connections, default=0)} (the pools' bound: 9 processes x MP_DB_POOL_SIZE=6, plus"
-            " the callout's listeners)",
+            f" max {max(soak.pg_connections, default=0)} (bounded by each process's pool, MP_DB_POOL_SIZE=6, 4 for"
+            " natsauth, plus its LISTEN connections)",
         ],
         label=34,
         cell=12,
         columns=3,
     )
-    table.row("RSS (MB)", ["start", "end", "change"])
+    table.row("memory (MB; postgres: USS)", ["start", "end", "change"])
     table.rule()
     for name in names:
         a, b = soak.rss_start.get(name), soak.rss_end.get(name)
