@@ -86,6 +86,8 @@ class FaultResult:
     audit: Audit
     # Providers the pool suspended or banned during the fault (honest daemons: must be none).
     shut_out: list[str] = field(default_factory=list)
+    # Protocol violations the gateways recorded against the (honest) daemons during the fault, by kind.
+    violations: Counter[str] = field(default_factory=Counter)
 
     def _failed(self) -> list[Sample]:
         return [s for s in self.samples if not s.ok]
@@ -198,6 +200,7 @@ async def run_fault(
     settle_s: float,
 ) -> FaultResult:
     account = await make_account_async(cluster.database_url)
+    violations_before = await violations(cluster)
     load_on = True
     async with HttpClients(streams + whole, 8, timeout_s=CLIENT_TIMEOUT_S) as clients:
         stream = ViaGateway(clients, base_url, account.key, model, tokens)
@@ -225,7 +228,24 @@ async def run_fault(
         levels = await asyncio.gather(*loads)
     samples = [s for level in levels for s in level.samples]
     result = await audit(cluster.database_url, account, samples, settle_s=settle_s)
-    return FaultResult(fault.label, samples, fault_at, repaired_at, result, await readmit(cluster))
+    recorded = await violations(cluster)
+    recorded.subtract(violations_before)
+    return FaultResult(fault.label, samples, fault_at, repaired_at, result, await readmit(cluster), +recorded)
+
+
+async def violations(cluster: Cluster) -> Counter[str]:
+    """Violations recorded so far against the cluster's daemons, by kind (the gateways flush every 0.5 s)."""
+    await asyncio.sleep(1.0)
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT kind, sum(occurrences)::int AS n FROM provider_violations"
+            " WHERE provider_id = ANY($1) GROUP BY kind",
+            [d.provider_id for d in cluster.daemons],
+        )
+    finally:
+        await conn.close()
+    return Counter({r["kind"]: r["n"] for r in rows})
 
 
 async def readmit(cluster: Cluster) -> list[str]:

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=cli.positive, default=32, help="max_tokens of the load requests (32)")
     parser.add_argument("--concurrency", type=_levels, default=None, help="load concurrency levels (8,32)")
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per load cell (8)")
-    parser.add_argument("--streams", type=_levels, default=None, help="concurrent stream levels (96,384,768)")
+    parser.add_argument(
+        "--streams", type=_levels, default=None, help="concurrent stream levels (96,384,576,768; the pool holds 768)"
+    )
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"which faults, in order ({','.join(FAULTS)})")
     parser.add_argument("--soak", type=float, default=None, help="soak seconds (default 120; 0: none)")
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM's column out")
@@ -100,7 +102,7 @@ def make_plan(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
         tokens=args.tokens,
         levels=args.concurrency or ((8,) if quick else (8, 32)),
         seconds=args.seconds or (3.0 if quick else 8.0),
-        stream_levels=(args.streams or ((64,) if quick else (96, 384, 768))) if "streams" in only else (),
+        stream_levels=(args.streams or ((64,) if quick else (96, 384, 576, 768))) if "streams" in only else (),
         stream_pace_s=0.2,
         stream_tokens=20,
         stream_seconds=8.0 if quick else 12.0,

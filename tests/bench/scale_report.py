@@ -177,7 +177,9 @@ def render_streams(levels: list[StreamLevel], plan: Plan) -> list[str]:
             f"CONCURRENT STREAMS through the balancer: N streams at once (closed loop, {plan.stream_seconds:g} s),",
             f"each {plan.stream_tokens} tokens at {1 / plan.stream_pace_s:g} tokens/s (a model's pace:"
             f" MP_SYNTHETIC_TOKEN_DELAY_S={plan.stream_pace_s:g}).",
-            "held = no failure, per-stream decode rate p50 >= 80% of the pace, TTFT p99 < 2 s.",
+            "held = no failure, per-stream decode rate p50 >= 80% of the pace, TTFT p99 < 2 s. The pool holds 768",
+            "(3 daemons x 256 synthetic slots): at that level each replica, seeing free slots, sends requests a",
+            "daemon turns away as busy, and those end 503 (no provider) after the tries.",
         ],
         label=34,
         cell=14,
@@ -228,6 +230,7 @@ def render_faults(results: list[FaultResult], plan: Plan) -> list[str]:
         ("rows billing > delivered (must be 0)", lambda r: str(r.audit.over_billed)),
         ("billed rows no client saw (must be 0)", lambda r: str(r.audit.unseen_billed)),
         ("rows billing < delivered (tokens)", lambda r: f"{r.audit.under_billed} ({r.audit.under_billed_tokens})"),
+        ("violations charged to daemons (must be 0)", lambda r: str(sum(r.violations.values()))),
         ("providers suspended/banned (must be 0)", lambda r: str(len(r.shut_out))),
         ("time to recover (s)", lambda r: f"{r.recovered_s:.2f}"),
         ("fault -> repaired (s)", lambda r: f"{r.repair_s:.1f}"),
