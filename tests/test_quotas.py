@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -176,44 +177,61 @@ def test_refused_requests_do_not_use_the_quota(stack: Stack) -> None:
     assert outcomes == {"unavailable": 3, "ok": 1}
 
 
-def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str]) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
+def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stream: bool) -> None:
+    """A streamed answer cut by its gateway's death is billed what reached the buyer (the progress last
+    reported); a non-streamed one reached the buyer not at all, so it is billed nothing."""
     account = make_account(stack.database_url)
-    model = "tiny-llama-for-gateway-crash"
+    model = f"tiny-llama-for-gateway-crash-{int(stream)}"
     daemon = start_daemon(
-        stack.home, nats=stack.nats, provider_id="crash-mac", model_id=model, model_path=stack.model_path
+        stack.home, nats=stack.nats, provider_id=f"crash-mac-{int(stream)}", model_id=model, model_path=stack.model_path
     )
     port = free_port()
     doomed = start_gateway(
-        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name="gateway-doomed"
+        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name=f"gateway-doomed-{int(stream)}"
     )
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": stream}
     try:
         wait_model(f"http://127.0.0.1:{port}", model, timeout=60, daemon=daemon)
-        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": True}
-        with httpx.stream(
-            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=account.auth(), timeout=30
-        ) as r:
-            request_id = r.headers["x-request-id"]
-            started = time.monotonic()
-            for _ in r.iter_lines():
-                # Long enough for the gateway to have reported progress at least once.
-                if time.monotonic() - started > 2.5:
-                    break
-            doomed.proc.send_signal(signal.SIGKILL)
-            doomed.proc.wait()
+        if stream:
+            with httpx.stream("POST", url, json=body, headers=account.auth(), timeout=30) as r:
+                started = time.monotonic()
+                for _ in r.iter_lines():
+                    # Long enough for the gateway to have reported progress at least once.
+                    if time.monotonic() - started > 2.5:
+                        break
+                doomed.proc.send_signal(signal.SIGKILL)
+                doomed.proc.wait()
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(httpx.post, url, json=body, headers=account.auth(), timeout=30)
+                deadline = time.monotonic() + 30
+                while not query(stack.database_url, "SELECT 1 FROM reservations WHERE key_id = $1", account.key_id):
+                    assert time.monotonic() < deadline, "the request was never reserved"
+                    time.sleep(0.05)
+                time.sleep(2.5)  # generating meanwhile: the gateway reported progress at least once
+                doomed.proc.send_signal(signal.SIGKILL)
+                doomed.proc.wait()
+                with pytest.raises(httpx.HTTPError):
+                    waiting.result()
         # The replicas (stale after 2 s) settle the orphaned reservation.
         deadline = time.monotonic() + 15
-        while not (rows := query(stack.database_url, "SELECT * FROM usage_ledger WHERE request_id = $1", request_id)):
+        while not (rows := query(stack.database_url, "SELECT * FROM usage_ledger WHERE key_id = $1", account.key_id)):
             assert time.monotonic() < deadline, "the orphaned reservation was never settled"
             time.sleep(0.2)
         (row,) = rows
         assert row["outcome"] == "gateway_lost"
-        assert row["completion_tokens"] > 0
-        assert row["provider_id"] == "crash-mac"
-        assert query(stack.database_url, "SELECT 1 FROM reservations WHERE request_id = $1", request_id) == []
+        if stream:
+            assert row["completion_tokens"] > 0
+        else:
+            assert (row["prompt_tokens"], row["completion_tokens"]) == (0, 0)
+        assert row["provider_id"] == f"crash-mac-{int(stream)}"
+        assert query(stack.database_url, "SELECT 1 FROM reservations WHERE key_id = $1", account.key_id) == []
         (usage,) = query(stack.database_url, "SELECT inflight FROM quota_usage WHERE subject = $1", account.subject)
         assert usage["inflight"] == 0
         time.sleep(3)  # more sweeps: still exactly one row
-        assert len(query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE request_id = $1", request_id)) == 1
+        assert len(query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE key_id = $1", account.key_id)) == 1
     finally:
         doomed.stop()
         daemon.stop()

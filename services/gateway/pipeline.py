@@ -90,7 +90,7 @@ class Renderer(Protocol):
 async def _reserve(runtime: Runtime, principal: Principal, job: Job, request_id: str) -> Ticket:
     holder, limits = holder_for(principal, runtime.settings)
     tokens = estimate_prompt_tokens(job.prompt_texts) + job.request.params.max_tokens
-    return await runtime.metering.reserve(holder, limits, request_id, job.request.model, tokens)
+    return await runtime.metering.reserve(holder, limits, request_id, job.request.model, tokens, stream=job.stream)
 
 
 async def start(

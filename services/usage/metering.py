@@ -47,6 +47,13 @@ class Ticket:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     settled: bool = False
+    # A streamed answer reaches the buyer token by token; a whole one only at its end, so until
+    # then nothing of it is the buyer's to pay for (what the touch loop reports for a sweeper).
+    stream: bool = True
+
+    def delivered(self) -> tuple[int, int]:
+        """(prompt, completion) tokens the buyer has had so far: what a sweeper bills if this replica dies."""
+        return (self.prompt_tokens, self.completion_tokens) if self.stream else (0, 0)
 
     def headers(self) -> dict[str, str]:
         return rate_limit_headers(self.usage) if self.usage else {}
@@ -144,9 +151,11 @@ class Metering:
         # A last try before the process exits (a graceful stop settles what it served).
         await self._retry_unsettled()
 
-    async def reserve(self, holder: Holder, limits: Limits, request_id: str, model: str, tokens: int) -> Ticket:
+    async def reserve(
+        self, holder: Holder, limits: Limits, request_id: str, model: str, tokens: int, *, stream: bool = True
+    ) -> Ticket:
         if not self.enabled:
-            return Ticket(request_id, holder, model, usage=None)
+            return Ticket(request_id, holder, model, usage=None, stream=stream)
         granted, usage = await quotas.take(
             self._db,
             holder=holder,
@@ -162,7 +171,7 @@ class Metering:
                 kind = "demo" if holder.demo_token_id is not None else "account"
                 self._metrics.quota_rejections.labels(kind, limit).inc()
             raise refusal
-        ticket = Ticket(request_id, holder, model, usage)
+        ticket = Ticket(request_id, holder, model, usage, stream=stream)
         self._open[request_id] = ticket
         return ticket
 
@@ -226,9 +235,7 @@ class Metering:
         while True:
             await asyncio.sleep(self._touch_interval_s)
             await self._retry_unsettled()
-            progress = [
-                (t.request_id, t.provider_id, t.prompt_tokens, t.completion_tokens) for t in self._open.values()
-            ]
+            progress = [(t.request_id, t.provider_id, *t.delivered()) for t in self._open.values()]
             try:
                 await quotas.touch(self._db, progress)
             except Exception:
