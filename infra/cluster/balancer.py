@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +154,3 @@ class Balancer:
 
     def stop(self, timeout: float = 10.0) -> None:
         procs.stop(self.proc, timeout=timeout)
-
-
-def wait_upstreams_checked() -> None:
-    """Long enough for one round of health checks after a change."""
-    time.sleep(2 * HEALTH_INTERVAL_S)

@@ -90,7 +90,7 @@ def _caption(plan: Plan) -> list[str]:
         "         2 natsauth, 3 daemons; auth (mp_ key), quotas and metering ON (the benchmark accounts' limits",
         "         raised so that their own load is never refused).",
         *machine_lines(
-            "the client, Caddy, 3 nats-servers, 9 control-plane processes, 3 daemons, LiteLLM and PostgreSQL"
+            "the client, Caddy, 3 nats-servers, 10 control-plane processes, 3 daemons, LiteLLM, PostgreSQL"
         ),
         "         THIS MACHINE HAS 2 CORES: the whole cluster and its load generator compete for them, so",
         "         adding replicas adds processes, not cores.",
