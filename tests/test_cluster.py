@@ -4,7 +4,6 @@ through the balancer, and stopping the cluster leaves no process behind."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,14 +13,13 @@ import pytest
 
 from infra.cluster.launch import SYNTHETIC, Cluster, ClusterConfig
 from infra.postgres import PostgresServer
+from tests.support.databases import fresh_database
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> Iterator[Cluster]:
     # A database of its own on the session's server: no initdb, and no other test sees its providers.
-    database = f"cluster_{secrets.token_hex(4)}"
-    postgres.psql(f"CREATE DATABASE {database}", database="postgres")
-    url = postgres.url.rsplit("/", 1)[0] + f"/{database}"
+    url = fresh_database(postgres, "cluster", migrated=False)
     home: Path = tmp_path_factory.mktemp("cluster")
     cluster = Cluster(home, ClusterConfig(replicas=2, daemons=1, split_services=False, database_url=url))
     cluster.start()
