@@ -89,9 +89,7 @@ def _caption(plan: Plan) -> list[str]:
         "         checks on /healthz/ready every 250 ms, least_conn), status/auth/keys/usage/providers once each,",
         "         2 natsauth, 3 daemons; auth (mp_ key), quotas and metering ON (the benchmark accounts' limits",
         "         raised so that their own load is never refused).",
-        *machine_lines(
-            "the client, Caddy, 3 nats-servers, 10 control-plane processes, 3 daemons, LiteLLM, PostgreSQL"
-        ),
+        *machine_lines("the client, Caddy, 3 nats-servers, 10 control-plane processes, 3 daemons, LiteLLM, PostgreSQL"),
         "         THIS MACHINE HAS 2 CORES: the whole cluster and its load generator compete for them, so",
         "         adding replicas adds processes, not cores.",
     ]
