@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from schemas import bus
 from schemas.device import OAuthErrorCode
 from services.errors import ApiError
+from services.gateway.dispatch import RECOVERABLE, SHUTTING_DOWN
 
 OTHER = "other"
 # The router found no route (a 404 before any handler).
@@ -25,29 +26,22 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # Distinct model ids one app labels (a pool serves a handful; more is a flood of fake names).
 MAX_MODELS = 64
 
-# Outcomes of a request that are not an ApiError's code: its stream's end, its providers' failures.
+# Outcomes of a request that are not an ApiError's code: its stream's end, its providers' failures
+# (the codes a replica, the gateway or a provider ends a call with; see services/gateway/dispatch.py).
 _STREAM_CODES = frozenset(
     {
         "ok",
         "error",
         "client_disconnected",
         "internal_error",
-        "shutting_down",
         "provider_lost",
         "provider_timeout",
         "provider_protocol_error",
         "first_token_timeout",
-        "worker_crashed",
-        "worker_restarting",
-        "worker_unavailable",
-        "provider_stopping",
-        "provider_draining",
-        "provider_internal_error",
-        "provider_busy",
-        "engine_error",
-        "model_not_loaded",
         "route_closed",
+        SHUTTING_DOWN,
     }
+    | RECOVERABLE
 )
 
 
