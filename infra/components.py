@@ -96,29 +96,16 @@ def start_natsauth(
 ) -> Child:
     """Start the auth callout alone (`mac-provider serve --service natsauth`): what lets anyone onto
     a server we launched while no control plane runs (tests of daemons and of the bus itself)."""
-    log_path = home / "logs" / f"{name}.log"
-    port = free_port()
-    proc = procs.spawn(
-        [sys.executable, "-m", "services", "serve", "--service", "natsauth"],
-        env=_env(
-            {
-                "MP_HOME": str(home),
-                "MP_PORT": str(port),
-                **child_env(nats),
-                "DATABASE_URL": database_url,
-                "MP_DB_POOL_SIZE": "4",
-                **(env or {}),
-            }
-        ),
-        log_path=log_path,
+    return start_gateway(
+        home,
+        port=free_port(),
+        nats=nats,
+        database_url=database_url,
+        name=name,
+        env={"MP_DB_POOL_SIZE": "4", **(env or {})},
+        timeout=timeout,
+        services=["natsauth"],
     )
-    child = Child(name, proc, log_path)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", timeout=timeout, child=child)
-    except BaseException:
-        child.stop()
-        raise
-    return child
 
 
 @dataclass
