@@ -131,7 +131,7 @@ class Metrics:
         )
         self.settle_failures = Counter(
             "mp_usage_settle_failures",
-            "Ledger writes that failed (the reservation is settled later by a sweeper, from its last progress).",
+            "Ledger writes that failed (retried; one that never lands is settled by a sweeper).",
             registry=r,
         )
         self.stale_settled = Counter(
