@@ -24,12 +24,12 @@ from infra.postgres import PostgresServer
 from schemas import bus, subjects
 from schemas.permissions import Permissions
 from services.providers import store
-from tests.conftest import Stack
 from tests.support.admin_cli import providers_cli
 from tests.support.auth_stack import AuthStack
 from tests.support.daemons import status as daemon_status
 from tests.support.daemons import wait_worker
 from tests.support.databases import fresh_database
+from tests.support.stack import Stack
 
 RATE = 10  # provisional admissions per minute on the flood stack
 FLOOD = 1000

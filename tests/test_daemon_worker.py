@@ -21,9 +21,9 @@ import pytest
 
 from infra.components import DaemonChild, start_daemon, wait_model
 from schemas import bus, subjects
-from tests.conftest import Stack
 from tests.support import logs
 from tests.support.daemons import chat, running_daemon, status, wait_worker
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-worker"
 PROVIDER = "worker-mac"

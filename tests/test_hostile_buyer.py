@@ -33,8 +33,8 @@ import pytest
 from infra.components import DaemonChild, wait_model
 from infra.nats_auth import control_url
 from schemas import bus, limits, subjects
-from tests.conftest import TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support.daemons import bus_call, bus_request, running_daemon
+from tests.support.stack import TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support.tiny_model import CHAT_TEMPLATE
 
 SLOW_MODEL = "tiny-slow-template"

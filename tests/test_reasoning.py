@@ -21,8 +21,8 @@ import pytest
 
 from infra.components import DaemonChild, start_daemon, wait_model
 from schemas import bus
-from tests.conftest import Stack
 from tests.support.daemons import bus_call, bus_request
+from tests.support.stack import Stack
 from tests.support.think_model import ANSWER, REASONING, write_think_model
 
 MODEL = "tiny-think"

@@ -12,7 +12,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from daemon.models.smollm2 import MODEL_ID, ensure_smollm2
 from infra.components import Child, start_daemon, wait_model
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.smollm2
 

@@ -17,9 +17,9 @@ import pytest
 
 from infra.components import start_daemon, wait_model
 from schemas import bus
-from tests.conftest import TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support.daemons import bus_call, bus_request, sse_payloads, stream_text
 from tests.support.schema_check import errors
+from tests.support.stack import TINY_MODEL, TINY_PROVIDER, Stack
 
 PERSON = {
     "type": "object",

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from infra.components import DaemonChild, start_daemon, wait_model
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-sleepy"
 LONG = 30_000

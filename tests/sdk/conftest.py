@@ -7,25 +7,14 @@ model (tests/support/script_model.py), served by a daemon of its own.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import anthropic
 import openai
 import pytest
 
 from infra.components import Child, start_daemon, wait_model
-from tests.conftest import Stack
-from tests.support.script_model import write_script_model
-
-SCRIPT_MODEL = "tiny-script"
-WEATHER: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+from tests.support.script_model import SCRIPT_MODEL, write_script_model
+from tests.support.stack import Stack
 
 
 @pytest.fixture(scope="session")
