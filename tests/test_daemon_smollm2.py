@@ -14,8 +14,8 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from daemon.models.smollm2 import ensure_smollm2
-from infra.components import DaemonChild, wait_model
-from tests.support.daemons import running_daemon, status
+from infra.components import DaemonChild
+from tests.support.daemons import daemon_in_pool, status
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.smollm2
@@ -26,10 +26,7 @@ MODEL = "SmolLM2-135M-Instruct-batch"
 @pytest.fixture(scope="module")
 def smollm2(stack: Stack, model_cache: Path) -> Iterator[DaemonChild]:
     folder = ensure_smollm2(model_cache / "models")
-    with running_daemon(
-        stack.home, nats=stack.nats, provider_id="smollm2-batch-mac", model_id=MODEL, model_path=folder
-    ) as d:
-        wait_model(stack.base_url, MODEL, timeout=60, daemon=d)
+    with daemon_in_pool(stack, provider_id="smollm2-batch-mac", model_id=MODEL, model_path=folder) as d:
         yield d
 
 

@@ -19,6 +19,7 @@ from infra.components import Child, start_daemon, start_gateway, wait_model
 from infra.ports import free_port
 from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
+from tests.support.daemons import daemon_in_pool
 from tests.support.stack import TINY_MODEL, Stack
 
 SYNTHETIC = "synthetic-quota-model"
@@ -27,14 +28,8 @@ SYNTHETIC = "synthetic-quota-model"
 @pytest.fixture(scope="module")
 def synthetic_daemon(stack: Stack) -> Iterator[Child]:
     # The stand-in engine (never a model) answers instantly with many slots, so quota tests measure quotas.
-    daemon = start_daemon(
-        stack.home, nats=stack.nats, provider_id="synthetic-quota", model_id=SYNTHETIC, engine="synthetic"
-    )
-    try:
-        wait_model(stack.base_url, SYNTHETIC, timeout=60, daemon=daemon)
+    with daemon_in_pool(stack, provider_id="synthetic-quota", model_id=SYNTHETIC, engine="synthetic") as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture(scope="module")
