@@ -18,31 +18,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from schemas import bus
+from schemas import bus, codes
 
 if TYPE_CHECKING:
     from daemon.runtime import Daemon
     from daemon.worker.protocol import Stats
 
 # How a request ends: its finish reason, or the code it failed with (anything else: `other`).
-OUTCOMES = frozenset(
-    {
-        *typing.get_args(bus.FinishReason),
-        *bus.REQUEST_FAULTS,
-        "bad_request",
-        "engine_error",
-        "load_failed",
-        "model_not_found",
-        "model_not_loaded",
-        "provider_busy",
-        "provider_draining",
-        "provider_internal_error",
-        "provider_stopping",
-        "worker_crashed",
-        "worker_restarting",
-        "worker_unavailable",
-    }
-)
+OUTCOMES = frozenset({*typing.get_args(bus.FinishReason), *codes.FAIL_CODES})
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 _RATE = (1.0, 2.5, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0)
 

@@ -27,6 +27,7 @@ from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
 from daemon.settings import DaemonSettings
 from schemas import bus, subjects
+from schemas.codes import FailCode
 from schemas.conversations import conversation_key
 from schemas.tracing import Tracing, parent_context, remote_parent
 
@@ -59,6 +60,10 @@ class _Replier:
         frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
         self.seq += 1
         await self.nc.publish(self.subject, bus.encode(frame))
+
+    async def fail(self, code: FailCode, message: str, *, retryable: bool = False, param: str | None = None) -> None:
+        """A `Failed` frame; the code is typed here, as `send`'s fields are not."""
+        await self.send(bus.Failed, code=code, message=message, retryable=retryable, param=param)
 
 
 @dataclass
@@ -298,7 +303,7 @@ class Provider:
             request = _REQUEST.decode(msg.data)
         except msgspec.DecodeError as exc:
             self.metrics.outcome("bad_request")
-            await replier.send(bus.Failed, code="bad_request", message=f"undecodable request: {exc}")
+            await replier.fail("bad_request", f"undecodable request: {exc}")
             return
         if request.request_id in self._inflight:
             return  # a duplicate delivery of a request we are already running
@@ -350,13 +355,11 @@ class Provider:
         """Answer one request on the bus; returns how it ended (its finish reason or error code)."""
         if self.draining:
             self.metrics.outcome("provider_draining")
-            await replier.send(bus.Failed, code="provider_draining", message="provider is draining", retryable=True)
+            await replier.fail("provider_draining", "provider is draining", retryable=True)
             return "provider_draining"
         if not self.engine.serves(request.model):
             self.metrics.outcome("model_not_loaded")
-            await replier.send(
-                bus.Failed, code="model_not_loaded", message=f"{request.model!r} is not loaded here", retryable=True
-            )
+            await replier.fail("model_not_loaded", f"{request.model!r} is not loaded here", retryable=True)
             return "model_not_loaded"
         tracing = self.tracing if span is not None else None
         try:
@@ -429,24 +432,18 @@ class Provider:
         except EngineError as exc:
             log.info("request_failed", code=exc.code, after_accept=replier.seq > 0)
             self.metrics.outcome(exc.code)
-            await replier.send(
-                bus.Failed,
-                code=exc.code,
-                message=exc.message,
-                retryable=exc.retryable and replier.seq == 0,
-                param=exc.param,
-            )
+            await replier.fail(exc.code, exc.message, retryable=exc.retryable and replier.seq == 0, param=exc.param)
             return exc.code
         except asyncio.CancelledError:
             self.metrics.outcome("provider_stopping")
             cancel.cancel("daemon_stopping")
             with contextlib.suppress(Exception):
-                await replier.send(bus.Failed, code="provider_stopping", message="the provider is shutting down")
+                await replier.fail("provider_stopping", "the provider is shutting down")
             raise
         except Exception as exc:
             log.exception("request_failed")
             self.metrics.outcome("provider_internal_error")
-            await replier.send(bus.Failed, code="provider_internal_error", message=type(exc).__name__)
+            await replier.fail("provider_internal_error", type(exc).__name__)
             return "provider_internal_error"
 
 

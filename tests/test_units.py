@@ -320,3 +320,21 @@ def test_a_free_port_is_never_one_already_promised(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(ports.socket, "socket", Scripted)
     assert ports.free_port(avoid={8080}) == 5433
+
+
+def test_fail_codes_sort_into_exactly_one_kind_and_all_are_metric_labels() -> None:
+    import typing
+
+    from schemas import codes
+    from services.metrics.labels import known_codes
+
+    kinds = [set(typing.get_args(k)) for k in (codes.RequestFault, codes.Recoverable, codes.ProviderFault)]
+    assert sum(len(k) for k in kinds) == len(codes.FAIL_CODES)  # no code in two kinds
+    assert codes.is_request_fault("context_length_exceeded")
+    assert not codes.is_recoverable("context_length_exceeded")
+    assert codes.is_recoverable("worker_crashed")
+    assert not codes.is_request_fault("worker_crashed")
+    # A code no kind knows (a newer or lying daemon) is neither the buyer's fault nor recoverable.
+    assert not codes.is_request_fault("invalid_whatever")
+    assert not codes.is_recoverable("invalid_whatever")
+    assert known_codes() >= codes.FAIL_CODES | codes.STREAM_ENDS

@@ -17,8 +17,8 @@ import structlog
 from litestar import Request, Response
 from litestar.response import Stream
 
-from daemon.engine.base import INVALID_REQUEST_CODES, CancelToken, EngineError, Finished, Prepared
-from schemas import bus, limits, openai, openai_bus
+from daemon.engine.base import CancelToken, EngineError, Finished, Prepared
+from schemas import bus, codes, limits, openai, openai_bus
 from schemas import sse as wire_sse
 from schemas.errors import ErrorBody, ErrorEnvelope
 
@@ -46,7 +46,7 @@ def error_response(exc: ApiError) -> Response[bytes]:
 def engine_error(exc: EngineError) -> ApiError:
     if exc.code == "context_over_budget":
         return ApiError(400, exc.message, type="memory_admission", code=exc.code, param=exc.param)
-    if exc.code in INVALID_REQUEST_CODES:
+    if codes.is_request_fault(exc.code):
         return ApiError(400, exc.message, type="invalid_request_error", code=exc.code, param=exc.param)
     if exc.retryable:
         return ApiError(503, exc.message, type="service_unavailable_error", code=exc.code)

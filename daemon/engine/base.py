@@ -9,21 +9,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from schemas import bus
+from schemas.codes import FailCode, WorkerState
 
 
 class EngineError(Exception):
     """A request the engine cannot run. `code` goes back to the gateway; `param` names a bad field."""
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False, param: str | None = None) -> None:
+    def __init__(self, code: FailCode, message: str, *, retryable: bool = False, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
         self.param = param
-
-
-# Codes meaning "the request itself is wrong" (HTTP 400 on the local API), not "this provider failed".
-INVALID_REQUEST_CODES = bus.REQUEST_FAULTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +116,7 @@ class Capacity:
     queued: int
     queue_limit: int
     decode_tps: float
-    worker: str = "healthy"
+    worker: WorkerState = "healthy"
     # False while the engine cannot take work (worker restarting after a crash).
     accepting: bool = True
 

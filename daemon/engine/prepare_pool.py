@@ -36,12 +36,13 @@ from daemon.engine import prepare_process as pp
 from daemon.engine.base import EngineError
 from daemon.worker import protocol as p
 from schemas import bus
+from schemas.codes import RequestFault
 
 log = structlog.get_logger("daemon.prepare")
 
 # A request whose preparation overran the time limit or killed its helper: the buyer's input is
 # at fault (a 400 naming the field), and another provider would fare no better (not retryable).
-TOO_COMPLEX = "request_too_complex"
+TOO_COMPLEX: RequestFault = "request_too_complex"
 
 
 @dataclass(eq=False)

@@ -25,6 +25,7 @@ from daemon.engine import prompt, structured
 from daemon.engine.base import EngineError
 from daemon.worker import protocol as p
 from schemas import bus
+from schemas.codes import FailCode
 
 log = structlog.get_logger("daemon.prepare")
 
@@ -56,7 +57,7 @@ class Compiled(msgspec.Struct, frozen=True, tag="compiled"):
 class Refused(msgspec.Struct, frozen=True, tag="refused"):
     """The job's input is wrong (an EngineError in this process)."""
 
-    code: str
+    code: FailCode
     message: str
     param: str | None = None
 

@@ -28,13 +28,14 @@ from daemon.engine.prepare_pool import PreparePool
 from daemon.engine.sampling import GenerationDefaults, resolve
 from daemon.models.identity import Identity, IdentityError, WeightsHasher
 from daemon.worker import protocol as p
-from daemon.worker.supervisor import Supervisor, WorkerConfig, WorkerLost, WorkerStartError
+from daemon.worker.supervisor import State, Supervisor, WorkerConfig, WorkerLost, WorkerStartError
 from schemas import bus
+from schemas.codes import WorkerState
 
 log = structlog.get_logger("daemon.engine")
 
 # What heartbeats call the supervisor's states.
-_WORKER_STATE = {
+_WORKER_STATE: dict[State, WorkerState] = {
     "healthy": "healthy",
     "starting": "starting",
     "idle": "idle",
@@ -144,8 +145,8 @@ class WorkerEngine:
     def decode_tps(self) -> float:
         return self._tps
 
-    def worker_state(self) -> str:
-        return _WORKER_STATE.get(self.supervisor.health, self.supervisor.health)
+    def worker_state(self) -> WorkerState:
+        return _WORKER_STATE[self.supervisor.health]
 
     def structured_output(self) -> bool:
         """The worker built llguidance's tokenizer for this model (kept across idle unloads)."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
@@ -79,12 +80,16 @@ class _Worker:
     watch: asyncio.Task[None] | None = None
 
 
+# The supervisor's own states; heartbeats report them as schemas.codes.WorkerState (daemon/engine/worker_engine.py).
+State = Literal["no_worker", "starting", "healthy", "idle", "restarting", "dead", "stopping"]
+
+
 class Supervisor:
     """States: no_worker, starting, healthy, idle (unloaded, reloads on demand), restarting, dead, stopping."""
 
     def __init__(self, config: WorkerConfig, *, on_change: Callable[[], None] | None = None) -> None:
         self.config = config
-        self.state = "no_worker"
+        self.state: State = "no_worker"
         self.model_path: Path | None = None
         self.info: p.Ready | None = None
         self.restarts = 0
@@ -116,7 +121,7 @@ class Supervisor:
         return len(self._queues)
 
     @property
-    def health(self) -> str:
+    def health(self) -> State:
         """The state, except that a worker coming back from a crash is "restarting" throughout."""
         if self.crashed and self.state in ("starting", "dead", "restarting"):
             return "restarting"
@@ -209,7 +214,7 @@ class Supervisor:
 
     # ---- internals: process lifecycle ------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: State) -> None:
         if state != self.state:
             self.state = state
             self._on_change()
