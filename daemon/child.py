@@ -6,7 +6,7 @@ import os
 import signal
 from typing import BinaryIO
 
-from daemon.logs import configure
+from schemas.logs import configure
 
 
 def become_child() -> BinaryIO:

@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import Span, SpanContext, StatusCode
 
 from daemon import __version__
-from daemon.engine.base import CancelToken, Engine, EngineError, Finished
+from daemon.engine.base import CancelToken, Engine, EngineError
 from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
 from daemon.settings import DaemonSettings
@@ -60,6 +60,11 @@ class _Replier:
         frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
         self.seq += 1
         await self.nc.publish(self.subject, bus.encode(frame))
+
+    async def done(self, finished: bus.Finished) -> None:
+        """The `Done` frame: the engine's `Finished` as is, its timings rounded."""
+        timings = {t: round(getattr(finished, t), 2) for t in ("queue_ms", "ttft_ms", "generation_ms")}
+        await self.send(bus.Done, **{**msgspec.structs.asdict(finished), **timings})
 
     async def fail(self, code: FailCode, message: str, *, retryable: bool = False, param: str | None = None) -> None:
         """A `Failed` frame; the code is typed here, as `send`'s fields are not."""
@@ -376,10 +381,10 @@ class Provider:
             await replier.send(
                 bus.Accepted, prompt_tokens=len(prepared.prompt_tokens), queue_position=self.engine.queued()
             )
-            finished: Finished | None = None
+            finished: bus.Finished | None = None
             answer: list[str] = []
             async for event in self.engine.generate(prepared, cancel):
-                if isinstance(event, Finished):
+                if isinstance(event, bus.Finished):
                     finished = event
                 else:
                     answer.append(event.text)
@@ -393,18 +398,7 @@ class Provider:
                         reasoning=event.reasoning,
                     )
             assert finished is not None
-            await replier.send(
-                bus.Done,
-                finish_reason=finished.finish_reason,
-                prompt_tokens=finished.prompt_tokens,
-                completion_tokens=finished.completion_tokens,
-                cached_tokens=finished.cached_tokens,
-                queue_ms=round(finished.queue_ms, 2),
-                ttft_ms=round(finished.ttft_ms, 2),
-                generation_ms=round(finished.generation_ms, 2),
-                reasoning_tokens=finished.reasoning_tokens,
-                stop_sequence=finished.stop_sequence,
-            )
+            await replier.done(finished)
             self.served += 1
             if request.prompt is None and finished.finish_reason in ("stop", "length"):
                 self._remember(request, "".join(answer))
@@ -447,7 +441,7 @@ class Provider:
             return "provider_internal_error"
 
 
-def _generation_spans(tracing: Tracing, parent: Span | None, started_ns: int, finished: Finished) -> None:
+def _generation_spans(tracing: Tracing, parent: Span | None, started_ns: int, finished: bus.Finished) -> None:
     """`queue_wait` then `generate`, from the engine's own timings (no span is kept open per token)."""
     queued_ns = started_ns + int(finished.queue_ms * 1e6)
     tracing.start("queue_wait", parent=parent, start_time=started_ns).end(end_time=queued_ns)

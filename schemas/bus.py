@@ -184,8 +184,12 @@ class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     reasoning: str = ""
 
 
-class Done(msgspec.Struct, frozen=True, tag="done"):
-    seq: Count
+class Finished(msgspec.Struct, frozen=True):
+    """The end of an answer: the engine's last event, the `Done` frame's body, the gateway's last event.
+
+    The gateway's carries the tokens it bills (never more completion than it saw).
+    """
+
     finish_reason: FinishReason
     prompt_tokens: Count
     completion_tokens: Count
@@ -198,6 +202,11 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     reasoning_tokens: Count = 0
     # The request's stop string that ended the answer (finish_reason "stop"), if one did.
     stop_sequence: str | None = None
+
+
+class Done(Finished, frozen=True, tag="done", kw_only=True):
+    # A map on the wire, so the field order does not matter to older peers.
+    seq: Count
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):

@@ -18,8 +18,8 @@ ALL = tuple(SERVICES)
 
 
 def _serve(settings: Settings, services: list[str]) -> None:
+    from schemas.logs import configure
     from services.app import create_app
-    from services.logs import configure
     from services.serving import serve
 
     configure(json=settings.log_json, level=settings.log_level)

@@ -338,3 +338,17 @@ def test_fail_codes_sort_into_exactly_one_kind_and_all_are_metric_labels() -> No
     assert not codes.is_request_fault("invalid_whatever")
     assert not codes.is_recoverable("invalid_whatever")
     assert known_codes() >= codes.FAIL_CODES | codes.STREAM_ENDS
+
+
+def test_the_body_decoder_takes_integral_floats_for_integers_and_names_nested_fields() -> None:
+    from schemas import body, openai
+
+    raw = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3.0,"top_logprobs":2.0}'
+    req = body.decode(raw, openai.ChatCompletionRequest)
+    assert (req.max_tokens, req.top_logprobs) == (3, 2)
+    with pytest.raises(body.BodyError) as refused:
+        body.decode(raw.replace(b"3.0", b"3.5"), openai.ChatCompletionRequest)
+    assert (refused.value.code, refused.value.param) == ("invalid_value", "max_tokens")
+    with pytest.raises(body.BodyError) as nested:
+        body.decode(b'{"model":"m","messages":[{"role":"user","content":5}]}', openai.ChatCompletionRequest)
+    assert nested.value.param == "messages[0].content"

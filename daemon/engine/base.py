@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from schemas import bus
+from schemas.bus import Finished
 from schemas.codes import FailCode, WorkerState
 
 
@@ -60,20 +61,7 @@ class TextChunk:
     reasoning: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
-    finish_reason: bus.FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    queue_ms: float = 0.0
-    ttft_ms: float = 0.0
-    generation_ms: float = 0.0
-    reasoning_tokens: int = 0
-    # The stop string that ended the answer, when one did.
-    stop_sequence: str | None = None
-
-
+# The answer's pieces, then exactly one bus.Finished (the `Done` frame's body).
 Event = TextChunk | Finished
 
 

@@ -16,14 +16,15 @@ from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
 from schemas import anthropic, bus
+from schemas.bus import Finished
 from schemas.openai_bus import function_tool, named_tool_choice
+from schemas.sse import named
 from services.auth.bearer import Principal
 from services.auth.declared import Auth, requires
 from services.errors import InvalidRequest
 from services.gateway import pipeline
-from services.gateway.pipeline import Event, Finished, Job
+from services.gateway.pipeline import Event, Job
 from services.gateway.requests import decode_body
-from services.gateway.sse import named
 from services.openapi import ANTHROPIC_ERRORS, documented
 from services.runtime import Runtime
 

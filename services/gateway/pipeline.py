@@ -22,6 +22,7 @@ from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from schemas import bus
+from schemas.disconnect import unless_disconnected
 from schemas.openai_bus import Untranslatable
 from services.auth.bearer import Principal, authenticate
 from services.errors import ApiError, ClientDisconnected, CoordinatorUnavailable, ProviderError, untranslatable
@@ -47,21 +48,7 @@ class Job:
     prompt_texts: list[str]
 
 
-@dataclass(frozen=True)
-class Finished:
-    """The end of an answer, with the tokens billed (never more completion than the gateway saw)."""
-
-    finish_reason: bus.FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    # Of completion_tokens, those spent thinking.
-    reasoning_tokens: int = 0
-    # The request's stop string that ended the answer, if one did.
-    stop_sequence: str | None = None
-
-
-Event = bus.Delta | Finished
+Event = bus.Delta | bus.Finished
 Prepare = Callable[[Principal, bytes], Awaitable[Job]]
 
 
@@ -143,7 +130,7 @@ async def start(
 
 
 async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
-    """The provider's frames, metered as they pass: deltas, then one `Finished`."""
+    """The provider's frames, metered as they pass: deltas, then one `bus.Finished`."""
     async for frame in call.frames():
         if isinstance(frame, bus.Delta):
             ex.delta(frame)
@@ -154,13 +141,12 @@ async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
             if ex.ticket is not None:
                 ex.ticket.provider_id = call.provider_id
             prompt, completion = ex.done(frame)
-            yield Finished(
-                frame.finish_reason,
-                prompt,
-                completion,
-                frame.cached_tokens,
+            # The tokens billed replace the provider's claims (never more completion than was seen).
+            yield msgspec.structs.replace(
+                frame,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
                 reasoning_tokens=min(frame.reasoning_tokens, completion),
-                stop_sequence=frame.stop_sequence,
             )
             return
     raise ProviderError("The provider's answer ended without a final frame.")
@@ -174,27 +160,6 @@ def _broken(ex: Exchange, call: Call) -> None:
     ex.refund = call.tokens_delivered == 0
 
 
-async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
-    """Returns when the client hangs up (the body has already been read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the buyer hangs up first (non-stream requests)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return await task
-
-
 async def answer(
     request: Request[Any, Any, Any],
     runtime: Runtime,
@@ -204,7 +169,7 @@ async def answer(
     """A non-stream answer: `consume` reads the events into the surface's response body."""
     ex, call = started.ex, started.call
     try:
-        return await _unless_disconnected(request, consume(events(call, ex)))
+        return await unless_disconnected(request.receive, consume(events(call, ex)))
     except asyncio.CancelledError:
         ex.status = "client_disconnected"
         raise

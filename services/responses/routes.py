@@ -18,13 +18,14 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from schemas import limits, responses
+from schemas.bus import Finished
+from schemas.sse import named
 from services.auth.bearer import Principal, authenticate
 from services.auth.declared import Auth, requires
 from services.errors import ApiError, InvalidRequest, NotFound
 from services.gateway import pipeline
-from services.gateway.pipeline import Event, Finished, Job
+from services.gateway.pipeline import Event, Job
 from services.gateway.requests import decode_body
-from services.gateway.sse import named
 from services.ids import request_id_of
 from services.openapi import GATEWAY_ERRORS, documented
 from services.responses import store
