@@ -186,9 +186,7 @@ class Provider:
         await self.nc.subscribe(subjects.drain(s.provider_id), cb=self._on_drain)
         await self.nc.subscribe(subjects.notices(s.provider_id), cb=self._on_notice)
         beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
-        add_listener = getattr(self.engine, "add_listener", None)
-        if add_listener is not None:
-            add_listener(self.engine_changed)
+        self.engine.add_listener(self.engine_changed)
         log.info("provider_online", provider=s.provider_id, model=self.engine.model_id, nats=s.nats_url_redacted)
         try:
             await stop.wait()
