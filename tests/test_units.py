@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -352,3 +353,19 @@ def test_the_body_decoder_takes_integral_floats_for_integers_and_names_nested_fi
     with pytest.raises(body.BodyError) as nested:
         body.decode(b'{"model":"m","messages":[{"role":"user","content":5}]}', openai.ChatCompletionRequest)
     assert nested.value.param == "messages[0].content"
+
+
+def test_admin_commands_read_settings_without_writing_secrets(tmp_path: Path) -> None:
+    from services.cli import main
+
+    home = tmp_path / "home"
+    env = {"MP_HOME": str(home), "DATABASE_URL": "postgresql://x@127.0.0.1:1/x"}
+    with pytest.MonkeyPatch.context() as m:
+        for name, value in env.items():
+            m.setenv(name, value)
+        m.delenv("MP_SECRET_KEY", raising=False)
+        m.delenv("MP_METRICS_TOKEN", raising=False)
+        # Reads the settings, finds no database, changes nothing.
+        assert main(["migrate", "--check"]) == 3
+    assert not (home / "secret_key").exists()
+    assert not (home / "metrics_token").exists()

@@ -68,9 +68,17 @@ class _Helper:
 
 class PreparePool:
     def __init__(
-        self, *, helpers: int = 2, timeout_s: float = 1.5, max_waiting: int = 32, start_timeout_s: float = 120.0
+        self,
+        *,
+        helpers: int = 2,
+        timeout_s: float = 1.5,
+        max_waiting: int = 32,
+        start_timeout_s: float = 120.0,
+        log: list[str] | None = None,
     ) -> None:
         self.size = max(1, helpers)
+        # The daemon's log settings for the helpers' command line (daemon/child.py).
+        self._log_args = log or []
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
         self.start_timeout_s = start_timeout_s
@@ -131,6 +139,7 @@ class PreparePool:
             "daemon.engine.prepare_process",
             "--model-path",
             str(self._path),
+            *self._log_args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=dict(os.environ),

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from daemon.child import log_args
 from daemon.engine import fit, prompt, structured
 from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared, Unsupported
 from daemon.engine.output import Output, TokenText
@@ -131,6 +132,7 @@ class WorkerEngine:
             timeout_s=prepare_timeout_s,
             max_waiting=config.slots + queue_limit,
             start_timeout_s=config.start_timeout_s,
+            log=log_args(json=config.log_json, level=config.log_level),
         )
         self._tps = 0.0
         self.served = 0

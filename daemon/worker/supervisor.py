@@ -24,6 +24,7 @@ from typing import Literal
 
 import structlog
 
+from daemon.child import log_args
 from daemon.machine import process_rss
 from daemon.worker import protocol as p
 
@@ -62,6 +63,9 @@ class WorkerConfig:
     # this long is hung: it is killed and restarted. One step is a decode or a prefill chunk
     # (at most prefill_step tokens), seconds even for a large model on a small Mac. 0: never.
     stall_s: float = 60.0
+    # The daemon's log settings, handed to the worker (it reads no environment of its own).
+    log_json: bool = False
+    log_level: str = "info"
 
 
 @dataclass
@@ -251,6 +255,7 @@ class Supervisor:
             str(c.cache_entries),
             "--cache-bytes",
             str(c.cache_bytes),
+            *log_args(json=c.log_json, level=c.log_level),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             # The worker inherits our environment (LD_PRELOAD of a faster BLAS) and our stderr (the log).

@@ -11,8 +11,8 @@ from litestar.di import NamedDependency
 from schemas import openai
 from schemas.openai_bus import chat_request
 from schemas.openai_render import ChatRender
-from services.auth.bearer import Principal
 from services.auth.declared import Auth, requires
+from services.auth.principal import Principal
 from services.gateway import pipeline
 from services.gateway.pipeline import Job
 from services.gateway.requests import decode_body
@@ -32,19 +32,17 @@ from services.runtime import Runtime
     **requires(Auth.API_KEY_OR_DEMO),
 )
 async def chat_completions(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
-    decoded: list[openai.ChatCompletionRequest] = []
-
-    async def prepare(principal: Principal, body: bytes) -> Job:
+    async def prepare(principal: Principal, body: bytes) -> Job[openai.ChatCompletionRequest]:
         req = decode_body(body, openai.ChatCompletionRequest)
-        decoded.append(req)
         return Job(
             chat_request(req, default_max_tokens=runtime.settings.default_max_tokens),
             req.stream,
             [m.text() for m in req.messages],
+            req,
         )
 
     started = await pipeline.start(request, runtime, event="chat_completion", allow_demo=True, prepare=prepare)
-    req = decoded[0]
+    req = started.job.decoded
     render = ChatRender(
         f"chatcmpl-{started.ex.request_id}",
         int(time.time()),
@@ -52,7 +50,4 @@ async def chat_completions(request: Request[Any, Any, Any], runtime: NamedDepend
         logprobs=req.logprobs,
         include_usage=req.stream_options is not None and req.stream_options.include_usage,
     )
-    if req.stream:
-        return pipeline.stream(runtime, started, render)
-    completion = await pipeline.answer(request, runtime, started, render.collect)
-    return Response(completion, headers=started.headers)
+    return await pipeline.respond(request, runtime, started, render, render.collect)

@@ -11,8 +11,8 @@ from litestar.di import NamedDependency
 from schemas import openai
 from schemas.openai_bus import completion_request
 from schemas.openai_render import CompletionRender
-from services.auth.bearer import Principal
 from services.auth.declared import Auth, requires
+from services.auth.principal import Principal
 from services.gateway import pipeline
 from services.gateway.pipeline import Job
 from services.gateway.requests import decode_body
@@ -35,15 +35,12 @@ DEFAULT_MAX_TOKENS = 100
     **requires(Auth.API_KEY),
 )
 async def completions(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
-    decoded: list[openai.CompletionRequest] = []
-
-    async def prepare(principal: Principal, body: bytes) -> Job:
+    async def prepare(principal: Principal, body: bytes) -> Job[openai.CompletionRequest]:
         req = decode_body(body, openai.CompletionRequest)
-        decoded.append(req)
-        return Job(completion_request(req, default_max_tokens=DEFAULT_MAX_TOKENS), req.stream, [req.prompt])
+        return Job(completion_request(req, default_max_tokens=DEFAULT_MAX_TOKENS), req.stream, [req.prompt], req)
 
     started = await pipeline.start(request, runtime, event="text_completion", allow_demo=False, prepare=prepare)
-    req = decoded[0]
+    req = started.job.decoded
     render = CompletionRender(
         f"cmpl-{started.ex.request_id}",
         int(time.time()),
@@ -53,7 +50,4 @@ async def completions(request: Request[Any, Any, Any], runtime: NamedDependency[
         logprobs=req.logprobs,
         include_usage=req.stream_options is not None and req.stream_options.include_usage,
     )
-    if req.stream:
-        return pipeline.stream(runtime, started, render)
-    completion = await pipeline.answer(request, runtime, started, render.collect)
-    return Response(completion, headers=started.headers)
+    return await pipeline.respond(request, runtime, started, render, render.collect)
