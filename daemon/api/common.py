@@ -9,6 +9,7 @@ render them as the gateway does (schemas/openai_render.py, schemas/body.py).
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -20,7 +21,7 @@ from litestar.response import Stream
 
 from daemon.engine.base import CancelToken, EngineError, Event, Prepared
 from schemas import body as wire_body
-from schemas import bus, codes, openai_bus
+from schemas import bus, codes, openai, openai_bus
 from schemas.disconnect import unless_disconnected
 from schemas.errors import ErrorBody, ErrorEnvelope
 from schemas.openai_render import ChatRender, CompletionRender
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("daemon.api")
 
 T = TypeVar("T")
+R = TypeVar("R", openai.ChatCompletionRequest, openai.CompletionRequest)
 _JSON = msgspec.json.Encoder()
 Render = ChatRender | CompletionRender
 
@@ -92,6 +94,20 @@ class LocalRequests:
             raise engine_error(exc) from None
         except openai_bus.Untranslatable as exc:
             raise ApiError(400, exc.message, type="invalid_request_error", code=exc.code, param=exc.param) from None
+
+    async def serve(
+        self,
+        request: Request[Any, Any, Any],
+        kind: type[R],
+        build: Callable[[R, str, str], bus.InferenceRequest],
+        render: Callable[[R, str, str], Render],
+    ) -> Response[Any]:
+        """One OpenAI route: decode the body as `kind`, `build` the engine's request (body, model, request
+        id), run it and answer with `render` (body, request id, model) as one body or its events."""
+        req = decode(await request.body(), kind)
+        request_id = secrets.token_hex(12)
+        prepared = await self.prepare(lambda model_id: build(req, model_id, request_id))
+        return await self.answer(request, prepared, render(req, request_id, prepared.request.model), stream=req.stream)
 
     async def answer(
         self, request: Request[Any, Any, Any], prepared: Prepared, render: Render, *, stream: bool

@@ -23,9 +23,9 @@ def gb(n: int) -> float:
 
 
 class IdentityStatus(msgspec.Struct, frozen=True):
-    """The loaded model's SHA-256 identity and what computing it cost."""
+    """The loaded model's SHA-256 identity and what computing it cost (daemon/models/identity.py's `Identity`)."""
 
-    weights_sha256: str
+    sha256: str = msgspec.field(name="weights_sha256")
     files: int
     bytes_total: int
     # 0 when every file's digest came from the cache (daemon/models/identity.py).
@@ -59,8 +59,10 @@ class WorkerStatus(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class AdmissionStatus(msgspec.Struct, frozen=True):
+    """daemon/engine/fit.py's `Admission`."""
+
     max_safe_context: int
-    memory_budget_bytes: int
+    budget_bytes: int = msgspec.field(name="memory_budget_bytes")
     usable_bytes: int
     weights_bytes: int
     kv_bytes_per_token: int

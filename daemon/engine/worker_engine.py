@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from daemon.child import log_args
@@ -381,16 +382,7 @@ class WorkerEngine:
                 memory_gb=gb(stats.memory_active if stats and stats.memory_active else rss),
                 weights_gb=gb(info.weights_bytes) if info and model else None,
                 structured_output=self.structured_output(),
-                identity=IdentityStatus(
-                    weights_sha256=identity.sha256,
-                    files=identity.files,
-                    bytes_total=identity.bytes_total,
-                    bytes_hashed=identity.bytes_hashed,
-                    files_from_cache=identity.files_from_cache,
-                    seconds=identity.seconds,
-                )
-                if identity
-                else None,
+                identity=msgspec.convert(identity, IdentityStatus, from_attributes=True) if identity else None,
             ),
             worker=WorkerStatus(
                 healthy=sup.state == "healthy" and stats is not None,
@@ -403,15 +395,7 @@ class WorkerEngine:
                 idle_for_s=round(time.monotonic() - sup.last_active, 1),
             ),
             memory_budget_bytes=self.memory_budget_bytes,
-            admission=AdmissionStatus(
-                max_safe_context=adm.max_safe_context,
-                memory_budget_bytes=adm.budget_bytes,
-                usable_bytes=adm.usable_bytes,
-                weights_bytes=adm.weights_bytes,
-                kv_bytes_per_token=adm.kv_bytes_per_token,
-            )
-            if adm
-            else None,
+            admission=msgspec.convert(adm, AdmissionStatus, from_attributes=True) if adm else None,
             batch=BatchStatus(
                 slots=self.slots,
                 active_rows=stats.active if stats else 0,
