@@ -10,8 +10,8 @@ import time
 import httpx
 
 from infra.components import get_json, start_daemon, wait_model
-from tests.conftest import TINY_MODEL, Stack
 from tests.support import logs
+from tests.support.stack import TINY_MODEL, Stack
 
 # Far more than the test waits for: if generation kept going, the slot would stay busy for a long while.
 LONG = 30_000

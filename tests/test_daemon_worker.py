@@ -21,9 +21,9 @@ import pytest
 
 from infra.components import DaemonChild, start_daemon, wait_model
 from schemas import bus, subjects
-from tests.conftest import Stack
 from tests.support import logs
-from tests.support.daemons import chat, running_daemon, status, wait_worker
+from tests.support.daemons import chat, daemon_in_pool, running_daemon, status, wait_worker
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-worker"
 PROVIDER = "worker-mac"
@@ -31,16 +31,13 @@ PROVIDER = "worker-mac"
 
 @pytest.fixture(scope="module")
 def daemon(stack: Stack) -> Iterator[DaemonChild]:
-    with running_daemon(
-        stack.home,
-        nats=stack.nats,
+    with daemon_in_pool(
+        stack,
         provider_id=PROVIDER,
         model_id=MODEL,
-        model_path=stack.model_path,
         # A tiny-model step takes milliseconds: 3 s without one is a hang.
         env={"MP_WORKER_STALL_S": "3"},
     ) as d:
-        wait_model(stack.base_url, MODEL, timeout=30, daemon=d)
         yield d
 
 

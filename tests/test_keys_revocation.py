@@ -14,7 +14,7 @@ import httpx
 from services.keys import format as key_format
 from services.keys.revocations import APPLICATION_NAME
 from tests.support.auth_stack import AuthStack
-from tests.test_auth_signup import new_user
+from tests.support.github import new_user
 
 LIMIT_S = 1.0
 # One client for all polling: a new one per request would cost more than what is measured.

@@ -73,6 +73,10 @@ class BatchStatus(msgspec.Struct, frozen=True):
     active_rows: int
     waiting: int
     decode_tps: float
+    # Since the worker started: tokens generated, steps that decoded them, most rows in one step.
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    peak_rows: int = 0
 
 
 class PromptCacheStatus(msgspec.Struct, frozen=True):

@@ -401,6 +401,9 @@ class WorkerEngine:
                 active_rows=stats.active if stats else 0,
                 waiting=stats.waiting if stats else 0,
                 decode_tps=round(self._tps, 2),
+                generated_tokens=stats.generated_tokens if stats else 0,
+                decode_steps=stats.decode_steps if stats else 0,
+                peak_rows=stats.peak_rows if stats else 0,
             ),
             prompt_cache=PromptCacheStatus(
                 entries=stats.prompt_cache_entries,
