@@ -203,10 +203,13 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
                     if time.monotonic() - looked > 0.1:
                         looked = time.monotonic()
                         if _progress(stack, account, "completion_tokens > 0"):
+                            # Killed while the buyer still reads: leaving the loop closes the connection,
+                            # and a gateway that saw the hang-up first would settle it as cancelled.
+                            doomed.proc.send_signal(signal.SIGKILL)
+                            doomed.proc.wait()
                             break
                         assert looked < deadline, "the gateway never reported progress"
-                doomed.proc.send_signal(signal.SIGKILL)
-                doomed.proc.wait()
+                assert doomed.proc.poll() is not None, "the stream ended before the gateway was killed"
         else:
             with ThreadPoolExecutor(1) as pool:
                 waiting = pool.submit(httpx.post, url, json=body, headers=account.auth(), timeout=30)
