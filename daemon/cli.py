@@ -19,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from daemon.logs import configure
 from daemon.settings import DaemonSettings, SettingsError
+from schemas.logs import configure
 
 
 def main(argv: list[str] | None = None) -> int:

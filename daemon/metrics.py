@@ -14,35 +14,19 @@ import typing
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from msgspec import UnsetType
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from schemas import bus
+from daemon.engine.report import BatchStatus, PromptCacheStatus
+from schemas import bus, codes
 
 if TYPE_CHECKING:
     from daemon.runtime import Daemon
-    from daemon.worker.protocol import Stats
 
 # How a request ends: its finish reason, or the code it failed with (anything else: `other`).
-OUTCOMES = frozenset(
-    {
-        *typing.get_args(bus.FinishReason),
-        *bus.REQUEST_FAULTS,
-        "bad_request",
-        "engine_error",
-        "load_failed",
-        "model_not_found",
-        "model_not_loaded",
-        "provider_busy",
-        "provider_draining",
-        "provider_internal_error",
-        "provider_stopping",
-        "worker_crashed",
-        "worker_restarting",
-        "worker_unavailable",
-    }
-)
+OUTCOMES = frozenset({*typing.get_args(bus.FinishReason), *codes.FAIL_CODES})
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 _RATE = (1.0, 2.5, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0)
 
@@ -126,8 +110,6 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 async def present(daemon: Daemon) -> list[Metric]:
     """What the engine, the worker and the pool connection say now."""
-    from daemon.engine.worker_engine import WorkerEngine
-
     engine = daemon.engine
     families: list[Metric] = [
         _gauge("mp_daemon_pool_connected", "1 while connected to the pool's NATS.", int(daemon.pool_connected())),
@@ -136,30 +118,34 @@ async def present(daemon: Daemon) -> list[Metric]:
         _gauge("mp_daemon_requests_queued", "Requests waiting for a batch slot.", engine.queued()),
         _gauge("mp_daemon_slots", "Sequences decoded together in one batch.", engine.slots),
     ]
-    if not isinstance(engine, WorkerEngine):
-        return families
-    sup = engine.supervisor
+    own = await engine.status()
+    worker = own.worker
+    if isinstance(worker.restarts, UnsetType) or isinstance(worker.state, UnsetType):
+        return families  # no worker process (the synthetic engine)
     families.append(
-        CounterMetricFamily("mp_daemon_worker_restarts", "Inference worker restarts since start.", value=sup.restarts)
+        CounterMetricFamily(
+            "mp_daemon_worker_restarts", "Inference worker restarts since start.", value=worker.restarts
+        )
     )
     state = GaugeMetricFamily(
         "mp_daemon_worker_state", "The inference worker's state (1 for the current one).", labels=["state"]
     )
-    state.add_metric([sup.health], 1)
+    state.add_metric([worker.state], 1)
     families.append(state)
     families.append(_gauge("mp_daemon_decode_tokens_per_second_avg", "Recent decoding speed.", engine.decode_tps()))
-    stats: Stats | None = await sup.ping(timeout=2.0) if sup.state == "healthy" else None
-    if stats is not None:
+    batch, cache = own.batch, own.prompt_cache
+    if isinstance(batch, BatchStatus) and isinstance(cache, PromptCacheStatus):
+        # The worker answered the status ping.
         families += [
-            _gauge("mp_daemon_batch_active", "Sequences in the batch now.", stats.active),
-            _gauge("mp_daemon_batch_waiting", "Sequences waiting to join the batch.", stats.waiting),
+            _gauge("mp_daemon_batch_active", "Sequences in the batch now.", batch.active_rows),
+            _gauge("mp_daemon_batch_waiting", "Sequences waiting to join the batch.", batch.waiting),
             _gauge(
                 "mp_daemon_batch_occupancy",
                 "Share of the batch's slots in use now.",
-                stats.active / max(1, engine.slots),
+                batch.active_rows / max(1, engine.slots),
             ),
-            _gauge("mp_daemon_prompt_cache_entries", "Prompts in the worker's cache.", stats.prompt_cache_entries),
-            _gauge("mp_daemon_prompt_cache_bytes", "Bytes the worker's prompt cache holds.", stats.prompt_cache_bytes),
+            _gauge("mp_daemon_prompt_cache_entries", "Prompts in the worker's cache.", cache.entries),
+            _gauge("mp_daemon_prompt_cache_bytes", "Bytes the worker's prompt cache holds.", cache.bytes),
         ]
     return families
 

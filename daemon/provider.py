@@ -22,11 +22,12 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import Span, SpanContext, StatusCode
 
 from daemon import __version__
-from daemon.engine.base import CancelToken, Engine, EngineError, Finished
+from daemon.engine.base import CancelToken, Engine, EngineError
 from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
 from daemon.settings import DaemonSettings
 from schemas import bus, subjects
+from schemas.codes import FailCode
 from schemas.conversations import conversation_key
 from schemas.tracing import Tracing, parent_context, remote_parent
 
@@ -59,6 +60,15 @@ class _Replier:
         frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
         self.seq += 1
         await self.nc.publish(self.subject, bus.encode(frame))
+
+    async def done(self, finished: bus.Finished) -> None:
+        """The `Done` frame: the engine's `Finished` as is, its timings rounded."""
+        timings = {t: round(getattr(finished, t), 2) for t in ("queue_ms", "ttft_ms", "generation_ms")}
+        await self.send(bus.Done, **{**msgspec.structs.asdict(finished), **timings})
+
+    async def fail(self, code: FailCode, message: str, *, retryable: bool = False, param: str | None = None) -> None:
+        """A `Failed` frame; the code is typed here, as `send`'s fields are not."""
+        await self.send(bus.Failed, code=code, message=message, retryable=retryable, param=param)
 
 
 @dataclass
@@ -176,9 +186,7 @@ class Provider:
         await self.nc.subscribe(subjects.drain(s.provider_id), cb=self._on_drain)
         await self.nc.subscribe(subjects.notices(s.provider_id), cb=self._on_notice)
         beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
-        add_listener = getattr(self.engine, "add_listener", None)
-        if add_listener is not None:
-            add_listener(self.engine_changed)
+        self.engine.add_listener(self.engine_changed)
         log.info("provider_online", provider=s.provider_id, model=self.engine.model_id, nats=s.nats_url_redacted)
         try:
             await stop.wait()
@@ -298,7 +306,7 @@ class Provider:
             request = _REQUEST.decode(msg.data)
         except msgspec.DecodeError as exc:
             self.metrics.outcome("bad_request")
-            await replier.send(bus.Failed, code="bad_request", message=f"undecodable request: {exc}")
+            await replier.fail("bad_request", f"undecodable request: {exc}")
             return
         if request.request_id in self._inflight:
             return  # a duplicate delivery of a request we are already running
@@ -350,13 +358,11 @@ class Provider:
         """Answer one request on the bus; returns how it ended (its finish reason or error code)."""
         if self.draining:
             self.metrics.outcome("provider_draining")
-            await replier.send(bus.Failed, code="provider_draining", message="provider is draining", retryable=True)
+            await replier.fail("provider_draining", "provider is draining", retryable=True)
             return "provider_draining"
         if not self.engine.serves(request.model):
             self.metrics.outcome("model_not_loaded")
-            await replier.send(
-                bus.Failed, code="model_not_loaded", message=f"{request.model!r} is not loaded here", retryable=True
-            )
+            await replier.fail("model_not_loaded", f"{request.model!r} is not loaded here", retryable=True)
             return "model_not_loaded"
         tracing = self.tracing if span is not None else None
         try:
@@ -373,10 +379,10 @@ class Provider:
             await replier.send(
                 bus.Accepted, prompt_tokens=len(prepared.prompt_tokens), queue_position=self.engine.queued()
             )
-            finished: Finished | None = None
+            finished: bus.Finished | None = None
             answer: list[str] = []
             async for event in self.engine.generate(prepared, cancel):
-                if isinstance(event, Finished):
+                if isinstance(event, bus.Finished):
                     finished = event
                 else:
                     answer.append(event.text)
@@ -390,18 +396,7 @@ class Provider:
                         reasoning=event.reasoning,
                     )
             assert finished is not None
-            await replier.send(
-                bus.Done,
-                finish_reason=finished.finish_reason,
-                prompt_tokens=finished.prompt_tokens,
-                completion_tokens=finished.completion_tokens,
-                cached_tokens=finished.cached_tokens,
-                queue_ms=round(finished.queue_ms, 2),
-                ttft_ms=round(finished.ttft_ms, 2),
-                generation_ms=round(finished.generation_ms, 2),
-                reasoning_tokens=finished.reasoning_tokens,
-                stop_sequence=finished.stop_sequence,
-            )
+            await replier.done(finished)
             self.served += 1
             if request.prompt is None and finished.finish_reason in ("stop", "length"):
                 self._remember(request, "".join(answer))
@@ -429,28 +424,22 @@ class Provider:
         except EngineError as exc:
             log.info("request_failed", code=exc.code, after_accept=replier.seq > 0)
             self.metrics.outcome(exc.code)
-            await replier.send(
-                bus.Failed,
-                code=exc.code,
-                message=exc.message,
-                retryable=exc.retryable and replier.seq == 0,
-                param=exc.param,
-            )
+            await replier.fail(exc.code, exc.message, retryable=exc.retryable and replier.seq == 0, param=exc.param)
             return exc.code
         except asyncio.CancelledError:
             self.metrics.outcome("provider_stopping")
             cancel.cancel("daemon_stopping")
             with contextlib.suppress(Exception):
-                await replier.send(bus.Failed, code="provider_stopping", message="the provider is shutting down")
+                await replier.fail("provider_stopping", "the provider is shutting down")
             raise
         except Exception as exc:
             log.exception("request_failed")
             self.metrics.outcome("provider_internal_error")
-            await replier.send(bus.Failed, code="provider_internal_error", message=type(exc).__name__)
+            await replier.fail("provider_internal_error", type(exc).__name__)
             return "provider_internal_error"
 
 
-def _generation_spans(tracing: Tracing, parent: Span | None, started_ns: int, finished: Finished) -> None:
+def _generation_spans(tracing: Tracing, parent: Span | None, started_ns: int, finished: bus.Finished) -> None:
     """`queue_wait` then `generate`, from the engine's own timings (no span is kept open per token)."""
     queued_ns = started_ns + int(finished.queue_ms * 1e6)
     tracing.start("queue_wait", parent=parent, start_time=started_ns).end(end_time=queued_ns)

@@ -45,6 +45,8 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
         start_timeout_s=settings.worker_start_timeout_s,
         stall_s=settings.worker_stall_s,
         idle_unload_s=settings.idle_unload_s,
+        log_json=settings.log_json,
+        log_level=settings.log_level,
     )
     return WorkerEngine(
         config=config,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from daemon import credentials
 from schemas import bus, subjects
+from schemas import env as env_vars
 from schemas.redact import REDACTED, redact_url
 from schemas.tracing import TracingConfig, TracingSettingsError, config_from_env
 
@@ -179,32 +180,32 @@ class DaemonSettings:
         if not subjects.valid_token(provider_id):
             raise SettingsError(f"MP_PROVIDER_ID {provider_id!r}: use 1-64 of A-Z a-z 0-9 _ -")
         try:
-            budget_gb = env.get("MP_MEMORY_BUDGET_GB")
+            budget_gb = env_vars.number(env, "MP_MEMORY_BUDGET_GB", 0.0)
             settings = cls(
                 nats_url=env.get("NATS_URL") or (signed_in.nats_url if signed_in else "nats://127.0.0.1:4222"),
                 provider_id=provider_id,
                 engine=engine,
                 model_path=model_path,
                 model_id=model_id,
-                queue_limit=int(env.get("MP_QUEUE_LIMIT", "16")),
-                heartbeat_s=float(env.get("MP_HEARTBEAT_S", "1.0")),
-                drain_timeout_s=float(env.get("MP_DRAIN_TIMEOUT_S", "15")),
+                queue_limit=env_vars.integer(env, "MP_QUEUE_LIMIT", 16),
+                heartbeat_s=env_vars.number(env, "MP_HEARTBEAT_S", 1.0),
+                drain_timeout_s=env_vars.number(env, "MP_DRAIN_TIMEOUT_S", 15),
                 log_json=env.get("MP_LOG_FORMAT", "console") == "json",
                 log_level=env.get("MP_LOG_LEVEL", "info"),
-                admin_port=int(env.get("MP_ADMIN_PORT", "11441")),
-                api_port=int(env.get("MP_API_PORT", "11440")),
-                slots=int(env.get("MP_SLOTS") or _default_slots()),
-                synthetic_token_delay_s=float(env.get("MP_SYNTHETIC_TOKEN_DELAY_S", "0")),
-                idle_unload_s=float(env.get("MP_IDLE_UNLOAD_S", "600")),
-                memory_budget_bytes=int(float(budget_gb) * (1 << 30)) if budget_gb else None,
-                prompt_cache_entries=int(env.get("MP_PROMPT_CACHE_ENTRIES", "16")),
-                prompt_cache_bytes=int(float(env.get("MP_PROMPT_CACHE_GB", "1")) * (1 << 30)),
-                prefill_step=int(env.get("MP_PREFILL_STEP", "512")),
-                prefill_gather=float(env.get("MP_PREFILL_GATHER", "0.05")),
-                worker_start_timeout_s=float(env.get("MP_WORKER_START_TIMEOUT_S", "120")),
-                worker_stall_s=float(env.get("MP_WORKER_STALL_S", "60")),
-                prepare_helpers=int(env.get("MP_PREPARE_HELPERS", "2")),
-                prepare_timeout_s=float(env.get("MP_PREPARE_TIMEOUT_S", "1.5")),
+                admin_port=env_vars.integer(env, "MP_ADMIN_PORT", 11441),
+                api_port=env_vars.integer(env, "MP_API_PORT", 11440),
+                slots=env_vars.integer(env, "MP_SLOTS", _default_slots()),
+                synthetic_token_delay_s=env_vars.number(env, "MP_SYNTHETIC_TOKEN_DELAY_S", 0),
+                idle_unload_s=env_vars.number(env, "MP_IDLE_UNLOAD_S", 600),
+                memory_budget_bytes=int(budget_gb * (1 << 30)) if env.get("MP_MEMORY_BUDGET_GB") else None,
+                prompt_cache_entries=env_vars.integer(env, "MP_PROMPT_CACHE_ENTRIES", 16),
+                prompt_cache_bytes=int(env_vars.number(env, "MP_PROMPT_CACHE_GB", 1) * (1 << 30)),
+                prefill_step=env_vars.integer(env, "MP_PREFILL_STEP", 512),
+                prefill_gather=env_vars.number(env, "MP_PREFILL_GATHER", 0.05),
+                worker_start_timeout_s=env_vars.number(env, "MP_WORKER_START_TIMEOUT_S", 120),
+                worker_stall_s=env_vars.number(env, "MP_WORKER_STALL_S", 60),
+                prepare_helpers=env_vars.integer(env, "MP_PREPARE_HELPERS", 2),
+                prepare_timeout_s=env_vars.number(env, "MP_PREPARE_TIMEOUT_S", 1.5),
                 nats_user=env.get("MP_NATS_USER", ""),
                 nats_password=env.get("MP_NATS_PASSWORD", ""),
                 provider_token=env.get("MP_PROVIDER_TOKEN") or (signed_in.token if signed_in else ""),

@@ -17,7 +17,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,15 +31,53 @@ from infra.devkey import ensure_dev_key, write_dev_env
 from infra.nats_auth import NatsTarget, SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
+from schemas import env as env_vars
 from schemas.private_file import write_private
 from schemas.redact import redact_url
 from services.catalog.admin import trust
 from services.providers import store as providers
 
 
-def _port(name: str) -> int | None:
-    raw = os.environ.get(name)
-    return int(raw) if raw else None
+@dataclass(frozen=True)
+class StackSettings:
+    """What `mac-provider up` takes from the environment, read once (the services read their own)."""
+
+    home: Path
+    port: int
+    # Fixed ports for the servers it starts (None: free ones), or servers elsewhere (their URLs).
+    pg_port: int | None
+    nats_port: int | None
+    database_url: str | None
+    nats_url: str | None
+    # As the control plane on a NATS elsewhere (the stack's own NATS makes its own user).
+    nats_user: str | None
+    nats_password: str | None
+    provider_id: str
+    model_path: Path | None
+    model_id: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> StackSettings:
+        def port(name: str) -> int | None:
+            value = env_vars.integer(env, name, 0)
+            if not 0 <= value < 65536:
+                raise env_vars.EnvError(f"{name} must be a TCP port, got {value}")
+            return value or None
+
+        model_path = env.get("MP_MODEL_PATH")
+        return cls(
+            home=Path(env.get("MP_HOME", ".mp")).expanduser().resolve(),
+            port=port("MP_PORT") or 8080,
+            pg_port=port("MP_PG_PORT"),
+            nats_port=port("MP_NATS_PORT"),
+            database_url=env.get("DATABASE_URL") or None,
+            nats_url=env.get("NATS_URL") or None,
+            nats_user=env.get("MP_NATS_USER") or None,
+            nats_password=env.get("MP_NATS_PASSWORD") or None,
+            provider_id=env.get("MP_PROVIDER_ID", "local-mac"),
+            model_path=Path(model_path).resolve() if model_path else None,
+            model_id=env.get("MP_MODEL_ID") or None,
+        )
 
 
 def _say(message: str) -> None:
@@ -63,11 +102,11 @@ async def pin_provider(database_url: str, provider_id: str) -> None:
 
 async def _trust_once(database_url: str, nats_url: str, nats_env: dict[str, str], provider_id: str) -> list[str]:
     conn = await asyncpg.connect(database_url)
-    # As the control plane: the stack's own NATS user, or the one the environment names.
+    # As the control plane: the stack's own NATS user, or the one the environment named.
     nc = await nats_client.connect(
         nats_url,
-        user=nats_env.get("MP_NATS_USER") or os.environ.get("MP_NATS_USER") or None,
-        password=nats_env.get("MP_NATS_PASSWORD") or os.environ.get("MP_NATS_PASSWORD") or None,
+        user=nats_env.get("MP_NATS_USER") or None,
+        password=nats_env.get("MP_NATS_PASSWORD") or None,
         allow_reconnect=False,
         connect_timeout=5,
     )
@@ -101,8 +140,12 @@ def trust_own_daemon(
 
 
 def main() -> int:
-    home = Path(os.environ.get("MP_HOME", ".mp")).expanduser().resolve()
-    port = _port("MP_PORT") or 8080
+    try:
+        settings = StackSettings.from_env(os.environ)
+    except env_vars.EnvError as exc:
+        _say(str(exc))
+        return 2
+    home, port = settings.home, settings.port
     host = "127.0.0.1"
     base = f"http://{host}:{port}"
     home.mkdir(parents=True, exist_ok=True)
@@ -113,23 +156,25 @@ def main() -> int:
 
     cleanups: list[Callable[[], object]] = []
     admin_env: dict[str, str] = {}
+    # A NATS elsewhere: the control plane's user, if the environment names one.
+    nats_login = {"MP_NATS_USER": settings.nats_user or "", "MP_NATS_PASSWORD": settings.nats_password or ""}
     children: list[Child] = []
     exit_code = 0
     try:
-        database_url = os.environ.get("DATABASE_URL")
+        database_url = settings.database_url
         if not database_url:
             # Free ports for the servers started first must not be the one the control plane was promised.
-            pg = PostgresServer.start(home / "postgres", port=_port("MP_PG_PORT") or free_port(avoid={port}))
+            pg = PostgresServer.start(home / "postgres", port=settings.pg_port or free_port(avoid={port}))
             cleanups.append(pg.stop)
             database_url = pg.url
             _say(f"postgres on {redact_url(database_url)}")
-        nats_url = os.environ.get("NATS_URL")
+        nats_url = settings.nats_url
         target: NatsTarget = nats_url or ""
         if not nats_url:
             # The auth callout on: the control plane (which answers it) logs in with its password,
             # the daemon with a provider token minted in Postgres; the server's config names no
             # provider (secrets in $MP_HOME/nats/credentials.json, 0600).
-            nats_port = _port("MP_NATS_PORT") or free_port(avoid={port, urlsplit(database_url).port or 0})
+            nats_port = settings.nats_port or free_port(avoid={port, urlsplit(database_url).port or 0})
             nats = SecuredNats.start(home / "nats", port=nats_port, database_url=database_url)
             cleanups.append(nats.stop)
             nats_url, target = nats.url, nats
@@ -140,20 +185,19 @@ def main() -> int:
 
         dev_env = home / "dev.env"
         key = asyncio.run(ensure_dev_key(database_url, dev_env))
-        provider_id = os.environ.get("MP_PROVIDER_ID", "local-mac")
+        provider_id = settings.provider_id
         asyncio.run(pin_provider(database_url, provider_id))
         _write_admin_env(home / "admin.env", {"DATABASE_URL": database_url, "NATS_URL": nats_url, **admin_env})
 
-        model_path_env = os.environ.get("MP_MODEL_PATH")
-        if model_path_env:
-            model_path = Path(model_path_env).resolve()
-            model_id = os.environ.get("MP_MODEL_ID") or model_path.name
+        if settings.model_path is not None:
+            model_path = settings.model_path
+            model_id = settings.model_id or model_path.name
         else:
             from daemon.models.smollm2 import MODEL_ID, ensure_smollm2
 
             _say("preparing the default model (SmolLM2-135M-Instruct; first run converts the GGUF once)")
             model_path = ensure_smollm2(home / "models")
-            model_id = os.environ.get("MP_MODEL_ID") or MODEL_ID
+            model_id = settings.model_id or MODEL_ID
 
         gateway = start_gateway(home, port=port, nats=target, database_url=database_url)
         children.append(gateway)
@@ -167,7 +211,9 @@ def main() -> int:
         )
         children.append(daemon)
         _say(f"provider daemon loading {model_id} (log: {daemon.log_path})")
-        for line in trust_own_daemon(database_url, nats_url, admin_env, provider_id, daemon, timeout=300):
+        for line in trust_own_daemon(
+            database_url, nats_url, {**nats_login, **admin_env}, provider_id, daemon, timeout=300
+        ):
             _say(f"model catalog: {line} (trusted from {provider_id})")
         wait_model(base, model_id, timeout=300, daemon=daemon)
         write_dev_env(dev_env, base_url=f"{base}/v1", key=key)

@@ -184,8 +184,12 @@ class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     reasoning: str = ""
 
 
-class Done(msgspec.Struct, frozen=True, tag="done"):
-    seq: Count
+class Finished(msgspec.Struct, frozen=True):
+    """The end of an answer: the engine's last event, the `Done` frame's body, the gateway's last event.
+
+    The gateway's carries the tokens it bills (never more completion than it saw).
+    """
+
     finish_reason: FinishReason
     prompt_tokens: Count
     completion_tokens: Count
@@ -200,24 +204,15 @@ class Done(msgspec.Struct, frozen=True, tag="done"):
     stop_sequence: str | None = None
 
 
-# Failed codes meaning the request itself cannot run: the buyer's error (a 400 naming `param`).
-# Every other code is the provider's failure, and a gateway never shows a buyer a provider's
-# code outside this set as the buyer's fault.
-REQUEST_FAULTS = frozenset(
-    {
-        "invalid_value",
-        "invalid_messages",
-        "context_length_exceeded",
-        "context_over_budget",
-        "unsupported_value",
-        # A chat template or JSON schema that takes the provider longer than its time limit.
-        "request_too_complex",
-    }
-)
+class Done(Finished, frozen=True, tag="done", kw_only=True):
+    # A map on the wire, so the field order does not matter to older peers.
+    seq: Count
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):
     seq: Count
+    # A schemas.codes.FailCode from an honest daemon; open on the wire, so a newer daemon's code
+    # decodes, and anything outside codes.REQUEST_FAULTS is the provider's failure.
     code: Code
     message: Message
     # True when nothing was generated and another provider may take the request.
@@ -269,8 +264,8 @@ class Heartbeat(msgspec.Struct, frozen=True):
     interval_s: Annotated[float, msgspec.Meta(ge=MIN_HEARTBEAT_S, le=MAX_HEARTBEAT_S)]
     sent_at_ms: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)]
     draining: bool = False
-    # The inference worker: "healthy", "starting", "restarting" (crashed, coming back) or "idle"
-    # (unloaded, reloads on demand). While it restarts the daemon reports no room.
+    # The inference worker: a schemas.codes.WorkerState (open on the wire, for newer daemons).
+    # While it restarts the daemon reports no room.
     worker: Annotated[str, msgspec.Meta(max_length=32)] = "healthy"
     # Keys (schemas.conversations) of recent conversations whose prefix the prompt cache holds.
     cached_conversations: Annotated[list[ConversationKey], msgspec.Meta(max_length=MAX_CACHED_CONVERSATIONS)] = (

@@ -164,16 +164,6 @@ def completion_request(
 # ---- results -------------------------------------------------------------------------
 
 
-def usage(prompt: int, completion: int, cached: int, reasoning: int = 0) -> openai.Usage:
-    return openai.Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=openai.PromptTokensDetails(cached_tokens=cached),
-        completion_tokens_details=openai.CompletionTokensDetails(reasoning_tokens=reasoning),
-    )
-
-
 def completion_logprobs(items: list[bus.TokenLogprob], offset: int, *, with_top: bool) -> openai.CompletionLogprobs:
     """Legacy logprobs: parallel lists, `text_offset` counted in characters of the returned text."""
     offsets = []

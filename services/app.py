@@ -20,12 +20,12 @@ from litestar.enums import HttpMethod
 from litestar.handlers import HTTPRouteHandler
 from litestar.types import ControllerRouterHandler
 
+from services.anthropic.routes import messages
 from services.auth.declared import OPT, Auth, check_declared, enforce, requires
 from services.auth.routes import GITHUB_STARTS, demo_token, github_callback, github_start, github_start_budget, logout
 from services.errors import exception_handler
 from services.gateway.chat import chat_completions
 from services.gateway.completions import completions
-from services.gateway.messages import messages
 from services.keys.account_page import account, account_new_key, account_revoke, account_revoke_mac
 from services.keys.routes import keys_create, keys_list, keys_revoke
 from services.lifecycle import LIFECYCLE, CountRequests, Lifecycle, close_when_stopping
@@ -43,7 +43,7 @@ from services.providers.device_routes import device_code, device_token
 from services.providers.routes import provider_home, provider_mac, provider_macs
 from services.responses.routes import create_response, delete_response, get_response
 from services.runtime import provide_runtime, runtime_lifespan
-from services.settings import Settings
+from services.settings import Settings, SettingsError
 from services.status.routes import health, list_models, live, pool_status, ready
 from services.usage.routes import feedback, usage
 
@@ -114,6 +114,11 @@ def create_app(settings: Settings, services: Sequence[str] = tuple(SERVICES)) ->
         check_settings(settings)  # asked for alone, it must run
         handlers.append(natsauth_health)  # the callout alone: no gateway runtime to report on
     else:
+        if not settings.secret_key:
+            # Demo tokens and sign-in CSRF would be signed with an empty key: anyone could forge them.
+            raise SettingsError(
+                "MP_SECRET_KEY is not set and MP_HOME has no generated secret_key (`mac-provider serve` makes one)"
+            )
         lifespans.append(runtime_lifespan(settings, metrics))
         if "status" not in services:
             handlers.append(health)

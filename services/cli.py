@@ -11,15 +11,15 @@ from services.app import SERVICES
 from services.catalog import admin as models_admin
 from services.natsauth import admin as natsauth_admin
 from services.providers import admin as providers_admin
-from services.settings import Settings, SettingsError
+from services.settings import Settings, SettingsError, ensure_local_secrets
 from services.usage import admin as usage_admin
 
 ALL = tuple(SERVICES)
 
 
 def _serve(settings: Settings, services: list[str]) -> None:
+    from schemas.logs import configure
     from services.app import create_app
-    from services.logs import configure
     from services.serving import serve
 
     configure(json=settings.log_json, level=settings.log_level)
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return up()
     try:
+        if args.command == "serve":
+            ensure_local_secrets()
         settings = Settings.from_env()
     except SettingsError as exc:
         print(f"mac-provider: {exc}", file=sys.stderr)

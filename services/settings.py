@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from schemas import env as env_vars
 from schemas.device import MAX_EXPIRES_IN_S, MAX_INTERVAL_S
+from schemas.env import EnvError
 from schemas.private_file import write_private
 from schemas.redact import REDACTED, redact_url
 from schemas.tracing import TracingConfig, TracingSettingsError, config_from_env
@@ -20,44 +22,11 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/macprovider"
 
 
-class SettingsError(ValueError):
-    pass
-
-
-def _float(env: Mapping[str, str], key: str, default: float) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{key} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{key} must be positive, got {raw!r}")
-    return value
-
-
-def _non_negative(env: Mapping[str, str], key: str, default: float) -> float:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{key} must be a number, got {raw!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise SettingsError(f"{key} must be 0 or more, got {raw!r}")
-    return value
-
-
-def _int(env: Mapping[str, str], key: str, default: int) -> int:
-    raw = env.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SettingsError(f"{key} must be an integer, got {raw!r}") from None
+# A variable that does not parse names itself (schemas/env.py); so does every other refusal here.
+SettingsError = EnvError
+_float = env_vars.positive
+_non_negative = env_vars.non_negative
+_int = env_vars.integer
 
 
 def _positive_int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -93,40 +62,55 @@ def _public_nats_url(env: Mapping[str, str]) -> str:
 
 
 _SECRET_FILE = "secret_key"
+_METRICS_TOKEN_FILE = "metrics_token"
+
+
+def _generated(home: Path, name: str) -> str:
+    """A secret `ensure_local_secrets` generated under MP_HOME ("" when there is none)."""
+    path = home / name
+    return path.read_text().strip() if path.is_file() else ""
 
 
 def _secret_key(env: Mapping[str, str], home: Path) -> bytes:
-    """MP_SECRET_KEY, or one generated once under MP_HOME (the local stack and its replicas share it)."""
+    """MP_SECRET_KEY, or the one generated under MP_HOME (the local stack and its replicas share it)."""
     raw = env.get("MP_SECRET_KEY", "")
     if raw:
         if len(raw) < 32:
             raise SettingsError("MP_SECRET_KEY must be at least 32 characters")
         return raw.encode()
-    path = home / _SECRET_FILE
-    if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        # Not replacing: if another replica made the file first, everyone uses that one.
-        with contextlib.suppress(FileExistsError):
-            write_private(path, secrets.token_urlsafe(48), replace=False)
-    return path.read_text().strip().encode()
-
-
-_METRICS_TOKEN_FILE = "metrics_token"
+    return _generated(home, _SECRET_FILE).encode()
 
 
 def _metrics_token(env: Mapping[str, str], home: Path) -> str:
-    """MP_METRICS_TOKEN, or one generated once under MP_HOME (where `mac-provider up`'s scraper reads it)."""
+    """MP_METRICS_TOKEN, or the one generated under MP_HOME (where `mac-provider up`'s scraper reads it)."""
     raw = env.get("MP_METRICS_TOKEN", "").strip()
     if raw:
         if len(raw) < 32 or not raw.isascii() or not raw.isprintable() or " " in raw:
             raise SettingsError("MP_METRICS_TOKEN must be 32+ visible ASCII characters")
         return raw
-    path = home / _METRICS_TOKEN_FILE
-    if not path.exists():
+    return _generated(home, _METRICS_TOKEN_FILE)
+
+
+def ensure_local_secrets(env: Mapping[str, str] | None = None) -> None:
+    """Generate, once, the secret key and the metrics token under MP_HOME that the environment does not set.
+
+    Only serving does this (`mac-provider serve`): reading settings writes nothing, so an admin
+    command or a test never leaves a secret behind in whatever folder it ran from.
+    """
+    env = os.environ if env is None else env
+    home = _home(env)
+    for variable, name, size in (("MP_SECRET_KEY", _SECRET_FILE, 48), ("MP_METRICS_TOKEN", _METRICS_TOKEN_FILE, 32)):
+        path = home / name
+        if env.get(variable, "").strip() or path.exists():
+            continue
         home.mkdir(parents=True, exist_ok=True)
+        # Not replacing: if another replica made the file first, everyone uses that one.
         with contextlib.suppress(FileExistsError):
-            write_private(path, secrets.token_urlsafe(32), replace=False)
-    return path.read_text().strip()
+            write_private(path, secrets.token_urlsafe(size), replace=False)
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("MP_HOME", ".mp")).expanduser().resolve()
 
 
 def _tracing(env: Mapping[str, str]) -> TracingConfig:
@@ -217,7 +201,8 @@ class Settings:
     github_authorize_url: str = field(metadata=URL)
     github_token_url: str = field(metadata=URL)
     github_api_url: str = field(metadata=URL)
-    # Signs demo tokens; every replica must share it (generated under MP_HOME when unset).
+    # Signs demo tokens; every replica must share it (generated under MP_HOME by `serve` when unset;
+    # empty when neither: the gateway then refuses to start).
     secret_key: bytes = field(metadata=SECRET)
     demo_token_ttl_s: float
     # Demo tokens one client IP may get per window, counted in Postgres across replicas;
@@ -327,7 +312,7 @@ class Settings:
     # The NATS URL handed to a Mac that signs in (never with the control plane's own credentials).
     public_nats_url: str = field(default="", metadata=URL)
     # What a Prometheus scraper sends to read /metrics (`Authorization: Bearer ...`); every replica
-    # should share it (generated under MP_HOME when unset).
+    # should share it (generated under MP_HOME by `serve` when unset; empty: /metrics refuses everyone).
     metrics_token: str = field(default="", metadata=SECRET)
     # OpenTelemetry traces (schemas/tracing.py): MP_OTEL_EXPORTER and friends; off by default.
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -338,7 +323,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        home = Path(env.get("MP_HOME", ".mp")).expanduser().resolve()
+        home = _home(env)
         gateway_id = env.get("MP_GATEWAY_ID") or f"gw-{secrets.token_hex(4)}"
         port = _int(env, "MP_PORT", 8080)
         public_url = (env.get("MP_PUBLIC_URL") or f"http://127.0.0.1:{port}").rstrip("/")

@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.components import DaemonChild
+from infra.components import DaemonChild, wait_model
 from schemas import bus
 from tests.support import logs
 from tests.support.daemons import bus_call, bus_request, chat, running_daemon, sse_payloads, status, stream_text
+from tests.support.script_model import CALL_MARKUP, CALL_NAME, write_script_model
 from tests.support.stack import Stack
 from tests.support.tool_model import WEATHER_TOOL, write_tool_model
 
@@ -395,3 +396,54 @@ def test_tool_round_trip_on_the_local_api(budget_daemon: DaemonChild, budget_mod
 def test_text_response_format_is_plain_generation(daemon: DaemonChild) -> None:
     # JSON formats are constrained (tests/test_structured_output.py); "text" changes nothing.
     assert chat(daemon, max_tokens=4, response_format={"type": "text"}).status_code == 200
+
+
+# ---- one rendering: the local API answers as the gateway does -------------------------
+
+CALL_MODEL = "tiny-call-only"
+
+
+@pytest.fixture(scope="module")
+def call_daemon(stack: Stack) -> Iterator[DaemonChild]:
+    """A scripted model whose whole answer is one tool call (tests/support/script_model.py)."""
+    folder = write_script_model(stack.model_path, stack.home / "models" / CALL_MODEL, script=(CALL_MARKUP,))
+    with running_daemon(
+        stack.home, nats=stack.nats, provider_id="call-mac", model_id=CALL_MODEL, model_path=folder
+    ) as d:
+        wait_model(stack.base_url, CALL_MODEL, timeout=120, daemon=d)
+        yield d
+
+
+def test_a_tool_calls_only_answer_has_null_content_locally_and_at_the_gateway(
+    stack: Stack, call_daemon: DaemonChild
+) -> None:
+    body = {"model": CALL_MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER_TOOL]}
+    local = httpx.post(f"{call_daemon.api_url}/v1/chat/completions", json=body, timeout=60)
+    pooled = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60)
+    for r in (local, pooled):
+        assert r.status_code == 200, r.text
+        (choice,) = r.json()["choices"]
+        # As OpenAI: no content, not an empty one.
+        assert choice["message"]["content"] is None, r.text
+        assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == [CALL_NAME]
+        assert choice["finish_reason"] == "tool_calls"
+    streamed = chat(call_daemon, stream=True, messages=body["messages"], tools=[WEATHER_TOOL])
+    deltas = [json.loads(p)["choices"][0]["delta"] for p in sse_payloads(streamed.text)[:-1]]
+    assert [d["tool_calls"][0]["function"]["name"] for d in deltas if "tool_calls" in d] == [CALL_NAME]
+    assert stream_text(sse_payloads(streamed.text)) == ""
+
+
+def test_the_local_decoder_is_the_gateways(daemon: DaemonChild) -> None:
+    # JSON does not tell 3 from 3.0: an integral float is an integer, also where the field is optional.
+    r = chat(daemon, max_tokens=3.0, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    # A nested field is named in `param`, as at the gateway.
+    bad = chat(daemon, messages=[{"role": "user", "content": 5}])
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "messages[0].content"
+    empty = httpx.post(
+        f"{daemon.api_url}/v1/chat/completions", content=b" ", headers={"content-type": "application/json"}
+    )
+    assert empty.status_code == 400
+    assert empty.json()["error"]["code"] == "invalid_json"

@@ -227,6 +227,10 @@ def test_settings_from_a_config_file_with_the_environment_winning(tmp_path: Path
         DaemonSettings.from_env({"MP_SLOTS": "0"})
     with pytest.raises(SettingsError, match="MP_ADMIN_PORT"):
         DaemonSettings.from_env({"MP_ADMIN_PORT": "70000"})
+    # A value that does not parse names its variable (and what it held), not just Python's complaint.
+    for name, raw in (("MP_QUEUE_LIMIT", "many"), ("MP_HEARTBEAT_S", "1s"), ("MP_PROMPT_CACHE_GB", "1GB")):
+        with pytest.raises(SettingsError, match=f"{name} must be .*{raw!r}"):
+            DaemonSettings.from_env({name: raw})
 
 
 # ---- fit -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from infra.nats_auth import control_url
 from infra.ports import free_port
 from schemas import bus, subjects
 from schemas.tracing import parse_traceparent, remote_parent
-from services.settings import Settings, SettingsError
+from services.settings import Settings, SettingsError, ensure_local_secrets
 from tests.support.daemons import bus_request
 from tests.support.logs import wait_event
 from tests.support.metrics import label_values, moved, scrape, value
@@ -309,6 +309,9 @@ def test_traceparent_parsing_is_strict() -> None:
 
 def test_observability_settings_are_checked(tmp_path: Path) -> None:
     env = {"MP_HOME": str(tmp_path), "MP_SECRET_KEY": "k" * 32}
+    assert Settings.from_env(env).metrics_token == "", "reading settings writes nothing"
+    assert not (tmp_path / "metrics_token").exists()
+    ensure_local_secrets(env)
     settings = Settings.from_env(env)
     assert settings.tracing.exporter == "none"
     assert settings.metrics_token == (tmp_path / "metrics_token").read_text().strip()

@@ -21,7 +21,7 @@ from infra.nats_auth import BusSecrets, SecuredNats, write_config
 from schemas.private_file import write_private
 from schemas.redact import redact_url
 from services.natsauth import keys
-from services.settings import Settings
+from services.settings import Settings, ensure_local_secrets
 from tests.support.logs import wait_event
 
 
@@ -96,6 +96,7 @@ def test_every_secret_file_the_stack_writes_is_private(
     tmp_path: Path, no_umask: None, modes_when_published: list[int]
 ) -> None:
     # The control plane's generated secret key.
+    ensure_local_secrets({"MP_HOME": str(tmp_path / "home")})
     settings = Settings.from_env({"MP_HOME": str(tmp_path / "home")})
     secret_file = tmp_path / "home" / "secret_key"
     assert _mode(secret_file) == 0o600

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -323,3 +324,51 @@ def test_a_free_port_is_never_one_already_promised(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(ports.socket, "socket", Scripted)
     assert ports.free_port(avoid={8080}) == 5433
+
+
+def test_fail_codes_sort_into_exactly_one_kind_and_all_are_metric_labels() -> None:
+    import typing
+
+    from schemas import codes
+    from services.metrics.labels import known_codes
+
+    kinds = [set(typing.get_args(k)) for k in (codes.RequestFault, codes.Recoverable, codes.ProviderFault)]
+    assert sum(len(k) for k in kinds) == len(codes.FAIL_CODES)  # no code in two kinds
+    assert codes.is_request_fault("context_length_exceeded")
+    assert not codes.is_recoverable("context_length_exceeded")
+    assert codes.is_recoverable("worker_crashed")
+    assert not codes.is_request_fault("worker_crashed")
+    # A code no kind knows (a newer or lying daemon) is neither the buyer's fault nor recoverable.
+    assert not codes.is_request_fault("invalid_whatever")
+    assert not codes.is_recoverable("invalid_whatever")
+    assert known_codes() >= codes.FAIL_CODES | codes.STREAM_ENDS
+
+
+def test_the_body_decoder_takes_integral_floats_for_integers_and_names_nested_fields() -> None:
+    from schemas import body, openai
+
+    raw = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":3.0,"top_logprobs":2.0}'
+    req = body.decode(raw, openai.ChatCompletionRequest)
+    assert (req.max_tokens, req.top_logprobs) == (3, 2)
+    with pytest.raises(body.BodyError) as refused:
+        body.decode(raw.replace(b"3.0", b"3.5"), openai.ChatCompletionRequest)
+    assert (refused.value.code, refused.value.param) == ("invalid_value", "max_tokens")
+    with pytest.raises(body.BodyError) as nested:
+        body.decode(b'{"model":"m","messages":[{"role":"user","content":5}]}', openai.ChatCompletionRequest)
+    assert nested.value.param == "messages[0].content"
+
+
+def test_admin_commands_read_settings_without_writing_secrets(tmp_path: Path) -> None:
+    from services.cli import main
+
+    home = tmp_path / "home"
+    env = {"MP_HOME": str(home), "DATABASE_URL": "postgresql://x@127.0.0.1:1/x"}
+    with pytest.MonkeyPatch.context() as m:
+        for name, value in env.items():
+            m.setenv(name, value)
+        m.delenv("MP_SECRET_KEY", raising=False)
+        m.delenv("MP_METRICS_TOKEN", raising=False)
+        # Reads the settings, finds no database, changes nothing.
+        assert main(["migrate", "--check"]) == 3
+    assert not (home / "secret_key").exists()
+    assert not (home / "metrics_token").exists()

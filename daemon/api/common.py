@@ -1,13 +1,15 @@
-"""What every route of the daemon's local OpenAI API shares: errors, decoding, SSE, the request path.
+"""What every route of the daemon's local OpenAI API shares: errors, decoding, the request path.
 
 The local API's one request path (`LocalRequests`): refuse while draining or with no
 model, translate with schemas.openai_bus, prepare on the engine (its refusals become
-400/503), then run the generation as events, cancelled if the client goes away.
+400/503), then run the generation as events, cancelled if the client goes away, and
+render them as the gateway does (schemas/openai_render.py, schemas/body.py).
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -17,10 +19,12 @@ import structlog
 from litestar import Request, Response
 from litestar.response import Stream
 
-from daemon.engine.base import INVALID_REQUEST_CODES, CancelToken, EngineError, Finished, Prepared
-from schemas import bus, limits, openai, openai_bus
-from schemas import sse as wire_sse
+from daemon.engine.base import CancelToken, EngineError, Event, Prepared
+from schemas import body as wire_body
+from schemas import bus, codes, openai, openai_bus
+from schemas.disconnect import unless_disconnected
 from schemas.errors import ErrorBody, ErrorEnvelope
+from schemas.openai_render import ChatRender, CompletionRender
 
 if TYPE_CHECKING:
     from daemon.runtime import Daemon
@@ -28,8 +32,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("daemon.api")
 
 T = TypeVar("T")
+R = TypeVar("R", openai.ChatCompletionRequest, openai.CompletionRequest)
 _JSON = msgspec.json.Encoder()
-FINISH = openai_bus.FINISH
+Render = ChatRender | CompletionRender
 
 
 class ApiError(Exception):
@@ -46,62 +51,19 @@ def error_response(exc: ApiError) -> Response[bytes]:
 def engine_error(exc: EngineError) -> ApiError:
     if exc.code == "context_over_budget":
         return ApiError(400, exc.message, type="memory_admission", code=exc.code, param=exc.param)
-    if exc.code in INVALID_REQUEST_CODES:
+    if codes.is_request_fault(exc.code):
         return ApiError(400, exc.message, type="invalid_request_error", code=exc.code, param=exc.param)
     if exc.retryable:
         return ApiError(503, exc.message, type="service_unavailable_error", code=exc.code)
     return ApiError(500, exc.message, type="api_error", code=exc.code)
 
 
-def _invalid(message: str, param: str | None) -> ApiError:
-    return ApiError(400, message, type="invalid_request_error", code="invalid_value", param=param)
-
-
 def decode(body: bytes, kind: type[T]) -> T:
-    """The body as `kind`, or a 400 naming the field (the gateway's bounds hold here too: schemas/limits.py)."""
+    """The body as `kind`, or a 400 naming the field: the gateway's decoder and bounds (schemas/body.py)."""
     try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        param, detail = limits.explain(exc)
-        raise _invalid(f"Invalid value for '{param}': {detail}." if param else f"{detail}.", param) from None
-    except limits.LimitExceeded as exc:
-        raise _invalid(exc.message, exc.param) from None
-    except RecursionError:
-        # Nested past what the decoder follows (about a thousand levels): find the field.
-        param = limits.deep_field(body, kind)
-        at = f"'{param}'" if param else "the request body"
-        message = f"Invalid value for {at}: JSON nested more than {limits.MAX_JSON_DEPTH} levels deep."
-        raise _invalid(message, param) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"invalid JSON: {exc}", type="invalid_request_error", code="invalid_json") from None
-
-
-sse = wire_sse.data
-DONE = wire_sse.DONE
-
-
-def usage(f: Finished) -> openai.Usage:
-    return openai_bus.usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens, f.reasoning_tokens)
-
-
-async def until_disconnected(request: Request[Any, Any, Any]) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it (and so the generation) if the client hangs up first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return await task
+        return wire_body.decode(body, kind)
+    except wire_body.BodyError as exc:
+        raise ApiError(400, exc.message, type="invalid_request_error", code=exc.code, param=exc.param) from None
 
 
 def streamed(request_id: str, chunks: AsyncIterator[bytes]) -> Stream:
@@ -112,7 +74,7 @@ def streamed(request_id: str, chunks: AsyncIterator[bytes]) -> Stream:
 
 async def collected(request: Request[Any, Any, Any], request_id: str, work: Awaitable[Any]) -> Response[Any]:
     """A non-stream answer; the generation is cancelled if the client hangs up first."""
-    return Response(await unless_disconnected(request, work), headers={"x-request-id": request_id})
+    return Response(await unless_disconnected(request.receive, work), headers={"x-request-id": request_id})
 
 
 @dataclass
@@ -133,13 +95,56 @@ class LocalRequests:
         except openai_bus.Untranslatable as exc:
             raise ApiError(400, exc.message, type="invalid_request_error", code=exc.code, param=exc.param) from None
 
-    async def events(self, prepared: Prepared) -> AsyncIterator[Any]:
+    async def serve(
+        self,
+        request: Request[Any, Any, Any],
+        kind: type[R],
+        build: Callable[[R, str, str], bus.InferenceRequest],
+        render: Callable[[R, str, str], Render],
+    ) -> Response[Any]:
+        """One OpenAI route: decode the body as `kind`, `build` the engine's request (body, model, request
+        id), run it and answer with `render` (body, request id, model) as one body or its events."""
+        req = decode(await request.body(), kind)
+        request_id = secrets.token_hex(12)
+        prepared = await self.prepare(lambda model_id: build(req, model_id, request_id))
+        return await self.answer(request, prepared, render(req, request_id, prepared.request.model), stream=req.stream)
+
+    async def answer(
+        self, request: Request[Any, Any, Any], prepared: Prepared, render: Render, *, stream: bool
+    ) -> Response[Any]:
+        """The generation as one OpenAI body or its server-sent events (schemas/openai_render.py)."""
+        request_id = prepared.request.request_id
+        if stream:
+            return streamed(request_id, self._rendered(prepared, render))
+        events = self.events(prepared)
+        try:
+            return await collected(request, request_id, render.collect(events))
+        except EngineError as exc:
+            raise engine_error(exc) from None
+        finally:
+            # `collect` returns at Finished: end the generation's bookkeeping (its log line) now.
+            await events.aclose()
+
+    async def _rendered(self, prepared: Prepared, render: Render) -> AsyncIterator[bytes]:
+        events = self.events(prepared)
+        try:
+            async with contextlib.aclosing(render.render(events)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except EngineError as exc:
+            # Headers are sent already: the error goes in-band, then the stream ends properly.
+            for chunk in render.failed(exc.code, f"Generation failed: {exc.message}"):
+                yield chunk
+        finally:
+            await events.aclose()
+
+    async def events(self, prepared: Prepared) -> AsyncGenerator[Event, None]:
         cancel = CancelToken()
-        finished: Finished | None = None
-        events = cast(AsyncGenerator[Any, None], self.daemon.engine.generate(prepared, cancel))
+        finished: bus.Finished | None = None
+        events = cast(AsyncGenerator[Event, None], self.daemon.engine.generate(prepared, cancel))
         try:
             async for event in events:
-                if isinstance(event, Finished):
+                if isinstance(event, bus.Finished):
                     finished = event
                 yield event
         finally:

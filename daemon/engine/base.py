@@ -6,15 +6,23 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from schemas import bus
+from schemas.bus import Finished
+from schemas.codes import FailCode, WorkerState
+
+if TYPE_CHECKING:
+    from daemon.engine import fit
+    from daemon.engine.report import EngineStatus, SeedWorkerStatus
+    from daemon.machine import Machine
 
 
 class EngineError(Exception):
     """A request the engine cannot run. `code` goes back to the gateway; `param` names a bad field."""
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False, param: str | None = None) -> None:
+    def __init__(self, code: FailCode, message: str, *, retryable: bool = False, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -22,8 +30,8 @@ class EngineError(Exception):
         self.param = param
 
 
-# Codes meaning "the request itself is wrong" (HTTP 400 on the local API), not "this provider failed".
-INVALID_REQUEST_CODES = bus.REQUEST_FAULTS
+class Unsupported(Exception):
+    """The engine cannot do this (no model loaded, or an engine with no model files): a 400 on the admin API."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,20 +71,7 @@ class TextChunk:
     reasoning: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Finished:
-    finish_reason: bus.FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    queue_ms: float = 0.0
-    ttft_ms: float = 0.0
-    generation_ms: float = 0.0
-    reasoning_tokens: int = 0
-    # The stop string that ended the answer, when one did.
-    stop_sequence: str | None = None
-
-
+# The answer's pieces, then exactly one bus.Finished (the `Done` frame's body).
 Event = TextChunk | Finished
 
 
@@ -119,12 +114,14 @@ class Capacity:
     queued: int
     queue_limit: int
     decode_tps: float
-    worker: str = "healthy"
+    worker: WorkerState = "healthy"
     # False while the engine cannot take work (worker restarting after a crash).
     accepting: bool = True
 
 
 class Engine(Protocol):
+    """What the daemon's front ends (NATS, local API, admin API, metrics) use of an engine."""
+
     @property
     def model_id(self) -> str:
         """The loaded model's id ("" when none is loaded)."""
@@ -141,6 +138,8 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
+    # ---- requests ----------------------------------------------------------------------
+
     async def prepare(self, request: bus.InferenceRequest) -> Prepared:
         """Tokenize and check limits, off the event loop; raises EngineError for a request that cannot run."""
         ...
@@ -148,6 +147,37 @@ class Engine(Protocol):
     def generate(self, prepared: Prepared, cancel: CancelToken) -> AsyncIterator[Event]:
         """Text chunks then exactly one Finished, unless failed (raises EngineError)."""
         ...
+
+    # ---- load and admission ------------------------------------------------------------
+
+    async def load(self, path: Path) -> object:
+        """Load the model folder at `path` instead of the current one; raises EngineError or Unsupported."""
+        ...
+
+    async def unload(self) -> tuple[str, int]:
+        """Forget the model: (its id, resident bytes freed); raises Unsupported when none is loaded."""
+        ...
+
+    def admission(self) -> fit.Admission | None:
+        """The memory budget's limits for the loaded model (None: no model, or no budget applies)."""
+        ...
+
+    def fit(self, machine: Machine) -> dict[str, Any]:
+        """Seed 002's fit report for the loaded model; raises Unsupported when none is loaded."""
+        ...
+
+    # ---- health and listeners ----------------------------------------------------------
+
+    async def health(self) -> SeedWorkerStatus:
+        """The worker's state as seed 001 names it, after asking the worker when it should be up."""
+        ...
+
+    async def status(self) -> EngineStatus:
+        """The engine's part of /admin/status."""
+        ...
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """`callback` runs whenever what `capacity` says changes (the daemon heartbeats at once)."""
 
     def running(self) -> int: ...
 

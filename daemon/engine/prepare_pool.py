@@ -36,12 +36,13 @@ from daemon.engine import prepare_process as pp
 from daemon.engine.base import EngineError
 from daemon.worker import protocol as p
 from schemas import bus
+from schemas.codes import RequestFault
 
 log = structlog.get_logger("daemon.prepare")
 
 # A request whose preparation overran the time limit or killed its helper: the buyer's input is
 # at fault (a 400 naming the field), and another provider would fare no better (not retryable).
-TOO_COMPLEX = "request_too_complex"
+TOO_COMPLEX: RequestFault = "request_too_complex"
 
 
 @dataclass(eq=False)
@@ -67,9 +68,17 @@ class _Helper:
 
 class PreparePool:
     def __init__(
-        self, *, helpers: int = 2, timeout_s: float = 1.5, max_waiting: int = 32, start_timeout_s: float = 120.0
+        self,
+        *,
+        helpers: int = 2,
+        timeout_s: float = 1.5,
+        max_waiting: int = 32,
+        start_timeout_s: float = 120.0,
+        log: list[str] | None = None,
     ) -> None:
         self.size = max(1, helpers)
+        # The daemon's log settings for the helpers' command line (daemon/child.py).
+        self._log_args = log or []
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
         self.start_timeout_s = start_timeout_s
@@ -130,6 +139,7 @@ class PreparePool:
             "daemon.engine.prepare_process",
             "--model-path",
             str(self._path),
+            *self._log_args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=dict(os.environ),

@@ -20,11 +20,12 @@ from typing import Any
 import msgspec
 import structlog
 
-from daemon.child import become_child
+from daemon.child import add_log_args, become_child
 from daemon.engine import prompt, structured
 from daemon.engine.base import EngineError
 from daemon.worker import protocol as p
 from schemas import bus
+from schemas.codes import FailCode
 
 log = structlog.get_logger("daemon.prepare")
 
@@ -56,7 +57,7 @@ class Compiled(msgspec.Struct, frozen=True, tag="compiled"):
 class Refused(msgspec.Struct, frozen=True, tag="refused"):
     """The job's input is wrong (an EngineError in this process)."""
 
-    code: str
+    code: FailCode
     message: str
     param: str | None = None
 
@@ -86,9 +87,10 @@ def run(tokenizer: Any, job: Job) -> Reply:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon.engine.prepare_process")
     parser.add_argument("--model-path", type=Path, required=True)
+    add_log_args(parser)
     args = parser.parse_args(argv)
     # Replies go to a private stdout; the daemon stops us by closing our stdin, or SIGKILL when a job overruns.
-    out = become_child()
+    out = become_child(args)
     try:
         tokenizer = prompt.load_tokenizer(args.model_path)
     except Exception as exc:

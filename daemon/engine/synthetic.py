@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
-from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared, TextChunk
+from daemon.engine import fit
+from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared, TextChunk, Unsupported
+from daemon.engine.report import EngineStatus, ModelStatus, SeedWorkerStatus, WorkerStatus
+from daemon.machine import Machine
 from schemas import bus
 
 WORDS = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".")
@@ -46,6 +51,32 @@ class SyntheticEngine:
             prompt_tokens=list(range(words + 4 * len(request.messages) + done)),
             max_tokens=max(1, request.params.max_tokens - done),
         )
+
+    # ---- no model files: nothing to load, unload or assess -----------------------------
+
+    async def load(self, path: Path) -> object:
+        raise Unsupported("The synthetic engine has no model to load")
+
+    async def unload(self) -> tuple[str, int]:
+        raise Unsupported("No model loaded")
+
+    def admission(self) -> fit.Admission | None:
+        return None
+
+    def fit(self, machine: Machine) -> dict[str, Any]:
+        raise Unsupported("No model loaded")
+
+    async def health(self) -> SeedWorkerStatus:
+        return "healthy"
+
+    async def status(self) -> EngineStatus:
+        return EngineStatus(
+            model=ModelStatus(loaded=True, name=self.model_id, memory_gb=0.0),
+            worker=WorkerStatus(healthy=True, status="healthy"),
+        )
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Its capacity changes only with its load, which heartbeats report anyway."""
 
     def running(self) -> int:
         return self._running

@@ -13,28 +13,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
+from daemon.child import log_args
 from daemon.engine import fit, prompt, structured
-from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared
+from daemon.engine.base import CancelToken, Capacity, EngineError, Event, Finished, Prepared, Unsupported
 from daemon.engine.output import Output, TokenText
 from daemon.engine.prepare_pool import PreparePool
+from daemon.engine.report import (
+    AdmissionStatus,
+    BatchStatus,
+    EngineStatus,
+    IdentityStatus,
+    ModelStatus,
+    PromptCacheStatus,
+    SeedWorkerStatus,
+    WorkerStatus,
+    gb,
+)
 from daemon.engine.sampling import GenerationDefaults, resolve
+from daemon.machine import Machine
 from daemon.models.identity import Identity, IdentityError, WeightsHasher
 from daemon.worker import protocol as p
-from daemon.worker.supervisor import Supervisor, WorkerConfig, WorkerLost, WorkerStartError
+from daemon.worker.supervisor import State, Supervisor, WorkerConfig, WorkerLost, WorkerStartError
 from schemas import bus
+from schemas.codes import WorkerState
 
 log = structlog.get_logger("daemon.engine")
 
 # What heartbeats call the supervisor's states.
-_WORKER_STATE = {
+_WORKER_STATE: dict[State, WorkerState] = {
     "healthy": "healthy",
     "starting": "starting",
     "idle": "idle",
@@ -43,6 +59,29 @@ _WORKER_STATE = {
     "no_worker": "none",
     "stopping": "stopping",
 }
+
+
+# The worker states seed 001 names, from the supervisor's finer ones.
+_HEALTH_STATUS: dict[State, SeedWorkerStatus] = {
+    "healthy": "healthy",
+    "no_worker": "no_worker",
+    "idle": "no_worker",
+    "starting": "starting",
+    "restarting": "dead",
+    "dead": "dead",
+    "stopping": "no_worker",
+}
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w/.~])/[^\s'\"():,]+")
+
+
+def _without_paths(text: str | None, model: LoadedModel | None) -> str | None:
+    """A worker crash reason as shown in /admin/status: the model folder named by its id, no other paths."""
+    if text is None:
+        return None
+    if model is not None:
+        text = text.replace(str(model.path), model.model_id)
+    return _ABSOLUTE_PATH.sub("<path>", text)
 
 
 class _CancelledWake:
@@ -94,6 +133,7 @@ class WorkerEngine:
             timeout_s=prepare_timeout_s,
             max_waiting=config.slots + queue_limit,
             start_timeout_s=config.start_timeout_s,
+            log=log_args(json=config.log_json, level=config.log_level),
         )
         self._tps = 0.0
         self.served = 0
@@ -144,8 +184,8 @@ class WorkerEngine:
     def decode_tps(self) -> float:
         return self._tps
 
-    def worker_state(self) -> str:
-        return _WORKER_STATE.get(self.supervisor.health, self.supervisor.health)
+    def worker_state(self) -> WorkerState:
+        return _WORKER_STATE[self.supervisor.health]
 
     def structured_output(self) -> bool:
         """The worker built llguidance's tokenizer for this model (kept across idle unloads)."""
@@ -300,6 +340,8 @@ class WorkerEngine:
 
     async def unload(self) -> tuple[str, int]:
         """Stop the worker and forget the model: (model id, resident bytes freed)."""
+        if self._model is None:
+            raise Unsupported("No model loaded")
         async with self._switching:
             return await self._unload()
 
@@ -314,6 +356,74 @@ class WorkerEngine:
         freed = await self.supervisor.unload()
         self._changed()
         return model_id, freed
+
+    # ---- what the admin API and the metrics read ------------------------------------------
+
+    async def health(self) -> SeedWorkerStatus:
+        status = _HEALTH_STATUS[self.supervisor.health]
+        if status == "healthy" and await self.supervisor.ping(timeout=5.0) is None:
+            # Alive but not answering: as good as dead for a buyer.
+            return "dead"
+        return status
+
+    async def status(self) -> EngineStatus:
+        sup = self.supervisor
+        stats = await sup.ping(timeout=2.0)
+        model = self._model
+        info = sup.info
+        rss = sup.rss()
+        identity = self.identity
+        adm = self.admission()
+        return EngineStatus(
+            model=ModelStatus(
+                loaded=model is not None and sup.state == "healthy",
+                name=model.model_id if model else None,
+                idle_unloaded=model is not None and sup.state == "idle",
+                memory_gb=gb(stats.memory_active if stats and stats.memory_active else rss),
+                weights_gb=gb(info.weights_bytes) if info and model else None,
+                structured_output=self.structured_output(),
+                identity=msgspec.convert(identity, IdentityStatus, from_attributes=True) if identity else None,
+            ),
+            worker=WorkerStatus(
+                healthy=sup.state == "healthy" and stats is not None,
+                status=_HEALTH_STATUS[sup.health],
+                state=sup.health,
+                pid=sup.pid,
+                rss_bytes=rss,
+                restarts=sup.restarts,
+                last_crash=_without_paths(sup.last_crash, model),
+                idle_for_s=round(time.monotonic() - sup.last_active, 1),
+            ),
+            memory_budget_bytes=self.memory_budget_bytes,
+            admission=msgspec.convert(adm, AdmissionStatus, from_attributes=True) if adm else None,
+            batch=BatchStatus(
+                slots=self.slots,
+                active_rows=stats.active if stats else 0,
+                waiting=stats.waiting if stats else 0,
+                decode_tps=round(self._tps, 2),
+                generated_tokens=stats.generated_tokens if stats else 0,
+                decode_steps=stats.decode_steps if stats else 0,
+                peak_rows=stats.peak_rows if stats else 0,
+            ),
+            prompt_cache=PromptCacheStatus(
+                entries=stats.prompt_cache_entries,
+                bytes=stats.prompt_cache_bytes,
+                max_bytes=self.config.cache_bytes,
+                hits=stats.prompt_cache_hits,
+                misses=stats.prompt_cache_misses,
+            )
+            if stats
+            else None,
+        )
+
+    def fit(self, machine: Machine) -> dict[str, Any]:
+        m = self._model
+        if m is None:
+            raise Unsupported("No model loaded")
+        info = self.supervisor.info
+        measured = info.kv_bytes_per_token if info and info.kv_bytes_per_token else None
+        report = fit.assess(m.footprint, machine, self.memory_budget_bytes, kv_bytes_per_token=measured)
+        return {"model": m.model_id, **report, "measured_decode_tps": self._tps or None}
 
     async def close(self) -> None:
         if self._hashing is not None:

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import msgspec
 import structlog
 
-from daemon.child import become_child
+from daemon.child import add_log_args, become_child
 from daemon.worker import protocol as p
 
 log = structlog.get_logger("daemon.worker")
@@ -135,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-gather", type=float, default=0.05)
     parser.add_argument("--cache-entries", type=int, default=16)
     parser.add_argument("--cache-bytes", type=int, default=1 << 30)
+    add_log_args(parser)
     args = parser.parse_args(argv)
 
     # Protocol frames go to a private stdout. The daemon stops us with a Shutdown message, or
     # SIGKILL; if it dies, our stdin closes and we exit.
-    out = become_child()
+    out = become_child(args)
     structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
     writer = Writer(out)
 

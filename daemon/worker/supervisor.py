@@ -20,9 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
+from daemon.child import log_args
 from daemon.machine import process_rss
 from daemon.worker import protocol as p
 
@@ -61,6 +63,9 @@ class WorkerConfig:
     # this long is hung: it is killed and restarted. One step is a decode or a prefill chunk
     # (at most prefill_step tokens), seconds even for a large model on a small Mac. 0: never.
     stall_s: float = 60.0
+    # The daemon's log settings, handed to the worker (it reads no environment of its own).
+    log_json: bool = False
+    log_level: str = "info"
 
 
 @dataclass
@@ -79,12 +84,16 @@ class _Worker:
     watch: asyncio.Task[None] | None = None
 
 
+# The supervisor's own states; heartbeats report them as schemas.codes.WorkerState (daemon/engine/worker_engine.py).
+State = Literal["no_worker", "starting", "healthy", "idle", "restarting", "dead", "stopping"]
+
+
 class Supervisor:
     """States: no_worker, starting, healthy, idle (unloaded, reloads on demand), restarting, dead, stopping."""
 
     def __init__(self, config: WorkerConfig, *, on_change: Callable[[], None] | None = None) -> None:
         self.config = config
-        self.state = "no_worker"
+        self.state: State = "no_worker"
         self.model_path: Path | None = None
         self.info: p.Ready | None = None
         self.restarts = 0
@@ -116,7 +125,7 @@ class Supervisor:
         return len(self._queues)
 
     @property
-    def health(self) -> str:
+    def health(self) -> State:
         """The state, except that a worker coming back from a crash is "restarting" throughout."""
         if self.crashed and self.state in ("starting", "dead", "restarting"):
             return "restarting"
@@ -209,7 +218,7 @@ class Supervisor:
 
     # ---- internals: process lifecycle ------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: State) -> None:
         if state != self.state:
             self.state = state
             self._on_change()
@@ -246,6 +255,7 @@ class Supervisor:
             str(c.cache_entries),
             "--cache-bytes",
             str(c.cache_bytes),
+            *log_args(json=c.log_json, level=c.log_level),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             # The worker inherits our environment (LD_PRELOAD of a faster BLAS) and our stderr (the log).

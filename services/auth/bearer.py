@@ -6,7 +6,6 @@ accepted only where the declaration and the handler's `allow_demo` both say so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request
@@ -14,6 +13,7 @@ from litestar.connection import ASGIConnection
 
 from services.auth import demo
 from services.auth.client_ip import client_ip, client_key
+from services.auth.principal import Principal
 from services.errors import DemoTokenNotAllowed, InvalidApiKey, MissingBearerToken
 from services.keys import format as key_format
 
@@ -22,19 +22,6 @@ if TYPE_CHECKING:
 
 # Far above any real key; longer values are refused before any parsing work.
 MAX_AUTHORIZATION_BYTES = 8192
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """An API key of an account, or an anonymous browser demo token (no account)."""
-
-    account_id: int | None
-    key_id: int | None
-    demo_token_id: str | None = None
-
-    @property
-    def is_demo(self) -> bool:
-        return self.demo_token_id is not None
 
 
 def bearer_token(request: ASGIConnection[Any, Any, Any, Any]) -> str:

@@ -27,7 +27,8 @@ import structlog
 from nats.aio.client import Client as Nats
 from opentelemetry.trace import Span, StatusCode
 
-from schemas import bus, subjects
+from schemas import bus, codes, subjects
+from schemas.codes import StreamEnd
 from schemas.conversations import conversation_key
 from schemas.tracing import Tracing, headers_for
 from services.errors import (
@@ -51,23 +52,8 @@ __all__ = ["SHUTTING_DOWN", "Call", "Dispatcher", "ReplyRouter", "StreamBroken"]
 
 log = structlog.get_logger("gateway.dispatch")
 
-# Failures of the provider, not of the request: another provider may take over.
-RECOVERABLE = frozenset(
-    {
-        "worker_crashed",
-        "worker_restarting",
-        "worker_unavailable",
-        "provider_stopping",
-        "provider_draining",
-        "provider_internal_error",
-        "provider_busy",
-        "engine_error",
-        "model_not_loaded",
-    }
-)
-
 # The code a call ends with when its replica's shutdown grace ran out (`Dispatcher.cut`).
-SHUTTING_DOWN = "shutting_down"
+SHUTTING_DOWN: StreamEnd = "shutting_down"
 
 # How often a waiting request re-checks its provider's heartbeat and its deadlines.
 _TICK_S = 0.25
@@ -78,7 +64,7 @@ def _refusal(frame: bus.Failed) -> ApiError:
 
     Only a known code becomes the buyer's error; anything else a provider says is its own failure.
     """
-    if frame.code in bus.REQUEST_FAULTS:
+    if codes.is_request_fault(frame.code):
         error: ApiError = InvalidRequest(frame.message, param=frame.param)
         error.code = frame.code
         return error
@@ -210,7 +196,7 @@ class Call:
             now = time.monotonic()
             if frame is not None:
                 if isinstance(frame, bus.Failed):
-                    raise StreamBroken(frame.code, frame.message, recoverable=frame.code in RECOVERABLE)
+                    raise StreamBroken(frame.code, frame.message, recoverable=codes.is_recoverable(frame.code))
                 if isinstance(frame, bus.Accepted):
                     raise StreamBroken("provider_protocol_error", "second accepted frame", recoverable=True)
                 return frame

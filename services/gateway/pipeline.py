@@ -14,16 +14,18 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
-from litestar import Request
+from litestar import Request, Response
 from litestar.exceptions import InternalServerException
 from litestar.response import Stream
 
 from schemas import bus
+from schemas.disconnect import unless_disconnected
 from schemas.openai_bus import Untranslatable
-from services.auth.bearer import Principal, authenticate
+from services.auth.bearer import authenticate
+from services.auth.principal import Principal
 from services.errors import ApiError, ClientDisconnected, CoordinatorUnavailable, ProviderError, untranslatable
 from services.gateway.dispatch import SHUTTING_DOWN, Call, StreamBroken
 from services.gateway.exchange import Exchange
@@ -32,10 +34,12 @@ from services.runtime import Runtime
 from services.usage.metering import Ticket, estimate_prompt_tokens, holder_for
 
 T = TypeVar("T")
+# What a surface decoded its body into (and whatever else it prepared), handed back in `Started.job`.
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(Generic[D]):
     """What a surface asks the pool for.
 
     `request` is complete but for its id and deadline, which the pipeline sets.
@@ -45,32 +49,20 @@ class Job:
     stream: bool
     # The prompt's texts: the quota reserves an estimate before any provider has counted tokens.
     prompt_texts: list[str]
+    # The surface's own view of the request, for rendering the answer.
+    decoded: D
 
 
-@dataclass(frozen=True)
-class Finished:
-    """The end of an answer, with the tokens billed (never more completion than the gateway saw)."""
-
-    finish_reason: bus.FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    # Of completion_tokens, those spent thinking.
-    reasoning_tokens: int = 0
-    # The request's stop string that ended the answer, if one did.
-    stop_sequence: str | None = None
-
-
-Event = bus.Delta | Finished
-Prepare = Callable[[Principal, bytes], Awaitable[Job]]
+Event = bus.Delta | bus.Finished
+Prepare = Callable[[Principal, bytes], Awaitable[Job[D]]]
 
 
 @dataclass
-class Started:
+class Started(Generic[D]):
     """A request a provider accepted."""
 
     principal: Principal
-    job: Job
+    job: Job[D]
     call: Call
     ex: Exchange
     # x-request-id and the x-ratelimit-* headers, for the answer and for any later error.
@@ -87,7 +79,7 @@ class Renderer(Protocol):
         ...
 
 
-async def _reserve(runtime: Runtime, principal: Principal, job: Job, request_id: str) -> Ticket:
+async def _reserve(runtime: Runtime, principal: Principal, job: Job[Any], request_id: str) -> Ticket:
     holder, limits = holder_for(principal, runtime.settings)
     tokens = estimate_prompt_tokens(job.prompt_texts) + job.request.params.max_tokens
     return await runtime.metering.reserve(holder, limits, request_id, job.request.model, tokens, stream=job.stream)
@@ -99,9 +91,9 @@ async def start(
     *,
     event: str,
     allow_demo: bool,
-    prepare: Prepare,
+    prepare: Prepare[D],
     api_key_header: bool = False,
-) -> Started:
+) -> Started[D]:
     """Authenticate, decode (`prepare`), reserve quota and hand the job to a provider, or raise."""
     request_id = request_id_of(request)
     ex = Exchange(request_id=request_id, event=event, metrics=runtime.metrics)
@@ -143,7 +135,7 @@ async def start(
 
 
 async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
-    """The provider's frames, metered as they pass: deltas, then one `Finished`."""
+    """The provider's frames, metered as they pass: deltas, then one `bus.Finished`."""
     async for frame in call.frames():
         if isinstance(frame, bus.Delta):
             ex.delta(frame)
@@ -154,13 +146,12 @@ async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
             if ex.ticket is not None:
                 ex.ticket.provider_id = call.provider_id
             prompt, completion = ex.done(frame)
-            yield Finished(
-                frame.finish_reason,
-                prompt,
-                completion,
-                frame.cached_tokens,
+            # The tokens billed replace the provider's claims (never more completion than was seen).
+            yield msgspec.structs.replace(
+                frame,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
                 reasoning_tokens=min(frame.reasoning_tokens, completion),
-                stop_sequence=frame.stop_sequence,
             )
             return
     raise ProviderError("The provider's answer ended without a final frame.")
@@ -174,37 +165,16 @@ def _broken(ex: Exchange, call: Call) -> None:
     ex.refund = call.tokens_delivered == 0
 
 
-async def _until_disconnected(request: Request[Any, Any, Any]) -> None:
-    """Returns when the client hangs up (the body has already been read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_disconnected(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the buyer hangs up first (non-stream requests)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    return await task
-
-
 async def answer(
     request: Request[Any, Any, Any],
     runtime: Runtime,
-    started: Started,
+    started: Started[Any],
     consume: Callable[[AsyncIterator[Event]], Awaitable[T]],
 ) -> T:
     """A non-stream answer: `consume` reads the events into the surface's response body."""
     ex, call = started.ex, started.call
     try:
-        return await _unless_disconnected(request, consume(events(call, ex)))
+        return await unless_disconnected(request.receive, consume(events(call, ex)))
     except asyncio.CancelledError:
         ex.status = "client_disconnected"
         raise
@@ -226,7 +196,20 @@ async def answer(
         await ex.finish(runtime.metering)
 
 
-def stream(runtime: Runtime, started: Started, renderer: Renderer) -> Stream:
+async def respond(
+    request: Request[Any, Any, Any],
+    runtime: Runtime,
+    started: Started[Any],
+    renderer: Renderer,
+    collect: Callable[[AsyncIterator[Event]], Awaitable[Any]],
+) -> Response[Any]:
+    """The answer as the job asked for it: the surface's server-sent events, or one body `collect` builds."""
+    if started.job.stream:
+        return stream(runtime, started, renderer)
+    return Response(await answer(request, runtime, started, collect), headers=started.headers)
+
+
+def stream(runtime: Runtime, started: Started[Any], renderer: Renderer) -> Stream:
     """A server-sent-event answer in the surface's format; it always ends properly."""
     return Stream(
         _guarded(runtime, started, renderer),
@@ -235,7 +218,7 @@ def stream(runtime: Runtime, started: Started, renderer: Renderer) -> Stream:
     )
 
 
-async def _guarded(runtime: Runtime, started: Started, renderer: Renderer) -> AsyncIterator[bytes]:
+async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) -> AsyncIterator[bytes]:
     ex, call = started.ex, started.call
     try:
         async with contextlib.aclosing(renderer.render(events(call, ex))) as chunks:

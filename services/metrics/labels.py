@@ -14,10 +14,9 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable, Iterable
 
-from schemas import bus
+from schemas import codes
 from schemas.device import OAuthErrorCode
 from services.errors import ApiError
-from services.gateway.dispatch import RECOVERABLE, SHUTTING_DOWN
 
 OTHER = "other"
 # The router found no route (a 404 before any handler).
@@ -25,24 +24,6 @@ UNMATCHED = "unmatched"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Distinct model ids one app labels (a pool serves a handful; more is a flood of fake names).
 MAX_MODELS = 64
-
-# Outcomes of a request that are not an ApiError's code: its stream's end, its providers' failures
-# (the codes a replica, the gateway or a provider ends a call with; see services/gateway/dispatch.py).
-_STREAM_CODES = frozenset(
-    {
-        "ok",
-        "error",
-        "client_disconnected",
-        "internal_error",
-        "provider_lost",
-        "provider_timeout",
-        "provider_protocol_error",
-        "first_token_timeout",
-        "route_closed",
-        SHUTTING_DOWN,
-    }
-    | RECOVERABLE
-)
 
 
 def _subclasses(cls: type[ApiError]) -> Iterable[type[ApiError]]:
@@ -54,7 +35,8 @@ def _subclasses(cls: type[ApiError]) -> Iterable[type[ApiError]]:
 def known_codes() -> frozenset[str]:
     """Every error code the control plane answers or ends a stream with (read when an app is built)."""
     api = {sub.code for sub in _subclasses(ApiError) if sub.code is not None}
-    return frozenset(api | bus.REQUEST_FAULTS | set(typing.get_args(OAuthErrorCode)) | _STREAM_CODES)
+    # Besides an ApiError's code, a request ends with its stream's end or its providers' failure codes.
+    return frozenset(api | codes.FAIL_CODES | codes.STREAM_ENDS | set(typing.get_args(OAuthErrorCode)))
 
 
 def method_label(method: str) -> str:

@@ -52,7 +52,8 @@ def check_token(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
     if not raw:
         raise MissingMetricsToken("Missing metrics token: send 'Authorization: Bearer <MP_METRICS_TOKEN>'.")
     scheme, _, token = raw.strip().partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+    # No token configured: nobody reads the metrics (an empty one must not match an empty header).
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
         raise InvalidMetricsToken("Invalid metrics token.")
 
 

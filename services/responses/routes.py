@@ -18,13 +18,15 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from schemas import limits, responses
-from services.auth.bearer import Principal, authenticate
+from schemas.bus import Finished
+from schemas.sse import named
+from services.auth.bearer import authenticate
 from services.auth.declared import Auth, requires
+from services.auth.principal import Principal
 from services.errors import ApiError, InvalidRequest, NotFound
 from services.gateway import pipeline
-from services.gateway.pipeline import Event, Finished, Job
+from services.gateway.pipeline import Event, Job
 from services.gateway.requests import decode_body
-from services.gateway.sse import named
 from services.ids import request_id_of
 from services.openapi import GATEWAY_ERRORS, documented
 from services.responses import store
@@ -170,10 +172,9 @@ class _Events:
     **requires(Auth.API_KEY),
 )
 async def create_response(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
-    shapes: list[_Shape] = []
     request_id = request_id_of(request)
 
-    async def prepare(principal: Principal, body: bytes) -> Job:
+    async def prepare(principal: Principal, body: bytes) -> Job[_Shape]:
         assert principal.account_id is not None  # key-only route
         req = decode_body(body, responses.CreateResponse)
         tools = function_tools(req.tools)
@@ -197,31 +198,26 @@ async def create_response(request: Request[Any, Any, Any], runtime: NamedDepende
             limits.check_conversation(texts, param="input")
         except limits.LimitExceeded as exc:
             raise InvalidRequest(exc.message, param=exc.param) from None
-        shapes.append(
-            _Shape(
-                id=f"resp_{request_id}",
-                created_at=int(time.time()),
-                req=req,
-                tools=tools,
-                instructions=instructions,
-                items=items,
-                account_id=principal.account_id,
-                runtime=runtime,
-            )
+        shape = _Shape(
+            id=f"resp_{request_id}",
+            created_at=int(time.time()),
+            req=req,
+            tools=tools,
+            instructions=instructions,
+            items=items,
+            account_id=principal.account_id,
+            runtime=runtime,
         )
         job = bus_request(req, messages, tools, runtime.settings.default_max_tokens)
-        return Job(job, req.stream, [m.content for m in messages])
+        return Job(job, req.stream, [m.content for m in messages], shape)
 
     try:
         started = await pipeline.start(request, runtime, event="openai_response", allow_demo=False, prepare=prepare)
     except ApiError as exc:
         exc.param = surface_param(exc.param)
         raise
-    shape = shapes[0]
-    if shape.req.stream:
-        return pipeline.stream(runtime, started, _Events(shape))
-    answer = await pipeline.answer(request, runtime, started, shape.collect)
-    return Response(answer, headers=started.headers)
+    shape = started.job.decoded
+    return await pipeline.respond(request, runtime, started, _Events(shape), shape.collect)
 
 
 @get(

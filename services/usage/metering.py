@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
-from services.auth.bearer import Principal
+from services.auth.principal import Principal
 from services.errors import QuotaExhausted
 from services.settings import Settings
 from services.usage import quotas

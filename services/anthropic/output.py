@@ -1,8 +1,6 @@
-"""POST /v1/messages: Anthropic's Messages API over the shared pipeline.
+"""The provider's events as Anthropic's answer: a message, or its named server-sent events.
 
-Key-only (`x-api-key` or Bearer). `tool_use` / `tool_result` blocks become the
-chat template's tool calls and tool turns; the model's tool calls come back as
-`tool_use` blocks. Errors on this route take Anthropic's shape (services/errors.py).
+The model's tool calls come back as `tool_use` blocks, its thinking as thinking blocks.
 """
 
 from __future__ import annotations
@@ -12,20 +10,10 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from litestar import Request, Response, post
-from litestar.di import NamedDependency
-
 from schemas import anthropic, bus
-from schemas.openai_bus import function_tool, named_tool_choice
-from services.auth.bearer import Principal
-from services.auth.declared import Auth, requires
-from services.errors import InvalidRequest
-from services.gateway import pipeline
-from services.gateway.pipeline import Event, Finished, Job
-from services.gateway.requests import decode_body
-from services.gateway.sse import named
-from services.openapi import ANTHROPIC_ERRORS, documented
-from services.runtime import Runtime
+from schemas.bus import Finished
+from schemas.sse import named
+from services.gateway.pipeline import Event
 
 STOP_REASON: dict[str, anthropic.StopReason] = {
     "stop": "end_turn",
@@ -33,145 +21,6 @@ STOP_REASON: dict[str, anthropic.StopReason] = {
     "length": "max_tokens",
     "tool_calls": "tool_use",
 }
-# Anthropic's client tools have no type (or "custom"); typed ones are server tools we do not run.
-_CLIENT_TOOL_TYPES = (None, "custom")
-
-
-def _user_turn(blocks: list[anthropic.InputBlock], at: str) -> list[bus.BusMessage]:
-    out: list[bus.BusMessage] = []
-    text: list[str] = []
-    for i, block in enumerate(blocks):
-        if isinstance(block, anthropic.ToolResultBlock):
-            content = block.text()
-            out.append(
-                bus.BusMessage(
-                    role="tool",
-                    content=f"Error: {content}" if block.is_error else content,
-                    tool_call_id=block.tool_use_id,
-                )
-            )
-        elif isinstance(block, anthropic.TextBlock):
-            text.append(block.text)
-        elif isinstance(block, anthropic.ToolUseBlock):
-            raise InvalidRequest(
-                f"Invalid value for '{at}[{i}].type': tool_use blocks belong in assistant turns.",
-                param=f"{at}[{i}].type",
-            )
-    if text:
-        out.append(bus.BusMessage(role="user", content="".join(text)))
-    return out
-
-
-def _assistant_turn(blocks: list[anthropic.InputBlock], at: str) -> bus.BusMessage:
-    text: list[str] = []
-    calls: list[bus.ToolCall] = []
-    for i, block in enumerate(blocks):
-        if isinstance(block, anthropic.TextBlock):
-            text.append(block.text)
-        elif isinstance(block, anthropic.ToolUseBlock):
-            calls.append(
-                bus.ToolCall(id=block.id, name=block.name, arguments=json.dumps(block.input, ensure_ascii=False))
-            )
-        elif isinstance(block, anthropic.ToolResultBlock):
-            raise InvalidRequest(
-                f"Invalid value for '{at}[{i}].type': tool_result blocks belong in user turns.", param=f"{at}[{i}].type"
-            )
-        # Thinking blocks are dropped: these models do not read earlier reasoning.
-    return bus.BusMessage(role="assistant", content="".join(text), tool_calls=calls or None)
-
-
-def bus_messages(req: anthropic.MessagesRequest) -> list[bus.BusMessage]:
-    out: list[bus.BusMessage] = []
-    system = req.system_text()
-    if system:
-        out.append(bus.BusMessage(role="system", content=system))
-    for i, m in enumerate(req.messages):
-        if isinstance(m.content, str):
-            out.append(bus.BusMessage(role=m.role, content=m.content))
-        elif m.role == "assistant":
-            out.append(_assistant_turn(m.content, f"messages[{i}].content"))
-        else:
-            out.extend(_user_turn(m.content, f"messages[{i}].content"))
-    return out
-
-
-def _tools(req: anthropic.MessagesRequest) -> list[dict[str, Any]]:
-    tools = []
-    for i, tool in enumerate(req.tools or []):
-        if tool.type not in _CLIENT_TOOL_TYPES:
-            continue  # a server tool (web search, code execution...): not offered here, dropped as seed 002 says
-        if tool.input_schema is None:
-            raise InvalidRequest(
-                f"Invalid value for 'tools[{i}].input_schema': a client tool needs an input_schema.",
-                param=f"tools[{i}].input_schema",
-            )
-        tools.append(function_tool(tool.name, tool.description, tool.input_schema))
-    return tools
-
-
-def _tool_choice(choice: anthropic.ToolChoice | None) -> str | dict[str, Any] | None:
-    if choice is None or isinstance(choice, anthropic.ToolChoiceAuto):
-        return "auto"
-    if isinstance(choice, anthropic.ToolChoiceAny):
-        return "required"
-    if isinstance(choice, anthropic.ToolChoiceNone):
-        return "none"
-    return named_tool_choice(choice.name)
-
-
-def bus_request(req: anthropic.MessagesRequest) -> bus.InferenceRequest:
-    tools = _tools(req)
-    return bus.InferenceRequest(
-        request_id="",
-        model=req.model,
-        messages=bus_messages(req),
-        params=bus.SamplingParams(
-            max_tokens=req.max_tokens,
-            max_tokens_explicit=True,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            stop=list(req.stop_sequences or []),
-        ),
-        tools=tools or None,
-        tool_choice=_tool_choice(req.tool_choice) if tools else None,
-        # Thinking turned off turns the model's thinking channel off; a budget cannot be held to.
-        reasoning_effort="none" if req.thinking is not None and req.thinking.type == "disabled" else None,
-    )
-
-
-@post(
-    "/v1/messages",
-    status_code=200,
-    **documented(
-        ok=anthropic.Message,
-        body=anthropic.MessagesRequest,
-        errors=ANTHROPIC_ERRORS,
-        error_body=anthropic.ErrorResponse,
-        stream=True,
-    ),
-    **requires(Auth.ANTHROPIC_KEY),
-)
-async def messages(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
-    decoded: list[anthropic.MessagesRequest] = []
-
-    async def prepare(principal: Principal, body: bytes) -> Job:
-        req = decode_body(body, anthropic.MessagesRequest)
-        decoded.append(req)
-        job = bus_request(req)
-        return Job(job, req.stream, [m.content for m in job.messages])
-
-    started = await pipeline.start(
-        request, runtime, event="anthropic_message", allow_demo=False, prepare=prepare, api_key_header=True
-    )
-    # Anthropic's SDKs report this header as the request id.
-    started.headers["request-id"] = started.ex.request_id
-    req = decoded[0]
-    shape = _Shape(f"msg_{started.ex.request_id}", req.model, started.call.accepted.prompt_tokens)
-    if req.stream:
-        return pipeline.stream(runtime, started, _Events(shape))
-    message = await pipeline.answer(request, runtime, started, shape.collect)
-    return Response(message, headers=started.headers)
 
 
 def tool_use(call: bus.ToolCall) -> anthropic.ToolUseContent:
@@ -249,7 +98,7 @@ def _stop(event: Finished) -> tuple[anthropic.StopReason, str | None]:
     return STOP_REASON[event.finish_reason], None
 
 
-class _Shape:
+class Shape:
     def __init__(self, message_id: str, model: str, prompt_tokens: int) -> None:
         self.id = message_id
         self.model = model
@@ -306,10 +155,10 @@ def _content(steps: list[tuple[str, int, Any]]) -> list[anthropic.ContentBlock]:
     return content
 
 
-class _Events:
+class Events:
     """Anthropic's event grammar: message_start, ping, content blocks, message_delta, message_stop."""
 
-    def __init__(self, shape: _Shape) -> None:
+    def __init__(self, shape: Shape) -> None:
         self._shape = shape
 
     async def render(self, events: AsyncIterator[Event]) -> AsyncGenerator[bytes, None]:

@@ -1,4 +1,7 @@
-"""structlog set-up for the daemon (brew services collects stderr into its log file)."""
+"""structlog set-up for the control plane and the daemon alike: one line per event to stderr.
+
+JSON in the cloud, readable locally (brew services collects the daemon's stderr into its log file).
+"""
 
 from __future__ import annotations
 

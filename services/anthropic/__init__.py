@@ -1,0 +1,1 @@
+"""Anthropic's Messages API: its requests as bus requests (convert), the answers in its format (output)."""
