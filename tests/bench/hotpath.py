@@ -1,0 +1,346 @@
+"""`python3 -m tests.bench hotpath` (`just bench hotpath`): the gateway's hot path, side by side in one run.
+
+One nats-server, one PostgreSQL, one synthetic daemon and two control planes
+(MP_METERING=off and =on). Each column is one kind of load; each row a figure.
+The series, in rounds whose order rotates so drift falls on all alike:
+
+  off, 1 key      metering off: the baseline for "metering on vs off"
+  on, 1 key       metering on, every request on one account (one quota row, one lease)
+  on, N keys      metering on, worker w uses key w % N (N = concurrency): one quota row per worker
+
+Goals this prints beside the figures (issue 14): one key at c=64 no slower than
+64 keys (p50 within 1.2x), metering on vs off within 10% requests/s, gateway
+CPU per streamed / non-streamed request. With --profile, py-spy samples the
+metering-on gateway during its one-key rounds and the top functions are printed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from services.keys.store import create_account, create_key
+from tests.bench import cli, harness
+from tests.bench.cpu import CpuProbe
+from tests.bench.harness import Verdict
+from tests.bench.load import HttpClients, Level, OneRequest, Sample, ViaGateway, drive, warmup
+from tests.bench.machine import machine_lines
+from tests.bench.progress import say
+from tests.bench.report import Stats
+from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
+from tests.bench.synthetic import MODEL_ID, SyntheticStack
+from tests.bench.table import Table, ms, rate
+
+OFF = "metering-off"
+ON = "metering-on"
+GATEWAYS = (
+    GatewaySpec(OFF, {**RAISED_QUOTAS, "MP_METERING": "off"}),
+    GatewaySpec(ON, {**RAISED_QUOTAS, "MP_METERING": "on"}),
+)
+SERIES = ("off, 1 key", "on, 1 key", "on, N keys")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    stream: bool
+    concurrency: int
+
+    @property
+    def label(self) -> str:
+        return f"{'stream' if self.stream else 'non-stream'} c={self.concurrency}"
+
+
+@dataclass
+class Tally:
+    levels: list[Level] = field(default_factory=list)
+    gateway_cpu_s: float = 0.0
+    postgres_cpu_s: float = 0.0
+
+    @property
+    def stats(self) -> Stats:
+        return Stats.of(Level.merge(self.levels))
+
+
+@dataclass
+class Plan:
+    columns: tuple[Column, ...]
+    tokens: int
+    requests: int
+    rounds: int
+    profile_s: float
+    streams_per_client: int = 8
+
+
+async def _accounts(database_url: str, n: int) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        keys = []
+        for i in range(n):
+            account = await create_account(conn, f"bench-{i}-{time.monotonic_ns()}")
+            key, _ = await create_key(conn, account, name="bench")
+            keys.append(key)
+        return keys
+    finally:
+        await conn.close()
+
+
+class ManyKeys:
+    """Worker w sends with key w % len(keys)."""
+
+    def __init__(self, sends: Sequence[ViaGateway]) -> None:
+        self.sends = sends
+
+    async def __call__(self, worker: int) -> Sample:
+        return await self.sends[worker % len(self.sends)](worker)
+
+
+class Profiler:
+    """py-spy on one process, collapsed stacks (`--format raw`) summed over the rounds it is started for."""
+
+    def __init__(self, pid: int, directory: Path) -> None:
+        self.pid = pid
+        self.directory = directory
+        self.files: list[Path] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("py-spy")
+        if exe is None:
+            return
+        out = self.directory / f"profile-{len(self.files)}.txt"
+        self.files.append(out)
+        self._proc = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # attached before the round starts
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            self._proc = None
+
+    def top(self, n: int = 15) -> list[str]:
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        total = 0
+        for path in self.files:
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                if not stack or not count.isdigit():
+                    continue
+                frames = stack.split(";")
+                # The event loop's idle wait is not work.
+                if "select (selectors.py" in frames[-1] or ("_run_once" in frames[-1] and len(frames) < 4):
+                    continue
+                samples = int(count)
+                total += samples
+                own[_short(frames[-1])] += samples
+                for name in {_short(f) for f in frames}:
+                    inclusive[name] += samples
+        if not total:
+            return ["  (no samples: is py-spy installed and allowed to attach?)"]
+        lines = [f"  busy samples: {total} (idle selector waits left out)", "  own time:"]
+        lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(n)]
+        lines.append("  inclusive (project code):")
+        ours = [(k, c) for k, c in inclusive.most_common() if "services/" in k or "schemas/" in k]
+        lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in ours[:n]]
+        return lines
+
+
+def _short(frame: str) -> str:
+    # "fn (path/to/file.py:123)" -> "fn (file-relative path:line)" without the venv prefix.
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", "/wt-hot/", "/main/", "python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})"
+
+
+async def measure(
+    plan: Plan, stack: SyntheticStack, profile_dir: Path
+) -> tuple[dict[str, dict[str, Tally]], list[str]]:
+    assert stack.postgres_pid is not None
+    top = max(c.concurrency for c in plan.columns)
+    keys = await _accounts(stack.database_url, top)
+    postgres = CpuProbe(stack.postgres_pid, tree=True)
+    gw = {name: stack.gateways[name] for name in (OFF, ON)}
+    probes = {name: CpuProbe(g.child.proc.pid) for name, g in gw.items()}
+    profiler = Profiler(gw[ON].child.proc.pid, profile_dir) if plan.profile_s else None
+    results: dict[str, dict[str, Tally]] = {}
+    async with (
+        HttpClients(top, plan.streams_per_client) as c_off,
+        HttpClients(top, plan.streams_per_client) as c_one,
+        HttpClients(top, plan.streams_per_client) as c_many,
+    ):
+        for column in plan.columns:
+            c = column.concurrency
+
+            def via(clients: HttpClients, name: str, key: str, column: Column = column) -> ViaGateway:
+                return ViaGateway(clients, gw[name].base_url, key, MODEL_ID, plan.tokens, stream=column.stream)
+
+            senders: dict[str, tuple[str, OneRequest]] = {
+                SERIES[0]: (OFF, via(c_off, OFF, stack.api_key)),
+                SERIES[1]: (ON, via(c_one, ON, stack.api_key)),
+                SERIES[2]: (ON, ManyKeys([via(c_many, ON, k) for k in keys[:c]])),
+            }
+            for _, send in senders.values():
+                await drive(send, concurrency=c, requests=warmup(c) * 2)
+            tallies = {s: Tally() for s in SERIES}
+            per_round = max(1, plan.requests // plan.rounds)
+            for r in range(plan.rounds):
+                order = SERIES[r % 3 :] + SERIES[: r % 3]
+                for series in order:
+                    name, send = senders[series]
+                    profiling = profiler is not None and series == SERIES[1] and column.stream
+                    if profiling:
+                        assert profiler is not None
+                        profiler.start()
+                    pg0, gw0 = postgres.snapshot(), probes[name].snapshot()
+                    tallies[series].levels.append(await drive(send, concurrency=c, requests=per_round))
+                    pg1, gw1 = postgres.snapshot(), probes[name].snapshot()
+                    if profiling:
+                        assert profiler is not None
+                        profiler.stop()
+                    tallies[series].gateway_cpu_s += CpuProbe.used(gw0, gw1) or 0.0
+                    tallies[series].postgres_cpu_s += CpuProbe.used(pg0, pg1) or 0.0
+                stack.check_alive()
+            for series in SERIES:
+                s = tallies[series].stats
+                say(f"{column.label:<16} {series:<11}: {s.requests} requests, {s.wall_s:6.2f}s, {s.failed} failed")
+            results[column.label] = tallies
+    return results, (profiler.top() if profiler is not None else [])
+
+
+def render(plan: Plan, results: dict[str, dict[str, Tally]], profile: list[str], tail: list[str]) -> str:
+    header = [
+        f"mac-provider hot-path benchmark ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
+        "",
+        "ENGINE: the SYNTHETIC stand-in (one token per step, as fast as it can): these numbers measure the serving",
+        "        path. Two control planes on one NATS + PostgreSQL + daemon, MP_METERING=off and =on.",
+        "series: 'off, 1 key' = metering off; 'on, 1 key' = every request on one account; 'on, N keys' = worker w",
+        "        uses key w % N, N = the column's concurrency (one quota row per worker).",
+        f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop;",
+        f"      {plan.requests} measured requests per column and series in {plan.rounds} rounds whose order",
+        "      rotates; after a warm-up of each.",
+        *machine_lines("the client, both control planes, nats-server, daemon and PostgreSQL"),
+    ]
+    labels = list(results)
+    table = Table(header, label=34, cell=13, columns=len(labels) * len(SERIES))
+    table.row("", [lab[: table.cell] for lab in labels for _ in SERIES])
+    table.row("", [s for _ in labels for s in SERIES])
+    table.rule()
+
+    def cells(fn: object) -> list[str]:
+        return [fn(results[lab][s]) for lab in labels for s in SERIES]  # type: ignore[operator]
+
+    def n(t: Tally) -> int:
+        return len([x for lev in t.levels for x in lev.samples])
+
+    table.row("requests measured", cells(lambda t: str(t.stats.requests)))
+    table.row("failed", cells(lambda t: str(t.stats.failed)))
+    table.row("latency p50 (ms)", cells(lambda t: ms(t.stats.latency_p50_ms)))
+    table.row("latency p99 (ms)", cells(lambda t: ms(t.stats.latency_p99_ms)))
+    table.row("TTFT p50 (ms)", cells(lambda t: ms(t.stats.ttft_p50_ms)))
+    table.row("TTFT p99 (ms)", cells(lambda t: ms(t.stats.ttft_p99_ms)))
+    table.row("requests/s", cells(lambda t: rate(t.stats.requests_per_s)))
+    table.row("gateway CPU per request (ms)", cells(lambda t: ms(1000 * t.gateway_cpu_s / max(1, n(t)))))
+    table.row("Postgres CPU per request (ms)", cells(lambda t: ms(1000 * t.postgres_cpu_s / max(1, n(t)))))
+    table.rule()
+    table.add("goals (issue 14)")
+    for lab in labels:
+        off, one, many = (results[lab][s].stats for s in SERIES)
+        ratio = (
+            f"{one.latency_p50_ms / many.latency_p50_ms:.2f}x" if one.latency_p50_ms and many.latency_p50_ms else "-"
+        )
+        rps = f"{one.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
+        table.add(
+            f"  {lab:<16} p50 one key / N keys: {ratio} (goal <= 1.20x); requests/s on / off: {rps} (goal >= 0.90x)"
+        )
+    if profile:
+        table.add("", "py-spy, the metering-on gateway during its one-key streamed rounds:", *profile)
+    return table.text(
+        [
+            "gateway CPU per request: user+system CPU of that gateway process in the series' rounds / its requests;",
+            "Postgres: all its processes. Latency: request sent to the end of the body (settlement included).",
+            *tail,
+        ]
+    )
+
+
+def _verdict(results: tuple[dict[str, dict[str, Tally]], list[str]]) -> Verdict:
+    sides = [t.stats for col in results[0].values() for t in col.values()]
+    hollow = any(s.failed == s.requests for s in sides)
+    return Verdict(
+        failed=any(s.failed for s in sides), hollow="no request succeeded in some series" if hollow else None
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser(__doc__, "hotpath")
+    parser.add_argument("--tokens", type=cli.positive, default=64, help="max_tokens (default 64)")
+    parser.add_argument("--concurrency", type=cli.positive, default=64, help="streamed concurrency (default 64)")
+    parser.add_argument("--non-stream", type=int, default=16, help="non-stream concurrency (0: no column)")
+    parser.add_argument("--requests", type=cli.positive, default=None, help="per column and series (default 512)")
+    parser.add_argument("--rounds", type=cli.positive, default=None, help="rounds (default 4; 2 with --quick)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the metering-on gateway (pip install py-spy)")
+    cli.add_run_flags(parser, quick="smoke run: fewer requests")
+    args = parser.parse_args(argv)
+    columns = [Column(True, 1), Column(True, args.concurrency)]
+    if args.non_stream:
+        columns.append(Column(False, args.non_stream))
+    plan = Plan(
+        columns=tuple(columns),
+        tokens=args.tokens,
+        requests=args.requests or (128 if args.quick else 512),
+        rounds=args.rounds or (2 if args.quick else 4),
+        profile_s=1.0 if args.profile else 0.0,
+    )
+    profile_dir = Path(tempfile.mkdtemp(prefix="mp-bench-profile-"))
+    try:
+        return harness.run(
+            prefix="mp-bench-",
+            stack=lambda home: SyntheticStack(home, gateways=GATEWAYS),
+            measure=lambda stack: measure(plan, stack, profile_dir),
+            verdict=_verdict,
+            table=lambda result, tail: render(plan, result[0], result[1], tail),
+            keep_logs=args.keep,
+            strict=args.strict,
+            load_line=True,
+        )
+    finally:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
