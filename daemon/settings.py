@@ -109,6 +109,8 @@ class DaemonSettings:
     # The synthetic engine only: seconds between its tokens (0: as fast as it can), so the
     # benchmarks can hold streams open at a model's pace (`just bench scale`).
     synthetic_token_delay_s: float = 0.0
+    # The synthetic engine only: tokens it hands over together per step (a batch's decode step).
+    synthetic_tokens_per_step: int = 1
     # Stop the worker (returning its memory) after this long without requests; 0: never.
     idle_unload_s: float = 600.0
     # Memory the model may use: weights + KV cache + transients. None: a share of this Mac's RAM.
@@ -195,6 +197,7 @@ class DaemonSettings:
                 api_port=int(env.get("MP_API_PORT", "11440")),
                 slots=int(env.get("MP_SLOTS") or _default_slots()),
                 synthetic_token_delay_s=float(env.get("MP_SYNTHETIC_TOKEN_DELAY_S", "0")),
+                synthetic_tokens_per_step=int(env.get("MP_SYNTHETIC_TOKENS_PER_STEP", "1")),
                 idle_unload_s=float(env.get("MP_IDLE_UNLOAD_S", "600")),
                 memory_budget_bytes=int(float(budget_gb) * (1 << 30)) if budget_gb else None,
                 prompt_cache_entries=int(env.get("MP_PROMPT_CACHE_ENTRIES", "16")),
@@ -235,6 +238,10 @@ class DaemonSettings:
         if not 0 <= settings.synthetic_token_delay_s <= 10:
             raise SettingsError(
                 f"MP_SYNTHETIC_TOKEN_DELAY_S must be between 0 and 10, got {settings.synthetic_token_delay_s}"
+            )
+        if not 1 <= settings.synthetic_tokens_per_step <= 4096:
+            raise SettingsError(
+                f"MP_SYNTHETIC_TOKENS_PER_STEP must be between 1 and 4096, got {settings.synthetic_tokens_per_step}"
             )
         if not 0 <= settings.prefill_gather <= 1:
             raise SettingsError(f"MP_PREFILL_GATHER must be between 0 and 1, got {settings.prefill_gather}")

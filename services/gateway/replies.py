@@ -97,14 +97,18 @@ class ReplyStream:
     async def next(self, timeout: float) -> bus.Frame | None:  # noqa: ASYNC109 - per-frame deadline
         """The next frame in sequence, or None if none arrived within `timeout`."""
         while True:
-            try:
-                # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives just as
-                # a frame does (gh-86296), and with frames arriving every few ms a buyer's hang-up
-                # was lost that way now and then: the request went on generating to max_tokens.
-                async with asyncio.timeout(timeout):
-                    item = await self._queue.get()
-            except TimeoutError:
-                return None
+            if self._queue.empty():
+                try:
+                    # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives just as
+                    # a frame does (gh-86296), and with frames arriving every few ms a buyer's hang-up
+                    # was lost that way now and then: the request went on generating to max_tokens.
+                    async with asyncio.timeout(timeout):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    return None
+            else:
+                # Already here: no timer to arm and cancel (most frames under load).
+                item = self._queue.get_nowait()
             if isinstance(item, _ProviderLost):
                 raise StreamBroken(
                     "provider_lost", f"provider {self.provider_id} left the pool mid-request", recoverable=True

@@ -116,19 +116,22 @@ WITH p AS (
 SELECT request_id, (SELECT count(*) FROM u) AS subjects FROM ins
 """
 
-# Settlement of a batch: ledger rows, reservations gone, the slots back to this replica's lease
-# (when it still has one), unused tokens and refunded requests back to the subject.
+# Settlement of a batch: ledger rows, reservations gone, unused tokens and refunded requests back to
+# the subject, and each slot back to this replica's lease (when it still has one) where `keep_slot`
+# says this replica is busy with the subject, else back to the subject: a subject with a small
+# concurrency limit (a demo token's 1) never finds its one slot parked on another replica.
 _CLOSE = """
 WITH p AS (
     SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::real[], $8::real[],
-                         $9::text[], $10::bool[])
+                         $9::text[], $10::bool[], $11::bool[])
         AS p(request_id, provider_id, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms,
-             outcome, refund)
+             outcome, refund, keep_slot)
 ), r AS (
     DELETE FROM reservations res USING p WHERE res.request_id = p.request_id
     RETURNING res.request_id, res.subject, res.account_id, res.key_id, res.demo_token_id, res.model,
               res.window_day, res.tokens_reserved, coalesce(p.provider_id, res.provider_id) AS provider_id,
-              p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.ttft_ms, p.duration_ms, p.outcome, p.refund
+              p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.ttft_ms, p.duration_ms, p.outcome, p.refund,
+              p.keep_slot
 ), led AS (
     INSERT INTO usage_ledger
         (request_id, subject, account_id, key_id, demo_token_id, model, provider_id, prompt_tokens,
@@ -139,7 +142,7 @@ WITH p AS (
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id
 ), agg AS (
-    SELECT r.subject, count(*)::int AS n,
+    SELECT r.subject, count(*)::int AS n, sum(r.keep_slot::int)::int AS keep,
            sum(CASE WHEN r.window_day = q.window_day
                     THEN r.tokens_reserved - CASE WHEN r.refund THEN 0 ELSE r.prompt_tokens + r.completion_tokens END
                     ELSE 0 END)::bigint AS give_t,
@@ -147,22 +150,22 @@ WITH p AS (
     FROM r JOIN quota_usage q ON q.subject = r.subject
     GROUP BY r.subject
 ), l AS (
-    UPDATE quota_leases l SET slots = l.slots + agg.n
+    UPDATE quota_leases l SET slots = l.slots + agg.keep
     FROM agg
-    WHERE l.subject = agg.subject AND l.gateway_id = $1
+    WHERE l.subject = agg.subject AND l.gateway_id = $1 AND agg.keep > 0
     RETURNING l.subject
 ), upd AS (
     UPDATE quota_usage u SET
         inflight = u.inflight - agg.n,
         tokens = greatest(0, u.tokens - agg.give_t),
         requests = greatest(0, u.requests - agg.give_r),
-        leased_slots = u.leased_slots + CASE WHEN agg.subject IN (SELECT subject FROM l) THEN agg.n ELSE 0 END
+        leased_slots = u.leased_slots + CASE WHEN agg.subject IN (SELECT subject FROM l) THEN agg.keep ELSE 0 END
     FROM agg
     WHERE u.subject = agg.subject
     RETURNING 1
 )
-SELECT r.request_id, r.subject IN (SELECT subject FROM l) AS to_lease, (SELECT count(*) FROM upd) AS subjects,
-       (SELECT count(*) FROM led) AS written
+SELECT r.request_id, r.keep_slot AND r.subject IN (SELECT subject FROM l) AS to_lease,
+       (SELECT count(*) FROM upd) AS subjects, (SELECT count(*) FROM led) AS written
 FROM r
 """
 
@@ -213,6 +216,9 @@ _FORGET_EMPTY = (
 
 # How many seconds of this replica's rate of a subject one lease should cover.
 HORIZON_S = 2.0
+# A settled request's slot stays in this replica's lease while more than this many of the subject's
+# requests run here (it will be needed again at once); otherwise it goes back to the subject.
+KEEP_SLOTS_ABOVE = 4
 
 
 @dataclass
@@ -280,6 +286,7 @@ class Closing:
     duration_ms: float | None
     outcome: str
     refund: bool
+    keep_slot: bool
 
 
 async def grant(
@@ -367,6 +374,7 @@ async def close_many(db: asyncpg.Pool, gw: str, items: list[Closing]) -> list[tu
         [i.duration_ms for i in items],
         [i.outcome for i in items],
         [i.refund for i in items],
+        [i.keep_slot for i in items],
     )
     done = {r["request_id"]: bool(r["to_lease"]) for r in rows}
     return [(i.request_id in done, done.get(i.request_id, False)) for i in items]

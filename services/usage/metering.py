@@ -348,6 +348,7 @@ class Metering:
             settlement.duration_ms,
             settlement.outcome,
             settlement.refund,
+            keep_slot=ticket.lease is not None and ticket.lease.in_use > leases.KEEP_SLOTS_ABOVE,
         )
         lease = ticket.lease
         try:

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import asyncpg
 
+from infra.components import Child, start_daemon, wait_model
 from services.keys.store import create_account, create_key
 from tests.bench import cli, harness
 from tests.bench.cpu import CpuProbe
 from tests.bench.harness import Verdict
-from tests.bench.load import HttpClients, Level, OneRequest, Sample, ViaGateway, drive, warmup
+from tests.bench.load import Direct, HttpClients, Level, OneRequest, Sample, ViaGateway, drive, warmup
 from tests.bench.machine import machine_lines
 from tests.bench.progress import say
 from tests.bench.report import Stats
@@ -46,28 +47,39 @@ GATEWAYS = (
     GatewaySpec(OFF, {**RAISED_QUOTAS, "MP_METERING": "off"}),
     GatewaySpec(ON, {**RAISED_QUOTAS, "MP_METERING": "on"}),
 )
+DIRECT = "direct engine"
 SERIES = ("off, 1 key", "on, 1 key", "on, N keys")
+# A second daemon whose synthetic engine hands over this many tokens per step (a batch's decode step).
+BATCH_MODEL = "synthetic-batch"
+BATCH_STEP = 8
 
 
 @dataclass(frozen=True, slots=True)
 class Column:
     stream: bool
     concurrency: int
+    model: str = MODEL_ID
 
     @property
     def label(self) -> str:
-        return f"{'stream' if self.stream else 'non-stream'} c={self.concurrency}"
+        kind = "stream" if self.stream else "non-stream"
+        step = f", {BATCH_STEP} tok/step" if self.model == BATCH_MODEL else ""
+        return f"{kind} c={self.concurrency}{step}"
 
 
 @dataclass
 class Tally:
     levels: list[Level] = field(default_factory=list)
-    gateway_cpu_s: float = 0.0
-    postgres_cpu_s: float = 0.0
+    gateway_cpu_s: float | None = 0.0
+    postgres_cpu_s: float | None = 0.0
 
     @property
     def stats(self) -> Stats:
         return Stats.of(Level.merge(self.levels))
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [x for lev in self.levels for x in lev.samples]
 
 
 @dataclass
@@ -78,6 +90,29 @@ class Plan:
     rounds: int
     profile_s: float
     streams_per_client: int = 8
+
+
+class HotStack(SyntheticStack):
+    """The synthetic stack plus a daemon whose engine hands over BATCH_STEP tokens per step."""
+
+    def start_daemons(self) -> None:
+        super().start_daemons()
+        batch = start_daemon(
+            self.home,
+            nats=self.nats_url,
+            provider_id="bench-synthetic-batch",
+            model_id=BATCH_MODEL,
+            engine="synthetic",
+            env={"MP_SYNTHETIC_TOKENS_PER_STEP": str(BATCH_STEP)},
+        )
+        self.on_stop(batch.name, batch.stop)
+        self.extra = batch
+        for gateway in self.gateways.values():
+            wait_model(gateway.base_url, BATCH_MODEL, timeout=60, daemon=batch)
+
+    def children(self) -> list[Child]:
+        extra = getattr(self, "extra", None)
+        return [*super().children(), *([extra] if extra else [])]
 
 
 async def _accounts(database_url: str, n: int) -> list[str]:
@@ -171,7 +206,12 @@ class Profiler:
         lines = [f"  busy samples: {total} (idle selector waits left out)", "  own time:"]
         lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(n)]
         lines.append("  inclusive (project code):")
-        ours = [(k, c) for k, c in inclusive.most_common() if "services/" in k or "schemas/" in k]
+        # Leaving out the frames every sample passes through (the server's main and loop).
+        ours = [
+            (k, c)
+            for k, c in inclusive.most_common()
+            if ("services/" in k or "schemas/" in k) and c < 0.8 * total
+        ]
         lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in ours[:n]]
         return lines
 
@@ -187,9 +227,10 @@ def _short(frame: str) -> str:
     return f"{name} ({where})"
 
 
-async def measure(
-    plan: Plan, stack: SyntheticStack, profile_dir: Path
-) -> tuple[dict[str, dict[str, Tally]], list[str]]:
+Results = dict[str, dict[str, Tally]]
+
+
+async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> tuple[Results, list[str]]:
     assert stack.postgres_pid is not None
     top = max(c.concurrency for c in plan.columns)
     keys = await _accounts(stack.database_url, top)
@@ -197,7 +238,7 @@ async def measure(
     gw = {name: stack.gateways[name] for name in (OFF, ON)}
     probes = {name: CpuProbe(g.child.proc.pid) for name, g in gw.items()}
     profiler = Profiler(gw[ON].child.proc.pid, profile_dir) if plan.profile_s else None
-    results: dict[str, dict[str, Tally]] = {}
+    results: Results = {}
     async with (
         HttpClients(top, plan.streams_per_client) as c_off,
         HttpClients(top, plan.streams_per_client) as c_one,
@@ -207,92 +248,130 @@ async def measure(
             c = column.concurrency
 
             def via(clients: HttpClients, name: str, key: str, column: Column = column) -> ViaGateway:
-                return ViaGateway(clients, gw[name].base_url, key, MODEL_ID, plan.tokens, stream=column.stream)
+                return ViaGateway(clients, gw[name].base_url, key, column.model, plan.tokens, stream=column.stream)
 
-            senders: dict[str, tuple[str, OneRequest]] = {
+            senders: dict[str, tuple[str | None, OneRequest]] = {
                 SERIES[0]: (OFF, via(c_off, OFF, stack.api_key)),
                 SERIES[1]: (ON, via(c_one, ON, stack.api_key)),
                 SERIES[2]: (ON, ManyKeys([via(c_many, ON, k) for k in keys[:c]])),
             }
+            if column.stream and column.model == MODEL_ID:
+                # The baseline: the same engine in this process, no HTTP, no NATS, no gateway.
+                senders = {DIRECT: (None, Direct(plan.tokens)), **senders}
             for _, send in senders.values():
                 await drive(send, concurrency=c, requests=warmup(c) * 2)
-            tallies = {s: Tally() for s in SERIES}
+            names = list(senders)
+            tallies = {s: Tally() for s in names}
             per_round = max(1, plan.requests // plan.rounds)
             for r in range(plan.rounds):
-                order = SERIES[r % 3 :] + SERIES[: r % 3]
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for series in order:
                     name, send = senders[series]
-                    profiling = profiler is not None and series == SERIES[1] and column.stream
+                    tally = tallies[series]
+                    profiling = profiler is not None and series == SERIES[1] and column == plan.columns[1]
                     if profiling:
                         assert profiler is not None
                         profiler.start()
-                    pg0, gw0 = postgres.snapshot(), probes[name].snapshot()
-                    tallies[series].levels.append(await drive(send, concurrency=c, requests=per_round))
-                    pg1, gw1 = postgres.snapshot(), probes[name].snapshot()
+                    pg0 = postgres.snapshot()
+                    gw0 = probes[name].snapshot() if name else None
+                    tally.levels.append(await drive(send, concurrency=c, requests=per_round))
+                    pg1 = postgres.snapshot()
+                    gw1 = probes[name].snapshot() if name else None
                     if profiling:
                         assert profiler is not None
                         profiler.stop()
-                    tallies[series].gateway_cpu_s += CpuProbe.used(gw0, gw1) or 0.0
-                    tallies[series].postgres_cpu_s += CpuProbe.used(pg0, pg1) or 0.0
+                    tally.gateway_cpu_s = _add(tally.gateway_cpu_s, CpuProbe.used(gw0, gw1) if name else None)
+                    tally.postgres_cpu_s = _add(tally.postgres_cpu_s, CpuProbe.used(pg0, pg1) if name else None)
                 stack.check_alive()
-            for series in SERIES:
-                s = tallies[series].stats
-                say(f"{column.label:<16} {series:<11}: {s.requests} requests, {s.wall_s:6.2f}s, {s.failed} failed")
+            for series in names:
+                st = tallies[series].stats
+                say(f"{column.label:<24} {series:<13}: {st.requests} requests, {st.wall_s:6.2f}s, {st.failed} failed")
             results[column.label] = tallies
     return results, (profiler.top() if profiler is not None else [])
 
 
-def render(plan: Plan, results: dict[str, dict[str, Tally]], profile: list[str], tail: list[str]) -> str:
+def _add(total: float | None, used: float | None) -> float | None:
+    return None if total is None or used is None else total + used
+
+
+def render(plan: Plan, results: Results, profile: list[str], tail: list[str]) -> str:
     header = [
         f"mac-provider hot-path benchmark ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
         "",
         "ENGINE: the SYNTHETIC stand-in (one token per step, as fast as it can): these numbers measure the serving",
-        "        path. Two control planes on one NATS + PostgreSQL + daemon, MP_METERING=off and =on.",
-        "series: 'off, 1 key' = metering off; 'on, 1 key' = every request on one account; 'on, N keys' = worker w",
-        "        uses key w % N, N = the column's concurrency (one quota row per worker).",
-        f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop;",
-        f"      {plan.requests} measured requests per column and series in {plan.rounds} rounds whose order",
-        "      rotates; after a warm-up of each.",
-        *machine_lines("the client, both control planes, nats-server, daemon and PostgreSQL"),
+        "        path, not a model. Two control planes on one NATS + PostgreSQL, MP_METERING=off and =on, and two",
+        f"        daemons: {MODEL_ID!r} (1 token per step) and {BATCH_MODEL!r} ({BATCH_STEP} tokens per step, as a",
+        "        batch's decode step hands over; the daemon puts the tokens ready together in one frame).",
+        f"series: '{DIRECT}' = the same engine in the benchmark process (no HTTP, NATS or gateway): the baseline;",
+        "        'off, 1 key' = metering off; 'on, 1 key' = metering on, every request on one account (one quota",
+        "        row); 'on, N keys' = worker w uses key w % N, N = the column's concurrency (one quota row each).",
+        f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop; {plan.requests} measured requests",
+        f"      per column and series in {plan.rounds} rounds whose order rotates; after a warm-up of each.",
+        *machine_lines("the client, both control planes, nats-server, daemons and PostgreSQL"),
     ]
-    labels = list(results)
-    table = Table(header, label=34, cell=13, columns=len(labels) * len(SERIES))
-    table.row("", [lab[: table.cell] for lab in labels for _ in SERIES])
-    table.row("", [s for _ in labels for s in SERIES])
+    figures = (
+        "requests",
+        "failed",
+        "p50 ms",
+        "p99 ms",
+        "TTFT p50",
+        "TTFT p99",
+        "req/s",
+        "frames/req",
+        "gw CPU/req",
+        "gw CPU/frame",
+        "PG CPU/req",
+    )
+    table = Table(header, label=40, cell=10, columns=len(figures))
+    table.row("column / series", figures)
     table.rule()
-
-    def cells(fn: object) -> list[str]:
-        return [fn(results[lab][s]) for lab in labels for s in SERIES]  # type: ignore[operator]
-
-    def n(t: Tally) -> int:
-        return len([x for lev in t.levels for x in lev.samples])
-
-    table.row("requests measured", cells(lambda t: str(t.stats.requests)))
-    table.row("failed", cells(lambda t: str(t.stats.failed)))
-    table.row("latency p50 (ms)", cells(lambda t: ms(t.stats.latency_p50_ms)))
-    table.row("latency p99 (ms)", cells(lambda t: ms(t.stats.latency_p99_ms)))
-    table.row("TTFT p50 (ms)", cells(lambda t: ms(t.stats.ttft_p50_ms)))
-    table.row("TTFT p99 (ms)", cells(lambda t: ms(t.stats.ttft_p99_ms)))
-    table.row("requests/s", cells(lambda t: rate(t.stats.requests_per_s)))
-    table.row("gateway CPU per request (ms)", cells(lambda t: ms(1000 * t.gateway_cpu_s / max(1, n(t)))))
-    table.row("Postgres CPU per request (ms)", cells(lambda t: ms(1000 * t.postgres_cpu_s / max(1, n(t)))))
-    table.rule()
+    for label, tallies in results.items():
+        for series, t in tallies.items():
+            st = t.stats
+            n = max(1, len(t.samples))
+            chunks = [x.chunks for x in t.samples if x.ok and x.chunks]
+            # Frames per streamed request: its content deltas plus `accepted` and `done`.
+            frames = sum(chunks) / len(chunks) + 2 if chunks else None
+            gw_req = None if t.gateway_cpu_s is None else 1000 * t.gateway_cpu_s / n
+            table.row(
+                f"{label} / {series}",
+                [
+                    str(st.requests),
+                    str(st.failed),
+                    ms(st.latency_p50_ms),
+                    ms(st.latency_p99_ms),
+                    ms(st.ttft_p50_ms),
+                    ms(st.ttft_p99_ms),
+                    rate(st.requests_per_s),
+                    "-" if frames is None or series == DIRECT else f"{frames:.1f}",
+                    ms(gw_req),
+                    ms(gw_req / frames) if gw_req is not None and frames else "-",
+                    "-" if t.postgres_cpu_s is None else ms(1000 * t.postgres_cpu_s / n),
+                ],
+            )
+        table.rule()
     table.add("goals (issue 14)")
-    for lab in labels:
-        off, one, many = (results[lab][s].stats for s in SERIES)
-        ratio = (
-            f"{one.latency_p50_ms / many.latency_p50_ms:.2f}x" if one.latency_p50_ms and many.latency_p50_ms else "-"
-        )
+    for label, tallies in results.items():
+        off, one, many = (tallies[s].stats for s in SERIES)
+        ratio = "-"
+        if one.latency_p50_ms and many.latency_p50_ms:
+            ratio = f"{one.latency_p50_ms / many.latency_p50_ms:.2f}x"
         rps = f"{one.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
-        table.add(
-            f"  {lab:<16} p50 one key / N keys: {ratio} (goal <= 1.20x); requests/s on / off: {rps} (goal >= 0.90x)"
-        )
+        line = f"  {label:<28} p50 1 key / N keys {ratio} (<= 1.20x); req/s on / off {rps} (>= 0.90x)"
+        if DIRECT in tallies and label.endswith("c=1"):
+            direct = tallies[DIRECT].stats
+            if direct.ttft_p50_ms is not None and one.ttft_p50_ms is not None and one.ttft_p99_ms is not None:
+                added50 = one.ttft_p50_ms - direct.ttft_p50_ms
+                added99 = one.ttft_p99_ms - (direct.ttft_p99_ms or 0.0)
+                line += f"; added TTFT p50/p99 {added50:+.2f}/{added99:+.2f} ms (<= 1/3 ms)"
+        table.add(line)
     if profile:
-        table.add("", "py-spy, the metering-on gateway during its one-key streamed rounds:", *profile)
+        table.add("", "py-spy, the metering-on gateway during its one-key rounds of the second column:", *profile)
     return table.text(
         [
-            "gateway CPU per request: user+system CPU of that gateway process in the series' rounds / its requests;",
-            "Postgres: all its processes. Latency: request sent to the end of the body (settlement included).",
+            "gw CPU/req: user+system CPU of that gateway process in the series' rounds / its requests (goal: <= 1 ms",
+            "per 64-token stream, <= 0.5 ms per non-stream request); gw CPU/frame: the same / frames per streamed",
+            "request. PG: all PostgreSQL processes. Latency: request sent to the end of the body (settlement incl.).",
             *tail,
         ]
     )
@@ -319,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = [Column(True, 1), Column(True, args.concurrency)]
     if args.non_stream:
         columns.append(Column(False, args.non_stream))
+    columns.append(Column(True, args.concurrency, BATCH_MODEL))
+    if args.non_stream:
+        columns.append(Column(False, args.non_stream, BATCH_MODEL))
     plan = Plan(
         columns=tuple(columns),
         tokens=args.tokens,
@@ -330,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return harness.run(
             prefix="mp-bench-",
-            stack=lambda home: SyntheticStack(home, gateways=GATEWAYS),
+            stack=lambda home: HotStack(home, gateways=GATEWAYS),
             measure=lambda stack: measure(plan, stack, profile_dir),
             verdict=_verdict,
             table=lambda result, tail: render(plan, result[0], result[1], tail),
