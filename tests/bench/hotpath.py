@@ -207,11 +207,7 @@ class Profiler:
         lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(n)]
         lines.append("  inclusive (project code):")
         # Leaving out the frames every sample passes through (the server's main and loop).
-        ours = [
-            (k, c)
-            for k, c in inclusive.most_common()
-            if ("services/" in k or "schemas/" in k) and c < 0.8 * total
-        ]
+        ours = [(k, c) for k, c in inclusive.most_common() if ("services/" in k or "schemas/" in k) and c < 0.8 * total]
         lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in ours[:n]]
         return lines
 
