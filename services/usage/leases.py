@@ -87,10 +87,15 @@ _OPEN = """
 WITH p AS (
     SELECT * FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::bigint[])
         AS p(request_id, subject, account_id, key_id, demo_token_id, model, tokens)
+), lk AS (
+    -- Lock order, in every statement here: the subjects' quota_usage rows (by subject), then leases.
+    SELECT subject FROM quota_usage WHERE subject IN (SELECT subject FROM p) ORDER BY subject FOR UPDATE
 ), agg AS (
-    SELECT subject, count(*)::int AS n, sum(tokens)::bigint AS t FROM p GROUP BY subject
+    SELECT subject, count(*)::int AS n, sum(tokens)::bigint AS t
+    FROM p WHERE subject IN (SELECT subject FROM lk) GROUP BY subject
 ), l AS (
-    UPDATE quota_leases l SET requests = l.requests - agg.n, tokens = l.tokens - agg.t, slots = l.slots - agg.n
+    UPDATE quota_leases l SET requests = l.requests - agg.n, tokens = l.tokens - agg.t, slots = l.slots - agg.n,
+                              last_seen = now()
     FROM agg
     WHERE l.subject = agg.subject AND l.gateway_id = $1 AND l.window_day = $2
       AND l.requests >= agg.n AND l.tokens >= agg.t AND l.slots >= agg.n
@@ -126,8 +131,13 @@ WITH p AS (
                          $9::text[], $10::bool[], $11::bool[])
         AS p(request_id, provider_id, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms,
              outcome, refund, keep_slot)
+), lk AS (
+    SELECT subject FROM quota_usage
+    WHERE subject IN (SELECT res.subject FROM reservations res JOIN p ON p.request_id = res.request_id)
+    ORDER BY subject FOR UPDATE
 ), r AS (
-    DELETE FROM reservations res USING p WHERE res.request_id = p.request_id
+    DELETE FROM reservations res USING p
+    WHERE res.request_id = p.request_id AND res.subject IN (SELECT subject FROM lk)
     RETURNING res.request_id, res.subject, res.account_id, res.key_id, res.demo_token_id, res.model,
               res.window_day, res.tokens_reserved, coalesce(p.provider_id, res.provider_id) AS provider_id,
               p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.ttft_ms, p.duration_ms, p.outcome, p.refund,
@@ -150,7 +160,7 @@ WITH p AS (
     FROM r JOIN quota_usage q ON q.subject = r.subject
     GROUP BY r.subject
 ), l AS (
-    UPDATE quota_leases l SET slots = l.slots + agg.keep
+    UPDATE quota_leases l SET slots = l.slots + agg.keep, last_seen = now()
     FROM agg
     WHERE l.subject = agg.subject AND l.gateway_id = $1 AND agg.keep > 0
     RETURNING l.subject
@@ -171,9 +181,12 @@ FROM r
 
 # Part of a lease given back by the replica holding it.
 _GIVE_BACK = """
-WITH l AS (
+WITH lk AS (
+    SELECT subject FROM quota_usage WHERE subject = $1 FOR UPDATE
+), l AS (
     UPDATE quota_leases SET requests = requests - $3, tokens = tokens - $4, slots = slots - $5
     WHERE subject = $1 AND gateway_id = $2 AND requests >= $3 AND tokens >= $4 AND slots >= $5
+      AND EXISTS (SELECT 1 FROM lk)
     RETURNING window_day
 )
 UPDATE quota_usage u SET
@@ -189,8 +202,14 @@ RETURNING 1
 
 # Leases of replicas that stopped touching them (died): given back to their subjects.
 _STALE = """
-WITH gone AS (
-    DELETE FROM quota_leases WHERE last_seen < now() - $1::interval RETURNING *
+WITH lk AS (
+    SELECT subject FROM quota_usage
+    WHERE subject IN (SELECT subject FROM quota_leases WHERE last_seen < now() - $1::interval)
+    ORDER BY subject FOR UPDATE
+), gone AS (
+    DELETE FROM quota_leases
+    WHERE last_seen < now() - $1::interval AND subject IN (SELECT subject FROM lk)
+    RETURNING *
 ), agg AS (
     SELECT g.subject,
            sum(CASE WHEN g.window_day = q.window_day THEN g.requests ELSE 0 END)::int AS r,
@@ -208,11 +227,25 @@ WHERE u.subject = agg.subject
 RETURNING u.subject
 """
 
-_TOUCH = "UPDATE quota_leases SET last_seen = now() WHERE gateway_id = $1 RETURNING subject"
-_FORGET_EMPTY = (
-    "DELETE FROM quota_leases WHERE gateway_id = $1 AND subject = ANY($2::text[]) "
-    "AND requests = 0 AND tokens = 0 AND slots = 0"
+# Rows a statement of this replica holds right now are skipped (that statement refreshes them itself);
+# the answer lists every row this replica still has.
+_TOUCH = """
+WITH t AS (
+    UPDATE quota_leases SET last_seen = now()
+    WHERE (subject, gateway_id) IN (
+        SELECT subject, gateway_id FROM quota_leases WHERE gateway_id = $1 FOR UPDATE SKIP LOCKED
+    )
+    RETURNING 1
 )
+SELECT subject, (SELECT count(*) FROM t) AS touched FROM quota_leases WHERE gateway_id = $1
+"""
+_FORGET_EMPTY = """
+DELETE FROM quota_leases WHERE (subject, gateway_id) IN (
+    SELECT subject, gateway_id FROM quota_leases
+    WHERE gateway_id = $1 AND subject = ANY($2::text[]) AND requests = 0 AND tokens = 0 AND slots = 0
+    FOR UPDATE SKIP LOCKED
+)
+"""
 
 # How many seconds of this replica's rate of a subject one lease should cover.
 HORIZON_S = 2.0
