@@ -111,6 +111,8 @@ class DaemonSettings:
     synthetic_token_delay_s: float = 0.0
     # The synthetic engine only: tokens it hands over together per step (a batch's decode step).
     synthetic_tokens_per_step: int = 1
+    # The synthetic engine only: requests it runs at once (`just bench hotpath` holds 2,000 slow streams).
+    synthetic_slots: int = 256
     # Stop the worker (returning its memory) after this long without requests; 0: never.
     idle_unload_s: float = 600.0
     # Memory the model may use: weights + KV cache + transients. None: a share of this Mac's RAM.
@@ -198,6 +200,7 @@ class DaemonSettings:
                 slots=int(env.get("MP_SLOTS") or _default_slots()),
                 synthetic_token_delay_s=float(env.get("MP_SYNTHETIC_TOKEN_DELAY_S", "0")),
                 synthetic_tokens_per_step=int(env.get("MP_SYNTHETIC_TOKENS_PER_STEP", "1")),
+                synthetic_slots=int(env.get("MP_SYNTHETIC_SLOTS", "256")),
                 idle_unload_s=float(env.get("MP_IDLE_UNLOAD_S", "600")),
                 memory_budget_bytes=int(float(budget_gb) * (1 << 30)) if budget_gb else None,
                 prompt_cache_entries=int(env.get("MP_PROMPT_CACHE_ENTRIES", "16")),
@@ -239,6 +242,8 @@ class DaemonSettings:
             raise SettingsError(
                 f"MP_SYNTHETIC_TOKEN_DELAY_S must be between 0 and 10, got {settings.synthetic_token_delay_s}"
             )
+        if not 1 <= settings.synthetic_slots <= 100_000:
+            raise SettingsError(f"MP_SYNTHETIC_SLOTS must be between 1 and 100000, got {settings.synthetic_slots}")
         if not 1 <= settings.synthetic_tokens_per_step <= 4096:
             raise SettingsError(
                 f"MP_SYNTHETIC_TOKENS_PER_STEP must be between 1 and 4096, got {settings.synthetic_tokens_per_step}"

@@ -34,7 +34,8 @@ async def test_chunks_ready_together_go_in_one_frame() -> None:
     frames = await _all(coalesced(engine()))
     assert [type(f) for f in frames] == [TextChunk, TextChunk, Finished]
     first, second = frames[0], frames[1]
-    assert isinstance(first, TextChunk) and isinstance(second, TextChunk)
+    assert isinstance(first, TextChunk)
+    assert isinstance(second, TextChunk)
     assert (first.text, first.tokens, first.token_ids) == ("w0 w1 w2 ", 3, (0, 1, 2))
     assert (second.text, second.token_ids) == ("last", (3,))
 
@@ -53,7 +54,8 @@ async def test_a_ready_chunk_is_never_held_back() -> None:
         first = await anext(frames)
         sent.set()
         rest = [e async for e in frames]
-    assert isinstance(first, TextChunk) and first.text == "first"
+    assert isinstance(first, TextChunk)
+    assert first.text == "first"
     assert [type(e) for e in rest] == [Finished]
 
 
@@ -81,9 +83,13 @@ async def test_an_engine_error_reaches_the_sender_after_what_came_before() -> No
         raise EngineError("worker_crashed", "gone", retryable=True)
 
     got: list[Event] = []
-    with pytest.raises(EngineError) as raised:
+
+    async def send_all() -> None:
         async for event in coalesced(engine()):
             got.append(event)
+
+    with pytest.raises(EngineError) as raised:
+        await send_all()
     assert raised.value.code == "worker_crashed"
     assert [e.text for e in got if isinstance(e, TextChunk)] == ["partial"]
 

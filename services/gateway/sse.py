@@ -5,6 +5,8 @@ from __future__ import annotations
 from schemas import openai, sse
 
 DONE = sse.DONE
+_MARKER = "\x00text\x00"
+_MARKER_JSON = b'"\\u0000text\\u0000"'
 data = sse.data
 named = sse.named
 
@@ -22,6 +24,8 @@ class ChunkWriter:
         self.model = model
         # OpenAI numbers a response's tool calls 0, 1, ... across all chunks.
         self._tool_index = 0
+        # A plain content chunk's bytes around its text, made once per answer (see content()).
+        self._around_text: tuple[bytes, bytes] | None = None
 
     def _chunk(
         self,
@@ -46,7 +50,16 @@ class ChunkWriter:
         return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(role="assistant", content=""))])
 
     def content(self, text: str, logprobs: openai.ChoiceLogprobs | None = None) -> bytes:
-        return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=text), logprobs=logprobs)])
+        if logprobs is not None:
+            return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=text), logprobs=logprobs)])
+        # The hot path (one per frame): the same bytes as the chunk struct would give, but only the
+        # text is encoded; the rest was encoded once, around a marker no JSON string contains raw.
+        if self._around_text is None:
+            whole = self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=_MARKER))])
+            before, _, after = whole.rpartition(_MARKER_JSON)
+            self._around_text = (before, after)
+        before, after = self._around_text
+        return before + sse.json_text(text) + after
 
     def reasoning(self, text: str) -> bytes:
         return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(reasoning_content=text))])

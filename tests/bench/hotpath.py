@@ -16,6 +16,7 @@ metering-on gateway during its one-key rounds and the top functions are printed.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+import psutil
 
 from infra.components import Child, start_daemon, wait_model
 from services.keys.store import create_account, create_key
@@ -39,7 +41,7 @@ from tests.bench.progress import say
 from tests.bench.report import Stats
 from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
 from tests.bench.synthetic import MODEL_ID, SyntheticStack
-from tests.bench.table import Table, ms, rate
+from tests.bench.table import Table, counts, ms, rate
 
 OFF = "metering-off"
 ON = "metering-on"
@@ -52,6 +54,10 @@ SERIES = ("off, 1 key", "on, 1 key", "on, N keys")
 # A second daemon whose synthetic engine hands over this many tokens per step (a batch's decode step).
 BATCH_MODEL = "synthetic-batch"
 BATCH_STEP = 8
+# A third one that answers slowly (a token a second), for the many-streams-at-once measurement.
+SLOW_MODEL = "synthetic-slow"
+SLOW_TOKEN_DELAY_S = 1.0
+SLOW_TOKENS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,7 @@ class Plan:
     requests: int
     rounds: int
     profile_s: float
+    slow_streams: int = 0
     streams_per_client: int = 8
 
 
@@ -106,13 +113,59 @@ class HotStack(SyntheticStack):
             env={"MP_SYNTHETIC_TOKENS_PER_STEP": str(BATCH_STEP)},
         )
         self.on_stop(batch.name, batch.stop)
-        self.extra = batch
+        slow = start_daemon(
+            self.home,
+            nats=self.nats_url,
+            provider_id="bench-synthetic-slow",
+            model_id=SLOW_MODEL,
+            engine="synthetic",
+            env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(SLOW_TOKEN_DELAY_S), "MP_SYNTHETIC_SLOTS": "20000"},
+        )
+        self.on_stop(slow.name, slow.stop)
+        self.extra = [batch, slow]
         for gateway in self.gateways.values():
             wait_model(gateway.base_url, BATCH_MODEL, timeout=60, daemon=batch)
+            wait_model(gateway.base_url, SLOW_MODEL, timeout=60, daemon=slow)
 
     def children(self) -> list[Child]:
-        extra = getattr(self, "extra", None)
-        return [*super().children(), *([extra] if extra else [])]
+        return [*super().children(), *getattr(self, "extra", [])]
+
+
+@dataclass
+class SlowStreams:
+    """N slow streams at once on the metering-on gateway: did they all finish, and what did they cost."""
+
+    level: Level
+    rss_before: int
+    rss_peak: int
+    rss_after: int
+    cpu_s: float | None
+
+
+async def slow_streams(n: int, stack: SyntheticStack, api_key: str) -> SlowStreams:
+    gateway = stack.gateways[ON]
+    proc = psutil.Process(gateway.child.proc.pid)
+    probe = CpuProbe(gateway.child.proc.pid)
+    rss_before = proc.memory_info().rss
+    peak = rss_before
+    running = True
+
+    async def sample() -> None:
+        nonlocal peak
+        while running:
+            peak = max(peak, proc.memory_info().rss)
+            await asyncio.sleep(0.1)
+
+    async with HttpClients(n, 8) as clients:
+        send = ViaGateway(clients, gateway.base_url, api_key, SLOW_MODEL, SLOW_TOKENS)
+        sampler = asyncio.create_task(sample())
+        cpu0 = probe.snapshot()
+        level = await drive(send, concurrency=n, requests=n)
+        cpu1 = probe.snapshot()
+        running = False
+        await sampler
+    await asyncio.sleep(1.0)  # settled, buffers freed
+    return SlowStreams(level, rss_before, peak, proc.memory_info().rss, CpuProbe.used(cpu0, cpu1))
 
 
 async def _accounts(database_url: str, n: int) -> list[str]:
@@ -226,7 +279,10 @@ def _short(frame: str) -> str:
 Results = dict[str, dict[str, Tally]]
 
 
-async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> tuple[Results, list[str]]:
+Measured = tuple[Results, list[str], SlowStreams | None]
+
+
+async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measured:
     assert stack.postgres_pid is not None
     top = max(c.concurrency for c in plan.columns)
     keys = await _accounts(stack.database_url, top)
@@ -283,14 +339,16 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> tuple
                 st = tallies[series].stats
                 say(f"{column.label:<24} {series:<13}: {st.requests} requests, {st.wall_s:6.2f}s, {st.failed} failed")
             results[column.label] = tallies
-    return results, (profiler.top() if profiler is not None else [])
+    slow = await slow_streams(plan.slow_streams, stack, stack.api_key) if plan.slow_streams else None
+    return results, (profiler.top() if profiler is not None else []), slow
 
 
 def _add(total: float | None, used: float | None) -> float | None:
     return None if total is None or used is None else total + used
 
 
-def render(plan: Plan, results: Results, profile: list[str], tail: list[str]) -> str:
+def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
+    results, profile, slow = measured
     header = [
         f"mac-provider hot-path benchmark ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
         "",
@@ -361,6 +419,22 @@ def render(plan: Plan, results: Results, profile: list[str], tail: list[str]) ->
                 added99 = one.ttft_p99_ms - (direct.ttft_p99_ms or 0.0)
                 line += f"; added TTFT p50/p99 {added50:+.2f}/{added99:+.2f} ms (<= 1/3 ms)"
         table.add(line)
+    if slow is not None:
+        st = Stats.of(slow.level)
+        mb = 1 << 20
+        grown = max(0, slow.rss_peak - slow.rss_before)
+        cpu = "-" if slow.cpu_s is None else f"{1000 * slow.cpu_s / max(1, st.requests):.2f} ms"
+        table.add(
+            "",
+            f"{st.requests} slow streams at once on the metering-on gateway ({SLOW_TOKENS} tokens, one a second,"
+            " one key):",
+            f"  ok {st.requests - st.failed}, failed {st.failed} ({counts(st.errors)});"
+            f" TTFT p50 {ms(st.ttft_p50_ms)} ms, p99 {ms(st.ttft_p99_ms)} ms;"
+            f" latency p50 {ms(st.latency_p50_ms)} ms, p99 {ms(st.latency_p99_ms)} ms",
+            f"  gateway RSS before {slow.rss_before / mb:.0f} MB, peak {slow.rss_peak / mb:.0f} MB"
+            f" ({grown / max(1, st.requests) / 1024:.0f} KB per open stream), after {slow.rss_after / mb:.0f} MB;"
+            f" gateway CPU per stream {cpu}",
+        )
     if profile:
         table.add("", "py-spy, the metering-on gateway during its one-key rounds of the second column:", *profile)
     return table.text(
@@ -373,8 +447,10 @@ def render(plan: Plan, results: Results, profile: list[str], tail: list[str]) ->
     )
 
 
-def _verdict(results: tuple[dict[str, dict[str, Tally]], list[str]]) -> Verdict:
-    sides = [t.stats for col in results[0].values() for t in col.values()]
+def _verdict(measured: Measured) -> Verdict:
+    sides = [t.stats for col in measured[0].values() for t in col.values()]
+    if measured[2] is not None:
+        sides.append(Stats.of(measured[2].level))
     hollow = any(s.failed == s.requests for s in sides)
     return Verdict(
         failed=any(s.failed for s in sides), hollow="no request succeeded in some series" if hollow else None
@@ -388,6 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--non-stream", type=int, default=16, help="non-stream concurrency (0: no column)")
     parser.add_argument("--requests", type=cli.positive, default=None, help="per column and series (default 512)")
     parser.add_argument("--rounds", type=cli.positive, default=None, help="rounds (default 4; 2 with --quick)")
+    parser.add_argument(
+        "--slow-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="slow streams held open at once on one gateway (default 2000; 500 with --quick; 0: none)",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy the metering-on gateway (pip install py-spy)")
     cli.add_run_flags(parser, quick="smoke run: fewer requests")
     args = parser.parse_args(argv)
@@ -403,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         requests=args.requests or (128 if args.quick else 512),
         rounds=args.rounds or (2 if args.quick else 4),
         profile_s=1.0 if args.profile else 0.0,
+        slow_streams=args.slow_streams if args.slow_streams is not None else (500 if args.quick else 2000),
     )
     profile_dir = Path(tempfile.mkdtemp(prefix="mp-bench-profile-"))
     try:
@@ -411,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             stack=lambda home: HotStack(home, gateways=GATEWAYS),
             measure=lambda stack: measure(plan, stack, profile_dir),
             verdict=_verdict,
-            table=lambda result, tail: render(plan, result[0], result[1], tail),
+            table=lambda measured, tail: render(plan, measured, tail),
             keep_logs=args.keep,
             strict=args.strict,
             load_line=True,
