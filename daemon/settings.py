@@ -242,8 +242,10 @@ class DaemonSettings:
             raise SettingsError(
                 f"MP_SYNTHETIC_TOKEN_DELAY_S must be between 0 and 10, got {settings.synthetic_token_delay_s}"
             )
-        if not 1 <= settings.synthetic_slots <= 100_000:
-            raise SettingsError(f"MP_SYNTHETIC_SLOTS must be between 1 and 100000, got {settings.synthetic_slots}")
+        if not 1 <= settings.synthetic_slots <= bus.MAX_SLOTS:
+            raise SettingsError(
+                f"MP_SYNTHETIC_SLOTS must be between 1 and {bus.MAX_SLOTS}, got {settings.synthetic_slots}"
+            )
         if not 1 <= settings.synthetic_tokens_per_step <= 4096:
             raise SettingsError(
                 f"MP_SYNTHETIC_TOKENS_PER_STEP must be between 1 and 4096, got {settings.synthetic_tokens_per_step}"

@@ -17,6 +17,7 @@ metering-on gateway during its one-key rounds and the top functions are printed.
 from __future__ import annotations
 
 import asyncio
+import math
 import shutil
 import subprocess
 import sys
@@ -45,9 +46,11 @@ from tests.bench.table import Table, counts, ms, rate
 
 OFF = "metering-off"
 ON = "metering-on"
+# The slow daemon claims 4,096 slots; the gateways' cap on what one provider may claim is 64 by default.
+_SLOTS = {"MP_PROVIDER_MAX_SLOTS": "4096"}
 GATEWAYS = (
-    GatewaySpec(OFF, {**RAISED_QUOTAS, "MP_METERING": "off"}),
-    GatewaySpec(ON, {**RAISED_QUOTAS, "MP_METERING": "on"}),
+    GatewaySpec(OFF, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "off"}),
+    GatewaySpec(ON, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "on"}),
 )
 DIRECT = "direct engine"
 SERIES = ("off, 1 key", "on, 1 key", "on, N keys")
@@ -58,6 +61,7 @@ BATCH_STEP = 8
 SLOW_MODEL = "synthetic-slow"
 SLOW_TOKEN_DELAY_S = 1.0
 SLOW_TOKENS = 5
+SLOW_RAMP_PER_S = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +123,7 @@ class HotStack(SyntheticStack):
             provider_id="bench-synthetic-slow",
             model_id=SLOW_MODEL,
             engine="synthetic",
-            env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(SLOW_TOKEN_DELAY_S), "MP_SYNTHETIC_SLOTS": "20000"},
+            env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(SLOW_TOKEN_DELAY_S), "MP_SYNTHETIC_SLOTS": "4096"},
         )
         self.on_stop(slow.name, slow.stop)
         self.extra = [batch, slow]
@@ -133,9 +137,10 @@ class HotStack(SyntheticStack):
 
 @dataclass
 class SlowStreams:
-    """N slow streams at once on the metering-on gateway: did they all finish, and what did they cost."""
+    """N slow streams held open together on the metering-on gateway: did they all finish, at what cost."""
 
     level: Level
+    peak_open: int
     rss_before: int
     rss_peak: int
     rss_after: int
@@ -143,29 +148,46 @@ class SlowStreams:
 
 
 async def slow_streams(n: int, stack: SyntheticStack, api_key: str) -> SlowStreams:
+    """Open N streams at SLOW_RAMP_PER_S (a thundering herd measures admission, not holding), each
+    long enough that all N are open together at the end of the ramp."""
     gateway = stack.gateways[ON]
     proc = psutil.Process(gateway.child.proc.pid)
     probe = CpuProbe(gateway.child.proc.pid)
     rss_before = proc.memory_info().rss
-    peak = rss_before
+    peak_rss, open_now, peak_open = rss_before, 0, 0
     running = True
 
     async def sample() -> None:
-        nonlocal peak
+        nonlocal peak_rss
         while running:
-            peak = max(peak, proc.memory_info().rss)
+            peak_rss = max(peak_rss, proc.memory_info().rss)
             await asyncio.sleep(0.1)
 
     async with HttpClients(n, 8) as clients:
-        send = ViaGateway(clients, gateway.base_url, api_key, SLOW_MODEL, SLOW_TOKENS)
+        tokens = math.ceil(n / SLOW_RAMP_PER_S / SLOW_TOKEN_DELAY_S) + SLOW_TOKENS
+        send = ViaGateway(clients, gateway.base_url, api_key, SLOW_MODEL, tokens)
+
+        async def one(w: int) -> Sample:
+            nonlocal open_now, peak_open
+            await asyncio.sleep(w / SLOW_RAMP_PER_S)
+            open_now += 1
+            peak_open = max(peak_open, open_now)
+            try:
+                return await send(w)
+            finally:
+                open_now -= 1
+
         sampler = asyncio.create_task(sample())
         cpu0 = probe.snapshot()
-        level = await drive(send, concurrency=n, requests=n)
+        started = time.perf_counter()
+        samples = await asyncio.gather(*(one(w) for w in range(n)))
+        wall = time.perf_counter() - started
         cpu1 = probe.snapshot()
         running = False
         await sampler
     await asyncio.sleep(1.0)  # settled, buffers freed
-    return SlowStreams(level, rss_before, peak, proc.memory_info().rss, CpuProbe.used(cpu0, cpu1))
+    level = Level(n, list(samples), wall, 0.0)
+    return SlowStreams(level, peak_open, rss_before, peak_rss, proc.memory_info().rss, CpuProbe.used(cpu0, cpu1))
 
 
 async def _accounts(database_url: str, n: int) -> list[str]:
@@ -426,13 +448,13 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         cpu = "-" if slow.cpu_s is None else f"{1000 * slow.cpu_s / max(1, st.requests):.2f} ms"
         table.add(
             "",
-            f"{st.requests} slow streams at once on the metering-on gateway ({SLOW_TOKENS} tokens, one a second,"
-            " one key):",
-            f"  ok {st.requests - st.failed}, failed {st.failed} ({counts(st.errors)});"
-            f" TTFT p50 {ms(st.ttft_p50_ms)} ms, p99 {ms(st.ttft_p99_ms)} ms;"
-            f" latency p50 {ms(st.latency_p50_ms)} ms, p99 {ms(st.latency_p99_ms)} ms",
+            f"{st.requests} slow streams held open together on the metering-on gateway (one key; opened"
+            f" {SLOW_RAMP_PER_S}/s, a token every {SLOW_TOKEN_DELAY_S:g} s, long enough that all are open at the end"
+            " of the ramp):",
+            f"  at most {slow.peak_open} open at once; ok {st.requests - st.failed}, failed {st.failed}"
+            f" ({counts(st.errors)}); TTFT p50 {ms(st.ttft_p50_ms)} ms, p99 {ms(st.ttft_p99_ms)} ms",
             f"  gateway RSS before {slow.rss_before / mb:.0f} MB, peak {slow.rss_peak / mb:.0f} MB"
-            f" ({grown / max(1, st.requests) / 1024:.0f} KB per open stream), after {slow.rss_after / mb:.0f} MB;"
+            f" ({grown / max(1, slow.peak_open) / 1024:.0f} KB per open stream), after {slow.rss_after / mb:.0f} MB;"
             f" gateway CPU per stream {cpu}",
         )
     if profile:
