@@ -10,6 +10,7 @@ import pytest
 from daemon.engine.base import EngineError, Event, Finished, TextChunk
 from daemon.frames import coalesced
 from schemas import bus
+from services.gateway.frames import joined, joins
 from services.usage.batch import GroupCommit
 
 
@@ -125,3 +126,16 @@ async def test_group_commit_failure_reaches_every_item_of_the_batch() -> None:
         with pytest.raises(ConnectionError):
             await future
     await commit.drain()
+
+
+def test_deltas_queued_together_join_in_order() -> None:
+    def delta(seq: int, text: str = "", reasoning: str = "", call: bool = False) -> bus.Delta:
+        calls = [bus.ToolCall(id=f"c{seq}", name="f", arguments="{}")] if call else []
+        return bus.Delta(seq=seq, text=text, tokens=1, token_ids=[seq], reasoning=reasoning, tool_calls=calls)
+
+    run = [delta(1, reasoning="hm "), delta(2, "a")]
+    assert joins(run[:1], run[1])
+    assert not joins(run, delta(3, reasoning="more"))  # reasoning after text renders out of order
+    assert not joins([delta(4, call=True)], delta(5, "x"))  # nothing after tool calls
+    whole = joined([*run, delta(3, "b")])
+    assert (whole.seq, whole.reasoning, whole.text, whole.tokens, whole.token_ids) == (3, "hm ", "ab", 3, [1, 2, 3])

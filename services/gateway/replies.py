@@ -81,6 +81,10 @@ class ReplyStream:
     def push(self, item: _Item) -> None:
         self._queue.put_nowait(item)
 
+    def ready(self) -> bool:
+        """Something already arrived: `next` returns it without waiting."""
+        return not self._queue.empty()
+
     def take(self, size: int) -> bool:
         """Count a frame of `size` bytes against the budget; False (stream dead) when over it."""
         self._frames_left -= 1
