@@ -127,6 +127,12 @@ async def start(
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
         bus_request = msgspec.structs.replace(job.request, request_id=ex.request_id, deadline_ms=deadline_ms)
         call = await runtime.dispatcher.start(bus_request, parent=ex.span)
+        try:
+            # The reservation row was written meanwhile (one statement for all requests queued then).
+            await runtime.metering.confirm(ex.ticket)
+        except BaseException:
+            await call.close()
+            raise
     except ApiError as exc:
         # Refused before any generation: nothing was generated, so nothing is billed.
         ex.status, ex.refund = exc.code or "error", True

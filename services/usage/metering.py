@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ import asyncpg
 import structlog
 
 from services.auth.bearer import Principal
-from services.errors import QuotaExhausted
+from services.errors import CoordinatorUnavailable, QuotaExhausted
 from services.settings import Settings
 from services.usage import leases, quotas
 from services.usage.batch import GroupCommit
@@ -57,8 +56,11 @@ class Ticket:
     # A streamed answer reaches the buyer token by token; a whole one only at its end, so until
     # then nothing of it is the buyer's to pay for (what the touch loop reports for a sweeper).
     stream: bool = True
-    # The lease it was admitted from (its slot goes back there), and the tokens it holds.
+    # The lease it was admitted from (its slot goes back there), the tokens it holds, and the write of
+    # its reservation row: under way while the request is dispatched (`Metering.confirm`).
     lease: Lease | None = None
+    tokens: int = 0
+    opening: asyncio.Future[bool] | None = None
 
     def delivered(self) -> tuple[int, int]:
         """(prompt, completion) tokens the buyer has had so far: what a sweeper bills if this replica dies."""
@@ -138,7 +140,6 @@ class Metering:
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics = metrics
         self._leases: dict[str, Lease] = {}
-        self._abandoning: set[asyncio.Future[None]] = set()
         self._opener: GroupCommit[Opening, bool] = GroupCommit(lambda items: leases.open_many(db, gateway_id, items))
         self._closer: GroupCommit[Closing, tuple[bool, bool]] = GroupCommit(
             lambda items: leases.close_many(db, gateway_id, items)
@@ -173,29 +174,29 @@ class Metering:
     async def reserve(
         self, holder: Holder, limits: Limits, request_id: str, model: str, tokens: int, *, stream: bool = True
     ) -> Ticket:
+        """Admit a request from this replica's lease (in memory) and start writing its reservation row.
+
+        The row's write runs while the request is dispatched; `confirm` waits for it before anything
+        of the answer reaches the buyer, so a replica that dies leaves every answered request's row.
+        """
         if not self.enabled:
             return Ticket(request_id, holder, model, usage=None, stream=stream)
-        for _ in range(3):
-            lease = await self._admit(holder, limits, tokens)
-            ticket = Ticket(request_id, holder, model, lease.usage(), stream=stream, lease=lease)
-            opening = self._opener.submit(Opening(request_id, holder, model, tokens, lease.day))
-            try:
-                opened = await asyncio.shield(opening)
-            except asyncio.CancelledError:
-                # The buyer left while the row was being written: settle it once it is.
-                opening.add_done_callback(functools.partial(self._abandoned, ticket, tokens))
-                raise
-            except Exception:
-                self._unadmit(lease, tokens)
-                raise
-            if opened:
-                self._open[request_id] = ticket
-                return ticket
-            # The lease's row no longer holds what memory says (another replica gave it back while
-            # this one could not reach Postgres): forget it and lease anew.
-            lease.in_use -= 1
-            lease.requests = lease.tokens = lease.slots = 0
-        raise RuntimeError("quota lease kept vanishing")
+        lease = await self._admit(holder, limits, tokens)
+        ticket = Ticket(request_id, holder, model, lease.usage(), stream=stream, lease=lease, tokens=tokens)
+        ticket.opening = self._opener.submit(Opening(request_id, holder, model, tokens, lease.day))
+        self._open[request_id] = ticket
+        return ticket
+
+    async def confirm(self, ticket: Ticket) -> None:
+        """Wait until the ticket's reservation row is written (raises if it could not be)."""
+        if ticket.opening is None:
+            return
+        if not await asyncio.shield(ticket.opening):
+            # The lease's row no longer holds what memory says (another replica gave it back while this
+            # one could not reach Postgres): forget it; the next request leases anew.
+            assert ticket.lease is not None
+            ticket.lease.requests = ticket.lease.tokens = ticket.lease.slots = 0
+            raise CoordinatorUnavailable("This replica's quota lease was lost; retry the request.")
 
     async def _admit(self, holder: Holder, limits: Limits, tokens: int) -> Lease:
         """Take one request's share from this replica's lease of `holder`, leasing more when it is short."""
@@ -259,18 +260,6 @@ class Metering:
         lease.slots += 1
         lease.in_use -= 1
 
-    def _abandoned(self, ticket: Ticket, tokens: int, opening: asyncio.Future[bool]) -> None:
-        assert ticket.lease is not None
-        if opening.cancelled() or opening.exception() is not None:
-            self._unadmit(ticket.lease, tokens)
-        elif opening.result():
-            self._open[ticket.request_id] = ticket
-            task = asyncio.ensure_future(self.settle(ticket, outcome="cancelled", refund=True))
-            self._abandoning.add(task)
-            task.add_done_callback(self._abandoning.discard)
-        else:
-            ticket.lease.in_use -= 1
-
     async def _give_back(self, lease: Lease, r: int, t: int, c: int) -> None:
         """Return part of a lease to its subject (taken from memory first, so nothing admits it meanwhile)."""
         r, t, c = min(r, lease.requests), min(t, lease.tokens), min(c, lease.slots)
@@ -327,6 +316,19 @@ class Metering:
         self._open.pop(ticket.request_id, None)
         if not self.enabled:
             return
+        if ticket.opening is not None:
+            try:
+                opened: bool | None = await asyncio.shield(ticket.opening)
+            except Exception:
+                opened = None
+            if not opened:
+                # No row was written, so `confirm` failed and nothing reached the buyer: nothing to settle.
+                if ticket.lease is not None:
+                    if opened is None:
+                        self._unadmit(ticket.lease, ticket.tokens)  # the lease row still holds it
+                    else:
+                        ticket.lease.in_use -= 1
+                return
         ended = time.monotonic()
         settlement = Settlement(
             provider_id=ticket.provider_id,
