@@ -393,9 +393,9 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         "TTFT p50",
         "TTFT p99",
         "req/s",
-        "frames/req",
+        "events/req",
         "gw CPU/req",
-        "gw CPU/frame",
+        "gw CPU/evt",
         "PG CPU/req",
     )
     table = Table(header, label=40, cell=10, columns=len(figures))
@@ -406,7 +406,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             st = t.stats
             n = max(1, len(t.samples))
             chunks = [x.chunks for x in t.samples if x.ok and x.chunks]
-            # Frames per streamed request: its content deltas plus `accepted` and `done`.
+            # Events per streamed request: its content chunks plus the provider's `accepted` and `done`.
             frames = sum(chunks) / len(chunks) + 2 if chunks else None
             gw_req = None if t.gateway_cpu_s is None else 1000 * t.gateway_cpu_s / n
             table.row(
@@ -462,8 +462,11 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
     return table.text(
         [
             "gw CPU/req: user+system CPU of that gateway process in the series' rounds / its requests (goal: <= 1 ms",
-            "per 64-token stream, <= 0.5 ms per non-stream request); gw CPU/frame: the same / frames per streamed",
-            "request. PG: all PostgreSQL processes. Latency: request sent to the end of the body (settlement incl.).",
+            "per 64-token stream, <= 0.5 ms per non-stream request). events/req: a streamed answer's content chunks",
+            "+ 2 (accepted, done); gw CPU/evt: gw CPU/req / events/req. Before daemon/frames.py and",
+            "services/gateway/frames.py an event was one NATS frame of one token; now a frame holds every token ready",
+            "together, and frames queued together leave as one chunk. PG: all PostgreSQL processes. Latency: request",
+            "sent to the end of the body.",
             *tail,
         ]
     )
