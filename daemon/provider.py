@@ -23,6 +23,7 @@ from opentelemetry.trace import Span, SpanContext, StatusCode
 
 from daemon import __version__
 from daemon.engine.base import CancelToken, Engine, EngineError
+from daemon.frames import coalesced
 from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
 from daemon.settings import DaemonSettings
@@ -381,7 +382,8 @@ class Provider:
             )
             finished: bus.Finished | None = None
             answer: list[str] = []
-            async for event in self.engine.generate(prepared, cancel):
+            # Every chunk ready when the sender runs goes in one frame (daemon/frames.py).
+            async for event in coalesced(self.engine.generate(prepared, cancel)):
                 if isinstance(event, bus.Finished):
                     finished = event
                 else:

@@ -30,7 +30,12 @@ def build_engine(settings: DaemonSettings, machine: Machine) -> Engine:
     if settings.engine == "synthetic":
         from daemon.engine.synthetic import SyntheticEngine
 
-        return SyntheticEngine(settings.model_id, token_delay_s=settings.synthetic_token_delay_s)
+        return SyntheticEngine(
+            settings.model_id,
+            token_delay_s=settings.synthetic_token_delay_s,
+            tokens_per_step=settings.synthetic_tokens_per_step,
+            slots=settings.synthetic_slots,
+        )
     from daemon.engine.fit import default_budget
     from daemon.engine.worker_engine import WorkerEngine
     from daemon.models.identity import WeightsHasher

@@ -110,6 +110,10 @@ class DaemonSettings:
     # The synthetic engine only: seconds between its tokens (0: as fast as it can), so the
     # benchmarks can hold streams open at a model's pace (`just bench scale`).
     synthetic_token_delay_s: float = 0.0
+    # The synthetic engine only: tokens it hands over together per step (a batch's decode step).
+    synthetic_tokens_per_step: int = 1
+    # The synthetic engine only: requests it runs at once (`just bench hotpath` holds 2,000 slow streams).
+    synthetic_slots: int = 256
     # Stop the worker (returning its memory) after this long without requests; 0: never.
     idle_unload_s: float = 600.0
     # Memory the model may use: weights + KV cache + transients. None: a share of this Mac's RAM.
@@ -196,6 +200,8 @@ class DaemonSettings:
                 api_port=env_vars.integer(env, "MP_API_PORT", 11440),
                 slots=env_vars.integer(env, "MP_SLOTS", _default_slots()),
                 synthetic_token_delay_s=env_vars.number(env, "MP_SYNTHETIC_TOKEN_DELAY_S", 0),
+                synthetic_tokens_per_step=env_vars.integer(env, "MP_SYNTHETIC_TOKENS_PER_STEP", 1),
+                synthetic_slots=env_vars.integer(env, "MP_SYNTHETIC_SLOTS", 256),
                 idle_unload_s=env_vars.number(env, "MP_IDLE_UNLOAD_S", 600),
                 memory_budget_bytes=int(budget_gb * (1 << 30)) if env.get("MP_MEMORY_BUDGET_GB") else None,
                 prompt_cache_entries=env_vars.integer(env, "MP_PROMPT_CACHE_ENTRIES", 16),
@@ -236,6 +242,14 @@ class DaemonSettings:
         if not 0 <= settings.synthetic_token_delay_s <= 10:
             raise SettingsError(
                 f"MP_SYNTHETIC_TOKEN_DELAY_S must be between 0 and 10, got {settings.synthetic_token_delay_s}"
+            )
+        if not 1 <= settings.synthetic_slots <= bus.MAX_SLOTS:
+            raise SettingsError(
+                f"MP_SYNTHETIC_SLOTS must be between 1 and {bus.MAX_SLOTS}, got {settings.synthetic_slots}"
+            )
+        if not 1 <= settings.synthetic_tokens_per_step <= 4096:
+            raise SettingsError(
+                f"MP_SYNTHETIC_TOKENS_PER_STEP must be between 1 and 4096, got {settings.synthetic_tokens_per_step}"
             )
         if not 0 <= settings.prefill_gather <= 1:
             raise SettingsError(f"MP_PREFILL_GATHER must be between 0 and 1, got {settings.prefill_gather}")

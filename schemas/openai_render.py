@@ -37,6 +37,11 @@ class Piece(Protocol):
 Event = Piece | bus.Finished
 
 
+# A content chunk is encoded once around this marker; only the text is encoded per chunk after that.
+_MARKER = "\x00text\x00"
+_MARKER_JSON = b'"\\u0000text\\u0000"'
+
+
 def usage(f: bus.Finished) -> openai.Usage:
     return openai.Usage(
         prompt_tokens=f.prompt_tokens,
@@ -64,6 +69,8 @@ class ChatRender:
         self._include_usage = include_usage
         # OpenAI numbers a response's tool calls 0, 1, ... across all chunks.
         self._tool_index = 0
+        # A plain content chunk's bytes around its text, made once per answer (see content()).
+        self._around_text: tuple[bytes, bytes] | None = None
 
     async def collect(self, events: AsyncIterator[Event]) -> openai.ChatCompletion:
         parts: list[str] = []
@@ -140,7 +147,16 @@ class ChatRender:
         return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(role="assistant", content=""))])
 
     def content(self, text: str, logprobs: openai.ChoiceLogprobs | None = None) -> bytes:
-        return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=text), logprobs=logprobs)])
+        if logprobs is not None:
+            return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=text), logprobs=logprobs)])
+        # The hot path (one per frame): the same bytes as the chunk struct would give, but only the
+        # text is encoded; the rest was encoded once, around a marker no JSON string contains raw.
+        if self._around_text is None:
+            whole = self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(content=_MARKER))])
+            before, _, after = whole.rpartition(_MARKER_JSON)
+            self._around_text = (before, after)
+        before, after = self._around_text
+        return before + sse.json_text(text) + after
 
     def reasoning(self, text: str) -> bytes:
         return self._chunk([openai.ChunkChoice(index=0, delta=openai.Delta(reasoning_content=text))])

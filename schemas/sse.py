@@ -25,6 +25,11 @@ def _json(payload: object) -> bytes:
     return encoded
 
 
+def json_text(text: str) -> bytes:
+    """A JSON string, escaped as `data()` escapes the strings in a payload."""
+    return _json(text)
+
+
 def data(payload: object) -> bytes:
     """One `data:` event (OpenAI's chat and text completion streams have no event names)."""
     return b"data: " + _json(payload) + b"\n\n"

@@ -85,9 +85,53 @@ async def test_four_replicas_never_overshoot_a_request_quota(stack: Stack, repli
     )
     assert ok_rows[0]["n"] == 100
     (usage,) = await fetch(
-        stack.database_url, "SELECT requests, inflight FROM quota_usage WHERE subject = $1", account.subject
+        stack.database_url,
+        "SELECT requests, inflight, leased_requests FROM quota_usage WHERE subject = $1",
+        account.subject,
     )
     assert (usage["requests"], usage["inflight"]) == (100, 0)
+    # The replicas leased slices of the 100 and used every one: none is left parked in a lease.
+    assert usage["leased_requests"] == 0
+    leased = await fetch(
+        stack.database_url,
+        "SELECT coalesce(sum(requests), 0) AS n FROM quota_leases WHERE subject = $1",
+        account.subject,
+    )
+    assert leased[0]["n"] == 0
+
+
+async def test_one_account_burst_is_served_from_a_lease_that_is_given_back(stack: Stack, replicas: list[str]) -> None:
+    account = await make_account_async(stack.database_url, requests_per_day=1000, concurrent=100)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=40), timeout=60) as client:
+        responses = await asyncio.gather(
+            *(
+                client.post(f"{replicas[1]}/v1/chat/completions", json=_body(SYNTHETIC), headers=account.auth())
+                for _ in range(40)
+            )
+        )
+    assert Counter(r.status_code for r in responses) == {200: 40}
+    ids = {r.headers["x-request-id"] for r in responses}
+    rows = await fetch(stack.database_url, "SELECT request_id FROM usage_ledger WHERE subject = $1", account.subject)
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    remaining = sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in responses)
+    # What the buyer is told is left counts the requests admitted, not what the replica holds unused.
+    assert remaining[0] >= 1000 - 40
+    assert remaining[-1] < 1000
+    # Idle for a moment, the replica gives back what it leased and did not use.
+    deadline = time.monotonic() + 10
+    while True:
+        (usage,) = await fetch(
+            stack.database_url,
+            "SELECT requests, inflight, leased_requests, leased_tokens, leased_slots FROM quota_usage "
+            "WHERE subject = $1",
+            account.subject,
+        )
+        if usage["leased_requests"] == usage["leased_tokens"] == usage["leased_slots"] == 0:
+            break
+        assert time.monotonic() < deadline, dict(usage)
+        await asyncio.sleep(0.2)
+    assert (usage["requests"], usage["inflight"]) == (40, 0)
+    assert await fetch(stack.database_url, "SELECT 1 FROM quota_leases WHERE subject = $1", account.subject) == []
 
 
 def test_concurrency_quota(stack: Stack, synthetic_daemon: Child) -> None:
@@ -240,9 +284,18 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
         assert query(stack.database_url, "SELECT 1 FROM reservations WHERE key_id = $1", account.key_id) == []
         (usage,) = query(stack.database_url, "SELECT inflight FROM quota_usage WHERE subject = $1", account.subject)
         assert usage["inflight"] == 0
+        # The dead replica's lease goes back to the account too (its peers give it back when it goes stale).
+        deadline = time.monotonic() + 15
+        leased = "SELECT leased_requests, leased_tokens, leased_slots FROM quota_usage WHERE subject = $1"
+        while tuple(query(stack.database_url, leased, account.subject)[0]) != (0, 0, 0) or query(
+            stack.database_url, "SELECT 1 FROM quota_leases WHERE subject = $1", account.subject
+        ):
+            assert time.monotonic() < deadline, "the dead replica's lease was never given back"
+            time.sleep(0.2)
         # Settled once: the day's tokens are exactly the ledger row's (a second settlement would add more).
         (usage,) = query(stack.database_url, "SELECT tokens FROM quota_usage WHERE subject = $1", account.subject)
         assert usage["tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+        assert len(query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE key_id = $1", account.key_id)) == 1
     finally:
         doomed.stop()
         daemon.stop()

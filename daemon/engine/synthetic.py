@@ -23,8 +23,12 @@ WORDS = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", 
 
 
 class SyntheticEngine:
-    def __init__(self, model_id: str = "synthetic", *, slots: int = 256, token_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, model_id: str = "synthetic", *, slots: int = 256, token_delay_s: float = 0.0, tokens_per_step: int = 1
+    ) -> None:
         self.model_id = model_id
+        # Tokens produced together per step, as a batched decode step hands several to one request at once.
+        self.tokens_per_step = tokens_per_step
         self.slots = slots
         self.context_length = 1 << 20
         self.token_delay_s = token_delay_s
@@ -117,8 +121,9 @@ class SyntheticEngine:
                 # Each word is "token" n % len(WORDS): the ids are what the gateway bills.
                 word = (offset + n - 1) % len(WORDS)
                 yield TextChunk(WORDS[word], 1, token_ids=(word,))
-                # Yield to the loop every token, as a real engine's thread hand-off would.
-                await asyncio.sleep(self.token_delay_s)
+                # Yield to the loop every step, as a real engine's thread hand-off would.
+                if n % self.tokens_per_step == 0:
+                    await asyncio.sleep(self.token_delay_s)
             elapsed = time.monotonic() - started
             if n > 1 and elapsed > 0:
                 self._tps = n / elapsed

@@ -135,6 +135,10 @@ class Call:
     def tokens_delivered(self) -> int:
         return self._tokens
 
+    def ready(self) -> bool:
+        """The next frame already arrived (the gateway is behind this stream)."""
+        return self._leg.stream.ready()
+
     async def frames(self) -> AsyncIterator[bus.Delta | bus.Done]:
         while True:
             try:

@@ -29,6 +29,7 @@ from services.auth.principal import Principal
 from services.errors import ApiError, ClientDisconnected, CoordinatorUnavailable, ProviderError, untranslatable
 from services.gateway.dispatch import SHUTTING_DOWN, Call, StreamBroken
 from services.gateway.exchange import Exchange
+from services.gateway.frames import joined, joins
 from services.ids import request_id_of
 from services.runtime import Runtime
 from services.usage.metering import Ticket, estimate_prompt_tokens, holder_for
@@ -118,6 +119,12 @@ async def start(
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
         bus_request = msgspec.structs.replace(job.request, request_id=ex.request_id, deadline_ms=deadline_ms)
         call = await runtime.dispatcher.start(bus_request, parent=ex.span)
+        try:
+            # The reservation row was written meanwhile (one statement for all requests queued then).
+            await runtime.metering.confirm(ex.ticket)
+        except BaseException:
+            await call.close()
+            raise
     except ApiError as exc:
         # Refused before any generation: nothing was generated, so nothing is billed.
         ex.status, ex.refund = exc.code or "error", True
@@ -135,12 +142,19 @@ async def start(
 
 
 async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
-    """The provider's frames, metered as they pass: deltas, then one `bus.Finished`."""
-    async for frame in call.frames():
-        if isinstance(frame, bus.Delta):
-            ex.delta(frame)
-            yield frame
-        else:
+    """The provider's frames, metered as they pass: deltas, then one `bus.Finished`.
+
+    A streamed answer's deltas that arrived together come out as one (services/gateway/frames.py).
+    """
+    frames = call.frames()
+    pending: bus.Delta | bus.Done | None = None
+    while True:
+        frame, pending = pending, None
+        if frame is None:
+            frame = await anext(frames, None)
+            if frame is None:
+                raise ProviderError("The provider's answer ended without a final frame.")
+        if isinstance(frame, bus.Done):
             # Bill the provider that finished the answer (the first one may have been lost or cut off).
             ex.provider = call.provider_id
             if ex.ticket is not None:
@@ -154,7 +168,17 @@ async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
                 reasoning_tokens=min(frame.reasoning_tokens, completion),
             )
             return
-    raise ProviderError("The provider's answer ended without a final frame.")
+        ex.delta(frame)
+        run = [frame]
+        while ex.stream and call.ready():
+            nxt = await anext(frames, None)
+            if isinstance(nxt, bus.Delta) and joins(run, nxt):
+                ex.delta(nxt)
+                run.append(nxt)
+            else:
+                pending = nxt
+                break
+        yield joined(run)
 
 
 def _broken(ex: Exchange, call: Call) -> None:

@@ -81,6 +81,10 @@ class ReplyStream:
     def push(self, item: _Item) -> None:
         self._queue.put_nowait(item)
 
+    def ready(self) -> bool:
+        """Something already arrived: `next` returns it without waiting."""
+        return not self._queue.empty()
+
     def take(self, size: int) -> bool:
         """Count a frame of `size` bytes against the budget; False (stream dead) when over it."""
         self._frames_left -= 1
@@ -97,14 +101,18 @@ class ReplyStream:
     async def next(self, timeout: float) -> bus.Frame | None:  # noqa: ASYNC109 - per-frame deadline
         """The next frame in sequence, or None if none arrived within `timeout`."""
         while True:
-            try:
-                # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives just as
-                # a frame does (gh-86296), and with frames arriving every few ms a buyer's hang-up
-                # was lost that way now and then: the request went on generating to max_tokens.
-                async with asyncio.timeout(timeout):
-                    item = await self._queue.get()
-            except TimeoutError:
-                return None
+            if self._queue.empty():
+                try:
+                    # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives just as
+                    # a frame does (gh-86296), and with frames arriving every few ms a buyer's hang-up
+                    # was lost that way now and then: the request went on generating to max_tokens.
+                    async with asyncio.timeout(timeout):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    return None
+            else:
+                # Already here: no timer to arm and cancel (most frames under load).
+                item = self._queue.get_nowait()
             if isinstance(item, _ProviderLost):
                 raise StreamBroken(
                     "provider_lost", f"provider {self.provider_id} left the pool mid-request", recoverable=True

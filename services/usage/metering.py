@@ -1,5 +1,9 @@
 """Metering on the request path: reserve before dispatch, settle however the request ends.
 
+Requests are admitted from this replica's quota leases (services/usage/leases.py),
+in memory; their reservation rows and their settlements are written in batches
+(services/usage/batch.py), so one busy account costs no more than many.
+
 Each replica keeps only the reservations it opened (soft state). It reports
 their progress to Postgres every couple of seconds, so if the replica dies its
 reservations go stale and any other replica settles them with the tokens they
@@ -19,10 +23,12 @@ import asyncpg
 import structlog
 
 from services.auth.principal import Principal
-from services.errors import QuotaExhausted
+from services.errors import CoordinatorUnavailable, QuotaExhausted
 from services.settings import Settings
-from services.usage import quotas
-from services.usage.quotas import Holder, Limits, Settlement, Usage
+from services.usage import leases, quotas
+from services.usage.batch import GroupCommit
+from services.usage.leases import Closing, Lease, Opening
+from services.usage.quotas import Holder, Limits, Settlement, Usage, today
 
 if TYPE_CHECKING:
     from services.metrics.registry import Metrics
@@ -50,6 +56,11 @@ class Ticket:
     # A streamed answer reaches the buyer token by token; a whole one only at its end, so until
     # then nothing of it is the buyer's to pay for (what the touch loop reports for a sweeper).
     stream: bool = True
+    # The lease it was admitted from (its slot goes back there), the tokens it holds, and the write of
+    # its reservation row: under way while the request is dispatched (`Metering.confirm`).
+    lease: Lease | None = None
+    tokens: int = 0
+    opening: asyncio.Future[bool] | None = None
 
     def delivered(self) -> tuple[int, int]:
         """(prompt, completion) tokens the buyer has had so far: what a sweeper bills if this replica dies."""
@@ -128,6 +139,11 @@ class Metering:
         self._unsettled: dict[str, tuple[Settlement, float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics = metrics
+        self._leases: dict[str, Lease] = {}
+        self._opener: GroupCommit[Opening, bool] = GroupCommit(lambda items: leases.open_many(db, gateway_id, items))
+        self._closer: GroupCommit[Closing, tuple[bool, bool]] = GroupCommit(
+            lambda items: leases.close_many(db, gateway_id, items)
+        )
 
     def open_count(self) -> int:
         """Reservations of requests running on this replica (for the metrics, read at scrape time)."""
@@ -149,31 +165,140 @@ class Metering:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         # A last try before the process exits (a graceful stop settles what it served).
+        await self._closer.drain()
         await self._retry_unsettled()
+        for lease in list(self._leases.values()):
+            with contextlib.suppress(Exception):
+                await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
 
     async def reserve(
         self, holder: Holder, limits: Limits, request_id: str, model: str, tokens: int, *, stream: bool = True
     ) -> Ticket:
+        """Admit a request from this replica's lease (in memory) and start writing its reservation row.
+
+        The row's write runs while the request is dispatched; `confirm` waits for it before anything
+        of the answer reaches the buyer, so a replica that dies leaves every answered request's row.
+        """
         if not self.enabled:
             return Ticket(request_id, holder, model, usage=None, stream=stream)
-        granted, usage = await quotas.take(
-            self._db,
-            holder=holder,
-            limits=limits,
-            request_id=request_id,
-            model=model,
-            tokens=tokens,
-            gateway_id=self._gateway_id,
-        )
-        if not granted:
-            refusal, limit = _refusal(usage, tokens)
+        lease = await self._admit(holder, limits, tokens)
+        ticket = Ticket(request_id, holder, model, lease.usage(), stream=stream, lease=lease, tokens=tokens)
+        ticket.opening = self._opener.submit(Opening(request_id, holder, model, tokens, lease.day))
+        self._open[request_id] = ticket
+        return ticket
+
+    async def confirm(self, ticket: Ticket) -> None:
+        """Wait until the ticket's reservation row is written (raises if it could not be)."""
+        if ticket.opening is None:
+            return
+        if not await asyncio.shield(ticket.opening):
+            # The lease's row no longer holds what memory says (another replica gave it back while this
+            # one could not reach Postgres): forget it; the next request leases anew.
+            assert ticket.lease is not None
+            ticket.lease.requests = ticket.lease.tokens = ticket.lease.slots = 0
+            raise CoordinatorUnavailable("This replica's quota lease was lost; retry the request.")
+
+    async def _admit(self, holder: Holder, limits: Limits, tokens: int) -> Lease:
+        """Take one request's share from this replica's lease of `holder`, leasing more when it is short."""
+        lease = self._leases.get(holder.subject)
+        if lease is None:
+            lease = self._leases[holder.subject] = Lease(holder.subject, today(), limits)
+        retried = False
+        while True:
+            now = time.monotonic()
+            if lease.day != today():
+                # A new UTC day: yesterday's requests and tokens are void (the subject's counters reset).
+                lease.day, lease.requests, lease.tokens = today(), 0, 0
+            fresh = now - lease.confirmed_at < self._stale_after_s / 2
+            if fresh and lease.covers(tokens):
+                lease.requests -= 1
+                lease.tokens -= tokens
+                lease.slots -= 1
+                lease.in_use += 1
+                lease.admitted += 1
+                lease.used_at = now
+                return lease
+            if lease.granting is not None:
+                lease.waiters += 1
+                try:
+                    await asyncio.shield(lease.granting)
+                finally:
+                    lease.waiters -= 1
+                continue
+            lease.granting = asyncio.get_running_loop().create_future()
+            try:
+                refused = await leases.grant(
+                    self._db,
+                    lease,
+                    holder,
+                    limits,
+                    need_t=tokens,
+                    want=leases.wanted(lease, tokens),
+                    gw=self._gateway_id,
+                )
+            finally:
+                granting, lease.granting = lease.granting, None
+                granting.set_result(None)
+            if refused is None or lease.covers(tokens):
+                continue
+            if not retried and (lease.requests or lease.tokens or lease.slots):
+                # Part of what this request needs sits in our own lease, counted as taken: give it back
+                # and ask once more, so a request is refused only when the subject truly has no room.
+                retried = True
+                await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
+                continue
+            error, limit = _refusal(refused.usage, tokens)
             if self._metrics is not None:
                 kind = "demo" if holder.demo_token_id is not None else "account"
                 self._metrics.quota_rejections.labels(kind, limit).inc()
-            raise refusal
-        ticket = Ticket(request_id, holder, model, usage, stream=stream)
-        self._open[request_id] = ticket
-        return ticket
+            raise error
+
+    @staticmethod
+    def _unadmit(lease: Lease, tokens: int) -> None:
+        lease.requests += 1
+        lease.tokens += tokens
+        lease.slots += 1
+        lease.in_use -= 1
+
+    async def _give_back(self, lease: Lease, r: int, t: int, c: int) -> None:
+        """Return part of a lease to its subject (taken from memory first, so nothing admits it meanwhile)."""
+        r, t, c = min(r, lease.requests), min(t, lease.tokens), min(c, lease.slots)
+        lease.requests -= r
+        lease.tokens -= t
+        lease.slots -= c
+        try:
+            given = await leases.give_back(self._db, self._gateway_id, lease, r, t, c)
+        except Exception:
+            given = False
+        if not given:
+            lease.requests += r
+            lease.tokens += t
+            lease.slots += c
+
+    async def _maintain(self) -> None:
+        """Keep this replica's leases alive, size them to their rates, give idle ones back."""
+        started = time.monotonic()
+        alive = await leases.touch(self._db, self._gateway_id)
+        forgotten = []
+        for subject, lease in list(self._leases.items()):
+            lease.rate = 0.5 * lease.rate + 0.5 * lease.admitted / self._touch_interval_s
+            lease.admitted = 0
+            if subject in alive:
+                lease.confirmed_at = max(lease.confirmed_at, started)
+            elif lease.confirmed_at < started and lease.granting is None:
+                # Given back by another replica (this one looked dead): nothing of it is ours any more.
+                lease.requests = lease.tokens = lease.slots = 0
+            if lease.granting is not None:
+                continue
+            if time.monotonic() - lease.used_at > self._touch_interval_s:
+                await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
+                if lease.in_use == 0 and not (lease.requests or lease.tokens or lease.slots):
+                    del self._leases[subject]
+                    forgotten.append(subject)
+            elif lease.slots > max(2, lease.in_use):
+                # Spare slots another replica could use for this subject.
+                await self._give_back(lease, 0, 0, lease.slots - max(2, lease.in_use))
+        await leases.forget_empty(self._db, self._gateway_id, forgotten)
 
     async def settle(
         self,
@@ -191,6 +316,19 @@ class Metering:
         self._open.pop(ticket.request_id, None)
         if not self.enabled:
             return
+        if ticket.opening is not None:
+            try:
+                opened: bool | None = await asyncio.shield(ticket.opening)
+            except Exception:
+                opened = None
+            if not opened:
+                # No row was written, so `confirm` failed and nothing reached the buyer: nothing to settle.
+                if ticket.lease is not None:
+                    if opened is None:
+                        self._unadmit(ticket.lease, ticket.tokens)  # the lease row still holds it
+                    else:
+                        ticket.lease.in_use -= 1
+                return
         ended = time.monotonic()
         settlement = Settlement(
             provider_id=ticket.provider_id,
@@ -202,15 +340,34 @@ class Metering:
             outcome=outcome,
             refund=refund,
         )
+        closing = Closing(
+            ticket.request_id,
+            settlement.provider_id,
+            settlement.prompt_tokens,
+            settlement.completion_tokens,
+            settlement.cached_tokens,
+            settlement.ttft_ms,
+            settlement.duration_ms,
+            settlement.outcome,
+            settlement.refund,
+            keep_slot=ticket.lease is not None and ticket.lease.in_use > leases.KEEP_SLOTS_ABOVE,
+        )
+        lease = ticket.lease
         try:
-            await quotas.settle(self._db, ticket.request_id, settlement)
+            _, to_lease = await self._closer.submit(closing)
         except Exception as exc:
             # Retried from the touch loop; only if this replica dies first does a sweeper settle it.
+            if lease is not None:
+                lease.in_use -= 1
             self._unsettled[ticket.request_id] = (settlement, ended, 1)
             log.warning("settle_failed", request_id=ticket.request_id, error=type(exc).__name__, retry=True)
             if self._metrics is not None:
                 self._metrics.settle_failures.inc()
             return
+        if lease is not None:
+            lease.in_use -= 1
+            if to_lease:
+                lease.slots += 1
         if self._metrics is not None:
             self._metrics.settlement_lag.observe(time.monotonic() - ended)
 
@@ -240,12 +397,17 @@ class Metering:
                 await quotas.touch(self._db, progress)
             except Exception:
                 log.exception("reservation_touch_failed", open=len(progress))
+            try:
+                await self._maintain()
+            except Exception:
+                log.exception("lease_upkeep_failed", leases=len(self._leases))
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(max(1.0, self._stale_after_s / 4))
             try:
                 settled = await quotas.settle_stale(self._db, self._stale_after_s)
+                given = await leases.give_back_stale(self._db, self._stale_after_s)
             except Exception:
                 log.exception("reservation_sweep_failed")
                 continue
@@ -253,6 +415,8 @@ class Metering:
                 log.warning("stale_reservations_settled", count=settled)
                 if self._metrics is not None:
                     self._metrics.stale_settled.inc(settled)
+            if given:
+                log.warning("stale_leases_given_back", subjects=given)
 
 
 def _refusal(usage: Usage, tokens: int) -> tuple[QuotaExhausted, str]:

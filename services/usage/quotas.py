@@ -103,8 +103,13 @@ _READ = "SELECT window_day, requests, tokens, inflight FROM quota_usage WHERE su
 
 # Settlement. `refund` gives the request back to the day's count (nothing ran).
 _SETTLE = """
-WITH r AS (
-    DELETE FROM reservations WHERE request_id = $1 RETURNING *
+WITH lk AS (
+    -- The subject's quota row first, as every statement that also writes leases or reservations does.
+    SELECT subject FROM quota_usage
+    WHERE subject = (SELECT subject FROM reservations WHERE request_id = $1)
+    FOR UPDATE
+), r AS (
+    DELETE FROM reservations WHERE request_id = $1 AND subject IN (SELECT subject FROM lk) RETURNING *
 ), led AS (
     INSERT INTO usage_ledger
         (request_id, subject, account_id, key_id, demo_token_id, model, provider_id, prompt_tokens,
@@ -140,6 +145,8 @@ UPDATE reservations r SET last_seen = now(), provider_id = coalesce(p.provider_i
 FROM unnest($1::text[], $2::text[], $3::int[], $4::int[])
      AS p(request_id, provider_id, prompt_tokens, completion_tokens)
 WHERE r.request_id = p.request_id
+  -- One being settled right now is skipped (never a lock wait, nor a deadlock with a batch settling several).
+  AND r.request_id IN (SELECT request_id FROM reservations WHERE request_id = ANY($1) FOR UPDATE SKIP LOCKED)
 """
 
 

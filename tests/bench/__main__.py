@@ -24,6 +24,10 @@ Modes:
             streams, faults (kill -9, SIGSTOP, restarts) with a ledger audit, and a soak
             (options: python3 -m tests.bench scale --help).
 
+  hotpath   the gateway's hot path in one table: metering off, on with one key, on with one key per
+            worker, streamed c=1 and c=64 and non-stream; gateway CPU per request; --profile adds py-spy's
+            top functions (options: python3 -m tests.bench hotpath --help).
+
   observability  the CPU that Prometheus metrics and OpenTelemetry traces add to one request, gateway
             and daemon, in process on the real objects, beside the same work with metrics off.
 
@@ -40,7 +44,7 @@ from tests.bench import cli, metering, overhead
 
 MODES = ("overhead", "metering")
 # Modes with their own options and stacks: `python3 -m tests.bench <mode> --help`.
-SEPARATE = ("daemon", "failover", "routing", "structured", "observability", "scale")
+SEPARATE = ("hotpath", "daemon", "failover", "routing", "structured", "observability", "scale")
 
 DEFAULT_LEVELS = (1, 16, 64)
 QUICK_LEVELS = (1, 16)

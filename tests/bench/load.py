@@ -30,6 +30,8 @@ class Sample:
     error: str | None = None
     # The answer's x-request-id (None if none came: refused before any server, or no such header).
     request_id: str | None = None
+    # Content chunks (SSE events with text) of a streamed answer: one per provider frame.
+    chunks: int = 0
 
     @property
     def ok(self) -> bool:
@@ -248,6 +250,7 @@ class ViaGateway:
         last: float | None = None
         tokens = 0
         usage: int | None = None
+        chunks = 0
         finish: str | None = None
         events = Events()
         rid: str | None = None
@@ -272,7 +275,9 @@ class ViaGateway:
                                 if first is None:
                                     first = now
                                 last = now
-                                # The synthetic daemon sends one token per delta.
+                                # A delta holds the tokens of one provider frame (one or more): until the
+                                # usage chunk says how many, count what is known to have arrived.
+                                chunks += 1
                                 tokens += 1
                             if choice.finish_reason is not None:
                                 finish = choice.finish_reason
@@ -281,10 +286,12 @@ class ViaGateway:
         except msgspec.DecodeError:
             return Sample(start, time.perf_counter(), first, last, tokens, "client:bad_sse_chunk", rid)
         end = time.perf_counter()
+        # The usage chunk counts the tokens; there can be no more content chunks than tokens.
+        tokens = usage or 0
         error = "no_done_marker" if not events.done else _check(finish, tokens, self.max_tokens)
-        if error is None and usage != tokens:
+        if error is None and (usage is None or not 0 < chunks <= usage):
             error = "usage_mismatch"
-        return Sample(start, end, first, last, tokens, error, rid)
+        return Sample(start, end, first, last, tokens, error, rid, chunks)
 
     async def _whole(self, worker: int) -> Sample:
         """A non-streamed request: only its end is observable (no TTFT); tokens are the usage's count."""

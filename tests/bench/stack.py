@@ -60,6 +60,7 @@ class Stack(ABC):
         self.api_key = ""
         self.nats_url = ""
         self.postgres_pid: int | None = None
+        self.database_url = ""
         self._cleanups: list[tuple[str, Callable[[], object]]] = []
 
     def start(self) -> None:
@@ -71,6 +72,7 @@ class Stack(ABC):
         pg = PostgresServer.start(self.home / "postgres", fast=True)
         self.on_stop("postgres", pg.stop)
         self.postgres_pid = pg.proc.pid
+        self.database_url = pg.url
         say(f"postgres on {pg.url}")
         self.api_key = asyncio.run(ensure_dev_key(pg.url, self.home / "dev.env"))
 

@@ -1,0 +1,92 @@
+"""Frames, not tokens: the text chunks an engine has ready together go to the bus as one Delta.
+
+The engine runs in a task of its own that only appends to a buffer; the sender
+takes everything buffered each time it runs. A chunk is never held back to wait
+for more (the sender sends what is there the moment it can), but when the
+engine produced several chunks meanwhile (a batch's decode step, or a busy
+loop), the gateway gets one frame to decode instead of one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
+from daemon.engine.base import Event, TextChunk
+
+# A bound on one merged frame (far below the gateway's per-frame byte limit for any real text).
+MAX_CHUNKS_PER_FRAME = 256
+
+
+def merge(chunks: list[TextChunk]) -> TextChunk:
+    if len(chunks) == 1:
+        return chunks[0]
+    return TextChunk(
+        text="".join(c.text for c in chunks),
+        tokens=sum(c.tokens for c in chunks),
+        tool_calls=tuple(call for c in chunks for call in c.tool_calls),
+        logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+        token_ids=tuple(i for c in chunks for i in c.token_ids),
+        reasoning="".join(c.reasoning for c in chunks),
+    )
+
+
+def _take(buffer: deque[Event]) -> Event:
+    """The next event, with the text chunks after it that can join it merged in."""
+    head = buffer.popleft()
+    if not isinstance(head, TextChunk):
+        return head
+    run = [head]
+    calls, text = bool(head.tool_calls), bool(head.text)
+    while buffer and len(run) < MAX_CHUNKS_PER_FRAME:
+        nxt = buffer[0]
+        if not isinstance(nxt, TextChunk) or calls or (text and nxt.reasoning):
+            break
+        buffer.popleft()
+        run.append(nxt)
+        calls, text = bool(nxt.tool_calls), text or bool(nxt.text)
+    return merge(run)
+
+
+# A Delta renders its reasoning, then its text, then its tool calls: so a merge never puts
+# anything after a chunk's tool calls, nor reasoning after text.
+
+
+async def coalesced(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """`events` with the text chunks that were ready at the same time merged (their order kept)."""
+    buffer: deque[Event] = deque()
+    ready = asyncio.Event()
+    ended = False
+    failure: BaseException | None = None
+
+    async def produce() -> None:
+        nonlocal ended, failure
+        try:
+            async for event in events:
+                buffer.append(event)
+                ready.set()
+        except Exception as exc:
+            failure = exc
+        finally:
+            ended = True
+            ready.set()
+
+    producer = asyncio.create_task(produce(), name="engine-events")
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            while buffer:
+                yield _take(buffer)
+            if ended:
+                if failure is not None:
+                    raise failure
+                return
+    finally:
+        if not producer.done():
+            producer.cancel()
+        # The engine's own cleanup (telling its worker to stop) runs before the request's task ends.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await producer

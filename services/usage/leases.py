@@ -1,0 +1,442 @@
+"""Quota leases: each replica serves a subject's requests from a slice of its quota held in memory.
+
+A replica leases part of what a subject has left (requests, tokens, concurrency
+slots) in one statement that checks `used + leased + grant <= limit` under the
+subject's row lock, so the leases of all replicas together never exceed the
+limit: overshoot stays zero. Requests are then admitted from memory. What they
+use moves from the lease to quota_usage when their reservation rows are written
+(one statement per batch, services/usage/batch.py), and their settlement gives
+the slot back to the lease and unused tokens to the subject (also batched). The
+lease's size follows the subject's rate on this replica, it is cut to a quarter
+of what is left (so near the limit replicas lease one at a time, and no replica
+sits on what another could use for long), and an idle one is given back. A
+replica that dies stops touching its lease rows; any other one gives them back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from services.usage.quotas import Holder, Limits, Usage, today
+
+_ENSURE = "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT (subject) DO NOTHING"
+
+# The grant. `cur` locks the subject's row and reads it as of the lock; a grant is at least what
+# the request at hand needs and at most a quarter of what is left (or what is wanted).
+_GRANT = """
+WITH lim AS (
+    SELECT coalesce(q.requests_per_day, $4) AS r, coalesce(q.tokens_per_day, $5) AS t,
+           coalesce(q.concurrent, $6) AS c
+    FROM (SELECT 1) AS one LEFT JOIN account_quotas q ON q.account_id = $7
+), cur AS (
+    SELECT u.subject,
+           lim.r - (CASE WHEN u.window_day = $2 THEN u.requests + u.leased_requests ELSE 0 END) AS left_r,
+           lim.t - (CASE WHEN u.window_day = $2 THEN u.tokens + u.leased_tokens ELSE 0 END) AS left_t,
+           lim.c - (u.inflight + u.leased_slots) AS left_c
+    FROM quota_usage u, lim
+    WHERE u.subject = $1
+    FOR UPDATE OF u
+), g AS (
+    SELECT subject,
+           greatest(1, least($8, left_r / 4))::int AS r,
+           greatest($3, least($9, left_t / 4))::bigint AS t,
+           greatest(1, least($10, left_c / 4))::int AS c
+    FROM cur
+    WHERE left_r >= 1 AND left_t >= $3 AND left_c >= 1
+), took AS (
+    UPDATE quota_usage u SET
+        requests = CASE WHEN u.window_day = $2 THEN u.requests ELSE 0 END,
+        tokens = CASE WHEN u.window_day = $2 THEN u.tokens ELSE 0 END,
+        leased_requests = (CASE WHEN u.window_day = $2 THEN u.leased_requests ELSE 0 END) + g.r,
+        leased_tokens = (CASE WHEN u.window_day = $2 THEN u.leased_tokens ELSE 0 END) + g.t,
+        leased_slots = u.leased_slots + g.c,
+        window_day = $2
+    FROM g
+    WHERE u.subject = g.subject
+    RETURNING u.requests + u.leased_requests AS used_r, u.tokens + u.leased_tokens AS used_t,
+              u.inflight + u.leased_slots AS used_c
+), held AS (
+    INSERT INTO quota_leases AS l (subject, gateway_id, window_day, requests, tokens, slots)
+    SELECT $1, $11, $2, g.r, g.t, g.c FROM g
+    ON CONFLICT (subject, gateway_id) DO UPDATE SET
+        requests = (CASE WHEN l.window_day = $2 THEN l.requests ELSE 0 END) + excluded.requests,
+        tokens = (CASE WHEN l.window_day = $2 THEN l.tokens ELSE 0 END) + excluded.tokens,
+        slots = l.slots + excluded.slots,
+        window_day = $2,
+        last_seen = now()
+    RETURNING 1
+)
+SELECT lim.r AS lim_r, lim.t AS lim_t, lim.c AS lim_c,
+       g.r AS grant_r, g.t AS grant_t, g.c AS grant_c,
+       took.used_r, took.used_t, took.used_c,
+       cur.left_r, cur.left_t, cur.left_c,
+       (SELECT count(*) FROM held) AS held
+FROM lim LEFT JOIN cur ON true LEFT JOIN g ON true LEFT JOIN took ON true
+"""
+
+# Requests admitted from a lease get their reservation rows: what they hold moves from the lease
+# to quota_usage's counters. Only where this replica's lease still holds it (a lease given back
+# by a sweeper while this replica could not reach Postgres admits nothing more).
+_OPEN = """
+WITH p AS (
+    SELECT * FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::bigint[])
+        AS p(request_id, subject, account_id, key_id, demo_token_id, model, tokens)
+), lk AS (
+    -- Lock order, in every statement here: the subjects' quota_usage rows (by subject), then leases.
+    SELECT subject FROM quota_usage WHERE subject IN (SELECT subject FROM p) ORDER BY subject FOR UPDATE
+), agg AS (
+    SELECT subject, count(*)::int AS n, sum(tokens)::bigint AS t
+    FROM p WHERE subject IN (SELECT subject FROM lk) GROUP BY subject
+), l AS (
+    UPDATE quota_leases l SET requests = l.requests - agg.n, tokens = l.tokens - agg.t, slots = l.slots - agg.n,
+                              last_seen = now()
+    FROM agg
+    WHERE l.subject = agg.subject AND l.gateway_id = $1 AND l.window_day = $2
+      AND l.requests >= agg.n AND l.tokens >= agg.t AND l.slots >= agg.n
+    RETURNING l.subject, agg.n, agg.t
+), u AS (
+    UPDATE quota_usage q SET
+        requests = q.requests + CASE WHEN q.window_day = $2 THEN l.n ELSE 0 END,
+        tokens = q.tokens + CASE WHEN q.window_day = $2 THEN l.t ELSE 0 END,
+        inflight = q.inflight + l.n,
+        leased_requests = CASE WHEN q.window_day = $2 THEN q.leased_requests - l.n ELSE q.leased_requests END,
+        leased_tokens = CASE WHEN q.window_day = $2 THEN q.leased_tokens - l.t ELSE q.leased_tokens END,
+        leased_slots = q.leased_slots - l.n
+    FROM l
+    WHERE q.subject = l.subject
+    RETURNING 1
+), ins AS (
+    INSERT INTO reservations
+        (request_id, subject, account_id, key_id, demo_token_id, model, window_day, tokens_reserved, gateway_id)
+    SELECT p.request_id, p.subject, p.account_id, p.key_id, p.demo_token_id, p.model, $2, p.tokens, $1
+    FROM p JOIN l ON l.subject = p.subject
+    RETURNING request_id
+)
+SELECT request_id, (SELECT count(*) FROM u) AS subjects FROM ins
+"""
+
+# Settlement of a batch: ledger rows, reservations gone, unused tokens and refunded requests back to
+# the subject, and each slot back to this replica's lease (when it still has one) where `keep_slot`
+# says this replica is busy with the subject, else back to the subject: a subject with a small
+# concurrency limit (a demo token's 1) never finds its one slot parked on another replica.
+_CLOSE = """
+WITH p AS (
+    SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::real[], $8::real[],
+                         $9::text[], $10::bool[], $11::bool[])
+        AS p(request_id, provider_id, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms,
+             outcome, refund, keep_slot)
+), lk AS (
+    SELECT subject FROM quota_usage
+    WHERE subject IN (SELECT res.subject FROM reservations res JOIN p ON p.request_id = res.request_id)
+    ORDER BY subject FOR UPDATE
+), r AS (
+    DELETE FROM reservations res USING p
+    WHERE res.request_id = p.request_id AND res.subject IN (SELECT subject FROM lk)
+    RETURNING res.request_id, res.subject, res.account_id, res.key_id, res.demo_token_id, res.model,
+              res.window_day, res.tokens_reserved, coalesce(p.provider_id, res.provider_id) AS provider_id,
+              p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.ttft_ms, p.duration_ms, p.outcome, p.refund,
+              p.keep_slot
+), led AS (
+    INSERT INTO usage_ledger
+        (request_id, subject, account_id, key_id, demo_token_id, model, provider_id, prompt_tokens,
+         completion_tokens, cached_tokens, ttft_ms, duration_ms, outcome, billed)
+    SELECT request_id, subject, account_id, key_id, demo_token_id, model, provider_id, prompt_tokens,
+           completion_tokens, cached_tokens, ttft_ms, duration_ms, outcome, NOT refund
+    FROM r
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
+), agg AS (
+    SELECT r.subject, count(*)::int AS n, sum(r.keep_slot::int)::int AS keep,
+           sum(CASE WHEN r.window_day = q.window_day
+                    THEN r.tokens_reserved - CASE WHEN r.refund THEN 0 ELSE r.prompt_tokens + r.completion_tokens END
+                    ELSE 0 END)::bigint AS give_t,
+           sum(CASE WHEN r.refund AND r.window_day = q.window_day THEN 1 ELSE 0 END)::int AS give_r
+    FROM r JOIN quota_usage q ON q.subject = r.subject
+    GROUP BY r.subject
+), l AS (
+    UPDATE quota_leases l SET slots = l.slots + agg.keep, last_seen = now()
+    FROM agg
+    WHERE l.subject = agg.subject AND l.gateway_id = $1 AND agg.keep > 0
+    RETURNING l.subject
+), upd AS (
+    UPDATE quota_usage u SET
+        inflight = u.inflight - agg.n,
+        tokens = greatest(0, u.tokens - agg.give_t),
+        requests = greatest(0, u.requests - agg.give_r),
+        leased_slots = u.leased_slots + CASE WHEN agg.subject IN (SELECT subject FROM l) THEN agg.keep ELSE 0 END
+    FROM agg
+    WHERE u.subject = agg.subject
+    RETURNING 1
+)
+SELECT r.request_id, r.keep_slot AND r.subject IN (SELECT subject FROM l) AS to_lease,
+       (SELECT count(*) FROM upd) AS subjects, (SELECT count(*) FROM led) AS written
+FROM r
+"""
+
+# Part of a lease given back by the replica holding it.
+_GIVE_BACK = """
+WITH lk AS (
+    SELECT subject FROM quota_usage WHERE subject = $1 FOR UPDATE
+), l AS (
+    UPDATE quota_leases SET requests = requests - $3, tokens = tokens - $4, slots = slots - $5
+    WHERE subject = $1 AND gateway_id = $2 AND requests >= $3 AND tokens >= $4 AND slots >= $5
+      AND EXISTS (SELECT 1 FROM lk)
+    RETURNING window_day
+)
+UPDATE quota_usage u SET
+    leased_requests = CASE WHEN u.window_day = l.window_day THEN greatest(0, u.leased_requests - $3)
+                           ELSE u.leased_requests END,
+    leased_tokens = CASE WHEN u.window_day = l.window_day THEN greatest(0, u.leased_tokens - $4)
+                         ELSE u.leased_tokens END,
+    leased_slots = greatest(0, u.leased_slots - $5)
+FROM l
+WHERE u.subject = $1
+RETURNING 1
+"""
+
+# Leases of replicas that stopped touching them (died): given back to their subjects.
+_STALE = """
+WITH lk AS (
+    SELECT subject FROM quota_usage
+    WHERE subject IN (SELECT subject FROM quota_leases WHERE last_seen < now() - $1::interval)
+    ORDER BY subject FOR UPDATE
+), gone AS (
+    DELETE FROM quota_leases
+    WHERE last_seen < now() - $1::interval AND subject IN (SELECT subject FROM lk)
+    RETURNING *
+), agg AS (
+    SELECT g.subject,
+           sum(CASE WHEN g.window_day = q.window_day THEN g.requests ELSE 0 END)::int AS r,
+           sum(CASE WHEN g.window_day = q.window_day THEN g.tokens ELSE 0 END)::bigint AS t,
+           sum(g.slots)::int AS c
+    FROM gone g JOIN quota_usage q ON q.subject = g.subject
+    GROUP BY g.subject
+)
+UPDATE quota_usage u SET
+    leased_requests = greatest(0, u.leased_requests - agg.r),
+    leased_tokens = greatest(0, u.leased_tokens - agg.t),
+    leased_slots = greatest(0, u.leased_slots - agg.c)
+FROM agg
+WHERE u.subject = agg.subject
+RETURNING u.subject
+"""
+
+# Rows a statement of this replica holds right now are skipped (that statement refreshes them itself);
+# the answer lists every row this replica still has.
+_TOUCH = """
+WITH t AS (
+    UPDATE quota_leases SET last_seen = now()
+    WHERE (subject, gateway_id) IN (
+        SELECT subject, gateway_id FROM quota_leases WHERE gateway_id = $1 FOR UPDATE SKIP LOCKED
+    )
+    RETURNING 1
+)
+SELECT subject, (SELECT count(*) FROM t) AS touched FROM quota_leases WHERE gateway_id = $1
+"""
+_FORGET_EMPTY = """
+DELETE FROM quota_leases WHERE (subject, gateway_id) IN (
+    SELECT subject, gateway_id FROM quota_leases
+    WHERE gateway_id = $1 AND subject = ANY($2::text[]) AND requests = 0 AND tokens = 0 AND slots = 0
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+# How many seconds of this replica's rate of a subject one lease should cover.
+HORIZON_S = 2.0
+# A settled request's slot stays in this replica's lease while more than this many of the subject's
+# requests run here (it will be needed again at once); otherwise it goes back to the subject.
+KEEP_SLOTS_ABOVE = 4
+
+
+@dataclass
+class Lease:
+    """What this replica holds of one subject's quota, unused (in memory; its row is the durable copy)."""
+
+    subject: str
+    day: dt.date
+    limits: Limits
+    requests: int = 0
+    tokens: int = 0
+    slots: int = 0
+    # Slots of this subject's requests running here.
+    in_use: int = 0
+    # The subject's counters (used + leased by all replicas) after this replica's last grant, and
+    # what this lease held then: the rate-limit headers' figures without a query.
+    total_r: int = 0
+    total_t: int = 0
+    total_c: int = 0
+    # Admitted since the last maintenance tick, and the smoothed rate (requests/s).
+    admitted: int = 0
+    rate: float = 0.0
+    used_at: float = field(default_factory=time.monotonic)
+    # When Postgres last confirmed the row (a grant or a touch): a lease not confirmed for half the
+    # stale time may have been given back by another replica, so nothing is admitted from it.
+    confirmed_at: float = field(default_factory=time.monotonic)
+    waiters: int = 0
+    granting: asyncio.Future[None] | None = None
+
+    def usage(self) -> Usage:
+        return Usage(
+            self.limits,
+            max(0, self.total_r - self.requests),
+            max(0, self.total_t - self.tokens),
+            max(0, self.total_c - self.slots),
+            self.day,
+        )
+
+    def covers(self, tokens: int) -> bool:
+        return self.requests >= 1 and self.tokens >= tokens and self.slots >= 1
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    request_id: str
+    holder: Holder
+    model: str
+    tokens: int
+    day: dt.date
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    request_id: str
+    provider_id: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_ms: float | None
+    duration_ms: float | None
+    outcome: str
+    refund: bool
+    keep_slot: bool
+
+
+async def grant(
+    db: asyncpg.Pool, lease: Lease, holder: Holder, limits: Limits, *, need_t: int, want: tuple[int, int, int], gw: str
+) -> Refused | None:
+    """Add to `lease` in one statement; Refused (with the subject's usage) when not even one request fits."""
+    day = today()
+    args = (
+        holder.subject,
+        day,
+        need_t,
+        limits.requests_per_day,
+        limits.tokens_per_day,
+        limits.concurrent,
+        holder.account_id,
+        *want,
+        gw,
+    )
+    async with db.acquire() as conn:
+        row = await conn.fetchrow(_GRANT, *args)
+        assert row is not None
+        if row["left_r"] is None:
+            # The subject's first request: its row does not exist yet.
+            await conn.execute(_ENSURE, holder.subject, day)
+            row = await conn.fetchrow(_GRANT, *args)
+            assert row is not None
+    effective = Limits(row["lim_r"], row["lim_t"], row["lim_c"])
+    if row["grant_r"] is None or row["held"] != 1:
+        if row["left_r"] is None:
+            return Refused(Usage(effective, 0, 0, 0, day))
+        return Refused(
+            Usage(
+                effective,
+                effective.requests_per_day - row["left_r"],
+                effective.tokens_per_day - row["left_t"],
+                effective.concurrent - row["left_c"],
+                day,
+            )
+        )
+    if lease.day != day:
+        lease.day, lease.requests, lease.tokens = day, 0, 0
+    lease.limits = effective
+    lease.requests += row["grant_r"]
+    lease.tokens += row["grant_t"]
+    lease.slots += row["grant_c"]
+    lease.total_r, lease.total_t, lease.total_c = row["used_r"], row["used_t"], row["used_c"]
+    lease.confirmed_at = time.monotonic()
+    return None
+
+
+async def open_many(db: asyncpg.Pool, gw: str, items: list[Opening]) -> list[bool]:
+    """Reservation rows for requests admitted from leases; False where the lease no longer held them."""
+    written: set[str] = set()
+    by_day: dict[dt.date, list[Opening]] = {}
+    for item in items:
+        by_day.setdefault(item.day, []).append(item)
+    for day, group in by_day.items():
+        rows = await db.fetch(
+            _OPEN,
+            gw,
+            day,
+            [i.request_id for i in group],
+            [i.holder.subject for i in group],
+            [i.holder.account_id for i in group],
+            [i.holder.key_id for i in group],
+            [i.holder.demo_token_id for i in group],
+            [i.model for i in group],
+            [i.tokens for i in group],
+        )
+        written.update(r["request_id"] for r in rows)
+    return [i.request_id in written for i in items]
+
+
+async def close_many(db: asyncpg.Pool, gw: str, items: list[Closing]) -> list[tuple[bool, bool]]:
+    """Settle a batch; per item (settled now, its slot went back to this replica's lease)."""
+    rows = await db.fetch(
+        _CLOSE,
+        gw,
+        [i.request_id for i in items],
+        [i.provider_id for i in items],
+        [i.prompt_tokens for i in items],
+        [i.completion_tokens for i in items],
+        [i.cached_tokens for i in items],
+        [i.ttft_ms for i in items],
+        [i.duration_ms for i in items],
+        [i.outcome for i in items],
+        [i.refund for i in items],
+        [i.keep_slot for i in items],
+    )
+    done = {r["request_id"]: bool(r["to_lease"]) for r in rows}
+    return [(i.request_id in done, done.get(i.request_id, False)) for i in items]
+
+
+async def give_back(db: asyncpg.Pool, gw: str, lease: Lease, r: int, t: int, c: int) -> bool:
+    """Return part of a lease; True when Postgres took it (the caller then drops it from memory)."""
+    if not (r or t or c):
+        return True
+    row = await db.fetchrow(_GIVE_BACK, lease.subject, gw, r, t, c)
+    return row is not None
+
+
+async def touch(db: asyncpg.Pool, gw: str) -> set[str]:
+    """Keep this replica's lease rows alive; the subjects whose rows still exist."""
+    return {r["subject"] for r in await db.fetch(_TOUCH, gw)}
+
+
+async def forget_empty(db: asyncpg.Pool, gw: str, subjects: list[str]) -> None:
+    if subjects:
+        await db.execute(_FORGET_EMPTY, gw, subjects)
+
+
+async def give_back_stale(db: asyncpg.Pool, stale_after_s: float) -> int:
+    rows = await db.fetch(_STALE, dt.timedelta(seconds=stale_after_s))
+    return len(rows)
+
+
+def wanted(lease: Lease, tokens: int) -> tuple[int, int, int]:
+    """How much to ask for: this replica's rate over HORIZON_S, at least what is waiting now."""
+    r = max(1, lease.waiters, math.ceil(lease.rate * HORIZON_S))
+    return r, r * tokens, max(1, lease.waiters, lease.in_use // 2)

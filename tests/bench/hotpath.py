@@ -1,0 +1,533 @@
+"""`python3 -m tests.bench hotpath` (`just bench hotpath`): the gateway's hot path, side by side in one run.
+
+One nats-server, one PostgreSQL, one synthetic daemon and two control planes
+(MP_METERING=off and =on). Each column is one kind of load; each row a figure.
+The series, in rounds whose order rotates so drift falls on all alike:
+
+  off, 1 key      metering off: the baseline for "metering on vs off"
+  on, 1 key       metering on, every request on one account (one quota row, one lease)
+  on, N keys      metering on, worker w uses key w % N (N = concurrency): one quota row per worker
+
+Goals this prints beside the figures (issue 14): one key at c=64 no slower than
+64 keys (p50 within 1.2x), metering on vs off within 10% requests/s, gateway
+CPU per streamed / non-streamed request. With --profile, py-spy samples the
+metering-on gateway during its one-key rounds and the top functions are printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import psutil
+
+from infra.components import Child, start_daemon, wait_model
+from services.keys.store import create_account, create_key
+from tests.bench import cli, harness
+from tests.bench.cpu import CpuProbe
+from tests.bench.harness import Verdict
+from tests.bench.load import Direct, HttpClients, Level, OneRequest, Sample, ViaGateway, drive, warmup
+from tests.bench.machine import machine_lines
+from tests.bench.progress import say
+from tests.bench.report import Stats
+from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
+from tests.bench.synthetic import MODEL_ID, SyntheticStack
+from tests.bench.table import Table, counts, ms, rate
+
+OFF = "metering-off"
+ON = "metering-on"
+# The slow daemon claims 4,096 slots; the gateways' cap on what one provider may claim is 64 by default.
+_SLOTS = {"MP_PROVIDER_MAX_SLOTS": "4096"}
+GATEWAYS = (
+    GatewaySpec(OFF, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "off"}),
+    GatewaySpec(ON, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "on"}),
+)
+DIRECT = "direct engine"
+SERIES = ("off, 1 key", "on, 1 key", "on, N keys")
+# A second daemon whose synthetic engine hands over this many tokens per step (a batch's decode step).
+BATCH_MODEL = "synthetic-batch"
+BATCH_STEP = 8
+# A third one that answers slowly (a token a second), for the many-streams-at-once measurement.
+SLOW_MODEL = "synthetic-slow"
+SLOW_TOKEN_DELAY_S = 1.0
+SLOW_TOKENS = 5
+SLOW_RAMP_PER_S = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    stream: bool
+    concurrency: int
+    model: str = MODEL_ID
+
+    @property
+    def label(self) -> str:
+        kind = "stream" if self.stream else "non-stream"
+        step = f", {BATCH_STEP} tok/step" if self.model == BATCH_MODEL else ""
+        return f"{kind} c={self.concurrency}{step}"
+
+
+@dataclass
+class Tally:
+    levels: list[Level] = field(default_factory=list)
+    gateway_cpu_s: float | None = 0.0
+    postgres_cpu_s: float | None = 0.0
+
+    @property
+    def stats(self) -> Stats:
+        return Stats.of(Level.merge(self.levels))
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [x for lev in self.levels for x in lev.samples]
+
+
+@dataclass
+class Plan:
+    columns: tuple[Column, ...]
+    tokens: int
+    requests: int
+    rounds: int
+    profile_s: float
+    slow_streams: int = 0
+    streams_per_client: int = 8
+
+
+class HotStack(SyntheticStack):
+    """The synthetic stack plus a daemon whose engine hands over BATCH_STEP tokens per step."""
+
+    def start_daemons(self) -> None:
+        super().start_daemons()
+        batch = start_daemon(
+            self.home,
+            nats=self.nats_url,
+            provider_id="bench-synthetic-batch",
+            model_id=BATCH_MODEL,
+            engine="synthetic",
+            env={"MP_SYNTHETIC_TOKENS_PER_STEP": str(BATCH_STEP)},
+        )
+        self.on_stop(batch.name, batch.stop)
+        slow = start_daemon(
+            self.home,
+            nats=self.nats_url,
+            provider_id="bench-synthetic-slow",
+            model_id=SLOW_MODEL,
+            engine="synthetic",
+            env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(SLOW_TOKEN_DELAY_S), "MP_SYNTHETIC_SLOTS": "4096"},
+        )
+        self.on_stop(slow.name, slow.stop)
+        self.extra = [batch, slow]
+        for gateway in self.gateways.values():
+            wait_model(gateway.base_url, BATCH_MODEL, timeout=60, daemon=batch)
+            wait_model(gateway.base_url, SLOW_MODEL, timeout=60, daemon=slow)
+
+    def children(self) -> list[Child]:
+        return [*super().children(), *getattr(self, "extra", [])]
+
+
+@dataclass
+class SlowStreams:
+    """N slow streams held open together on the metering-on gateway: did they all finish, at what cost."""
+
+    level: Level
+    peak_open: int
+    rss_before: int
+    rss_peak: int
+    rss_after: int
+    cpu_s: float | None
+
+
+async def slow_streams(n: int, stack: SyntheticStack, api_key: str) -> SlowStreams:
+    """Open N streams at SLOW_RAMP_PER_S (a thundering herd measures admission, not holding), each
+    long enough that all N are open together at the end of the ramp."""
+    gateway = stack.gateways[ON]
+    proc = psutil.Process(gateway.child.proc.pid)
+    probe = CpuProbe(gateway.child.proc.pid)
+    rss_before = proc.memory_info().rss
+    peak_rss, open_now, peak_open = rss_before, 0, 0
+    running = True
+
+    async def sample() -> None:
+        nonlocal peak_rss
+        while running:
+            peak_rss = max(peak_rss, proc.memory_info().rss)
+            await asyncio.sleep(0.1)
+
+    async with HttpClients(n, 8) as clients:
+        tokens = math.ceil(n / SLOW_RAMP_PER_S / SLOW_TOKEN_DELAY_S) + SLOW_TOKENS
+        send = ViaGateway(clients, gateway.base_url, api_key, SLOW_MODEL, tokens)
+
+        async def one(w: int) -> Sample:
+            nonlocal open_now, peak_open
+            await asyncio.sleep(w / SLOW_RAMP_PER_S)
+            open_now += 1
+            peak_open = max(peak_open, open_now)
+            try:
+                return await send(w)
+            finally:
+                open_now -= 1
+
+        sampler = asyncio.create_task(sample())
+        cpu0 = probe.snapshot()
+        started = time.perf_counter()
+        samples = await asyncio.gather(*(one(w) for w in range(n)))
+        wall = time.perf_counter() - started
+        cpu1 = probe.snapshot()
+        running = False
+        await sampler
+    await asyncio.sleep(1.0)  # settled, buffers freed
+    level = Level(n, list(samples), wall, 0.0)
+    return SlowStreams(level, peak_open, rss_before, peak_rss, proc.memory_info().rss, CpuProbe.used(cpu0, cpu1))
+
+
+async def _accounts(database_url: str, n: int) -> list[str]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        keys = []
+        for i in range(n):
+            account = await create_account(conn, f"bench-{i}-{time.monotonic_ns()}")
+            key, _ = await create_key(conn, account, name="bench")
+            keys.append(key)
+        return keys
+    finally:
+        await conn.close()
+
+
+class ManyKeys:
+    """Worker w sends with key w % len(keys)."""
+
+    def __init__(self, sends: Sequence[ViaGateway]) -> None:
+        self.sends = sends
+
+    async def __call__(self, worker: int) -> Sample:
+        return await self.sends[worker % len(self.sends)](worker)
+
+
+class Profiler:
+    """py-spy on one process, collapsed stacks (`--format raw`) summed over the rounds it is started for."""
+
+    def __init__(self, pid: int, directory: Path) -> None:
+        self.pid = pid
+        self.directory = directory
+        self.files: list[Path] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("py-spy")
+        if exe is None:
+            return
+        out = self.directory / f"profile-{len(self.files)}.txt"
+        self.files.append(out)
+        self._proc = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--nonblocking",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # attached before the round starts
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+            try:
+                self._proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            self._proc = None
+
+    def top(self, n: int = 15) -> list[str]:
+        own: Counter[str] = Counter()
+        inclusive: Counter[str] = Counter()
+        total = 0
+        for path in self.files:
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                stack, _, count = line.rpartition(" ")
+                if not stack or not count.isdigit():
+                    continue
+                frames = stack.split(";")
+                # The event loop's idle wait is not work.
+                if "select (selectors.py" in frames[-1] or ("_run_once" in frames[-1] and len(frames) < 4):
+                    continue
+                samples = int(count)
+                total += samples
+                own[_short(frames[-1])] += samples
+                for name in {_short(f) for f in frames}:
+                    inclusive[name] += samples
+        if not total:
+            return ["  (no samples: is py-spy installed and allowed to attach?)"]
+        lines = [f"  busy samples: {total} (idle selector waits left out)", "  own time:"]
+        lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in own.most_common(n)]
+        lines.append("  inclusive (project code):")
+        # Leaving out the frames every sample passes through (the server's main and loop).
+        ours = [(k, c) for k, c in inclusive.most_common() if ("services/" in k or "schemas/" in k) and c < 0.8 * total]
+        lines += [f"    {100 * c / total:5.1f}%  {name}" for name, c in ours[:n]]
+        return lines
+
+
+def _short(frame: str) -> str:
+    # "fn (path/to/file.py:123)" -> "fn (file-relative path:line)" without the venv prefix.
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", "/wt-hot/", "/main/", "python3.11/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            break
+    return f"{name} ({where})"
+
+
+Results = dict[str, dict[str, Tally]]
+
+
+Measured = tuple[Results, list[str], SlowStreams | None]
+
+
+async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measured:
+    assert stack.postgres_pid is not None
+    top = max(c.concurrency for c in plan.columns)
+    keys = await _accounts(stack.database_url, top)
+    postgres = CpuProbe(stack.postgres_pid, tree=True)
+    gw = {name: stack.gateways[name] for name in (OFF, ON)}
+    probes = {name: CpuProbe(g.child.proc.pid) for name, g in gw.items()}
+    profiler = Profiler(gw[ON].child.proc.pid, profile_dir) if plan.profile_s else None
+    results: Results = {}
+    async with (
+        HttpClients(top, plan.streams_per_client) as c_off,
+        HttpClients(top, plan.streams_per_client) as c_one,
+        HttpClients(top, plan.streams_per_client) as c_many,
+    ):
+        for column in plan.columns:
+            c = column.concurrency
+
+            def via(clients: HttpClients, name: str, key: str, column: Column = column) -> ViaGateway:
+                return ViaGateway(clients, gw[name].base_url, key, column.model, plan.tokens, stream=column.stream)
+
+            senders: dict[str, tuple[str | None, OneRequest]] = {
+                SERIES[0]: (OFF, via(c_off, OFF, stack.api_key)),
+                SERIES[1]: (ON, via(c_one, ON, stack.api_key)),
+                SERIES[2]: (ON, ManyKeys([via(c_many, ON, k) for k in keys[:c]])),
+            }
+            if column.stream and column.model == MODEL_ID:
+                # The baseline: the same engine in this process, no HTTP, no NATS, no gateway.
+                senders = {DIRECT: (None, Direct(plan.tokens)), **senders}
+            for _, send in senders.values():
+                await drive(send, concurrency=c, requests=warmup(c) * 2)
+            names = list(senders)
+            tallies = {s: Tally() for s in names}
+            per_round = max(1, plan.requests // plan.rounds)
+            for r in range(plan.rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for series in order:
+                    name, send = senders[series]
+                    tally = tallies[series]
+                    profiling = profiler is not None and series == SERIES[1] and column == plan.columns[1]
+                    if profiling:
+                        assert profiler is not None
+                        profiler.start()
+                    pg0 = postgres.snapshot()
+                    gw0 = probes[name].snapshot() if name else None
+                    tally.levels.append(await drive(send, concurrency=c, requests=per_round))
+                    pg1 = postgres.snapshot()
+                    gw1 = probes[name].snapshot() if name else None
+                    if profiling:
+                        assert profiler is not None
+                        profiler.stop()
+                    tally.gateway_cpu_s = _add(tally.gateway_cpu_s, CpuProbe.used(gw0, gw1) if name else None)
+                    tally.postgres_cpu_s = _add(tally.postgres_cpu_s, CpuProbe.used(pg0, pg1) if name else None)
+                stack.check_alive()
+            for series in names:
+                st = tallies[series].stats
+                say(f"{column.label:<24} {series:<13}: {st.requests} requests, {st.wall_s:6.2f}s, {st.failed} failed")
+            results[column.label] = tallies
+    slow = await slow_streams(plan.slow_streams, stack, stack.api_key) if plan.slow_streams else None
+    return results, (profiler.top() if profiler is not None else []), slow
+
+
+def _add(total: float | None, used: float | None) -> float | None:
+    return None if total is None or used is None else total + used
+
+
+def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
+    results, profile, slow = measured
+    header = [
+        f"mac-provider hot-path benchmark ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
+        "",
+        "ENGINE: the SYNTHETIC stand-in (one token per step, as fast as it can): these numbers measure the serving",
+        "        path, not a model. Two control planes on one NATS + PostgreSQL, MP_METERING=off and =on, and two",
+        f"        daemons: {MODEL_ID!r} (1 token per step) and {BATCH_MODEL!r} ({BATCH_STEP} tokens per step, as a",
+        "        batch's decode step hands over; the daemon puts the tokens ready together in one frame).",
+        f"series: '{DIRECT}' = the same engine in the benchmark process (no HTTP, NATS or gateway): the baseline;",
+        "        'off, 1 key' = metering off; 'on, 1 key' = metering on, every request on one account (one quota",
+        "        row); 'on, N keys' = worker w uses key w % N, N = the column's concurrency (one quota row each).",
+        f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop; {plan.requests} measured requests",
+        f"      per column and series in {plan.rounds} rounds whose order rotates; after a warm-up of each.",
+        *machine_lines("the client, both control planes, nats-server, daemons and PostgreSQL"),
+    ]
+    figures = (
+        "requests",
+        "failed",
+        "p50 ms",
+        "p99 ms",
+        "TTFT p50",
+        "TTFT p99",
+        "req/s",
+        "events/req",
+        "gw CPU/req",
+        "gw CPU/evt",
+        "PG CPU/req",
+    )
+    table = Table(header, label=40, cell=10, columns=len(figures))
+    table.row("column / series", figures)
+    table.rule()
+    for label, tallies in results.items():
+        for series, t in tallies.items():
+            st = t.stats
+            n = max(1, len(t.samples))
+            chunks = [x.chunks for x in t.samples if x.ok and x.chunks]
+            # Events per streamed request: its content chunks plus the provider's `accepted` and `done`.
+            frames = sum(chunks) / len(chunks) + 2 if chunks else None
+            gw_req = None if t.gateway_cpu_s is None else 1000 * t.gateway_cpu_s / n
+            table.row(
+                f"{label} / {series}",
+                [
+                    str(st.requests),
+                    str(st.failed),
+                    ms(st.latency_p50_ms),
+                    ms(st.latency_p99_ms),
+                    ms(st.ttft_p50_ms),
+                    ms(st.ttft_p99_ms),
+                    rate(st.requests_per_s),
+                    "-" if frames is None or series == DIRECT else f"{frames:.1f}",
+                    ms(gw_req),
+                    ms(gw_req / frames) if gw_req is not None and frames else "-",
+                    "-" if t.postgres_cpu_s is None else ms(1000 * t.postgres_cpu_s / n),
+                ],
+            )
+        table.rule()
+    table.add("goals (issue 14)")
+    for label, tallies in results.items():
+        off, one, many = (tallies[s].stats for s in SERIES)
+        ratio = "-"
+        if one.latency_p50_ms and many.latency_p50_ms:
+            ratio = f"{one.latency_p50_ms / many.latency_p50_ms:.2f}x"
+        rps = f"{one.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
+        line = f"  {label:<28} p50 1 key / N keys {ratio} (<= 1.20x); req/s on / off {rps} (>= 0.90x)"
+        if DIRECT in tallies and label.endswith("c=1"):
+            direct = tallies[DIRECT].stats
+            if direct.ttft_p50_ms is not None and one.ttft_p50_ms is not None and one.ttft_p99_ms is not None:
+                added50 = one.ttft_p50_ms - direct.ttft_p50_ms
+                added99 = one.ttft_p99_ms - (direct.ttft_p99_ms or 0.0)
+                line += f"; added TTFT p50/p99 {added50:+.2f}/{added99:+.2f} ms (<= 1/3 ms)"
+        table.add(line)
+    if slow is not None:
+        st = Stats.of(slow.level)
+        mb = 1 << 20
+        grown = max(0, slow.rss_peak - slow.rss_before)
+        cpu = "-" if slow.cpu_s is None else f"{1000 * slow.cpu_s / max(1, st.requests):.2f} ms"
+        table.add(
+            "",
+            f"{st.requests} slow streams held open together on the metering-on gateway (one key; opened"
+            f" {SLOW_RAMP_PER_S}/s, a token every {SLOW_TOKEN_DELAY_S:g} s, long enough that all are open at the end"
+            " of the ramp):",
+            f"  at most {slow.peak_open} open at once; ok {st.requests - st.failed}, failed {st.failed}"
+            f" ({counts(st.errors)}); TTFT p50 {ms(st.ttft_p50_ms)} ms, p99 {ms(st.ttft_p99_ms)} ms",
+            f"  gateway RSS before {slow.rss_before / mb:.0f} MB, peak {slow.rss_peak / mb:.0f} MB"
+            f" ({grown / max(1, slow.peak_open) / 1024:.0f} KB per open stream), after {slow.rss_after / mb:.0f} MB;"
+            f" gateway CPU per stream {cpu}",
+        )
+    if profile:
+        table.add("", "py-spy, the metering-on gateway during its one-key rounds of the second column:", *profile)
+    return table.text(
+        [
+            "gw CPU/req: user+system CPU of that gateway process in the series' rounds / its requests (goal: <= 1 ms",
+            "per 64-token stream, <= 0.5 ms per non-stream request). events/req: a streamed answer's content chunks",
+            "+ 2 (accepted, done); gw CPU/evt: gw CPU/req / events/req. Before daemon/frames.py and",
+            "services/gateway/frames.py an event was one NATS frame of one token; now a frame holds every token ready",
+            "together, and frames queued together leave as one chunk. PG: all PostgreSQL processes. Latency: request",
+            "sent to the end of the body.",
+            *tail,
+        ]
+    )
+
+
+def _verdict(measured: Measured) -> Verdict:
+    sides = [t.stats for col in measured[0].values() for t in col.values()]
+    if measured[2] is not None:
+        sides.append(Stats.of(measured[2].level))
+    hollow = any(s.failed == s.requests for s in sides)
+    return Verdict(
+        failed=any(s.failed for s in sides), hollow="no request succeeded in some series" if hollow else None
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser(__doc__, "hotpath")
+    parser.add_argument("--tokens", type=cli.positive, default=64, help="max_tokens (default 64)")
+    parser.add_argument("--concurrency", type=cli.positive, default=64, help="streamed concurrency (default 64)")
+    parser.add_argument("--non-stream", type=int, default=16, help="non-stream concurrency (0: no column)")
+    parser.add_argument("--requests", type=cli.positive, default=None, help="per column and series (default 512)")
+    parser.add_argument("--rounds", type=cli.positive, default=None, help="rounds (default 4; 2 with --quick)")
+    parser.add_argument(
+        "--slow-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="slow streams held open at once on one gateway (default 2000; 500 with --quick; 0: none)",
+    )
+    parser.add_argument("--profile", action="store_true", help="py-spy the metering-on gateway (pip install py-spy)")
+    cli.add_run_flags(parser, quick="smoke run: fewer requests")
+    args = parser.parse_args(argv)
+    columns = [Column(True, 1), Column(True, args.concurrency)]
+    if args.non_stream:
+        columns.append(Column(False, args.non_stream))
+    columns.append(Column(True, args.concurrency, BATCH_MODEL))
+    if args.non_stream:
+        columns.append(Column(False, args.non_stream, BATCH_MODEL))
+    plan = Plan(
+        columns=tuple(columns),
+        tokens=args.tokens,
+        requests=args.requests or (128 if args.quick else 512),
+        rounds=args.rounds or (2 if args.quick else 4),
+        profile_s=1.0 if args.profile else 0.0,
+        slow_streams=args.slow_streams if args.slow_streams is not None else (500 if args.quick else 2000),
+    )
+    profile_dir = Path(tempfile.mkdtemp(prefix="mp-bench-profile-"))
+    try:
+        return harness.run(
+            prefix="mp-bench-",
+            stack=lambda home: HotStack(home, gateways=GATEWAYS),
+            measure=lambda stack: measure(plan, stack, profile_dir),
+            verdict=_verdict,
+            table=lambda measured, tail: render(plan, measured, tail),
+            keep_logs=args.keep,
+            strict=args.strict,
+            load_line=True,
+        )
+    finally:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The hot path's pure parts: the daemon's frame coalescing and the metering's group commit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from daemon.engine.base import EngineError, Event, Finished, TextChunk
+from daemon.frames import coalesced
+from schemas import bus
+from services.gateway.frames import joined, joins
+from services.usage.batch import GroupCommit
+
+
+def _chunk(text: str, token: int, *, reasoning: str = "", call: bool = False) -> TextChunk:
+    calls = (bus.ToolCall(id=f"c{token}", name="f", arguments="{}"),) if call else ()
+    return TextChunk(text, 1, token_ids=(token,), reasoning=reasoning, tool_calls=calls)
+
+
+async def _all(events: AsyncIterator[Event]) -> list[Event]:
+    return [e async for e in events]
+
+
+async def test_chunks_ready_together_go_in_one_frame() -> None:
+    async def engine() -> AsyncIterator[Event]:
+        # A decode step's three tokens at once, then one more a step later.
+        for i in range(3):
+            yield _chunk(f"w{i} ", i)
+        await asyncio.sleep(0.01)
+        yield _chunk("last", 3)
+        yield Finished("length", 5, 4)
+
+    frames = await _all(coalesced(engine()))
+    assert [type(f) for f in frames] == [TextChunk, TextChunk, Finished]
+    first, second = frames[0], frames[1]
+    assert isinstance(first, TextChunk)
+    assert isinstance(second, TextChunk)
+    assert (first.text, first.tokens, first.token_ids) == ("w0 w1 w2 ", 3, (0, 1, 2))
+    assert (second.text, second.token_ids) == ("last", (3,))
+
+
+async def test_a_ready_chunk_is_never_held_back() -> None:
+    sent = asyncio.Event()
+
+    async def engine() -> AsyncIterator[Event]:
+        yield _chunk("first", 1)
+        # The next token comes only once the first reached the bus: holding it back would hang.
+        await sent.wait()
+        yield Finished("stop", 1, 1)
+
+    frames = coalesced(engine())
+    async with asyncio.timeout(2):
+        first = await anext(frames)
+        sent.set()
+        rest = [e async for e in frames]
+    assert isinstance(first, TextChunk)
+    assert first.text == "first"
+    assert [type(e) for e in rest] == [Finished]
+
+
+async def test_merging_keeps_what_the_buyer_sees_in_order() -> None:
+    async def engine() -> AsyncIterator[Event]:
+        yield _chunk("", 1, reasoning="think ")
+        yield _chunk("answer", 2)
+        yield _chunk("", 3, reasoning="more")  # reasoning after text: a frame of its own
+        yield _chunk("", 4, call=True)
+        yield _chunk("after the call", 5)  # nothing joins a frame after its tool calls
+        yield Finished("tool_calls", 1, 5)
+
+    frames = [f for f in await _all(coalesced(engine())) if isinstance(f, TextChunk)]
+    assert [(f.reasoning, f.text, len(f.tool_calls)) for f in frames] == [
+        ("think ", "answer", 0),
+        ("more", "", 1),
+        ("", "after the call", 0),
+    ]
+    assert [i for f in frames for i in f.token_ids] == [1, 2, 3, 4, 5]
+
+
+async def test_an_engine_error_reaches_the_sender_after_what_came_before() -> None:
+    async def engine() -> AsyncIterator[Event]:
+        yield _chunk("partial", 1)
+        raise EngineError("worker_crashed", "gone", retryable=True)
+
+    got: list[Event] = []
+
+    async def send_all() -> None:
+        async for event in coalesced(engine()):
+            got.append(event)
+
+    with pytest.raises(EngineError) as raised:
+        await send_all()
+    assert raised.value.code == "worker_crashed"
+    assert [e.text for e in got if isinstance(e, TextChunk)] == ["partial"]
+
+
+async def test_group_commit_batches_what_queues_during_a_statement() -> None:
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        if len(batches) == 1:
+            await gate.wait()
+        return [i * 10 for i in items]
+
+    commit: GroupCommit[int, int] = GroupCommit(flush)
+    first = commit.submit(1)
+    await asyncio.sleep(0)
+    later = [commit.submit(i) for i in range(2, 7)]
+    gate.set()
+    assert await first == 10
+    assert await asyncio.gather(*later) == [20, 30, 40, 50, 60]
+    # One statement for the lone first item, one for everything that queued behind it.
+    assert batches == [[1], [2, 3, 4, 5, 6]]
+
+
+async def test_group_commit_failure_reaches_every_item_of_the_batch() -> None:
+    async def flush(items: list[int]) -> list[int]:
+        raise ConnectionError("postgres went away")
+
+    commit: GroupCommit[int, int] = GroupCommit(flush)
+    futures = [commit.submit(i) for i in range(3)]
+    for future in futures:
+        with pytest.raises(ConnectionError):
+            await future
+    await commit.drain()
+
+
+def test_deltas_queued_together_join_in_order() -> None:
+    def delta(seq: int, text: str = "", reasoning: str = "", call: bool = False) -> bus.Delta:
+        calls = [bus.ToolCall(id=f"c{seq}", name="f", arguments="{}")] if call else []
+        return bus.Delta(seq=seq, text=text, tokens=1, token_ids=[seq], reasoning=reasoning, tool_calls=calls)
+
+    run = [delta(1, reasoning="hm "), delta(2, "a")]
+    assert joins(run[:1], run[1])
+    assert not joins(run, delta(3, reasoning="more"))  # reasoning after text renders out of order
+    assert not joins([delta(4, call=True)], delta(5, "x"))  # nothing after tool calls
+    whole = joined([*run, delta(3, "b")])
+    assert (whole.seq, whole.reasoning, whole.text, whole.tokens, whole.token_ids) == (3, "hm ", "ab", 3, [1, 2, 3])
