@@ -19,11 +19,19 @@ from services.providers.macs import MacToken
 HEADERS = {
     "cache-control": "no-store",
     "pragma": "no-cache",
-    "referrer-policy": "no-referrer",
+    # Not `no-referrer`: under it Chrome sends `Origin: null` with our own forms' POSTs, which
+    # check_origin refuses. `same-origin` sends nothing to other sites, and our origin to ourselves.
+    "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'",
+}
+# Pages with a copy button: our own script file too (services/web/static/account.js), still nothing inline.
+SCRIPT_HEADERS = {
+    **HEADERS,
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; img-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
 }
 
 _STYLE = (
@@ -41,15 +49,26 @@ _NEW_KEY_FORM = (
 )
 
 
-def html_response(body: str, *, status: int = 200, cookies: Sequence[Cookie] = ()) -> Response[str]:
-    return Response(content=body, status_code=status, media_type="text/html", headers=HEADERS, cookies=list(cookies))
+def html_response(
+    body: str, *, status: int = 200, cookies: Sequence[Cookie] = (), scripts: bool = False
+) -> Response[str]:
+    headers = SCRIPT_HEADERS if scripts else HEADERS
+    return Response(content=body, status_code=status, media_type="text/html", headers=headers, cookies=list(cookies))
 
 
-def _page(title: str, body: str) -> str:
+_NAV = (
+    '<nav aria-label="Main"><a href="/">Mac Provider</a> · <a href="/docs">Docs</a> · <a href="/status">Status</a>'
+    ' · <a href="/demo">Demo</a> · <a href="/account">Account</a></nav>'
+)
+
+
+def _page(title: str, body: str, *, script: str | None = None) -> str:
+    tag = f'<script src="{escape(script)}" defer></script>' if script else ""
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)} · Mac Provider</title>'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style></head>'
-        f"<body><h1>{escape(title)}</h1>{body}</body></html>"
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style>'
+        f'<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">{tag}</head>'
+        f"<body><header>{_NAV}</header><main><h1>{escape(title)}</h1>{body}</main></body></html>"
     )
 
 
@@ -66,15 +85,17 @@ def one_shot_key_page(*, login: str, key: str, prefix: str, base_url: str, next_
     )
     body = (
         f"<p>Signed in as <b>{escape(login)}</b>. Here is your API key:</p>"
-        f'<p class="key"><code>{escape(key)}</code></p>'
-        '<p class="warn"><b>Save it now: this is the only time it is shown.</b> '
+        f'<p class="key"><code id="new-key">{escape(key)}</code></p>'
+        '<p><button type="button" data-copy="new-key" hidden>Copy</button> '
+        '<span id="new-key-status" role="status"></span></p>'
+        '<p class="warn"><b>Save it now: you will not see it again.</b> '
         f"We keep only a hash; after you leave this page you will see just its prefix "
         f"(<code>{escape(prefix)}…</code>). If you lose it, revoke it and create a new one.</p>"
         "<p>Use it with any OpenAI SDK:</p>"
-        f'<pre>from openai import OpenAI\nclient = OpenAI(api_key="{escape(key)}", '
+        f'<pre tabindex="0">from openai import OpenAI\nclient = OpenAI(api_key="{escape(key)}", '
         f'base_url="{escape(base_url)}/v1")</pre>' + onward
     )
-    return _page("Your new API key", body)
+    return _page("Your new API key", body, script="/static/account.js")
 
 
 def _csrf_field(csrf: str) -> str:

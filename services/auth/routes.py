@@ -143,7 +143,7 @@ async def github_callback(request: Request[Any, Any, Any], runtime: NamedDepende
     page = one_shot_key_page(
         login=account.login, key=key, prefix=record.prefix, base_url=settings.public_url, next_path=back
     )
-    return html_response(page, cookies=cookies)
+    return html_response(page, cookies=cookies, scripts=True)
 
 
 @post("/auth/logout", status_code=303, **documented(status=303, errors=(403, 500)), **requires(Auth.SESSION_PAGE))

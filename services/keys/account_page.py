@@ -63,7 +63,7 @@ async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDepende
     log.info("api_key_created", account_id=account_id, key_id=record.key_id)
     login = await account_login(runtime.db, account_id) or ""
     page = one_shot_key_page(login=login, key=key, prefix=record.prefix, base_url=runtime.settings.public_url)
-    return html_response(page)
+    return html_response(page, scripts=True)
 
 
 @post(
