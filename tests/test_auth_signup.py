@@ -252,7 +252,10 @@ def test_sign_out(auth_stack: AuthStack) -> None:
     auth.key_from_page(auth.sign_up(browser, new_user()))
     assert browser.get(f"{auth.a}/account/keys").status_code == 200
     token = browser.cookies.get("mp_session")
-    r = browser.post(f"{auth.b}/auth/logout")
+    r = browser.post(f"{auth.b}/auth/logout")  # without the page's CSRF token: still signed in
+    assert r.status_code == 403
+    assert browser.get(f"{auth.a}/account/keys").status_code == 200
+    r = browser.post(f"{auth.b}/auth/logout", data=auth.form(browser))
     assert r.status_code == 303
     assert browser.get(f"{auth.a}/account/keys").status_code == 401
     # The old cookie is dead on the server too, not just dropped by the browser.

@@ -216,9 +216,21 @@ def test_sign_up_see_the_key_once_then_revoke_it(web: Web) -> None:
     assert page.url.endswith("/account")
     assert prefix in page.inner_text("main")
     web.check(page, "account")
-    # The key works until it is revoked on the page.
+    # The key works: a request, rated; /v1/usage and the account page both show it, with its rating.
     bearer = {"Authorization": f"Bearer {key}"}
-    assert httpx.get(f"{web.base}/v1/usage", headers=bearer, timeout=10).status_code == 200
+    body = {"model": WEB_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    answer = httpx.post(f"{web.base}/v1/chat/completions", json=body, headers=bearer, timeout=30)
+    assert answer.status_code == 200, answer.text
+    rated = httpx.post(f"{web.base}/v1/feedback", json={"request_id": answer.json()["id"], "rating": 4}, headers=bearer)
+    assert rated.status_code == 200, rated.text
+    usage = httpx.get(f"{web.base}/v1/usage", headers=bearer, timeout=10).json()
+    assert usage["ratings"]["distribution"]["4"] == 1
+    page.reload()
+    recent = page.locator("table", has_text="Your most recent requests").inner_text()
+    assert WEB_MODEL in recent
+    assert "4/5" in recent
+    assert "1 in all" in page.locator("svg.chart title").first.text_content()
+    web.check(page, "account")
     with page.expect_navigation() as revoked:
         page.get_by_role("button", name="Revoke").first.click()
     assert revoked.value.status == 200, page.content()

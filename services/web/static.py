@@ -14,6 +14,7 @@ from litestar.params import FromPath
 
 from services.auth.declared import Auth, requires
 from services.errors import NotFound
+from services.openapi import documented
 
 _DIR = Path(__file__).resolve().parent / "static"
 _TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".svg": "image/svg+xml"}
@@ -24,7 +25,17 @@ def _files() -> dict[str, tuple[bytes, str]]:
     return {p.name: (p.read_bytes(), _TYPES[p.suffix]) for p in _DIR.iterdir() if p.suffix in _TYPES}
 
 
-@get("/static/{path:str}", include_in_schema=False, sync_to_thread=False, **requires(Auth.PUBLIC))
+@get(
+    "/static/{path:str}",
+    sync_to_thread=False,
+    **documented(
+        ok=str,
+        media_type="text/css",
+        errors=(404,),
+        ok_description="A file of the web pages: text/css, text/javascript or image/svg+xml",
+    ),
+    **requires(Auth.PUBLIC),
+)
 def static_file(path: FromPath[str]) -> Response[bytes]:
     found = _files().get(path)
     if found is None:
