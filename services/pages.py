@@ -25,23 +25,15 @@ HEADERS = {
     "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; "
+    "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'",
 }
 # Pages with a copy button: our own script file too (services/web/static/account.js), still nothing inline.
 SCRIPT_HEADERS = {
     **HEADERS,
-    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; img-src 'self'; "
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
 }
-
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
-    "code,pre{background:#f3f3f3;padding:.15rem .35rem;border-radius:4px}"
-    "pre{padding:.75rem;overflow-x:auto}table{border-collapse:collapse;width:100%}"
-    "td,th{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd}"
-    ".key{font-size:1.1rem;word-break:break-all;user-select:all}.warn{color:#8a4b00}"
-)
 
 
 def _new_key_form(csrf: str) -> str:
@@ -59,9 +51,10 @@ def html_response(
     return Response(content=body, status_code=status, media_type="text/html", headers=headers, cookies=list(cookies))
 
 
+# The front door's header and stylesheet (services/web/): these pages look like the others.
 _NAV = (
-    '<nav aria-label="Main"><a href="/">Mac Provider</a> · <a href="/docs">Docs</a> · <a href="/status">Status</a>'
-    ' · <a href="/demo">Demo</a> · <a href="/account">Account</a></nav>'
+    '<header class="top"><nav aria-label="Main"><a class="brand" href="/">Mac Provider</a> <a href="/docs">Docs</a> '
+    '<a href="/status">Status</a> <a href="/demo">Demo</a> <a href="/account">Account</a></nav></header>'
 )
 
 
@@ -69,9 +62,9 @@ def _page(title: str, body: str, *, script: str | None = None) -> str:
     tag = f'<script src="{escape(script)}" defer></script>' if script else ""
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)} · Mac Provider</title>'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style>'
-        f'<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">{tag}</head>'
-        f"<body><header>{_NAV}</header><main><h1>{escape(title)}</h1>{body}</main></body></html>"
+        '<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="stylesheet" '
+        'href="/static/site.css"><link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
+        f'{tag}</head><body>{_NAV}<main id="main"><h1>{escape(title)}</h1>{body}</main></body></html>'
     )
 
 

@@ -101,10 +101,11 @@ class Web:
         page.problems = problems  # read by check()
         return page
 
-    def check(self, page: Any, name: str, *, failed_on_purpose: str | None = None) -> None:
+    def check(self, page: Any, name: str | None = None, *, failed_on_purpose: str | None = None) -> None:
         """axe finds no serious or critical violation, nothing was refused by the CSP, no console error; a screenshot.
 
-        `failed_on_purpose`: an API path the test made fail; the browser logs its error status, and only that.
+        `name`: the screenshot's (one per page, for docs/screenshots). `failed_on_purpose`: an API path the
+        test made fail; the browser logs its error status, and only that.
         """
         page.evaluate(AXE.read_text() + "\n;0")
         violations = page.evaluate(
@@ -116,7 +117,8 @@ class Web:
         assert page.evaluate("window.__csp") == [], page.url
         problems = [p for p in page.problems if not (failed_on_purpose and f"{self.base}{failed_on_purpose}'" in p)]
         assert problems == [], problems
-        page.screenshot(path=str(self.shots / f"{name}.png"))
+        if name:
+            page.screenshot(path=str(self.shots / f"{name}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +210,7 @@ def test_sign_up_see_the_key_once_then_revoke_it(web: Web) -> None:
     page.get_by_role("button", name="Copy").click()
     page.wait_for_function("() => document.getElementById('new-key-status').textContent === 'Copied.'")
     assert page.evaluate("navigator.clipboard.readText()") == key
-    web.check(page, "account-new-key")
+    web.check(page)  # no screenshot: it shows a key
 
     # Reloading the one-shot page does not show the key again.
     page.reload()
@@ -326,4 +328,4 @@ def test_status_follows_a_daemon_leaving_and_the_demo_says_no_provider(web: Web)
     demo.get_by_role("button", name="Send").click()
     demo.wait_for_function("() => document.querySelector('#demo-log li.assistant').dataset.state === 'failed'")
     assert "No provider is serving this model right now" in demo.inner_text("#demo-notice")
-    web.check(demo, "demo-no-provider", failed_on_purpose="/v1/chat/completions")
+    web.check(demo, failed_on_purpose="/v1/chat/completions")

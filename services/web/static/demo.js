@@ -107,10 +107,11 @@
     const status = document.createElement("span");
     status.className = "rate-status";
     status.setAttribute("role", "status");
-    for (const [label, value, face] of [["Good answer", 5, "👍"], ["Bad answer", 1, "👎"]]) {
+    // Thumbs up is a 5, thumbs down a 1 (feedback's scale); words, not emoji, which not every system can draw.
+    for (const [label, value] of [["Good answer", 5], ["Bad answer", 1]]) {
       const b = document.createElement("button");
-      b.type = "button"; b.className = "secondary"; b.textContent = face;
-      b.setAttribute("aria-label", label); b.setAttribute("aria-pressed", "false");
+      b.type = "button"; b.className = "secondary"; b.textContent = label;
+      b.setAttribute("aria-pressed", "false");
       b.dataset.rating = String(value);
       b.addEventListener("click", async () => {
         const r = await fetch("/v1/feedback", authed({ method: "POST",
