@@ -7,7 +7,7 @@
   const $ = (id) => document.getElementById(id);
   const notice = $("demo-notice"), picker = $("demo-model"), log = $("demo-log");
   const form = $("demo-form"), prompt = $("demo-prompt"), send = $("demo-send"), stop = $("demo-stop");
-  let token = null, renewTimer = null, controller = null;
+  let token = null, renewTimer = null, controller = null, renewed = false;
   const history = [];
 
   // What a buyer should read for each error code the demo can meet.
@@ -159,7 +159,13 @@
     }));
     if (r.status === 401 && !retried) {
       const err = await errorOf(r);
-      if (err.code === "invalid_demo_token" && await getToken()) return ask(true);
+      // Expired (a laptop that slept through the renewal): a new token, and the same question again.
+      if (err.code === "invalid_demo_token" && await getToken()) {
+        const again = await ask(true);
+        say("Your demo token had expired: a new one was fetched and your message sent again.", false);
+        renewed = true;
+        return again;
+      }
       throw err;
     }
     if (!r.ok) throw await errorOf(r);
@@ -174,6 +180,7 @@
     const body = li.querySelector(".text");
     let requestId = null, answer = "", tokens = 0, failed = null;
     controller = new AbortController();
+    renewed = false;
     send.disabled = true; stop.disabled = false;
     say("Answering…", false);
     try {
@@ -196,12 +203,12 @@
       if (failed) throw failed;
       li.dataset.state = "done";
       meta(li, `${tokens} chunks`);
-      say("Done.", false);
+      if (!renewed) say("Done.", false);
     } catch (e) {
       if (e && e.name === "AbortError") {
         li.dataset.state = "stopped";
         meta(li, `Stopped after ${tokens} chunks: the provider was told to stop generating.`);
-        say("Stopped.", false);
+        if (!renewed) say("Stopped.", false);
       } else {
         li.dataset.state = "failed";
         const message = e && e.code !== undefined ? explain(e) : "The connection failed: " + (e && e.message);
