@@ -46,10 +46,13 @@ from services.runtime import provide_runtime, runtime_lifespan
 from services.settings import Settings, SettingsError
 from services.status.routes import health, list_models, live, pool_status, ready
 from services.usage.routes import feedback, usage
+from services.web.routes import demo, docs, home, status_page
+from services.web.static import static_file
 
 SERVICES: dict[str, list[ControllerRouterHandler]] = {
     "gateway": [chat_completions, completions, messages, create_response, get_response, delete_response],
-    "status": [pool_status, list_models, health],
+    # With the web front door (services/web/): public pages that show the same pool, and their static files.
+    "status": [pool_status, list_models, health, home, docs, status_page, demo, static_file],
     "auth": [github_start, github_callback, logout, demo_token],
     "keys": [keys_list, keys_create, keys_revoke, account, account_new_key, account_revoke, account_revoke_mac],
     "usage": [usage, feedback],

@@ -13,43 +13,58 @@ from html import escape
 from litestar import Response
 from litestar.datastructures import Cookie
 
+from services.keys.account_usage import AccountUsage
 from services.keys.store import KeyInfo
 from services.providers.macs import MacToken
 
 HEADERS = {
     "cache-control": "no-store",
     "pragma": "no-cache",
-    "referrer-policy": "no-referrer",
+    # Not `no-referrer`: under it Chrome sends `Origin: null` with our own forms' POSTs, which
+    # check_origin refuses. `same-origin` sends nothing to other sites, and our origin to ourselves.
+    "referrer-policy": "same-origin",
     "x-frame-options": "DENY",
     "x-content-type-options": "nosniff",
-    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "content-security-policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'",
 }
+# Pages with a copy button: our own script file too (services/web/static/account.js), still nothing inline.
+SCRIPT_HEADERS = {
+    **HEADERS,
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+}
 
-_STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
-    "code,pre{background:#f3f3f3;padding:.15rem .35rem;border-radius:4px}"
-    "pre{padding:.75rem;overflow-x:auto}table{border-collapse:collapse;width:100%}"
-    "td,th{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd}"
-    ".key{font-size:1.1rem;word-break:break-all;user-select:all}.warn{color:#8a4b00}"
+
+def _new_key_form(csrf: str) -> str:
+    return (
+        f'<form method="post" action="/account/new-key">{_csrf_field(csrf)}'
+        '<label>Name (optional) <input name="name" maxlength="100"></label> '
+        "<button>Create a new key</button></form>"
+    )
+
+
+def html_response(
+    body: str, *, status: int = 200, cookies: Sequence[Cookie] = (), scripts: bool = False
+) -> Response[str]:
+    headers = SCRIPT_HEADERS if scripts else HEADERS
+    return Response(content=body, status_code=status, media_type="text/html", headers=headers, cookies=list(cookies))
+
+
+# The front door's header and stylesheet (services/web/): these pages look like the others.
+_NAV = (
+    '<header class="top"><nav aria-label="Main"><a class="brand" href="/">Mac Provider</a> <a href="/docs">Docs</a> '
+    '<a href="/status">Status</a> <a href="/demo">Demo</a> <a href="/account">Account</a></nav></header>'
 )
 
-_NEW_KEY_FORM = (
-    '<form method="post" action="/account/new-key">'
-    '<label>Name (optional) <input name="name" maxlength="100"></label> '
-    "<button>Create a new key</button></form>"
-)
 
-
-def html_response(body: str, *, status: int = 200, cookies: Sequence[Cookie] = ()) -> Response[str]:
-    return Response(content=body, status_code=status, media_type="text/html", headers=HEADERS, cookies=list(cookies))
-
-
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, *, script: str | None = None) -> str:
+    tag = f'<script src="{escape(script)}" defer></script>' if script else ""
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)} · Mac Provider</title>'
-        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_STYLE}</style></head>'
-        f"<body><h1>{escape(title)}</h1>{body}</body></html>"
+        '<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="stylesheet" '
+        'href="/static/site.css"><link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
+        f'{tag}</head><body>{_NAV}<main id="main"><h1>{escape(title)}</h1>{body}</main></body></html>'
     )
 
 
@@ -66,15 +81,17 @@ def one_shot_key_page(*, login: str, key: str, prefix: str, base_url: str, next_
     )
     body = (
         f"<p>Signed in as <b>{escape(login)}</b>. Here is your API key:</p>"
-        f'<p class="key"><code>{escape(key)}</code></p>'
-        '<p class="warn"><b>Save it now: this is the only time it is shown.</b> '
+        f'<p class="key"><code id="new-key">{escape(key)}</code></p>'
+        '<p><button type="button" data-copy="new-key" hidden>Copy</button> '
+        '<span id="new-key-status" role="status"></span></p>'
+        '<p class="warn"><b>Save it now: you will not see it again.</b> '
         f"We keep only a hash; after you leave this page you will see just its prefix "
         f"(<code>{escape(prefix)}…</code>). If you lose it, revoke it and create a new one.</p>"
         "<p>Use it with any OpenAI SDK:</p>"
-        f'<pre>from openai import OpenAI\nclient = OpenAI(api_key="{escape(key)}", '
+        f'<pre tabindex="0">from openai import OpenAI\nclient = OpenAI(api_key="{escape(key)}", '
         f'base_url="{escape(base_url)}/v1")</pre>' + onward
     )
-    return _page("Your new API key", body)
+    return _page("Your new API key", body, script="/static/account.js")
 
 
 def _csrf_field(csrf: str) -> str:
@@ -107,6 +124,70 @@ def _macs_section(macs: Sequence[MacToken], csrf: str) -> str:
     )
 
 
+def _chart(usage: AccountUsage) -> str:
+    """Requests per day as an SVG bar chart (no script, no style: presentation attributes only)."""
+    width, height, gap = 600, 120, 2
+    bar = width / len(usage.days)
+    top = max((d.requests for d in usage.days), default=0) or 1
+    total = sum(d.requests for d in usage.days)
+    bars = "".join(
+        f'<rect x="{i * bar:.1f}" y="{height - d.requests / top * height:.1f}" width="{bar - gap:.1f}" '
+        f'height="{d.requests / top * height:.1f}" fill="#0b57d0"><title>{d.day.isoformat()}: {d.requests} '
+        f"requests, {d.tokens} tokens</title></rect>"
+        for i, d in enumerate(usage.days)
+    )
+    first, last = usage.days[0].day.isoformat(), usage.days[-1].day.isoformat()
+    return (
+        f'<svg class="chart" viewBox="0 0 {width} {height + 1}" width="100%" role="img" aria-labelledby="chart-title">'
+        f'<title id="chart-title">Requests per day from {first} to {last}: {total} in all, at most {top} a day'
+        f'</title><line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="#767676"/>{bars}</svg>'
+        f"<p><small>{first} … {last} (UTC days); hover a bar for its numbers.</small></p>"
+    )
+
+
+def _usage_section(usage: AccountUsage) -> str:
+    t = usage.today
+    lim = t.limits
+    rows = [
+        ("Requests", t.requests, lim.requests_per_day, t.requests_left),
+        ("Tokens", t.tokens, lim.tokens_per_day, t.tokens_left),
+        ("Running now", t.inflight, lim.concurrent, max(0, lim.concurrent - t.inflight)),
+    ]
+    today = (
+        "<table><caption>Today (UTC), across all your keys</caption>"
+        '<tr><th scope="col">Quota</th><th scope="col">Used</th><th scope="col">Limit</th>'
+        '<th scope="col">Left</th></tr>'
+        + "".join(
+            f'<tr><th scope="row">{name}</th><td>{used}</td><td>{limit}</td><td>{left}</td></tr>'
+            for name, used, limit, left in rows
+        )
+        + "</table>"
+    )
+    stars = {None: "not rated", 1: "1/5 (bad)", 2: "2/5", 3: "3/5", 4: "4/5", 5: "5/5 (excellent)"}
+    recent = (
+        "<table><caption>Your most recent requests</caption>"
+        '<tr><th scope="col">When</th><th scope="col">Model</th><th scope="col">Tokens</th>'
+        '<th scope="col">Outcome</th><th scope="col">Your rating</th></tr>'
+        + "".join(
+            f"<tr><td>{_when(r.created_at)}</td><td><code>{escape(r.model)}</code></td><td>{r.tokens}</td>"
+            f"<td>{escape(r.outcome)}</td><td>{escape(stars.get(r.rating, str(r.rating)))}</td></tr>"
+            for r in usage.recent
+        )
+        + "</table>"
+        if usage.recent
+        else "<p>No requests yet.</p>"
+    )
+    return (
+        "<h2>Usage</h2>"
+        + today
+        + "<h3>Last 30 days</h3>"
+        + _chart(usage)
+        + recent
+        + "<p>Rate an answer with <code>POST /v1/feedback</code>; <code>GET /v1/usage</code> has the same numbers "
+        "as JSON.</p>"
+    )
+
+
 def account_page(
     *,
     login: str,
@@ -114,6 +195,7 @@ def account_page(
     notice: str | None = None,
     macs: Sequence[MacToken] = (),
     csrf: str = "",
+    usage: AccountUsage | None = None,
 ) -> str:
     rows = "".join(
         f"<tr><td><code>{escape(k.prefix)}…</code></td><td>{escape(k.name)}</td><td>{_when(k.created_at)}</td>"
@@ -121,7 +203,8 @@ def account_page(
         + (
             f"revoked {_when(k.revoked_at)}"
             if k.revoked_at is not None
-            else f'<form method="post" action="/account/revoke/{k.key_id}"><button>Revoke</button></form>'
+            else f'<form method="post" action="/account/revoke/{k.key_id}">{_csrf_field(csrf)}'
+            f'<button aria-label="Revoke key {escape(k.prefix)}…">Revoke</button></form>'
         )
         + "</td></tr>"
         for k in keys
@@ -136,9 +219,11 @@ def account_page(
         "<p>Keys are shown only once, when they are made; here you see their prefixes. "
         "Lost one? Revoke it and create a new one.</p>"
         + table
-        + _NEW_KEY_FORM
+        + _new_key_form(csrf)
+        + (_usage_section(usage) if usage is not None else "")
         + _macs_section(macs, csrf)
-        + '<h2>Session</h2><form method="post" action="/auth/logout"><button>Sign out</button></form>'
+        + f'<h2>Session</h2><form method="post" action="/auth/logout">{_csrf_field(csrf)}'
+        "<button>Sign out</button></form>"
     )
     return _page("Your account", body)
 
@@ -161,6 +246,12 @@ def device_page(*, login: str, csrf: str, user_code: str = "", name: str = "", n
         '<p><a href="/account">Your account and Macs</a></p>'
     )
     return _page("Sign in a Mac", body)
+
+
+def stale_form(title: str) -> Response[str]:
+    """A form without this session's CSRF token (another site's, or a page from before a sign-in): nothing done."""
+    text = "This form is out of date or did not come from our page. Reload your account page and try again."
+    return html_response(message_page(title, text, link=("/account", "Your account")), status=403)
 
 
 def message_page(title: str, text: str, *, link: tuple[str, str] | None = None) -> str:

@@ -46,7 +46,7 @@ def test_sign_up_shows_the_key_exactly_once(auth_stack: AuthStack) -> None:
     r = browser.get(auth.on(auth.b, callback))
     assert r.status_code == 200, r.text
     assert r.headers["cache-control"] == "no-store"
-    assert r.headers["referrer-policy"] == "no-referrer"
+    assert r.headers["referrer-policy"] == "same-origin"  # nothing to other sites (test_web.py: forms work)
     key = auth.key_from_page(r.text)
     assert user.login in r.text
     cookie = set_cookie(r, "mp_session").lower()
@@ -242,7 +242,10 @@ def test_sign_out(auth_stack: AuthStack) -> None:
     auth.key_from_page(auth.sign_up(browser, new_user()))
     assert browser.get(f"{auth.a}/account/keys").status_code == 200
     token = browser.cookies.get("mp_session")
-    r = browser.post(f"{auth.b}/auth/logout")
+    r = browser.post(f"{auth.b}/auth/logout")  # without the page's CSRF token: still signed in
+    assert r.status_code == 403
+    assert browser.get(f"{auth.a}/account/keys").status_code == 200
+    r = browser.post(f"{auth.b}/auth/logout", data=auth.form(browser))
     assert r.status_code == 303
     assert browser.get(f"{auth.a}/account/keys").status_code == 401
     # The old cookie is dead on the server too, not just dropped by the browser.

@@ -162,9 +162,12 @@ def test_one_deployment_per_service_with_probes_on_routes_that_exist(
 def test_ingress_paths_reach_the_service_that_serves_them(rendered: dict[str, list[Obj]], overlay: str) -> None:
     (ingress,) = _kind(rendered[overlay], "Ingress")
     routed: dict[str, str] = {}
+    exact: set[str] = set()  # Exact paths match themselves only, not what lies under them
     for rule in ingress["spec"]["rules"]:
         for p in rule["http"]["paths"]:
             routed[p["path"]] = p["backend"]["service"]["name"]
+            if p["pathType"] == "Exact":
+                exact.add(p["path"])
     services = {s["metadata"]["name"] for s in _kind(rendered[overlay], "Service")}
     assert set(routed.values()) <= services
     for name, handlers in SERVICES.items():
@@ -174,11 +177,17 @@ def test_ingress_paths_reach_the_service_that_serves_them(rendered: dict[str, li
             for path in handler.paths:
                 if path == "/health":
                     continue  # for people and probes inside the cluster, not the internet
-                owners = {svc for prefix, svc in routed.items() if path == prefix or path.startswith(prefix + "/")}
+                owners = {
+                    svc
+                    for prefix, svc in routed.items()
+                    if path == prefix or (prefix not in exact and path.startswith(prefix.rstrip("/") + "/"))
+                }
                 assert owners == {name}, (path, owners)
     assert not any(p.startswith("/healthz") for p in routed)
     # The scrape endpoint is for the cluster's Prometheus only (and wants MP_METRICS_TOKEN besides).
-    assert not any(p == "/metrics" or "/metrics".startswith(p.rstrip("/") + "/") for p in routed), routed
+    assert not any(
+        p == "/metrics" or (p not in exact and "/metrics".startswith(p.rstrip("/") + "/")) for p in routed
+    ), routed
 
 
 @pytest.mark.parametrize("overlay", OVERLAY_NAMES)

@@ -77,7 +77,7 @@ def test_accounts_cannot_touch_each_others_keys(auth_stack: AuthStack) -> None:
         assert r.status_code == 404, r.text
         assert r.json()["error"]["code"] == "not_found"
     assert mallory.get(f"{auth.a}/account/keys").json()["data"][0]["id"] != key_id
-    r = mallory.post(f"{auth.a}/account/revoke/{key_id}")
+    r = mallory.post(f"{auth.a}/account/revoke/{key_id}", data=auth.form(mallory))
     assert r.status_code == 303
     assert httpx.get(f"{auth.a}/v1/models", headers=_bearer(key)).status_code == 200, "still valid"
 
@@ -136,7 +136,7 @@ def test_bad_bodies_are_named(auth_stack: AuthStack) -> None:
 def test_account_page_forms(auth_stack: AuthStack) -> None:
     auth = auth_stack
     browser = _signed_in(auth)
-    r = browser.post(f"{auth.b}/account/new-key", data={"name": "<script>alert(1)</script>"})
+    r = browser.post(f"{auth.b}/account/new-key", data={"name": "<script>alert(1)</script>", **auth.form(browser)})
     assert r.status_code == 200
     assert r.headers["cache-control"] == "no-store"
     key = auth.key_from_page(r.text)
@@ -146,7 +146,12 @@ def test_account_page_forms(auth_stack: AuthStack) -> None:
     assert key[:9] in page
     assert "&lt;script&gt;" in page
     key_id = next(k["id"] for k in browser.get(f"{auth.a}/account/keys").json()["data"] if k["prefix"] == key[:9])
-    r = browser.post(f"{auth.a}/account/revoke/{key_id}")
+    # Without this session's CSRF token (another site's form, an old page): refused, nothing revoked.
+    for bad in ({}, {"csrf": "x" * 43}, {"csrf": auth.form(_signed_in(auth))["csrf"]}):
+        r = browser.post(f"{auth.a}/account/revoke/{key_id}", data=bad)
+        assert r.status_code == 403, r.text
+        assert httpx.get(f"{auth.b}/v1/models", headers=_bearer(key)).status_code == 200
+    r = browser.post(f"{auth.a}/account/revoke/{key_id}", data=auth.form(browser))
     assert (r.status_code, r.headers["location"]) == (303, "/account")
     assert "revoked" in browser.get(f"{auth.a}/account").text
     assert httpx.get(f"{auth.b}/v1/models", headers=_bearer(key)).status_code == 401

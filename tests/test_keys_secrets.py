@@ -21,7 +21,9 @@ def test_secrets_never_reach_the_database_or_the_logs(auth_stack: AuthStack) -> 
     first = auth.key_from_page(auth.sign_up(browser, new_user(), start=auth.b, back=auth.a))
     _, api_key = auth.create_key(browser, auth.b, name="api")
     revoked_id, revoked = auth.create_key(browser, auth.a, name="to revoke")
-    form_key = auth.key_from_page(browser.post(f"{auth.a}/account/new-key", data={"name": "form"}).text)
+    form_key = auth.key_from_page(
+        browser.post(f"{auth.a}/account/new-key", data={"name": "form", **auth.form(browser)}).text
+    )
     session = browser.cookies.get("mp_session")
     assert session
     demo = httpx.post(f"{auth.a}/auth/demo", headers={"X-Forwarded-For": "2001:db8::5ec"}).json()["token"]

@@ -12,6 +12,7 @@ from litestar.di import NamedDependency
 from litestar.response import Redirect
 
 from services.auth.client_ip import client_ip, client_key, net64
+from services.auth.csrf import FIELD, csrf_ok
 from services.auth.declared import Auth, requires
 from services.auth.demo_limit import DemoLimits, take_demo_slot
 from services.auth.github import GitHubError, GitHubOAuth
@@ -33,7 +34,7 @@ from services.auth.sessions import (
 from services.errors import RateLimited
 from services.keys.store import create_key, upsert_github_account
 from services.openapi import HTML, documented, html, redirect
-from services.pages import HEADERS, html_response, message_page, one_shot_key_page
+from services.pages import HEADERS, html_response, message_page, one_shot_key_page, stale_form
 from services.runtime import Runtime
 from services.settings import Settings
 
@@ -143,14 +144,22 @@ async def github_callback(request: Request[Any, Any, Any], runtime: NamedDepende
     page = one_shot_key_page(
         login=account.login, key=key, prefix=record.prefix, base_url=settings.public_url, next_path=back
     )
-    return html_response(page, cookies=cookies)
+    return html_response(page, cookies=cookies, scripts=True)
 
 
-@post("/auth/logout", status_code=303, **documented(status=303, errors=(403, 500)), **requires(Auth.SESSION_PAGE))
+@post(
+    "/auth/logout",
+    status_code=303,
+    request_max_body_size=4096,
+    **documented(status=303, errors=(403, 413, 500), extra=html(403)),
+    **requires(Auth.SESSION_PAGE),
+)
 async def logout(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
     check_origin(request, runtime.settings)
     token = session_token(request, runtime.settings)
     if token is not None:
+        if not csrf_ok(request, runtime.settings, (await request.form()).get(FIELD)):
+            return stale_form("You are still signed in")
         await end_session(runtime.db, token)
     return Redirect("/account", status_code=303, headers=HEADERS, cookies=[cleared_session_cookie(runtime.settings)])
 

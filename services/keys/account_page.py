@@ -13,10 +13,11 @@ from litestar.response import Redirect
 from services.auth.csrf import FIELD, csrf_ok, csrf_token
 from services.auth.declared import Auth, requires
 from services.auth.sessions import check_origin, session_account
+from services.keys.account_usage import account_usage
 from services.keys.routes import clean_name
 from services.keys.store import account_login, create_key, list_keys, revoke_key
 from services.openapi import HTML, documented, html, redirect
-from services.pages import HEADERS, account_page, html_response, message_page, one_shot_key_page
+from services.pages import HEADERS, account_page, html_response, message_page, one_shot_key_page, stale_form
 from services.providers import tokens
 from services.providers.macs import list_macs
 from services.runtime import Runtime
@@ -41,6 +42,7 @@ async def account(request: Request[Any, Any, Any], runtime: NamedDependency[Runt
         keys=await list_keys(runtime.db, account_id),
         macs=await list_macs(runtime.db, account_id),
         csrf=csrf_token(request, runtime.settings),
+        usage=await account_usage(runtime.db, account_id, runtime.settings),
     )
     return html_response(page)
 
@@ -49,7 +51,7 @@ async def account(request: Request[Any, Any, Any], runtime: NamedDependency[Runt
     "/account/new-key",
     status_code=200,
     # No security requirement: signed out, the form answers with a redirect to /account, not a refusal.
-    **documented(ok=str, media_type=HTML, errors=(403, 413, 500), extra=redirect(303)),
+    **documented(ok=str, media_type=HTML, errors=(403, 413, 500), extra={**redirect(303), **html(403)}),
     **requires(Auth.SESSION_PAGE),
 )
 async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
@@ -58,18 +60,21 @@ async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDepende
     if account_id is None:
         return Redirect("/account", status_code=303, headers=HEADERS)
     form = await request.form()
+    if not csrf_ok(request, runtime.settings, form.get(FIELD)):
+        return stale_form("No key was created")
     name = clean_name(str(form.get("name") or ""))
     key, record = await create_key(runtime.db, account_id, name=name)
     log.info("api_key_created", account_id=account_id, key_id=record.key_id)
     login = await account_login(runtime.db, account_id) or ""
     page = one_shot_key_page(login=login, key=key, prefix=record.prefix, base_url=runtime.settings.public_url)
-    return html_response(page)
+    return html_response(page, scripts=True)
 
 
 @post(
     "/account/revoke/{key_id:int}",
     status_code=303,
-    **documented(status=303, errors=(400, 403, 404, 500)),
+    request_max_body_size=4096,
+    **documented(status=303, errors=(400, 403, 404, 413, 500), extra=html(403)),
     **requires(Auth.SESSION_PAGE),
 )
 async def account_revoke(
@@ -77,7 +82,12 @@ async def account_revoke(
 ) -> Response[Any]:
     check_origin(request, runtime.settings)
     account_id = await session_account(request, runtime.db, runtime.settings)
-    if account_id is not None and 0 < key_id < 2**63 and await revoke_key(runtime.db, account_id, key_id):
+    if account_id is None:
+        return Redirect("/account", status_code=303, headers=HEADERS)
+    form = await request.form()
+    if not csrf_ok(request, runtime.settings, form.get(FIELD)):
+        return stale_form("Nothing was revoked")
+    if 0 < key_id < 2**63 and await revoke_key(runtime.db, account_id, key_id):
         runtime.keys.cache.invalidate(key_id)  # here at once; the other replicas by NOTIFY
         log.info("api_key_revoked", account_id=account_id, key_id=key_id)
     return Redirect("/account", status_code=303, headers=HEADERS)
@@ -100,8 +110,7 @@ async def account_revoke_mac(
         return Redirect("/account", status_code=303, headers=HEADERS)
     form = await request.form()
     if not csrf_ok(request, runtime.settings, form.get(FIELD)):
-        text = "This form is out of date or did not come from our page. Reload your account page and try again."
-        return html_response(message_page("Nothing was revoked", text, link=("/account", "Your account")), status=403)
+        return stale_form("Nothing was revoked")
     # Another account's token and no token look the same: nothing happens, back to the page.
     if 0 < token_id < 2**63:
         provider_id = await tokens.revoke(runtime.db, token_id, account_id=account_id)

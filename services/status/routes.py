@@ -88,8 +88,8 @@ DISCLOSURES = [
 ]
 
 
-@get("/v1/status", **documented(ok=PoolStatus, errors=(500,)), **requires(Auth.PUBLIC))
-async def pool_status(runtime: NamedDependency[Runtime]) -> PoolStatus:
+def current_status(runtime: Runtime) -> PoolStatus:
+    """The pool as this replica hears it (also rendered by the /status and / pages)."""
     states = list(runtime.pool.providers.values())
     models = [
         ModelStatus(
@@ -115,6 +115,11 @@ async def pool_status(runtime: NamedDependency[Runtime]) -> PoolStatus:
         capacity=capacity,
         disclosures=DISCLOSURES,
     )
+
+
+@get("/v1/status", **documented(ok=PoolStatus, errors=(500,)), **requires(Auth.PUBLIC))
+async def pool_status(runtime: NamedDependency[Runtime]) -> PoolStatus:
+    return current_status(runtime)
 
 
 @get("/v1/models", **documented(ok=openai.ModelList, errors=(401, 403, 429, 500)), **requires(Auth.API_KEY_OR_DEMO))

@@ -29,7 +29,8 @@ from tests.support.github import LoopbackGitHub, User
 if TYPE_CHECKING:
     from tests.support.stack import Stack
 
-_KEY_ON_PAGE = re.compile(r"<code>(mp_[0-9A-Za-z]{36})</code>")
+_KEY_ON_PAGE = re.compile(r"<code(?: id=\"new-key\")?>(mp_[0-9A-Za-z]{36})</code>")
+_CSRF_ON_PAGE = re.compile(r'<input type="hidden" name="csrf" value="([^"]+)">')
 
 
 @dataclass
@@ -76,6 +77,13 @@ class AuthStack:
         assert location.startswith(f"{self.public_url}/auth/github/callback?")
         self.secrets_seen.append(parse_qs(urlsplit(location).query)["code"][0])
         return location
+
+    def form(self, browser: httpx.Client, replica: str | None = None) -> dict[str, str]:
+        """The hidden CSRF field the account page's forms carry for this browser's session."""
+        page = browser.get(f"{replica or self.a}/account").text
+        found = _CSRF_ON_PAGE.search(page)
+        assert found, page
+        return {"csrf": found.group(1)}
 
     def on(self, replica: str, url: str) -> str:
         """The same URL served by another replica (the load balancer's choice)."""

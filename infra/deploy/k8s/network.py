@@ -158,7 +158,8 @@ def ingress(values: Obj) -> Obj:
     paths = [
         {
             "path": path,
-            "pathType": "Prefix",
+            # "/" is the landing page alone: as a Prefix it would send every unrouted path (/metrics) there.
+            "pathType": "Exact" if path == "/" else "Prefix",
             "backend": {"service": {"name": name, "port": {"name": "http"}}},
         }
         for name, spec in values["services"].items()

@@ -24,7 +24,7 @@ OVERLAYS = Path(__file__).resolve().parent.parent / "overlays"
 Obj = dict[str, Any]
 
 # One entry per control-plane Deployment (services/app.py SERVICES, plus the NATS auth callout).
-# `paths`: what the public Ingress sends it (Prefix). `grace_s`: MP_SHUTDOWN_GRACE_S, how long its
+# `paths`: what the public Ingress sends it (Prefix; "/" alone is Exact). `grace_s`: MP_SHUTDOWN_GRACE_S, how long its
 # running requests get after SIGTERM (a generation may take minutes; a key listing does not).
 SERVICE_DEFAULTS: dict[str, Obj] = {
     "gateway": {
@@ -35,7 +35,12 @@ SERVICE_DEFAULTS: dict[str, Obj] = {
         "memory": ["512Mi", "1Gi"],
         "grace_s": 120,
     },
-    "status": {"paths": ["/v1/status", "/v1/models", "/openapi"], "replicas": 2, "maxReplicas": 6},
+    "status": {
+        # The API's public facts, and the web front door that shows them (services/web/).
+        "paths": ["/v1/status", "/v1/models", "/openapi", "/", "/docs", "/status", "/demo", "/static"],
+        "replicas": 2,
+        "maxReplicas": 6,
+    },
     "auth": {"paths": ["/auth"], "replicas": 2, "maxReplicas": 6},
     "keys": {"paths": ["/account"], "replicas": 2, "maxReplicas": 4},
     "usage": {"paths": ["/v1/usage", "/v1/feedback"], "replicas": 2, "maxReplicas": 4},

@@ -1,0 +1,1 @@
+"""The web front door: the landing page, /docs, /status and /demo, their templates and static files."""
