@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from infra.components import start_daemon, start_gateway, start_natsauth, wait_model
+from infra.components import start_gateway, start_natsauth, wait_model
 from infra.devkey import ensure_dev_key
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
 from tests.support.auth_stack import auth_stack  # noqa: F401  (registered here once: one set of replicas for all modules)
+from tests.support.daemons import spawn_daemon
 from tests.support.stack import REPO, TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support.tiny_model import write_tiny_model
 
@@ -88,7 +89,7 @@ def stack(
         # Short silences so tests of a vanished provider finish quickly.
         env={"MP_STREAM_IDLE_TIMEOUT_S": "30", "MP_LOG_LEVEL": "info"},
     )
-    daemon = start_daemon(
+    daemon = spawn_daemon(
         state_dir,
         nats=nats_server,
         provider_id=TINY_PROVIDER,

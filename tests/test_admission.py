@@ -17,7 +17,7 @@ import httpx
 import nats
 import pytest
 
-from infra.components import Child, DaemonChild, get_json, start_daemon, start_gateway, wait_model
+from infra.components import Child, DaemonChild, get_json, start_gateway, wait_model
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
@@ -26,8 +26,8 @@ from schemas.permissions import Permissions
 from services.providers import store
 from tests.support.admin_cli import providers_cli
 from tests.support.auth_stack import AuthStack
+from tests.support.daemons import spawn_daemon, wait_worker
 from tests.support.daemons import status as daemon_status
-from tests.support.daemons import wait_worker
 from tests.support.databases import fresh_database
 from tests.support.stack import Stack
 
@@ -311,7 +311,7 @@ async def _read_stream(
 def operated(stack: Stack) -> Iterator[dict[str, DaemonChild]]:
     """One daemon to ban and one to drain, each the only one serving its model; they boot side by side."""
     daemons = {
-        pid: start_daemon(
+        pid: spawn_daemon(
             stack.home,
             nats=stack.nats,
             provider_id=pid,

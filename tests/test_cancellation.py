@@ -9,8 +9,9 @@ import time
 
 import httpx
 
-from infra.components import get_json, start_daemon, wait_model
+from infra.components import get_json, wait_model
 from tests.support import logs
+from tests.support.daemons import spawn_daemon
 from tests.support.stack import TINY_MODEL, Stack
 
 # Far more than the test waits for: if generation kept going, the slot would stay busy for a long while.
@@ -123,7 +124,7 @@ def test_a_client_that_hangs_up_before_its_body_arrives_is_logged_as_gone(stack:
 
 def test_provider_killed_mid_stream_ends_with_an_error_chunk(stack: Stack) -> None:
     model = "tiny-llama-doomed"
-    doomed = start_daemon(
+    doomed = spawn_daemon(
         stack.home,
         nats=stack.nats,
         provider_id="doomed-mac",

@@ -19,10 +19,10 @@ import msgspec
 import nats
 import pytest
 
-from infra.components import DaemonChild, start_daemon, wait_model
+from infra.components import DaemonChild, wait_model
 from schemas import bus, subjects
 from tests.support import logs
-from tests.support.daemons import chat, daemon_in_pool, running_daemon, status, wait_worker
+from tests.support.daemons import chat, daemon_in_pool, running_daemon, spawn_daemon, status, wait_worker
 from tests.support.stack import Stack
 
 MODEL = "tiny-llama-worker"
@@ -337,7 +337,7 @@ async def _until_refused(client: httpx.AsyncClient, d: DaemonChild) -> httpx.Res
 
 
 async def test_sigterm_finishes_in_flight_work_then_leaves(stack: Stack) -> None:
-    d = start_daemon(
+    d = spawn_daemon(
         stack.home,
         nats=stack.nats,
         provider_id="term-mac",

@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.components import DaemonChild, get_json, start_daemon, wait_model
+from infra.components import DaemonChild, get_json, wait_model
 from tests.support import logs
+from tests.support.daemons import spawn_daemon
 from tests.support.stack import Stack
 
 MODEL = "tiny-llama-ha"
@@ -24,7 +25,7 @@ PROMPT = [{"role": "user", "content": "Tell me a long story about the sea."}]
 def pair(stack: Stack) -> Iterator[list[DaemonChild]]:
     """Two providers serving the same model."""
     daemons = [
-        start_daemon(
+        spawn_daemon(
             stack.home,
             nats=stack.nats,
             provider_id=f"ha-{name}-{time.monotonic_ns() % 100000}",

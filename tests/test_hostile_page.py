@@ -24,11 +24,11 @@ import pytest
 from daemon.admin.model_folder import ModelFolderRefused, resolve_model_folder
 from daemon.admin.token import AdminTokenError, ensure_admin_token, read_admin_token
 from daemon.http_guard import _loopback_host
-from infra.components import DaemonChild, start_daemon, wait_http
+from infra.components import DaemonChild, wait_http
 from infra.ports import free_port
 from schemas.redact import redact_url
 from tests.support import logs, rawhttp
-from tests.support.daemons import status
+from tests.support.daemons import spawn_daemon, status
 from tests.support.stack import TINY_MODEL, Stack
 from tests.support.tiny_model import write_tiny_model
 
@@ -164,7 +164,7 @@ def test_status_answers_hold_no_secrets_or_paths(stack: Stack, tmp_path: Path) -
     provider = "page-creds-mac"
     password = stack.nats.provider_token(provider)
     url = stack.nats.url.replace("nats://", f"nats://{password}@")
-    d = start_daemon(tmp_path, nats=url, provider_id=provider, model_id="page-synthetic", engine="synthetic")
+    d = spawn_daemon(tmp_path, nats=url, provider_id=provider, model_id="page-synthetic", engine="synthetic")
     try:
         wait_http(f"{d.admin_url}/admin/health", timeout=60, child=d)
         body = httpx.get(f"{d.admin_url}/admin/status", headers=d.admin_headers(), timeout=10)

@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra.components import Child, start_gateway, wait_model
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
+from tests.support.daemons import spawn_daemon
 from tests.support.stack import Stack
 
 MODEL = "tiny-llama-nats-restart"
@@ -39,7 +40,7 @@ def own_bus(stack: Stack, tmp_path: Path) -> Iterator[tuple[SecuredNats, str]]:
         )
         for i in range(2):
             children.append(
-                start_daemon(
+                spawn_daemon(
                     stack.home,
                     nats=nats_server,
                     provider_id=f"nats-restart-{i}",

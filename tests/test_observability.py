@@ -22,13 +22,13 @@ import pytest
 
 from daemon.settings import DaemonSettings
 from daemon.settings import SettingsError as DaemonSettingsError
-from infra.components import Child, DaemonChild, start_daemon, start_gateway, wait_model
+from infra.components import Child, DaemonChild, start_gateway, wait_model
 from infra.nats_auth import control_url
 from infra.ports import free_port
 from schemas import bus, subjects
 from schemas.tracing import parse_traceparent, remote_parent
 from services.settings import Settings, SettingsError, ensure_local_secrets
-from tests.support.daemons import bus_request
+from tests.support.daemons import bus_request, spawn_daemon
 from tests.support.logs import wait_event
 from tests.support.metrics import label_values, moved, scrape, value
 from tests.support.stack import TINY_MODEL, Stack
@@ -169,7 +169,7 @@ def traced(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
         name="gateway-traced",
         env={"MP_OTEL_EXPORTER": f"jsonl:{spans / 'gateway.jsonl'}"},
     )
-    daemon = start_daemon(
+    daemon = spawn_daemon(
         stack.home,
         nats=stack.nats,
         provider_id=TRACED_PROVIDER,

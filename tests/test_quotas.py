@@ -15,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from infra.components import Child, start_daemon, start_gateway, wait_model
+from infra.components import Child, start_gateway, wait_model
 from infra.ports import free_port
 from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
-from tests.support.daemons import daemon_in_pool
+from tests.support.daemons import daemon_in_pool, spawn_daemon
 from tests.support.stack import TINY_MODEL, Stack
 
 SYNTHETIC = "synthetic-quota-model"
@@ -228,7 +228,7 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
     reported); a non-streamed one reached the buyer not at all, so it is billed nothing."""
     account = make_account(stack.database_url)
     model = f"tiny-llama-for-gateway-crash-{int(stream)}"
-    daemon = start_daemon(
+    daemon = spawn_daemon(
         stack.home, nats=stack.nats, provider_id=f"crash-mac-{int(stream)}", model_id=model, model_path=stack.model_path
     )
     port = free_port()

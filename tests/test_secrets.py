@@ -205,7 +205,7 @@ def test_a_daemon_and_its_doctor_never_show_the_nats_token_of_their_url(
     url = nats_server.url.replace("nats://", f"nats://{token}@")  # the provider's token rides in NATS_URL
     shown = f"nats://***@{nats_server.url.removeprefix('nats://')}"
     env = {"NATS_URL": url, "MP_PROVIDER_TOKEN": "", "MP_ADMIN_PORT": "0", "MP_API_PORT": "0"}
-    daemon = start_daemon(
+    daemon = start_daemon(  # no local listeners (ports 0): nothing to wait for but its login
         tmp_path, nats=nats_server, provider_id=provider_id, model_id="secret-url-model", engine="synthetic", env=env
     )
     try:

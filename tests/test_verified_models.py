@@ -24,12 +24,12 @@ import httpx
 import pytest
 
 from daemon.models.identity import WeightsHasher
-from infra.components import Child, DaemonChild, get_json, start_daemon, start_gateway
+from infra.components import Child, DaemonChild, get_json, start_gateway
 from infra.ports import free_port
 from services.providers import store as providers
 from tests.support.admin_cli import models_cli, providers_cli
+from tests.support.daemons import spawn_daemon, wait_worker
 from tests.support.daemons import status as daemon_status
-from tests.support.daemons import wait_worker
 from tests.support.stack import TINY_MODEL, Stack
 from tests.support.tiny_model import write_tiny_model
 
@@ -46,7 +46,7 @@ class Verified:
     folders: dict[str, Path]
 
     def start(self, pid: str) -> DaemonChild:
-        daemon = start_daemon(
+        daemon = spawn_daemon(
             self.stack.home,
             nats=self.stack.nats,
             provider_id=pid,

@@ -18,7 +18,37 @@ import nats
 from infra.components import DaemonChild, start_daemon, wait_model
 from infra.nats_auth import NatsTarget, control_url
 from schemas import bus, subjects
+from tests.support import logs
 from tests.support.stack import Stack
+
+
+def spawn_daemon(home: Path, **options: Any) -> DaemonChild:
+    """`infra.components.start_daemon`, started again on other ports if one of its local ports was taken.
+
+    The ports are free when chosen, but another process (a parallel test worker's, or an outgoing
+    connection's local port) can take one before the daemon binds it; the daemon then serves the pool
+    without that listener, and a test would talk to whoever holds the port.
+    """
+    for _ in range(3):
+        daemon = start_daemon(home, **options)
+        if _listening(daemon):
+            return daemon
+        daemon.stop()
+    raise AssertionError(f"{daemon.name} could not bind its local ports three times:\n{daemon.log_tail()}")
+
+
+def _listening(daemon: DaemonChild, timeout: float = 120.0) -> bool:
+    """True once both local listeners are up, False if one could not bind."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if logs.events(daemon.log_path, "local_http_failed"):
+            return False
+        if len(logs.events(daemon.log_path, "local_http_listening")) >= 2:
+            return True
+        if not daemon.alive():
+            raise AssertionError(f"{daemon.name} exited while starting:\n{daemon.log_tail()}")
+        assert time.monotonic() < deadline, f"{daemon.name} never listened:\n{daemon.log_tail()}"
+        time.sleep(0.05)
 
 
 def wait_worker(daemon: DaemonChild, status: str = "healthy", timeout: float = 90.0) -> dict[str, Any]:
@@ -53,7 +83,7 @@ def daemon_in_pool(
     """
     if model_path is None and engine == "mlx":
         model_path = stack.model_path
-    daemon = start_daemon(
+    daemon = spawn_daemon(
         stack.home,
         nats=stack.nats,
         provider_id=provider_id,
@@ -79,7 +109,7 @@ def running_daemon(
     model_path: Path,
     env: dict[str, str] | None = None,
 ) -> Iterator[DaemonChild]:
-    daemon = start_daemon(
+    daemon = spawn_daemon(
         home,
         nats=nats,
         provider_id=provider_id,
