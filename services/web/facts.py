@@ -6,6 +6,7 @@ Nothing here is a second list to keep in step: a route or an error added to the 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from litestar.routes import HTTPRoute
 
 from services.auth.declared import Auth, declared
 from services.errors import ApiError
+from services.settings import Settings
 
 AUTH_LABELS = {
     Auth.PUBLIC: "none (public)",
@@ -47,6 +49,18 @@ class ErrorFact:
     status: int
     type: str
     meaning: str
+
+
+@functools.lru_cache(maxsize=1)
+def api_routes(settings: Settings) -> tuple[RouteFact, ...]:
+    """`routes` of the app with every service mounted (built, never started), once per process.
+
+    What the API is, whichever services this replica runs: in a split deployment the replica
+    serving /docs runs the status service alone, and the buyer reads about all of them.
+    """
+    from services.app import create_app  # services.app mounts this module's pages
+
+    return tuple(routes(create_app(settings)))
 
 
 def routes(app: Litestar) -> list[RouteFact]:
