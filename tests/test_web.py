@@ -181,6 +181,11 @@ def test_landing_docs_and_status_pages(web: Web) -> None:
     assert "Bearer mp_" in row
     web.check(page, "docs")
 
+    # Signed out, the account page says so and offers sign-in.
+    page.goto(web.base + "/account")
+    assert page.get_by_role("link", name="Sign in with GitHub").get_attribute("href") == "/auth/github/start"
+    web.check(page)
+
     # /status on a phone's screen: nothing wider than the screen.
     phone = web.browser.new_page(viewport={"width": 375, "height": 740})
     phone.goto(web.base + "/status")
@@ -244,6 +249,11 @@ def test_sign_up_see_the_key_once_then_revoke_it(web: Web) -> None:
     assert "revoked" in page.inner_text("main")
     refused = httpx.get(f"{web.base}/v1/usage", headers=bearer, timeout=10)
     assert refused.status_code == 401, refused.text
+    # The owner's other pages share the look and the rules.
+    for path in ("/device", "/provider"):
+        page.goto(web.base + path)
+        assert "web-octocat" in page.inner_text("main") or "no Macs" in page.inner_text("main"), path
+        web.check(page)
 
 
 def _demo_ready(page: Any) -> None:
