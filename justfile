@@ -6,9 +6,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 up:
     mac-provider up
 
-# Run the whole test suite (real NATS, real Postgres, real mlx-lm models).
+# Run the whole test suite (real NATS, real Postgres, real mlx-lm models), one test file per parallel
+# worker (each worker starts its own stack). `just test -m unit` runs the pure tests only.
 test *ARGS:
-    python3 -m pytest {{ARGS}}
+    python3 -m pytest -n auto --maxprocesses 4 --dist loadfile {{ARGS}}
 
 # Schemathesis against the OpenAPI document with every check, far bigger than in `just test`.
 fuzz EXAMPLES="200" PHASES="examples,coverage,fuzzing,stateful":

@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from infra.components import Child, DaemonChild, start_daemon, start_gateway, start_natsauth, wait_model
+from infra.components import start_daemon, start_gateway, start_natsauth, wait_model
 from infra.devkey import ensure_dev_key
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
 from tests.support.auth_stack import auth_stack  # noqa: F401  (registered here once: one set of replicas for all modules)
+from tests.support.stack import REPO, TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support.tiny_model import write_tiny_model
 
 # The suite starts dozens of daemons with new provider ids within a minute; every gateway it
@@ -35,35 +35,6 @@ os.environ.setdefault("MP_PREPARE_HELPERS", "1")
 os.environ.setdefault("MP_UNCATALOGUED_MODELS", "allow")
 # A provider joining with catalogued weights gets its first canary within half a second (not 30 s).
 os.environ.setdefault("MP_CANARY_JOIN_DELAY_S", "0.5")
-
-TINY_MODEL = "tiny-llama"
-TINY_PROVIDER = "tiny-mac-1"
-REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Stack:
-    home: Path
-    base_url: str
-    api_key: str
-    nats: SecuredNats
-    database_url: str
-    gateway: Child
-    daemon: DaemonChild
-    model_path: Path
-    postgres: PostgresServer
-
-    @property
-    def nats_url(self) -> str:
-        """A URL for tests that talk to the bus themselves: they do it as the control plane."""
-        return self.nats.gateway_url
-
-    @property
-    def v1(self) -> str:
-        return f"{self.base_url}/v1"
-
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ refused callback creates nothing.
 
 from __future__ import annotations
 
-import itertools
-import re
 import secrets
 import time
 from pathlib import Path
@@ -18,15 +16,7 @@ import pytest
 from services.auth.sessions import cleared_session_cookie, cookies_secure, session_cookie
 from services.settings import Settings
 from tests.support.auth_stack import AuthStack
-from tests.support.github import User
-
-_ids = itertools.count(int(time.time()) % 10_000_000 * 100)
-ANY_KEY = re.compile(r"mp_[0-9A-Za-z]{36}")
-
-
-def new_user() -> User:
-    n = next(_ids)
-    return User(id=n, login=f"octo-{n}")
+from tests.support.github import ANY_KEY, User, new_user
 
 
 def accounts_of(auth: AuthStack, user: User) -> int:

@@ -10,8 +10,8 @@ import time
 import httpx
 
 from infra.components import get_json, start_daemon, wait_model
-from tests.conftest import TINY_MODEL, Stack
 from tests.support import logs
+from tests.support.stack import TINY_MODEL, Stack
 
 # Far more than the test waits for: if generation kept going, the slot would stay busy for a long while.
 LONG = 30_000
@@ -48,11 +48,11 @@ def test_stream_disconnect_cancels_generation(stack: Stack) -> None:
     done = logs.wait_event(stack.daemon.log_path, "request_done", request_id=request_id)
     assert done["finish"] == "cancelled"
     assert int(done["completion_tokens"]) < LONG // 4
-    # The daemon stopped within 100 ms of the hang-up (log timestamps share this machine's clock;
-    # a busy 2-core CI box gets some slack on top).
+    # The daemon stopped at once, not after a timeout (log timestamps share this machine's clock). It
+    # takes tens of ms; the bound leaves room for a 2-core box running another test worker beside this.
     stopped_after = logs.timestamp(done) - closed_at
     print(f"daemon stopped {stopped_after * 1000:.0f} ms after the buyer hung up")
-    assert stopped_after < 0.25, stopped_after
+    assert stopped_after < 1.0, stopped_after
     # The slot is free again: a new request is answered at once, not after the abandoned one.
     assert _quick_request(stack) < 2.0
     gateway_line = logs.wait_event(stack.gateway.log_path, "chat_completion", request_id=request_id)

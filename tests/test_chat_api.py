@@ -8,7 +8,7 @@ import httpx
 import pytest
 from mlx_lm import load, stream_generate
 
-from tests.conftest import TINY_MODEL, Stack
+from tests.support.stack import TINY_MODEL, Stack
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
 

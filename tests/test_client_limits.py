@@ -30,9 +30,9 @@ from services.auth.client_ip import client_key
 from services.auth.rate_limit import TokenBuckets
 from services.keys import format as key_format
 from services.settings import Settings
-from tests.conftest import Stack
 from tests.support.accounts import fetch, make_account, make_account_async
 from tests.support.databases import fresh_database
+from tests.support.stack import Stack
 
 _client = httpx.Client(timeout=30)
 LIMITS = {

@@ -21,6 +21,9 @@ from daemon.worker import protocol as p
 from schemas import bus
 from tests.support.tool_model import WEATHER_TOOL, write_tool_model
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 EOS = 2
 
 

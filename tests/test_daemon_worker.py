@@ -21,9 +21,9 @@ import pytest
 
 from infra.components import DaemonChild, start_daemon, wait_model
 from schemas import bus, subjects
-from tests.conftest import Stack
 from tests.support import logs
-from tests.support.daemons import chat, running_daemon, status, wait_worker
+from tests.support.daemons import chat, daemon_in_pool, running_daemon, status, wait_worker
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-worker"
 PROVIDER = "worker-mac"
@@ -31,16 +31,13 @@ PROVIDER = "worker-mac"
 
 @pytest.fixture(scope="module")
 def daemon(stack: Stack) -> Iterator[DaemonChild]:
-    with running_daemon(
-        stack.home,
-        nats=stack.nats,
+    with daemon_in_pool(
+        stack,
         provider_id=PROVIDER,
         model_id=MODEL,
-        model_path=stack.model_path,
         # A tiny-model step takes milliseconds: 3 s without one is a hang.
         env={"MP_WORKER_STALL_S": "3"},
     ) as d:
-        wait_model(stack.base_url, MODEL, timeout=30, daemon=d)
         yield d
 
 
@@ -362,7 +359,7 @@ async def test_sigterm_finishes_in_flight_work_then_leaves(stack: Stack) -> None
         body = {
             "model": "tiny-llama-term",
             "messages": [{"role": "user", "content": "Count."}],
-            "max_tokens": 1500,
+            "max_tokens": 400,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -390,7 +387,7 @@ async def test_sigterm_finishes_in_flight_work_then_leaves(stack: Stack) -> None
     # The in-flight request was finished, not cut.
     assert payloads[-1] == "[DONE]"
     usage = json.loads(payloads[-2])["usage"]
-    assert usage["completion_tokens"] == 1500
+    assert usage["completion_tokens"] == 400
     assert json.loads(payloads[-3])["choices"][0]["finish_reason"] == "length"
     assert refused.json()["error"]["code"] == "draining"
     assert [leave.provider_id for leave in leaves] == ["term-mac"]

@@ -21,8 +21,8 @@ from services.auth.declared import Auth, requires
 from services.auth.demo import DemoTokens
 from services.runtime import Runtime
 from services.settings import Settings
-from tests.conftest import TINY_MODEL
 from tests.support.auth_stack import AuthStack
+from tests.support.stack import TINY_MODEL
 
 _client = httpx.Client(timeout=30)
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from services.keys import format as key_format
-from tests.conftest import TINY_MODEL, Stack
 from tests.support import rawhttp
+from tests.support.stack import TINY_MODEL, Stack
 
 GOOD = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 

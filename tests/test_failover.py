@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from infra.components import DaemonChild, get_json, start_daemon, wait_model
-from tests.conftest import Stack
 from tests.support import logs
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-ha"
 TOKENS = 2000

@@ -15,9 +15,9 @@ import pytest
 
 from infra.components import Child, start_gateway, wait_model
 from infra.ports import free_port
-from tests.conftest import TINY_MODEL, Stack
 from tests.support import logs
 from tests.support.accounts import query
+from tests.support.stack import TINY_MODEL, Stack
 
 GRACE_S = 5.0
 WARMUP_S = 2.0

@@ -30,11 +30,11 @@ import msgspec
 import nats
 import pytest
 
-from infra.components import DaemonChild, wait_model
+from infra.components import DaemonChild
 from infra.nats_auth import control_url
 from schemas import bus, limits, subjects
-from tests.conftest import TINY_MODEL, TINY_PROVIDER, Stack
-from tests.support.daemons import bus_call, bus_request, running_daemon
+from tests.support.daemons import bus_call, bus_request, daemon_in_pool
+from tests.support.stack import TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support.tiny_model import CHAT_TEMPLATE
 
 SLOW_MODEL = "tiny-slow-template"
@@ -285,16 +285,14 @@ def slow_daemon(stack: Stack) -> Iterator[DaemonChild]:
     config = json.loads(config_path.read_text())
     config["chat_template"] = SLOW_TEMPLATE
     config_path.write_text(json.dumps(config))
-    with running_daemon(
-        stack.home,
-        nats=stack.nats,
+    with daemon_in_pool(
+        stack,
         provider_id=SLOW_PROVIDER,
         model_id=SLOW_MODEL,
         model_path=folder,
         # The default two helpers: one slow request must not hold up the other.
         env={"MP_PREPARE_TIMEOUT_S": str(PREPARE_TIMEOUT_S), "MP_PREPARE_HELPERS": "2"},
     ) as daemon:
-        wait_model(stack.base_url, SLOW_MODEL, timeout=60, daemon=daemon)
         yield daemon
 
 

@@ -27,9 +27,9 @@ from daemon.http_guard import _loopback_host
 from infra.components import DaemonChild, start_daemon, wait_http
 from infra.ports import free_port
 from schemas.redact import redact_url
-from tests.conftest import TINY_MODEL, Stack
 from tests.support import logs, rawhttp
 from tests.support.daemons import status
+from tests.support.stack import TINY_MODEL, Stack
 from tests.support.tiny_model import write_tiny_model
 
 CHAT = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()

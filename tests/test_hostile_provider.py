@@ -22,10 +22,10 @@ import httpx
 import pytest
 
 from schemas import bus
-from tests.conftest import TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support import logs
 from tests.support.admin_cli import providers_cli
 from tests.support.rogue import Rogue, heartbeat, rogue_in_pool
+from tests.support.stack import TINY_MODEL, TINY_PROVIDER, Stack
 
 Send = Callable[[Any], Awaitable[None]]
 BODY: dict[str, Any] = {

@@ -7,7 +7,7 @@ import time
 import httpx
 
 from tests.support.auth_stack import AuthStack
-from tests.test_auth_signup import ANY_KEY, new_user
+from tests.support.github import ANY_KEY, new_user
 
 
 def _signed_in(auth: AuthStack) -> httpx.Client:

@@ -7,9 +7,9 @@ import time
 import httpx
 
 from services.keys import format as key_format
-from tests.conftest import TINY_MODEL
 from tests.support.auth_stack import AuthStack
-from tests.test_auth_signup import new_user
+from tests.support.github import new_user
+from tests.support.stack import TINY_MODEL
 
 CHAT = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 

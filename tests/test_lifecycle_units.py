@@ -10,6 +10,9 @@ import pytest
 from services.errors import ShuttingDown
 from services.lifecycle import Lifecycle
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 
 async def test_requests_are_taken_during_the_delay_then_refused_and_the_running_ones_awaited() -> None:
     life = Lifecycle(delay_s=0.2, grace_s=2.0, routes=True)

@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from infra.devkey import read_env_file
 from infra.ports import free_port
-from tests.conftest import TINY_MODEL
+from tests.support.stack import TINY_MODEL
 
 READY = "Mac Provider is up."
 

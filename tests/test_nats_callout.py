@@ -27,6 +27,8 @@ from infra.nats_auth import SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
 from services.keys.format import PROVIDER_TOKENS
+from services.natsauth.claims import ConnectOptions
+from services.natsauth.decide import Authorizer, Refusal
 from services.providers import store, tokens
 
 
@@ -300,3 +302,30 @@ async def test_any_node_of_a_cluster_calls_out_and_a_revocation_reaches_every_no
         callout.stop()
         second.stop()
         first.stop()
+
+
+async def test_invented_tokens_past_an_address_budget_are_refused_unread(nats_server: SecuredNats) -> None:
+    # Token checksums are public: a stranger can invent well-formed tokens, each worth a Postgres query.
+    conn = await _db(nats_server)
+    try:
+        good = await tokens.mint(conn, _pid("budget"))
+        other = await tokens.mint(conn, _pid("budget-new"))
+        authorizer = Authorizer(conn, control_user="", control_password="", failed_per_min=3)  # type: ignore[arg-type]
+
+        async def login(token: str, client: str) -> str:
+            decision = await authorizer.decide(ConnectOptions(auth_token=token), client)
+            return decision.reason if isinstance(decision, Refusal) else "granted"
+
+        flood, elsewhere = "203.0.113.9", "198.51.100.7"
+        assert await login(good, flood) == "granted"  # this Mac logged in from there before the flood
+        for _ in range(3):
+            assert await login(PROVIDER_TOKENS.generate(), flood) == "unknown or revoked provider token"
+        # Spent: new tokens from that address are refused without a query, a real one included ...
+        assert (await login(PROVIDER_TOKENS.generate(), flood)).startswith("too many failed logins")
+        assert (await login(other, flood)).startswith("too many failed logins")
+        # ... but not a Mac that logged in lately, nor anyone elsewhere.
+        assert await login(good, flood) == "granted"
+        assert await login(other, elsewhere) == "granted"
+        assert await login(PROVIDER_TOKENS.generate(), elsewhere) == "unknown or revoked provider token"
+    finally:
+        await conn.close()

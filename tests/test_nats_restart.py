@@ -14,7 +14,7 @@ import pytest
 from infra.components import Child, start_daemon, start_gateway, wait_model
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-nats-restart"
 TIMEOUT_S = 20

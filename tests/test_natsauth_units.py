@@ -21,6 +21,9 @@ from services.natsauth.decide import Authorizer, Grant, Refusal
 from services.natsauth.responder import MAX_REQUEST_BYTES, Responder
 from services.settings import Settings, SettingsError
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 
 def _server_key() -> keys.SigningKey:
     return keys.SigningKey.from_seed(keys.encode_seed(keys.PREFIX_SERVER, b"\x07" * 32), keys.PREFIX_SERVER)

@@ -28,10 +28,10 @@ from infra.ports import free_port
 from schemas import bus, subjects
 from schemas.tracing import parse_traceparent, remote_parent
 from services.settings import Settings, SettingsError
-from tests.conftest import TINY_MODEL, Stack
 from tests.support.daemons import bus_request
 from tests.support.logs import wait_event
 from tests.support.metrics import label_values, moved, scrape, value
+from tests.support.stack import TINY_MODEL, Stack
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
 TRACED_MODEL = "traced-tiny"

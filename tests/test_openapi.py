@@ -16,8 +16,8 @@ import pytest
 from infra.components import Child, start_gateway, wait_model
 from infra.ports import free_port
 from services.app import SERVICES
-from tests.conftest import TINY_MODEL, Stack
 from tests.support.accounts import make_account
+from tests.support.stack import TINY_MODEL, Stack
 
 CONFIG = Path(__file__).parent / "openapi" / "schemathesis.toml"
 EXAMPLES = os.environ.get("MP_FUZZ_EXAMPLES", "15")

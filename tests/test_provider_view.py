@@ -18,8 +18,8 @@ from daemon.credentials import ProviderCredentials, save
 from services.auth.sessions import create_session, session_cookie_name
 from services.providers import tokens
 from services.settings import Settings
-from tests.conftest import REPO, TINY_MODEL, TINY_PROVIDER, Stack
 from tests.support.accounts import TestAccount, make_account
+from tests.support.stack import REPO, TINY_MODEL, TINY_PROVIDER, Stack
 
 
 async def _sql(url: str, sql: str, *args: object) -> object:

@@ -19,10 +19,10 @@ import msgspec
 import openai
 import pytest
 
-from infra.components import DaemonChild, start_daemon, wait_model
+from infra.components import DaemonChild
 from schemas import bus
-from tests.conftest import Stack
-from tests.support.daemons import bus_call, bus_request
+from tests.support.daemons import bus_call, bus_request, daemon_in_pool
+from tests.support.stack import Stack
 from tests.support.think_model import ANSWER, REASONING, write_think_model
 
 MODEL = "tiny-think"
@@ -37,19 +37,8 @@ OPEN: Any = {"chat_template_kwargs": {"thinking": True}}
 @pytest.fixture(scope="module")
 def think_daemon(stack: Stack) -> Iterator[DaemonChild]:
     folder = write_think_model(stack.model_path, stack.home / "models" / MODEL)
-    daemon = start_daemon(
-        stack.home,
-        nats=stack.nats,
-        provider_id=PROVIDER,
-        model_id=MODEL,
-        model_path=folder,
-        env={"MP_HEARTBEAT_S": "0.5"},
-    )
-    try:
-        wait_model(stack.base_url, MODEL, timeout=120, daemon=daemon)
+    with daemon_in_pool(stack, provider_id=PROVIDER, model_id=MODEL, model_path=folder) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture(scope="module")

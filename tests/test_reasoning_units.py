@@ -22,6 +22,9 @@ from schemas import bus
 from tests.support.think_model import write_think_model
 from tests.support.tool_model import WEATHER_TOOL
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 EOS = 2
 TAGS = ThinkTags("<think>", "</think>")
 OPENED = ThinkTags("<think>", "</think>", opened=True)

@@ -25,7 +25,7 @@ from services.auth.declared import Auth, check_declared, declared, requires, und
 from services.auth.demo import DemoTokens
 from services.keys import format as key_format
 from services.settings import Settings
-from tests.conftest import Stack
+from tests.support.stack import Stack
 
 # A value for each path parameter the routes have.
 _PARAMS = {

@@ -11,8 +11,9 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from daemon.models.smollm2 import MODEL_ID, ensure_smollm2
-from infra.components import Child, start_daemon, wait_model
-from tests.conftest import Stack
+from infra.components import Child
+from tests.support.daemons import daemon_in_pool
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.smollm2
 
@@ -22,12 +23,8 @@ QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What 
 @pytest.fixture(scope="module")
 def smollm2(stack: Stack, model_cache: Path) -> Iterator[Child]:
     folder = ensure_smollm2(model_cache / "models")
-    daemon = start_daemon(stack.home, nats=stack.nats, provider_id="smollm2-mac", model_id=MODEL_ID, model_path=folder)
-    try:
-        wait_model(stack.base_url, MODEL_ID, timeout=300, daemon=daemon)
+    with daemon_in_pool(stack, provider_id="smollm2-mac", model_id=MODEL_ID, model_path=folder, timeout=300) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture

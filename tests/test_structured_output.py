@@ -15,11 +15,10 @@ import httpx
 import msgspec
 import pytest
 
-from infra.components import start_daemon, wait_model
 from schemas import bus
-from tests.conftest import TINY_MODEL, TINY_PROVIDER, Stack
-from tests.support.daemons import bus_call, bus_request, sse_payloads, stream_text
+from tests.support.daemons import bus_call, bus_request, daemon_in_pool, sse_payloads, stream_text
 from tests.support.schema_check import errors
+from tests.support.stack import TINY_MODEL, TINY_PROVIDER, Stack
 
 PERSON = {
     "type": "object",
@@ -303,16 +302,9 @@ def test_a_provider_that_cannot_constrain_refuses_instead_of_writing_free_text(s
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text('raise ImportError("llguidance hidden by the test")\n')
     model = "tiny-llama-free-text"
-    daemon = start_daemon(
-        stack.home,
-        nats=stack.nats,
-        provider_id="no-llguidance-mac",
-        model_id=model,
-        model_path=stack.model_path,
-        env={"MP_HEARTBEAT_S": "0.5", "PYTHONPATH": str(shim.parent)},
-    )
-    try:
-        wait_model(stack.base_url, model, timeout=120, daemon=daemon)
+    with daemon_in_pool(
+        stack, provider_id="no-llguidance-mac", model_id=model, env={"PYTHONPATH": str(shim.parent)}
+    ) as daemon:
         body = {"model": model, "messages": ASK, "max_tokens": 20, "response_format": {"type": "json_object"}}
         r = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60)
         assert r.status_code == 400, r.text
@@ -328,6 +320,4 @@ def test_a_provider_that_cannot_constrain_refuses_instead_of_writing_free_text(s
         assert r.status_code == 200, r.text
         answer = httpx.get(f"{daemon.admin_url}/admin/status", headers=daemon.admin_headers(), timeout=10).json()
         assert answer["model"]["structured_output"] is False
-    finally:
-        daemon.stop()
     assert "structured_output_unavailable" in daemon.log_tail()

@@ -15,6 +15,9 @@ from daemon.engine.structured import grammar
 from daemon.worker.grammar import Constraint, GrammarError, grammar_tokenizer
 from schemas import bus
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 FLAT = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
 
 

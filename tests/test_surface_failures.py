@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.components import DaemonChild, start_daemon, wait_model
-from tests.conftest import Stack
+from infra.components import DaemonChild
+from tests.support.daemons import daemon_in_pool
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-sleepy"
 LONG = 30_000
@@ -21,20 +22,11 @@ LONG = 30_000
 
 @pytest.fixture(scope="module")
 def sleepy(stack: Stack) -> Iterator[DaemonChild]:
-    daemon = start_daemon(
-        stack.home,
-        nats=stack.nats,
-        provider_id="sleepy-mac",
-        model_id=MODEL,
-        model_path=stack.model_path,
-        env={"MP_HEARTBEAT_S": "0.5"},
-    )
-    try:
-        wait_model(stack.base_url, MODEL, timeout=60, daemon=daemon)
-        yield daemon
-    finally:
-        daemon.proc.send_signal(signal.SIGCONT)
-        daemon.stop()
+    with daemon_in_pool(stack, provider_id="sleepy-mac", model_id=MODEL) as daemon:
+        try:
+            yield daemon
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)  # a stopped process would not hear its SIGTERM
 
 
 def _stream_until_lost(stack: Stack, daemon: DaemonChild, path: str, body: dict[str, Any]) -> list[str]:

@@ -13,8 +13,8 @@ import pytest
 from infra.components import Child, start_gateway, wait_model
 from infra.ports import free_port
 from services.auth.demo import DemoTokens
-from tests.conftest import TINY_MODEL, Stack
 from tests.support.accounts import make_account, query
+from tests.support.stack import TINY_MODEL, Stack
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
 

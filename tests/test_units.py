@@ -15,6 +15,9 @@ from services.gateway.replies import ReplyStream, StreamBroken
 from services.keys import format as key_format
 from services.responses.convert import surface_param
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 
 def _feed(stops: list[str], pieces: list[str]) -> tuple[list[str], bool, str]:
     f = StopFilter(stops)

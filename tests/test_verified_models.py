@@ -27,10 +27,10 @@ from daemon.models.identity import WeightsHasher
 from infra.components import Child, DaemonChild, get_json, start_daemon, start_gateway
 from infra.ports import free_port
 from services.providers import store as providers
-from tests.conftest import TINY_MODEL, Stack
 from tests.support.admin_cli import models_cli, providers_cli
 from tests.support.daemons import status as daemon_status
 from tests.support.daemons import wait_worker
+from tests.support.stack import TINY_MODEL, Stack
 from tests.support.tiny_model import write_tiny_model
 
 MODEL = "verified-tiny"

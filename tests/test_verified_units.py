@@ -16,6 +16,9 @@ from services.canary import prompts
 from services.canary.compare import LOGPROB_TOLERANCE, NEAR_TIE, Answer, compare, margin
 from services.catalog.catalog import Catalog
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 
 def _folder(root: Path) -> Path:
     root.mkdir(parents=True)

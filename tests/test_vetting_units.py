@@ -10,6 +10,9 @@ from services.gateway import vetting
 from services.gateway.json_check import JsonChecks
 from services.gateway.replies import ReplyStream, StreamBroken
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 
 def _request(**fields: object) -> bus.InferenceRequest:
     base: dict[str, object] = {

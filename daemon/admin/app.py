@@ -220,6 +220,10 @@ def _admin_app(daemon: Daemon) -> Litestar:
             "active_rows": stats.active if stats else 0,
             "waiting": stats.waiting if stats else 0,
             "decode_tps": round(w.decode_tps(), 2),
+            # Since the worker started: tokens generated, steps that decoded them, most rows in one step.
+            "generated_tokens": stats.generated_tokens if stats else 0,
+            "decode_steps": stats.decode_steps if stats else 0,
+            "peak_rows": stats.peak_rows if stats else 0,
         }
         body["prompt_cache"] = (
             {

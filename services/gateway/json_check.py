@@ -120,7 +120,10 @@ class JsonChecks:
         # a runaway build holds one core at most.
         build.add_done_callback(lambda _: self._gate.release())
         try:
-            built = await asyncio.wait_for(asyncio.shield(build), self._timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a buyer's cancel that lands
+            # just as the build ends (gh-86296), and the request would go on to a provider.
+            async with asyncio.timeout(self._timeout_s):
+                built = await asyncio.shield(build)
         except TimeoutError:
             built = TooComplex(f"the JSON schema takes longer than {self._timeout_s:g} s to compile")
         self._built[grammar] = built

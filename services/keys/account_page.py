@@ -88,6 +88,7 @@ async def account_revoke(
     if not csrf_ok(request, runtime.settings, form.get(FIELD)):
         return stale_form("Nothing was revoked")
     if 0 < key_id < 2**63 and await revoke_key(runtime.db, account_id, key_id):
+        runtime.keys.cache.invalidate(key_id)  # here at once; the other replicas by NOTIFY
         log.info("api_key_revoked", account_id=account_id, key_id=key_id)
     return Redirect("/account", status_code=303, headers=HEADERS)
 

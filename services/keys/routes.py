@@ -109,5 +109,7 @@ async def keys_revoke(
     info = await revoke_key(runtime.db, account_id, key_id) if 0 < key_id <= _MAX_ID else None
     if info is None:
         raise NotFound("No such key on this account.")
+    # This replica refuses the key at once; the others when the revocation's NOTIFY lands.
+    runtime.keys.cache.invalidate(key_id)
     log.info("api_key_revoked", account_id=account_id, key_id=key_id)
     return view(info)

@@ -9,7 +9,11 @@
 
 A token that is unknown or revoked stays so forever, so that answer is remembered
 for a while (a banned provider's, for a few seconds): a shut-out daemon
-reconnecting every half second costs no query.
+reconnecting every half second costs no query. A stranger inventing tokens (their
+checksum is public) would cost one query each: each client address has a budget
+of failed look-ups per minute, past which its new tokens are refused unread.
+Tokens that logged in lately skip the budget (they are still checked), so a Mac
+reconnecting after a blip is never locked out by a flood from its own network.
 Refusal reasons go to the server's log and ours: they never quote a credential.
 """
 
@@ -26,6 +30,7 @@ import asyncpg
 import structlog
 
 from schemas.permissions import Permissions, control_plane_permissions, provider_permissions, provider_user
+from services.auth.rate_limit import TokenBuckets
 from services.keys.format import PROVIDER_TOKENS, digest
 from services.natsauth.claims import ConnectOptions
 from services.providers import tokens
@@ -89,6 +94,9 @@ class Authorizer:
         dead_token_ttl_s: float = 60.0,
         shut_out_ttl_s: float = 5.0,
         dead_token_cache: int = 10_000,
+        failed_per_min: int = 30,
+        max_clients: int = 50_000,
+        known_token_ttl_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
@@ -97,15 +105,18 @@ class Authorizer:
         self._dead = _Forgotten(dead_token_cache, dead_token_ttl_s, clock)
         # A banned provider's daemon retries every half second; an unban may take this long to count.
         self._shut = _Forgotten(dead_token_cache, shut_out_ttl_s, clock)
+        self._failures = TokenBuckets(per_minute=failed_per_min, max_clients=max_clients, clock=clock)
+        self._known = _Forgotten(dead_token_cache, known_token_ttl_s, clock)
 
-    async def decide(self, opts: ConnectOptions) -> Grant | Refusal:
+    async def decide(self, opts: ConnectOptions, client: str = "") -> Grant | Refusal:
+        """`client`: the connecting address as the server saw it (the key of its failed-login budget)."""
         if opts.auth_token:
-            return await self._provider(opts.auth_token)
+            return await self._provider(opts.auth_token, client)
         if opts.user:
             return self._control_plane(opts.user, opts.password)
         return Refusal("no credentials")
 
-    async def _provider(self, token: str) -> Grant | Refusal:
+    async def _provider(self, token: str, client: str) -> Grant | Refusal:
         if len(token) > _MAX_SECRET or not PROVIDER_TOKENS.well_formed(token):
             return Refusal("not a provider token")
         key = digest(token)
@@ -113,10 +124,15 @@ class Authorizer:
             return Refusal("unknown or revoked provider token")
         if key in self._shut:
             return Refusal("provider banned or suspended")
+        known = key in self._known
+        if not known and self._failures.take(client) is not None:
+            return Refusal("too many failed logins from this address; retry in a minute")
         owner = await tokens.owner_of(self._db, token)
         if owner is None:
             self._dead.add(key)
             return Refusal("unknown or revoked provider token")
+        if not known:
+            self._failures.give_back(client)  # a real token, even a shut-out one, is no guess
         if owner.status in _SHUT_OUT:
             self._shut.add(key)
             return Refusal(f"provider {owner.provider_id} is {owner.status}")
@@ -124,6 +140,7 @@ class Authorizer:
             permissions = provider_permissions(owner.provider_id)
         except ValueError:  # an id an operator wrote by hand that cannot be a subject token
             return Refusal("provider id unusable on the bus")
+        self._known.add(key)
         return Grant(provider_user(owner.provider_id), permissions, owner.provider_id)
 
     def _control_plane(self, user: str, password: str) -> Grant | Refusal:

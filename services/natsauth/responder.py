@@ -114,8 +114,9 @@ class Responder:
         if problem:
             log.warning("nats_login_unreadable", reason=problem, server=request.server_id.name[:64])
             return unreadable
-        decision = await self.authorizer.decide(request.connect_opts)
-        client = {"client_host": request.client_info.host[:64], "client_id": request.client_info.id}
+        host = request.client_info.host[:64]
+        client = {"client_host": host, "client_id": request.client_info.id}
+        decision = await self.authorizer.decide(request.connect_opts, host)
         if isinstance(decision, Grant):
             user_jwt = jwt.encode(
                 user_claims(

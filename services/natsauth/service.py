@@ -94,7 +94,14 @@ async def open_natsauth(settings: Settings, metrics: Metrics | None = None) -> A
         nc = await _login(settings, settings.nats_auth_user, settings.nats_auth_password, "callout")
         stack.push_async_callback(nc.drain)
         control_user, control_password = control_plane_credential(settings)
-        authorizer = Authorizer(db, control_user=control_user, control_password=control_password)
+        authorizer = Authorizer(
+            db,
+            control_user=control_user,
+            control_password=control_password,
+            # The same budget as failed API-key look-ups (MP_FAILED_AUTH_PER_MIN), per connecting address.
+            failed_per_min=settings.failed_auth_per_min,
+            max_clients=settings.rate_limit_clients,
+        )
         responder = Responder(
             nc, authorizer, issuer, xkey, settings.nats_account, settings.nats_user_ttl_s, metrics=metrics
         )

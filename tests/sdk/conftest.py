@@ -7,43 +7,22 @@ model (tests/support/script_model.py), served by a daemon of its own.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import anthropic
 import openai
 import pytest
 
-from infra.components import Child, start_daemon, wait_model
-from tests.conftest import Stack
-from tests.support.script_model import write_script_model
-
-SCRIPT_MODEL = "tiny-script"
-WEATHER: Any = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+from infra.components import Child
+from tests.support.daemons import daemon_in_pool
+from tests.support.script_model import SCRIPT_MODEL, write_script_model
+from tests.support.stack import Stack
 
 
 @pytest.fixture(scope="session")
 def script_daemon(stack: Stack) -> Iterator[Child]:
     folder = write_script_model(stack.model_path, stack.home / "models" / SCRIPT_MODEL)
-    daemon = start_daemon(
-        stack.home,
-        nats=stack.nats,
-        provider_id="script-mac",
-        model_id=SCRIPT_MODEL,
-        model_path=folder,
-        env={"MP_HEARTBEAT_S": "0.5"},
-    )
-    try:
-        wait_model(stack.base_url, SCRIPT_MODEL, timeout=120, daemon=daemon)
+    with daemon_in_pool(stack, provider_id="script-mac", model_id=SCRIPT_MODEL, model_path=folder) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,9 @@ import anthropic
 import pytest
 
 from infra.components import Child
-from tests.conftest import TINY_MODEL, Stack
-from tests.sdk.conftest import SCRIPT_MODEL
 from tests.support.accounts import make_account
-from tests.support.script_model import CALL_ARGUMENTS, CALL_NAME, TEXT
+from tests.support.script_model import CALL_ARGUMENTS, CALL_NAME, SCRIPT_MODEL, TEXT
+from tests.support.stack import TINY_MODEL, Stack
 
 HELLO: Any = [{"role": "user", "content": "Hello, how are you?"}]
 # This SDK version no longer has sampling arguments; older ones (and other clients) send them in the body.

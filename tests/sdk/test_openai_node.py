@@ -6,6 +6,7 @@ The package is installed from the npm registry into the test cache on first use
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from infra.components import Child
-from tests.conftest import TINY_MODEL, Stack
-from tests.sdk.conftest import SCRIPT_MODEL
+from tests.support.script_model import SCRIPT_MODEL
+from tests.support.stack import TINY_MODEL, Stack
 
 # The major version the tests are written against; npm picks its newest release.
 OPENAI_NPM = "openai@7"
@@ -34,14 +35,20 @@ def openai_package(model_cache: Path) -> Path:
         pytest.skip("node and npm are not installed")
     prefix = model_cache / "npm" / OPENAI_NPM.replace("@", "-")
     package = prefix / "node_modules" / "openai"
+    prefix.mkdir(parents=True, exist_ok=True)
+    with (prefix / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers: one installs, the others wait
+        _install(prefix, package)
+    return package
+
+
+def _install(prefix: Path, package: Path) -> None:
     if not (package / "package.json").exists():
-        prefix.mkdir(parents=True, exist_ok=True)
         done = _npm(["install", "--prefix", str(prefix), OPENAI_NPM, "--no-audit", "--no-fund"], prefix, 300)
         if done.returncode != 0:
             if _npm(["ping"], prefix, 60).returncode != 0:
                 pytest.skip(f"the npm registry is unreachable, so {OPENAI_NPM} cannot be installed")
             raise AssertionError(f"npm install {OPENAI_NPM} failed:\n{done.stdout}\n{done.stderr}")
-    return package
 
 
 def test_openai_node_sdk(stack: Stack, script_daemon: Child, openai_package: Path) -> None:

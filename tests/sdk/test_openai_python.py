@@ -15,9 +15,8 @@ import pydantic
 import pytest
 
 from infra.components import Child
-from tests.conftest import TINY_MODEL
-from tests.sdk.conftest import SCRIPT_MODEL, WEATHER
-from tests.support.script_model import CALL_ARGUMENTS, CALL_NAME, TEXT
+from tests.support.script_model import CALL_ARGUMENTS, CALL_NAME, SCRIPT_MODEL, TEXT, WEATHER
+from tests.support.stack import TINY_MODEL
 
 HELLO: Any = [{"role": "user", "content": "Hello, how are you?"}]
 

@@ -27,7 +27,7 @@ from infra.ports import free_port
 from tests.support.github import LoopbackGitHub, User
 
 if TYPE_CHECKING:
-    from tests.conftest import Stack
+    from tests.support.stack import Stack
 
 _KEY_ON_PAGE = re.compile(r"<code(?: id=\"new-key\")?>(mp_[0-9A-Za-z]{36})</code>")
 _CSRF_ON_PAGE = re.compile(r'<input type="hidden" name="csrf" value="([^"]+)">')

@@ -15,9 +15,10 @@ from typing import Any
 import httpx
 import nats
 
-from infra.components import DaemonChild, start_daemon
+from infra.components import DaemonChild, start_daemon, wait_model
 from infra.nats_auth import NatsTarget, control_url
 from schemas import bus, subjects
+from tests.support.stack import Stack
 
 
 def wait_worker(daemon: DaemonChild, status: str = "healthy", timeout: float = 90.0) -> dict[str, Any]:
@@ -33,6 +34,39 @@ def wait_worker(daemon: DaemonChild, status: str = "healthy", timeout: float = 9
                 return dict(last)
         time.sleep(0.05)
     raise AssertionError(f"worker never {status} (last {last}):\n{daemon.log_tail()}")
+
+
+@contextlib.contextmanager
+def daemon_in_pool(
+    stack: Stack,
+    *,
+    provider_id: str,
+    model_id: str,
+    model_path: Path | None = None,
+    engine: str = "mlx",
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Iterator[DaemonChild]:
+    """A provider daemon serving `model_id` (the stack's tiny model unless `model_path`) to the stack's pool.
+
+    Yields once the stack's gateway routes the model to it (its heartbeat every 0.5 s); stopped after.
+    """
+    if model_path is None and engine == "mlx":
+        model_path = stack.model_path
+    daemon = start_daemon(
+        stack.home,
+        nats=stack.nats,
+        provider_id=provider_id,
+        model_id=model_id,
+        model_path=model_path,
+        engine=engine,
+        env={"MP_HEARTBEAT_S": "0.5", **(env or {})},
+    )
+    try:
+        wait_model(stack.base_url, model_id, timeout=timeout, daemon=daemon)
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @contextlib.contextmanager

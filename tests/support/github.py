@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
+import re
 import secrets
 import threading
 import time
@@ -213,3 +215,14 @@ class LoopbackGitHub:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+_ids = itertools.count(int(time.time()) % 10_000_000 * 100)
+# A buyer's key as shown once on the account page.
+ANY_KEY = re.compile(r"mp_[0-9A-Za-z]{36}")
+
+
+def new_user() -> User:
+    """A GitHub user no test has signed in with yet."""
+    n = next(_ids)
+    return User(id=n, login=f"octo-{n}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -109,3 +110,14 @@ def write_script_model(
     (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (target / "generation_config.json").write_text((source / "generation_config.json").read_text())
     return target
+
+
+SCRIPT_MODEL = "tiny-script"
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}

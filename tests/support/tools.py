@@ -7,6 +7,7 @@ venv is made on first use (about 20 s) and reused by every later run.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -28,8 +29,17 @@ def tool(requirement: str, command: str) -> Path:
     exe = venv / "bin" / command
     if (venv / _READY).exists() and exe.exists():
         return exe
-    shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers: one makes the venv, the others wait for it.
+    with (venv.parent / f".{venv.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (venv / _READY).exists() and exe.exists():
+            return exe
+        return _make(venv, requirement, exe)
+
+
+def _make(venv: Path, requirement: str, exe: Path) -> Path:
+    shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", requirement],
