@@ -16,6 +16,7 @@ from litestar import Litestar
 from litestar.enums import HttpMethod
 from litestar.routes import HTTPRoute
 
+from schemas import bus
 from services.auth.declared import Auth, declared
 from services.errors import ApiError
 from services.settings import Settings
@@ -107,6 +108,11 @@ def errors() -> list[ErrorFact]:
         doc = cls.__doc__ if "__doc__" in vars(cls) else None
         meaning = inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ") if doc else ""
         seen[cls.code] = ErrorFact(code=cls.code, status=cls.status, type=cls.type, meaning=meaning)
+    # Refusals a provider reports about the request itself reach the buyer as 400s with the provider's code.
+    for code in sorted(bus.REQUEST_FAULTS - set(seen)):
+        seen[code] = ErrorFact(
+            code=code, status=400, type="invalid_request_error", meaning="The provider cannot run this request as sent."
+        )
     return sorted(seen.values(), key=lambda e: (e.status, e.code))
 
 
