@@ -65,6 +65,7 @@ def _sql(database_url: str, sql: str, *args: object) -> list[Any]:
 
 
 def _chromium() -> str:
+    """The system Chromium, checked when the module is collected: without one no stack is started for nothing."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     try:
         import playwright.sync_api  # noqa: F401
@@ -73,9 +74,12 @@ def _chromium() -> str:
     if path is None:
         reason = "no system chromium (apt-get install chromium) or no playwright (pip install -e '.[dev]')"
         if os.environ.get("MP_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"MP_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
+            pytest.fail(f"MP_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
     return path
+
+
+CHROMIUM = _chromium()
 
 
 @dataclass
@@ -128,7 +132,6 @@ class Web:
 
 @pytest.fixture(scope="module")
 def web(auth_stack: AuthStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
     # The stand-in engine (never a model): a fixed text, one token every 20 ms, so streaming can be watched.
@@ -145,7 +148,7 @@ def web(auth_stack: AuthStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         wait_model(auth_stack.a, WEB_MODEL, timeout=60, daemon=daemon)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 yield Web(auth=auth_stack, daemon=daemon, browser=browser, shots=shots)
             finally:
