@@ -281,7 +281,10 @@ def test_demo_streams_stops_and_rates(web: Web) -> None:
     page.keyboard.press("Enter")  # Enter sends (the keyboard alone drives the demo)
     answer = page.locator("#demo-log li.assistant").last
     page.wait_for_function("() => Number(document.querySelector('#demo-log li.assistant')?.dataset.chunks || 0) >= 10")
-    page.get_by_role("button", name="Stop").click()
+    # The keyboard alone: from the message box, Tab reaches Stop (Send is disabled while answering).
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "demo-stop"
+    page.keyboard.press("Enter")
     page.wait_for_function("() => document.querySelector('#demo-log li.assistant').dataset.state === 'stopped'")
     request_id = answer.get_attribute("data-request-id").removeprefix("chatcmpl-")
     arrivals = page.evaluate("window.__arrivals")
