@@ -88,6 +88,7 @@ class Web:
     daemon: DaemonChild
     browser: Any
     shots: Path
+    axe: str = field(default_factory=lambda: AXE.read_text(), repr=False)
     xff: list[int] = field(default_factory=lambda: [0])
 
     @property
@@ -116,7 +117,7 @@ class Web:
         `name`: the screenshot's (one per page, for docs/screenshots). `failed_on_purpose`: an API path the
         test made fail; the browser logs its error status, and only that.
         """
-        page.evaluate(AXE.read_text() + "\n;0")
+        page.evaluate(self.axe + "\n;0")
         violations = page.evaluate(
             """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
                  .map((v) => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map((n) => n.html)}))"""
