@@ -227,6 +227,7 @@ def main() -> int:
         print(
             f"""
 Mac Provider is up.
+  website  : {base}/  (docs, status, demo: {base}/docs {base}/status {base}/demo)
   base URL : {base}/v1
   API key  : {key}
   model    : {model_id}

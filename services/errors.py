@@ -36,10 +36,14 @@ class ApiError(Exception):
 
 
 class InvalidJson(ApiError):
+    """The body is not valid JSON."""
+
     code = "invalid_json"
 
 
 class InvalidRequest(ApiError):
+    """A field has a value the API does not accept; `param` names it."""
+
     code = "invalid_value"
 
 
@@ -50,18 +54,24 @@ class UnsupportedValue(ApiError):
 
 
 class MissingBearerToken(ApiError):
+    """No `Authorization: Bearer ...` header (or `x-api-key` on /v1/messages)."""
+
     status = 401
     type = "authentication_error"
     code = "missing_bearer_token"
 
 
 class InvalidApiKey(ApiError):
+    """The key is malformed, unknown or revoked."""
+
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
 
 
 class InvalidDemoToken(ApiError):
+    """The demo token is malformed, tampered with or expired: get a new one (POST /auth/demo)."""
+
     status = 401
     type = "authentication_error"
     code = "invalid_demo_token"
@@ -84,28 +94,38 @@ class NotSignedIn(ApiError):
 
 
 class CrossOriginRefused(ApiError):
+    """A state-changing request from another site's page."""
+
     status = 403
     type = "permission_error"
     code = "cross_origin_refused"
 
 
 class RateLimited(ApiError):
+    """Too many attempts from this client (sign-ins, demo tokens, failed key lookups); see `retry-after`."""
+
     status = 429
     type = "rate_limit_error"
     code = "rate_limited"
 
 
 class NotFound(ApiError):
+    """No such route, or no such object on your account."""
+
     status = 404
     code = "not_found"
 
 
 class MethodNotAllowed(ApiError):
+    """The route exists but not with this method; `Allow` names the methods."""
+
     status = 405
     code = "method_not_allowed"
 
 
 class CoordinatorUnavailable(ApiError):
+    """No provider can serve the model right now (or this replica is not ready)."""
+
     status = 503
     type = "service_unavailable_error"
     code = "coordinator_unavailable"
@@ -124,6 +144,8 @@ class ProviderError(ApiError):
 
 
 class RequestTimeout(ApiError):
+    """The request ran past its time limit."""
+
     status = 504
     type = "timeout_error"
     code = "request_timeout"
@@ -146,12 +168,16 @@ class MissingMetricsToken(ApiError):
 
 
 class InvalidMetricsToken(ApiError):
+    """/metrics with a token that is not the scraper's."""
+
     status = 401
     type = "authentication_error"
     code = "invalid_metrics_token"
 
 
 class InternalError(ApiError):
+    """A bug on our side; `x-request-id` helps the operator find it."""
+
     status = 500
     type = "api_error"
     code = "internal_error"
@@ -277,6 +303,8 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
 
 
 class QuotaExhausted(ApiError):
+    """A daily quota (requests or tokens) or the concurrency limit is used up; see `retry-after`."""
+
     status = 429
     type = "rate_limit_error"
     code = "quota_exhausted"

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from infra.components import DaemonChild, start_daemon, wait_model
+from schemas import bus
 from services import app as _whole_app  # noqa: F401  (every module that defines an error code is loaded)
 from services.errors import ApiError
 from tests.support import logs
@@ -64,6 +65,7 @@ def _sql(database_url: str, sql: str, *args: object) -> list[Any]:
 
 
 def _chromium() -> str:
+    """The system Chromium, checked when the module is collected: without one no stack is started for nothing."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     try:
         import playwright.sync_api  # noqa: F401
@@ -72,9 +74,12 @@ def _chromium() -> str:
     if path is None:
         reason = "no system chromium (apt-get install chromium) or no playwright (pip install -e '.[dev]')"
         if os.environ.get("MP_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"MP_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
+            pytest.fail(f"MP_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
     return path
+
+
+CHROMIUM = _chromium()
 
 
 @dataclass
@@ -83,6 +88,7 @@ class Web:
     daemon: DaemonChild
     browser: Any
     shots: Path
+    axe: str = field(default_factory=lambda: AXE.read_text(), repr=False)
     xff: list[int] = field(default_factory=lambda: [0])
 
     @property
@@ -111,7 +117,7 @@ class Web:
         `name`: the screenshot's (one per page, for docs/screenshots). `failed_on_purpose`: an API path the
         test made fail; the browser logs its error status, and only that.
         """
-        page.evaluate(AXE.read_text() + "\n;0")
+        page.evaluate(self.axe + "\n;0")
         violations = page.evaluate(
             """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
                  .map((v) => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map((n) => n.html)}))"""
@@ -127,7 +133,6 @@ class Web:
 
 @pytest.fixture(scope="module")
 def web(auth_stack: AuthStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
-    chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
     # The stand-in engine (never a model): a fixed text, one token every 20 ms, so streaming can be watched.
@@ -144,7 +149,7 @@ def web(auth_stack: AuthStack, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         wait_model(auth_stack.a, WEB_MODEL, timeout=60, daemon=daemon)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 yield Web(auth=auth_stack, daemon=daemon, browser=browser, shots=shots)
             finally:
@@ -176,10 +181,15 @@ def test_landing_docs_and_status_pages(web: Web) -> None:
     assert documented == listed, documented ^ listed
     codes = {row.split("\t")[1] for row in page.locator("#error-codes tbody tr").all_inner_texts()}
     assert {"quota_exhausted", "invalid_api_key", "coordinator_unavailable", "invalid_demo_token"} <= codes
-    assert codes == {c.code for c in _api_errors(ApiError)}
+    assert codes == {c.code for c in _api_errors(ApiError)} | bus.REQUEST_FAULTS
     row = page.locator("#routes tbody tr", has_text="/v1/usage").inner_text()
     assert "Bearer mp_" in row
     web.check(page, "docs")
+
+    # Signed out, the account page says so and offers sign-in.
+    page.goto(web.base + "/account")
+    assert page.get_by_role("link", name="Sign in with GitHub").get_attribute("href") == "/auth/github/start"
+    web.check(page)
 
     # /status on a phone's screen: nothing wider than the screen.
     phone = web.browser.new_page(viewport={"width": 375, "height": 740})
@@ -244,6 +254,11 @@ def test_sign_up_see_the_key_once_then_revoke_it(web: Web) -> None:
     assert "revoked" in page.inner_text("main")
     refused = httpx.get(f"{web.base}/v1/usage", headers=bearer, timeout=10)
     assert refused.status_code == 401, refused.text
+    # The owner's other pages share the look and the rules.
+    for path in ("/device", "/provider"):
+        page.goto(web.base + path)
+        assert "web-octocat" in page.inner_text("main") or "no Macs" in page.inner_text("main"), path
+        web.check(page)
 
 
 def _demo_ready(page: Any) -> None:
@@ -267,7 +282,10 @@ def test_demo_streams_stops_and_rates(web: Web) -> None:
     page.keyboard.press("Enter")  # Enter sends (the keyboard alone drives the demo)
     answer = page.locator("#demo-log li.assistant").last
     page.wait_for_function("() => Number(document.querySelector('#demo-log li.assistant')?.dataset.chunks || 0) >= 10")
-    page.get_by_role("button", name="Stop").click()
+    # The keyboard alone: from the message box, Tab reaches Stop (Send is disabled while answering).
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "demo-stop"
+    page.keyboard.press("Enter")
     page.wait_for_function("() => document.querySelector('#demo-log li.assistant').dataset.state === 'stopped'")
     request_id = answer.get_attribute("data-request-id").removeprefix("chatcmpl-")
     arrivals = page.evaluate("window.__arrivals")

@@ -50,8 +50,8 @@ class Route:
 
 
 def _matcher(paths: Sequence[str]) -> str:
-    # The Ingress's pathType Prefix: the path itself and anything below it.
-    return " ".join(f"{p} {p.rstrip('/')}/*" for p in paths)
+    # The Ingress's pathType Prefix: the path itself and anything below it; "/" (the landing page) is Exact there.
+    return " ".join(p if p == "/" else f"{p} {p.rstrip('/')}/*" for p in paths)
 
 
 def _proxy(upstreams: Sequence[int]) -> list[str]:

@@ -6,6 +6,7 @@ Nothing here is a second list to keep in step: a route or an error added to the 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from litestar import Litestar
 from litestar.enums import HttpMethod
 from litestar.routes import HTTPRoute
 
+from schemas import bus
 from services.auth.declared import Auth, declared
 from services.errors import ApiError
+from services.settings import Settings
 
 AUTH_LABELS = {
     Auth.PUBLIC: "none (public)",
@@ -47,6 +50,18 @@ class ErrorFact:
     status: int
     type: str
     meaning: str
+
+
+@functools.lru_cache(maxsize=1)
+def api_routes(settings: Settings) -> tuple[RouteFact, ...]:
+    """`routes` of the app with every service mounted (built, never started), once per process.
+
+    What the API is, whichever services this replica runs: in a split deployment the replica
+    serving /docs runs the status service alone, and the buyer reads about all of them.
+    """
+    from services.app import create_app  # services.app mounts this module's pages
+
+    return tuple(routes(create_app(settings)))
 
 
 def routes(app: Litestar) -> list[RouteFact]:
@@ -93,6 +108,11 @@ def errors() -> list[ErrorFact]:
         doc = cls.__doc__ if "__doc__" in vars(cls) else None
         meaning = inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ") if doc else ""
         seen[cls.code] = ErrorFact(code=cls.code, status=cls.status, type=cls.type, meaning=meaning)
+    # Refusals a provider reports about the request itself reach the buyer as 400s with the provider's code.
+    for code in sorted(bus.REQUEST_FAULTS - set(seen)):
+        seen[code] = ErrorFact(
+            code=code, status=400, type="invalid_request_error", meaning="The provider cannot run this request as sent."
+        )
     return sorted(seen.values(), key=lambda e: (e.status, e.code))
 
 

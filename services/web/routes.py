@@ -8,9 +8,8 @@ refresh them (status) or drive the demo chat on a demo token.
 from __future__ import annotations
 
 import re
-from typing import Any
 
-from litestar import Request, Response, get
+from litestar import Response, get
 from litestar.di import NamedDependency
 
 from services.auth.declared import Auth, requires
@@ -48,7 +47,7 @@ async def home(runtime: NamedDependency[Runtime]) -> Response[str]:
 
 
 @get("/docs", **_PAGE, **requires(Auth.PUBLIC))
-async def docs(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[str]:
+async def docs(runtime: NamedDependency[Runtime]) -> Response[str]:
     settings = runtime.settings
     status = current_status(runtime)
     plain = [m.id for m in status.models if _PLAIN_MODEL.match(m.id)]
@@ -58,7 +57,7 @@ async def docs(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime
         base_url=settings.public_url,
         status=status,
         quickstarts=facts.quickstarts(settings.public_url, plain[0] if plain else "MODEL"),
-        routes=facts.routes(request.app),
+        routes=facts.api_routes(settings),
         errors=facts.errors(),
         quotas=_quotas(settings),
         demo_routes=DEMO_ROUTES,

@@ -43,7 +43,7 @@
     if (!r.ok) {
       const err = await errorOf(r);
       token = null;
-      say(explain(err) + (err.code === "rate_limited" ? "" : " " + err.message), true);
+      say(explain(err), true);
       return false;
     }
     const body = await r.json();

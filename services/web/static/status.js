@@ -53,6 +53,11 @@
   }
 
   async function poll() {
+    // A tab in the background asks nothing; it catches up when shown again.
+    if (document.hidden) {
+      document.addEventListener("visibilitychange", poll, { once: true });
+      return;
+    }
     try {
       const r = await fetch(url, { cache: "no-store", credentials: "omit" });
       if (r.ok) render(await r.json());
