@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from infra.components import DaemonChild, start_daemon, wait_model
-from schemas import bus
+from schemas.codes import REQUEST_FAULTS
 from services import app as _whole_app  # noqa: F401  (every module that defines an error code is loaded)
 from services.errors import ApiError
 from tests.support import logs
@@ -181,7 +181,7 @@ def test_landing_docs_and_status_pages(web: Web) -> None:
     assert documented == listed, documented ^ listed
     codes = {row.split("\t")[1] for row in page.locator("#error-codes tbody tr").all_inner_texts()}
     assert {"quota_exhausted", "invalid_api_key", "coordinator_unavailable", "invalid_demo_token"} <= codes
-    assert codes == {c.code for c in _api_errors(ApiError)} | bus.REQUEST_FAULTS
+    assert codes == {c.code for c in _api_errors(ApiError)} | REQUEST_FAULTS
     row = page.locator("#routes tbody tr", has_text="/v1/usage").inner_text()
     assert "Bearer mp_" in row
     web.check(page, "docs")

@@ -16,7 +16,7 @@ from litestar import Litestar
 from litestar.enums import HttpMethod
 from litestar.routes import HTTPRoute
 
-from schemas import bus
+from schemas import codes
 from services.auth.declared import Auth, declared
 from services.errors import ApiError
 from services.settings import Settings
@@ -109,7 +109,7 @@ def errors() -> list[ErrorFact]:
         meaning = inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ") if doc else ""
         seen[cls.code] = ErrorFact(code=cls.code, status=cls.status, type=cls.type, meaning=meaning)
     # Refusals a provider reports about the request itself reach the buyer as 400s with the provider's code.
-    for code in sorted(bus.REQUEST_FAULTS - set(seen)):
+    for code in sorted(codes.REQUEST_FAULTS - set(seen)):
         seen[code] = ErrorFact(
             code=code, status=400, type="invalid_request_error", meaning="The provider cannot run this request as sent."
         )
