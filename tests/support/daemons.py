@@ -83,20 +83,9 @@ def daemon_in_pool(
     """
     if model_path is None and engine == "mlx":
         model_path = stack.model_path
-    daemon = spawn_daemon(
-        stack.home,
-        nats=stack.nats,
-        provider_id=provider_id,
-        model_id=model_id,
-        model_path=model_path,
-        engine=engine,
-        env={"MP_HEARTBEAT_S": "0.5", **(env or {})},
-    )
-    try:
+    with _daemon(stack.home, stack.nats, provider_id, model_id, model_path, engine, env) as daemon:
         wait_model(stack.base_url, model_id, timeout=timeout, daemon=daemon)
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @contextlib.contextmanager
@@ -109,16 +98,32 @@ def running_daemon(
     model_path: Path,
     env: dict[str, str] | None = None,
 ) -> Iterator[DaemonChild]:
+    """A daemon whose worker is up (in the pool or not yet); stopped after."""
+    with _daemon(home, nats, provider_id, model_id, model_path, "mlx", env) as daemon:
+        wait_worker(daemon)
+        yield daemon
+
+
+@contextlib.contextmanager
+def _daemon(
+    home: Path,
+    nats: NatsTarget,
+    provider_id: str,
+    model_id: str,
+    model_path: Path | None,
+    engine: str,
+    env: dict[str, str] | None,
+) -> Iterator[DaemonChild]:
     daemon = spawn_daemon(
         home,
         nats=nats,
         provider_id=provider_id,
         model_id=model_id,
         model_path=model_path,
+        engine=engine,
         env={"MP_HEARTBEAT_S": "0.5", **(env or {})},
     )
     try:
-        wait_worker(daemon)
         yield daemon
     finally:
         daemon.stop()
