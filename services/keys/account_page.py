@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 from litestar import Request, Response, get, post
+from litestar.datastructures import FormMultiDict
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Redirect
@@ -25,6 +26,21 @@ from services.runtime import Runtime
 log = structlog.get_logger("keys")
 
 _SIGN_IN = ("/auth/github/start", "Sign in with GitHub")
+
+
+async def _posted(
+    request: Request[Any, Any, Any], runtime: Runtime, refused: str
+) -> tuple[int, FormMultiDict] | Response[Any]:
+    """The signed-in account that posted this form and the form, or the answer instead: back to /account
+    when signed out, the stale-form page (`refused` says what did not happen) when its CSRF token is wrong."""
+    check_origin(request, runtime.settings)
+    account_id = await session_account(request, runtime.db, runtime.settings)
+    if account_id is None:
+        return Redirect("/account", status_code=303, headers=HEADERS)
+    form = await request.form()
+    if not csrf_ok(request, runtime.settings, form.get(FIELD)):
+        return stale_form(refused)
+    return account_id, form
 
 
 def _signed_out() -> Response[str]:
@@ -55,13 +71,10 @@ async def account(request: Request[Any, Any, Any], runtime: NamedDependency[Runt
     **requires(Auth.SESSION_PAGE),
 )
 async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
-    check_origin(request, runtime.settings)
-    account_id = await session_account(request, runtime.db, runtime.settings)
-    if account_id is None:
-        return Redirect("/account", status_code=303, headers=HEADERS)
-    form = await request.form()
-    if not csrf_ok(request, runtime.settings, form.get(FIELD)):
-        return stale_form("No key was created")
+    posted = await _posted(request, runtime, "No key was created")
+    if isinstance(posted, Response):
+        return posted
+    account_id, form = posted
     name = clean_name(str(form.get("name") or ""))
     key, record = await create_key(runtime.db, account_id, name=name)
     log.info("api_key_created", account_id=account_id, key_id=record.key_id)
@@ -80,13 +93,10 @@ async def account_new_key(request: Request[Any, Any, Any], runtime: NamedDepende
 async def account_revoke(
     request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], key_id: FromPath[int]
 ) -> Response[Any]:
-    check_origin(request, runtime.settings)
-    account_id = await session_account(request, runtime.db, runtime.settings)
-    if account_id is None:
-        return Redirect("/account", status_code=303, headers=HEADERS)
-    form = await request.form()
-    if not csrf_ok(request, runtime.settings, form.get(FIELD)):
-        return stale_form("Nothing was revoked")
+    posted = await _posted(request, runtime, "Nothing was revoked")
+    if isinstance(posted, Response):
+        return posted
+    account_id, _ = posted
     if 0 < key_id < 2**63 and await revoke_key(runtime.db, account_id, key_id):
         runtime.keys.cache.invalidate(key_id)  # here at once; the other replicas by NOTIFY
         log.info("api_key_revoked", account_id=account_id, key_id=key_id)
@@ -104,13 +114,10 @@ async def account_revoke_mac(
     request: Request[Any, Any, Any], runtime: NamedDependency[Runtime], token_id: FromPath[int]
 ) -> Response[Any]:
     """Revoke one of the account's provider tokens: that Mac is cut off (the NATS side hears it by NOTIFY)."""
-    check_origin(request, runtime.settings)
-    account_id = await session_account(request, runtime.db, runtime.settings)
-    if account_id is None:
-        return Redirect("/account", status_code=303, headers=HEADERS)
-    form = await request.form()
-    if not csrf_ok(request, runtime.settings, form.get(FIELD)):
-        return stale_form("Nothing was revoked")
+    posted = await _posted(request, runtime, "Nothing was revoked")
+    if isinstance(posted, Response):
+        return posted
+    account_id, _ = posted
     # Another account's token and no token look the same: nothing happens, back to the page.
     if 0 < token_id < 2**63:
         provider_id = await tokens.revoke(runtime.db, token_id, account_id=account_id)
