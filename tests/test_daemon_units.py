@@ -19,6 +19,7 @@ from daemon.machine import apple_chip_name
 from daemon.settings import DaemonSettings, SettingsError
 from daemon.worker import protocol as p
 from schemas import bus
+from tests.support.output import feed_until_stopped
 from tests.support.tool_model import WEATHER_TOOL, write_tool_model
 
 # Pure: no server, no process, no network (`just test -m unit`).
@@ -84,13 +85,7 @@ def test_markup_is_plain_text_when_no_tools_were_offered(tool_tokenizer: Any) ->
 def test_stop_string_spanning_tokens_with_length_finish(tool_tokenizer: Any) -> None:
     ids = tool_tokenizer.encode("The sea is deep, the sea is wide.", add_special_tokens=False)
     out = Output(tool_tokenizer, stops=["is wi"], tools=None, token_text=None)
-    chunks = []
-    for t in ids:
-        chunk = out.feed(p.Token(id="r", token=t))
-        if chunk is not None:
-            chunks.append(chunk)
-        if out.stopped:
-            break
+    chunks = feed_until_stopped(out, ids)
     assert "".join(c.text for c in chunks) == "The sea is deep, the sea "
     assert out.stopped
 

@@ -19,6 +19,7 @@ from daemon.engine.reasoning import ReasoningSplitter
 from daemon.engine.text import StopFilter
 from daemon.worker import protocol as p
 from schemas import bus
+from tests.support.output import feed_until_stopped
 from tests.support.think_model import write_think_model
 from tests.support.tool_model import WEATHER_TOOL
 
@@ -162,13 +163,7 @@ def test_without_think_tags_the_markup_stays_text(think_tokenizer: Any) -> None:
 def test_stop_strings_apply_to_the_answer_only(think_tokenizer: Any) -> None:
     ids = _ids(think_tokenizer, "<think>I could say END here</think>", "The end. END of it")
     out = Output(think_tokenizer, stops=["END"], tools=None, token_text=None, think=TAGS)
-    chunks = []
-    for t in ids:
-        chunk = out.feed(p.Token(id="r", token=t))
-        if chunk is not None:
-            chunks.append(chunk)
-        if out.stopped:
-            break
+    chunks = feed_until_stopped(out, ids)
     assert _joined(chunks) == ("I could say END here", "The end. ")
     assert out.stop_sequence == "END"
 
