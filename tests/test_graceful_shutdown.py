@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from infra.components import Child, start_gateway, wait_model
-from infra.ports import free_port
+from infra.components import Child, wait_model
 from tests.support import logs
 from tests.support.accounts import query
-from tests.support.stack import TINY_MODEL, Stack
+from tests.support.stack import TINY_MODEL, Stack, replica_of
 
 GRACE_S = 5.0
 WARMUP_S = 2.0
@@ -76,23 +75,9 @@ class Reader:
 
 @pytest.fixture
 def replica(stack: Stack) -> Iterator[tuple[Child, str]]:
-    port = free_port()
-    gateway = start_gateway(
-        stack.home,
-        port=port,
-        nats=stack.nats,
-        database_url=stack.database_url,
-        name="gateway-sigterm",
-        env={
-            "MP_SHUTDOWN_DELAY_S": "0",
-            "MP_SHUTDOWN_GRACE_S": str(GRACE_S),
-            "MP_POOL_WARMUP_S": str(WARMUP_S),
-        },
-    )
-    try:
-        yield gateway, f"http://127.0.0.1:{port}"
-    finally:
-        gateway.stop()
+    env = {"MP_SHUTDOWN_DELAY_S": "0", "MP_SHUTDOWN_GRACE_S": str(GRACE_S), "MP_POOL_WARMUP_S": str(WARMUP_S)}
+    with replica_of(stack, "gateway-sigterm", env) as replica:
+        yield replica
 
 
 def _ready(base: str) -> httpx.Response:

@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.components import Child, start_gateway, wait_model
-from infra.ports import free_port
+from infra.components import wait_model
 from services.app import SERVICES
 from tests.support.accounts import make_account
-from tests.support.stack import TINY_MODEL, Stack
+from tests.support.stack import TINY_MODEL, Stack, replica_of
 
 CONFIG = Path(__file__).parent / "openapi" / "schemathesis.toml"
 EXAMPLES = os.environ.get("MP_FUZZ_EXAMPLES", "15")
@@ -74,25 +73,10 @@ def test_every_route_is_documented_with_real_schemas(stack: Stack) -> None:
 def fuzz_gateway(stack: Stack) -> Iterator[str]:
     """A replica of its own: it trusts one proxy hop, so the fuzzer's demo tokens count against a
     documentation address (not 127.0.0.1, which other tests use), and has GitHub sign-in configured."""
-    port = free_port()
-    child: Child = start_gateway(
-        stack.home,
-        port=port,
-        nats=stack.nats,
-        database_url=stack.database_url,
-        name="gateway-fuzz",
-        env={
-            "MP_TRUSTED_PROXY_HOPS": "1",
-            "MP_GITHUB_CLIENT_ID": "fuzz-client",
-            "MP_GITHUB_CLIENT_SECRET": "fuzz-secret",
-        },
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
+    env = {"MP_TRUSTED_PROXY_HOPS": "1", "MP_GITHUB_CLIENT_ID": "fuzz-client", "MP_GITHUB_CLIENT_SECRET": "fuzz-secret"}
+    with replica_of(stack, "gateway-fuzz", env) as (_, base):
         wait_model(base, TINY_MODEL, timeout=30)
         yield base
-    finally:
-        child.stop()
 
 
 @pytest.mark.timeout(3600)  # `just fuzz` runs far longer than the suite's per-test limit

@@ -10,11 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.components import Child, start_gateway, wait_model
-from infra.ports import free_port
+from infra.components import wait_model
 from services.auth.demo import DemoTokens
 from tests.support.accounts import make_account, query
-from tests.support.stack import TINY_MODEL, Stack
+from tests.support.stack import TINY_MODEL, Stack, replica_of
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
 
@@ -127,16 +126,9 @@ def _respond(base: str, key: str, **body: Any) -> httpx.Response:
 @pytest.fixture(scope="module")
 def replica(stack: Stack) -> Iterator[str]:
     """A second gateway on the same Postgres and NATS, as behind a load balancer."""
-    port = free_port()
-    child: Child = start_gateway(
-        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name="gateway-responses"
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with replica_of(stack, "gateway-responses") as (_, base):
         wait_model(base, TINY_MODEL, timeout=30)
         yield base
-    finally:
-        child.stop()
 
 
 def test_any_replica_continues_any_conversation(stack: Stack, replica: str) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.components import Child, DaemonChild
+from infra.components import Child, DaemonChild, start_gateway
 from infra.nats_auth import SecuredNats
+from infra.ports import free_port
 from infra.postgres import PostgresServer
 
 TINY_MODEL = "tiny-llama"
@@ -37,3 +40,16 @@ class Stack:
 
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+
+@contextlib.contextmanager
+def replica_of(stack: Stack, name: str, env: dict[str, str] | None = None) -> Iterator[tuple[Child, str]]:
+    """Another control plane on the stack's Postgres and NATS (as behind a load balancer): it and its base URL."""
+    port = free_port()
+    gateway = start_gateway(
+        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name=name, env=env or {}
+    )
+    try:
+        yield gateway, f"http://127.0.0.1:{port}"
+    finally:
+        gateway.stop()
