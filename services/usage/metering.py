@@ -165,6 +165,7 @@ class Metering:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         # A last try before the process exits (a graceful stop settles what it served).
+        await self._opener.drain()
         await self._closer.drain()
         await self._retry_unsettled()
         for lease in list(self._leases.values()):
