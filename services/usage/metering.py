@@ -293,7 +293,9 @@ class Metering:
                 continue
             if time.monotonic() - lease.used_at > self._touch_interval_s:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
-                if lease.in_use == 0 and not (lease.requests or lease.tokens or lease.slots):
+                # Forgotten only if nothing started using it meanwhile (a grant now would be stranded).
+                idle = lease.in_use == 0 and lease.granting is None and not lease.waiters
+                if idle and not (lease.requests or lease.tokens or lease.slots):
                     del self._leases[subject]
                     forgotten.append(subject)
             elif lease.slots > max(2, lease.in_use):
