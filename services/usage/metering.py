@@ -129,7 +129,9 @@ class Metering:
         self._db = db
         self._gateway_id = gateway_id
         self.enabled = enabled
-        self._touch_interval_s = touch_interval_s
+        # Often enough that this replica's rows never look stale to another replica (a quarter of the
+        # time it declares it may stay silent).
+        self._touch_interval_s = min(touch_interval_s, stale_after_s / 4)
         self._stale_after_s = stale_after_s
         self._open: dict[str, Ticket] = {}
         # Settlements that failed (Postgres unreachable), retried until they are written: left to the
@@ -236,6 +238,7 @@ class Metering:
                     need_t=tokens,
                     want=leases.wanted(lease, tokens),
                     gw=self._gateway_id,
+                    stale_after_s=self._stale_after_s,
                 )
             finally:
                 granting, lease.granting = lease.granting, None
@@ -410,7 +413,7 @@ class Metering:
             await asyncio.sleep(max(1.0, self._stale_after_s / 4))
             try:
                 settled = await quotas.settle_stale(self._db, self._stale_after_s)
-                given = await leases.give_back_stale(self._db, self._stale_after_s)
+                given = await leases.give_back_stale(self._db)
             except Exception:
                 log.exception("reservation_sweep_failed")
                 continue
