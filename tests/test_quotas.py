@@ -252,7 +252,13 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
     )
     port = free_port()
     doomed = start_gateway(
-        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name=f"gateway-doomed-{int(stream)}"
+        stack.home,
+        port=port,
+        nats=stack.nats,
+        database_url=stack.database_url,
+        name=f"gateway-doomed-{int(stream)}",
+        # Configured as its peers: its leases count as abandoned 2 s after its last touch.
+        env={"MP_RESERVATION_STALE_S": "2"},
     )
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": stream}
