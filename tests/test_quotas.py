@@ -34,11 +34,16 @@ def synthetic_daemon(stack: Stack) -> Iterator[Child]:
 
 @pytest.fixture(scope="module")
 def replicas(stack: Stack, synthetic_daemon: Child) -> Iterator[list[str]]:
-    """Three more gateway replicas beside the stack's own: four in all, one Postgres, one NATS."""
+    """Four gateway replicas on one Postgres and one NATS.
+
+    Quotas admit from memory (leases), so a burst the quota allows reaches the pool at once: each
+    replica may use all 256 slots of the synthetic provider (the default cap on what one provider may
+    claim is 64), so the pool never answers part of the burst 503.
+    """
     started: list[Child] = []
-    urls = [stack.base_url]
+    urls: list[str] = []
     try:
-        for i in range(3):
+        for i in range(4):
             port = free_port()
             started.append(
                 start_gateway(
@@ -47,7 +52,7 @@ def replicas(stack: Stack, synthetic_daemon: Child) -> Iterator[list[str]]:
                     nats=stack.nats,
                     database_url=stack.database_url,
                     name=f"gateway-replica-{i}",
-                    env={"MP_RESERVATION_STALE_S": "2"},
+                    env={"MP_RESERVATION_STALE_S": "2", "MP_PROVIDER_MAX_SLOTS": "256"},
                 )
             )
             urls.append(f"http://127.0.0.1:{port}")
@@ -98,6 +103,20 @@ async def test_four_replicas_never_overshoot_a_request_quota(stack: Stack, repli
         account.subject,
     )
     assert leased[0]["n"] == 0
+    await _assert_leases_add_up(stack, account.subject)
+
+
+async def _assert_leases_add_up(stack: Stack, subject: str) -> None:
+    """What quota_usage counts as leased is exactly what the replicas' lease rows hold."""
+    (row,) = await fetch(
+        stack.database_url,
+        "SELECT u.leased_requests, u.leased_tokens, u.leased_slots, "
+        "coalesce(sum(l.requests), 0) AS r, coalesce(sum(l.tokens), 0) AS t, coalesce(sum(l.slots), 0) AS c "
+        "FROM quota_usage u LEFT JOIN quota_leases l ON l.subject = u.subject AND l.window_day = u.window_day "
+        "WHERE u.subject = $1 GROUP BY u.subject, u.leased_requests, u.leased_tokens, u.leased_slots",
+        subject,
+    )
+    assert (row["leased_requests"], row["leased_tokens"], row["leased_slots"]) == (row["r"], row["t"], row["c"])
 
 
 async def test_one_account_burst_is_served_from_a_lease_that_is_given_back(stack: Stack, replicas: list[str]) -> None:
@@ -113,6 +132,7 @@ async def test_one_account_burst_is_served_from_a_lease_that_is_given_back(stack
     ids = {r.headers["x-request-id"] for r in responses}
     rows = await fetch(stack.database_url, "SELECT request_id FROM usage_ledger WHERE subject = $1", account.subject)
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    await _assert_leases_add_up(stack, account.subject)
     remaining = sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in responses)
     # What the buyer is told is left counts the requests admitted, not what the replica holds unused.
     assert remaining[0] >= 1000 - 40
@@ -233,7 +253,13 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
     )
     port = free_port()
     doomed = start_gateway(
-        stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name=f"gateway-doomed-{int(stream)}"
+        stack.home,
+        port=port,
+        nats=stack.nats,
+        database_url=stack.database_url,
+        name=f"gateway-doomed-{int(stream)}",
+        # Configured as its peers: its leases count as abandoned 2 s after its last touch.
+        env={"MP_RESERVATION_STALE_S": "2"},
     )
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": stream}

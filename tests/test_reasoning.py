@@ -238,7 +238,9 @@ def test_responses_reasoning_item_and_stream_events(
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
     reasoning_deltas = names.count("response.reasoning_text.delta")
     text_deltas = names.count("response.output_text.delta")
-    assert (reasoning_deltas, text_deltas) == (4, 3), "both stream as they are written"
+    # Both stream as they are written; tokens ready together share a frame, so up to one event per token.
+    assert 1 <= reasoning_deltas <= 4
+    assert 1 <= text_deltas <= 3
     assert names == [
         "response.created",
         "response.in_progress",

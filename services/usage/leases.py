@@ -62,14 +62,15 @@ WITH lim AS (
     RETURNING u.requests + u.leased_requests AS used_r, u.tokens + u.leased_tokens AS used_t,
               u.inflight + u.leased_slots AS used_c
 ), held AS (
-    INSERT INTO quota_leases AS l (subject, gateway_id, window_day, requests, tokens, slots)
-    SELECT $1, $11, $2, g.r, g.t, g.c FROM g
+    INSERT INTO quota_leases AS l (subject, gateway_id, window_day, requests, tokens, slots, stale_after_s)
+    SELECT $1, $11, $2, g.r, g.t, g.c, $12 FROM g
     ON CONFLICT (subject, gateway_id) DO UPDATE SET
         requests = (CASE WHEN l.window_day = $2 THEN l.requests ELSE 0 END) + excluded.requests,
         tokens = (CASE WHEN l.window_day = $2 THEN l.tokens ELSE 0 END) + excluded.tokens,
         slots = l.slots + excluded.slots,
         window_day = $2,
-        last_seen = now()
+        last_seen = now(),
+        stale_after_s = $12
     RETURNING 1
 )
 SELECT lim.r AS lim_r, lim.t AS lim_t, lim.c AS lim_c,
@@ -204,11 +205,13 @@ RETURNING 1
 _STALE = """
 WITH lk AS (
     SELECT subject FROM quota_usage
-    WHERE subject IN (SELECT subject FROM quota_leases WHERE last_seen < now() - $1::interval)
+    WHERE subject IN (
+        SELECT subject FROM quota_leases WHERE last_seen < now() - make_interval(secs => stale_after_s)
+    )
     ORDER BY subject FOR UPDATE
 ), gone AS (
     DELETE FROM quota_leases
-    WHERE last_seen < now() - $1::interval AND subject IN (SELECT subject FROM lk)
+    WHERE last_seen < now() - make_interval(secs => stale_after_s) AND subject IN (SELECT subject FROM lk)
     RETURNING *
 ), agg AS (
     SELECT g.subject,
@@ -323,7 +326,15 @@ class Closing:
 
 
 async def grant(
-    db: asyncpg.Pool, lease: Lease, holder: Holder, limits: Limits, *, need_t: int, want: tuple[int, int, int], gw: str
+    db: asyncpg.Pool,
+    lease: Lease,
+    holder: Holder,
+    limits: Limits,
+    *,
+    need_t: int,
+    want: tuple[int, int, int],
+    gw: str,
+    stale_after_s: float,
 ) -> Refused | None:
     """Add to `lease` in one statement; Refused (with the subject's usage) when not even one request fits."""
     day = today()
@@ -337,6 +348,7 @@ async def grant(
         holder.account_id,
         *want,
         gw,
+        stale_after_s,
     )
     async with db.acquire() as conn:
         row = await conn.fetchrow(_GRANT, *args)
@@ -431,9 +443,9 @@ async def forget_empty(db: asyncpg.Pool, gw: str, subjects: list[str]) -> None:
         await db.execute(_FORGET_EMPTY, gw, subjects)
 
 
-async def give_back_stale(db: asyncpg.Pool, stale_after_s: float) -> int:
-    rows = await db.fetch(_STALE, dt.timedelta(seconds=stale_after_s))
-    return len(rows)
+async def give_back_stale(db: asyncpg.Pool) -> int:
+    """Give back the leases whose holders stopped touching them for longer than they said they might."""
+    return len(await db.fetch(_STALE))
 
 
 def wanted(lease: Lease, tokens: int) -> tuple[int, int, int]:

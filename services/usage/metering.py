@@ -129,7 +129,9 @@ class Metering:
         self._db = db
         self._gateway_id = gateway_id
         self.enabled = enabled
-        self._touch_interval_s = touch_interval_s
+        # Often enough that this replica's rows never look stale to another replica (a quarter of the
+        # time it declares it may stay silent).
+        self._touch_interval_s = min(touch_interval_s, stale_after_s / 4)
         self._stale_after_s = stale_after_s
         self._open: dict[str, Ticket] = {}
         # Settlements that failed (Postgres unreachable), retried until they are written: left to the
@@ -165,6 +167,7 @@ class Metering:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         # A last try before the process exits (a graceful stop settles what it served).
+        await self._opener.drain()
         await self._closer.drain()
         await self._retry_unsettled()
         for lease in list(self._leases.values()):
@@ -235,6 +238,7 @@ class Metering:
                     need_t=tokens,
                     want=leases.wanted(lease, tokens),
                     gw=self._gateway_id,
+                    stale_after_s=self._stale_after_s,
                 )
             finally:
                 granting, lease.granting = lease.granting, None
@@ -292,7 +296,9 @@ class Metering:
                 continue
             if time.monotonic() - lease.used_at > self._touch_interval_s:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
-                if lease.in_use == 0 and not (lease.requests or lease.tokens or lease.slots):
+                # Forgotten only if nothing started using it meanwhile (a grant now would be stranded).
+                idle = lease.in_use == 0 and lease.granting is None and not lease.waiters
+                if idle and not (lease.requests or lease.tokens or lease.slots):
                     del self._leases[subject]
                     forgotten.append(subject)
             elif lease.slots > max(2, lease.in_use):
@@ -407,7 +413,7 @@ class Metering:
             await asyncio.sleep(max(1.0, self._stale_after_s / 4))
             try:
                 settled = await quotas.settle_stale(self._db, self._stale_after_s)
-                given = await leases.give_back_stale(self._db, self._stale_after_s)
+                given = await leases.give_back_stale(self._db)
             except Exception:
                 log.exception("reservation_sweep_failed")
                 continue

@@ -1,10 +1,11 @@
-"""Quota check-and-take and settlement, each a single SQL statement.
+"""Quota state in Postgres: settlement, progress, stale reservations, a subject's snapshot.
 
-A request reserves one request, one concurrency slot and `prompt estimate +
-max_tokens` tokens up front. When it ends, however it ends, settlement swaps
-the reserved tokens for the real count, releases the slot and writes the
-ledger row keyed by request id, all in one statement; a second settlement of
-the same request finds no reservation and changes nothing.
+Requests are admitted from quota leases (services/usage/leases.py), which also
+write their reservations and settle them in batches. The single statements here
+settle one reservation at a time (a retried settlement, a dead replica's
+reservation swept by another): the reservation row becomes the ledger row keyed
+by request id, and a second settlement of the same request finds no reservation
+and changes nothing.
 """
 
 from __future__ import annotations
@@ -65,42 +66,6 @@ def today() -> dt.date:
     return dt.datetime.now(UTC).date()
 
 
-_ENSURE = "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT (subject) DO NOTHING"
-
-# The check-and-take. A new UTC day resets the day counters inside the same
-# statement; in-flight requests carry over. No row back means refused.
-_TAKE = """
-WITH lim AS (
-    -- An operator's per-account override wins over the defaults passed in.
-    SELECT coalesce(q.requests_per_day, $4) AS requests_per_day,
-           coalesce(q.tokens_per_day, $5) AS tokens_per_day,
-           coalesce(q.concurrent, $6) AS concurrent
-    FROM (SELECT 1) AS one LEFT JOIN account_quotas q ON q.account_id = $8
-), took AS (
-    UPDATE quota_usage SET
-        requests = (CASE WHEN window_day = $2 THEN requests ELSE 0 END) + 1,
-        tokens = (CASE WHEN window_day = $2 THEN tokens ELSE 0 END) + $3,
-        inflight = inflight + 1,
-        window_day = $2
-    FROM lim
-    WHERE subject = $1
-      AND (CASE WHEN window_day = $2 THEN requests ELSE 0 END) + 1 <= lim.requests_per_day
-      AND (CASE WHEN window_day = $2 THEN tokens ELSE 0 END) + $3 <= lim.tokens_per_day
-      AND inflight + 1 <= lim.concurrent
-    RETURNING requests, tokens, inflight
-), held AS (
-    INSERT INTO reservations
-        (request_id, subject, account_id, key_id, demo_token_id, model, window_day, tokens_reserved, gateway_id)
-    SELECT $7, $1, $8, $9, $10, $11, $2, $3, $12 FROM took
-    RETURNING request_id
-)
-SELECT took.requests, took.tokens, took.inflight, lim.requests_per_day, lim.tokens_per_day, lim.concurrent,
-       (SELECT count(*) FROM held) AS held
-FROM lim LEFT JOIN took ON true
-"""
-
-_READ = "SELECT window_day, requests, tokens, inflight FROM quota_usage WHERE subject = $1"
-
 # Settlement. `refund` gives the request back to the day's count (nothing ran).
 _SETTLE = """
 WITH lk AS (
@@ -148,48 +113,6 @@ WHERE r.request_id = p.request_id
   -- One being settled right now is skipped (never a lock wait, nor a deadlock with a batch settling several).
   AND r.request_id IN (SELECT request_id FROM reservations WHERE request_id = ANY($1) FOR UPDATE SKIP LOCKED)
 """
-
-
-async def take(
-    db: asyncpg.Pool,
-    *,
-    holder: Holder,
-    limits: Limits,
-    request_id: str,
-    model: str,
-    tokens: int,
-    gateway_id: str,
-) -> tuple[bool, Usage]:
-    """Reserve a request's share; (granted, usage after, or as it was when refused)."""
-    day = today()
-    args = (
-        holder.subject,
-        day,
-        tokens,
-        limits.requests_per_day,
-        limits.tokens_per_day,
-        limits.concurrent,
-        request_id,
-        holder.account_id,
-        holder.key_id,
-        holder.demo_token_id,
-        model,
-        gateway_id,
-    )
-    async with db.acquire() as conn:
-        row = await conn.fetchrow(_TAKE, *args)
-        assert row is not None
-        if row["requests"] is None:
-            # Refused, or the subject has no row yet (its first request, maybe racing
-            # others): make sure the row exists and take once more.
-            await conn.execute(_ENSURE, holder.subject, day)
-            row = await conn.fetchrow(_TAKE, *args)
-            assert row is not None
-        effective = Limits(row["requests_per_day"], row["tokens_per_day"], row["concurrent"])
-        if row["requests"] is not None and row["held"] == 1:
-            return True, Usage(effective, row["requests"], row["tokens"], row["inflight"], day)
-        current = await conn.fetchrow(_READ, holder.subject)
-    return False, _usage_from(effective, current, day)
 
 
 def _usage_from(limits: Limits, row: asyncpg.Record | None, day: dt.date) -> Usage:

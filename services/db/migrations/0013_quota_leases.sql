@@ -21,7 +21,9 @@ CREATE TABLE quota_leases (
     tokens      bigint NOT NULL DEFAULT 0 CHECK (tokens >= 0),
     slots       integer NOT NULL DEFAULT 0 CHECK (slots >= 0),
     last_seen   timestamptz NOT NULL DEFAULT now(),
+    -- The holder's own word on how long it may go untouched before it counts as dead (its
+    -- MP_RESERVATION_STALE_S): replicas configured differently never sweep a live one's lease.
+    stale_after_s real NOT NULL DEFAULT 30 CHECK (stale_after_s > 0),
     PRIMARY KEY (subject, gateway_id)
 );
-CREATE INDEX quota_leases_last_seen_idx ON quota_leases (last_seen);
 CREATE INDEX quota_leases_gateway_idx ON quota_leases (gateway_id);
