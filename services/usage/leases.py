@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.usage.quotas import Holder, Limits, Usage, today
+from services.usage.quotas import Holder, Limits, Settlement, Usage, today
 
 _ENSURE = "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT (subject) DO NOTHING"
 
@@ -314,14 +314,8 @@ class Opening:
 @dataclass(frozen=True, slots=True)
 class Closing:
     request_id: str
-    provider_id: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    ttft_ms: float | None
-    duration_ms: float | None
-    outcome: str
-    refund: bool
+    settlement: Settlement
+    # The request's slot goes back to this replica's lease (busy enough to keep it), not to the subject.
     keep_slot: bool
 
 
@@ -411,14 +405,14 @@ async def close_many(db: asyncpg.Pool, gw: str, items: list[Closing]) -> list[tu
         _CLOSE,
         gw,
         [i.request_id for i in items],
-        [i.provider_id for i in items],
-        [i.prompt_tokens for i in items],
-        [i.completion_tokens for i in items],
-        [i.cached_tokens for i in items],
-        [i.ttft_ms for i in items],
-        [i.duration_ms for i in items],
-        [i.outcome for i in items],
-        [i.refund for i in items],
+        [i.settlement.provider_id for i in items],
+        [i.settlement.prompt_tokens for i in items],
+        [i.settlement.completion_tokens for i in items],
+        [i.settlement.cached_tokens for i in items],
+        [i.settlement.ttft_ms for i in items],
+        [i.settlement.duration_ms for i in items],
+        [i.settlement.outcome for i in items],
+        [i.settlement.refund for i in items],
         [i.keep_slot for i in items],
     )
     done = {r["request_id"]: bool(r["to_lease"]) for r in rows}

@@ -348,14 +348,7 @@ class Metering:
         )
         closing = Closing(
             ticket.request_id,
-            settlement.provider_id,
-            settlement.prompt_tokens,
-            settlement.completion_tokens,
-            settlement.cached_tokens,
-            settlement.ttft_ms,
-            settlement.duration_ms,
-            settlement.outcome,
-            settlement.refund,
+            settlement,
             keep_slot=ticket.lease is not None and ticket.lease.in_use > leases.KEEP_SLOTS_ABOVE,
         )
         lease = ticket.lease
