@@ -12,7 +12,7 @@ returns the route decorator's arguments that state them:
   Anthropic's on /v1/messages);
 - `text/event-stream` beside `application/json` for routes that can stream.
 
-The document is served at /openapi/openapi.json (and a browsable page at /openapi).
+The document is served at /openapi/openapi.json; /openapi points at it and at /docs (the website's reference).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
+from html import escape
 from http import HTTPStatus
 from typing import Any
 
@@ -27,7 +28,7 @@ import msgspec
 from litestar import Litestar, Request
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.plugins import JsonRenderPlugin, OpenAPIRenderPlugin
 from litestar.openapi.spec import Components, OpenAPIMediaType, OpenAPIType, Operation, Schema, SecurityScheme
 from litestar.routes import HTTPRoute
 
@@ -186,11 +187,34 @@ class ExactJsonRenderPlugin(JsonRenderPlugin):
         return self.render_json(request, exact_schemas(request.app, openapi_schema))
 
 
+class DocsPointerPlugin(OpenAPIRenderPlugin):
+    """/openapi: a plain page pointing at /docs and the document itself.
+
+    Not Swagger UI: Litestar's page loads its script, style and icon from a CDN at run time, which
+    an offline deployment cannot reach, and runs inline script our CSP refuses. /docs is built from
+    the same document, on this site.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(path="/", favicon="", style="")
+
+    def render(self, request: Request[Any, Any, Any], openapi_schema: dict[str, Any]) -> bytes:
+        title = escape(str(openapi_schema.get("info", {}).get("title", "API")))
+        return (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<title>{title}: OpenAPI</title><link rel="stylesheet" href="/static/site.css"></head>'
+            f"<body><main><h1>{title}: OpenAPI</h1>"
+            '<p>The API reference (every route, its auth, quotas and errors) is at <a href="/docs">/docs</a>.</p>'
+            '<p>The OpenAPI 3.1 document itself: <a href="/openapi/openapi.json">/openapi/openapi.json</a>.</p>'
+            "</main></body></html>"
+        ).encode()
+
+
 def openapi_config() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="Mac Provider",
         version="0.1.0",
         path="/openapi",
         components=SECURITY_SCHEMES,
-        render_plugins=[ExactJsonRenderPlugin(), SwaggerRenderPlugin(path="/")],
+        render_plugins=[ExactJsonRenderPlugin(), DocsPointerPlugin()],
     )
