@@ -21,6 +21,7 @@ from services.auth.declared import Auth, requires
 from services.auth.demo import DemoTokens
 from services.runtime import Runtime
 from services.settings import Settings
+from tests.support.accounts import query
 from tests.support.auth_stack import AuthStack
 from tests.support.stack import TINY_MODEL
 
@@ -190,3 +191,41 @@ async def test_demo_tokens_get_403_on_routes_that_need_a_key(auth_stack: AuthSta
         assert first["key_id"] is None
         assert first["demo_token_id"] == again["demo_token_id"], "stable per token, for the demo quota"
         assert first["demo_token_id"] != other["demo_token_id"]
+
+
+def test_a_live_token_renews_as_the_same_subject_without_spending_the_allowance(auth_stack: AuthStack) -> None:
+    auth, ip = auth_stack, _unique_ip()
+    issued = "SELECT coalesce(sum(issued), 0) AS n FROM demo_issuance WHERE client_ip = $1"
+    first = _token_from(auth, auth.a, ip)
+    spent = query(auth.stack.database_url, issued, ip)[0]["n"]
+    # An open demo page renews before expiry (on any replica): same subject, nothing spent.
+    r = _client.post(f"{auth.b}/auth/demo", headers={"X-Forwarded-For": ip, **_bearer(first)})
+    assert r.status_code == 201, r.text
+    renewed = r.json()["token"]
+    auth.secrets_seen.append(renewed)
+    assert r.json()["expires_in"] > 0
+    assert query(auth.stack.database_url, issued, ip)[0]["n"] == spent
+    ids = []
+    for token in (first, renewed):
+        r = _client.post(f"{auth.a}/v1/chat/completions", json=CHAT, headers=_bearer(token))
+        assert r.status_code == 200, r.text
+        ids.append(r.headers["x-request-id"])
+    rows = query(
+        auth.stack.database_url, "SELECT DISTINCT demo_token_id FROM usage_ledger WHERE request_id = ANY($1)", ids
+    )
+    assert len(rows) == 1, "both requests count against the one demo subject"
+    assert rows[0]["demo_token_id"]
+    # A forged token renews nothing: it is an ordinary request for a new token, and spends the allowance.
+    forged = first[:-1] + ("A" if first[-1] != "A" else "B")
+    r = _client.post(f"{auth.a}/auth/demo", headers={"X-Forwarded-For": ip, **_bearer(forged)})
+    assert r.status_code == 201, r.text
+    auth.secrets_seen.append(r.json()["token"])
+    assert query(auth.stack.database_url, issued, ip)[0]["n"] == spent + 1
+
+
+def _token_from(auth: AuthStack, replica: str, ip: str) -> str:
+    r = _issue(replica, ip)
+    assert r.status_code == 201, r.text
+    token = str(r.json()["token"])
+    auth.secrets_seen.append(token)
+    return token

@@ -64,10 +64,12 @@ class DemoTokens:
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, f"{PREFIX}{payload}".encode(), hashlib.sha256).digest())
 
-    def issue(self) -> tuple[str, DemoToken]:
+    def issue(self, token_id: str | None = None) -> tuple[str, DemoToken]:
+        """A new token; with `token_id` (a renewal) the same subject, so its quotas carry on."""
         now = self._clock()
         # Rounded up, so a token lives at least its TTL whatever the fraction of a second.
-        claims = _Claims(v=_VERSION, jti=secrets.token_hex(12), iat=int(now), exp=math.ceil(now + self._ttl_s))
+        jti = token_id or secrets.token_hex(12)
+        claims = _Claims(v=_VERSION, jti=jti, iat=int(now), exp=math.ceil(now + self._ttl_s))
         payload = _b64(msgspec.json.encode(claims))
         token = f"{PREFIX}{payload}.{self._sign(payload)}"
         return token, DemoToken(token_id=claims.jti, issued_at=claims.iat, expires_at=claims.exp)

@@ -14,6 +14,8 @@ from litestar.response import Redirect
 from services.auth.client_ip import client_ip, client_key, net64
 from services.auth.csrf import FIELD, csrf_ok
 from services.auth.declared import Auth, requires
+from services.auth.demo import PREFIX as DEMO_PREFIX
+from services.auth.demo import DemoToken
 from services.auth.demo_limit import DemoLimits, take_demo_slot
 from services.auth.github import GitHubError, GitHubOAuth
 from services.auth.oauth_state import open_state, take_state
@@ -31,7 +33,7 @@ from services.auth.sessions import (
     session_cookie,
     session_token,
 )
-from services.errors import RateLimited
+from services.errors import InvalidDemoToken, RateLimited
 from services.keys.store import create_key, upsert_github_account
 from services.openapi import HTML, documented, html, redirect
 from services.pages import HEADERS, html_response, message_page, one_shot_key_page, stale_form
@@ -178,7 +180,14 @@ _DEMO_REFUSED = {
     **requires(Auth.PUBLIC),
 )
 async def demo_token(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[DemoTokenIssued]:
+    """A demo token. Sent with a live one (`Authorization: Bearer mpd_...`), a renewal: the same subject (its
+    quotas carry on) for a new lifetime, and no issuance budget spent, so an open demo page renews freely."""
     settings = runtime.settings
+    renewing = _live_demo_token(request, runtime)
+    if renewing is not None:
+        token, issued = runtime.demo.issue(renewing.token_id)
+        log.info("demo_token_renewed", demo_token_id=issued.token_id)
+        return _issued(token, issued)
     ip = client_ip(request, trusted_hops=settings.trusted_proxy_hops)
     limits = DemoLimits(
         per_ip=settings.demo_tokens_per_ip,
@@ -196,6 +205,21 @@ async def demo_token(request: Request[Any, Any, Any], runtime: NamedDependency[R
         )
     token, issued = runtime.demo.issue()
     log.info("demo_token_issued", demo_token_id=issued.token_id)
+    return _issued(token, issued)
+
+
+def _live_demo_token(request: Request[Any, Any, Any], runtime: Runtime) -> DemoToken | None:
+    """The demo token the request carries, if any and still valid (an expired or forged one counts as none)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not value.startswith(DEMO_PREFIX):
+        return None
+    try:
+        return runtime.demo.verify(value.strip())
+    except InvalidDemoToken:
+        return None
+
+
+def _issued(token: str, issued: DemoToken) -> Response[DemoTokenIssued]:
     body = DemoTokenIssued(
         token=token,
         expires_at=issued.expires_at,
