@@ -69,7 +69,8 @@ def test_every_route_is_documented_with_real_schemas(stack: Stack) -> None:
     # The browsable page points at /docs and the document, and loads nothing from elsewhere (offline deployments).
     page = httpx.get(f"{stack.base_url}/openapi")
     assert page.status_code == 200
-    assert 'href="/docs"' in page.text and 'href="/openapi/openapi.json"' in page.text
+    assert 'href="/docs"' in page.text
+    assert 'href="/openapi/openapi.json"' in page.text
     assert not re.findall(r'(?:src|href)="(?:https?:)?//', page.text), "nothing from another host"
 
 
