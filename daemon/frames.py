@@ -54,8 +54,13 @@ def _take(buffer: deque[Event]) -> Event:
 # anything after a chunk's tool calls, nor reasoning after text.
 
 
-async def coalesced(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    """`events` with the text chunks that were ready at the same time merged (their order kept)."""
+async def coalesced(events: AsyncIterator[Event], *, gather_s: float = 0.0) -> AsyncIterator[Event]:
+    """`events` with the text chunks that were ready at the same time merged (their order kept).
+
+    `gather_s` > 0 (a whole answer, whose buyer sees nothing before the end): after a frame, the
+    next one waits until that long has passed, gathering what comes meanwhile. The end of the
+    answer is never held back.
+    """
     buffer: deque[Event] = deque()
     ready = asyncio.Event()
     ended = False
@@ -73,13 +78,25 @@ async def coalesced(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
             ended = True
             ready.set()
 
+    async def gather_until(when: float) -> None:
+        while not ended and (left := when - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await ready.wait()
+            ready.clear()
+
+    loop = asyncio.get_running_loop()
     producer = asyncio.create_task(produce(), name="engine-events")
     try:
+        sent_at = loop.time()
         while True:
             await ready.wait()
             ready.clear()
+            if gather_s > 0:
+                await gather_until(sent_at + gather_s)
             while buffer:
                 yield _take(buffer)
+            sent_at = loop.time()
             if ended:
                 if failure is not None:
                     raise failure

@@ -383,7 +383,8 @@ class Provider:
             finished: bus.Finished | None = None
             answer: list[str] = []
             # Every chunk ready when the sender runs goes in one frame (daemon/frames.py).
-            async for event in coalesced(self.engine.generate(prepared, cancel)):
+            gather_s = request.frame_ms / 1000  # a whole answer: one frame per that long (0: a stream)
+            async for event in coalesced(self.engine.generate(prepared, cancel), gather_s=gather_s):
                 if isinstance(event, bus.Finished):
                     finished = event
                 else:

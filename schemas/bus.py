@@ -132,6 +132,10 @@ class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     continuation: Continuation | None = None
+    # How long the daemon may gather tokens into one frame. 0 (a stream): every token that is ready
+    # goes at once. A whole answer reaches its buyer only at the end, so one frame per this many ms
+    # costs the gateway one decode instead of one per token (a failover resumes from the last frame).
+    frame_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
 
 
 class Cancel(msgspec.Struct, frozen=True):

@@ -191,6 +191,8 @@ class Settings:
     routing: str
     # max_tokens when the buyer sends none.
     default_max_tokens: int
+    # A non-stream answer's tokens come in one frame per this many ms (bus.InferenceRequest.frame_ms).
+    nonstream_frame_ms: int
     # A provider missing this many heartbeat intervals leaves the pool view.
     heartbeat_misses: int
     # Where browsers reach us; GitHub redirects to `<public_url>/auth/github/callback`.
@@ -342,6 +344,7 @@ class Settings:
             lost_after_intervals=_float(env, "MP_LOST_AFTER_INTERVALS", 2.0),
             routing=_choice(env, "MP_ROUTING", ("least-loaded", "random")),
             default_max_tokens=_int(env, "MP_DEFAULT_MAX_TOKENS", 1024),
+            nonstream_frame_ms=_bounded_int(env, "MP_NONSTREAM_FRAME_MS", 50, low=0, high=1000),
             heartbeat_misses=_int(env, "MP_HEARTBEAT_MISSES", 3),
             public_url=public_url,
             github_client_id=env.get("MP_GITHUB_CLIENT_ID", ""),

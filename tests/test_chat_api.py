@@ -8,6 +8,7 @@ import httpx
 import pytest
 from mlx_lm import load, stream_generate
 
+from tests.support import logs
 from tests.support.stack import TINY_MODEL, Stack
 
 HELLO = [{"role": "user", "content": "Hello, how are you?"}]
@@ -53,6 +54,17 @@ def test_non_stream_completion_shape_and_usage(stack: Stack) -> None:
     # ChatML around "Hello, how are you?" plus the generation prompt: more tokens than words.
     assert usage["prompt_tokens"] > 5
     assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+
+
+def test_a_whole_answer_arrives_in_few_frames_and_the_same_text(stack: Stack) -> None:
+    # A non-stream buyer sees nothing before the end: the daemon gathers its tokens into a frame per
+    # MP_NONSTREAM_FRAME_MS (50 ms) instead of one per token, and the text is what the model wrote.
+    r = _chat(stack, max_tokens=64)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == _reference_text(stack, 64)
+    line = logs.wait_event(stack.gateway.log_path, "chat_completion", request_id=r.headers["x-request-id"])
+    assert line["completion_tokens"] == "64"
+    assert 1 <= int(line["frames"]) <= 16, line
 
 
 def test_stream_framing_matches_openai(stack: Stack) -> None:

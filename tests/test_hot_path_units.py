@@ -60,6 +60,42 @@ async def test_a_ready_chunk_is_never_held_back() -> None:
     assert [type(e) for e in rest] == [Finished]
 
 
+async def test_a_whole_answer_gathers_its_tokens_into_few_frames_and_ends_at_once() -> None:
+    loop = asyncio.get_running_loop()
+
+    ended_at = 0.0
+
+    async def engine() -> AsyncIterator[Event]:
+        nonlocal ended_at
+        # 40 tokens, one every 5 ms (a model decoding alone): 200 ms of answer.
+        for i in range(40):
+            yield _chunk(f"t{i} ", i)
+            await asyncio.sleep(0.005)
+        ended_at = loop.time()
+        yield Finished("length", 3, 40)
+
+    frames = [(loop.time(), f) async for f in coalesced(engine(), gather_s=0.1)]
+    chunks = [f for _, f in frames if isinstance(f, TextChunk)]
+    # Every token, in order, in one frame per 100 ms (not 40 frames) ...
+    assert "".join(c.text for c in chunks) == "".join(f"t{i} " for i in range(40))
+    assert [i for c in chunks for i in c.token_ids] == list(range(40))
+    assert 1 <= len(chunks) <= 5, len(chunks)
+    # ... and the end is not held back for the rest of a gathering window.
+    assert isinstance(frames[-1][1], Finished)
+    assert frames[-1][0] - ended_at < 0.05
+
+
+async def test_a_stream_still_sends_each_token_when_it_is_ready() -> None:
+    async def engine() -> AsyncIterator[Event]:
+        for i in range(5):
+            yield _chunk(f"t{i}", i)
+            await asyncio.sleep(0.01)
+        yield Finished("length", 3, 5)
+
+    frames = await _all(coalesced(engine()))
+    assert len([f for f in frames if isinstance(f, TextChunk)]) == 5
+
+
 async def test_merging_keeps_what_the_buyer_sees_in_order() -> None:
     async def engine() -> AsyncIterator[Event]:
         yield _chunk("", 1, reasoning="think ")

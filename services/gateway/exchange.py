@@ -53,6 +53,8 @@ class Exchange:
     model_label: str = OTHER
     # The request's span (None: traces are off); it ends with the request.
     span: Span | None = None
+    # Delta frames received (a frame holds every token the provider had ready, or gathered: frame_ms).
+    frames: int = 0
     _finished: bool = False
     _first_token_at: float = 0.0
     _last_token_at: float = 0.0
@@ -73,6 +75,7 @@ class Exchange:
             self.ticket.prompt_tokens = accepted.prompt_tokens
 
     def delta(self, frame: bus.Delta) -> None:
+        self.frames += 1
         now = time.monotonic()
         if self.ttft_ms is None:
             self.ttft_ms = (now - self.started) * 1000
@@ -162,6 +165,7 @@ class Exchange:
             prompt_tokens=t.prompt_tokens if t else 0,
             completion_tokens=t.completion_tokens if t else 0,
             cached_tokens=self.cached_tokens,
+            frames=self.frames,
             ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 1),
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
             status=self.status,

@@ -117,7 +117,10 @@ async def start(
         ex.label(job.request.model, runtime.pool.serves_model)
         ex.ticket = await _reserve(runtime, principal, job, ex.request_id)
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
-        bus_request = msgspec.structs.replace(job.request, request_id=ex.request_id, deadline_ms=deadline_ms)
+        frame_ms = 0 if job.stream else runtime.settings.nonstream_frame_ms
+        bus_request = msgspec.structs.replace(
+            job.request, request_id=ex.request_id, deadline_ms=deadline_ms, frame_ms=frame_ms
+        )
         call = await runtime.dispatcher.start(bus_request, parent=ex.span)
         try:
             # The reservation row was written meanwhile (one statement for all requests queued then).
