@@ -12,10 +12,12 @@ from html import escape
 
 from litestar import Response
 from litestar.datastructures import Cookie
+from markupsafe import Markup
 
 from services.keys.account_usage import AccountUsage
 from services.keys.store import KeyInfo
 from services.providers.macs import MacToken
+from services.web.render import render
 
 HEADERS = {
     "cache-control": "no-store",
@@ -51,21 +53,9 @@ def html_response(
     return Response(content=body, status_code=status, media_type="text/html", headers=headers, cookies=list(cookies))
 
 
-# The front door's header and stylesheet (services/web/): these pages look like the others.
-_NAV = (
-    '<header class="top"><nav aria-label="Main"><a class="brand" href="/">Mac Provider</a> <a href="/docs">Docs</a> '
-    '<a href="/status">Status</a> <a href="/demo">Demo</a> <a href="/account">Account</a></nav></header>'
-)
-
-
 def _page(title: str, body: str, *, script: str | None = None) -> str:
-    tag = f'<script src="{escape(script)}" defer></script>' if script else ""
-    return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)} · Mac Provider</title>'
-        '<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="stylesheet" '
-        'href="/static/site.css"><link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
-        f'{tag}</head><body>{_NAV}<main id="main"><h1>{escape(title)}</h1>{body}</main></body></html>'
-    )
+    # The front door's layout (services/web/templates/base.html): one header, footer and stylesheet.
+    return render("page.html", title=title, body=Markup(body), script=script)
 
 
 def _when(value: datetime | None) -> str:
