@@ -173,6 +173,34 @@ def test_concurrency_quota(stack: Stack, synthetic_daemon: Child) -> None:
     assert third.status_code == 200, third.text
 
 
+@pytest.mark.parametrize(("concurrent", "spare"), [(16, 1), (3, 0)], ids=["room-to-spare", "near-the-limit"])
+def test_one_request_after_another_keeps_a_spare_slot_only_when_the_subject_has_room(
+    stack: Stack, synthetic_daemon: Child, concurrent: int, spare: int
+) -> None:
+    # A buyer's requests one after another: with room to spare, the replica keeps the slot of the one
+    # that ended for the next (no lease statement per request); near the concurrency limit, every
+    # slot goes back to the account at once, so another replica can use it.
+    account = make_account(stack.database_url, concurrent=concurrent)
+    for _ in range(5):
+        r = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=account.auth())
+        assert r.status_code == 200, r.text
+    rows = query(stack.database_url, "SELECT slots FROM quota_leases WHERE subject = $1", account.subject)
+    assert [row["slots"] for row in rows] == [spare]
+    (usage,) = query(
+        stack.database_url, "SELECT inflight, leased_slots FROM quota_usage WHERE subject = $1", account.subject
+    )
+    assert (usage["inflight"], usage["leased_slots"]) == (0, spare)
+    # The spare slot is no room taken from the account: concurrent requests still get every slot.
+    with ThreadPoolExecutor(concurrent) as pool:
+        answers = list(
+            pool.map(
+                lambda _: httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=account.auth()),
+                range(concurrent),
+            )
+        )
+    assert sorted(r.status_code for r in answers) == [200] * concurrent
+
+
 def test_token_quota_counts_what_was_generated(stack: Stack) -> None:
     account = make_account(stack.database_url, tokens_per_day=20_000)
     body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "story"}], "stream": True}

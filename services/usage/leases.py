@@ -255,6 +255,10 @@ HORIZON_S = 2.0
 # A settled request's slot stays in this replica's lease while more than this many of the subject's
 # requests run here (it will be needed again at once); otherwise it goes back to the subject.
 KEEP_SLOTS_ABOVE = 4
+# And one spare slot stays while the subject had at least this many slots free at the last grant: a
+# replica serving one request after another then leases once, not once per request (an idle lease,
+# spare slot included, goes back as any other). A subject near its concurrency limit gets every slot back.
+SPARE_SLOT_IF_FREE = 4
 
 
 @dataclass
@@ -295,6 +299,12 @@ class Lease:
 
     def covers(self, tokens: int) -> bool:
         return self.requests >= 1 and self.tokens >= tokens and self.slots >= 1
+
+    def keeps_slot(self) -> bool:
+        """Whether the slot of a request settling now stays in this lease rather than going to the subject."""
+        if self.in_use > KEEP_SLOTS_ABOVE:
+            return True
+        return self.slots == 0 and self.limits.concurrent - self.total_c >= SPARE_SLOT_IF_FREE
 
 
 @dataclass(frozen=True, slots=True)

@@ -349,7 +349,7 @@ class Metering:
         closing = Closing(
             ticket.request_id,
             settlement,
-            keep_slot=ticket.lease is not None and ticket.lease.in_use > leases.KEEP_SLOTS_ABOVE,
+            keep_slot=ticket.lease is not None and ticket.lease.keeps_slot(),
         )
         lease = ticket.lease
         try:
