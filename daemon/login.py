@@ -15,7 +15,6 @@ usage or settings; 3 the owner denied it; 4 the code expired; 130 interrupted.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import platform
 import sys
 import time
@@ -30,7 +29,7 @@ import msgspec
 
 from daemon import credentials
 from daemon.keychain import Keychain, KeychainError, login_keychain
-from daemon.settings import credentials_path, merged_env, state_dir_of
+from daemon.settings import credentials_path, is_loopback, merged_env, state_dir_of
 from schemas.device import (
     GRANT_TYPE,
     MAX_INTERVAL_S,
@@ -63,22 +62,13 @@ class LoginSettings:
     keychain: Keychain | None
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(raw: str) -> str:
     """The control plane's base URL: https, or http only to this machine (a token over plain http leaks)."""
     parts = urlsplit(raw.strip())
     host = parts.hostname or ""
     if parts.scheme not in ("https", "http") or not host:
         raise LoginError(f"--url {raw!r}: expected https://host (the pool's control plane)")
-    if parts.scheme == "http" and not _loopback(host):
+    if parts.scheme == "http" and not is_loopback(host):
         raise LoginError(f"--url {raw!r}: refusing plain http to another machine; the token would cross in clear")
     if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
         raise LoginError(f"--url {raw!r}: give the base URL only (no user, query or fragment)")

@@ -8,12 +8,14 @@ override one setting for a try.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from daemon import credentials
 from schemas import bus, subjects
@@ -256,12 +258,36 @@ class DaemonSettings:
         for name, port in (("MP_ADMIN_PORT", settings.admin_port), ("MP_API_PORT", settings.api_port)):
             if not 0 <= port < 65536:
                 raise SettingsError(f"{name} must be a TCP port (0 turns it off), got {port}")
+        if env.get("MP_NATS_PLAINTEXT", "") != "allow" and (clear := plaintext_remote(settings.nats_url)):
+            raise SettingsError(
+                f"NATS_URL: {clear} is another machine over plain nats://, where this Mac's credentials "
+                "would cross the network in clear: use tls:// (set MP_NATS_PLAINTEXT=allow only on a network you trust)"
+            )
         if signed_in is not None and settings.provider_id != signed_in.provider_id and not env.get("MP_PROVIDER_TOKEN"):
             raise SettingsError(
                 f"MP_PROVIDER_ID {settings.provider_id!r} is not the id this Mac signed in as "
                 f"({signed_in.provider_id!r}): unset it, or run `mac-provider-daemon login` again"
             )
         return settings
+
+
+def is_loopback(host: str) -> bool:
+    """This machine (localhost or a loopback address): nothing sent there crosses a network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plaintext_remote(nats_url: str) -> str | None:
+    """The first server of `nats_url` (comma-separated) reached over plain nats:// on another machine."""
+    for server in nats_url.split(","):
+        parts = urlsplit(server.strip())
+        if parts.scheme in ("nats", "ws", "") and not is_loopback(parts.hostname or ""):
+            return f"{parts.hostname}:{parts.port or 4222}"
+    return None
 
 
 def credentials_path(env: Mapping[str, str], state_dir: Path) -> Path:

@@ -202,14 +202,14 @@ def test_settings_from_a_config_file_with_the_environment_winning(tmp_path: Path
     config = tmp_path / "daemon.env"
     config.write_text(
         "# brew services reads this\n"
-        "NATS_URL=nats://pool.example:4222\n"
+        "NATS_URL=tls://pool.example:4222\n"
         'MP_PROVIDER_ID="my-mac"\n'
         "export MP_SLOTS=6\n"
         "MP_IDLE_UNLOAD_S=120\n"
         "MP_MEMORY_BUDGET_GB=12\n"
     )
     s = DaemonSettings.from_env({"MP_CONFIG": str(config), "MP_SLOTS": "3"})
-    assert s.nats_url == "nats://pool.example:4222"
+    assert s.nats_url == "tls://pool.example:4222"
     assert s.provider_id == "my-mac"
     assert s.slots == 3
     assert s.idle_unload_s == 120
@@ -226,6 +226,19 @@ def test_settings_from_a_config_file_with_the_environment_winning(tmp_path: Path
     for name, raw in (("MP_QUEUE_LIMIT", "many"), ("MP_HEARTBEAT_S", "1s"), ("MP_PROMPT_CACHE_GB", "1GB")):
         with pytest.raises(SettingsError, match=f"{name} must be .*{raw!r}"):
             DaemonSettings.from_env({name: raw})
+
+
+def test_credentials_never_go_to_another_machine_over_plain_nats() -> None:
+    # A Mac's provider token (or NATS password) in clear on the network would let anyone serve as it.
+    for url in ("nats://pool.example:4222", "tls://a.example:4222,nats://10.0.0.7:4222", "ws://pool.example:8080"):
+        with pytest.raises(SettingsError, match=r"NATS_URL: .* plain nats://.*tls://") as refused:
+            DaemonSettings.from_env({"NATS_URL": url, "MP_PROVIDER_TOKEN": "mpp_not-shown"})
+        assert "mpp_not-shown" not in str(refused.value)
+    for url in ("tls://pool.example:4222", "nats://127.0.0.1:4222", "nats://localhost:4222,nats://[::1]:4223"):
+        assert DaemonSettings.from_env({"NATS_URL": url}).nats_url == url
+    # A network the operator trusts (a lab LAN) may say so explicitly.
+    lan = DaemonSettings.from_env({"NATS_URL": "nats://10.0.0.7:4222", "MP_NATS_PLAINTEXT": "allow"})
+    assert lan.nats_url == "nats://10.0.0.7:4222"
 
 
 # ---- fit -----------------------------------------------------------------------------

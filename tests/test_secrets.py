@@ -148,7 +148,7 @@ def test_settings_repr_hides_every_secret(tmp_path: Path) -> None:
     assert settings.nats_issuer_seed == issuer_seed, "the value itself is intact"
     daemon = DaemonSettings.from_env(
         {
-            "NATS_URL": f"nats://provider-x:{NATS_PASSWORD}@pool.example:4222,nats://tok-{NATS_PASSWORD}@b:4222",
+            "NATS_URL": f"tls://provider-x:{NATS_PASSWORD}@pool.example:4222,tls://tok-{NATS_PASSWORD}@b:4222",
             "MP_NATS_USER": "provider-x",
             "MP_NATS_PASSWORD": "daemon-" + NATS_PASSWORD,
         }
@@ -160,8 +160,8 @@ def test_settings_repr_hides_every_secret(tmp_path: Path) -> None:
     assert "nats://gateway:***@nats.internal:4222" in repr(settings)
     assert "postgresql://app:***@db.internal/mp?password=***" in repr(settings)
     assert "github_client_id='client-id'" in repr(settings), "what is not secret stays readable"
-    assert "nats://provider-x:***@pool.example:4222,nats://***@b:4222" in repr(daemon)
-    assert daemon.nats_url_redacted == "nats://provider-x:***@pool.example:4222,nats://***@b:4222"
+    assert "tls://provider-x:***@pool.example:4222,tls://***@b:4222" in repr(daemon)
+    assert daemon.nats_url_redacted == "tls://provider-x:***@pool.example:4222,tls://***@b:4222"
 
 
 @pytest.mark.parametrize(
