@@ -458,10 +458,17 @@ def test_demo_tokens_have_their_own_quota_and_feedback(stack: Stack, synthetic_d
         httpx.post(f"{stack.v1}/feedback", json={"request_id": mine, "rating": 1}, headers=account.auth()).status_code
         == 404
     )
-    # /v1/usage needs an API key.
-    refused = httpx.get(f"{stack.v1}/usage", headers=demo)
-    assert refused.status_code == 403
-    assert refused.json()["error"]["code"] == "demo_token_not_allowed"
+    # The demo token's /v1/usage is its own: its one request, its rating, its quota; no account, no key.
+    report = httpx.get(f"{stack.v1}/usage", headers=demo)
+    assert report.status_code == 200, report.text
+    body = report.json()
+    assert (body["account_id"], body["key"]) == (None, None)
+    assert body["demo_token"]["expires_at"] == issued.json()["expires_at"]
+    assert [(m["model"], m["requests"]) for m in body["by_model"]] == [(SYNTHETIC, 1)]
+    assert body["ratings"]["count"] == 1
+    assert body["ratings"]["distribution"]["4"] == 1
+    assert body["quotas"]["requests_per_day"] == {"limit": 20, "used": 1, "remaining": 19}
+    assert report.headers["x-ratelimit-remaining-requests"] == "19"
     statuses = Counter(
         httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=demo).status_code for _ in range(20)
     )

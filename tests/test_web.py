@@ -270,7 +270,9 @@ def _demo_ready(page: Any) -> None:
 
 def test_demo_streams_stops_and_rates(web: Web) -> None:
     page = web.page()
-    page.goto(web.base + "/demo")
+    with page.expect_response(lambda r: r.url.endswith("/auth/demo")) as issued:
+        page.goto(web.base + "/demo")
+    token = issued.value.json()["token"]
     _demo_ready(page)
     # Every appended text node is timed, to see tokens arrive one by one rather than in one piece.
     page.evaluate(
@@ -300,6 +302,15 @@ def test_demo_streams_stops_and_rates(web: Web) -> None:
     page.wait_for_function("() => document.querySelector('.rate-status').textContent.includes('recorded')")
     rows = _sql(web.auth.stack.database_url, "SELECT rating FROM feedback WHERE request_id = $1", request_id)
     assert [r["rating"] for r in rows] == [5]
+    # And in the demo token's own /v1/usage: its requests and that rating, nobody else's.
+    usage = httpx.get(f"{web.base}/v1/usage", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert usage.status_code == 200, usage.text
+    report = usage.json()
+    assert (report["account_id"], report["key"]) == (None, None)
+    assert "d" + report["demo_token"]["id"] == _token_subject(token)
+    assert report["ratings"]["count"] == 1
+    assert report["ratings"]["distribution"]["5"] == 1
+    assert sum(day["requests"] for day in report["by_model"]) >= 1
     web.check(page, "demo")
 
 

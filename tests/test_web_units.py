@@ -73,7 +73,8 @@ def test_docs_cover_every_route_of_every_service_with_its_auth(tmp_path: Path) -
                     plain = path.replace(":int}", "}").replace(":str}", "}")
                     assert (method, plain) in listed, (method, plain)
     assert all(r.auth != "closed" for r in routes)
-    assert {r.auth for r in routes if r.path == "/v1/usage"} == {facts.AUTH_LABELS[Auth.API_KEY]}
+    assert {r.auth for r in routes if r.path == "/v1/usage"} == {facts.AUTH_LABELS[Auth.API_KEY_OR_DEMO]}
+    assert {r.auth for r in routes if r.path == "/v1/completions"} == {facts.AUTH_LABELS[Auth.API_KEY]}
     codes = {e.code for e in facts.errors()}
     assert codes >= REQUEST_FAULTS
     assert all(e.meaning for e in facts.errors()), [e.code for e in facts.errors() if not e.meaning]

@@ -56,14 +56,22 @@ class Ratings(msgspec.Struct, frozen=True):
     distribution: dict[str, int]
 
 
+class DemoTokenInfo(msgspec.Struct, frozen=True):
+    # The demo token's id (its quota subject), not the token.
+    id: str
+    expires_at: int
+
+
 class UsageReport(msgspec.Struct, frozen=True):
-    account_id: int
-    key: KeyInfo
+    # An API key's report names its account and key; a demo token's, the token (null otherwise).
+    account_id: int | None
+    key: KeyInfo | None
     window: Window
     quotas: Quotas
     days: int
     by_model: list[ModelDay]
     ratings: Ratings
+    demo_token: DemoTokenInfo | None = None
     object: str = "usage"
 
 

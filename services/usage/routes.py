@@ -11,7 +11,7 @@ from litestar.di import NamedDependency
 from msgspec import Meta
 
 from schemas.limits import ISSUED_ID_PATTERN, PLAIN_TEXT_PATTERN
-from services.auth.bearer import authenticate
+from services.auth.bearer import authenticate, bearer_token
 from services.auth.declared import Auth, requires
 from services.errors import InvalidRequest, NotFound
 from services.gateway.requests import decode_body
@@ -38,23 +38,31 @@ def _days(raw: str | None) -> int:
     return days
 
 
-@get("/v1/usage", **documented(ok=reports.UsageReport, errors=(400, 401, 403, 429, 500)), **requires(Auth.API_KEY))
+@get(
+    "/v1/usage",
+    **documented(ok=reports.UsageReport, errors=(400, 401, 403, 429, 500)),
+    **requires(Auth.API_KEY_OR_DEMO),
+)
 async def usage(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[reports.UsageReport]:
-    principal = await authenticate(request, runtime)
-    assert principal.account_id is not None
-    assert principal.key_id is not None
+    """The caller's own usage: an API key's account (and that key), or a demo token's own subject."""
+    principal = await authenticate(request, runtime, allow_demo=True)
     days = _days(request.query_params.get("days"))
     holder, defaults = holder_for(principal, runtime.settings)
     current = await quotas.snapshot(runtime.db, holder, defaults)
-    prefix: str = await runtime.db.fetchval("SELECT prefix FROM api_keys WHERE id = $1", principal.key_id)
     since = dt.datetime.combine(current.window_day - dt.timedelta(days=days - 1), dt.time(), tzinfo=dt.UTC)
+    key, demo_token = None, None
+    if principal.key_id is not None:
+        prefix: str = await runtime.db.fetchval("SELECT prefix FROM api_keys WHERE id = $1", principal.key_id)
+        today = await reports.key_requests_today(runtime.db, principal.key_id, current.window_day)
+        key = reports.KeyInfo(id=principal.key_id, prefix=prefix, requests_today=today)
+    else:
+        assert principal.demo_token_id is not None
+        claims = runtime.demo.verify(bearer_token(request))
+        demo_token = reports.DemoTokenInfo(id=principal.demo_token_id, expires_at=claims.expires_at)
     report = reports.UsageReport(
         account_id=principal.account_id,
-        key=reports.KeyInfo(
-            id=principal.key_id,
-            prefix=prefix,
-            requests_today=await reports.key_requests_today(runtime.db, principal.key_id, current.window_day),
-        ),
+        key=key,
+        demo_token=demo_token,
         window=reports.Window(
             day=current.window_day.isoformat(),
             resets_at=current.resets_at.isoformat(),
