@@ -13,6 +13,9 @@ from schemas import bus
 from services.gateway.frames import joined, joins
 from services.usage.batch import GroupCommit
 
+# Pure: no server, no process, no network (`just test -m unit`).
+pytestmark = pytest.mark.unit
+
 
 def _chunk(text: str, token: int, *, reasoning: str = "", call: bool = False) -> TextChunk:
     calls = (bus.ToolCall(id=f"c{token}", name="f", arguments="{}"),) if call else ()
