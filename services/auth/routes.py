@@ -11,6 +11,7 @@ from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.response import Redirect
 
+from services.auth.bearer import bearer_token
 from services.auth.client_ip import client_ip, client_key, net64
 from services.auth.csrf import FIELD, csrf_ok
 from services.auth.declared import Auth, requires
@@ -33,7 +34,7 @@ from services.auth.sessions import (
     session_cookie,
     session_token,
 )
-from services.errors import InvalidDemoToken, RateLimited
+from services.errors import ApiError, RateLimited
 from services.keys.store import create_key, upsert_github_account
 from services.openapi import HTML, documented, html, redirect
 from services.pages import HEADERS, html_response, message_page, one_shot_key_page, stale_form
@@ -210,12 +211,13 @@ async def demo_token(request: Request[Any, Any, Any], runtime: NamedDependency[R
 
 def _live_demo_token(request: Request[Any, Any, Any], runtime: Runtime) -> DemoToken | None:
     """The demo token the request carries, if any and still valid (an expired or forged one counts as none)."""
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value.startswith(DEMO_PREFIX):
+    if not request.headers.get("authorization"):
         return None
     try:
-        return runtime.demo.verify(value.strip())
-    except InvalidDemoToken:
+        # The same parsing (and size bound) as every authenticated route.
+        token = bearer_token(request)
+        return runtime.demo.verify(token) if token.startswith(DEMO_PREFIX) else None
+    except ApiError:
         return None
 
 
