@@ -112,6 +112,37 @@ def parse_provider(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]
 
 
+# ---- usage events: the ledger's durable queue (a JetStream stream) ---------------------------
+
+# Every gateway replica publishes its requests' usage events (reservation opened, settled) on its own
+# subject, so one consumer applies one replica's events in the order it published them.
+USAGE_STREAM = "MP_USAGE"
+ALL_USAGE_EVENTS = f"{PREFIX}.usage.>"
+
+
+def usage_events(gateway_id: str) -> str:
+    return f"{PREFIX}.usage.{_token('gateway id', gateway_id)}"
+
+
+def usage_consumer(gateway_id: str) -> str:
+    """The durable consumer that applies one replica's usage events to the ledger."""
+    return f"ledger-{_token('gateway id', gateway_id)}"
+
+
+# JetStream's API and acknowledgements for that stream only (what the control plane's NATS user may
+# use of JetStream: nothing of any other stream, and nothing that manages the server).
+USAGE_JS_API = (
+    f"$JS.API.STREAM.*.{USAGE_STREAM}",
+    f"$JS.API.CONSUMER.*.{USAGE_STREAM}",
+    f"$JS.API.CONSUMER.*.{USAGE_STREAM}.>",
+    f"$JS.API.CONSUMER.*.*.{USAGE_STREAM}.>",
+)
+USAGE_JS_ACKS = f"$JS.ACK.{USAGE_STREAM}.>"
+# The control plane's own inbox (JetStream answers and pulled messages come back here).
+CONTROL_INBOX_PREFIX = "_INBOX_CP"
+CONTROL_INBOXES = f"{CONTROL_INBOX_PREFIX}.>"
+
+
 # ---- the nats-server's own system subjects (not ours to version) ------------------------------
 
 # Where the server sends each connection attempt to the auth callout (in the callout's account).
