@@ -246,6 +246,13 @@ class Settings:
     metering: bool
     # A reservation its gateway stopped touching for this long is settled by another replica.
     reservation_stale_s: float
+    # Where usage events go: "jetstream" (a durable stream, written to the ledger in batches off the
+    # request path) or "postgres" (each request's reservation and settlement straight to Postgres).
+    settlement: str
+    # Copies of the usage stream JetStream keeps (3 in a 3-node cluster; 1 on one server).
+    usage_stream_replicas: int
+    # How long the ledger consumer waits for more events before writing a batch.
+    ledger_linger_ms: int
     # After SIGTERM: readiness fails at once, but requests are still taken for this long, while
     # load balancers stop sending (Kubernetes removes a terminating pod from its endpoints late).
     shutdown_delay_s: float
@@ -380,6 +387,9 @@ class Settings:
             demo_quota_concurrent=_int(env, "MP_DEMO_QUOTA_CONCURRENT", 1),
             metering=env.get("MP_METERING", "on") != "off",
             reservation_stale_s=_float(env, "MP_RESERVATION_STALE_S", 30.0),
+            settlement=_choice(env, "MP_SETTLEMENT", ("jetstream", "postgres")),
+            usage_stream_replicas=_bounded_int(env, "MP_USAGE_STREAM_REPLICAS", 1, low=1, high=5),
+            ledger_linger_ms=_bounded_int(env, "MP_LEDGER_LINGER_MS", 20, low=0, high=1000),
             shutdown_delay_s=_non_negative(env, "MP_SHUTDOWN_DELAY_S", 0.0),
             shutdown_grace_s=_non_negative(env, "MP_SHUTDOWN_GRACE_S", 10.0),
             pool_warmup_s=_non_negative(env, "MP_POOL_WARMUP_S", 1.0),
