@@ -22,6 +22,12 @@ HOST = "127.0.0.1"
 _RELOAD_OK = "Reloaded server configuration"
 _RELOAD_FAILED = "Failed to reload server configuration"
 
+# JetStream (the usage-event stream) on every server we run, kept small: a laptop's or a test's bus.
+# nats-server keeps its streams in a `jetstream` folder it makes inside `store_dir` (the state dir).
+JETSTREAM_DIR = "jetstream"
+JETSTREAM_MAX_MEMORY = "64MB"
+JETSTREAM_MAX_FILE = "1GB"
+
 
 def find_nats_server() -> Path:
     """Locate the nats-server binary.
@@ -129,6 +135,12 @@ class NatsServer:
                 # nats-server appends here itself; stdout/stderr go to the same
                 # file (also appending) so startup errors land there too.
                 f"log_file: {_conf_string(str(log_path))}",
+                # Under the state dir, so a restarted server (`just up` again) keeps its streams.
+                "jetstream {",
+                f"  store_dir: {_conf_string(str(state_dir))}",
+                f"  max_memory_store: {JETSTREAM_MAX_MEMORY}",
+                f"  max_file_store: {JETSTREAM_MAX_FILE}",
+                "}",
                 "",
                 config_extra,
                 "",

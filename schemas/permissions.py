@@ -5,8 +5,9 @@ provider may only receive its own work, cancels, drains and notices (and the poo
 probe), and only publish its own heartbeats, leaves and replies under its own
 reply prefix, which also proves to the gateway who sent each frame. No
 `_INBOX.>` and no wildcard over other providers: a provider never sees anyone
-else's work or replies. The control plane (every gateway replica and the admin
-CLI) sends work anywhere and reads heartbeats and replies.
+else's work or replies, and nothing of JetStream. The control plane (every gateway
+replica and the admin CLI) sends work anywhere, reads heartbeats and replies, and
+uses the usage-event stream (that one stream, nothing else of JetStream).
 
 The NATS auth callout (services/natsauth/) puts these into the user JWT of each
 connection it lets in. Every subject comes from `schemas.subjects`.
@@ -26,9 +27,20 @@ class Permissions:
 
 
 def control_plane_permissions() -> Permissions:
+    """Also the usage-event stream (JetStream, that one stream only) and the control plane's own inbox,
+    where its JetStream answers and pulled events arrive (it connects with CONTROL_INBOX_PREFIX)."""
     return Permissions(
-        publish=(subjects.ALL_WORK, subjects.ALL_CANCELS, subjects.ALL_DRAINS, subjects.ALL_NOTICES, subjects.PROBE),
-        subscribe=(subjects.HEARTBEATS, subjects.LEAVES, subjects.ALL_REPLIES),
+        publish=(
+            subjects.ALL_WORK,
+            subjects.ALL_CANCELS,
+            subjects.ALL_DRAINS,
+            subjects.ALL_NOTICES,
+            subjects.PROBE,
+            subjects.ALL_USAGE_EVENTS,
+            *subjects.USAGE_JS_API,
+            subjects.USAGE_JS_ACKS,
+        ),
+        subscribe=(subjects.HEARTBEATS, subjects.LEAVES, subjects.ALL_REPLIES, subjects.CONTROL_INBOXES),
     )
 
 

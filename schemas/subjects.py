@@ -129,16 +129,30 @@ def usage_consumer(gateway_id: str) -> str:
     return f"ledger-{_token('gateway id', gateway_id)}"
 
 
-# JetStream's API and acknowledgements for that stream only (what the control plane's NATS user may
-# use of JetStream: nothing of any other stream, and nothing that manages the server).
+# JetStream's API and acknowledgements for that stream only: what the control plane's NATS user may use
+# of JetStream. These are the requests nats-py (2.16) sends for add_stream / update_stream / stream_info,
+# add_consumer and pull_subscribe (CONSUMER.CREATE.<stream>.<name>[.<filter>], or the legacy
+# DURABLE.CREATE), consumer_info, delete_consumer and fetch (MSG.NEXT). Each names the stream in a fixed
+# position: a wildcard before it (`CONSUMER.*.*.MP_USAGE.>`) would also match
+# `CONSUMER.CREATE.<other stream>.MP_USAGE.x`, i.e. a consumer named MP_USAGE reading another stream.
+# Nothing of any other stream, no STREAM.DELETE/PURGE/MSG.* of this one (the ledger's unapplied events),
+# no STREAM.NAMES/LIST, no `$JS.API.INFO` (account info: nats-py asks only for KV limit markers) and
+# nothing that manages the server. js.publish itself is a request on the event's own subject.
+_JS_API = "$JS.API"
 USAGE_JS_API = (
-    f"$JS.API.STREAM.*.{USAGE_STREAM}",
-    f"$JS.API.CONSUMER.*.{USAGE_STREAM}",
-    f"$JS.API.CONSUMER.*.{USAGE_STREAM}.>",
-    f"$JS.API.CONSUMER.*.*.{USAGE_STREAM}.>",
+    f"{_JS_API}.STREAM.CREATE.{USAGE_STREAM}",
+    f"{_JS_API}.STREAM.UPDATE.{USAGE_STREAM}",
+    f"{_JS_API}.STREAM.INFO.{USAGE_STREAM}",
+    f"{_JS_API}.CONSUMER.CREATE.{USAGE_STREAM}.>",
+    f"{_JS_API}.CONSUMER.DURABLE.CREATE.{USAGE_STREAM}.*",
+    f"{_JS_API}.CONSUMER.INFO.{USAGE_STREAM}.*",
+    f"{_JS_API}.CONSUMER.DELETE.{USAGE_STREAM}.*",
+    f"{_JS_API}.CONSUMER.MSG.NEXT.{USAGE_STREAM}.*",
 )
+# A pulled message's reply subject: `$JS.ACK.<stream>.<consumer>.<delivered>.<sequences>...`.
 USAGE_JS_ACKS = f"$JS.ACK.{USAGE_STREAM}.>"
-# The control plane's own inbox (JetStream answers and pulled messages come back here).
+# The control plane's own inbox: its connections use it instead of nats-py's `_INBOX` (JetStream's API
+# answers, PubAcks and pulled messages come back here; nobody else may publish or subscribe to it).
 CONTROL_INBOX_PREFIX = "_INBOX_CP"
 CONTROL_INBOXES = f"{CONTROL_INBOX_PREFIX}.>"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import nats
 from nats.aio.client import Client as Nats
 
+from schemas import subjects
 from services.settings import Settings
 
 
@@ -16,4 +17,6 @@ async def connect_as_control_plane(settings: Settings, *, timeout_s: float = 5.0
         password=settings.nats_password or None,
         allow_reconnect=False,
         connect_timeout=timeout_s,
+        # Any request/reply (JetStream's too) answers on the only inbox the control plane may read.
+        inbox_prefix=subjects.CONTROL_INBOX_PREFIX,
     )

@@ -19,6 +19,7 @@ from litestar import Litestar
 from litestar.datastructures import State
 from nats.aio.client import Client as Nats
 
+from schemas import subjects
 from schemas.tracing import Tracing, open_tracing
 from services.auth.demo import DemoTokens
 from services.canary.runner import Canaries, CanarySettings
@@ -83,6 +84,8 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
         reconnect_time_wait=0.5,
         user=settings.nats_user or None,
         password=settings.nats_password or None,
+        # JetStream's answers (the usage-event stream) come back on the only inbox our permissions allow.
+        inbox_prefix=subjects.CONTROL_INBOX_PREFIX,
         reconnected_cb=listening.reset,
     )
     pool = PoolView(heartbeat_misses=settings.heartbeat_misses, routing=settings.routing)

@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.api
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as Nats
 
 from infra.components import start_natsauth
+from infra.nats import JETSTREAM_DIR
 from infra.nats_auth import Credentials, SecuredNats
 from infra.postgres import PostgresServer
 from schemas import bus, subjects
 from services.keys.format import PROVIDER_TOKENS
+from services.natsauth import server_config
 
 MINE = "auth-mac-mine"
 OTHER = "auth-mac-other"
@@ -36,7 +40,8 @@ async def _connect(server: SecuredNats, credentials: Credentials | str, errors: 
     login: dict[str, Any] = (
         {"token": credentials}
         if isinstance(credentials, str)
-        else {"user": credentials.user, "password": credentials.password}
+        # The control plane connects as services/runtime.py does: its own inbox, the only one it may read.
+        else {"user": credentials.user, "password": credentials.password, "inbox_prefix": subjects.CONTROL_INBOX_PREFIX}
     )
     nc = await nats.connect(server.url, error_cb=on_error, allow_reconnect=False, **login)
     try:
@@ -278,3 +283,116 @@ def test_the_daemon_doctor_logs_in_as_its_provider(nats_server: SecuredNats) -> 
     assert refused["status"] == "fail"
     assert "refused this provider's credentials" in refused["detail"]
     assert "MP_PROVIDER_TOKEN" in refused["fix"]
+
+
+# ---- JetStream: the usage-event stream is the control plane's, and only that stream ----------------
+
+JS_GATEWAY = "gw-js-auth"
+
+
+async def _usage_stream(js: Any) -> nats.js.api.StreamInfo:
+    """Create MP_USAGE as the ledger does; a gateway of this session may have made it first (same name,
+    perhaps its own settings: the server then says so, which still proves the request was let through)."""
+    try:
+        await js.add_stream(
+            name=subjects.USAGE_STREAM,
+            subjects=[subjects.ALL_USAGE_EVENTS],
+            retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
+            storage=nats.js.api.StorageType.FILE,
+        )
+    except nats.js.errors.BadRequestError as exc:
+        assert exc.err_code == 10058, exc  # "stream name already in use with a different configuration"
+    info: nats.js.api.StreamInfo = await js.stream_info(subjects.USAGE_STREAM)
+    return info
+
+
+async def test_the_control_plane_runs_the_usage_stream_and_pulls_its_own_events(nats_server: SecuredNats) -> None:
+    errors: list[str] = []
+    async with _connect(nats_server, nats_server.gateway, errors) as nc:
+        js = nc.jetstream(timeout=5)
+        info = await _usage_stream(js)
+        assert info.config.retention == nats.js.api.RetentionPolicy.WORK_QUEUE
+        assert info.config.storage == nats.js.api.StorageType.FILE
+        assert info.config.subjects == [subjects.ALL_USAGE_EVENTS]
+
+        event_id = f"evt-{os.urandom(6).hex()}"
+        first = await js.publish(subjects.usage_events(JS_GATEWAY), b"usage", headers={"Nats-Msg-Id": event_id})
+        again = await js.publish(subjects.usage_events(JS_GATEWAY), b"usage", headers={"Nats-Msg-Id": event_id})
+        assert first.stream == subjects.USAGE_STREAM and not first.duplicate
+        assert again.duplicate and again.seq == first.seq, "a retried event is stored once"
+
+        durable = subjects.usage_consumer(JS_GATEWAY)
+        sub = await js.pull_subscribe(subjects.usage_events(JS_GATEWAY), durable=durable, stream=subjects.USAGE_STREAM)
+        msgs = await sub.fetch(10, timeout=2)
+        assert [(m.subject, m.data, m.headers and m.headers.get("Nats-Msg-Id")) for m in msgs] == [
+            (subjects.usage_events(JS_GATEWAY), b"usage", event_id)
+        ]
+        await msgs[0].ack_sync(timeout=2)
+        consumer = await js.consumer_info(subjects.USAGE_STREAM, durable)
+        assert consumer.config.filter_subject == subjects.usage_events(JS_GATEWAY)
+        assert (consumer.num_pending, consumer.num_ack_pending, consumer.delivered.consumer_seq) == (0, 0, 1)
+        assert await js.delete_consumer(subjects.USAGE_STREAM, durable)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.consumer_info(subjects.USAGE_STREAM, durable)
+    assert errors == []
+
+
+async def test_the_control_plane_touches_no_other_stream_and_manages_nothing(nats_server: SecuredNats) -> None:
+    errors: list[str] = []
+    async with _connect(nats_server, nats_server.gateway, errors) as nc:
+        js = nc.jetstream(timeout=0.5)
+        await _usage_stream(js)
+        # Refused requests get no answer (the server sends -ERR to the error callback): a timeout.
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.add_stream(name="OTHER", subjects=["other.>"])
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.stream_info("OTHER")
+        refused = (
+            "$JS.API.STREAM.DELETE.MP_USAGE",  # the ledger's unapplied events are not for deleting
+            "$JS.API.STREAM.PURGE.MP_USAGE",
+            "$JS.API.STREAM.MSG.GET.MP_USAGE",
+            "$JS.API.CONSUMER.CREATE.OTHER.MP_USAGE.x",  # a consumer named like our stream, on another
+            "$JS.API.CONSUMER.MSG.NEXT.OTHER.ledger-x",
+            "$JS.API.STREAM.NAMES",
+            "$JS.API.INFO",
+            "$JS.API.SERVER.REMOVE",
+            "$JS.ACK.OTHER.c.1.1.1.1.1",
+        )
+        for subject in refused:
+            await nc.publish(subject, b"{}")
+        await nc.flush()
+        violations = await _violations(errors, 2 + len(refused))
+        # Still there, unharmed by the refused DELETE and PURGE.
+        assert (await js.stream_info(subjects.USAGE_STREAM)).config.name == subjects.USAGE_STREAM
+    for subject in ("$JS.API.STREAM.CREATE.OTHER", "$JS.API.STREAM.INFO.OTHER", *refused):
+        assert any(f'publish to "{subject.lower()}"' in e for e in violations), (subject, violations)
+
+
+async def test_a_provider_gets_nothing_of_jetstream(nats_server: SecuredNats) -> None:
+    mine = nats_server.provider_token(MINE)
+    errors: list[str] = []
+    async with (
+        _connect(nats_server, nats_server.gateway, []) as gateway,
+        _connect(nats_server, mine, errors) as provider,
+    ):
+        js = gateway.jetstream(timeout=5)
+        await _usage_stream(js)
+        forged = subjects.usage_events("x")
+        refused_pub = (forged, "$JS.API.STREAM.INFO.MP_USAGE", "$JS.API.STREAM.CREATE.X", "$JS.ACK.MP_USAGE.>")
+        for subject in refused_pub:
+            await provider.publish(subject, b"{}", headers={"Nats-Msg-Id": "forged"})
+        refused_sub = ("$JS.>", "_INBOX_CP.>")
+        for subject in refused_sub:
+            await provider.subscribe(subject)
+        await provider.flush()
+        violations = await _violations(errors, len(refused_pub) + len(refused_sub))
+        # Nothing forged reached the stream, and no stream X was made (the server's own store says so:
+        # the control plane may not ask about X either).
+        state = await js.stream_info(subjects.USAGE_STREAM, subjects_filter=forged)
+        assert not (state.state.subjects or {}).get(forged)
+        streams = nats_server.state_dir / JETSTREAM_DIR / server_config.APP_ACCOUNT / "streams"
+        assert subjects.USAGE_STREAM in os.listdir(streams) and "X" not in os.listdir(streams)
+    for subject in refused_pub:
+        assert any(f'publish to "{subject.lower()}"' in e for e in violations), (subject, violations)
+    for subject in refused_sub:
+        assert any(f'subscription to "{subject.lower()}"' in e for e in violations), (subject, violations)

@@ -67,7 +67,9 @@ def render(
         [
             "accounts {",
             f"  {AUTH_ACCOUNT} {{ users: [{_user(callout)}] }}",
-            f"  {app_account} {{ users: [{app}] }}",
+            # JetStream (the usage-event stream) for the users the callout places here; the other
+            # accounts get none. What each user may do with it is its permissions' business.
+            f"  {app_account} {{ jetstream: enabled, users: [{app}] }}",
             f"  {SYS_ACCOUNT} {{ users: [{_user(system)}] }}",
             "}",
             f"system_account: {SYS_ACCOUNT}",

@@ -102,7 +102,8 @@ def config(values: Obj) -> str:
         "}",
         "accounts {",
         f"  AUTH {{ users: [{{user: {_q(CALLOUT_USER)}, password: $NATSAUTH_PASSWORD}}] }}",
-        f"  {APP_ACCOUNT} {{ }}",
+        # JetStream (the usage-event stream) in the application account only (as server_config.py).
+        f"  {APP_ACCOUNT} {{ jetstream: enabled }}",
         f"  SYS {{ users: [{{user: {_q(SYSTEM_USER)}, password: $SYSTEM_PASSWORD}}] }}",
         "}",
         "system_account: SYS",
