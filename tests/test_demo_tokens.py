@@ -25,6 +25,7 @@ from services.settings import Settings
 from tests.support.accounts import query
 from tests.support.auth_stack import AuthStack
 from tests.support.stack import TINY_MODEL
+from tests.support.ledger import written
 
 _client = httpx.Client(timeout=30)
 
@@ -214,6 +215,7 @@ def test_a_live_token_renews_as_the_same_subject_without_spending_the_allowance(
         r = _client.post(f"{auth.a}/v1/chat/completions", json=CHAT, headers=_bearer(token))
         assert r.status_code == 200, r.text
         ids.append(r.headers["x-request-id"])
+    written(auth.stack.nats_url)
     rows = query(
         auth.stack.database_url, "SELECT DISTINCT demo_token_id FROM usage_ledger WHERE request_id = ANY($1)", ids
     )

@@ -42,6 +42,7 @@ from tests.support.auth_stack import AuthStack
 from tests.support.daemons import start_signed_in_daemon, wait_pool_connected, wait_worker
 from tests.support.daemons import status as daemon_status
 from tests.support.github import User
+from tests.support.ledger import written
 
 _ids = iter(range(int(time.time()) % 10_000_000 * 100 + 50, 1 << 62))
 _USER_CODE = re.compile(r"^\s+([BCDFGHJKLMNPQRSTVWXZ]{4}-[BCDFGHJKLMNPQRSTVWXZ]{4})\s*$")
@@ -257,6 +258,7 @@ def test_a_mac_signs_in_through_the_browser_and_its_owner_revokes_it(gw: DeviceG
             timeout=60,
         )
         assert answer.status_code == 200, answer.text
+        written(stack.nats_url)
         served_by = stack.postgres.psql(
             f"SELECT provider_id FROM usage_ledger WHERE request_id = '{answer.headers['x-request-id']}'"
         ).strip()

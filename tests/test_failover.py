@@ -15,6 +15,7 @@ from infra.components import DaemonChild, get_json, wait_model
 from tests.support import logs
 from tests.support.daemons import spawn_daemon
 from tests.support.stack import Stack
+from tests.support.ledger import written
 
 MODEL = "tiny-llama-ha"
 TOKENS = 2000
@@ -196,6 +197,7 @@ def test_the_next_turn_goes_to_the_provider_holding_the_conversation(stack: Stac
         body = {"model": MODEL, "messages": history, "max_tokens": 24, "temperature": 0}
         r = httpx.post(f"{stack.v1}/chat/completions", json=body, headers=stack.auth(), timeout=60)
         assert r.status_code == 200, r.text
+        written(stack.nats_url)
         (row,) = query(
             stack.database_url, "SELECT provider_id FROM usage_ledger WHERE request_id = $1", r.headers["x-request-id"]
         )

@@ -21,6 +21,7 @@ from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
 from tests.support.daemons import daemon_in_pool, spawn_daemon
 from tests.support.stack import TINY_MODEL, Stack
+from tests.support.ledger import written, written_async
 
 SYNTHETIC = "synthetic-quota-model"
 
@@ -130,6 +131,7 @@ async def test_one_account_burst_is_served_from_a_lease_that_is_given_back(stack
         )
     assert Counter(r.status_code for r in responses) == {200: 40}
     ids = {r.headers["x-request-id"] for r in responses}
+    await written_async(stack.nats_url)
     rows = await fetch(stack.database_url, "SELECT request_id FROM usage_ledger WHERE subject = $1", account.subject)
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
     await _assert_leases_add_up(stack, account.subject)
@@ -184,6 +186,7 @@ def test_one_request_after_another_keeps_a_spare_slot_only_when_the_subject_has_
     for _ in range(5):
         r = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC), headers=account.auth())
         assert r.status_code == 200, r.text
+    written(stack.nats_url)
     rows = query(stack.database_url, "SELECT slots FROM quota_leases WHERE subject = $1", account.subject)
     assert [row["slots"] for row in rows] == [spare]
     (usage,) = query(
@@ -218,6 +221,7 @@ def test_token_quota_counts_what_was_generated(stack: Stack) -> None:
                     break
     for rid in seen_ids:
         logs.wait_event(stack.daemon.log_path, "request_done", request_id=rid)
+    written(stack.nats_url)
     deadline = time.monotonic() + 5
     while query(stack.database_url, "SELECT 1 FROM reservations WHERE subject = $1", account.subject):
         assert time.monotonic() < deadline, "reservations left behind"
@@ -255,6 +259,7 @@ def test_refused_requests_do_not_use_the_quota(stack: Stack) -> None:
     ok = httpx.post(f"{stack.v1}/chat/completions", json=_body(TINY_MODEL), headers=account.auth())
     assert ok.status_code == 200
     assert ok.headers["x-ratelimit-remaining-requests"] == "1"
+    written(stack.nats_url)
     (usage,) = query(stack.database_url, "SELECT requests FROM quota_usage WHERE subject = $1", account.subject)
     assert usage["requests"] == 1
     outcomes = Counter(
@@ -476,8 +481,9 @@ def test_demo_tokens_have_their_own_quota_and_feedback(stack: Stack, synthetic_d
 
 
 def test_a_settlement_that_fails_is_retried_and_bills_what_was_delivered(stack: Stack, synthetic_daemon: Child) -> None:
-    """Postgres refuses the settlement when the answer ends (as while it restarts): the gateway tries again,
-    so the ledger bills the tokens the buyer got, not the progress last reported before the end."""
+    """Postgres refuses the settlement when the answer ends (as while it restarts): the usage stream keeps it
+    and its consumer tries again, so the ledger bills the tokens the buyer got, not the progress last
+    reported before the end."""
     account = make_account(stack.database_url)
     # A real failure of the settling statement, for this account only: its ledger insert raises.
     fn, trigger = f"refuse_{account.key_id}", f"refuse_ledger_{account.key_id}"
@@ -494,7 +500,7 @@ def test_a_settlement_that_fails_is_retried_and_bills_what_was_delivered(stack: 
         r = httpx.post(f"{stack.v1}/chat/completions", json=_body(SYNTHETIC, max_tokens=7), headers=account.auth())
         assert r.status_code == 200, r.text
         rid = r.headers["x-request-id"]
-        logs.wait_event(stack.gateway.log_path, "settle_failed", request_id=rid)
+        logs.wait_event(stack.gateway.log_path, "usage_apply_failed", error="RaiseError")
         assert query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE request_id = $1", rid) == []
     finally:
         query(stack.database_url, f"DROP TRIGGER {trigger} ON usage_ledger")

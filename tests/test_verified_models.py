@@ -32,6 +32,7 @@ from tests.support.daemons import spawn_daemon, wait_worker
 from tests.support.daemons import status as daemon_status
 from tests.support.stack import TINY_MODEL, Stack
 from tests.support.tiny_model import write_tiny_model
+from tests.support.ledger import written
 
 MODEL = "verified-tiny"
 HONEST, TAMPERED, LIAR = "verified-honest-mac", "verified-tampered-mac", "verified-liar-mac"
@@ -414,6 +415,7 @@ def test_canary_traffic_is_never_billed(verified: Verified) -> None:
     mine = {r["provider_id"]: r["status"] for r in rows if r["kind"] == "provider_model" and r["model_id"] == MODEL}
     assert mine[TAMPERED] == "hash_mismatch"
     # What the ledger bills for the model is exactly what buyers were served above (1 + 6 + 4).
+    written(stack.nats_url)
     ledger = _rows(stack, "SELECT count(*) AS n FROM usage_ledger WHERE model = $1 AND outcome = 'ok'", MODEL)
     assert ledger[0]["n"] == 11
 

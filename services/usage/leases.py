@@ -25,6 +25,9 @@ import asyncpg
 
 from services.usage.quotas import Holder, Limits, Settlement, Usage, today
 
+# Where a statement runs: the pool, or a connection holding a transaction.
+Executor = asyncpg.Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 _ENSURE = "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT (subject) DO NOTHING"
 
 # The grant. `cur` locks the subject's row and reads it as of the lock; a grant is at least what
@@ -458,7 +461,7 @@ async def open_many(db: asyncpg.Pool, gw: str, items: list[Opening]) -> list[boo
     return [i.request_id in written for i in items]
 
 
-async def apply_open_many(db: asyncpg.Pool | asyncpg.Connection, gw: str, items: list[Opening]) -> int:
+async def apply_open_many(db: Executor, gw: str, items: list[Opening]) -> int:
     """Reservation rows from the usage stream (never refused); how many were new."""
     written = 0
     by_day: dict[dt.date, list[Opening]] = {}
@@ -482,7 +485,7 @@ async def apply_open_many(db: asyncpg.Pool | asyncpg.Connection, gw: str, items:
     return written
 
 
-async def close_many(db: asyncpg.Pool | asyncpg.Connection, gw: str, items: list[Closing]) -> list[tuple[bool, bool]]:
+async def close_many(db: Executor, gw: str, items: list[Closing]) -> list[tuple[bool, bool]]:
     """Settle a batch; per item (settled now, its slot went back to this replica's lease)."""
     rows = await db.fetch(
         _CLOSE,

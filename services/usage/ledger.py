@@ -49,12 +49,12 @@ log = structlog.get_logger("usage")
 BATCH = 512
 # What the stream may hold while no consumer writes it (Postgres down): past that, publishes fail and
 # requests are refused (503) rather than served unbilled.
-MAX_BYTES = 1 << 30
+MAX_BYTES = 256 << 20
 # A lost acknowledgement is retried with the same message id within this window and stored once.
 DUPLICATE_WINDOW_S = 120.0
 PUBLISH_TIMEOUT_S = 2.0
 # A pull waits this long for the next event; the server sees the consumer alive as long as it pulls.
-PULL_WAIT_S = 5.0
+PULL_WAIT_S = 2.0
 
 
 def _lock_key(gateway_id: str) -> str:
@@ -119,10 +119,14 @@ class UsageStream:
         self._subject = subjects.usage_events(gateway_id)
         self._replicas = replicas
         self._linger_s = linger_s
-        self._idle_s = max(1.0, idle_s)
+        self._idle_s = max(5.0, idle_s)
         self._metrics = metrics
         self._js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
-        self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._puller: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        # Pulled batches waiting to be written; None tells the writer to stop.
+        self._batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
 
     # ---- publishing (the request path) -----------------------------------------------------
@@ -142,28 +146,43 @@ class UsageStream:
 
     async def start(self) -> None:
         await self._ensure_stream()
-        # An adoption of this replica's id still under way (a restart with a fixed MP_GATEWAY_ID after
-        # its consumer went idle) finishes first: never two readers of one subject at once.
-        async with self._db.acquire() as conn:
-            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _lock_key(self._gw))
-            try:
-                sub = await self._subscribe(self._gw)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _lock_key(self._gw))
-        self._task = asyncio.create_task(self._consume(sub), name="usage-ledger")
+        self._sub = await self._claim()
+        self._puller = asyncio.create_task(self._pull(), name="usage-pull")
+        self._writer = asyncio.create_task(self._write_pulled(), name="usage-write")
 
     async def stop(self) -> None:
         """Write what this replica published, then remove its consumer (a graceful stop leaves nothing)."""
-        if self._task is None:
+        if self._puller is None or self._writer is None or self._sub is None:
             return
+        # The puller only ever waits on the server: what it had received stays in the subscription's queue.
+        self._puller.cancel()
+        with contextlib.suppress(BaseException):
+            await self._puller
         self._stopping.set()
+        self._batches.put_nowait(None)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._writer, timeout=10.0)
+        self._puller = self._writer = None
+        try:
+            while msgs := await self._fetch(self._sub, 0.2):
+                await self._write(self._gw, msgs)
+            await self._js.delete_consumer(subjects.USAGE_STREAM, subjects.usage_consumer(self._gw))
+        except Exception as exc:
+            # Left in the stream: another replica adopts them once this consumer goes idle.
+            log.warning("usage_drain_failed", error=type(exc).__name__)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=10.0)
-        if not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = None
+            await self._sub.unsubscribe()
+        self._sub = None
+
+    async def _claim(self) -> JetStreamContext.PullSubscription:
+        """This replica's consumer (made if missing). An adoption of this replica's id still under way (its
+        consumer went idle, or a restart with a fixed MP_GATEWAY_ID) finishes first: one reader at a time."""
+        async with self._db.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _lock_key(self._gw))
+            try:
+                return await self._subscribe(self._gw)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _lock_key(self._gw))
 
     async def _ensure_stream(self) -> None:
         config = api.StreamConfig(
@@ -200,26 +219,36 @@ class UsageStream:
             config=config,
         )
 
-    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
-        try:
-            while True:
-                wait = 0.2 if self._stopping.is_set() else PULL_WAIT_S
-                msgs = await self._fetch(sub, wait)
-                if not msgs:
-                    if self._stopping.is_set():
-                        break
-                    continue
-                if self._linger_s and len(msgs) < BATCH and not self._stopping.is_set():
-                    # Let a batch gather: one statement then carries many requests' events.
-                    await asyncio.sleep(self._linger_s)
-                    msgs += await self._fetch(sub, 0.0, BATCH - len(msgs))
-                await self._write(self._gw, msgs)
-        finally:
-            with contextlib.suppress(Exception):
-                if self._stopping.is_set():
-                    await self._js.delete_consumer(subjects.USAGE_STREAM, subjects.usage_consumer(self._gw))
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+    async def _pull(self) -> None:
+        """Keep a pull request waiting at the server at all times, also while a batch is being written:
+        a consumer nobody pulls for `idle_s` is removed, and its events adopted by another replica."""
+        while True:
+            assert self._sub is not None
+            try:
+                msgs = await self._sub.fetch(batch=BATCH, timeout=PULL_WAIT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as exc:
+                # Disconnected (the client reconnects), or this consumer was removed: make it again.
+                log.warning("usage_fetch_failed", error=type(exc).__name__)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    self._sub = await self._claim()
+                continue
+            self._batches.put_nowait(msgs)
+
+    async def _write_pulled(self) -> None:
+        while (msgs := await self._batches.get()) is not None:
+            if self._linger_s and len(msgs) < BATCH:
+                # Let a batch gather: one statement then carries many requests' events.
+                await asyncio.sleep(self._linger_s)
+            while len(msgs) < 4 * BATCH and not self._batches.empty():
+                more = self._batches.get_nowait()
+                if more is None:
+                    self._batches.put_nowait(None)
+                    break
+                msgs += more
+            await self._write(self._gw, msgs)
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription, wait_s: float, batch: int = BATCH) -> list[Msg]:
         try:
@@ -241,7 +270,6 @@ class UsageStream:
             except Exception:
                 # Only the control plane can publish here; an event that does not decode never will.
                 log.error("usage_event_undecodable", gateway_id=gateway_id, size=len(msg.data))
-        started = time.monotonic()
         while True:
             try:
                 await apply(self._db, gateway_id, events)
@@ -256,8 +284,6 @@ class UsageStream:
         for msg in msgs:
             with contextlib.suppress(Exception):
                 await msg.ack()
-        if self._metrics is not None:
-            self._metrics.settlement_lag.observe(time.monotonic() - started)
 
     # ---- what other replicas left --------------------------------------------------------------
 
@@ -304,14 +330,32 @@ class UsageStream:
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _lock_key(gateway_id))
 
     async def caught_up(self, timeout_s: float) -> bool:
-        """Wait until every event published before now is written to Postgres (False: not within timeout)."""
+        """Wait until every event published before now by a live replica is in Postgres (False: not
+        within the timeout). A dead replica's events wait for adoption; nobody can hurry those."""
         deadline = time.monotonic() + timeout_s
-        info = await self._js.stream_info(subjects.USAGE_STREAM)
+        info = await self._js.stream_info(subjects.USAGE_STREAM, subjects_filter=subjects.ALL_USAGE_EVENTS)
         last = info.state.last_seq
-        while True:
-            if info.state.messages == 0 or info.state.first_seq > last:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.005)
-            info = await self._js.stream_info(subjects.USAGE_STREAM)
+        for subject, count in (info.state.subjects or {}).items():
+            gateway_id = subject.rsplit(".", 1)[-1]
+            if not count or not subjects.valid_token(gateway_id):
+                continue
+            while True:
+                try:
+                    ci = await self._js.consumer_info(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
+                except nats.js.errors.NotFoundError:
+                    break  # an orphan
+                if _written_through(ci, last):
+                    break
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.005)
+        return True
+
+
+def _written_through(ci: api.ConsumerInfo, seq: int) -> bool:
+    """Whether a consumer has written (acknowledged) every event of its subject up to stream sequence `seq`."""
+    floor = ci.ack_floor.stream_seq if ci.ack_floor is not None else 0
+    if floor is not None and floor >= seq:
+        return True
+    delivered = ci.delivered.stream_seq if ci.delivered is not None else 0
+    return not ci.num_ack_pending and (not ci.num_pending or (delivered or 0) >= seq)

@@ -212,6 +212,15 @@ class Metering:
         await self._stream.publish(event, open_id(o.request_id))
         return True
 
+    async def caught_up(self, timeout_s: float) -> bool:
+        """Wait until the usage events published so far are in Postgres (at once without a stream)."""
+        if self._stream is None or not self.enabled:
+            return True
+        try:
+            return await self._stream.caught_up(timeout_s)
+        except Exception:
+            return False
+
     async def confirm(self, ticket: Ticket) -> None:
         """Wait until the ticket's reservation row is written (raises if it could not be)."""
         if ticket.opening is None:

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Annotated, Any
 
 import msgspec
+from asyncpg import Record
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
 from msgspec import Meta
@@ -21,6 +22,8 @@ from services.usage import quotas, reports
 from services.usage.metering import holder_for, quota_headers, rate_limit_headers
 
 MAX_DAYS = 90
+# How long a report or a rating waits for the caller's just-ended requests to reach the ledger.
+READ_YOUR_WRITES_S = 2.0
 # Each surface's answer id is the request id behind a prefix (chat, text completion, Messages, Responses).
 _ANSWER_ID_PREFIXES = ("chatcmpl-", "cmpl-", "msg_", "resp_")
 MAX_COMMENT = 2000
@@ -48,6 +51,8 @@ async def usage(request: Request[Any, Any, Any], runtime: NamedDependency[Runtim
     principal = await authenticate(request, runtime, allow_demo=True)
     days = _days(request.query_params.get("days"))
     holder, defaults = holder_for(principal, runtime.settings)
+    # The buyer's requests that just ended are in the report (their settlements may still be on the way).
+    await runtime.metering.caught_up(READ_YOUR_WRITES_S)
     current = await quotas.snapshot(runtime.db, holder, defaults)
     since = dt.datetime.combine(current.window_day - dt.timedelta(days=days - 1), dt.time(), tzinfo=dt.UTC)
     key, demo_token = None, None
@@ -107,7 +112,19 @@ async def feedback(request: Request[Any, Any, Any], runtime: NamedDependency[Run
     request_id = body.request_id
     for prefix in _ANSWER_ID_PREFIXES:
         request_id = request_id.removeprefix(prefix)
-    row = await runtime.db.fetchrow(
+    row = await _rate(runtime, request_id, holder.subject, body)
+    if row is None and await runtime.metering.caught_up(READ_YOUR_WRITES_S):
+        # Rated at once: its settlement may have been on its way to the ledger.
+        row = await _rate(runtime, request_id, holder.subject, body)
+    if row is None:
+        # 404 whether the id does not exist or is someone else's: ids are not probeable.
+        raise NotFound(f"No finished request {body.request_id!r} on your account.", param="request_id")
+    record = FeedbackRecord(request_id=request_id, rating=body.rating, comment=body.comment, replaced=row["replaced"])
+    return Response(record, headers=await quota_headers(runtime.db, principal, runtime.settings))
+
+
+async def _rate(runtime: Runtime, request_id: str, subject: str, body: FeedbackRequest) -> Record | None:
+    row: Record | None = await runtime.db.fetchrow(
         """WITH mine AS (SELECT request_id FROM usage_ledger WHERE request_id = $1 AND subject = $2)
            INSERT INTO feedback (request_id, rating, comment)
            SELECT request_id, $3, $4 FROM mine
@@ -115,12 +132,8 @@ async def feedback(request: Request[Any, Any, Any], runtime: NamedDependency[Run
                                                   updated_at = now()
            RETURNING (xmax <> 0) AS replaced""",
         request_id,
-        holder.subject,
+        subject,
         body.rating,
         body.comment,
     )
-    if row is None:
-        # 404 whether the id does not exist or is someone else's: ids are not probeable.
-        raise NotFound(f"No finished request {body.request_id!r} on your account.", param="request_id")
-    record = FeedbackRecord(request_id=request_id, rating=body.rating, comment=body.comment, replaced=row["replaced"])
-    return Response(record, headers=await quota_headers(runtime.db, principal, runtime.settings))
+    return row
