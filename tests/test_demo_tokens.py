@@ -24,8 +24,8 @@ from services.runtime import Runtime
 from services.settings import Settings
 from tests.support.accounts import query
 from tests.support.auth_stack import AuthStack
-from tests.support.stack import TINY_MODEL
 from tests.support.ledger import written
+from tests.support.stack import TINY_MODEL
 
 _client = httpx.Client(timeout=30)
 

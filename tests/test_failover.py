@@ -14,8 +14,8 @@ import pytest
 from infra.components import DaemonChild, get_json, wait_model
 from tests.support import logs
 from tests.support.daemons import spawn_daemon
-from tests.support.stack import Stack
 from tests.support.ledger import written
+from tests.support.stack import Stack
 
 MODEL = "tiny-llama-ha"
 TOKENS = 2000

@@ -20,8 +20,8 @@ from infra.ports import free_port
 from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
 from tests.support.daemons import daemon_in_pool, spawn_daemon
-from tests.support.stack import TINY_MODEL, Stack
 from tests.support.ledger import written, written_async
+from tests.support.stack import TINY_MODEL, Stack
 
 SYNTHETIC = "synthetic-quota-model"
 

@@ -30,9 +30,9 @@ from services.providers import store as providers
 from tests.support.admin_cli import models_cli, providers_cli
 from tests.support.daemons import spawn_daemon, wait_worker
 from tests.support.daemons import status as daemon_status
+from tests.support.ledger import written
 from tests.support.stack import TINY_MODEL, Stack
 from tests.support.tiny_model import write_tiny_model
-from tests.support.ledger import written
 
 MODEL = "verified-tiny"
 HONEST, TAMPERED, LIAR = "verified-honest-mac", "verified-tampered-mac", "verified-liar-mac"
