@@ -294,6 +294,19 @@ def test_local_api_surface(daemon: DaemonChild) -> None:
     assert bad.json()["error"]["code"] == "invalid_json"
 
 
+def test_local_api_answers_without_waiting_for_delayed_acks(daemon: DaemonChild) -> None:
+    # uvicorn writes a response's headers and body apart; on a socket without TCP_NODELAY the body
+    # waits for the client's delayed ACK: 40 ms on every local request (Linux). Twenty on one keep-alive
+    # connection took 880 ms that way; they take about 10 now (the bound leaves room for a busy machine).
+    with httpx.Client(base_url=daemon.api_url) as client:
+        client.get("/v1/models")
+        started = time.perf_counter()
+        for _ in range(20):
+            assert client.get("/v1/models").status_code == 200
+        elapsed = time.perf_counter() - started
+    assert elapsed < 0.4, f"20 requests took {elapsed * 1000:.0f} ms"
+
+
 # ---- a daemon on a small memory budget, and a model with generation defaults --------
 
 
