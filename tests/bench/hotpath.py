@@ -31,7 +31,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from infra.components import Child, start_daemon, wait_model
+from infra.components import Child, DaemonChild, start_daemon, wait_model
 from services.keys.store import create_account, create_key
 from tests.bench import cli, harness
 from tests.bench.cpu import CpuProbe
@@ -48,12 +48,20 @@ OFF = "metering-off"
 ON = "metering-on"
 # The slow daemon claims 4,096 slots; the gateways' cap on what one provider may claim is 64 by default.
 _SLOTS = {"MP_PROVIDER_MAX_SLOTS": "4096"}
+ON_PG = "metering-on-postgres"
 GATEWAYS = (
     GatewaySpec(OFF, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "off"}),
-    GatewaySpec(ON, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "on"}),
+    GatewaySpec(ON, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "on", "MP_SETTLEMENT": "jetstream"}),
+    GatewaySpec(ON_PG, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "on", "MP_SETTLEMENT": "postgres"}),
 )
 DIRECT = "direct engine"
+# The same requests straight to the daemon's own OpenAI API (how gateways' overhead is usually measured:
+# the same client, the upstream called directly).
+DIRECT_HTTP = "direct HTTP"
 SERIES = ("off, 1 key", "on, 1 key", "on, N keys")
+# Metering on with each request's reservation and settlement written straight to Postgres (group
+# commit), the path before the usage stream: beside "on, 1 key" it shows what the stream changed.
+PG_SERIES = "on, Postgres settle"
 # A second daemon whose synthetic engine hands over this many tokens per step (a batch's decode step).
 BATCH_MODEL = "synthetic-batch"
 BATCH_STEP = 8
@@ -309,7 +317,9 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     top = max(c.concurrency for c in plan.columns)
     keys = await _accounts(stack.database_url, top)
     postgres = CpuProbe(stack.postgres_pid, tree=True)
-    gw = {name: stack.gateways[name] for name in (OFF, ON)}
+    gw = {name: stack.gateways[name] for name in (OFF, ON, ON_PG)}
+    assert isinstance(stack.daemon, DaemonChild)
+    daemon_api = stack.daemon.api_url
     probes = {name: CpuProbe(g.child.proc.pid) for name, g in gw.items()}
     profiler = Profiler(gw[ON].child.proc.pid, profile_dir) if plan.profile_s else None
     results: Results = {}
@@ -317,6 +327,8 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
         HttpClients(top, plan.streams_per_client) as c_off,
         HttpClients(top, plan.streams_per_client) as c_one,
         HttpClients(top, plan.streams_per_client) as c_many,
+        HttpClients(top, plan.streams_per_client) as c_pg,
+        HttpClients(top, plan.streams_per_client) as c_direct,
     ):
         for column in plan.columns:
             c = column.concurrency
@@ -328,10 +340,15 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                 SERIES[0]: (OFF, via(c_off, OFF, stack.api_key)),
                 SERIES[1]: (ON, via(c_one, ON, stack.api_key)),
                 SERIES[2]: (ON, ManyKeys([via(c_many, ON, k) for k in keys[:c]])),
+                PG_SERIES: (ON_PG, via(c_pg, ON_PG, stack.api_key)),
             }
-            if column.stream and column.model == MODEL_ID:
-                # The baseline: the same engine in this process, no HTTP, no NATS, no gateway.
-                senders = {DIRECT: (None, Direct(plan.tokens)), **senders}
+            if column.model == MODEL_ID:
+                # The baselines: the daemon's own API over HTTP (same client, no gateway or NATS), and
+                # the same engine in this process (no HTTP either).
+                http = ViaGateway(c_direct, daemon_api, "none", column.model, plan.tokens, stream=column.stream)
+                senders = {DIRECT_HTTP: (None, http), **senders}
+                if column.stream:
+                    senders = {DIRECT: (None, Direct(plan.tokens)), **senders}
             for _, send in senders.values():
                 await drive(send, concurrency=c, requests=warmup(c) * 2)
             names = list(senders)
@@ -378,9 +395,13 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         "        path, not a model. Two control planes on one NATS + PostgreSQL, MP_METERING=off and =on, and two",
         f"        daemons: {MODEL_ID!r} (1 token per step) and {BATCH_MODEL!r} ({BATCH_STEP} tokens per step, as a",
         "        batch's decode step hands over; the daemon puts the tokens ready together in one frame).",
-        f"series: '{DIRECT}' = the same engine in the benchmark process (no HTTP, NATS or gateway): the baseline;",
+        f"series: '{DIRECT}' = the same engine in the benchmark process (no HTTP, NATS or gateway); '{DIRECT_HTTP}' =",
+        "        the same requests, same client, straight to the daemon's own OpenAI API (no gateway, no NATS): the",
+        "        baseline a gateway's added latency is measured against;",
         "        'off, 1 key' = metering off; 'on, 1 key' = metering on, every request on one account (one quota",
-        "        row); 'on, N keys' = worker w uses key w % N, N = the column's concurrency (one quota row each).",
+        "        row); 'on, N keys' = worker w uses key w % N, N = the column's concurrency (one quota row each);",
+        f"        '{PG_SERIES}' = metering on, 1 key, reservations and settlements straight to PostgreSQL",
+        "        (MP_SETTLEMENT=postgres) instead of through the usage stream (JetStream; the default).",
         f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop; {plan.requests} measured requests",
         f"      per column and series in {plan.rounds} rounds whose order rotates; after a warm-up of each.",
         *machine_lines("the client, both control planes, nats-server, daemons and PostgreSQL"),
@@ -419,7 +440,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
                     ms(st.ttft_p50_ms),
                     ms(st.ttft_p99_ms),
                     rate(st.requests_per_s),
-                    "-" if frames is None or series == DIRECT else f"{frames:.1f}",
+                    "-" if frames is None or series in (DIRECT, DIRECT_HTTP) else f"{frames:.1f}",
                     ms(gw_req),
                     ms(gw_req / frames) if gw_req is not None and frames else "-",
                     "-" if t.postgres_cpu_s is None else ms(1000 * t.postgres_cpu_s / n),
@@ -433,14 +454,25 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         if one.latency_p50_ms and many.latency_p50_ms:
             ratio = f"{one.latency_p50_ms / many.latency_p50_ms:.2f}x"
         rps = f"{one.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
-        line = f"  {label:<28} p50 1 key / N keys {ratio} (<= 1.20x); req/s on / off {rps} (>= 0.90x)"
-        if DIRECT in tallies and label.endswith("c=1"):
-            direct = tallies[DIRECT].stats
-            if direct.ttft_p50_ms is not None and one.ttft_p50_ms is not None and one.ttft_p99_ms is not None:
-                added50 = one.ttft_p50_ms - direct.ttft_p50_ms
-                added99 = one.ttft_p99_ms - (direct.ttft_p99_ms or 0.0)
-                line += f"; added TTFT p50/p99 {added50:+.2f}/{added99:+.2f} ms (<= 1/3 ms)"
+        pg = tallies[PG_SERIES].stats
+        pg_rps = f"{pg.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
+        line = (
+            f"  {label:<28} p50 1 key / N keys {ratio} (<= 1.20x); req/s on / off {rps} (>= 0.90x;"
+            f" Postgres settlement {pg_rps})"
+        )
         table.add(line)
+        if label.endswith("c=1"):
+            for base in (DIRECT_HTTP, DIRECT):
+                if base not in tallies:
+                    continue
+                b = tallies[base].stats
+                added = []
+                for series, st in (("on", one), ("off", off), ("on, Postgres settle", pg)):
+                    if b.ttft_p50_ms is not None and st.ttft_p50_ms is not None and st.ttft_p99_ms is not None:
+                        a50, a99 = st.ttft_p50_ms - b.ttft_p50_ms, st.ttft_p99_ms - (b.ttft_p99_ms or 0.0)
+                        added.append(f"{series} {a50:+.2f}/{a99:+.2f}")
+                goal = " (<= 1/3 ms, metering on)" if base == DIRECT_HTTP else ""
+                table.add(f"  {'':<28} added TTFT p50/p99 ms over {base}: {'; '.join(added)}{goal}")
     if slow is not None:
         st = Stats.of(slow.level)
         mb = 1 << 20
