@@ -34,6 +34,7 @@ from services.metrics.registry import Metrics
 from services.providers.admission import Admission
 from services.providers.violations import Violations
 from services.settings import Settings
+from services.usage.ledger import UsageStream
 from services.usage.metering import Metering
 
 log = structlog.get_logger("services")
@@ -139,12 +140,26 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
     )
     keys = KeyLookup(db, settings)
     demo = DemoTokens(settings.secret_key, ttl_s=settings.demo_token_ttl_s)
+    stream = (
+        UsageStream(
+            nc,
+            db,
+            settings.gateway_id,
+            replicas=settings.usage_stream_replicas,
+            linger_s=settings.ledger_linger_ms / 1000,
+            idle_s=settings.reservation_stale_s,
+            metrics=metrics,
+        )
+        if settings.metering and settings.settlement == "jetstream"
+        else None
+    )
     metering = Metering(
         db,
         settings.gateway_id,
         enabled=settings.metering,
         stale_after_s=settings.reservation_stale_s,
         metrics=metrics,
+        stream=stream,
     )
     tracing = open_tracing(settings.tracing, service="mac-provider-gateway", instance=settings.gateway_id)
     try:

@@ -122,6 +122,55 @@ WITH p AS (
 SELECT request_id, (SELECT count(*) FROM u) AS subjects FROM ins
 """
 
+# The same, applied from the usage stream (services/usage/ledger.py) after the request was admitted
+# and perhaps already answered: it cannot be refused any more. Idempotent (an event delivered again
+# after a consumer died before acknowledging it writes nothing twice: a reservation already there, or
+# already settled into the ledger, is skipped). Where the replica's lease no longer holds the request
+# (a peer gave back the lease of a replica that looked dead), it counts straight against the subject.
+_APPLY_OPEN = """
+WITH p AS (
+    SELECT * FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::bigint[])
+        AS p(request_id, subject, account_id, key_id, demo_token_id, model, tokens)
+), lk AS (
+    SELECT subject FROM quota_usage WHERE subject IN (SELECT subject FROM p) ORDER BY subject FOR UPDATE
+), ins AS (
+    INSERT INTO reservations
+        (request_id, subject, account_id, key_id, demo_token_id, model, window_day, tokens_reserved, gateway_id)
+    SELECT p.request_id, p.subject, p.account_id, p.key_id, p.demo_token_id, p.model, $2, p.tokens, $1
+    FROM p
+    WHERE p.subject IN (SELECT subject FROM lk)
+      AND NOT EXISTS (SELECT 1 FROM usage_ledger g WHERE g.request_id = p.request_id)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id, subject, tokens_reserved
+), agg AS (
+    SELECT subject, count(*)::int AS n, sum(tokens_reserved)::bigint AS t FROM ins GROUP BY subject
+), l AS (
+    -- No check that the row still holds enough: a batch applies its opens before its closes, so a slot
+    -- a close gave back to the lease, and an open then took again, may leave the row one short until
+    -- the close that follows in the same batch (every change here is a sum: the order does not matter).
+    UPDATE quota_leases l SET requests = l.requests - agg.n, tokens = l.tokens - agg.t, slots = l.slots - agg.n,
+                              last_seen = now()
+    FROM agg
+    WHERE l.subject = agg.subject AND l.gateway_id = $1 AND l.window_day = $2
+    RETURNING l.subject
+), u AS (
+    UPDATE quota_usage q SET
+        requests = q.requests + CASE WHEN q.window_day = $2 THEN agg.n ELSE 0 END,
+        tokens = q.tokens + CASE WHEN q.window_day = $2 THEN agg.t ELSE 0 END,
+        inflight = q.inflight + agg.n,
+        leased_requests = CASE WHEN q.window_day = $2 AND agg.subject IN (SELECT subject FROM l)
+                               THEN q.leased_requests - agg.n ELSE q.leased_requests END,
+        leased_tokens = CASE WHEN q.window_day = $2 AND agg.subject IN (SELECT subject FROM l)
+                             THEN q.leased_tokens - agg.t ELSE q.leased_tokens END,
+        leased_slots = CASE WHEN agg.subject IN (SELECT subject FROM l)
+                            THEN q.leased_slots - agg.n ELSE q.leased_slots END
+    FROM agg
+    WHERE q.subject = agg.subject
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins) AS written, (SELECT count(*) FROM u) AS subjects
+"""
+
 # Settlement of a batch: ledger rows, reservations gone, unused tokens and refunded requests back to
 # the subject, and each slot back to this replica's lease (when it still has one) where `keep_slot`
 # says this replica is busy with the subject, else back to the subject: a subject with a small
@@ -409,7 +458,31 @@ async def open_many(db: asyncpg.Pool, gw: str, items: list[Opening]) -> list[boo
     return [i.request_id in written for i in items]
 
 
-async def close_many(db: asyncpg.Pool, gw: str, items: list[Closing]) -> list[tuple[bool, bool]]:
+async def apply_open_many(db: asyncpg.Pool | asyncpg.Connection, gw: str, items: list[Opening]) -> int:
+    """Reservation rows from the usage stream (never refused); how many were new."""
+    written = 0
+    by_day: dict[dt.date, list[Opening]] = {}
+    for item in items:
+        by_day.setdefault(item.day, []).append(item)
+    for day, group in by_day.items():
+        row = await db.fetchrow(
+            _APPLY_OPEN,
+            gw,
+            day,
+            [i.request_id for i in group],
+            [i.holder.subject for i in group],
+            [i.holder.account_id for i in group],
+            [i.holder.key_id for i in group],
+            [i.holder.demo_token_id for i in group],
+            [i.model for i in group],
+            [i.tokens for i in group],
+        )
+        assert row is not None
+        written += row["written"]
+    return written
+
+
+async def close_many(db: asyncpg.Pool | asyncpg.Connection, gw: str, items: list[Closing]) -> list[tuple[bool, bool]]:
     """Settle a batch; per item (settled now, its slot went back to this replica's lease)."""
     rows = await db.fetch(
         _CLOSE,

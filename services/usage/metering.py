@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
+from schemas.usage_events import Closed, Opened, close_id, open_id
 from services.auth.principal import Principal
 from services.errors import CoordinatorUnavailable, QuotaExhausted
 from services.settings import Settings
@@ -32,6 +33,7 @@ from services.usage.quotas import Holder, Limits, Settlement, Usage, today
 
 if TYPE_CHECKING:
     from services.metrics.registry import Metrics
+    from services.usage.ledger import UsageStream
 
 log = structlog.get_logger("usage")
 
@@ -125,8 +127,12 @@ class Metering:
         touch_interval_s: float = 2.0,
         stale_after_s: float = 30.0,
         metrics: Metrics | None = None,
+        stream: UsageStream | None = None,
     ) -> None:
         self._db = db
+        # Where reservations and settlements go: the usage stream (written to Postgres in batches by a
+        # consumer, off the request path), or without one straight to Postgres (group commit).
+        self._stream = stream
         self._gateway_id = gateway_id
         self.enabled = enabled
         # Often enough that this replica's rows never look stale to another replica (a quarter of the
@@ -157,6 +163,8 @@ class Metering:
         return time.monotonic() - min(t.started for t in self._open.values())
 
     async def start(self) -> None:
+        if self.enabled and self._stream is not None:
+            await self._stream.start()
         if self.enabled:
             self._tasks.append(asyncio.create_task(self._touch_loop(), name="metering-touch"))
             self._tasks.append(asyncio.create_task(self._sweep_loop(), name="metering-sweep"))
@@ -170,6 +178,9 @@ class Metering:
         await self._opener.drain()
         await self._closer.drain()
         await self._retry_unsettled()
+        if self._stream is not None and self.enabled:
+            # Everything this replica published is written before its leases go back.
+            await self._stream.stop()
         for lease in list(self._leases.values()):
             with contextlib.suppress(Exception):
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
@@ -186,15 +197,31 @@ class Metering:
             return Ticket(request_id, holder, model, usage=None, stream=stream)
         lease = await self._admit(holder, limits, tokens)
         ticket = Ticket(request_id, holder, model, lease.usage(), stream=stream, lease=lease, tokens=tokens)
-        ticket.opening = self._opener.submit(Opening(request_id, holder, model, tokens, lease.day))
+        opening = Opening(request_id, holder, model, tokens, lease.day)
+        if self._stream is not None:
+            ticket.opening = asyncio.ensure_future(self._publish_open(opening))
+        else:
+            ticket.opening = self._opener.submit(opening)
         self._open[request_id] = ticket
         return ticket
+
+    async def _publish_open(self, o: Opening) -> bool:
+        assert self._stream is not None
+        h = o.holder
+        event = Opened(o.request_id, h.subject, h.account_id, h.key_id, h.demo_token_id, o.model, o.day, o.tokens)
+        await self._stream.publish(event, open_id(o.request_id))
+        return True
 
     async def confirm(self, ticket: Ticket) -> None:
         """Wait until the ticket's reservation row is written (raises if it could not be)."""
         if ticket.opening is None:
             return
-        if not await asyncio.shield(ticket.opening):
+        try:
+            opened = await asyncio.shield(ticket.opening)
+        except Exception as exc:
+            log.warning("reservation_failed", request_id=ticket.request_id, error=type(exc).__name__)
+            raise CoordinatorUnavailable("Usage could not be recorded just now; retry the request.") from None
+        if not opened:
             # The lease's row no longer holds what memory says (another replica gave it back while this
             # one could not reach Postgres): forget it; the next request leases anew.
             assert ticket.lease is not None
@@ -206,7 +233,7 @@ class Metering:
         lease = self._leases.get(holder.subject)
         if lease is None:
             lease = self._leases[holder.subject] = Lease(holder.subject, today(), limits)
-        retried = False
+        retried = caught_up = False
         while True:
             now = time.monotonic()
             if lease.day != today():
@@ -252,6 +279,13 @@ class Metering:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
                 continue
             error, limit = _refusal(refused.usage, tokens)
+            if limit == "concurrent" and self._stream is not None and not caught_up:
+                # Slots of requests that just ended come back when their settlements are written (the
+                # usage stream's consumer, within milliseconds): wait for those, then ask once more.
+                caught_up = True
+                with contextlib.suppress(Exception):
+                    await self._stream.caught_up(1.0)
+                continue
             if self._metrics is not None:
                 kind = "demo" if holder.demo_token_id is not None else "account"
                 self._metrics.quota_rejections.labels(kind, limit).inc()
@@ -327,6 +361,9 @@ class Metering:
                 opened: bool | None = await asyncio.shield(ticket.opening)
             except Exception:
                 opened = None
+            if not opened and self._stream is not None:
+                self._open_unconfirmed(ticket)
+                return
             if not opened:
                 # No row was written, so `confirm` failed and nothing reached the buyer: nothing to settle.
                 if ticket.lease is not None:
@@ -353,7 +390,12 @@ class Metering:
         )
         lease = ticket.lease
         try:
-            _, to_lease = await self._closer.submit(closing)
+            if self._stream is not None:
+                await self._stream.publish(_closed(closing), close_id(ticket.request_id))
+                # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
+                to_lease = closing.keep_slot
+            else:
+                _, to_lease = await self._closer.submit(closing)
         except Exception as exc:
             # Retried from the touch loop; only if this replica dies first does a sweeper settle it.
             if lease is not None:
@@ -370,11 +412,28 @@ class Metering:
         if self._metrics is not None:
             self._metrics.settlement_lag.observe(time.monotonic() - ended)
 
+    def _open_unconfirmed(self, ticket: Ticket) -> None:
+        """The reservation's publish failed (nothing reached the buyer). It may still have been stored
+        (only the acknowledgement lost): a refund closes it then, its slot back to this lease as in memory."""
+        assert self._stream is not None
+        if ticket.lease is not None:
+            ticket.lease.in_use -= 1
+            ticket.lease.slots += 1
+        refund = Settlement(ticket.provider_id, 0, 0, 0, None, None, "unconfirmed", refund=True)
+        event = _closed(Closing(ticket.request_id, refund, keep_slot=True))
+        task = asyncio.ensure_future(self._stream.publish(event, close_id(ticket.request_id)))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     async def _retry_unsettled(self) -> None:
         """Write the settlements that failed; one that keeps failing is left to the sweeper at last."""
         for request_id, (settlement, ended, tries) in list(self._unsettled.items()):
             try:
-                await quotas.settle(self._db, request_id, settlement)
+                if self._stream is not None:
+                    # Its slot went back to the subject (memory no longer counts it in the lease).
+                    closing = Closing(request_id, settlement, keep_slot=False)
+                    await self._stream.publish(_closed(closing), close_id(request_id))
+                else:
+                    await quotas.settle(self._db, request_id, settlement)
             except Exception as exc:
                 if tries >= _SETTLE_TRIES:
                     del self._unsettled[request_id]
@@ -405,7 +464,13 @@ class Metering:
         while True:
             await asyncio.sleep(max(1.0, self._stale_after_s / 4))
             try:
-                settled = await quotas.settle_stale(self._db, self._stale_after_s)
+                busy: list[str] = []
+                if self._stream is not None:
+                    # A dead replica's events are written first; a replica whose events are not all
+                    # written yet has none of its reservations swept (their settlements may be among them).
+                    await self._stream.adopt_orphans()
+                    busy = list(await self._stream.backlog())
+                settled = await quotas.settle_stale(self._db, self._stale_after_s, exclude_gateways=busy)
                 given = await leases.give_back_stale(self._db)
             except Exception:
                 log.exception("reservation_sweep_failed")
@@ -416,6 +481,22 @@ class Metering:
                     self._metrics.stale_settled.inc(settled)
             if given:
                 log.warning("stale_leases_given_back", subjects=given)
+
+
+def _closed(c: Closing) -> Closed:
+    s = c.settlement
+    return Closed(
+        c.request_id,
+        s.provider_id,
+        s.prompt_tokens,
+        s.completion_tokens,
+        s.cached_tokens,
+        s.ttft_ms,
+        s.duration_ms,
+        s.outcome,
+        s.refund,
+        c.keep_slot,
+    )
 
 
 def _refusal(usage: Usage, tokens: int) -> tuple[QuotaExhausted, str]:

@@ -101,7 +101,7 @@ SELECT (SELECT count(*) FROM led) AS written, upd.* FROM upd
 # Reservations of a dead gateway: settled with the progress it last reported.
 _STALE = """
 SELECT request_id, provider_id, prompt_tokens, completion_tokens
-FROM reservations WHERE last_seen < now() - $1::interval
+FROM reservations WHERE last_seen < now() - $1::interval AND NOT (gateway_id = ANY($2::text[]))
 """
 
 _TOUCH = """
@@ -157,9 +157,9 @@ async def touch(db: asyncpg.Pool, progress: list[tuple[str, str | None, int, int
         await db.execute(_TOUCH, ids, providers, prompts, completions)
 
 
-async def settle_stale(db: asyncpg.Pool, stale_after_s: float) -> int:
-    """Settle reservations whose gateway stopped touching them; returns how many."""
-    rows = await db.fetch(_STALE, dt.timedelta(seconds=stale_after_s))
+async def settle_stale(db: asyncpg.Pool, stale_after_s: float, *, exclude_gateways: list[str] | None = None) -> int:
+    """Settle reservations whose gateway stopped touching them (not those of `exclude_gateways`)."""
+    rows = await db.fetch(_STALE, dt.timedelta(seconds=stale_after_s), exclude_gateways or [])
     settled = 0
     for row in rows:
         done = await settle(

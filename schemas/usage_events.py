@@ -1,0 +1,57 @@
+"""Usage events: what a gateway replica publishes to the usage stream for the ledger (JetStream).
+
+A request's reservation is opened before any of its answer reaches the buyer and
+closed before its response ends; the stream keeps both until a ledger consumer
+has written them to Postgres (services/usage/ledger.py). Only the control plane
+publishes or reads them; providers have no access to the stream.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+
+
+class Opened(msgspec.Struct, tag="open", frozen=True):
+    """A request admitted from this replica's quota lease: its reservation."""
+
+    request_id: str
+    subject: str
+    account_id: int | None
+    key_id: int | None
+    demo_token_id: str | None
+    model: str
+    day: dt.date
+    tokens: int
+
+
+class Closed(msgspec.Struct, tag="close", frozen=True):
+    """How a request ended: its ledger row, and where its concurrency slot goes."""
+
+    request_id: str
+    provider_id: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_ms: float | None
+    duration_ms: float | None
+    outcome: str
+    refund: bool
+    # The slot goes back to the publishing replica's lease (while it holds one), else to the subject.
+    keep_slot: bool
+
+
+UsageEvent = Opened | Closed
+
+ENCODER = msgspec.json.Encoder()
+DECODER = msgspec.json.Decoder(UsageEvent)
+
+
+def open_id(request_id: str) -> str:
+    """The event's Nats-Msg-Id: JetStream drops a second publish of the same event (a retry)."""
+    return f"o.{request_id}"
+
+
+def close_id(request_id: str) -> str:
+    return f"c.{request_id}"
