@@ -96,7 +96,13 @@ def test_jetstream_is_clustered_and_the_usage_stream_keeps_a_copy_on_every_node(
             except nats.js.errors.BadRequestError as exc:
                 if exc.err_code != 10058:  # else a replica made it first, with its own settings
                     raise
+            # Consumed and acknowledged at once: a replica would otherwise adopt (and wait for) the event.
+            durable = subjects.usage_consumer("gw-cluster-test")
+            sub = await js.pull_subscribe(subjects.usage_events("gw-cluster-test"), durable, subjects.USAGE_STREAM)
             ack = await js.publish(subjects.usage_events("gw-cluster-test"), b"event")
+            (msg,) = await sub.fetch(1, timeout=5)
+            await msg.ack_sync()
+            await js.delete_consumer(subjects.USAGE_STREAM, durable)
             return await js.stream_info(subjects.USAGE_STREAM), ack
         finally:
             await nc.close()

@@ -26,6 +26,7 @@ from infra.deploy.k8s.values import OVERLAYS
 from infra.nats import find_nats_server
 from services.app import SERVICES, create_app
 from services.settings import Settings
+from services.usage import ledger
 from tests.support import tools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -317,5 +318,10 @@ def test_nats_runs_clustered_jetstream_and_the_control_plane_keeps_3_copies(rend
         (sts,) = _kind(objects, "StatefulSet")
         env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        # Room for the usage stream twice over: nats-server counts its reservation again when a replica
+        # re-creates it (services/usage/ledger.py), and "insufficient storage" would stop the gateways.
+        file_store = re.search(r"max_file_store: (\d+)MB", conf)
+        assert file_store, overlay
+        assert int(file_store.group(1)) << 20 >= 2 * ledger.MAX_BYTES, overlay
         cp = next(c for c in _kind(objects, "ConfigMap") if "MP_NATS_ACCOUNT" in c.get("data", {}))
         assert cp["data"]["MP_USAGE_STREAM_REPLICAS"] == str(min(3, sts["spec"]["replicas"])), overlay

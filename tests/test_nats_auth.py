@@ -316,6 +316,10 @@ async def test_the_control_plane_runs_the_usage_stream_and_pulls_its_own_events(
         assert info.config.storage == nats.js.api.StorageType.FILE
         assert info.config.subjects == [subjects.ALL_USAGE_EVENTS]
 
+        # The consumer first: a gateway of this session adopts events whose replica has no consumer.
+        durable = subjects.usage_consumer(JS_GATEWAY)
+        sub = await js.pull_subscribe(subjects.usage_events(JS_GATEWAY), durable=durable, stream=subjects.USAGE_STREAM)
+
         event_id = f"evt-{os.urandom(6).hex()}"
         first = await js.publish(subjects.usage_events(JS_GATEWAY), b"usage", headers={"Nats-Msg-Id": event_id})
         again = await js.publish(subjects.usage_events(JS_GATEWAY), b"usage", headers={"Nats-Msg-Id": event_id})
@@ -324,8 +328,6 @@ async def test_the_control_plane_runs_the_usage_stream_and_pulls_its_own_events(
         assert again.duplicate, "a retried event is stored once"
         assert again.seq == first.seq
 
-        durable = subjects.usage_consumer(JS_GATEWAY)
-        sub = await js.pull_subscribe(subjects.usage_events(JS_GATEWAY), durable=durable, stream=subjects.USAGE_STREAM)
         msgs = await sub.fetch(10, timeout=2)
         assert [(m.subject, m.data, m.headers and m.headers.get("Nats-Msg-Id")) for m in msgs] == [
             (subjects.usage_events(JS_GATEWAY), b"usage", event_id)

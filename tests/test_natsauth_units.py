@@ -320,7 +320,7 @@ def test_jetstream_is_on_in_every_server_config_we_write_and_only_the_app_accoun
     assert "jetstream {" in conf
     assert f"store_dir: {json.dumps(str(tmp_path))}" in conf
     assert "max_memory_store: 64MB" in conf
-    assert "max_file_store: 1GB" in conf
+    assert "max_file_store: 4GB" in conf
     accounts = server_config.render(
         issuer_public="A" * 56, xkey_public="X" * 56, callout=Login("natsauth", "h"), system=Login("system", "h")
     )
