@@ -26,7 +26,10 @@ _RELOAD_FAILED = "Failed to reload server configuration"
 # nats-server keeps its streams in a `jetstream` folder it makes inside `store_dir` (the state dir).
 JETSTREAM_DIR = "jetstream"
 JETSTREAM_MAX_MEMORY = "64MB"
-JETSTREAM_MAX_FILE = "1GB"
+# A cap, not an allocation. Above twice the usage stream's max_bytes (1 GiB, services/usage/ledger.py):
+# nats-server counts a stream's own reservation again when a replica re-creates it with the same config,
+# and at 1GB the second replica's add_stream failed with "insufficient storage resources available".
+JETSTREAM_MAX_FILE = "4GB"
 
 
 def find_nats_server() -> Path:

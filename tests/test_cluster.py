@@ -1,18 +1,24 @@
 """`just cluster` in miniature: a 3-node NATS cluster, 2 gateway replicas behind the balancer (Caddy),
 one synthetic daemon. A request goes through; with one replica killed (-9), requests keep working
-through the balancer, and stopping the cluster leaves no process behind."""
+through the balancer; JetStream is clustered (the usage stream keeps 3 copies); and stopping the
+cluster leaves no process behind."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats
+import nats.js.api
+import nats.js.errors
 import psutil
 import pytest
 
 from infra.cluster.launch import SYNTHETIC, Cluster, ClusterConfig
 from infra.postgres import PostgresServer
+from schemas import subjects
 from tests.support.databases import fresh_database
 
 
@@ -59,6 +65,55 @@ def test_a_request_goes_through_the_balancer_and_survives_a_killed_replica(clust
 
     cluster.start_gateway_again(0)
     assert all(cluster.ready(g) for g in cluster.gateways)
+
+
+def test_jetstream_is_clustered_and_the_usage_stream_keeps_a_copy_on_every_node(cluster: Cluster) -> None:
+    assert cluster.nats is not None
+    names = {n.name for n in cluster.nats.nodes}
+    leaders = {n.jsz()["meta_cluster"]["leader"] for n in cluster.nats.nodes}
+    assert len(leaders) == 1, leaders
+    assert leaders <= names
+    login, url = cluster.nats.first.gateway, cluster.nats.node(1).url
+
+    async def usage_stream() -> tuple[nats.js.api.StreamInfo, nats.js.api.PubAck]:
+        nc = await nats.connect(
+            url,
+            user=login.user,
+            password=login.password,
+            inbox_prefix=subjects.CONTROL_INBOX_PREFIX,
+            allow_reconnect=False,
+        )
+        js = nc.jetstream(timeout=5)
+        try:
+            try:
+                await js.add_stream(
+                    name=subjects.USAGE_STREAM,
+                    subjects=[subjects.ALL_USAGE_EVENTS],
+                    retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
+                    storage=nats.js.api.StorageType.FILE,
+                    num_replicas=3,
+                )
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != 10058:  # else a replica made it first, with its own settings
+                    raise
+            # Consumed and acknowledged at once: a replica would otherwise adopt (and wait for) the event.
+            durable = subjects.usage_consumer("gw-cluster-test")
+            sub = await js.pull_subscribe(subjects.usage_events("gw-cluster-test"), durable, subjects.USAGE_STREAM)
+            ack = await js.publish(subjects.usage_events("gw-cluster-test"), b"event")
+            (msg,) = await sub.fetch(1, timeout=5)
+            await msg.ack_sync()
+            await js.delete_consumer(subjects.USAGE_STREAM, durable)
+            return await js.stream_info(subjects.USAGE_STREAM), ack
+        finally:
+            await nc.close()
+
+    info, ack = asyncio.run(usage_stream())
+    assert ack.stream == subjects.USAGE_STREAM
+    assert ack.seq >= 1
+    assert info.config.num_replicas == 3
+    assert info.cluster is not None
+    assert info.cluster.leader in names
+    assert {r.name for r in info.cluster.replicas or []} == names - {info.cluster.leader}
 
 
 def test_stopping_the_cluster_leaves_no_process(tmp_path: Path, cluster: Cluster) -> None:

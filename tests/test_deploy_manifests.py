@@ -26,6 +26,7 @@ from infra.deploy.k8s.values import OVERLAYS
 from infra.nats import find_nats_server
 from services.app import SERVICES, create_app
 from services.settings import Settings
+from services.usage import ledger
 from tests.support import tools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -301,3 +302,26 @@ def test_nats_config_matches_the_local_callout_setup(rendered: dict[str, list[Ob
     for account in (accounts.AUTH_ACCOUNT, accounts.APP_ACCOUNT, accounts.SYS_ACCOUNT):
         assert re.search(rf"^\s+{account} \{{", conf, re.M), account
     assert f"account: {accounts.AUTH_ACCOUNT}" in conf
+    # JetStream (the usage-event stream) for the users the callout places in APP, and for no other account.
+    assert re.search(rf"^\s+{accounts.APP_ACCOUNT} \{{ jetstream: enabled \}}$", conf, re.M)
+    assert conf.count("jetstream: enabled") == 1
+
+
+def test_nats_runs_clustered_jetstream_and_the_control_plane_keeps_3_copies(rendered: dict[str, list[Obj]]) -> None:
+    for overlay, objects in rendered.items():
+        config = next(c for c in _kind(objects, "ConfigMap") if c["metadata"]["name"] == "nats-config")
+        conf = config["data"]["nats.conf"]
+        # Clustered JetStream needs a name per node (the pod's) and the cluster's name.
+        assert "server_name: $POD_NAME" in conf, overlay
+        assert re.search(r"^cluster \{\n  name: ", conf, re.M), overlay
+        assert re.search(r'^jetstream \{\n  store_dir: "/data/', conf, re.M), overlay
+        (sts,) = _kind(objects, "StatefulSet")
+        env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        # Room for the usage stream twice over: nats-server counts its reservation again when a replica
+        # re-creates it (services/usage/ledger.py), and "insufficient storage" would stop the gateways.
+        file_store = re.search(r"max_file_store: (\d+)MB", conf)
+        assert file_store, overlay
+        assert int(file_store.group(1)) << 20 >= 2 * ledger.MAX_BYTES, overlay
+        cp = next(c for c in _kind(objects, "ConfigMap") if "MP_NATS_ACCOUNT" in c.get("data", {}))
+        assert cp["data"]["MP_USAGE_STREAM_REPLICAS"] == str(min(3, sts["spec"]["replicas"])), overlay

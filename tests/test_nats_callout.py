@@ -245,7 +245,9 @@ async def test_any_node_of_a_cluster_calls_out_and_a_revocation_reaches_every_no
     routes = [free_port(), free_port()]
 
     def cluster(i: int) -> str:
+        # Every server runs JetStream (infra/nats.py), which in a cluster needs a name per node.
         return (
+            f"server_name: mp-test-{i}\n"
             f"cluster {{ name: mp-test, listen: 127.0.0.1:{routes[i]}, "
             f"routes: [nats-route://127.0.0.1:{routes[1 - i]}] }}"
         )

@@ -234,3 +234,96 @@ def test_the_operator_gets_secrets_and_a_server_config_that_nats_server_accepts(
         [str(find_nats_server()), "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True, timeout=30
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, a final `>` one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def _allowed(patterns: tuple[str, ...], subject: str) -> bool:
+    return any(_matches(p, subject) for p in patterns)
+
+
+def test_the_control_plane_may_use_the_usage_stream_and_nothing_else_of_jetstream() -> None:
+    from schemas import subjects
+
+    pub = control_plane_permissions().publish
+    consumer = subjects.usage_consumer("gw-1")
+    # What nats-py 2.16 sends for add_stream, update_stream, stream_info, pull_subscribe (consumer_info then
+    # add_consumer with a name and filter), the legacy durable create, fetch, ack, delete_consumer, publish.
+    for subject in (
+        "$JS.API.STREAM.CREATE.MP_USAGE",
+        "$JS.API.STREAM.UPDATE.MP_USAGE",
+        "$JS.API.STREAM.INFO.MP_USAGE",
+        f"$JS.API.CONSUMER.INFO.MP_USAGE.{consumer}",
+        f"$JS.API.CONSUMER.CREATE.MP_USAGE.{consumer}.{subjects.usage_events('gw-1')}",
+        f"$JS.API.CONSUMER.CREATE.MP_USAGE.{consumer}",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.MP_USAGE.{consumer}",
+        f"$JS.API.CONSUMER.MSG.NEXT.MP_USAGE.{consumer}",
+        f"$JS.ACK.MP_USAGE.{consumer}.1.5.5.1733000000000000000.0",
+        f"$JS.API.CONSUMER.DELETE.MP_USAGE.{consumer}",
+        subjects.usage_events("gw-1"),
+    ):
+        assert _allowed(pub, subject), subject
+    for subject in (
+        "$JS.API.STREAM.CREATE.OTHER",
+        "$JS.API.STREAM.INFO.OTHER",
+        "$JS.API.STREAM.DELETE.MP_USAGE",
+        "$JS.API.STREAM.PURGE.MP_USAGE",
+        "$JS.API.STREAM.MSG.GET.MP_USAGE",
+        "$JS.API.STREAM.MSG.DELETE.MP_USAGE",
+        "$JS.API.STREAM.SNAPSHOT.MP_USAGE",
+        "$JS.API.STREAM.RESTORE.MP_USAGE",
+        "$JS.API.CONSUMER.CREATE.OTHER.MP_USAGE.x",  # a consumer named like our stream, on another one
+        "$JS.API.CONSUMER.DURABLE.CREATE.OTHER.MP_USAGE",
+        "$JS.API.CONSUMER.MSG.NEXT.OTHER.MP_USAGE",
+        "$JS.API.CONSUMER.CREATE.MP_USAGE",  # unnamed (ephemeral): nats-py always names its consumers
+        "$JS.API.STREAM.NAMES",
+        "$JS.API.STREAM.LIST",
+        "$JS.API.INFO",
+        "$JS.API.SERVER.REMOVE",
+        "$JS.API.META.LEADER.STEPDOWN",
+        "$JS.ACK.OTHER.c.1.1.1.1.0",
+        "_INBOX_CP.x",
+        "_INBOX.x",
+    ):
+        assert not _allowed(pub, subject), subject
+    sub = control_plane_permissions().subscribe
+    assert _allowed(sub, f"{subjects.CONTROL_INBOX_PREFIX}.abc.def")
+    assert not _allowed(sub, "_INBOX.abc")
+    assert not _allowed(sub, "$JS.API.STREAM.INFO.MP_USAGE")
+
+
+def test_a_provider_gets_nothing_of_jetstream_or_the_control_planes_inbox() -> None:
+    from schemas import subjects
+    from schemas.permissions import provider_permissions
+
+    p = provider_permissions("mac-1")
+    for subject in (subjects.usage_events("mac-1"), "$JS.API.STREAM.INFO.MP_USAGE", "$JS.ACK.MP_USAGE.c.1.1.1.1.0"):
+        assert not _allowed(p.publish, subject), subject
+    assert not any(s.startswith(("$JS", "_INBOX", subjects.PREFIX + ".usage")) for s in (*p.publish, *p.subscribe))
+
+
+def test_jetstream_is_on_in_every_server_config_we_write_and_only_the_app_account_has_it(tmp_path: Path) -> None:
+    from infra.nats import NatsServer
+    from services.natsauth import server_config
+    from services.natsauth.server_config import Login
+
+    conf = NatsServer._render_config(tmp_path, 4222, tmp_path / "nats.log", "")
+    assert "jetstream {" in conf
+    assert f"store_dir: {json.dumps(str(tmp_path))}" in conf
+    assert "max_memory_store: 64MB" in conf
+    assert "max_file_store: 4GB" in conf
+    accounts = server_config.render(
+        issuer_public="A" * 56, xkey_public="X" * 56, callout=Login("natsauth", "h"), system=Login("system", "h")
+    )
+    lines = {line.split("{", 1)[0].strip(): line for line in accounts.splitlines() if "users:" in line}
+    assert "jetstream: enabled" in lines[server_config.APP_ACCOUNT]
+    assert "jetstream" not in lines[server_config.AUTH_ACCOUNT] + lines[server_config.SYS_ACCOUNT]

@@ -220,7 +220,10 @@ class Cluster:
         self.wait_served()
 
     def _gateway_env(self) -> dict[str, str]:
-        return {**CONTROL_PLANE_ENV, **(SYNTHETIC_ENV if self.config.synthetic else {}), **self.config.gateway_env}
+        # The usage-event stream kept on every node (at most 3: JetStream needs a majority of its copies).
+        replicas = {"MP_USAGE_STREAM_REPLICAS": str(min(3, self.config.nats_nodes))}
+        synthetic = SYNTHETIC_ENV if self.config.synthetic else {}
+        return {**CONTROL_PLANE_ENV, **replicas, **synthetic, **self.config.gateway_env}
 
     def _start_control_plane(self, name: str, services: tuple[str, ...], port: int, node: int) -> Replica:
         assert self.nats is not None

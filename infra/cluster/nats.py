@@ -3,9 +3,10 @@
 Every node is a SecuredNats (infra/nats_auth.py) with the auth callout on: the nodes share
 one `credentials.json` (copied from the first), so the callout's keys and the control
 plane's password are the same everywhere, and a client let in by any node is in the same
-APP account. Clients learn the other nodes from the INFO a node sends (`connect_urls`),
-so a client whose node dies reconnects to another. Each node serves its monitoring
-endpoints (/varz: slow consumers, connections) on `http_port`.
+APP account. JetStream is clustered: a stream of 3 replicas survives a node. Clients learn
+the other nodes from the INFO a node sends (`connect_urls`), so a client whose node dies
+reconnects to another. Each node serves its monitoring endpoints (/varz: slow consumers,
+connections; /jsz: JetStream) on `http_port`.
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ class NatsNode:
 
     def varz(self, timeout: float = 2.0) -> dict[str, Any]:
         """The node's /varz (server-wide counters: connections, slow_consumers, mem, ...)."""
-        with urllib.request.urlopen(f"{self.monitor_url}/varz", timeout=timeout) as response:
+        return self._monitor("varz", timeout)
+
+    def jsz(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The node's /jsz (JetStream: its store, and `meta_cluster` with the leader it follows)."""
+        return self._monitor("jsz", timeout)
+
+    def _monitor(self, endpoint: str, timeout: float) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.monitor_url}/{endpoint}", timeout=timeout) as response:
             body: dict[str, Any] = json.loads(response.read())
             return body
 
@@ -87,6 +95,7 @@ class NatsCluster:
                     node.state_dir, database_url=database_url, extra_config=cluster._config(node)
                 )
             cluster.wait_routes()
+            cluster.wait_jetstream()
         except BaseException:
             cluster.stop()
             raise
@@ -94,6 +103,8 @@ class NatsCluster:
 
     def _config(self, node: NatsNode) -> str:
         routes = ", ".join(f"nats-route://{HOST}:{n.route_port}" for n in self.nodes if n is not node)
+        # JetStream (infra/nats.py turns it on) is clustered over the routes: each node needs a unique
+        # server_name and the cluster a name, and the nodes elect a meta leader among themselves.
         return "\n".join(
             [
                 # Monitoring (/varz, /connz, /routez) on loopback: what the benchmark reads slow consumers from.
@@ -131,6 +142,20 @@ class NatsCluster:
                 raise TimeoutError(f"the NATS cluster's routes did not form within {timeout:.0f}s")
             time.sleep(0.1)
 
+    def wait_jetstream(self, timeout: float = 20.0) -> None:
+        """Until every live node follows one JetStream meta leader (the usage stream can be made then)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                leaders = {n.jsz().get("meta_cluster", {}).get("leader") for n in self.nodes if n.alive()}
+                if len(leaders) == 1 and all(leaders):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the NATS cluster elected no JetStream meta leader within {timeout:.0f}s")
+            time.sleep(0.1)
+
     def kill(self, i: int) -> None:
         """SIGKILL node `i` (no goodbye to its clients or routes)."""
         procs.stop(self.nodes[i].server.proc, sig=signal.SIGKILL, timeout=5.0)
@@ -141,6 +166,7 @@ class NatsCluster:
         assert node.secured is not None
         node.secured.restart()
         self.wait_routes()
+        self.wait_jetstream()
 
     def slow_consumers(self) -> dict[str, int]:
         """Each live node's slow-consumer count since it started."""

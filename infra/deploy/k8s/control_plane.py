@@ -70,6 +70,8 @@ def config_map(values: Obj) -> Obj:
             "MP_NATS_AUTH_USER": CALLOUT_USER,
             "MP_NATS_SYS_USER": SYSTEM_USER,
             "MP_NATS_ACCOUNT": APP_ACCOUNT,
+            # The usage-event stream on 3 of the NATS nodes (a majority survives losing one).
+            "MP_USAGE_STREAM_REPLICAS": str(min(3, values["nats"]["replicas"])),
         },
     }
 
