@@ -197,9 +197,23 @@ class UsageStream:
             discard=api.DiscardPolicy.NEW,
         )
         try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            # Already there with another config (an older release, or replicas changed): bring it in line.
+            current = (await self._js.stream_info(subjects.USAGE_STREAM)).config
+        except nats.js.errors.NotFoundError:
+            current = None
+        if current is None:
+            try:
+                await self._js.add_stream(config)
+                return
+            except nats.js.errors.BadRequestError:
+                pass  # another replica made it meanwhile
+            current = (await self._js.stream_info(subjects.USAGE_STREAM)).config
+        # Made by every replica at start: only a different config is sent (creating an existing stream
+        # again counts its storage twice against the server's limit).
+        if (current.num_replicas, current.max_bytes, current.duplicate_window) != (
+            config.num_replicas,
+            config.max_bytes,
+            config.duplicate_window,
+        ):
             await self._js.update_stream(config)
 
     async def _subscribe(self, gateway_id: str) -> JetStreamContext.PullSubscription:
