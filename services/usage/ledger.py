@@ -295,6 +295,8 @@ class UsageStream:
                 if self._metrics is not None:
                     self._metrics.settle_failures.inc()
                 await asyncio.sleep(1.0)
+        # Written: each event goes from the stream (a work queue takes only explicit acknowledgements;
+        # they leave together in one write to the server).
         for msg in msgs:
             with contextlib.suppress(Exception):
                 await msg.ack()
@@ -353,6 +355,7 @@ class UsageStream:
             gateway_id = subject.rsplit(".", 1)[-1]
             if not count or not subjects.valid_token(gateway_id):
                 continue
+            idle_since: float | None = None
             while True:
                 try:
                     ci = await self._js.consumer_info(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
@@ -360,7 +363,16 @@ class UsageStream:
                     break  # an orphan
                 if _written_through(ci, last):
                     break
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if ci.num_waiting:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since > 0.05:
+                    # No pull waiting for a while: its replica is gone (a live one always has one waiting),
+                    # and the consumer only awaits removal and adoption. Nobody can hurry those.
+                    break
+                if now >= deadline:
                     return False
                 await asyncio.sleep(0.005)
         return True

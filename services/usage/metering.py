@@ -293,7 +293,7 @@ class Metering:
                 # usage stream's consumer, within milliseconds): wait for those, then ask once more.
                 caught_up = True
                 with contextlib.suppress(Exception):
-                    await self._stream.caught_up(1.0)
+                    await self._stream.caught_up(2.0)
                 continue
             if self._metrics is not None:
                 kind = "demo" if holder.demo_token_id is not None else "account"

@@ -108,6 +108,8 @@ class Plan:
     rounds: int
     profile_s: float
     slow_streams: int = 0
+    # Which column's one-key rounds py-spy samples (0: the first).
+    profile_column: int = 1
     streams_per_client: int = 8
 
 
@@ -359,7 +361,11 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                 for series in order:
                     name, send = senders[series]
                     tally = tallies[series]
-                    profiling = profiler is not None and series == SERIES[1] and column == plan.columns[1]
+                    profiling = (
+                        profiler is not None
+                        and series == SERIES[1]
+                        and column == plan.columns[min(plan.profile_column, len(plan.columns) - 1)]
+                    )
                     if profiling:
                         assert profiler is not None
                         profiler.start()
@@ -490,7 +496,8 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             f" gateway CPU per stream {cpu}",
         )
     if profile:
-        table.add("", "py-spy, the metering-on gateway during its one-key rounds of the second column:", *profile)
+        label = plan.columns[min(plan.profile_column, len(plan.columns) - 1)].label
+        table.add("", f"py-spy, the metering-on gateway during its one-key rounds of {label}:", *profile)
     return table.text(
         [
             "gw CPU/req: user+system CPU of that gateway process in the series' rounds / its requests (goal: <= 1 ms",
@@ -529,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         help="slow streams held open at once on one gateway (default 2000; 500 with --quick; 0: none)",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy the metering-on gateway (pip install py-spy)")
+    parser.add_argument(
+        "--profile-column", type=int, default=1, metavar="N", help="the column --profile samples (default 1: c=64)"
+    )
     cli.add_run_flags(parser, quick="smoke run: fewer requests")
     args = parser.parse_args(argv)
     columns = [Column(True, 1), Column(True, args.concurrency)]
@@ -543,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         requests=args.requests or (128 if args.quick else 512),
         rounds=args.rounds or (2 if args.quick else 4),
         profile_s=1.0 if args.profile else 0.0,
+        profile_column=args.profile_column,
         slow_streams=args.slow_streams if args.slow_streams is not None else (500 if args.quick else 2000),
     )
     profile_dir = Path(tempfile.mkdtemp(prefix="mp-bench-profile-"))
