@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
+import secrets
 import signal
 import subprocess
 import sys
@@ -12,11 +14,14 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import asyncpg
 import httpx
 import pytest
 
 from infra.components import Child, start_gateway, wait_model
 from infra.ports import free_port
+from schemas.usage_events import Closed, Opened, UsageEvent
+from services.usage import ledger
 from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
 from tests.support.daemons import daemon_in_pool, spawn_daemon
@@ -86,6 +91,7 @@ async def test_four_replicas_never_overshoot_a_request_quota(stack: Stack, repli
     assert all(int(r.headers["retry-after"]) > 0 for r in refused)
     assert all(r.headers["x-ratelimit-remaining-requests"] == "0" for r in refused)
     assert all("x-ratelimit-limit-requests" in r.headers for r in responses)
+    await written_async(stack.nats_url)
     ok_rows = await fetch(
         stack.database_url, "SELECT count(*) AS n FROM usage_ledger WHERE subject = $1", account.subject
     )
@@ -117,7 +123,10 @@ async def _assert_leases_add_up(stack: Stack, subject: str) -> None:
         "WHERE u.subject = $1 GROUP BY u.subject, u.leased_requests, u.leased_tokens, u.leased_slots",
         subject,
     )
-    assert (row["leased_requests"], row["leased_tokens"], row["leased_slots"]) == (row["r"], row["t"], row["c"])
+    detail = await fetch(stack.database_url, "SELECT * FROM quota_leases WHERE subject = $1", subject)
+    assert (row["leased_requests"], row["leased_tokens"], row["leased_slots"]) == (row["r"], row["t"], row["c"]), [
+        dict(r) for r in detail
+    ]
 
 
 async def test_one_account_burst_is_served_from_a_lease_that_is_given_back(stack: Stack, replicas: list[str]) -> None:
@@ -256,6 +265,9 @@ def test_refused_requests_do_not_use_the_quota(stack: Stack) -> None:
     for _ in range(3):
         r = httpx.post(f"{stack.v1}/chat/completions", json=_body("not-served"), headers=account.auth())
         assert r.status_code == 503
+    # The refunds reach the account's counters with their settlements (the usage stream, milliseconds later);
+    # until then the remaining-requests header of the next answer may still count them.
+    written(stack.nats_url)
     ok = httpx.post(f"{stack.v1}/chat/completions", json=_body(TINY_MODEL), headers=account.auth())
     assert ok.status_code == 200
     assert ok.headers["x-ratelimit-remaining-requests"] == "1"
@@ -358,6 +370,79 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
     finally:
         doomed.stop()
         daemon.stop()
+
+
+def test_a_gateway_killed_right_after_answering_loses_nothing_a_peer_writes_its_events(
+    stack: Stack, replicas: list[str]
+) -> None:
+    """The settlement was in the usage stream (acknowledged before the answer ended) but not yet in Postgres
+    when the replica died: a peer adopts its events and bills exactly what the buyer got. Meanwhile the
+    reservation goes stale (2 s) and is not swept from its last progress: its settlement is on the way."""
+    account = make_account(stack.database_url)
+    port = free_port()
+    doomed = start_gateway(
+        stack.home,
+        port=port,
+        nats=stack.nats,
+        database_url=stack.database_url,
+        name="gateway-doomed-after",
+        # Its consumer writes the first event at once, then waits 200 ms for more: the settlement waits there.
+        env={"MP_RESERVATION_STALE_S": "2", "MP_LEDGER_LINGER_MS": "200"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_model(base, SYNTHETIC, timeout=30)
+        r = httpx.post(f"{base}/v1/chat/completions", json=_body(SYNTHETIC, max_tokens=9), headers=account.auth())
+        assert r.status_code == 200, r.text
+        doomed.proc.send_signal(signal.SIGKILL)
+        doomed.proc.wait()
+    finally:
+        doomed.stop()
+    rid = r.headers["x-request-id"]
+    pending = query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE request_id = $1", rid)
+    assert pending == [], "written before the kill: nothing left to adopt (the linger is 200 ms)"
+    deadline = time.monotonic() + 30
+    while not (rows := query(stack.database_url, "SELECT * FROM usage_ledger WHERE request_id = $1", rid)):
+        assert time.monotonic() < deadline, "the dead replica's settlement was never written"
+        time.sleep(0.2)
+    (row,) = rows
+    # Its own settlement, not a sweeper's guess from the last progress report.
+    assert row["outcome"] == "ok"
+    assert row["completion_tokens"] == r.json()["usage"]["completion_tokens"] == 9
+    # A peer adopted them (it logs once it has drained the dead replica's subject).
+    while not any(logs.events(path, "usage_events_adopted") for path in stack.home.glob("logs/gateway-replica-*.log")):
+        assert time.monotonic() < deadline, "no peer adopted the dead replica's events"
+        time.sleep(0.2)
+    assert query(stack.database_url, "SELECT 1 FROM reservations WHERE request_id = $1", rid) == []
+    (usage,) = query(stack.database_url, "SELECT tokens, inflight FROM quota_usage WHERE subject = $1", account.subject)
+    assert usage["inflight"] == 0
+
+
+async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
+    """A consumer that dies after writing a batch but before acknowledging it gets the batch again."""
+    account = await make_account_async(stack.database_url)
+    day = dt.datetime.now(dt.UTC).date()
+    rid = f"twice{secrets.token_hex(8)}"
+    events: list[UsageEvent] = [
+        Opened(rid, account.subject, account.account_id, account.key_id, None, SYNTHETIC, day, 500),
+        Closed(rid, "p", 10, 20, 0, 5.0, 50.0, "ok", refund=False, keep_slot=False),
+    ]
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    try:
+        await db.execute(
+            "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT DO NOTHING", account.subject, day
+        )
+        for batch in (events, events, events[:1], events[1:]):
+            await ledger.apply(db, "gw-twice", batch)
+        rows = await db.fetch("SELECT completion_tokens FROM usage_ledger WHERE request_id = $1", rid)
+        assert [r["completion_tokens"] for r in rows] == [20]
+        usage = await db.fetchrow(
+            "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", account.subject
+        )
+        assert (usage["requests"], usage["tokens"], usage["inflight"]) == (1, 30, 0)
+        assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", rid) == []
+    finally:
+        await db.close()
 
 
 def test_usage_report(stack: Stack) -> None:

@@ -232,7 +232,10 @@ SELECT r.request_id, r.keep_slot AND r.subject IN (SELECT subject FROM l) AS to_
 FROM r
 """
 
-# Part of a lease given back by the replica holding it.
+# Part of a lease given back by the replica holding it. No clamping at 0 here or below: with the usage
+# stream, a lease row (and the subject's leased counters with it) can be short for a moment, while a
+# slot given back from memory still waits in the stream as a settlement. Each change is a sum that the
+# events then complete; clamping one would lose it for good (the counters would drift apart).
 _GIVE_BACK = """
 WITH lk AS (
     SELECT subject FROM quota_usage WHERE subject = $1 FOR UPDATE
@@ -243,11 +246,11 @@ WITH lk AS (
     RETURNING window_day
 )
 UPDATE quota_usage u SET
-    leased_requests = CASE WHEN u.window_day = l.window_day THEN greatest(0, u.leased_requests - $3)
+    leased_requests = CASE WHEN u.window_day = l.window_day THEN u.leased_requests - $3
                            ELSE u.leased_requests END,
-    leased_tokens = CASE WHEN u.window_day = l.window_day THEN greatest(0, u.leased_tokens - $4)
+    leased_tokens = CASE WHEN u.window_day = l.window_day THEN u.leased_tokens - $4
                          ELSE u.leased_tokens END,
-    leased_slots = greatest(0, u.leased_slots - $5)
+    leased_slots = u.leased_slots - $5
 FROM l
 WHERE u.subject = $1
 RETURNING 1
@@ -274,9 +277,9 @@ WITH lk AS (
     GROUP BY g.subject
 )
 UPDATE quota_usage u SET
-    leased_requests = greatest(0, u.leased_requests - agg.r),
-    leased_tokens = greatest(0, u.leased_tokens - agg.t),
-    leased_slots = greatest(0, u.leased_slots - agg.c)
+    leased_requests = u.leased_requests - agg.r,
+    leased_tokens = u.leased_tokens - agg.t,
+    leased_slots = u.leased_slots - agg.c
 FROM agg
 WHERE u.subject = agg.subject
 RETURNING u.subject
@@ -339,6 +342,10 @@ class Lease:
     confirmed_at: float = field(default_factory=time.monotonic)
     waiters: int = 0
     granting: asyncio.Future[None] | None = None
+    # When this replica last settled one of the subject's requests (what a refusal may be waiting for),
+    # and the wait for the usage stream's consumer under way for it, if any (one per subject at a time).
+    settled_at: float = 0.0
+    catching_up: asyncio.Task[bool] | None = None
 
     def usage(self) -> Usage:
         return Usage(
@@ -348,6 +355,13 @@ class Lease:
             max(0, self.total_c - self.slots),
             self.day,
         )
+
+    def settled(self, tokens_given_back: int, refund: bool) -> None:
+        """A request settled: what it gives back to the subject no longer counts as used in the headers."""
+        self.total_t = max(0, self.total_t - tokens_given_back)
+        if refund:
+            self.total_r = max(0, self.total_r - 1)
+        self.settled_at = time.monotonic()
 
     def covers(self, tokens: int) -> bool:
         return self.requests >= 1 and self.tokens >= tokens and self.slots >= 1

@@ -55,6 +55,8 @@ DUPLICATE_WINDOW_S = 120.0
 PUBLISH_TIMEOUT_S = 2.0
 # A pull waits this long for the next event; the server sees the consumer alive as long as it pulls.
 PULL_WAIT_S = 2.0
+# A fetch for what is there already (nats-py asks with no_wait first, then waits this long at most).
+NO_WAIT_S = 0.002
 
 
 def _lock_key(gateway_id: str) -> str:
@@ -128,6 +130,8 @@ class UsageStream:
         # Pulled batches waiting to be written; None tells the writer to stop.
         self._batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
+        # Other replicas' consumers seen with no pull waiting, and since when (see `adopt_orphans`).
+        self._idle_seen: dict[str, float] = {}
 
     # ---- publishing (the request path) -----------------------------------------------------
 
@@ -234,28 +238,37 @@ class UsageStream:
         )
 
     async def _pull(self) -> None:
-        """Keep a pull request waiting at the server at all times, also while a batch is being written:
-        a consumer nobody pulls for `idle_s` is removed, and its events adopted by another replica."""
+        """Pull this replica's events: a long poll while idle (the first event comes at once), then a
+        batch every `linger_s` while they keep coming (one wake-up and one write for many requests,
+        not one per event in the middle of other requests' answers). A pull request goes out at least
+        every PULL_WAIT_S, also while a batch is written: a consumer nobody pulls for `idle_s` is
+        removed, and its events adopted by another replica."""
+        assert self._sub is not None
+        wait = PULL_WAIT_S
         while True:
-            assert self._sub is not None
             try:
-                msgs = await self._sub.fetch(batch=BATCH, timeout=PULL_WAIT_S)
+                msgs = await self._sub.fetch(batch=BATCH, timeout=wait)
             except (TimeoutError, nats.errors.TimeoutError):
-                continue
+                msgs = []
             except nats.errors.Error as exc:
                 # Disconnected (the client reconnects), or this consumer was removed: make it again.
                 log.warning("usage_fetch_failed", error=type(exc).__name__)
                 await asyncio.sleep(0.5)
                 with contextlib.suppress(Exception):
                     self._sub = await self._claim()
+                wait = PULL_WAIT_S
                 continue
-            self._batches.put_nowait(msgs)
+            if msgs:
+                self._batches.put_nowait(msgs)
+            if msgs and self._linger_s:
+                # Busy: let the next batch gather at the server, then take whatever is there.
+                await asyncio.sleep(self._linger_s)
+                wait = NO_WAIT_S
+            else:
+                wait = PULL_WAIT_S
 
     async def _write_pulled(self) -> None:
         while (msgs := await self._batches.get()) is not None:
-            if self._linger_s and len(msgs) < BATCH:
-                # Let a batch gather: one statement then carries many requests' events.
-                await asyncio.sleep(self._linger_s)
             while len(msgs) < 4 * BATCH and not self._batches.empty():
                 more = self._batches.get_nowait()
                 if more is None:
@@ -310,13 +323,38 @@ class UsageStream:
         return {subject.rsplit(".", 1)[-1]: n for subject, n in found.items() if n}
 
     async def adopt_orphans(self) -> int:
-        """Write the events of replicas whose consumers are gone (dead replicas); how many events."""
+        """Write the events of replicas that are gone; how many events.
+
+        A live replica always has a pull waiting at the server. One whose consumer has none for `idle_s`
+        is gone (or stalled that long: its events are then written by both, which changes nothing). Its
+        consumer may hold events it was given and never acknowledged, and the server keeps such a
+        consumer: the adopter removes it and reads the subject from its first event, in order.
+        """
+        now = time.monotonic()
+        backlog = await self.backlog()
+        for gateway_id in list(self._idle_seen):
+            if gateway_id not in backlog:
+                del self._idle_seen[gateway_id]
         written = 0
-        for gateway_id in await self.backlog():
+        for gateway_id in backlog:
             if gateway_id == self._gw or not subjects.valid_token(gateway_id):
                 continue
+            ci = await self._consumer(gateway_id)
+            if ci is not None:
+                if ci.num_waiting:
+                    self._idle_seen.pop(gateway_id, None)
+                    continue
+                if now - self._idle_seen.setdefault(gateway_id, now) < self._idle_s:
+                    continue
             written += await self._adopt(gateway_id)
+            self._idle_seen.pop(gateway_id, None)
         return written
+
+    async def _consumer(self, gateway_id: str) -> api.ConsumerInfo | None:
+        try:
+            return await self._js.consumer_info(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
+        except nats.js.errors.NotFoundError:
+            return None
 
     async def _adopt(self, gateway_id: str) -> int:
         async with self._db.acquire() as conn:
@@ -324,11 +362,11 @@ class UsageStream:
             if not locked:
                 return 0  # another replica is at it
             try:
-                try:
-                    await self._js.consumer_info(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
-                    return 0  # still pulled by its replica (alive), or not yet idle long enough
-                except nats.js.errors.NotFoundError:
-                    pass
+                ci = await self._consumer(gateway_id)
+                if ci is not None:
+                    if ci.num_waiting:
+                        return 0  # pulled again: its replica is back
+                    await self._js.delete_consumer(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
                 sub = await self._subscribe(gateway_id)
                 written = 0
                 try:
@@ -368,13 +406,13 @@ class UsageStream:
                     idle_since = None
                 elif idle_since is None:
                     idle_since = now
-                elif now - idle_since > 0.05:
+                elif now - idle_since > 0.25:
                     # No pull waiting for a while: its replica is gone (a live one always has one waiting),
                     # and the consumer only awaits removal and adoption. Nobody can hurry those.
                     break
                 if now >= deadline:
                     return False
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.02)
         return True
 
 

@@ -40,6 +40,9 @@ log = structlog.get_logger("usage")
 # A failed settlement is tried again with every touch (2 s) this many times (a Postgres restart or
 # failover takes seconds); after that the reservation is left to a sweeper.
 _SETTLE_TRIES = 60
+# How long a refusal waits for settlements on their way through the usage stream, and how recent this
+# replica's settlements of the subject must be for a refusal of requests or tokens to wait at all.
+SETTLING_S = 2.0
 
 
 @dataclass
@@ -288,17 +291,32 @@ class Metering:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
                 continue
             error, limit = _refusal(refused.usage, tokens)
-            if limit == "concurrent" and self._stream is not None and not caught_up:
-                # Slots of requests that just ended come back when their settlements are written (the
-                # usage stream's consumer, within milliseconds): wait for those, then ask once more.
+            if not caught_up and self._settling(lease, limit):
+                # What requests that just ended give back (a slot, a refunded request, unused tokens)
+                # reaches the subject when their settlements are written by the usage stream's consumer,
+                # within milliseconds: wait for those, then ask once more.
                 caught_up = True
-                with contextlib.suppress(Exception):
-                    await self._stream.caught_up(2.0)
+                await self._catch_up(lease)
                 continue
             if self._metrics is not None:
                 kind = "demo" if holder.demo_token_id is not None else "account"
                 self._metrics.quota_rejections.labels(kind, limit).inc()
             raise error
+
+    def _settling(self, lease: Lease, limit: str) -> bool:
+        """Whether a refusal may be for settlements still on their way to Postgres: concurrency slots come
+        back from any replica's requests; requests and tokens from this one's that settled lately."""
+        if self._stream is None:
+            return False
+        return limit == "concurrent" or time.monotonic() - lease.settled_at < SETTLING_S
+
+    async def _catch_up(self, lease: Lease) -> None:
+        # One wait per subject at a time: a buyer sending many requests at its limit starts one, not many.
+        assert self._stream is not None
+        if lease.catching_up is None or lease.catching_up.done():
+            lease.catching_up = asyncio.create_task(self._stream.caught_up(SETTLING_S))
+        with contextlib.suppress(Exception):
+            await asyncio.shield(lease.catching_up)
 
     @staticmethod
     def _unadmit(lease: Lease, tokens: int) -> None:
@@ -418,6 +436,8 @@ class Metering:
             lease.in_use -= 1
             if to_lease:
                 lease.slots += 1
+            used = 0 if refund else ticket.prompt_tokens + ticket.completion_tokens
+            lease.settled(max(0, ticket.tokens - used), refund)
         if self._metrics is not None:
             self._metrics.settlement_lag.observe(time.monotonic() - ended)
 

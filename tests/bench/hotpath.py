@@ -110,6 +110,8 @@ class Plan:
     slow_streams: int = 0
     # Which column's one-key rounds py-spy samples (0: the first).
     profile_column: int = 1
+    # PostgreSQL with fsync and synchronous commit on, as in production (off by default, as in the tests).
+    durable_postgres: bool = False
     streams_per_client: int = 8
 
 
@@ -398,7 +400,8 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         f"mac-provider hot-path benchmark ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})",
         "",
         "ENGINE: the SYNTHETIC stand-in (one token per step, as fast as it can): these numbers measure the serving",
-        "        path, not a model. Two control planes on one NATS + PostgreSQL, MP_METERING=off and =on, and two",
+        "        path, not a model. Three control planes on one NATS + PostgreSQL (metering off, on, on with",
+        "        Postgres settlement), and two",
         f"        daemons: {MODEL_ID!r} (1 token per step) and {BATCH_MODEL!r} ({BATCH_STEP} tokens per step, as a",
         "        batch's decode step hands over; the daemon puts the tokens ready together in one frame).",
         f"series: '{DIRECT}' = the same engine in the benchmark process (no HTTP, NATS or gateway); '{DIRECT_HTTP}' =",
@@ -410,7 +413,14 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         "        (MP_SETTLEMENT=postgres) instead of through the usage stream (JetStream; the default).",
         f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop; {plan.requests} measured requests",
         f"      per column and series in {plan.rounds} rounds whose order rotates; after a warm-up of each.",
-        *machine_lines("the client, both control planes, nats-server, daemons and PostgreSQL"),
+        "postgres: "
+        + (
+            "fsync and synchronous_commit ON (--durable-postgres): every commit waits for its WAL flush, as in"
+            " production"
+            if plan.durable_postgres
+            else "fsync OFF (as in the tests): a commit costs no disk flush; --durable-postgres measures with it"
+        ),
+        *machine_lines("the client, the three control planes, nats-server, daemons and PostgreSQL"),
     ]
     figures = (
         "requests",
@@ -521,6 +531,12 @@ def _verdict(measured: Measured) -> Verdict:
     )
 
 
+def _stack(home: Path, plan: Plan) -> HotStack:
+    stack = HotStack(home, gateways=GATEWAYS)
+    stack.durable_postgres = plan.durable_postgres
+    return stack
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser(__doc__, "hotpath")
     parser.add_argument("--tokens", type=cli.positive, default=64, help="max_tokens (default 64)")
@@ -536,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
         help="slow streams held open at once on one gateway (default 2000; 500 with --quick; 0: none)",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy the metering-on gateway (pip install py-spy)")
+    parser.add_argument(
+        "--durable-postgres",
+        action="store_true",
+        help="PostgreSQL flushes its WAL at every commit, as in production (default: fsync off, as the tests)",
+    )
     parser.add_argument(
         "--profile-column", type=int, default=1, metavar="N", help="the column --profile samples (default 1: c=64)"
     )
@@ -554,13 +575,14 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds or (2 if args.quick else 4),
         profile_s=1.0 if args.profile else 0.0,
         profile_column=args.profile_column,
+        durable_postgres=args.durable_postgres,
         slow_streams=args.slow_streams if args.slow_streams is not None else (500 if args.quick else 2000),
     )
     profile_dir = Path(tempfile.mkdtemp(prefix="mp-bench-profile-"))
     try:
         return harness.run(
             prefix="mp-bench-",
-            stack=lambda home: HotStack(home, gateways=GATEWAYS),
+            stack=lambda home: _stack(home, plan),
             measure=lambda stack: measure(plan, stack, profile_dir),
             verdict=_verdict,
             table=lambda measured, tail: render(plan, measured, tail),

@@ -62,6 +62,9 @@ class Stack(ABC):
         self.postgres_pid: int | None = None
         self.database_url = ""
         self._cleanups: list[tuple[str, Callable[[], object]]] = []
+        # PostgreSQL without fsync (the tests' setting) unless a benchmark measures the durable cost of
+        # writes on the request path: a production server flushes its WAL at every commit.
+        self.durable_postgres = False
 
     def start(self) -> None:
         nats = NatsServer.start(self.home / "nats")
@@ -69,7 +72,7 @@ class Stack(ABC):
         self.nats_url = nats.url
         say(f"nats-server on {nats.url}")
 
-        pg = PostgresServer.start(self.home / "postgres", fast=True)
+        pg = PostgresServer.start(self.home / "postgres", fast=not self.durable_postgres)
         self.on_stop("postgres", pg.stop)
         self.postgres_pid = pg.proc.pid
         self.database_url = pg.url
