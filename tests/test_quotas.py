@@ -436,7 +436,7 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
             await ledger.apply(db, "gw-twice", batch)
         rows = await db.fetch("SELECT completion_tokens FROM usage_ledger WHERE request_id = $1", rid)
         assert [r["completion_tokens"] for r in rows] == [20]
-        usage = await db.fetchrow(
+        (usage,) = await db.fetch(
             "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", account.subject
         )
         assert (usage["requests"], usage["tokens"], usage["inflight"]) == (1, 30, 0)
