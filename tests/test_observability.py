@@ -105,6 +105,7 @@ def test_gateway_metrics_move_by_exactly_what_was_sent(stack: Stack) -> None:
     assert value(after, "mp_postgres_reachable") == 1
     assert moved(before, after, "mp_usage_settlement_lag_seconds_count") == 3 - 1  # the 400 reserved nothing
     assert value(after, "mp_usage_open_reservations") == 0
+    assert value(after, "mp_usage_unwritten_events") >= 0
     assert value(after, "process_resident_memory_bytes") > 0
 
 

@@ -125,13 +125,13 @@ class Metrics:
         )
         self.settlement_lag = Histogram(
             "mp_usage_settlement_lag_seconds",
-            "Time from a request's end to its ledger row being written.",
+            "Time from a request's end to its settlement being durable (in the usage stream, or the ledger row).",
             buckets=SETTLE_BUCKETS,
             registry=r,
         )
         self.settle_failures = Counter(
             "mp_usage_settle_failures",
-            "Ledger writes that failed (retried; one that never lands is settled by a sweeper).",
+            "Settlements or batches of usage events whose write failed (retried; a lost one is settled by a sweeper).",
             registry=r,
         )
         self.stale_settled = Counter(

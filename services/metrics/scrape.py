@@ -122,6 +122,12 @@ def metering_families(metering: Metering) -> list[Metric]:
             "Age of the oldest of them (its gateway reports its progress every few seconds).",
             metering.oldest_open_s(),
         ),
+        _gauge(
+            "mp_usage_unwritten_events",
+            "Usage events in the stream not yet written to Postgres, all replicas' (as of the last sweep,"
+            " every few seconds): a growing number means the ledger consumers cannot write.",
+            metering.unwritten_events,
+        ),
     ]
 
 

@@ -149,6 +149,8 @@ class Metering:
         # Postgres went away: no new one is reserved without it.
         self._unsettled: dict[str, tuple[Settlement, float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Usage events in the stream not yet written to Postgres, as of the last sweep (a metric).
+        self.unwritten_events = 0
         self._metrics = metrics
         self._leases: dict[str, Lease] = {}
         self._opener: GroupCommit[Opening, bool] = GroupCommit(lambda items: leases.open_many(db, gateway_id, items))
@@ -498,7 +500,9 @@ class Metering:
                     # A dead replica's events are written first; a replica whose events are not all
                     # written yet has none of its reservations swept (their settlements may be among them).
                     await self._stream.adopt_orphans()
-                    busy = list(await self._stream.backlog())
+                    backlog = await self._stream.backlog()
+                    busy = list(backlog)
+                    self.unwritten_events = sum(backlog.values())
                 settled = await quotas.settle_stale(self._db, self._stale_after_s, exclude_gateways=busy)
                 given = await leases.give_back_stale(self._db)
             except Exception:
