@@ -13,15 +13,20 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import asyncpg
 import httpx
+import nats
 import pytest
 
 from infra.components import Child, start_gateway, wait_model
+from infra.nats import NatsServer
 from infra.ports import free_port
+from schemas import subjects
 from schemas.usage_events import Closed, Opened, UsageEvent
 from services.usage import ledger
+from services.usage.ledger import UsageStream
 from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
 from tests.support.daemons import daemon_in_pool, spawn_daemon
@@ -443,6 +448,29 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
         assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", rid) == []
     finally:
         await db.close()
+
+
+async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stack, tmp_path: Path) -> None:
+    """While the usage stream has no leader (its NATS node died; the others elect one in seconds) a publish
+    gets no answer: the request waits and publishes again, rather than failing the buyer."""
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    nc = await nats.connect(server.url)
+    try:
+        stream = UsageStream(nc, db, "gw-retry")
+        event = Closed("r-retry", None, 1, 2, 0, None, None, "ok", refund=False, keep_slot=False)
+        publishing = asyncio.ensure_future(stream.publish(event, "c.r-retry"))
+        await asyncio.sleep(0.5)
+        assert not publishing.done(), "no stream yet: still trying"
+        # The stream comes (back): the publish lands, once.
+        await stream._ensure_stream()
+        seq = await asyncio.wait_for(publishing, 5)
+        info = await nc.jetstream().stream_info(subjects.USAGE_STREAM)
+        assert (seq, info.state.messages) == (1, 1)
+    finally:
+        await nc.close()
+        await db.close()
+        server.stop()
 
 
 def test_usage_report(stack: Stack) -> None:

@@ -53,6 +53,19 @@ MAX_BYTES = 256 << 20
 # A lost acknowledgement is retried with the same message id within this window and stored once.
 DUPLICATE_WINDOW_S = 120.0
 PUBLISH_TIMEOUT_S = 2.0
+# How long a publish is tried again while the stream or the connection is unavailable (see `publish`).
+PUBLISH_RETRY_S = 10.0
+# What a retry may cure: no stream leader yet, no answer in time, the connection being re-established.
+_UNAVAILABLE = (
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    TimeoutError,
+)
 # A pull waits this long for the next event; the server sees the consumer alive as long as it pulls.
 PULL_WAIT_S = 2.0
 # A fetch for what is there already (nats-py asks with no_wait first, then waits this long at most).
@@ -136,15 +149,31 @@ class UsageStream:
     # ---- publishing (the request path) -----------------------------------------------------
 
     async def publish(self, event: UsageEvent, msg_id: str) -> int:
-        """Store one event in the stream; its sequence number once JetStream acknowledged it."""
-        ack = await self._js.publish(
-            self._subject,
-            ENCODER.encode(event),
-            timeout=PUBLISH_TIMEOUT_S,
-            stream=subjects.USAGE_STREAM,
-            headers={"Nats-Msg-Id": msg_id},
-        )
-        return ack.seq
+        """Store one event in the stream; its sequence number once JetStream acknowledged it.
+
+        While the stream has no leader (the NATS node that led it died: the others elect a new one in a
+        few seconds) or the connection is being re-established, the publish is tried again for up to
+        PUBLISH_RETRY_S: the request waits instead of failing. The message id makes a retry of a publish
+        whose acknowledgement was lost a duplicate JetStream drops.
+        """
+        data = ENCODER.encode(event)
+        deadline = time.monotonic() + PUBLISH_RETRY_S
+        pause = 0.02
+        while True:
+            try:
+                ack = await self._js.publish(
+                    self._subject,
+                    data,
+                    timeout=PUBLISH_TIMEOUT_S,
+                    stream=subjects.USAGE_STREAM,
+                    headers={"Nats-Msg-Id": msg_id},
+                )
+                return ack.seq
+            except _UNAVAILABLE:
+                if time.monotonic() + pause >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(0.5, pause * 2)
 
     # ---- the stream and this replica's consumer --------------------------------------------
 
