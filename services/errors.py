@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import msgspec
 import structlog
 from litestar import Request, Response
@@ -263,6 +264,17 @@ def untranslatable(exc: Untranslatable) -> ApiError:
     return kind(exc.message, param=exc.param)
 
 
+# What Postgres going away looks like to asyncpg: refused or reset connections, a server shutting down
+# or starting up, a closed connection, no connection slot.
+_DATABASE_OUTAGE = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
 def _api_error(request: Request[Any, Any, Any], exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
@@ -270,6 +282,12 @@ def _api_error(request: Request[Any, Any, Any], exc: Exception) -> ApiError:
         return untranslatable(exc)
     if isinstance(exc, HTTPException) and exc.status_code < HTTP_500_INTERNAL_SERVER_ERROR:
         return _from_http_exception(exc)
+    if isinstance(exc, _DATABASE_OUTAGE):
+        # Postgres restarting or failing over (seconds): the buyer may retry, it is not our bug.
+        log.warning("database_unavailable", path=request.url.path, error=type(exc).__name__)
+        return CoordinatorUnavailable(
+            "A database this service needs is unreachable right now; retry in a moment.", headers={"retry-after": "1"}
+        )
     log.exception("unhandled_error", path=request.url.path, method=request.method)
     return InternalError("Internal error; the request id in x-request-id helps the operator.")
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -372,3 +373,26 @@ def test_admin_commands_read_settings_without_writing_secrets(tmp_path: Path) ->
         assert main(["migrate", "--check"]) == 3
     assert not (home / "secret_key").exists()
     assert not (home / "metrics_token").exists()
+
+
+@pytest.mark.parametrize(
+    "outage",
+    [ConnectionRefusedError(111, "refused"), asyncpg.exceptions.CannotConnectNowError("starting up")],
+    ids=["refused", "starting-up"],
+)
+def test_a_database_outage_is_a_503_to_retry_not_a_500(outage: Exception) -> None:
+    # Postgres restarting (a deploy, a failover) is seconds of unavailability, not a bug in the request.
+    from litestar import Litestar, get
+    from litestar.testing import TestClient
+
+    from services.errors import exception_handler
+
+    @get("/v1/probe")
+    async def probe() -> None:
+        raise outage
+
+    with TestClient(Litestar([probe], exception_handlers={Exception: exception_handler})) as client:
+        r = client.get("/v1/probe")
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "coordinator_unavailable"
+    assert r.headers["retry-after"] == "1"
