@@ -26,10 +26,9 @@ class Opened(msgspec.Struct, tag="open", frozen=True):
     tokens: int
 
 
-class Closed(msgspec.Struct, tag="close", frozen=True):
-    """How a request ended: its ledger row, and where its concurrency slot goes."""
+class Settlement(msgspec.Struct, frozen=True):
+    """How a request ended, for its ledger row."""
 
-    request_id: str
     provider_id: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -37,7 +36,15 @@ class Closed(msgspec.Struct, tag="close", frozen=True):
     ttft_ms: float | None
     duration_ms: float | None
     outcome: str
-    refund: bool
+    # Nothing reached a provider: the request is not counted against the day.
+    refund: bool = False
+
+
+class Closed(msgspec.Struct, tag="close", frozen=True):
+    """How a request ended: its ledger row, and where its concurrency slot goes."""
+
+    request_id: str
+    settlement: Settlement
     # The slot goes back to the publishing replica's lease (while it holds one), else to the subject.
     keep_slot: bool
 

@@ -24,7 +24,7 @@ from infra.components import Child, start_gateway, wait_model
 from infra.nats import NatsServer
 from infra.ports import free_port
 from schemas import subjects
-from schemas.usage_events import Closed, Opened, UsageEvent
+from schemas.usage_events import Closed, Opened, Settlement, UsageEvent
 from services.usage import ledger
 from services.usage.ledger import UsageStream
 from tests.support import logs
@@ -430,7 +430,7 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
     rid = f"twice{secrets.token_hex(8)}"
     events: list[UsageEvent] = [
         Opened(rid, account.subject, account.account_id, account.key_id, None, SYNTHETIC, day, 500),
-        Closed(rid, "p", 10, 20, 0, 5.0, 50.0, "ok", refund=False, keep_slot=False),
+        Closed(rid, Settlement("p", 10, 20, 0, 5.0, 50.0, "ok"), keep_slot=False),
     ]
     db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
     try:
@@ -458,7 +458,7 @@ async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stac
     nc = await nats.connect(server.url)
     try:
         stream = UsageStream(nc, db, "gw-retry")
-        event = Closed("r-retry", None, 1, 2, 0, None, None, "ok", refund=False, keep_slot=False)
+        event = Closed("r-retry", Settlement(None, 1, 2, 0, None, None, "ok"), keep_slot=False)
         publishing = asyncio.ensure_future(stream.publish(event, "c.r-retry"))
         await asyncio.sleep(0.5)
         assert not publishing.done(), "no stream yet: still trying"

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.usage.quotas import Holder, Limits, Settlement, Usage, today
+from schemas.usage_events import Closed, Opened
+from services.usage.quotas import Holder, Limits, Usage, today
 
 # Where a statement runs: the pool, or a connection holding a transaction.
 Executor = asyncpg.Pool | asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -378,23 +379,6 @@ class Refused:
     usage: Usage
 
 
-@dataclass(frozen=True, slots=True)
-class Opening:
-    request_id: str
-    holder: Holder
-    model: str
-    tokens: int
-    day: dt.date
-
-
-@dataclass(frozen=True, slots=True)
-class Closing:
-    request_id: str
-    settlement: Settlement
-    # The request's slot goes back to this replica's lease (busy enough to keep it), not to the subject.
-    keep_slot: bool
-
-
 async def grant(
     db: asyncpg.Pool,
     lease: Lease,
@@ -452,54 +436,47 @@ async def grant(
     return None
 
 
-async def open_many(db: asyncpg.Pool, gw: str, items: list[Opening]) -> list[bool]:
-    """Reservation rows for requests admitted from leases; False where the lease no longer held them."""
-    written: set[str] = set()
-    by_day: dict[dt.date, list[Opening]] = {}
+def _open_args(gw: str, day: dt.date, group: list[Opened]) -> tuple[object, ...]:
+    return (
+        gw,
+        day,
+        [i.request_id for i in group],
+        [i.subject for i in group],
+        [i.account_id for i in group],
+        [i.key_id for i in group],
+        [i.demo_token_id for i in group],
+        [i.model for i in group],
+        [i.tokens for i in group],
+    )
+
+
+def _by_day(items: list[Opened]) -> dict[dt.date, list[Opened]]:
+    by_day: dict[dt.date, list[Opened]] = {}
     for item in items:
         by_day.setdefault(item.day, []).append(item)
-    for day, group in by_day.items():
-        rows = await db.fetch(
-            _OPEN,
-            gw,
-            day,
-            [i.request_id for i in group],
-            [i.holder.subject for i in group],
-            [i.holder.account_id for i in group],
-            [i.holder.key_id for i in group],
-            [i.holder.demo_token_id for i in group],
-            [i.model for i in group],
-            [i.tokens for i in group],
-        )
+    return by_day
+
+
+async def open_many(db: asyncpg.Pool, gw: str, items: list[Opened]) -> list[bool]:
+    """Reservation rows for requests admitted from leases; False where the lease no longer held them."""
+    written: set[str] = set()
+    for day, group in _by_day(items).items():
+        rows = await db.fetch(_OPEN, *_open_args(gw, day, group))
         written.update(r["request_id"] for r in rows)
     return [i.request_id in written for i in items]
 
 
-async def apply_open_many(db: Executor, gw: str, items: list[Opening]) -> int:
+async def apply_open_many(db: Executor, gw: str, items: list[Opened]) -> int:
     """Reservation rows from the usage stream (never refused); how many were new."""
     written = 0
-    by_day: dict[dt.date, list[Opening]] = {}
-    for item in items:
-        by_day.setdefault(item.day, []).append(item)
-    for day, group in by_day.items():
-        row = await db.fetchrow(
-            _APPLY_OPEN,
-            gw,
-            day,
-            [i.request_id for i in group],
-            [i.holder.subject for i in group],
-            [i.holder.account_id for i in group],
-            [i.holder.key_id for i in group],
-            [i.holder.demo_token_id for i in group],
-            [i.model for i in group],
-            [i.tokens for i in group],
-        )
+    for day, group in _by_day(items).items():
+        row = await db.fetchrow(_APPLY_OPEN, *_open_args(gw, day, group))
         assert row is not None
         written += row["written"]
     return written
 
 
-async def close_many(db: Executor, gw: str, items: list[Closing]) -> list[tuple[bool, bool]]:
+async def close_many(db: Executor, gw: str, items: list[Closed]) -> list[tuple[bool, bool]]:
     """Settle a batch; per item (settled now, its slot went back to this replica's lease)."""
     rows = await db.fetch(
         _CLOSE,

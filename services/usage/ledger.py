@@ -38,8 +38,6 @@ from nats.js.client import JetStreamContext
 from schemas import subjects
 from schemas.usage_events import DECODER, ENCODER, Closed, Opened, UsageEvent
 from services.usage import leases
-from services.usage.leases import Closing, Opening
-from services.usage.quotas import Holder, Settlement
 
 if TYPE_CHECKING:
     from services.metrics.registry import Metrics
@@ -76,33 +74,14 @@ def _lock_key(gateway_id: str) -> str:
     return f"usage-ledger:{gateway_id}"
 
 
-def _opening(event: Opened) -> Opening:
-    holder = Holder(event.subject, event.account_id, event.key_id, event.demo_token_id)
-    return Opening(event.request_id, holder, event.model, event.tokens, event.day)
-
-
-def _closing(event: Closed) -> Closing:
-    settlement = Settlement(
-        provider_id=event.provider_id,
-        prompt_tokens=event.prompt_tokens,
-        completion_tokens=event.completion_tokens,
-        cached_tokens=event.cached_tokens,
-        ttft_ms=event.ttft_ms,
-        duration_ms=event.duration_ms,
-        outcome=event.outcome,
-        refund=event.refund,
-    )
-    return Closing(event.request_id, settlement, keep_slot=event.keep_slot)
-
-
 async def apply(db: asyncpg.Pool, gateway_id: str, events: Sequence[UsageEvent]) -> None:
     """Write one replica's events, in the order published, to Postgres (idempotent).
 
     A batch's reservations go first, then its settlements: a request opened and closed within the batch
     is then settled, and every other change commutes (services/usage/leases.py `_APPLY_OPEN`).
     """
-    opens = [_opening(e) for e in events if isinstance(e, Opened)]
-    closes = [_closing(e) for e in events if isinstance(e, Closed)]
+    opens = [e for e in events if isinstance(e, Opened)]
+    closes = [e for e in events if isinstance(e, Closed)]
     if not (opens and closes):
         # One statement: atomic on its own.
         if opens:

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
-from schemas.usage_events import Closed, Opened, close_id, open_id
+from schemas.usage_events import Closed, Opened, Settlement, close_id, open_id
 from services.auth.principal import Principal
 from services.errors import CoordinatorUnavailable, QuotaExhausted
 from services.settings import Settings
 from services.usage import leases, quotas
 from services.usage.batch import GroupCommit
-from services.usage.leases import Closing, Lease, Opening
-from services.usage.quotas import Holder, Limits, Settlement, Usage, today
+from services.usage.leases import Lease
+from services.usage.quotas import Holder, Limits, Usage, today
 
 if TYPE_CHECKING:
     from services.metrics.registry import Metrics
@@ -153,8 +153,8 @@ class Metering:
         self.unwritten_events = 0
         self._metrics = metrics
         self._leases: dict[str, Lease] = {}
-        self._opener: GroupCommit[Opening, bool] = GroupCommit(lambda items: leases.open_many(db, gateway_id, items))
-        self._closer: GroupCommit[Closing, tuple[bool, bool]] = GroupCommit(
+        self._opener: GroupCommit[Opened, bool] = GroupCommit(lambda items: leases.open_many(db, gateway_id, items))
+        self._closer: GroupCommit[Closed, tuple[bool, bool]] = GroupCommit(
             lambda items: leases.close_many(db, gateway_id, items)
         )
 
@@ -202,7 +202,8 @@ class Metering:
             return Ticket(request_id, holder, model, usage=None, stream=stream)
         lease = await self._admit(holder, limits, tokens)
         ticket = Ticket(request_id, holder, model, lease.usage(), stream=stream, lease=lease, tokens=tokens)
-        opening = Opening(request_id, holder, model, tokens, lease.day)
+        h = holder
+        opening = Opened(request_id, h.subject, h.account_id, h.key_id, h.demo_token_id, model, lease.day, tokens)
         if self._stream is not None:
             ticket.opening = asyncio.ensure_future(self._publish_open(opening))
         else:
@@ -210,11 +211,9 @@ class Metering:
         self._open[request_id] = ticket
         return ticket
 
-    async def _publish_open(self, o: Opening) -> bool:
+    async def _publish_open(self, event: Opened) -> bool:
         assert self._stream is not None
-        h = o.holder
-        event = Opened(o.request_id, h.subject, h.account_id, h.key_id, h.demo_token_id, o.model, o.day, o.tokens)
-        await self._stream.publish(event, open_id(o.request_id))
+        await self._stream.publish(event, open_id(event.request_id))
         return True
 
     async def caught_up(self, timeout_s: float) -> bool:
@@ -412,7 +411,7 @@ class Metering:
             outcome=outcome,
             refund=refund,
         )
-        closing = Closing(
+        closing = Closed(
             ticket.request_id,
             settlement,
             keep_slot=ticket.lease is not None and ticket.lease.keeps_slot(),
@@ -420,7 +419,7 @@ class Metering:
         lease = ticket.lease
         try:
             if self._stream is not None:
-                await self._stream.publish(_closed(closing), close_id(ticket.request_id))
+                await self._stream.publish(closing, close_id(ticket.request_id))
                 # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
                 to_lease = closing.keep_slot
             else:
@@ -451,7 +450,7 @@ class Metering:
             ticket.lease.in_use -= 1
             ticket.lease.slots += 1
         refund = Settlement(ticket.provider_id, 0, 0, 0, None, None, "unconfirmed", refund=True)
-        event = _closed(Closing(ticket.request_id, refund, keep_slot=True))
+        event = Closed(ticket.request_id, refund, keep_slot=True)
         task = asyncio.ensure_future(self._stream.publish(event, close_id(ticket.request_id)))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -461,8 +460,8 @@ class Metering:
             try:
                 if self._stream is not None:
                     # Its slot went back to the subject (memory no longer counts it in the lease).
-                    closing = Closing(request_id, settlement, keep_slot=False)
-                    await self._stream.publish(_closed(closing), close_id(request_id))
+                    closing = Closed(request_id, settlement, keep_slot=False)
+                    await self._stream.publish(closing, close_id(request_id))
                 else:
                     await quotas.settle(self._db, request_id, settlement)
             except Exception as exc:
@@ -514,22 +513,6 @@ class Metering:
                     self._metrics.stale_settled.inc(settled)
             if given:
                 log.warning("stale_leases_given_back", subjects=given)
-
-
-def _closed(c: Closing) -> Closed:
-    s = c.settlement
-    return Closed(
-        c.request_id,
-        s.provider_id,
-        s.prompt_tokens,
-        s.completion_tokens,
-        s.cached_tokens,
-        s.ttft_ms,
-        s.duration_ms,
-        s.outcome,
-        s.refund,
-        c.keep_slot,
-    )
 
 
 def _refusal(usage: Usage, tokens: int) -> tuple[QuotaExhausted, str]:

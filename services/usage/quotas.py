@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from schemas.usage_events import Settlement
+
 UTC = dt.UTC
 
 
@@ -119,19 +121,6 @@ def _usage_from(limits: Limits, row: asyncpg.Record | None, day: dt.date) -> Usa
     if row is None or row["window_day"] != day:
         return Usage(limits, 0, 0, row["inflight"] if row else 0, day)
     return Usage(limits, row["requests"], row["tokens"], row["inflight"], day)
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    provider_id: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    ttft_ms: float | None
-    duration_ms: float | None
-    outcome: str
-    # Nothing reached a provider: the request is not counted against the day.
-    refund: bool = False
 
 
 async def settle(db: asyncpg.Pool | asyncpg.Connection, request_id: str, s: Settlement) -> bool:
