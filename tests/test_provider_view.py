@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,7 +155,10 @@ def test_the_daemon_status_command_shows_both_views(
         [sys.executable, "-m", "daemon", "status"], env=env, capture_output=True, text=True, timeout=60
     ).stdout
     assert "Tiny test Mac" in text
-    assert f"{TINY_MODEL}: uncatalogued, routed" in text  # the suite routes uncatalogued models
+    # The suite routes uncatalogued models. The verdict shown is the last one a replica recorded: on a
+    # worker where test_verified_models ran, its refusing replica recorded "not_in_catalog" for this Mac
+    # too, and this stack's replica writes its own again only when something changes (or after 60 s).
+    assert re.search(rf"{TINY_MODEL}: (uncatalogued|not_in_catalog), routed", text), text
     assert token not in done.stdout + text
     # Signed out (no credentials): it says what to do, and fails for scripts.
     creds.unlink()
