@@ -27,6 +27,8 @@ from schemas import subjects
 from schemas.usage_events import Closed, Opened, Settlement, UsageEvent
 from services.usage import ledger
 from services.usage.ledger import UsageStream
+from services.usage.metering import Metering
+from services.usage.quotas import Holder, Limits
 from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
 from tests.support.daemons import daemon_in_pool, spawn_daemon
@@ -469,6 +471,49 @@ async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stac
         assert (seq, info.state.messages) == (1, 1)
     finally:
         await nc.close()
+        await db.close()
+        server.stop()
+
+
+async def test_reading_your_writes_waits_for_busy_replicas(stack: Stack, tmp_path: Path) -> None:
+    """Between two batches a busy replica has no pull waiting at the server: its progress shows it is alive,
+    so a reader waits for its events (it once took such a replica for dead and read too early; the same
+    signal keeps peers from adopting a busy replica's events)."""
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=8)
+    connections = [await nats.connect(server.url) for _ in range(3)]
+    meterings = [
+        Metering(db, f"gw-busy-{i}", stale_after_s=2, stream=UsageStream(nc, db, f"gw-busy-{i}", idle_s=2))
+        for i, nc in enumerate(connections)
+    ]
+    account = await make_account_async(stack.database_url)
+    holder = Holder(account.subject, account.account_id, account.key_id, None)
+    limits = Limits(10**9, 10**12, 1000)
+    done: list[str] = []
+    try:
+        for m in meterings:
+            await m.start()
+        stop = time.monotonic() + 3
+
+        async def worker(w: int) -> None:
+            while time.monotonic() < stop:
+                rid = f"busy{w}x{len(done)}x{secrets.token_hex(4)}"
+                metering = meterings[w % len(meterings)]
+                ticket = await metering.reserve(holder, limits, rid, SYNTHETIC, 100)
+                await metering.confirm(ticket)
+                ticket.prompt_tokens, ticket.completion_tokens = 10, 20
+                await metering.settle(ticket, outcome="ok")
+                done.append(rid)
+
+        await asyncio.gather(*(worker(w) for w in range(24)))
+        assert await meterings[0].caught_up(10)
+        n = await db.fetchval("SELECT count(*) FROM usage_ledger WHERE subject = $1", account.subject)
+        assert n == len(done) > 100
+    finally:
+        for m in meterings:
+            await m.stop()
+        for nc in connections:
+            await nc.close()
         await db.close()
         server.stop()
 

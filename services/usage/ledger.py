@@ -122,8 +122,9 @@ class UsageStream:
         # Pulled batches waiting to be written; None tells the writer to stop.
         self._batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
-        # Other replicas' consumers seen with no pull waiting, and since when (see `adopt_orphans`).
-        self._idle_seen: dict[str, float] = {}
+        # Other replicas' consumers seen with no pull waiting and no progress: since when, and their
+        # progress then (see `adopt_orphans`).
+        self._idle_seen: dict[str, tuple[float, tuple[int, int]]] = {}
 
     # ---- publishing (the request path) -----------------------------------------------------
 
@@ -333,8 +334,9 @@ class UsageStream:
     async def adopt_orphans(self) -> int:
         """Write the events of replicas that are gone; how many events.
 
-        A live replica always has a pull waiting at the server. One whose consumer has none for `idle_s`
-        is gone (or stalled that long: its events are then written by both, which changes nothing). Its
+        A live replica has a pull waiting at the server, or (busy, between two batches) makes progress:
+        its consumer delivers and acknowledges events. One whose consumer does neither for `idle_s` is
+        gone (or stalled that long: its events are then written by both, which changes nothing). Its
         consumer may hold events it was given and never acknowledged, and the server keeps such a
         consumer: the adopter removes it and reads the subject from its first event, in order.
         """
@@ -349,10 +351,12 @@ class UsageStream:
                 continue
             ci = await self._consumer(gateway_id)
             if ci is not None:
-                if ci.num_waiting:
-                    self._idle_seen.pop(gateway_id, None)
+                progress = _progress(ci)
+                seen = self._idle_seen.get(gateway_id)
+                if ci.num_waiting or seen is None or seen[1] != progress:
+                    self._idle_seen[gateway_id] = (now, progress)
                     continue
-                if now - self._idle_seen.setdefault(gateway_id, now) < self._idle_s:
+                if now - seen[0] < self._idle_s:
                     continue
             written += await self._adopt(gateway_id)
             self._idle_seen.pop(gateway_id, None)
@@ -402,6 +406,7 @@ class UsageStream:
             if not count or not subjects.valid_token(gateway_id):
                 continue
             idle_since: float | None = None
+            progress: tuple[int, int] | None = None
             while True:
                 try:
                     ci = await self._js.consumer_info(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
@@ -410,8 +415,8 @@ class UsageStream:
                 if _written_through(ci, last):
                     break
                 now = time.monotonic()
-                if ci.num_waiting:
-                    idle_since = None
+                if ci.num_waiting or _progress(ci) != progress:
+                    idle_since, progress = None, _progress(ci)
                 elif idle_since is None:
                     idle_since = now
                 elif now - idle_since > 0.25:
@@ -422,6 +427,13 @@ class UsageStream:
                     return False
                 await asyncio.sleep(0.02)
         return True
+
+
+def _progress(ci: api.ConsumerInfo) -> tuple[int, int]:
+    """How far a consumer has delivered and acknowledged (stream sequences): it moves while it works."""
+    delivered = ci.delivered.stream_seq if ci.delivered is not None else 0
+    acked = ci.ack_floor.stream_seq if ci.ack_floor is not None else 0
+    return delivered or 0, acked or 0
 
 
 def _written_through(ci: api.ConsumerInfo, seq: int) -> bool:
