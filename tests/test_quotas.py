@@ -26,7 +26,7 @@ from infra.ports import free_port
 from schemas import subjects
 from schemas.usage_events import Closed, Opened, Settlement, UsageEvent
 from services.usage import ledger
-from services.usage.ledger import UsageStream
+from services.usage.ledger import UsageStream, UsageStreamUnavailable
 from services.usage.metering import Metering
 from services.usage.quotas import Holder, Limits
 from tests.support import logs
@@ -514,6 +514,20 @@ async def test_reading_your_writes_waits_for_busy_replicas(stack: Stack, tmp_pat
             await m.stop()
         for nc in connections:
             await nc.close()
+        await db.close()
+        server.stop()
+
+
+async def test_a_control_plane_without_jetstream_says_what_to_do(stack: Stack, tmp_path: Path) -> None:
+    # An account without JetStream (an operator's own NATS): the gateway refuses to start, naming the fix.
+    server = NatsServer.start(tmp_path / "nats", config_extra="accounts { A { users: [{user: a, password: a}] } }")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    nc = await nats.connect(server.url.replace("nats://", "nats://a:a@"), max_reconnect_attempts=0)
+    try:
+        with pytest.raises(UsageStreamUnavailable, match=r"jetstream: enabled.*MP_SETTLEMENT=postgres"):
+            await UsageStream(nc, db, "gw-nojs").start()
+    finally:
+        await nc.close()
         await db.close()
         server.stop()
 

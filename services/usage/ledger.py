@@ -70,6 +70,10 @@ PULL_WAIT_S = 2.0
 NO_WAIT_S = 0.002
 
 
+class UsageStreamUnavailable(RuntimeError):
+    """The control plane cannot start: settlement through JetStream is configured but unusable."""
+
+
 def _lock_key(gateway_id: str) -> str:
     return f"usage-ledger:{gateway_id}"
 
@@ -158,7 +162,15 @@ class UsageStream:
     # ---- the stream and this replica's consumer --------------------------------------------
 
     async def start(self) -> None:
-        await self._ensure_stream()
+        try:
+            await self._ensure_stream()
+        except (nats.errors.Error, TimeoutError) as exc:
+            # Say what to do, not just what nats-py saw (JetStream off in the account, a missing permission).
+            raise UsageStreamUnavailable(
+                f"the usage stream {subjects.USAGE_STREAM} cannot be reached or made ({type(exc).__name__}: {exc}). "
+                "MP_SETTLEMENT=jetstream needs JetStream enabled in the NATS account the control plane is in "
+                "('jetstream: enabled') and the control plane's permissions for it; or set MP_SETTLEMENT=postgres."
+            ) from exc
         self._sub = await self._claim()
         self._puller = asyncio.create_task(self._pull(), name="usage-pull")
         self._writer = asyncio.create_task(self._write_pulled(), name="usage-write")
