@@ -156,7 +156,8 @@ def start_daemon(
     """
     log_path = home / "logs" / f"daemon-{provider_id}.log"
     admin_port = free_port() if admin_port is None else admin_port
-    api_port = free_port() if api_port is None else api_port
+    # Two lookups in a row can get the same port back from the kernel: never give both listeners one.
+    api_port = free_port(avoid={admin_port}) if api_port is None else api_port
     settings = {
         **fast_blas_env(),
         **child_env(nats, provider_id=provider_id, credentials=nats_credentials),

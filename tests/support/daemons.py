@@ -30,20 +30,22 @@ def spawn_daemon(home: Path, **options: Any) -> DaemonChild:
     without that listener, and a test would talk to whoever holds the port.
     """
     for _ in range(3):
+        log_path = home / "logs" / f"daemon-{options['provider_id']}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         daemon = start_daemon(home, **options)
-        if _listening(daemon):
+        if _listening(daemon, offset if daemon.log_path == log_path else 0):
             return daemon
         daemon.stop()
     raise AssertionError(f"{daemon.name} could not bind its local ports three times:\n{daemon.log_tail()}")
 
 
-def _listening(daemon: DaemonChild, timeout: float = 120.0) -> bool:
-    """True once both local listeners are up, False if one could not bind."""
+def _listening(daemon: DaemonChild, since: int, timeout: float = 120.0) -> bool:
+    """True once both local listeners of this start are up, False if one could not bind."""
     deadline = time.monotonic() + timeout
     while True:
-        if logs.events(daemon.log_path, "local_http_failed"):
+        if logs.events(daemon.log_path, "local_http_failed", since=since):
             return False
-        if len(logs.events(daemon.log_path, "local_http_listening")) >= 2:
+        if len(logs.events(daemon.log_path, "local_http_listening", since=since)) >= 2:
             return True
         if not daemon.alive():
             raise AssertionError(f"{daemon.name} exited while starting:\n{daemon.log_tail()}")

@@ -11,9 +11,13 @@ _LINE = re.compile(r"^(?P<ts>\S+Z) \[(?P<level>\w+)\s*\] (?P<event>\S+)\s*(?P<re
 _FIELD = re.compile(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)")
 
 
-def events(path: Path, name: str) -> list[dict[str, str]]:
+def events(path: Path, name: str, *, since: int = 0) -> list[dict[str, str]]:
+    """The `name` events in the log, from byte offset `since` on (a restarted process appends to its log)."""
     found = []
-    for line in path.read_text(errors="replace").splitlines():
+    with path.open("rb") as f:
+        f.seek(since)
+        text = f.read().decode(errors="replace")
+    for line in text.splitlines():
         m = _LINE.match(line)
         if m and m.group("event") == name:
             fields = {k: v.strip("'\"") for k, v in _FIELD.findall(m.group("rest"))}
