@@ -148,6 +148,7 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
             replicas=settings.usage_stream_replicas,
             linger_s=settings.ledger_linger_ms / 1000,
             idle_s=settings.reservation_stale_s,
+            max_bytes=settings.usage_stream_max_mb << 20,
             metrics=metrics,
         )
         if settings.metering and settings.settlement == "jetstream"

@@ -253,6 +253,8 @@ class Settings:
     usage_stream_replicas: int
     # How long the ledger consumer waits for more events before writing a batch.
     ledger_linger_ms: int
+    # What the usage stream may hold while Postgres cannot be written (then requests get 503).
+    usage_stream_max_mb: int
     # After SIGTERM: readiness fails at once, but requests are still taken for this long, while
     # load balancers stop sending (Kubernetes removes a terminating pod from its endpoints late).
     shutdown_delay_s: float
@@ -390,6 +392,7 @@ class Settings:
             settlement=_choice(env, "MP_SETTLEMENT", ("jetstream", "postgres")),
             usage_stream_replicas=_bounded_int(env, "MP_USAGE_STREAM_REPLICAS", 1, low=1, high=5),
             ledger_linger_ms=_bounded_int(env, "MP_LEDGER_LINGER_MS", 20, low=0, high=200),
+            usage_stream_max_mb=_bounded_int(env, "MP_USAGE_STREAM_MAX_MB", 256, low=16, high=1 << 20),
             shutdown_delay_s=_non_negative(env, "MP_SHUTDOWN_DELAY_S", 0.0),
             shutdown_grace_s=_non_negative(env, "MP_SHUTDOWN_GRACE_S", 10.0),
             pool_warmup_s=_non_negative(env, "MP_POOL_WARMUP_S", 1.0),

@@ -459,7 +459,7 @@ async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stac
     db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
     nc = await nats.connect(server.url)
     try:
-        stream = UsageStream(nc, db, "gw-retry")
+        stream = UsageStream(nc, db, "gw-retry", max_bytes=32 << 20)
         event = Closed("r-retry", Settlement(None, 1, 2, 0, None, None, "ok"), keep_slot=False)
         publishing = asyncio.ensure_future(stream.publish(event, "c.r-retry"))
         await asyncio.sleep(0.5)
@@ -469,6 +469,7 @@ async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stac
         seq = await asyncio.wait_for(publishing, 5)
         info = await nc.jetstream().stream_info(subjects.USAGE_STREAM)
         assert (seq, info.state.messages) == (1, 1)
+        assert info.config.max_bytes == 32 << 20, "MP_USAGE_STREAM_MAX_MB bounds what it may hold"
     finally:
         await nc.close()
         await db.close()

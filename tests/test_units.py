@@ -396,3 +396,16 @@ def test_a_database_outage_is_a_503_to_retry_not_a_500(outage: Exception) -> Non
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "coordinator_unavailable"
     assert r.headers["retry-after"] == "1"
+
+
+def test_usage_stream_settings_are_read_and_bounded() -> None:
+    from services.settings import Settings, SettingsError
+
+    base = {"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "NATS_URL": "nats://127.0.0.1:1", "MP_SECRET_KEY": "k" * 64}
+    default = Settings.from_env(base)
+    assert (default.settlement, default.usage_stream_replicas, default.usage_stream_max_mb) == ("jetstream", 1, 256)
+    set_ = Settings.from_env({**base, "MP_SETTLEMENT": "postgres", "MP_USAGE_STREAM_MAX_MB": "1024"})
+    assert (set_.settlement, set_.usage_stream_max_mb) == ("postgres", 1024)
+    for key, bad in (("MP_SETTLEMENT", "kafka"), ("MP_USAGE_STREAM_MAX_MB", "1"), ("MP_LEDGER_LINGER_MS", "5000")):
+        with pytest.raises(SettingsError, match=key):
+            Settings.from_env({**base, key: bad})

@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("usage")
 
 BATCH = 512
-# What the stream may hold while no consumer writes it (Postgres down): past that, publishes fail and
-# requests are refused (503) rather than served unbilled.
+# What the stream may hold by default (MP_USAGE_STREAM_MAX_MB) while no consumer writes it (Postgres
+# down): past that, publishes fail and requests are refused (503) rather than served unbilled.
 MAX_BYTES = 256 << 20
 # A lost acknowledgement is retried with the same message id within this window and stored once.
 DUPLICATE_WINDOW_S = 120.0
@@ -109,6 +109,7 @@ class UsageStream:
         replicas: int = 1,
         linger_s: float = 0.02,
         idle_s: float = 30.0,
+        max_bytes: int = MAX_BYTES,
         metrics: Metrics | None = None,
     ) -> None:
         self._nc = nc
@@ -118,6 +119,7 @@ class UsageStream:
         self._replicas = replicas
         self._linger_s = linger_s
         self._idle_s = max(5.0, idle_s)
+        self._max_bytes = max_bytes
         self._metrics = metrics
         self._js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -217,7 +219,7 @@ class UsageStream:
             storage=api.StorageType.FILE,
             num_replicas=self._replicas,
             duplicate_window=DUPLICATE_WINDOW_S,
-            max_bytes=MAX_BYTES,
+            max_bytes=self._max_bytes,
             max_msg_size=64 * 1024,
             discard=api.DiscardPolicy.NEW,
         )
