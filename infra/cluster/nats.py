@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,31 +131,21 @@ class NatsCluster:
 
     def wait_routes(self, timeout: float = 20.0) -> None:
         """Until every live node has a route to every other live node."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def formed() -> bool:
             live = [n for n in self.nodes if n.alive()]
-            try:
-                if all(n.varz().get("routes", 0) >= len(live) - 1 for n in live):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the NATS cluster's routes did not form within {timeout:.0f}s")
-            time.sleep(0.1)
+            return all(n.varz().get("routes", 0) >= len(live) - 1 for n in live)
+
+        _wait(formed, "the NATS cluster's routes did not form", timeout)
 
     def wait_jetstream(self, timeout: float = 20.0) -> None:
         """Until every live node follows one JetStream meta leader (the usage stream can be made then)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                leaders = {n.jsz().get("meta_cluster", {}).get("leader") for n in self.nodes if n.alive()}
-                if len(leaders) == 1 and all(leaders):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the NATS cluster elected no JetStream meta leader within {timeout:.0f}s")
-            time.sleep(0.1)
+
+        def elected() -> bool:
+            leaders = {n.jsz().get("meta_cluster", {}).get("leader") for n in self.nodes if n.alive()}
+            return len(leaders) == 1 and all(leaders)
+
+        _wait(elected, "the NATS cluster elected no JetStream meta leader", timeout)
 
     def kill(self, i: int) -> None:
         """SIGKILL node `i` (no goodbye to its clients or routes)."""
@@ -179,3 +170,17 @@ class NatsCluster:
         for node in reversed(self.nodes):
             if node.secured is not None:
                 node.secured.stop()
+
+
+def _wait(condition: Callable[[], bool], failure: str, timeout: float) -> None:
+    """Poll the nodes' monitoring endpoints until `condition` holds (a node not answering yet counts as not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{failure} within {timeout:.0f}s")
+        time.sleep(0.1)
