@@ -1,4 +1,4 @@
-"""The hot path's pure parts: the daemon's frame coalescing and the metering's group commit."""
+"""The hot path's pure parts: the daemon's frame coalescing, the metering's group commit, the SSE response."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from daemon.engine.base import EngineError, Event, Finished, TextChunk
 from daemon.frames import coalesced
 from schemas import bus
 from services.gateway.frames import joined, joins
+from services.gateway.sse import EventStream
 from services.usage.batch import GroupCommit
 
 # Pure: no server, no process, no network (`just test -m unit`).
@@ -178,3 +179,78 @@ def test_deltas_queued_together_join_in_order() -> None:
     assert not joins([delta(4, call=True)], delta(5, "x"))  # nothing after tool calls
     whole = joined([*run, delta(3, "b")])
     assert (whole.seq, whole.reasoning, whole.text, whole.tokens, whole.token_ids) == (3, "hm ", "ab", 3, [1, 2, 3])
+
+
+class _Client:
+    """An ASGI server's side of one response: what was sent, and a hang-up the test can cause."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, object]] = []
+        self.hang_up = asyncio.Event()
+
+    async def receive(self) -> dict[str, object]:
+        await self.hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, object]) -> None:
+        self.sent.append(message)
+
+
+async def test_an_event_stream_sends_its_chunks_then_ends() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield b"data: [DONE]\n\n"
+
+    client = _Client()
+    await EventStream(chunks(), {"x-request-id": "r1"})({"type": "http"}, client.receive, client.send)  # type: ignore[arg-type]
+    start, *bodies = client.sent
+    assert start["status"] == 200
+    assert dict(start["headers"]) == {b"content-type": b"text/event-stream; charset=utf-8", b"x-request-id": b"r1"}  # type: ignore[call-overload]
+    assert [(b["body"], b["more_body"]) for b in bodies] == [
+        (b"data: 1\n\n", True),
+        (b"data: [DONE]\n\n", True),
+        (b"", False),
+    ]
+
+
+async def test_a_hang_up_closes_the_event_streams_chunks_and_ends_quietly() -> None:
+    """The buyer hanging up while the answer waits for its next token cancels the wait: the chunks'
+    generator is closed (that is what cancels the provider and settles), and the response just ends."""
+    closed = asyncio.Event()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            yield b"data: 1\n\n"
+            await asyncio.sleep(3600)  # a provider that never sends the next token
+            yield b"data: 2\n\n"
+        finally:
+            closed.set()
+
+    client = _Client()
+    responding = asyncio.ensure_future(
+        EventStream(chunks(), {})({"type": "http"}, client.receive, client.send)  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.05)
+    client.hang_up.set()
+    await asyncio.wait_for(responding, 2)
+    assert closed.is_set()
+    assert not responding.cancelled()
+    assert [m.get("body") for m in client.sent[1:]] == [b"data: 1\n\n"]
+
+
+async def test_an_event_stream_cancelled_from_outside_stays_cancelled() -> None:
+    """Only the buyer's hang-up is swallowed: a server shutting down cancels the response as before."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        await asyncio.sleep(3600)
+        yield b"never"
+
+    client = _Client()
+    responding = asyncio.ensure_future(
+        EventStream(chunks(), {})({"type": "http"}, client.receive, client.send)  # type: ignore[arg-type]
+    )
+    await asyncio.sleep(0.05)
+    responding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await responding

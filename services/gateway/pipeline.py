@@ -19,7 +19,6 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import InternalServerException
-from litestar.response import Stream
 
 from schemas import bus
 from schemas.disconnect import unless_disconnected
@@ -30,6 +29,7 @@ from services.errors import ApiError, ClientDisconnected, CoordinatorUnavailable
 from services.gateway.dispatch import SHUTTING_DOWN, Call, StreamBroken
 from services.gateway.exchange import Exchange
 from services.gateway.frames import joined, joins
+from services.gateway.sse import EventStream
 from services.ids import request_id_of
 from services.runtime import Runtime
 from services.usage.metering import Ticket, estimate_prompt_tokens, holder_for
@@ -236,16 +236,15 @@ async def respond(
     return Response(await answer(request, runtime, started, collect), headers=started.headers)
 
 
-def stream(runtime: Runtime, started: Started[Any], renderer: Renderer) -> Stream:
+def stream(runtime: Runtime, started: Started[Any], renderer: Renderer) -> EventStream:
     """A server-sent-event answer in the surface's format; it always ends properly."""
-    return Stream(
+    return EventStream(
         _guarded(runtime, started, renderer),
-        media_type="text/event-stream",
-        headers={**started.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        {**started.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
 
 
-async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) -> AsyncIterator[bytes]:
+async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) -> AsyncGenerator[bytes, None]:
     ex, call = started.ex, started.call
     try:
         async with contextlib.aclosing(renderer.render(events(call, ex))) as chunks:
