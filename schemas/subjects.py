@@ -157,6 +157,16 @@ CONTROL_INBOX_PREFIX = "_INBOX_CP"
 CONTROL_INBOXES = f"{CONTROL_INBOX_PREFIX}.>"
 
 
+def usage_acks(inbox: str) -> str:
+    """Where one replica's usage-event acknowledgements arrive: under its inbox (`nc.new_inbox()`)."""
+    return f"{inbox}.*"
+
+
+def usage_ack(inbox: str, n: int) -> str:
+    """The reply subject of one usage event's publish: JetStream acknowledges it there."""
+    return f"{inbox}.{n}"
+
+
 # ---- the nats-server's own system subjects (not ours to version) ------------------------------
 
 # Where the server sends each connection attempt to the auth callout (in the callout's account).
