@@ -53,12 +53,3 @@ UsageEvent = Opened | Closed
 
 ENCODER = msgspec.json.Encoder()
 DECODER = msgspec.json.Decoder(UsageEvent)
-
-
-def open_id(request_id: str) -> str:
-    """The event's Nats-Msg-Id: JetStream drops a second publish of the same event (a retry)."""
-    return f"o.{request_id}"
-
-
-def close_id(request_id: str) -> str:
-    return f"c.{request_id}"

@@ -461,7 +461,7 @@ async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stac
     try:
         stream = UsageStream(nc, db, "gw-retry", max_bytes=32 << 20)
         event = Closed("r-retry", Settlement(None, 1, 2, 0, None, None, "ok"), keep_slot=False)
-        publishing = asyncio.ensure_future(stream.publish(event, "c.r-retry"))
+        publishing = asyncio.ensure_future(stream.publish(event))
         await asyncio.sleep(0.5)
         assert not publishing.done(), "no stream yet: still trying"
         # The stream comes (back): the publish lands, once.

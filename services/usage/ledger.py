@@ -50,8 +50,6 @@ BATCH = 512
 # What the stream may hold by default (MP_USAGE_STREAM_MAX_MB) while no consumer writes it (Postgres
 # down): past that, publishes fail and requests are refused (503) rather than served unbilled.
 MAX_BYTES = 256 << 20
-# A lost acknowledgement is retried with the same message id within this window and stored once.
-DUPLICATE_WINDOW_S = 120.0
 PUBLISH_TIMEOUT_S = 2.0
 # How long a publish is tried again while the stream or the connection is unavailable (see `publish`).
 PUBLISH_RETRY_S = 10.0
@@ -121,7 +119,7 @@ class _Acks:
         else:
             waiting.set_result(msg.data)
 
-    async def publish(self, subject: str, data: bytes, msg_id: str, timeout_s: float) -> int:
+    async def publish(self, subject: str, data: bytes, timeout_s: float) -> int:
         """Store `data` in the usage stream; its sequence number (raises as nats-py's `js.publish` would)."""
         if self._sub is None:
             await self._start()
@@ -130,8 +128,9 @@ class _Acks:
         waiting: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[reply] = waiting
         try:
-            headers = {api.Header.EXPECTED_STREAM.value: subjects.USAGE_STREAM, api.Header.MSG_ID.value: msg_id}
-            await self._nc.publish(subject, data, reply=reply, headers=headers)
+            # No headers: no Nats-Msg-Id for JetStream to drop a retried event by (the writer drops it, see
+            # `apply`), so the server keeps no table of ids and the consumer parses no header block per event.
+            await self._nc.publish(subject, data, reply=reply)
             async with asyncio.timeout(timeout_s):
                 answer = _PUBACK.decode(await waiting)
         finally:
@@ -208,20 +207,20 @@ class UsageStream:
 
     # ---- publishing (the request path) -----------------------------------------------------
 
-    async def publish(self, event: UsageEvent, msg_id: str) -> int:
+    async def publish(self, event: UsageEvent) -> int:
         """Store one event in the stream; its sequence number once JetStream acknowledged it.
 
         While the stream has no leader (the NATS node that led it died: the others elect a new one in a
         few seconds) or the connection is being re-established, the publish is tried again for up to
-        PUBLISH_RETRY_S: the request waits instead of failing. The message id makes a retry of a publish
-        whose acknowledgement was lost a duplicate JetStream drops.
+        PUBLISH_RETRY_S: the request waits instead of failing. A retry of a publish whose acknowledgement
+        was lost stores the event twice, and writing it twice changes nothing.
         """
         data = ENCODER.encode(event)
         deadline = time.monotonic() + PUBLISH_RETRY_S
         pause = 0.02
         while True:
             try:
-                return await self._acks.publish(self._subject, data, msg_id, PUBLISH_TIMEOUT_S)
+                return await self._acks.publish(self._subject, data, PUBLISH_TIMEOUT_S)
             except _UNAVAILABLE:
                 if time.monotonic() + pause >= deadline:
                     raise
@@ -286,7 +285,6 @@ class UsageStream:
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
             num_replicas=self._replicas,
-            duplicate_window=DUPLICATE_WINDOW_S,
             max_bytes=self._max_bytes,
             max_msg_size=64 * 1024,
             discard=api.DiscardPolicy.NEW,
@@ -304,11 +302,7 @@ class UsageStream:
             current = (await self._js.stream_info(subjects.USAGE_STREAM)).config
         # Made by every replica at start: only a different config is sent (creating an existing stream
         # again counts its storage twice against the server's limit).
-        if (current.num_replicas, current.max_bytes, current.duplicate_window) != (
-            config.num_replicas,
-            config.max_bytes,
-            config.duplicate_window,
-        ):
+        if (current.num_replicas, current.max_bytes) != (config.num_replicas, config.max_bytes):
             await self._js.update_stream(config)
 
     async def _subscribe(self, gateway_id: str) -> JetStreamContext.PullSubscription:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
-from schemas.usage_events import Closed, Opened, Settlement, close_id, open_id
+from schemas.usage_events import Closed, Opened, Settlement
 from services.auth.principal import Principal
 from services.errors import CoordinatorUnavailable, QuotaExhausted
 from services.settings import Settings
@@ -213,7 +213,7 @@ class Metering:
 
     async def _publish_open(self, event: Opened) -> bool:
         assert self._stream is not None
-        await self._stream.publish(event, open_id(event.request_id))
+        await self._stream.publish(event)
         return True
 
     async def caught_up(self, timeout_s: float) -> bool:
@@ -419,7 +419,7 @@ class Metering:
         lease = ticket.lease
         try:
             if self._stream is not None:
-                await self._stream.publish(closing, close_id(ticket.request_id))
+                await self._stream.publish(closing)
                 # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
                 to_lease = closing.keep_slot
             else:
@@ -451,7 +451,7 @@ class Metering:
             ticket.lease.slots += 1
         refund = Settlement(ticket.provider_id, 0, 0, 0, None, None, "unconfirmed", refund=True)
         event = Closed(ticket.request_id, refund, keep_slot=True)
-        task = asyncio.ensure_future(self._stream.publish(event, close_id(ticket.request_id)))
+        task = asyncio.ensure_future(self._stream.publish(event))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _retry_unsettled(self) -> None:
@@ -461,7 +461,7 @@ class Metering:
                 if self._stream is not None:
                     # Its slot went back to the subject (memory no longer counts it in the lease).
                     closing = Closed(request_id, settlement, keep_slot=False)
-                    await self._stream.publish(closing, close_id(request_id))
+                    await self._stream.publish(closing)
                 else:
                     await quotas.settle(self._db, request_id, settlement)
             except Exception as exc:
