@@ -1,8 +1,10 @@
-"""The hot path's pure parts: the daemon's frame coalescing, the metering's group commit, the SSE response."""
+"""The hot path's pure parts: frame coalescing, group commit, lease sizes, the SSE response."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +15,8 @@ from schemas import bus
 from services.gateway.frames import joined, joins
 from services.gateway.sse import EventStream
 from services.usage.batch import GroupCommit
+from services.usage.leases import HORIZON_S, MAX_DOUBLED, Lease, wanted
+from services.usage.quotas import Limits
 
 # Pure: no server, no process, no network (`just test -m unit`).
 pytestmark = pytest.mark.unit
@@ -254,3 +258,18 @@ async def test_an_event_stream_cancelled_from_outside_stays_cancelled() -> None:
     responding.cancel()
     with pytest.raises(asyncio.CancelledError):
         await responding
+
+
+def test_a_lease_used_up_soon_after_its_grant_asks_for_twice_as_much() -> None:
+    """A burst on a quiet subject: the smoothed rate still says 0, so without this every grant would
+    cover one request (a Postgres statement per request) until the next maintenance tick."""
+    lease = Lease("a1", dt.date(2026, 1, 1), Limits(10**6, 10**9, 100))
+    assert wanted(lease, 10) == (1, 10, 1), "never granted: what the request at hand needs"
+    lease.granted_r, lease.granted_at = 8, time.monotonic()
+    assert wanted(lease, 10)[:2] == (16, 160)
+    lease.granted_r = 10**6
+    assert wanted(lease, 10)[0] == MAX_DOUBLED
+    lease.granted_r, lease.granted_at = 8, time.monotonic() - HORIZON_S - 1
+    assert wanted(lease, 10)[0] == 1, "a lease that lasted its horizon: the rate decides"
+    lease.rate = 50.0
+    assert wanted(lease, 10)[0] == 50 * HORIZON_S

@@ -308,6 +308,8 @@ DELETE FROM quota_leases WHERE (subject, gateway_id) IN (
 
 # How many seconds of this replica's rate of a subject one lease should cover.
 HORIZON_S = 2.0
+# What doubling a quickly used-up lease may ask for at most (`wanted`).
+MAX_DOUBLED = 4096
 # A settled request's slot stays in this replica's lease while more than this many of the subject's
 # requests run here (it will be needed again at once); otherwise it goes back to the subject.
 KEEP_SLOTS_ABOVE = 4
@@ -337,6 +339,9 @@ class Lease:
     # Admitted since the last maintenance tick, and the smoothed rate (requests/s).
     admitted: int = 0
     rate: float = 0.0
+    # The requests of the last grant, and when it came (`wanted`: a lease used up quickly grows).
+    granted_r: int = 0
+    granted_at: float = -math.inf
     used_at: float = field(default_factory=time.monotonic)
     # When Postgres last confirmed the row (a grant or a touch): a lease not confirmed for half the
     # stale time may have been given back by another replica, so nothing is admitted from it.
@@ -432,7 +437,8 @@ async def grant(
     lease.tokens += row["grant_t"]
     lease.slots += row["grant_c"]
     lease.total_r, lease.total_t, lease.total_c = row["used_r"], row["used_t"], row["used_c"]
-    lease.confirmed_at = time.monotonic()
+    lease.confirmed_at = lease.granted_at = time.monotonic()
+    lease.granted_r = row["grant_r"]
     return None
 
 
@@ -520,6 +526,14 @@ async def give_back_stale(db: asyncpg.Pool) -> int:
 
 
 def wanted(lease: Lease, tokens: int) -> tuple[int, int, int]:
-    """How much to ask for: this replica's rate over HORIZON_S, at least what is waiting now."""
+    """How much to ask for: this replica's rate over HORIZON_S, at least what is waiting now.
+
+    The rate is smoothed once per maintenance tick, so a burst on a subject that was quiet would lease
+    one request (or one per waiter) at a time until the next tick: one statement per few requests. A
+    lease used up within HORIZON_S of its grant asks for twice that grant instead (a grant is still
+    at most a quarter of what the subject has left, so near its limit this changes nothing).
+    """
     r = max(1, lease.waiters, math.ceil(lease.rate * HORIZON_S))
+    if time.monotonic() - lease.granted_at < HORIZON_S:
+        r = max(r, min(MAX_DOUBLED, 2 * lease.granted_r))
     return r, r * tokens, max(1, lease.waiters, lease.in_use // 2)
