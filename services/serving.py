@@ -19,6 +19,7 @@ import structlog
 import uvicorn
 from litestar import Litestar
 
+from services.gateway.sse import ServerSend
 from services.lifecycle import LIFECYCLE, Lifecycle
 from services.settings import Settings
 
@@ -67,7 +68,7 @@ class _Server(uvicorn.Server):
 
 def serve(app: Litestar, settings: Settings) -> None:
     config = uvicorn.Config(
-        app,
+        ServerSend(app),
         host=settings.host,
         port=settings.port,
         log_level="warning",

@@ -13,7 +13,7 @@ from daemon.engine.base import EngineError, Event, Finished, TextChunk
 from daemon.frames import coalesced
 from schemas import bus
 from services.gateway.frames import joined, joins
-from services.gateway.sse import EventStream
+from services.gateway.sse import EventStream, ServerSend
 from services.usage.batch import GroupCommit
 from services.usage.leases import HORIZON_S, MAX_DOUBLED, Lease, wanted
 from services.usage.quotas import Limits
@@ -273,3 +273,19 @@ def test_a_lease_used_up_soon_after_its_grant_asks_for_twice_as_much() -> None:
     assert wanted(lease, 10)[0] == 1, "a lease that lasted its horizon: the rate decides"
     lease.rate = 50.0
     assert wanted(lease, 10)[0] == 50 * HORIZON_S
+
+
+async def test_an_event_streams_chunks_go_to_the_servers_own_send_when_it_is_known() -> None:
+    """Behind `ServerSend`, the start passes through the app's send hooks and the chunks skip them."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+
+    server, app = _Client(), _Client()
+
+    async def asgi_app(scope: dict[str, object], receive: object, send: object) -> None:
+        await EventStream(chunks(), {})(scope, receive, app.send)  # type: ignore[arg-type]
+
+    await ServerSend(asgi_app)({"type": "http"}, server.receive, server.send)  # type: ignore[arg-type]
+    assert [m["type"] for m in app.sent] == ["http.response.start"]
+    assert [m.get("body") for m in server.sent] == [b"data: 1\n\n", b""]

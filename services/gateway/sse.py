@@ -22,6 +22,26 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from schemas.disconnect import until_disconnected
 
 MEDIA_TYPE = b"text/event-stream; charset=utf-8"
+# Where `ServerSend` keeps the ASGI server's own `send` in the scope.
+_SERVER_SEND = "mp.server_send"
+
+
+class ServerSend:
+    """The app, with the ASGI server's own `send` kept in each HTTP scope.
+
+    The app's `before_send` hooks (request id, connection close while stopping, response counts) and
+    Litestar's wrappers act on a response's start only, yet every message passes through all of them:
+    on a streamed answer that is a few coroutine calls per chunk. An `EventStream` sends its start
+    through them and its chunks straight to the server.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[_SERVER_SEND] = send  # type: ignore[literal-required]
+        await self.app(scope, receive, send)
 
 
 class EventStream(Response[None]):
@@ -39,6 +59,8 @@ class EventStream(Response[None]):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
+        # The chunks skip the app's send hooks (all of them look at the start only), when it can.
+        send = scope.get(_SERVER_SEND, send)  # type: ignore[assignment]
         task = asyncio.current_task()
         assert task is not None
         hung_up = finished = False
