@@ -11,6 +11,7 @@ process exits 0. SIGINT (Ctrl-C) and a second signal keep uvicorn's behaviour.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 from types import FrameType
@@ -39,6 +40,17 @@ class _Server(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Everything made to start (modules, the app, its routes and schemas, connections, caches) lives
+        # as long as the process: out of the collector's sight, a full collection scans what requests
+        # made, not the whole heap (each took about 50 ms of CPU, a pause for every request in flight).
+        gc.freeze()
+        # A request's objects are freed by reference counting; collecting every 700 allocations mostly
+        # scanned (and promoted) objects about to be freed anyway. The collector's share of a gateway's
+        # CPU in `just bench hotpath`: 8% by default, 4.6% frozen, 2.3% frozen with this threshold.
+        gc.set_threshold(10_000, 10, 10)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM or self._loop is None or self.should_exit:
