@@ -28,7 +28,7 @@ from services.auth.principal import Principal
 from services.errors import ApiError, ClientDisconnected, CoordinatorUnavailable, ProviderError, untranslatable
 from services.gateway.dispatch import SHUTTING_DOWN, Call, StreamBroken
 from services.gateway.exchange import Exchange
-from services.gateway.frames import joined, joins
+from services.gateway.frames import MAX_JOINED, joined, joins
 from services.gateway.sse import EventStream
 from services.ids import request_id_of
 from services.runtime import Runtime
@@ -246,17 +246,25 @@ def stream(runtime: Runtime, started: Started[Any], renderer: Renderer) -> Event
 
 async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) -> AsyncGenerator[bytes, None]:
     ex, call = started.ex, started.call
+    held: list[bytes] = []
     try:
         async with contextlib.aclosing(renderer.render(events(call, ex))) as chunks:
             async for chunk in chunks:
-                yield chunk
+                held.append(chunk)
+                # What the renderer makes next without waiting (from a frame already here, or the
+                # answer's last chunks once its final frame came) leaves in the same write: the role
+                # chunk with the first text, the finish, usage and [DONE] chunks together.
+                if not (call.ready() or call.finished) or len(held) >= MAX_JOINED:
+                    yield held[0] if len(held) == 1 else b"".join(held)
+                    held.clear()
+        if held:
+            yield b"".join(held)
     except (StreamBroken, ApiError) as exc:
         # Headers are gone already: the error travels in-band, then the stream ends properly.
         ex.status = exc.code or "error"
         if isinstance(exc, StreamBroken):
             _broken(ex, call)
-        for chunk in renderer.failed(ex.status, f"Generation failed: {exc.message}"):
-            yield chunk
+        yield b"".join([*held, *renderer.failed(ex.status, f"Generation failed: {exc.message}")])
     except (asyncio.CancelledError, GeneratorExit):
         ex.status = "client_disconnected"
         raise

@@ -591,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
             load_line=True,
         )
     finally:
-        shutil.rmtree(profile_dir, ignore_errors=True)
+        if args.keep and args.profile:
+            print(f"[bench] py-spy's collapsed stacks kept in {profile_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(profile_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
