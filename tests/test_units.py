@@ -409,3 +409,18 @@ def test_usage_stream_settings_are_read_and_bounded() -> None:
     for key, bad in (("MP_SETTLEMENT", "kafka"), ("MP_USAGE_STREAM_MAX_MB", "1"), ("MP_LEDGER_LINGER_MS", "5000")):
         with pytest.raises(SettingsError, match=key):
             Settings.from_env({**base, key: bad})
+
+
+def test_json_log_lines_render_every_value() -> None:
+    """MP_LOG_FORMAT=json: one JSON object per line, and a value JSON has no type for is its repr, never
+    an exception that loses the line."""
+    import datetime as dt
+
+    from schemas.logs import _to_json
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    line = _to_json({"event": "chat_completion", "ttft_ms": 1.5, "day": dt.date(2026, 1, 2), "what": Opaque()})
+    assert json.loads(line) == {"event": "chat_completion", "ttft_ms": 1.5, "day": "2026-01-02", "what": "<opaque>"}

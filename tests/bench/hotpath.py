@@ -47,7 +47,8 @@ from tests.bench.table import Table, counts, ms, rate
 OFF = "metering-off"
 ON = "metering-on"
 # The slow daemon claims 4,096 slots; the gateways' cap on what one provider may claim is 64 by default.
-_SLOTS = {"MP_PROVIDER_MAX_SLOTS": "4096"}
+# Logs as the container image writes them (one JSON object per line), not the console format for people.
+_SLOTS = {"MP_PROVIDER_MAX_SLOTS": "4096", "MP_LOG_FORMAT": "json"}
 ON_PG = "metering-on-postgres"
 GATEWAYS = (
     GatewaySpec(OFF, {**RAISED_QUOTAS, **_SLOTS, "MP_METERING": "off"}),
