@@ -32,7 +32,8 @@ class ServerSend:
     The app's `before_send` hooks (request id, connection close while stopping, response counts) and
     Litestar's wrappers act on a response's start only, yet every message passes through all of them:
     on a streamed answer that is a few coroutine calls per chunk. An `EventStream` sends its start
-    through them and its chunks straight to the server.
+    through them and its chunks straight to the server. (A middleware that rewrote bodies, such as
+    compression, would therefore not see them: SSE must not be buffered or compressed anyway.)
     """
 
     def __init__(self, app: ASGIApp) -> None:
