@@ -30,6 +30,9 @@ Modes:
 
   observability  the CPU that Prometheus metrics and OpenTelemetry traces add to one request, gateway
             and daemon, in process on the real objects, beside the same work with metrics off.
+  settlement  the CPU that quotas and metering cost one request in the gateway's process (reserve,
+            confirm, settle, the ledger writer), usage stream beside Postgres settlement, in process
+            with real NATS and PostgreSQL (options: python3 -m tests.bench settlement --help).
 
 Each prints one table and stops everything it started (also on Ctrl-C or error).
 """
@@ -44,7 +47,7 @@ from tests.bench import cli, metering, overhead
 
 MODES = ("overhead", "metering")
 # Modes with their own options and stacks: `python3 -m tests.bench <mode> --help`.
-SEPARATE = ("hotpath", "daemon", "failover", "routing", "structured", "observability", "scale")
+SEPARATE = ("hotpath", "daemon", "failover", "routing", "structured", "observability", "scale", "settlement")
 
 DEFAULT_LEVELS = (1, 16, 64)
 QUICK_LEVELS = (1, 16)
