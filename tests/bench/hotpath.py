@@ -391,6 +391,17 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     return results, (profiler.top() if profiler is not None else []), slow
 
 
+def _round_range(on: Tally, off: Tally) -> str:
+    """The on/off requests/s ratio round by round (each round's two series ran minutes apart at most), as
+    " [min-max]": on a shared machine a single run's ratio moves by more than a change under test."""
+    ratios = []
+    for a, b in zip(on.levels, off.levels, strict=False):
+        on_rps, off_rps = Stats.of(a).requests_per_s, Stats.of(b).requests_per_s
+        if off_rps:
+            ratios.append(on_rps / off_rps)
+    return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else ""
+
+
 def _add(total: float | None, used: float | None) -> float | None:
     return None if total is None or used is None else total + used
 
@@ -471,6 +482,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         if one.latency_p50_ms and many.latency_p50_ms:
             ratio = f"{one.latency_p50_ms / many.latency_p50_ms:.2f}x"
         rps = f"{one.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
+        rps += _round_range(tallies[SERIES[1]], tallies[SERIES[0]])
         pg = tallies[PG_SERIES].stats
         pg_rps = f"{pg.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
         line = (
