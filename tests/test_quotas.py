@@ -38,6 +38,13 @@ from tests.support.stack import TINY_MODEL, Stack
 SYNTHETIC = "synthetic-quota-model"
 
 
+def _replica(stack: Stack, name: str, env: dict[str, str]) -> tuple[Child, str]:
+    """Another gateway replica on the stack's NATS and Postgres: the process and its base URL."""
+    port = free_port()
+    child = start_gateway(stack.home, port=port, nats=stack.nats, database_url=stack.database_url, name=name, env=env)
+    return child, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="module")
 def synthetic_daemon(stack: Stack) -> Iterator[Child]:
     # The stand-in engine (never a model) answers instantly with many slots, so quota tests measure quotas.
@@ -57,18 +64,11 @@ def replicas(stack: Stack, synthetic_daemon: Child) -> Iterator[list[str]]:
     urls: list[str] = []
     try:
         for i in range(4):
-            port = free_port()
-            started.append(
-                start_gateway(
-                    stack.home,
-                    port=port,
-                    nats=stack.nats,
-                    database_url=stack.database_url,
-                    name=f"gateway-replica-{i}",
-                    env={"MP_RESERVATION_STALE_S": "2", "MP_PROVIDER_MAX_SLOTS": "256"},
-                )
+            child, url = _replica(
+                stack, f"gateway-replica-{i}", {"MP_RESERVATION_STALE_S": "2", "MP_PROVIDER_MAX_SLOTS": "256"}
             )
-            urls.append(f"http://127.0.0.1:{port}")
+            started.append(child)
+            urls.append(url)
         for url in urls:
             wait_model(url, SYNTHETIC, timeout=30)
         yield urls
@@ -303,20 +303,12 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
     daemon = spawn_daemon(
         stack.home, nats=stack.nats, provider_id=f"crash-mac-{int(stream)}", model_id=model, model_path=stack.model_path
     )
-    port = free_port()
-    doomed = start_gateway(
-        stack.home,
-        port=port,
-        nats=stack.nats,
-        database_url=stack.database_url,
-        name=f"gateway-doomed-{int(stream)}",
-        # Configured as its peers: its leases count as abandoned 2 s after its last touch.
-        env={"MP_RESERVATION_STALE_S": "2"},
-    )
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    # Configured as its peers: its leases count as abandoned 2 s after its last touch.
+    doomed, base = _replica(stack, f"gateway-doomed-{int(stream)}", {"MP_RESERVATION_STALE_S": "2"})
+    url = f"{base}/v1/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": stream}
     try:
-        wait_model(f"http://127.0.0.1:{port}", model, timeout=60, daemon=daemon)
+        wait_model(base, model, timeout=60, daemon=daemon)
         if stream:
             with httpx.stream("POST", url, json=body, headers=account.auth(), timeout=30) as r:
                 deadline, looked = time.monotonic() + 20, 0.0
@@ -386,17 +378,10 @@ def test_a_gateway_killed_right_after_answering_loses_nothing_a_peer_writes_its_
     when the replica died: a peer adopts its events and bills exactly what the buyer got. Meanwhile the
     reservation goes stale (2 s) and is not swept from its last progress: its settlement is on the way."""
     account = make_account(stack.database_url)
-    port = free_port()
-    doomed = start_gateway(
-        stack.home,
-        port=port,
-        nats=stack.nats,
-        database_url=stack.database_url,
-        name="gateway-doomed-after",
-        # Its consumer writes the first event at once, then waits 200 ms for more: the settlement waits there.
-        env={"MP_RESERVATION_STALE_S": "2", "MP_LEDGER_LINGER_MS": "200"},
+    # Its consumer writes the first event at once, then waits 200 ms for more: the settlement waits there.
+    doomed, base = _replica(
+        stack, "gateway-doomed-after", {"MP_RESERVATION_STALE_S": "2", "MP_LEDGER_LINGER_MS": "200"}
     )
-    base = f"http://127.0.0.1:{port}"
     try:
         wait_model(base, SYNTHETIC, timeout=30)
         r = httpx.post(f"{base}/v1/chat/completions", json=_body(SYNTHETIC, max_tokens=9), headers=account.auth())
