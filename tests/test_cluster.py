@@ -20,6 +20,7 @@ from infra.cluster.launch import SYNTHETIC, Cluster, ClusterConfig
 from infra.postgres import PostgresServer
 from schemas import subjects
 from tests.support.databases import fresh_database
+from tests.support.ledger import ensure_usage_stream
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +86,7 @@ def test_jetstream_is_clustered_and_the_usage_stream_keeps_a_copy_on_every_node(
         )
         js = nc.jetstream(timeout=5)
         try:
-            try:
-                await js.add_stream(
-                    name=subjects.USAGE_STREAM,
-                    subjects=[subjects.ALL_USAGE_EVENTS],
-                    retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
-                    storage=nats.js.api.StorageType.FILE,
-                    num_replicas=3,
-                )
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # else a replica made it first, with its own settings
-                    raise
+            await ensure_usage_stream(js, replicas=3)
             # Consumed and acknowledged at once: a replica would otherwise adopt (and wait for) the event.
             durable = subjects.usage_consumer("gw-cluster-test")
             sub = await js.pull_subscribe(subjects.usage_events("gw-cluster-test"), durable, subjects.USAGE_STREAM)

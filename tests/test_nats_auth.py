@@ -25,6 +25,7 @@ from infra.postgres import PostgresServer
 from schemas import bus, subjects
 from services.keys.format import PROVIDER_TOKENS
 from services.natsauth import server_config
+from tests.support.ledger import ensure_usage_stream
 
 MINE = "auth-mac-mine"
 OTHER = "auth-mac-other"
@@ -293,16 +294,7 @@ JS_GATEWAY = "gw-js-auth"
 async def _usage_stream(js: Any) -> nats.js.api.StreamInfo:
     """Create MP_USAGE as the ledger does; a gateway of this session may have made it first (same name,
     perhaps its own settings: the server then says so, which still proves the request was let through)."""
-    try:
-        await js.add_stream(
-            name=subjects.USAGE_STREAM,
-            subjects=[subjects.ALL_USAGE_EVENTS],
-            retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
-            storage=nats.js.api.StorageType.FILE,
-        )
-    except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != 10058:  # "stream name already in use with a different configuration"
-            raise
+    await ensure_usage_stream(js)
     info: nats.js.api.StreamInfo = await js.stream_info(subjects.USAGE_STREAM)
     return info
 

@@ -13,7 +13,9 @@ import asyncio
 import time
 
 import nats
+import nats.js.api
 import nats.js.errors
+from nats.js.client import JetStreamContext
 
 from schemas import subjects
 
@@ -40,3 +42,20 @@ async def written_async(nats_url: str, timeout_s: float = 15.0) -> None:
 def written(nats_url: str, timeout_s: float = 15.0) -> None:
     """Return once every usage event published so far is in Postgres (raises after `timeout_s`)."""
     asyncio.run(written_async(nats_url, timeout_s))
+
+
+async def ensure_usage_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create MP_USAGE as the ledger does (services/usage/ledger.py). A gateway of the same server may have
+    made it first with its own settings: the server then says so (10058), which still proves the request
+    was let through."""
+    try:
+        await js.add_stream(
+            name=subjects.USAGE_STREAM,
+            subjects=[subjects.ALL_USAGE_EVENTS],
+            retention=nats.js.api.RetentionPolicy.WORK_QUEUE,
+            storage=nats.js.api.StorageType.FILE,
+            num_replicas=replicas,
+        )
+    except nats.js.errors.BadRequestError as exc:
+        if exc.err_code != 10058:  # "stream name already in use with a different configuration"
+            raise
