@@ -227,6 +227,31 @@ async def test_reply_stream_silence_is_reported_and_loss_is_recoverable() -> Non
     await asyncio.sleep(0)
 
 
+async def test_reply_stream_waits_exactly_its_own_time_with_one_timer() -> None:
+    """`next(timeout)` shares one timer per stream: a wake-up armed for an earlier, shorter wait neither ends
+    a longer wait early nor counts as a frame ready; a shorter wait than the timer's is not made longer."""
+    loop = asyncio.get_running_loop()
+    stream = ReplyStream("r", "p")
+    loop.call_later(0.01, stream.push, bus.Accepted(seq=0, prompt_tokens=3))
+    assert isinstance(await stream.next(0.05), bus.Accepted)  # its timer (+0.05 s) stays armed
+    started = loop.time()
+    assert await stream.next(0.3) is None
+    assert loop.time() - started >= 0.29, "the earlier wait's wake-up ended this one early"
+    loop.call_later(0.01, stream.push, bus.Delta(seq=1, text="a", tokens=1))
+    assert await stream.next(5) == bus.Delta(seq=1, text="a", tokens=1)  # a timer armed for +5 s
+    started = loop.time()
+    assert await stream.next(0.05) is None
+    assert loop.time() - started < 1, "a shorter wait than the armed timer's waited for that timer"
+    loop.call_later(0.005, stream.push, bus.Delta(seq=2, text="b", tokens=1))
+    assert await stream.next(0.02) is not None  # its timer stays armed, and fires with nobody waiting
+    await asyncio.sleep(0.05)
+    assert not stream.ready(), "a timer's wake-up is not a frame ready to be joined"
+    stream.push(bus.Delta(seq=3, text="c", tokens=1))
+    assert stream.ready()
+    assert await stream.next(1) == bus.Delta(seq=3, text="c", tokens=1)
+    stream.release()
+
+
 def test_frames_round_trip_msgpack() -> None:
     frames: list[bus.Frame] = [
         bus.Accepted(seq=0, prompt_tokens=1),

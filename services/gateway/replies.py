@@ -59,7 +59,13 @@ class _Garbled:
     violation: str
 
 
-_Item = bus.Frame | _ProviderLost | _Garbled
+@dataclass(frozen=True, slots=True)
+class _Wake:
+    """The stream's timer fired: a waiting `next` checks whether its own time is up."""
+
+
+_WAKE = _Wake()
+_Item = bus.Frame | _ProviderLost | _Garbled | _Wake
 
 
 class ReplyStream:
@@ -77,13 +83,18 @@ class ReplyStream:
         self._bytes_left = max_bytes
         # Set once the stream is broken by what arrived: later frames are dropped unread.
         self.dead = False
+        # One timer per stream, not one per frame (`next`): when it fires, and its handle.
+        self._wake_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        # Wake-ups queued and not yet taken (`ready` does not count them).
+        self._wakes = 0
 
     def push(self, item: _Item) -> None:
         self._queue.put_nowait(item)
 
     def ready(self) -> bool:
-        """Something already arrived: `next` returns it without waiting."""
-        return not self._queue.empty()
+        """Something already arrived: `next` returns it without waiting (a timer's wake-up is not that)."""
+        return self._queue.qsize() > self._wakes
 
     def take(self, size: int) -> bool:
         """Count a frame of `size` bytes against the budget; False (stream dead) when over it."""
@@ -99,20 +110,28 @@ class ReplyStream:
         self.push(_ProviderLost(provider_id))
 
     async def next(self, timeout: float) -> bus.Frame | None:  # noqa: ASYNC109 - per-frame deadline
-        """The next frame in sequence, or None if none arrived within `timeout`."""
+        """The next frame in sequence, or None if none arrived within `timeout`.
+
+        Not a timer per call (`asyncio.timeout` cost 3-4 us to arm and cancel, on nearly every frame of
+        a stream the gateway keeps up with): the stream's one timer, armed for the earliest deadline
+        waited for, wakes the waiter, which returns None only once its own deadline has passed. Frames
+        a few ms apart share one timer per `timeout`. Not asyncio.wait_for either: on Python 3.11 it
+        loses a cancellation that arrives just as a frame does (gh-86296), and a buyer's hang-up was
+        lost that way now and then.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
             if self._queue.empty():
-                try:
-                    # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives just as
-                    # a frame does (gh-86296), and with frames arriving every few ms a buyer's hang-up
-                    # was lost that way now and then: the request went on generating to max_tokens.
-                    async with asyncio.timeout(timeout):
-                        item = await self._queue.get()
-                except TimeoutError:
-                    return None
+                self._wake_by(loop, deadline)
+                item = await self._queue.get()
             else:
-                # Already here: no timer to arm and cancel (most frames under load).
                 item = self._queue.get_nowait()
+            if isinstance(item, _Wake):
+                self._wakes -= 1
+                if loop.time() >= deadline:
+                    return None
+                continue
             if isinstance(item, _ProviderLost):
                 raise StreamBroken(
                     "provider_lost", f"provider {self.provider_id} left the pool mid-request", recoverable=True
@@ -130,6 +149,26 @@ class ReplyStream:
                 )
             self._expected += 1
             return item
+
+
+    def _wake_by(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._timer is not None and self._wake_at <= deadline:
+            return  # it fires first; the waiter then waits on if its own time is not up
+        if self._timer is not None:
+            self._timer.cancel()
+        self._wake_at = deadline
+        self._timer = loop.call_at(deadline, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._wakes += 1
+        self._queue.put_nowait(_WAKE)
+
+    def release(self) -> None:
+        """Nobody reads this stream any more: its timer goes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def lost_notifier(stream: ReplyStream) -> Callable[[str], None]:
@@ -158,6 +197,7 @@ class ReplyRouter:
         return stream
 
     def close(self, stream: ReplyStream) -> None:
+        stream.release()
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
 
