@@ -150,7 +150,6 @@ class ReplyStream:
             self._expected += 1
             return item
 
-
     def _wake_by(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         if self._timer is not None and self._wake_at <= deadline:
             return  # it fires first; the waiter then waits on if its own time is not up
