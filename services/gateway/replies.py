@@ -83,8 +83,7 @@ class ReplyStream:
         self._bytes_left = max_bytes
         # Set once the stream is broken by what arrived: later frames are dropped unread.
         self.dead = False
-        # One timer per stream, not one per frame (`next`): when it fires, and its handle.
-        self._wake_at = 0.0
+        # One timer per stream, not one per frame (`next`).
         self._timer: asyncio.TimerHandle | None = None
         # Wake-ups queued and not yet taken (`ready` does not count them).
         self._wakes = 0
@@ -151,11 +150,10 @@ class ReplyStream:
             return item
 
     def _wake_by(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        if self._timer is not None and self._wake_at <= deadline:
-            return  # it fires first; the waiter then waits on if its own time is not up
         if self._timer is not None:
+            if self._timer.when() <= deadline:
+                return  # it fires first; the waiter then waits on if its own time is not up
             self._timer.cancel()
-        self._wake_at = deadline
         self._timer = loop.call_at(deadline, self._wake)
 
     def _wake(self) -> None:
