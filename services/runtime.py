@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
-import nats
 import structlog
 from litestar import Litestar
 from litestar.datastructures import State
@@ -21,6 +20,7 @@ from nats.aio.client import Client as Nats
 
 from schemas import subjects
 from schemas.tracing import Tracing, open_tracing
+from services import nats_direct
 from services.auth.demo import DemoTokens
 from services.canary.runner import Canaries, CanarySettings
 from services.catalog.catalog import Catalog
@@ -77,7 +77,7 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
     metrics = metrics or Metrics()
     db = await open_pool(settings.database_url, size=settings.db_pool_size, run_migrations=settings.migrate_on_start)
     listening = Since()
-    nc = await nats.connect(
+    nc = await nats_direct.connect(
         settings.nats_url,
         name=f"mac-provider-gateway-{settings.gateway_id}",
         max_reconnect_attempts=-1,

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import msgspec
 from nats.aio.client import Client as Nats
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import bus, subjects
+from services import nats_direct
 
 # Far above any real frame (a delta is a few tokens); a bigger one is a broken or hostile provider.
 MAX_FRAME_BYTES = 1 << 20
@@ -181,7 +181,8 @@ class ReplyRouter:
         self.stray_frames = 0
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(subjects.replies_for_gateway(self._gateway_id), cb=self._on_msg)
+        # Straight from the read loop (services/nats_direct.py): every token of every stream comes this way.
+        self._sub = await nats_direct.subscribe(self._nc, subjects.replies_for_gateway(self._gateway_id), self._on_msg)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -198,9 +199,9 @@ class ReplyRouter:
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         try:
-            provider_id, _, request_id = subjects.parse_reply(msg.subject)
+            provider_id, _, request_id = subjects.parse_reply(subject)
         except subjects.SubjectError:
             self.stray_frames += 1
             return
@@ -210,12 +211,12 @@ class ReplyRouter:
             # or the rest of a flood: dropped before any decoding.
             self.stray_frames += 1
             return
-        if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+        if headers and headers.get(_STATUS) == _NO_RESPONDERS:
             # NATS itself says nobody listens on the provider's work subject (its daemon died or lost
             # its connection a moment ago): the provider is gone, it sent nothing, it broke no rule.
             stream.lost(provider_id)
             return
-        size = len(msg.data)
+        size = len(data)
         if size > MAX_FRAME_BYTES:
             stream.dead = True
             stream.push(_Garbled(f"oversized frame ({size} bytes) from {provider_id}", "oversized_frame"))
@@ -223,7 +224,7 @@ class ReplyRouter:
         if not stream.take(size):
             return
         try:
-            stream.push(bus.decode_frame(msg.data))
+            stream.push(bus.decode_frame(data))
         except msgspec.DecodeError as exc:
             stream.dead = True
             stream.push(_Garbled(f"undecodable frame from {provider_id}: {str(exc)[:200]}", "undecodable_frame"))

@@ -39,6 +39,7 @@ from nats.js.client import JetStreamContext
 
 from schemas import subjects
 from schemas.usage_events import DECODER, ENCODER, Closed, Opened, UsageEvent
+from services import nats_direct
 from services.usage import leases
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class _Acks:
     async def _start(self) -> None:
         async with self._starting:
             if self._sub is None:
-                self._sub = await self._nc.subscribe(subjects.usage_acks(self._inbox), cb=self._on_ack)
+                self._sub = await nats_direct.subscribe(self._nc, subjects.usage_acks(self._inbox), self._on_ack)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -109,15 +110,15 @@ class _Acks:
                 await self._sub.unsubscribe()
             self._sub = None
 
-    async def _on_ack(self, msg: Msg) -> None:
-        waiting = self._waiting.pop(msg.subject, None)
+    def _on_ack(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        waiting = self._waiting.pop(subject, None)
         if waiting is None or waiting.done():
             return  # answered after its publish gave up
-        if msg.headers and msg.headers.get(api.Header.STATUS.value) == _NO_RESPONDERS:
+        if headers and headers.get(api.Header.STATUS.value) == _NO_RESPONDERS:
             # No stream leader (or no stream) listens on the subject: an election, or not made yet.
             waiting.set_exception(nats.js.errors.NoStreamResponseError())
         else:
-            waiting.set_result(msg.data)
+            waiting.set_result(data)
 
     async def publish(self, subject: str, data: bytes, timeout_s: float) -> int:
         """Store `data` in the usage stream; its sequence number (raises as nats-py's `js.publish` would)."""

@@ -1,0 +1,74 @@
+"""The control plane's NATS client: the hottest subscriptions' messages go straight to a plain function.
+
+nats-py hands each message of a callback subscription to a task of the
+subscription's own: a `Msg` object, a queue put, a wake-up of that task, a queue
+get, then an awaited coroutine. That is 4-5 us per message, and every token of
+every stream a gateway relays is one (a 64-token stream is 66 messages). A
+subscription made with `subscribe` below is handed each plain message (no
+headers) synchronously by the read loop as it parses it: in the order parsed,
+which is the order the server delivered. A message with headers (the server's
+no-responders status) takes nats-py's usual path to the same function, as does
+every message when the connection is not a `DirectClient`.
+
+The hook is nats-py's `_process_msg` (the parser's one call per message, the
+same since nats-py 2.0); tests/test_nats_direct.py fails if that ever changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = structlog.get_logger("nats")
+
+# (subject, payload, headers): headers are None on the direct path. Must not block; should not raise.
+OnMessage = Callable[[str, bytes, dict[str, str] | None], None]
+
+
+class DirectClient(Client):
+    """nats-py's client, plus subscriptions whose plain messages skip the per-subscription task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, OnMessage] = {}
+
+    # nats-py types `headers` as bytes; its parser passes None for a message without any.
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        on_message = self._direct.get(sid)
+        if on_message is None or headers or sid not in self._subs:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        try:
+            on_message(subject.decode(), data, None)
+        except Exception:
+            # The read loop must go on: one bad message is that message's problem.
+            log.exception("nats_message_handler_failed", subject=subject[:200].decode(errors="replace"))
+
+
+async def connect(servers: str | list[str], **options: Any) -> Client:
+    """`nats.connect`, with a `DirectClient`."""
+    nc = DirectClient()
+    await nc.connect(servers, **options)
+    return nc
+
+
+async def subscribe(nc: Client, subject: str, on_message: OnMessage) -> Subscription:
+    """Subscribe `on_message`: called from the read loop itself when `nc` is a `DirectClient`.
+
+    Unsubscribing (or a closed connection) ends the deliveries, as for any subscription.
+    """
+
+    async def slow(msg: Msg) -> None:
+        on_message(msg.subject, msg.data, msg.headers)
+
+    sub = await nc.subscribe(subject, cb=slow)
+    if isinstance(nc, DirectClient):
+        nc._direct[sub._id] = on_message
+    return sub
