@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,24 +60,25 @@ class _Garbled:
     violation: str
 
 
-@dataclass(frozen=True, slots=True)
-class _Wake:
-    """The stream's timer fired: a waiting `next` checks whether its own time is up."""
-
-
-_WAKE = _Wake()
-_Item = bus.Frame | _ProviderLost | _Garbled | _Wake
+_Item = bus.Frame | _ProviderLost | _Garbled
 
 
 class ReplyStream:
-    """The frames of one request from one provider, checked for order and bounded in number and bytes."""
+    """The frames of one request from one provider, checked for order and bounded in number and bytes.
+
+    Not an asyncio.Queue: a deque and the one waiter's future cost a fraction of a Queue's put and get
+    (its unfinished-task count, its Event, its getters' deque), and every token passes here.
+    """
 
     def __init__(
         self, request_id: str, provider_id: str, *, max_frames: int = 1 << 20, max_bytes: int = 1 << 30
     ) -> None:
         self.request_id = request_id
         self.provider_id = provider_id
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._items: deque[_Item] = deque()
+        # The reader waiting in `next` (a stream has one reader: its request's task).
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._expected = 0
         self.duplicates = 0
         self._frames_left = max_frames
@@ -85,15 +87,14 @@ class ReplyStream:
         self.dead = False
         # One timer per stream, not one per frame (`next`).
         self._timer: asyncio.TimerHandle | None = None
-        # Wake-ups queued and not yet taken (`ready` does not count them).
-        self._wakes = 0
 
     def push(self, item: _Item) -> None:
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        self._wake()
 
     def ready(self) -> bool:
-        """Something already arrived: `next` returns it without waiting (a timer's wake-up is not that)."""
-        return self._queue.qsize() > self._wakes
+        """Something already arrived: `next` returns it without waiting."""
+        return bool(self._items)
 
     def take(self, size: int) -> bool:
         """Count a frame of `size` bytes against the budget; False (stream dead) when over it."""
@@ -116,21 +117,25 @@ class ReplyStream:
         waited for, wakes the waiter, which returns None only once its own deadline has passed. Frames
         a few ms apart share one timer per `timeout`. Not asyncio.wait_for either: on Python 3.11 it
         loses a cancellation that arrives just as a frame does (gh-86296), and a buyer's hang-up was
-        lost that way now and then.
+        lost that way now and then; a plain await of the waiter keeps it.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        items = self._items
         while True:
-            if self._queue.empty():
-                self._wake_by(loop, deadline)
-                item = await self._queue.get()
-            else:
-                item = self._queue.get_nowait()
-            if isinstance(item, _Wake):
-                self._wakes -= 1
+            if not items:
                 if loop.time() >= deadline:
                     return None
+                self._wake_by(loop, deadline)
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
                 continue
+            item = items.popleft()
             if isinstance(item, _ProviderLost):
                 raise StreamBroken(
                     "provider_lost", f"provider {self.provider_id} left the pool mid-request", recoverable=True
@@ -154,12 +159,16 @@ class ReplyStream:
             if self._timer.when() <= deadline:
                 return  # it fires first; the waiter then waits on if its own time is not up
             self._timer.cancel()
-        self._timer = loop.call_at(deadline, self._wake)
+        self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake()
 
     def _wake(self) -> None:
-        self._timer = None
-        self._wakes += 1
-        self._queue.put_nowait(_WAKE)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def release(self) -> None:
         """Nobody reads this stream any more: its timer goes."""
