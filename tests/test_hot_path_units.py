@@ -289,3 +289,27 @@ async def test_an_event_streams_chunks_go_to_the_servers_own_send_when_it_is_kno
     await ServerSend(asgi_app)({"type": "http"}, server.receive, server.send)  # type: ignore[arg-type]
     assert [m["type"] for m in app.sent] == ["http.response.start"]
     assert [m.get("body") for m in server.sent] == [b"data: 1\n\n", b""]
+
+
+def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
+    """services/metrics/histogram.py against prometheus_client's own Histogram, same observations."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from services.metrics.histogram import LoopHistogram
+
+    bounds = (0.005, 0.01, 0.5, 1.0, 2.5)
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = LoopHistogram("gaps_seconds", "Gaps.", "model", bounds, registry=ours_registry)
+    theirs = Histogram("gaps_seconds", "Gaps.", ["model"], buckets=bounds, registry=theirs_registry)
+    # On a bound, between bounds, above every bound, zero; two label values.
+    for model, value in [("a", 0.005), ("a", 0.0051), ("a", 0.7), ("a", 9.0), ("a", 0.0), ("b", 1.0)]:
+        ours.labels(model).observe(value)
+        theirs.labels(model).observe(value)
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        # prometheus_client adds a _created series (a timestamp) to its own; the rest must match line for line.
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert samples(ours_registry) == samples(theirs_registry)
+    assert 'gaps_seconds_bucket{le="0.005",model="a"} 2.0' in samples(ours_registry)
+    assert 'gaps_seconds_count{model="a"} 5.0' in samples(ours_registry)

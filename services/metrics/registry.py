@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
+from services.metrics.histogram import LoopHistogram
 from services.metrics.labels import CodeLabels, ModelLabels, known_codes
 
 # Seconds: a first token takes from tens of ms (warm cache, Metal) to tens of seconds (a cold CPU worker).
@@ -82,11 +83,12 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        self.inter_token = Histogram(
+        # Observed for every frame of every stream: not prometheus_client's locked Histogram (histogram.py).
+        self.inter_token = LoopHistogram(
             "mp_gateway_inter_token_seconds",
             "Time between two tokens of an answer reaching the gateway (per frame, divided by its tokens).",
-            ["model"],
-            buckets=INTER_TOKEN_BUCKETS,
+            "model",
+            INTER_TOKEN_BUCKETS,
             registry=r,
         )
         self.decode_rate = Histogram(
@@ -158,7 +160,7 @@ class Metrics:
         self.http_error = Children(self.http_errors)
         self.request = Children(self.requests)
         self.model_ttft = Children(self.ttft)
-        self.model_inter_token = Children(self.inter_token)
+        self.model_inter_token = self.inter_token.labels
         self.model_decode_rate = Children(self.decode_rate)
         self.model_completion_tokens = Children(self.completion_tokens)
         self.model_prompt_tokens = Children(self.prompt_tokens)
