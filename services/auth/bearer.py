@@ -67,8 +67,9 @@ async def _lookup(request: ASGIConnection[Any, Any, Any, Any], runtime: Runtime,
     # The checksum rejects typos and garbage (SQL, control characters) without touching the database.
     if not key_format.well_formed(token):
         raise InvalidApiKey("Invalid API key: it is not a well-formed mp_ key. Check that it was copied whole.")
-    client = client_key(client_ip(request, trusted_hops=runtime.settings.trusted_proxy_hops))
-    record = await runtime.keys.find(token, client=client)
+    hops = runtime.settings.trusted_proxy_hops
+    # Who a failed lookup counts against: worked out only on a cache miss (parsing addresses is not free).
+    record = await runtime.keys.find(token, client=lambda: client_key(client_ip(request, trusted_hops=hops)))
     if record is None:
         raise InvalidApiKey("Invalid API key: unknown or revoked.")
     return Principal(account_id=record.account_id, key_id=record.key_id)

@@ -15,6 +15,8 @@ cached, without a query.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 
 from services.auth.rate_limit import TokenBuckets
@@ -47,15 +49,17 @@ class KeyLookup:
         await self.last_used.stop()
         await self.listener.stop()
 
-    async def find(self, key: str, *, client: str) -> KeyRecord | None:
+    async def find(self, key: str, *, client: Callable[[], str]) -> KeyRecord | None:
         """The active record of a well-formed key, or None if unknown or revoked.
 
-        `client` (client_ip.client_key) is who a lookup that finds nothing is counted against.
+        `client()` (client_ip.client_key) is who a lookup that finds nothing is counted against: only
+        asked on a cache miss.
         """
         digest = key_format.digest(key)
         record = self.cache.get(digest) if self.listener.healthy else None
         if record is None:
-            wait = self.failed_lookups.take(client)
+            who = client()
+            wait = self.failed_lookups.take(who)
             if wait is not None:
                 raise RateLimited(
                     f"Too many requests with unknown API keys from this address; try again in {wait} s.",
@@ -65,11 +69,11 @@ class KeyLookup:
             try:
                 record = await find_active_digest(self._db, digest)
             except BaseException:
-                self.failed_lookups.give_back(client)  # the database failed, not the key
+                self.failed_lookups.give_back(who)  # the database failed, not the key
                 raise
             if record is None:
                 return None
-            self.failed_lookups.give_back(client)
+            self.failed_lookups.give_back(who)
             if self.listener.healthy:
                 self.cache.put(digest, record, epoch=epoch)
         self.last_used.touch(record.key_id)
