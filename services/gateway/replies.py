@@ -186,6 +186,10 @@ class ReplyRouter:
         self._nc = nc
         self._gateway_id = gateway_id
         self._streams: dict[str, ReplyStream] = {}
+        # The same streams by their reply subject (subjects.reply): a frame finds its stream with one
+        # dict lookup, its subject unparsed. A provider can only publish under its own prefix (NATS
+        # permissions), so the subject also names who sent it.
+        self._by_subject: dict[str, ReplyStream] = {}
         self._sub: Subscription | None = None
         self.stray_frames = 0
 
@@ -200,22 +204,28 @@ class ReplyRouter:
 
     def open(self, request_id: str, provider_id: str, *, max_frames: int, max_bytes: int) -> ReplyStream:
         stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes)
+        # A request's newer stream (another provider, after a failover) replaces its older one.
+        older = self._streams.pop(request_id, None)
+        if older is not None:
+            self._forget(older)
         self._streams[request_id] = stream
+        self._by_subject[subjects.reply(provider_id, self._gateway_id, request_id)] = stream
         return stream
 
     def close(self, stream: ReplyStream) -> None:
         stream.release()
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
+        self._forget(stream)
+
+    def _forget(self, stream: ReplyStream) -> None:
+        subject = subjects.reply(stream.provider_id, self._gateway_id, stream.request_id)
+        if self._by_subject.get(subject) is stream:
+            del self._by_subject[subject]
 
     def _on_msg(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        try:
-            provider_id, _, request_id = subjects.parse_reply(subject)
-        except subjects.SubjectError:
-            self.stray_frames += 1
-            return
-        stream = self._streams.get(request_id)
-        if stream is None or stream.provider_id != provider_id or stream.dead:
+        stream = self._by_subject.get(subject)
+        if stream is None or stream.dead:
             # Late frames of a finished or failed-over request, a provider answering for another,
             # or the rest of a flood: dropped before any decoding.
             self.stray_frames += 1
@@ -223,12 +233,12 @@ class ReplyRouter:
         if headers and headers.get(_STATUS) == _NO_RESPONDERS:
             # NATS itself says nobody listens on the provider's work subject (its daemon died or lost
             # its connection a moment ago): the provider is gone, it sent nothing, it broke no rule.
-            stream.lost(provider_id)
+            stream.lost(stream.provider_id)
             return
         size = len(data)
         if size > MAX_FRAME_BYTES:
             stream.dead = True
-            stream.push(_Garbled(f"oversized frame ({size} bytes) from {provider_id}", "oversized_frame"))
+            stream.push(_Garbled(f"oversized frame ({size} bytes) from {stream.provider_id}", "oversized_frame"))
             return
         if not stream.take(size):
             return
@@ -236,4 +246,4 @@ class ReplyRouter:
             stream.push(bus.decode_frame(data))
         except msgspec.DecodeError as exc:
             stream.dead = True
-            stream.push(_Garbled(f"undecodable frame from {provider_id}: {str(exc)[:200]}", "undecodable_frame"))
+            stream.push(_Garbled(f"undecodable frame from {stream.provider_id}: {str(exc)[:200]}", "undecodable_frame"))
