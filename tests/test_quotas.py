@@ -437,6 +437,57 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
         await db.close()
 
 
+async def test_an_event_postgres_refuses_is_parked_and_the_events_after_it_are_written(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A usage event that can never be written (Postgres refuses what it holds, or it does not decode) once
+    held up every later settlement of its replica: its batch was tried again forever. It is kept in
+    usage_dead_letters, byte for byte, once, and the events around it reach the ledger."""
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
+    nc = await nats.connect(server.url)
+    gw = f"gw-poison-{secrets.token_hex(3)}"
+    stream = UsageStream(nc, db, gw)
+    account = await make_account_async(stack.database_url)
+    day = dt.datetime.now(dt.UTC).date()
+    good = [f"good{i}{secrets.token_hex(6)}" for i in range(2)]
+    poison = f"poison{secrets.token_hex(6)}"
+
+    async def request(rid: str) -> None:
+        await stream.publish(Opened(rid, account.subject, account.account_id, account.key_id, None, SYNTHETIC, day, 9))
+        await stream.publish(Closed(rid, Settlement("p", 3, 4, 0, 5.0, 50.0, "ok"), keep_slot=False))
+
+    try:
+        await db.execute(
+            "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT DO NOTHING", account.subject, day
+        )
+        await stream.start()
+        await request(good[0])
+        # 2^40 prompt tokens: beyond the ledger's integer columns, refused however often it is tried.
+        await stream.publish(Closed(poison, Settlement("p", 1 << 40, 1, 0, None, None, "ok"), keep_slot=False))
+        await nc.publish(subjects.usage_events(gw), b'{"type":"open","request_id":')  # cut short
+        await request(good[1])
+        await written_async(server.url, timeout_s=20)
+        rows = await db.fetch(
+            "SELECT request_id, completion_tokens FROM usage_ledger WHERE request_id = ANY($1::text[])", good
+        )
+        assert sorted((r["request_id"], r["completion_tokens"]) for r in rows) == sorted((rid, 4) for rid in good)
+        parked = await db.fetch(
+            "SELECT event, error FROM usage_dead_letters WHERE gateway_id = $1 ORDER BY stream_seq", gw
+        )
+        assert len(parked) == 2, parked
+        assert poison.encode() in parked[0]["event"]
+        assert str(1 << 40).encode() in parked[0]["event"]
+        assert "out of int32 range" in parked[0]["error"] or "out of range" in parked[0]["error"], parked[0]["error"]
+        assert parked[1]["event"] == b'{"type":"open","request_id":'
+        assert parked[1]["error"].startswith("undecodable")
+    finally:
+        await stream.stop()
+        await nc.close()
+        await db.close()
+        server.stop()
+
+
 async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stack, tmp_path: Path) -> None:
     """While the usage stream has no leader (its NATS node died; the others elect one in seconds) a publish
     gets no answer: the request waits and publishes again, rather than failing the buyer."""

@@ -136,6 +136,12 @@ class Metrics:
             "Settlements or batches of usage events whose write failed (retried; a lost one is settled by a sweeper).",
             registry=r,
         )
+        self.usage_events_parked = Counter(
+            "mp_usage_events_parked",
+            "Usage events the ledger can never write (undecodable, or refused by Postgres), kept in "
+            "usage_dead_letters instead of blocking their replica's later events. Any is a bug to look at.",
+            registry=r,
+        )
         self.stale_settled = Counter(
             "mp_usage_stale_reservations_settled",
             "Reservations whose gateway stopped reporting, settled by this replica's sweeper.",

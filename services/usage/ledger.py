@@ -143,6 +143,12 @@ class _Acks:
         return answer.seq
 
 
+# Postgres refusing what an event holds, not failing: a value out of range or the wrong shape
+# (SQLSTATE class 22, or asyncpg's own check of an argument, a ValueError), or a violated constraint
+# (class 23). Trying again changes nothing.
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError)
+
+
 class UsageStreamUnavailable(RuntimeError):
     """The control plane cannot start: settlement through JetStream is configured but unusable."""
 
@@ -375,17 +381,29 @@ class UsageStream:
             return []
 
     async def _write(self, gateway_id: str, msgs: list[Msg]) -> None:
-        """Apply a batch, then acknowledge it; on failure nothing is acknowledged (all come again)."""
-        events: list[UsageEvent] = []
+        """Apply a batch, then acknowledge it; on failure nothing is acknowledged (all come again).
+
+        An event that can never be written (it does not decode, or Postgres refuses what it holds) is
+        parked in `usage_dead_letters` and the others are written: it must not hold up every settlement
+        of its replica behind it, as it once did.
+        """
+        events: list[tuple[Msg, UsageEvent]] = []
+        undecodable: list[tuple[Msg, str]] = []
         for msg in msgs:
             try:
-                events.append(DECODER.decode(msg.data))
-            except Exception:
+                events.append((msg, DECODER.decode(msg.data)))
+            except Exception as exc:
                 # Only the control plane can publish here; an event that does not decode never will.
-                log.error("usage_event_undecodable", gateway_id=gateway_id, size=len(msg.data))
+                undecodable.append((msg, f"undecodable: {exc}"))
         while True:
             try:
-                await apply(self._db, gateway_id, events)
+                for msg, why in undecodable:
+                    await self._park(gateway_id, msg, why)
+                try:
+                    await apply(self._db, gateway_id, [e for _, e in events])
+                except _REFUSED:
+                    # One of them (or more) Postgres will never take: each alone, the refused ones parked.
+                    await self._one_by_one(gateway_id, events)
                 break
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if self._stopping.is_set() and gateway_id == self._gw:
@@ -399,6 +417,32 @@ class UsageStream:
         for msg in msgs:
             with contextlib.suppress(Exception):
                 await msg.ack()
+
+    async def _one_by_one(self, gateway_id: str, events: list[tuple[Msg, UsageEvent]]) -> None:
+        """Write each event on its own, in order (writing one twice changes nothing); park the refused."""
+        for msg, event in events:
+            try:
+                await apply(self._db, gateway_id, [event])
+            except _REFUSED as exc:
+                await self._park(gateway_id, msg, f"{type(exc).__name__}: {exc}")
+
+    async def _park(self, gateway_id: str, msg: Msg, error: str) -> None:
+        """Keep an event that cannot be written, byte for byte, for an operator (then it is acknowledged)."""
+        seq = None
+        with contextlib.suppress(Exception):
+            seq = msg.metadata.sequence.stream
+        log.error("usage_event_parked", gateway_id=gateway_id, stream_seq=seq, size=len(msg.data), error=error[:300])
+        if self._metrics is not None:
+            self._metrics.usage_events_parked.inc()
+        await self._db.execute(
+            # Parked once, however often its batch is tried again.
+            "INSERT INTO usage_dead_letters (gateway_id, stream_seq, event, error) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (gateway_id, stream_seq) DO NOTHING",
+            gateway_id,
+            seq,
+            msg.data,
+            error[:2000],
+        )
 
     # ---- what other replicas left --------------------------------------------------------------
 
