@@ -48,7 +48,7 @@ Sha256 = Annotated[str, msgspec.Meta(pattern=r"^(?:[0-9a-f]{64})?$")]
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
-class ToolCall(msgspec.Struct, frozen=True, array_like=True):
+class ToolCall(msgspec.Struct, frozen=True, array_like=True, gc=False):
     id: Annotated[str, msgspec.Meta(max_length=256)]
     name: Annotated[str, msgspec.Meta(max_length=256)]
     # JSON text, as OpenAI sends it.
@@ -146,7 +146,7 @@ class Cancel(msgspec.Struct, frozen=True):
 # ---- reply frames -------------------------------------------------------------------
 
 
-class Accepted(msgspec.Struct, frozen=True, tag="accepted"):
+class Accepted(msgspec.Struct, frozen=True, tag="accepted", gc=False):
     """First frame: the provider took the request (prompt tokenized, queued or running)."""
 
     seq: Count
@@ -159,7 +159,7 @@ _TokenBytes = Annotated[list[_Byte], msgspec.Meta(max_length=1024)]
 _TokenText = Annotated[str, msgspec.Meta(max_length=1024)]
 
 
-class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True, gc=False):
     token: _TokenText
     logprob: float
     # UTF-8 bytes of the token (it may be part of a character), as OpenAI reports them.
@@ -170,7 +170,7 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     )
 
 
-class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
+class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True, gc=False):
     """New text. Never ends inside a multi-byte character, a possible stop sequence or think tag."""
 
     seq: Count
@@ -188,7 +188,7 @@ class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     reasoning: str = ""
 
 
-class Finished(msgspec.Struct, frozen=True):
+class Finished(msgspec.Struct, frozen=True, gc=False):
     """The end of an answer: the engine's last event, the `Done` frame's body, the gateway's last event.
 
     The gateway's carries the tokens it bills (never more completion than it saw).
@@ -213,7 +213,7 @@ class Done(Finished, frozen=True, tag="done", kw_only=True):
     seq: Count
 
 
-class Failed(msgspec.Struct, frozen=True, tag="failed"):
+class Failed(msgspec.Struct, frozen=True, tag="failed", gc=False):
     seq: Count
     # A schemas.codes.FailCode from an honest daemon; open on the wire, so a newer daemon's code
     # decodes, and anything outside codes.REQUEST_FAULTS is the provider's failure.
@@ -225,6 +225,9 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
     param: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\[\]-]{1,128}$")] | None = None
 
 
+# gc=False on the frames and what they hold: a stream is a frame per token, each a new object the
+# garbage collector would otherwise track and walk (young collections every few streams). Frames are
+# immutable and hold only strings, numbers and lists of them: they can never be part of a cycle.
 Frame = Accepted | Delta | Done | Failed
 
 

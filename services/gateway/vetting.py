@@ -111,6 +111,11 @@ class LegCheck:
     tokens: int = 0
     text_bytes: int = 0
     problems: list[Violation] = field(default_factory=list)
+    # What max_tokens leaves this leg (fixed for the leg: worked out once, not per frame).
+    allowed: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.allowed = _allowed_tokens(self.request)
 
     def accepted(self, frame: bus.Accepted) -> None:
         ceiling = prompt_token_ceiling(self.request)
@@ -123,7 +128,7 @@ class LegCheck:
         ids = frame.token_ids
         if frame.tokens != len(ids):
             raise Violation("token_count_mismatch", f"declared {frame.tokens} tokens, sent {len(ids)} token ids")
-        allowed = _allowed_tokens(self.request)
+        allowed = self.allowed
         if self.tokens + len(ids) > allowed:
             raise Violation("too_many_tokens", f"{self.tokens + len(ids)} tokens where max_tokens allows {allowed}")
         if self.vocab_size and ids and max(ids) >= self.vocab_size:
@@ -137,7 +142,7 @@ class LegCheck:
         params = self.request.params
         if frame.logprobs and (not params.logprobs or len(frame.logprobs) > len(ids)):
             raise Violation("unrequested_logprobs", f"{len(frame.logprobs)} logprobs for {len(ids)} tokens")
-        if any(len(lp.top) > params.top_logprobs for lp in frame.logprobs):
+        if frame.logprobs and any(len(lp.top) > params.top_logprobs for lp in frame.logprobs):
             raise Violation("unrequested_logprobs", f"more than the {params.top_logprobs} top logprobs asked for")
         if self.json is not None:
             if frame.reasoning or frame.tool_calls:
