@@ -14,5 +14,13 @@ def new_request_id() -> str:
 
 
 def request_id_of(request: Request[Any, Any, Any]) -> str:
-    rid: str = request.scope["state"].setdefault("request_id", new_request_id())
+    return ensure_request_id(request.scope["state"])
+
+
+def ensure_request_id(state: dict[str, Any]) -> str:
+    """The id kept in a scope's state, made the first time (not `setdefault(..., new_request_id())`:
+    that drew random bytes, a getrandom syscall, on every call)."""
+    rid: str | None = state.get("request_id")
+    if rid is None:
+        rid = state["request_id"] = new_request_id()
     return rid

@@ -9,13 +9,12 @@ from __future__ import annotations
 from litestar.datastructures import MutableScopeHeaders
 from litestar.types import Message, Scope
 
-from services.ids import new_request_id
+from services.ids import ensure_request_id
 
 
 async def add_request_id(message: Message, scope: Scope) -> None:
     if message["type"] == "http.response.start":
-        state = scope.setdefault("state", {})
-        request_id = state.setdefault("request_id", new_request_id())
-        headers = MutableScopeHeaders.from_message(message)
-        if "x-request-id" not in headers:
-            headers["x-request-id"] = request_id
+        request_id = ensure_request_id(scope.setdefault("state", {}))
+        # Looked for in the raw list: MutableScopeHeaders' `in` decodes every header of the response.
+        if not any(name.lower() == b"x-request-id" for name, _ in message.get("headers", ())):
+            MutableScopeHeaders.from_message(message)["x-request-id"] = request_id
