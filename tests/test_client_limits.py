@@ -191,6 +191,26 @@ def test_failed_key_lookups_are_limited_per_client_and_honest_keys_never_are(lim
     assert statuses == [401] * 4 + [429], "finding a key spent nothing of the budget"
 
 
+def test_an_honest_key_arriving_many_times_at_once_is_one_lookup(limited: Limited) -> None:
+    """An agent fleet behind one address sends 24 requests at once with a key this replica has not
+    cached (new, or its cache entry just expired). They once each took a unit of the failed-lookup
+    budget before their query (4 here), and all but the first few were refused 429; they share one
+    query now. Guesses still count against the address."""
+    honest = make_account(limited.database_url)
+    fleet = v4()
+    with ThreadPoolExecutor(24) as pool:
+        statuses = list(pool.map(lambda _: _models(limited.edge, fleet, honest.key).status_code, range(24)))
+    assert statuses == [200] * 24, statuses
+    guess = key_format.generate()
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda _: _models(limited.edge, fleet, guess).status_code, range(12)))
+    assert statuses.count(401) >= 1, statuses
+    assert set(statuses) <= {401, 429}, statuses
+    # Guesses are still bounded: by now the address has used its 4 failed lookups.
+    after = [_models(limited.edge, fleet, key_format.generate()).status_code for _ in range(5)]
+    assert after[-1] == 429, after
+
+
 async def _accounts(database_url: str, n: int) -> list[str]:
     return [(await make_account_async(database_url)).key for _ in range(n)]
 

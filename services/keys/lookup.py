@@ -10,11 +10,13 @@ have `MP_FAILED_AUTH_PER_MIN` of those (rate_limit.TokenBuckets, per replica). T
 budget is taken before the query and given back when the key is found, so a flood
 of concurrent guesses cannot overshoot it and a client using a real key never
 spends any; a client over budget is refused (429) for keys this replica has not
-cached, without a query.
+cached, without a query. Concurrent misses of one key wait for one query, so many
+requests arriving together with a valid key never count as many failed ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import asyncpg
@@ -37,6 +39,8 @@ class KeyLookup:
             settings.database_url, on_change=self.cache.invalidate, on_reset=self.cache.clear
         )
         self.last_used = LastUsed(db, interval_s=settings.key_last_used_flush_s)
+        # Lookups under way, by key digest (`find`).
+        self._lookups: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
         self.failed_lookups = TokenBuckets(
             per_minute=settings.failed_auth_per_min, max_clients=settings.rate_limit_clients
         )
@@ -53,28 +57,47 @@ class KeyLookup:
         """The active record of a well-formed key, or None if unknown or revoked.
 
         `client()` (client_ip.client_key) is who a lookup that finds nothing is counted against: only
-        asked on a cache miss.
+        asked on a cache miss. Concurrent misses of one key share one query and one unit of the budget:
+        an agent fleet's 64 requests arriving together with a key this replica has not cached (new,
+        or its entry just expired) once took 64 units, and all past the budget were refused 429.
         """
         digest = key_format.digest(key)
         record = self.cache.get(digest) if self.listener.healthy else None
         if record is None:
-            who = client()
-            wait = self.failed_lookups.take(who)
-            if wait is not None:
-                raise RateLimited(
-                    f"Too many requests with unknown API keys from this address; try again in {wait} s.",
-                    headers={"retry-after": str(wait)},
-                )
-            epoch = self.cache.epoch
-            try:
-                record = await find_active_digest(self._db, digest)
-            except BaseException:
-                self.failed_lookups.give_back(who)  # the database failed, not the key
-                raise
+            pending = self._lookups.get(digest)
+            if pending is None:
+                who = client()
+                wait = self.failed_lookups.take(who)
+                if wait is not None:
+                    raise RateLimited(
+                        f"Too many requests with unknown API keys from this address; try again in {wait} s.",
+                        headers={"retry-after": str(wait)},
+                    )
+                pending = self._lookups[digest] = asyncio.ensure_future(self._query(digest, who))
+                pending.add_done_callback(lambda done: self._done(digest, done))
+            # Shielded: one waiter's hang-up must not cancel the query the others wait for.
+            record = await asyncio.shield(pending)
             if record is None:
                 return None
-            self.failed_lookups.give_back(who)
-            if self.listener.healthy:
-                self.cache.put(digest, record, epoch=epoch)
         self.last_used.touch(record.key_id)
         return record
+
+    async def _query(self, digest: bytes, who: str) -> KeyRecord | None:
+        epoch = self.cache.epoch
+        try:
+            record = await find_active_digest(self._db, digest)
+        except BaseException:
+            self.failed_lookups.give_back(who)  # the database failed, not the key
+            raise
+        if record is None:
+            return None
+        self.failed_lookups.give_back(who)
+        if self.listener.healthy:
+            self.cache.put(digest, record, epoch=epoch)
+        return record
+
+    def _done(self, digest: bytes, done: asyncio.Future[KeyRecord | None]) -> None:
+        if self._lookups.get(digest) is done:
+            del self._lookups[digest]
+        if not done.cancelled():
+            done.exception()  # read: every waiter may have hung up
