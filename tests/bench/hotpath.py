@@ -385,7 +385,9 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                 stack.check_alive()
             for series in names:
                 st = tallies[series].stats
-                say(f"{column.label:<24} {series:<13}: {st.requests} requests, {st.wall_s:6.2f}s, {st.failed} failed")
+                why = f" ({counts(st.errors)})" if st.failed else ""
+                done = f"{st.requests} requests, {st.wall_s:6.2f}s, {st.failed} failed{why}"
+                say(f"{column.label:<24} {series:<13}: {done}")
             results[column.label] = tallies
     slow = await slow_streams(plan.slow_streams, stack, stack.api_key) if plan.slow_streams else None
     return results, (profiler.top() if profiler is not None else []), slow

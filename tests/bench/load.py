@@ -196,7 +196,9 @@ class HttpClients:
         self.clients = [
             httpx.AsyncClient(
                 http2=False,
-                limits=httpx.Limits(max_connections=per, max_keepalive_connections=per, keepalive_expiry=300),
+                # An idle connection is dropped before the server drops it (uvicorn: after 5 s): reusing
+                # one just as the server closes it fails the request (ReadError) for no fault of either.
+                limits=httpx.Limits(max_connections=per, max_keepalive_connections=per, keepalive_expiry=4.0),
                 timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s), pool=timeout_s),
             )
             for _ in range(-(-max(concurrency, 1) // per))
