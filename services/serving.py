@@ -90,6 +90,7 @@ def serve(app: Litestar, settings: Settings) -> None:
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=_AFTER_DRAIN_S,
+        timeout_keep_alive=settings.http_keepalive_s,
         # uvicorn would otherwise take X-Forwarded-For / X-Forwarded-Proto from any client on
         # 127.0.0.1 and rewrite the peer address before we see it; MP_TRUSTED_PROXY_HOPS
         # (services/auth/client_ip.py) is the only authority on proxy headers.

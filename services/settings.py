@@ -171,6 +171,10 @@ class Settings:
     home: Path
     host: str
     port: int
+    # How long an idle HTTP connection is kept: longer than what a load balancer or client in front
+    # keeps one (Caddy here and nginx 60 s, httpx 5 s), so the server is never the one closing a
+    # connection just as the other side sends a request on it (a failed POST that nobody retries).
+    http_keepalive_s: int
     database_url: str = field(metadata=URL)
     nats_url: str = field(metadata=URL)
     # Identifies this replica on the bus; replies for its requests come to its own subject.
@@ -342,6 +346,7 @@ class Settings:
             home=home,
             host=env.get("MP_HOST", "127.0.0.1"),
             port=port,
+            http_keepalive_s=_bounded_int(env, "MP_HTTP_KEEPALIVE_S", 75, low=1, high=3600),
             database_url=env.get("DATABASE_URL", DEFAULT_DATABASE_URL),
             nats_url=env.get("NATS_URL", DEFAULT_NATS_URL),
             gateway_id=gateway_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -185,3 +186,21 @@ def test_probes_then_sigterm_drains_refuses_settles_and_exits_0(stack: Stack, re
     # The provider was told to stop the cut generation.
     done = logs.wait_event(stack.daemon.log_path, "request_done", request_id=long.request_id)
     assert done["finish"] == "cancelled"
+
+
+def test_an_idle_connection_is_kept_longer_than_a_proxy_keeps_it(stack: Stack) -> None:
+    """Caddy (and nginx) keep an idle upstream connection 60 s; uvicorn used to close it after 5 s. A
+    request the proxy sent on it just as the gateway closed it failed, and a POST is not retried: the
+    gateway keeps idle connections MP_HTTP_KEEPALIVE_S (75 s). The same socket answers after 6 s idle."""
+    host, _, port = stack.base_url.removeprefix("http://").partition(":")
+    request = f"GET /healthz/live HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        for pause in (0.0, 6.0):
+            time.sleep(pause)
+            conn.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                chunk = conn.recv(4096)
+                assert chunk, f"the gateway closed the connection after {pause:g} s idle"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
