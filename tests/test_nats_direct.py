@@ -16,6 +16,7 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 
 from infra.nats import NatsServer
 from services import nats_direct
@@ -37,105 +38,116 @@ async def clients(server: NatsServer) -> AsyncIterator[tuple[Client, Client]]:
     await plain.close()
 
 
-Got = list[tuple[str, bytes, dict[str, str] | None, bool]]
+class Got:
+    """What a subscription's function was handed: (subject, payload, headers, from the read loop)."""
+
+    def __init__(self, *, failing: bytes | None = None) -> None:
+        self.items: list[tuple[str, bytes, dict[str, str] | None, bool]] = []
+        self.sub: Subscription | None = None
+        self._failing = failing
+        self._more = asyncio.Event()
+
+    def __call__(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        if data == self._failing:
+            raise RuntimeError("a bad message")
+        # Not the subscription's own task: the read loop called us as it parsed the message.
+        from_read_loop = self.sub is not None and asyncio.current_task() is not self.sub._wait_for_msgs_task
+        self.items.append((subject, data, headers, from_read_loop))
+        self._more.set()
+
+    @property
+    def payloads(self) -> list[bytes]:
+        return [data for _, data, _, _ in self.items]
+
+    async def until(self, n: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.items) < n:
+                self._more.clear()
+                await self._more.wait()
 
 
-async def _until(got: Got, n: int) -> None:
-    async with asyncio.timeout(5):
-        while len(got) < n:
-            await asyncio.sleep(0.005)
+async def _subscribed(nc: Client, subject: str, got: Got) -> Got:
+    got.sub = await nats_direct.subscribe(nc, subject, got)
+    await nc.flush()
+    return got
+
+
+async def _send(nc: Client, subject: str, *payloads: bytes) -> None:
+    for data in payloads:
+        await nc.publish(subject, data)
+    await nc.flush()
 
 
 async def test_plain_messages_come_from_the_read_loop_in_order(clients: tuple[Client, Client]) -> None:
     direct, plain = clients
-    got: Got = []
-    sub = None
-
-    def on(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        # Not the subscription's own task: the read loop called us as it parsed the message.
-        assert sub is not None
-        got.append((subject, data, headers, asyncio.current_task() is not sub._wait_for_msgs_task))
-
-    sub = await nats_direct.subscribe(direct, "t.order.*", on)
-    await direct.flush()
+    got = await _subscribed(direct, "t.order.*", Got())
     for i in range(500):
         await plain.publish(f"t.order.{i % 7}", str(i).encode())
     await plain.flush()
-    await _until(got, 500)
-    assert [int(d) for _, d, _, _ in got] == list(range(500))
-    assert {s for s, _, _, _ in got} == {f"t.order.{i}" for i in range(7)}
-    assert all(h is None and from_read_loop for _, _, h, from_read_loop in got)
+    await got.until(500)
+    assert [int(d) for d in got.payloads] == list(range(500))
+    assert {s for s, _, _, _ in got.items} == {f"t.order.{i}" for i in range(7)}
+    assert all(h is None and from_read_loop for _, _, h, from_read_loop in got.items)
     # What nats-py counts for the connection still adds up.
     assert direct.stats["in_msgs"] >= 500
 
 
 async def test_a_message_with_headers_arrives_with_them(clients: tuple[Client, Client]) -> None:
     direct, plain = clients
-    got: Got = []
-    await nats_direct.subscribe(direct, "t.hdr", lambda s, d, h: got.append((s, d, h, True)))
-    await direct.flush()
+    got = await _subscribed(direct, "t.hdr", Got())
     await plain.publish("t.hdr", b"a")
     await plain.publish("t.hdr", b"b", headers={"Status": "503"})
     await plain.flush()
-    await _until(got, 2)
-    assert got[0][:3] == ("t.hdr", b"a", None)
-    assert got[1][1] == b"b" and got[1][2] is not None and got[1][2]["Status"] == "503"
+    await got.until(2)
+    assert got.items[0][:3] == ("t.hdr", b"a", None)
+    (_, data, headers, _) = got.items[1]
+    assert data == b"b"
+    assert headers is not None
+    assert headers["Status"] == "503"
 
 
 async def test_no_responders_status_reaches_the_handler(clients: tuple[Client, Client]) -> None:
     """What the gateway sees when a provider vanished: the server's 503 on the reply subject."""
     direct, _ = clients
-    got: Got = []
     inbox = direct.new_inbox()
-    await nats_direct.subscribe(direct, inbox, lambda s, d, h: got.append((s, d, h, True)))
+    got = await _subscribed(direct, inbox, Got())
     # Nobody listens on the subject: the server answers the reply subject with a 503 status.
     await direct.publish("t.nobody.listens", b"x", reply=inbox, headers={"x": "1"})
     await direct.flush()
-    await _until(got, 1)
-    assert got[0][0] == inbox and got[0][2] is not None and got[0][2].get("Status") == "503"
+    await got.until(1)
+    (subject, _, headers, _) = got.items[0]
+    assert subject == inbox
+    assert headers is not None
+    assert headers.get("Status") == "503"
 
 
 async def test_a_failing_handler_does_not_stop_the_connection(clients: tuple[Client, Client]) -> None:
     direct, plain = clients
-    got: Got = []
-
-    def on(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        if data == b"boom":
-            raise RuntimeError("a bad message")
-        got.append((subject, data, headers, True))
-
-    await nats_direct.subscribe(direct, "t.fail", on)
-    await direct.flush()
-    for data in (b"1", b"boom", b"2"):
-        await plain.publish("t.fail", data)
-    await plain.flush()
-    await _until(got, 2)
-    assert [d for _, d, _, _ in got] == [b"1", b"2"]
+    got = await _subscribed(direct, "t.fail", Got(failing=b"boom"))
+    await _send(plain, "t.fail", b"1", b"boom", b"2")
+    await got.until(2)
+    assert got.payloads == [b"1", b"2"]
     assert direct.is_connected
 
 
 async def test_nothing_arrives_after_unsubscribing(clients: tuple[Client, Client]) -> None:
     direct, plain = clients
-    got: Got = []
-    sub = await nats_direct.subscribe(direct, "t.unsub", lambda s, d, h: got.append((s, d, h, True)))
+    got = await _subscribed(direct, "t.unsub", Got())
+    await _send(plain, "t.unsub", b"1")
+    await got.until(1)
+    assert got.sub is not None
+    await got.sub.unsubscribe()
     await direct.flush()
-    await plain.publish("t.unsub", b"1")
-    await plain.flush()
-    await _until(got, 1)
-    await sub.unsubscribe()
-    await direct.flush()
-    await plain.publish("t.unsub", b"2")
-    await plain.flush()
+    await _send(plain, "t.unsub", b"2")
     await asyncio.sleep(0.1)
-    assert [d for _, d, _, _ in got] == [b"1"]
+    assert got.payloads == [b"1"]
 
 
 async def test_a_plain_client_takes_the_usual_path(clients: tuple[Client, Client]) -> None:
     _, plain = clients
-    got: Got = []
-    await nats_direct.subscribe(plain, "t.plain", lambda s, d, h: got.append((s, d, h, True)))
-    await plain.flush()
-    await plain.publish("t.plain", b"1")
-    await plain.flush()
-    await _until(got, 1)
-    assert got[0][:2] == ("t.plain", b"1")
+    got = await _subscribed(plain, "t.plain", Got())
+    await _send(plain, "t.plain", b"1")
+    await got.until(1)
+    (subject, data, _, from_read_loop) = got.items[0]
+    assert (subject, data) == ("t.plain", b"1")
+    assert not from_read_loop, "a plain nats-py client delivers through the subscription's task"
