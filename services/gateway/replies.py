@@ -185,11 +185,11 @@ class ReplyRouter:
     def __init__(self, nc: Nats, gateway_id: str) -> None:
         self._nc = nc
         self._gateway_id = gateway_id
+        # Open streams by their reply subject (subjects.reply): a frame finds its stream with one dict
+        # lookup, its subject unparsed. A provider can only publish under its own prefix (NATS
+        # permissions), so the subject also names who sent it. Each stream is closed before its request
+        # opens another (a failover, the next provider asked).
         self._streams: dict[str, ReplyStream] = {}
-        # The same streams by their reply subject (subjects.reply): a frame finds its stream with one
-        # dict lookup, its subject unparsed. A provider can only publish under its own prefix (NATS
-        # permissions), so the subject also names who sent it.
-        self._by_subject: dict[str, ReplyStream] = {}
         self._sub: Subscription | None = None
         self.stray_frames = 0
 
@@ -204,27 +204,17 @@ class ReplyRouter:
 
     def open(self, request_id: str, provider_id: str, *, max_frames: int, max_bytes: int) -> ReplyStream:
         stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes)
-        # A request's newer stream (another provider, after a failover) replaces its older one.
-        older = self._streams.pop(request_id, None)
-        if older is not None:
-            self._forget(older)
-        self._streams[request_id] = stream
-        self._by_subject[subjects.reply(provider_id, self._gateway_id, request_id)] = stream
+        self._streams[subjects.reply(provider_id, self._gateway_id, request_id)] = stream
         return stream
 
     def close(self, stream: ReplyStream) -> None:
         stream.release()
-        if self._streams.get(stream.request_id) is stream:
-            del self._streams[stream.request_id]
-        self._forget(stream)
-
-    def _forget(self, stream: ReplyStream) -> None:
         subject = subjects.reply(stream.provider_id, self._gateway_id, stream.request_id)
-        if self._by_subject.get(subject) is stream:
-            del self._by_subject[subject]
+        if self._streams.get(subject) is stream:
+            del self._streams[subject]
 
     def _on_msg(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        stream = self._by_subject.get(subject)
+        stream = self._streams.get(subject)
         if stream is None or stream.dead:
             # Late frames of a finished or failed-over request, a provider answering for another,
             # or the rest of a flood: dropped before any decoding.
