@@ -431,10 +431,7 @@ class UsageStream:
         seq = None
         with contextlib.suppress(Exception):
             seq = msg.metadata.sequence.stream
-        log.error("usage_event_parked", gateway_id=gateway_id, stream_seq=seq, size=len(msg.data), error=error[:300])
-        if self._metrics is not None:
-            self._metrics.usage_events_parked.inc()
-        await self._db.execute(
+        status = await self._db.execute(
             # Parked once, however often its batch is tried again.
             "INSERT INTO usage_dead_letters (gateway_id, stream_seq, event, error) VALUES ($1, $2, $3, $4) "
             "ON CONFLICT (gateway_id, stream_seq) DO NOTHING",
@@ -443,6 +440,12 @@ class UsageStream:
             msg.data,
             error[:2000],
         )
+        if status == "INSERT 0 1":  # logged and counted once too
+            log.error(
+                "usage_event_parked", gateway_id=gateway_id, stream_seq=seq, size=len(msg.data), error=error[:300]
+            )
+            if self._metrics is not None:
+                self._metrics.usage_events_parked.inc()
 
     # ---- what other replicas left --------------------------------------------------------------
 
