@@ -16,6 +16,7 @@ same since nats-py 2.0); tests/test_nats_direct.py fails if that ever changes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,10 @@ class DirectClient(Client):
         try:
             on_message(subject.decode(), data, None)
         except Exception:
-            # The read loop must go on: one bad message is that message's problem.
-            log.exception("nats_message_handler_failed", subject=subject[:200].decode(errors="replace"))
+            # The read loop must go on: one bad message is that message's problem. Not even a failing log
+            # write may escape: nats-py's parser would drop the rest of what it had read (the next tokens).
+            with contextlib.suppress(Exception):
+                log.exception("nats_message_handler_failed", subject=subject[:200].decode(errors="replace"))
 
 
 async def connect(servers: str | list[str], **options: Any) -> Client:

@@ -151,3 +151,21 @@ async def test_a_plain_client_takes_the_usual_path(clients: tuple[Client, Client
     (subject, data, _, from_read_loop) = got.items[0]
     assert (subject, data) == ("t.plain", b"1")
     assert not from_read_loop, "a plain nats-py client delivers through the subscription's task"
+
+
+async def test_a_failing_log_write_does_not_lose_the_messages_after_it(
+    clients: tuple[Client, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: a log sink that failed (a closed stream) raised out of the error path into nats-py's
+    parser, which then dropped the rest of what it had read: the next tokens of every stream."""
+
+    class BrokenLog:
+        def exception(self, *args: object, **kw: object) -> None:
+            raise ValueError("write to closed file")
+
+    monkeypatch.setattr(nats_direct, "log", BrokenLog())
+    direct, plain = clients
+    got = await _subscribed(direct, "t.badlog", Got(failing=b"boom"))
+    await _send(plain, "t.badlog", b"1", b"boom", b"2")
+    await got.until(2)
+    assert got.payloads == [b"1", b"2"]
