@@ -16,6 +16,7 @@ elsewhere before the buyer hears of it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 from nats.aio.client import Client as Nats
+from nats.errors import Error as NatsError
 from opentelemetry.trace import Span, StatusCode
 
 from schemas import bus, codes, subjects
@@ -310,6 +312,8 @@ class Dispatcher:
         self.metrics = metrics
         self._tracing = tracing
         self._json = JsonChecks()
+        # Cancels sent on behalf of cancelled tasks (held so they are not collected mid-flight).
+        self._background: set[asyncio.Future[None]] = set()
         # Set by `cut`: every running call ends within one tick.
         self.cutting = False
 
@@ -412,14 +416,14 @@ class Dispatcher:
             sent_at = time.monotonic()
             if span is not None:
                 span.set_attribute("mp.provider", pid)
-            await self._nc.publish(
-                subjects.work(pid),
-                payload,
-                reply=subjects.reply(pid, self._gateway_id, request.request_id),
-                headers=headers,
-            )
-            check = vetting.LegCheck(request, _vocab_size(state.heartbeat, request.model), tools, json)
             try:
+                await self._nc.publish(
+                    subjects.work(pid),
+                    payload,
+                    reply=subjects.reply(pid, self._gateway_id, request.request_id),
+                    headers=headers,
+                )
+                check = vetting.LegCheck(request, _vocab_size(state.heartbeat, request.model), tools, json)
                 frame = await stream.next(self.accept_timeout_s)
                 if isinstance(frame, bus.Accepted):
                     check.accepted(frame)
@@ -435,6 +439,20 @@ class Dispatcher:
                 self.pool.note_failure(pid)
                 self.violation(pid, v.kind, v.detail, request.request_id)
                 frame = bus.Failed(seq=0, code="provider_protocol_error", message=v.detail, retryable=True)
+            except BaseException as exc:
+                # Cancelled (the buyer's task, a replica shutting down) or the publish failed: the leg
+                # must not outlive its request, or the provider's load here and its reply stream leak
+                # for good, and a provider that got the work must hear it is not wanted.
+                self._router.close(stream)
+                self.pool.unwatch(pid, watch)
+                self.pool.note_finished(pid, epoch)
+                self._cancel_soon(pid, request.request_id)
+                if isinstance(exc, NatsError):
+                    # Our own NATS connection is closed or its outbound buffer full (a long outage).
+                    raise CoordinatorUnavailable(
+                        f"The gateway cannot reach the provider network right now ({type(exc).__name__})."
+                    ) from None
+                raise
             self._router.close(stream)
             self.pool.unwatch(pid, watch)
             self.pool.note_finished(pid, epoch)
@@ -465,3 +483,9 @@ class Dispatcher:
     async def cancel(self, provider_id: str, request_id: str) -> None:
         with contextlib.suppress(Exception):
             await self._nc.publish(subjects.cancel(provider_id), bus.encode(bus.Cancel(request_id=request_id)))
+
+    def _cancel_soon(self, provider_id: str, request_id: str) -> None:
+        """`cancel` from a task being cancelled: its own task, which the caller's cancellation cannot stop."""
+        task = asyncio.ensure_future(self.cancel(provider_id, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
