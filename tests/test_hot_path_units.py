@@ -172,6 +172,37 @@ async def test_group_commit_failure_reaches_every_item_of_the_batch() -> None:
     await commit.drain()
 
 
+async def test_group_commit_writes_a_refused_batch_again_item_by_item() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        batches.append(items)
+        if -1 in items:
+            raise ValueError("out of range")  # what asyncpg raises for an argument Postgres cannot hold
+        return [i * 10 for i in items]
+
+    commit: GroupCommit[int, int] = GroupCommit(flush, split_on=(ValueError,))
+    futures = [commit.submit(i) for i in (1, -1, 2)]
+    assert await futures[0] == 10
+    with pytest.raises(ValueError, match="out of range"):
+        await futures[1]
+    assert await futures[2] == 20
+    # One try for the batch, then each item alone: only the bad one fails.
+    assert batches == [[1, -1, 2], [1], [-1], [2]]
+    # A failure not in split_on (Postgres gone) still fails the batch in one try.
+    batches.clear()
+
+    async def down(items: list[int]) -> list[int]:
+        batches.append(items)
+        raise ConnectionError("postgres went away")
+
+    commit = GroupCommit(down, split_on=(ValueError,))
+    for future in [commit.submit(i) for i in range(3)]:
+        with pytest.raises(ConnectionError):
+            await future
+    assert batches == [[0, 1, 2]]
+
+
 def test_deltas_queued_together_join_in_order() -> None:
     def delta(seq: int, text: str = "", reasoning: str = "", call: bool = False) -> bus.Delta:
         calls = [bus.ToolCall(id=f"c{seq}", name="f", arguments="{}")] if call else []

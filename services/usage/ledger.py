@@ -40,6 +40,7 @@ from nats.js.client import JetStreamContext
 from schemas import subjects
 from schemas.usage_events import DECODER, ENCODER, Closed, Opened, UsageEvent
 from services import nats_direct
+from services.db.refused import REFUSED
 from services.usage import leases
 
 if TYPE_CHECKING:
@@ -141,12 +142,6 @@ class _Acks:
         if answer.stream != subjects.USAGE_STREAM:
             raise nats.js.errors.APIError(description=f"stored in {answer.stream!r}, not {subjects.USAGE_STREAM}")
         return answer.seq
-
-
-# Postgres refusing what an event holds, not failing: a value out of range or the wrong shape
-# (SQLSTATE class 22, or asyncpg's own check of an argument, a ValueError), or a violated constraint
-# (class 23). Trying again changes nothing.
-_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, ValueError)
 
 
 class UsageStreamUnavailable(RuntimeError):
@@ -401,7 +396,7 @@ class UsageStream:
                     await self._park(gateway_id, msg, why)
                 try:
                     await apply(self._db, gateway_id, [e for _, e in events])
-                except _REFUSED:
+                except REFUSED:
                     # One of them (or more) Postgres will never take: each alone, the refused ones parked.
                     await self._one_by_one(gateway_id, events)
                 break
@@ -423,7 +418,7 @@ class UsageStream:
         for msg, event in events:
             try:
                 await apply(self._db, gateway_id, [event])
-            except _REFUSED as exc:
+            except REFUSED as exc:
                 await self._park(gateway_id, msg, f"{type(exc).__name__}: {exc}")
 
     async def _park(self, gateway_id: str, msg: Msg, error: str) -> None:

@@ -24,6 +24,7 @@ import structlog
 
 from schemas.usage_events import Closed, Opened, Settlement
 from services.auth.principal import Principal
+from services.db.refused import REFUSED
 from services.errors import CoordinatorUnavailable, QuotaExhausted
 from services.settings import Settings
 from services.usage import leases, quotas
@@ -153,9 +154,12 @@ class Metering:
         self.unwritten_events = 0
         self._metrics = metrics
         self._leases: dict[str, Lease] = {}
-        self._opener: GroupCommit[Opened, bool] = GroupCommit(lambda items: leases.open_many(db, gateway_id, items))
+        # A batch Postgres refuses for one item's values is written again item by item (batch.py).
+        self._opener: GroupCommit[Opened, bool] = GroupCommit(
+            lambda items: leases.open_many(db, gateway_id, items), split_on=REFUSED
+        )
         self._closer: GroupCommit[Closed, tuple[bool, bool]] = GroupCommit(
-            lambda items: leases.close_many(db, gateway_id, items)
+            lambda items: leases.close_many(db, gateway_id, items), split_on=REFUSED
         )
 
     def open_count(self) -> int:
