@@ -26,6 +26,7 @@ from daemon.engine.base import CancelToken, Engine, EngineError
 from daemon.frames import coalesced
 from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
+from daemon.outbox import Outbox
 from daemon.settings import DaemonSettings
 from schemas import bus, subjects
 from schemas.codes import FailCode
@@ -53,6 +54,12 @@ class _Replier:
     nc: Nats
     subject: str
     seq: int = 0
+    # Set when the gateway takes bundles (daemon/outbox.py): (the outbox, its bundle subject, request id).
+    bundled: tuple[Outbox, str, str] | None = None
+
+    def bundle_via(self, outbox: Outbox) -> None:
+        provider_id, gateway_id, request_id = subjects.parse_reply(self.subject)
+        self.bundled = (outbox, subjects.bundle(provider_id, gateway_id), request_id)
 
     async def send(self, make: type[bus.Frame], **fields: object) -> None:
         if make is bus.Failed:
@@ -60,7 +67,11 @@ class _Replier:
             fields["message"] = str(fields["message"])[: bus.MAX_MESSAGE_CHARS]
         frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
         self.seq += 1
-        await self.nc.publish(self.subject, bus.encode(frame))
+        if self.bundled is not None:
+            outbox, bundle_subject, request_id = self.bundled
+            outbox.put(bundle_subject, self.subject, request_id, bus.encode(frame))
+        else:
+            await self.nc.publish(self.subject, bus.encode(frame))
 
     async def done(self, finished: bus.Finished) -> None:
         """The `Done` frame: the engine's `Finished` as is, its timings rounded."""
@@ -110,6 +121,8 @@ class Provider:
     # How the pool last said it sees our models (routed or why not), and when (unix seconds).
     pool_notice: bus.PoolNotice | None = None
     pool_notice_at: float = 0.0
+    # Frames for gateways that take bundles (made once connected).
+    _outbox: Outbox | None = None
 
     @property
     def nc(self) -> Nats:
@@ -136,6 +149,7 @@ class Provider:
             log.info("provider_offline", provider=s.provider_id, served=0, reason="stopped before connecting")
             return
         self._nc = connecting.result()
+        self._outbox = Outbox(self._nc)
         await self._serve_pool(stop)
 
     async def _connect(self) -> Nats:
@@ -198,6 +212,9 @@ class Provider:
             await stop.wait()
         finally:
             await self._drain()
+            if self._outbox is not None:
+                # The last frames of the requests that just finished go before the connection does.
+                await self._outbox.close()
             beats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beats
@@ -207,7 +224,14 @@ class Provider:
                     bus.encode(bus.Leave(provider_id=s.provider_id, boot_id=self.boot_id)),
                 )
                 await self.nc.drain()
-            log.info("provider_offline", provider=s.provider_id, served=self.served)
+            outbox = self._outbox
+            log.info(
+                "provider_offline",
+                provider=s.provider_id,
+                served=self.served,
+                bundles=outbox.bundles if outbox else 0,
+                bundled_frames=outbox.bundled_frames if outbox else 0,
+            )
 
     async def _drain(self) -> None:
         """Stop taking work, tell the pool, and let in-flight requests finish."""
@@ -220,6 +244,9 @@ class Provider:
             _, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout_s)
             for task in late:
                 task.cancel()
+            if late:
+                # Each says `provider_stopping` to its gateway as it ends: let those frames be made.
+                await asyncio.wait(late, timeout=1.0)
 
     async def _on_drain(self, msg: Msg) -> None:
         """An operator drained us (`mac-provider admin providers drain`): the same path as SIGTERM, minus leaving."""
@@ -314,6 +341,9 @@ class Provider:
             self.metrics.outcome("bad_request")
             await replier.fail("bad_request", f"undecodable request: {exc}")
             return
+        if request.bundle and self._outbox is not None:
+            with contextlib.suppress(subjects.SubjectError):  # not a reply subject a gateway makes: frames alone
+                replier.bundle_via(self._outbox)
         if request.request_id in self._inflight:
             return  # a duplicate delivery of a request we are already running
         # The gateway's trace context (W3C traceparent); a malformed header is ignored.

@@ -136,6 +136,10 @@ class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     # goes at once. A whole answer reaches its buyer only at the end, so one frame per this many ms
     # costs the gateway one decode instead of one per token (a failover resumes from the last frame).
     frame_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 0
+    # The gateway also takes this request's frames in bundles (`Bundle`, on subjects.bundle): frames of
+    # several of its requests made in one loop turn (a batch's decode step) travel as one NATS message.
+    # An older daemon ignores the field and sends every frame on its own, which gateways always take.
+    bundle: bool = False
 
 
 class Cancel(msgspec.Struct, frozen=True):
@@ -324,15 +328,36 @@ class Drain(msgspec.Struct, frozen=True):
     note: str = ""
 
 
+# ---- bundles: several requests' frames in one message ------------------------------------
+
+# How many frames one bundle may hold (a decode step of a big batch; a daemon sends more as several).
+MAX_BUNDLE = 1024
+# Each entry: the request id, and the frame as `encode` made it (the gateway decodes and checks it
+# exactly as a frame sent alone). Not a Token pattern: the id is only a key in the gateway's map of
+# its open streams, where no string that is not a valid token can match.
+Bundle = Annotated[
+    list[tuple[Annotated[str, msgspec.Meta(max_length=64)], msgspec.Raw]], msgspec.Meta(max_length=MAX_BUNDLE)
+]
+
 _ENCODER = msgspec.msgpack.Encoder()
 _FRAME_DECODER = msgspec.msgpack.Decoder(Frame)
+_BUNDLE_DECODER: msgspec.msgpack.Decoder[Bundle] = msgspec.msgpack.Decoder(Bundle)
+
+
+def encode_bundle(frames: list[tuple[str, bytes]]) -> bytes:
+    """(request id, encoded frame) pairs as one message; the frames' bytes are copied in as they are."""
+    return _ENCODER.encode([(rid, msgspec.Raw(data)) for rid, data in frames])
+
+
+def decode_bundle(data: bytes) -> Bundle:
+    return _BUNDLE_DECODER.decode(data)
 
 
 def encode(message: msgspec.Struct) -> bytes:
     return _ENCODER.encode(message)
 
 
-def decode_frame(data: bytes) -> Frame:
+def decode_frame(data: bytes | msgspec.Raw) -> Frame:
     return _FRAME_DECODER.decode(data)
 
 

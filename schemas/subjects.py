@@ -89,6 +89,28 @@ def replies_for_gateway(gateway_id: str) -> str:
     return f"{PREFIX}.reply.*.{_token('gateway id', gateway_id)}.*"
 
 
+def bundle(provider_id: str, gateway_id: str) -> str:
+    """Where a provider sends one gateway replica the frames of several requests in one message.
+
+    Under the provider's reply prefix (so its permission covers it and the subject names the sender),
+    one token shorter than a single request's reply subject.
+    """
+    return f"{PREFIX}.reply.{_token('provider id', provider_id)}.{_token('gateway id', gateway_id)}"
+
+
+def bundles_for_gateway(gateway_id: str) -> str:
+    """One wildcard subscription per gateway replica receives every provider's bundles for it."""
+    return f"{PREFIX}.reply.*.{_token('gateway id', gateway_id)}"
+
+
+def parse_bundle(subject: str) -> str:
+    """The provider id of a bundle subject (`bundle`)."""
+    parts = subject.split(".")
+    if len(parts) != 5 or f"{parts[0]}.{parts[1]}" != PREFIX or parts[2] != "reply":
+        raise SubjectError(f"not a bundle subject: {subject!r}")
+    return parts[3]
+
+
 def reply_prefix(provider_id: str) -> str:
     """The prefix a provider may publish replies under (for permissions and checks)."""
     return f"{PREFIX}.reply.{_token('provider id', provider_id)}."

@@ -102,6 +102,8 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
         limit=settings.provider_violation_limit,
         window_s=settings.provider_violation_window_s,
     )
+    # A bundle of frames that does not decode names no request, only its sender.
+    router.on_garbled_bundle = lambda provider_id, detail: violations.record(provider_id, "undecodable_frame", detail)
     catalog = Catalog(db, settings.database_url, uncatalogued=settings.uncatalogued_models)
     verdicts = Verdicts(nc, db)
     membership = Membership(

@@ -119,7 +119,7 @@ async def start(
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
         frame_ms = 0 if job.stream else runtime.settings.nonstream_frame_ms
         bus_request = msgspec.structs.replace(
-            job.request, request_id=ex.request_id, deadline_ms=deadline_ms, frame_ms=frame_ms
+            job.request, request_id=ex.request_id, deadline_ms=deadline_ms, frame_ms=frame_ms, bundle=True
         )
         call = await runtime.dispatcher.start(bus_request, parent=ex.span)
         try:

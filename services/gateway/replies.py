@@ -190,17 +190,23 @@ class ReplyRouter:
         # permissions), so the subject also names who sent it. Each stream is closed before its request
         # opens another (a failover, the next provider asked).
         self._streams: dict[str, ReplyStream] = {}
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
         self.stray_frames = 0
+        # Told (provider id, detail) of a bundle that does not decode: a protocol violation.
+        self.on_garbled_bundle: Callable[[str, str], None] | None = None
 
     async def start(self) -> None:
         # Straight from the read loop (services/nats_direct.py): every token of every stream comes this way.
-        self._sub = await nats_direct.subscribe(self._nc, subjects.replies_for_gateway(self._gateway_id), self._on_msg)
+        self._subs = [
+            await nats_direct.subscribe(self._nc, subjects.replies_for_gateway(self._gateway_id), self._on_msg),
+            await nats_direct.subscribe(self._nc, subjects.bundles_for_gateway(self._gateway_id), self._on_bundle),
+        ]
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
+        self._subs = []
 
     def open(self, request_id: str, provider_id: str, *, max_frames: int, max_bytes: int) -> ReplyStream:
         stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes)
@@ -225,6 +231,30 @@ class ReplyRouter:
             # its connection a moment ago): the provider is gone, it sent nothing, it broke no rule.
             stream.lost(stream.provider_id)
             return
+        self._deliver(stream, data)
+
+    def _on_bundle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Several requests' frames from one provider (schemas/bus.py `Bundle`): each is then handled
+        exactly as if it had come alone on its request's reply subject."""
+        try:
+            frames = bus.decode_bundle(data)
+        except msgspec.DecodeError as exc:
+            # Whose requests it held is unknown: the provider is reported, its streams time out or go on.
+            self.stray_frames += 1
+            provider_id = subjects.parse_bundle(subject)
+            if self.on_garbled_bundle is not None:
+                self.on_garbled_bundle(provider_id, f"undecodable bundle from {provider_id}: {str(exc)[:200]}")
+            return
+        prefix = f"{subject}."
+        streams = self._streams
+        for request_id, frame in frames:
+            stream = streams.get(prefix + request_id)
+            if stream is None or stream.dead:
+                self.stray_frames += 1
+                continue
+            self._deliver(stream, frame)
+
+    def _deliver(self, stream: ReplyStream, data: bytes | msgspec.Raw) -> None:
         size = len(data)
         if size > MAX_FRAME_BYTES:
             stream.dead = True

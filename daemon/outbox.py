@@ -1,0 +1,103 @@
+"""Frames for one gateway made in the same loop turn leave as one NATS message (a `Bundle`).
+
+A batched decode step hands a token to every running request at once, and each
+request's sender then has one frame for its gateway: one message per frame was
+a parse, a lookup and a hand-off each at the gateway, the daemon and
+nats-server. Here the frames queue for the length of one loop turn (nothing
+waits for more to come: the sending task runs as soon as the senders of that
+turn are done) and go out per gateway as one message; a lone frame goes on its
+own reply subject, exactly as without bundles. Only requests whose gateway asked
+for bundles (`InferenceRequest.bundle`) come here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+from nats.aio.client import Client as Nats
+
+from schemas import bus
+
+log = structlog.get_logger("outbox")
+
+# A bundle stays far below NATS's max payload and the gateway's per-frame byte bound, whatever its frames.
+MAX_BUNDLE_BYTES = 256 * 1024
+
+
+class Outbox:
+    def __init__(self, nc: Nats) -> None:
+        self._nc = nc
+        # Per bundle subject (one per gateway): (reply subject, request id, encoded frame), in order made.
+        self._pending: dict[str, list[tuple[str, str, bytes]]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._errors_logged: dict[str, float] = {}
+        self.bundles = 0
+        self.bundled_frames = 0
+
+    def put(self, bundle_subject: str, reply_subject: str, request_id: str, frame: bytes) -> None:
+        """Queue a frame; it is sent once this loop turn's senders have run (in order, per request)."""
+        items = self._pending.get(bundle_subject)
+        if items is None:
+            items = self._pending[bundle_subject] = []
+        items.append((reply_subject, request_id, frame))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="outbox")
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything queued now (also what the loop has not come round to yet)."""
+        while self._pending:
+            pending, self._pending = self._pending, {}
+            for subject, items in pending.items():
+                for part in _parts(items):
+                    await self._send(subject, part)
+
+    async def _send(self, subject: str, part: list[tuple[str, str, bytes]]) -> None:
+        try:
+            if len(part) == 1:
+                reply_subject, _, frame = part[0]
+                await self._nc.publish(reply_subject, frame)
+            else:
+                await self._nc.publish(subject, bus.encode_bundle([(rid, frame) for _, rid, frame in part]))
+                self.bundles += 1
+                self.bundled_frames += len(part)
+        except Exception as exc:
+            # The connection is closed or its buffer is full (a long outage): these frames are lost, and
+            # the gateway fails their requests over or out as it would a provider gone silent.
+            now, kind = time.monotonic(), type(exc).__name__
+            if now - self._errors_logged.get(kind, float("-inf")) >= 60.0:
+                self._errors_logged[kind] = now
+                log.warning("frames_not_sent", error=kind, frames=len(part))
+
+    async def close(self) -> None:
+        """Send what is queued, then stop the sending task."""
+        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def _parts(items: list[tuple[str, str, bytes]]) -> list[list[tuple[str, str, bytes]]]:
+    """`items` cut into bundles within MAX_BUNDLE frames and MAX_BUNDLE_BYTES (order kept)."""
+    parts: list[list[tuple[str, str, bytes]]] = [[]]
+    size = 0
+    for item in items:
+        cost = len(item[2]) + len(item[1]) + 8
+        if parts[-1] and (len(parts[-1]) >= bus.MAX_BUNDLE or size + cost > MAX_BUNDLE_BYTES):
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += cost
+    return parts

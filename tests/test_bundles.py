@@ -1,0 +1,166 @@
+"""Bundles: the frames a daemon makes for one gateway in one loop turn travel as one NATS message.
+
+Real nats-server. The daemon's side is daemon/outbox.py, the gateway's the
+ReplyRouter; between them only the bus. What must hold: every frame reaches its
+request's stream in order, exactly as if sent alone; a provider can still only
+reach the streams of requests sent to it; a bundle cannot carry more or bigger
+frames for a stream than a frame sent alone could; a bundle that does not decode
+is reported against its sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from daemon.outbox import Outbox
+from infra.nats import NatsServer
+from schemas import bus, subjects
+from services import nats_direct
+from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken
+
+GW = "gw-bundles"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    srv = NatsServer.start(Path(tmp_path_factory.mktemp("bundles")) / "nats")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+async def ends(server: NatsServer) -> AsyncIterator[tuple[ReplyRouter, Client]]:
+    gateway = await nats_direct.connect(server.url)
+    daemon = await nats.connect(server.url)
+    router = ReplyRouter(gateway, GW)
+    await router.start()
+    await gateway.flush()
+    yield router, daemon
+    await router.stop()
+    await daemon.close()
+    await gateway.close()
+
+
+def _frames(n_deltas: int) -> list[bus.Frame]:
+    frames: list[bus.Frame] = [bus.Accepted(seq=0, prompt_tokens=3)]
+    frames += [bus.Delta(seq=i + 1, text=f"t{i}", tokens=1, token_ids=[i]) for i in range(n_deltas)]
+    frames.append(bus.Done(seq=n_deltas + 1, finish_reason="length", prompt_tokens=3, completion_tokens=n_deltas))
+    return frames
+
+
+async def _read_all(stream: ReplyStream, n: int) -> list[bus.Frame]:
+    got: list[bus.Frame] = []
+    for _ in range(n):
+        frame = await stream.next(5)
+        assert frame is not None, f"frame {len(got)} of {n} never came"
+        got.append(frame)
+    return got
+
+
+async def test_frames_made_in_one_turn_go_as_one_bundle_and_each_reaches_its_stream_in_order(
+    ends: tuple[ReplyRouter, Client],
+) -> None:
+    router, daemon = ends
+    outbox = Outbox(daemon)
+    requests = [f"req{i}" for i in range(3)]
+    streams = {rid: router.open(rid, "mac-a", max_frames=100, max_bytes=1 << 20) for rid in requests}
+    sent = {rid: _frames(5) for rid in requests}
+    # Interleaved, as a decode step hands each running request a token: one turn, one bundle per frame index.
+    for i in range(7):
+        for rid in requests:
+            outbox.put(subjects.bundle("mac-a", GW), subjects.reply("mac-a", GW, rid), rid, bus.encode(sent[rid][i]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    got = {rid: await _read_all(streams[rid], 7) for rid in requests}
+    assert got == sent
+    # Every frame went in a bundle of three: 7 messages for 21 frames.
+    assert (outbox.bundles, outbox.bundled_frames) == (7, 21)
+    assert router.stray_frames == 0
+    await outbox.close()
+
+
+async def test_a_lone_frame_goes_on_its_own_reply_subject(ends: tuple[ReplyRouter, Client]) -> None:
+    router, daemon = ends
+    outbox = Outbox(daemon)
+    seen: list[str] = []
+
+    async def watch(msg: object) -> None:
+        seen.append(msg.subject)  # type: ignore[attr-defined]
+
+    await daemon.subscribe(subjects.bundles_for_gateway(GW), cb=watch)
+    await daemon.subscribe(subjects.replies_for_gateway(GW), cb=watch)
+    await daemon.flush()
+    stream = router.open("solo", "mac-a", max_frames=100, max_bytes=1 << 20)
+    frame = bus.Accepted(seq=0, prompt_tokens=1)
+    outbox.put(subjects.bundle("mac-a", GW), subjects.reply("mac-a", GW, "solo"), "solo", bus.encode(frame))
+    assert await stream.next(5) == frame
+    await outbox.close()
+    assert seen == [subjects.reply("mac-a", GW, "solo")]
+    assert outbox.bundles == 0
+
+
+async def test_a_bundle_reaches_only_the_senders_own_streams(ends: tuple[ReplyRouter, Client]) -> None:
+    """mac-b bundles a frame for a request sent to mac-a: the subject names mac-b, so it is a stray."""
+    router, daemon = ends
+    theirs = router.open("victim", "mac-a", max_frames=100, max_bytes=1 << 20)
+    mine = router.open("own", "mac-b", max_frames=100, max_bytes=1 << 20)
+    forged = bus.encode(bus.Accepted(seq=0, prompt_tokens=1))
+    bundle = bus.encode_bundle([("victim", forged), ("own", forged), ("mac-a.gw-bundles.victim", forged)])
+    await daemon.publish(subjects.bundle("mac-b", GW), bundle)
+    await daemon.flush()
+    assert await mine.next(5) == bus.Accepted(seq=0, prompt_tokens=1)
+    assert await theirs.next(0.2) is None
+    assert router.stray_frames == 2
+
+
+async def test_a_bundle_is_held_to_each_streams_frame_budget_and_size(ends: tuple[ReplyRouter, Client]) -> None:
+    router, daemon = ends
+    flooded = router.open("flooded", "mac-a", max_frames=3, max_bytes=1 << 20)
+    oversized = router.open("oversized", "mac-a", max_frames=100, max_bytes=1 << 30)
+    frames = [("flooded", bus.encode(f)) for f in _frames(5)]
+    huge = bus.encode(bus.Delta(seq=0, text="x" * (1 << 20), tokens=1, token_ids=[1]))
+    await daemon.publish(subjects.bundle("mac-a", GW), bus.encode_bundle([*frames, ("oversized", huge)]))
+    await daemon.flush()
+    assert len(await _read_all(flooded, 3)) == 3
+    with pytest.raises(StreamBroken) as flood:
+        await flooded.next(5)
+    assert flood.value.violation == "frame_flood"
+    with pytest.raises(StreamBroken) as big:
+        await oversized.next(5)
+    assert big.value.violation == "oversized_frame"
+
+
+async def test_a_bundle_that_does_not_decode_is_reported_against_its_sender(ends: tuple[ReplyRouter, Client]) -> None:
+    router, daemon = ends
+    reported: list[tuple[str, str]] = []
+    router.on_garbled_bundle = lambda provider_id, detail: reported.append((provider_id, detail))
+    stream = router.open("r", "mac-c", max_frames=100, max_bytes=1 << 20)
+    await daemon.publish(subjects.bundle("mac-c", GW), b"\xc1 not msgpack")
+    # Too many frames for one bundle is not a bundle either.
+    one = bus.encode(bus.Accepted(seq=0, prompt_tokens=1))
+    await daemon.publish(subjects.bundle("mac-c", GW), bus.encode_bundle([("r", one)] * (bus.MAX_BUNDLE + 1)))
+    await daemon.flush()
+    for _ in range(100):
+        if len(reported) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [p for p, _ in reported] == ["mac-c", "mac-c"]
+    assert all("undecodable bundle from mac-c" in d for _, d in reported)
+    # Nothing reached the stream; the request goes on waiting (and times out or fails over as usual).
+    assert await stream.next(0.1) is None
+
+
+def test_outbox_cuts_bundles_by_count_and_bytes() -> None:
+    from daemon import outbox
+
+    small = [("s", f"r{i}", b"x" * 10) for i in range(bus.MAX_BUNDLE + 5)]
+    assert [len(p) for p in outbox._parts(small)] == [bus.MAX_BUNDLE, 5]
+    big = [("s", f"r{i}", b"x" * (outbox.MAX_BUNDLE_BYTES // 2)) for i in range(3)]
+    assert [len(p) for p in outbox._parts(big)] == [1, 1, 1]
+    assert [item for part in outbox._parts(big) for item in part] == big
