@@ -3,11 +3,12 @@
 A batched decode step hands a token to every running request at once, and each
 request's sender then has one frame for its gateway: one message per frame was
 a parse, a lookup and a hand-off each at the gateway, the daemon and
-nats-server. Here the frames queue for the length of one loop turn (nothing
-waits for more to come: the sending task runs as soon as the senders of that
-turn are done) and go out per gateway as one message; a lone frame goes on its
-own reply subject, exactly as without bundles. Only requests whose gateway asked
-for bundles (`InferenceRequest.bundle`) come here.
+nats-server. Here the first frame for a gateway in a loop turn goes at once, on
+its own reply subject (exactly as without bundles: a lone stream waits for
+nothing); the ones after it in the same turn queue until the sending task runs,
+as soon as that turn's senders are done (nothing waits for more to come), and go
+out per gateway as one message. Only requests whose gateway asked for bundles
+(`InferenceRequest.bundle`) come here.
 """
 
 from __future__ import annotations
@@ -33,20 +34,30 @@ class Outbox:
         # Per bundle subject (one per gateway): (reply subject, request id, encoded frame), in order made.
         self._pending: dict[str, list[tuple[str, str, bytes]]] = {}
         self._wake = asyncio.Event()
+        self._flushing = False
+        self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._errors_logged: dict[str, float] = {}
         self.bundles = 0
         self.bundled_frames = 0
 
-    def put(self, bundle_subject: str, reply_subject: str, request_id: str, frame: bytes) -> None:
-        """Queue a frame; it is sent once this loop turn's senders have run (in order, per request)."""
+    def put(self, bundle_subject: str, reply_subject: str, request_id: str, frame: bytes) -> bool:
+        """Queue a frame, to be sent once this loop turn's senders have run (in order, per request).
+
+        False: the first frame for its gateway this turn is not queued; the caller publishes it at once
+        on its reply subject (the outbox's own task would cost a lone stream a loop turn per frame).
+        Nothing of that gateway is queued then, so nothing can overtake it.
+        """
         items = self._pending.get(bundle_subject)
+        first = items is None and not self._flushing
         if items is None:
             items = self._pending[bundle_subject] = []
-        items.append((reply_subject, request_id, frame))
+        if not first:
+            items.append((reply_subject, request_id, frame))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="outbox")
         self._wake.set()
+        return not first
 
     async def _run(self) -> None:
         while True:
@@ -56,11 +67,18 @@ class Outbox:
 
     async def flush(self) -> None:
         """Send everything queued now (also what the loop has not come round to yet)."""
-        while self._pending:
-            pending, self._pending = self._pending, {}
-            for subject, items in pending.items():
-                for part in _parts(items):
-                    await self._send(subject, part)
+        # One flush at a time (the task's and `close`'s), and while a publish could wait (nats-py's buffer
+        # full), a frame made meanwhile queues behind: nothing overtakes what is being sent.
+        async with self._lock:
+            self._flushing = True
+            try:
+                while self._pending:
+                    pending, self._pending = self._pending, {}
+                    for subject, items in pending.items():
+                        for part in _parts(items) if items else ():
+                            await self._send(subject, part)
+            finally:
+                self._flushing = False
 
     async def _send(self, subject: str, part: list[tuple[str, str, bytes]]) -> None:
         try:

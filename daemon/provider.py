@@ -67,11 +67,12 @@ class _Replier:
             fields["message"] = str(fields["message"])[: bus.MAX_MESSAGE_CHARS]
         frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
         self.seq += 1
+        data = bus.encode(frame)
         if self.bundled is not None:
             outbox, bundle_subject, request_id = self.bundled
-            outbox.put(bundle_subject, self.subject, request_id, bus.encode(frame))
-        else:
-            await self.nc.publish(self.subject, bus.encode(frame))
+            if outbox.put(bundle_subject, self.subject, request_id, data):
+                return
+        await self.nc.publish(self.subject, data)
 
     async def done(self, finished: bus.Finished) -> None:
         """The `Done` frame: the engine's `Finished` as is, its timings rounded."""

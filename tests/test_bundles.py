@@ -47,6 +47,13 @@ async def ends(server: NatsServer) -> AsyncIterator[tuple[ReplyRouter, Client]]:
     await gateway.close()
 
 
+async def _send(outbox: Outbox, nc: Client, request_id: str, frame: bus.Frame) -> None:
+    """What the daemon's sender does (daemon/provider.py `_Replier.send`)."""
+    reply = subjects.reply("mac-a", GW, request_id)
+    if not outbox.put(subjects.bundle("mac-a", GW), reply, request_id, bus.encode(frame)):
+        await nc.publish(reply, bus.encode(frame))
+
+
 def _frames(n_deltas: int) -> list[bus.Frame]:
     frames: list[bus.Frame] = [bus.Accepted(seq=0, prompt_tokens=3)]
     frames += [bus.Delta(seq=i + 1, text=f"t{i}", tokens=1, token_ids=[i]) for i in range(n_deltas)]
@@ -71,21 +78,21 @@ async def test_frames_made_in_one_turn_go_as_one_bundle_and_each_reaches_its_str
     requests = [f"req{i}" for i in range(3)]
     streams = {rid: router.open(rid, "mac-a", max_frames=100, max_bytes=1 << 20) for rid in requests}
     sent = {rid: _frames(5) for rid in requests}
-    # Interleaved, as a decode step hands each running request a token: one turn, one bundle per frame index.
+    # Interleaved, as a decode step hands each running request a token: per turn, the first frame goes at
+    # once on its own and the two after it in one bundle.
     for i in range(7):
         for rid in requests:
-            outbox.put(subjects.bundle("mac-a", GW), subjects.reply("mac-a", GW, rid), rid, bus.encode(sent[rid][i]))
+            await _send(outbox, daemon, rid, sent[rid][i])
         await asyncio.sleep(0)
         await asyncio.sleep(0)
     got = {rid: await _read_all(streams[rid], 7) for rid in requests}
     assert got == sent
-    # Every frame went in a bundle of three: 7 messages for 21 frames.
-    assert (outbox.bundles, outbox.bundled_frames) == (7, 21)
+    assert (outbox.bundles, outbox.bundled_frames) == (7, 14)
     assert router.stray_frames == 0
     await outbox.close()
 
 
-async def test_a_lone_frame_goes_on_its_own_reply_subject(ends: tuple[ReplyRouter, Client]) -> None:
+async def test_a_lone_streams_frames_go_at_once_on_its_reply_subject(ends: tuple[ReplyRouter, Client]) -> None:
     router, daemon = ends
     outbox = Outbox(daemon)
     seen: list[str] = []
@@ -97,12 +104,43 @@ async def test_a_lone_frame_goes_on_its_own_reply_subject(ends: tuple[ReplyRoute
     await daemon.subscribe(subjects.replies_for_gateway(GW), cb=watch)
     await daemon.flush()
     stream = router.open("solo", "mac-a", max_frames=100, max_bytes=1 << 20)
-    frame = bus.Accepted(seq=0, prompt_tokens=1)
-    outbox.put(subjects.bundle("mac-a", GW), subjects.reply("mac-a", GW, "solo"), "solo", bus.encode(frame))
-    assert await stream.next(5) == frame
+    frames = _frames(3)
+    for frame in frames:
+        await _send(outbox, daemon, "solo", frame)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert await _read_all(stream, 5) == frames
     await outbox.close()
-    assert seen == [subjects.reply("mac-a", GW, "solo")]
+    assert seen == [subjects.reply("mac-a", GW, "solo")] * 5
     assert outbox.bundles == 0
+
+
+async def test_a_frame_made_while_the_outbox_sends_queues_behind_it(ends: tuple[ReplyRouter, Client]) -> None:
+    """The outbox's publish can wait (nats-py's buffer full while reconnecting): a request's next frame
+    made meanwhile must not go at once and overtake the ones being sent."""
+    router, daemon = ends
+    outbox = Outbox(daemon)
+    stream = router.open("held", "mac-a", max_frames=100, max_bytes=1 << 20)
+    frames = _frames(3)
+    await _send(outbox, daemon, "other", bus.Accepted(seq=0, prompt_tokens=1))  # first this turn: at once
+    await _send(outbox, daemon, "held", frames[0])  # queued
+    gate = asyncio.Event()
+    publish = daemon.publish
+
+    async def slow_publish(subject: str, payload: bytes = b"", **kw: object) -> None:
+        await gate.wait()
+        await publish(subject, payload)
+
+    daemon.publish = slow_publish  # type: ignore[method-assign,assignment]
+    flushing = asyncio.ensure_future(outbox.flush())
+    await asyncio.sleep(0.01)
+    daemon.publish = publish  # type: ignore[method-assign]
+    for frame in frames[1:]:
+        await _send(outbox, daemon, "held", frame)
+    gate.set()
+    await flushing
+    await outbox.flush()
+    assert await _read_all(stream, 5) == frames
 
 
 async def test_a_bundle_reaches_only_the_senders_own_streams(ends: tuple[ReplyRouter, Client]) -> None:
