@@ -24,13 +24,24 @@ async def until_disconnected(receive: Receive) -> None:
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it (and so the generation) if the client hangs up first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnected(receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
+    """Run `work` in this task, cancelling it (and so the generation) if the client hangs up first.
+
+    Not `work` in a task of its own raced against the watcher with `asyncio.wait`: that was a second
+    task, a wait's futures and a loop turn on every answer. The watcher's callback cancels this task
+    instead, as a hang-up must; the caller sees the CancelledError either way.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    finished = False
+
+    def on_hang_up(watcher: asyncio.Future[None]) -> None:
+        if not finished and not watcher.cancelled() and watcher.exception() is None:
             task.cancel()
-    return await task
+
+    watcher = asyncio.ensure_future(until_disconnected(receive))
+    watcher.add_done_callback(on_hang_up)
+    try:
+        return await work
+    finally:
+        finished = True
+        watcher.cancel()

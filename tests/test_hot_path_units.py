@@ -12,6 +12,7 @@ import pytest
 from daemon.engine.base import EngineError, Event, Finished, TextChunk
 from daemon.frames import coalesced
 from schemas import bus
+from schemas.disconnect import unless_disconnected
 from services.gateway.frames import joined, joins
 from services.gateway.sse import EventStream, ServerSend
 from services.usage.batch import GroupCommit
@@ -344,3 +345,53 @@ def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
     assert samples(ours_registry) == samples(theirs_registry)
     assert 'gaps_seconds_bucket{le="0.005",model="a"} 2.0' in samples(ours_registry)
     assert 'gaps_seconds_count{model="a"} 5.0' in samples(ours_registry)
+
+
+async def test_a_non_stream_answer_is_cancelled_by_a_hang_up_and_only_by_one_before_it_ends() -> None:
+    loop = asyncio.get_running_loop()
+    hang_up: asyncio.Future[None] = loop.create_future()
+    receives = 0
+
+    async def receive() -> dict[str, str]:
+        nonlocal receives
+        receives += 1
+        await hang_up
+        return {"type": "http.disconnect"}
+
+    generating = asyncio.Event()
+    stopped: list[str] = []
+
+    async def work() -> str:
+        generating.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            stopped.append("cancelled")  # where the gateway tells the provider to stop
+            raise
+        return "answer"
+
+    answering = asyncio.ensure_future(unless_disconnected(receive, work()))
+    await generating.wait()
+    hang_up.set_result(None)
+    with pytest.raises(asyncio.CancelledError):
+        await answering
+    assert stopped == ["cancelled"]
+
+    # An answer that ends first is returned; its watcher goes, and a hang-up after it changes nothing.
+    later: asyncio.Future[None] = loop.create_future()
+
+    async def receive_later() -> dict[str, str]:
+        await later
+        return {"type": "http.disconnect"}
+
+    async def quick() -> str:
+        return "answer"
+
+    async def answer_then_linger() -> str:
+        result = await unless_disconnected(receive_later, quick())
+        later.set_result(None)
+        await asyncio.sleep(0.01)  # the task goes on (writing the response): no stray cancel lands
+        return result
+
+    assert await answer_then_linger() == "answer"
+    assert receives == 1
