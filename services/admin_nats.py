@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import nats
 from nats.aio.client import Client as Nats
 
 from schemas import subjects
+from services import nats_direct
 from services.settings import Settings
 
 
 async def connect_as_control_plane(settings: Settings, *, timeout_s: float = 5.0) -> Nats:
     """One short-lived connection, no reconnects: a command fails fast and says so."""
-    return await nats.connect(
+    return await nats_direct.connect(
         settings.nats_url,
         user=settings.nats_user or None,
         password=settings.nats_password or None,

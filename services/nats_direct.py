@@ -12,16 +12,23 @@ every message when the connection is not a `DirectClient`.
 
 The hook is nats-py's `_process_msg` (the parser's one call per message, the
 same since nats-py 2.0); tests/test_nats_direct.py fails if that ever changes.
+
+It also keeps `flush()` a barrier. nats-py 2.16 writes a flush's PING straight to
+the socket, ahead of the commands still queued for its flusher task (a SUB or a
+PUB just made), so `flush()` could return before the server had them: a
+subscription "confirmed" that way missed 1-6% of first messages published from
+another connection (measured here). Its PING now queues behind them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import structlog
-from nats.aio.client import Client
+from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -37,6 +44,15 @@ class DirectClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, OnMessage] = {}
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        # Behind what is pending, in order: the PONG then means the server has everything sent before.
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+        self._pongs.append(future)
+        self._pending.append(PING_PROTO)
+        self._pending_data_size += len(PING_PROTO)
+        await self._flush_pending()
 
     # nats-py types `headers` as bytes; its parser passes None for a message without any.
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:

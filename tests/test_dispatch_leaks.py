@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -110,7 +109,8 @@ def _request(request_id: str) -> bus.InferenceRequest:
 @pytest.fixture
 async def parties(server: NatsServer) -> AsyncIterator[tuple[Gateway, Provider, Client]]:
     gw_nc = await nats_direct.connect(server.url)
-    provider_nc = await nats.connect(server.url)
+    # A client whose flush() is a barrier (services/nats_direct.py): the work must find its subscription.
+    provider_nc = await nats_direct.connect(server.url)
     provider = Provider()
     await provider.start(provider_nc)
     gateway = Gateway(gw_nc)

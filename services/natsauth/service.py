@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
-import nats
 import structlog
 from nats.aio.client import Client as Nats
 
+from services import nats_direct
 from services.db.pool import open_pool
 from services.natsauth.decide import Authorizer
 from services.natsauth.disconnect import Disconnector
@@ -70,7 +70,7 @@ async def _login(settings: Settings, user: str, password: str, role: str) -> Nat
     async def quiet(_: Exception) -> None:
         return None  # nats-py prints each reconnect error otherwise; the state shows in /health
 
-    return await nats.connect(
+    return await nats_direct.connect(
         settings.nats_url,
         name=f"mac-provider-natsauth-{role}-{settings.gateway_id}",
         user=user,
