@@ -35,6 +35,7 @@ class Outbox:
         self._pending: dict[str, list[tuple[str, str, bytes]]] = {}
         self._wake = asyncio.Event()
         self._flushing = False
+        self._turn_ending = False
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._errors_logged: dict[str, float] = {}
@@ -45,19 +46,30 @@ class Outbox:
         """Queue a frame, to be sent once this loop turn's senders have run (in order, per request).
 
         False: the first frame for its gateway this turn is not queued; the caller publishes it at once
-        on its reply subject (the outbox's own task would cost a lone stream a loop turn per frame).
+        on its reply subject (a lone stream then waits for nothing, not even this outbox's task).
         Nothing of that gateway is queued then, so nothing can overtake it.
         """
         items = self._pending.get(bundle_subject)
-        first = items is None and not self._flushing
+        if items is None and not self._flushing:
+            # An empty list marks the gateway as served this turn: its next frames queue behind.
+            self._pending[bundle_subject] = []
+            if not self._turn_ending:
+                self._turn_ending = True
+                asyncio.get_running_loop().call_soon(self._end_turn)
+            return False
         if items is None:
             items = self._pending[bundle_subject] = []
-        if not first:
-            items.append((reply_subject, request_id, frame))
+        items.append((reply_subject, request_id, frame))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="outbox")
         self._wake.set()
-        return not first
+        return True
+
+    def _end_turn(self) -> None:
+        """The turn is over: a gateway whose only frame went at once takes its next one at once again."""
+        self._turn_ending = False
+        for subject in [subject for subject, items in self._pending.items() if not items]:
+            del self._pending[subject]
 
     async def _run(self) -> None:
         while True:

@@ -204,6 +204,8 @@ def test_a_canary_is_a_plain_chat_completion() -> None:
     assert (first.params.temperature, first.params.logprobs, first.params.max_tokens) == (0, True, 16)
     # The deadline a buyer's request carries (MP_REQUEST_TIMEOUT_S), not a canary's own shorter wait.
     assert abs(first.deadline_ms / 1000 - time.time() - 600) < 5
+    # Every other field the gateway sets on a buyer's streamed request: a daemon must not tell them apart.
+    assert (first.frame_ms, first.bundle) == (0, True)
     assert prompts.prompt_key(prompts.PROMPTS[0], 16) != prompts.prompt_key(prompts.PROMPTS[0], 17)
 
 

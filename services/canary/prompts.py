@@ -59,10 +59,11 @@ def request(model: str, prompt: str, tokens: int, *, deadline_s: float) -> bus.I
     """The canary as the gateway would put a buyer's chat completion on the bus.
 
     `deadline_s` is the gateway's whole-request limit (MP_REQUEST_TIMEOUT_S), as on a buyer's
-    request: a shorter deadline would single canaries out.
+    request: a shorter deadline would single canaries out. So would any other field the gateway sets
+    on buyers' requests (services/gateway/pipeline.py `start`): it takes bundles, as for theirs.
     """
     req = msgspec.convert({"model": model, **body(prompt, tokens)}, openai.ChatCompletionRequest)
     bus_request = chat_request(req, default_max_tokens=tokens)
     return msgspec.structs.replace(
-        bus_request, request_id=new_request_id(), deadline_ms=int((time.time() + deadline_s) * 1000)
+        bus_request, request_id=new_request_id(), deadline_ms=int((time.time() + deadline_s) * 1000), bundle=True
     )

@@ -118,6 +118,7 @@ async def start(
         ex.ticket = await _reserve(runtime, principal, job, ex.request_id)
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
         frame_ms = 0 if job.stream else runtime.settings.nonstream_frame_ms
+        # Canaries (services/canary/prompts.py) set what a streamed request gets here: keep them alike.
         bus_request = msgspec.structs.replace(
             job.request, request_id=ex.request_id, deadline_ms=deadline_ms, frame_ms=frame_ms, bundle=True
         )
