@@ -12,6 +12,7 @@ import pytest
 
 from infra.components import start_gateway, start_natsauth, wait_model
 from infra.devkey import ensure_dev_key
+from infra.nats import NatsServer
 from infra.nats_auth import SecuredNats
 from infra.ports import free_port
 from infra.postgres import PostgresServer
@@ -122,3 +123,11 @@ def model_cache() -> Path:
     path = Path(os.environ.get("MP_TEST_CACHE", REPO / ".mp" / "test-cache"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def bare_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server of the module's own, no auth: for tests of the bus itself (nats_direct, replies)."""
+    server = NatsServer.start(Path(tmp_path_factory.mktemp("nats")) / "nats")
+    yield server
+    server.stop()

@@ -11,8 +11,7 @@ is reported against its sender.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -27,17 +26,10 @@ from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken
 GW = "gw-bundles"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = NatsServer.start(Path(tmp_path_factory.mktemp("bundles")) / "nats")
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
-async def ends(server: NatsServer) -> AsyncIterator[tuple[ReplyRouter, Client]]:
-    gateway = await nats_direct.connect(server.url)
-    daemon = await nats.connect(server.url)
+async def ends(bare_nats: NatsServer) -> AsyncIterator[tuple[ReplyRouter, Client]]:
+    gateway = await nats_direct.connect(bare_nats.url)
+    daemon = await nats.connect(bare_nats.url)
     router = ReplyRouter(gateway, GW)
     await router.start()
     await gateway.flush()

@@ -12,8 +12,7 @@ nobody. Real nats-server; the "provider" is a plain subscriber that never accept
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -28,13 +27,6 @@ from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter
 
 PID = "mac-silent"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = NatsServer.start(Path(tmp_path_factory.mktemp("leaks")) / "nats")
-    yield srv
-    srv.stop()
 
 
 class Provider:
@@ -107,10 +99,10 @@ def _request(request_id: str) -> bus.InferenceRequest:
 
 
 @pytest.fixture
-async def parties(server: NatsServer) -> AsyncIterator[tuple[Gateway, Provider, Client]]:
-    gw_nc = await nats_direct.connect(server.url)
+async def parties(bare_nats: NatsServer) -> AsyncIterator[tuple[Gateway, Provider, Client]]:
+    gw_nc = await nats_direct.connect(bare_nats.url)
     # A client whose flush() is a barrier (services/nats_direct.py): the work must find its subscription.
-    provider_nc = await nats_direct.connect(server.url)
+    provider_nc = await nats_direct.connect(bare_nats.url)
     provider = Provider()
     await provider.start(provider_nc)
     gateway = Gateway(gw_nc)

@@ -10,8 +10,7 @@ nothing arrives after unsubscribing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -22,17 +21,10 @@ from infra.nats import NatsServer
 from services import nats_direct
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = NatsServer.start(Path(tmp_path_factory.mktemp("direct")) / "nats")
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
-async def clients(server: NatsServer) -> AsyncIterator[tuple[Client, Client]]:
-    direct = await nats_direct.connect(server.url)
-    plain = await nats.connect(server.url)
+async def clients(bare_nats: NatsServer) -> AsyncIterator[tuple[Client, Client]]:
+    direct = await nats_direct.connect(bare_nats.url)
+    plain = await nats.connect(bare_nats.url)
     yield direct, plain
     await direct.close()
     await plain.close()
@@ -183,14 +175,14 @@ async def test_a_failing_log_write_does_not_lose_the_messages_after_it(
     assert got.payloads == [b"1", b"2"]
 
 
-async def test_flush_is_a_barrier_for_what_was_sent_before_it(server: NatsServer) -> None:
+async def test_flush_is_a_barrier_for_what_was_sent_before_it(bare_nats: NatsServer) -> None:
     """A subscription confirmed by `flush()` gets the very next message another connection publishes.
 
     nats-py 2.16 writes flush's PING ahead of commands still queued for its flusher, so a SUB could
     reach the server after the PONG: 1-6% of these first messages were lost with a plain client.
     """
-    direct = await nats_direct.connect(server.url)
-    other = await nats.connect(server.url)
+    direct = await nats_direct.connect(bare_nats.url)
+    other = await nats.connect(bare_nats.url)
     try:
         for i in range(300):
             got = asyncio.Event()
