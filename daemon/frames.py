@@ -54,6 +54,33 @@ def _take(buffer: deque[Event]) -> Event:
 # anything after a chunk's tool calls, nor reasoning after text.
 
 
+class _Ready:
+    """`asyncio.Event` for its one waiter (the sender), set once per token: no loop lookup and no
+    deque of waiters per wait."""
+
+    __slots__ = ("_loop", "_waiter", "flag")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        self.flag = False
+
+    def set(self) -> None:
+        self.flag = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        if self.flag:
+            return
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+
 async def coalesced(events: AsyncIterator[Event], *, gather_s: float = 0.0) -> AsyncIterator[Event]:
     """`events` with the text chunks that were ready at the same time merged (their order kept).
 
@@ -62,7 +89,8 @@ async def coalesced(events: AsyncIterator[Event], *, gather_s: float = 0.0) -> A
     answer is never held back.
     """
     buffer: deque[Event] = deque()
-    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    ready = _Ready(loop)
     ended = False
     failure: BaseException | None = None
 
@@ -83,15 +111,14 @@ async def coalesced(events: AsyncIterator[Event], *, gather_s: float = 0.0) -> A
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await ready.wait()
-            ready.clear()
+            ready.flag = False
 
-    loop = asyncio.get_running_loop()
     producer = asyncio.create_task(produce(), name="engine-events")
     try:
         sent_at = loop.time()
         while True:
             await ready.wait()
-            ready.clear()
+            ready.flag = False
             if gather_s > 0:
                 await gather_until(sent_at + gather_s)
             while buffer:
