@@ -114,7 +114,10 @@ async def test_streamed_chunks_concatenate_to_valid_json(stack: Stack) -> None:
     text = stream_text(chunks)
     assert finishes == ["stop"]
     assert errors(json.loads(text), PERSON) == [], text
-    assert len([p for p in chunks if '"content"' in p]) > 3  # it streamed, not one lump
+    # It streamed, not one lump. Not more than that: the tokens a busy daemon has ready together go in
+    # one frame by design (daemon/frames.py), and on a loaded CI machine this tiny model's 30-odd
+    # tokens once came as 3 chunks (24-75 here under two CPU hogs).
+    assert len([p for p in chunks if '"content"' in p]) > 1
     assert text == _content(plain)[0]
 
 
