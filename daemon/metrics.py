@@ -118,6 +118,13 @@ async def present(daemon: Daemon) -> list[Metric]:
         _gauge("mp_daemon_requests_queued", "Requests waiting for a batch slot.", engine.queued()),
         _gauge("mp_daemon_slots", "Sequences decoded together in one batch.", engine.slots),
     ]
+    bundles, bundled = daemon.bundles()
+    families += [
+        CounterMetricFamily(
+            "mp_daemon_frame_bundles", "Messages that carried several requests' frames to one gateway.", value=bundles
+        ),
+        CounterMetricFamily("mp_daemon_bundled_frames", "Frames sent in bundles rather than alone.", value=bundled),
+    ]
     own = await engine.status()
     worker = own.worker
     if isinstance(worker.restarts, UnsetType) or isinstance(worker.state, UnsetType):

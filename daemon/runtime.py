@@ -85,6 +85,11 @@ class Daemon:
         nc = self.provider._nc
         return nc is not None and nc.is_connected
 
+    def bundles(self) -> tuple[int, int]:
+        """(bundles sent, frames they carried) since start: frames that did not each cost a message."""
+        outbox = self.provider._outbox
+        return (outbox.bundles, outbox.bundled_frames) if outbox is not None else (0, 0)
+
 
 async def _wait_idle(engine: Engine, timeout: float) -> None:  # noqa: ASYNC109 - bounded drain
     deadline = time.monotonic() + timeout

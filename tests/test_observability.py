@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,24 @@ def test_daemon_admin_metrics(stack: Stack) -> None:
     assert value(after, "mp_daemon_worker_restarts_total") >= 0
     assert value(after, "mp_daemon_batch_occupancy") == 0  # nothing running between requests
     assert value(after, "mp_daemon_pool_connected") == 1
+
+
+def test_a_batch_step_reaches_the_gateway_as_bundles(stack: Stack) -> None:
+    """Requests decoded together: each step's tokens for the one gateway travel as bundles
+    (daemon/outbox.py), and every answer still arrives whole."""
+    daemon = stack.daemon
+    url = f"{daemon.admin_url}/metrics"
+    token = daemon.admin_headers()["Authorization"].removeprefix("Bearer ")
+    before, _ = scrape(url, token)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: _chat(stack.base_url, stack.api_key, max_tokens=64, stream=True), range(6)))
+    assert [r.status_code for r in answers] == [200] * 6
+    assert all(r.text.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in r.text for r in answers)
+    after, _ = scrape(url, token)
+    bundles = moved(before, after, "mp_daemon_frame_bundles_total")
+    frames = moved(before, after, "mp_daemon_bundled_frames_total")
+    assert bundles > 0, "six requests decoded together sent no bundle"
+    assert frames >= 2 * bundles
 
 
 # ---- traces -------------------------------------------------------------------------------------
