@@ -34,7 +34,6 @@ class Outbox:
         # Per bundle subject (one per gateway): (reply subject, request id, encoded frame), in order made.
         self._pending: dict[str, list[tuple[str, str, bytes]]] = {}
         self._wake = asyncio.Event()
-        self._flushing = False
         self._turn_ending = False
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -50,7 +49,8 @@ class Outbox:
         Nothing of that gateway is queued then, so nothing can overtake it.
         """
         items = self._pending.get(bundle_subject)
-        if items is None and not self._flushing:
+        # While a flush runs (its lock held), even a first frame queues: a publish there may wait.
+        if items is None and not self._lock.locked():
             # An empty list marks the gateway as served this turn: its next frames queue behind.
             self._pending[bundle_subject] = []
             if not self._turn_ending:
@@ -82,15 +82,11 @@ class Outbox:
         # One flush at a time (the task's and `close`'s), and while a publish could wait (nats-py's buffer
         # full), a frame made meanwhile queues behind: nothing overtakes what is being sent.
         async with self._lock:
-            self._flushing = True
-            try:
-                while self._pending:
-                    pending, self._pending = self._pending, {}
-                    for subject, items in pending.items():
-                        for part in _parts(items) if items else ():
-                            await self._send(subject, part)
-            finally:
-                self._flushing = False
+            while self._pending:
+                pending, self._pending = self._pending, {}
+                for subject, items in pending.items():
+                    for part in _parts(items) if items else ():
+                        await self._send(subject, part)
 
     async def _send(self, subject: str, part: list[tuple[str, str, bytes]]) -> None:
         try:
