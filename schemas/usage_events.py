@@ -2,8 +2,9 @@
 
 A request's reservation is opened before any of its answer reaches the buyer and
 closed before its response ends; the stream keeps both until a ledger consumer
-has written them to Postgres (services/usage/ledger.py). Only the control plane
-publishes or reads them; providers have no access to the stream.
+has written them to Postgres (services/usage/ledger.py). Events a replica
+publishes in the same loop turn share one message (services/usage/publisher.py).
+Only the control plane publishes or reads them; providers have no access to the stream.
 """
 
 from __future__ import annotations
@@ -52,4 +53,11 @@ class Closed(msgspec.Struct, tag="close", frozen=True):
 UsageEvent = Opened | Closed
 
 ENCODER = msgspec.json.Encoder()
-DECODER = msgspec.json.Decoder(UsageEvent)
+# A message holds one event (an object), or the events a replica published together (an array of them).
+_DECODER = msgspec.json.Decoder(UsageEvent | list[UsageEvent])
+
+
+def decode(data: bytes) -> list[UsageEvent]:
+    """The events of one message of the usage stream (raises msgspec.DecodeError)."""
+    found = _DECODER.decode(data)
+    return found if isinstance(found, list) else [found]

@@ -24,24 +24,22 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
-import msgspec
 import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.client import JetStreamContext
 
 from schemas import subjects
-from schemas.usage_events import DECODER, ENCODER, Closed, Opened, UsageEvent
-from services import nats_direct
+from schemas.usage_events import ENCODER, Closed, Opened, UsageEvent, decode
 from services.db.refused import REFUSED
 from services.usage import leases
+from services.usage.publisher import Publisher
 
 if TYPE_CHECKING:
     from services.metrics.registry import Metrics
@@ -66,82 +64,10 @@ _UNAVAILABLE = (
     nats.errors.StaleConnectionError,
     TimeoutError,
 )
-_NO_RESPONDERS = "503"
 # A pull waits this long for the next event; the server sees the consumer alive as long as it pulls.
 PULL_WAIT_S = 2.0
 # A fetch for what is there already (nats-py asks with no_wait first, then waits this long at most).
 NO_WAIT_S = 0.002
-
-
-class _PubAck(msgspec.Struct):
-    """JetStream's answer to a publish (nats-py's own `js.publish` decodes it with json and a dataclass)."""
-
-    stream: str = ""
-    seq: int = 0
-    error: dict[str, Any] | None = None
-
-
-_PUBACK = msgspec.json.Decoder(_PubAck)
-
-
-class _Acks:
-    """Acknowledgements of this replica's publishes, on one subscription of its own inbox.
-
-    nats-py's `js.publish` is a request: a new token, a future in a shared map, `asyncio.wait_for`,
-    then `json.loads` and a dataclass per acknowledgement; with two events per request that was a
-    visible share of the gateway's CPU. Here a counter names the reply and msgspec reads the answer.
-    """
-
-    def __init__(self, nc: Nats) -> None:
-        self._nc = nc
-        self._inbox = nc.new_inbox()
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
-        self._next = 0
-        self._sub: Subscription | None = None
-        self._starting = asyncio.Lock()
-
-    async def _start(self) -> None:
-        async with self._starting:
-            if self._sub is None:
-                self._sub = await nats_direct.subscribe(self._nc, subjects.usage_acks(self._inbox), self._on_ack)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-    def _on_ack(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        waiting = self._waiting.pop(subject, None)
-        if waiting is None or waiting.done():
-            return  # answered after its publish gave up
-        if headers and headers.get(api.Header.STATUS.value) == _NO_RESPONDERS:
-            # No stream leader (or no stream) listens on the subject: an election, or not made yet.
-            waiting.set_exception(nats.js.errors.NoStreamResponseError())
-        else:
-            waiting.set_result(data)
-
-    async def publish(self, subject: str, data: bytes, timeout_s: float) -> int:
-        """Store `data` in the usage stream; its sequence number (raises as nats-py's `js.publish` would)."""
-        if self._sub is None:
-            await self._start()
-        self._next += 1
-        reply = subjects.usage_ack(self._inbox, self._next)
-        waiting: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting[reply] = waiting
-        try:
-            # No headers: no Nats-Msg-Id for JetStream to drop a retried event by (the writer drops it, see
-            # `apply`), so the server keeps no table of ids and the consumer parses no header block per event.
-            await self._nc.publish(subject, data, reply=reply)
-            async with asyncio.timeout(timeout_s):
-                answer = _PUBACK.decode(await waiting)
-        finally:
-            self._waiting.pop(reply, None)
-        if answer.error is not None:
-            nats.js.errors.APIError.from_error(answer.error)  # raises the error's own class
-        if answer.stream != subjects.USAGE_STREAM:
-            raise nats.js.errors.APIError(description=f"stored in {answer.stream!r}, not {subjects.USAGE_STREAM}")
-        return answer.seq
 
 
 class UsageStreamUnavailable(RuntimeError):
@@ -196,7 +122,7 @@ class UsageStream:
         self._max_bytes = max_bytes
         self._metrics = metrics
         self._js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
-        self._acks = _Acks(nc)
+        self.publisher = Publisher(nc)
         self._sub: JetStreamContext.PullSubscription | None = None
         self._puller: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -222,7 +148,7 @@ class UsageStream:
         pause = 0.02
         while True:
             try:
-                return await self._acks.publish(self._subject, data, PUBLISH_TIMEOUT_S)
+                return await self.publisher.publish(self._subject, data, PUBLISH_TIMEOUT_S)
             except _UNAVAILABLE:
                 if time.monotonic() + pause >= deadline:
                     raise
@@ -268,7 +194,7 @@ class UsageStream:
         with contextlib.suppress(Exception):
             await self._sub.unsubscribe()
         self._sub = None
-        await self._acks.stop()
+        await self.publisher.stop()
 
     async def _claim(self) -> JetStreamContext.PullSubscription:
         """This replica's consumer (made if missing). An adoption of this replica's id still under way (its
@@ -386,7 +312,7 @@ class UsageStream:
         undecodable: list[tuple[Msg, str]] = []
         for msg in msgs:
             try:
-                events.append((msg, DECODER.decode(msg.data)))
+                events.extend((msg, event) for event in decode(msg.data))
             except Exception as exc:
                 # Only the control plane can publish here; an event that does not decode never will.
                 undecodable.append((msg, f"undecodable: {exc}"))
@@ -419,7 +345,9 @@ class UsageStream:
             try:
                 await apply(self._db, gateway_id, [event])
             except REFUSED as exc:
-                await self._park(gateway_id, msg, f"{type(exc).__name__}: {exc}")
+                # Its whole message is kept (once, however many of its events were refused): writing the
+                # message's other events again changes nothing.
+                await self._park(gateway_id, msg, f"{event.request_id}: {type(exc).__name__}: {exc}")
 
     async def _park(self, gateway_id: str, msg: Msg, error: str) -> None:
         """Keep an event that cannot be written, byte for byte, for an operator (then it is acknowledged)."""

@@ -1,0 +1,156 @@
+"""Usage events published in one loop turn share one message of the usage stream (services/usage/publisher.py).
+
+Real nats-server (JetStream) and PostgreSQL: what is stored, what the ledger's consumer writes from it,
+and the edges (a message's size limit, a refused event inside a shared message, a cancelled publisher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+from nats.aio.client import Client as Nats
+
+from infra.nats import NatsServer
+from schemas import subjects
+from schemas.usage_events import Closed, Opened, Settlement, decode
+from services.usage.ledger import UsageStream
+from services.usage.publisher import MAX_GROUP_BYTES
+from tests.support.accounts import TestAccount, make_account_async
+from tests.support.ledger import written_async
+from tests.support.stack import Stack
+
+MODEL = "synthetic-publisher-model"
+
+
+@dataclass
+class Bus:
+    server: NatsServer
+    nc: Nats
+    db: asyncpg.Pool
+    stream: UsageStream
+    account: TestAccount
+    day: dt.date
+
+    def opened(self, rid: str, tokens: int = 9) -> Opened:
+        a = self.account
+        return Opened(rid, a.subject, a.account_id, a.key_id, None, MODEL, self.day, tokens)
+
+    async def stored(self) -> list[bytes]:
+        """The raw messages the stream holds now, in order."""
+        js = self.nc.jetstream()
+        state = (await js.stream_info(subjects.USAGE_STREAM)).state
+        return [
+            (await js.get_msg(subjects.USAGE_STREAM, seq)).data or b""
+            for seq in range(state.first_seq, state.last_seq + 1)
+        ]
+
+
+@pytest.fixture
+async def bus(stack: Stack, tmp_path: Path) -> AsyncIterator[Bus]:
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
+    nc = await nats.connect(server.url)
+    stream = UsageStream(nc, db, f"gw-pub-{secrets.token_hex(3)}")
+    account = await make_account_async(stack.database_url)
+    day = dt.datetime.now(dt.UTC).date()
+    await db.execute(
+        "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT DO NOTHING", account.subject, day
+    )
+    # The stream without its consumer, so what was stored can be read before it is written.
+    await stream._ensure_stream()
+    try:
+        yield Bus(server, nc, db, stream, account, day)
+    finally:
+        await stream.stop()
+        await stream.publisher.stop()
+        await nc.close()
+        await db.close()
+        server.stop()
+
+
+def _ok(rid: str) -> Closed:
+    return Closed(rid, Settlement("p", 3, 4, 0, 5.0, 50.0, "ok"), keep_slot=False)
+
+
+async def test_a_loop_turns_events_travel_as_one_message_and_reach_the_ledger(bus: Bus) -> None:
+    rids = [f"turn{i}{secrets.token_hex(5)}" for i in range(20)]
+    lone = f"lone{secrets.token_hex(5)}"
+    seqs = await asyncio.gather(*(bus.stream.publish(bus.opened(rid)) for rid in rids))
+    assert len(set(seqs)) == 1, "published in one turn: stored together"
+    await bus.stream.publish(bus.opened(lone))
+    await asyncio.gather(*(bus.stream.publish(_ok(rid)) for rid in [*rids, lone]))
+    first, alone, closes = await bus.stored()
+    assert first.startswith(b"[")
+    assert [e.request_id for e in decode(first)] == rids
+    # A lone event is a plain object, as every event was before: an older consumer still reads it.
+    assert alone.startswith(b"{")
+    assert decode(alone)[0].request_id == lone
+    assert [e.request_id for e in decode(closes)] == [*rids, lone]
+    assert (bus.stream.publisher.messages, bus.stream.publisher.events) == (3, 42)
+
+    await bus.stream.start()
+    await written_async(bus.server.url)
+    rows = await bus.db.fetch(
+        "SELECT request_id, completion_tokens, billed FROM usage_ledger WHERE subject = $1", bus.account.subject
+    )
+    assert sorted((r["request_id"], r["completion_tokens"], r["billed"]) for r in rows) == sorted(
+        (rid, 4, True) for rid in [*rids, lone]
+    )
+    usage = await bus.db.fetchrow(
+        "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", bus.account.subject
+    )
+    assert usage is not None
+    assert (usage["requests"], usage["tokens"], usage["inflight"]) == (21, 21 * 7, 0)
+
+
+async def test_a_turn_too_big_for_one_message_is_cut(bus: Bus) -> None:
+    # Each event about 1.3 KB (a long model name): 150 of them are over 190 KB, past the stream's 64 KB limit.
+    a = bus.account
+    events = [
+        Opened(f"big{i}{secrets.token_hex(5)}", a.subject, a.account_id, a.key_id, None, "m" * 1200, bus.day, 9)
+        for i in range(150)
+    ]
+    seqs = await asyncio.gather(*(bus.stream.publish(e) for e in events))
+    stored = await bus.stored()
+    assert len(stored) == len(set(seqs)) >= 4
+    assert all(len(m) <= MAX_GROUP_BYTES for m in stored)
+    assert [e.request_id for m in stored for e in decode(m)] == [e.request_id for e in events]
+
+
+async def test_a_refused_event_parks_its_message_and_the_others_in_it_are_written(bus: Bus) -> None:
+    good = [f"good{i}{secrets.token_hex(5)}" for i in range(3)]
+    poison = f"poison{secrets.token_hex(5)}"
+    await asyncio.gather(*(bus.stream.publish(bus.opened(rid)) for rid in good))
+    # 2^40 prompt tokens: beyond the ledger's integer columns, refused however often it is tried.
+    bad = Closed(poison, Settlement("p", 1 << 40, 1, 0, None, None, "ok"), keep_slot=False)
+    await asyncio.gather(bus.stream.publish(_ok(good[0])), bus.stream.publish(bad), bus.stream.publish(_ok(good[1])))
+    await bus.stream.publish(_ok(good[2]))
+    await bus.stream.start()
+    await written_async(bus.server.url)
+    rows = await bus.db.fetch("SELECT request_id FROM usage_ledger WHERE subject = $1", bus.account.subject)
+    assert sorted(r["request_id"] for r in rows) == sorted(good)
+    (parked,) = await bus.db.fetch("SELECT event, error FROM usage_dead_letters WHERE gateway_id = $1", bus.stream._gw)
+    # The whole message, byte for byte, naming the event that was refused.
+    assert [e.request_id for e in decode(parked["event"])] == [good[0], poison, good[1]]
+    assert parked["error"].startswith(f"{poison}: ")
+
+
+async def test_a_cancelled_first_publisher_still_sends_the_turns_events(bus: Bus) -> None:
+    rids = [f"cx{i}{secrets.token_hex(5)}" for i in range(3)]
+    await bus.stream.publish(bus.opened(f"warm{secrets.token_hex(5)}"))  # the ack subscription is made
+    tasks = [asyncio.ensure_future(bus.stream.publish(bus.opened(rid))) for rid in rids]
+    await asyncio.sleep(0)  # every task has queued its event; the first waits for the turn to end
+    tasks[0].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[0], asyncio.CancelledError)
+    assert isinstance(done[1], int)
+    assert done[1] == done[2]
+    assert [e.request_id for e in decode((await bus.stored())[-1])] == rids
