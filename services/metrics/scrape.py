@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from prometheus_client import generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.errors import InvalidMetricsToken, MissingMetricsToken
@@ -111,6 +111,7 @@ def pool_families(pool: PoolView) -> list[Metric]:
 
 
 def metering_families(metering: Metering) -> list[Metric]:
+    messages, events = metering.published()
     return [
         _gauge(
             "mp_usage_open_reservations",
@@ -124,10 +125,17 @@ def metering_families(metering: Metering) -> list[Metric]:
         ),
         _gauge(
             "mp_usage_unwritten_events",
-            "Usage events in the stream not yet written to Postgres, all replicas' (as of the last sweep,"
-            " every few seconds): a growing number means the ledger consumers cannot write.",
+            "Messages of usage events in the stream not yet written to Postgres, all replicas' (as of the last"
+            " sweep, every few seconds; a loop turn's events share a message): a growing number means the"
+            " ledger consumers cannot write.",
             metering.unwritten_events,
         ),
+        CounterMetricFamily(
+            "mp_usage_event_messages",
+            "Messages this replica stored in the usage stream (the events of a loop turn share one).",
+            value=messages,
+        ),
+        CounterMetricFamily("mp_usage_events_published", "Usage events those messages carried.", value=events),
     ]
 
 

@@ -166,6 +166,12 @@ class Metering:
         """Reservations of requests running on this replica (for the metrics, read at scrape time)."""
         return len(self._open)
 
+    def published(self) -> tuple[int, int]:
+        """Messages stored in the usage stream, and the events they carried (metrics, at scrape time)."""
+        if self._stream is None:
+            return 0, 0
+        return self._stream.publisher.messages, self._stream.publisher.events
+
     def oldest_open_s(self) -> float:
         if not self._open:
             return 0.0
