@@ -36,7 +36,8 @@ def configure(*, json: bool, level: str = "info") -> None:
             if json
             else structlog.dev.ConsoleRenderer(colors=False)
         )
-        logger_factory = structlog.PrintLoggerFactory(sys.stderr)
+        # One write per line (print() writes the newline apart: two system calls on an unbuffered stderr).
+        logger_factory = structlog.WriteLoggerFactory(sys.stderr)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import gc
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
@@ -13,6 +16,8 @@ from daemon.engine.base import EngineError, Event, Finished, TextChunk
 from daemon.frames import coalesced
 from schemas import bus
 from schemas.disconnect import unless_disconnected
+from services.gateway import pipeline
+from services.gateway.exchange import Exchange
 from services.gateway.frames import joined, joins
 from services.gateway.sse import EventStream, ServerSend
 from services.usage.batch import GroupCommit
@@ -395,3 +400,47 @@ async def test_a_non_stream_answer_is_cancelled_by_a_hang_up_and_only_by_one_bef
 
     assert await answer_then_linger() == "answer"
     assert receives == 1
+
+
+class _Answered:
+    """A provider's call as `pipeline.events` reads it: two tokens, then the end."""
+
+    provider_id = "p"
+
+    def __init__(self) -> None:
+        self.generator: AsyncGenerator[bus.Delta | bus.Done, None] | None = None
+
+    def ready(self) -> bool:
+        return False
+
+    def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:
+        async def frames() -> AsyncGenerator[bus.Delta | bus.Done, None]:
+            yield bus.Delta(seq=1, text="a", tokens=1, token_ids=[1])
+            yield bus.Delta(seq=2, text="b", tokens=1, token_ids=[2])
+            yield bus.Done(seq=3, finish_reason="length", prompt_tokens=3, completion_tokens=2)
+
+        self.generator = frames()
+        return self.generator
+
+
+async def test_an_answer_read_to_its_end_leaves_no_generator_for_the_loop_to_close() -> None:
+    """A surface stops reading at the final event, leaving the generators suspended at their last `yield`.
+    Left so, each was closed later by the loop's finalizer hook: a thread-safe wake-up (an eventfd write
+    and read) and a task of its own, per request. Closed by the pipeline, the loop never sees them."""
+    finalized: list[object] = []
+    hooks = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(firstiter=hooks.firstiter, finalizer=finalized.append)
+    try:
+        call = _Answered()
+        ex = Exchange("r1", stream=False)
+        async with contextlib.aclosing(pipeline.events(call, ex)) as answered:  # type: ignore[arg-type]
+            async for event in answered:
+                if isinstance(event, bus.Finished):
+                    break
+        assert call.generator is not None
+        assert call.generator.ag_frame is None, "the provider's frames were closed"
+        del answered, call
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+    assert finalized == []

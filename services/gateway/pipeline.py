@@ -151,38 +151,43 @@ async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
     A streamed answer's deltas that arrived together come out as one (services/gateway/frames.py).
     """
     frames = call.frames()
-    pending: bus.Delta | bus.Done | None = None
-    while True:
-        frame, pending = pending, None
-        if frame is None:
-            frame = await anext(frames, None)
+    # Closed however this ends: a generator left suspended is closed by the loop later, through a
+    # thread-safe wake-up and a task of its own (uvloop's finalizer hook), per request.
+    try:
+        pending: bus.Delta | bus.Done | None = None
+        while True:
+            frame, pending = pending, None
             if frame is None:
-                raise ProviderError("The provider's answer ended without a final frame.")
-        if isinstance(frame, bus.Done):
-            # Bill the provider that finished the answer (the first one may have been lost or cut off).
-            ex.provider = call.provider_id
-            if ex.ticket is not None:
-                ex.ticket.provider_id = call.provider_id
-            prompt, completion = ex.done(frame)
-            # The tokens billed replace the provider's claims (never more completion than was seen).
-            yield msgspec.structs.replace(
-                frame,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                reasoning_tokens=min(frame.reasoning_tokens, completion),
-            )
-            return
-        ex.delta(frame)
-        run = [frame]
-        while ex.stream and call.ready():
-            nxt = await anext(frames, None)
-            if isinstance(nxt, bus.Delta) and joins(run, nxt):
-                ex.delta(nxt)
-                run.append(nxt)
-            else:
-                pending = nxt
-                break
-        yield joined(run)
+                frame = await anext(frames, None)
+                if frame is None:
+                    raise ProviderError("The provider's answer ended without a final frame.")
+            if isinstance(frame, bus.Done):
+                # Bill the provider that finished the answer (the first one may have been lost or cut off).
+                ex.provider = call.provider_id
+                if ex.ticket is not None:
+                    ex.ticket.provider_id = call.provider_id
+                prompt, completion = ex.done(frame)
+                # The tokens billed replace the provider's claims (never more completion than was seen).
+                yield msgspec.structs.replace(
+                    frame,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    reasoning_tokens=min(frame.reasoning_tokens, completion),
+                )
+                return
+            ex.delta(frame)
+            run = [frame]
+            while ex.stream and call.ready():
+                nxt = await anext(frames, None)
+                if isinstance(nxt, bus.Delta) and joins(run, nxt):
+                    ex.delta(nxt)
+                    run.append(nxt)
+                else:
+                    pending = nxt
+                    break
+            yield joined(run)
+    finally:
+        await frames.aclose()
 
 
 def _broken(ex: Exchange, call: Call) -> None:
@@ -202,7 +207,8 @@ async def answer(
     """A non-stream answer: `consume` reads the events into the surface's response body."""
     ex, call = started.ex, started.call
     try:
-        return await unless_disconnected(request.receive, consume(events(call, ex)))
+        async with contextlib.aclosing(events(call, ex)) as answered:
+            return await unless_disconnected(request.receive, consume(answered))
     except asyncio.CancelledError:
         ex.status = "client_disconnected"
         raise
@@ -249,7 +255,10 @@ async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) 
     ex, call = started.ex, started.call
     held: list[bytes] = []
     try:
-        async with contextlib.aclosing(renderer.render(events(call, ex))) as chunks:
+        async with (
+            contextlib.aclosing(events(call, ex)) as answered,
+            contextlib.aclosing(renderer.render(answered)) as chunks,
+        ):
             async for chunk in chunks:
                 held.append(chunk)
                 # What the renderer makes next without waiting (from a frame already here, or the
