@@ -438,7 +438,7 @@ async def test_an_answer_read_to_its_end_leaves_no_generator_for_the_loop_to_clo
                 if isinstance(event, bus.Finished):
                     break
         assert call.generator is not None
-        assert call.generator.ag_frame is None, "the provider's frames were closed"
+        assert call.generator.ag_frame is None, "the provider's frames were closed"  # type: ignore[attr-defined]
         del answered, call
         gc.collect()
     finally:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -141,7 +141,7 @@ class Call:
         """The next frame already arrived (the gateway is behind this stream)."""
         return self._leg.stream.ready()
 
-    async def frames(self) -> AsyncIterator[bus.Delta | bus.Done]:
+    async def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:
         while True:
             try:
                 frame = self._checked(await self._next())

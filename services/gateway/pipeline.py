@@ -145,7 +145,7 @@ async def start(
     return Started(principal, job, call, ex, headers)
 
 
-async def events(call: Call, ex: Exchange) -> AsyncIterator[Event]:
+async def events(call: Call, ex: Exchange) -> AsyncGenerator[Event, None]:
     """The provider's frames, metered as they pass: deltas, then one `bus.Finished`.
 
     A streamed answer's deltas that arrived together come out as one (services/gateway/frames.py).
