@@ -188,3 +188,24 @@ async def test_flush_is_a_barrier_for_what_was_sent_before_it(bare_nats: NatsSer
     finally:
         await other.close()
         await direct.close()
+
+
+async def test_publish_nowait_keeps_order_with_publish_and_declines_what_it_cannot_queue(
+    clients: tuple[Client, Client],
+) -> None:
+    direct, plain = clients
+    got = await _subscribed(plain, "t.nowait", Got())
+    sent = []
+    for i in range(300):
+        if i % 3:
+            sent.append(nats_direct.publish_nowait(direct, "t.nowait", str(i).encode(), reply="t.r"))
+        else:
+            await direct.publish("t.nowait", str(i).encode())
+    assert all(sent)
+    await got.until(300)
+    assert [int(d) for d in got.payloads] == list(range(300))
+    assert direct.stats["out_msgs"] >= 300
+    # A plain client has no such path; a closed one queues nothing.
+    assert not nats_direct.publish_nowait(plain, "t.nowait", b"x")
+    await direct.close()
+    assert not nats_direct.publish_nowait(direct, "t.nowait", b"x")

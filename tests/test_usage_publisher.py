@@ -21,6 +21,7 @@ from nats.aio.client import Client as Nats
 from infra.nats import NatsServer
 from schemas import subjects
 from schemas.usage_events import Closed, Opened, Settlement, decode
+from services import nats_direct
 from services.usage.ledger import UsageStream
 from services.usage.publisher import MAX_GROUP_BYTES
 from tests.support.accounts import TestAccount, make_account_async
@@ -57,7 +58,8 @@ class Bus:
 async def bus(stack: Stack, tmp_path: Path) -> AsyncIterator[Bus]:
     server = NatsServer.start(tmp_path / "nats")
     db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
-    nc = await nats.connect(server.url)
+    # As the gateway's: a connection publishing without a coroutine (nats_direct.publish_nowait).
+    nc = await nats_direct.connect(server.url)
     stream = UsageStream(nc, db, f"gw-pub-{secrets.token_hex(3)}")
     account = await make_account_async(stack.database_url)
     day = dt.datetime.now(dt.UTC).date()
@@ -66,6 +68,7 @@ async def bus(stack: Stack, tmp_path: Path) -> AsyncIterator[Bus]:
     )
     # The stream without its consumer, so what was stored can be read before it is written.
     await stream._ensure_stream()
+    await stream.publisher.start()
     try:
         yield Bus(server, nc, db, stream, account, day)
     finally:
@@ -143,14 +146,24 @@ async def test_a_refused_event_parks_its_message_and_the_others_in_it_are_writte
     assert parked["error"].startswith(f"{poison}: ")
 
 
-async def test_a_cancelled_first_publisher_still_sends_the_turns_events(bus: Bus) -> None:
-    rids = [f"cx{i}{secrets.token_hex(5)}" for i in range(3)]
-    await bus.stream.publish(bus.opened(f"warm{secrets.token_hex(5)}"))  # the ack subscription is made
-    tasks = [asyncio.ensure_future(bus.stream.publish(bus.opened(rid))) for rid in rids]
-    await asyncio.sleep(0)  # every task has queued its event; the first waits for the turn to end
-    tasks[0].cancel()
-    done = await asyncio.gather(*tasks, return_exceptions=True)
-    assert isinstance(done[0], asyncio.CancelledError)
-    assert isinstance(done[1], int)
-    assert done[1] == done[2]
-    assert [e.request_id for e in decode((await bus.stored())[-1])] == rids
+async def test_a_plain_nats_py_connection_publishes_a_turn_the_same_way(stack: Stack, tmp_path: Path) -> None:
+    """Without `publish_nowait` (a plain nats-py client, or a full pending buffer) each message is sent by
+    nats-py's own coroutine: the same messages, the same answers."""
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    nc = await nats.connect(server.url)
+    stream = UsageStream(nc, db, f"gw-plain-{secrets.token_hex(3)}")
+    try:
+        await stream._ensure_stream()
+        account = await make_account_async(stack.database_url)
+        day = dt.datetime.now(dt.UTC).date()
+        rids = [f"plain{i}{secrets.token_hex(5)}" for i in range(5)]
+        opened = [Opened(r, account.subject, account.account_id, account.key_id, None, MODEL, day, 9) for r in rids]
+        seqs = await asyncio.gather(*(stream.publish(e) for e in opened))
+        assert seqs == [1] * 5
+        assert (stream.publisher.messages, stream.publisher.events) == (1, 5)
+    finally:
+        await stream.publisher.stop()
+        await nc.close()
+        await db.close()
+        server.stop()

@@ -135,20 +135,25 @@ class UsageStream:
 
     # ---- publishing (the request path) -----------------------------------------------------
 
-    async def publish(self, event: UsageEvent) -> int:
+    def submit(self, event: UsageEvent) -> asyncio.Future[int]:
+        """Send one event now (with this loop turn's others); `publish(event, first=...)` awaits it."""
+        return self.publisher.submit(self._subject, ENCODER.encode(event))
+
+    async def publish(self, event: UsageEvent, first: asyncio.Future[int] | None = None) -> int:
         """Store one event in the stream; its sequence number once JetStream acknowledged it.
 
         While the stream has no leader (the NATS node that led it died: the others elect a new one in a
         few seconds) or the connection is being re-established, the publish is tried again for up to
         PUBLISH_RETRY_S: the request waits instead of failing. A retry of a publish whose acknowledgement
-        was lost stores the event twice, and writing it twice changes nothing.
+        was lost stores the event twice, and writing it twice changes nothing. `first`: the event's first
+        try, already submitted.
         """
-        data = ENCODER.encode(event)
         deadline = time.monotonic() + PUBLISH_RETRY_S
         pause = 0.02
         while True:
+            attempt, first = first or self.submit(event), None
             try:
-                return await self.publisher.publish(self._subject, data, PUBLISH_TIMEOUT_S)
+                return await self.publisher.acknowledged(attempt, PUBLISH_TIMEOUT_S)
             except _UNAVAILABLE:
                 if time.monotonic() + pause >= deadline:
                     raise
@@ -167,6 +172,7 @@ class UsageStream:
                 "MP_SETTLEMENT=jetstream needs JetStream enabled in the NATS account the control plane is in "
                 "('jetstream: enabled') and the control plane's permissions for it; or set MP_SETTLEMENT=postgres."
             ) from exc
+        await self.publisher.start()
         self._sub = await self._claim()
         self._puller = asyncio.create_task(self._pull(), name="usage-pull")
         self._writer = asyncio.create_task(self._write_pulled(), name="usage-write")

@@ -9,7 +9,10 @@ requests whose answers ended together, say) travel as one JSON array instead,
 stored, acknowledged and delivered once. Nothing waits for more events to come:
 the first event of a turn leaves when that turn's other callbacks have run, so a
 lone request's event leaves as soon as before, alone and in the old format
-(a single object).
+(a single object). It is queued without a coroutine (`nats_direct.publish_nowait`)
+before the connection's flusher runs, so it also shares the socket write of
+whatever else that turn published (a request's reservation goes out with the
+request's work message).
 """
 
 from __future__ import annotations
@@ -66,12 +69,13 @@ class Publisher:
         self._starting = asyncio.Lock()
         # This turn's events not sent yet (subject, encoded event, its future), if any.
         self._turn: list[_Item] = []
+        # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
         # How many messages and events went out (a benchmark's figures).
         self.messages = 0
         self.events = 0
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         async with self._starting:
             if self._sub is None:
                 self._sub = await nats_direct.subscribe(self._nc, subjects.usage_acks(self._inbox), self._on_ack)
@@ -111,26 +115,24 @@ class Publisher:
             else:
                 future.set_exception(error)
 
-    async def publish(self, subject: str, data: bytes, timeout_s: float) -> int:
-        """Store one encoded event in the usage stream; the stream sequence of the message that holds it
-        (raises as nats-py's `js.publish` would)."""
-        if self._sub is None:
-            await self._start()
+    def submit(self, subject: str, data: bytes) -> asyncio.Future[int]:
+        """Queue one encoded event for this loop turn's message. Its future gets the stream sequence of the
+        message that holds it once JetStream acknowledged it, or the error nats-py's `js.publish` would raise.
+        """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._turn.append((subject, data, future))
         if len(self._turn) == 1:
-            # The turn's first event: the ones published by this turn's other callbacks join it.
-            try:
-                await asyncio.sleep(0)
-            except BaseException:
-                # Sent all the same: the others wait for it.
-                turn, self._turn = self._turn, []
-                task = asyncio.ensure_future(self._send(turn))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-                raise
-            turn, self._turn = self._turn, []
-            await self._send(turn)
+            # The turn's first event: the ones the turn's other callbacks publish join it. Queued for the
+            # connection's flusher before it runs, it also shares the socket write of what they published.
+            asyncio.get_running_loop().call_soon(self._end_turn)
+        return future
+
+    async def publish(self, subject: str, data: bytes, timeout_s: float) -> int:
+        """Store one encoded event in the usage stream (`submit`, then wait at most `timeout_s`)."""
+        return await self.acknowledged(self.submit(subject, data), timeout_s)
+
+    async def acknowledged(self, future: asyncio.Future[int], timeout_s: float) -> int:
+        """Wait for a submitted event's acknowledgement (raises TimeoutError after `timeout_s`)."""
         try:
             async with asyncio.timeout(timeout_s):
                 return await future
@@ -141,25 +143,47 @@ class Publisher:
                     if all(f.done() for f in futures):
                         del self._waiting[reply]
 
-    async def _send(self, turn: list[_Item]) -> None:
+    def _end_turn(self) -> None:
+        turn, self._turn = self._turn, []
         for group in _groups(turn):
             self._next += 1
             reply = subjects.usage_ack(self._inbox, self._next)
             futures = [f for _, _, f in group]
             self._waiting[reply] = futures
+            subject = group[0][0]
             payload = group[0][1] if len(group) == 1 else b"[" + b",".join(d for _, d, _ in group) + b"]"
             try:
                 # No headers: no Nats-Msg-Id for JetStream to drop a retried event by (the writer drops it,
                 # see ledger.apply), so the server keeps no table of ids and the consumer parses no headers.
-                await self._nc.publish(group[0][0], payload, reply=reply)
+                sent = self._sub is not None and nats_direct.publish_nowait(self._nc, subject, payload, reply)
             except Exception as exc:
-                self._waiting.pop(reply, None)
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(exc)
+                self._failed(reply, futures, exc)
                 continue
-            self.messages += 1
-            self.events += len(group)
+            if sent:
+                self.messages += 1
+                self.events += len(group)
+                continue
+            # Not subscribed to the answers yet, disconnected or the buffer full: nats-py's own way.
+            task = asyncio.ensure_future(self._send(subject, payload, reply, futures))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _send(self, subject: str, payload: bytes, reply: str, futures: list[asyncio.Future[int]]) -> None:
+        try:
+            if self._sub is None:
+                await self.start()
+            await self._nc.publish(subject, payload, reply=reply)
+        except Exception as exc:
+            self._failed(reply, futures, exc)
+            return
+        self.messages += 1
+        self.events += len(futures)
+
+    def _failed(self, reply: str, futures: list[asyncio.Future[int]], exc: Exception) -> None:
+        self._waiting.pop(reply, None)
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
 
 
 def _groups(
