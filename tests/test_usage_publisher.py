@@ -22,6 +22,7 @@ from infra.nats import NatsServer
 from schemas import subjects
 from schemas.usage_events import Closed, Opened, Settlement, decode
 from services import nats_direct
+from services.usage import ledger
 from services.usage.ledger import UsageStream
 from services.usage.publisher import MAX_GROUP_BYTES
 from tests.support.accounts import TestAccount, make_account_async
@@ -167,3 +168,21 @@ async def test_a_plain_nats_py_connection_publishes_a_turn_the_same_way(stack: S
         await nc.close()
         await db.close()
         server.stop()
+
+
+async def test_a_backlog_is_written_in_parts_in_order(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parts of 3 events: requests' reservations and settlements fall in different transactions.
+    monkeypatch.setattr(ledger, "APPLY_MAX", 3)
+    rids = [f"part{i}{secrets.token_hex(5)}" for i in range(10)]
+    await asyncio.gather(*(bus.stream.publish(bus.opened(rid)) for rid in rids))
+    await asyncio.gather(*(bus.stream.publish(_ok(rid)) for rid in rids))
+    await bus.stream.start()
+    await written_async(bus.server.url)
+    rows = await bus.db.fetch("SELECT request_id FROM usage_ledger WHERE subject = $1", bus.account.subject)
+    assert sorted(r["request_id"] for r in rows) == sorted(rids)
+    usage = await bus.db.fetchrow(
+        "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", bus.account.subject
+    )
+    assert usage is not None
+    assert (usage["requests"], usage["tokens"], usage["inflight"]) == (10, 70, 0)
+    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = ANY($1::text[])", rids) == 0

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("usage")
 
 BATCH = 512
+# The most events one transaction writes (a message holds one event or a loop turn's several).
+APPLY_MAX = 4096
 # What the stream may hold by default (MP_USAGE_STREAM_MAX_MB) while no consumer writes it (Postgres
 # down): past that, publishes fail and requests are refused (503) rather than served unbilled.
 MAX_BYTES = 256 << 20
@@ -326,11 +328,16 @@ class UsageStream:
             try:
                 for msg, why in undecodable:
                     await self._park(gateway_id, msg, why)
-                try:
-                    await apply(self._db, gateway_id, [e for _, e in events])
-                except REFUSED:
-                    # One of them (or more) Postgres will never take: each alone, the refused ones parked.
-                    await self._one_by_one(gateway_id, events)
+                # In parts of at most APPLY_MAX events, in order: a backlog pulled after Postgres was away
+                # holds up to BATCH messages of many events each. A part that fails is written again with
+                # the rest (writing one twice changes nothing).
+                for start in range(0, len(events), APPLY_MAX):
+                    part = events[start : start + APPLY_MAX]
+                    try:
+                        await apply(self._db, gateway_id, [e for _, e in part])
+                    except REFUSED:
+                        # One of them (or more) Postgres will never take: each alone, the refused ones parked.
+                        await self._one_by_one(gateway_id, part)
                 break
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if self._stopping.is_set() and gateway_id == self._gw:
