@@ -109,7 +109,7 @@ class UsageStream:
         gateway_id: str,
         *,
         replicas: int = 1,
-        linger_s: float = 0.02,
+        linger_s: float = 0.05,
         idle_s: float = 30.0,
         max_bytes: int = MAX_BYTES,
         metrics: Metrics | None = None,
@@ -131,6 +131,8 @@ class UsageStream:
         # Pulled batches waiting to be written; None tells the writer to stop.
         self._batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
+        # Set by a reader waiting for this replica's events to be written: the consumer stops lingering.
+        self._hurry = asyncio.Event()
         # Other replicas' consumers seen with no pull waiting and no progress: since when, and their
         # progress then (see `adopt_orphans`).
         self._idle_seen: dict[str, tuple[float, tuple[int, int]]] = {}
@@ -282,8 +284,12 @@ class UsageStream:
             if msgs:
                 self._batches.put_nowait(msgs)
             if msgs and self._linger_s:
-                # Busy: let the next batch gather at the server, then take whatever is there.
-                await asyncio.sleep(self._linger_s)
+                # Busy: let the next batch gather at the server, then take whatever is there (at once when
+                # someone here waits for the events to be written: `caught_up`).
+                self._hurry.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._linger_s):
+                        await self._hurry.wait()
                 wait = NO_WAIT_S
             else:
                 wait = PULL_WAIT_S
@@ -459,6 +465,7 @@ class UsageStream:
         """Wait until every event published before now by a live replica is in Postgres (False: not
         within the timeout). A dead replica's events wait for adoption; nobody can hurry those."""
         deadline = time.monotonic() + timeout_s
+        self._hurry.set()
         info = await self._js.stream_info(subjects.USAGE_STREAM, subjects_filter=subjects.ALL_USAGE_EVENTS)
         last = info.state.last_seq
         for subject, count in (info.state.subjects or {}).items():
