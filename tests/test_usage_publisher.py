@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,3 +187,18 @@ async def test_a_backlog_is_written_in_parts_in_order(bus: Bus, monkeypatch: pyt
     assert usage is not None
     assert (usage["requests"], usage["tokens"], usage["inflight"]) == (10, 70, 0)
     assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = ANY($1::text[])", rids) == 0
+
+
+async def test_a_reader_waiting_for_the_ledger_cuts_the_consumers_linger_short(bus: Bus) -> None:
+    # Batches 5 s apart while events keep coming: a reader (GET /v1/usage, a refusal being rechecked)
+    # must not wait for that.
+    bus.stream._linger_s = 5.0
+    await bus.stream.start()
+    await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
+    await asyncio.sleep(0.3)  # written at once (the consumer was idle); now it lingers
+    late = f"late{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(late))
+    started = time.monotonic()
+    assert await bus.stream.caught_up(3.0)
+    assert time.monotonic() - started < 1.0
+    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", late) == 1
