@@ -37,10 +37,17 @@ def control_plane_permissions() -> Permissions:
             subjects.ALL_NOTICES,
             subjects.PROBE,
             subjects.ALL_USAGE_EVENTS,
+            subjects.LEDGER_HURRY,
             *subjects.USAGE_JS_API,
             subjects.USAGE_JS_ACKS,
         ),
-        subscribe=(subjects.HEARTBEATS, subjects.LEAVES, subjects.ALL_REPLIES, subjects.CONTROL_INBOXES),
+        subscribe=(
+            subjects.HEARTBEATS,
+            subjects.LEAVES,
+            subjects.ALL_REPLIES,
+            subjects.CONTROL_INBOXES,
+            subjects.LEDGER_HURRY,
+        ),
     )
 
 

@@ -151,6 +151,12 @@ def usage_consumer(gateway_id: str) -> str:
     return f"ledger-{_token('gateway id', gateway_id)}"
 
 
+# A replica waiting for the ledger (a quota refusal being rechecked, a buyer reading their usage) asks
+# every replica's consumer to write what it holds now rather than at the end of its linger. Outside the
+# stream's subjects (`ALL_USAGE_EVENTS`): it is not an event and must not be stored.
+LEDGER_HURRY = f"{PREFIX}.ledger.hurry"
+
+
 # JetStream's API and acknowledgements for that stream only: what the control plane's NATS user may use
 # of JetStream. These are the requests nats-py (2.16) sends for add_stream / update_stream / stream_info,
 # add_consumer and pull_subscribe (CONSUMER.CREATE.<stream>.<name>[.<filter>], or the legacy

@@ -202,3 +202,25 @@ async def test_a_reader_waiting_for_the_ledger_cuts_the_consumers_linger_short(b
     assert await bus.stream.caught_up(3.0)
     assert time.monotonic() - started < 1.0
     assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", late) == 1
+
+
+async def test_a_reader_on_another_replica_hurries_this_replicas_consumer(bus: Bus) -> None:
+    """A slot one replica gave back reaches a request on another only once written: the other replica's
+    refusal recheck wakes this replica's lingering consumer over NATS."""
+    bus.stream._linger_s = 5.0
+    await bus.stream.start()
+    await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
+    await asyncio.sleep(0.3)  # written at once; now it lingers
+    late = f"late{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(late))
+    other_nc = await nats_direct.connect(bus.server.url)
+    other = UsageStream(other_nc, bus.db, f"gw-other-{secrets.token_hex(3)}")
+    try:
+        await other.start()
+        started = time.monotonic()
+        assert await other.caught_up(3.0)
+        assert time.monotonic() - started < 1.0
+        assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", late) == 1
+    finally:
+        await other.stop()
+        await other_nc.close()
