@@ -133,7 +133,7 @@ class UsageStream:
         self._max_bytes = max_bytes
         self._metrics = metrics
         self._js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
-        self.publisher = Publisher(nc)
+        self.publisher = Publisher(nc, self._subject)
         self._sub: JetStreamContext.PullSubscription | None = None
         self._puller: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -152,7 +152,7 @@ class UsageStream:
 
     def submit(self, event: UsageEvent) -> asyncio.Future[int]:
         """Send one event now (with this loop turn's others); `publish(event, first=...)` awaits it."""
-        return self.publisher.submit(self._subject, ENCODER.encode(event))
+        return self.publisher.submit(ENCODER.encode(event))
 
     async def publish(self, event: UsageEvent, first: asyncio.Future[int] | None = None) -> int:
         """Store one event in the stream; its sequence number once JetStream acknowledged it.

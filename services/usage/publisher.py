@@ -35,8 +35,8 @@ _NO_RESPONDERS = "503"
 MAX_GROUP_BYTES = 48 * 1024
 
 
-# One event to send: its subject, its encoding, and what its publisher awaits (the stream sequence).
-_Item = tuple[str, bytes, "asyncio.Future[int]"]
+# One event to send: its encoding, and what its publisher awaits (the stream sequence).
+_Item = tuple[bytes, "asyncio.Future[int]"]
 
 
 class _PubAck(msgspec.Struct):
@@ -59,15 +59,17 @@ class Publisher:
     names the reply and msgspec reads the answer.
     """
 
-    def __init__(self, nc: Nats) -> None:
+    def __init__(self, nc: Nats, subject: str) -> None:
         self._nc = nc
+        # This replica's usage subject: every event goes there.
+        self._subject = subject
         self._inbox = nc.new_inbox()
         # Each message in flight: its reply subject → the futures of the events it holds.
         self._waiting: dict[str, list[asyncio.Future[int]]] = {}
         self._next = 0
         self._sub: Subscription | None = None
         self._starting = asyncio.Lock()
-        # This turn's events not sent yet (subject, encoded event, its future), if any.
+        # This turn's events not sent yet (encoded event, its future), if any.
         self._turn: list[_Item] = []
         # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
@@ -115,21 +117,17 @@ class Publisher:
             else:
                 future.set_exception(error)
 
-    def submit(self, subject: str, data: bytes) -> asyncio.Future[int]:
+    def submit(self, data: bytes) -> asyncio.Future[int]:
         """Queue one encoded event for this loop turn's message. Its future gets the stream sequence of the
         message that holds it once JetStream acknowledged it, or the error nats-py's `js.publish` would raise.
         """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._turn.append((subject, data, future))
+        self._turn.append((data, future))
         if len(self._turn) == 1:
             # The turn's first event: the ones the turn's other callbacks publish join it. Queued for the
             # connection's flusher before it runs, it also shares the socket write of what they published.
             asyncio.get_running_loop().call_soon(self._end_turn)
         return future
-
-    async def publish(self, subject: str, data: bytes, timeout_s: float) -> int:
-        """Store one encoded event in the usage stream (`submit`, then wait at most `timeout_s`)."""
-        return await self.acknowledged(self.submit(subject, data), timeout_s)
 
     async def acknowledged(self, future: asyncio.Future[int], timeout_s: float) -> int:
         """Wait for a submitted event's acknowledgement (raises TimeoutError after `timeout_s`)."""
@@ -148,14 +146,13 @@ class Publisher:
         for group in _groups(turn):
             self._next += 1
             reply = subjects.usage_ack(self._inbox, self._next)
-            futures = [f for _, _, f in group]
+            futures = [f for _, f in group]
             self._waiting[reply] = futures
-            subject = group[0][0]
-            payload = group[0][1] if len(group) == 1 else b"[" + b",".join(d for _, d, _ in group) + b"]"
+            payload = group[0][0] if len(group) == 1 else b"[" + b",".join(d for d, _ in group) + b"]"
             try:
                 # No headers: no Nats-Msg-Id for JetStream to drop a retried event by (the writer drops it,
                 # see ledger.apply), so the server keeps no table of ids and the consumer parses no headers.
-                sent = self._sub is not None and nats_direct.publish_nowait(self._nc, subject, payload, reply)
+                sent = self._sub is not None and nats_direct.publish_nowait(self._nc, self._subject, payload, reply)
             except Exception as exc:
                 self._failed(reply, futures, exc)
                 continue
@@ -164,15 +161,15 @@ class Publisher:
                 self.events += len(group)
                 continue
             # Not subscribed to the answers yet, disconnected or the buffer full: nats-py's own way.
-            task = asyncio.ensure_future(self._send(subject, payload, reply, futures))
+            task = asyncio.ensure_future(self._send(payload, reply, futures))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _send(self, subject: str, payload: bytes, reply: str, futures: list[asyncio.Future[int]]) -> None:
+    async def _send(self, payload: bytes, reply: str, futures: list[asyncio.Future[int]]) -> None:
         try:
             if self._sub is None:
                 await self.start()
-            await self._nc.publish(subject, payload, reply=reply)
+            await self._nc.publish(self._subject, payload, reply=reply)
         except Exception as exc:
             self._failed(reply, futures, exc)
             return
@@ -186,20 +183,14 @@ class Publisher:
                 future.set_exception(exc)
 
 
-def _groups(
-    turn: list[_Item],
-) -> list[list[_Item]]:
-    """The turn's events by subject, cut so that no message outgrows MAX_GROUP_BYTES."""
+def _groups(turn: list[_Item]) -> list[list[_Item]]:
+    """The turn's events in order, cut so that no message outgrows MAX_GROUP_BYTES."""
     groups: list[list[_Item]] = []
-    open_groups: dict[str, tuple[list[_Item], int]] = {}
+    size = MAX_GROUP_BYTES
     for item in turn:
-        subject, data, _ = item
-        current = open_groups.get(subject)
-        if current is None or current[1] + len(data) + 1 > MAX_GROUP_BYTES:
-            group = [item]
-            groups.append(group)
-            open_groups[subject] = (group, len(data) + 2)
-        else:
-            current[0].append(item)
-            open_groups[subject] = (current[0], current[1] + len(data) + 1)
+        if size + len(item[0]) + 1 > MAX_GROUP_BYTES:
+            groups.append([])
+            size = 2  # the brackets
+        groups[-1].append(item)
+        size += len(item[0]) + 1
     return groups
