@@ -224,3 +224,29 @@ async def test_a_reader_on_another_replica_hurries_this_replicas_consumer(bus: B
     finally:
         await other.stop()
         await other_nc.close()
+
+
+async def test_hurries_never_make_a_consumer_write_more_often_than_every_20_ms(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buyer at their concurrency limit can have a refusal rechecked (a hurry) many times a second; each
+    write costs Postgres about 0.4 ms, so a hurried consumer still writes at most every HURRIED_S."""
+    writes: list[float] = []
+    real_apply = ledger.apply
+
+    async def counted(*args: object, **kwargs: object) -> None:
+        writes.append(time.monotonic())
+        await real_apply(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger, "apply", counted)
+    bus.stream._linger_s = 5.0
+    await bus.stream.start()
+    stop = time.monotonic() + 0.6
+    while time.monotonic() < stop:
+        await bus.stream.publish(bus.opened(f"h{secrets.token_hex(6)}"))
+        bus.stream._hurry.set()
+        await asyncio.sleep(0.001)
+    await bus.stream.caught_up(3.0)
+    assert len(writes) >= 10, "hurried, it wrote well within its 5 s linger"
+    # A write that took long lets the next batch follow it closely: the bound is on the rate.
+    assert len(writes) - 1 <= (writes[-1] - writes[0]) / ledger.HURRIED_S + 1, writes
