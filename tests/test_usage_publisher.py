@@ -148,27 +148,19 @@ async def test_a_refused_event_parks_its_message_and_the_others_in_it_are_writte
     assert parked["error"].startswith(f"{poison}: ")
 
 
-async def test_a_plain_nats_py_connection_publishes_a_turn_the_same_way(stack: Stack, tmp_path: Path) -> None:
+async def test_a_plain_nats_py_connection_publishes_a_turn_the_same_way(bus: Bus) -> None:
     """Without `publish_nowait` (a plain nats-py client, or a full pending buffer) each message is sent by
     nats-py's own coroutine: the same messages, the same answers."""
-    server = NatsServer.start(tmp_path / "nats")
-    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
-    nc = await nats.connect(server.url)
-    stream = UsageStream(nc, db, f"gw-plain-{secrets.token_hex(3)}")
+    nc = await nats.connect(bus.server.url)
+    stream = UsageStream(nc, bus.db, f"gw-plain-{secrets.token_hex(3)}")
     try:
-        await stream._ensure_stream()
-        account = await make_account_async(stack.database_url)
-        day = dt.datetime.now(dt.UTC).date()
         rids = [f"plain{i}{secrets.token_hex(5)}" for i in range(5)]
-        opened = [Opened(r, account.subject, account.account_id, account.key_id, None, MODEL, day, 9) for r in rids]
-        seqs = await asyncio.gather(*(stream.publish(e) for e in opened))
+        seqs = await asyncio.gather(*(stream.publish(bus.opened(rid)) for rid in rids))
         assert seqs == [1] * 5
         assert (stream.publisher.messages, stream.publisher.events) == (1, 5)
     finally:
         await stream.publisher.stop()
         await nc.close()
-        await db.close()
-        server.stop()
 
 
 async def test_a_backlog_is_written_in_parts_in_order(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,7 +73,7 @@ class Publisher:
         self._turn: list[_Item] = []
         # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
-        # How many messages and events went out (a benchmark's figures).
+        # How many messages and events went out (metrics, read at scrape time).
         self.messages = 0
         self.events = 0
 
