@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, Response, post
+from litestar import Request, Response
 from litestar.di import NamedDependency
 
 from schemas import anthropic
 from services.anthropic.convert import bus_request
 from services.anthropic.output import Events, Shape
-from services.auth.declared import Auth, requires
+from services.auth.declared import Auth, post, requires
 from services.auth.principal import Principal
 from services.gateway import pipeline
 from services.gateway.pipeline import Job

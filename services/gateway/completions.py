@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from litestar import Request, Response, post
+from litestar import Request, Response
 from litestar.di import NamedDependency
 
 from schemas import openai
 from schemas.openai_bus import completion_request
 from schemas.openai_render import CompletionRender
-from services.auth.declared import Auth, requires
+from services.auth.declared import Auth, post, requires
 from services.auth.principal import Principal
 from services.gateway import pipeline
 from services.gateway.pipeline import Job

@@ -53,6 +53,15 @@ class KeyLookup:
         await self.last_used.stop()
         await self.listener.stop()
 
+    def cached(self, key: str) -> KeyRecord | None:
+        """The record of a key this replica has cached (and may trust), or None: then `find` it."""
+        if not self.listener.healthy:
+            return None
+        record = self.cache.get(key_format.digest(key))
+        if record is not None:
+            self.last_used.touch(record.key_id)
+        return record
+
     async def find(self, key: str, *, client: Callable[[], str]) -> KeyRecord | None:
         """The active record of a well-formed key, or None if unknown or revoked.
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from litestar import Request, Response, delete, get, post
+from litestar import Request, Response, delete, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
@@ -21,7 +21,7 @@ from schemas import limits, responses
 from schemas.bus import Finished
 from schemas.sse import named
 from services.auth.bearer import authenticate
-from services.auth.declared import Auth, requires
+from services.auth.declared import Auth, post, requires
 from services.auth.principal import Principal
 from services.errors import ApiError, InvalidRequest, NotFound
 from services.gateway import pipeline
