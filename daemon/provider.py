@@ -28,7 +28,7 @@ from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
 from daemon.outbox import Outbox
 from daemon.settings import DaemonSettings
-from schemas import bus, subjects
+from schemas import bus, nats_direct, subjects
 from schemas.codes import FailCode
 from schemas.conversations import conversation_key
 from schemas.tracing import Tracing, parent_context, remote_parent
@@ -62,6 +62,8 @@ class _Replier:
         self.bundled = (outbox, subjects.bundle(provider_id, gateway_id), request_id)
 
     async def send(self, make: type[bus.Frame], **fields: object) -> None:
+        """One frame: queued without a coroutine where it can be (nats_direct), to leave with what else
+        this loop turn sends."""
         if make is bus.Failed:
             # The wire type bounds a message's length: a longer one would not even decode at the gateway.
             fields["message"] = str(fields["message"])[: bus.MAX_MESSAGE_CHARS]
@@ -72,7 +74,8 @@ class _Replier:
             outbox, bundle_subject, request_id = self.bundled
             if outbox.put(bundle_subject, self.subject, request_id, data):
                 return
-        await self.nc.publish(self.subject, data)
+        if not nats_direct.publish_nowait(self.nc, self.subject, data):
+            await self.nc.publish(self.subject, data)
 
     async def done(self, finished: bus.Finished) -> None:
         """The `Done` frame: the engine's `Finished` as is, its timings rounded."""
@@ -112,6 +115,8 @@ class Provider:
     _nc: Nats | None = None
     _inflight: dict[str, _InFlight] = field(default_factory=dict)
     _operator_drain: asyncio.Task[None] | None = None
+    # Tasks nothing else holds (an undecodable request's answer): kept here until done.
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
     served: int = 0
     # Recent conversations the worker's prompt cache holds (newest last), for cache-aware routing.
     _conversations: deque[str] = field(default_factory=lambda: deque(maxlen=CACHED_CONVERSATIONS))
@@ -155,7 +160,7 @@ class Provider:
 
     async def _connect(self) -> Nats:
         s = self.settings
-        return await nats.connect(
+        return await nats_direct.connect(
             s.nats_url,
             name=f"mac-provider-daemon-{s.provider_id}",
             max_reconnect_attempts=-1,
@@ -201,7 +206,8 @@ class Provider:
 
     async def _serve_pool(self, stop: asyncio.Event) -> None:
         s = self.settings
-        await self.nc.subscribe(subjects.work(s.provider_id), cb=self._on_work)
+        # Straight from the read loop (schemas/nats_direct.py): the request's task starts a loop turn sooner.
+        await nats_direct.subscribe_requests(self.nc, subjects.work(s.provider_id), self._on_work)
         await self.nc.subscribe(subjects.cancel(s.provider_id), cb=self._on_cancel)
         await self.nc.subscribe(subjects.PROBE, cb=self._on_probe)
         await self.nc.subscribe(subjects.drain(s.provider_id), cb=self._on_drain)
@@ -330,17 +336,20 @@ class Provider:
                     detail=m.detail,
                 )
 
-    async def _on_work(self, msg: Msg) -> None:
+    def _on_work(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         # Only answer on our own reply prefix: NATS would refuse anything else anyway.
-        if not msg.reply.startswith(subjects.reply_prefix(self.settings.provider_id)):
-            log.warning("bad_reply_subject", reply=msg.reply)
+        if not reply.startswith(subjects.reply_prefix(self.settings.provider_id)):
+            log.warning("bad_reply_subject", reply=reply)
             return
-        replier = _Replier(self.nc, msg.reply)
+        replier = _Replier(self.nc, reply)
         try:
-            request = _REQUEST.decode(msg.data)
+            request = _REQUEST.decode(data)
         except msgspec.DecodeError as exc:
             self.metrics.outcome("bad_request")
-            await replier.fail("bad_request", f"undecodable request: {exc}")
+            # Called from the read loop: the answer goes from a task of its own.
+            failing = asyncio.create_task(replier.fail("bad_request", f"undecodable request: {exc}"))
+            self._background.add(failing)
+            failing.add_done_callback(self._background.discard)
             return
         if request.bundle and self._outbox is not None:
             with contextlib.suppress(subjects.SubjectError):  # not a reply subject a gateway makes: frames alone
@@ -348,7 +357,7 @@ class Provider:
         if request.request_id in self._inflight:
             return  # a duplicate delivery of a request we are already running
         # The gateway's trace context (W3C traceparent); a malformed header is ignored.
-        remote = remote_parent(msg.headers)
+        remote = remote_parent(headers)
         cancel = CancelToken()
         task = asyncio.create_task(self._traced(request, replier, cancel, remote), name=f"req-{request.request_id}")
         self._inflight[request.request_id] = _InFlight(cancel, task)

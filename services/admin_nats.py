@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from nats.aio.client import Client as Nats
 
-from schemas import subjects
-from services import nats_direct
+from schemas import nats_direct, subjects
 from services.settings import Settings
 
 

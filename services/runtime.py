@@ -18,9 +18,8 @@ from litestar import Litestar
 from litestar.datastructures import State
 from nats.aio.client import Client as Nats
 
-from schemas import subjects
+from schemas import nats_direct, subjects
 from schemas.tracing import Tracing, open_tracing
-from services import nats_direct
 from services.auth.demo import DemoTokens
 from services.canary.runner import Canaries, CanarySettings
 from services.catalog.catalog import Catalog

@@ -19,8 +19,7 @@ from nats.aio.client import Client
 
 from daemon.outbox import Outbox
 from infra.nats import NatsServer
-from schemas import bus, subjects
-from services import nats_direct
+from schemas import bus, nats_direct, subjects
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken
 
 GW = "gw-bundles"

@@ -19,8 +19,7 @@ import pytest
 from nats.aio.client import Client
 
 from infra.nats import NatsServer
-from schemas import bus, subjects
-from services import nats_direct
+from schemas import bus, nats_direct, subjects
 from services.errors import CoordinatorUnavailable
 from services.gateway.dispatch import Dispatcher
 from services.gateway.pool import PoolView
@@ -101,7 +100,7 @@ def _request(request_id: str) -> bus.InferenceRequest:
 @pytest.fixture
 async def parties(bare_nats: NatsServer) -> AsyncIterator[tuple[Gateway, Provider, Client]]:
     gw_nc = await nats_direct.connect(bare_nats.url)
-    # A client whose flush() is a barrier (services/nats_direct.py): the work must find its subscription.
+    # A client whose flush() is a barrier (schemas/nats_direct.py): the work must find its subscription.
     provider_nc = await nats_direct.connect(bare_nats.url)
     provider = Provider()
     await provider.start(provider_nc)

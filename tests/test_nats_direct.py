@@ -1,4 +1,4 @@
-"""The control plane's NATS client (services/nats_direct.py) on a real nats-server.
+"""The NATS client of the control plane and the daemon (schemas/nats_direct.py) on a real nats-server.
 
 The gateway relays every token through a direct subscription, so these pin
 what it relies on: plain messages reach the function from the read loop itself,
@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
 from infra.nats import NatsServer
-from services import nats_direct
+from schemas import nats_direct
 
 
 @pytest.fixture
@@ -209,3 +209,54 @@ async def test_publish_nowait_keeps_order_with_publish_and_declines_what_it_cann
     assert not nats_direct.publish_nowait(plain, "t.nowait", b"x")
     await direct.close()
     assert not nats_direct.publish_nowait(direct, "t.nowait", b"x")
+
+
+async def test_publish_now_writes_before_the_loop_turns_and_keeps_order(clients: tuple[Client, Client]) -> None:
+    direct, plain = clients
+    got = await _subscribed(plain, "t.now", Got())
+    # Queued first (the flusher's next turn), then written at once: the queued one goes in that write.
+    assert nats_direct.publish_nowait(direct, "t.now", b"0")
+    assert nats_direct.publish_now(direct, "t.now", b"1", reply="t.r")
+    assert not direct._pending  # on the socket already, not waiting for the flusher
+    # Mixed with publish and publish_nowait, nothing overtakes.
+    for i in range(2, 300):
+        if i % 3 == 0:
+            assert nats_direct.publish_now(direct, "t.now", str(i).encode())
+        elif i % 3 == 1:
+            assert nats_direct.publish_nowait(direct, "t.now", str(i).encode())
+        else:
+            await direct.publish("t.now", str(i).encode())
+    await got.until(300)
+    assert [int(d) for d in got.payloads] == list(range(300))
+    assert not nats_direct.publish_now(plain, "t.now", b"x")
+    await direct.close()
+    assert not nats_direct.publish_now(direct, "t.now", b"x")
+
+
+async def test_a_request_subscription_gets_the_reply_subject_from_the_read_loop(
+    clients: tuple[Client, Client],
+) -> None:
+    direct, plain = clients
+    seen: list[tuple[str, str, bytes, dict[str, str] | None, bool]] = []
+    done = asyncio.Event()
+    sub: Subscription | None = None
+
+    def on_request(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        from_read_loop = sub is not None and asyncio.current_task() is not sub._wait_for_msgs_task
+        seen.append((subject, reply, data, headers, from_read_loop))
+        if len(seen) == 2:
+            done.set()
+
+    sub = await nats_direct.subscribe_requests(direct, "t.work", on_request)
+    await direct.flush()
+    await plain.publish("t.work", b"plain", reply="t.reply.1")
+    # With headers (a trace context): nats-py's usual path, the same function, the headers kept.
+    await plain.publish("t.work", b"traced", reply="t.reply.2", headers={"traceparent": "00-x"})
+    await plain.flush()
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert seen[0] == ("t.work", "t.reply.1", b"plain", None, True)
+    subject, reply, data, headers, _ = seen[1]
+    assert (subject, reply, data) == ("t.work", "t.reply.2", b"traced")
+    assert headers is not None
+    assert headers["traceparent"] == "00-x"

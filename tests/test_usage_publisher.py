@@ -20,9 +20,8 @@ import pytest
 from nats.aio.client import Client as Nats
 
 from infra.nats import NatsServer
-from schemas import subjects
+from schemas import nats_direct, subjects
 from schemas.usage_events import Closed, Opened, Settlement, decode
-from services import nats_direct
 from services.usage import ledger
 from services.usage.ledger import UsageStream
 from services.usage.publisher import MAX_GROUP_BYTES

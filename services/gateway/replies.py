@@ -22,8 +22,7 @@ import msgspec
 from nats.aio.client import Client as Nats
 from nats.aio.subscription import Subscription
 
-from schemas import bus, subjects
-from services import nats_direct
+from schemas import bus, nats_direct, subjects
 
 # Far above any real frame (a delta is a few tokens); a bigger one is a broken or hostile provider.
 MAX_FRAME_BYTES = 1 << 20
@@ -196,7 +195,7 @@ class ReplyRouter:
         self.on_garbled_bundle: Callable[[str, str], None] | None = None
 
     async def start(self) -> None:
-        # Straight from the read loop (services/nats_direct.py): every token of every stream comes this way.
+        # Straight from the read loop (schemas/nats_direct.py): every token of every stream comes this way.
         self._subs = [
             await nats_direct.subscribe(self._nc, subjects.replies_for_gateway(self._gateway_id), self._on_msg),
             await nats_direct.subscribe(self._nc, subjects.bundles_for_gateway(self._gateway_id), self._on_bundle),

@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from nats.aio.client import Client as Nats
 
-from services import nats_direct
+from schemas import nats_direct
 from services.db.pool import open_pool
 from services.natsauth.decide import Authorizer
 from services.natsauth.disconnect import Disconnector

@@ -43,9 +43,8 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.client import JetStreamContext
 
-from schemas import subjects
+from schemas import nats_direct, subjects
 from schemas.usage_events import ENCODER, Closed, Opened, UsageEvent, decode
-from services import nats_direct
 from services.db.refused import REFUSED
 from services.usage import leases
 from services.usage.publisher import Publisher

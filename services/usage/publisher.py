@@ -27,8 +27,7 @@ from nats.aio.client import Client as Nats
 from nats.aio.subscription import Subscription
 from nats.js import api
 
-from schemas import subjects
-from services import nats_direct
+from schemas import nats_direct, subjects
 
 _NO_RESPONDERS = "503"
 # A message's events stay well under the stream's max_msg_size (64 KB), with room for the brackets.

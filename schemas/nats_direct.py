@@ -1,4 +1,5 @@
-"""The control plane's NATS client: the hottest subscriptions' messages go straight to a plain function.
+"""The NATS client of the control plane and the daemon: the hottest subscriptions' messages go straight
+to a plain function.
 
 nats-py hands each message of a callback subscription to a task of the
 subscription's own: a `Msg` object, a queue put, a wake-up of that task, a queue
@@ -21,6 +22,10 @@ another connection (measured here). Its PING now queues behind them.
 
 And `publish_nowait` queues a message without a coroutine, so a callback can
 publish: what is queued in one loop turn leaves in one socket write either way.
+`publish_now` writes it to the socket at once instead, for the one message a
+request's latency waits on (its work message, a provider's first frames).
+
+It lives in schemas/ because the daemon, which never imports services/, uses it too.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ log = structlog.get_logger("nats")
 
 # (subject, payload, headers): headers are None on the direct path. Must not block; should not raise.
 OnMessage = Callable[[str, bytes, dict[str, str] | None], None]
+# (subject, reply subject, payload, headers): a request, which its handler answers on the reply subject.
+OnRequest = Callable[[str, str, bytes, dict[str, str] | None], None]
 
 
 class DirectClient(Client):
@@ -49,6 +56,7 @@ class DirectClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, OnMessage] = {}
+        self._direct_requests: dict[int, OnRequest] = {}
 
     async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
         # Behind what is pending, in order: the PONG then means the server has everything sent before.
@@ -82,16 +90,38 @@ class DirectClient(Client):
             self._flush_queue.put_nowait(asyncio.get_running_loop().create_future())
         return True
 
+    def publish_now(self, subject: str, payload: bytes, reply: str = "") -> bool:
+        """`publish_nowait`, then written to the socket at once, behind whatever was queued before it.
+
+        nats-py's flusher task writes on the loop's next turn: a message a request waits on left only
+        after the request's task had yielded (about 30 us at the gateway, per request). Order is
+        kept: everything queued goes in this write. While the socket has unsent bytes the message is
+        left to the flusher, which waits for them to drain: nats-py's bound on what may be pending
+        then holds back publishers, as it would without this.
+        """
+        if not self.publish_nowait(subject, payload, reply):
+            return False
+        writer = getattr(self._transport, "_io_writer", None)
+        if writer is not None and self._pending and writer.transport.get_write_buffer_size() == 0:
+            writer.writelines(self._pending)
+            self._pending = []
+            self._pending_data_size = 0
+        return True
+
     # nats-py types `headers` as bytes; its parser passes None for a message without any.
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         on_message = self._direct.get(sid)
-        if on_message is None or headers or sid not in self._subs:
+        on_request = self._direct_requests.get(sid) if on_message is None else None
+        if (on_message is None and on_request is None) or headers or sid not in self._subs:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         try:
-            on_message(subject.decode(), data, None)
+            if on_message is not None:
+                on_message(subject.decode(), data, None)
+            elif on_request is not None:
+                on_request(subject.decode(), reply.decode(), data, None)
         except Exception:
             # The read loop must go on: one bad message is that message's problem. Not even a failing log
             # write may escape: nats-py's parser would drop the rest of what it had read (the next tokens).
@@ -104,6 +134,11 @@ async def connect(servers: str | list[str], **options: Any) -> Client:
     nc = DirectClient()
     await nc.connect(servers, **options)
     return nc
+
+
+def publish_now(nc: Client, subject: str, payload: bytes, reply: str = "") -> bool:
+    """`DirectClient.publish_now` where `nc` is one; False otherwise (then await `publish`)."""
+    return isinstance(nc, DirectClient) and nc.publish_now(subject, payload, reply)
 
 
 def publish_nowait(nc: Client, subject: str, payload: bytes, reply: str = "") -> bool:
@@ -123,4 +158,16 @@ async def subscribe(nc: Client, subject: str, on_message: OnMessage) -> Subscrip
     sub = await nc.subscribe(subject, cb=slow)
     if isinstance(nc, DirectClient):
         nc._direct[sub._id] = on_message
+    return sub
+
+
+async def subscribe_requests(nc: Client, subject: str, on_request: OnRequest) -> Subscription:
+    """`subscribe`, for requests: `on_request` is also handed each message's reply subject."""
+
+    async def slow(msg: Msg) -> None:
+        on_request(msg.subject, msg.reply, msg.data, msg.headers)
+
+    sub = await nc.subscribe(subject, cb=slow)
+    if isinstance(nc, DirectClient):
+        nc._direct_requests[sub._id] = on_request
     return sub
