@@ -241,3 +241,33 @@ async def test_hurries_never_make_a_consumer_write_more_often_than_every_20_ms(
     assert len(writes) >= 10, "hurried, it wrote well within its 5 s linger"
     # A write that took long lets the next batch follow it closely: the bound is on the rate.
     assert len(writes) - 1 <= (writes[-1] - writes[0]) / ledger.HURRIED_S + 1, writes
+
+
+async def test_a_consumer_lingering_longer_than_a_quarter_second_is_waited_for_not_taken_for_gone(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While it lingers a consumer has no pull waiting; one that does not take hurries (a replica from
+    before them, or the hurry lost: core NATS) must still be waited for, not taken for a gone replica."""
+    monkeypatch.setattr(UsageStream, "_on_hurry", lambda self, *_: None)
+    bus.stream._linger_s = 0.5
+    await bus.stream.start()
+    first = f"first{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(first))
+    # Written at once (the consumer was idle); from then on it lingers.
+    for _ in range(1000):
+        if await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", first):
+            break
+        await asyncio.sleep(0.005)
+    else:
+        pytest.fail("the first event was never written")
+    late = f"late{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(late))
+    other_nc = await nats_direct.connect(bus.server.url)
+    other = UsageStream(other_nc, bus.db, f"gw-other-{secrets.token_hex(3)}", linger_s=0.5)
+    try:
+        await other.start()
+        assert await other.caught_up(3.0)
+        assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", late) == 1
+    finally:
+        await other.stop()
+        await other_nc.close()

@@ -81,6 +81,9 @@ _UNAVAILABLE = (
 PULL_WAIT_S = 2.0
 # A fetch for what is there already (nats-py asks with no_wait first, then waits this long at most).
 NO_WAIT_S = 0.002
+# A live consumer has a pull waiting except while it lingers (`linger_s`, the same on every replica of a
+# deployment): one with none for longer than its linger and this is taken for gone (`caught_up`).
+GONE_AFTER_S = 0.25
 
 
 class UsageStreamUnavailable(RuntimeError):
@@ -131,6 +134,7 @@ class UsageStream:
         self._subject = subjects.usage_events(gateway_id)
         self._replicas = replicas
         self._linger_s = linger_s
+        self._gone_after_s = linger_s + GONE_AFTER_S
         self._idle_s = max(5.0, idle_s)
         self._max_bytes = max_bytes
         self._metrics = metrics
@@ -517,9 +521,11 @@ class UsageStream:
                     idle_since, progress = None, _progress(ci)
                 elif idle_since is None:
                     idle_since = now
-                elif now - idle_since > 0.25:
-                    # No pull waiting for a while: its replica is gone (a live one always has one waiting),
-                    # and the consumer only awaits removal and adoption. Nobody can hurry those.
+                elif now - idle_since > self._gone_after_s:
+                    # No pull waiting for longer than a linger: its replica is gone (a live one has one
+                    # waiting but while it lingers), and the consumer only awaits removal and adoption.
+                    # Nobody can hurry those. (Once taken for gone after 0.25 s, whatever the linger: a
+                    # consumer lingering longer, not hurried, looked gone and was not waited for.)
                     break
                 if now >= deadline:
                     return False
