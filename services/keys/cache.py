@@ -1,8 +1,10 @@
 """A small in-process cache of key lookups: SHA-256 digest → active key record.
 
-Entries live at most `ttl_s` (the safety net should an invalidation ever be lost)
-and the oldest go first beyond `size`. `epoch` closes the race between a lookup
-and a revocation: a lookup remembers the epoch before it reads Postgres and may
+Entries are trusted at most `ttl_s` (the safety net should an invalidation ever be
+lost) and the oldest go first beyond `size`. An entry past its time is not trusted
+but still `known`: refreshing a key Postgres vouched for is no guess
+(services/keys/lookup.py). `epoch` closes the race between a lookup and a
+revocation: a lookup remembers the epoch before it reads Postgres and may
 store its answer only if no invalidation happened meanwhile, so a row read just
 before a revocation cannot outlive the revocation's notice.
 """
@@ -34,10 +36,17 @@ class KeyCache:
             return None
         record, stored_at = entry
         if self._clock() - stored_at > self._ttl_s:
-            self._drop(digest)
-            return None
+            return None  # stale: kept, `known`, until refreshed, dropped or pushed out
         self._entries.move_to_end(digest)
         return record
+
+    def known(self, digest: bytes) -> bool:
+        """Whether Postgres vouched for this key (trusted still or not): not revoked since, as far as we heard."""
+        return digest in self._entries
+
+    def forget(self, digest: bytes) -> None:
+        """A lookup found the key no longer active."""
+        self._drop(digest)
 
     def put(self, digest: bytes, record: KeyRecord, *, epoch: int) -> bool:
         """Store a lookup that started at `epoch`; refused if anything was invalidated since."""
