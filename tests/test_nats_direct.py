@@ -211,28 +211,6 @@ async def test_publish_nowait_keeps_order_with_publish_and_declines_what_it_cann
     assert not nats_direct.publish_nowait(direct, "t.nowait", b"x")
 
 
-async def test_publish_now_writes_before_the_loop_turns_and_keeps_order(clients: tuple[Client, Client]) -> None:
-    direct, plain = clients
-    got = await _subscribed(plain, "t.now", Got())
-    # Queued first (the flusher's next turn), then written at once: the queued one goes in that write.
-    assert nats_direct.publish_nowait(direct, "t.now", b"0")
-    assert nats_direct.publish_now(direct, "t.now", b"1", reply="t.r")
-    assert not direct._pending  # on the socket already, not waiting for the flusher
-    # Mixed with publish and publish_nowait, nothing overtakes.
-    for i in range(2, 300):
-        if i % 3 == 0:
-            assert nats_direct.publish_now(direct, "t.now", str(i).encode())
-        elif i % 3 == 1:
-            assert nats_direct.publish_nowait(direct, "t.now", str(i).encode())
-        else:
-            await direct.publish("t.now", str(i).encode())
-    await got.until(300)
-    assert [int(d) for d in got.payloads] == list(range(300))
-    assert not nats_direct.publish_now(plain, "t.now", b"x")
-    await direct.close()
-    assert not nats_direct.publish_now(direct, "t.now", b"x")
-
-
 async def test_a_request_subscription_gets_the_reply_subject_from_the_read_loop(
     clients: tuple[Client, Client],
 ) -> None:

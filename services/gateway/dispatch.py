@@ -29,7 +29,7 @@ from nats.aio.client import Client as Nats
 from nats.errors import Error as NatsError
 from opentelemetry.trace import Span, StatusCode
 
-from schemas import bus, codes, nats_direct, subjects
+from schemas import bus, codes, subjects
 from schemas.codes import StreamEnd
 from schemas.conversations import conversation_key
 from schemas.tracing import Tracing, headers_for
@@ -418,9 +418,7 @@ class Dispatcher:
                 span.set_attribute("mp.provider", pid)
             try:
                 reply = subjects.reply(pid, self._gateway_id, request.request_id)
-                # Written at once (the request waits on nothing else), unless it carries a trace context.
-                if headers is not None or not nats_direct.publish_now(self._nc, subjects.work(pid), payload, reply):
-                    await self._nc.publish(subjects.work(pid), payload, reply=reply, headers=headers)
+                await self._nc.publish(subjects.work(pid), payload, reply=reply, headers=headers)
                 check = vetting.LegCheck(request, _vocab_size(state.heartbeat, request.model), tools, json)
                 frame = await stream.next(self.accept_timeout_s)
                 if isinstance(frame, bus.Accepted):
