@@ -116,6 +116,11 @@ class Publisher:
             else:
                 future.set_exception(error)
 
+    @property
+    def pending(self) -> bool:
+        """Events wait for the end of this loop turn."""
+        return bool(self._turn)
+
     def submit(self, data: bytes) -> asyncio.Future[int]:
         """Queue one encoded event for this loop turn's message. Its future gets the stream sequence of the
         message that holds it once JetStream acknowledged it, or the error nats-py's `js.publish` would raise.
