@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response
-from litestar.di import NamedDependency
 
 from schemas import anthropic
 from services.anthropic.convert import bus_request
@@ -19,7 +18,7 @@ from services.gateway import pipeline
 from services.gateway.pipeline import Job
 from services.gateway.requests import decode_body
 from services.openapi import ANTHROPIC_ERRORS, documented
-from services.runtime import Runtime
+from services.runtime import runtime_of
 
 
 @post(
@@ -34,7 +33,9 @@ from services.runtime import Runtime
     ),
     **requires(Auth.ANTHROPIC_KEY),
 )
-async def messages(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
+async def messages(request: Request[Any, Any, Any]) -> Response[Any]:
+    runtime = runtime_of(request)
+
     async def prepare(principal: Principal, body: bytes) -> Job[anthropic.MessagesRequest]:
         req = decode_body(body, anthropic.MessagesRequest)
         job = bus_request(req)

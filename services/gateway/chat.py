@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from litestar import Request, Response
-from litestar.di import NamedDependency
 
 from schemas import openai
 from schemas.openai_bus import chat_request
@@ -17,7 +16,7 @@ from services.gateway import pipeline
 from services.gateway.pipeline import Job
 from services.gateway.requests import decode_body
 from services.openapi import GATEWAY_ERRORS, documented
-from services.runtime import Runtime
+from services.runtime import runtime_of
 
 
 @post(
@@ -31,7 +30,9 @@ from services.runtime import Runtime
     ),
     **requires(Auth.API_KEY_OR_DEMO),
 )
-async def chat_completions(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any]:
+    runtime = runtime_of(request)
+
     async def prepare(principal: Principal, body: bytes) -> Job[openai.ChatCompletionRequest]:
         req = decode_body(body, openai.ChatCompletionRequest)
         return Job(

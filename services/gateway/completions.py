@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from litestar import Request, Response
-from litestar.di import NamedDependency
 
 from schemas import openai
 from schemas.openai_bus import completion_request
@@ -17,7 +16,7 @@ from services.gateway import pipeline
 from services.gateway.pipeline import Job
 from services.gateway.requests import decode_body
 from services.openapi import GATEWAY_ERRORS, documented
-from services.runtime import Runtime
+from services.runtime import runtime_of
 
 # Seed 001's default when the request sets no max_tokens.
 DEFAULT_MAX_TOKENS = 100
@@ -34,7 +33,9 @@ DEFAULT_MAX_TOKENS = 100
     ),
     **requires(Auth.API_KEY),
 )
-async def completions(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
+async def completions(request: Request[Any, Any, Any]) -> Response[Any]:
+    runtime = runtime_of(request)
+
     async def prepare(principal: Principal, body: bytes) -> Job[openai.CompletionRequest]:
         req = decode_body(body, openai.CompletionRequest)
         return Job(completion_request(req, default_max_tokens=DEFAULT_MAX_TOKENS), req.stream, [req.prompt], req)

@@ -32,7 +32,7 @@ from services.openapi import GATEWAY_ERRORS, documented
 from services.responses import store
 from services.responses.convert import bus_messages, bus_request, conversation, function_tools, surface_param
 from services.responses.output import Output
-from services.runtime import Runtime
+from services.runtime import Runtime, runtime_of
 
 log = structlog.get_logger("responses")
 
@@ -171,7 +171,8 @@ class _Events:
     ),
     **requires(Auth.API_KEY),
 )
-async def create_response(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[Any]:
+async def create_response(request: Request[Any, Any, Any]) -> Response[Any]:
+    runtime = runtime_of(request)
     request_id = request_id_of(request)
 
     async def prepare(principal: Principal, body: bytes) -> Job[_Shape]:
