@@ -417,8 +417,12 @@ class Dispatcher:
             if span is not None:
                 span.set_attribute("mp.provider", pid)
             try:
-                reply = subjects.reply(pid, self._gateway_id, request.request_id)
-                await self._nc.publish(subjects.work(pid), payload, reply=reply, headers=headers)
+                await self._nc.publish(
+                    subjects.work(pid),
+                    payload,
+                    reply=subjects.reply(pid, self._gateway_id, request.request_id),
+                    headers=headers,
+                )
                 check = vetting.LegCheck(request, _vocab_size(state.heartbeat, request.model), tools, json)
                 frame = await stream.next(self.accept_timeout_s)
                 if isinstance(frame, bus.Accepted):

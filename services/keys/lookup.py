@@ -66,7 +66,7 @@ class KeyLookup:
         return record
 
     async def find(self, key: str, *, client: Callable[[], str]) -> KeyRecord | None:
-        """The active record of a well-formed key, or None if unknown or revoked.
+        """The active record of a well-formed key `cached` did not have, or None if unknown or revoked.
 
         `client()` (client_ip.client_key) is who a lookup that finds nothing is counted against: only
         asked on a cache miss. Concurrent misses of one key share one query and one unit of the budget:
@@ -74,24 +74,21 @@ class KeyLookup:
         or its entry just expired) once took 64 units, and all past the budget were refused 429.
         """
         digest = key_format.digest(key)
-        record = self.cache.get(digest) if self.listener.healthy else None
-        if record is None:
-            pending = self._lookups.get(digest)
-            if pending is None:
-                who = None if self.cache.known(digest) else client()
-                wait = self.failed_lookups.take(who) if who is not None else None
-                if wait is not None:
-                    raise RateLimited(
-                        f"Too many requests with unknown API keys from this address; try again in {wait} s.",
-                        headers={"retry-after": str(wait)},
-                    )
-                pending = self._lookups[digest] = asyncio.ensure_future(self._query(digest, who))
-                pending.add_done_callback(lambda done: self._done(digest, done))
-            # Shielded: one waiter's hang-up must not cancel the query the others wait for.
-            record = await asyncio.shield(pending)
-            if record is None:
-                return None
-        self.last_used.touch(record.key_id)
+        pending = self._lookups.get(digest)
+        if pending is None:
+            who = None if self.cache.known(digest) else client()
+            wait = self.failed_lookups.take(who) if who is not None else None
+            if wait is not None:
+                raise RateLimited(
+                    f"Too many requests with unknown API keys from this address; try again in {wait} s.",
+                    headers={"retry-after": str(wait)},
+                )
+            pending = self._lookups[digest] = asyncio.ensure_future(self._query(digest, who))
+            pending.add_done_callback(lambda done: self._done(digest, done))
+        # Shielded: one waiter's hang-up must not cancel the query the others wait for.
+        record = await asyncio.shield(pending)
+        if record is not None:
+            self.last_used.touch(record.key_id)
         return record
 
     async def _query(self, digest: bytes, who: str | None) -> KeyRecord | None:
