@@ -16,6 +16,7 @@ from daemon.engine.base import EngineError, Event, Finished, TextChunk
 from daemon.frames import coalesced
 from schemas import bus
 from schemas.disconnect import unless_disconnected
+from schemas.tasks import cancel_and_wait
 from services.gateway import pipeline
 from services.gateway.exchange import Exchange
 from services.gateway.frames import joined, joins
@@ -444,3 +445,26 @@ async def test_an_answer_read_to_its_end_leaves_no_generator_for_the_loop_to_clo
     finally:
         sys.set_asyncgen_hooks(*hooks)
     assert finalized == []
+
+
+async def test_cancel_and_wait_ends_a_task_that_lost_its_cancellation() -> None:
+    """asyncio.wait_for on Python 3.11 can swallow a cancellation (gh-86296; nats-py's fetch and connect use
+    it): the task runs on, and `task.cancel(); await task` never returned (a ledger that never stopped)."""
+    lost = 0
+
+    async def loses_one_cancellation() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost += 1  # as wait_for does when its inner future completed at the same moment
+
+    task = asyncio.ensure_future(loses_one_cancellation())
+    await asyncio.sleep(0.02)
+    async with asyncio.timeout(5):
+        await cancel_and_wait(task)
+    assert task.cancelled()
+    assert lost == 1

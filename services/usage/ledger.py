@@ -44,6 +44,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from schemas import nats_direct, subjects
+from schemas.tasks import cancel_and_wait
 from schemas.usage_events import ENCODER, Closed, Opened, UsageEvent, decode
 from services.db.refused import REFUSED
 from services.usage import leases
@@ -207,9 +208,8 @@ class UsageStream:
         if self._puller is None or self._writer is None or self._sub is None:
             return
         # The puller only ever waits on the server: what it had received stays in the subscription's queue.
-        self._puller.cancel()
-        with contextlib.suppress(BaseException):
-            await self._puller
+        # (Cancelled until it ends: nats-py's fetch waits in asyncio.wait_for, which can lose a cancellation.)
+        await cancel_and_wait(self._puller)
         self._stopping.set()
         self._batches.put_nowait(None)
         with contextlib.suppress(BaseException):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import structlog
 
+from schemas.tasks import cancel_and_wait
 from schemas.usage_events import Closed, Opened, Settlement
 from services.auth.principal import Principal
 from services.db.refused import REFUSED
@@ -190,9 +191,7 @@ class Metering:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # the sweep adopts orphans with nats-py fetches (schemas/tasks.py)
         # A last try before the process exits (a graceful stop settles what it served).
         await self._opener.drain()
         await self._closer.drain()
