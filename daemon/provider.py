@@ -218,9 +218,7 @@ class Provider:
             if self._outbox is not None:
                 # The last frames of the requests that just finished go before the connection does.
                 await self._outbox.close()
-            beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beats
+            await cancel_and_wait(beats)
             with contextlib.suppress(Exception):
                 await self.nc.publish(
                     subjects.leave(s.provider_id),

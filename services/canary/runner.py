@@ -33,6 +33,7 @@ import structlog
 from nats.aio.client import Client as Nats
 
 from schemas import bus
+from schemas.tasks import cancel_and_wait
 from services.canary import prompts, store
 from services.canary.compare import Answer, Comparison, compare
 from services.canary.probe import Reply, ask
@@ -122,10 +123,9 @@ class Canaries:
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self._running.values()) if t is not None]
         for task in tasks:
-            task.cancel()
+            task.cancel()  # all at once; then each until it has ended
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
 
     # ---- who is due: from heartbeats (no I/O) ---------------------------------------------------
 

@@ -27,6 +27,7 @@ import asyncpg
 import structlog
 
 from schemas import bus
+from schemas.tasks import cancel_and_wait
 from services.catalog import store
 from services.db.notify import NotifyListener
 
@@ -77,9 +78,7 @@ class Catalog:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self._listener.stop()
 
     # ---- reading it: no I/O ---------------------------------------------------------------------

@@ -12,7 +12,6 @@ touches rows whose verdict changed, so replicas agreeing cost one no-op statemen
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import structlog
 from nats.aio.client import Client as Nats
 
 from schemas import bus, subjects
+from schemas.tasks import cancel_and_wait
 from services.catalog import store
 
 log = structlog.get_logger("gateway.verdicts")
@@ -59,9 +59,7 @@ class Verdicts:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     def current(self, provider_id: str) -> tuple[bus.ModelVerdict, ...]:
         known = self._known.get(provider_id)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import asyncpg
 import structlog
 
+from schemas.tasks import cancel_and_wait
+
 log = structlog.get_logger("db.notify")
 
 
@@ -57,9 +59,7 @@ class NotifyListener:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self._close()
 
     async def _run(self) -> None:

@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from schemas import bus, subjects
+from schemas.tasks import cancel_and_wait
 from services.catalog.catalog import Catalog
 from services.catalog.verdicts import Verdicts
 from services.gateway import vetting
@@ -109,9 +110,7 @@ class Membership:
 
     async def stop(self) -> None:
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

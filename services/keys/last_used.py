@@ -8,12 +8,12 @@ in one statement (and once more at shutdown).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, datetime
 
 import asyncpg
 import structlog
 
+from schemas.tasks import cancel_and_wait
 from services.keys.store import record_last_used
 
 log = structlog.get_logger("keys.last_used")
@@ -34,9 +34,7 @@ class LastUsed:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self.flush()
 
     async def flush(self) -> None:

@@ -19,7 +19,6 @@ listener is down, when a notice may have been missed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
+from schemas.tasks import cancel_and_wait
 from services.db.notify import NotifyListener
 from services.providers import store
 
@@ -118,9 +118,7 @@ class Admission:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self._listener.stop()
 
     # ---- the heartbeat path: no I/O ---------------------------------------------------------

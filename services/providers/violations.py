@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
+from schemas.tasks import cancel_and_wait
+
 log = structlog.get_logger("gateway.violations")
 
 # Distinct (provider, kind) pairs held between two flushes; past this a flood is only counted.
@@ -108,9 +110,7 @@ class Violations:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self.flush()
 
