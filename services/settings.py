@@ -331,6 +331,8 @@ class Settings:
     metrics_token: str = field(default="", metadata=SECRET)
     # OpenTelemetry traces (schemas/tracing.py): MP_OTEL_EXPORTER and friends; off by default.
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    # Who an operator's catalog change is recorded as when `--by` is not given (`mac-provider admin models`).
+    operator: str = ""
 
     def __repr__(self) -> str:
         return f"Settings({_safe_fields(self)})"
@@ -431,4 +433,5 @@ class Settings:
             public_nats_url=_public_nats_url(env),
             metrics_token=_metrics_token(env, home),
             tracing=_tracing(env),
+            operator=env.get("MP_OPERATOR", "").strip()[:256],
         )

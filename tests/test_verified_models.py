@@ -310,8 +310,11 @@ def test_one_byte_changed_is_not_routed_and_both_sides_see_why(verified: Verifie
 def test_revoking_weights_stops_routing_everywhere_at_once(verified: Verified) -> None:
     stack = verified.stack
     args = ("revoke", MODEL, verified.honest_sha)
-    code, out = asyncio.run(models_cli(*args, nats_url=stack.nats_url, database_url=stack.database_url))
+    operator = {"MP_OPERATOR": "oncall-alice"}  # who a change is recorded as without --by
+    code, out = asyncio.run(models_cli(*args, nats_url=stack.nats_url, database_url=stack.database_url, env=operator))
     assert code == 0, out
+    sql = "SELECT revoked_by FROM model_catalog WHERE model_id = $1 AND weights_sha256 = $2"
+    assert _rows(stack, sql, MODEL, verified.honest_sha)[0]["revoked_by"] == "oncall-alice"
     revoked_at = time.monotonic()
     for base in (stack.base_url, verified.refuse):
         _until(f"{base} stops routing {MODEL}", _serving(base, 0), timeout=2.0)

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import getpass
-import os
 import secrets
 from datetime import datetime
 from typing import Any
@@ -63,8 +62,8 @@ def add_commands(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     canaries.add_argument("--limit", type=int, default=30)
 
 
-def _operator(args: argparse.Namespace) -> str:
-    who = args.by or os.environ.get("MP_OPERATOR") or ""
+def _operator(args: argparse.Namespace, settings: Settings) -> str:
+    who = args.by or settings.operator
     if not who:
         with contextlib.suppress(Exception):
             who = getpass.getuser()
@@ -97,12 +96,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             return await _list(conn, args)
         if command == "allow":
             sha = args.sha256.lower()
-            added = await store.allow(conn, args.model_id, sha, added_by=_operator(args), note=args.note)
+            added = await store.allow(conn, args.model_id, sha, added_by=_operator(args, settings), note=args.note)
             state = "listed" if added else "already listed"
             print(f"{args.model_id}: weights {args.sha256.lower()} {state}; every gateway routes them")
             return 0
         if command == "revoke":
-            if not await store.revoke(conn, args.model_id, args.sha256.lower(), revoked_by=_operator(args)):
+            if not await store.revoke(conn, args.model_id, args.sha256.lower(), revoked_by=_operator(args, settings)):
                 print(f"{args.model_id}: weights {args.sha256.lower()} were not listed; nothing changed")
                 return 1
             print(f"{args.model_id}: weights {args.sha256.lower()} revoked; no gateway routes them any more")
@@ -220,7 +219,7 @@ async def _trust(conn: asyncpg.Connection, settings: Settings, args: argparse.Na
     try:
         try:
             listed = await trust(
-                conn, nc, pid, args.model_id, added_by=_operator(args), note=args.note, wait_s=args.wait_s
+                conn, nc, pid, args.model_id, added_by=_operator(args, settings), note=args.note, wait_s=args.wait_s
             )
         except NotPinned as exc:
             print(exc)

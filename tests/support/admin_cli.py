@@ -12,19 +12,21 @@ async def providers_cli(*args: str, nats_url: str, database_url: str) -> tuple[i
     return await admin_cli("providers", *args, nats_url=nats_url, database_url=database_url)
 
 
-async def models_cli(*args: str, nats_url: str, database_url: str) -> tuple[int, str]:
+async def models_cli(
+    *args: str, nats_url: str, database_url: str, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """`mac-provider admin models ...`: (exit code, what it printed)."""
-    return await admin_cli("models", *args, nats_url=nats_url, database_url=database_url)
+    return await admin_cli("models", *args, nats_url=nats_url, database_url=database_url, env=env)
 
 
-async def admin_cli(*args: str, nats_url: str, database_url: str) -> tuple[int, str]:
+async def admin_cli(*args: str, nats_url: str, database_url: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "services",
         "admin",
         *args,
-        env={**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url},
+        env={**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, **(env or {})},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
