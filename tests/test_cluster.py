@@ -91,7 +91,16 @@ def test_jetstream_is_clustered_and_the_usage_stream_keeps_a_copy_on_every_node(
             durable = subjects.usage_consumer("gw-cluster-test")
             sub = await js.pull_subscribe(subjects.usage_events("gw-cluster-test"), durable, subjects.USAGE_STREAM)
             ack = await js.publish(subjects.usage_events("gw-cluster-test"), b"event")
-            (msg,) = await sub.fetch(1, timeout=5)
+            # A new R3 consumer answers 503 until its own leader is elected (CI saw one): as the ledger does
+            # (services/usage/ledger.py `_fetch`), pull again shortly.
+            for _ in range(50):
+                try:
+                    (msg,) = await sub.fetch(1, timeout=5)
+                    break
+                except nats.js.errors.ServiceUnavailableError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the usage consumer never got a leader")
             await msg.ack_sync()
             await js.delete_consumer(subjects.USAGE_STREAM, durable)
             return await js.stream_info(subjects.USAGE_STREAM), ack
