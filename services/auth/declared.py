@@ -36,7 +36,7 @@ from services.auth.sessions import require_account
 from services.errors import ApiError, DemoTokenNotAllowed
 from services.metrics.scrape import check_token
 from services.openapi import ANTHROPIC_KEY, API_KEY, SESSION
-from services.runtime import Runtime
+from services.runtime import runtime_of
 
 log = structlog.get_logger("auth")
 
@@ -107,10 +107,10 @@ async def enforce(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseR
             check_token(connection)
             return
         if kind is Auth.PROVIDER_OWNER:
-            await resolve_owner(connection, connection.app.state.runtime)
+            await resolve_owner(connection, runtime_of(connection))
             return
         if kind in KEY_KINDS or kind is Auth.SESSION:
-            runtime: Runtime = connection.app.state.runtime
+            runtime = runtime_of(connection)
             if kind is Auth.SESSION:
                 await require_account(connection, runtime.db, runtime.settings)
                 return
