@@ -152,6 +152,13 @@ class RequestTimeout(ApiError):
     code = "request_timeout"
 
 
+class BodyTooLarge(ApiError):
+    """The request body is larger than the route accepts (Litestar's `request_max_body_size`)."""
+
+    status = 413
+    code = "request_too_large"
+
+
 class ClientDisconnected(ApiError):
     """The client hung up before its request body arrived (nobody reads the answer; nginx's 499)."""
 

@@ -20,6 +20,7 @@ import structlog
 import uvicorn
 from litestar import Litestar
 
+from services.gateway.lane import Lane
 from services.gateway.sse import ServerSend
 from services.lifecycle import LIFECYCLE, Lifecycle
 from services.settings import Settings
@@ -80,7 +81,7 @@ class _Server(uvicorn.Server):
 
 def serve(app: Litestar, settings: Settings) -> None:
     config = uvicorn.Config(
-        ServerSend(app),
+        ServerSend(Lane(app)),
         host=settings.host,
         port=settings.port,
         log_level="warning",

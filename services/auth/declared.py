@@ -123,8 +123,8 @@ async def enforce(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseR
         raise
 
 
-class _Route(HTTPRouteHandler):
-    """Litestar's route handler, whose guards are handed the handler itself rather than a copy.
+class LaneRoute(HTTPRouteHandler):
+    """A hot route: served by services/gateway/lane.py, and its guards get the handler, not a copy.
 
     Litestar copies the handler for every guard call, so that a guard cannot change it. `enforce`
     only reads it, and on the inference routes that copy (41 attributes) cost as much as the rest
@@ -137,8 +137,8 @@ class _Route(HTTPRouteHandler):
 
 
 def post(path: str, **kwargs: Any) -> HTTPRouteHandler:
-    """Litestar's `@post(...)` (same arguments), for the hot routes: see `_Route`."""
-    return _Route(path, http_method=HttpMethod.POST, **kwargs)
+    """Litestar's `@post(...)` (same arguments), for the hot routes: see `LaneRoute`."""
+    return LaneRoute(path, http_method=HttpMethod.POST, **kwargs)
 
 
 def undeclared(app: Litestar) -> list[str]:

@@ -18,17 +18,17 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import InternalServerException
 
 from schemas import bus
 from schemas.disconnect import unless_disconnected
 from schemas.openai_bus import Untranslatable
 from services.auth.bearer import authenticate
 from services.auth.principal import Principal
-from services.errors import ApiError, ClientDisconnected, CoordinatorUnavailable, ProviderError, untranslatable
+from services.errors import ApiError, CoordinatorUnavailable, ProviderError, untranslatable
 from services.gateway.dispatch import SHUTTING_DOWN, Call, StreamBroken
 from services.gateway.exchange import Exchange
 from services.gateway.frames import MAX_JOINED, joined, joins
+from services.gateway.requests import read_body
 from services.gateway.sse import EventStream
 from services.ids import request_id_of
 from services.runtime import Runtime
@@ -104,11 +104,7 @@ async def start(
     try:
         principal = await authenticate(request, runtime, allow_demo=allow_demo, api_key_header=api_key_header)
         ex.key_id = principal.key_id
-        try:
-            body = await request.body()
-        except InternalServerException:
-            # Litestar's "client disconnected prematurely": a hang-up, not a server error.
-            raise ClientDisconnected("The client hung up before its request body arrived.") from None
+        body = await read_body(request)
         try:
             job = await prepare(principal, body)
         except Untranslatable as exc:

@@ -1,13 +1,47 @@
-"""Parsing buyer request bodies into wire types, with OpenAI-style errors (the decoder: schemas/body.py)."""
+"""Reading and parsing buyer request bodies into wire types, with OpenAI-style errors (the decoder: schemas/body.py)."""
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from litestar import Request
 
 from schemas import body as wire_body
-from services.errors import InvalidJson, InvalidRequest
+from services.auth.bearer import header
+from services.errors import BodyTooLarge, ClientDisconnected, InvalidJson, InvalidRequest
 
 T = TypeVar("T")
+
+
+async def read_body(request: Request[Any, Any, Any]) -> bytes:
+    """The whole body, at most the route's `request_max_body_size` (413 request_too_large past it).
+
+    Read from the ASGI messages: Litestar's `Request.body()` parses every header into a multidict for
+    `content-length` first, a sixth of what reading a body costs the gateway.
+    """
+    limit = request.route_handler.resolve_request_max_body_size() or float("inf")
+    announced = header(request, b"content-length")
+    # uvicorn's parser has refused a malformed length already; a huge one is refused before reading.
+    if announced is not None and announced.isdigit() and int(announced) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("The client hung up before its request body arrived.")
+        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: float) -> BodyTooLarge:
+    return BodyTooLarge(f"The request body is larger than the {int(limit):,} bytes this endpoint accepts.")
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:
