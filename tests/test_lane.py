@@ -120,6 +120,9 @@ async def _answers_alike(
         if name.startswith("a real"):
             assert b.status_code == 200, (name, b.text)
             assert b.json()["usage"]["completion_tokens"] >= 1, (name, b.text)
+            # Written straight to the server (services/gateway/answer.py), with Litestar's JSON headers.
+            assert b.headers["content-type"] == "application/json", name
+            assert int(b.headers["content-length"]) == len(b.content), name
         elif "limit" in name:
             assert b.status_code == 413, (name, b.text)
             if path == "/v1/chat/completions":

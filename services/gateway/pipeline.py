@@ -25,6 +25,7 @@ from schemas.openai_bus import Untranslatable
 from services.auth.bearer import authenticate
 from services.auth.principal import Principal
 from services.errors import ApiError, CoordinatorUnavailable, ProviderError, untranslatable
+from services.gateway.answer import JsonAnswer
 from services.gateway.dispatch import SHUTTING_DOWN, Call, StreamBroken
 from services.gateway.exchange import Exchange
 from services.gateway.frames import MAX_JOINED, joined, joins
@@ -241,7 +242,7 @@ async def respond(
     """The answer as the job asked for it: the surface's server-sent events, or one body `collect` builds."""
     if started.job.stream:
         return stream(runtime, started, renderer)
-    return Response(await answer(request, runtime, started, collect), headers=started.headers)
+    return JsonAnswer(await answer(request, runtime, started, collect), started.headers)
 
 
 def stream(runtime: Runtime, started: Started[Any], renderer: Renderer) -> EventStream:
