@@ -78,6 +78,7 @@ class Lane:
             self._lifecycle.done()
 
     def _with_hooks(self, send: Send, scope: Scope) -> Send:
+        # What Litestar's app does to `send` for its `before_send` hooks (its own wrapper is private).
         hooks = self._hooks
 
         async def wrapped(message: Message) -> None:
