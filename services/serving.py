@@ -79,9 +79,14 @@ class _Server(uvicorn.Server):
             runtime.dispatcher.cut()
 
 
+def served(app: Litestar) -> ServerSend:
+    """The ASGI app uvicorn runs: the server's own `send` kept for streams, the inference POSTs in the lane."""
+    return ServerSend(Lane(app))
+
+
 def serve(app: Litestar, settings: Settings) -> None:
     config = uvicorn.Config(
-        ServerSend(Lane(app)),
+        served(app),
         host=settings.host,
         port=settings.port,
         log_level="warning",

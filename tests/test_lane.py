@@ -27,10 +27,10 @@ from services.auth.declared import Auth, enforce, requires
 from services.auth.declared import post as lane_post
 from services.auth.demo import DemoTokens
 from services.errors import exception_handler
-from services.gateway.lane import Lane, LaneRefused, lane_routes
-from services.gateway.sse import ServerSend
+from services.gateway.lane import LaneRefused, lane_routes
 from services.lifecycle import LIFECYCLE, Lifecycle
 from services.metrics.scrape import METRICS
+from services.serving import served
 from services.settings import Settings
 from tests.support.stack import TINY_MODEL, Stack
 
@@ -50,12 +50,12 @@ async def _clients(settings: Settings) -> AsyncIterator[tuple[Litestar, httpx.As
     app = create_app(settings)
     # httpx types an ASGI app more loosely than Litestar does.
     litestar_only: Any = app
-    served: Any = ServerSend(Lane(app))  # as services/serving.py hands it to uvicorn
+    asgi: Any = served(app)  # what `mac-provider serve` hands uvicorn
     # Both on this loop, with the app's lifespan (its runtime) run once for them.
     async with (
         app.lifespan(),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=litestar_only), base_url="http://gw.test") as plain,
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=served), base_url="http://gw.test") as lane,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://gw.test") as lane,
     ):
         # This replica serves the model once it has heard the stack's daemon.
         for _ in range(100):
