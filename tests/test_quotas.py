@@ -23,7 +23,7 @@ import pytest
 from infra.components import Child, start_gateway, wait_model
 from infra.nats import NatsServer
 from infra.ports import free_port
-from schemas import subjects
+from schemas import nats_direct, subjects
 from schemas.usage_events import Closed, Opened, Settlement, UsageEvent
 from services.usage import ledger
 from services.usage.ledger import UsageStream, UsageStreamUnavailable
@@ -507,6 +507,34 @@ async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stac
         assert (seq, info.state.messages) == (1, 1)
         assert info.config.max_bytes == 32 << 20, "MP_USAGE_STREAM_MAX_MB bounds what it may hold"
     finally:
+        await nc.close()
+        await db.close()
+        server.stop()
+
+
+async def test_a_reservation_whose_first_publish_fails_is_published_again(stack: Stack, tmp_path: Path) -> None:
+    """A request's reservation event is sent without a task of its own (`UsageStream.publishing`); a first
+    try that finds no stream is tried again, as `publish` does, and the request's wait ends when it lands."""
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    nc = await nats_direct.connect(server.url)
+    try:
+        stream = UsageStream(nc, db, "gw-retry-open", max_bytes=32 << 20)
+        await stream.publisher.start()
+        day = dt.datetime.now(dt.UTC).date()
+        event = Opened("r-retry-open", "a1", 1, 1, None, "m", day, 10)
+        opened = stream.publishing(event)
+        await asyncio.sleep(0.5)
+        assert not opened.done(), "no stream yet: still trying"
+        await stream._ensure_stream()
+        assert await asyncio.wait_for(asyncio.shield(opened), 5) is True
+        info = await nc.jetstream().stream_info(subjects.USAGE_STREAM)
+        assert info.state.messages == 1, "stored once: the tries before the stream existed stored nothing"
+        # With the stream there, the next one lands on its first try.
+        assert await asyncio.wait_for(stream.publishing(Opened("r-first-try", "a1", 1, 1, None, "m", day, 10)), 5)
+        assert (await nc.jetstream().stream_info(subjects.USAGE_STREAM)).state.messages == 2
+    finally:
+        await stream.publisher.stop()
         await nc.close()
         await db.close()
         server.stop()

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as Nats
@@ -271,3 +274,22 @@ async def test_a_consumer_lingering_longer_than_a_quarter_second_is_waited_for_n
     finally:
         await other.stop()
         await other_nc.close()
+
+
+async def test_an_acknowledgement_that_never_comes_times_out_and_is_forgotten(bus: Bus) -> None:
+    publisher = bus.stream.publisher
+    # The server stops answering (a stalled node): the event is written to the socket, nothing comes back.
+    os.kill(bus.server.proc.pid, signal.SIGSTOP)
+    try:
+        future = publisher.submit(msgspec.json.encode(bus.opened("r-never-acknowledged")))
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await publisher.acknowledged(future, 0.3)
+        assert 0.25 <= time.monotonic() - started < 2.0
+        # Nothing is kept for an answer nobody waits for any more.
+        assert publisher._waiting == {}
+    finally:
+        os.kill(bus.server.proc.pid, signal.SIGCONT)
+    # The server answers again: the next event is acknowledged, the late answer to the first ignored.
+    later = publisher.submit(msgspec.json.encode(bus.opened("r-after-the-stall")))
+    assert await publisher.acknowledged(later, 5.0) > 0

@@ -219,17 +219,11 @@ class Metering:
         opening = Opened(request_id, h.subject, h.account_id, h.key_id, h.demo_token_id, model, lease.day, tokens)
         if self._stream is not None:
             # Sent at once: it leaves with the request's work message, in one socket write.
-            first = self._stream.submit(opening)
-            ticket.opening = asyncio.ensure_future(self._publish_open(opening, first))
+            ticket.opening = self._stream.publishing(opening)
         else:
             ticket.opening = self._opener.submit(opening)
         self._open[request_id] = ticket
         return ticket
-
-    async def _publish_open(self, event: Opened, first: asyncio.Future[int]) -> bool:
-        assert self._stream is not None
-        await self._stream.publish(event, first)
-        return True
 
     async def caught_up(self, timeout_s: float) -> bool:
         """Wait until the usage events published so far are in Postgres (at once without a stream)."""

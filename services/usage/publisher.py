@@ -134,16 +134,34 @@ class Publisher:
         return future
 
     async def acknowledged(self, future: asyncio.Future[int], timeout_s: float) -> int:
-        """Wait for a submitted event's acknowledgement (raises TimeoutError after `timeout_s`)."""
+        """Wait for a submitted event's acknowledgement (raises TimeoutError after `timeout_s`).
+
+        A timer of the loop's fails the future when time is up: `asyncio.timeout` looked up the
+        current task and made a context manager for every event, two per request.
+        """
+        timer = self.expire_after(future, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await future
+            return await future
         finally:
+            timer.cancel()
             if future.cancelled():
-                # Gave up: forget the messages none of whose events still waits (rare, so a scan).
-                for reply, futures in list(self._waiting.items()):
-                    if all(f.done() for f in futures):
-                        del self._waiting[reply]
+                self._forget_answered()
+
+    def expire_after(self, future: asyncio.Future[int], timeout_s: float) -> asyncio.TimerHandle:
+        """Fail a submitted event's future with TimeoutError if it is not acknowledged within `timeout_s`
+        (cancel the handle once it is)."""
+        return future.get_loop().call_later(timeout_s, self._expire, future)
+
+    def _expire(self, future: asyncio.Future[int]) -> None:
+        if not future.done():
+            future.set_exception(TimeoutError())
+            self._forget_answered()
+
+    def _forget_answered(self) -> None:
+        """Forget the messages none of whose events still waits (an event gave up: rare, so a scan)."""
+        for reply, futures in list(self._waiting.items()):
+            if all(f.done() for f in futures):
+                del self._waiting[reply]
 
     def _end_turn(self) -> None:
         turn, self._turn = self._turn, []
