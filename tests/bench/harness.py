@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, TypeVar
 
-from tests.bench.machine import load_average
+from tests.bench.machine import load_average, speed_ms
 from tests.bench.progress import say
 
 
@@ -74,6 +74,7 @@ def run(
     home = Path(tempfile.mkdtemp(prefix=prefix))
     servers = stack(home)
     load_before = load_average()
+    speed_before = speed_ms() if load_line else 0.0
     # Logs stay for a post-mortem when the run fails; a finished or interrupted run cleans up.
     keep = True
     try:
@@ -97,7 +98,12 @@ def run(
     if load_line:
         # Other work on a shared machine moves the numbers: say how busy it was.
         load = f"load average: {load_before:.1f} before, {load_average():.1f} after"
-        footer = [f"{whole}; the machine's 1-minute", f"{load}: any other work competes for the cores)"]
+        footer = [
+            f"{whole}; the machine's 1-minute",
+            f"{load}: any other work competes for the cores;",
+            f"a fixed workload (JSON and socket round trips) took {speed_before:.1f} ms before, {speed_ms():.1f} ms",
+            "after: figures of two runs compare only where these agree)",
+        ]
     print(table(result, footer), flush=True)
     if outcome.hollow is not None:
         say(f"{outcome.hollow} (see 'failed {outcome.unit}' above and the logs); exit 1")
