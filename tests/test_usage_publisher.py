@@ -189,7 +189,7 @@ async def test_a_reader_waiting_for_the_ledger_cuts_the_consumers_linger_short(b
     bus.stream._linger_s = 5.0
     await bus.stream.start()
     await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
-    await asyncio.sleep(0.3)  # written at once (the consumer was idle); now it lingers
+    await asyncio.sleep(0.3)  # the consumer has it and lingers
     late = f"late{secrets.token_hex(5)}"
     await bus.stream.publish(bus.opened(late))
     started = time.monotonic()
@@ -204,7 +204,7 @@ async def test_a_reader_on_another_replica_hurries_this_replicas_consumer(bus: B
     bus.stream._linger_s = 5.0
     await bus.stream.start()
     await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
-    await asyncio.sleep(0.3)  # written at once; now it lingers
+    await asyncio.sleep(0.3)  # the consumer has it and lingers
     late = f"late{secrets.token_hex(5)}"
     await bus.stream.publish(bus.opened(late))
     other_nc = await nats_direct.connect(bus.server.url)
@@ -256,7 +256,7 @@ async def test_a_consumer_lingering_longer_than_a_quarter_second_is_waited_for_n
     await bus.stream.start()
     first = f"first{secrets.token_hex(5)}"
     await bus.stream.publish(bus.opened(first))
-    # Written at once (the consumer was idle); from then on it lingers.
+    # Written after its linger (the consumer was idle); from then on it lingers between batches.
     for _ in range(1000):
         if await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", first):
             break
@@ -293,3 +293,38 @@ async def test_an_acknowledgement_that_never_comes_times_out_and_is_forgotten(bu
     # The server answers again: the next event is acknowledged, the late answer to the first ignored.
     later = publisher.submit(msgspec.json.encode(bus.opened("r-after-the-stall")))
     assert await publisher.acknowledged(later, 5.0) > 0
+
+
+async def test_an_idle_consumer_writes_a_requests_first_events_a_linger_later_unless_hurried(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first events after a quiet spell are a request's reservation, published with its work: written
+    at once, they took the gateway's loop while that request waited for its first token. They wait a
+    linger, and go with what came meanwhile (the request's settlement) in one write."""
+    writes: list[int] = []
+    real_apply = ledger.apply
+
+    async def counted(db: asyncpg.Pool, gateway_id: str, events: list[object]) -> None:
+        writes.append(len(events))
+        await real_apply(db, gateway_id, events)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger, "apply", counted)
+    bus.stream._linger_s = 0.5
+    await bus.stream.start()
+    rid = f"quiet{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(rid))
+    await asyncio.sleep(0.2)
+    assert writes == [], "not written while the request starts"
+    await bus.stream.publish(_ok(rid))
+    await written_async(bus.server.url, 3.0)
+    assert writes == [2], "the reservation and the settlement in one write"
+    assert await bus.db.fetchval("SELECT count(*) FROM usage_ledger WHERE request_id = $1", rid) == 1
+
+    # After a quiet spell again, a reader waiting for the ledger does not wait for the linger.
+    await asyncio.sleep(0.6)
+    hurried = f"hurried{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(hurried))
+    started = time.monotonic()
+    assert await bus.stream.caught_up(3.0)
+    assert time.monotonic() - started < 0.4
+    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", hurried) == 1

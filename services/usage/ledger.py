@@ -335,11 +335,11 @@ class UsageStream:
         )
 
     async def _pull(self) -> None:
-        """Pull this replica's events: a long poll while idle (the first event comes at once), then a
-        batch every `linger_s` while they keep coming (one wake-up and one write for many requests,
-        not one per event in the middle of other requests' answers). A pull request goes out at least
-        every PULL_WAIT_S, also while a batch is written: a consumer nobody pulls for `idle_s` is
-        removed, and its events adopted by another replica."""
+        """Pull this replica's events: a long poll while idle, then a batch every `linger_s` while they
+        keep coming, the first one too (one wake-up and one write for many requests, not one per event
+        in the middle of other requests' answers). A pull request goes out at least every PULL_WAIT_S,
+        also while a batch is written: a consumer nobody pulls for `idle_s` is removed, and its events
+        adopted by another replica."""
         assert self._sub is not None
         wait = PULL_WAIT_S
         while True:
@@ -355,6 +355,13 @@ class UsageStream:
                     self._sub = await self._claim()
                 wait = PULL_WAIT_S
                 continue
+            if msgs and self._linger_s and wait == PULL_WAIT_S:
+                # Idle until now: these are the first events of a request that is waiting for its first
+                # token (the reservation is published with the work). Written a linger later, with what
+                # came meanwhile (its settlement, often), not while that request starts: at concurrency 1
+                # writing at once took 0.4 ms from each time to first token.
+                await self._hurried_within(self._linger_s)
+                msgs += await self._fetch(self._sub, NO_WAIT_S)
             if msgs:
                 self._batches.put_nowait(msgs)
             if msgs and self._linger_s:
@@ -362,9 +369,7 @@ class UsageStream:
                 # someone here waits for the events to be written: `caught_up`).
                 since = time.monotonic()
                 self._hurry.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._linger_s):
-                        await self._hurry.wait()
+                await self._hurried_within(self._linger_s)
                 # Hurried, still no more often than every HURRIED_S: a buyer at their limit can have their
                 # refusal rechecked many times a second, and each write costs Postgres about 0.4 ms.
                 rest = since + min(self._linger_s, HURRIED_S) - time.monotonic()
@@ -372,7 +377,17 @@ class UsageStream:
                     await asyncio.sleep(rest)
                 wait = NO_WAIT_S
             else:
+                if not msgs:
+                    # Nothing of this replica's unwritten: a hurry meanwhile asked for nothing here (the
+                    # next request's first events still wait their linger).
+                    self._hurry.clear()
                 wait = PULL_WAIT_S
+
+    async def _hurried_within(self, seconds: float) -> None:
+        """Return after `seconds`, or once someone waits for the events to be written (`caught_up`)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._hurry.wait()
 
     async def _write_pulled(self) -> None:
         while (msgs := await self._batches.get()) is not None:
