@@ -10,7 +10,9 @@ The series, in rounds whose order rotates so drift falls on all alike:
 
 Goals this prints beside the figures (issue 14): one key at c=64 no slower than
 64 keys (p50 within 1.2x), metering on vs off within 10% requests/s, gateway
-CPU per streamed / non-streamed request. With --profile, py-spy samples the
+CPU per streamed / non-streamed request, and the time a gateway adds to the
+first token at c=1, against the full-speed synthetic engine and against a daemon
+that paces its tokens as a provider does (2 ms each; not with --quick). With --profile, py-spy samples the
 metering-on gateway during its one-key rounds and the top functions are printed.
 """
 
@@ -66,6 +68,14 @@ PG_SERIES = "on, Postgres settle"
 # A second daemon whose synthetic engine hands over this many tokens per step (a batch's decode step).
 BATCH_MODEL = "synthetic-batch"
 BATCH_STEP = 8
+# A daemon that hands over a token every 2 ms (500 tokens/s, faster than any Mac serves one stream): time to
+# first token at c=1 as a buyer of a real provider meets it, without the full-speed engine's 14k tokens/s
+# taking the cores from the gateway and client while the first token is on its way. Short answers, and
+# fewer requests per series, keep the column to about a minute.
+PACED_MODEL = "synthetic-paced"
+PACED_TOKEN_DELAY_S = 0.002
+PACED_TOKENS = 16
+PACED_REQUESTS = 256
 # A third one that answers slowly (a token a second), for the many-streams-at-once measurement.
 SLOW_MODEL = "synthetic-slow"
 SLOW_TOKEN_DELAY_S = 1.0
@@ -78,10 +88,15 @@ class Column:
     stream: bool
     concurrency: int
     model: str = MODEL_ID
+    # max_tokens and measured requests per series, where not the plan's.
+    tokens: int | None = None
+    requests: int | None = None
 
     @property
     def label(self) -> str:
         kind = "stream" if self.stream else "non-stream"
+        if self.model == PACED_MODEL:
+            return f"{kind} c={self.concurrency}, {PACED_TOKEN_DELAY_S * 1000:g} ms/token"
         step = f", {BATCH_STEP} tok/step" if self.model == BATCH_MODEL else ""
         return f"{kind} c={self.concurrency}{step}"
 
@@ -139,10 +154,21 @@ class HotStack(SyntheticStack):
             env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(SLOW_TOKEN_DELAY_S), "MP_SYNTHETIC_SLOTS": "4096"},
         )
         self.on_stop(slow.name, slow.stop)
-        self.extra = [batch, slow]
+        paced = start_daemon(
+            self.home,
+            nats=self.nats_url,
+            provider_id="bench-synthetic-paced",
+            model_id=PACED_MODEL,
+            engine="synthetic",
+            env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(PACED_TOKEN_DELAY_S)},
+        )
+        self.on_stop(paced.name, paced.stop)
+        self.paced = paced
+        self.extra = [batch, slow, paced]
         for gateway in self.gateways.values():
             wait_model(gateway.base_url, BATCH_MODEL, timeout=60, daemon=batch)
             wait_model(gateway.base_url, SLOW_MODEL, timeout=60, daemon=slow)
+            wait_model(gateway.base_url, PACED_MODEL, timeout=60, daemon=paced)
 
     def children(self) -> list[Child]:
         return [*super().children(), *getattr(self, "extra", [])]
@@ -324,7 +350,10 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     postgres = CpuProbe(stack.postgres_pid, tree=True)
     gw = {name: stack.gateways[name] for name in (OFF, ON, ON_PG)}
     assert isinstance(stack.daemon, DaemonChild)
-    daemon_api = stack.daemon.api_url
+    # Each baseline model's daemon's own OpenAI API.
+    daemon_api = {MODEL_ID: stack.daemon.api_url}
+    if isinstance(stack, HotStack):
+        daemon_api[PACED_MODEL] = stack.paced.api_url
     probes = {name: CpuProbe(g.child.proc.pid) for name, g in gw.items()}
     profiler = Profiler(gw[ON].child.proc.pid, profile_dir) if plan.profile_s else None
     results: Results = {}
@@ -337,9 +366,12 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     ):
         for column in plan.columns:
             c = column.concurrency
+            tokens = column.tokens or plan.tokens
 
-            def via(clients: HttpClients, name: str, key: str, column: Column = column) -> ViaGateway:
-                return ViaGateway(clients, gw[name].base_url, key, column.model, plan.tokens, stream=column.stream)
+            def via(
+                clients: HttpClients, name: str, key: str, column: Column = column, tokens: int = tokens
+            ) -> ViaGateway:
+                return ViaGateway(clients, gw[name].base_url, key, column.model, tokens, stream=column.stream)
 
             senders: dict[str, tuple[str | None, OneRequest]] = {
                 SERIES[0]: (OFF, via(c_off, OFF, stack.api_key)),
@@ -347,18 +379,19 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                 SERIES[2]: (ON, ManyKeys([via(c_many, ON, k) for k in keys[:c]])),
                 PG_SERIES: (ON_PG, via(c_pg, ON_PG, stack.api_key)),
             }
-            if column.model == MODEL_ID:
+            if column.model in daemon_api:
                 # The baselines: the daemon's own API over HTTP (same client, no gateway or NATS), and
-                # the same engine in this process (no HTTP either).
-                http = ViaGateway(c_direct, daemon_api, "none", column.model, plan.tokens, stream=column.stream)
+                # the full-speed engine in this process (no HTTP either).
+                api = daemon_api[column.model]
+                http = ViaGateway(c_direct, api, "none", column.model, tokens, stream=column.stream)
                 senders = {DIRECT_HTTP: (None, http), **senders}
-                if column.stream:
-                    senders = {DIRECT: (None, Direct(plan.tokens)), **senders}
+                if column.stream and column.model == MODEL_ID:
+                    senders = {DIRECT: (None, Direct(tokens)), **senders}
             for _, send in senders.values():
                 await drive(send, concurrency=c, requests=warmup(c) * 2)
             names = list(senders)
             tallies = {s: Tally() for s in names}
-            per_round = max(1, plan.requests // plan.rounds)
+            per_round = max(1, (column.requests or plan.requests) // plan.rounds)
             for r in range(plan.rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for series in order:
@@ -415,9 +448,11 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         "",
         "ENGINE: the SYNTHETIC stand-in (one token per step, as fast as it can): these numbers measure the serving",
         "        path, not a model. Three control planes on one NATS + PostgreSQL (metering off, on, on with",
-        "        Postgres settlement), and two",
+        "        Postgres settlement), and three",
         f"        daemons: {MODEL_ID!r} (1 token per step) and {BATCH_MODEL!r} ({BATCH_STEP} tokens per step, as a",
-        "        batch's decode step hands over; the daemon puts the tokens ready together in one frame).",
+        "        batch's decode step hands over; the daemon puts the tokens ready together in one frame); and",
+        f"        {PACED_MODEL!r}, a token every {PACED_TOKEN_DELAY_S * 1000:g} ms (a provider's pace, not the"
+        f" stand-in's full speed), max_tokens={PACED_TOKENS}.",
         f"series: '{DIRECT}' = the same engine in the benchmark process (no HTTP, NATS or gateway); '{DIRECT_HTTP}' =",
         "        the same requests, same client, straight to the daemon's own OpenAI API (no gateway, no NATS): the",
         "        baseline a gateway's added latency is measured against;",
@@ -478,6 +513,8 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             )
         table.rule()
     table.add("goals (issue 14)")
+    # The columns whose added time to first token is a goal: streamed at c=1, at full speed and paced.
+    c1_labels = {c.label for c in plan.columns if c.stream and c.concurrency == 1 and c.model != BATCH_MODEL}
     for label, tallies in results.items():
         off, one, many = (tallies[s].stats for s in SERIES)
         ratio = "-"
@@ -492,7 +529,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             f" Postgres settlement {pg_rps})"
         )
         table.add(line)
-        if label.endswith("c=1"):
+        if label in c1_labels:
             for base in (DIRECT_HTTP, DIRECT):
                 if base not in tallies:
                     continue
@@ -573,11 +610,19 @@ def main(argv: list[str] | None = None) -> int:
         help="PostgreSQL flushes its WAL at every commit, as in production (default: fsync off, as the tests)",
     )
     parser.add_argument(
-        "--profile-column", type=int, default=1, metavar="N", help="the column --profile samples (default 1: c=64)"
+        "--profile-column",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the column --profile samples, counted from 0 (default: streamed at --concurrency)",
     )
     cli.add_run_flags(parser, quick="smoke run: fewer requests")
     args = parser.parse_args(argv)
-    columns = [Column(True, 1), Column(True, args.concurrency)]
+    columns = [Column(True, 1)]
+    if not args.quick:
+        paced = PACED_REQUESTS if args.requests is None else min(args.requests, PACED_REQUESTS)
+        columns.append(Column(True, 1, PACED_MODEL, tokens=PACED_TOKENS, requests=paced))
+    columns.append(Column(True, args.concurrency))
     if args.non_stream:
         columns.append(Column(False, args.non_stream))
     columns.append(Column(True, args.concurrency, BATCH_MODEL))
@@ -589,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         requests=args.requests or (128 if args.quick else 512),
         rounds=args.rounds or (2 if args.quick else 4),
         profile_s=1.0 if args.profile else 0.0,
-        profile_column=args.profile_column,
+        profile_column=columns.index(Column(True, args.concurrency))
+        if args.profile_column is None
+        else args.profile_column,
         durable_postgres=args.durable_postgres,
         slow_streams=args.slow_streams if args.slow_streams is not None else (500 if args.quick else 2000),
     )
