@@ -152,6 +152,13 @@ class RequestTimeout(ApiError):
     code = "request_timeout"
 
 
+class BodyTimeout(ApiError):
+    """The request body did not arrive in time (a client trickling it, or never sending it)."""
+
+    status = 408
+    code = "body_timeout"
+
+
 class BodyTooLarge(ApiError):
     """The request body is larger than the route accepts (Litestar's `request_max_body_size`)."""
 
@@ -225,6 +232,7 @@ _ANTHROPIC: dict[int, tuple[anthropic.ErrorType, int]] = {
     403: ("permission_error", 403),
     404: ("not_found_error", 404),
     405: ("invalid_request_error", 405),
+    408: ("timeout_error", 408),
     413: ("request_too_large", 413),
     429: ("rate_limit_error", 429),
     503: ("overloaded_error", 529),

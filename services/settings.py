@@ -181,6 +181,9 @@ class Settings:
     gateway_id: str
     # Whole-request ceiling enforced by the gateway (seed 000: deployment-configured).
     request_timeout_s: float
+    # How long an inference request's body may take to arrive once its headers have (a client that
+    # trickles it, or never sends it, holds a connection and a task until then: 408).
+    body_timeout_s: int
     # How long a chosen provider has to acknowledge a request before we try elsewhere.
     accept_timeout_s: float
     # Longest silence tolerated between two frames of a running stream.
@@ -353,6 +356,7 @@ class Settings:
             nats_url=env.get("NATS_URL", DEFAULT_NATS_URL),
             gateway_id=gateway_id,
             request_timeout_s=_float(env, "MP_REQUEST_TIMEOUT_S", 600.0),
+            body_timeout_s=_bounded_int(env, "MP_BODY_TIMEOUT_S", 30, low=1, high=600),
             accept_timeout_s=_float(env, "MP_ACCEPT_TIMEOUT_S", 2.0),
             stream_idle_timeout_s=_float(env, "MP_STREAM_IDLE_TIMEOUT_S", 120.0),
             first_token_timeout_s=_float(env, "MP_FIRST_TOKEN_TIMEOUT_S", 60.0),

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -215,3 +216,58 @@ def test_a_route_of_another_kind_is_left_to_litestar() -> None:
         return Response({})
 
     assert lane_routes(Litestar([plain])) == {}
+
+
+def _into(sent: list[dict[str, Any]]) -> Any:
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return send
+
+
+async def test_a_body_that_never_comes_or_trickles_is_refused_in_time(stack: Stack) -> None:
+    """A client that sends its headers and then its body slowly, or never, holds a connection and a task:
+    past MP_BODY_TIMEOUT_S it gets 408 body_timeout, and the connection is closed."""
+    env = {"MP_HOME": str(stack.home), "DATABASE_URL": stack.database_url, "NATS_URL": stack.nats_url}
+    settings = Settings.from_env({**os.environ, **env, "MP_BODY_TIMEOUT_S": "1"})
+    headers = [
+        (b"host", b"gw.test"),
+        (b"authorization", f"Bearer {stack.api_key}".encode()),
+        (b"content-type", b"application/json"),
+        (b"content-length", b"1000"),
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("gw.test", 80),
+    }
+
+    async def never() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def trickle() -> dict[str, Any]:
+        await asyncio.sleep(0.3)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    async with _clients(settings) as (app, _, _):
+        asgi: Any = served(app)  # called as uvicorn calls it, with plain dicts
+        for receive in (never, trickle):
+            sent: list[dict[str, Any]] = []
+            started = time.monotonic()
+            await asyncio.wait_for(asgi(dict(scope), receive, _into(sent)), 10)
+            assert 0.9 <= time.monotonic() - started < 5, receive.__name__
+            start, body = sent[0], sent[-1]
+            assert start["status"] == 408, (receive.__name__, sent)
+            assert (b"connection", b"close") in start["headers"], start["headers"]
+            error = json.loads(body["body"])["error"]
+            assert (error["type"], error["code"]) == ("invalid_request_error", "body_timeout"), error

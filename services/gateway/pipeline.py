@@ -105,7 +105,7 @@ async def start(
     try:
         principal = await authenticate(request, runtime, allow_demo=allow_demo, api_key_header=api_key_header)
         ex.key_id = principal.key_id
-        body = await read_body(request)
+        body = await read_body(request, runtime.settings.body_timeout_s)
         try:
             job = await prepare(principal, body)
         except Untranslatable as exc:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 from litestar import Request
 
 from schemas import body as wire_body
 from services.auth.bearer import header
-from services.errors import BodyTooLarge, ClientDisconnected, InvalidJson, InvalidRequest
+from services.errors import BodyTimeout, BodyTooLarge, ClientDisconnected, InvalidJson, InvalidRequest
 
 T = TypeVar("T")
 
 
-async def read_body(request: Request[Any, Any, Any]) -> bytes:
-    """The whole body, at most the route's `request_max_body_size` (413 request_too_large past it).
+async def read_body(request: Request[Any, Any, Any], timeout_s: float) -> bytes:
+    """The whole body, at most the route's `request_max_body_size` (413 request_too_large past it),
+    within `timeout_s` (408 body_timeout: a client trickling its body holds a connection and a task).
 
     Read from the ASGI messages: Litestar's `Request.body()` parses every header into a multidict for
     `content-length` first, a sixth of what reading a body costs the gateway.
@@ -26,18 +28,25 @@ async def read_body(request: Request[Any, Any, Any]) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected("The client hung up before its request body arrived.")
-        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnected("The client hung up before its request body arrived.")
+                chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"The request body did not arrive within {timeout_s:g} s of its headers.",
+            headers={"connection": "close"},
+        ) from None
 
 
 def _too_large(limit: float) -> BodyTooLarge:
