@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -328,3 +329,33 @@ async def test_an_idle_consumer_writes_a_requests_first_events_a_linger_later_un
     assert await bus.stream.caught_up(3.0)
     assert time.monotonic() - started < 0.4
     assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", hurried) == 1
+
+
+async def test_a_reader_is_not_left_waiting_when_the_consumer_missed_what_it_waits_for(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its linger a consumer takes what came meanwhile with a short fetch. On a busy server that can
+    come back empty (nats-py waits 2 ms), the reader's one hurry already spent: the reader asks again."""
+    real_fetch = UsageStream._fetch
+    missed: list[bool] = []
+
+    async def busy_server(self: UsageStream, sub: Any, wait_s: float, batch: int = ledger.BATCH) -> list[Any]:
+        if not missed:
+            missed.append(True)
+            return []
+        return await real_fetch(self, sub, wait_s, batch)
+
+    monkeypatch.setattr(UsageStream, "_fetch", busy_server)
+    # The hurry's echo over NATS (a second wake-up, arriving at a time of its own) is left out: one wake-up.
+    monkeypatch.setattr(UsageStream, "_on_hurry", lambda self, *_: None)
+    bus.stream._linger_s = 5.0
+    await bus.stream.start()
+    await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
+    await asyncio.sleep(0.3)  # the consumer has it and lingers
+    late = f"late{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(late))
+    started = time.monotonic()
+    assert await bus.stream.caught_up(3.0)
+    assert time.monotonic() - started < 1.0
+    assert missed, "the consumer's fetch after its linger came back empty"
+    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", late) == 1

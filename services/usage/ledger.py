@@ -82,6 +82,8 @@ _UNAVAILABLE = (
 PULL_WAIT_S = 2.0
 # A fetch for what is there already (nats-py asks with no_wait first, then waits this long at most).
 NO_WAIT_S = 0.002
+# A reader still waiting for the ledger asks the consumers again this often (`caught_up`).
+HURRY_AGAIN_S = 0.1
 # A live consumer has a pull waiting except while it lingers (`linger_s`, the same on every replica of a
 # deployment): one with none for longer than its linger and this is taken for gone (`caught_up`).
 GONE_AFTER_S = 0.25
@@ -560,11 +562,7 @@ class UsageStream:
         """Wait until every event published before now by a live replica is in Postgres (False: not
         within the timeout). A dead replica's events wait for adoption; nobody can hurry those."""
         deadline = time.monotonic() + timeout_s
-        # Every replica's consumer writes what it holds now (this one's too: the message comes back).
-        self._hurry.set()
-        with contextlib.suppress(Exception):  # a wake-up, at best: the wait below is what counts
-            if not nats_direct.publish_nowait(self._nc, subjects.LEDGER_HURRY, b""):
-                await self._nc.publish(subjects.LEDGER_HURRY, b"")
+        hurried = await self._hurry_all()
         info = await self._js.stream_info(subjects.USAGE_STREAM, subjects_filter=subjects.ALL_USAGE_EVENTS)
         last = info.state.last_seq
         for subject, count in (info.state.subjects or {}).items():
@@ -593,8 +591,21 @@ class UsageStream:
                     break
                 if now >= deadline:
                     return False
+                if now - hurried >= HURRY_AGAIN_S:
+                    # A hurry is a wake-up over core NATS (at most once), and a consumer may have taken it
+                    # while the events waited for were not yet there for it to fetch: ask again.
+                    hurried = await self._hurry_all()
                 await asyncio.sleep(0.02)
         return True
+
+    async def _hurry_all(self) -> float:
+        """Every replica's consumer writes what it holds now (this one's too: the message comes back);
+        when it was asked (time.monotonic())."""
+        self._hurry.set()
+        with contextlib.suppress(Exception):  # a wake-up, at best: the caller's wait is what counts
+            if not nats_direct.publish_nowait(self._nc, subjects.LEDGER_HURRY, b""):
+                await self._nc.publish(subjects.LEDGER_HURRY, b"")
+        return time.monotonic()
 
 
 def _progress(ci: api.ConsumerInfo) -> tuple[int, int]:
