@@ -362,3 +362,19 @@ async def test_a_reader_is_not_left_waiting_when_the_consumer_missed_what_it_wai
     assert time.monotonic() - started < 1.0
     assert missed, "the consumer's fetch after its linger came back empty"
     assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", late) == 1
+
+
+async def test_a_stop_while_the_consumer_holds_a_requests_first_events_writes_them(bus: Bus) -> None:
+    """The first events after a quiet spell wait a linger in the consumer's hands, out of the subscription's
+    queue: a graceful stop then must still write them, not leave them to another replica's adoption."""
+    bus.stream._linger_s = 5.0
+    await bus.stream.start()
+    rid = f"held{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(rid))
+    await asyncio.sleep(0.3)  # the consumer has it and lingers
+    started = time.monotonic()
+    await bus.stream.stop()
+    assert time.monotonic() - started < 3.0
+    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", rid) == 1
+    info = await bus.nc.jetstream().stream_info(subjects.USAGE_STREAM)
+    assert info.state.messages == 0, "nothing left in the stream for another replica to adopt"

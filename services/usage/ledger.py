@@ -258,8 +258,9 @@ class UsageStream:
         """Write what this replica published, then remove its consumer (a graceful stop leaves nothing)."""
         if self._puller is None or self._writer is None or self._sub is None:
             return
-        # The puller only ever waits on the server: what it had received stays in the subscription's queue.
-        # (Cancelled until it ends: nats-py's fetch waits in asyncio.wait_for, which can lose a cancellation.)
+        # What the puller had received stays in the subscription's queue, or (held while it lingered) goes to
+        # the writer. (Cancelled until it ends: nats-py's fetch waits in asyncio.wait_for, which can lose a
+        # cancellation.)
         await cancel_and_wait(self._puller)
         self._stopping.set()
         self._batches.put_nowait(None)
@@ -362,8 +363,14 @@ class UsageStream:
                 # token (the reservation is published with the work). Written a linger later, with what
                 # came meanwhile (its settlement, often), not while that request starts: at concurrency 1
                 # writing at once took 0.4 ms from each time to first token.
-                await self._hurried_within(self._linger_s)
-                msgs += await self._fetch(self._sub, NO_WAIT_S)
+                try:
+                    await self._hurried_within(self._linger_s)
+                    msgs += await self._fetch(self._sub, NO_WAIT_S)
+                except asyncio.CancelledError:
+                    # Stopping: these are out of the subscription's queue, so `stop` would not drain them;
+                    # the writer writes them before this replica's consumer goes.
+                    self._batches.put_nowait(msgs)
+                    raise
             if msgs:
                 self._batches.put_nowait(msgs)
             if msgs and self._linger_s:
