@@ -82,6 +82,17 @@ async def bus(stack: Stack, tmp_path: Path) -> AsyncIterator[Bus]:
         server.stop()
 
 
+async def _one_held_then_one_late(bus: Bus) -> str:
+    """A consumer lingering 5 s with one event in hand, and a later event published: the later one's id."""
+    bus.stream._linger_s = 5.0
+    await bus.stream.start()
+    await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
+    await asyncio.sleep(0.3)  # the consumer has it and lingers
+    late = f"late{secrets.token_hex(5)}"
+    await bus.stream.publish(bus.opened(late))
+    return late
+
+
 def _ok(rid: str) -> Closed:
     return Closed(rid, Settlement("p", 3, 4, 0, 5.0, 50.0, "ok"), keep_slot=False)
 
@@ -185,12 +196,7 @@ async def test_a_backlog_is_written_in_parts_in_order(bus: Bus, monkeypatch: pyt
 async def test_a_reader_waiting_for_the_ledger_cuts_the_consumers_linger_short(bus: Bus) -> None:
     # Batches 5 s apart while events keep coming: a reader (GET /v1/usage, a refusal being rechecked)
     # must not wait for that.
-    bus.stream._linger_s = 5.0
-    await bus.stream.start()
-    await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
-    await asyncio.sleep(0.3)  # the consumer has it and lingers
-    late = f"late{secrets.token_hex(5)}"
-    await bus.stream.publish(bus.opened(late))
+    late = await _one_held_then_one_late(bus)
     started = time.monotonic()
     assert await bus.stream.caught_up(3.0)
     assert time.monotonic() - started < 1.0
@@ -200,12 +206,7 @@ async def test_a_reader_waiting_for_the_ledger_cuts_the_consumers_linger_short(b
 async def test_a_reader_on_another_replica_hurries_this_replicas_consumer(bus: Bus) -> None:
     """A slot one replica gave back reaches a request on another only once written: the other replica's
     refusal recheck wakes this replica's lingering consumer over NATS."""
-    bus.stream._linger_s = 5.0
-    await bus.stream.start()
-    await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
-    await asyncio.sleep(0.3)  # the consumer has it and lingers
-    late = f"late{secrets.token_hex(5)}"
-    await bus.stream.publish(bus.opened(late))
+    late = await _one_held_then_one_late(bus)
     other_nc = await nats_direct.connect(bus.server.url)
     other = UsageStream(other_nc, bus.db, f"gw-other-{secrets.token_hex(3)}")
     try:
@@ -354,12 +355,7 @@ async def test_a_reader_is_not_left_waiting_when_the_consumer_missed_what_it_wai
     monkeypatch.setattr(UsageStream, "_fetch", busy_server)
     # The hurry's echo over NATS (a second wake-up, arriving at a time of its own) is left out: one wake-up.
     monkeypatch.setattr(UsageStream, "_on_hurry", lambda self, *_: None)
-    bus.stream._linger_s = 5.0
-    await bus.stream.start()
-    await bus.stream.publish(bus.opened(f"first{secrets.token_hex(5)}"))
-    await asyncio.sleep(0.3)  # the consumer has it and lingers
-    late = f"late{secrets.token_hex(5)}"
-    await bus.stream.publish(bus.opened(late))
+    late = await _one_held_then_one_late(bus)
     started = time.monotonic()
     assert await bus.stream.caught_up(3.0)
     assert time.monotonic() - started < 1.0

@@ -136,39 +136,28 @@ class HotStack(SyntheticStack):
 
     def start_daemons(self) -> None:
         super().start_daemons()
-        batch = start_daemon(
-            self.home,
-            nats=self.nats_url,
-            provider_id="bench-synthetic-batch",
-            model_id=BATCH_MODEL,
-            engine="synthetic",
-            env={"MP_SYNTHETIC_TOKENS_PER_STEP": str(BATCH_STEP)},
+        batch = self._synthetic("batch", BATCH_MODEL, {"MP_SYNTHETIC_TOKENS_PER_STEP": str(BATCH_STEP)})
+        slow = self._synthetic(
+            "slow", SLOW_MODEL, {"MP_SYNTHETIC_TOKEN_DELAY_S": str(SLOW_TOKEN_DELAY_S), "MP_SYNTHETIC_SLOTS": "4096"}
         )
-        self.on_stop(batch.name, batch.stop)
-        slow = start_daemon(
-            self.home,
-            nats=self.nats_url,
-            provider_id="bench-synthetic-slow",
-            model_id=SLOW_MODEL,
-            engine="synthetic",
-            env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(SLOW_TOKEN_DELAY_S), "MP_SYNTHETIC_SLOTS": "4096"},
-        )
-        self.on_stop(slow.name, slow.stop)
-        paced = start_daemon(
-            self.home,
-            nats=self.nats_url,
-            provider_id="bench-synthetic-paced",
-            model_id=PACED_MODEL,
-            engine="synthetic",
-            env={"MP_SYNTHETIC_TOKEN_DELAY_S": str(PACED_TOKEN_DELAY_S)},
-        )
-        self.on_stop(paced.name, paced.stop)
-        self.paced = paced
-        self.extra = [batch, slow, paced]
+        self.paced = self._synthetic("paced", PACED_MODEL, {"MP_SYNTHETIC_TOKEN_DELAY_S": str(PACED_TOKEN_DELAY_S)})
+        self.extra = [batch, slow, self.paced]
         for gateway in self.gateways.values():
-            wait_model(gateway.base_url, BATCH_MODEL, timeout=60, daemon=batch)
-            wait_model(gateway.base_url, SLOW_MODEL, timeout=60, daemon=slow)
-            wait_model(gateway.base_url, PACED_MODEL, timeout=60, daemon=paced)
+            for daemon, model in ((batch, BATCH_MODEL), (slow, SLOW_MODEL), (self.paced, PACED_MODEL)):
+                wait_model(gateway.base_url, model, timeout=60, daemon=daemon)
+
+    def _synthetic(self, name: str, model: str, env: dict[str, str]) -> DaemonChild:
+        """Another synthetic daemon, serving `model` with `env`; stopped with the stack."""
+        daemon = start_daemon(
+            self.home,
+            nats=self.nats_url,
+            provider_id=f"bench-synthetic-{name}",
+            model_id=model,
+            engine="synthetic",
+            env=env,
+        )
+        self.on_stop(daemon.name, daemon.stop)
+        return daemon
 
     def children(self) -> list[Child]:
         return [*super().children(), *getattr(self, "extra", [])]
