@@ -177,6 +177,24 @@ USAGE_JS_API = (
     f"{_JS_API}.CONSUMER.DELETE.{USAGE_STREAM}.*",
     f"{_JS_API}.CONSUMER.MSG.NEXT.{USAGE_STREAM}.*",
 )
+
+
+def js_pull_next(stream: str, durable: str) -> str:
+    """Where a pull request for a durable consumer's next messages goes (JetStream's API). `durable` is a
+    name made here (`usage_consumer`): one token, already checked."""
+    return f"{_JS_API}.CONSUMER.MSG.NEXT.{_token('stream', stream)}.{durable}"
+
+
+def js_pull_replies(inbox: str) -> str:
+    """Where a reader's pulled messages (and the server's word on each pull request) arrive: its inbox."""
+    return f"{inbox}.*"
+
+
+def js_pull_reply(inbox: str, n: int) -> str:
+    """The reply subject of one pull request: the server's status for it names it."""
+    return f"{inbox}.{n}"
+
+
 # A pulled message's reply subject: `$JS.ACK.<stream>.<consumer>.<delivered>.<sequences>...`.
 USAGE_JS_ACKS = f"$JS.ACK.{USAGE_STREAM}.>"
 # The control plane's own inbox: its connections use it instead of nats-py's `_INBOX` (JetStream's API

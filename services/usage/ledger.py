@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -38,17 +39,16 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client as Nats
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.client import JetStreamContext
 
 from schemas import nats_direct, subjects
-from schemas.tasks import cancel_and_wait
 from schemas.usage_events import ENCODER, Closed, Opened, UsageEvent, decode
 from services.db.refused import REFUSED
 from services.usage import leases
 from services.usage.publisher import Publisher
+from services.usage.pull import Delivery, Pull
 
 if TYPE_CHECKING:
     from services.metrics.registry import Metrics
@@ -78,14 +78,17 @@ _UNAVAILABLE = (
     nats.errors.StaleConnectionError,
     TimeoutError,
 )
-# A pull waits this long for the next event; the server sees the consumer alive as long as it pulls.
+# A pull waits this long for the next event (another follows at once): the server sees the consumer alive as
+# long as it pulls.
 PULL_WAIT_S = 2.0
-# A fetch for what is there already (nats-py asks with no_wait first, then waits this long at most).
-NO_WAIT_S = 0.002
-# A reader still waiting for the ledger asks the consumers again this often (`caught_up`).
+# A drain (what the consumer has now) is answered at once; this long at most (a connection being re-made).
+DRAIN_WAIT_S = 1.0
+# A reader still waiting for the ledger asks the consumers again this often (`caught_up`); a hurry that came
+# up to this long before a quiet consumer's next events still counts for them (the reader's own event may
+# reach the consumer after its hurry does).
 HURRY_AGAIN_S = 0.1
 # A live consumer has a pull waiting except while it lingers (`linger_s`, the same on every replica of a
-# deployment): one with none for longer than its linger and this is taken for gone (`caught_up`).
+# deployment) or writes: one with none for longer than its linger and this is taken for gone (`caught_up`).
 GONE_AFTER_S = 0.25
 
 
@@ -153,15 +156,15 @@ class UsageStream:
         self._metrics = metrics
         self._js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self.publisher = Publisher(nc, self._subject)
-        self._sub: JetStreamContext.PullSubscription | None = None
-        self._puller: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        # Pulled batches waiting to be written; None tells the writer to stop.
-        self._batches: asyncio.Queue[list[Msg] | None] = asyncio.Queue()
+        # This replica's consumer, read as events come, and the task writing what it delivers.
+        self._pull: Pull | None = None
+        self._consuming: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        # Set by a reader waiting for events to be written (here, or on another replica: LEDGER_HURRY): the
+        # When a reader last waited for events to be written (here, or on another replica: LEDGER_HURRY): the
         # consumer stops lingering.
-        self._hurry = asyncio.Event()
+        self._hurried_at = -math.inf
+        # Wakes the consumer: its first event after a quiet spell, a hurry, a stop, its consumer lost.
+        self._wake = asyncio.Event()
         self._hurry_sub: Subscription | None = None
         # Other replicas' consumers seen with no pull waiting and no progress: since when, and their
         # progress then (see `adopt_orphans`).
@@ -247,49 +250,52 @@ class UsageStream:
             ) from exc
         await self.publisher.start()
         self._hurry_sub = await nats_direct.subscribe(self._nc, subjects.LEDGER_HURRY, self._on_hurry)
-        self._sub = await self._claim()
-        self._puller = asyncio.create_task(self._pull(), name="usage-pull")
-        self._writer = asyncio.create_task(self._write_pulled(), name="usage-write")
+        self._pull = Pull(self._nc, subjects.USAGE_STREAM, subjects.usage_consumer(self._gw), self._wake.set)
+        await self._pull.start()
+        await self._claim()
+        self._consuming = asyncio.create_task(self._consume(), name="usage-consumer")
 
     def _on_hurry(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
-        self._hurry.set()
+        self._hurried()
+
+    def _hurried(self) -> None:
+        """Someone waits for the events to be written: the consumer stops lingering."""
+        self._hurried_at = time.monotonic()
+        self._wake.set()
 
     async def stop(self) -> None:
         """Write what this replica published, then remove its consumer (a graceful stop leaves nothing)."""
-        if self._puller is None or self._writer is None or self._sub is None:
+        if self._consuming is None or self._pull is None:
             return
-        # What the puller had received stays in the subscription's queue, or (held while it lingered) goes to
-        # the writer. (Cancelled until it ends: nats-py's fetch waits in asyncio.wait_for, which can lose a
-        # cancellation.)
-        await cancel_and_wait(self._puller)
+        # The consumer writes what it was delivered, without waiting for the rest of a linger.
         self._stopping.set()
-        self._batches.put_nowait(None)
+        self._wake.set()
         with contextlib.suppress(BaseException):
-            await asyncio.wait_for(self._writer, timeout=10.0)
-        self._puller = self._writer = None
+            await asyncio.wait_for(self._consuming, timeout=10.0)
+        self._consuming = None
+        pull, self._pull = self._pull, None
+        pull.stop_polling()
         try:
-            while msgs := await self._fetch(self._sub, 0.2):
-                await self._write(self._gw, msgs)
+            while msgs := await pull.drain(BATCH, 0.2):
+                await self._write(self._gw, msgs, pull)
             await self._js.delete_consumer(subjects.USAGE_STREAM, subjects.usage_consumer(self._gw))
         except Exception as exc:
             # Left in the stream: another replica adopts them once this consumer goes idle.
             log.warning("usage_drain_failed", error=type(exc).__name__)
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
-        self._sub = None
+        await pull.close()
         if self._hurry_sub is not None:
             with contextlib.suppress(Exception):
                 await self._hurry_sub.unsubscribe()
             self._hurry_sub = None
         await self.publisher.stop()
 
-    async def _claim(self) -> JetStreamContext.PullSubscription:
-        """This replica's consumer (made if missing). An adoption of this replica's id still under way (its
+    async def _claim(self) -> None:
+        """Make this replica's consumer (if missing). An adoption of this replica's id still under way (its
         consumer went idle, or a restart with a fixed MP_GATEWAY_ID) finishes first: one reader at a time."""
         async with self._db.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _lock_key(self._gw))
             try:
-                return await self._subscribe(self._gw)
+                await self._add_consumer(self._gw)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _lock_key(self._gw))
 
@@ -320,7 +326,7 @@ class UsageStream:
         if (current.num_replicas, current.max_bytes) != (config.num_replicas, config.max_bytes):
             await self._js.update_stream(config)
 
-    async def _subscribe(self, gateway_id: str) -> JetStreamContext.PullSubscription:
+    async def _add_consumer(self, gateway_id: str) -> None:
         config = api.ConsumerConfig(
             durable_name=subjects.usage_consumer(gateway_id),
             filter_subject=subjects.usage_events(gateway_id),
@@ -330,104 +336,89 @@ class UsageStream:
             max_ack_pending=4 * BATCH,
             inactive_threshold=self._idle_s,
         )
-        return await self._js.pull_subscribe(
-            subjects.usage_events(gateway_id),
-            durable=config.durable_name,
-            stream=subjects.USAGE_STREAM,
-            config=config,
-        )
+        # Made, or left as it is when it exists with this config (as on every start of this replica).
+        await self._js.add_consumer(subjects.USAGE_STREAM, config)
 
-    async def _pull(self) -> None:
-        """Pull this replica's events: a long poll while idle, then a batch every `linger_s` while they
-        keep coming, the first one too (one wake-up and one write for many requests, not one per event
-        in the middle of other requests' answers). A pull request goes out at least every PULL_WAIT_S,
-        also while a batch is written: a consumer nobody pulls for `idle_s` is removed, and its events
-        adopted by another replica."""
-        assert self._sub is not None
-        wait = PULL_WAIT_S
+    async def _consume(self) -> None:
+        """Write this replica's events: a long poll while idle, then a batch every `linger_s` while they keep
+        coming (one wake-up and one write for many requests, not one per event in the middle of other
+        requests' answers), the first one too. Those first events are the reservation of a request waiting
+        for its first token (published with its work): written at once, at concurrency 1 they took 0.4 ms
+        from each time to first token. Nothing is delivered while the consumer lingers (a delivery per
+        event was a wake-up in the middle of a request each); what came meanwhile comes in one answer.
+        A reader waiting for the events to be written (`caught_up`) cuts a linger short, to no less than
+        HURRIED_S after the last batch.
+        """
+        assert self._pull is not None
+        pull = self._pull
+        loop = asyncio.get_running_loop()
+        last = -math.inf
+        busy = False
         while True:
-            try:
-                msgs = await self._sub.fetch(batch=BATCH, timeout=wait)
-            except (TimeoutError, nats.errors.TimeoutError):
-                msgs = []
-            except nats.errors.Error as exc:
-                # Disconnected (the client reconnects), or this consumer was removed: make it again.
-                log.warning("usage_fetch_failed", error=type(exc).__name__)
+            if self._stopping.is_set() and not pull.got:
+                return  # what is left at the server, `stop` drains
+            if pull.lost and not self._stopping.is_set():
+                # The server removed this consumer (idle too long: a stalled loop, a long disconnection), or
+                # a clustered stream has no leader for it yet: make it again.
                 await asyncio.sleep(0.5)
-                with contextlib.suppress(Exception):
-                    self._sub = await self._claim()
-                wait = PULL_WAIT_S
-                continue
-            if msgs and self._linger_s and wait == PULL_WAIT_S:
-                # Idle until now: these are the first events of a request that is waiting for its first
-                # token (the reservation is published with the work). Written a linger later, with what
-                # came meanwhile (its settlement, often), not while that request starts: at concurrency 1
-                # writing at once took 0.4 ms from each time to first token.
                 try:
-                    await self._hurried_within(self._linger_s)
-                    msgs += await self._fetch(self._sub, NO_WAIT_S)
-                except asyncio.CancelledError:
-                    # Stopping: these are out of the subscription's queue, so `stop` would not drain them;
-                    # the writer writes them before this replica's consumer goes.
-                    self._batches.put_nowait(msgs)
-                    raise
-            if msgs:
-                self._batches.put_nowait(msgs)
-            if msgs and self._linger_s:
-                # Busy: let the next batch gather at the server, then take whatever is there (at once when
-                # someone here waits for the events to be written: `caught_up`).
-                since = time.monotonic()
-                self._hurry.clear()
-                await self._hurried_within(self._linger_s)
-                # Hurried, still no more often than every HURRIED_S: a buyer at their limit can have their
-                # refusal rechecked many times a second, and each write costs Postgres about 0.4 ms.
-                rest = since + min(self._linger_s, HURRIED_S) - time.monotonic()
-                if rest > 0:
-                    await asyncio.sleep(rest)
-                wait = NO_WAIT_S
+                    await self._claim()
+                except Exception as exc:
+                    log.warning("usage_consumer_claim_failed", error=type(exc).__name__)
+                    continue
+                pull.lost, busy = False, False
+                continue
+            if busy:
+                start = last  # the next batch a linger after the last
             else:
-                if not msgs:
-                    # Nothing of this replica's unwritten: a hurry meanwhile asked for nothing here (the
-                    # next request's first events still wait their linger).
-                    self._hurry.clear()
-                wait = PULL_WAIT_S
-
-    async def _hurried_within(self, seconds: float) -> None:
-        """Return after `seconds`, or once someone waits for the events to be written (`caught_up`)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._hurry.wait()
-
-    async def _write_pulled(self) -> None:
-        while (msgs := await self._batches.get()) is not None:
-            while len(msgs) < 4 * BATCH and not self._batches.empty():
-                more = self._batches.get_nowait()
-                if more is None:
-                    self._batches.put_nowait(None)
+                if not pull.got:
+                    if not pull.polling:
+                        pull.poll(1, PULL_WAIT_S)
+                    await self._woken()
+                    if not pull.got:
+                        continue
+                start = time.monotonic()  # the first events after a quiet spell
+            while not self._stopping.is_set():
+                if self._hurried_at > max(last, start - HURRY_AGAIN_S):
+                    # No more often than every HURRIED_S: a buyer at their limit can have their refusal
+                    # rechecked many times a second, and each write costs Postgres about 0.4 ms.
+                    take_at = last + min(self._linger_s, HURRIED_S)
+                else:
+                    take_at = start + self._linger_s
+                now = time.monotonic()
+                if now >= take_at:
                     break
-                msgs += more
-            await self._write(self._gw, msgs)
+                await self._woken(take_at - now)
+            last = time.monotonic()
+            held = len(pull.got)
+            msgs = await pull.drain(BATCH, DRAIN_WAIT_S)
+            busy = len(msgs) > held
+            if msgs:
+                # A write that takes long (Postgres away) pulls meanwhile: the server would remove a consumer
+                # nobody pulls for `idle_s`, and other replicas would take this one for gone.
+                keep_alive = loop.call_later(PULL_WAIT_S, pull.poll, BATCH, PULL_WAIT_S)
+                try:
+                    await self._write(self._gw, msgs, pull)
+                finally:
+                    keep_alive.cancel()
+                    pull.stop_polling()
 
-    async def _fetch(self, sub: JetStreamContext.PullSubscription, wait_s: float, batch: int = BATCH) -> list[Msg]:
-        try:
-            return await sub.fetch(batch=batch, timeout=wait_s or 0.01)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
-        except nats.errors.Error as exc:
-            # Disconnected, or the consumer was removed: pull again shortly (the client reconnects).
-            log.warning("usage_fetch_failed", error=type(exc).__name__)
-            await asyncio.sleep(0.5)
-            return []
+    async def _woken(self, timeout_s: float | None = None) -> None:
+        """Wait for the consumer's wake-up (`_wake`), or `timeout_s`."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
 
-    async def _write(self, gateway_id: str, msgs: list[Msg]) -> None:
+    async def _write(self, gateway_id: str, msgs: list[Delivery], pull: Pull) -> None:
         """Apply a batch, then acknowledge it; on failure nothing is acknowledged (all come again).
 
         An event that can never be written (it does not decode, or Postgres refuses what it holds) is
         parked in `usage_dead_letters` and the others are written: it must not hold up every settlement
         of its replica behind it, as it once did.
         """
-        events: list[tuple[Msg, UsageEvent]] = []
-        undecodable: list[tuple[Msg, str]] = []
+        events: list[tuple[Delivery, UsageEvent]] = []
+        undecodable: list[tuple[Delivery, str]] = []
         for msg in msgs:
             try:
                 events.extend((msg, event) for event in decode(msg.data))
@@ -458,11 +449,9 @@ class UsageStream:
                 await asyncio.sleep(1.0)
         # Written: each event goes from the stream (a work queue takes only explicit acknowledgements;
         # they leave together in one write to the server).
-        for msg in msgs:
-            with contextlib.suppress(Exception):
-                await msg.ack()
+        pull.ack(msgs)
 
-    async def _one_by_one(self, gateway_id: str, events: list[tuple[Msg, UsageEvent]]) -> None:
+    async def _one_by_one(self, gateway_id: str, events: list[tuple[Delivery, UsageEvent]]) -> None:
         """Write each event on its own, in order (writing one twice changes nothing); park the refused."""
         for msg, event in events:
             try:
@@ -472,11 +461,9 @@ class UsageStream:
                 # message's other events again changes nothing.
                 await self._park(gateway_id, msg, f"{event.request_id}: {type(exc).__name__}: {exc}")
 
-    async def _park(self, gateway_id: str, msg: Msg, error: str) -> None:
+    async def _park(self, gateway_id: str, msg: Delivery, error: str) -> None:
         """Keep an event that cannot be written, byte for byte, for an operator (then it is acknowledged)."""
-        seq = None
-        with contextlib.suppress(Exception):
-            seq = msg.metadata.sequence.stream
+        seq = msg.stream_seq()
         status = await self._db.execute(
             # Parked once, however often its batch is tried again.
             "INSERT INTO usage_dead_letters (gateway_id, stream_seq, event, error) VALUES ($1, $2, $3, $4) "
@@ -549,15 +536,16 @@ class UsageStream:
                     if ci.num_waiting:
                         return 0  # pulled again: its replica is back
                     await self._js.delete_consumer(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
-                sub = await self._subscribe(gateway_id)
+                pull = Pull(self._nc, subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
+                await pull.start()
                 written = 0
                 try:
-                    while msgs := await self._fetch(sub, 0.5):
-                        await self._write(gateway_id, msgs)
+                    await self._add_consumer(gateway_id)
+                    while msgs := await pull.drain(BATCH, 0.5):
+                        await self._write(gateway_id, msgs, pull)
                         written += len(msgs)
                 finally:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+                    await pull.close()
                     with contextlib.suppress(Exception):
                         await self._js.delete_consumer(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
                 log.warning("usage_events_adopted", gateway_id=gateway_id, events=written)
@@ -608,7 +596,7 @@ class UsageStream:
     async def _hurry_all(self) -> float:
         """Every replica's consumer writes what it holds now (this one's too: the message comes back);
         when it was asked (time.monotonic())."""
-        self._hurry.set()
+        self._hurried()
         with contextlib.suppress(Exception):  # a wake-up, at best: the caller's wait is what counts
             if not nats_direct.publish_nowait(self._nc, subjects.LEDGER_HURRY, b""):
                 await self._nc.publish(subjects.LEDGER_HURRY, b"")
