@@ -106,17 +106,15 @@ class Exchange:
         if self.span is not None:
             self._end_span(self.span)
         if self.ticket is not None:
-            settling = asyncio.ensure_future(
-                metering.settle(
-                    self.ticket,
-                    # Refunded before any provider took it: unavailable; after (nothing delivered): failed.
-                    outcome=_LEDGER_OUTCOME.get(
-                        self.status, "unavailable" if self.refund and self.provider is None else "failed"
-                    ),
-                    cached_tokens=self.cached_tokens,
-                    ttft_ms=self.ttft_ms,
-                    refund=self.refund,
-                )
+            settling = metering.settling(
+                self.ticket,
+                # Refunded before any provider took it: unavailable; after (nothing delivered): failed.
+                outcome=_LEDGER_OUTCOME.get(
+                    self.status, "unavailable" if self.refund and self.provider is None else "failed"
+                ),
+                cached_tokens=self.cached_tokens,
+                ttft_ms=self.ttft_ms,
+                refund=self.refund,
             )
             # Runs to completion even when the request's own task is being cancelled.
             with contextlib.suppress(asyncio.CancelledError, Exception):

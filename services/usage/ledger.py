@@ -207,11 +207,10 @@ class UsageStream:
         """
         deadline = time.monotonic() + PUBLISH_RETRY_S
         first = self.submit(event)
-        timer = self.publisher.expire_after(first, PUBLISH_TIMEOUT_S)
+        self.publisher.expire_after(first, PUBLISH_TIMEOUT_S)
         done: asyncio.Future[bool] = first.get_loop().create_future()
 
         def answered(f: asyncio.Future[int]) -> None:
-            timer.cancel()
             if done.done():
                 return
             error = None if f.cancelled() else f.exception()

@@ -387,12 +387,68 @@ class Metering:
         refund: bool = False,
     ) -> None:
         """Write the ledger row and release the reservation. Safe to call twice."""
+        await self.settling(ticket, outcome=outcome, cached_tokens=cached_tokens, ttft_ms=ttft_ms, refund=refund)
+
+    def settling(
+        self,
+        ticket: Ticket,
+        *,
+        outcome: str,
+        cached_tokens: int = 0,
+        ttft_ms: float | None = None,
+        refund: bool = False,
+    ) -> asyncio.Future[None]:
+        """`settle`, under way: done once settled; it goes on if the caller stops waiting (a cancelled request).
+
+        No task where the reservation is confirmed and the usage stream takes the settlement (every
+        request that reached a provider): its acknowledgement's callback finishes it. A task per request
+        for that was a visible share of metering's CPU.
+        """
+        loop = asyncio.get_running_loop()
+        if ticket.settled or not self.enabled:
+            ticket.settled = True
+            self._open.pop(ticket.request_id, None)
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        opening = ticket.opening
+        if (
+            self._stream is None
+            or opening is None
+            or not opening.done()
+            or opening.cancelled()
+            or opening.exception() is not None
+            or not opening.result()
+        ):
+            return asyncio.ensure_future(
+                self._settle(ticket, outcome=outcome, cached_tokens=cached_tokens, ttft_ms=ttft_ms, refund=refund)
+            )
+        ticket.settled = True
+        self._open.pop(ticket.request_id, None)
+        settlement, ended, closing = self._closing(ticket, outcome, cached_tokens, ttft_ms, refund)
+        done = loop.create_future()
+
+        def published(f: asyncio.Future[bool]) -> None:
+            if f.cancelled():
+                self._settle_failed(ticket, settlement, ended, asyncio.CancelledError())
+            elif (error := f.exception()) is not None:
+                self._settle_failed(ticket, settlement, ended, error)
+            else:
+                # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
+                self._settled(ticket, closing.keep_slot, refund, ended)
+            if not done.done():  # a caller of `settle` that was cancelled cancelled it
+                done.set_result(None)
+
+        self._stream.publishing(closing).add_done_callback(published)
+        return done
+
+    async def _settle(
+        self, ticket: Ticket, *, outcome: str, cached_tokens: int, ttft_ms: float | None, refund: bool
+    ) -> None:
         if ticket.settled:
             return
         ticket.settled = True
         self._open.pop(ticket.request_id, None)
-        if not self.enabled:
-            return
         if ticket.opening is not None:
             try:
                 opened: bool | None = await asyncio.shield(ticket.opening)
@@ -409,6 +465,22 @@ class Metering:
                     else:
                         ticket.lease.in_use -= 1
                 return
+        settlement, ended, closing = self._closing(ticket, outcome, cached_tokens, ttft_ms, refund)
+        try:
+            if self._stream is not None:
+                await self._stream.publish(closing)
+                # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
+                to_lease = closing.keep_slot
+            else:
+                _, to_lease = await self._closer.submit(closing)
+        except Exception as exc:
+            self._settle_failed(ticket, settlement, ended, exc)
+            return
+        self._settled(ticket, to_lease, refund, ended)
+
+    def _closing(
+        self, ticket: Ticket, outcome: str, cached_tokens: int, ttft_ms: float | None, refund: bool
+    ) -> tuple[Settlement, float, Closed]:
         ended = time.monotonic()
         settlement = Settlement(
             provider_id=ticket.provider_id,
@@ -420,28 +492,12 @@ class Metering:
             outcome=outcome,
             refund=refund,
         )
-        closing = Closed(
-            ticket.request_id,
-            settlement,
-            keep_slot=ticket.lease is not None and ticket.lease.keeps_slot(),
-        )
+        keep_slot = ticket.lease is not None and ticket.lease.keeps_slot()
+        return settlement, ended, Closed(ticket.request_id, settlement, keep_slot=keep_slot)
+
+    def _settled(self, ticket: Ticket, to_lease: bool, refund: bool, ended: float) -> None:
+        """The settlement is stored: the lease takes back what the request did not use."""
         lease = ticket.lease
-        try:
-            if self._stream is not None:
-                await self._stream.publish(closing)
-                # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
-                to_lease = closing.keep_slot
-            else:
-                _, to_lease = await self._closer.submit(closing)
-        except Exception as exc:
-            # Retried from the touch loop; only if this replica dies first does a sweeper settle it.
-            if lease is not None:
-                lease.in_use -= 1
-            self._unsettled[ticket.request_id] = (settlement, ended, 1)
-            log.warning("settle_failed", request_id=ticket.request_id, error=type(exc).__name__, retry=True)
-            if self._metrics is not None:
-                self._metrics.settle_failures.inc()
-            return
         if lease is not None:
             lease.in_use -= 1
             if to_lease:
@@ -450,6 +506,15 @@ class Metering:
             lease.settled(max(0, ticket.tokens - used), refund)
         if self._metrics is not None:
             self._metrics.settlement_lag.observe(time.monotonic() - ended)
+
+    def _settle_failed(self, ticket: Ticket, settlement: Settlement, ended: float, exc: BaseException) -> None:
+        # Retried from the touch loop; only if this replica dies first does a sweeper settle it.
+        if ticket.lease is not None:
+            ticket.lease.in_use -= 1
+        self._unsettled[ticket.request_id] = (settlement, ended, 1)
+        log.warning("settle_failed", request_id=ticket.request_id, error=type(exc).__name__, retry=True)
+        if self._metrics is not None:
+            self._metrics.settle_failures.inc()
 
     def _open_unconfirmed(self, ticket: Ticket) -> None:
         """The reservation's publish failed (nothing reached the buyer). It may still have been stored

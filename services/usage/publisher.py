@@ -18,6 +18,7 @@ request's work message).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from typing import Any
 
@@ -33,6 +34,9 @@ _NO_RESPONDERS = "503"
 # A message's events stay well under the stream's max_msg_size (64 KB), with room for the brackets.
 MAX_GROUP_BYTES = 48 * 1024
 
+
+# How often events still waiting for their acknowledgement are checked against their deadline.
+EXPIRY_TICK_S = 0.1
 
 # One event to send: its encoding, and what its publisher awaits (the stream sequence).
 _Item = tuple[bytes, "asyncio.Future[int]"]
@@ -70,6 +74,10 @@ class Publisher:
         self._starting = asyncio.Lock()
         # This turn's events not sent yet (encoded event, its future), if any.
         self._turn: list[_Item] = []
+        # Events waiting for their acknowledgement: (deadline, future) per timeout, and the timer expiring
+        # them while any wait (`expire_after`).
+        self._deadlines: dict[float, collections.deque[tuple[float, asyncio.Future[int]]]] = {}
+        self._ticking: asyncio.TimerHandle | None = None
         # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
         # How many messages and events went out (metrics, read at scrape time).
@@ -134,28 +142,44 @@ class Publisher:
         return future
 
     async def acknowledged(self, future: asyncio.Future[int], timeout_s: float) -> int:
-        """Wait for a submitted event's acknowledgement (raises TimeoutError after `timeout_s`).
-
-        A timer of the loop's fails the future when time is up: `asyncio.timeout` looked up the
-        current task and made a context manager for every event, two per request.
-        """
-        timer = self.expire_after(future, timeout_s)
+        """Wait for a submitted event's acknowledgement (raises TimeoutError after `timeout_s`)."""
+        self.expire_after(future, timeout_s)
         try:
             return await future
         finally:
-            timer.cancel()
             if future.cancelled():
                 self._forget_answered()
 
-    def expire_after(self, future: asyncio.Future[int], timeout_s: float) -> asyncio.TimerHandle:
+    def expire_after(self, future: asyncio.Future[int], timeout_s: float) -> None:
         """Fail a submitted event's future with TimeoutError if it is not acknowledged within `timeout_s`
-        (cancel the handle once it is)."""
-        return future.get_loop().call_later(timeout_s, self._expire, future)
+        (up to EXPIRY_TICK_S later).
 
-    def _expire(self, future: asyncio.Future[int]) -> None:
-        if not future.done():
-            future.set_exception(TimeoutError())
+        One timer ticks while events wait, instead of a timer per event (two per request, each a libuv
+        timer made and cancelled under uvloop), and `asyncio.timeout` before that (a task lookup and a
+        context manager per event).
+        """
+        loop = future.get_loop()
+        # Deadlines in the order submitted: per timeout, so each queue's are in order too.
+        queue = self._deadlines.get(timeout_s)
+        if queue is None:
+            queue = self._deadlines[timeout_s] = collections.deque()
+        queue.append((loop.time() + timeout_s, future))
+        if self._ticking is None:
+            self._ticking = loop.call_later(EXPIRY_TICK_S, self._tick)
+
+    def _tick(self) -> None:
+        now = asyncio.get_running_loop().time()
+        expired = False
+        for queue in self._deadlines.values():
+            while queue and (queue[0][1].done() or queue[0][0] <= now):
+                _, future = queue.popleft()
+                if not future.done():
+                    future.set_exception(TimeoutError())
+                    expired = True
+        if expired:
             self._forget_answered()
+        waiting = any(self._deadlines.values())
+        self._ticking = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick) if waiting else None
 
     def _forget_answered(self) -> None:
         """Forget the messages none of whose events still waits (an event gave up: rare, so a scan)."""

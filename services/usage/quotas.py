@@ -11,6 +11,7 @@ and changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -42,8 +43,10 @@ class Usage:
         return dt.datetime.combine(self.window_day + dt.timedelta(days=1), dt.time(), tzinfo=UTC)
 
     def seconds_to_reset(self, now: dt.datetime | None = None) -> int:
-        now = now or dt.datetime.now(UTC)
-        return max(1, int((self.resets_at - now).total_seconds()) + 1)
+        # In epoch seconds: every answer's x-ratelimit headers say it, and building the datetimes took
+        # longer than the rest of those headers.
+        resets = (self.window_day.toordinal() - _EPOCH_ORDINAL + 1) * 86400
+        return max(1, int(resets - (time.time() if now is None else now.timestamp())) + 1)
 
     @property
     def requests_left(self) -> int:
@@ -52,6 +55,9 @@ class Usage:
     @property
     def tokens_left(self) -> int:
         return max(0, self.limits.tokens_per_day - self.tokens)
+
+
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 @dataclass(frozen=True, slots=True)
