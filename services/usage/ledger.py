@@ -277,6 +277,7 @@ class UsageStream:
         try:
             while msgs := await pull.drain(BATCH, 0.2):
                 await self._write(self._gw, msgs, pull)
+            await self._until_applied(self._gw)
             await self._js.delete_consumer(subjects.USAGE_STREAM, subjects.usage_consumer(self._gw))
         except Exception as exc:
             # Left in the stream: another replica adopts them once this consumer goes idle.
@@ -518,6 +519,17 @@ class UsageStream:
             self._idle_seen.pop(gateway_id, None)
         return written
 
+    async def _until_applied(self, gateway_id: str, timeout_s: float = 2.0) -> None:
+        """Wait until the server has applied the acknowledgements sent to `gateway_id`'s consumer: it takes
+        them in a queue of the consumer's own, and a consumer deleted meanwhile drops what was still there
+        (those events stay in the stream, to be written again by whoever reads the subject next)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ci = await self._consumer(gateway_id)
+            if ci is None or not ci.num_ack_pending or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.01)
+
     async def _consumer(self, gateway_id: str) -> api.ConsumerInfo | None:
         try:
             return await self._js.consumer_info(subjects.USAGE_STREAM, subjects.usage_consumer(gateway_id))
@@ -543,6 +555,7 @@ class UsageStream:
                     while msgs := await pull.drain(BATCH, 0.5):
                         await self._write(gateway_id, msgs, pull)
                         written += len(msgs)
+                    await self._until_applied(gateway_id)
                 finally:
                     await pull.close()
                     with contextlib.suppress(Exception):
