@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 import uvloop
 
 from infra.nats import NatsServer
 from infra.postgres import PostgresServer
+from schemas import nats_direct
 from services.db.migrate import migrate
 from services.usage.ledger import UsageStream
 from services.usage.metering import Metering
@@ -65,7 +65,8 @@ async def _run(
     db: asyncpg.Pool, pg_url: str, nats_url: str, settlement: str, concurrency: int, requests: int, warm: bool
 ) -> Figure:
     """One round: a fresh replica (its own gateway id) and a fresh account; `warm` runs a burst first."""
-    nc = await nats.connect(nats_url)
+    # As the gateway connects: plain messages straight from the read loop, publishes without a coroutine.
+    nc = await nats_direct.connect(nats_url)
     gw = f"gw-bench-{secrets.token_hex(4)}"
     stream = UsageStream(nc, db, gw) if settlement == "jetstream" else None
     metering = Metering(db, gw, stale_after_s=30, stream=stream)
