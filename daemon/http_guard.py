@@ -13,6 +13,10 @@ owner visits can send requests to 127.0.0.1, and a hostile domain that resolves 
   page can send `text/plain` or a form across sites without a CORS preflight, never JSON.
 - With a token (the admin API), every path but `open_paths` needs
   `Authorization: Bearer <token>` (401), compared in constant time.
+- A body must arrive within `body_timeout_s` of the headers (408) and be at most MAX_BODY
+  bytes (413): a client trickling its body a byte at a time, or never sending what it
+  announced, would hold a connection and a task as long as it liked. It is read here, and
+  handed to the app whole.
 
 No CORS headers are ever answered, so a page that gets a request through cannot read the
 reply. Refusals are rendered by the app's own `render` (each API keeps its error envelope).
@@ -20,6 +24,7 @@ reply. Refusals are rendered by the app's own `render` (each API keeps its error
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -66,6 +71,9 @@ NO_TOKEN = Refusal(
     "from the daemon's admin token file (MP_ADMIN_TOKEN_FILE).",
 )
 BAD_TOKEN = Refusal(401, "invalid_admin_token", "Invalid admin token.")
+# What Litestar itself accepts by default; the routes' own bounds (schemas/limits.py) are far smaller.
+MAX_BODY = 10 * 1024 * 1024
+TOO_LARGE = Refusal(413, "request_too_large", f"The request body is larger than the {MAX_BODY:,} bytes accepted.")
 
 
 def _values(scope: Scope, name: bytes) -> list[bytes]:
@@ -106,12 +114,19 @@ class LocalGuard:
     """ASGI middleware: the checks above, then the app; refusals never reach a route."""
 
     def __init__(
-        self, app: ASGIApp, *, render: Render, token: str | None = None, open_paths: frozenset[str] = frozenset()
+        self,
+        app: ASGIApp,
+        *,
+        render: Render,
+        token: str | None = None,
+        open_paths: frozenset[str] = frozenset(),
+        body_timeout_s: float = 30.0,
     ) -> None:
         self.app = app
         self.render = render
         self._token = token.encode() if token is not None else None
         self.open_paths = open_paths
+        self.body_timeout_s = body_timeout_s
 
     def check(self, scope: Scope) -> Refusal | None:
         server = scope.get("server")
@@ -156,6 +171,16 @@ class LocalGuard:
             await self._refuse(send, refusal)
             return
 
+        if _has_body(scope):
+            body = await self._read_body(scope, receive)
+            if body is None:
+                return  # the client hung up
+            if isinstance(body, Refusal):
+                # The rest of the body may still come: the connection cannot carry another request.
+                await self._refuse(send, body, close=True)
+                return
+            receive = _replay(body, receive)
+
         async def send_without_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [
@@ -165,10 +190,51 @@ class LocalGuard:
 
         await self.app(scope, receive, send_without_cors)
 
-    async def _refuse(self, send: Send, refusal: Refusal) -> None:
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | Refusal | None:
+        """The whole body, or why not (None: the client hung up)."""
+        lengths = _values(scope, b"content-length")
+        if any(v.strip().isdigit() and int(v) > MAX_BODY for v in lengths):
+            return TOO_LARGE
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk: bytes = message.get("body", b"")
+                    size += len(chunk)
+                    if size > MAX_BODY:
+                        return TOO_LARGE
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            return Refusal(
+                408, "body_timeout", f"The request body did not arrive within {self.body_timeout_s:g} s of its headers."
+            )
+
+    async def _refuse(self, send: Send, refusal: Refusal, *, close: bool = False) -> None:
         body = self.render(refusal)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
         if refusal.status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="mac-provider-daemon admin"'))
         await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` as the app expects it: the body read already, in one message, then the connection's own."""
+    given = False
+
+    async def replayed() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed

@@ -107,6 +107,8 @@ class DaemonSettings:
     # Local HTTP on 127.0.0.1 only; 0 turns the listener off.
     admin_port: int = 11441
     api_port: int = 11440
+    # How long a local request's body may take to arrive after its headers (daemon/http_guard.py).
+    body_timeout_s: float = 30.0
     # Sequences decoded together in one batch (reported to the pool as slots).
     slots: int = 4
     # The synthetic engine only: seconds between its tokens (0: as fast as it can), so the
@@ -200,6 +202,7 @@ class DaemonSettings:
                 log_level=env.get("MP_LOG_LEVEL", "info"),
                 admin_port=env_vars.integer(env, "MP_ADMIN_PORT", 11441),
                 api_port=env_vars.integer(env, "MP_API_PORT", 11440),
+                body_timeout_s=env_vars.number(env, "MP_BODY_TIMEOUT_S", 30),
                 slots=env_vars.integer(env, "MP_SLOTS", _default_slots()),
                 synthetic_token_delay_s=env_vars.number(env, "MP_SYNTHETIC_TOKEN_DELAY_S", 0),
                 synthetic_tokens_per_step=env_vars.integer(env, "MP_SYNTHETIC_TOKENS_PER_STEP", 1),
@@ -253,6 +256,8 @@ class DaemonSettings:
             raise SettingsError(
                 f"MP_SYNTHETIC_TOKENS_PER_STEP must be between 1 and 4096, got {settings.synthetic_tokens_per_step}"
             )
+        if not 1 <= settings.body_timeout_s <= 600:
+            raise SettingsError(f"MP_BODY_TIMEOUT_S must be between 1 and 600, got {settings.body_timeout_s}")
         if not 0 <= settings.prefill_gather <= 1:
             raise SettingsError(f"MP_PREFILL_GATHER must be between 0 and 1, got {settings.prefill_gather}")
         for name, port in (("MP_ADMIN_PORT", settings.admin_port), ("MP_API_PORT", settings.api_port)):

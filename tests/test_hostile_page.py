@@ -9,12 +9,15 @@ its API's envelope, never reaches the engine, and the honest owner's curl-like r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +337,91 @@ def test_doctor_names_an_unusable_token_file(tmp_path: Path) -> None:
     check = _admin_token(settings)
     assert check.status == "fail"
     assert "readable by others" in check.detail
+
+
+def _post_scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "server": ("127.0.0.1", 11440),
+        "headers": [(b"host", b"127.0.0.1:11440"), JSON, *headers],
+    }
+
+
+async def _through_guard(
+    scope: dict[str, Any], messages: list[tuple[float, dict[str, Any]]], timeout_s: float
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """`scope` through a LocalGuard whose client sends `messages` (each after its delay, then nothing more):
+    what the guard answered, and the bodies the app was handed."""
+    from daemon.http_guard import LocalGuard, Refusal
+
+    handed: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        handed.append(message["body"])
+        assert not message.get("more_body")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def render(refusal: Refusal) -> bytes:
+        return json.dumps({"error": {"code": refusal.code, "message": refusal.message}}).encode()
+
+    pending = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        if not pending:
+            await asyncio.sleep(3600)  # a client that never sends the rest
+        delay, message = pending.pop(0)
+        await asyncio.sleep(delay)
+        return message
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    await LocalGuard(app, render=render, body_timeout_s=timeout_s)(scope, receive, send)
+    return sent, handed
+
+
+def _chunk(body: bytes, more: bool, after: float = 0.0) -> tuple[float, dict[str, Any]]:
+    return after, {"type": "http.request", "body": body, "more_body": more}
+
+
+async def test_the_local_apis_refuse_a_body_that_never_comes_or_trickles() -> None:
+    """A local program (or a page's request) that announces a body and never sends it, or sends it a byte at
+    a time, gets 408 body_timeout in time and the connection closed; the route never runs."""
+    never = _post_scope((b"content-length", b"100"))
+    trickle = [_chunk(b"{", True, 0.1)] + [_chunk(b" ", True, 0.1) for _ in range(20)]
+    for messages in ([], trickle):
+        started = time.monotonic()
+        sent, handed = await _through_guard(never, messages, timeout_s=0.5)
+        assert 0.45 <= time.monotonic() - started < 2.0
+        assert handed == []
+        assert sent[0]["status"] == 408
+        assert (b"connection", b"close") in sent[0]["headers"]
+        assert json.loads(sent[1]["body"])["error"]["code"] == "body_timeout"
+
+
+async def test_the_local_apis_refuse_a_body_past_10_mb_and_hand_a_good_one_over_whole() -> None:
+    from daemon.http_guard import MAX_BODY
+
+    # Announced too large: refused before reading a byte.
+    sent, handed = await _through_guard(_post_scope((b"content-length", str(MAX_BODY + 1).encode())), [], 5.0)
+    assert sent[0]["status"] == 413
+    assert handed == []
+    # Sent too large without a length (chunked): refused once past the limit.
+    piece = b" " * (1 << 20)
+    chunks = [_chunk(piece, True) for _ in range(11)]
+    sent, handed = await _through_guard(_post_scope((b"transfer-encoding", b"chunked")), chunks, 5.0)
+    assert sent[0]["status"] == 413
+    assert handed == []
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_too_large"
+    # A body in pieces reaches the route as one message, intact.
+    sent, handed = await _through_guard(
+        _post_scope((b"content-length", b"13")), [_chunk(b'{"a": ', True, 0.05), _chunk(b'"bcdef"}', False)], 5.0
+    )
+    assert handed == [b'{"a": "bcdef"}']
+    assert sent[0]["status"] == 200

@@ -44,7 +44,13 @@ def _render_refusal(refusal: Refusal) -> bytes:
 
 def create_admin_app(daemon: Daemon) -> LocalGuard:
     """The admin API behind the local guard, requiring daemon.admin_token."""
-    return LocalGuard(_admin_app(daemon), render=_render_refusal, token=daemon.admin_token, open_paths=OPEN_PATHS)
+    return LocalGuard(
+        _admin_app(daemon),
+        render=_render_refusal,
+        token=daemon.admin_token,
+        open_paths=OPEN_PATHS,
+        body_timeout_s=daemon.settings.body_timeout_s,
+    )
 
 
 def _admin_app(daemon: Daemon) -> Litestar:

@@ -38,7 +38,7 @@ def _render_refusal(refusal: Refusal) -> bytes:
 
 def create_api_app(daemon: Daemon) -> LocalGuard:
     """The local API behind the local guard (loopback Host, no cross-site Origin, JSON bodies; no token)."""
-    return LocalGuard(_api_app(daemon), render=_render_refusal)
+    return LocalGuard(_api_app(daemon), render=_render_refusal, body_timeout_s=daemon.settings.body_timeout_s)
 
 
 def _api_app(daemon: Daemon) -> Litestar:
