@@ -414,6 +414,9 @@ class _Answered:
     def ready(self) -> bool:
         return False
 
+    def take_ready(self) -> bus.Delta | None:
+        return None
+
     def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:
         async def frames() -> AsyncGenerator[bus.Delta | bus.Done, None]:
             yield bus.Delta(seq=1, text="a", tokens=1, token_ids=[1])

@@ -141,6 +141,39 @@ class Call:
         """The next frame already arrived (the gateway is behind this stream)."""
         return self._leg.stream.ready()
 
+    def take_ready(self) -> bus.Delta | None:
+        """The next frame if it is a Delta that arrived already, checked and counted as `frames()` does.
+
+        None where `frames()` must take what is next: nothing yet, the final frame, a failure, a frame out
+        of sequence or one that breaks the protocol, a JSON-constrained answer (its checker's state moves
+        as it checks), a replica stopping, the time limit. A stream's frames mostly come several at a time
+        (a daemon's bundle), and taking each through `frames()` was three coroutine steps a frame.
+        """
+        leg = self._leg
+        d = self._dispatcher
+        if d.cutting or leg.check.json is not None:
+            return None
+        frame = leg.stream.ready_delta()
+        if frame is None or time.monotonic() >= self.started + d.request_timeout_s:
+            return None
+        try:
+            leg.check.delta(frame)
+        except vetting.Violation:
+            return None  # `frames()` meets it again, and fails over
+        leg.stream.advance()
+        if leg.first_token_at is None and frame.token_ids:
+            leg.first_token_at = time.monotonic()
+        self._delivered(frame)
+        return frame
+
+    def _delivered(self, frame: bus.Delta) -> None:
+        self._got_first_token = True
+        self._text.append(frame.text)
+        self._reasoning.append(frame.reasoning)
+        self._token_ids.extend(frame.token_ids)
+        # Billed from the ids received (vetting checked the declared count agrees).
+        self._tokens += len(frame.token_ids)
+
     async def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:
         while True:
             try:
@@ -151,12 +184,7 @@ class Call:
                 await self._fail_over(exc)
                 continue
             if isinstance(frame, bus.Delta):
-                self._got_first_token = True
-                self._text.append(frame.text)
-                self._reasoning.append(frame.reasoning)
-                self._token_ids.extend(frame.token_ids)
-                # Billed from the ids received (vetting checked the declared count agrees).
-                self._tokens += len(frame.token_ids)
+                self._delivered(frame)
                 yield frame
                 continue
             self.finished = True

@@ -179,14 +179,18 @@ async def events(call: Call, ex: Exchange) -> AsyncGenerator[Event, None]:
                 return
             ex.delta(frame)
             run = [frame]
-            while ex.stream and call.ready():
-                nxt = await anext(frames, None)
-                if isinstance(nxt, bus.Delta) and joins(run, nxt):
-                    ex.delta(nxt)
-                    run.append(nxt)
-                else:
+            while ex.stream:
+                # What arrived already: a Delta taken at once (`take_ready`), anything else through `frames`.
+                nxt: bus.Delta | bus.Done | None = call.take_ready()
+                if nxt is None:
+                    if not call.ready():
+                        break
+                    nxt = await anext(frames, None)
+                if not (isinstance(nxt, bus.Delta) and joins(run, nxt)):
                     pending = nxt
                     break
+                ex.delta(nxt)
+                run.append(nxt)
             yield joined(run)
     finally:
         await frames.aclose()

@@ -95,6 +95,21 @@ class ReplyStream:
         """Something already arrived: `next` returns it without waiting."""
         return bool(self._items)
 
+    def ready_delta(self) -> bus.Delta | None:
+        """The next frame if it arrived already, is next in sequence and a Delta: left in place for the
+        caller to check (`advance` takes it). None for anything else: `next` deals with it."""
+        items = self._items
+        if items:
+            item = items[0]
+            if type(item) is bus.Delta and item.seq == self._expected:
+                return item
+        return None
+
+    def advance(self) -> None:
+        """Take the frame `ready_delta` returned."""
+        self._items.popleft()
+        self._expected += 1
+
     def take(self, size: int) -> bool:
         """Count a frame of `size` bytes against the budget; False (stream dead) when over it."""
         self._frames_left -= 1
