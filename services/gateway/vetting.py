@@ -93,6 +93,11 @@ def frame_budget(request: bus.InferenceRequest) -> tuple[int, int]:
     return tokens + _FRAMES_WITHOUT_TOKENS, _BASE_BYTES + tokens * _BYTES_PER_TOKEN
 
 
+def _utf8_len(text: str) -> int:
+    # Every frame's text is counted: most is ASCII, whose length CPython knows without encoding it.
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def _allowed_tokens(request: bus.InferenceRequest) -> int:
     done_before = len(request.continuation.token_ids) if request.continuation else 0
     return max(1, request.params.max_tokens - done_before)
@@ -133,7 +138,7 @@ class LegCheck:
             raise Violation("too_many_tokens", f"{self.tokens + len(ids)} tokens where max_tokens allows {allowed}")
         if self.vocab_size and ids and max(ids) >= self.vocab_size:
             raise Violation("token_id_out_of_range", f"token id {max(ids)} in a vocabulary of {self.vocab_size}")
-        text_bytes = self.text_bytes + len(frame.text.encode()) + len(frame.reasoning.encode())
+        text_bytes = self.text_bytes + _utf8_len(frame.text) + _utf8_len(frame.reasoning)
         if text_bytes > _TEXT_ALLOWANCE + (self.tokens + len(ids)) * _TEXT_BYTES_PER_TOKEN:
             raise Violation("oversized_text", f"{text_bytes} bytes of text for {self.tokens + len(ids)} tokens")
         for call in frame.tool_calls:
