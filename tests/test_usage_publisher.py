@@ -94,6 +94,15 @@ async def _one_held_then_one_late(bus: Bus) -> str:
     return late
 
 
+async def _published_then_caught_up_within(bus: Bus, rid: str, seconds: float) -> None:
+    """`rid`'s reservation published, then a reader waiting for the ledger: it is written within `seconds`."""
+    await bus.stream.publish(bus.opened(rid))
+    started = time.monotonic()
+    assert await bus.stream.caught_up(3.0)
+    assert time.monotonic() - started < seconds
+    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", rid) == 1
+
+
 def _ok(rid: str) -> Closed:
     return Closed(rid, Settlement("p", 3, 4, 0, 5.0, 50.0, "ok"), keep_slot=False)
 
@@ -329,12 +338,7 @@ async def test_an_idle_consumer_writes_a_requests_first_events_a_linger_later_un
 
     # After a quiet spell again, a reader waiting for the ledger does not wait for the linger.
     await asyncio.sleep(0.6)
-    hurried = f"hurried{secrets.token_hex(5)}"
-    await bus.stream.publish(bus.opened(hurried))
-    started = time.monotonic()
-    assert await bus.stream.caught_up(3.0)
-    assert time.monotonic() - started < 0.4
-    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", hurried) == 1
+    await _published_then_caught_up_within(bus, f"hurried{secrets.token_hex(5)}", 0.4)
 
 
 async def test_a_reader_whose_hurry_outruns_its_event_by_far_is_not_left_waiting(
@@ -356,12 +360,7 @@ async def test_a_reader_whose_hurry_outruns_its_event_by_far_is_not_left_waiting
     monkeypatch.setattr(UsageStream, "_on_hurry", lambda self, *_: None)
     bus.stream._linger_s = 5.0
     await bus.stream.start()
-    rid = f"outrun{secrets.token_hex(5)}"
-    await bus.stream.publish(bus.opened(rid))
-    started = time.monotonic()
-    assert await bus.stream.caught_up(3.0)
-    assert time.monotonic() - started < 1.5
-    assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", rid) == 1
+    await _published_then_caught_up_within(bus, f"outrun{secrets.token_hex(5)}", 1.5)
 
 
 async def test_a_stop_while_the_consumer_holds_a_requests_first_events_writes_them(bus: Bus) -> None:
