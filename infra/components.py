@@ -59,6 +59,7 @@ def start_gateway(
     timeout: float = 60.0,
     nats_credentials: Credentials | None = None,
     services: Sequence[str] = (),
+    cwd: Path | None = None,
 ) -> Child:
     """Start a control plane (every service, or only `services`); on a server we launched (a SecuredNats)
     it logs in as the control plane and also answers the server's auth callout (when natsauth runs in it)."""
@@ -75,6 +76,7 @@ def start_gateway(
             }
         ),
         log_path=log_path,
+        cwd=cwd,
     )
     child = Child(name, proc, log_path)
     try:

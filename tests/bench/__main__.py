@@ -28,6 +28,10 @@ Modes:
             worker, streamed c=1 and c=64 and non-stream; gateway CPU per request; --profile adds py-spy's
             top functions (options: python3 -m tests.bench hotpath --help).
 
+  versus    this tree's gateway against another commit's (--base REV, from a git worktree) on one stack,
+            alternating rounds: gateway CPU per request with the mean of the rounds' paired differences
+            and its standard error, req/s, TTFT and latency (options: python3 -m tests.bench versus --help).
+
   observability  the CPU that Prometheus metrics and OpenTelemetry traces add to one request, gateway
             and daemon, in process on the real objects, beside the same work with metrics off.
   settlement  the CPU that quotas and metering cost one request in the gateway's process (reserve,
@@ -47,7 +51,17 @@ from tests.bench import cli, metering, overhead
 
 MODES = ("overhead", "metering")
 # Modes with their own options and stacks: `python3 -m tests.bench <mode> --help`.
-SEPARATE = ("hotpath", "daemon", "failover", "routing", "structured", "observability", "scale", "settlement")
+SEPARATE = (
+    "hotpath",
+    "daemon",
+    "failover",
+    "routing",
+    "structured",
+    "observability",
+    "scale",
+    "settlement",
+    "versus",
+)
 
 DEFAULT_LEVELS = (1, 16, 64)
 QUICK_LEVELS = (1, 16)

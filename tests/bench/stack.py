@@ -39,6 +39,8 @@ class GatewaySpec:
 
     name: str
     env: Mapping[str, str] = field(default_factory=dict)
+    # Where it runs from: `python -m services` imports the code there (a worktree of another commit).
+    cwd: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class Stack(ABC):
                 name=spec.name,
                 # The synthetic engine is no model and has no weights hash to catalogue.
                 env={"MP_UNCATALOGUED_MODELS": "allow", **spec.env},
+                cwd=spec.cwd,
             )
             self.on_stop(spec.name, child.stop)
             self.gateways[spec.name] = Gateway(spec.name, base_url, child)

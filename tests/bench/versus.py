@@ -1,0 +1,192 @@
+"""`python3 -m tests.bench versus --base REV` (`just bench versus --base REV`): this tree's gateway against
+the gateway of another commit, in one run.
+
+One stack (nats-server, PostgreSQL, one synthetic daemon: this tree's) and two metering-on control planes:
+`base` runs the code of REV (a temporary git worktree), `this` the working tree. The same requests go to
+each in alternating rounds (base first in even rounds, this first in odd ones), and each round's gateway
+CPU per request is paired with the other's in the same round. On a shared machine whose speed drifts by a
+third within an hour, that pairing is what tells a change of a few percent from the drift: the table
+prints the mean of the rounds' differences and its standard error beside the two totals.
+
+`--base HEAD` with a clean tree measures two identical gateways: the noise floor of the comparison.
+REV must share this tree's database (its migrations a prefix of these: the base starts first).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.bench import cli, harness
+from tests.bench.cpu import _on_cpu_s
+from tests.bench.harness import Verdict
+from tests.bench.hotpath import GATEWAYS
+from tests.bench.load import HttpClients, Level, ViaGateway, drive, warmup
+from tests.bench.progress import say
+from tests.bench.stack import GatewaySpec
+from tests.bench.synthetic import MODEL_ID, SyntheticStack
+from tests.support.stack import REPO
+
+SIDES = ("base", "this")
+# (label, streamed, concurrency)
+COLUMNS = {
+    "nonstream16": ("non-stream c=16", False, 16),
+    "stream64": ("stream c=64", True, 64),
+    "stream1": ("stream c=1", True, 1),
+}
+
+
+@dataclass
+class Side:
+    cpu_ms: list[float] = field(default_factory=list)  # per round: gateway CPU ms per request
+    levels: list[Level] = field(default_factory=list)
+
+
+Measured = dict[str, dict[str, Side]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    base: str
+    columns: tuple[str, ...]
+    requests: int
+    rounds: int
+    tokens: int = 64
+
+
+def worktree(rev: str, into: Path) -> Path:
+    """A detached worktree of `rev` under `into` (removed by `drop_worktree`)."""
+    path = into / "base"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(path), rev],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return path
+
+
+def drop_worktree(path: Path) -> None:
+    subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def measure(plan: Plan, stack: SyntheticStack) -> Measured:
+    measured: Measured = {c: {s: Side() for s in SIDES} for c in plan.columns}
+    async with HttpClients(64, 8) as clients:
+        for column in plan.columns:
+            _, streamed, conc = COLUMNS[column]
+            for side in SIDES:
+                gw = stack.gateways[side]
+                send = ViaGateway(clients, gw.base_url, stack.api_key, MODEL_ID, plan.tokens, stream=streamed)
+                await drive(send, concurrency=conc, requests=warmup(conc))
+        for r in range(plan.rounds):
+            for column in plan.columns:
+                _, streamed, conc = COLUMNS[column]
+                for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+                    gw = stack.gateways[side]
+                    send = ViaGateway(clients, gw.base_url, stack.api_key, MODEL_ID, plan.tokens, stream=streamed)
+                    pid = gw.child.proc.pid
+                    before = _on_cpu_s(pid) or 0.0
+                    level = await drive(send, concurrency=conc, requests=plan.requests)
+                    after = _on_cpu_s(pid) or 0.0
+                    measured[column][side].cpu_ms.append((after - before) / max(1, len(level.samples)) * 1000)
+                    measured[column][side].levels.append(level)
+                    say(f"round {r + 1}: {COLUMNS[column][0]:<16} {side}: {len(level.samples)} requests")
+    return measured
+
+
+def _p50_ms(levels: list[Level], what: str) -> str:
+    values = sorted(
+        v for lv in levels for s in lv.samples if s.ok and (v := s.ttft_s if what == "ttft" else s.latency_s)
+    )
+    return f"{values[len(values) // 2] * 1000:.2f}" if values else "-"
+
+
+def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
+    head = (
+        f"{'column':<16} | {'gw CPU ms/req, base':>19} {'this':>7} | {'this - base, per round':>22} | "
+        f"{'req/s base':>10} {'this':>6} | {'TTFT p50 ms base':>16} {'this':>6} | {'latency p50 base':>16} {'this':>6}"
+    )
+    lines = [f"gateway of {plan.base} (base) against this tree (this), metering on, {plan.rounds} rounds", head]
+    lines.append("-" * len(head))
+    for column in plan.columns:
+        base, this = measured[column]["base"], measured[column]["this"]
+        diffs = [t - b for b, t in zip(base.cpu_ms, this.cpu_ms, strict=True)]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        rate = [sum(len(lv.samples) for lv in s.levels) / sum(lv.wall_s for lv in s.levels) for s in (base, this)]
+        lines.append(
+            f"{COLUMNS[column][0]:<16} | {statistics.mean(base.cpu_ms):19.3f} {statistics.mean(this.cpu_ms):7.3f} | "
+            f"{statistics.mean(diffs):+12.3f} ± {se:.3f} ms | {rate[0]:10.0f} {rate[1]:6.0f} | "
+            f"{_p50_ms(base.levels, 'ttft'):>16} {_p50_ms(this.levels, 'ttft'):>6} | "
+            f"{_p50_ms(base.levels, 'latency'):>16} {_p50_ms(this.levels, 'latency'):>6}"
+        )
+    lines += [
+        "gw CPU: user+system CPU of that gateway process in a round / its requests; this - base: the mean of the",
+        "rounds' paired differences ± its standard error (a difference within two of those is not one).",
+        *tail,
+    ]
+    return "\n".join(lines)
+
+
+def _verdict(measured: Measured) -> Verdict:
+    levels = [lv for col in measured.values() for side in col.values() for lv in side.levels]
+    failed = any(not s.ok for lv in levels for s in lv.samples)
+    hollow = any(not any(s.ok for s in lv.samples) for lv in levels)
+    return Verdict(failed=failed, hollow="no request succeeded in some round" if hollow else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.parser(__doc__, "versus")
+    parser.add_argument("--base", required=True, help="the commit to compare against (any git revision)")
+    parser.add_argument(
+        "--columns",
+        default=",".join(COLUMNS),
+        help=f"comma-separated, of {', '.join(COLUMNS)} (default: all)",
+    )
+    parser.add_argument("--requests", type=cli.positive, default=None, help="per round, column and side (1024)")
+    parser.add_argument("--rounds", type=cli.positive, default=None, help="rounds (default 10; 2 with --quick)")
+    cli.add_run_flags(parser, quick="smoke run: fewer requests and rounds")
+    args = parser.parse_args(argv)
+    columns = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown or not columns:
+        parser.error(f"unknown columns {unknown}; choose from {', '.join(COLUMNS)}")
+    plan = Plan(
+        base=args.base,
+        columns=columns,
+        requests=args.requests or (128 if args.quick else 1024),
+        rounds=args.rounds or (2 if args.quick else 10),
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="mp-bench-versus-"))
+    try:
+        try:
+            tree = worktree(plan.base, scratch)
+        except subprocess.CalledProcessError as exc:
+            print(f"[bench] cannot check out {plan.base!r}: {exc.stderr.strip()}", file=sys.stderr)
+            return 2
+        metered = dict(GATEWAYS[1].env)
+        specs = [GatewaySpec("base", metered, cwd=tree), GatewaySpec("this", metered)]
+        return harness.run(
+            prefix="mp-bench-",
+            stack=lambda home: SyntheticStack(home, gateways=specs),
+            measure=lambda stack: measure(plan, stack),
+            verdict=_verdict,
+            table=lambda measured, tail: render(plan, measured, tail),
+            keep_logs=args.keep,
+            strict=args.strict,
+            load_line=True,
+        )
+    finally:
+        if (scratch / "base").exists():
+            drop_worktree(scratch / "base")
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
