@@ -156,7 +156,7 @@ class UsageStream:
         self._metrics = metrics
         self._js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self.publisher = Publisher(nc, self._subject)
-        # This replica's consumer, read as events come, and the task writing what it delivers.
+        # This replica's consumer (services/usage/pull.py), and the task that pulls and writes its events.
         self._pull: Pull | None = None
         self._consuming: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
