@@ -138,6 +138,31 @@ async def test_a_loop_turns_events_travel_as_one_message_and_reach_the_ledger(bu
     assert (usage["requests"], usage["tokens"], usage["inflight"]) == (21, 21 * 7, 0)
 
 
+async def test_a_batch_across_midnight_writes_both_days_reservations_and_settlements_once(bus: Bus) -> None:
+    """Reservations of two UTC days in one batch (one call per day, in one transaction): each request is in
+    the ledger once, only today's count against today, nothing is left in flight; written again, nothing
+    changes."""
+    a = bus.account
+    late, early = f"yday{secrets.token_hex(5)}", f"today{secrets.token_hex(5)}"
+    yesterday = bus.day - dt.timedelta(days=1)
+    batch = [
+        Opened(late, a.subject, a.account_id, a.key_id, None, MODEL, yesterday, 9),
+        bus.opened(early),
+        _ok(late),
+        _ok(early),
+    ]
+    for _ in range(2):
+        await ledger.apply(bus.db, "gw-midnight", batch)
+        rows = await bus.db.fetch("SELECT request_id, billed FROM usage_ledger WHERE subject = $1", a.subject)
+        assert sorted((r["request_id"], r["billed"]) for r in rows) == sorted([(late, True), (early, True)])
+        usage = await bus.db.fetchrow(
+            "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", a.subject
+        )
+        assert usage is not None
+        assert (usage["requests"], usage["tokens"], usage["inflight"]) == (1, 7, 0)
+        assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE subject = $1", a.subject) == 0
+
+
 async def test_a_turn_too_big_for_one_message_is_cut(bus: Bus) -> None:
     # Each event about 1.3 KB (a long model name): 150 of them are over 190 KB, past the stream's 64 KB limit.
     a = bus.account

@@ -126,111 +126,13 @@ WITH p AS (
 SELECT request_id, (SELECT count(*) FROM u) AS subjects FROM ins
 """
 
-# The same, applied from the usage stream (services/usage/ledger.py) after the request was admitted
-# and perhaps already answered: it cannot be refused any more. Idempotent (an event delivered again
-# after a consumer died before acknowledging it writes nothing twice: a reservation already there, or
-# already settled into the ledger, is skipped). Where the replica's lease no longer holds the request
-# (a peer gave back the lease of a replica that looked dead), it counts straight against the subject.
-_APPLY_OPEN = """
-WITH p AS (
-    SELECT * FROM unnest($3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::text[], $8::text[], $9::bigint[])
-        AS p(request_id, subject, account_id, key_id, demo_token_id, model, tokens)
-), lk AS (
-    SELECT subject FROM quota_usage WHERE subject IN (SELECT subject FROM p) ORDER BY subject FOR UPDATE
-), ins AS (
-    INSERT INTO reservations
-        (request_id, subject, account_id, key_id, demo_token_id, model, window_day, tokens_reserved, gateway_id)
-    SELECT p.request_id, p.subject, p.account_id, p.key_id, p.demo_token_id, p.model, $2, p.tokens, $1
-    FROM p
-    WHERE p.subject IN (SELECT subject FROM lk)
-      AND NOT EXISTS (SELECT 1 FROM usage_ledger g WHERE g.request_id = p.request_id)
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id, subject, tokens_reserved
-), agg AS (
-    SELECT subject, count(*)::int AS n, sum(tokens_reserved)::bigint AS t FROM ins GROUP BY subject
-), l AS (
-    -- No check that the row still holds enough: a batch applies its opens before its closes, so a slot
-    -- a close gave back to the lease, and an open then took again, may leave the row one short until
-    -- the close that follows in the same batch (every change here is a sum: the order does not matter).
-    UPDATE quota_leases l SET requests = l.requests - agg.n, tokens = l.tokens - agg.t, slots = l.slots - agg.n,
-                              last_seen = now()
-    FROM agg
-    WHERE l.subject = agg.subject AND l.gateway_id = $1 AND l.window_day = $2
-    RETURNING l.subject
-), u AS (
-    UPDATE quota_usage q SET
-        requests = q.requests + CASE WHEN q.window_day = $2 THEN agg.n ELSE 0 END,
-        tokens = q.tokens + CASE WHEN q.window_day = $2 THEN agg.t ELSE 0 END,
-        inflight = q.inflight + agg.n,
-        leased_requests = CASE WHEN q.window_day = $2 AND agg.subject IN (SELECT subject FROM l)
-                               THEN q.leased_requests - agg.n ELSE q.leased_requests END,
-        leased_tokens = CASE WHEN q.window_day = $2 AND agg.subject IN (SELECT subject FROM l)
-                             THEN q.leased_tokens - agg.t ELSE q.leased_tokens END,
-        leased_slots = CASE WHEN agg.subject IN (SELECT subject FROM l)
-                            THEN q.leased_slots - agg.n ELSE q.leased_slots END
-    FROM agg
-    WHERE q.subject = agg.subject
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM ins) AS written, (SELECT count(*) FROM u) AS subjects
-"""
-
-# Settlement of a batch: ledger rows, reservations gone, unused tokens and refunded requests back to
-# the subject, and each slot back to this replica's lease (when it still has one) where `keep_slot`
-# says this replica is busy with the subject, else back to the subject: a subject with a small
-# concurrency limit (a demo token's 1) never finds its one slot parked on another replica.
-_CLOSE = """
-WITH p AS (
-    SELECT * FROM unnest($2::text[], $3::text[], $4::int[], $5::int[], $6::int[], $7::real[], $8::real[],
-                         $9::text[], $10::bool[], $11::bool[])
-        AS p(request_id, provider_id, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, duration_ms,
-             outcome, refund, keep_slot)
-), lk AS (
-    SELECT subject FROM quota_usage
-    WHERE subject IN (SELECT res.subject FROM reservations res JOIN p ON p.request_id = res.request_id)
-    ORDER BY subject FOR UPDATE
-), r AS (
-    DELETE FROM reservations res USING p
-    WHERE res.request_id = p.request_id AND res.subject IN (SELECT subject FROM lk)
-    RETURNING res.request_id, res.subject, res.account_id, res.key_id, res.demo_token_id, res.model,
-              res.window_day, res.tokens_reserved, coalesce(p.provider_id, res.provider_id) AS provider_id,
-              p.prompt_tokens, p.completion_tokens, p.cached_tokens, p.ttft_ms, p.duration_ms, p.outcome, p.refund,
-              p.keep_slot
-), led AS (
-    INSERT INTO usage_ledger
-        (request_id, subject, account_id, key_id, demo_token_id, model, provider_id, prompt_tokens,
-         completion_tokens, cached_tokens, ttft_ms, duration_ms, outcome, billed)
-    SELECT request_id, subject, account_id, key_id, demo_token_id, model, provider_id, prompt_tokens,
-           completion_tokens, cached_tokens, ttft_ms, duration_ms, outcome, NOT refund
-    FROM r
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id
-), agg AS (
-    SELECT r.subject, count(*)::int AS n, sum(r.keep_slot::int)::int AS keep,
-           sum(CASE WHEN r.window_day = q.window_day
-                    THEN r.tokens_reserved - CASE WHEN r.refund THEN 0 ELSE r.prompt_tokens + r.completion_tokens END
-                    ELSE 0 END)::bigint AS give_t,
-           sum(CASE WHEN r.refund AND r.window_day = q.window_day THEN 1 ELSE 0 END)::int AS give_r
-    FROM r JOIN quota_usage q ON q.subject = r.subject
-    GROUP BY r.subject
-), l AS (
-    UPDATE quota_leases l SET slots = l.slots + agg.keep, last_seen = now()
-    FROM agg
-    WHERE l.subject = agg.subject AND l.gateway_id = $1 AND agg.keep > 0
-    RETURNING l.subject
-), upd AS (
-    UPDATE quota_usage u SET
-        inflight = u.inflight - agg.n,
-        tokens = greatest(0, u.tokens - agg.give_t),
-        requests = greatest(0, u.requests - agg.give_r),
-        leased_slots = u.leased_slots + CASE WHEN agg.subject IN (SELECT subject FROM l) THEN agg.keep ELSE 0 END
-    FROM agg
-    WHERE u.subject = agg.subject
-    RETURNING 1
-)
-SELECT r.request_id, r.keep_slot AND r.subject IN (SELECT subject FROM l) AS to_lease,
-       (SELECT count(*) FROM upd) AS subjects, (SELECT count(*) FROM led) AS written
-FROM r
+# A batch of one replica's usage events from the usage stream (services/usage/ledger.py), its
+# reservations then its settlements, in one call of a function (migration 0016, where the statements are
+# and what they do): one round trip, atomic on its own. Settlement without the stream calls it with no
+# reservations.
+_APPLY = """
+SELECT request_id, to_lease, subjects, written
+FROM usage_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
 """
 
 # Part of a lease given back by the replica holding it. No clamping at 0 here or below: with the usage
@@ -456,50 +358,56 @@ def _open_args(gw: str, day: dt.date, group: list[Opened]) -> tuple[object, ...]
     )
 
 
-def _by_day(items: list[Opened]) -> dict[dt.date, list[Opened]]:
-    by_day: dict[dt.date, list[Opened]] = {}
+def by_day(items: list[Opened]) -> dict[dt.date, list[Opened]]:
+    groups: dict[dt.date, list[Opened]] = {}
     for item in items:
-        by_day.setdefault(item.day, []).append(item)
-    return by_day
+        groups.setdefault(item.day, []).append(item)
+    return groups
 
 
 async def open_many(db: asyncpg.Pool, gw: str, items: list[Opened]) -> list[bool]:
     """Reservation rows for requests admitted from leases; False where the lease no longer held them."""
     written: set[str] = set()
-    for day, group in _by_day(items).items():
+    for day, group in by_day(items).items():
         rows = await db.fetch(_OPEN, *_open_args(gw, day, group))
         written.update(r["request_id"] for r in rows)
     return [i.request_id in written for i in items]
 
 
-async def apply_open_many(db: Executor, gw: str, items: list[Opened]) -> int:
-    """Reservation rows from the usage stream (never refused); how many were new."""
-    written = 0
-    for day, group in _by_day(items).items():
-        row = await db.fetchrow(_APPLY_OPEN, *_open_args(gw, day, group))
-        assert row is not None
-        written += row["written"]
-    return written
+async def apply_many(
+    db: Executor, gw: str, day: dt.date | None, opens: list[Opened], closes: list[Closed]
+) -> list[tuple[bool, bool]]:
+    """Write reservations of `day` (from the usage stream: never refused), then settle `closes`; per
+    settlement (settled now, its slot went back to this replica's lease)."""
+    rows = await db.fetch(
+        _APPLY,
+        gw,
+        day,
+        [i.request_id for i in opens],
+        [i.subject for i in opens],
+        [i.account_id for i in opens],
+        [i.key_id for i in opens],
+        [i.demo_token_id for i in opens],
+        [i.model for i in opens],
+        [i.tokens for i in opens],
+        [i.request_id for i in closes],
+        [i.settlement.provider_id for i in closes],
+        [i.settlement.prompt_tokens for i in closes],
+        [i.settlement.completion_tokens for i in closes],
+        [i.settlement.cached_tokens for i in closes],
+        [i.settlement.ttft_ms for i in closes],
+        [i.settlement.duration_ms for i in closes],
+        [i.settlement.outcome for i in closes],
+        [i.settlement.refund for i in closes],
+        [i.keep_slot for i in closes],
+    )
+    done = {r["request_id"]: bool(r["to_lease"]) for r in rows}
+    return [(i.request_id in done, done.get(i.request_id, False)) for i in closes]
 
 
 async def close_many(db: Executor, gw: str, items: list[Closed]) -> list[tuple[bool, bool]]:
     """Settle a batch; per item (settled now, its slot went back to this replica's lease)."""
-    rows = await db.fetch(
-        _CLOSE,
-        gw,
-        [i.request_id for i in items],
-        [i.settlement.provider_id for i in items],
-        [i.settlement.prompt_tokens for i in items],
-        [i.settlement.completion_tokens for i in items],
-        [i.settlement.cached_tokens for i in items],
-        [i.settlement.ttft_ms for i in items],
-        [i.settlement.duration_ms for i in items],
-        [i.settlement.outcome for i in items],
-        [i.settlement.refund for i in items],
-        [i.keep_slot for i in items],
-    )
-    done = {r["request_id"]: bool(r["to_lease"]) for r in rows}
-    return [(i.request_id in done, done.get(i.request_id, False)) for i in items]
+    return await apply_many(db, gw, None, [], items)
 
 
 async def give_back(db: asyncpg.Pool, gw: str, lease: Lease, r: int, t: int, c: int) -> bool:

@@ -5,7 +5,7 @@ to the JetStream stream on its own subject, and a request waits only for the
 stream's acknowledgement: its reservation before any of its answer reaches the
 buyer, its settlement before its response ends. A durable consumer per replica
 then writes them to Postgres in batches, in the order they were published (one
-statement for a batch's reservations, one for its settlements), and acknowledges
+call for a batch's reservations and settlements), and acknowledges
 them only once written: a consumer that dies leaves them to be delivered again,
 and applying an event twice changes nothing (the reservation and the ledger row
 are keyed by request id).
@@ -114,21 +114,19 @@ async def apply(db: asyncpg.Pool, gateway_id: str, events: Sequence[UsageEvent])
     """Write one replica's events, in the order published, to Postgres (idempotent).
 
     A batch's reservations go first, then its settlements: a request opened and closed within the batch
-    is then settled, and every other change commutes (services/usage/leases.py `_APPLY_OPEN`).
+    is then settled, and every other change commutes (migration 0016). One call, one round trip, atomic.
     """
     opens = [e for e in events if isinstance(e, Opened)]
     closes = [e for e in events if isinstance(e, Closed)]
-    if not (opens and closes):
-        # One statement: atomic on its own.
-        if opens:
-            await leases.apply_open_many(db, gateway_id, opens)
-        if closes:
-            await leases.close_many(db, gateway_id, closes)
+    days = list(leases.by_day(opens).items())
+    if len(days) <= 1:
+        await leases.apply_many(db, gateway_id, days[0][0] if days else None, opens, closes)
         return
-    # One transaction: nobody sees a lease counter between the two (migration 0014).
+    # Reservations of two UTC days (a batch across midnight): one call per day, in one transaction, so
+    # nobody sees a lease counter between them (migration 0014).
     async with db.acquire() as conn, conn.transaction():
-        await leases.apply_open_many(conn, gateway_id, opens)
-        await leases.close_many(conn, gateway_id, closes)
+        for i, (day, group) in enumerate(days):
+            await leases.apply_many(conn, gateway_id, day, group, closes if i == len(days) - 1 else [])
 
 
 class UsageStream:

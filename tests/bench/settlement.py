@@ -12,7 +12,8 @@ side:
 
 at concurrency 1 and 16, for a subject's first burst (a new account: its lease starts empty and has
 to grow) and for a subject already busy. CPU: this process's user + system time over the run / its
-requests (the gateway's cost; nats-server's and Postgres's are not counted). The figure per
+requests (the gateway's cost), and beside it what all of PostgreSQL's processes spent over the same
+run (what the events cost the database every replica shares; nats-server's is not counted). The figure per
 configuration is the best of ROUNDS rounds (the least disturbed by other work on the machine),
 rounds alternating between the two settlements. A benchmark mode, not a test.
 """
@@ -41,6 +42,7 @@ from services.usage.ledger import UsageStream
 from services.usage.metering import Metering
 from services.usage.quotas import Holder, Limits
 from tests.bench import cli
+from tests.bench.cpu import CpuProbe
 from tests.support.accounts import make_account_async
 
 REQUESTS = 2000
@@ -54,6 +56,8 @@ LIMITS = Limits(10**9, 10**12, 10_000)
 class Figure:
     cpu_us: float
     wall_us: float
+    # PostgreSQL's CPU per request (all its processes); None where they cannot be read.
+    pg_us: float | None
 
 
 def _cpu() -> float:
@@ -62,7 +66,14 @@ def _cpu() -> float:
 
 
 async def _run(
-    db: asyncpg.Pool, pg_url: str, nats_url: str, settlement: str, concurrency: int, requests: int, warm: bool
+    db: asyncpg.Pool,
+    pg: CpuProbe,
+    pg_url: str,
+    nats_url: str,
+    settlement: str,
+    concurrency: int,
+    requests: int,
+    warm: bool,
 ) -> Figure:
     """One round: a fresh replica (its own gateway id) and a fresh account; `warm` runs a burst first."""
     # As the gateway connects: plain messages straight from the read loop, publishes without a coroutine.
@@ -88,18 +99,22 @@ async def _run(
         if warm:
             await asyncio.gather(*(worker(w, requests // concurrency, "warm") for w in range(concurrency)))
             await metering.caught_up(10)
-        cpu, wall = _cpu(), time.perf_counter()
+        cpu, wall, pg_before = _cpu(), time.perf_counter(), pg.snapshot()
         await asyncio.gather(*(worker(w, requests // concurrency, "m") for w in range(concurrency)))
         # What this process still owes for these requests: their events written to Postgres.
         await metering.caught_up(10)
         measured = requests // concurrency * concurrency
-        return Figure((_cpu() - cpu) / measured * 1e6, (time.perf_counter() - wall) / measured * 1e6)
+        cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+        pg_s = CpuProbe.used(pg_before, pg.snapshot())
+        return Figure(cpu / measured * 1e6, wall / measured * 1e6, None if pg_s is None else pg_s / measured * 1e6)
     finally:
         await metering.stop()
         await nc.close()
 
 
-async def _measure(pg_url: str, nats_url: str, requests: int, rounds: int) -> dict[tuple[str, int, bool], Figure]:
+async def _measure(
+    pg_url: str, pg_probe: CpuProbe, nats_url: str, requests: int, rounds: int
+) -> dict[tuple[str, int, bool], Figure]:
     conn = await asyncpg.connect(pg_url)
     try:
         await migrate(conn)
@@ -113,13 +128,14 @@ async def _measure(pg_url: str, nats_url: str, requests: int, rounds: int) -> di
                 for level in LEVELS:
                     order = SETTLEMENTS if r % 2 == 0 else SETTLEMENTS[::-1]
                     for settlement in order:
-                        fig = await _run(db, pg_url, nats_url, settlement, level, requests, warm)
+                        fig = await _run(db, pg_probe, pg_url, nats_url, settlement, level, requests, warm)
                         key = (settlement, level, warm)
                         if key not in best or fig.cpu_us < best[key].cpu_us:
                             best[key] = fig
                         print(
                             f"[bench] round {r + 1}: {settlement:<9} c={level:<3} {'busy' if warm else 'first burst'}: "
-                            f"{fig.cpu_us:6.0f} us CPU, {fig.wall_us:6.0f} us wall per request",
+                            f"{fig.cpu_us:6.0f} us CPU, {fig.wall_us:6.0f} us wall, {_us(fig.pg_us)} Postgres CPU "
+                            "per request",
                             flush=True,
                         )
         return best
@@ -127,11 +143,15 @@ async def _measure(pg_url: str, nats_url: str, requests: int, rounds: int) -> di
         await db.close()
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} us"
+
+
 def _table(best: dict[tuple[str, int, bool], Figure]) -> list[str]:
     lines = [
         f"{'per request (best of rounds)':<34}| {'jetstream CPU':>14} {'postgres CPU':>13} | "
-        f"{'jetstream wall':>15} {'postgres wall':>14}",
-        "-" * 98,
+        f"{'jetstream wall':>15} {'postgres wall':>14} | {'jetstream PG':>13} {'postgres PG':>12}",
+        "-" * 128,
     ]
     for warm in (False, True):
         for level in LEVELS:
@@ -139,12 +159,14 @@ def _table(best: dict[tuple[str, int, bool], Figure]) -> list[str]:
             label = f"c={level}, {'a busy subject' if warm else 'a first burst'}"
             lines.append(
                 f"{label:<34}| {js.cpu_us:11.0f} us {pg.cpu_us:10.0f} us | {js.wall_us:12.0f} us {pg.wall_us:11.0f} us"
+                f" | {_us(js.pg_us):>13} {_us(pg.pg_us):>12}"
             )
     lines += [
-        "-" * 98,
+        "-" * 128,
         "CPU: this process's user + system time per request (reserve, confirm, settle, and for jetstream the",
         "consumer writing the events to Postgres); wall: the run's time per request. Neither the daemon nor the",
-        "answer is involved: this is what metering alone adds to a gateway.",
+        "answer is involved: this is what metering alone adds to a gateway. PG: all PostgreSQL processes' CPU",
+        "over the same run per request, in the round whose gateway CPU was best.",
     ]
     return lines
 
@@ -162,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         pg = PostgresServer.start(home / "postgres", fast=True)
         stops.append(pg.stop)
         run: Coroutine[Any, Any, dict[tuple[str, int, bool], Figure]] = _measure(
-            pg.url, nats_server.url, args.requests, args.rounds
+            pg.url, CpuProbe(pg.proc.pid, tree=True), nats_server.url, args.requests, args.rounds
         )
         # The gateway's loop (services/serving.py).
         best = uvloop.run(run)
