@@ -402,7 +402,7 @@ class Settings:
             reservation_stale_s=_float(env, "MP_RESERVATION_STALE_S", 30.0),
             settlement=_choice(env, "MP_SETTLEMENT", ("jetstream", "postgres")),
             usage_stream_replicas=_bounded_int(env, "MP_USAGE_STREAM_REPLICAS", 1, low=1, high=5),
-            ledger_linger_ms=_bounded_int(env, "MP_LEDGER_LINGER_MS", 50, low=0, high=200),
+            ledger_linger_ms=_bounded_int(env, "MP_LEDGER_LINGER_MS", 100, low=0, high=200),
             usage_stream_max_mb=_bounded_int(env, "MP_USAGE_STREAM_MAX_MB", 256, low=16, high=1 << 20),
             shutdown_delay_s=_non_negative(env, "MP_SHUTDOWN_DELAY_S", 0.0),
             shutdown_grace_s=_non_negative(env, "MP_SHUTDOWN_GRACE_S", 10.0),

@@ -137,7 +137,7 @@ class UsageStream:
         gateway_id: str,
         *,
         replicas: int = 1,
-        linger_s: float = 0.05,
+        linger_s: float = 0.1,
         idle_s: float = 30.0,
         max_bytes: int = MAX_BYTES,
         metrics: Metrics | None = None,
