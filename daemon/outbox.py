@@ -48,6 +48,11 @@ class Outbox:
         on its reply subject (a lone stream then waits for nothing, not even this outbox's task).
         Nothing of that gateway is queued then, so nothing can overtake it.
         """
+        return self.put_all(bundle_subject, reply_subject, request_id, (frame,))
+
+    def put_all(self, bundle_subject: str, reply_subject: str, request_id: str, frames: tuple[bytes, ...]) -> bool:
+        """`put` for frames of one request made together: False, the caller publishes them at once, as one
+        message (`at_once`)."""
         items = self._pending.get(bundle_subject)
         # While a flush runs (its lock held), even a first frame queues: a publish there may wait.
         if items is None and not self._lock.locked():
@@ -59,7 +64,7 @@ class Outbox:
             return False
         if items is None:
             items = self._pending[bundle_subject] = []
-        items.append((reply_subject, request_id, frame))
+        items.extend((reply_subject, request_id, frame) for frame in frames)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="outbox")
         self._wake.set()
@@ -113,6 +118,14 @@ class Outbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def at_once(bundle_subject: str, reply_subject: str, request_id: str, frames: tuple[bytes, ...]) -> tuple[str, bytes]:
+    """(subject, payload) of frames of one request sent at once: a lone frame on its reply subject, as
+    without bundles; several as one bundle."""
+    if len(frames) == 1:
+        return reply_subject, frames[0]
+    return bundle_subject, bus.encode_bundle([(request_id, frame) for frame in frames])
 
 
 def _parts(items: list[tuple[str, str, bytes]]) -> list[list[tuple[str, str, bytes]]]:

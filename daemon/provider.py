@@ -26,7 +26,7 @@ from daemon.engine.base import CancelToken, Engine, EngineError
 from daemon.frames import coalesced
 from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
-from daemon.outbox import Outbox
+from daemon.outbox import Outbox, at_once
 from daemon.settings import DaemonSettings
 from schemas import bus, nats_direct, subjects
 from schemas.codes import FailCode
@@ -50,6 +50,13 @@ class _InFlight:
     task: asyncio.Task[None]
 
 
+# How long a request's Accepted frame may wait for its first token to go with it (bundles only). A fast
+# first token then reaches the gateway in the same message: one wake-up of the gateway and one message
+# through nats-server instead of two, on every request's path to its first token. A real model's prompt
+# takes longer than this, and its Accepted goes alone, this much later (the gateway waits seconds for it).
+ACCEPT_HOLD_S = 0.001
+
+
 @dataclass
 class _Replier:
     nc: Nats
@@ -57,26 +64,77 @@ class _Replier:
     seq: int = 0
     # Set when the gateway takes bundles (daemon/outbox.py): (the outbox, its bundle subject, request id).
     bundled: tuple[Outbox, str, str] | None = None
+    # The Accepted frame held for the first token (`accept`), and its timer.
+    held: bytes | None = None
+    holding: asyncio.TimerHandle | None = None
+    # A held frame the timer could not queue without a coroutine: sent by this task, awaited before more.
+    releasing: asyncio.Task[None] | None = None
 
     def bundle_via(self, outbox: Outbox) -> None:
         provider_id, gateway_id, request_id = subjects.parse_reply(self.subject)
         self.bundled = (outbox, subjects.bundle(provider_id, gateway_id), request_id)
 
-    async def send(self, make: type[bus.Frame], **fields: object) -> None:
-        """One frame: queued without a coroutine where it can be (nats_direct), to leave with what else
-        this loop turn sends."""
+    def _frame(self, make: type[bus.Frame], **fields: object) -> bytes:
         if make is bus.Failed:
             # The wire type bounds a message's length: a longer one would not even decode at the gateway.
             fields["message"] = str(fields["message"])[: bus.MAX_MESSAGE_CHARS]
         frame = make(seq=self.seq, **fields)  # type: ignore[arg-type]
         self.seq += 1
-        data = bus.encode(frame)
+        return bus.encode(frame)
+
+    async def accept(self, prompt_tokens: int, queue_position: int) -> None:
+        """The Accepted frame: with bundles, held up to ACCEPT_HOLD_S for the next frame to go with it."""
+        data = self._frame(bus.Accepted, prompt_tokens=prompt_tokens, queue_position=queue_position)
+        if self.bundled is None:
+            await self._publish((data,))
+            return
+        self.held = data
+        self.holding = asyncio.get_running_loop().call_later(ACCEPT_HOLD_S, self._release)
+
+    def _release(self) -> None:
+        """The hold is over and no frame came: the Accepted goes alone."""
+        held, self.held, self.holding = self.held, None, None
+        if held is not None and not self._publish_nowait((held,)):
+            self.releasing = asyncio.ensure_future(self._publish_quietly((held,)))
+
+    async def send(self, make: type[bus.Frame], **fields: object) -> None:
+        """One frame (after a held Accepted, in the same message): queued without a coroutine where it can
+        be (nats_direct), to leave with what else this loop turn sends."""
+        if self.releasing is not None:
+            await self.releasing  # the Accepted first
+            self.releasing = None
+        data = self._frame(make, **fields)
+        frames: tuple[bytes, ...] = (data,)
+        if self.held is not None:
+            assert self.holding is not None
+            self.holding.cancel()
+            frames, self.held, self.holding = (self.held, data), None, None
+        await self._publish(frames)
+
+    def _message(self, frames: tuple[bytes, ...]) -> tuple[str, bytes]:
+        """Frames sent at once as one message (several only with bundles: nothing is held without)."""
+        if self.bundled is None:
+            (frame,) = frames
+            return self.subject, frame
+        _, bundle_subject, request_id = self.bundled
+        return at_once(bundle_subject, self.subject, request_id, frames)
+
+    def _publish_nowait(self, frames: tuple[bytes, ...]) -> bool:
         if self.bundled is not None:
             outbox, bundle_subject, request_id = self.bundled
-            if outbox.put(bundle_subject, self.subject, request_id, data):
-                return
-        if not nats_direct.publish_nowait(self.nc, self.subject, data):
-            await self.nc.publish(self.subject, data)
+            if outbox.put_all(bundle_subject, self.subject, request_id, frames):
+                return True
+        return nats_direct.publish_nowait(self.nc, *self._message(frames))
+
+    async def _publish(self, frames: tuple[bytes, ...]) -> None:
+        if not self._publish_nowait(frames):
+            await self.nc.publish(*self._message(frames))
+
+    async def _publish_quietly(self, frames: tuple[bytes, ...]) -> None:
+        # From the timer: a connection closed meanwhile (the daemon stopping) loses the frame, as the
+        # outbox loses what it cannot send; the gateway fails the request over or out.
+        with contextlib.suppress(Exception):
+            await self.nc.publish(*self._message(frames))
 
     async def done(self, finished: bus.Finished) -> None:
         """The `Done` frame: the engine's `Finished` as is, its timings rounded."""
@@ -416,9 +474,7 @@ class Provider:
                     prepare_span.end()
             self.metrics.prepare.observe(time.monotonic() - prepare_started)
             generation_ns = time.time_ns()
-            await replier.send(
-                bus.Accepted, prompt_tokens=len(prepared.prompt_tokens), queue_position=self.engine.queued()
-            )
+            await replier.accept(len(prepared.prompt_tokens), self.engine.queued())
             finished: bus.Finished | None = None
             answer: list[str] = []
             # Every chunk ready when the sender runs goes in one frame (daemon/frames.py).

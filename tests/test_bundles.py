@@ -18,6 +18,7 @@ import pytest
 from nats.aio.client import Client
 
 from daemon.outbox import Outbox
+from daemon.provider import ACCEPT_HOLD_S, _Replier
 from infra.nats import NatsServer
 from schemas import bus, nats_direct, subjects
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken
@@ -197,3 +198,78 @@ def test_outbox_cuts_bundles_by_count_and_bytes() -> None:
     big = [("s", f"r{i}", b"x" * (outbox.MAX_BUNDLE_BYTES // 2)) for i in range(3)]
     assert [len(p) for p in outbox._parts(big)] == [1, 1, 1]
     assert [item for part in outbox._parts(big) for item in part] == big
+
+
+async def _watched(daemon: Client) -> list[str]:
+    """The subjects of the messages the daemon sends this gateway, as nats-server delivers them."""
+    seen: list[str] = []
+
+    async def watch(msg: object) -> None:
+        seen.append(msg.subject)  # type: ignore[attr-defined]
+
+    await daemon.subscribe(subjects.bundles_for_gateway(GW), cb=watch)
+    await daemon.subscribe(subjects.replies_for_gateway(GW), cb=watch)
+    await daemon.flush()
+    return seen
+
+
+async def _until(seen: list[str], n: int) -> None:
+    for _ in range(200):  # the watcher's own deliveries may trail the router's
+        if len(seen) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_an_accepted_frame_and_a_fast_first_token_go_as_one_message(ends: tuple[ReplyRouter, Client]) -> None:
+    """The daemon holds a request's Accepted up to ACCEPT_HOLD_S for its first token: one message, one
+    wake-up of the gateway, on the path to the first token; each frame reaches the stream as if alone."""
+    router, daemon = ends
+    outbox = Outbox(daemon)
+    seen = await _watched(daemon)
+    stream = router.open("fast", "mac-a", max_frames=100, max_bytes=1 << 20)
+    replier = _Replier(daemon, subjects.reply("mac-a", GW, "fast"))
+    replier.bundle_via(outbox)
+    await replier.accept(3, 0)
+    await replier.send(bus.Delta, text="t0", tokens=1, token_ids=[0])
+    await replier.send(bus.Done, finish_reason="length", prompt_tokens=3, completion_tokens=1)
+    assert await _read_all(stream, 3) == [
+        bus.Accepted(seq=0, prompt_tokens=3),
+        bus.Delta(seq=1, text="t0", tokens=1, token_ids=[0]),
+        bus.Done(seq=2, finish_reason="length", prompt_tokens=3, completion_tokens=1),
+    ]
+    await outbox.close()
+    await _until(seen, 2)
+    # Accepted and the first token in one bundle; the Done, made in the same turn, queued behind them.
+    assert seen == [subjects.bundle("mac-a", GW), subjects.reply("mac-a", GW, "fast")]
+    assert router.stray_frames == 0
+
+
+async def test_an_accepted_frame_whose_first_token_is_slow_goes_alone_after_the_hold(
+    ends: tuple[ReplyRouter, Client],
+) -> None:
+    """A real model's prompt takes longer than the hold: its Accepted goes alone, ACCEPT_HOLD_S later, and
+    the gateway knows the request is taken long before its first token."""
+    router, daemon = ends
+    outbox = Outbox(daemon)
+    seen = await _watched(daemon)
+    stream = router.open("slow", "mac-a", max_frames=100, max_bytes=1 << 20)
+    replier = _Replier(daemon, subjects.reply("mac-a", GW, "slow"))
+    replier.bundle_via(outbox)
+    started = asyncio.get_running_loop().time()
+    await replier.accept(3, 2)
+    assert await stream.next(5) == bus.Accepted(seq=0, prompt_tokens=3, queue_position=2)
+    assert asyncio.get_running_loop().time() - started >= ACCEPT_HOLD_S
+    await replier.send(bus.Delta, text="t0", tokens=1, token_ids=[0])
+    assert await stream.next(5) == bus.Delta(seq=1, text="t0", tokens=1, token_ids=[0])
+    await outbox.close()
+    await _until(seen, 2)
+    assert seen == [subjects.reply("mac-a", GW, "slow")] * 2
+
+
+async def test_without_bundles_an_accepted_frame_is_not_held(ends: tuple[ReplyRouter, Client]) -> None:
+    router, daemon = ends
+    stream = router.open("plain", "mac-a", max_frames=100, max_bytes=1 << 20)
+    replier = _Replier(daemon, subjects.reply("mac-a", GW, "plain"))
+    await replier.accept(3, 0)
+    assert replier.held is None
+    assert await stream.next(5) == bus.Accepted(seq=0, prompt_tokens=3)
