@@ -62,6 +62,26 @@ async def _read_all(stream: ReplyStream, n: int) -> list[bus.Frame]:
     return got
 
 
+async def _watched(daemon: Client) -> list[str]:
+    """The subjects of the messages the daemon sends this gateway, as nats-server delivers them."""
+    seen: list[str] = []
+
+    async def watch(msg: object) -> None:
+        seen.append(msg.subject)  # type: ignore[attr-defined]
+
+    await daemon.subscribe(subjects.bundles_for_gateway(GW), cb=watch)
+    await daemon.subscribe(subjects.replies_for_gateway(GW), cb=watch)
+    await daemon.flush()
+    return seen
+
+
+async def _until(seen: list[str], n: int) -> None:
+    for _ in range(200):  # the watcher's own deliveries may trail the router's
+        if len(seen) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_frames_made_in_one_turn_go_as_one_bundle_and_each_reaches_its_stream_in_order(
     ends: tuple[ReplyRouter, Client],
 ) -> None:
@@ -87,14 +107,7 @@ async def test_frames_made_in_one_turn_go_as_one_bundle_and_each_reaches_its_str
 async def test_a_lone_streams_frames_go_at_once_on_its_reply_subject(ends: tuple[ReplyRouter, Client]) -> None:
     router, daemon = ends
     outbox = Outbox(daemon)
-    seen: list[str] = []
-
-    async def watch(msg: object) -> None:
-        seen.append(msg.subject)  # type: ignore[attr-defined]
-
-    await daemon.subscribe(subjects.bundles_for_gateway(GW), cb=watch)
-    await daemon.subscribe(subjects.replies_for_gateway(GW), cb=watch)
-    await daemon.flush()
+    seen = await _watched(daemon)
     stream = router.open("solo", "mac-a", max_frames=100, max_bytes=1 << 20)
     frames = _frames(3)
     for frame in frames:
@@ -103,10 +116,7 @@ async def test_a_lone_streams_frames_go_at_once_on_its_reply_subject(ends: tuple
         await asyncio.sleep(0)
     assert await _read_all(stream, 5) == frames
     await outbox.close()
-    for _ in range(200):  # the watcher's own deliveries may trail the router's
-        if len(seen) >= 5:
-            break
-        await asyncio.sleep(0.01)
+    await _until(seen, 5)
     assert seen == [subjects.reply("mac-a", GW, "solo")] * 5
     assert outbox.bundles == 0
 
@@ -198,26 +208,6 @@ def test_outbox_cuts_bundles_by_count_and_bytes() -> None:
     big = [("s", f"r{i}", b"x" * (outbox.MAX_BUNDLE_BYTES // 2)) for i in range(3)]
     assert [len(p) for p in outbox._parts(big)] == [1, 1, 1]
     assert [item for part in outbox._parts(big) for item in part] == big
-
-
-async def _watched(daemon: Client) -> list[str]:
-    """The subjects of the messages the daemon sends this gateway, as nats-server delivers them."""
-    seen: list[str] = []
-
-    async def watch(msg: object) -> None:
-        seen.append(msg.subject)  # type: ignore[attr-defined]
-
-    await daemon.subscribe(subjects.bundles_for_gateway(GW), cb=watch)
-    await daemon.subscribe(subjects.replies_for_gateway(GW), cb=watch)
-    await daemon.flush()
-    return seen
-
-
-async def _until(seen: list[str], n: int) -> None:
-    for _ in range(200):  # the watcher's own deliveries may trail the router's
-        if len(seen) >= n:
-            return
-        await asyncio.sleep(0.01)
 
 
 async def test_an_accepted_frame_and_a_fast_first_token_go_as_one_message(ends: tuple[ReplyRouter, Client]) -> None:

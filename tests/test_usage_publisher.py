@@ -145,7 +145,7 @@ async def test_a_batch_across_midnight_writes_both_days_reservations_and_settlem
     a = bus.account
     late, early = f"yday{secrets.token_hex(5)}", f"today{secrets.token_hex(5)}"
     yesterday = bus.day - dt.timedelta(days=1)
-    batch = [
+    batch: list[Opened | Closed] = [
         Opened(late, a.subject, a.account_id, a.key_id, None, MODEL, yesterday, 9),
         bus.opened(early),
         _ok(late),

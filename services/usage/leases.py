@@ -344,7 +344,7 @@ async def grant(
     return None
 
 
-def _open_args(gw: str, day: dt.date, group: list[Opened]) -> tuple[object, ...]:
+def _open_args(gw: str, day: dt.date | None, group: list[Opened]) -> tuple[object, ...]:
     return (
         gw,
         day,
@@ -381,15 +381,7 @@ async def apply_many(
     settlement (settled now, its slot went back to this replica's lease)."""
     rows = await db.fetch(
         _APPLY,
-        gw,
-        day,
-        [i.request_id for i in opens],
-        [i.subject for i in opens],
-        [i.account_id for i in opens],
-        [i.key_id for i in opens],
-        [i.demo_token_id for i in opens],
-        [i.model for i in opens],
-        [i.tokens for i in opens],
+        *_open_args(gw, day, opens),
         [i.request_id for i in closes],
         [i.settlement.provider_id for i in closes],
         [i.settlement.prompt_tokens for i in closes],
