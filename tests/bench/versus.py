@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench import cli, harness
-from tests.bench.cpu import _on_cpu_s
+from tests.bench.cpu import _on_cpu_s, syscalls
 from tests.bench.harness import Verdict
 from tests.bench.hotpath import GATEWAYS
 from tests.bench.load import HttpClients, Level, ViaGateway, drive, warmup
@@ -44,6 +44,8 @@ COLUMNS = {
 @dataclass
 class Side:
     cpu_ms: list[float] = field(default_factory=list)  # per round: gateway CPU ms per request
+    # Per round: the gateway's read and write system calls per request (None where /proc cannot say).
+    calls: list[float | None] = field(default_factory=list)
     levels: list[Level] = field(default_factory=list)
 
 
@@ -92,10 +94,13 @@ async def measure(plan: Plan, stack: SyntheticStack) -> Measured:
                     gw = stack.gateways[side]
                     send = ViaGateway(clients, gw.base_url, stack.api_key, MODEL_ID, plan.tokens, stream=streamed)
                     pid = gw.child.proc.pid
-                    before = _on_cpu_s(pid) or 0.0
+                    before, calls_before = _on_cpu_s(pid) or 0.0, syscalls(pid)
                     level = await drive(send, concurrency=conc, requests=plan.requests)
-                    after = _on_cpu_s(pid) or 0.0
-                    measured[column][side].cpu_ms.append((after - before) / max(1, len(level.samples)) * 1000)
+                    after, calls_after = _on_cpu_s(pid) or 0.0, syscalls(pid)
+                    n = max(1, len(level.samples))
+                    measured[column][side].cpu_ms.append((after - before) / n * 1000)
+                    calls = None if calls_before is None or calls_after is None else (calls_after - calls_before) / n
+                    measured[column][side].calls.append(calls)
                     measured[column][side].levels.append(level)
                     say(f"round {r + 1}: {COLUMNS[column][0]:<16} {side}: {len(level.samples)} requests")
     return measured
@@ -108,10 +113,16 @@ def _p50_ms(levels: list[Level], what: str) -> str:
     return f"{values[len(values) // 2] * 1000:.2f}" if values else "-"
 
 
+def _calls(side: Side) -> str:
+    known = [c for c in side.calls if c is not None]
+    return f"{statistics.mean(known):.2f}" if known and len(known) == len(side.calls) else "-"
+
+
 def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
     head = (
         f"{'column':<16} | {'gw CPU ms/req, base':>19} {'this':>7} | {'this - base, per round':>22} | "
-        f"{'req/s base':>10} {'this':>6} | {'TTFT p50 ms base':>16} {'this':>6} | {'latency p50 base':>16} {'this':>6}"
+        f"{'req/s base':>10} {'this':>6} | {'TTFT p50 ms base':>16} {'this':>6} | "
+        f"{'latency p50 base':>16} {'this':>6} | {'syscalls/req base':>17} {'this':>6}"
     )
     lines = [f"gateway of {plan.base} (base) against this tree (this), metering on, {plan.rounds} rounds", head]
     lines.append("-" * len(head))
@@ -124,11 +135,14 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             f"{COLUMNS[column][0]:<16} | {statistics.mean(base.cpu_ms):19.3f} {statistics.mean(this.cpu_ms):7.3f} | "
             f"{statistics.mean(diffs):+12.3f} ± {se:.3f} ms | {rate[0]:10.0f} {rate[1]:6.0f} | "
             f"{_p50_ms(base.levels, 'ttft'):>16} {_p50_ms(this.levels, 'ttft'):>6} | "
-            f"{_p50_ms(base.levels, 'latency'):>16} {_p50_ms(this.levels, 'latency'):>6}"
+            f"{_p50_ms(base.levels, 'latency'):>16} {_p50_ms(this.levels, 'latency'):>6} | "
+            f"{_calls(base):>17} {_calls(this):>6}"
         )
     lines += [
         "gw CPU: user+system CPU of that gateway process in a round / its requests; this - base: the mean of the",
         "rounds' paired differences ± its standard error (a difference within two of those is not one).",
+        "syscalls/req: the gateway's read and write system calls per request (/proc/<pid>/io), which the",
+        "machine's drift does not move: a change in them is the change's own.",
         *tail,
     ]
     return "\n".join(lines)
