@@ -210,15 +210,25 @@ def test_outbox_cuts_bundles_by_count_and_bytes() -> None:
     assert [item for part in outbox._parts(big) for item in part] == big
 
 
-async def test_an_accepted_frame_and_a_fast_first_token_go_as_one_message(ends: tuple[ReplyRouter, Client]) -> None:
-    """The daemon holds a request's Accepted up to ACCEPT_HOLD_S for its first token: one message, one
-    wake-up of the gateway, on the path to the first token; each frame reaches the stream as if alone."""
+async def _bundled_replier(
+    ends: tuple[ReplyRouter, Client], request_id: str
+) -> tuple[Outbox, list[str], ReplyStream, _Replier]:
+    """The daemon's sender of one request to a gateway that takes bundles, the stream it reaches, and a
+    watch on the messages it sends."""
     router, daemon = ends
     outbox = Outbox(daemon)
     seen = await _watched(daemon)
-    stream = router.open("fast", "mac-a", max_frames=100, max_bytes=1 << 20)
-    replier = _Replier(daemon, subjects.reply("mac-a", GW, "fast"))
+    stream = router.open(request_id, "mac-a", max_frames=100, max_bytes=1 << 20)
+    replier = _Replier(daemon, subjects.reply("mac-a", GW, request_id))
     replier.bundle_via(outbox)
+    return outbox, seen, stream, replier
+
+
+async def test_an_accepted_frame_and_a_fast_first_token_go_as_one_message(ends: tuple[ReplyRouter, Client]) -> None:
+    """The daemon holds a request's Accepted up to ACCEPT_HOLD_S for its first token: one message, one
+    wake-up of the gateway, on the path to the first token; each frame reaches the stream as if alone."""
+    router, _ = ends
+    outbox, seen, stream, replier = await _bundled_replier(ends, "fast")
     await replier.accept(3, 0)
     await replier.send(bus.Delta, text="t0", tokens=1, token_ids=[0])
     await replier.send(bus.Done, finish_reason="length", prompt_tokens=3, completion_tokens=1)
@@ -239,12 +249,7 @@ async def test_an_accepted_frame_whose_first_token_is_slow_goes_alone_after_the_
 ) -> None:
     """A real model's prompt takes longer than the hold: its Accepted goes alone, ACCEPT_HOLD_S later, and
     the gateway knows the request is taken long before its first token."""
-    router, daemon = ends
-    outbox = Outbox(daemon)
-    seen = await _watched(daemon)
-    stream = router.open("slow", "mac-a", max_frames=100, max_bytes=1 << 20)
-    replier = _Replier(daemon, subjects.reply("mac-a", GW, "slow"))
-    replier.bundle_via(outbox)
+    outbox, seen, stream, replier = await _bundled_replier(ends, "slow")
     started = asyncio.get_running_loop().time()
     await replier.accept(3, 2)
     assert await stream.next(5) == bus.Accepted(seq=0, prompt_tokens=3, queue_position=2)
