@@ -24,6 +24,7 @@ from opentelemetry.trace import Span, SpanContext, StatusCode
 from daemon import __version__
 from daemon.engine.base import CancelToken, Engine, EngineError
 from daemon.frames import coalesced
+from daemon.gateways import GatewayWatch
 from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
 from daemon.outbox import Outbox, at_once
@@ -41,13 +42,20 @@ CACHED_CONVERSATIONS = 64
 
 _REQUEST = bus.decoder(bus.InferenceRequest)
 _CANCEL = bus.decoder(bus.Cancel)
-_NOTICE = bus.decoder(bus.PoolNotice)
+_NOTICE: msgspec.msgpack.Decoder[bus.PoolNotice | bus.GatewayAlive] = msgspec.msgpack.Decoder(
+    bus.PoolNotice | bus.GatewayAlive
+)
+# How often running requests are checked for a gateway gone silent (daemon/gateways.py).
+GATEWAY_CHECK_S = 0.25
 
 
 @dataclass
 class _InFlight:
     cancel: CancelToken
     task: asyncio.Task[None]
+    # The gateway replica that sent it, and how often it promised to say it is still there (0: never).
+    gateway_id: str = ""
+    keepalive_s: float = 0.0
 
 
 # How long a request's Accepted frame may wait for its first token to go with it (bundles only). A fast
@@ -188,6 +196,8 @@ class Provider:
     pool_notice_at: float = 0.0
     # Frames for gateways that take bundles (made once connected).
     _outbox: Outbox | None = None
+    # When each gateway with requests here last said it is still there.
+    _gateways: GatewayWatch = field(default_factory=GatewayWatch)
 
     @property
     def nc(self) -> Nats:
@@ -267,6 +277,7 @@ class Provider:
         await self.nc.subscribe(subjects.drain(s.provider_id), cb=self._on_drain)
         await self.nc.subscribe(subjects.notices(s.provider_id), cb=self._on_notice)
         beats = asyncio.create_task(self._heartbeats(), name="heartbeats")
+        watching = asyncio.create_task(self._watch_gateways(), name="gateway-watch")
         self.engine.add_listener(self.engine_changed)
         log.info("provider_online", provider=s.provider_id, model=self.engine.model_id, nats=s.nats_url_redacted)
         try:
@@ -277,6 +288,7 @@ class Provider:
                 # The last frames of the requests that just finished go before the connection does.
                 await self._outbox.close()
             await cancel_and_wait(beats)
+            await cancel_and_wait(watching)
             with contextlib.suppress(Exception):
                 await self.nc.publish(
                     subjects.leave(s.provider_id),
@@ -356,6 +368,23 @@ class Provider:
     async def _on_probe(self, msg: Msg) -> None:
         await self._publish_heartbeat()
 
+    async def _watch_gateways(self) -> None:
+        # Runs while draining too: a dead gateway's requests must not hold the drain until their end.
+        while True:
+            await asyncio.sleep(GATEWAY_CHECK_S)
+            self._stop_orphans()
+
+    def _stop_orphans(self) -> None:
+        """Stop the requests of gateways gone silent: their answers would reach nobody."""
+        stopped: dict[str, int] = {}
+        for inflight in self._inflight.values():
+            if not inflight.cancel.cancelled and self._gateways.silent(inflight.gateway_id, inflight.keepalive_s):
+                inflight.cancel.cancel("gateway_lost")
+                stopped[inflight.gateway_id] = stopped.get(inflight.gateway_id, 0) + 1
+        for gateway_id, count in stopped.items():
+            log.warning("gateway_lost_requests_stopped", gateway=gateway_id, requests=count)
+        self._gateways.keep_only(inflight.gateway_id for inflight in self._inflight.values())
+
     # ---- work --------------------------------------------------------------------------
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -374,6 +403,9 @@ class Provider:
         except msgspec.DecodeError:
             return
         if notice.provider_id != self.settings.provider_id:
+            return
+        if isinstance(notice, bus.GatewayAlive):
+            self._gateways.heard(notice.gateway_id)
             return
         before = self.pool_notice.models if self.pool_notice is not None else None
         self.pool_notice, self.pool_notice_at = notice, time.time()
@@ -410,9 +442,13 @@ class Provider:
             return  # a duplicate delivery of a request we are already running
         # The gateway's trace context (W3C traceparent); a malformed header is ignored.
         remote = remote_parent(headers)
+        gateway_id = ""
+        with contextlib.suppress(subjects.SubjectError):
+            gateway_id = subjects.parse_reply(reply)[1]
+            self._gateways.heard(gateway_id)
         cancel = CancelToken()
         task = asyncio.create_task(self._traced(request, replier, cancel, remote), name=f"req-{request.request_id}")
-        self._inflight[request.request_id] = _InFlight(cancel, task)
+        self._inflight[request.request_id] = _InFlight(cancel, task, gateway_id, request.keepalive_ms / 1000)
         task.add_done_callback(lambda _: self._inflight.pop(request.request_id, None))
 
     def _remember(self, request: bus.InferenceRequest, answer: str) -> None:

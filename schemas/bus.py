@@ -140,6 +140,11 @@ class InferenceRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     # several of its requests made in one loop turn (a batch's decode step) travel as one NATS message.
     # An older daemon ignores the field and sends every frame on its own, which gateways always take.
     bundle: bool = False
+    # While this request runs, the gateway tells the provider every this many ms that it is still there
+    # (`GatewayAlive`, on subjects.notices): a provider that hears nothing from it for a few of these stops
+    # generating for a gateway that died (killed, its host gone), instead of until max_tokens or the
+    # deadline. 0 (an older gateway): it never says so, and nothing is stopped for the lack of it.
+    keepalive_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
 
 
 class Cancel(msgspec.Struct, frozen=True):
@@ -319,6 +324,15 @@ class PoolNotice(msgspec.Struct, frozen=True, tag="pool_notice"):
     provider_id: Token
     models: Annotated[list[ModelVerdict], msgspec.Meta(max_length=MAX_MODELS)]
     sent_at_ms: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)] = 0
+
+
+class GatewayAlive(msgspec.Struct, frozen=True, tag="gateway_alive"):
+    """A gateway replica is still there for its requests running on this provider (see
+    `InferenceRequest.keepalive_ms`). On the provider's notices subject, which only the control plane may
+    publish to; an older daemon does not decode it and ignores it."""
+
+    gateway_id: Token
+    provider_id: Token
 
 
 class Drain(msgspec.Struct, frozen=True):

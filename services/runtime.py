@@ -90,7 +90,7 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
         reconnected_cb=listening.reset,
     )
     pool = PoolView(heartbeat_misses=settings.heartbeat_misses, routing=settings.routing)
-    router = ReplyRouter(nc, settings.gateway_id)
+    router = ReplyRouter(nc, settings.gateway_id, keepalive_ms=settings.gateway_keepalive_ms)
     admission = Admission(
         db,
         settings.database_url,

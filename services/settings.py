@@ -200,6 +200,10 @@ class Settings:
     default_max_tokens: int
     # A non-stream answer's tokens come in one frame per this many ms (bus.InferenceRequest.frame_ms).
     nonstream_frame_ms: int
+    # While a request runs on a provider, this replica tells it every this many ms that it is still there
+    # (bus.InferenceRequest.keepalive_ms): a provider stops a dead replica's requests 3 of these after its
+    # last word. 0: never (the provider then generates on to the request's end).
+    gateway_keepalive_ms: int
     # A provider missing this many heartbeat intervals leaves the pool view.
     heartbeat_misses: int
     # Where browsers reach us; GitHub redirects to `<public_url>/auth/github/callback`.
@@ -365,6 +369,7 @@ class Settings:
             routing=_choice(env, "MP_ROUTING", ("least-loaded", "random")),
             default_max_tokens=_int(env, "MP_DEFAULT_MAX_TOKENS", 1024),
             nonstream_frame_ms=_bounded_int(env, "MP_NONSTREAM_FRAME_MS", 50, low=0, high=1000),
+            gateway_keepalive_ms=_bounded_int(env, "MP_GATEWAY_KEEPALIVE_MS", 2000, low=0, high=60_000),
             heartbeat_misses=_int(env, "MP_HEARTBEAT_MISSES", 3),
             public_url=public_url,
             github_client_id=env.get("MP_GITHUB_CLIENT_ID", ""),

@@ -20,7 +20,7 @@ import httpx
 import nats
 import pytest
 
-from infra.components import Child, start_gateway, wait_model
+from infra.components import Child, DaemonChild, start_gateway, wait_model
 from infra.nats import NatsServer
 from infra.ports import free_port
 from schemas import nats_direct, subjects
@@ -288,6 +288,12 @@ def test_refused_requests_do_not_use_the_quota(stack: Stack) -> None:
     assert outcomes == {"unavailable": 3, "ok": 1}
 
 
+def _in_flight(daemon: DaemonChild) -> int:
+    r = httpx.get(f"{daemon.admin_url}/admin/status", headers=daemon.admin_headers(), timeout=10)
+    assert r.status_code == 200, r.text
+    return int(r.json()["requests"]["in_flight"])
+
+
 def _progress(stack: Stack, account: TestAccount, condition: str) -> bool:
     """Whether the account's open reservation shows `condition` (what its gateway last reported)."""
     sql = f"SELECT 1 FROM reservations WHERE key_id = $1 AND {condition}"
@@ -297,26 +303,32 @@ def _progress(stack: Stack, account: TestAccount, condition: str) -> bool:
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
 def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stream: bool) -> None:
     """A streamed answer cut by its gateway's death is billed what reached the buyer (the progress last
-    reported); a non-streamed one reached the buyer not at all, so it is billed nothing."""
+    reported); a non-streamed one reached the buyer not at all, so it is billed nothing. The provider
+    stops generating for the dead gateway, which said every 0.3 s that it was there while alive."""
     account = make_account(stack.database_url)
     model = f"tiny-llama-for-gateway-crash-{int(stream)}"
     daemon = spawn_daemon(
         stack.home, nats=stack.nats, provider_id=f"crash-mac-{int(stream)}", model_id=model, model_path=stack.model_path
     )
     # Configured as its peers: its leases count as abandoned 2 s after its last touch.
-    doomed, base = _replica(stack, f"gateway-doomed-{int(stream)}", {"MP_RESERVATION_STALE_S": "2"})
+    doomed_id = f"gw-doomed-{secrets.token_hex(4)}"
+    env = {"MP_RESERVATION_STALE_S": "2", "MP_GATEWAY_KEEPALIVE_MS": "300", "MP_GATEWAY_ID": doomed_id}
+    doomed, base = _replica(stack, f"gateway-doomed-{int(stream)}", env)
     url = f"{base}/v1/chat/completions"
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30_000, "stream": stream}
     try:
         wait_model(base, model, timeout=60, daemon=daemon)
         if stream:
             with httpx.stream("POST", url, json=body, headers=account.auth(), timeout=30) as r:
-                deadline, looked = time.monotonic() + 20, 0.0
+                opened = time.monotonic()
+                deadline, looked = opened + 20, 0.0
                 for _ in r.iter_lines():
-                    # Read on until the gateway has reported the buyer's progress at least once.
+                    # Read on until the gateway has reported the buyer's progress at least once, and for
+                    # longer than a live gateway's silence could last (3 intervals of 0.3 s): the provider
+                    # keeps generating for a gateway that is there.
                     if time.monotonic() - looked > 0.1:
                         looked = time.monotonic()
-                        if _progress(stack, account, "completion_tokens > 0"):
+                        if looked - opened > 1.5 and _progress(stack, account, "completion_tokens > 0"):
                             # Killed while the buyer still reads: leaving the loop closes the connection,
                             # and a gateway that saw the hang-up first would settle it as cancelled.
                             doomed.proc.send_signal(signal.SIGKILL)
@@ -339,6 +351,14 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
                 doomed.proc.wait()
                 with pytest.raises(httpx.HTTPError):
                     waiting.result()
+        # Nobody will read the answer: the provider stops generating it (30,000 tokens) within a second
+        # or two, not at its end (its drain would wait for it: 15 s when this test stopped the daemon).
+        killed = time.monotonic()
+        while _in_flight(daemon):
+            assert time.monotonic() - killed < 5, "the provider generates on for a dead gateway"
+            time.sleep(0.1)
+        stopped = logs.wait_event(daemon.log_path, "gateway_lost_requests_stopped")
+        assert (stopped["gateway"], str(stopped["requests"])) == (doomed_id, "1")
         # The replicas (stale after 2 s) settle the orphaned reservation.
         deadline = time.monotonic() + 15
         while not (rows := query(stack.database_url, "SELECT * FROM usage_ledger WHERE key_id = $1", account.key_id)):

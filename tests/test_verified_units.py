@@ -197,15 +197,15 @@ def test_margin_is_the_lead_over_the_best_other_token() -> None:
 
 
 def test_a_canary_is_a_plain_chat_completion() -> None:
-    first = prompts.request("m", prompts.PROMPTS[0], 16, deadline_s=600)
-    second = prompts.request("m", prompts.PROMPTS[0], 16, deadline_s=600)
+    first = prompts.request("m", prompts.PROMPTS[0], 16, deadline_s=600, keepalive_ms=2000)
+    second = prompts.request("m", prompts.PROMPTS[0], 16, deadline_s=600, keepalive_ms=2000)
     assert first.request_id != second.request_id
     assert len(first.request_id) == 24  # the gateway's own request ids (services/ids.py)
     assert (first.params.temperature, first.params.logprobs, first.params.max_tokens) == (0, True, 16)
     # The deadline a buyer's request carries (MP_REQUEST_TIMEOUT_S), not a canary's own shorter wait.
     assert abs(first.deadline_ms / 1000 - time.time() - 600) < 5
     # Every other field the gateway sets on a buyer's streamed request: a daemon must not tell them apart.
-    assert (first.frame_ms, first.bundle) == (0, True)
+    assert (first.frame_ms, first.bundle, first.keepalive_ms) == (0, True, 2000)
     assert prompts.prompt_key(prompts.PROMPTS[0], 16) != prompts.prompt_key(prompts.PROMPTS[0], 17)
 
 

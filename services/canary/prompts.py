@@ -55,7 +55,7 @@ def prompt_key(prompt: str, tokens: int) -> str:
     return hashlib.sha256(msgspec.json.encode(body(prompt, tokens), order="sorted")).hexdigest()
 
 
-def request(model: str, prompt: str, tokens: int, *, deadline_s: float) -> bus.InferenceRequest:
+def request(model: str, prompt: str, tokens: int, *, deadline_s: float, keepalive_ms: int) -> bus.InferenceRequest:
     """The canary as the gateway would put a buyer's chat completion on the bus.
 
     `deadline_s` is the gateway's whole-request limit (MP_REQUEST_TIMEOUT_S), as on a buyer's
@@ -65,5 +65,9 @@ def request(model: str, prompt: str, tokens: int, *, deadline_s: float) -> bus.I
     req = msgspec.convert({"model": model, **body(prompt, tokens)}, openai.ChatCompletionRequest)
     bus_request = chat_request(req, default_max_tokens=tokens)
     return msgspec.structs.replace(
-        bus_request, request_id=new_request_id(), deadline_ms=int((time.time() + deadline_s) * 1000), bundle=True
+        bus_request,
+        request_id=new_request_id(),
+        deadline_ms=int((time.time() + deadline_s) * 1000),
+        bundle=True,
+        keepalive_ms=keepalive_ms,
     )

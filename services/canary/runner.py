@@ -221,7 +221,14 @@ class Canaries:
         # A provider that cannot record a reference is asked what can be compared, if anything can.
         choices = list(keys) if status == "pinned" else [k for k in keys if k in references] or list(keys)
         key = random.choice(choices)
-        request = prompts.request(model.id, keys[key], self.settings.tokens, deadline_s=self.settings.deadline_s)
+        request = prompts.request(
+            model.id,
+            keys[key],
+            self.settings.tokens,
+            deadline_s=self.settings.deadline_s,
+            # What a buyer's request carries: the same router tells the provider this gateway is there.
+            keepalive_ms=self._router.keepalive_ms,
+        )
         reply = await ask(
             self._nc,
             self._router,

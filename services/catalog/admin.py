@@ -36,6 +36,9 @@ from services.catalog import store
 from services.gateway.replies import ReplyRouter
 from services.settings import Settings
 
+# How often reference recording tells the provider it is still there (a gateway's MP_GATEWAY_KEEPALIVE_MS).
+ADMIN_KEEPALIVE_MS = 2000
+
 
 def add_commands(admin: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     models = admin.add_parser("models", help="the model catalog: which weights may be served as which model id")
@@ -275,7 +278,8 @@ async def record_references(
 ) -> int:
     """Ask the provider every canary prompt it has no reference for yet, and record its answers."""
     gateway_id = f"gw-{secrets.token_hex(4)}"
-    router = ReplyRouter(nc, gateway_id)
+    # Asked as a gateway asks: it says it is still there while the provider answers.
+    router = ReplyRouter(nc, gateway_id, keepalive_ms=ADMIN_KEEPALIVE_MS)
     await router.start()
     try:
         existing = await canary_store.references(conn, model.weights_sha256)
@@ -284,7 +288,7 @@ async def record_references(
             key = prompts.prompt_key(prompt, tokens)
             if key in existing:
                 continue
-            request = prompts.request(model.id, prompt, tokens, deadline_s=deadline_s)
+            request = prompts.request(model.id, prompt, tokens, deadline_s=deadline_s, keepalive_ms=router.keepalive_ms)
             reply = await ask(nc, router, gateway_id, provider_id, request, vocab_size=model.vocab_size)
             if reply.answer is None or not reply.answer.token_ids:
                 print(f"{model.id}: no answer to a canary prompt ({reply.error or 'empty'}); not recorded")

@@ -122,7 +122,12 @@ async def start(
         frame_ms = 0 if job.stream else runtime.settings.nonstream_frame_ms
         # Canaries (services/canary/prompts.py) set what a streamed request gets here: keep them alike.
         bus_request = msgspec.structs.replace(
-            job.request, request_id=ex.request_id, deadline_ms=deadline_ms, frame_ms=frame_ms, bundle=True
+            job.request,
+            request_id=ex.request_id,
+            deadline_ms=deadline_ms,
+            frame_ms=frame_ms,
+            bundle=True,
+            keepalive_ms=runtime.settings.gateway_keepalive_ms,
         )
         call = await runtime.dispatcher.start(bus_request, parent=ex.span)
         try:

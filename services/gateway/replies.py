@@ -196,9 +196,18 @@ def lost_notifier(stream: ReplyStream) -> Callable[[str], None]:
 
 
 class ReplyRouter:
-    def __init__(self, nc: Nats, gateway_id: str) -> None:
+    """Hands each frame to its request's stream, and tells the providers of open streams that this gateway
+    is still there: every `keepalive_ms` (0: never), a `bus.GatewayAlive` on each such provider's notices
+    subject. A request sent through this router carries the same `keepalive_ms` (bus.InferenceRequest):
+    a provider that hears nothing from the gateway for a few of them stops its requests (daemon/gateways.py).
+    """
+
+    def __init__(self, nc: Nats, gateway_id: str, *, keepalive_ms: int = 0) -> None:
         self._nc = nc
         self._gateway_id = gateway_id
+        self.keepalive_ms = keepalive_ms
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Future[None]] = set()
         # Open streams by their reply subject (subjects.reply): a frame finds its stream with one dict
         # lookup, its subject unparsed. A provider can only publish under its own prefix (NATS
         # permissions), so the subject also names who sent it. Each stream is closed before its request
@@ -215,8 +224,30 @@ class ReplyRouter:
             await nats_direct.subscribe(self._nc, subjects.replies_for_gateway(self._gateway_id), self._on_msg),
             await nats_direct.subscribe(self._nc, subjects.bundles_for_gateway(self._gateway_id), self._on_bundle),
         ]
+        if self.keepalive_ms > 0:
+            self._keepalive = asyncio.get_running_loop().call_later(self.keepalive_ms / 1000, self._keep_alive)
+
+    def _keep_alive(self) -> None:
+        """One `GatewayAlive` to each provider with an open stream here (a timer: nothing to do while idle)."""
+        for provider_id in {stream.provider_id for stream in self._streams.values()}:
+            notice = bus.encode(bus.GatewayAlive(gateway_id=self._gateway_id, provider_id=provider_id))
+            subject = subjects.notices(provider_id)
+            if not nats_direct.publish_nowait(self._nc, subject, notice):
+                # Disconnected (the provider then hears nothing, as from a dead gateway: its frames are lost
+                # meanwhile too), or not our own client: nats-py's publish, which may wait.
+                sending = asyncio.ensure_future(self._publish(subject, notice))
+                self._sending.add(sending)
+                sending.add_done_callback(self._sending.discard)
+        self._keepalive = asyncio.get_running_loop().call_later(self.keepalive_ms / 1000, self._keep_alive)
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await self._nc.publish(subject, data)
 
     async def stop(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
