@@ -47,6 +47,9 @@ _NOTICE: msgspec.msgpack.Decoder[bus.PoolNotice | bus.GatewayAlive] = msgspec.ms
 )
 # How often running requests are checked for a gateway gone silent (daemon/gateways.py).
 GATEWAY_CHECK_S = 0.25
+# A request its gateway's notices leave out this many times in a row is stopped: one could cross its work
+# message on the way (daemon/gateways.py).
+UNWANTED_AFTER = 2
 
 
 @dataclass
@@ -56,6 +59,8 @@ class _InFlight:
     # The gateway replica that sent it, and how often it promised to say it is still there (0: never).
     gateway_id: str = ""
     keepalive_s: float = 0.0
+    # Its gateway's notices in a row that left it out (`GatewayAlive.request_ids`).
+    left_out: int = 0
 
 
 # How long a request's Accepted frame may wait for its first token to go with it (bundles only). A fast
@@ -374,6 +379,23 @@ class Provider:
             await asyncio.sleep(GATEWAY_CHECK_S)
             self._stop_orphans()
 
+    def _stop_unwanted(self, gateway_id: str, wanted: set[str]) -> None:
+        """Stop this gateway's requests that its last two notices left out: it does not want them any more
+        (it cancelled them while our connection was down, and the cancel was lost)."""
+        stopped = 0
+        for request_id, inflight in self._inflight.items():
+            if inflight.gateway_id != gateway_id or inflight.keepalive_s <= 0 or inflight.cancel.cancelled:
+                continue
+            if request_id in wanted:
+                inflight.left_out = 0
+                continue
+            inflight.left_out += 1
+            if inflight.left_out >= UNWANTED_AFTER:
+                inflight.cancel.cancel("not_wanted")
+                stopped += 1
+        if stopped:
+            log.warning("unwanted_requests_stopped", gateway=gateway_id, requests=stopped)
+
     def _stop_orphans(self) -> None:
         """Stop the requests of gateways gone silent: their answers would reach nobody."""
         stopped: dict[str, int] = {}
@@ -406,6 +428,8 @@ class Provider:
             return
         if isinstance(notice, bus.GatewayAlive):
             self._gateways.heard(notice.gateway_id)
+            if notice.request_ids is not None:
+                self._stop_unwanted(notice.gateway_id, set(notice.request_ids))
             return
         before = self.pool_notice.models if self.pool_notice is not None else None
         self.pool_notice, self.pool_notice_at = notice, time.time()

@@ -328,11 +328,18 @@ class PoolNotice(msgspec.Struct, frozen=True, tag="pool_notice"):
 
 class GatewayAlive(msgspec.Struct, frozen=True, tag="gateway_alive"):
     """A gateway replica is still there for its requests running on this provider (see
-    `InferenceRequest.keepalive_ms`). On the provider's notices subject, which only the control plane may
-    publish to; an older daemon does not decode it and ignores it."""
+    `InferenceRequest.keepalive_ms`), and which of them it still wants. On the provider's notices subject,
+    which only the control plane may publish to; an older daemon does not decode it and ignores it.
+
+    `request_ids`: every request of this gateway open with this provider when it was sent. A request the
+    provider runs for this gateway that two notices in a row leave out is not wanted any more (its cancel
+    was lost: sent while the provider's connection was down, after a failover say) and stops. None: not
+    listed (more than MAX_SLOTS), so nothing is stopped for being left out.
+    """
 
     gateway_id: Token
     provider_id: Token
+    request_ids: Annotated[list[Token], msgspec.Meta(max_length=MAX_SLOTS)] | None = None
 
 
 class Drain(msgspec.Struct, frozen=True):

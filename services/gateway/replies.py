@@ -228,9 +228,16 @@ class ReplyRouter:
             self._keepalive = asyncio.get_running_loop().call_later(self.keepalive_ms / 1000, self._keep_alive)
 
     def _keep_alive(self) -> None:
-        """One `GatewayAlive` to each provider with an open stream here (a timer: nothing to do while idle)."""
-        for provider_id in {stream.provider_id for stream in self._streams.values()}:
-            notice = bus.encode(bus.GatewayAlive(gateway_id=self._gateway_id, provider_id=provider_id))
+        """One `GatewayAlive` to each provider with an open stream here, naming those streams' requests (a timer:
+        nothing to do while idle)."""
+        open_requests: dict[str, list[str]] = {}
+        for stream in self._streams.values():
+            open_requests.setdefault(stream.provider_id, []).append(stream.request_id)
+        for provider_id, request_ids in open_requests.items():
+            listed = request_ids if len(request_ids) <= bus.MAX_SLOTS else None
+            notice = bus.encode(
+                bus.GatewayAlive(gateway_id=self._gateway_id, provider_id=provider_id, request_ids=listed)
+            )
             subject = subjects.notices(provider_id)
             if not nats_direct.publish_nowait(self._nc, subject, notice):
                 # Disconnected (the provider then hears nothing, as from a dead gateway: its frames are lost
