@@ -9,8 +9,6 @@ whose reply subject is not this provider's gets nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import nats
@@ -18,10 +16,9 @@ import pytest
 from nats.aio.client import Client
 
 from daemon.engine.synthetic import SyntheticEngine
-from daemon.provider import Provider
-from daemon.settings import DaemonSettings
 from infra.nats import NatsServer
 from schemas import bus, subjects
+from tests.support.daemons import provider_in_process
 
 PID = "mac-work"
 GW = "gw-work"
@@ -30,20 +27,8 @@ MODEL = "synthetic"
 
 @pytest.fixture
 async def gateway(bare_nats: NatsServer) -> AsyncIterator[Client]:
-    settings = DaemonSettings.from_env({"NATS_URL": bare_nats.url, "MP_PROVIDER_ID": PID})
-    provider = Provider(settings=settings, engine=SyntheticEngine(MODEL))
-    stop = asyncio.Event()
-    running = asyncio.create_task(provider.run(stop))
-    nc = await nats.connect(bare_nats.url)
-    # Online once its first heartbeat is out: its subscriptions were made before.
-    beats = await nc.subscribe(subjects.heartbeat(PID))
-    await beats.next_msg(timeout=10)
-    await beats.unsubscribe()
-    yield nc
-    stop.set()
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(running, 10)
-    await nc.close()
+    async with provider_in_process(bare_nats.url, PID, SyntheticEngine(MODEL)) as nc:
+        yield nc
 
 
 async def _answer(nc: Client, request_id: str, data: bytes, headers: dict[str, str] | None = None) -> list[bus.Frame]:

@@ -9,7 +9,6 @@ the router's side on a real nats-server, and the provider's rule.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -22,11 +21,10 @@ from nats.aio.msg import Msg
 
 from daemon.engine.synthetic import SyntheticEngine
 from daemon.gateways import MISSED, GatewayWatch
-from daemon.provider import Provider
-from daemon.settings import DaemonSettings
 from infra.nats import NatsServer
 from schemas import bus, nats_direct, subjects
 from services.gateway.replies import ReplyRouter
+from tests.support.daemons import provider_in_process
 
 GW = "gw-keepalive"
 _NOTICE: msgspec.msgpack.Decoder[bus.PoolNotice | bus.GatewayAlive] = msgspec.msgpack.Decoder(
@@ -137,19 +135,8 @@ PID = "mac-watch"
 @pytest.fixture
 async def pool(bare_nats: NatsServer) -> AsyncIterator[Client]:
     """A provider in this process, and the test's connection, which plays its gateways."""
-    settings = DaemonSettings.from_env({"NATS_URL": bare_nats.url, "MP_PROVIDER_ID": PID})
-    provider = Provider(settings=settings, engine=SyntheticEngine("synthetic", token_delay_s=0.01))
-    stop = asyncio.Event()
-    running = asyncio.create_task(provider.run(stop))
-    nc = await nats.connect(bare_nats.url)
-    beats = await nc.subscribe(subjects.heartbeat(PID))
-    await beats.next_msg(timeout=10)  # online: its subscriptions were made before its first heartbeat
-    await beats.unsubscribe()
-    yield nc
-    stop.set()
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(running, 10)
-    await nc.close()
+    async with provider_in_process(bare_nats.url, PID, SyntheticEngine("synthetic", token_delay_s=0.01)) as nc:
+        yield nc
 
 
 class _Answer:

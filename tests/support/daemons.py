@@ -8,13 +8,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import nats
+from nats.aio.client import Client
 
+from daemon.engine.base import Engine
 from infra.components import DaemonChild, start_daemon, wait_model
 from infra.nats_auth import NatsTarget, control_url
 from schemas import bus, subjects
@@ -242,3 +244,27 @@ def wait_pool_connected(daemon: DaemonChild, connected: bool, timeout: float = 3
                 return time.monotonic() - started
         time.sleep(0.02)
     raise AssertionError(f"{daemon.name} never {'connected' if connected else 'disconnected'}:\n{daemon.log_tail()}")
+
+
+@contextlib.asynccontextmanager
+async def provider_in_process(nats_url: str, provider_id: str, engine: Engine) -> AsyncIterator[Client]:
+    """A provider daemon's pool work (daemon/provider.py) in this process, and a NATS connection of the test's
+    own to play its gateways with. Yields once the provider is online (its first heartbeat is out: its
+    subscriptions were made before)."""
+    from daemon.provider import Provider
+    from daemon.settings import DaemonSettings
+
+    settings = DaemonSettings.from_env({"NATS_URL": nats_url, "MP_PROVIDER_ID": provider_id})
+    stop = asyncio.Event()
+    running = asyncio.create_task(Provider(settings=settings, engine=engine).run(stop))
+    nc = await nats.connect(nats_url)
+    try:
+        beats = await nc.subscribe(subjects.heartbeat(provider_id))
+        await beats.next_msg(timeout=10)
+        await beats.unsubscribe()
+        yield nc
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(running, 10)
+        await nc.close()
