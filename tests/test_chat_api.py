@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -65,6 +66,26 @@ def test_a_whole_answer_arrives_in_few_frames_and_the_same_text(stack: Stack) ->
     line = logs.wait_event(stack.gateway.log_path, "chat_completion", request_id=r.headers["x-request-id"])
     assert line["completion_tokens"] == "64"
     assert 1 <= int(line["frames"]) <= 16, line
+
+
+def test_the_summary_line_tells_where_the_time_to_first_token_went(stack: Stack) -> None:
+    payload = {"model": TINY_MODEL, "messages": HELLO, "max_tokens": 8, "stream": True}
+    sent = time.monotonic()
+    with httpx.stream("POST", f"{stack.v1}/chat/completions", json=payload, headers=stack.auth(), timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if '"content":"' in line and '"content":""' not in line)
+        first_at = time.monotonic()
+        assert first.startswith("data: ")
+        assert list(lines)[-2:] == ["data: [DONE]", ""]
+    line = logs.wait_event(stack.gateway.log_path, "chat_completion", request_id=r.headers["x-request-id"])
+    dispatch, accept, ttft = (float(line[k]) for k in ("dispatch_ms", "accept_ms", "ttft_ms"))
+    # Ours (auth, body, quota), then NATS and the provider's acceptance, then its first token: in that order,
+    # all inside what the buyer waited for the first text.
+    assert 0 < dispatch < ttft, line
+    assert 0 < accept < ttft, line
+    assert dispatch + accept <= ttft <= float(line["duration_ms"]), line
+    assert ttft < (first_at - sent) * 1000, line
 
 
 def test_stream_framing_matches_openai(stack: Stack) -> None:

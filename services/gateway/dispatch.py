@@ -106,10 +106,12 @@ class Call:
 
     request: bus.InferenceRequest
     accepted: bus.Accepted
+    # When the dispatcher was handed the request, and when a provider accepted it (time.monotonic).
     started: float
     _dispatcher: Dispatcher
     _leg: _Leg
     providers: list[str] = field(default_factory=list)
+    accepted_at: float = 0.0
     finished: bool = False
     _closed: bool = False
     # What earlier legs delivered, for a continuation and for usage.
@@ -374,7 +376,17 @@ class Dispatcher:
             except (ValueError, TypeError) as exc:
                 raise InvalidRequest(f"The JSON schema is not usable: {str(exc)[:400]}", param=param) from None
         leg = await self.open_leg(request, exclude=set(), json=json, parent=parent)
-        return Call(request, leg.accepted, started, self, leg, providers=[leg.provider_id], _parent=parent)
+        accepted_at = time.monotonic()
+        return Call(
+            request,
+            leg.accepted,
+            started,
+            self,
+            leg,
+            providers=[leg.provider_id],
+            accepted_at=accepted_at,
+            _parent=parent,
+        )
 
     def measure_end(self, leg: _Leg) -> None:
         """A leg ended properly: what it showed of the provider's speed."""

@@ -43,6 +43,11 @@ class Exchange:
     provider: str | None = None
     cached_tokens: int = 0
     ttft_ms: float | None = None
+    # Where the time to the first token went (the summary line): from the request's arrival to its dispatch
+    # (auth, body, quota: ours alone), and from there to a provider's acceptance (NATS both ways, the
+    # provider's own admission, any provider that declined first, a JSON format's grammar when asked).
+    dispatch_ms: float | None = None
+    accept_ms: float | None = None
     status: str = "ok"
     # Set when nothing reached a provider, or providers failed before delivering a token:
     # the request is given back to the quota and nothing is billed.
@@ -68,7 +73,9 @@ class Exchange:
             self.model_label = self.metrics.models(model, served)
             self._inter_token = self.metrics.model_inter_token(self.model_label)
 
-    def accepted(self, provider_id: str, accepted: bus.Accepted) -> None:
+    def accepted(self, provider_id: str, accepted: bus.Accepted, *, dispatched_at: float, accepted_at: float) -> None:
+        self.dispatch_ms = (dispatched_at - self.started) * 1000
+        self.accept_ms = (accepted_at - dispatched_at) * 1000
         self.provider = provider_id
         if self.ticket is not None:
             self.ticket.provider_id = provider_id
@@ -164,7 +171,9 @@ class Exchange:
             completion_tokens=t.completion_tokens if t else 0,
             cached_tokens=self.cached_tokens,
             frames=self.frames,
-            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 1),
+            dispatch_ms=None if self.dispatch_ms is None else round(self.dispatch_ms, 2),
+            accept_ms=None if self.accept_ms is None else round(self.accept_ms, 2),
+            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 2),
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
             status=self.status,
             **({"trace_id": f"{self.span.get_span_context().trace_id:032x}"} if self.span is not None else {}),

@@ -147,7 +147,7 @@ async def start(
         ex.status, ex.refund = "internal_error", True
         await ex.finish(runtime.metering)
         raise
-    ex.accepted(call.provider_id, call.accepted)
+    ex.accepted(call.provider_id, call.accepted, dispatched_at=call.started, accepted_at=call.accepted_at)
     headers = {"x-request-id": ex.request_id, **ex.ticket.headers()}
     return Started(principal, job, call, ex, headers)
 

@@ -45,6 +45,7 @@ from tests.bench.report import Stats
 from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
 from tests.bench.synthetic import MODEL_ID, SyntheticStack
 from tests.bench.table import Table, counts, ms, rate
+from tests.bench.timeline import timeline
 
 OFF = "metering-off"
 ON = "metering-on"
@@ -106,6 +107,8 @@ class Tally:
     levels: list[Level] = field(default_factory=list)
     gateway_cpu_s: float | None = 0.0
     postgres_cpu_s: float | None = 0.0
+    # Where the time to first token went, p50 per part (tests/bench/timeline.py); streams at c=1 only.
+    timeline: dict[str, float] | None = None
 
     @property
     def stats(self) -> Stats:
@@ -405,6 +408,11 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                     tally.gateway_cpu_s = _add(tally.gateway_cpu_s, CpuProbe.used(gw0, gw1) if name else None)
                     tally.postgres_cpu_s = _add(tally.postgres_cpu_s, CpuProbe.used(pg0, pg1) if name else None)
                 stack.check_alive()
+            if column.stream and c == 1:
+                for series in names:
+                    name = senders[series][0]
+                    if name is not None:
+                        tallies[series].timeline = timeline(tallies[series].samples, gw[name].child.log_path)
             for series in names:
                 st = tallies[series].stats
                 why = f" ({counts(st.errors)})" if st.failed else ""
@@ -530,6 +538,22 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
                         added.append(f"{series} {a50:+.2f}/{a99:+.2f}")
                 goal = " (<= 1/3 ms, metering on)" if base == DIRECT_HTTP else ""
                 table.add(f"  {'':<28} added TTFT p50/p99 ms over {base}: {'; '.join(added)}{goal}")
+    timelines = [(label, series, t.timeline) for label, ts in results.items() for series, t in ts.items() if t.timeline]
+    if timelines:
+        table.add(
+            "",
+            "where the time to first token went at c=1, p50 ms of each part (from the gateway's summary lines;"
+            " the parts' p50s",
+            "need not add up to the whole's): dispatch = the request's arrival at the gateway's handler to its"
+            " work message",
+            "(auth, body, quota); accept = to a provider's acceptance (NATS both ways, the daemon's admission);"
+            " first token =",
+            "to the gateway taking the first token; HTTP = what the client waited beyond that (its request's way in,"
+            " the first chunk's out)",
+        )
+        for label, series, parts in timelines:
+            cells = "  ".join(f"{part} {value:.3f}" for part, value in parts.items())
+            table.add(f"  {label + ' / ' + series:<38} {cells}")
     if slow is not None:
         st = Stats.of(slow.level)
         mb = 1 << 20
