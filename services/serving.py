@@ -22,6 +22,7 @@ from litestar import Litestar
 
 from services.gateway.lane import Lane
 from services.gateway.sse import ServerSend
+from services.http_head import HeadWithBody
 from services.lifecycle import LIFECYCLE, Lifecycle
 from services.settings import Settings
 
@@ -94,7 +95,8 @@ def serve(app: Litestar, settings: Settings) -> None:
         # Named, not "auto": uvicorn[standard] brings both, and a silent fallback to the pure-Python
         # loop and parser would cost every request (both show in a py-spy profile of the gateway).
         loop="uvloop",
-        http="httptools",
+        # httptools, with a response's head written together with its first body bytes (services/http_head.py).
+        http=HeadWithBody,
         timeout_graceful_shutdown=_AFTER_DRAIN_S,
         timeout_keep_alive=settings.http_keepalive_s,
         # uvicorn would otherwise take X-Forwarded-For / X-Forwarded-Proto from any client on
