@@ -47,6 +47,8 @@ _NOTICE: msgspec.msgpack.Decoder[bus.PoolNotice | bus.GatewayAlive] = msgspec.ms
 )
 # How often running requests are checked for a gateway gone silent (daemon/gateways.py).
 GATEWAY_CHECK_S = 0.25
+# The cancel reason of a request whose gateway fell silent.
+GATEWAY_LOST = "gateway_lost"
 # A request its gateway's notices leave out this many times in a row is stopped: one could cross its work
 # message on the way (daemon/gateways.py).
 UNWANTED_AFTER = 2
@@ -401,7 +403,7 @@ class Provider:
         stopped: dict[str, int] = {}
         for inflight in self._inflight.values():
             if not inflight.cancel.cancelled and self._gateways.silent(inflight.gateway_id, inflight.keepalive_s):
-                inflight.cancel.cancel("gateway_lost")
+                inflight.cancel.cancel(GATEWAY_LOST)
                 stopped[inflight.gateway_id] = stopped.get(inflight.gateway_id, 0) + 1
         for gateway_id, count in stopped.items():
             log.warning("gateway_lost_requests_stopped", gateway=gateway_id, requests=count)
@@ -554,6 +556,12 @@ class Provider:
                         reasoning=event.reasoning,
                     )
             assert finished is not None
+            if finished.finish_reason == "cancelled" and cancel.reason == GATEWAY_LOST:
+                # Not the gateway's own cancel: one that was only paused (not dead) fails the request over,
+                # and the buyer's answer goes on from another provider instead of ending here as complete.
+                self.metrics.outcome("gateway_unheard")
+                await replier.fail("gateway_unheard", "the provider stopped hearing from this gateway")
+                return "gateway_unheard"
             await replier.done(finished)
             self.served += 1
             if request.prompt is None and finished.finish_reason in ("stop", "length"):

@@ -34,6 +34,9 @@ Recoverable = Literal[
     "provider_busy",
     "engine_error",
     "model_not_loaded",
+    # The provider stopped it because its gateway replica fell silent (daemon/gateways.py): if that replica
+    # was only paused, not dead, another provider continues the answer.
+    "gateway_unheard",
 ]
 
 # The provider failed and handing the request on would not help (or is not safe).

@@ -15,7 +15,7 @@ from infra.components import DaemonChild, get_json, wait_model
 from tests.support import logs
 from tests.support.daemons import spawn_daemon
 from tests.support.ledger import written
-from tests.support.stack import Stack
+from tests.support.stack import Stack, replica_of
 
 MODEL = "tiny-llama-ha"
 TOKENS = 2000
@@ -207,3 +207,37 @@ def test_the_next_turn_goes_to_the_provider_holding_the_conversation(stack: Stac
         history += [r.json()["choices"][0]["message"], {"role": "user", "content": f"And then? ({turn})"}]
         time.sleep(1.2)  # the next heartbeat carries the conversation key
     assert len(set(served_by)) == 1, served_by
+
+
+def test_a_paused_gateway_replica_gets_its_answer_continued_not_cut_short(
+    stack: Stack, pair: list[DaemonChild]
+) -> None:
+    """A replica frozen for longer than its keepalive promise (3 intervals of 0.2 s): the provider stops its
+    request (it cannot tell a paused replica from a dead one) and says so, and the thawed replica moves the
+    answer to the other provider. Nothing else could fail it over here: this replica waits 20 heartbeat
+    intervals (10 s) before it takes a provider for lost."""
+    env = {"MP_GATEWAY_KEEPALIVE_MS": "200", "MP_LOST_AFTER_INTERVALS": "20"}
+    with replica_of(stack, "gateway-paused", env) as (replica, base):
+        wait_model(base, MODEL, timeout=30)
+        body = {"model": MODEL, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0, "stream": True}
+        chunks: list[dict] = []
+        victim: DaemonChild | None = None
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=stack.auth(), timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunks.append(json.loads(line.removeprefix("data: ")))
+                if len(chunks) == 20:
+                    victim = _busy(pair)
+                    replica.proc.send_signal(signal.SIGSTOP)
+                    try:
+                        logs.wait_event(victim.log_path, "gateway_lost_requests_stopped", timeout=10)
+                    finally:
+                        replica.proc.send_signal(signal.SIGCONT)
+        assert victim is not None
+        assert all("error" not in c for c in chunks), chunks[-3:]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
+        assert finish == ["length"], "the answer ran to max_tokens, not to the stopped provider's end"
+        assert _text(chunks) == _single_provider_answer(stack)
+        logs.wait_event(replica.log_path, "failover", reason="gateway_unheard")

@@ -185,16 +185,18 @@ async def test_a_silent_gateways_requests_stop_and_a_talking_ones_run_on(pool: C
         await _alive(pool, "gw-live", ["r-live"])
         await asyncio.sleep(0.1)
     await asyncio.wait_for(dead.ended.wait(), 2)
-    assert isinstance(dead.frames[-1], bus.Done)
-    assert dead.frames[-1].finish_reason == "cancelled"
+    # Said as a failure another provider can take over from (a paused gateway fails the answer over when it
+    # wakes), not as an answer complete at this length.
+    assert isinstance(dead.frames[-1], bus.Failed)
+    assert dead.frames[-1].code == "gateway_unheard"
     # Stopped after 3 silent intervals (0.6 s) and one check (0.25 s), not at its 1,000th token (10 s).
     assert dead.tokens < 300, dead.tokens
     assert not live.ended.is_set(), "a gateway that keeps talking keeps its request"
     assert not old.ended.is_set(), "an older gateway's request is never judged"
     # gw-live falls silent too: its request stops within its 3 intervals and a check.
     await asyncio.wait_for(live.ended.wait(), 2)
-    assert isinstance(live.frames[-1], bus.Done)
-    assert live.frames[-1].finish_reason == "cancelled"
+    assert isinstance(live.frames[-1], bus.Failed)
+    assert live.frames[-1].code == "gateway_unheard"
     assert not old.ended.is_set()
     await pool.publish(subjects.cancel(PID), bus.encode(bus.Cancel(request_id="r-old")))
     await asyncio.wait_for(old.ended.wait(), 2)
