@@ -11,9 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
+from daemon.engine.synthetic import WORDS
 from infra.components import DaemonChild, get_json, wait_model
 from tests.support import logs
-from tests.support.daemons import spawn_daemon
+from tests.support.daemons import daemon_in_pool, spawn_daemon
 from tests.support.ledger import written
 from tests.support.stack import Stack, replica_of
 
@@ -52,8 +53,7 @@ def pair(stack: Stack) -> Iterator[list[DaemonChild]]:
 
 
 def _providers(stack: Stack) -> int:
-    models = httpx.get(f"{stack.v1}/status").json()["models"]
-    return next((m["providers"] for m in models if m["id"] == MODEL), 0)
+    return _providers_of(stack.base_url, MODEL)
 
 
 def _busy(daemons: list[DaemonChild]) -> DaemonChild:
@@ -209,17 +209,27 @@ def test_the_next_turn_goes_to_the_provider_holding_the_conversation(stack: Stac
     assert len(set(served_by)) == 1, served_by
 
 
-def test_a_paused_gateway_replica_gets_its_answer_continued_not_cut_short(
-    stack: Stack, pair: list[DaemonChild]
-) -> None:
+def test_a_paused_gateway_replica_gets_its_answer_continued_not_cut_short(stack: Stack) -> None:
     """A replica frozen for longer than its keepalive promise (3 intervals of 0.2 s): the provider stops its
     request (it cannot tell a paused replica from a dead one) and says so, and the thawed replica moves the
     answer to the other provider. Nothing else could fail it over here: this replica waits 20 heartbeat
-    intervals (10 s) before it takes a provider for lost."""
+    intervals (10 s) before it takes a provider for lost. Two synthetic providers at a token per 5 ms (no
+    model to load): the answer is their fixed text, the same whoever continues it."""
+    model, tokens = "synthetic-paced", 600
+    paced = {"MP_SYNTHETIC_TOKEN_DELAY_S": "0.005", "MP_HEARTBEAT_S": "0.5"}
     env = {"MP_GATEWAY_KEEPALIVE_MS": "200", "MP_LOST_AFTER_INTERVALS": "20"}
-    with replica_of(stack, "gateway-paused", env) as (replica, base):
-        wait_model(base, MODEL, timeout=30)
-        body = {"model": MODEL, "messages": PROMPT, "max_tokens": TOKENS, "temperature": 0, "stream": True}
+    n = time.monotonic_ns() % 100000
+    with (
+        daemon_in_pool(stack, provider_id=f"paced-a-{n}", model_id=model, engine="synthetic", env=paced) as a,
+        daemon_in_pool(stack, provider_id=f"paced-b-{n}", model_id=model, engine="synthetic", env=paced) as b,
+        replica_of(stack, "gateway-paused", env) as (replica, base),
+    ):
+        wait_model(base, model, timeout=30)
+        deadline = time.monotonic() + 10
+        while _providers_of(base, model) < 2:
+            assert time.monotonic() < deadline, "the replica never saw both providers"
+            time.sleep(0.1)
+        body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "stream": True}
         chunks: list[dict] = []
         victim: DaemonChild | None = None
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=stack.auth(), timeout=60) as r:
@@ -229,7 +239,7 @@ def test_a_paused_gateway_replica_gets_its_answer_continued_not_cut_short(
                     continue
                 chunks.append(json.loads(line.removeprefix("data: ")))
                 if len(chunks) == 20:
-                    victim = _busy(pair)
+                    victim = _busy([a, b])
                     replica.proc.send_signal(signal.SIGSTOP)
                     try:
                         logs.wait_event(victim.log_path, "gateway_lost_requests_stopped", timeout=10)
@@ -239,5 +249,11 @@ def test_a_paused_gateway_replica_gets_its_answer_continued_not_cut_short(
         assert all("error" not in c for c in chunks), chunks[-3:]
         finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]
         assert finish == ["length"], "the answer ran to max_tokens, not to the stopped provider's end"
-        assert _text(chunks) == _single_provider_answer(stack)
+        assert _text(chunks) == "".join(WORDS[i % len(WORDS)] for i in range(tokens))
         logs.wait_event(replica.log_path, "failover", reason="gateway_unheard")
+
+
+def _providers_of(base: str, model: str) -> int:
+    """How many providers the gateway at `base` routes `model` to."""
+    models = httpx.get(f"{base}/v1/status").json()["models"]
+    return next((m["providers"] for m in models if m["id"] == model), 0)
