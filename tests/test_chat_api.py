@@ -92,6 +92,7 @@ def test_stream_framing_matches_openai(stack: Stack) -> None:
     r = _chat(stack, max_tokens=40, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
+    assert "server" not in r.headers, "the server's software is not advertised"
     events = _sse_events(r)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
