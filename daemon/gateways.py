@@ -8,6 +8,10 @@ live buyers. A gateway that asks for it (`InferenceRequest.keepalive_ms`) says e
 often that it is still there (`bus.GatewayAlive`); its work messages say so too. Its
 requests stop once it has been silent for `MISSED` of its intervals. A gateway that
 asks for nothing (an older one) is never judged.
+
+Each `GatewayAlive` also lists the gateway's requests open with this provider: one that
+`UNWANTED_AFTER` notices in a row leave out is not wanted any more (its cancel was lost
+while this provider's connection was down) and stops too (daemon/provider.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Callable, Iterable
 
 # Intervals a gateway may miss before its requests stop: a late timer or a dropped message is not death.
 MISSED = 3
+# Notices in a row that must leave a request out before it stops: one could cross its work message.
+UNWANTED_AFTER = 2
 
 
 class GatewayWatch:

@@ -24,7 +24,7 @@ from opentelemetry.trace import Span, SpanContext, StatusCode
 from daemon import __version__
 from daemon.engine.base import CancelToken, Engine, EngineError
 from daemon.frames import coalesced
-from daemon.gateways import GatewayWatch
+from daemon.gateways import UNWANTED_AFTER, GatewayWatch
 from daemon.machine import available_bytes
 from daemon.metrics import DaemonMetrics
 from daemon.outbox import Outbox, at_once
@@ -49,9 +49,6 @@ _NOTICE: msgspec.msgpack.Decoder[bus.PoolNotice | bus.GatewayAlive] = msgspec.ms
 GATEWAY_CHECK_S = 0.25
 # The cancel reason of a request whose gateway fell silent.
 GATEWAY_LOST = "gateway_lost"
-# A request its gateway's notices leave out this many times in a row is stopped: one could cross its work
-# message on the way (daemon/gateways.py).
-UNWANTED_AFTER = 2
 
 
 @dataclass
