@@ -60,12 +60,16 @@ def start_gateway(
     nats_credentials: Credentials | None = None,
     services: Sequence[str] = (),
     cwd: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Child:
     """Start a control plane (every service, or only `services`); on a server we launched (a SecuredNats)
-    it logs in as the control plane and also answers the server's auth callout (when natsauth runs in it)."""
+    it logs in as the control plane and also answers the server's auth callout (when natsauth runs in it).
+
+    `wrapper` goes before the command (a benchmark runs a gateway under valgrind; the pid stays the
+    process's own)."""
     log_path = home / "logs" / f"{name}.log"
     proc = procs.spawn(
-        [sys.executable, "-m", "services", "serve", *(arg for s in services for arg in ("--service", s))],
+        [*wrapper, sys.executable, "-m", "services", "serve", *(arg for s in services for arg in ("--service", s))],
         env=_env(
             {
                 "MP_HOME": str(home),

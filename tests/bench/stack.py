@@ -41,6 +41,9 @@ class GatewaySpec:
     env: Mapping[str, str] = field(default_factory=dict)
     # Where it runs from: `python -m services` imports the code there (a worktree of another commit).
     cwd: Path | None = None
+    # What runs it (valgrind for `versus --instructions`), and how long it may take to answer /health.
+    wrapper: tuple[str, ...] = ()
+    start_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,8 @@ class Stack(ABC):
                 # The synthetic engine is no model and has no weights hash to catalogue.
                 env={"MP_UNCATALOGUED_MODELS": "allow", **spec.env},
                 cwd=spec.cwd,
+                wrapper=spec.wrapper,
+                timeout=spec.start_timeout_s,
             )
             self.on_stop(spec.name, child.stop)
             self.gateways[spec.name] = Gateway(spec.name, base_url, child)
