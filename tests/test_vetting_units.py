@@ -8,7 +8,7 @@ import pytest
 from schemas import bus
 from services.gateway import vetting
 from services.gateway.json_check import JsonChecks
-from services.gateway.replies import ReplyStream, StreamBroken
+from services.gateway.replies import MAX_FRAME_BYTES, ReplyStream, StreamBroken
 
 # Pure: no server, no process, no network (`just test -m unit`).
 pytestmark = pytest.mark.unit
@@ -131,13 +131,30 @@ def test_impossible_heartbeats_do_not_decode(hb: dict[str, object]) -> None:
 
 async def test_a_reply_stream_holds_no_more_than_its_budget() -> None:
     stream = ReplyStream("r", "p", max_frames=3, max_bytes=1000)
-    assert stream.take(10)
-    assert stream.take(10)
-    assert not stream.take(2000)
+    for seq in range(2):
+        stream.receive(bus.encode(bus.Delta(seq=seq, text="a", tokens=1, token_ids=[1])))
+    assert not stream.dead
+    # Under the wire's bound for one frame, over what is left of this stream's bytes.
+    stream.receive(bus.encode(bus.Delta(seq=2, text="a" * 2000, tokens=1, token_ids=[1])))
     assert stream.dead
+    assert [(await stream.next(1)).seq for _ in range(2)] == [0, 1]
     with pytest.raises(StreamBroken) as broken:
         await stream.next(1)
     assert broken.value.violation == "frame_flood"
+
+
+async def test_a_reply_stream_kills_itself_on_an_undecodable_or_oversized_frame() -> None:
+    garbage = ReplyStream("r", "p")
+    garbage.receive(b'{"type":"delta","seq":"zero"}')
+    assert garbage.dead
+    with pytest.raises(StreamBroken) as broken:
+        await garbage.next(1)
+    assert broken.value.violation == "undecodable_frame"
+    huge = ReplyStream("r", "p")
+    huge.receive(b" " * (MAX_FRAME_BYTES + 1))
+    with pytest.raises(StreamBroken) as broken:
+        await huge.next(1)
+    assert broken.value.violation == "oversized_frame"
 
 
 async def test_a_schema_too_slow_to_check_is_refused_once_and_remembered() -> None:

@@ -122,6 +122,11 @@ class Call:
     _got_first_token: bool = False
     # The buyer request's span: every leg's `dispatch` span is its child.
     _parent: Span | None = None
+    # The gateway's time limit for the whole request (time.monotonic), checked at every frame.
+    _deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._deadline = self.started + self._dispatcher.request_timeout_s
 
     @property
     def request_id(self) -> str:
@@ -156,7 +161,7 @@ class Call:
         if d.cutting or leg.check.json is not None:
             return None
         frame = leg.stream.ready_delta()
-        if frame is None or time.monotonic() >= self.started + d.request_timeout_s:
+        if frame is None or time.monotonic() >= self._deadline:
             return None
         try:
             leg.check.delta(frame)
@@ -171,7 +176,8 @@ class Call:
     def _delivered(self, frame: bus.Delta) -> None:
         self._got_first_token = True
         self._text.append(frame.text)
-        self._reasoning.append(frame.reasoning)
+        if frame.reasoning:  # joined in order, so leaving out the empty ones changes nothing
+            self._reasoning.append(frame.reasoning)
         self._token_ids.extend(frame.token_ids)
         # Billed from the ids received (vetting checked the declared count agrees).
         self._tokens += len(frame.token_ids)

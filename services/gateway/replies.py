@@ -89,7 +89,10 @@ class ReplyStream:
 
     def push(self, item: _Item) -> None:
         self._items.append(item)
-        self._wake()
+        # `_wake`, inline: every frame of every stream comes here.
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def ready(self) -> bool:
         """Something already arrived: `next` returns it without waiting."""
@@ -110,15 +113,34 @@ class ReplyStream:
         self._items.popleft()
         self._expected += 1
 
-    def take(self, size: int) -> bool:
-        """Count a frame of `size` bytes against the budget; False (stream dead) when over it."""
+    def receive(self, data: bytes | msgspec.Raw) -> None:
+        """One frame as it came off the bus: bounded, counted against the budget, decoded and queued. One
+        that breaks a bound or does not decode kills the stream (its reader meets a `_Garbled`).
+
+        One method for what every frame of every stream goes through, not one call per step.
+        """
+        size = len(data)
+        if size > MAX_FRAME_BYTES:
+            self._garbled(f"oversized frame ({size} bytes) from {self.provider_id}", "oversized_frame")
+            return
         self._frames_left -= 1
         self._bytes_left -= size
-        if self._frames_left >= 0 and self._bytes_left >= 0:
-            return True
+        if self._frames_left < 0 or self._bytes_left < 0:
+            self._garbled(f"{self.provider_id} sent more frames than max_tokens allows", "frame_flood")
+            return
+        try:
+            item = bus.decode_frame(data)
+        except msgspec.DecodeError as exc:
+            self._garbled(f"undecodable frame from {self.provider_id}: {str(exc)[:200]}", "undecodable_frame")
+            return
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _garbled(self, reason: str, violation: str) -> None:
         self.dead = True
-        self.push(_Garbled(f"{self.provider_id} sent more frames than max_tokens allows", "frame_flood"))
-        return False
+        self.push(_Garbled(reason, violation))
 
     def lost(self, provider_id: str) -> None:
         self.push(_ProviderLost(provider_id))
@@ -283,7 +305,7 @@ class ReplyRouter:
             # its connection a moment ago): the provider is gone, it sent nothing, it broke no rule.
             stream.lost(stream.provider_id)
             return
-        self._deliver(stream, data)
+        stream.receive(data)
 
     def _on_bundle(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         """Several requests' frames from one provider (schemas/bus.py `Bundle`): each is then handled
@@ -304,18 +326,4 @@ class ReplyRouter:
             if stream is None or stream.dead:
                 self.stray_frames += 1
                 continue
-            self._deliver(stream, frame)
-
-    def _deliver(self, stream: ReplyStream, data: bytes | msgspec.Raw) -> None:
-        size = len(data)
-        if size > MAX_FRAME_BYTES:
-            stream.dead = True
-            stream.push(_Garbled(f"oversized frame ({size} bytes) from {stream.provider_id}", "oversized_frame"))
-            return
-        if not stream.take(size):
-            return
-        try:
-            stream.push(bus.decode_frame(data))
-        except msgspec.DecodeError as exc:
-            stream.dead = True
-            stream.push(_Garbled(f"undecodable frame from {stream.provider_id}: {str(exc)[:200]}", "undecodable_frame"))
+            stream.receive(frame)

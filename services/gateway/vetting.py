@@ -129,24 +129,40 @@ class LegCheck:
             raise Violation("prompt_tokens_inflated", detail)
 
     def delta(self, frame: bus.Delta) -> None:
-        """Raises Violation for a frame that must not reach the buyer."""
+        """Raises Violation for a frame that must not reach the buyer.
+
+        Every frame of every stream comes here: the checks a plain text frame needs run inline, and the
+        ones for what most frames lack (reasoning, tool calls, logprobs, a JSON format) only when present.
+        """
         ids = frame.token_ids
-        if frame.tokens != len(ids):
-            raise Violation("token_count_mismatch", f"declared {frame.tokens} tokens, sent {len(ids)} token ids")
-        allowed = self.allowed
-        if self.tokens + len(ids) > allowed:
-            raise Violation("too_many_tokens", f"{self.tokens + len(ids)} tokens where max_tokens allows {allowed}")
-        if self.vocab_size and ids and max(ids) >= self.vocab_size:
+        n = len(ids)
+        if frame.tokens != n:
+            raise Violation("token_count_mismatch", f"declared {frame.tokens} tokens, sent {n} token ids")
+        tokens = self.tokens + n
+        if tokens > self.allowed:
+            raise Violation("too_many_tokens", f"{tokens} tokens where max_tokens allows {self.allowed}")
+        if self.vocab_size and n and max(ids) >= self.vocab_size:
             raise Violation("token_id_out_of_range", f"token id {max(ids)} in a vocabulary of {self.vocab_size}")
-        text_bytes = self.text_bytes + _utf8_len(frame.text) + _utf8_len(frame.reasoning)
-        if text_bytes > _TEXT_ALLOWANCE + (self.tokens + len(ids)) * _TEXT_BYTES_PER_TOKEN:
-            raise Violation("oversized_text", f"{text_bytes} bytes of text for {self.tokens + len(ids)} tokens")
+        text = frame.text
+        # Most text is ASCII, whose length in bytes CPython knows without encoding it.
+        text_bytes = self.text_bytes + (len(text) if text.isascii() else len(text.encode()))
+        if frame.reasoning:
+            text_bytes += _utf8_len(frame.reasoning)
+        if text_bytes > _TEXT_ALLOWANCE + tokens * _TEXT_BYTES_PER_TOKEN:
+            raise Violation("oversized_text", f"{text_bytes} bytes of text for {tokens} tokens")
+        if frame.tool_calls or frame.logprobs or self.json is not None:
+            self._rarer(frame, n)
+        self.tokens = tokens
+        self.text_bytes = text_bytes
+
+    def _rarer(self, frame: bus.Delta, n: int) -> None:
+        """`delta`'s checks of tool calls, logprobs and a JSON answer."""
         for call in frame.tool_calls:
             if call.name not in self.tools:
                 raise Violation("unoffered_tool_call", f"a call to {call.name[:64]!r}, which the request did not offer")
         params = self.request.params
-        if frame.logprobs and (not params.logprobs or len(frame.logprobs) > len(ids)):
-            raise Violation("unrequested_logprobs", f"{len(frame.logprobs)} logprobs for {len(ids)} tokens")
+        if frame.logprobs and (not params.logprobs or len(frame.logprobs) > n):
+            raise Violation("unrequested_logprobs", f"{len(frame.logprobs)} logprobs for {n} tokens")
         if frame.logprobs and any(len(lp.top) > params.top_logprobs for lp in frame.logprobs):
             raise Violation("unrequested_logprobs", f"more than the {params.top_logprobs} top logprobs asked for")
         if self.json is not None:
@@ -154,8 +170,6 @@ class LegCheck:
                 raise Violation("invalid_json", "a JSON-constrained answer with reasoning or tool calls")
             if not self.json.feed(frame.text):
                 raise Violation("invalid_json", "the answer stopped being valid JSON of the requested schema")
-        self.tokens += len(ids)
-        self.text_bytes = text_bytes
 
     def done(self, frame: bus.Done) -> bus.Done:
         """The final frame made consistent with what was received; raises Violation if it cannot be."""
