@@ -51,11 +51,11 @@ def _control(pid: int, *args: str) -> str:
 
 
 def parse_total(status: str) -> int:
-    """The instructions of every thread in `callgrind_control -e Ir` output (ValueError if none is listed)."""
-    counts = _THREAD_COUNT.findall(status)
-    if not counts:
+    """The instructions of every thread in `callgrind_control -e Ir` output (ValueError if it has no totals:
+    counting was off). A thread that executed nothing since the counters were zeroed is not listed."""
+    if "Totals:" not in status:
         raise ValueError(f"no instruction count in {status.strip()[:300]!r}")
-    return sum(int(c.replace(",", "")) for c in counts)
+    return sum(int(c.replace(",", "")) for c in _THREAD_COUNT.findall(status))
 
 
 class Counting:
