@@ -343,6 +343,9 @@ def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
     for model, value in [("a", 0.005), ("a", 0.0051), ("a", 0.7), ("a", 9.0), ("a", 0.0), ("b", 1.0)]:
         ours.labels(model).observe(value)
         theirs.labels(model).observe(value)
+    # A frame joined to the one before it (services/gateway/exchange.py `joined`): a gap of 0, no clock read.
+    ours.labels("b").observe_zero()
+    theirs.labels("b").observe(0.0)
 
     def samples(registry: CollectorRegistry) -> list[str]:
         # prometheus_client adds a _created series (a timestamp) to its own; the rest must match line for line.
@@ -351,6 +354,9 @@ def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
     assert samples(ours_registry) == samples(theirs_registry)
     assert 'gaps_seconds_bucket{le="0.005",model="a"} 2.0' in samples(ours_registry)
     assert 'gaps_seconds_count{model="a"} 5.0' in samples(ours_registry)
+    assert 'gaps_seconds_bucket{le="0.005",model="b"} 1.0' in samples(ours_registry)
+    with pytest.raises(ValueError, match="positive"):
+        LoopHistogram("bad_seconds", "Bad.", "model", (0.0, 1.0), registry=CollectorRegistry())
 
 
 async def test_a_non_stream_answer_is_cancelled_by_a_hang_up_and_only_by_one_before_it_ends() -> None:

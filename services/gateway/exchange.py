@@ -94,6 +94,18 @@ class Exchange:
             # What the gateway received, never what the provider declares.
             self.ticket.completion_tokens += len(frame.token_ids)
 
+    def joined(self, frame: bus.Delta) -> None:
+        """`delta` for a frame taken together with the one before it (a stream's frames that queued up
+        while the gateway was busy): it reached the gateway at the same moment, so its time since that
+        one is 0, counted without reading the clock. Every frame of a busy stream comes here."""
+        self.frames += 1
+        n = len(frame.token_ids)
+        if n and self._inter_token is not None:
+            self._inter_token.observe_zero()
+        if self.ticket is not None:
+            # What the gateway received, never what the provider declares.
+            self.ticket.completion_tokens += n
+
     def done(self, frame: bus.Done) -> tuple[int, int]:
         """(prompt, completion) tokens to bill: never more completion than the gateway saw."""
         self.cached_tokens = min(frame.cached_tokens, frame.prompt_tokens)

@@ -194,7 +194,7 @@ async def events(call: Call, ex: Exchange) -> AsyncGenerator[Event, None]:
                 if not (isinstance(nxt, bus.Delta) and joins(run, nxt)):
                     pending = nxt
                     break
-                ex.delta(nxt)
+                ex.joined(nxt)
                 run.append(nxt)
             yield joined(run)
     finally:

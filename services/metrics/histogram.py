@@ -33,6 +33,10 @@ class Series:
         self.counts[bisect_left(self._bounds, value)] += 1
         self.sum += value
 
+    def observe_zero(self) -> None:
+        """`observe(0.0)`: the first bucket (bounds are positive), the sum unchanged."""
+        self.counts[0] += 1
+
 
 class LoopHistogram(Collector):
     """A histogram with one label, observed and scraped on the event loop only."""
@@ -44,6 +48,8 @@ class LoopHistogram(Collector):
         self.documentation = documentation
         self.label = label
         self.bounds = tuple(sorted(float(b) for b in buckets))
+        if not self.bounds or self.bounds[0] <= 0:
+            raise ValueError("bucket bounds must be positive (Series.observe_zero counts 0 in the first)")
         self._series: dict[str, Series] = {}
         registry.register(self)
 
