@@ -46,7 +46,7 @@ from tests.bench.report import Stats
 from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
 from tests.bench.synthetic import MODEL_ID, SyntheticStack
 from tests.bench.table import Table, counts, ms, rate
-from tests.bench.timeline import timeline
+from tests.bench.timeline import frames_by_request, frames_per_request, timeline
 
 OFF = "metering-off"
 ON = "metering-on"
@@ -111,6 +111,8 @@ class Tally:
     postgres_cpu_s: float | None = 0.0
     # Where the time to first token went, p50 per part (tests/bench/timeline.py); streams at c=1 only.
     timeline: dict[str, float] | None = None
+    # Delta frames the gateway received per request (its summary lines), for the series through one.
+    frames: float | None = None
 
     @property
     def stats(self) -> Stats:
@@ -351,6 +353,8 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     probes = {name: CpuProbe(g.child.proc.pid) for name, g in gw.items()}
     profiler = Profiler(gw[ON].child.proc.pid, profile_dir) if plan.profile_s else None
     results: Results = {}
+    # (column label, series) -> the gateway it went through (None: a baseline).
+    series_gateway: dict[tuple[str, str], str | None] = {}
     async with (
         HttpClients(top, plan.streams_per_client) as c_off,
         HttpClients(top, plan.streams_per_client) as c_one,
@@ -421,6 +425,12 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                 done = f"{st.requests} requests, {st.wall_s:6.2f}s, {st.failed} failed{why}"
                 say(f"{column.label:<24} {series:<13}: {done}")
             results[column.label] = tallies
+            series_gateway.update({(column.label, series): senders[series][0] for series in names})
+    # Each gateway's log read once, at the end: its summary lines say how many frames each request came in.
+    frames = {name: frames_by_request(g.child.log_path) for name, g in gw.items()}
+    for (label, series), name in series_gateway.items():
+        if name is not None:
+            results[label][series].frames = frames_per_request(results[label][series].samples, frames[name])
     slow = await slow_streams(plan.slow_streams, stack, stack.api_key) if plan.slow_streams else None
     return results, (profiler.top() if profiler is not None else []), slow
 
@@ -482,9 +492,10 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         "TTFT p50",
         "TTFT p99",
         "req/s",
-        "events/req",
+        "frames/req",
+        "chunks/req",
         "gw CPU/req",
-        "gw CPU/evt",
+        "gw µs/frame",
         "PG CPU/req",
     )
     table = Table(header, label=40, cell=10, columns=len(figures))
@@ -494,9 +505,8 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         for series, t in tallies.items():
             st = t.stats
             n = max(1, len(t.samples))
-            chunks = [x.chunks for x in t.samples if x.ok and x.chunks]
-            # Events per streamed request: its content chunks plus the provider's `accepted` and `done`.
-            frames = sum(chunks) / len(chunks) + 2 if chunks else None
+            counted = [x.chunks for x in t.samples if x.ok and x.chunks]
+            chunks = sum(counted) / len(counted) if counted and series not in (DIRECT, DIRECT_HTTP) else None
             gw_req = None if t.gateway_cpu_s is None else 1000 * t.gateway_cpu_s / n
             table.row(
                 f"{label} / {series}",
@@ -508,9 +518,11 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
                     ms(st.ttft_p50_ms),
                     ms(st.ttft_p99_ms),
                     rate(st.requests_per_s),
-                    "-" if frames is None or series in (DIRECT, DIRECT_HTTP) else f"{frames:.1f}",
+                    "-" if t.frames is None else f"{t.frames:.1f}",
+                    "-" if chunks is None else f"{chunks:.1f}",
                     ms(gw_req),
-                    ms(gw_req / frames) if gw_req is not None and frames else "-",
+                    # Streams only: a whole answer's frame or two would just repeat its request's cost.
+                    f"{1000 * gw_req / t.frames:.1f}" if gw_req is not None and t.frames and chunks else "-",
                     "-" if t.postgres_cpu_s is None else ms(1000 * t.postgres_cpu_s / n),
                 ],
             )
@@ -582,10 +594,12 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
     return table.text(
         [
             "gw CPU/req: user+system CPU of that gateway process in the series' rounds / its requests (goal: <= 1 ms",
-            "per 64-token stream, <= 0.5 ms per non-stream request). events/req: a streamed answer's content chunks",
-            "+ 2 (accepted, done); gw CPU/evt: gw CPU/req / events/req. Before daemon/frames.py and",
-            "services/gateway/frames.py an event was one NATS frame of one token; now a frame holds every token ready",
-            "together, and frames queued together leave as one chunk. PG: all PostgreSQL processes. Latency: request",
+            "per 64-token stream, <= 0.5 ms per non-stream request). frames/req: the Delta frames the gateway received",
+            "per request (its summary lines' `frames`; a daemon puts the tokens it has ready together in one, so the",
+            "full-speed daemon's 64-token stream comes in 64 at c=64, its whole answer in 1-3); chunks/req: a streamed",
+            "answer's content chunks (frames that queued up at the gateway leave as one); gw µs/frame: gw CPU/req /",
+            "frames/req for streams, the request's own cost included (a pool's batched decode steps send a frame per",
+            "token per stream: this is what each costs the gateway). PG: all PostgreSQL processes. Latency: request",
             "sent to the end of the body.",
             *tail,
         ]

@@ -36,6 +36,22 @@ def _events(log_path: Path, event: str) -> list[dict[str, Any]]:
     return found or list(logs.events(log_path, event))
 
 
+def frames_by_request(log_path: Path, event: str = "chat_completion") -> dict[str, int]:
+    """Each request's Delta frames as its gateway received them (the summary line's `frames`), by request id."""
+    found: dict[str, int] = {}
+    for line in _events(log_path, event):
+        rid, frames = line.get("request_id"), line.get("frames")
+        if isinstance(rid, str) and isinstance(frames, int):
+            found[rid] = frames
+    return found
+
+
+def frames_per_request(samples: Sequence[Sample], frames: dict[str, int]) -> float | None:
+    """The mean frames of the samples that succeeded and whose summary line is known (None: none is)."""
+    known = [frames[s.request_id] for s in samples if s.ok and s.request_id in frames]
+    return statistics.mean(known) if known else None
+
+
 def timeline(samples: Sequence[Sample], log_path: Path, event: str = "chat_completion") -> dict[str, float] | None:
     """The p50 of each part over the samples the gateway's log has a summary line for (None: none)."""
     lines = {line.get("request_id"): line for line in _events(log_path, event)}
