@@ -420,7 +420,7 @@ class _Answered:
     def ready(self) -> bool:
         return False
 
-    def take_ready(self) -> bus.Delta | None:
+    def take_run(self, run: list[bus.Delta], on_joined: object) -> bus.Delta | None:
         return None
 
     def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:

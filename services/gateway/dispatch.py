@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,7 @@ from services.errors import (
     UnsupportedValue,
 )
 from services.gateway import vetting
+from services.gateway.frames import joins
 from services.gateway.json_check import Busy, JsonAnswer, JsonChecks, TooComplex
 from services.gateway.pool import PoolView
 from services.gateway.replies import ReplyRouter, ReplyStream, StreamBroken, lost_notifier
@@ -148,30 +149,38 @@ class Call:
         """The next frame already arrived (the gateway is behind this stream)."""
         return self._leg.stream.ready()
 
-    def take_ready(self) -> bus.Delta | None:
-        """The next frame if it is a Delta that arrived already, checked and counted as `frames()` does.
+    def take_run(self, run: list[bus.Delta], on_joined: Callable[[bus.Delta], None]) -> bus.Delta | None:
+        """Take every Delta that arrived already, checked and counted as `frames()` does, appending each
+        to `run` while it joins it (services/gateway/frames.py) and handing it to `on_joined`. Returns a
+        frame it took that does not join (the next run's first), or None where `frames()` must take what
+        is next: nothing yet, the final frame, a failure, a frame out of sequence or one that breaks the
+        protocol (it fails over there), a JSON-constrained answer (its checker's state moves as it
+        checks), a replica stopping, the time limit.
 
-        None where `frames()` must take what is next: nothing yet, the final frame, a failure, a frame out
-        of sequence or one that breaks the protocol, a JSON-constrained answer (its checker's state moves
-        as it checks), a replica stopping, the time limit. A stream's frames mostly come several at a time
-        (a daemon's bundle), and taking each through `frames()` was three coroutine steps a frame.
+        One call per run: a stream's frames mostly come several at a time (a daemon's bundle, or queued
+        while the gateway was busy), and each through `frames()` was three coroutine steps, each through
+        a call of its own a few calls more: every token of a pool's batched decode steps is a frame.
         """
         leg = self._leg
-        d = self._dispatcher
-        if d.cutting or leg.check.json is not None:
+        if self._dispatcher.cutting or leg.check.json is not None:
             return None
-        frame = leg.stream.ready_delta()
-        if frame is None or time.monotonic() >= self._deadline:
-            return None
-        try:
-            leg.check.delta(frame)
-        except vetting.Violation:
-            return None  # `frames()` meets it again, and fails over
-        leg.stream.advance()
-        if leg.first_token_at is None and frame.token_ids:
-            leg.first_token_at = time.monotonic()
-        self._delivered(frame)
-        return frame
+        stream, check, deadline = leg.stream, leg.check.delta, self._deadline
+        while True:
+            frame = stream.ready_delta()
+            if frame is None or time.monotonic() >= deadline:
+                return None
+            try:
+                check(frame)
+            except vetting.Violation:
+                return None  # `frames()` meets it again, and fails over
+            stream.advance()
+            if leg.first_token_at is None and frame.token_ids:
+                leg.first_token_at = time.monotonic()
+            self._delivered(frame)
+            if not joins(run, frame):
+                return frame
+            on_joined(frame)
+            run.append(frame)
 
     def _delivered(self, frame: bus.Delta) -> None:
         self._got_first_token = True

@@ -185,8 +185,9 @@ async def events(call: Call, ex: Exchange) -> AsyncGenerator[Event, None]:
             ex.delta(frame)
             run = [frame]
             while ex.stream:
-                # What arrived already: a Delta taken at once (`take_ready`), anything else through `frames`.
-                nxt: bus.Delta | bus.Done | None = call.take_ready()
+                # What arrived already: the Deltas that join the run taken at once (`take_run`), the next
+                # run's first kept, anything else through `frames`.
+                nxt: bus.Delta | bus.Done | None = call.take_run(run, ex.joined)
                 if nxt is None:
                     if not call.ready():
                         break

@@ -13,9 +13,11 @@ REV must share this tree's database (its migrations a prefix of these: the base 
 
 With `--instructions`, both gateways run under valgrind's callgrind and the table gives the instructions
 each executed per request (tests/bench/instructions.py): a count the machine's drift does not move, so a
-change of a percent or two shows in two rounds of a few hundred requests (two identical gateways: within
-0.2% at c=1, 1% at c=16-64). Seconds, requests/s and time to first token mean nothing then (a counting
-gateway runs about 50 times slower) and are left out; the kernel's side of system calls is not counted.
+change of a percent shows at c=1 in two rounds of a few hundred requests (its rounds agree within 0.5%).
+The concurrent columns' rounds spread by a few percent (how much a loop turn batches follows the timing):
+there a change needs more rounds, or c=1 to show it. Seconds, requests/s and time to first token mean
+nothing then (a counting gateway runs about 50 times slower) and are left out; the kernel's side of
+system calls is not counted.
 """
 
 from __future__ import annotations
@@ -187,9 +189,10 @@ def _render_instructions(plan: Plan, measured: Measured, tail: list[str]) -> str
     lines += [
         "instructions/req: what the gateway process executed in user space in a round / its requests (its",
         "event loop's idle turns included; not the kernel's work in its system calls: see syscalls/req),",
-        "mean of the rounds. Identical gateways counted within 0.2% of each other at c=1 and 1% at c=16-64",
-        "(--base HEAD gives this tree's own spread). Seconds are not measured: a counting gateway runs about",
-        "50 times slower, so concurrent columns batch more per loop turn than at full speed.",
+        "mean of the rounds. A round's ratio is steady within 0.5% at c=1; at c=16-64 rounds spread by a few",
+        "percent, as how much a loop turn batches follows the timing (--base HEAD gives this tree's own spread).",
+        "Seconds are not measured: a counting gateway runs about 50 times slower, so concurrent columns batch",
+        "more per loop turn than at full speed.",
         *tail,
     ]
     return "\n".join(lines)
