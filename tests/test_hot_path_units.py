@@ -8,7 +8,7 @@ import datetime as dt
 import gc
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import pytest
 
@@ -477,3 +477,56 @@ async def test_cancel_and_wait_ends_a_task_that_lost_its_cancellation() -> None:
         await cancel_and_wait(task)
     assert task.cancelled()
     assert lost == 1
+
+
+class _OneRun:
+    """A provider's call whose every token arrived before the gateway took the first: one run."""
+
+    provider_id = "p"
+
+    def __init__(self, frames: list[bus.Delta]) -> None:
+        self._ready = frames[1:]
+        self._first = frames[0]
+        self.finished = False
+
+    def ready(self) -> bool:
+        return bool(self._ready)
+
+    def take_run(self, run: list[bus.Delta], on_joined: Callable[[bus.Delta], None]) -> bus.Delta | None:
+        while self._ready:
+            frame = self._ready.pop(0)
+            on_joined(frame)
+            run.append(frame)
+        return None
+
+    def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:
+        async def frames() -> AsyncGenerator[bus.Delta | bus.Done, None]:
+            yield self._first
+            yield bus.Done(seq=4, finish_reason="length", prompt_tokens=3, completion_tokens=4)
+
+        return frames()
+
+
+async def test_an_answer_that_came_in_one_run_is_timed_and_counted_as_if_frame_by_frame() -> None:
+    """Frames joined to a run's first skip the clock (Exchange.joined); the run's end still marks the last
+    token's time, so an answer whose tokens all queued up at the gateway still has a decoding rate."""
+    from services.metrics.registry import Metrics
+    from services.usage.metering import Ticket
+    from services.usage.quotas import Holder
+
+    metrics = Metrics()
+    ex = Exchange("r1", stream=True, metrics=metrics)
+    ex.label("m", lambda model: True)
+    ex.ticket = Ticket("r1", Holder("a1", 1, 1, None), "m", usage=None)
+    call = _OneRun([bus.Delta(seq=i, text="x", tokens=1, token_ids=[i]) for i in range(4)])
+    chunks = [e async for e in pipeline.events(call, ex)]  # type: ignore[arg-type]
+    assert [type(c) for c in chunks] == [bus.Delta, bus.Done]
+    assert chunks[0].token_ids == [0, 1, 2, 3]  # type: ignore[union-attr]
+    assert (ex.frames, ex.ticket.completion_tokens) == (4, 4)
+    ex._count(metrics)
+    sample = metrics.registry.get_sample_value
+
+    assert sample("mp_gateway_decode_tokens_per_second_count", {"model": "m"}) == 1
+    # The three joined frames' gaps are 0 (first bucket); the first frame's is the time to first token's.
+    assert sample("mp_gateway_inter_token_seconds_bucket", {"model": "m", "le": "0.005"}) == 3
+    assert sample("mp_gateway_inter_token_seconds_count", {"model": "m"}) == 3

@@ -106,6 +106,12 @@ class Exchange:
             # What the gateway received, never what the provider declares.
             self.ticket.completion_tokens += n
 
+    def run_taken(self) -> None:
+        """The frames `joined` to a run's first are all taken: the last token reached the gateway now (one
+        clock read per run, not per frame). The answer's decoding time ends here, so an answer whose every
+        token came in one run still has one (`mp_gateway_decode_tokens_per_second`)."""
+        self._last_token_at = time.monotonic()
+
     def done(self, frame: bus.Done) -> tuple[int, int]:
         """(prompt, completion) tokens to bill: never more completion than the gateway saw."""
         self.cached_tokens = min(frame.cached_tokens, frame.prompt_tokens)

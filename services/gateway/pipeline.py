@@ -197,6 +197,8 @@ async def events(call: Call, ex: Exchange) -> AsyncGenerator[Event, None]:
                     break
                 ex.joined(nxt)
                 run.append(nxt)
+            if len(run) > 1:
+                ex.run_taken()
             yield joined(run)
     finally:
         await frames.aclose()
