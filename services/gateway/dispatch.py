@@ -157,9 +157,9 @@ class Call:
         protocol (it fails over there), a JSON-constrained answer (its checker's state moves as it
         checks), a replica stopping, the time limit.
 
-        One call per run: a stream's frames mostly come several at a time (a daemon's bundle, or queued
-        while the gateway was busy), and each through `frames()` was three coroutine steps, each through
-        a call of its own a few calls more: every token of a pool's batched decode steps is a frame.
+        One call per run, not a few per frame: a stream's frames mostly come several at a time (a daemon's
+        bundle, or queued while the gateway was busy), and every token of a pool's batched decode steps is
+        a frame. (Each through `frames()` would be three coroutine steps.)
         """
         leg = self._leg
         if self._dispatcher.cutting or leg.check.json is not None:

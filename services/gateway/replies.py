@@ -89,10 +89,7 @@ class ReplyStream:
 
     def push(self, item: _Item) -> None:
         self._items.append(item)
-        # `_wake`, inline: every frame of every stream comes here.
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def ready(self) -> bool:
         """Something already arrived: `next` returns it without waiting."""
@@ -134,6 +131,7 @@ class ReplyStream:
             self._garbled(f"undecodable frame from {self.provider_id}: {str(exc)[:200]}", "undecodable_frame")
             return
         self._items.append(item)
+        # `push`, inline: every frame of every stream comes here (the rest is what goes wrong).
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

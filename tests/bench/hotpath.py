@@ -521,8 +521,10 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
                     "-" if t.frames is None else f"{t.frames:.1f}",
                     "-" if chunks is None else f"{chunks:.1f}",
                     ms(gw_req),
-                    # Streams only: a whole answer's frame or two would just repeat its request's cost.
-                    f"{1000 * gw_req / t.frames:.1f}" if gw_req is not None and t.frames and chunks else "-",
+                    # Streams of more than one frame only: one frame's figure would just repeat its request's.
+                    f"{1000 * gw_req / t.frames:.1f}"
+                    if gw_req is not None and t.frames and t.frames > 1 and chunks
+                    else "-",
                     "-" if t.postgres_cpu_s is None else ms(1000 * t.postgres_cpu_s / n),
                 ],
             )
