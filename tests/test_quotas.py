@@ -457,6 +457,56 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
         await db.close()
 
 
+async def test_a_batch_of_usage_events_writes_each_request_its_own_values(stack: Stack) -> None:
+    """The consumer passes a batch to Postgres as JSON (migration 0017): every ledger row holds its own
+    request's values, nulls, fractions and refunds included, whatever else the batch holds."""
+    account = await make_account_async(stack.database_url)
+    day = dt.datetime.now(dt.UTC).date()
+    tag = secrets.token_hex(6)
+    settlements = {
+        f"a{tag}": Settlement("prov-a", 11, 21, 3, 12.5, 250.25, "ok"),
+        f"b{tag}": Settlement(None, 0, 0, 0, None, None, "unavailable", refund=True),
+        f"c{tag}": Settlement("prov-c\u00e9", 7, 1, 0, 0.75, 9.0, "client_disconnected"),
+    }
+    opens: list[UsageEvent] = [
+        Opened(rid, account.subject, account.account_id, account.key_id, None, f"model-{rid}", day, 100 + i)
+        for i, rid in enumerate(settlements)
+    ]
+    closes: list[UsageEvent] = [Closed(rid, s, keep_slot=False) for rid, s in settlements.items()]
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    try:
+        await db.execute(
+            "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT DO NOTHING", account.subject, day
+        )
+        await ledger.apply(db, "gw-batch", [*opens, *closes])
+        rows = await db.fetch("SELECT * FROM usage_ledger WHERE request_id = ANY($1::text[])", list(settlements))
+        written = {r["request_id"]: r for r in rows}
+        assert set(written) == set(settlements)
+        for rid, s in settlements.items():
+            row = written[rid]
+            assert (row["account_id"], row["key_id"], row["demo_token_id"]) == (
+                account.account_id,
+                account.key_id,
+                None,
+            )
+            assert row["model"] == f"model-{rid}"
+            assert (row["provider_id"], row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (
+                s.provider_id,
+                s.prompt_tokens,
+                s.completion_tokens,
+                s.cached_tokens,
+            )
+            assert (row["ttft_ms"], row["duration_ms"]) == (s.ttft_ms, s.duration_ms)
+            assert (row["outcome"], row["billed"]) == (s.outcome, not s.refund)
+        (usage,) = await db.fetch(
+            "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", account.subject
+        )
+        # The refunded request counts neither as a request nor its tokens; the others their real tokens.
+        assert (usage["requests"], usage["tokens"], usage["inflight"]) == (2, 11 + 21 + 7 + 1, 0)
+    finally:
+        await db.close()
+
+
 async def test_an_event_postgres_refuses_is_parked_and_the_events_after_it_are_written(
     stack: Stack, tmp_path: Path
 ) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from schemas.usage_events import Closed, Opened
+from schemas.usage_events import ENCODER, Closed, Opened
 from services.usage.quotas import Holder, Limits, Usage, today
 
 # Where a statement runs: the pool, or a connection holding a transaction.
@@ -128,11 +128,11 @@ SELECT request_id, (SELECT count(*) FROM u) AS subjects FROM ins
 
 # A batch of one replica's usage events from the usage stream (services/usage/ledger.py), its
 # reservations then its settlements, in one call of a function (migration 0016, where the statements are
-# and what they do): one round trip, atomic on its own. Settlement without the stream calls it with no
-# reservations.
+# and what they do): one round trip, atomic on its own. The events go as JSON (migration 0017: asyncpg's
+# typed arrays cost the gateway more than the rest of its consumer). Settlement without the stream calls
+# it with no reservations.
 _APPLY = """
-SELECT request_id, to_lease, subjects, written
-FROM usage_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+SELECT request_id, to_lease, subjects, written FROM usage_apply_json($1, $2, $3, $4)
 """
 
 # Part of a lease given back by the replica holding it. No clamping at 0 here or below: with the usage
@@ -379,20 +379,7 @@ async def apply_many(
 ) -> list[tuple[bool, bool]]:
     """Write reservations of `day` (from the usage stream: never refused), then settle `closes`; per
     settlement (settled now, its slot went back to this replica's lease)."""
-    rows = await db.fetch(
-        _APPLY,
-        *_open_args(gw, day, opens),
-        [i.request_id for i in closes],
-        [i.settlement.provider_id for i in closes],
-        [i.settlement.prompt_tokens for i in closes],
-        [i.settlement.completion_tokens for i in closes],
-        [i.settlement.cached_tokens for i in closes],
-        [i.settlement.ttft_ms for i in closes],
-        [i.settlement.duration_ms for i in closes],
-        [i.settlement.outcome for i in closes],
-        [i.settlement.refund for i in closes],
-        [i.keep_slot for i in closes],
-    )
+    rows = await db.fetch(_APPLY, gw, day, ENCODER.encode(opens).decode(), ENCODER.encode(closes).decode())
     done = {r["request_id"]: bool(r["to_lease"]) for r in rows}
     return [(i.request_id in done, done.get(i.request_id, False)) for i in closes]
 

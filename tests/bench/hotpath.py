@@ -109,6 +109,7 @@ class Tally:
     levels: list[Level] = field(default_factory=list)
     gateway_cpu_s: float | None = 0.0
     postgres_cpu_s: float | None = 0.0
+    nats_cpu_s: float | None = 0.0
     # Where the time to first token went, p50 per part (tests/bench/timeline.py); streams at c=1 only.
     timeline: dict[str, float] | None = None
     # Delta frames the gateway received per request (its summary lines), for the series through one.
@@ -341,9 +342,11 @@ Measured = tuple[Results, list[str], SlowStreams | None]
 
 async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measured:
     assert stack.postgres_pid is not None
+    assert stack.nats_pid is not None
     top = max(c.concurrency for c in plan.columns)
     keys = await _accounts(stack.database_url, top)
     postgres = CpuProbe(stack.postgres_pid, tree=True)
+    nats = CpuProbe(stack.nats_pid)
     gw = {name: stack.gateways[name] for name in (OFF, ON, ON_PG)}
     assert isinstance(stack.daemon, DaemonChild)
     # Each baseline model's daemon's own OpenAI API.
@@ -403,16 +406,17 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                     if profiling:
                         assert profiler is not None
                         profiler.start()
-                    pg0 = postgres.snapshot()
+                    pg0, nats0 = postgres.snapshot(), nats.snapshot()
                     gw0 = probes[name].snapshot() if name else None
                     tally.levels.append(await drive(send, concurrency=c, requests=per_round))
-                    pg1 = postgres.snapshot()
+                    pg1, nats1 = postgres.snapshot(), nats.snapshot()
                     gw1 = probes[name].snapshot() if name else None
                     if profiling:
                         assert profiler is not None
                         profiler.stop()
                     tally.gateway_cpu_s = _add(tally.gateway_cpu_s, CpuProbe.used(gw0, gw1) if name else None)
                     tally.postgres_cpu_s = _add(tally.postgres_cpu_s, CpuProbe.used(pg0, pg1) if name else None)
+                    tally.nats_cpu_s = _add(tally.nats_cpu_s, CpuProbe.used(nats0, nats1) if name else None)
                 stack.check_alive()
             if column.stream and c == 1:
                 for series in names:
@@ -497,6 +501,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         "gw CPU/req",
         "gw µs/frame",
         "PG CPU/req",
+        "NATS CPU/req",
     )
     table = Table(header, label=40, cell=10, columns=len(figures))
     table.row("column / series", figures)
@@ -526,6 +531,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
                     if gw_req is not None and t.frames and t.frames > 1 and chunks
                     else "-",
                     "-" if t.postgres_cpu_s is None else ms(1000 * t.postgres_cpu_s / n),
+                    "-" if t.nats_cpu_s is None else ms(1000 * t.nats_cpu_s / n),
                 ],
             )
         table.rule()
@@ -601,8 +607,10 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             "full-speed daemon's 64-token stream comes in 64 at c=64, its whole answer in 1-3); chunks/req: a streamed",
             "answer's content chunks (frames that queued up at the gateway leave as one); gw µs/frame: gw CPU/req /",
             "frames/req for streams, the request's own cost included (a pool's batched decode steps send a frame per",
-            "token per stream: this is what each costs the gateway). PG: all PostgreSQL processes. Latency: request",
-            "sent to the end of the body.",
+            "token per stream: this is what each costs the gateway). PG: all PostgreSQL processes; NATS: the",
+            "nats-server (metering on: JetStream storing, acknowledging and delivering the usage events; the series",
+            "share one server, so a round's figure holds a little of the consumers' lag). Latency: request sent to",
+            "the end of the body.",
             *tail,
         ]
     )

@@ -65,6 +65,7 @@ class Stack(ABC):
         self.api_key = ""
         self.nats_url = ""
         self.postgres_pid: int | None = None
+        self.nats_pid: int | None = None
         self.database_url = ""
         self._cleanups: list[tuple[str, Callable[[], object]]] = []
         # PostgreSQL without fsync (the tests' setting) unless a benchmark measures the durable cost of
@@ -75,6 +76,7 @@ class Stack(ABC):
         nats = NatsServer.start(self.home / "nats")
         self.on_stop("nats-server", nats.stop)
         self.nats_url = nats.url
+        self.nats_pid = nats.proc.pid
         say(f"nats-server on {nats.url}")
 
         pg = PostgresServer.start(self.home / "postgres", fast=not self.durable_postgres)
