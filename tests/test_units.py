@@ -59,9 +59,13 @@ def test_subjects_are_built_and_parsed() -> None:
     assert subjects.parse_reply(subject) == ("mac-1", "gw-2", "abc")
     assert subject.startswith(subjects.reply_prefix("mac-1"))
     assert subjects.work("mac-1") == "mp.v1.work.mac-1"
-    for bad in ("a.b", "*", ">", "", "x" * 65, "sp ace"):
+    for bad in ("a.b", "*", ">", "", "x" * 65, "sp ace", "abc\n", "tab\t", "caf\u00e9", "\u0661", "a/b", "a+b"):
         with pytest.raises(subjects.SubjectError):
             subjects.work(bad)
+        assert not subjects.valid_token(bad)
+    for good in ("-", "_", "--__", "x" * 64, "Mac-1_b", "0"):
+        assert subjects.valid_token(good)
+        assert subjects.work(good) == f"mp.v1.work.{good}"
 
 
 def _hb(

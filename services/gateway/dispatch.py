@@ -29,7 +29,7 @@ from nats.aio.client import Client as Nats
 from nats.errors import Error as NatsError
 from opentelemetry.trace import Span, StatusCode
 
-from schemas import bus, codes, subjects
+from schemas import bus, codes, nats_direct, subjects
 from schemas.codes import StreamEnd
 from schemas.conversations import conversation_key
 from schemas.tracing import Tracing, headers_for
@@ -472,12 +472,10 @@ class Dispatcher:
             if span is not None:
                 span.set_attribute("mp.provider", pid)
             try:
-                await self._nc.publish(
-                    subjects.work(pid),
-                    payload,
-                    reply=subjects.reply(pid, self._gateway_id, request.request_id),
-                    headers=headers,
-                )
+                work, reply = subjects.work(pid), subjects.reply(pid, self._gateway_id, request.request_id)
+                # Queued without nats-py's coroutine chain where it can be (no trace headers): the same write.
+                if headers or not nats_direct.publish_nowait(self._nc, work, payload, reply):
+                    await self._nc.publish(work, payload, reply=reply, headers=headers)
                 check = vetting.LegCheck(request, _vocab_size(state.heartbeat, request.model), tools, json)
                 frame = await stream.next(self.accept_timeout_s)
                 if isinstance(frame, bus.Accepted):
