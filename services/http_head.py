@@ -6,14 +6,21 @@ of the buyer's client (it reads the head, then the body). Here the head waits fo
 loop turn: a body sent in the same turn (a whole JSON answer, a stream's first chunk when the
 provider's first token came with its acceptance) leaves with it. Nothing waits longer than that
 turn: a head whose body is not ready yet goes out alone, as before.
+
+It also tells a request that its client left (schemas/disconnect.py's `HangUp`,
+in the scope) from `connection_lost` itself: no task per answer waiting on
+`receive` for uvicorn's `http.disconnect`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from schemas.disconnect import HANG_UP
 
 
 class _HeadHeld:
@@ -56,8 +63,49 @@ class _HeadHeld:
         return getattr(self._transport, name)
 
 
+class _HangUp:
+    """One request's `HangUp` (schemas/disconnect.py): its callback runs when the connection is lost."""
+
+    __slots__ = ("_callback", "_cycle", "_watching")
+
+    def __init__(self, cycle: RequestResponseCycle, watching: set[_HangUp]) -> None:
+        self._cycle = cycle
+        # The connection's watches, which `connection_lost` calls.
+        self._watching = watching
+        self._callback: Callable[[], object] | None = None
+
+    def watch(self, callback: Callable[[], object]) -> bool:
+        # While the server does not read the connection (a request pipelined behind this one, a large body
+        # not read yet), it would not see the client leave; reading `receive` makes it read again.
+        if self._cycle.flow.read_paused or self._cycle.disconnected or self._cycle.response_complete:
+            return False
+        self._callback = callback
+        self._watching.add(self)
+        return True
+
+    def stop(self) -> None:
+        self._callback = None
+        self._watching.discard(self)
+
+    def lost(self) -> None:
+        callback = self._callback
+        self.stop()
+        if callback is not None and not self._cycle.response_complete:
+            callback()
+
+
 class HeadWithBody(HttpToolsProtocol):
-    """`http="httptools"`, each request's cycle writing through a `_HeadHeld`."""
+    """`http="httptools"`, each request's cycle writing through a `_HeadHeld` and offering a `_HangUp`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watching: set[_HangUp] = set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # Every request still answering on this connection (a pipelined one's cycle is not `self.cycle`).
+        for watch in list(self._watching):
+            watch.lost()
 
     def on_headers_complete(self) -> None:
         before = self.cycle
@@ -67,3 +115,4 @@ class HeadWithBody(HttpToolsProtocol):
             # Its task has not run yet (it starts on the next turn), so nothing was written through the
             # connection's transport directly.
             cycle.transport = _HeadHeld(self.transport, self.loop)  # type: ignore[assignment]
+            cycle.scope[HANG_UP] = _HangUp(cycle, self._watching)  # type: ignore[literal-required]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from schemas.disconnect import HANG_UP, on_hang_up
 from services.http_head import HeadWithBody, _HeadHeld
 
 
@@ -98,11 +99,11 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _server() -> AsyncIterator[int]:
+async def _server(app: Any = _app) -> AsyncIterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(_app, http=HeadWithBody, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, http=HeadWithBody, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -160,3 +161,49 @@ async def test_a_head_whose_body_is_not_ready_is_not_held_back() -> None:
         rest = b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
         assert await asyncio.wait_for(reader.readexactly(len(rest)), 5) == rest
         writer.close()
+
+
+async def test_a_client_that_leaves_is_told_by_the_connection_and_one_whose_answer_ended_is_not() -> None:
+    """`HeadWithBody` offers a `HangUp` in the scope: the app hears of a client that left without a task
+    reading `receive` (it is called once, for the body), and only while its answer is unfinished."""
+    heard: list[str] = []
+    receives: list[str] = []
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+
+        async def counted() -> Any:
+            receives.append(scope["path"])
+            return await receive()
+
+        while (await counted()).get("more_body"):
+            pass
+        assert HANG_UP in scope
+        stop = on_hang_up(scope, counted, lambda: heard.append(scope["path"]))
+        try:
+            if scope["path"] == "/slow":
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+                await release.wait()  # the client leaves meanwhile
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            await release.wait()  # answered: the client leaving now is no hang-up
+        finally:
+            stop()
+
+    async with _server(app) as port:
+        for path in ("/slow", "/done"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{{}}".encode())
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.close()
+            await writer.wait_closed()
+            deadline = time.monotonic() + 2
+            while path == "/slow" and not heard and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+        release.set()
+    assert heard == ["/slow"], "told of the client that left mid-answer, only"
+    assert receives == ["/slow", "/done"], "receive was read for the body only: no watcher task"

@@ -222,7 +222,7 @@ async def answer(
     ex, call = started.ex, started.call
     try:
         async with contextlib.aclosing(events(call, ex)) as answered:
-            return await unless_disconnected(request.receive, consume(answered))
+            return await unless_disconnected(request.receive, consume(answered), request.scope)
     except asyncio.CancelledError:
         ex.status = "client_disconnected"
         raise

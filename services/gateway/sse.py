@@ -19,7 +19,7 @@ from typing import Any
 from litestar import Response
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from schemas.disconnect import until_disconnected
+from schemas.disconnect import on_hang_up
 
 MEDIA_TYPE = b"text/event-stream; charset=utf-8"
 # Where `ServerSend` keeps the ASGI server's own `send` in the scope.
@@ -66,15 +66,13 @@ class EventStream(Response[None]):
         assert task is not None
         hung_up = finished = False
 
-        def on_hang_up(watcher: asyncio.Future[None]) -> None:
+        def hang_up() -> None:
             nonlocal hung_up
-            if finished or watcher.cancelled() or watcher.exception() is not None:
-                return
-            hung_up = True
-            task.cancel()
+            if not finished:
+                hung_up = True
+                task.cancel()
 
-        watcher = asyncio.ensure_future(until_disconnected(receive))
-        watcher.add_done_callback(on_hang_up)
+        stop_watching = on_hang_up(scope, receive, hang_up)
         try:
             async with contextlib.aclosing(self._chunks) as chunks:
                 async for chunk in chunks:
@@ -87,4 +85,4 @@ class EventStream(Response[None]):
             raise
         finally:
             finished = True
-            watcher.cancel()
+            stop_watching()
