@@ -14,8 +14,11 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.protocol.parser import Parser
 
 from infra.nats import NatsServer
 from schemas import nats_direct
@@ -238,3 +241,103 @@ async def test_a_request_subscription_gets_the_reply_subject_from_the_read_loop(
     assert (subject, reply, data) == ("t.work", "t.reply.2", b"traced")
     assert headers is not None
     assert headers["traceparent"] == "00-x"
+
+
+# ---- the parser: what nats-py's own parser makes of the same bytes, however they are split --------------
+
+
+class _Recorder:
+    """A client as a parser sees it: every message, whichever way it came, and every other operation."""
+
+    def __init__(self, direct: set[int]) -> None:
+        self.events: list[tuple[object, ...]] = []
+        self._direct = direct
+
+    def deliver(self, sid: int, subject: bytes | bytearray, reply: bytes | bytearray, data: bytes) -> bool:
+        if sid not in self._direct:
+            return False
+        self.events.append(("msg", sid, bytes(subject), bytes(reply), data, None))
+        return True
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.events.append(("msg", sid, bytes(subject), bytes(reply), data, headers))
+
+    async def _process_ping(self) -> None:
+        self.events.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.events.append(("pong",))
+
+    async def _process_info(self, info: dict[str, object]) -> None:
+        self.events.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.events.append(("err", err))
+
+
+_OPS = st.sampled_from(
+    [
+        b"MSG a.b 1 5\r\nhello\r\n",
+        b"MSG mp.v1.reply.p.g.r 2 3\r\n\x00\r\n\r\n",  # a payload holding CRLF
+        b"MSG a.b 1 _INBOX.x.y 0\r\n\r\n",
+        b"MSG a.b  7\tr  4\r\nabcd\r\n",  # odd spacing (a sid no subscription has)
+        b"HMSG a.b 1 12 14\r\nNATS/1.0\r\n\r\nhi\r\n",
+        b"HMSG a.b 2 r 16 16\r\nNATS/1.0 503\r\n\r\n\r\n",
+        b"PING\r\n",
+        b"PONG\r\n",
+        b"+OK\r\n",
+        b'INFO {"server_id":"x","max_payload":1048576}\r\n',
+        b"-ERR 'Permissions Violation'\r\n",
+    ]
+)
+_MALFORMED = st.sampled_from([b"MSG a.b x 5\r\nhello\r\n", b"MSG a.b 1 y\r\n", b"MSG a 1 2 3 4\r\n", b"NOPE\r\n"])
+
+
+async def _parsed(kind: type[Parser], stream: bytes, cuts: list[int]) -> tuple[list[tuple[object, ...]], str]:
+    recorder = _Recorder(direct={1, 2})
+    parser = kind(recorder)
+    error = ""
+    at = 0
+    try:
+        for cut in [*sorted(cuts), len(stream)]:
+            await parser.parse(stream[at:cut])
+            at = cut
+    except Exception as exc:
+        error = type(exc).__name__
+    return recorder.events, error
+
+
+@pytest.mark.unit
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(_OPS, min_size=1, max_size=12),
+    bad=st.one_of(st.none(), _MALFORMED),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+async def test_the_parser_reads_what_nats_pys_reads_however_the_bytes_are_split(
+    ops: list[bytes], bad: bytes | None, cuts: list[int]
+) -> None:
+    stream = b"".join(ops) + (bad or b"")
+    cuts = [c for c in cuts if c <= len(stream)]
+    ours = await _parsed(nats_direct._Parser, stream, cuts)
+    assert ours == await _parsed(Parser, stream, cuts)
+    if bad is None:
+        assert ours[1] == ""
+        assert len(ours[0]) == len([op for op in ops if op != b"+OK\r\n"])  # nats-py passes +OK by
+
+
+@pytest.mark.unit
+async def test_the_parser_hands_plain_messages_of_direct_subscriptions_over_without_a_coroutine() -> None:
+    recorder = _Recorder(direct={1})
+    calls: list[int] = []
+    original = recorder._process_msg
+
+    async def counted(*args: object) -> None:
+        calls.append(1)
+        await original(*args)  # type: ignore[arg-type]
+
+    recorder._process_msg = counted  # type: ignore[method-assign,assignment]
+    parser = nats_direct._Parser(recorder)
+    await parser.parse(b"MSG a 1 2\r\nhi\r\nMSG a 1 r 2\r\nho\r\nMSG a 9 2\r\nhu\r\n")
+    assert [e[2:5] for e in recorder.events] == [(b"a", b"", b"hi"), (b"a", b"r", b"ho"), (b"a", b"", b"hu")]
+    assert calls == [1], "only the message of a sid without a direct subscription took nats-py's way"
