@@ -48,7 +48,6 @@ from nats.aio.client import PING_PROTO, Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import MaxPayloadError
-from nats.protocol.command import pub_cmd
 from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, Parser
 
 log = structlog.get_logger("nats")
@@ -60,6 +59,8 @@ OnRequest = Callable[[str, str, bytes, dict[str, str] | None], None]
 
 
 _MSG = b"MSG "
+# The states in which `publish` sends at once: connected, or draining subscriptions only.
+_PUBLISHING = frozenset({Client.CONNECTED, Client.DRAINING_SUBS})
 _CRLF = b"\r\n"
 
 
@@ -124,20 +125,26 @@ class DirectClient(Client):
 
         For subjects this process builds itself (schemas/subjects.py): they are not validated again.
         """
-        if not self.is_connected or self.is_draining_pubs or self._flush_queue is None:
+        # `is_connected and not is_draining_pubs`, without its three properties (a publish per token).
+        flush_queue = self._flush_queue
+        if self._status not in _PUBLISHING or flush_queue is None:
             return False
-        if len(payload) > self._max_payload:
+        size = len(payload)
+        if size > self._max_payload:
             raise MaxPayloadError
-        command = pub_cmd(subject, reply, payload)
-        if self._max_pending_size > 0 and self._pending_data_size + len(command) > self._max_pending_size:
+        # nats-py's pub_cmd, without its f-string's formatting of a str then its encoding.
+        command = b"".join((b"PUB ", subject.encode(), b" ", reply.encode(), b" %d\r\n" % size, payload, b"\r\n"))
+        pending = self._pending_data_size + len(command)
+        if self._max_pending_size > 0 and pending > self._max_pending_size:
             return False
-        self.stats["out_msgs"] += 1
-        self.stats["out_bytes"] += len(payload)
+        stats = self.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += size
         self._pending.append(command)
-        self._pending_data_size += len(command)
-        if self._flush_queue.empty():
+        self._pending_data_size = pending
+        if not flush_queue._queue:  # type: ignore[attr-defined]  # asyncio.Queue.empty(), without its call
             # What `_flush_pending` queues: the flusher resolves it once written.
-            self._flush_queue.put_nowait(asyncio.get_running_loop().create_future())
+            flush_queue.put_nowait(asyncio.get_running_loop().create_future())
         return True
 
     # nats-py types `headers` as bytes; its parser passes None for a message without any.

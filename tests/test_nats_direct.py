@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.protocol.command import pub_cmd
 from nats.protocol.parser import Parser
 
 from infra.nats import NatsServer
@@ -341,3 +342,22 @@ async def test_the_parser_hands_plain_messages_of_direct_subscriptions_over_with
     await parser.parse(b"MSG a 1 2\r\nhi\r\nMSG a 1 r 2\r\nho\r\nMSG a 9 2\r\nhu\r\n")
     assert [e[2:5] for e in recorder.events] == [(b"a", b"", b"hi"), (b"a", b"r", b"ho"), (b"a", b"", b"hu")]
     assert calls == [1], "only the message of a sid without a direct subscription took nats-py's way"
+
+
+@pytest.mark.unit
+async def test_publish_nowait_queues_the_command_nats_pys_pub_cmd_makes() -> None:
+    nc = nats_direct.DirectClient()
+    nc._status = Client.CONNECTED
+    nc._flush_queue = asyncio.Queue()
+    nc._max_payload = 1024
+    sent = [("a.b", "", b"hi"), ("mp.v1.work.p", "mp.v1.reply.p.g.r", b""), ("caf\u00e9", "r", b"\r\n\x00" * 9)]
+    for subject, reply, payload in sent:
+        assert nc.publish_nowait(subject, payload, reply)
+    assert nc._pending == [pub_cmd(*args) for args in sent]
+    assert nc._pending_data_size == sum(map(len, nc._pending))
+    assert nc._flush_queue.qsize() == 1, "one flush for everything queued in the turn"
+    assert (nc.stats["out_msgs"], nc.stats["out_bytes"]) == (3, 2 + 0 + 27)
+    nc._status = Client.DRAINING_PUBS
+    assert not nc.publish_nowait("a", b"x")
+    nc._status = Client.DRAINING_SUBS
+    assert nc.publish_nowait("a", b"x")
