@@ -355,9 +355,53 @@ async def test_publish_nowait_queues_the_command_nats_pys_pub_cmd_makes() -> Non
         assert nc.publish_nowait(subject, payload, reply)
     assert nc._pending == [pub_cmd(*args) for args in sent]
     assert nc._pending_data_size == sum(map(len, nc._pending))
-    assert nc._flush_queue.qsize() == 1, "one flush for everything queued in the turn"
     assert (nc.stats["out_msgs"], nc.stats["out_bytes"]) == (3, 2 + 0 + 27)
     nc._status = Client.DRAINING_PUBS
     assert not nc.publish_nowait("a", b"x")
     nc._status = Client.DRAINING_SUBS
     assert nc.publish_nowait("a", b"x")
+
+
+class _Writer:
+    """A connection's StreamWriter as `_write_turn` sees it: its writes, and what its buffer holds."""
+
+    def __init__(self, buffered: int) -> None:
+        self.writes: list[list[bytes]] = []
+        self.transport = self
+        self._buffered = buffered
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.writes.append(list(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffered
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("buffered", [0, 1])
+async def test_a_turns_publishes_are_one_write_at_its_end_or_the_flushers_when_the_socket_is_behind(
+    buffered: int,
+) -> None:
+    nc = nats_direct.DirectClient()
+    nc._status = Client.CONNECTED
+    nc._flush_queue = asyncio.Queue()
+    nc._max_payload = 1024
+    writer = _Writer(buffered)
+    nc._transport = type("Transport", (), {"_io_writer": writer})()
+    for i in range(3):
+        assert nc.publish_nowait(f"s.{i}", b"x")
+    assert writer.writes == [], "nothing written before the turn ends"
+    await asyncio.sleep(0)
+    expected = [pub_cmd(f"s.{i}", "", b"x") for i in range(3)]
+    if buffered:
+        # The socket is behind: nats-py's flusher writes it, then waits for the buffer to drain.
+        assert (writer.writes, nc._pending, nc._flush_queue.qsize()) == ([], expected, 1)
+    else:
+        assert (writer.writes, nc._pending, nc._pending_data_size) == ([expected], [], 0)
+        assert nc._flush_queue.empty()
+    assert nc.publish_nowait("next", b"y")
+    await asyncio.sleep(0)
+    assert len(writer.writes) == (0 if buffered else 2), "the next turn writes again"
