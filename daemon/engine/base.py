@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
+
 from schemas import bus
 from schemas.bus import Finished
 from schemas.codes import FailCode, WorkerState
@@ -59,8 +61,10 @@ class Prepared:
     grammar: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TextChunk:
+class TextChunk(msgspec.Struct, frozen=True, gc=False):
+    """Text an engine has ready. A Struct rather than a frozen dataclass: one is made per token, and a
+    frozen dataclass's __init__ sets each field through object.__setattr__ (50 bytecodes a token)."""
+
     text: str
     tokens: int
     tool_calls: tuple[bus.ToolCall, ...] = ()
