@@ -67,40 +67,82 @@ _PUBLISHING = frozenset({Client.CONNECTED, Client.DRAINING_SUBS})
 _CRLF = b"\r\n"
 
 
+def _plain_msg(data: bytes | bytearray, pos: int) -> tuple[int, bytes | bytearray, bytes | bytearray, int, int] | None:
+    """The whole `MSG <subject> <sid> [reply-to] <#bytes>` at `pos` of `data`, line and payload both read:
+    (sid, subject, reply-to, payload start, payload end). None for anything else (another operation, a
+    message not all read yet, a line nats-py's MSG_RE would not take), which nats-py's parser handles."""
+    if not data.startswith(_MSG, pos):
+        return None
+    end = data.find(_CRLF, pos + 4, pos + MAX_CONTROL_LINE_SIZE)
+    if end < 0:
+        return None
+    # What nats-py's MSG_RE takes, split on whitespace.
+    args = data[pos + 4 : end].split()
+    reply: bytes | bytearray = b""
+    if len(args) == 3:
+        subject, sid, size = args
+    elif len(args) == 4:
+        subject, sid, reply, size = args
+    else:
+        return None
+    if not (sid.isdigit() and size.isdigit()):
+        return None
+    start = end + 2
+    stop = start + int(size)
+    if len(data) < stop + 2:
+        return None  # the payload is not all here
+    return int(sid), subject, reply, start, stop
+
+
 class _Parser(Parser):
     """nats-py's parser, with plain `MSG`s read without a regular expression (see above)."""
 
     nc: DirectClient
+    # Inside `parse` (which may wait, in nats-py's part): `take` must not run then, or messages would pass
+    # the ones being parsed.
+    busy = False
 
     async def parse(self, data: bytes = b"") -> None:
-        buf = self.buf
-        buf.extend(data)
-        nc = self.nc
-        while buf and self.state == AWAITING_CONTROL_LINE and buf.startswith(_MSG):
-            end = buf.find(_CRLF, 4, MAX_CONTROL_LINE_SIZE)
-            if end < 0:
-                break
-            # MSG <subject> <sid> [reply-to] <#bytes>: what nats-py's MSG_RE takes, split on whitespace.
-            args = buf[4:end].split()
-            reply: bytes | bytearray = b""
-            if len(args) == 3:
-                subject, sid, size = args
-            elif len(args) == 4:
-                subject, sid, reply, size = args
-            else:
-                break
-            if not (sid.isdigit() and size.isdigit()):
-                break
-            start = end + 2
-            stop = start + int(size)
-            if len(buf) < stop + 2:
-                break  # the payload is not all here: nats-py's parser takes the line and waits for it
-            payload = bytes(buf[start:stop])
-            del buf[: stop + 2]
-            if not nc.deliver(int(sid), subject, reply, payload):
-                await nc._process_msg(int(sid), bytes(subject), bytes(reply), payload, None)  # type: ignore[arg-type]
-        if buf:
-            await Parser.parse(self)
+        self.busy = True
+        try:
+            buf = self.buf
+            buf.extend(data)
+            nc = self.nc
+            while buf and self.state == AWAITING_CONTROL_LINE:
+                found = _plain_msg(buf, 0)
+                if found is None:
+                    break
+                sid, subject, reply, start, stop = found
+                payload = bytes(buf[start:stop])
+                del buf[: stop + 2]
+                if not nc.deliver(sid, subject, reply, payload):
+                    await nc._process_msg(sid, bytes(subject), bytes(reply), payload, None)  # type: ignore[arg-type]
+            if buf:
+                await Parser.parse(self)
+        finally:
+            self.busy = False
+
+    def idle(self) -> bool:
+        """Nothing read waits to be parsed, and `parse` is not running."""
+        return not self.buf and not self.busy and self.state == AWAITING_CONTROL_LINE
+
+    def take(self, data: bytes) -> int:
+        """Hand the direct subscriptions' whole plain messages at the start of `data` over now (the parser
+        must be `idle`); how many bytes they took. It stops at the first anything else."""
+        pos = 0
+        deliver = self.nc.deliver
+        try:
+            while (found := _plain_msg(data, pos)) is not None:
+                sid, subject, reply, start, stop = found
+                if not deliver(sid, subject, reply, data[start:stop]):
+                    break  # not a direct subscription's: nats-py's way, through the read loop
+                pos = stop + 2
+        except Exception:
+            # Called from the connection's data_received: nothing may escape it (uvloop would close the
+            # connection). The message at `pos` was not handed over; the read loop gets it from there.
+            with contextlib.suppress(Exception):
+                log.exception("nats_direct_read_failed")
+        return pos
 
 
 class DirectClient(Client):
@@ -113,6 +155,37 @@ class DirectClient(Client):
         self._ps = _Parser(self)
         # This turn's write of what `publish_nowait` queued, once scheduled.
         self._writing: asyncio.Handle | None = None
+
+    async def _read_loop(self) -> None:
+        # Run by nats-py for every connection (a reconnection makes a new reader).
+        self._read_direct()
+        await super()._read_loop()
+
+    def _read_direct(self) -> None:
+        """Let the connection's reader hand the direct subscriptions' messages over as its bytes arrive.
+
+        nats-py's read loop is a task awaiting `StreamReader.read`: every read wakes it (a future, a task
+        step through three coroutines, a copy of the buffer) before its parser runs. Where the parser is
+        idle and nothing waits in the reader, the messages at the start of newly arrived bytes are handed
+        over from the reader's `feed_data` itself; what is left (anything else, a message not all read
+        yet) goes into the reader as before, and so to the read loop, in order.
+        """
+        reader = getattr(self._transport, "_io_reader", None)
+        parser = self._ps
+        if not isinstance(reader, asyncio.StreamReader) or not isinstance(parser, _Parser):
+            return
+        feed = reader.feed_data
+
+        def feed_data(data: bytes) -> None:
+            if not reader._buffer and parser.idle():  # type: ignore[attr-defined]
+                taken = parser.take(data)
+                if taken:
+                    if taken == len(data):
+                        return
+                    data = data[taken:]
+            feed(data)
+
+        reader.feed_data = feed_data  # type: ignore[method-assign,assignment]
 
     async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
         # Behind what is pending, in order: the PONG then means the server has everything sent before.

@@ -405,3 +405,61 @@ async def test_a_turns_publishes_are_one_write_at_its_end_or_the_flushers_when_t
     assert nc.publish_nowait("next", b"y")
     await asyncio.sleep(0)
     assert len(writer.writes) == (0 if buffered else 2), "the next turn writes again"
+
+
+@pytest.mark.unit
+async def test_bytes_arriving_at_an_idle_parser_hand_direct_messages_over_and_leave_the_rest_in_order() -> None:
+    nc = nats_direct.DirectClient()
+    got: list[tuple[str, bytes]] = []
+    nc._direct[1] = lambda subject, data, headers: got.append((subject, data))
+    nc._subs[1] = None  # type: ignore[assignment]
+    reader = asyncio.StreamReader()
+    nc._transport = type("Transport", (), {"_io_reader": reader})()
+    nc._read_direct()
+    parser = nc._ps
+    assert isinstance(parser, nats_direct._Parser)
+
+    # Idle: the direct messages go at once; a message of another subscription stops it, and it and
+    # everything after it go to the reader, for the read loop.
+    reader.feed_data(b"MSG a 1 2\r\nhi\r\nMSG b 1 2\r\nho\r\nMSG c 9 1\r\nx\r\nMSG d 1 1\r\ny\r\n")
+    assert got == [("a", b"hi"), ("b", b"ho")]
+    assert bytes(reader._buffer) == b"MSG c 9 1\r\nx\r\nMSG d 1 1\r\ny\r\n"  # type: ignore[attr-defined]
+
+    # Something waits in the reader: nothing may pass it.
+    reader.feed_data(b"MSG e 1 1\r\nz\r\n")
+    assert got == [("a", b"hi"), ("b", b"ho")]
+    reader._buffer.clear()  # type: ignore[attr-defined]
+
+    # A message not all here yet goes to the reader whole; so does everything while the parser runs.
+    reader.feed_data(b"MSG f 1 5\r\nab")
+    assert bytes(reader._buffer) == b"MSG f 1 5\r\nab"  # type: ignore[attr-defined]
+    reader._buffer.clear()  # type: ignore[attr-defined]
+    parser.busy = True
+    reader.feed_data(b"MSG g 1 1\r\nq\r\n")
+    assert bytes(reader._buffer) == b"MSG g 1 1\r\nq\r\n"  # type: ignore[attr-defined]
+    assert got == [("a", b"hi"), ("b", b"ho")]
+
+
+async def test_a_real_connection_hands_direct_messages_over_as_they_arrive(clients: tuple[Client, Client]) -> None:
+    """The fast path is in use on a real connection (no read-loop task around the handler), in order."""
+    direct, plain = clients
+    tasks: list[object] = []
+    seen: list[bytes] = []
+
+    def handler(subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        tasks.append(asyncio.current_task())
+        seen.append(data)
+
+    await nats_direct.subscribe(direct, "t.fast", handler)
+    await direct.flush()
+    for i in range(200):
+        await plain.publish("t.fast", str(i).encode())
+        if i % 20 == 0:
+            await plain.flush()
+            await asyncio.sleep(0.005)
+    await plain.flush()
+    async with asyncio.timeout(5):
+        while len(seen) < 200:  # noqa: ASYNC110 - the handler is a plain function, called from the reader
+            await asyncio.sleep(0.01)
+    assert [int(d) for d in seen] == list(range(200))
+    assert tasks.count(None) > 100, "most messages were handed over from the reader's feed_data"
