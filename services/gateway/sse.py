@@ -64,13 +64,13 @@ class EventStream(Response[None]):
         send = scope.get(_SERVER_SEND, send)  # type: ignore[assignment]
         task = asyncio.current_task()
         assert task is not None
-        hung_up = finished = False
+        hung_up = False
 
         def hang_up() -> None:
+            # Not called once `stop_watching` ran.
             nonlocal hung_up
-            if not finished:
-                hung_up = True
-                task.cancel()
+            hung_up = True
+            task.cancel()
 
         stop_watching = on_hang_up(scope, receive, hang_up)
         try:
@@ -84,5 +84,4 @@ class EventStream(Response[None]):
                 return
             raise
         finally:
-            finished = True
             stop_watching()
