@@ -6,9 +6,11 @@ cluster leaves no process behind."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import nats
 import nats.js.api
@@ -19,6 +21,7 @@ import pytest
 from infra.cluster.launch import SYNTHETIC, Cluster, ClusterConfig
 from infra.postgres import PostgresServer
 from schemas import subjects
+from services.usage.ledger import UsageStream, UsageStreamUnavailable
 from tests.support.databases import fresh_database
 from tests.support.ledger import ensure_usage_stream
 
@@ -114,6 +117,52 @@ def test_jetstream_is_clustered_and_the_usage_stream_keeps_a_copy_on_every_node(
     assert info.cluster is not None
     assert info.cluster.leader in names
     assert {r.name for r in info.cluster.replicas or []} == names - {info.cluster.leader}
+
+
+def test_a_replica_starting_while_jetstream_has_no_quorum_waits_for_it(cluster: Cluster) -> None:
+    # Two of three nodes down: the clustered usage stream cannot answer. A replica starting then (a rolling
+    # start, nodes still joining) waits for JetStream instead of exiting, and starts once the nodes are back.
+    assert cluster.nats is not None
+    nodes = cluster.nats
+    login = nodes.first.gateway
+    nodes.kill(1)
+    nodes.kill(2)
+
+    async def start_meanwhile() -> float:
+        nc = await nats.connect(
+            nodes.node(0).url,
+            user=login.user,
+            password=login.password,
+            inbox_prefix=subjects.CONTROL_INBOX_PREFIX,
+            max_reconnect_attempts=0,
+        )
+        db = await asyncpg.create_pool(cluster.database_url, min_size=1, max_size=2)
+        try:
+            # Not waiting, it fails: the cluster really is not ready.
+            with pytest.raises(UsageStreamUnavailable):
+                await UsageStream(nc, db, "gw-no-quorum", replicas=3).start(wait_s=0)
+            restarted = asyncio.create_task(asyncio.to_thread(lambda: [nodes.restart(i) for i in (1, 2)]))
+            began = time.monotonic()
+            stream = UsageStream(nc, db, "gw-no-quorum", replicas=3)
+            await stream.start(wait_s=45)
+            waited = time.monotonic() - began
+            await stream.stop()
+            await restarted
+            return waited
+        finally:
+            await db.close()
+            await nc.close()
+
+    waited = asyncio.run(start_meanwhile())
+    assert waited > 0.5  # it did wait: the restarts alone take longer than that
+    assert all(n.alive() for n in nodes.nodes)
+    # The replicas rode it out (reconnected, their consumers made again): ready, and serving.
+    deadline = time.monotonic() + 30
+    while not all(cluster.ready(g) for g in cluster.gateways) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(cluster.ready(g) for g in cluster.gateways)
+    ok = _chat(cluster)
+    assert ok.status_code == 200, ok.text
 
 
 def test_stopping_the_cluster_leaves_no_process(tmp_path: Path, cluster: Cluster) -> None:

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -78,6 +78,14 @@ _UNAVAILABLE = (
     nats.errors.StaleConnectionError,
     TimeoutError,
 )
+# How long a starting replica waits for a clustered JetStream that cannot answer yet (a meta or stream
+# leader being elected, a node still joining, a box too busy to answer in PUBLISH_TIMEOUT_S) before it
+# gives up: CI saw a stream_info time out while three nodes and two replicas started at once.
+START_WAIT_S = 30.0
+# JetStream's own errors for "not now" (nats-server's jetstream_errors: incomplete results, no peers for
+# placement yet, system temporarily unavailable, not the leader). Anything else, and 10039 (JetStream not
+# enabled for the account), is a configuration to fix: said at once.
+_NOT_YET = frozenset({10004, 10005, 10008, 10009})
 # A pull waits this long for the next event (another follows at once): the server sees the consumer alive as
 # long as it pulls.
 PULL_WAIT_S = 2.0
@@ -100,6 +108,27 @@ def _settle(done: asyncio.Future[bool], attempt: asyncio.Future[int]) -> None:
         done.set_exception(error)
     else:
         done.set_result(True)
+
+
+def _not_yet(exc: BaseException) -> bool:
+    """A JetStream that may answer shortly: no answer in time, or one of its own "not now" errors."""
+    if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _NOT_YET
+
+
+async def _until_ready(step: Callable[[], Awaitable[None]], deadline: float) -> None:
+    """`step()`, again while JetStream says "not yet" and `deadline` has not passed (then its last error)."""
+    pause = 0.1
+    while True:
+        try:
+            return await step()
+        except Exception as exc:
+            if not _not_yet(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("usage_stream_not_ready", error=type(exc).__name__, code=getattr(exc, "err_code", None))
+        await asyncio.sleep(pause)
+        pause = min(1.0, pause * 2)
 
 
 class UsageStreamUnavailable(RuntimeError):
@@ -235,9 +264,17 @@ class UsageStream:
 
     # ---- the stream and this replica's consumer --------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, wait_s: float = START_WAIT_S) -> None:
+        """Make the stream (if missing) and this replica's consumer, waiting up to `wait_s` for a clustered
+        JetStream still electing its leaders; then consume."""
+        deadline = time.monotonic() + wait_s
         try:
-            await self._ensure_stream()
+            await _until_ready(self._ensure_stream, deadline)
+            await self.publisher.start()
+            self._hurry_sub = await nats_direct.subscribe(self._nc, subjects.LEDGER_HURRY, self._on_hurry)
+            self._pull = Pull(self._nc, subjects.USAGE_STREAM, subjects.usage_consumer(self._gw), self._wake.set)
+            await self._pull.start()
+            await self._claim(deadline)
         except (nats.errors.Error, TimeoutError) as exc:
             # Say what to do, not just what nats-py saw (JetStream off in the account, a missing permission).
             raise UsageStreamUnavailable(
@@ -245,11 +282,6 @@ class UsageStream:
                 "MP_SETTLEMENT=jetstream needs JetStream enabled in the NATS account the control plane is in "
                 "('jetstream: enabled') and the control plane's permissions for it; or set MP_SETTLEMENT=postgres."
             ) from exc
-        await self.publisher.start()
-        self._hurry_sub = await nats_direct.subscribe(self._nc, subjects.LEDGER_HURRY, self._on_hurry)
-        self._pull = Pull(self._nc, subjects.USAGE_STREAM, subjects.usage_consumer(self._gw), self._wake.set)
-        await self._pull.start()
-        await self._claim()
         self._consuming = asyncio.create_task(self._consume(), name="usage-consumer")
 
     def _on_hurry(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -287,13 +319,14 @@ class UsageStream:
             self._hurry_sub = None
         await self.publisher.stop()
 
-    async def _claim(self) -> None:
+    async def _claim(self, deadline: float) -> None:
         """Make this replica's consumer (if missing). An adoption of this replica's id still under way (its
         consumer went idle, or a restart with a fixed MP_GATEWAY_ID) finishes first: one reader at a time."""
         async with self._db.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _lock_key(self._gw))
             try:
-                await self._add_consumer(self._gw)
+                # A new clustered consumer answers 503 until its own leader is elected.
+                await _until_ready(lambda: self._add_consumer(self._gw), deadline)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _lock_key(self._gw))
 
@@ -360,7 +393,7 @@ class UsageStream:
                 # a clustered stream has no leader for it yet: make it again.
                 await asyncio.sleep(0.5)
                 try:
-                    await self._claim()
+                    await self._claim(time.monotonic())  # one try: this loop tries again
                 except Exception as exc:
                     log.warning("usage_consumer_claim_failed", error=type(exc).__name__)
                     continue
