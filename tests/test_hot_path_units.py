@@ -359,6 +359,51 @@ def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
         LoopHistogram("bad_seconds", "Bad.", "model", (0.0, 1.0), registry=CollectorRegistry())
 
 
+def test_the_unlabelled_loop_histogram_exports_what_prometheus_client_would() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from services.metrics.histogram import LoopHistogram
+
+    bounds = (0.001, 0.01, 1.0)
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = LoopHistogram("lag_seconds", "Lag.", None, bounds, registry=ours_registry).labels()
+    theirs = Histogram("lag_seconds", "Lag.", buckets=bounds, registry=theirs_registry)
+    for value in (0.0005, 0.01, 3.0):
+        ours.observe(value)
+        theirs.observe(value)
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert samples(ours_registry) == samples(theirs_registry)
+    assert 'lag_seconds_bucket{le="0.01"} 2.0' in samples(ours_registry)
+
+
+def test_the_per_request_counters_export_what_prometheus_client_would() -> None:
+    """services/metrics/counter.py against prometheus_client's own Counter, same increments."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from services.metrics.counter import LoopCounter
+
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = LoopCounter("mp_requests", "Requests.", ["route", "status"], registry=ours_registry)
+    theirs = Counter("mp_requests", "Requests.", ["route", "status"], registry=theirs_registry)
+    for labels, amount in [(("/a", "200"), 1), (("/a", "200"), 1), (("/a", "500"), 1), (("/b", "200"), 64.0)]:
+        ours.labels(*labels).inc(amount)
+        theirs.labels(*labels).inc(amount)
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+    assert samples(ours_registry) == samples(theirs_registry)
+    assert 'mp_requests_total{route="/a",status="200"} 2.0' in samples(ours_registry)
+    assert ours_registry.get_sample_value("mp_requests_total", {"route": "/b", "status": "200"}) == 64.0
+    with pytest.raises(ValueError, match="only goes up"):
+        ours.labels("/a", "200").inc(-1)
+    with pytest.raises(ValueError, match="2 label values"):
+        ours.labels("/a")
+
+
 async def test_a_non_stream_answer_is_cancelled_by_a_hang_up_and_only_by_one_before_it_ends() -> None:
     loop = asyncio.get_running_loop()
     hang_up: asyncio.Future[None] = loop.create_future()

@@ -472,7 +472,7 @@ class Dispatcher:
             if span is not None:
                 span.set_attribute("mp.provider", pid)
             try:
-                work, reply = subjects.work(pid), subjects.reply(pid, self._gateway_id, request.request_id)
+                work, reply = subjects.work(pid), stream.subject
                 # Queued without nats-py's coroutine chain where it can be (no trace headers): the same write.
                 if headers or not nats_direct.publish_nowait(self._nc, work, payload, reply):
                     await self._nc.publish(work, payload, reply=reply, headers=headers)

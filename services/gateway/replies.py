@@ -74,6 +74,8 @@ class ReplyStream:
     ) -> None:
         self.request_id = request_id
         self.provider_id = provider_id
+        # Where its frames come (set by `ReplyRouter.open`: the reply subject the work message names).
+        self.subject = ""
         self._items: deque[_Item] = deque()
         # The reader waiting in `next` (a stream has one reader: its request's task).
         self._waiter: asyncio.Future[None] | None = None
@@ -282,14 +284,15 @@ class ReplyRouter:
 
     def open(self, request_id: str, provider_id: str, *, max_frames: int, max_bytes: int) -> ReplyStream:
         stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes)
-        self._streams[subjects.reply(provider_id, self._gateway_id, request_id)] = stream
+        # Built (and its ids checked) once per leg: the work message names it, `close` forgets it.
+        stream.subject = subjects.reply(provider_id, self._gateway_id, request_id)
+        self._streams[stream.subject] = stream
         return stream
 
     def close(self, stream: ReplyStream) -> None:
         stream.release()
-        subject = subjects.reply(stream.provider_id, self._gateway_id, stream.request_id)
-        if self._streams.get(subject) is stream:
-            del self._streams[subject]
+        if self._streams.get(stream.subject) is stream:
+            del self._streams[stream.subject]
 
     def _on_msg(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         stream = self._streams.get(subject)

@@ -39,10 +39,11 @@ class Series:
 
 
 class LoopHistogram(Collector):
-    """A histogram with one label, observed and scraped on the event loop only."""
+    """A histogram with one label (or none: `label` None, and its one series is `labels()`), observed and
+    scraped on the event loop only."""
 
     def __init__(
-        self, name: str, documentation: str, label: str, buckets: Sequence[float], registry: CollectorRegistry
+        self, name: str, documentation: str, label: str | None, buckets: Sequence[float], registry: CollectorRegistry
     ) -> None:
         self.name = name
         self.documentation = documentation
@@ -53,22 +54,25 @@ class LoopHistogram(Collector):
         self._series: dict[str, Series] = {}
         registry.register(self)
 
-    def labels(self, value: str) -> Series:
+    def labels(self, value: str = "") -> Series:
         series = self._series.get(value)
         if series is None:
             series = self._series[value] = Series(self.bounds)
         return series
 
+    def _names(self) -> list[str]:
+        return [] if self.label is None else [self.label]
+
     def describe(self) -> Iterator[HistogramMetricFamily]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self._names())
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self._names())
         for value, series in list(self._series.items()):
             buckets: list[tuple[str, float]] = []
             total = 0
             for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), series.counts, strict=True):
                 total += count
                 buckets.append((bound, total))
-            family.add_metric([value], buckets, series.sum)
+            family.add_metric([value] if self.label is not None else [], buckets, series.sum)
         yield family

@@ -11,10 +11,9 @@ connections and the open reservations is read when Prometheus scrapes
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 
+from services.metrics.counter import LoopCounter
 from services.metrics.histogram import LoopHistogram
 from services.metrics.labels import CodeLabels, ModelLabels, known_codes
 
@@ -33,23 +32,6 @@ CANARY_RESULTS = frozenset(
 )
 
 
-M = TypeVar("M", Counter, Histogram)
-
-
-class Children(Generic[M]):
-    """A metric's label children, looked up once per label tuple (the tuples are bounded: labels.py)."""
-
-    def __init__(self, metric: M) -> None:
-        self._metric: M = metric
-        self._children: dict[tuple[str, ...], M] = {}
-
-    def __call__(self, *values: str) -> M:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
-
-
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -59,28 +41,29 @@ class Metrics:
         self.codes = CodeLabels(known_codes())
         self.models = ModelLabels()
         # ---- HTTP, every route of every service (services/metrics/http.py) ----
-        self.http_requests = Counter(
+        # Counted on every response and request: not prometheus_client's locked Counter (counter.py).
+        self.http_requests = LoopCounter(
             "mp_http_requests",
             "HTTP responses by route template, method and status.",
             ["route", "method", "status"],
             registry=r,
         )
-        self.http_errors = Counter(
+        self.http_errors = LoopCounter(
             "mp_http_errors", "HTTP error responses by route template and error code.", ["route", "code"], registry=r
         )
         # ---- buyer requests at the gateway (services/gateway/exchange.py) ----
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "mp_gateway_requests",
             "Inference requests by surface, model and outcome (ok or the error code they ended with, "
             "streams' in-band errors included).",
             ["surface", "model", "outcome"],
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "mp_gateway_ttft_seconds",
             "Time from a request's arrival to its first token reaching the gateway.",
-            ["model"],
-            buckets=TTFT_BUCKETS,
+            "model",
+            TTFT_BUCKETS,
             registry=r,
         )
         # Observed for every frame of every stream: not prometheus_client's locked Histogram (histogram.py).
@@ -91,20 +74,20 @@ class Metrics:
             INTER_TOKEN_BUCKETS,
             registry=r,
         )
-        self.decode_rate = Histogram(
+        self.decode_rate = LoopHistogram(
             "mp_gateway_decode_tokens_per_second",
             "Tokens per second of each answer after its first token (answers of 2 tokens or more).",
-            ["model"],
-            buckets=RATE_BUCKETS,
+            "model",
+            RATE_BUCKETS,
             registry=r,
         )
-        self.completion_tokens = Counter(
+        self.completion_tokens = LoopCounter(
             "mp_gateway_completion_tokens",
             "Completion tokens delivered to buyers (rate() is tokens/s).",
             ["model"],
             registry=r,
         )
-        self.prompt_tokens = Counter(
+        self.prompt_tokens = LoopCounter(
             "mp_gateway_prompt_tokens", "Prompt tokens of the requests answered.", ["model"], registry=r
         )
         self.failovers = Counter(
@@ -125,12 +108,14 @@ class Metrics:
             ["holder", "limit"],
             registry=r,
         )
-        self.settlement_lag = Histogram(
+        # Observed per request (its one series).
+        self.settlement_lag = LoopHistogram(
             "mp_usage_settlement_lag_seconds",
             "Time from a request's end to its settlement being durable (in the usage stream, or the ledger row).",
-            buckets=SETTLE_BUCKETS,
+            None,
+            SETTLE_BUCKETS,
             registry=r,
-        )
+        ).labels()
         self.settle_failures = Counter(
             "mp_usage_settle_failures",
             "Settlements or batches of usage events whose write failed (retried; a lost one is settled by a sweeper).",
@@ -162,14 +147,14 @@ class Metrics:
             registry=r,
         )
 
-        self.http = Children(self.http_requests)
-        self.http_error = Children(self.http_errors)
-        self.request = Children(self.requests)
-        self.model_ttft = Children(self.ttft)
+        self.http = self.http_requests.labels
+        self.http_error = self.http_errors.labels
+        self.request = self.requests.labels
+        self.model_ttft = self.ttft.labels
         self.model_inter_token = self.inter_token.labels
-        self.model_decode_rate = Children(self.decode_rate)
-        self.model_completion_tokens = Children(self.completion_tokens)
-        self.model_prompt_tokens = Children(self.prompt_tokens)
+        self.model_decode_rate = self.decode_rate.labels
+        self.model_completion_tokens = self.completion_tokens.labels
+        self.model_prompt_tokens = self.prompt_tokens.labels
 
     def canary(self, result: str) -> None:
         self.canary_runs.labels(result if result in CANARY_RESULTS else "other").inc()
