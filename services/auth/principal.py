@@ -6,11 +6,12 @@ import the authentication code, which imports the runtime, which imports meterin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
+# msgspec rather than a frozen dataclass: made per request, and a frozen dataclass sets each field through
+# object.__setattr__ (a Struct is built in C, several times faster).
+class Principal(msgspec.Struct, frozen=True, gc=False):
     """An API key of an account, or an anonymous browser demo token (no account)."""
 
     account_id: int | None

@@ -40,9 +40,8 @@ T = TypeVar("T")
 D = TypeVar("D")
 
 
-@dataclass(frozen=True)
-class Job(Generic[D]):
-    """What a surface asks the pool for.
+class Job(msgspec.Struct, Generic[D], frozen=True):
+    """What a surface asks the pool for (a Struct: made per request, built in C).
 
     `request` is complete but for its id and deadline, which the pipeline sets.
     """

@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass
 
 import asyncpg
+import msgspec
 
 from schemas.usage_events import Settlement
 
 UTC = dt.UTC
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+# Structs, not frozen dataclasses: made per request (a frozen dataclass sets each field through
+# object.__setattr__; a Struct is built in C).
+class Limits(msgspec.Struct, frozen=True, gc=False):
     requests_per_day: int
     tokens_per_day: int
     concurrent: int
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(msgspec.Struct, frozen=True, gc=False):
     """A subject's counters in the current window, as of one statement."""
 
     limits: Limits
@@ -60,8 +60,7 @@ class Usage:
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
-@dataclass(frozen=True, slots=True)
-class Holder:
+class Holder(msgspec.Struct, frozen=True, gc=False):
     """Who a request is billed to."""
 
     subject: str
