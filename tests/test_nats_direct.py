@@ -10,7 +10,9 @@ nothing arrives after unsubscribing.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -463,3 +465,10 @@ async def test_a_real_connection_hands_direct_messages_over_as_they_arrive(clien
             await asyncio.sleep(0.01)
     assert [int(d) for d in seen] == list(range(200))
     assert tasks.count(None) > 100, "most messages were handed over from the reader's feed_data"
+
+
+def test_a_local_nats_server_runs_go_on_one_p(bare_nats: NatsServer) -> None:
+    # infra/nats.py `server_env`: on a machine it shares with its clients, one P (no thread hand-offs
+    # per message); an operator's own GOMAXPROCS wins.
+    environ = Path(f"/proc/{bare_nats.proc.pid}/environ").read_bytes().split(b"\0")
+    assert f"GOMAXPROCS={os.environ.get('GOMAXPROCS', '1')}".encode() in environ

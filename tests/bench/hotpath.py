@@ -486,7 +486,9 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             if plan.durable_postgres
             else "fsync OFF (as in the tests): a commit costs no disk flush; --durable-postgres measures with it"
         ),
-        *machine_lines("the client, the three control planes, nats-server, daemons and PostgreSQL"),
+        *machine_lines(
+            "the client, the three control planes, nats-server (one Go P: infra/nats.py), daemons and PostgreSQL"
+        ),
     ]
     figures = (
         "requests",

@@ -207,6 +207,9 @@ def stateful_set(values: Obj) -> Obj:
         "command": ["nats-server", "--config", "/etc/nats/nats.conf"],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            # As many Ps as the container's CPU limit, not the node's cores (a Go before 1.25 reads the
+            # node's): more Ps than cores only adds thread hand-offs (infra/nats.py `server_env`).
+            {"name": "GOMAXPROCS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}},
             secret_env("ROUTE_PASSWORD", ROUTES_SECRET, "ROUTE_PASSWORD"),
             *_route_env(values),
             # The same passwords the natsauth service logs in with.
