@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -441,13 +442,18 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
 
 def _round_range(on: Tally, off: Tally) -> str:
     """The on/off requests/s ratio round by round (each round's two series ran minutes apart at most), as
-    " [min-max]": on a shared machine a single run's ratio moves by more than a change under test."""
+    " [min-max, median]": on a shared machine a single run's ratio moves by more than a change under test.
+    The median of the rounds' own ratios compares series that ran close together: a slow spell of the
+    machine (the fixed workload's time moves by a third within a run) that falls on one series of one
+    round moves the whole run's ratio, not the median."""
     ratios = []
     for a, b in zip(on.levels, off.levels, strict=False):
         on_rps, off_rps = Stats.of(a).requests_per_s, Stats.of(b).requests_per_s
         if off_rps:
             ratios.append(on_rps / off_rps)
-    return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else ""
+    if len(ratios) < 2:
+        return ""
+    return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}, median {statistics.median(ratios):.2f}]"
 
 
 def _add(total: float | None, used: float | None) -> float | None:
