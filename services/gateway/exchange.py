@@ -61,6 +61,7 @@ class Exchange:
     # Delta frames received (a frame holds every token the provider had ready, or gathered: frame_ms).
     frames: int = 0
     _finished: bool = False
+    _settling: asyncio.Future[None] | None = None
     _first_token_at: float = 0.0
     _last_token_at: float = 0.0
     _inter_token: Any = None
@@ -121,9 +122,11 @@ class Exchange:
         self.ticket.completion_tokens = min(frame.completion_tokens, self.ticket.completion_tokens)
         return self.ticket.prompt_tokens, self.ticket.completion_tokens
 
-    async def finish(self, metering: Metering) -> None:
+    def finishing(self, metering: Metering) -> asyncio.Future[None] | None:
+        """`finish` started now, in this call: the summary line, the counts, and the settlement on its way
+        (its future, None without one). The first call decides; later ones return the same settlement."""
         if self._finished:
-            return
+            return self._settling
         self._finished = True
         self._log()
         if self.metrics is not None:
@@ -131,7 +134,7 @@ class Exchange:
         if self.span is not None:
             self._end_span(self.span)
         if self.ticket is not None:
-            settling = metering.settling(
+            self._settling = metering.settling(
                 self.ticket,
                 # Refunded before any provider took it: unavailable; after (nothing delivered): failed.
                 outcome=_LEDGER_OUTCOME.get(
@@ -141,6 +144,12 @@ class Exchange:
                 ttft_ms=self.ttft_ms,
                 refund=self.refund,
             )
+        return self._settling
+
+    async def finish(self, metering: Metering) -> None:
+        """Log, count and settle the request, once; returns when its settlement is stored (or failed)."""
+        settling = self.finishing(metering)
+        if settling is not None:
             # Runs to completion even when the request's own task is being cancelled.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.shield(settling)

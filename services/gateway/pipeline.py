@@ -280,6 +280,9 @@ async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) 
                 if not (call.ready() or call.finished) or len(held) >= MAX_JOINED:
                     yield held[0] if len(held) == 1 else b"".join(held)
                     held.clear()
+        # The answer is whole: its settlement leaves for the usage stream with its last chunks, in the same
+        # loop turn (the response still ends only once the stream has it: `_close`, in `finally`).
+        ex.finishing(runtime.metering)
         if held:
             yield b"".join(held)
     except (StreamBroken, ApiError) as exc:
