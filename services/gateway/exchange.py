@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import structlog
 from opentelemetry.trace import Span, StatusCode
 
@@ -30,8 +30,8 @@ log = structlog.get_logger("gateway")
 _LEDGER_OUTCOME = {"ok": "ok", "client_disconnected": "cancelled", "request_timeout": "timeout"}
 
 
-# A Struct, not a dataclass: made per request, its 23 fields set in C rather than by a Python __init__.
-class Exchange(msgspec.Struct):
+@dataclass
+class Exchange:
     request_id: str
     # The summary line's event name, one per surface (chat_completion, text_completion, ...).
     event: str = "chat_completion"
@@ -39,7 +39,7 @@ class Exchange(msgspec.Struct):
     model: str | None = None
     stream: bool = False
     ticket: Ticket | None = None
-    started: float = msgspec.field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
     provider: str | None = None
     cached_tokens: int = 0
     ttft_ms: float | None = None

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import asyncpg
-import msgspec
 import structlog
 
 from schemas.tasks import cancel_and_wait
@@ -47,15 +47,15 @@ _SETTLE_TRIES = 60
 SETTLING_S = 2.0
 
 
-# A Struct, not a dataclass: made per request (its fields set in C).
-class Ticket(msgspec.Struct):
+@dataclass
+class Ticket:
     """One request's reservation, updated by the gateway as frames arrive."""
 
     request_id: str
     holder: Holder
     model: str
     usage: Usage | None
-    started: float = msgspec.field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)
     provider_id: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
