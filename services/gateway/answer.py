@@ -16,6 +16,8 @@ import msgspec
 from litestar import Response
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from services.gateway.sse import SERVER_SEND
+
 _ENCODER = msgspec.json.Encoder()
 _JSON = b"application/json"
 
@@ -35,4 +37,6 @@ class JsonAnswer(Response[None]):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
+        # The body skips the app's send hooks, as a stream's chunks do (they all act on the start only).
+        send = scope.get(SERVER_SEND, send)  # type: ignore[assignment]
         await send({"type": "http.response.body", "body": self.body, "more_body": False})

@@ -23,7 +23,7 @@ from schemas.disconnect import on_hang_up
 
 MEDIA_TYPE = b"text/event-stream; charset=utf-8"
 # Where `ServerSend` keeps the ASGI server's own `send` in the scope.
-_SERVER_SEND = "mp.server_send"
+SERVER_SEND = "mp.server_send"
 
 
 class ServerSend:
@@ -41,7 +41,7 @@ class ServerSend:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope[_SERVER_SEND] = send  # type: ignore[literal-required]
+            scope[SERVER_SEND] = send  # type: ignore[literal-required]
         await self.app(scope, receive, send)
 
 
@@ -61,7 +61,7 @@ class EventStream(Response[None]):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
         # The chunks skip the app's send hooks (all of them look at the start only), when it can.
-        send = scope.get(_SERVER_SEND, send)  # type: ignore[assignment]
+        send = scope.get(SERVER_SEND, send)  # type: ignore[assignment]
         task = asyncio.current_task()
         assert task is not None
         hung_up = False
