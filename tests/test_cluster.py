@@ -141,7 +141,12 @@ def test_a_replica_starting_while_jetstream_has_no_quorum_waits_for_it(cluster: 
             # Not waiting, it fails: the cluster really is not ready.
             with pytest.raises(UsageStreamUnavailable):
                 await UsageStream(nc, db, "gw-no-quorum", replicas=3).start(wait_s=0)
-            restarted = asyncio.create_task(asyncio.to_thread(lambda: [nodes.restart(i) for i in (1, 2)]))
+
+            def restart_both() -> None:
+                for i in (1, 2):
+                    nodes.restart(i)
+
+            restarted = asyncio.create_task(asyncio.to_thread(restart_both))
             began = time.monotonic()
             stream = UsageStream(nc, db, "gw-no-quorum", replicas=3)
             await stream.start(wait_s=45)
