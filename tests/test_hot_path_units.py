@@ -377,6 +377,8 @@ def test_the_unlabelled_loop_histogram_exports_what_prometheus_client_would() ->
 
     assert samples(ours_registry) == samples(theirs_registry)
     assert 'lag_seconds_bucket{le="0.01"} 2.0' in samples(ours_registry)
+    with pytest.raises(ValueError, match="no label value"):
+        LoopHistogram("lag2_seconds", "Lag.", None, bounds, registry=CollectorRegistry()).labels("m")
 
 
 def test_the_per_request_counters_export_what_prometheus_client_would() -> None:

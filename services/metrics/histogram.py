@@ -57,6 +57,8 @@ class LoopHistogram(Collector):
     def labels(self, value: str = "") -> Series:
         series = self._series.get(value)
         if series is None:
+            if (self.label is None) != (value == ""):
+                raise ValueError(f"{self.name} takes {'no label value' if self.label is None else 'one'}")
             series = self._series[value] = Series(self.bounds)
         return series
 
