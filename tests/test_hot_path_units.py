@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from daemon.engine.base import EngineError, Event, Finished, TextChunk
 from daemon.frames import coalesced
@@ -329,9 +330,15 @@ async def test_an_event_streams_chunks_go_to_the_servers_own_send_when_it_is_kno
     assert [m.get("body") for m in server.sent] == [b"data: 1\n\n", b""]
 
 
+def _samples(registry: CollectorRegistry) -> list[str]:
+    """A registry's exposition, less the _created series (a timestamp) prometheus_client adds to its own
+    metrics: the rest of ours must match theirs line for line."""
+    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+
 def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
     """services/metrics/histogram.py against prometheus_client's own Histogram, same observations."""
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client import Histogram
 
     from services.metrics.histogram import LoopHistogram
 
@@ -347,20 +354,16 @@ def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
     ours.labels("b").observe_zero()
     theirs.labels("b").observe(0.0)
 
-    def samples(registry: CollectorRegistry) -> list[str]:
-        # prometheus_client adds a _created series (a timestamp) to its own; the rest must match line for line.
-        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
-
-    assert samples(ours_registry) == samples(theirs_registry)
-    assert 'gaps_seconds_bucket{le="0.005",model="a"} 2.0' in samples(ours_registry)
-    assert 'gaps_seconds_count{model="a"} 5.0' in samples(ours_registry)
-    assert 'gaps_seconds_bucket{le="0.005",model="b"} 1.0' in samples(ours_registry)
+    assert _samples(ours_registry) == _samples(theirs_registry)
+    assert 'gaps_seconds_bucket{le="0.005",model="a"} 2.0' in _samples(ours_registry)
+    assert 'gaps_seconds_count{model="a"} 5.0' in _samples(ours_registry)
+    assert 'gaps_seconds_bucket{le="0.005",model="b"} 1.0' in _samples(ours_registry)
     with pytest.raises(ValueError, match="positive"):
         LoopHistogram("bad_seconds", "Bad.", "model", (0.0, 1.0), registry=CollectorRegistry())
 
 
 def test_the_unlabelled_loop_histogram_exports_what_prometheus_client_would() -> None:
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client import Histogram
 
     from services.metrics.histogram import LoopHistogram
 
@@ -372,18 +375,15 @@ def test_the_unlabelled_loop_histogram_exports_what_prometheus_client_would() ->
         ours.observe(value)
         theirs.observe(value)
 
-    def samples(registry: CollectorRegistry) -> list[str]:
-        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
-
-    assert samples(ours_registry) == samples(theirs_registry)
-    assert 'lag_seconds_bucket{le="0.01"} 2.0' in samples(ours_registry)
+    assert _samples(ours_registry) == _samples(theirs_registry)
+    assert 'lag_seconds_bucket{le="0.01"} 2.0' in _samples(ours_registry)
     with pytest.raises(ValueError, match="no label value"):
         LoopHistogram("lag2_seconds", "Lag.", None, bounds, registry=CollectorRegistry()).labels("m")
 
 
 def test_the_per_request_counters_export_what_prometheus_client_would() -> None:
     """services/metrics/counter.py against prometheus_client's own Counter, same increments."""
-    from prometheus_client import CollectorRegistry, Counter, generate_latest
+    from prometheus_client import Counter
 
     from services.metrics.counter import LoopCounter
 
@@ -394,11 +394,8 @@ def test_the_per_request_counters_export_what_prometheus_client_would() -> None:
         ours.labels(*labels).inc(amount)
         theirs.labels(*labels).inc(amount)
 
-    def samples(registry: CollectorRegistry) -> list[str]:
-        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
-
-    assert samples(ours_registry) == samples(theirs_registry)
-    assert 'mp_requests_total{route="/a",status="200"} 2.0' in samples(ours_registry)
+    assert _samples(ours_registry) == _samples(theirs_registry)
+    assert 'mp_requests_total{route="/a",status="200"} 2.0' in _samples(ours_registry)
     assert ours_registry.get_sample_value("mp_requests_total", {"route": "/b", "status": "200"}) == 64.0
     with pytest.raises(ValueError, match="only goes up"):
         ours.labels("/a", "200").inc(-1)
