@@ -150,11 +150,10 @@ class Exchange:
         """Log, count and settle the request, once; returns when its settlement is stored (or failed)."""
         settling = self.finishing(metering)
         if settling is not None:
-            # Runs to completion even when the request's own task is being cancelled: a task (a settlement
-            # that waits for its reservation first) is shielded; a plain future is only this wait's, the
-            # publish's callback settles the request whether anyone waits or not (no shield's future).
+            # The future is only this wait's: cancelling the request's task does not stop the settlement
+            # (Metering.settling), so no shield.
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await (asyncio.shield(settling) if isinstance(settling, asyncio.Task) else settling)
+                await settling
 
     def _count(self, m: Metrics) -> None:
         model = self.model_label

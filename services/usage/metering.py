@@ -151,6 +151,8 @@ class Metering:
         # Postgres went away: no new one is reserved without it.
         self._unsettled: dict[str, tuple[Settlement, float, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Settlements that run as tasks (`settling`), held: the loop keeps only weak references to tasks.
+        self._settle_tasks: set[asyncio.Task[None]] = set()
         # Usage events in the stream not yet written to Postgres, as of the last sweep (a metric).
         self.unwritten_events = 0
         self._metrics = metrics
@@ -420,9 +422,23 @@ class Metering:
             or opening.exception() is not None
             or not opening.result()
         ):
-            return asyncio.ensure_future(
+            # A task (its reservation is awaited first), kept here: a caller that stops waiting cancels only
+            # its own future, never the settlement.
+            task = asyncio.ensure_future(
                 self._settle(ticket, outcome=outcome, cached_tokens=cached_tokens, ttft_ms=ttft_ms, refund=refund)
             )
+            self._settle_tasks.add(task)
+            waited: asyncio.Future[None] = loop.create_future()
+
+            def task_done(t: asyncio.Task[None]) -> None:
+                self._settle_tasks.discard(t)
+                if not t.cancelled() and (error := t.exception()) is not None:
+                    log.error("settle_crashed", request_id=ticket.request_id, error=type(error).__name__)
+                if not waited.done():
+                    waited.set_result(None)
+
+            task.add_done_callback(task_done)
+            return waited
         ticket.settled = True
         self._open.pop(ticket.request_id, None)
         settlement, ended, closing = self._closing(ticket, outcome, cached_tokens, ttft_ms, refund)
