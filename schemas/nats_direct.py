@@ -156,6 +156,9 @@ class DirectClient(Client):
         self._ps = _Parser(self)
         # This turn's write of what `publish_nowait` queued, once scheduled.
         self._writing: asyncio.Handle | None = None
+        # Known from the first `publish_nowait` on (asyncio.get_running_loop() is a getpid() system call
+        # on Python 3.11).
+        self._writing_loop: asyncio.AbstractEventLoop | None = None
 
     async def _read_loop(self) -> None:
         # Run by nats-py for every connection (a reconnection makes a new reader).
@@ -222,7 +225,10 @@ class DirectClient(Client):
         self._pending.append(command)
         self._pending_data_size = pending
         if self._writing is None:
-            self._writing = asyncio.get_running_loop().call_soon(self._write_turn)
+            loop = self._writing_loop
+            if loop is None:
+                loop = self._writing_loop = asyncio.get_running_loop()
+            self._writing = loop.call_soon(self._write_turn)
         return True
 
     def _write_turn(self) -> None:

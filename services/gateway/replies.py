@@ -239,8 +239,11 @@ class ReplyRouter:
         self.stray_frames = 0
         # Told (provider id, detail) of a bundle that does not decode: a protocol violation.
         self.on_garbled_bundle: Callable[[str, str], None] | None = None
+        # Handed to each stream (asyncio.get_running_loop() is a getpid() system call on Python 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         # Straight from the read loop (schemas/nats_direct.py): every token of every stream comes this way.
         self._subs = [
             await nats_direct.subscribe(self._nc, subjects.replies_for_gateway(self._gateway_id), self._on_msg),
@@ -284,6 +287,7 @@ class ReplyRouter:
 
     def open(self, request_id: str, provider_id: str, *, max_frames: int, max_bytes: int) -> ReplyStream:
         stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes)
+        stream._loop = self._loop
         # Built (and its ids checked) once per leg: the work message names it, `close` forgets it.
         stream.subject = subjects.reply(provider_id, self._gateway_id, request_id)
         self._streams[stream.subject] = stream

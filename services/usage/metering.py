@@ -153,6 +153,8 @@ class Metering:
         self._tasks: list[asyncio.Task[None]] = []
         # Settlements that run as tasks (`settling`), held: the loop keeps only weak references to tasks.
         self._settle_tasks: set[asyncio.Task[None]] = set()
+        # Known from the first settlement on (asyncio.get_running_loop() is a getpid() system call on 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Usage events in the stream not yet written to Postgres, as of the last sweep (a metric).
         self.unwritten_events = 0
         self._metrics = metrics
@@ -406,7 +408,9 @@ class Metering:
         request that reached a provider): its acknowledgement's callback finishes it. A task per request
         for that was a visible share of metering's CPU.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         if ticket.settled or not self.enabled:
             ticket.settled = True
             self._open.pop(ticket.request_id, None)

@@ -80,6 +80,8 @@ class Publisher:
         self._ticking: asyncio.TimerHandle | None = None
         # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
+        # Known from the first event on (asyncio.get_running_loop() is a getpid() system call on Python 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
         # How many messages and events went out (metrics, read at scrape time).
         self.messages = 0
         self.events = 0
@@ -133,12 +135,15 @@ class Publisher:
         """Queue one encoded event for this loop turn's message. Its future gets the stream sequence of the
         message that holds it once JetStream acknowledged it, or the error nats-py's `js.publish` would raise.
         """
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
         self._turn.append((data, future))
         if len(self._turn) == 1:
             # The turn's first event: the ones the turn's other callbacks publish join it. Queued for the
             # connection's flusher before it runs, it also shares the socket write of what they published.
-            asyncio.get_running_loop().call_soon(self._end_turn)
+            loop.call_soon(self._end_turn)
         return future
 
     async def acknowledged(self, future: asyncio.Future[int], timeout_s: float) -> int:
@@ -168,7 +173,8 @@ class Publisher:
             self._ticking = loop.call_later(EXPIRY_TICK_S, self._tick)
 
     def _tick(self) -> None:
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop() if self._loop is None else self._loop
+        now = loop.time()
         expired = False
         for queue in self._deadlines.values():
             while queue and (queue[0][1].done() or queue[0][0] <= now):
@@ -179,7 +185,7 @@ class Publisher:
         if expired:
             self._forget_answered()
         waiting = any(self._deadlines.values())
-        self._ticking = asyncio.get_running_loop().call_later(EXPIRY_TICK_S, self._tick) if waiting else None
+        self._ticking = loop.call_later(EXPIRY_TICK_S, self._tick) if waiting else None
 
     def _forget_answered(self) -> None:
         """Forget the messages none of whose events still waits (an event gave up: rare, so a scan)."""
