@@ -7,6 +7,15 @@ loop turn: a body sent in the same turn (a whole JSON answer, a stream's first c
 provider's first token came with its acceptance) leaves with it. Nothing waits longer than that
 turn: a head whose body is not ready yet goes out alone, as before.
 
+A request's task starts once its body has arrived, not at its headers: an SDK's client (httpx) writes
+the two apart, and a task started at the headers waited for the body (a suspension and a wake-up through
+its whole chain of coroutines), under a timer against a client that trickles it (`asyncio.timeout`,
+uvloop's timer armed and cancelled: 5 us). The task starts at once where it must not wait: a body
+past uvicorn's buffer (reading pauses until the app reads), `Expect: 100-continue` (the client waits for
+the app's first `receive`), or BODY_GRACE_S after the headers (a slow client: the app's own body
+timeout then runs), or when the client leaves first (the app hears of it, and logs the request as
+gone). The request is told its body is whole (`BODY_ARRIVED`): its reader needs no timer then.
+
 It also tells a request that its client left (schemas/disconnect.py's `HangUp`,
 in the scope) from `connection_lost` itself: no task per answer waiting on
 `receive` for uvicorn's `http.disconnect`.
@@ -21,6 +30,13 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from schemas.disconnect import HANG_UP
+
+# The scope key of a callable: True once the request's whole body has arrived (or its client left), so
+# that `receive` returns at once, with no wait a slow client could stretch.
+BODY_ARRIVED = "mp.body_arrived"
+# How long a request's task waits for the rest of its body before starting without it (its reader's
+# timeout, services/gateway/requests.py, then counts from there).
+BODY_GRACE_S = 0.5
 
 
 class _HeadHeld:
@@ -87,6 +103,10 @@ class _HangUp:
         self._callback = None
         self._watching.discard(self)
 
+    def body_arrived(self) -> bool:
+        cycle = self._cycle
+        return cycle.disconnected or (not cycle.more_body and cycle.message_event.is_set())
+
     def lost(self) -> None:
         callback = self._callback
         self.stop()
@@ -100,9 +120,43 @@ class HeadWithBody(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._watching: set[_HangUp] = set()
+        # The request whose task waits for its body (the parser's current cycle), and the timer that
+        # starts it anyway after BODY_GRACE_S.
+        self._waiting_body: tuple[RequestResponseCycle, Any] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if cycle.more_body and not cycle.waiting_for_100_continue and not cycle.disconnected:
+            self._waiting_body = (cycle, app)
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def _start_waiting(self) -> None:
+        waiting, self._waiting_body = self._waiting_body, None
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        if waiting is not None:
+            super()._start_asgi_task(*waiting)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._waiting_body is not None and self._grace is None:
+            self._grace = self.loop.call_later(BODY_GRACE_S, self._start_waiting)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self.flow.read_paused:  # the buffer is full: reading resumes only when the app reads
+            self._start_waiting()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._start_waiting()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        # A request still waiting for its body runs now, to be told its client left (its summary line).
+        self._start_waiting()
         # Every request still answering on this connection (a pipelined one's cycle is not `self.cycle`).
         for watch in list(self._watching):
             watch.lost()
@@ -115,4 +169,6 @@ class HeadWithBody(HttpToolsProtocol):
             # Its task has not run yet (it starts on the next turn), so nothing was written through the
             # connection's transport directly.
             cycle.transport = _HeadHeld(self.transport, self.loop)  # type: ignore[assignment]
-            cycle.scope[HANG_UP] = _HangUp(cycle, self._watching)  # type: ignore[literal-required]
+            hang_up = _HangUp(cycle, self._watching)
+            cycle.scope[HANG_UP] = hang_up  # type: ignore[literal-required]
+            cycle.scope[BODY_ARRIVED] = hang_up.body_arrived  # type: ignore[literal-required]

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from schemas.disconnect import HANG_UP, on_hang_up
-from services.http_head import HeadWithBody, _HeadHeld
+from services.http_head import BODY_ARRIVED, BODY_GRACE_S, HeadWithBody, _HeadHeld
 
 
 class _Recording:
@@ -207,3 +207,72 @@ async def test_a_client_that_leaves_is_told_by_the_connection_and_one_whose_answ
         release.set()
     assert heard == ["/slow"], "told of the client that left mid-answer, only"
     assert receives == ["/slow", "/done"], "receive was read for the body only: no watcher task"
+
+
+async def test_a_task_starts_once_its_body_is_whole_or_cannot_wait_and_is_told_so() -> None:
+    """A request's task starts when its body has arrived (`BODY_ARRIVED` then says True: its reader needs
+    no timer), or BODY_GRACE_S after its headers for a client that trickles it, or at once where the
+    client waits for the app (`Expect: 100-continue`) or the server's buffer is full. A client that leaves
+    before its body is whole is heard of: its task starts then, and `receive` says it left."""
+    seen: list[tuple[str, bool, int, float]] = []
+    headers_at: dict[str, float] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        at_start = scope[BODY_ARRIVED]()
+        started = time.monotonic() - headers_at.get(scope["path"], time.monotonic())
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        seen.append((scope["path"], at_start, size, started))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with _server(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def ask(path: str, head: bytes, *parts: tuple[float, bytes]) -> None:
+            headers_at[path] = time.monotonic()
+            writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: x\r\n" + head + b"\r\n")
+            for pause, part in parts:
+                await asyncio.sleep(pause)
+                writer.write(part)
+            await _read_response(reader)
+
+        await ask("/whole", b"content-length: 2\r\n", (0, b"{}"))
+        await ask("/empty", b"content-length: 0\r\n")
+        await ask("/apart", b"content-length: 2\r\n", (0.1, b"{}"))  # as httpx writes: headers, then body
+        await ask("/trickled", b"content-length: 2\r\n", (0.1, b"{"), (0.9, b"}"))
+        big = 300_000  # past uvicorn's 64 KiB buffer: reading pauses until the app reads
+        await ask("/big", f"content-length: {big}\r\n".encode(), (0.05, b"x" * big))
+        writer.write(b"POST /continue HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"{}")
+        await _read_response(reader)
+        writer.close()
+
+        # Headers and half a body, then gone: the app runs at once, to hear it.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        headers_at["/left"] = time.monotonic()
+        writer.write(b"POST /left HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{")
+        await asyncio.sleep(0.1)
+        writer.close()
+        await asyncio.sleep(0.3)
+
+    by_path = {path: (at_start, size, started) for path, at_start, size, started in seen}
+    assert list(by_path) == ["/whole", "/empty", "/apart", "/trickled", "/big", "/continue", "/left"]
+    assert by_path["/whole"][:2] == by_path["/apart"][:2] == (True, 2)
+    assert by_path["/empty"][:2] == (True, 0)
+    assert by_path["/apart"][2] >= 0.1, "started at its body, not its headers"
+    at_start, size, started = by_path["/trickled"]
+    assert (at_start, size) == (False, 2)
+    assert BODY_GRACE_S - 0.05 <= started < 0.95, "started after the grace, before the rest of its body"
+    assert by_path["/big"][:2] == (False, big)
+    assert by_path["/big"][2] < BODY_GRACE_S - 0.2, "a full buffer starts the task, not the grace"
+    assert by_path["/continue"][:2] == (False, 2)
+    assert by_path["/left"][:2] == (True, 0), "started when its client left: `receive` tells it at once"
+    assert by_path["/left"][2] < BODY_GRACE_S, "started when its client left, not after the grace"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from litestar import Request
@@ -10,6 +11,7 @@ from litestar import Request
 from schemas import body as wire_body
 from services.auth.bearer import header
 from services.errors import BodyTimeout, BodyTooLarge, ClientDisconnected, InvalidJson, InvalidRequest
+from services.http_head import BODY_ARRIVED
 
 T = TypeVar("T")
 
@@ -26,27 +28,35 @@ async def read_body(request: Request[Any, Any, Any], timeout_s: float) -> bytes:
     # uvicorn's parser has refused a malformed length already; a huge one is refused before reading.
     if announced is not None and announced.isdigit() and int(announced) > limit:
         raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
+    arrived: Callable[[], bool] | None = request.scope.get(BODY_ARRIVED)  # type: ignore[assignment]
+    if arrived is not None and arrived():
+        # The server holds all of it (nearly every request: a body comes with its headers): no timer.
+        return await _read(request, limit)
     try:
         async with asyncio.timeout(timeout_s):
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientDisconnected("The client hung up before its request body arrived.")
-                chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
-                if chunk:
-                    size += len(chunk)
-                    if size > limit:
-                        raise _too_large(limit)
-                    chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return await _read(request, limit)
     except TimeoutError:
         raise BodyTimeout(
             f"The request body did not arrive within {timeout_s:g} s of its headers.",
             headers={"connection": "close"},
         ) from None
+
+
+async def _read(request: Request[Any, Any, Any], limit: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("The client hung up before its request body arrived.")
+        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _too_large(limit: float) -> BodyTooLarge:
