@@ -5,13 +5,16 @@ JSON in the cloud, readable locally (brew services collects the daemon's stderr 
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import structlog
+from structlog.typing import EventDict
 
 _ENCODER = msgspec.json.Encoder(enc_hook=repr)
 
@@ -20,6 +23,36 @@ _ENCODER = msgspec.json.Encoder(enc_hook=repr)
 # what JSON has no type for, as structlog's own fallback).
 def _to_json(event: object, **_: object) -> bytes:
     return _ENCODER.encode(event)
+
+
+class UtcStamp:
+    """structlog's `TimeStamper(fmt="iso", utc=True)`, its date and time of day formatted once a second:
+    `datetime.now(utc).isoformat()` per line was 2.7 of the 12.5 us a request's summary line cost. Always
+    six digits of microseconds (isoformat drops them when they are 0)."""
+
+    __slots__ = ("_second",)
+
+    def __init__(self) -> None:
+        # (second, its date and time of day), replaced whole: a thread never sees one without the other.
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, _logger: object, _name: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        cached, prefix = self._second
+        if second != cached:
+            prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (second, prefix)
+        event_dict["timestamp"] = f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event_dict
+
+
+_FORMAT_EXC_INFO = structlog.processors.format_exc_info
+
+
+def _exc_info(logger: Any, name: str, event_dict: EventDict) -> EventDict:
+    # structlog's own looks for it and pops it on every line, as a call: 0.5 us a line without one.
+    return _FORMAT_EXC_INFO(logger, name, event_dict) if "exc_info" in event_dict else event_dict
 
 
 def configure(*, json: bool, level: str = "info") -> None:
@@ -42,8 +75,8 @@ def configure(*, json: bool, level: str = "info") -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            UtcStamp(),
+            _exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -453,3 +453,30 @@ def test_json_log_lines_render_every_value() -> None:
 
     line = _to_json({"event": "chat_completion", "ttft_ms": 1.5, "day": dt.date(2026, 1, 2), "what": Opaque()})
     assert json.loads(line) == {"event": "chat_completion", "ttft_ms": 1.5, "day": "2026-01-02", "what": "<opaque>"}
+
+
+def test_log_timestamps_are_utc_iso_to_the_microsecond_across_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`UtcStamp` formats the date and time of day once a second: each line's stamp is still its own
+    instant, in structlog's ISO form (`Z` for UTC), across a second's and a day's end."""
+    import datetime as dt
+    import time as time_module
+
+    from schemas.logs import UtcStamp
+
+    stamp = UtcStamp()
+    expected: list[str] = []
+    got: list[str] = []
+    start = dt.datetime(2026, 12, 31, 23, 59, 58, tzinfo=dt.UTC).timestamp()
+    for offset in (0.000001, 0.5, 0.999999, 1.0, 1.25, 2.000001, 2.75):
+        now = start + offset
+        monkeypatch.setattr(time_module, "time", lambda now=now: now)
+        got.append(stamp(None, "info", {})["timestamp"])
+        instant = dt.datetime.fromtimestamp(now, dt.UTC)
+        expected.append(instant.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    # Float seconds carry about 0.2 us of error at this magnitude: compare to the microsecond, allowing one.
+    for ours, theirs in zip(got, expected, strict=True):
+        a = dt.datetime.fromisoformat(ours.replace("Z", "+00:00"))
+        b = dt.datetime.fromisoformat(theirs.replace("Z", "+00:00"))
+        assert abs((a - b).total_seconds()) <= 1e-6, (ours, theirs)
+        assert ours[:19] == theirs[:19], (ours, theirs)
+    assert got[-1].startswith("2027-01-01T00:00:00.75"), got
