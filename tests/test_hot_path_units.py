@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -222,6 +223,14 @@ def test_deltas_queued_together_join_in_order() -> None:
     assert not joins([delta(4, call=True)], delta(5, "x"))  # nothing after tool calls
     whole = joined([*run, delta(3, "b")])
     assert (whole.seq, whole.reasoning, whole.text, whole.tokens, whole.token_ids) == (3, "hm ", "ab", 3, [1, 2, 3])
+    # Logprobs and tool calls keep their order across the frames joined; a frame's other fields are summed.
+    lp = [bus.TokenLogprob(token=t, logprob=-0.5) for t in ("x", "y", "z")]
+    first = msgspec.structs.replace(delta(6, "x"), logprobs=lp[:1])
+    second = msgspec.structs.replace(delta(7, "yz", call=True), logprobs=lp[1:], tokens=2, token_ids=[7, 8])
+    whole = joined([first, second])
+    assert (whole.seq, whole.text, whole.tokens, whole.token_ids, whole.logprobs) == (7, "xyz", 3, [6, 7, 8], lp)
+    assert ([c.id for c in whole.tool_calls], whole.reasoning) == (["c7"], "")
+    assert (first.token_ids, first.logprobs) == ([6], lp[:1]), "the frames joined are left as they were"
 
 
 class _Client:
@@ -351,7 +360,7 @@ def test_the_per_token_histogram_exports_what_prometheus_client_would() -> None:
         ours.labels(model).observe(value)
         theirs.labels(model).observe(value)
     # A frame joined to the one before it (services/gateway/exchange.py `joined`): a gap of 0, no clock read.
-    ours.labels("b").observe_zero()
+    ours.labels("b").observe_zeros(1)
     theirs.labels("b").observe(0.0)
 
     assert _samples(ours_registry) == _samples(theirs_registry)

@@ -220,6 +220,32 @@ async def test_reply_stream_detects_gaps_and_drops_duplicates() -> None:
     assert info.value.code == "provider_protocol_error"
 
 
+async def test_reply_stream_hands_over_ready_deltas_in_order_and_takes_back_a_refused_one() -> None:
+    """`take_delta` takes only a Delta that is next in sequence and already here; one its taker refuses
+    (`untake`) is what `next` returns, so the ordinary path meets it again (and fails over there)."""
+    stream = ReplyStream("r", "p")
+    assert stream.take_delta() is None  # nothing yet
+    stream.push(bus.Accepted(seq=0, prompt_tokens=3))
+    assert stream.take_delta() is None, "not a Delta: left for `next`"
+    assert isinstance(await stream.next(1), bus.Accepted)
+    one, two = bus.Delta(seq=1, text="a", tokens=1), bus.Delta(seq=2, text="b", tokens=1)
+    stream.push(bus.Delta(seq=5, text="?", tokens=1))
+    assert stream.take_delta() is None, "out of sequence: left for `next` (which reports the gap)"
+    stream = ReplyStream("r", "p")
+    stream.push(bus.Accepted(seq=0, prompt_tokens=3))
+    await stream.next(1)
+    stream.push(one)
+    stream.push(two)
+    assert stream.take_delta() is one
+    refused = stream.take_delta()
+    assert refused is two
+    stream.untake(refused)
+    assert await stream.next(1) is two
+    stream.push(bus.Done(seq=3, finish_reason="stop", prompt_tokens=3, completion_tokens=2))
+    assert stream.take_delta() is None
+    assert isinstance(await stream.next(1), bus.Done)
+
+
 async def test_reply_stream_silence_is_reported_and_loss_is_recoverable() -> None:
     stream = ReplyStream("r", "p")
     assert await stream.next(0.05) is None

@@ -162,21 +162,22 @@ class Call:
         a frame. (Each through `frames()` would be three coroutine steps.)
         """
         leg = self._leg
-        if self._dispatcher.cutting or leg.check.json is not None:
+        # The time limit read once per run: a run takes what is queued already, without waiting.
+        if self._dispatcher.cutting or leg.check.json is not None or time.monotonic() >= self._deadline:
             return None
-        stream, check, deadline = leg.stream, leg.check.delta, self._deadline
+        stream, check, delivered = leg.stream, leg.check.delta, self._delivered
         while True:
-            frame = stream.ready_delta()
-            if frame is None or time.monotonic() >= deadline:
+            frame = stream.take_delta()
+            if frame is None:
                 return None
             try:
                 check(frame)
             except vetting.Violation:
+                stream.untake(frame)
                 return None  # `frames()` meets it again, and fails over
-            stream.advance()
             if leg.first_token_at is None and frame.token_ids:
                 leg.first_token_at = time.monotonic()
-            self._delivered(frame)
+            delivered(frame)
             if not joins(run, frame):
                 return frame
             on_joined(frame)

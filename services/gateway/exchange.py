@@ -65,6 +65,8 @@ class Exchange:
     _first_token_at: float = 0.0
     _last_token_at: float = 0.0
     _inter_token: Any = None
+    # Frames `joined` to a run's first (a gap of 0 before each), observed together when the run is taken.
+    _zero_gaps: int = 0
 
     def label(self, model: str, served: Any) -> None:
         """The model is known: the labels this request's metrics use, and its span's attribute."""
@@ -101,8 +103,8 @@ class Exchange:
         one is 0, counted without reading the clock. Every frame of a busy stream comes here."""
         self.frames += 1
         n = len(frame.token_ids)
-        if n and self._inter_token is not None:
-            self._inter_token.observe_zero()
+        if n:
+            self._zero_gaps += 1
         if self.ticket is not None:
             # What the gateway received, never what the provider declares.
             self.ticket.completion_tokens += n
@@ -112,6 +114,13 @@ class Exchange:
         clock read per run, not per frame). The answer's decoding time ends here, so an answer whose every
         token came in one run still has one (`mp_gateway_decode_tokens_per_second`)."""
         self._last_token_at = time.monotonic()
+        self._observe_zero_gaps()
+
+    def _observe_zero_gaps(self) -> None:
+        if self._zero_gaps:
+            if self._inter_token is not None:
+                self._inter_token.observe_zeros(self._zero_gaps)
+            self._zero_gaps = 0
 
     def done(self, frame: bus.Done) -> tuple[int, int]:
         """(prompt, completion) tokens to bill: never more completion than the gateway saw."""
@@ -156,6 +165,7 @@ class Exchange:
                 await settling
 
     def _count(self, m: Metrics) -> None:
+        self._observe_zero_gaps()  # a run cut short (its request failed) still counts its frames' gaps
         model = self.model_label
         m.request(self.event, model, m.codes(self.status)).inc()
         if self.ttft_ms is not None:

@@ -29,12 +29,29 @@ def joins(run: list[bus.Delta], then: bus.Delta) -> bool:
 def joined(run: list[bus.Delta]) -> bus.Delta:
     if len(run) == 1:
         return run[0]
+    # One pass over the run (six, one per field, were a visible share of a busy stream's cost per frame).
+    texts: list[str] = []
+    reasoning: list[str] = []
+    tool_calls: list[bus.ToolCall] = []
+    logprobs: list[bus.TokenLogprob] = []
+    token_ids: list[int] = []
+    tokens = 0
+    for d in run:
+        texts.append(d.text)
+        token_ids += d.token_ids
+        tokens += d.tokens
+        if d.reasoning:
+            reasoning.append(d.reasoning)
+        if d.tool_calls:
+            tool_calls += d.tool_calls
+        if d.logprobs:
+            logprobs += d.logprobs
     return bus.Delta(
         seq=run[-1].seq,
-        text="".join(d.text for d in run),
-        tokens=sum(d.tokens for d in run),
-        tool_calls=[c for d in run for c in d.tool_calls],
-        logprobs=[lp for d in run for lp in d.logprobs],
-        token_ids=[i for d in run for i in d.token_ids],
-        reasoning="".join(d.reasoning for d in run),
+        text="".join(texts),
+        tokens=tokens,
+        tool_calls=tool_calls,
+        logprobs=logprobs,
+        token_ids=token_ids,
+        reasoning="".join(reasoning),
     )

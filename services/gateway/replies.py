@@ -97,20 +97,22 @@ class ReplyStream:
         """Something already arrived: `next` returns it without waiting."""
         return bool(self._items)
 
-    def ready_delta(self) -> bus.Delta | None:
-        """The next frame if it arrived already, is next in sequence and a Delta: left in place for the
-        caller to check (`advance` takes it). None for anything else: `next` deals with it."""
+    def take_delta(self) -> bus.Delta | None:
+        """The next frame, taken, if it arrived already, is next in sequence and a Delta. None for anything
+        else: `next` deals with it. (`untake` puts one back: a frame its taker's checks refused.)"""
         items = self._items
         if items:
             item = items[0]
             if type(item) is bus.Delta and item.seq == self._expected:
+                items.popleft()
+                self._expected += 1
                 return item
         return None
 
-    def advance(self) -> None:
-        """Take the frame `ready_delta` returned."""
-        self._items.popleft()
-        self._expected += 1
+    def untake(self, frame: bus.Delta) -> None:
+        """Put back the frame `take_delta` just returned: the next `next` returns it."""
+        self._items.appendleft(frame)
+        self._expected -= 1
 
     def receive(self, data: bytes | msgspec.Raw) -> None:
         """One frame as it came off the bus: bounded, counted against the budget, decoded and queued. One

@@ -33,9 +33,9 @@ class Series:
         self.counts[bisect_left(self._bounds, value)] += 1
         self.sum += value
 
-    def observe_zero(self) -> None:
-        """`observe(0.0)`: the first bucket (bounds are positive), the sum unchanged."""
-        self.counts[0] += 1
+    def observe_zeros(self, n: int) -> None:
+        """`observe(0.0)` n times: the first bucket (bounds are positive), the sum unchanged."""
+        self.counts[0] += n
 
 
 class LoopHistogram(Collector):
@@ -50,7 +50,7 @@ class LoopHistogram(Collector):
         self.label = label
         self.bounds = tuple(sorted(float(b) for b in buckets))
         if not self.bounds or self.bounds[0] <= 0:
-            raise ValueError("bucket bounds must be positive (Series.observe_zero counts 0 in the first)")
+            raise ValueError("bucket bounds must be positive (Series.observe_zeros counts 0 in the first)")
         self._series: dict[str, Series] = {}
         registry.register(self)
 
