@@ -8,7 +8,7 @@ import datetime as dt
 import gc
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import msgspec
 import pytest
@@ -473,7 +473,7 @@ class _Answered:
     def ready(self) -> bool:
         return False
 
-    def take_run(self, run: list[bus.Delta], on_joined: object) -> bus.Delta | None:
+    def take_run(self, run: list[bus.Delta]) -> bus.Delta | None:
         return None
 
     def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:
@@ -545,11 +545,9 @@ class _OneRun:
     def ready(self) -> bool:
         return bool(self._ready)
 
-    def take_run(self, run: list[bus.Delta], on_joined: Callable[[bus.Delta], None]) -> bus.Delta | None:
+    def take_run(self, run: list[bus.Delta]) -> bus.Delta | None:
         while self._ready:
-            frame = self._ready.pop(0)
-            on_joined(frame)
-            run.append(frame)
+            run.append(self._ready.pop(0))
         return None
 
     def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -149,9 +149,9 @@ class Call:
         """The next frame already arrived (the gateway is behind this stream)."""
         return self._leg.stream.ready()
 
-    def take_run(self, run: list[bus.Delta], on_joined: Callable[[bus.Delta], None]) -> bus.Delta | None:
+    def take_run(self, run: list[bus.Delta]) -> bus.Delta | None:
         """Take every Delta that arrived already, checked and counted as `frames()` does, appending each
-        to `run` while it joins it (services/gateway/frames.py) and handing it to `on_joined`. Returns a
+        to `run` while it joins it (services/gateway/frames.py). Returns a
         frame it took that does not join (the next run's first), or None where `frames()` must take what
         is next: nothing yet, the final frame, a failure, a frame out of sequence or one that breaks the
         protocol (it fails over there), a JSON-constrained answer (its checker's state moves as it
@@ -165,7 +165,8 @@ class Call:
         # The time limit read once per run: a run takes what is queued already, without waiting.
         if self._dispatcher.cutting or leg.check.json is not None or time.monotonic() >= self._deadline:
             return None
-        stream, check, delivered = leg.stream, leg.check.delta, self._delivered
+        stream, check = leg.stream, leg.check.delta
+        text, token_ids = self._text, self._token_ids
         while True:
             frame = stream.take_delta()
             if frame is None:
@@ -175,12 +176,18 @@ class Call:
             except vetting.Violation:
                 stream.untake(frame)
                 return None  # `frames()` meets it again, and fails over
-            if leg.first_token_at is None and frame.token_ids:
+            ids = frame.token_ids
+            if leg.first_token_at is None and ids:
                 leg.first_token_at = time.monotonic()
-            delivered(frame)
+            # `_delivered`, inline: every frame of a busy stream comes this way.
+            self._got_first_token = True
+            text.append(frame.text)
+            if frame.reasoning:
+                self._reasoning.append(frame.reasoning)
+            token_ids += ids
+            self._tokens += len(ids)
             if not joins(run, frame):
                 return frame
-            on_joined(frame)
             run.append(frame)
 
     def _delivered(self, frame: bus.Delta) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,20 @@ class Exchange:
         if self.ticket is not None:
             # What the gateway received, never what the provider declares.
             self.ticket.completion_tokens += n
+
+    def joined_frames(self, run: list[bus.Delta], start: int) -> None:
+        """`joined` for each of `run[start:]`, counted in one call (every frame of a busy stream)."""
+        tokens = gaps = 0
+        for frame in itertools.islice(run, start, None):
+            n = len(frame.token_ids)
+            if n:
+                tokens += n
+                gaps += 1
+        self.frames += len(run) - start
+        self._zero_gaps += gaps
+        if self.ticket is not None:
+            # What the gateway received, never what the provider declares.
+            self.ticket.completion_tokens += tokens
 
     def run_taken(self) -> None:
         """The frames `joined` to a run's first are all taken: the last token reached the gateway now (one

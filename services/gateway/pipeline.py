@@ -186,7 +186,10 @@ async def events(call: Call, ex: Exchange) -> AsyncGenerator[Event, None]:
             while ex.stream:
                 # What arrived already: the Deltas that join the run taken at once (`take_run`), the next
                 # run's first kept, anything else through `frames`.
-                nxt: bus.Delta | bus.Done | None = call.take_run(run, ex.joined)
+                taken = len(run)
+                nxt: bus.Delta | bus.Done | None = call.take_run(run)
+                if len(run) > taken:
+                    ex.joined_frames(run, taken)
                 if nxt is None:
                     if not call.ready():
                         break
