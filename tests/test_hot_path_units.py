@@ -559,7 +559,7 @@ class _OneRun:
 
 
 async def test_an_answer_that_came_in_one_run_is_timed_and_counted_as_if_frame_by_frame() -> None:
-    """Frames joined to a run's first skip the clock (Exchange.joined); the run's end still marks the last
+    """Frames joined to a run's first skip the clock (Exchange.joined_frames); the run's end still marks the last
     token's time, so an answer whose tokens all queued up at the gateway still has a decoding rate."""
     from services.metrics.registry import Metrics
     from services.usage.metering import Ticket

@@ -66,7 +66,7 @@ class Exchange:
     _first_token_at: float = 0.0
     _last_token_at: float = 0.0
     _inter_token: Any = None
-    # Frames `joined` to a run's first (a gap of 0 before each), observed together when the run is taken.
+    # Frames joined to a run's first (a gap of 0 before each), observed together when the run is taken.
     _zero_gaps: int = 0
 
     def label(self, model: str, served: Any) -> None:
@@ -98,20 +98,10 @@ class Exchange:
             # What the gateway received, never what the provider declares.
             self.ticket.completion_tokens += len(frame.token_ids)
 
-    def joined(self, frame: bus.Delta) -> None:
-        """`delta` for a frame taken together with the one before it (a stream's frames that queued up
-        while the gateway was busy): it reached the gateway at the same moment, so its time since that
-        one is 0, counted without reading the clock. Every frame of a busy stream comes here."""
-        self.frames += 1
-        n = len(frame.token_ids)
-        if n:
-            self._zero_gaps += 1
-        if self.ticket is not None:
-            # What the gateway received, never what the provider declares.
-            self.ticket.completion_tokens += n
-
     def joined_frames(self, run: list[bus.Delta], start: int) -> None:
-        """`joined` for each of `run[start:]`, counted in one call (every frame of a busy stream)."""
+        """`delta` for each of `run[start:]`: frames taken together with the run's first (a stream's frames
+        that queued up while the gateway was busy), so each one's time since the one before is 0, counted
+        without reading the clock, all in one call. Every frame of a busy stream comes here."""
         tokens = gaps = 0
         for frame in itertools.islice(run, start, None):
             n = len(frame.token_ids)
@@ -125,7 +115,7 @@ class Exchange:
             self.ticket.completion_tokens += tokens
 
     def run_taken(self) -> None:
-        """The frames `joined` to a run's first are all taken: the last token reached the gateway now (one
+        """The frames joined to a run's first are all taken: the last token reached the gateway now (one
         clock read per run, not per frame). The answer's decoding time ends here, so an answer whose every
         token came in one run still has one (`mp_gateway_decode_tokens_per_second`)."""
         self._last_token_at = time.monotonic()

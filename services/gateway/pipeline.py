@@ -197,8 +197,8 @@ async def events(call: Call, ex: Exchange) -> AsyncGenerator[Event, None]:
                 if not (isinstance(nxt, bus.Delta) and joins(run, nxt)):
                     pending = nxt
                     break
-                ex.joined(nxt)
                 run.append(nxt)
+                ex.joined_frames(run, len(run) - 1)
             if len(run) > 1:
                 ex.run_taken()
             yield joined(run)

@@ -70,7 +70,13 @@ class ReplyStream:
     """
 
     def __init__(
-        self, request_id: str, provider_id: str, *, max_frames: int = 1 << 20, max_bytes: int = 1 << 30
+        self,
+        request_id: str,
+        provider_id: str,
+        *,
+        max_frames: int = 1 << 20,
+        max_bytes: int = 1 << 30,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.request_id = request_id
         self.provider_id = provider_id
@@ -79,7 +85,8 @@ class ReplyStream:
         self._items: deque[_Item] = deque()
         # The reader waiting in `next` (a stream has one reader: its request's task).
         self._waiter: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # The router's (or the running loop, once `next` waits).
+        self._loop = loop
         self._expected = 0
         self.duplicates = 0
         self._frames_left = max_frames
@@ -288,8 +295,7 @@ class ReplyRouter:
         self._subs = []
 
     def open(self, request_id: str, provider_id: str, *, max_frames: int, max_bytes: int) -> ReplyStream:
-        stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes)
-        stream._loop = self._loop
+        stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes, loop=self._loop)
         # Built (and its ids checked) once per leg: the work message names it, `close` forgets it.
         stream.subject = subjects.reply(provider_id, self._gateway_id, request_id)
         self._streams[stream.subject] = stream

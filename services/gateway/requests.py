@@ -30,7 +30,7 @@ async def read_body(request: Request[Any, Any, Any], timeout_s: float) -> bytes:
         raise _too_large(limit)
     arrived: Callable[[], bool] | None = request.scope.get(BODY_ARRIVED)  # type: ignore[assignment]
     if arrived is not None and arrived():
-        # The server holds all of it (nearly every request: a body comes with its headers): no timer.
+        # The server holds all of it (its task starts once it has: services/http_head.py): no timer.
         return await _read(request, limit)
     try:
         async with asyncio.timeout(timeout_s):
