@@ -139,10 +139,19 @@ class HeadWithBody(HttpToolsProtocol):
         if waiting is not None:
             super()._start_asgi_task(*waiting)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+    def _arm_grace(self) -> None:
         if self._waiting_body is not None and self._grace is None:
             self._grace = self.loop.call_later(BODY_GRACE_S, self._start_waiting)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Armed after the read, not at the headers: a body in the same read needs no timer.
+        self._arm_grace()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A pipelined request started now may wait for the rest of its body with no read to come.
+        self._arm_grace()
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)

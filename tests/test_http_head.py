@@ -276,3 +276,36 @@ async def test_a_task_starts_once_its_body_is_whole_or_cannot_wait_and_is_told_s
     assert by_path["/continue"][:2] == (False, 2)
     assert by_path["/left"][:2] == (True, 0), "started when its client left: `receive` tells it at once"
     assert by_path["/left"][2] < BODY_GRACE_S, "started when its client left, not after the grace"
+
+
+async def test_a_pipelined_request_whose_body_never_comes_still_starts_after_the_grace() -> None:
+    """A request behind another on the same connection, its body unfinished and nothing more sent: its
+    task starts BODY_GRACE_S after the one before it ended (then the app's own body timeout runs), so a
+    client cannot park a connection with neither a task nor a timer."""
+    started: dict[str, float] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        started[scope["path"]] = time.monotonic()
+        if scope["path"] == "/stalled":
+            return  # it was started: that is what this test is about (uvicorn answers 500 for it)
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with _server(app) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sent = time.monotonic()
+        writer.write(
+            b"POST /first HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+            b"POST /stalled HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{"
+        )
+        await _read_response(reader)
+        deadline = time.monotonic() + 3
+        while "/stalled" not in started and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        writer.close()
+    assert "/stalled" in started, "never started: the connection was parked without a task or a timer"
+    assert BODY_GRACE_S - 0.05 <= started["/stalled"] - sent < BODY_GRACE_S + 0.5
