@@ -104,6 +104,7 @@ class _HangUp:
         self._watching.discard(self)
 
     def body_arrived(self) -> bool:
+        """The scope's BODY_ARRIVED: `receive` would return the whole body (or the hang-up) without waiting."""
         cycle = self._cycle
         return cycle.disconnected or (not cycle.more_body and cycle.message_event.is_set())
 
