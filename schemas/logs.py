@@ -55,6 +55,41 @@ def _exc_info(logger: Any, name: str, event_dict: EventDict) -> EventDict:
     return _FORMAT_EXC_INFO(logger, name, event_dict) if "exc_info" in event_dict else event_dict
 
 
+class SummaryLines:
+    """Writes a request's summary line (one per request: the control plane's most frequent line).
+
+    In JSON, the cloud's format, the line is encoded and written here, byte for byte as structlog writes it
+    under `configure(json=True)`: the fields in order, then `event`, `level` and `timestamp`. structlog's
+    per-call machinery (the bound logger, a copy of its context, the processor chain, its logger's own
+    write) was 7 of the 11 us a line cost, about 3% of the gateway's instructions per non-stream request.
+    The control plane binds no context variables, so none are merged. Elsewhere (the console format, a
+    stderr with no binary buffer, a level above info) the line goes through structlog as any other.
+    """
+
+    __slots__ = ("_enabled", "_logger", "_raw", "_stamp")
+
+    def __init__(self, logger_name: str, *, json: bool, level: str = "info") -> None:
+        self._enabled = logging.getLevelName(level.upper()) <= logging.INFO
+        raw = getattr(sys.stderr, "buffer", None)
+        self._raw = raw if json else None
+        self._stamp = UtcStamp()
+        self._logger = structlog.get_logger(logger_name)
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        """Write `event`'s line with `fields` (the dict is the line's: it gains the event, level and time)."""
+        if not self._enabled:
+            return
+        raw = self._raw
+        if raw is None:
+            self._logger.info(event, **fields)
+            return
+        fields["event"] = event
+        fields["level"] = "info"
+        self._stamp(None, "", fields)
+        raw.write(_ENCODER.encode(fields) + b"\n")
+        raw.flush()
+
+
 def configure(*, json: bool, level: str = "info") -> None:
     # JSON lines are written as msgspec makes them (bytes): no decode, no print(). A stderr with no
     # binary buffer underneath (replaced by a test harness) gets them as text.

@@ -21,6 +21,7 @@ from litestar.datastructures import State
 from nats.aio.client import Client as Nats
 
 from schemas import nats_direct, subjects
+from schemas.logs import SummaryLines
 from schemas.tracing import Tracing, open_tracing
 from services.auth.demo import DemoTokens
 from services.canary.runner import Canaries, CanarySettings
@@ -67,6 +68,8 @@ class Runtime:
     # The app's metrics (services/metrics/), and its tracer (None: traces are off).
     metrics: Metrics = field(kw_only=True)
     tracing: Tracing | None = field(kw_only=True, default=None)
+    # Each request's summary line, in the format the process logs in (schemas/logs.py).
+    summary: SummaryLines | None = field(kw_only=True, default=None)
 
     def pool_listening_s(self) -> float:
         """How long the pool view has been fed by heartbeats without a break (0 while disconnected)."""
@@ -208,6 +211,7 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
             listening=listening,
             metrics=metrics,
             tracing=tracing,
+            summary=SummaryLines("gateway", json=settings.log_json, level=settings.log_level),
         )
     finally:
         if canaries is not None:

@@ -506,3 +506,47 @@ def test_log_timestamps_are_utc_iso_to_the_microsecond_across_seconds(monkeypatc
         assert abs((a - b).total_seconds()) <= 1e-6, (ours, theirs)
         assert ours[:19] == theirs[:19], (ours, theirs)
     assert got[-1].startswith("2027-01-01T00:00:00.75"), got
+
+
+def test_summary_lines_are_written_as_structlog_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary line's own JSON writer (`SummaryLines`) gives the line structlog gives under the same
+    configuration: the same keys in the same order, the same values; nothing above `info`'s level; and
+    in the console format it is structlog's own line."""
+    import io
+    import sys
+
+    import structlog
+
+    from schemas.logs import SummaryLines, configure
+
+    fields = {
+        "request_id": "0123456789abcdef01234567",
+        "key_id": 7,
+        "model": "m/ü",
+        "provider": None,
+        "stream": False,
+        "prompt_tokens": 12,
+        "completion_tokens": 64,
+        "dispatch_ms": 0.12,
+        "status": "client_disconnected",
+    }
+    saved = structlog.get_config()
+    try:
+        out = io.BytesIO()
+        monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(out, encoding="utf-8"))
+        configure(json=True)
+        structlog.get_logger("gateway").info("chat_completion", **fields)
+        SummaryLines("gateway", json=True)("chat_completion", dict(fields))
+        SummaryLines("gateway", json=True, level="warning")("chat_completion", dict(fields))
+        theirs, ours = (json.loads(line) for line in out.getvalue().splitlines())
+        assert list(ours) == list(theirs) == [*fields, "event", "level", "timestamp"]
+        assert {**ours, "timestamp": None} == {**theirs, "timestamp": None}
+        assert ours["event"] == "chat_completion" and ours["level"] == "info"
+
+        text = io.StringIO()  # no binary buffer underneath: structlog's own line, as text
+        monkeypatch.setattr(sys, "stderr", text)
+        configure(json=False)
+        SummaryLines("gateway", json=False)("chat_completion", dict(fields))
+        assert "chat_completion" in text.getvalue() and "request_id=0123456789abcdef01234567" in text.getvalue()
+    finally:
+        structlog.configure(**saved)

@@ -23,6 +23,7 @@ from services.metrics.labels import OTHER
 from services.usage.metering import Metering, Ticket
 
 if TYPE_CHECKING:
+    from schemas.logs import SummaryLines
     from services.metrics.registry import Metrics
 
 log = structlog.get_logger("gateway")
@@ -59,6 +60,8 @@ class Exchange:
     model_label: str = OTHER
     # The request's span (None: traces are off); it ends with the request.
     span: Span | None = None
+    # Writes the summary line (schemas/logs.py; None: through structlog, where an Exchange is built alone).
+    summary: SummaryLines | None = None
     # Delta frames received (a frame holds every token the provider had ready, or gathered: frame_ms).
     frames: int = 0
     _finished: bool = False
@@ -203,21 +206,25 @@ class Exchange:
 
     def _log(self) -> None:
         t = self.ticket
-        log.info(
-            self.event,
-            request_id=self.request_id,
-            key_id=self.key_id,
-            model=self.model,
-            provider=self.provider,
-            stream=self.stream,
-            prompt_tokens=t.prompt_tokens if t else 0,
-            completion_tokens=t.completion_tokens if t else 0,
-            cached_tokens=self.cached_tokens,
-            frames=self.frames,
-            dispatch_ms=None if self.dispatch_ms is None else round(self.dispatch_ms, 2),
-            accept_ms=None if self.accept_ms is None else round(self.accept_ms, 2),
-            ttft_ms=None if self.ttft_ms is None else round(self.ttft_ms, 2),
-            duration_ms=round((time.monotonic() - self.started) * 1000, 1),
-            status=self.status,
-            **({"trace_id": f"{self.span.get_span_context().trace_id:032x}"} if self.span is not None else {}),
-        )
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "model": self.model,
+            "provider": self.provider,
+            "stream": self.stream,
+            "prompt_tokens": t.prompt_tokens if t else 0,
+            "completion_tokens": t.completion_tokens if t else 0,
+            "cached_tokens": self.cached_tokens,
+            "frames": self.frames,
+            "dispatch_ms": None if self.dispatch_ms is None else round(self.dispatch_ms, 2),
+            "accept_ms": None if self.accept_ms is None else round(self.accept_ms, 2),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+            "status": self.status,
+        }
+        if self.span is not None:
+            fields["trace_id"] = f"{self.span.get_span_context().trace_id:032x}"
+        if self.summary is None:
+            log.info(self.event, **fields)
+        else:
+            self.summary(self.event, fields)

@@ -97,7 +97,7 @@ async def start(
 ) -> Started[D]:
     """Authenticate, decode (`prepare`), reserve quota and hand the job to a provider, or raise."""
     request_id = request_id_of(request)
-    ex = Exchange(request_id=request_id, event=event, metrics=runtime.metrics)
+    ex = Exchange(request_id=request_id, event=event, metrics=runtime.metrics, summary=runtime.summary)
     if runtime.tracing is not None:
         # A trace of our own per request: a buyer's traceparent header is not trusted to join one.
         ex.span = runtime.tracing.start(event, attributes={"mp.request_id": request_id, "mp.surface": event})
