@@ -541,12 +541,15 @@ def test_summary_lines_are_written_as_structlog_writes_them(monkeypatch: pytest.
         theirs, ours = (json.loads(line) for line in out.getvalue().splitlines())
         assert list(ours) == list(theirs) == [*fields, "event", "level", "timestamp"]
         assert {**ours, "timestamp": None} == {**theirs, "timestamp": None}
-        assert ours["event"] == "chat_completion" and ours["level"] == "info"
+        assert ours["event"] == "chat_completion"
+        assert ours["level"] == "info"
 
         text = io.StringIO()  # no binary buffer underneath: structlog's own line, as text
         monkeypatch.setattr(sys, "stderr", text)
         configure(json=False)
         SummaryLines("gateway", json=False)("chat_completion", dict(fields))
-        assert "chat_completion" in text.getvalue() and "request_id=0123456789abcdef01234567" in text.getvalue()
+        console = text.getvalue()
+        assert "chat_completion" in console
+        assert "request_id=0123456789abcdef01234567" in console
     finally:
         structlog.configure(**saved)
