@@ -335,6 +335,64 @@ async def test_an_acknowledgement_that_never_comes_times_out_and_is_forgotten(
     assert await publisher.acknowledged(later, 5.0) > 0
 
 
+async def test_then_runs_in_the_acknowledgements_own_call_before_any_done_callback(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`submit`'s and `publishing`'s `then` run in the call that resolves the event (no loop turn between
+    JetStream's answer and what waits for it: an answer's end waits for its settlement so); one that
+    raises stops neither the other events of its message nor the publisher; a timeout calls it too."""
+    publisher = bus.stream.publisher
+    seen: list[str] = []
+    # Set while the publisher handles an acknowledgement (its subscription's callback, wrapped).
+    handling: list[bool] = []
+    on_ack = publisher._on_ack
+
+    def wrapped(*args: Any) -> None:
+        handling.append(True)
+        try:
+            on_ack(*args)
+        finally:
+            handling.pop()
+
+    await publisher.stop()
+    monkeypatch.setattr(publisher, "_on_ack", wrapped)
+    await publisher.start()
+
+    def noted(name: str) -> Any:
+        def then(future: asyncio.Future[Any]) -> None:
+            outcome = future.exception() or future.result()
+            seen.append(f"{name}: {outcome!r}{' (in the acknowledgement)' if handling else ''}")
+            if name == "raises":
+                raise RuntimeError("a continuation that fails")
+
+        return then
+
+    raising = publisher.submit(msgspec.json.encode(bus.opened("r-then-raises")), noted("raises"))
+    plain = publisher.submit(msgspec.json.encode(bus.opened("r-then-plain")), noted("plain"))
+    plain.add_done_callback(lambda _: seen.append("done callback"))
+    published = bus.stream.publishing(bus.opened("r-then-publishing"), noted("publishing"))
+    published.add_done_callback(lambda _: seen.append("publishing's done callback"))
+    seq = await plain
+    assert await raising == seq, "one message for the turn"
+    assert await published is True
+    await asyncio.sleep(0)
+    assert seen[:2] == [f"raises: {seq} (in the acknowledgement)", f"plain: {seq} (in the acknowledgement)"]
+    assert "publishing: True (in the acknowledgement)" in seen
+    assert "done callback" in seen
+    assert publisher._then == {}
+
+    # Answers lost on the way back: the timeout resolves the event, and calls its `then` in that call.
+    await publisher.stop()
+    monkeypatch.setattr(publisher, "_on_ack", lambda *_: None)
+    await publisher.start()
+    seen.clear()
+    lost = publisher.submit(msgspec.json.encode(bus.opened("r-then-lost")), noted("lost"))
+    with pytest.raises(TimeoutError):
+        await publisher.acknowledged(lost, 0.3)
+    assert seen == ["lost: TimeoutError()"]
+    assert publisher._then == {}
+
+
 async def test_an_idle_consumer_writes_a_requests_first_events_a_linger_later_unless_hurried(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:

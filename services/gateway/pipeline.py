@@ -270,6 +270,8 @@ def stream(runtime: Runtime, started: Started[Any], renderer: Renderer) -> Event
 async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) -> AsyncGenerator[bytes, None]:
     ex, call = started.ex, started.call
     held: list[bytes] = []
+    # The answer went out whole: its end waits for the settlement here, in the request's own task.
+    whole = False
     try:
         async with (
             contextlib.aclosing(events(call, ex)) as answered,
@@ -284,10 +286,11 @@ async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) 
                     yield held[0] if len(held) == 1 else b"".join(held)
                     held.clear()
         # The answer is whole: its settlement leaves for the usage stream with its last chunks, in the same
-        # loop turn (the response still ends only once the stream has it: `_close`, in `finally`).
-        ex.finishing(runtime.metering)
+        # loop turn (the response still ends only once the stream has it: below).
+        settling = ex.finishing(runtime.metering)
         if held:
             yield b"".join(held)
+        whole = True
     except (StreamBroken, ApiError) as exc:
         # Headers are gone already: the error travels in-band, then the stream ends properly.
         ex.status = exc.code or "error"
@@ -298,10 +301,20 @@ async def _guarded(runtime: Runtime, started: Started[Any], renderer: Renderer) 
         ex.status = "client_disconnected"
         raise
     finally:
-        # A disconnect cancels this generator: the provider's cancel and the settlement must still happen.
-        closing = asyncio.ensure_future(_close(call, ex, runtime))
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(closing)
+        if not whole:
+            # A disconnect cancels this generator: the provider's cancel and the settlement must still happen.
+            closing = asyncio.ensure_future(_close(call, ex, runtime))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(closing)
+    if not whole:
+        return
+    # Not `_close` in a task of its own behind a shield (a task, and two more loop turns between the
+    # acknowledgement and the answer's end): the provider finished, so closing the call has nothing to
+    # cancel, and a buyer who leaves now cancels only this wait (the settlement goes on: Metering.settling).
+    await call.close()
+    if settling is not None:
+        with contextlib.suppress(Exception):
+            await settling
 
 
 async def _close(call: Call, ex: Exchange, runtime: Runtime) -> None:

@@ -459,7 +459,9 @@ class Metering:
             if not done.done():  # a caller of `settle` that was cancelled cancelled it
                 done.set_result(None)
 
-        self._stream.publishing(closing).add_done_callback(published)
+        # Called in the same call as the acknowledgement's: the answer's end waits for `done`, with no loop
+        # turn in between for a done callback.
+        self._stream.publishing(closing, published)
         return done
 
     async def _settle(

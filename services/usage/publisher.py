@@ -20,15 +20,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import nats.js.errors
+import structlog
 from nats.aio.client import Client as Nats
 from nats.aio.subscription import Subscription
 from nats.js import api
 
 from schemas import nats_direct, subjects
+
+log = structlog.get_logger("usage")
 
 _NO_RESPONDERS = "503"
 # A message's events stay well under the stream's max_msg_size (64 KB), with room for the brackets.
@@ -78,6 +82,8 @@ class Publisher:
         # them while any wait (`expire_after`).
         self._deadlines: dict[float, collections.deque[tuple[float, asyncio.Future[int]]]] = {}
         self._ticking: asyncio.TimerHandle | None = None
+        # What to call at once when an event's future is resolved here (`submit`'s `then`), by future.
+        self._then: dict[asyncio.Future[int], Callable[[asyncio.Future[int]], None]] = {}
         # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
         # Known from the first event on (asyncio.get_running_loop() is a getpid() system call on Python 3.11).
@@ -125,20 +131,41 @@ class Publisher:
                 future.set_result(seq)
             else:
                 future.set_exception(error)
+            self._resolved(future)
+
+    def _resolved(self, future: asyncio.Future[int]) -> None:
+        then = self._then.pop(future, None) if self._then else None
+        if then is not None:
+            try:
+                then(future)
+            except Exception:
+                # As the loop does with a done callback that raises: told, and nothing else stops.
+                log.exception("usage_ack_callback_failed")
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, kept from the first call on."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     @property
     def pending(self) -> bool:
         """Events wait for the end of this loop turn."""
         return bool(self._turn)
 
-    def submit(self, data: bytes) -> asyncio.Future[int]:
+    def submit(self, data: bytes, then: Callable[[asyncio.Future[int]], None] | None = None) -> asyncio.Future[int]:
         """Queue one encoded event for this loop turn's message. Its future gets the stream sequence of the
         message that holds it once JetStream acknowledged it, or the error nats-py's `js.publish` would raise.
+
+        `then(future)` is called as soon as this publisher resolves the future, in the same call: not as a
+        done callback, which the loop runs a turn later (an answer's end waits for its settlement's
+        acknowledgement, and each such turn between the two was a wake-up of the loop per request).
         """
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self.loop()
         future: asyncio.Future[int] = loop.create_future()
+        if then is not None:
+            self._then[future] = then
         self._turn.append((data, future))
         if len(self._turn) == 1:
             # The turn's first event: the ones the turn's other callbacks publish join it. Queued for the
@@ -176,11 +203,12 @@ class Publisher:
         loop = asyncio.get_running_loop() if self._loop is None else self._loop
         now = loop.time()
         expired = False
-        for queue in self._deadlines.values():
+        for queue in list(self._deadlines.values()):  # a `then` may wait for another timeout
             while queue and (queue[0][1].done() or queue[0][0] <= now):
                 _, future = queue.popleft()
                 if not future.done():
                     future.set_exception(TimeoutError())
+                    self._resolved(future)
                     expired = True
         if expired:
             self._forget_answered()
@@ -192,6 +220,8 @@ class Publisher:
         for reply, futures in list(self._waiting.items()):
             if all(f.done() for f in futures):
                 del self._waiting[reply]
+        for future in [f for f in self._then if f.done()]:
+            self._resolved(future)  # cancelled by whoever awaited it: told all the same
 
     def _end_turn(self) -> None:
         turn, self._turn = self._turn, []
@@ -233,6 +263,7 @@ class Publisher:
         for future in futures:
             if not future.done():
                 future.set_exception(exc)
+                self._resolved(future)
 
 
 def _groups(turn: list[_Item]) -> list[list[_Item]]:
