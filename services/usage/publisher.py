@@ -200,7 +200,7 @@ class Publisher:
             self._ticking = loop.call_later(EXPIRY_TICK_S, self._tick)
 
     def _tick(self) -> None:
-        loop = asyncio.get_running_loop() if self._loop is None else self._loop
+        loop = self.loop()
         now = loop.time()
         expired = False
         for queue in list(self._deadlines.values()):  # a `then` may wait for another timeout
