@@ -2,7 +2,9 @@
 
 A request's reservation is opened before any of its answer reaches the buyer and
 closed before its response ends; the stream keeps both until a ledger consumer
-has written them to Postgres (services/usage/ledger.py). Events a replica
+has written them to Postgres (services/usage/ledger.py). A whole (non-stream)
+answer reaches its buyer only at its end, so its reservation goes with its
+settlement, in one event (`Whole`). Events a replica
 publishes in the same loop turn share one message (services/usage/publisher.py).
 Only the control plane publishes or reads them; providers have no access to the stream.
 """
@@ -50,7 +52,24 @@ class Closed(msgspec.Struct, tag="close", frozen=True):
     keep_slot: bool
 
 
-UsageEvent = Opened | Closed
+class Whole(msgspec.Struct, tag="whole", frozen=True):
+    """A whole (non-stream) answer's reservation and settlement, stored together once it ended.
+
+    Nothing of such an answer reaches its buyer before its settlement is acknowledged, so a replica that
+    dies before that leaves nothing to bill, and its lease (which still holds the request) goes back to
+    the subject. One event instead of two: one store, acknowledgement, delivery and ack in JetStream, and
+    none of a reservation's wait before the provider's answer is read.
+    """
+
+    opened: Opened
+    closed: Closed
+
+    @property
+    def request_id(self) -> str:
+        return self.opened.request_id
+
+
+UsageEvent = Opened | Closed | Whole
 
 ENCODER = msgspec.json.Encoder()
 # A message holds one event (an object), or the events a replica published together (an array of them).

@@ -303,8 +303,10 @@ def _progress(stack: Stack, account: TestAccount, condition: str) -> bool:
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
 def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stream: bool) -> None:
     """A streamed answer cut by its gateway's death is billed what reached the buyer (the progress last
-    reported); a non-streamed one reached the buyer not at all, so it is billed nothing. The provider
-    stops generating for the dead gateway, which said every 0.3 s that it was there while alive."""
+    reported); a non-streamed one reached the buyer not at all, so it is billed nothing: it had no
+    reservation row (its reservation goes with its settlement, usage_events.Whole), and the dead replica's
+    lease, which held it, goes back to the account. The provider stops generating for the dead gateway,
+    which said every 0.3 s that it was there while alive."""
     account = make_account(stack.database_url)
     model = f"tiny-llama-for-gateway-crash-{int(stream)}"
     daemon = spawn_daemon(
@@ -340,13 +342,14 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
             with ThreadPoolExecutor(1) as pool:
                 waiting = pool.submit(httpx.post, url, json=body, headers=account.auth(), timeout=30)
                 deadline = time.monotonic() + 30
-                while not query(stack.database_url, "SELECT 1 FROM reservations WHERE key_id = $1", account.key_id):
-                    assert time.monotonic() < deadline, "the request was never reserved"
+                # Generating: the provider holds it (for longer than a live gateway's silence could last).
+                while not _in_flight(daemon):
+                    assert time.monotonic() < deadline, "the request never reached the provider"
                     time.sleep(0.05)
-                # Generating meanwhile, until the gateway has reported which provider answers.
-                while not _progress(stack, account, "provider_id IS NOT NULL"):
-                    assert time.monotonic() < deadline, "the gateway never reported progress"
-                    time.sleep(0.05)
+                time.sleep(1.0)
+                assert _in_flight(daemon) == 1
+                reserved = "SELECT 1 FROM reservations WHERE key_id = $1"
+                assert query(stack.database_url, reserved, account.key_id) == [], "a whole answer's reservation row"
                 doomed.proc.send_signal(signal.SIGKILL)
                 doomed.proc.wait()
                 with pytest.raises(httpx.HTTPError):
@@ -359,18 +362,17 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
             time.sleep(0.1)
         stopped = logs.wait_event(daemon.log_path, "gateway_lost_requests_stopped")
         assert (stopped["gateway"], str(stopped["requests"])) == (doomed_id, "1")
-        # The replicas (stale after 2 s) settle the orphaned reservation.
-        deadline = time.monotonic() + 15
-        while not (rows := query(stack.database_url, "SELECT * FROM usage_ledger WHERE key_id = $1", account.key_id)):
-            assert time.monotonic() < deadline, "the orphaned reservation was never settled"
-            time.sleep(0.2)
-        (row,) = rows
-        assert row["outcome"] == "gateway_lost"
         if stream:
+            # The replicas (stale after 2 s) settle the orphaned reservation.
+            deadline = time.monotonic() + 15
+            ledger = "SELECT * FROM usage_ledger WHERE key_id = $1"
+            while not (rows := query(stack.database_url, ledger, account.key_id)):
+                assert time.monotonic() < deadline, "the orphaned reservation was never settled"
+                time.sleep(0.2)
+            (row,) = rows
+            assert row["outcome"] == "gateway_lost"
             assert row["completion_tokens"] > 0
-        else:
-            assert (row["prompt_tokens"], row["completion_tokens"]) == (0, 0)
-        assert row["provider_id"] == f"crash-mac-{int(stream)}"
+            assert row["provider_id"] == "crash-mac-1"
         assert query(stack.database_url, "SELECT 1 FROM reservations WHERE key_id = $1", account.key_id) == []
         (usage,) = query(stack.database_url, "SELECT inflight FROM quota_usage WHERE subject = $1", account.subject)
         assert usage["inflight"] == 0
@@ -382,10 +384,16 @@ def test_a_killed_gateway_loses_no_usage(stack: Stack, replicas: list[str], stre
         ):
             assert time.monotonic() < deadline, "the dead replica's lease was never given back"
             time.sleep(0.2)
-        # Settled once: the day's tokens are exactly the ledger row's (a second settlement would add more).
-        (usage,) = query(stack.database_url, "SELECT tokens FROM quota_usage WHERE subject = $1", account.subject)
-        assert usage["tokens"] == row["prompt_tokens"] + row["completion_tokens"]
-        assert len(query(stack.database_url, "SELECT 1 FROM usage_ledger WHERE key_id = $1", account.key_id)) == 1
+        day = "SELECT requests, tokens FROM quota_usage WHERE subject = $1"
+        (usage,) = query(stack.database_url, day, account.subject)
+        written = query(stack.database_url, "SELECT * FROM usage_ledger WHERE key_id = $1", account.key_id)
+        if stream:
+            # Settled once: the day's tokens are exactly the ledger row's (a second settlement would add more).
+            assert usage["tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+            assert len(written) == 1
+        else:
+            # Nothing reached the buyer: nothing counts against the day, and nothing is in the ledger.
+            assert (usage["requests"], usage["tokens"], written) == (0, 0, [])
     finally:
         doomed.stop()
         daemon.stop()

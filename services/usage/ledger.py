@@ -3,7 +3,8 @@
 Each gateway replica publishes its requests' usage events (schemas/usage_events.py)
 to the JetStream stream on its own subject, and a request waits only for the
 stream's acknowledgement: its reservation before any of its answer reaches the
-buyer, its settlement before its response ends. A durable consumer per replica
+buyer, its settlement before its response ends (a whole answer, which reaches
+its buyer only at its end, sends both then, as one event). A durable consumer per replica
 then writes them to Postgres in batches, in the order they were published (one
 call for a batch's reservations and settlements), and acknowledges
 them only once written: a consumer that dies leaves them to be delivered again,
@@ -44,7 +45,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from schemas import nats_direct, subjects
-from schemas.usage_events import ENCODER, Closed, Opened, UsageEvent, decode
+from schemas.usage_events import ENCODER, Closed, Opened, UsageEvent, Whole, decode
 from services.db.refused import REFUSED
 from services.usage import leases
 from services.usage.publisher import Publisher
@@ -145,8 +146,16 @@ async def apply(db: asyncpg.Pool, gateway_id: str, events: Sequence[UsageEvent])
     A batch's reservations go first, then its settlements: a request opened and closed within the batch
     is then settled, and every other change commutes (migration 0016). One call, one round trip, atomic.
     """
-    opens = [e for e in events if isinstance(e, Opened)]
-    closes = [e for e in events if isinstance(e, Closed)]
+    opens: list[Opened] = []
+    closes: list[Closed] = []
+    for e in events:
+        if isinstance(e, Whole):
+            opens.append(e.opened)
+            closes.append(e.closed)
+        elif isinstance(e, Opened):
+            opens.append(e)
+        else:
+            closes.append(e)
     days = list(leases.by_day(opens).items())
     if len(days) <= 1:
         await leases.apply_many(db, gateway_id, days[0][0] if days else None, opens, closes)

@@ -8,7 +8,10 @@ Each replica keeps only the reservations it opened (soft state). It reports
 their progress to Postgres every couple of seconds, so if the replica dies its
 reservations go stale and any other replica settles them with the tokens they
 had reached: nothing is lost, and the ledger's request-id key means nothing is
-counted twice.
+counted twice. A whole (non-stream) answer has no reservation row while it runs:
+nothing of it reaches the buyer before its settlement is stored, so with the usage
+stream its reservation goes with its settlement (usage_events.Whole), and a replica
+that dies first leaves it to its lease, which goes back to the subject.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import asyncpg
 import structlog
 
 from schemas.tasks import cancel_and_wait
-from schemas.usage_events import Closed, Opened, Settlement
+from schemas.usage_events import Closed, Opened, Settlement, Whole
 from services.auth.principal import Principal
 from services.db.refused import REFUSED
 from services.errors import CoordinatorUnavailable, QuotaExhausted
@@ -68,6 +71,8 @@ class Ticket:
     lease: Lease | None = None
     tokens: int = 0
     opening: asyncio.Future[bool] | None = None
+    # A whole answer's reservation, not sent: it goes with the settlement, in one event (usage_events.Whole).
+    deferred: Opened | None = None
 
     def delivered(self) -> tuple[int, int]:
         """(prompt, completion) tokens the buyer has had so far: what a sweeper bills if this replica dies."""
@@ -149,7 +154,8 @@ class Metering:
         # sweeper, a request that ended would be settled from its last reported progress (the tokens it
         # delivered since then, often all of them, never billed). Bounded by the requests running when
         # Postgres went away: no new one is reserved without it.
-        self._unsettled: dict[str, tuple[Settlement, float, int]] = {}
+        # A whole answer's reservation goes with its settlement (`Ticket.deferred`).
+        self._unsettled: dict[str, tuple[Settlement, float, int, Opened | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # Settlements that run as tasks (`settling`), held: the loop keeps only weak references to tasks.
         self._settle_tasks: set[asyncio.Task[None]] = set()
@@ -217,11 +223,22 @@ class Metering:
         """
         if not self.enabled:
             return Ticket(request_id, holder, model, usage=None, stream=stream)
+        whole = not stream and self._stream is not None
+        if whole and self._unsettled:
+            # Settlements are failing now (the usage stream cannot be reached). A whole answer's reservation
+            # is tried only with its settlement, after its generation: none is started to go unrecorded
+            # (a streamed request's own reservation fails in `confirm` meanwhile, as before).
+            raise CoordinatorUnavailable("Usage could not be recorded just now; retry the request.")
         lease = await self._admit(holder, limits, tokens)
         ticket = Ticket(request_id, holder, model, lease.usage(), stream=stream, lease=lease, tokens=tokens)
         h = holder
         opening = Opened(request_id, h.subject, h.account_id, h.key_id, h.demo_token_id, model, lease.day, tokens)
-        if self._stream is not None:
+        if whole:
+            # Nothing of a whole answer reaches its buyer before its settlement is acknowledged: its
+            # reservation goes with that (usage_events.Whole). Until then the lease's row holds the request,
+            # and goes back to the subject if this replica dies: nothing was delivered, nothing is billed.
+            ticket.deferred = opening
+        elif self._stream is not None:
             # Sent at once: it leaves with the request's work message, in one socket write.
             ticket.opening = self._stream.publishing(opening)
         else:
@@ -418,13 +435,15 @@ class Metering:
             done.set_result(None)
             return done
         opening = ticket.opening
-        if (
-            self._stream is None
-            or opening is None
-            or not opening.done()
-            or opening.cancelled()
-            or opening.exception() is not None
-            or not opening.result()
+        if self._stream is None or (
+            ticket.deferred is None
+            and (
+                opening is None
+                or not opening.done()
+                or opening.cancelled()
+                or opening.exception() is not None
+                or not opening.result()
+            )
         ):
             # A task (its reservation is awaited first), kept here: a caller that stops waiting cancels only
             # its own future, never the settlement.
@@ -447,6 +466,7 @@ class Metering:
         self._open.pop(ticket.request_id, None)
         settlement, ended, closing = self._closing(ticket, outcome, cached_tokens, ttft_ms, refund)
         done = loop.create_future()
+        deferred = ticket.deferred
 
         def published(f: asyncio.Future[bool]) -> None:
             if f.cancelled():
@@ -461,7 +481,7 @@ class Metering:
 
         # Called in the same call as the acknowledgement's: the answer's end waits for `done`, with no loop
         # turn in between for a done callback.
-        self._stream.publishing(closing, published)
+        self._stream.publishing(closing if deferred is None else Whole(deferred, closing), published)
         return done
 
     async def _settle(
@@ -490,7 +510,7 @@ class Metering:
         settlement, ended, closing = self._closing(ticket, outcome, cached_tokens, ttft_ms, refund)
         try:
             if self._stream is not None:
-                await self._stream.publish(closing)
+                await self._stream.publish(closing if ticket.deferred is None else Whole(ticket.deferred, closing))
                 # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
                 to_lease = closing.keep_slot
             else:
@@ -533,7 +553,7 @@ class Metering:
         # Retried from the touch loop; only if this replica dies first does a sweeper settle it.
         if ticket.lease is not None:
             ticket.lease.in_use -= 1
-        self._unsettled[ticket.request_id] = (settlement, ended, 1)
+        self._unsettled[ticket.request_id] = (settlement, ended, 1, ticket.deferred)
         log.warning("settle_failed", request_id=ticket.request_id, error=type(exc).__name__, retry=True)
         if self._metrics is not None:
             self._metrics.settle_failures.inc()
@@ -552,12 +572,12 @@ class Metering:
 
     async def _retry_unsettled(self) -> None:
         """Write the settlements that failed; one that keeps failing is left to the sweeper at last."""
-        for request_id, (settlement, ended, tries) in list(self._unsettled.items()):
+        for request_id, (settlement, ended, tries, deferred) in list(self._unsettled.items()):
             try:
                 if self._stream is not None:
                     # Its slot went back to the subject (memory no longer counts it in the lease).
                     closing = Closed(request_id, settlement, keep_slot=False)
-                    await self._stream.publish(closing)
+                    await self._stream.publish(closing if deferred is None else Whole(deferred, closing))
                 else:
                     await quotas.settle(self._db, request_id, settlement)
             except Exception as exc:
@@ -565,7 +585,7 @@ class Metering:
                     del self._unsettled[request_id]
                     log.error("settle_abandoned", request_id=request_id, error=type(exc).__name__, tries=tries)
                 else:
-                    self._unsettled[request_id] = (settlement, ended, tries + 1)
+                    self._unsettled[request_id] = (settlement, ended, tries + 1, deferred)
                 continue
             del self._unsettled[request_id]
             log.info("settle_retried", request_id=request_id, tries=tries + 1)
@@ -576,7 +596,9 @@ class Metering:
         while True:
             await asyncio.sleep(self._touch_interval_s)
             await self._retry_unsettled()
-            progress = [(t.request_id, t.provider_id, *t.delivered()) for t in self._open.values()]
+            # Whole answers have no reservation row yet (`Ticket.deferred`), and nothing delivered to report.
+            running = [t for t in self._open.values() if t.deferred is None]
+            progress = [(t.request_id, t.provider_id, *t.delivered()) for t in running]
             try:
                 await quotas.touch(self._db, progress)
             except Exception:

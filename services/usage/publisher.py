@@ -1,7 +1,8 @@
 """Publishing usage events: the events of one loop turn go to JetStream as one message.
 
-A gateway publishes two events per request (its reservation, its settlement) and
-each waits for JetStream's acknowledgement. Published one by one, every event is a
+A gateway publishes two events per streamed request (its reservation, its
+settlement; one for a whole answer: usage_events.Whole) and each waits for
+JetStream's acknowledgement. Published one by one, every event is a
 PUB to write, a message for JetStream to store and replicate, a PubAck for the
 gateway to parse and a delivery (and an ack) for the ledger's consumer: most of
 what metering costs a busy replica. Events published in the same loop turn (the
