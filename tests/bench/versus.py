@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench import cli, harness, instructions
-from tests.bench.cpu import _on_cpu_s, syscalls
+from tests.bench.cpu import CpuProbe, _on_cpu_s, syscalls
 from tests.bench.harness import Verdict
 from tests.bench.hotpath import GATEWAYS
 from tests.bench.load import HttpClients, Level, ViaGateway, drive, warmup
@@ -59,6 +59,10 @@ class Side:
     levels: list[Level] = field(default_factory=list)
     # Per round: instructions per request (with --instructions).
     instructions: list[float] = field(default_factory=list)
+    # Per round: the CPU ms per request of the shared nats-server and PostgreSQL (all its processes) while this
+    # side's requests ran. Metering's work there (JetStream storing and delivering usage events, the ledger's
+    # writes) is most of what it costs the machine; the other side sits idle meanwhile.
+    servers_ms: list[float] = field(default_factory=list)
 
 
 Measured = dict[str, dict[str, Side]]
@@ -94,6 +98,9 @@ def drop_worktree(path: Path) -> None:
 
 async def measure(plan: Plan, stack: SyntheticStack) -> Measured:
     measured: Measured = {c: {s: Side() for s in SIDES} for c in plan.columns}
+    assert stack.nats_pid is not None
+    assert stack.postgres_pid is not None
+    servers = (CpuProbe(stack.nats_pid), CpuProbe(stack.postgres_pid, tree=True))
     async with HttpClients(64, 8) as clients:
         for column in plan.columns:
             _, streamed, conc = COLUMNS[column]
@@ -111,10 +118,13 @@ async def measure(plan: Plan, stack: SyntheticStack) -> Measured:
                     counting = instructions.Counting(pid) if plan.instructions else None
                     if counting is not None:
                         counting.start()
+                    shared = [probe.snapshot() for probe in servers]
                     before, calls_before = _on_cpu_s(pid) or 0.0, syscalls(pid)
                     level = await drive(send, concurrency=conc, requests=plan.requests)
                     after, calls_after = _on_cpu_s(pid) or 0.0, syscalls(pid)
                     n = max(1, len(level.samples))
+                    used = [CpuProbe.used(s0, probe.snapshot()) for s0, probe in zip(shared, servers, strict=True)]
+                    measured[column][side].servers_ms.append(sum(u or 0.0 for u in used) / n * 1000)
                     if counting is not None:
                         measured[column][side].instructions.append(counting.stop() / n)
                     measured[column][side].cpu_ms.append((after - before) / n * 1000)
@@ -143,7 +153,8 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
     head = (
         f"{'column':<16} | {'gw CPU ms/req, base':>19} {'this':>7} | {'this - base, per round':>22} | "
         f"{'req/s base':>10} {'this':>6} | {'TTFT p50 ms base':>16} {'this':>6} | "
-        f"{'latency p50 base':>16} {'this':>6} | {'syscalls/req base':>17} {'this':>6}"
+        f"{'latency p50 base':>16} {'this':>6} | {'syscalls/req base':>17} {'this':>6} | "
+        f"{'NATS+PG ms/req base':>19} {'this':>6} | {'gw+NATS+PG, this - base':>23}"
     )
     lines = [f"gateway of {plan.base} (base) against this tree (this), metering on, {plan.rounds} rounds", head]
     lines.append("-" * len(head))
@@ -152,16 +163,27 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         diffs = [t - b for b, t in zip(base.cpu_ms, this.cpu_ms, strict=True)]
         se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
         rate = [sum(len(lv.samples) for lv in s.levels) / sum(lv.wall_s for lv in s.levels) for s in (base, this)]
+        whole = [
+            (t + ts) - (b + bs)
+            for b, t, bs, ts in zip(base.cpu_ms, this.cpu_ms, base.servers_ms, this.servers_ms, strict=True)
+        ]
+        whole_se = statistics.stdev(whole) / len(whole) ** 0.5 if len(whole) > 1 else float("nan")
         lines.append(
             f"{COLUMNS[column][0]:<16} | {statistics.mean(base.cpu_ms):19.3f} {statistics.mean(this.cpu_ms):7.3f} | "
             f"{statistics.mean(diffs):+12.3f} ± {se:.3f} ms | {rate[0]:10.0f} {rate[1]:6.0f} | "
             f"{_p50_ms(base.levels, 'ttft'):>16} {_p50_ms(this.levels, 'ttft'):>6} | "
             f"{_p50_ms(base.levels, 'latency'):>16} {_p50_ms(this.levels, 'latency'):>6} | "
-            f"{_calls(base):>17} {_calls(this):>6}"
+            f"{_calls(base):>17} {_calls(this):>6} | "
+            f"{statistics.mean(base.servers_ms):19.3f} {statistics.mean(this.servers_ms):6.3f} | "
+            f"{statistics.mean(whole):+13.3f} ± {whole_se:.3f} ms"
         )
     lines += [
         "gw CPU: user+system CPU of that gateway process in a round / its requests; this - base: the mean of the",
         "rounds' paired differences ± its standard error (a difference within two of those is not one).",
+        "NATS+PG: the shared nats-server's and PostgreSQL's CPU while that side's requests ran, per request (the",
+        "usage stream's storing and delivering, the ledger's writes; a round also holds a little of the ledger's",
+        "lag from the round before); gw+NATS+PG: the paired difference of the three together, what a change",
+        "costs or saves the machine (metering on vs off in `just bench hotpath` follows it).",
         "syscalls/req: the gateway's read and write system calls per request (/proc/<pid>/io), which the",
         "machine's drift does not move: a change in them is the change's own.",
         *tail,
