@@ -24,8 +24,8 @@ from infra.components import Child, DaemonChild, start_gateway, wait_model
 from infra.nats import NatsServer
 from infra.ports import free_port
 from schemas import nats_direct, subjects
-from schemas.usage_events import Closed, Opened, Settlement, UsageEvent
-from services.usage import ledger
+from schemas.usage_events import Closed, Opened, Settlement, UsageEvent, Whole
+from services.usage import leases, ledger
 from services.usage.ledger import UsageStream, UsageStreamUnavailable
 from services.usage.metering import Metering
 from services.usage.quotas import Holder, Limits
@@ -461,6 +461,79 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
         )
         assert (usage["requests"], usage["tokens"], usage["inflight"]) == (1, 30, 0)
         assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", rid) == []
+    finally:
+        await db.close()
+
+
+@pytest.mark.parametrize("case", ["leased", "no-lease", "yesterday"])
+async def test_a_whole_answers_event_counts_as_its_reservation_and_settlement_would(stack: Stack, case: str) -> None:
+    """A whole answer's usage event goes straight to the ledger (migration 0018), without the reservation row
+    its reservation and settlement would write and delete: the subject's counters, the replica's lease row and
+    the ledger end exactly as they do with the two events. Each case on two accounts, the two events on one and
+    the `Whole` on the other, with a lease of this replica (or none: a peer gave it back), and with events of
+    the day before the subject's (a batch across midnight); the `Whole`s delivered twice count once."""
+    day = dt.datetime.now(dt.UTC).date()
+    event_day = day - dt.timedelta(days=1) if case == "yesterday" else day
+    settlements = [
+        (Settlement("p", 11, 21, 0, 5.0, 50.0, "ok"), True, 200),
+        (Settlement("p", 3, 400, 2, 5.0, 50.0, "ok"), False, 100),  # more used than reserved
+        (Settlement(None, 0, 0, 0, None, None, "unavailable", refund=True), False, 300),
+        (Settlement("q", 7, 1, 0, 0.5, 9.0, "client_disconnected"), True, 50),
+    ]
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    gw = f"gw-eq-{secrets.token_hex(3)}"
+    Rows = list[tuple[object, ...]]
+    state: dict[str, tuple[tuple[object, ...], Rows, Rows]] = {}
+    try:
+        for how in ("two", "whole"):
+            account = await make_account_async(stack.database_url)
+            holder = Holder(account.subject, account.account_id, account.key_id, None)
+            limits = Limits(1000, 100_000, 50)
+            await db.execute(
+                "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                account.subject,
+                day,
+            )
+            if case != "no-lease":
+                lease = leases.Lease(account.subject, day, limits)
+                want = (20, 5_000, 10)
+                granted = await leases.grant(db, lease, holder, limits, need_t=1, want=want, gw=gw, stale_after_s=30)
+                assert granted is None
+            rids = [f"{how}-{i}-{secrets.token_hex(6)}" for i in range(len(settlements))]
+            opens = [
+                Opened(rid, account.subject, account.account_id, account.key_id, None, SYNTHETIC, event_day, tokens)
+                for rid, (_, _, tokens) in zip(rids, settlements, strict=True)
+            ]
+            closes = [Closed(rid, s, keep_slot=keep) for rid, (s, keep, _) in zip(rids, settlements, strict=True)]
+            if how == "two":
+                await ledger.apply(db, gw, [*opens, *closes])
+            else:
+                wholes: list[UsageEvent] = [Whole(o, c) for o, c in zip(opens, closes, strict=True)]
+                await ledger.apply(db, gw, wholes)
+                await ledger.apply(db, gw, wholes[1:3])  # delivered again
+            (usage,) = await db.fetch(
+                "SELECT requests, tokens, inflight, leased_requests, leased_tokens, leased_slots "
+                "FROM quota_usage WHERE subject = $1",
+                account.subject,
+            )
+            lease_rows = await db.fetch(
+                "SELECT requests, tokens, slots, window_day FROM quota_leases WHERE subject = $1", account.subject
+            )
+            rows = await db.fetch(
+                "SELECT request_id, model, provider_id, prompt_tokens, completion_tokens, cached_tokens, ttft_ms, "
+                "duration_ms, outcome, billed FROM usage_ledger WHERE subject = $1",
+                account.subject,
+            )
+            # Keyed by the request's place in `settlements`.
+            ledger_rows = sorted((r["request_id"].split("-")[1], *tuple(r)[1:]) for r in rows)
+            state[how] = (tuple(usage), [tuple(r) for r in lease_rows], ledger_rows)
+            assert await db.fetch("SELECT 1 FROM reservations WHERE subject = $1", account.subject) == []
+        assert state["whole"] == state["two"]
+        usage_two = state["two"][0]
+        if case != "yesterday":
+            # Not vacuous: 3 billed requests, their tokens, nothing in flight.
+            assert usage_two[:3] == (3, 32 + 403 + 8, 0)
+        assert len(state["two"][2]) == len(settlements)
     finally:
         await db.close()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from schemas.usage_events import ENCODER, Closed, Opened
+from schemas.usage_events import ENCODER, Closed, Opened, Whole
 from services.usage.quotas import Holder, Limits, Usage, today
 
 # Where a statement runs: the pool, or a connection holding a transaction.
@@ -133,6 +133,10 @@ SELECT request_id, (SELECT count(*) FROM u) AS subjects FROM ins
 # it with no reservations.
 _APPLY = """
 SELECT request_id, to_lease, subjects, written FROM usage_apply_json($1, $2, $3, $4)
+"""
+# And a batch's whole answers (migration 0018): straight to the ledger, without a reservations row.
+_APPLY_WITH_WHOLES = """
+SELECT request_id, to_lease, subjects, written FROM usage_apply_json($1, $2, $3, $4, $5)
 """
 
 # Part of a lease given back by the replica holding it. No clamping at 0 here or below: with the usage
@@ -375,11 +379,20 @@ async def open_many(db: asyncpg.Pool, gw: str, items: list[Opened]) -> list[bool
 
 
 async def apply_many(
-    db: Executor, gw: str, day: dt.date | None, opens: list[Opened], closes: list[Closed]
+    db: Executor,
+    gw: str,
+    day: dt.date | None,
+    opens: list[Opened],
+    closes: list[Closed],
+    wholes: list[Whole] | None = None,
 ) -> list[tuple[bool, bool]]:
-    """Write reservations of `day` (from the usage stream: never refused), then settle `closes`; per
-    settlement (settled now, its slot went back to this replica's lease)."""
-    rows = await db.fetch(_APPLY, gw, day, ENCODER.encode(opens).decode(), ENCODER.encode(closes).decode())
+    """Write whole answers and reservations of `day` (from the usage stream: never refused), then settle
+    `closes`; per settlement (settled now, its slot went back to this replica's lease)."""
+    args = (gw, day, ENCODER.encode(opens).decode(), ENCODER.encode(closes).decode())
+    if wholes:
+        rows = await db.fetch(_APPLY_WITH_WHOLES, *args, ENCODER.encode(wholes).decode())
+    else:
+        rows = await db.fetch(_APPLY, *args)
     done = {r["request_id"]: bool(r["to_lease"]) for r in rows}
     return [(i.request_id in done, done.get(i.request_id, False)) for i in closes]
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -144,27 +145,32 @@ async def apply(db: asyncpg.Pool, gateway_id: str, events: Sequence[UsageEvent])
     """Write one replica's events, in the order published, to Postgres (idempotent).
 
     A batch's reservations go first, then its settlements: a request opened and closed within the batch
-    is then settled, and every other change commutes (migration 0016). One call, one round trip, atomic.
+    is then settled, and every other change commutes (migration 0016). A whole answer's event goes straight
+    to the ledger, with what its reservation and settlement would have done (migration 0018). One call,
+    one round trip, atomic.
     """
     opens: list[Opened] = []
     closes: list[Closed] = []
+    wholes: dict[dt.date, list[Whole]] = {}
     for e in events:
         if isinstance(e, Whole):
-            opens.append(e.opened)
-            closes.append(e.closed)
+            wholes.setdefault(e.opened.day, []).append(e)
         elif isinstance(e, Opened):
             opens.append(e)
         else:
             closes.append(e)
-    days = list(leases.by_day(opens).items())
+    by_day = leases.by_day(opens)
+    days = sorted(by_day.keys() | wholes.keys())
     if len(days) <= 1:
-        await leases.apply_many(db, gateway_id, days[0][0] if days else None, opens, closes)
+        day = days[0] if days else None
+        await leases.apply_many(db, gateway_id, day, opens, closes, wholes.get(day) if day else None)
         return
     # Reservations of two UTC days (a batch across midnight): one call per day, in one transaction, so
     # nobody sees a lease counter between them (migration 0014).
     async with db.acquire() as conn, conn.transaction():
-        for i, (day, group) in enumerate(days):
-            await leases.apply_many(conn, gateway_id, day, group, closes if i == len(days) - 1 else [])
+        for i, day in enumerate(days):
+            last = i == len(days) - 1
+            await leases.apply_many(conn, gateway_id, day, by_day.get(day, []), closes if last else [], wholes.get(day))
 
 
 class UsageStream:
