@@ -461,6 +461,24 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
         )
         assert (usage["requests"], usage["tokens"], usage["inflight"]) == (1, 30, 0)
         assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", rid) == []
+        # A reservation written by one batch, then delivered again with its settlement (a batch that pairs
+        # them, migration 0018): its row is there, so the pair settles it as usage_apply would, once.
+        again = f"again{secrets.token_hex(8)}"
+        pair: list[UsageEvent] = [
+            Opened(again, account.subject, account.account_id, account.key_id, None, SYNTHETIC, day, 300),
+            Closed(again, Settlement("p", 1, 2, 0, None, None, "ok"), keep_slot=False),
+        ]
+        await ledger.apply(db, "gw-twice", pair[:1])
+        assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", again) != []
+        for batch in (pair, pair, [*pair, pair[0]]):
+            await ledger.apply(db, "gw-twice", batch)
+        rows = await db.fetch("SELECT completion_tokens FROM usage_ledger WHERE request_id = $1", again)
+        assert [r["completion_tokens"] for r in rows] == [2]
+        (usage,) = await db.fetch(
+            "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", account.subject
+        )
+        assert (usage["requests"], usage["tokens"], usage["inflight"]) == (2, 33, 0)
+        assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", again) == []
     finally:
         await db.close()
 

@@ -145,20 +145,26 @@ async def apply(db: asyncpg.Pool, gateway_id: str, events: Sequence[UsageEvent])
     """Write one replica's events, in the order published, to Postgres (idempotent).
 
     A batch's reservations go first, then its settlements: a request opened and closed within the batch
-    is then settled, and every other change commutes (migration 0016). A whole answer's event goes straight
-    to the ledger, with what its reservation and settlement would have done (migration 0018). One call,
-    one round trip, atomic.
+    is then settled, and every other change commutes (migration 0016). A whole answer's event, and a request
+    opened and closed within the batch, go straight to the ledger with what the reservation and settlement
+    would have done (migration 0018). One call, one round trip, atomic.
     """
-    opens: list[Opened] = []
+    # Reservations not settled in this batch, by request id (one delivered twice counts once).
+    opened: dict[str, Opened] = {}
     closes: list[Closed] = []
     wholes: dict[dt.date, list[Whole]] = {}
     for e in events:
         if isinstance(e, Whole):
             wholes.setdefault(e.opened.day, []).append(e)
         elif isinstance(e, Opened):
-            opens.append(e)
+            opened[e.request_id] = e
+        elif (o := opened.pop(e.request_id, None)) is not None:
+            # A request opened and closed within the batch (a stream that ended within the linger) is written
+            # as a whole answer is: no reservations row in and out (migration 0018).
+            wholes.setdefault(o.day, []).append(Whole(o, e))
         else:
             closes.append(e)
+    opens = list(opened.values())
     by_day = leases.by_day(opens)
     days = sorted(by_day.keys() | wholes.keys())
     if len(days) <= 1:

@@ -91,12 +91,25 @@ BEGIN
 END;
 $usage_apply_wholes$;
 
--- A batch with wholes: them, then its reservations and settlements (usage_apply_json), in one call.
+-- A batch with wholes: them, then its reservations and settlements (usage_apply_json), in one call. The
+-- consumer also sends a streamed request's reservation and settlement as a whole when both are in the batch;
+-- one whose reservation row exists already (written by an earlier batch, its message delivered again with the
+-- settlement's) goes the usage_apply way instead: its reservation is there, its settlement deletes it.
 CREATE OR REPLACE FUNCTION usage_apply_json(text, date, jsonb, jsonb, jsonb)
 RETURNS TABLE (request_id text, to_lease boolean, subjects bigint, written bigint)
 LANGUAGE plpgsql AS $usage_apply_json5$
+DECLARE
+    fresh jsonb;
+    opens jsonb;
+    closes jsonb;
 BEGIN
-    PERFORM usage_apply_wholes($1, $2, $5);
-    RETURN QUERY SELECT * FROM usage_apply_json($1, $2, $3, $4);
+    SELECT coalesce(jsonb_agg(e ORDER BY n) FILTER (WHERE r.request_id IS NULL), '[]'),
+           coalesce(jsonb_agg(e->'opened' ORDER BY n) FILTER (WHERE r.request_id IS NOT NULL), '[]'),
+           coalesce(jsonb_agg(e->'closed' ORDER BY n) FILTER (WHERE r.request_id IS NOT NULL), '[]')
+    INTO fresh, opens, closes
+    FROM jsonb_array_elements($5) WITH ORDINALITY AS x(e, n)
+    LEFT JOIN reservations r ON r.request_id = e->'opened'->>'request_id';
+    PERFORM usage_apply_wholes($1, $2, fresh);
+    RETURN QUERY SELECT * FROM usage_apply_json($1, $2, $3 || opens, $4 || closes);
 END;
 $usage_apply_json5$;
