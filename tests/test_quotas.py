@@ -25,7 +25,9 @@ from infra.nats import NatsServer
 from infra.ports import free_port
 from schemas import nats_direct, subjects
 from schemas.usage_events import Closed, Opened, Settlement, UsageEvent, Whole
+from services.errors import CoordinatorUnavailable
 from services.usage import leases, ledger
+from services.usage import metering as metering_module
 from services.usage.ledger import UsageStream, UsageStreamUnavailable
 from services.usage.metering import Metering
 from services.usage.quotas import Holder, Limits
@@ -704,6 +706,73 @@ async def test_a_reservation_whose_first_publish_fails_is_published_again(stack:
         assert (await nc.jetstream().stream_info(subjects.USAGE_STREAM)).state.messages == 2
     finally:
         await stream.publisher.stop()
+        await nc.close()
+        await db.close()
+        server.stop()
+
+
+async def test_a_whole_answer_whose_settlement_cannot_be_stored_keeps_its_share_and_stops_the_next(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole answer's reservation goes with its settlement (usage_events.Whole). While that cannot be stored
+    (no usage stream), it is kept for another try with its reservation, its lease keeps its share in use, and
+    the next whole answer is refused before generation (nothing unrecorded starts). Stored at the next try, it
+    is written once, whole; given up on at last, its share goes back to the lease it came from."""
+    monkeypatch.setattr(ledger, "PUBLISH_RETRY_S", 0.3)
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
+    nc = await nats_direct.connect(server.url)
+    gw = f"gw-whole-{secrets.token_hex(3)}"
+    # No touch loop during the test (it would try again on its own): the tries are the test's.
+    metering = Metering(db, gw, touch_interval_s=3600, stale_after_s=7200, stream=UsageStream(nc, db, gw))
+    account = await make_account_async(stack.database_url)
+    holder = Holder(account.subject, account.account_id, account.key_id, None)
+    limits = Limits(1000, 10**6, 10)
+    js = nc.jetstream()
+    try:
+        await metering.start()
+        first = await metering.reserve(holder, limits, f"w1{secrets.token_hex(6)}", SYNTHETIC, 100, stream=False)
+        await metering.confirm(first)  # nothing to wait for: no reservation event was sent
+        assert first.deferred is not None
+        assert first.opening is None
+        lease = first.lease
+        assert lease is not None
+        assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", first.request_id) == []
+        await js.delete_stream(subjects.USAGE_STREAM)
+        first.prompt_tokens, first.completion_tokens = 5, 6
+        await asyncio.wait_for(metering.settle(first, outcome="ok"), 10)
+        assert lease.in_use == 1, "its share stays in use until its settlement is stored"
+        with pytest.raises(CoordinatorUnavailable):
+            await metering.reserve(holder, limits, f"w2{secrets.token_hex(6)}", SYNTHETIC, 100, stream=False)
+        # The stream is back: the next try stores the reservation and the settlement together, once.
+        await metering._stream._ensure_stream()  # type: ignore[union-attr]
+        await metering._retry_unsettled()
+        assert lease.in_use == 0
+        deadline = time.monotonic() + 20
+        ledger_row = "SELECT prompt_tokens, completion_tokens, billed FROM usage_ledger WHERE request_id = $1"
+        while not (rows := await db.fetch(ledger_row, first.request_id)):
+            assert time.monotonic() < deadline, "the whole answer never reached the ledger"
+            await asyncio.sleep(0.1)
+        assert [tuple(r) for r in rows] == [(5, 6, True)]
+        (usage,) = await db.fetch("SELECT requests, tokens FROM quota_usage WHERE subject = $1", account.subject)
+        assert (usage["requests"], usage["tokens"]) == (1, 11)
+        # The way is open again; one that is given up on at last gives its share back to its lease.
+        second = await metering.reserve(holder, limits, f"w3{secrets.token_hex(6)}", SYNTHETIC, 100, stream=False)
+        held = (lease.requests, lease.tokens, lease.slots, lease.in_use)
+        monkeypatch.setattr(metering_module, "_SETTLE_TRIES", 1)
+        await js.delete_stream(subjects.USAGE_STREAM)
+        await asyncio.wait_for(metering.settle(second, outcome="ok"), 10)
+        assert (lease.requests, lease.tokens, lease.slots, lease.in_use) == held
+        await metering._retry_unsettled()
+        assert (lease.requests, lease.tokens, lease.slots, lease.in_use) == (
+            held[0] + 1,
+            held[1] + 100,
+            held[2] + 1,
+            held[3] - 1,
+        )
+        assert await metering.reserve(holder, limits, f"w4{secrets.token_hex(6)}", SYNTHETIC, 100, stream=False)
+    finally:
+        await metering.stop()
         await nc.close()
         await db.close()
         server.stop()

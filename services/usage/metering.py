@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import asyncpg
 import structlog
@@ -48,6 +48,18 @@ _SETTLE_TRIES = 60
 # How long a refusal waits for settlements on their way through the usage stream, and how recent this
 # replica's settlements of the subject must be for a refusal of requests or tokens to wait at all.
 SETTLING_S = 2.0
+
+
+class _Unsettled(NamedTuple):
+    """A settlement that could not be stored yet, tried again from the touch loop."""
+
+    settlement: Settlement
+    ended: float
+    tries: int
+    # A whole answer's reservation (`Ticket.deferred`), which goes with it, and the lease that admitted it:
+    # the request keeps its share there until its settlement is stored (or abandoned: then given back).
+    deferred: Opened | None = None
+    lease: Lease | None = None
 
 
 @dataclass
@@ -154,8 +166,7 @@ class Metering:
         # sweeper, a request that ended would be settled from its last reported progress (the tokens it
         # delivered since then, often all of them, never billed). Bounded by the requests running when
         # Postgres went away: no new one is reserved without it.
-        # A whole answer's reservation goes with its settlement (`Ticket.deferred`).
-        self._unsettled: dict[str, tuple[Settlement, float, int, Opened | None]] = {}
+        self._unsettled: dict[str, _Unsettled] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # Settlements that run as tasks (`settling`), held: the loop keeps only weak references to tasks.
         self._settle_tasks: set[asyncio.Task[None]] = set()
@@ -551,9 +562,11 @@ class Metering:
 
     def _settle_failed(self, ticket: Ticket, settlement: Settlement, ended: float, exc: BaseException) -> None:
         # Retried from the touch loop; only if this replica dies first does a sweeper settle it.
-        if ticket.lease is not None:
+        if ticket.lease is not None and ticket.deferred is None:
             ticket.lease.in_use -= 1
-        self._unsettled[ticket.request_id] = (settlement, ended, 1, ticket.deferred)
+        # A whole answer keeps its slot in use meanwhile: its lease must not be forgotten while its row holds it.
+        lease = ticket.lease if ticket.deferred is not None else None
+        self._unsettled[ticket.request_id] = _Unsettled(settlement, ended, 1, ticket.deferred, lease)
         log.warning("settle_failed", request_id=ticket.request_id, error=type(exc).__name__, retry=True)
         if self._metrics is not None:
             self._metrics.settle_failures.inc()
@@ -572,7 +585,7 @@ class Metering:
 
     async def _retry_unsettled(self) -> None:
         """Write the settlements that failed; one that keeps failing is left to the sweeper at last."""
-        for request_id, (settlement, ended, tries, deferred) in list(self._unsettled.items()):
+        for request_id, (settlement, ended, tries, deferred, lease) in list(self._unsettled.items()):
             try:
                 if self._stream is not None:
                     # Its slot went back to the subject (memory no longer counts it in the lease).
@@ -584,10 +597,16 @@ class Metering:
                 if tries >= _SETTLE_TRIES:
                     del self._unsettled[request_id]
                     log.error("settle_abandoned", request_id=request_id, error=type(exc).__name__, tries=tries)
+                    if deferred is not None and lease is not None:
+                        # Never stored: its share is still in the lease's row, so it goes back to the lease in
+                        # memory, as if the request had not been admitted (no sweeper has a row to settle).
+                        self._unadmit(lease, deferred.tokens)
                 else:
-                    self._unsettled[request_id] = (settlement, ended, tries + 1, deferred)
+                    self._unsettled[request_id] = _Unsettled(settlement, ended, tries + 1, deferred, lease)
                 continue
             del self._unsettled[request_id]
+            if lease is not None:
+                lease.in_use -= 1
             log.info("settle_retried", request_id=request_id, tries=tries + 1)
             if self._metrics is not None:
                 self._metrics.settlement_lag.observe(time.monotonic() - ended)
