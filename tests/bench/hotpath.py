@@ -41,7 +41,7 @@ from tests.bench import cli, harness
 from tests.bench.cpu import CpuProbe
 from tests.bench.harness import Verdict
 from tests.bench.load import Direct, HttpClients, Level, OneRequest, Sample, ViaGateway, drive, warmup
-from tests.bench.machine import machine_lines
+from tests.bench.machine import machine_lines, speed_ms
 from tests.bench.progress import say
 from tests.bench.report import Stats
 from tests.bench.stack import RAISED_QUOTAS, GatewaySpec
@@ -122,6 +122,8 @@ class Tally:
     timeline: dict[str, float] | None = None
     # Delta frames the gateway received per request (its summary lines), for the series through one.
     frames: float | None = None
+    # The fixed workload's time (tests/bench/machine.py) right after the column's rounds: the box's speed then.
+    speed_ms: float | None = None
 
     @property
     def stats(self) -> Stats:
@@ -436,6 +438,10 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                 why = f" ({counts(st.errors)})" if st.failed else ""
                 done = f"{st.requests} requests, {st.wall_s:6.2f}s, {st.failed} failed{why}"
                 say(f"{column.label:<24} {series:<13}: {done}")
+            # The footer times the box before and after the run; a slow spell in between shows only here.
+            speed = speed_ms(rounds=5)
+            for tally in tallies.values():
+                tally.speed_ms = speed
             results[column.label] = tallies
             series_gateway.update({(column.label, series): senders[series][0] for series in names})
     # Each gateway's log read once, at the end: its summary lines say how many frames each request came in.
@@ -551,6 +557,12 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
                 ],
             )
         table.rule()
+    speeds = [(label, next(iter(tallies.values())).speed_ms) for label, tallies in results.items()]
+    table.add(
+        "the fixed workload right after each column (the footer times it before and after the run; a column well",
+        "above those ran in a slow spell of the box, metering off and on alike):",
+        *(f"  {label:<28} {speed:.1f} ms" for label, speed in speeds if speed is not None),
+    )
     table.add("goals (issue 14)")
     # The columns whose added time to first token is a goal: streamed at c=1, at full speed and paced.
     c1_labels = {c.label for c in plan.columns if c.stream and c.concurrency == 1 and c.model != BATCH_MODEL}
