@@ -450,19 +450,27 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
         Closed(rid, Settlement("p", 10, 20, 0, 5.0, 50.0, "ok"), keep_slot=False),
     ]
     db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+
+    async def written(request_id: str) -> tuple[list[int], tuple[int, int, int], bool]:
+        """Its ledger rows' completion tokens, the subject's (requests, tokens, inflight), a reservation row."""
+        rows = await db.fetch("SELECT completion_tokens FROM usage_ledger WHERE request_id = $1", request_id)
+        (usage,) = await db.fetch(
+            "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", account.subject
+        )
+        reserved = await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", request_id)
+        return (
+            [r["completion_tokens"] for r in rows],
+            (usage["requests"], usage["tokens"], usage["inflight"]),
+            bool(reserved),
+        )
+
     try:
         await db.execute(
             "INSERT INTO quota_usage (subject, window_day) VALUES ($1, $2) ON CONFLICT DO NOTHING", account.subject, day
         )
         for batch in (events, events, events[:1], events[1:]):
             await ledger.apply(db, "gw-twice", batch)
-        rows = await db.fetch("SELECT completion_tokens FROM usage_ledger WHERE request_id = $1", rid)
-        assert [r["completion_tokens"] for r in rows] == [20]
-        (usage,) = await db.fetch(
-            "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", account.subject
-        )
-        assert (usage["requests"], usage["tokens"], usage["inflight"]) == (1, 30, 0)
-        assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", rid) == []
+        assert await written(rid) == ([20], (1, 30, 0), False)
         # A reservation written by one batch, then delivered again with its settlement (a batch that pairs
         # them, migration 0018): its row is there, so the pair settles it as usage_apply would, once.
         again = f"again{secrets.token_hex(8)}"
@@ -471,16 +479,10 @@ async def test_usage_events_written_twice_count_once(stack: Stack) -> None:
             Closed(again, Settlement("p", 1, 2, 0, None, None, "ok"), keep_slot=False),
         ]
         await ledger.apply(db, "gw-twice", pair[:1])
-        assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", again) != []
+        assert (await written(again))[2], "the reservation row is there"
         for batch in (pair, pair, [*pair, pair[0]]):
             await ledger.apply(db, "gw-twice", batch)
-        rows = await db.fetch("SELECT completion_tokens FROM usage_ledger WHERE request_id = $1", again)
-        assert [r["completion_tokens"] for r in rows] == [2]
-        (usage,) = await db.fetch(
-            "SELECT requests, tokens, inflight FROM quota_usage WHERE subject = $1", account.subject
-        )
-        assert (usage["requests"], usage["tokens"], usage["inflight"]) == (2, 33, 0)
-        assert await db.fetch("SELECT 1 FROM reservations WHERE request_id = $1", again) == []
+        assert await written(again) == ([2], (2, 33, 0), False)
     finally:
         await db.close()
 

@@ -521,7 +521,8 @@ class Metering:
         settlement, ended, closing = self._closing(ticket, outcome, cached_tokens, ttft_ms, refund)
         try:
             if self._stream is not None:
-                await self._stream.publish(closing if ticket.deferred is None else Whole(ticket.deferred, closing))
+                # (A whole answer's settlement never comes here: `settling` publishes it with its reservation.)
+                await self._stream.publish(closing)
                 # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
                 to_lease = closing.keep_slot
             else:
