@@ -323,6 +323,60 @@ def test_a_lease_used_up_soon_after_its_grant_asks_for_twice_as_much() -> None:
     assert wanted(lease, 10)[0] == 50 * HORIZON_S
 
 
+def test_a_lease_short_of_slots_alone_asks_for_no_more_requests() -> None:
+    """Its requests are topped up to what its rate needs, not doubled: a lease whose slots ran out again and
+    again (a load rising and falling) had doubled its requests at each grant, to hundreds of thousands."""
+    lease = Lease("a1", dt.date(2026, 1, 1), Limits(10**6, 10**9, 100), requests=5000, tokens=10**6)
+    lease.granted_r, lease.granted_at = 4096, time.monotonic()
+    assert wanted(lease, 10)[:2] == (1, 10)
+    lease.rate = 3000.0
+    assert wanted(lease, 10)[0] == 3000 * HORIZON_S - 5000, "topped up to its rate over the horizon"
+    lease.in_use, lease.peak = 2, 16
+    assert wanted(lease, 10)[2] == 14, "slots back up to the most in use lately"
+
+
+def _serve(lease: Lease, rises: int, top: int, tokens: int = 10) -> list[int]:
+    """Requests rising to `top` at once on this replica and falling back to 1, `rises` times, leased from a
+    subject with room; the grants each rise took."""
+    grants = []
+    for _ in range(rises):
+        grants.append(0)
+        for _ in range(top - lease.in_use):
+            if not lease.covers(tokens):
+                r, t, c = wanted(lease, tokens)
+                lease.requests, lease.tokens, lease.slots = lease.requests + r, lease.tokens + t, lease.slots + c
+                lease.granted_r, lease.granted_at = r, time.monotonic()
+                grants[-1] += 1
+            lease.requests, lease.tokens, lease.slots = lease.requests - 1, lease.tokens - tokens, lease.slots - 1
+            lease.in_use += 1
+            lease.peak = max(lease.peak, lease.in_use)
+        while lease.in_use > 1:
+            keep = lease.keeps_slot()
+            lease.in_use -= 1
+            lease.slots += keep
+    return grants
+
+
+def test_a_load_that_rises_and_falls_keeps_the_slots_its_peak_needs_where_the_subject_has_room() -> None:
+    """A closed loop whose client is busy half the time: its requests here rise to 16 and fall to 1 again and
+    again. With room to spare the lease keeps the slots its peak needed, and leases none for the rises after
+    the first (they had taken a statement each, a dozen requests apart); near the limit they go back."""
+    lease = Lease("a1", dt.date(2026, 1, 1), Limits(10**6, 10**9, 10**6), requests=10**5, tokens=10**7)
+    lease.total_c = 20  # the subject's slots in use or leased, as of the last grant
+    grants = _serve(lease, rises=20, top=16)
+    assert grants[0] > 0, grants
+    assert sum(grants[1:]) == 0, grants
+    assert lease.slots + lease.in_use == 16, "what its peak needed, no more"
+    lease.peak = lease.in_use  # a maintenance tick: the peak since then is what it needs now
+    assert lease.spare_slots() == lease.slots - 2
+    # Near its limit (8 slots free), a slot beyond the one spare goes back to the subject as its request ends.
+    near = Lease("a2", dt.date(2026, 1, 1), Limits(10**6, 10**9, 40), slots=2, in_use=3, peak=16)
+    near.total_c = 32
+    assert not near.keeps_slot()
+    near.total_c = 20
+    assert near.keeps_slot()
+
+
 async def test_an_event_streams_chunks_go_to_the_servers_own_send_when_it_is_known() -> None:
     """Behind `ServerSend`, the start passes through the app's send hooks and the chunks skip them."""
 

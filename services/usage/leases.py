@@ -222,6 +222,10 @@ KEEP_SLOTS_ABOVE = 4
 # And one spare slot stays while the subject had at least this many slots free at the last grant: a
 # replica serving one request after another then leases once, not once per request (an idle lease,
 # spare slot included, goes back as any other). A subject near its concurrency limit gets every slot back.
+# More than one stays, up to the most of the subject's requests that ran here at once lately (`Lease.peak`),
+# while the subject had this many times the slots kept free: a load whose requests here rise and fall
+# (a closed loop of 16 whose client is busy half the time) otherwise gave its slots back at each fall and
+# leased them again at each rise, one statement per dozen requests (`just bench hotpath`, 2026-12-07).
 SPARE_SLOT_IF_FREE = 4
 
 
@@ -235,8 +239,9 @@ class Lease:
     requests: int = 0
     tokens: int = 0
     slots: int = 0
-    # Slots of this subject's requests running here.
+    # Slots of this subject's requests running here, and the most at once since the last maintenance tick.
     in_use: int = 0
+    peak: int = 0
     # The subject's counters (used + leased by all replicas) after this replica's last grant, and
     # what this lease held then: the rate-limit headers' figures without a query.
     total_r: int = 0
@@ -278,11 +283,21 @@ class Lease:
     def covers(self, tokens: int) -> bool:
         return self.requests >= 1 and self.tokens >= tokens and self.slots >= 1
 
+    def spare_slots(self) -> int:
+        """Slots to give back at a maintenance tick: more than the most its requests here needed at once since
+        the last one (2 at least), which another replica could use for this subject."""
+        return max(0, self.slots - max(2, self.in_use, self.peak))
+
     def keeps_slot(self) -> bool:
         """Whether the slot of a request settling now stays in this lease rather than going to the subject."""
         if self.in_use > KEEP_SLOTS_ABOVE:
             return True
-        return self.slots == 0 and self.limits.concurrent - self.total_c >= SPARE_SLOT_IF_FREE
+        room = self.limits.concurrent - self.total_c
+        if self.slots == 0:
+            return room >= SPARE_SLOT_IF_FREE
+        # What this lease holds if the slot stays (the settling request is still in `in_use`).
+        held = self.slots + self.in_use
+        return held <= self.peak and room >= SPARE_SLOT_IF_FREE * held
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,14 +441,20 @@ async def give_back_stale(db: asyncpg.Pool) -> int:
 
 
 def wanted(lease: Lease, tokens: int) -> tuple[int, int, int]:
-    """How much to ask for: this replica's rate over HORIZON_S, at least what is waiting now.
+    """How much to ask for: enough to hold this replica's rate over HORIZON_S, at least what is waiting now.
 
     The rate is smoothed once per maintenance tick, so a burst on a subject that was quiet would lease
     one request (or one per waiter) at a time until the next tick: one statement per few requests. A
     lease used up within HORIZON_S of its grant asks for twice that grant instead (a grant is still
     at most a quarter of what the subject has left, so near its limit this changes nothing).
+
+    Requests are topped up to that, not added: a lease short of slots alone asks for little else (its
+    grants had doubled the requests each time, and a replica held hundreds of thousands it never used).
+    Slots: half those in use, and back up to the recent peak.
     """
     r = max(1, lease.waiters, math.ceil(lease.rate * HORIZON_S))
-    if time.monotonic() - lease.granted_at < HORIZON_S:
+    used_up = lease.requests < 1 or lease.tokens < tokens
+    if used_up and time.monotonic() - lease.granted_at < HORIZON_S:
         r = max(r, min(MAX_DOUBLED, 2 * lease.granted_r))
-    return r, r * tokens, max(1, lease.waiters, lease.in_use // 2)
+    c = max(1, lease.waiters, lease.in_use // 2, lease.peak - lease.in_use - lease.slots)
+    return max(1, r - lease.requests), max(tokens, r * tokens - lease.tokens), c

@@ -299,6 +299,8 @@ class Metering:
                 lease.tokens -= tokens
                 lease.slots -= 1
                 lease.in_use += 1
+                if lease.in_use > lease.peak:
+                    lease.peak = lease.in_use
                 lease.admitted += 1
                 lease.used_at = now
                 return lease
@@ -404,9 +406,9 @@ class Metering:
                 if idle and not (lease.requests or lease.tokens or lease.slots):
                     del self._leases[subject]
                     forgotten.append(subject)
-            elif lease.slots > max(2, lease.in_use):
-                # Spare slots another replica could use for this subject.
-                await self._give_back(lease, 0, 0, lease.slots - max(2, lease.in_use))
+            elif spare := lease.spare_slots():
+                await self._give_back(lease, 0, 0, spare)
+            lease.peak = lease.in_use
         await leases.forget_empty(self._db, self._gateway_id, forgotten)
 
     async def settle(
