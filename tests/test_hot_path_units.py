@@ -367,13 +367,17 @@ def test_a_load_that_rises_and_falls_keeps_the_slots_its_peak_needs_where_the_su
     assert grants[0] > 0, grants
     assert sum(grants[1:]) == 0, grants
     assert lease.slots + lease.in_use == 16, "what its peak needed, no more"
-    lease.peak = lease.in_use  # a maintenance tick: the peak since then is what it needs now
+    assert lease.spare_slots() == 0, "a tick now keeps them"
+    lease.peak = lease.in_use  # the tick after: the peak since then is what it needs now
     assert lease.spare_slots() == lease.slots - 2
     # Near its limit (8 slots free), a slot beyond the one spare goes back to the subject as its request ends.
     near = Lease("a2", dt.date(2026, 1, 1), Limits(10**6, 10**9, 40), slots=2, in_use=3, peak=16)
     near.total_c = 32
     assert not near.keeps_slot()
-    near.total_c = 20
+    assert near.spare_slots() == 0, "as many spare as are in use, as before"
+    near.slots = 12
+    assert near.spare_slots() == 12 - 3, "not what its peak needed"
+    near.slots, near.total_c = 2, 20
     assert near.keeps_slot()
 
 

@@ -284,9 +284,13 @@ class Lease:
         return self.requests >= 1 and self.tokens >= tokens and self.slots >= 1
 
     def spare_slots(self) -> int:
-        """Slots to give back at a maintenance tick: more than the most its requests here needed at once since
-        the last one (2 at least), which another replica could use for this subject."""
-        return max(0, self.slots - max(2, self.in_use, self.peak))
+        """Slots to give back at a maintenance tick, which another replica could use for this subject: beyond
+        2, or as many as are in use, or (where the subject has room, as `keeps_slot` says) what the most of its
+        requests running here at once since the last tick needed."""
+        spare = max(2, self.in_use)
+        if self.limits.concurrent - self.total_c >= SPARE_SLOT_IF_FREE * self.peak:
+            spare = max(spare, self.peak - self.in_use)
+        return max(0, self.slots - spare)
 
     def keeps_slot(self) -> bool:
         """Whether the slot of a request settling now stays in this lease rather than going to the subject."""
