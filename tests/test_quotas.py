@@ -26,6 +26,7 @@ from infra.ports import free_port
 from schemas import nats_direct, subjects
 from schemas.usage_events import Closed, Opened, Settlement, UsageEvent, Whole
 from services.errors import CoordinatorUnavailable
+from services.metrics.registry import Metrics
 from services.usage import leases, ledger
 from services.usage import metering as metering_module
 from services.usage.ledger import UsageStream, UsageStreamUnavailable
@@ -773,6 +774,58 @@ async def test_a_whole_answer_whose_settlement_cannot_be_stored_keeps_its_share_
             held[3] - 1,
         )
         assert await metering.reserve(holder, limits, f"w4{secrets.token_hex(6)}", SYNTHETIC, 100, stream=False)
+    finally:
+        await metering.stop()
+        await nc.close()
+        await db.close()
+        server.stop()
+
+
+async def test_a_load_that_rises_and_falls_on_one_key_leases_its_slots_once(stack: Stack, tmp_path: Path) -> None:
+    """One key's requests on a replica rise to 12 at once and fall to none, again and again (a closed loop
+    whose client is busy half the time). The lease keeps the slots its peak needed: the rises after the first
+    take no grant for slots (each had taken a few statements, a dozen requests apart), the grants show in the
+    replica's metrics by what ran short, and every request is stored once."""
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
+    nc = await nats_direct.connect(server.url)
+    gw = f"gw-waves-{secrets.token_hex(3)}"
+    metrics = Metrics()
+    # No maintenance tick during the test (a tick starts a new peak): the waves come within one, as at speed.
+    metering = Metering(
+        db, gw, touch_interval_s=3600, stale_after_s=7200, stream=UsageStream(nc, db, gw), metrics=metrics
+    )
+    account = await make_account_async(stack.database_url)
+    holder = Holder(account.subject, account.account_id, account.key_id, None)
+    limits = Limits(10**6, 10**9, 1000)
+
+    def grants(short: str) -> float:
+        return metrics.registry.get_sample_value("mp_quota_lease_grants_total", {"short": short}) or 0.0
+
+    request_ids: list[str] = []
+    slot_grants: list[float] = []
+    try:
+        await metering.start()
+        for _ in range(6):
+            before = grants("slots")
+            tickets = []
+            for _ in range(12):
+                request_ids.append(f"wave-{secrets.token_hex(6)}")
+                tickets.append(await metering.reserve(holder, limits, request_ids[-1], SYNTHETIC, 100, stream=False))
+            for ticket in tickets:
+                ticket.prompt_tokens, ticket.completion_tokens = 3, 4
+                await asyncio.wait_for(metering.settle(ticket, outcome="ok"), 10)
+            slot_grants.append(grants("slots") - before)
+        assert slot_grants[0] > 0, "the first rise leases its slots"
+        assert slot_grants[1:] == [0] * 5, slot_grants
+        assert grants("requests") > 0, "the first grant of a new lease is for requests"
+        deadline = time.monotonic() + 20
+        stored = "SELECT count(*) FROM usage_ledger WHERE request_id = ANY($1::text[]) AND completion_tokens = 4"
+        while await db.fetchval(stored, request_ids) < len(request_ids):
+            assert time.monotonic() < deadline, "not every request reached the ledger"
+            await asyncio.sleep(0.1)
+        (usage,) = await db.fetch("SELECT requests, tokens FROM quota_usage WHERE subject = $1", account.subject)
+        assert (usage["requests"], usage["tokens"]) == (72, 72 * 7)
     finally:
         await metering.stop()
         await nc.close()

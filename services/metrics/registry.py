@@ -116,6 +116,14 @@ class Metrics:
             SETTLE_BUCKETS,
             registry=r,
         ).labels()
+        self.lease_grants = Counter(
+            "mp_quota_lease_grants",
+            "Quota lease statements this replica ran to serve a request, by what its lease of the subject was short "
+            "of: requests (a new lease's first grant too), tokens, slots, or none (one not confirmed lately). A grant "
+            "covers about 2 s of a subject's rate here; many a second on one busy subject is churn.",
+            ["short"],
+            registry=r,
+        )
         self.settle_failures = Counter(
             "mp_usage_settle_failures",
             "Settlements or batches of usage events whose write failed (retried; a lost one is settled by a sweeper).",

@@ -312,6 +312,8 @@ class Metering:
                     lease.waiters -= 1
                 continue
             lease.granting = asyncio.get_running_loop().create_future()
+            if self._metrics is not None:
+                self._metrics.lease_grants.labels(_short_of(lease, tokens, fresh)).inc()
             try:
                 refused = await leases.grant(
                     self._db,
@@ -653,6 +655,17 @@ class Metering:
                     self._metrics.stale_settled.inc(settled)
             if given:
                 log.warning("stale_leases_given_back", subjects=given)
+
+
+def _short_of(lease: Lease, tokens: int, fresh: bool) -> str:
+    """What a lease about to be granted more lacks (the grant metric's label)."""
+    if not fresh:
+        return "none"
+    if lease.requests < 1:
+        return "requests"
+    if lease.tokens < tokens:
+        return "tokens"
+    return "slots" if lease.slots < 1 else "none"
 
 
 def _refusal(usage: Usage, tokens: int) -> tuple[QuotaExhausted, str]:
