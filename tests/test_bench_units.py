@@ -6,10 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client import generate_latest
 
+from services.metrics.registry import Metrics
 from tests.bench import instructions
 from tests.bench.instructions import Counting, parse_total
+from tests.bench.lease_grants import TOKEN_FILE, GrantProbe
 
 # `callgrind_control -e Ir <pid>` of a process with two threads (valgrind 3.19); its lines end in a space.
 STATUS = "PID 10217: python -m services serve\n\n  Totals:        Ir \n   Th 1  26,733,686 \n   Th 2       1,204 \n\n"
@@ -73,3 +77,31 @@ def test_counting_counts_the_work_between_start_and_stop_only(tmp_path: Path) ->
     assert one > 200_000 * 5, "at least a few instructions per number summed"
     assert 1.8 < two / one < 2.2, measured
     assert idle < one / 10, (idle, measured)
+
+
+@pytest.mark.unit
+async def test_the_lease_grant_probe_reads_a_gateways_own_counter(tmp_path: Path) -> None:
+    """The hotpath benchmark's lease statements come from the gateway's /metrics, by what ran short."""
+    metrics = Metrics()
+    metrics.lease_grants.labels("slots").inc(3)
+    metrics.lease_grants.labels("requests").inc()
+    (tmp_path / TOKEN_FILE).write_text("secret\n")
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("authorization") != "Bearer secret":
+            return httpx.Response(401)
+        return httpx.Response(200, content=generate_latest(metrics.registry))
+
+    probe = GrantProbe("http://gw", tmp_path)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(serve)) as client:
+        before = await probe.snapshot(client)
+        assert before == {"requests": 1.0, "tokens": 0.0, "slots": 3.0, "none": 0.0}
+        metrics.lease_grants.labels("slots").inc()
+        assert GrantProbe.used(before, await probe.snapshot(client)) == {
+            "requests": 0.0,
+            "tokens": 0.0,
+            "slots": 1.0,
+            "none": 0.0,
+        }
+        (tmp_path / TOKEN_FILE).write_text("wrong")
+        assert await probe.snapshot(client) is None, "an unreadable /metrics is no figure, not zero"

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+import httpx
 import psutil
 
 from infra.components import Child, DaemonChild, start_daemon, wait_model
@@ -40,6 +41,7 @@ from services.keys.store import create_account, create_key
 from tests.bench import cli, harness
 from tests.bench.cpu import CpuProbe
 from tests.bench.harness import Verdict
+from tests.bench.lease_grants import SHORT, GrantProbe
 from tests.bench.load import Direct, HttpClients, Level, OneRequest, Sample, ViaGateway, drive, warmup
 from tests.bench.machine import machine_lines, speed_ms
 from tests.bench.progress import say
@@ -124,6 +126,8 @@ class Tally:
     frames: float | None = None
     # The fixed workload's time (tests/bench/machine.py) right after the column's rounds: the box's speed then.
     speed_ms: float | None = None
+    # Quota lease statements its metered gateway ran in the series' rounds, by what ran short (lease_grants.py).
+    grants: dict[str, float] | None = None
 
     @property
     def stats(self) -> Stats:
@@ -364,6 +368,7 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     if isinstance(stack, HotStack):
         daemon_api[PACED_MODEL] = stack.paced.api_url
     probes = {name: CpuProbe(g.child.proc.pid) for name, g in gw.items()}
+    grant_probe = GrantProbe(gw[ON].base_url, stack.home)
     profiler = Profiler(gw[ON].child.proc.pid, profile_dir) if plan.profile_s else None
     results: Results = {}
     # (column label, series) -> the gateway it went through (None: a baseline).
@@ -374,6 +379,7 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
         HttpClients(top, plan.streams_per_client) as c_many,
         HttpClients(top, plan.streams_per_client) as c_pg,
         HttpClients(top, plan.streams_per_client) as c_direct,
+        httpx.AsyncClient() as scraper,
     ):
         for column in plan.columns:
             c = column.concurrency
@@ -416,11 +422,15 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
                     if profiling:
                         assert profiler is not None
                         profiler.start()
+                    leases0 = await grant_probe.snapshot(scraper) if name == ON else None
                     pg0, nats0 = postgres.snapshot(), nats.snapshot()
                     gw0 = probes[name].snapshot() if name else None
                     tally.levels.append(await drive(send, concurrency=c, requests=per_round))
                     pg1, nats1 = postgres.snapshot(), nats.snapshot()
                     gw1 = probes[name].snapshot() if name else None
+                    if name == ON:
+                        used = GrantProbe.used(leases0, await grant_probe.snapshot(scraper))
+                        tally.grants = _sum(tally.grants if r else {}, used)
                     if profiling:
                         assert profiler is not None
                         profiler.stop()
@@ -467,6 +477,12 @@ def _round_range(on: Tally, off: Tally) -> str:
     if len(ratios) < 2:
         return ""
     return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}, median {statistics.median(ratios):.2f}]"
+
+
+def _sum(total: dict[str, float] | None, used: dict[str, float] | None) -> dict[str, float] | None:
+    if total is None or used is None:
+        return None
+    return {k: total.get(k, 0.0) + used[k] for k in SHORT}
 
 
 def _add(total: float | None, used: float | None) -> float | None:
@@ -611,6 +627,23 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         for label, series, parts in timelines:
             cells = "  ".join(f"{part} {value:.3f}" for part, value in parts.items())
             table.add(f"  {label + ' / ' + series:<38} {cells}")
+    grants = [
+        (label, series, tally)
+        for label, tallies in results.items()
+        for series, tally in tallies.items()
+        if tally.grants is not None and tally.stats.requests
+    ]
+    if grants:
+        table.add(
+            "",
+            "quota lease statements per 1,000 requests, metering-on gateway (mp_quota_lease_grants_total, by what",
+            "the lease ran short of; a lease covers about 2 s of its subject's rate: a few per 1,000 on one busy key):",
+        )
+        for label, series, tally in grants:
+            assert tally.grants is not None
+            per = 1000 / tally.stats.requests
+            by_short = ", ".join(f"{k} {v * per:.1f}" for k, v in tally.grants.items())
+            table.add(f"  {label + ' / ' + series:<38} {sum(tally.grants.values()) * per:6.1f}  ({by_short})")
     if slow is not None:
         st = Stats.of(slow.level)
         mb = 1 << 20
