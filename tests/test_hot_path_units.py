@@ -333,6 +333,8 @@ def test_a_lease_short_of_slots_alone_asks_for_no_more_requests() -> None:
     assert wanted(lease, 10)[0] == 3000 * HORIZON_S - 5000, "topped up to its rate over the horizon"
     lease.in_use, lease.peak = 2, 16
     assert wanted(lease, 10)[2] == 14, "slots back up to the most in use lately"
+    fresh = Lease("a2", dt.date(2026, 1, 1), Limits(10**6, 10**9, 100), remembered=8)
+    assert wanted(fresh, 10)[:2] == (8, 80), "a new lease asks for what the subject's last one served"
 
 
 def _serve(lease: Lease, rises: int, top: int, tokens: int = 10) -> list[int]:

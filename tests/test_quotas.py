@@ -833,6 +833,50 @@ async def test_a_load_that_rises_and_falls_on_one_key_leases_its_slots_once(stac
         server.stop()
 
 
+async def test_a_subject_working_in_bursts_leases_each_burst_at_once(stack: Stack, tmp_path: Path) -> None:
+    """A key that sends a burst of 8 requests, pauses past a maintenance tick (its idle lease goes back to the
+    account), then sends 8 more: the second burst's lease asks at once for what the first one used, one
+    statement instead of one per doubling (1, 2, 4, 8); nothing of the first lease stays held meanwhile."""
+    server = NatsServer.start(tmp_path / "nats")
+    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
+    nc = await nats_direct.connect(server.url)
+    gw = f"gw-bursts-{secrets.token_hex(3)}"
+    metrics = Metrics()
+    metering = Metering(
+        db, gw, touch_interval_s=3600, stale_after_s=7200, stream=UsageStream(nc, db, gw), metrics=metrics
+    )
+    account = await make_account_async(stack.database_url)
+    holder = Holder(account.subject, account.account_id, account.key_id, None)
+    limits = Limits(10**6, 10**9, 1000)
+
+    def grants() -> float:
+        return metrics.registry.get_sample_value("mp_quota_lease_grants_total", {"short": "requests"}) or 0.0
+
+    async def burst() -> float:
+        before = grants()
+        for _ in range(8):
+            ticket = await metering.reserve(holder, limits, f"b-{secrets.token_hex(6)}", SYNTHETIC, 100, stream=False)
+            ticket.prompt_tokens, ticket.completion_tokens = 3, 4
+            await asyncio.wait_for(metering.settle(ticket, outcome="ok"), 10)
+        return grants() - before
+
+    leased = "SELECT leased_requests FROM quota_usage WHERE subject = $1"
+    try:
+        await metering.start()
+        assert await burst() == 4, "a new subject's lease doubles: 1, 2, 4, 8"
+        metering._leases[account.subject].used_at -= 3600  # idle since long before the tick below
+        await metering._maintain()
+        assert account.subject not in metering._leases
+        await written_async(server.url)  # the burst's own events take their share from the lease row
+        assert await db.fetchval(leased, account.subject) == 0, "the idle lease went back whole"
+        assert await burst() == 1, "the next burst's lease covers it at once"
+    finally:
+        await metering.stop()
+        await nc.close()
+        await db.close()
+        server.stop()
+
+
 async def test_reading_your_writes_waits_for_busy_replicas(stack: Stack, tmp_path: Path) -> None:
     """Between two batches a busy replica has no pull waiting at the server: its progress shows it is alive,
     so a reader waits for its events (it once took such a replica for dead and read too early; the same

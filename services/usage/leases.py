@@ -214,6 +214,11 @@ DELETE FROM quota_leases WHERE (subject, gateway_id) IN (
 
 # How many seconds of this replica's rate of a subject one lease should cover.
 HORIZON_S = 2.0
+# How many subjects' last leases a replica remembers the use of (`Lease.remembered`), the oldest forgotten first,
+# and the most a first grant asks for that way (a bigger burst goes on doubling from there): a subject back for
+# one request holds no more than this of its quota idle until the next tick gives it back.
+REMEMBERED_SUBJECTS = 10_000
+REMEMBERED_MAX = 256
 # What doubling a quickly used-up lease may ask for at most (`wanted`).
 MAX_DOUBLED = 4096
 # A settled request's slot stays in this replica's lease while more than this many of the subject's
@@ -250,6 +255,10 @@ class Lease:
     # Admitted since the last maintenance tick, and the smoothed rate (requests/s).
     admitted: int = 0
     rate: float = 0.0
+    # Admitted over the lease's life; and, until its first grant, what this subject's lease before it used (a
+    # subject that works in bursts with idle gaps longer than a tick, whose lease is given back in between).
+    served: int = 0
+    remembered: int = 0
     # The requests of the last grant, and when it came (`wanted`: a lease used up quickly grows).
     granted_r: int = 0
     granted_at: float = -math.inf
@@ -364,6 +373,7 @@ async def grant(
     lease.total_r, lease.total_t, lease.total_c = row["used_r"], row["used_t"], row["used_c"]
     lease.confirmed_at = lease.granted_at = time.monotonic()
     lease.granted_r = row["grant_r"]
+    lease.remembered = 0
     return None
 
 
@@ -455,8 +465,12 @@ def wanted(lease: Lease, tokens: int) -> tuple[int, int, int]:
     Requests are topped up to that, not added: a lease short of slots alone asks for little else (its
     grants had doubled the requests each time, and a replica held hundreds of thousands it never used).
     Slots: half those in use, and back up to the recent peak.
+
+    A new lease of a subject whose lease was given back idle lately asks at once for what that one used: a
+    subject working in bursts (an agent's dozen calls, then a pause) took a grant per doubling, 1, 2, 4, ...,
+    in every burst (`just bench hotpath`: 0.45 statements per request with one key per worker at c=64).
     """
-    r = max(1, lease.waiters, math.ceil(lease.rate * HORIZON_S))
+    r = max(1, lease.waiters, math.ceil(lease.rate * HORIZON_S), lease.remembered)
     used_up = lease.requests < 1 or lease.tokens < tokens
     if used_up and time.monotonic() - lease.granted_at < HORIZON_S:
         r = max(r, min(MAX_DOUBLED, 2 * lease.granted_r))

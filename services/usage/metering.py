@@ -176,6 +176,8 @@ class Metering:
         self.unwritten_events = 0
         self._metrics = metrics
         self._leases: dict[str, Lease] = {}
+        # Subject → requests its last lease served, for leases given back idle (`Lease.remembered`); oldest first.
+        self._served: dict[str, int] = {}
         # A batch Postgres refuses for one item's values is written again item by item (batch.py).
         self._opener: GroupCommit[Opened, bool] = GroupCommit(
             lambda items: leases.open_many(db, gateway_id, items), split_on=REFUSED
@@ -287,6 +289,7 @@ class Metering:
         lease = self._leases.get(holder.subject)
         if lease is None:
             lease = self._leases[holder.subject] = Lease(holder.subject, today(), limits)
+            lease.remembered = self._served.pop(holder.subject, 0)
         retried = caught_up = False
         while True:
             now = time.monotonic()
@@ -302,6 +305,7 @@ class Metering:
                 if lease.in_use > lease.peak:
                     lease.peak = lease.in_use
                 lease.admitted += 1
+                lease.served += 1
                 lease.used_at = now
                 return lease
             if lease.granting is not None:
@@ -371,6 +375,13 @@ class Metering:
         lease.slots += 1
         lease.in_use -= 1
 
+    def _remember(self, subject: str, served: int) -> None:
+        """What a lease given back idle served, for the subject's next lease's first grant (bounded)."""
+        self._served.pop(subject, None)
+        self._served[subject] = min(served, leases.REMEMBERED_MAX)
+        if len(self._served) > leases.REMEMBERED_SUBJECTS:
+            del self._served[next(iter(self._served))]
+
     async def _give_back(self, lease: Lease, r: int, t: int, c: int) -> None:
         """Return part of a lease to its subject (taken from memory first, so nothing admits it meanwhile)."""
         r, t, c = min(r, lease.requests), min(t, lease.tokens), min(c, lease.slots)
@@ -408,6 +419,7 @@ class Metering:
                 if idle and not (lease.requests or lease.tokens or lease.slots):
                     del self._leases[subject]
                     forgotten.append(subject)
+                    self._remember(subject, lease.served)
             elif spare := lease.spare_slots():
                 await self._give_back(lease, 0, 0, spare)
             lease.peak = lease.in_use
