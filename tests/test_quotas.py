@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import secrets
@@ -11,8 +12,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -781,100 +783,104 @@ async def test_a_whole_answer_whose_settlement_cannot_be_stored_keeps_its_share_
         server.stop()
 
 
-async def test_a_load_that_rises_and_falls_on_one_key_leases_its_slots_once(stack: Stack, tmp_path: Path) -> None:
-    """One key's requests on a replica rise to 12 at once and fall to none, again and again (a closed loop
-    whose client is busy half the time). The lease keeps the slots its peak needed: the rises after the first
-    take no grant for slots (each had taken a few statements, a dozen requests apart), the grants show in the
-    replica's metrics by what ran short, and every request is stored once."""
+@dataclass
+class _Metered:
+    """A metered replica in this process (its own nats-server for the usage stream, the suite's PostgreSQL)
+    and one fresh account with room: its lease grants are read from the replica's metrics."""
+
+    metering: Metering
+    metrics: Metrics
+    db: asyncpg.Pool
+    nats_url: str
+    account: TestAccount
+    holder: Holder
+    limits: Limits
+
+    def grants(self, short: str) -> float:
+        return self.metrics.registry.get_sample_value("mp_quota_lease_grants_total", {"short": short}) or 0.0
+
+    async def answer(self, request_id: str) -> None:
+        """One whole answer of 7 tokens: reserved, then settled."""
+        ticket = await self.metering.reserve(self.holder, self.limits, request_id, SYNTHETIC, 100, stream=False)
+        ticket.prompt_tokens, ticket.completion_tokens = 3, 4
+        await asyncio.wait_for(self.metering.settle(ticket, outcome="ok"), 10)
+
+
+@contextlib.asynccontextmanager
+async def _metered(stack: Stack, tmp_path: Path) -> AsyncIterator[_Metered]:
     server = NatsServer.start(tmp_path / "nats")
     db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
     nc = await nats_direct.connect(server.url)
-    gw = f"gw-waves-{secrets.token_hex(3)}"
+    gw = f"gw-leases-{secrets.token_hex(3)}"
     metrics = Metrics()
-    # No maintenance tick during the test (a tick starts a new peak): the waves come within one, as at speed.
+    # No maintenance tick unless the test runs one: a tick starts a new peak and gives idle leases back.
     metering = Metering(
         db, gw, touch_interval_s=3600, stale_after_s=7200, stream=UsageStream(nc, db, gw), metrics=metrics
     )
     account = await make_account_async(stack.database_url)
     holder = Holder(account.subject, account.account_id, account.key_id, None)
-    limits = Limits(10**6, 10**9, 1000)
-
-    def grants(short: str) -> float:
-        return metrics.registry.get_sample_value("mp_quota_lease_grants_total", {"short": short}) or 0.0
-
-    request_ids: list[str] = []
-    slot_grants: list[float] = []
     try:
         await metering.start()
-        for _ in range(6):
-            before = grants("slots")
-            tickets = []
-            for _ in range(12):
-                request_ids.append(f"wave-{secrets.token_hex(6)}")
-                tickets.append(await metering.reserve(holder, limits, request_ids[-1], SYNTHETIC, 100, stream=False))
-            for ticket in tickets:
-                ticket.prompt_tokens, ticket.completion_tokens = 3, 4
-                await asyncio.wait_for(metering.settle(ticket, outcome="ok"), 10)
-            slot_grants.append(grants("slots") - before)
-        assert slot_grants[0] > 0, "the first rise leases its slots"
-        assert slot_grants[1:] == [0] * 5, slot_grants
-        assert grants("requests") > 0, "the first grant of a new lease is for requests"
-        deadline = time.monotonic() + 20
-        stored = "SELECT count(*) FROM usage_ledger WHERE request_id = ANY($1::text[]) AND completion_tokens = 4"
-        while await db.fetchval(stored, request_ids) < len(request_ids):
-            assert time.monotonic() < deadline, "not every request reached the ledger"
-            await asyncio.sleep(0.1)
-        (usage,) = await db.fetch("SELECT requests, tokens FROM quota_usage WHERE subject = $1", account.subject)
-        assert (usage["requests"], usage["tokens"]) == (72, 72 * 7)
+        yield _Metered(metering, metrics, db, server.url, account, holder, Limits(10**6, 10**9, 1000))
     finally:
         await metering.stop()
         await nc.close()
         await db.close()
         server.stop()
+
+
+async def test_a_load_that_rises_and_falls_on_one_key_leases_its_slots_once(stack: Stack, tmp_path: Path) -> None:
+    """One key's requests on a replica rise to 12 at once and fall to none, again and again (a closed loop
+    whose client is busy half the time). The lease keeps the slots its peak needed: the rises after the first
+    take no grant for slots (each had taken a few statements, a dozen requests apart), the grants show in the
+    replica's metrics by what ran short, and every request is stored once."""
+    request_ids: list[str] = []
+    slot_grants: list[float] = []
+    async with _metered(stack, tmp_path) as m:
+        for _ in range(6):
+            before = m.grants("slots")
+            tickets = []
+            for _ in range(12):
+                request_ids.append(f"wave-{secrets.token_hex(6)}")
+                tickets.append(
+                    await m.metering.reserve(m.holder, m.limits, request_ids[-1], SYNTHETIC, 100, stream=False)
+                )
+            for ticket in tickets:
+                ticket.prompt_tokens, ticket.completion_tokens = 3, 4
+                await asyncio.wait_for(m.metering.settle(ticket, outcome="ok"), 10)
+            slot_grants.append(m.grants("slots") - before)
+        assert slot_grants[0] > 0, "the first rise leases its slots"
+        assert slot_grants[1:] == [0] * 5, slot_grants
+        assert m.grants("requests") > 0, "the first grant of a new lease is for requests"
+        deadline = time.monotonic() + 20
+        stored = "SELECT count(*) FROM usage_ledger WHERE request_id = ANY($1::text[]) AND completion_tokens = 4"
+        while await m.db.fetchval(stored, request_ids) < len(request_ids):
+            assert time.monotonic() < deadline, "not every request reached the ledger"
+            await asyncio.sleep(0.1)
+        (usage,) = await m.db.fetch("SELECT requests, tokens FROM quota_usage WHERE subject = $1", m.account.subject)
+        assert (usage["requests"], usage["tokens"]) == (72, 72 * 7)
 
 
 async def test_a_subject_working_in_bursts_leases_each_burst_at_once(stack: Stack, tmp_path: Path) -> None:
     """A key that sends a burst of 8 requests, pauses past a maintenance tick (its idle lease goes back to the
     account), then sends 8 more: the second burst's lease asks at once for what the first one used, one
     statement instead of one per doubling (1, 2, 4, 8); nothing of the first lease stays held meanwhile."""
-    server = NatsServer.start(tmp_path / "nats")
-    db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
-    nc = await nats_direct.connect(server.url)
-    gw = f"gw-bursts-{secrets.token_hex(3)}"
-    metrics = Metrics()
-    metering = Metering(
-        db, gw, touch_interval_s=3600, stale_after_s=7200, stream=UsageStream(nc, db, gw), metrics=metrics
-    )
-    account = await make_account_async(stack.database_url)
-    holder = Holder(account.subject, account.account_id, account.key_id, None)
-    limits = Limits(10**6, 10**9, 1000)
-
-    def grants() -> float:
-        return metrics.registry.get_sample_value("mp_quota_lease_grants_total", {"short": "requests"}) or 0.0
-
-    async def burst() -> float:
-        before = grants()
-        for _ in range(8):
-            ticket = await metering.reserve(holder, limits, f"b-{secrets.token_hex(6)}", SYNTHETIC, 100, stream=False)
-            ticket.prompt_tokens, ticket.completion_tokens = 3, 4
-            await asyncio.wait_for(metering.settle(ticket, outcome="ok"), 10)
-        return grants() - before
-
     leased = "SELECT leased_requests FROM quota_usage WHERE subject = $1"
-    try:
-        await metering.start()
+    async with _metered(stack, tmp_path) as m:
+
+        async def burst() -> float:
+            before = m.grants("requests")
+            for _ in range(8):
+                await m.answer(f"b-{secrets.token_hex(6)}")
+            return m.grants("requests") - before
+
         assert await burst() == 4, "a new subject's lease doubles: 1, 2, 4, 8"
-        metering._leases[account.subject].used_at -= 3600  # idle since long before the tick below
-        await metering._maintain()
-        assert account.subject not in metering._leases
-        await written_async(server.url)  # the burst's own events take their share from the lease row
-        assert await db.fetchval(leased, account.subject) == 0, "the idle lease went back whole"
+        m.metering._leases[m.account.subject].used_at -= 3600  # idle since long before the tick below
+        await m.metering._maintain()
+        assert m.account.subject not in m.metering._leases
+        await written_async(m.nats_url)  # the burst's own events take their share from the lease row
+        assert await m.db.fetchval(leased, m.account.subject) == 0, "the idle lease went back whole"
         assert await burst() == 1, "the next burst's lease covers it at once"
-    finally:
-        await metering.stop()
-        await nc.close()
-        await db.close()
-        server.stop()
 
 
 async def test_reading_your_writes_waits_for_busy_replicas(stack: Stack, tmp_path: Path) -> None:
