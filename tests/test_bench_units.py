@@ -95,13 +95,14 @@ async def test_the_lease_grant_probe_reads_a_gateways_own_counter(tmp_path: Path
     probe = GrantProbe("http://gw", tmp_path)
     async with httpx.AsyncClient(transport=httpx.MockTransport(serve)) as client:
         before = await probe.snapshot(client)
-        assert before == {"requests": 1.0, "tokens": 0.0, "slots": 3.0, "none": 0.0}
+        assert before == {"requests": 1.0, "tokens": 0.0, "slots": 3.0, "none": 0.0, "ahead": 0.0}
         metrics.lease_grants.labels("slots").inc()
         assert GrantProbe.used(before, await probe.snapshot(client)) == {
             "requests": 0.0,
             "tokens": 0.0,
             "slots": 1.0,
             "none": 0.0,
+            "ahead": 0.0,
         }
         (tmp_path / TOKEN_FILE).write_text("wrong")
         assert await probe.snapshot(client) is None, "an unreadable /metrics is no figure, not zero"

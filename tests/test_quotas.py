@@ -875,12 +875,47 @@ async def test_a_subject_working_in_bursts_leases_each_burst_at_once(stack: Stac
             return m.grants("requests") - before
 
         assert await burst() == 4, "a new subject's lease doubles: 1, 2, 4, 8"
-        m.metering._leases[m.account.subject].used_at -= 3600  # idle since long before the tick below
+        m.metering._leases[m.account.subject].used_at -= 10_000  # idle for longer than a lease stands by
         await m.metering._maintain()
         assert m.account.subject not in m.metering._leases
         await written_async(m.nats_url)  # the burst's own events take their share from the lease row
         assert await m.db.fetchval(leased, m.account.subject) == 0, "the idle lease went back whole"
         assert await burst() == 1, "the next burst's lease covers it at once"
+
+
+@pytest.mark.parametrize("concurrent", [1000, 4], ids=["room-to-spare", "near-the-limit"])
+async def test_a_key_asking_every_few_seconds_is_served_from_a_lease_standing_by(
+    stack: Stack, tmp_path: Path, concurrent: int
+) -> None:
+    """A buyer's next message comes a while after the last (a chat). With room to spare its idle lease stands by
+    through the maintenance ticks in between, refilled at a tick when it is short of one more request like the
+    last: no request after the first waits for a lease statement. Idle for longer than a dead replica's lease
+    would stay held (MP_RESERVATION_STALE_S), it goes back whole. Near the concurrency limit the lease goes back
+    after one idle tick, as before."""
+    leased = "SELECT leased_requests, leased_tokens, leased_slots FROM quota_usage WHERE subject = $1"
+    waited_for = ("requests", "tokens", "slots", "none")
+    async with _metered(stack, tmp_path) as m:
+        m.limits = Limits(10**6, 10**9, concurrent)
+        await m.answer(f"c-{secrets.token_hex(6)}")
+        assert sum(m.grants(short) for short in waited_for) == 1, "the first request waits for its lease"
+        for _ in range(3):
+            # A tick's worth later (this replica's ticks are 30 minutes apart), within the hold (2 hours).
+            m.metering._leases[m.account.subject].used_at -= 2000
+            await m.metering._maintain()
+            if concurrent == 4:
+                assert m.account.subject not in m.metering._leases, "near the limit: given back"
+                break
+            await m.answer(f"c-{secrets.token_hex(6)}")
+        else:
+            assert sum(m.grants(short) for short in waited_for) == 1, "the later ones waited for none"
+            assert m.grants("ahead") == 3, "the lease standing by was refilled at each tick instead"
+            m.metering._leases[m.account.subject].used_at -= 10_000  # idle longer than a lease stands by
+            await m.metering._maintain()
+            assert m.account.subject not in m.metering._leases
+        await written_async(m.nats_url)
+        row = await m.db.fetchrow(leased, m.account.subject)
+        assert row is not None
+        assert tuple(row) == (0, 0, 0), "the lease went back whole"
 
 
 async def test_reading_your_writes_waits_for_busy_replicas(stack: Stack, tmp_path: Path) -> None:

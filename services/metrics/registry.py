@@ -118,9 +118,10 @@ class Metrics:
         ).labels()
         self.lease_grants = Counter(
             "mp_quota_lease_grants",
-            "Quota lease statements this replica ran to serve a request, by what its lease of the subject was short "
-            "of: requests (a new lease's first grant too), tokens, slots, or none (one not confirmed lately). A grant "
-            "covers about 2 s of a subject's rate here; many a second on one busy subject is churn.",
+            "Quota lease statements this replica ran, by what its lease of the subject was short of when a request "
+            "waited for it: requests (a new lease's first grant too), tokens, slots, or none (one not confirmed "
+            "lately); or ahead: an idle lease standing by for its subject's next request, refilled at a maintenance "
+            "tick. A grant covers about 2 s of a subject's rate here; many a second on one busy subject is churn.",
             ["short"],
             registry=r,
         )

@@ -193,12 +193,17 @@ RETURNING u.subject
 """
 
 # Rows a statement of this replica holds right now are skipped (that statement refreshes them itself);
-# the answer lists every row this replica still has.
+# the answer lists every row this replica still has. A row is refreshed only once it is older than $2
+# seconds (a quarter of its stale time; the ledger's batches refresh a busy lease's row anyway): idle
+# leases standing by for their subjects' next requests are one row update every few ticks each, not one
+# per tick, and none comes near its stale time.
 _TOUCH = """
 WITH t AS (
     UPDATE quota_leases SET last_seen = now()
     WHERE (subject, gateway_id) IN (
-        SELECT subject, gateway_id FROM quota_leases WHERE gateway_id = $1 FOR UPDATE SKIP LOCKED
+        SELECT subject, gateway_id FROM quota_leases
+        WHERE gateway_id = $1 AND last_seen < now() - make_interval(secs => $2)
+        FOR UPDATE SKIP LOCKED
     )
     RETURNING 1
 )
@@ -259,6 +264,9 @@ class Lease:
     # subject that works in bursts with idle gaps longer than a tick, whose lease is given back in between).
     served: int = 0
     remembered: int = 0
+    # Who the subject is and the tokens its last request held: what an idle lease standing by is refilled for.
+    holder: Holder | None = None
+    last_tokens: int = 0
     # The requests of the last grant, and when it came (`wanted`: a lease used up quickly grows).
     granted_r: int = 0
     granted_at: float = -math.inf
@@ -300,6 +308,24 @@ class Lease:
         if self.limits.concurrent - self.total_c >= SPARE_SLOT_IF_FREE * self.peak:
             spare = max(spare, self.peak - self.in_use)
         return max(0, self.slots - spare)
+
+    def standby(self) -> tuple[int, int, int]:
+        """What an idle lease waiting for its subject's next request holds at least: one more request like its
+        last (`wanted`'s shape: requests, tokens, slots)."""
+        return 1, self.last_tokens, 1
+
+    def stands_by(self) -> bool:
+        """Whether this lease, idle, may wait for its subject's next request: the subject had, at the last
+        grant, SPARE_SLOT_IF_FREE times free of each of requests, tokens and slots what the lease holds (or
+        its standby share, if more): holding it idle then keeps no other replica's request out."""
+        limits, k = self.limits, SPARE_SLOT_IF_FREE
+        r, t, c = self.standby()
+        return (
+            self.holder is not None
+            and limits.requests_per_day - self.total_r >= k * max(r, self.requests)
+            and limits.tokens_per_day - self.total_t >= k * max(t, self.tokens)
+            and limits.concurrent - self.total_c >= k * max(c, self.slots)
+        )
 
     def keeps_slot(self) -> bool:
         """Whether the slot of a request settling now stays in this lease rather than going to the subject."""
@@ -439,9 +465,10 @@ async def give_back(db: asyncpg.Pool, gw: str, lease: Lease, r: int, t: int, c: 
     return row is not None
 
 
-async def touch(db: asyncpg.Pool, gw: str) -> set[str]:
-    """Keep this replica's lease rows alive; the subjects whose rows still exist."""
-    return {r["subject"] for r in await db.fetch(_TOUCH, gw)}
+async def touch(db: asyncpg.Pool, gw: str, older_than_s: float) -> set[str]:
+    """Keep this replica's lease rows alive (those not refreshed for `older_than_s`); the subjects whose rows
+    still exist."""
+    return {r["subject"] for r in await db.fetch(_TOUCH, gw, older_than_s)}
 
 
 async def forget_empty(db: asyncpg.Pool, gw: str, subjects: list[str]) -> None:

@@ -290,6 +290,7 @@ class Metering:
         if lease is None:
             lease = self._leases[holder.subject] = Lease(holder.subject, today(), limits)
             lease.remembered = self._served.pop(holder.subject, 0)
+        lease.holder, lease.last_tokens = holder, tokens
         retried = caught_up = False
         while True:
             now = time.monotonic()
@@ -315,23 +316,9 @@ class Metering:
                 finally:
                     lease.waiters -= 1
                 continue
-            lease.granting = asyncio.get_running_loop().create_future()
-            if self._metrics is not None:
-                self._metrics.lease_grants.labels(_short_of(lease, tokens, fresh)).inc()
-            try:
-                refused = await leases.grant(
-                    self._db,
-                    lease,
-                    holder,
-                    limits,
-                    need_t=tokens,
-                    want=leases.wanted(lease, tokens),
-                    gw=self._gateway_id,
-                    stale_after_s=self._stale_after_s,
-                )
-            finally:
-                granting, lease.granting = lease.granting, None
-                granting.set_result(None)
+            refused = await self._grant(
+                lease, holder, limits, tokens, leases.wanted(lease, tokens), _short_of(lease, tokens, fresh)
+            )
             if refused is None or lease.covers(tokens):
                 continue
             if not retried and (lease.requests or lease.tokens or lease.slots):
@@ -352,6 +339,28 @@ class Metering:
                 kind = "demo" if holder.demo_token_id is not None else "account"
                 self._metrics.quota_rejections.labels(kind, limit).inc()
             raise error
+
+    async def _grant(
+        self, lease: Lease, holder: Holder, limits: Limits, tokens: int, want: tuple[int, int, int], short: str
+    ) -> leases.Refused | None:
+        """One grant statement for `lease`; requests short of it meanwhile wait for it (`Lease.granting`)."""
+        lease.granting = asyncio.get_running_loop().create_future()
+        if self._metrics is not None:
+            self._metrics.lease_grants.labels(short).inc()
+        try:
+            return await leases.grant(
+                self._db,
+                lease,
+                holder,
+                limits,
+                need_t=tokens,
+                want=want,
+                gw=self._gateway_id,
+                stale_after_s=self._stale_after_s,
+            )
+        finally:
+            granting, lease.granting = lease.granting, None
+            granting.set_result(None)
 
     def _settling(self, lease: Lease, limit: str) -> bool:
         """Whether a refusal may be for settlements still on their way to Postgres: concurrency slots come
@@ -400,7 +409,8 @@ class Metering:
     async def _maintain(self) -> None:
         """Keep this replica's leases alive, size them to their rates, give idle ones back."""
         started = time.monotonic()
-        alive = await leases.touch(self._db, self._gateway_id)
+        # Rows older than a quarter of the stale time are refreshed: none is older than half of it.
+        alive = await leases.touch(self._db, self._gateway_id, self._stale_after_s / 4)
         forgotten = []
         for subject, lease in list(self._leases.items()):
             lease.rate = 0.5 * lease.rate + 0.5 * lease.admitted / self._touch_interval_s
@@ -412,7 +422,16 @@ class Metering:
                 lease.requests = lease.tokens = lease.slots = 0
             if lease.granting is not None:
                 continue
-            if time.monotonic() - lease.used_at > self._touch_interval_s:
+            idle_s = time.monotonic() - lease.used_at
+            # An idle lease stands by for its subject's next request (a buyer's next message, seconds later,
+            # then takes no grant on its way) as long as a dead replica's lease would stay held, where the
+            # subject has room enough that it keeps nobody out; otherwise it goes back after one tick.
+            standing = idle_s <= self._stale_after_s and lease.in_use == 0 and lease.stands_by()
+            if idle_s > self._touch_interval_s and standing and not lease.covers(lease.last_tokens):
+                # Short of one more request like its last: leased here, off any request's way.
+                assert lease.holder is not None
+                await self._grant(lease, lease.holder, lease.limits, lease.last_tokens, lease.standby(), "ahead")
+            if idle_s > self._touch_interval_s and not standing:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
                 # Forgotten only if nothing started using it meanwhile (a grant now would be stranded).
                 idle = lease.in_use == 0 and lease.granting is None and not lease.waiters
@@ -670,7 +689,8 @@ class Metering:
 
 
 def _short_of(lease: Lease, tokens: int, fresh: bool) -> str:
-    """What a lease about to be granted more lacks (the grant metric's label)."""
+    """What a lease about to be granted more for a request lacks (the grant metric's label; "ahead" is a lease
+    standing by, refilled at a maintenance tick)."""
     if not fresh:
         return "none"
     if lease.requests < 1:

@@ -13,7 +13,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 METRIC = "mp_quota_lease_grants"
-SHORT = ("requests", "tokens", "slots", "none")
+SHORT = ("requests", "tokens", "slots", "none", "ahead")
 # The metrics token a gateway made under its MP_HOME (services/settings.py), where none was given.
 TOKEN_FILE = "metrics_token"
 
