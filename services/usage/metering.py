@@ -412,6 +412,7 @@ class Metering:
         # Rows older than a quarter of the stale time are refreshed: none is older than half of it.
         alive = await leases.touch(self._db, self._gateway_id, self._stale_after_s / 4)
         forgotten = []
+        short: list[Lease] = []
         for subject, lease in list(self._leases.items()):
             lease.rate = 0.5 * lease.rate + 0.5 * lease.admitted / self._touch_interval_s
             lease.admitted = 0
@@ -428,9 +429,7 @@ class Metering:
             # subject has room enough that it keeps nobody out; otherwise it goes back after one tick.
             standing = idle_s <= self._stale_after_s and lease.in_use == 0 and lease.stands_by()
             if idle_s > self._touch_interval_s and standing and not lease.covers(lease.last_tokens):
-                # Short of one more request like its last: leased here, off any request's way.
-                assert lease.holder is not None
-                await self._grant(lease, lease.holder, lease.limits, lease.last_tokens, lease.standby(), "ahead")
+                short.append(lease)
             if idle_s > self._touch_interval_s and not standing:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
                 # Forgotten only if nothing started using it meanwhile (a grant now would be stranded).
@@ -443,6 +442,24 @@ class Metering:
                 await self._give_back(lease, 0, 0, spare)
             lease.peak = lease.in_use
         await leases.forget_empty(self._db, self._gateway_id, forgotten)
+        # Leases standing by that are short of one more request like their last: refilled here, off any
+        # request's way, together (the pool bounds how many at once), the most lately used first and at most
+        # REFILLS_PER_TICK a tick (a tick that ran long would delay the next touch).
+        short.sort(key=lambda lease: lease.used_at, reverse=True)
+        await asyncio.gather(*(self._refill(lease) for lease in short[:REFILLS_PER_TICK]))
+
+    async def _refill(self, lease: Lease) -> None:
+        holder = lease.holder
+        if holder is None or lease.granting is not None or lease.in_use:
+            return  # a request took it up meanwhile
+        try:
+            refused = await self._grant(lease, holder, lease.limits, lease.last_tokens, lease.standby(), "ahead")
+        except Exception:
+            refused = None
+            log.warning("lease_refill_failed", subject=lease.subject)
+        if refused is not None:
+            # The subject has no room after all: the next tick gives the lease back instead.
+            lease.holder = None
 
     async def settle(
         self,
@@ -686,6 +703,10 @@ class Metering:
                     self._metrics.stale_settled.inc(settled)
             if given:
                 log.warning("stale_leases_given_back", subjects=given)
+
+
+# How many leases standing by a maintenance tick refills at most (`Metering._maintain`).
+REFILLS_PER_TICK = 256
 
 
 def _short_of(lease: Lease, tokens: int, fresh: bool) -> str:
