@@ -862,17 +862,22 @@ async def test_a_load_that_rises_and_falls_on_one_key_leases_its_slots_once(stac
 
 
 async def test_a_subject_working_in_bursts_leases_each_burst_at_once(stack: Stack, tmp_path: Path) -> None:
-    """A key that sends a burst of 8 requests, pauses past a maintenance tick (its idle lease goes back to the
-    account), then sends 8 more: the second burst's lease asks at once for what the first one used, one
-    statement instead of one per doubling (1, 2, 4, 8); nothing of the first lease stays held meanwhile."""
+    """A key that sends a burst of 8 requests, pauses for longer than a lease stands by (its idle lease goes
+    back to the account), then sends 8 more: the second burst's lease asks at once for what the first one used,
+    one statement instead of one per doubling (1, 2, 4, 8); nothing of the first lease stays held meanwhile.
+    After a shorter pause the lease stands by, refilled at the tick for a burst like the last: the third burst
+    waits for no statement."""
     leased = "SELECT leased_requests FROM quota_usage WHERE subject = $1"
     async with _metered(stack, tmp_path) as m:
 
+        def waited_for() -> float:
+            return sum(m.grants(short) for short in ("requests", "tokens", "slots", "none"))
+
         async def burst() -> float:
-            before = m.grants("requests")
+            before = waited_for()
             for _ in range(8):
                 await m.answer(f"b-{secrets.token_hex(6)}")
-            return m.grants("requests") - before
+            return waited_for() - before
 
         assert await burst() == 4, "a new subject's lease doubles: 1, 2, 4, 8"
         m.metering._leases[m.account.subject].used_at -= 10_000  # idle for longer than a lease stands by
@@ -881,6 +886,11 @@ async def test_a_subject_working_in_bursts_leases_each_burst_at_once(stack: Stac
         await written_async(m.nats_url)  # the burst's own events take their share from the lease row
         assert await m.db.fetchval(leased, m.account.subject) == 0, "the idle lease went back whole"
         assert await burst() == 1, "the next burst's lease covers it at once"
+        # A pause within the hold: the lease stands by, refilled at the tick for a burst like the last one.
+        m.metering._leases[m.account.subject].used_at -= 2000
+        await m.metering._maintain()
+        assert m.grants("ahead") == 1
+        assert await burst() == 0, "the burst after a short pause waits for no grant at all"
 
 
 @pytest.mark.parametrize("concurrent", [1000, 4], ids=["room-to-spare", "near-the-limit"])

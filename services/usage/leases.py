@@ -264,9 +264,12 @@ class Lease:
     # subject that works in bursts with idle gaps longer than a tick, whose lease is given back in between).
     served: int = 0
     remembered: int = 0
-    # Who the subject is and the tokens its last request held: what an idle lease standing by is refilled for.
+    # Who the subject is and the tokens its last request held, the requests admitted since it was last idle
+    # and in the busy spell before: what an idle lease standing by is refilled for.
     holder: Holder | None = None
     last_tokens: int = 0
+    spell: int = 0
+    last_spell: int = 0
     # The requests of the last grant, and when it came (`wanted`: a lease used up quickly grows).
     granted_r: int = 0
     granted_at: float = -math.inf
@@ -310,9 +313,15 @@ class Lease:
         return max(0, self.slots - spare)
 
     def standby(self) -> tuple[int, int, int]:
-        """What an idle lease waiting for its subject's next request holds at least: one more request like its
-        last (`wanted`'s shape: requests, tokens, slots)."""
-        return 1, self.last_tokens, 1
+        """What an idle lease waiting for its subject's next requests holds at least: as many requests as its
+        last busy spell served (up to REMEMBERED_MAX), each like its last, and a slot."""
+        r = max(1, min(self.last_spell, REMEMBERED_MAX))
+        return r, r * self.last_tokens, 1
+
+    def ready(self) -> bool:
+        """Whether an idle lease holds its standby share already (nothing to refill)."""
+        r, t, c = self.standby()
+        return self.requests >= r and self.tokens >= t and self.slots >= c
 
     def stands_by(self) -> bool:
         """Whether this lease, idle, may wait for its subject's next request: the subject had, at the last

@@ -307,6 +307,7 @@ class Metering:
                     lease.peak = lease.in_use
                 lease.admitted += 1
                 lease.served += 1
+                lease.spell += 1
                 lease.used_at = now
                 return lease
             if lease.granting is not None:
@@ -427,8 +428,11 @@ class Metering:
             # An idle lease stands by for its subject's next request (a buyer's next message, seconds later,
             # then takes no grant on its way) as long as a dead replica's lease would stay held, where the
             # subject has room enough that it keeps nobody out; otherwise it goes back after one tick.
+            if idle_s > self._touch_interval_s and lease.spell:
+                # Idle: the busy spell it served is over (what standing by is refilled for).
+                lease.last_spell, lease.spell = lease.spell, 0
             standing = idle_s <= self._stale_after_s and lease.in_use == 0 and lease.stands_by()
-            if idle_s > self._touch_interval_s and standing and not lease.covers(lease.last_tokens):
+            if idle_s > self._touch_interval_s and standing and not lease.ready():
                 short.append(lease)
             if idle_s > self._touch_interval_s and not standing:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
@@ -437,7 +441,7 @@ class Metering:
                 if idle and not (lease.requests or lease.tokens or lease.slots):
                     del self._leases[subject]
                     forgotten.append(subject)
-                    self._remember(subject, lease.served)
+                    self._remember(subject, lease.last_spell)
             elif spare := lease.spare_slots():
                 await self._give_back(lease, 0, 0, spare)
             lease.peak = lease.in_use
@@ -453,7 +457,9 @@ class Metering:
         if holder is None or lease.granting is not None or lease.in_use:
             return  # a request took it up meanwhile
         try:
-            refused = await self._grant(lease, holder, lease.limits, lease.last_tokens, lease.standby(), "ahead")
+            r, t, c = lease.standby()
+            want = (max(1, r - lease.requests), max(lease.last_tokens, t - lease.tokens), c)
+            refused = await self._grant(lease, holder, lease.limits, lease.last_tokens, want, "ahead")
         except Exception:
             refused = None
             log.warning("lease_refill_failed", subject=lease.subject)
