@@ -260,9 +260,8 @@ class Lease:
     # Admitted since the last maintenance tick, and the smoothed rate (requests/s).
     admitted: int = 0
     rate: float = 0.0
-    # Admitted over the lease's life; and, until its first grant, what this subject's lease before it used (a
-    # subject that works in bursts with idle gaps longer than a tick, whose lease is given back in between).
-    served: int = 0
+    # Until its first grant: the last busy spell of this subject's lease before it (a subject that works in
+    # bursts with idle gaps longer than a lease stands by, whose lease is given back in between).
     remembered: int = 0
     # Who the subject is and the tokens its last request held, the requests admitted since it was last idle
     # and in the busy spell before: what an idle lease standing by is refilled for.

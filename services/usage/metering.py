@@ -176,8 +176,8 @@ class Metering:
         self.unwritten_events = 0
         self._metrics = metrics
         self._leases: dict[str, Lease] = {}
-        # Subject → requests its last lease served, for leases given back idle (`Lease.remembered`); oldest first.
-        self._served: dict[str, int] = {}
+        # Subject → the last busy spell of its lease given back idle (`Lease.remembered`); oldest first.
+        self._spells: dict[str, int] = {}
         # A batch Postgres refuses for one item's values is written again item by item (batch.py).
         self._opener: GroupCommit[Opened, bool] = GroupCommit(
             lambda items: leases.open_many(db, gateway_id, items), split_on=REFUSED
@@ -289,7 +289,7 @@ class Metering:
         lease = self._leases.get(holder.subject)
         if lease is None:
             lease = self._leases[holder.subject] = Lease(holder.subject, today(), limits)
-            lease.remembered = self._served.pop(holder.subject, 0)
+            lease.remembered = self._spells.pop(holder.subject, 0)
         lease.holder, lease.last_tokens = holder, tokens
         retried = caught_up = False
         while True:
@@ -306,7 +306,6 @@ class Metering:
                 if lease.in_use > lease.peak:
                     lease.peak = lease.in_use
                 lease.admitted += 1
-                lease.served += 1
                 lease.spell += 1
                 lease.used_at = now
                 return lease
@@ -385,12 +384,12 @@ class Metering:
         lease.slots += 1
         lease.in_use -= 1
 
-    def _remember(self, subject: str, served: int) -> None:
-        """What a lease given back idle served, for the subject's next lease's first grant (bounded)."""
-        self._served.pop(subject, None)
-        self._served[subject] = min(served, leases.REMEMBERED_MAX)
-        if len(self._served) > leases.REMEMBERED_SUBJECTS:
-            del self._served[next(iter(self._served))]
+    def _remember(self, subject: str, spell: int) -> None:
+        """The last busy spell of a lease given back idle, for the subject's next lease's first grant (bounded)."""
+        self._spells.pop(subject, None)
+        self._spells[subject] = min(spell, leases.REMEMBERED_MAX)
+        if len(self._spells) > leases.REMEMBERED_SUBJECTS:
+            del self._spells[next(iter(self._spells))]
 
     async def _give_back(self, lease: Lease, r: int, t: int, c: int) -> None:
         """Return part of a lease to its subject (taken from memory first, so nothing admits it meanwhile)."""
@@ -428,17 +427,20 @@ class Metering:
             # An idle lease stands by for its subject's next request (a buyer's next message, seconds later,
             # then takes no grant on its way) as long as a dead replica's lease would stay held, where the
             # subject has room enough that it keeps nobody out; otherwise it goes back after one tick.
-            if idle_s > self._touch_interval_s and lease.spell:
-                # Idle: the busy spell it served is over (what standing by is refilled for).
-                lease.last_spell, lease.spell = lease.spell, 0
-            standing = idle_s <= self._stale_after_s and lease.in_use == 0 and lease.stands_by()
-            if idle_s > self._touch_interval_s and standing and not lease.ready():
-                short.append(lease)
-            if idle_s > self._touch_interval_s and not standing:
+            if idle_s > self._touch_interval_s:
+                if lease.spell:
+                    # The busy spell it served is over (what standing by is refilled for).
+                    lease.last_spell, lease.spell = lease.spell, 0
+                standing = idle_s <= self._stale_after_s and lease.in_use == 0 and lease.stands_by()
+                if standing and not lease.ready():
+                    short.append(lease)
+            else:
+                standing = True  # not idle: kept, its spare slots trimmed
+            if not standing:
                 await self._give_back(lease, lease.requests, lease.tokens, lease.slots)
                 # Forgotten only if nothing started using it meanwhile (a grant now would be stranded).
-                idle = lease.in_use == 0 and lease.granting is None and not lease.waiters
-                if idle and not (lease.requests or lease.tokens or lease.slots):
+                unused = lease.in_use == 0 and lease.granting is None and not lease.waiters
+                if unused and not (lease.requests or lease.tokens or lease.slots):
                     del self._leases[subject]
                     forgotten.append(subject)
                     self._remember(subject, lease.last_spell)
