@@ -212,6 +212,29 @@ def test_an_honest_key_arriving_many_times_at_once_is_one_lookup(limited: Limite
     assert after[-1] == 429, after
 
 
+def test_many_keys_never_seen_arriving_together_from_one_address_are_all_served(limited: Limited) -> None:
+    """A company's agents behind one address, each with its own key, starting together (or any busy
+    address right after a replica started): 12 keys this replica never saw, at once, against a budget
+    of 4 lookups. Each lookup holds a unit until it finds its key, so all past the 4th were refused 429
+    (`just bench hotpath`, 64 keys at once: 21). They wait for the address's lookups under way now.
+    Guesses arriving together are still bounded: 4 queries, then refusals."""
+    keys = asyncio.run(_accounts(limited.database_url, 12))
+    office = v4()
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(lambda key: _models(limited.edge, office, key).status_code, keys))
+    assert statuses == [200] * 12, statuses
+    attacker = v4()
+    with ThreadPoolExecutor(12) as pool:
+        guesses = list(pool.map(lambda _: _models(limited.edge, attacker, key_format.generate()), range(12)))
+    statuses = sorted(r.status_code for r in guesses)
+    assert statuses == [401] * 4 + [429] * 8, statuses
+    refused = next(r for r in guesses if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) >= 1
+    # The office's keys are known now: a guess from there still spends its own budget only.
+    assert [_models(limited.edge, office, key).status_code for key in keys[:3]] == [200] * 3
+
+
 def test_keys_whose_cache_entries_expired_together_are_refreshed_without_the_budget(stack: Stack) -> None:
     """An agent fleet's keys, cached together, expire together (MP_KEY_CACHE_TTL_S). Their refreshes are
     no guesses: they once each took a unit of the failed-lookup budget before their query, and with 12 keys
