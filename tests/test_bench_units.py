@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from prometheus_client import generate_latest
 
 from services.metrics.registry import Metrics
 from tests.bench import instructions
 from tests.bench.instructions import Counting, parse_total
+from tests.bench.lean_http import LeanClients
 from tests.bench.lease_grants import TOKEN_FILE, GrantProbe
+from tests.bench.load import ViaGateway
 
 # `callgrind_control -e Ir <pid>` of a process with two threads (valgrind 3.19); its lines end in a space.
 STATUS = "PID 10217: python -m services serve\n\n  Totals:        Ir \n   Th 1  26,733,686 \n   Th 2       1,204 \n\n"
@@ -106,3 +110,101 @@ async def test_the_lease_grant_probe_reads_a_gateways_own_counter(tmp_path: Path
         }
         (tmp_path / TOKEN_FILE).write_text("wrong")
         assert await probe.snapshot(client) is None, "an unreadable /metrics is no figure, not zero"
+
+
+# ---- the lean load client (tests/bench/lean_http.py) -------------------------------------------
+
+
+def _sse(*events: bytes) -> bytes:
+    """A chunked SSE body, each event its own HTTP chunk, the terminating chunk at the end."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+
+
+def _chunk(content: str | None = None, finish: str | None = None, usage: int | None = None) -> bytes:
+    body: dict[str, object] = {"choices": [{"delta": {"content": content}, "finish_reason": finish}]}
+    if usage is not None:
+        body = {"choices": [], "usage": {"completion_tokens": usage}}
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+class _Server:
+    """A hand-written HTTP/1.1 server: each request is answered with the next of `answers` (raw bytes,
+    written in the pieces given, a pause between them); it counts the connections it accepted."""
+
+    def __init__(self, answers: list[list[bytes]]) -> None:
+        self.answers = answers
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(
+                    next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+                )
+                self.requests.append(head + await reader.readexactly(length))
+                for piece in self.answers.pop(0):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                if b"connection: close" in head.lower() or not self.answers:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_the_lean_client_reads_a_stream_as_it_arrives_and_checks_it() -> None:
+    head = b"HTTP/1.1 200 OK\r\nx-request-id: req_1\r\ntransfer-encoding: chunked\r\n\r\n"
+    body = _sse(_chunk("Hel"), _chunk("lo"), _chunk(None, "length"), _chunk(usage=3), b"data: [DONE]\n\n")
+    # The body arrives in pieces that end mid-chunk and mid-event: the second token comes 10 ms after the first.
+    cut = body.index(b"lo") - 3
+    error = b'{"error":{"message":"slow down","type":"rate_limit_error","code":"rate_limited"}}'
+    refusal = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: %d\r\nx-request-id: req_2\r\n\r\n%s" % (
+        len(error),
+        error,
+    )
+    server = _Server([[head, body[:cut], body[cut:]], [refusal]])
+    async with server as url, LeanClients() as clients:
+        send = ViaGateway(clients, url, "mp_test", "m", 3)
+        ok = await send(0)
+        refused = await send(0)
+    assert (ok.error, ok.tokens, ok.chunks, ok.request_id) == (None, 3, 2, "req_1")
+    assert ok.first is not None
+    assert ok.last is not None
+    assert ok.last - ok.first >= 0.005
+    assert (refused.error, refused.request_id) == ("http_429:rate_limited", "req_2")
+    assert server.connections == 1, "the connection was kept alive"
+    sent = server.requests[0]
+    assert sent.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"authorization: Bearer mp_test\r\n" in sent
+    assert msgspec.json.decode(sent.split(b"\r\n\r\n", 1)[1])["stream"] is True
+
+
+async def test_the_lean_client_finds_a_short_stream_and_a_closed_connection() -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    # No [DONE]: an answer cut short is a failed request, not a fast one.
+    short = _sse(_chunk("Hel"), _chunk(None, "length"), _chunk(usage=3))
+    whole = b'{"choices":[{"message":{"content":"Hello"},"finish_reason":"length"}],"usage":{"completion_tokens":3}}'
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(whole), whole)
+    server = _Server([[head, short], [closing], [closing]])
+    async with server as url, LeanClients() as clients:
+        assert (await ViaGateway(clients, url, "k", "m", 3)(0)).error == "no_done_marker"
+        whole_send = ViaGateway(clients, url, "k", "m", 3, stream=False)
+        first, second = await whole_send(0), await whole_send(0)
+    assert (first.error, first.tokens) == (None, 3)
+    # The server said it closes: the next request opened a connection of its own.
+    assert (second.error, server.connections) == (None, 2)

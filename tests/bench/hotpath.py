@@ -41,6 +41,7 @@ from services.keys.store import create_account, create_key
 from tests.bench import cli, harness
 from tests.bench.cpu import CpuProbe
 from tests.bench.harness import Verdict
+from tests.bench.lean_http import LeanClients
 from tests.bench.lease_grants import SHORT, GrantProbe
 from tests.bench.load import Direct, HttpClients, Level, OneRequest, Sample, ViaGateway, drive, warmup
 from tests.bench.machine import machine_lines, speed_ms
@@ -151,6 +152,12 @@ class Plan:
     # PostgreSQL with fsync and synchronous commit on, as in production (off by default, as in the tests).
     durable_postgres: bool = False
     streams_per_client: int = 8
+    # The load's client is httpx (h11 and anyio, as a buyer's SDK) rather than the lean one (lean_http.py).
+    httpx_client: bool = False
+
+    def clients(self, concurrency: int) -> HttpClients | LeanClients:
+        """One series' client: its own connections, one per worker."""
+        return HttpClients(concurrency, self.streams_per_client) if self.httpx_client else LeanClients()
 
 
 class HotStack(SyntheticStack):
@@ -197,7 +204,7 @@ class SlowStreams:
     cpu_s: float | None
 
 
-async def slow_streams(n: int, stack: SyntheticStack, api_key: str) -> SlowStreams:
+async def slow_streams(n: int, stack: SyntheticStack, api_key: str, clients: HttpClients | LeanClients) -> SlowStreams:
     """Open N streams at SLOW_RAMP_PER_S (a thundering herd measures admission, not holding), each
     long enough that all N are open together at the end of the ramp."""
     gateway = stack.gateways[ON]
@@ -213,7 +220,7 @@ async def slow_streams(n: int, stack: SyntheticStack, api_key: str) -> SlowStrea
             peak_rss = max(peak_rss, proc.memory_info().rss)
             await asyncio.sleep(0.1)
 
-    async with HttpClients(n, 8) as clients:
+    async with clients:
         tokens = math.ceil(n / SLOW_RAMP_PER_S / SLOW_TOKEN_DELAY_S) + SLOW_TOKENS
         send = ViaGateway(clients, gateway.base_url, api_key, SLOW_MODEL, tokens)
 
@@ -374,11 +381,11 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     # (column label, series) -> the gateway it went through (None: a baseline).
     series_gateway: dict[tuple[str, str], str | None] = {}
     async with (
-        HttpClients(top, plan.streams_per_client) as c_off,
-        HttpClients(top, plan.streams_per_client) as c_one,
-        HttpClients(top, plan.streams_per_client) as c_many,
-        HttpClients(top, plan.streams_per_client) as c_pg,
-        HttpClients(top, plan.streams_per_client) as c_direct,
+        plan.clients(top) as c_off,
+        plan.clients(top) as c_one,
+        plan.clients(top) as c_many,
+        plan.clients(top) as c_pg,
+        plan.clients(top) as c_direct,
         httpx.AsyncClient() as scraper,
     ):
         for column in plan.columns:
@@ -386,7 +393,7 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
             tokens = column.tokens or plan.tokens
 
             def via(
-                clients: HttpClients, name: str, key: str, column: Column = column, tokens: int = tokens
+                clients: HttpClients | LeanClients, name: str, key: str, column: Column = column, tokens: int = tokens
             ) -> ViaGateway:
                 return ViaGateway(clients, gw[name].base_url, key, column.model, tokens, stream=column.stream)
 
@@ -459,7 +466,11 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     for (label, series), name in series_gateway.items():
         if name is not None:
             results[label][series].frames = frames_per_request(results[label][series].samples, frames[name])
-    slow = await slow_streams(plan.slow_streams, stack, stack.api_key) if plan.slow_streams else None
+    slow = (
+        await slow_streams(plan.slow_streams, stack, stack.api_key, plan.clients(plan.slow_streams))
+        if plan.slow_streams
+        else None
+    )
     return results, (profiler.top() if profiler is not None else []), slow
 
 
@@ -489,6 +500,19 @@ def _add(total: float | None, used: float | None) -> float | None:
     return None if total is None or used is None else total + used
 
 
+def _client_lines(plan: Plan) -> list[str]:
+    if plan.httpx_client:
+        return [
+            "client: httpx (--httpx), as a buyer's SDK: about 1.1 ms of this machine's CPU per 64-token stream, taken",
+            "        from the gateway, NATS and the daemon it measures (and from the direct baseline's daemon alike)",
+        ]
+    return [
+        "client: lean (tests/bench/lean_http.py: httptools on an asyncio protocol, one keep-alive connection per",
+        "        worker, on uvloop), about 0.2 ms of CPU per 64-token stream; every series, baselines included,",
+        "        uses it; --httpx measures with httpx instead",
+    ]
+
+
 def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
     results, profile, slow = measured
     header = [
@@ -515,6 +539,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop; {plan.requests} measured requests",
         f"      per column and series in {plan.rounds} rounds whose order rotates; after a warm-up of each;",
         f"      {_many(plan)} per series where requests run at once (c > 1), so that a round is not mostly its ramp.",
+        *_client_lines(plan),
         "postgres: "
         + (
             "fsync and synchronous_commit ON (--durable-postgres): every commit waits for its WAL flush, as in"
@@ -733,6 +758,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="the column --profile samples, counted from 0 (default: streamed at --concurrency)",
     )
+    parser.add_argument(
+        "--httpx",
+        action="store_true",
+        help="the load's client is httpx, as a buyer's SDK (default: the lean client, which takes far less CPU)",
+    )
     cli.add_run_flags(parser, quick="smoke run: fewer requests")
     args = parser.parse_args(argv)
     # At full speed the answer's other 63 tokens follow its first within about 1.5 ms and contend with the
@@ -759,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile_column is None
         else args.profile_column,
         durable_postgres=args.durable_postgres,
+        httpx_client=args.httpx,
         slow_streams=args.slow_streams if args.slow_streams is not None else (500 if args.quick else 2000),
     )
     profile_dir = Path(tempfile.mkdtemp(prefix="mp-bench-profile-"))
@@ -772,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_logs=args.keep,
             strict=args.strict,
             load_line=True,
+            fast_loop=not plan.httpx_client,
         )
     finally:
         if args.keep and args.profile:

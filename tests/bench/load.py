@@ -14,6 +14,7 @@ import msgspec
 from daemon.engine.base import CancelToken, EngineError, Finished, TextChunk
 from daemon.engine.synthetic import SyntheticEngine
 from schemas import bus
+from tests.bench.lean_http import LeanClients, LeanHttpError, Target
 from tests.bench.prompts import MESSAGES
 from tests.bench.wire import COMPLETION, Events, error_code
 
@@ -215,12 +216,82 @@ class HttpClients:
             await client.aclose()
 
 
+class _Streamed:
+    """What a streamed answer's bytes said, read as they arrive (the same for either client)."""
+
+    __slots__ = ("chunks", "events", "failure", "finish", "first", "last", "usage")
+
+    def __init__(self) -> None:
+        self.events = Events()
+        self.first: float | None = None
+        self.last: float | None = None
+        # Content chunks (SSE events with text) so far.
+        self.chunks = 0
+        self.usage: int | None = None
+        self.finish: str | None = None
+        self.failure: str | None = None
+
+    def feed(self, data: bytes, now: float) -> None:
+        """Read `data`, which arrived at `now`; after a failure (an in-band error, a bad chunk) nothing more."""
+        if self.failure is not None:
+            return
+        try:
+            chunks = self.events.feed(data)
+        except msgspec.DecodeError:
+            self.failure = "client:bad_sse_chunk"
+            return
+        for chunk in chunks:
+            if chunk.error is not None:
+                self.failure = f"in_band:{chunk.error.code or '?'}"
+                return
+            if chunk.usage is not None:
+                self.usage = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    if self.first is None:
+                        self.first = now
+                    self.last = now
+                    # A delta holds the tokens of one provider frame (one or more): the usage chunk counts them.
+                    self.chunks += 1
+                if choice.finish_reason is not None:
+                    self.finish = choice.finish_reason
+
+    def sample(self, start: float, end: float, request_id: str | None, max_tokens: int) -> Sample:
+        if self.failure is not None:
+            return Sample(start, end, self.first, self.last, self.chunks, self.failure, request_id)
+        # The usage chunk counts the tokens; there can be no more content chunks than tokens.
+        tokens = self.usage or 0
+        error = "no_done_marker" if not self.events.done else _check(self.finish, tokens, max_tokens)
+        if error is None and (self.usage is None or not 0 < self.chunks <= self.usage):
+            error = "usage_mismatch"
+        return Sample(start, end, self.first, self.last, tokens, error, request_id, self.chunks)
+
+
+def _whole(start: float, end: float, body: bytes, request_id: str | None, max_tokens: int) -> Sample:
+    """A whole answer's 200 body, checked."""
+    try:
+        completion = COMPLETION.decode(body)
+    except msgspec.DecodeError:
+        return Sample(start, end, error="client:bad_json", request_id=request_id)
+    tokens = completion.usage.completion_tokens if completion.usage is not None else 0
+    if completion.usage is None:
+        return Sample(start, end, tokens=tokens, error="no_usage", request_id=request_id)
+    if len(completion.choices) != 1 or not completion.choices[0].message.content:
+        return Sample(start, end, tokens=tokens, error="no_content", request_id=request_id)
+    error = _check(completion.choices[0].finish_reason, tokens, max_tokens)
+    return Sample(start, end, tokens=tokens, error=error, request_id=request_id)
+
+
 class ViaGateway:
-    """POST /v1/chat/completions: streamed (timed from sending to each content token), or not (`stream=False`)."""
+    """POST /v1/chat/completions: streamed (timed from sending to each content token), or not (`stream=False`).
+
+    With `LeanClients` (tests/bench/lean_http.py) the request costs this process a fraction of what httpx
+    does; `HttpClients` is httpx, as a buyer's SDK is.
+    """
 
     def __init__(
         self,
-        clients: HttpClients,
+        clients: HttpClients | LeanClients,
         base_url: str,
         api_key: str,
         model: str,
@@ -242,19 +313,16 @@ class ViaGateway:
         if stream:
             body["stream_options"] = {"include_usage": True}
         self.body = msgspec.json.encode(body)
+        self.target = Target(self.url, self.body, self.headers) if isinstance(clients, LeanClients) else None
 
     async def __call__(self, worker: int) -> Sample:
+        if isinstance(self.clients, LeanClients):
+            return await self._lean(self.clients, worker)
         if not self.stream:
-            return await self._whole(worker)
+            return await self._whole(self.clients, worker)
         client = self.clients.for_worker(worker)
         start = time.perf_counter()
-        first: float | None = None
-        last: float | None = None
-        tokens = 0
-        usage: int | None = None
-        chunks = 0
-        finish: str | None = None
-        events = Events()
+        reading = _Streamed()
         rid: str | None = None
         try:
             async with client.stream("POST", self.url, content=self.body, headers=self.headers) as response:
@@ -265,59 +333,47 @@ class ViaGateway:
                         start, time.perf_counter(), error=f"http_{response.status_code}:{code}", request_id=rid
                     )
                 async for data in response.aiter_bytes():
-                    now = time.perf_counter()
-                    for chunk in events.feed(data):
-                        if chunk.error is not None:
-                            failure = f"in_band:{chunk.error.code or '?'}"
-                            return Sample(start, now, first, last, tokens, failure, rid)
-                        if chunk.usage is not None:
-                            usage = chunk.usage.completion_tokens
-                        for choice in chunk.choices:
-                            if choice.delta.content:
-                                if first is None:
-                                    first = now
-                                last = now
-                                # A delta holds the tokens of one provider frame (one or more): until the
-                                # usage chunk says how many, count what is known to have arrived.
-                                chunks += 1
-                                tokens += 1
-                            if choice.finish_reason is not None:
-                                finish = choice.finish_reason
+                    reading.feed(data, time.perf_counter())
+                    if reading.failure is not None:
+                        break
         except httpx.HTTPError as exc:
-            return Sample(start, time.perf_counter(), first, last, tokens, f"client:{type(exc).__name__}", rid)
-        except msgspec.DecodeError:
-            return Sample(start, time.perf_counter(), first, last, tokens, "client:bad_sse_chunk", rid)
-        end = time.perf_counter()
-        # The usage chunk counts the tokens; there can be no more content chunks than tokens.
-        tokens = usage or 0
-        error = "no_done_marker" if not events.done else _check(finish, tokens, self.max_tokens)
-        if error is None and (usage is None or not 0 < chunks <= usage):
-            error = "usage_mismatch"
-        return Sample(start, end, first, last, tokens, error, rid, chunks)
+            reading.failure = reading.failure or f"client:{type(exc).__name__}"
+        return reading.sample(start, time.perf_counter(), rid, self.max_tokens)
 
-    async def _whole(self, worker: int) -> Sample:
+    async def _whole(self, clients: HttpClients, worker: int) -> Sample:
         """A non-streamed request: only its end is observable (no TTFT); tokens are the usage's count."""
-        client = self.clients.for_worker(worker)
+        client = clients.for_worker(worker)
         start = time.perf_counter()
         try:
             response = await client.post(self.url, content=self.body, headers=self.headers)
-            end = time.perf_counter()
-            rid = response.headers.get("x-request-id")
-            if response.status_code != 200:
-                failure = f"http_{response.status_code}:{error_code(response.content)}"
-                return Sample(start, end, error=failure, request_id=rid)
-            completion = COMPLETION.decode(response.content)
         except httpx.HTTPError as exc:
             return Sample(start, time.perf_counter(), error=f"client:{type(exc).__name__}")
-        except msgspec.DecodeError:
-            return Sample(start, time.perf_counter(), error="client:bad_json", request_id=rid)
-        tokens = completion.usage.completion_tokens if completion.usage is not None else 0
-        if completion.usage is None:
-            return Sample(start, end, tokens=tokens, error="no_usage", request_id=rid)
-        if len(completion.choices) != 1 or not completion.choices[0].message.content:
-            return Sample(start, end, tokens=tokens, error="no_content", request_id=rid)
-        error = _check(completion.choices[0].finish_reason, tokens, self.max_tokens)
-        return Sample(start, end, tokens=tokens, error=error, request_id=rid)
+        end = time.perf_counter()
+        rid = response.headers.get("x-request-id")
+        if response.status_code != 200:
+            failure = f"http_{response.status_code}:{error_code(response.content)}"
+            return Sample(start, end, error=failure, request_id=rid)
+        return _whole(start, end, response.content, rid, self.max_tokens)
+
+    async def _lean(self, clients: LeanClients, worker: int) -> Sample:
+        assert self.target is not None
+        start = time.perf_counter()
+        reading = _Streamed() if self.stream else None
+        try:
+            answer = await clients.post(worker, self.target, reading.feed if reading is not None else None)
+        except (LeanHttpError, TimeoutError) as exc:
+            failure = f"client:{type(exc).__name__}"
+            if reading is None:
+                return Sample(start, time.perf_counter(), error=failure)
+            reading.failure = reading.failure or failure
+            return reading.sample(start, time.perf_counter(), None, self.max_tokens)
+        end = time.perf_counter()
+        if answer.status != 200:
+            code = error_code(bytes(answer.body))
+            return Sample(start, end, error=f"http_{answer.status}:{code}", request_id=answer.request_id)
+        if reading is None:
+            return _whole(start, end, bytes(answer.body), answer.request_id, self.max_tokens)
+        return reading.sample(start, end, answer.request_id, self.max_tokens)
 
 
 def _check(finish: str | None, tokens: int, max_tokens: int) -> str | None:
