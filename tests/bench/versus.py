@@ -34,7 +34,8 @@ from tests.bench import cli, harness, instructions
 from tests.bench.cpu import CpuProbe, _on_cpu_s, syscalls
 from tests.bench.harness import Verdict
 from tests.bench.hotpath import GATEWAYS
-from tests.bench.load import HttpClients, Level, ViaGateway, drive, warmup
+from tests.bench.lean_http import LeanClients
+from tests.bench.load import Level, ViaGateway, drive, warmup
 from tests.bench.progress import say
 from tests.bench.stack import GatewaySpec
 from tests.bench.synthetic import MODEL_ID, SyntheticStack
@@ -101,7 +102,8 @@ async def measure(plan: Plan, stack: SyntheticStack) -> Measured:
     assert stack.nats_pid is not None
     assert stack.postgres_pid is not None
     servers = (CpuProbe(stack.nats_pid), CpuProbe(stack.postgres_pid, tree=True))
-    async with HttpClients(64, 8) as clients:
+    # The lean client (lean_http.py): httpx's own CPU, as much as the gateway's, took the cores from it.
+    async with LeanClients() as clients:
         for column in plan.columns:
             _, streamed, conc = COLUMNS[column]
             for side in SIDES:
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_logs=args.keep,
             strict=args.strict,
             load_line=True,
+            fast_loop=True,
         )
     finally:
         if (scratch / "base").exists():
