@@ -70,9 +70,7 @@ class _Charged:
 
     def wake_all(self) -> None:
         while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            self.wake_one()
 
 
 class KeyLookup:
