@@ -319,28 +319,31 @@ async def test_an_acknowledgement_that_never_comes_times_out_and_is_forgotten(
     # subscription to them drops every one.
     await publisher.stop()
     monkeypatch.setattr(publisher, "_on_ack", lambda *_: None)
+    monkeypatch.setattr(publisher, "timeout_s", 0.3)
     await publisher.start()
     future = publisher.submit(msgspec.json.encode(bus.opened("r-never-acknowledged")))
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        await publisher.acknowledged(future, 0.3)
+        await future
     assert 0.25 <= time.monotonic() - started < 2.0
-    # Nothing is kept for an answer nobody waits for any more.
+    # Nothing is kept for an answer nobody waits for any more, and nothing ticks for it.
     assert publisher._waiting == {}
+    assert not publisher._deadlines
+    await asyncio.sleep(0.15)
+    assert publisher._ticking is None
     # Answers come back again: the next event is acknowledged.
     await publisher.stop()
     monkeypatch.undo()
     await publisher.start()
-    later = publisher.submit(msgspec.json.encode(bus.opened("r-after-the-loss")))
-    assert await publisher.acknowledged(later, 5.0) > 0
+    assert await asyncio.wait_for(publisher.submit(msgspec.json.encode(bus.opened("r-after-the-loss"))), 5.0) > 0
 
 
-async def test_then_runs_in_the_acknowledgements_own_call_before_any_done_callback(
+async def test_done_runs_in_the_acknowledgements_own_call_before_any_done_callback(
     bus: Bus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`submit`'s and `publishing`'s `then` run in the call that resolves the event (no loop turn between
-    JetStream's answer and what waits for it: an answer's end waits for its settlement so); one that
-    raises stops neither the other events of its message nor the publisher; a timeout calls it too."""
+    """`send`'s `done` runs in the call that learns the event's outcome (no loop turn between JetStream's
+    answer and what waits for it: an answer's end waits for its settlement so); one that raises stops
+    neither the other events of its message nor the publisher; a timeout calls it too."""
     publisher = bus.stream.publisher
     seen: list[str] = []
     # Set while the publisher handles an acknowledgement (its subscription's callback, wrapped).
@@ -359,38 +362,42 @@ async def test_then_runs_in_the_acknowledgements_own_call_before_any_done_callba
     await publisher.start()
 
     def noted(name: str) -> Any:
-        def then(future: asyncio.Future[Any]) -> None:
-            outcome = future.exception() or future.result()
-            seen.append(f"{name}: {outcome!r}{' (in the acknowledgement)' if handling else ''}")
+        def done(seq: int, error: BaseException | None) -> None:
+            seen.append(f"{name}: {error or seq!r}{' (in the acknowledgement)' if handling else ''}")
             if name == "raises":
                 raise RuntimeError("a continuation that fails")
 
-        return then
+        return done
 
-    raising = publisher.submit(msgspec.json.encode(bus.opened("r-then-raises")), noted("raises"))
-    plain = publisher.submit(msgspec.json.encode(bus.opened("r-then-plain")), noted("plain"))
-    plain.add_done_callback(lambda _: seen.append("done callback"))
-    published = bus.stream.publishing(bus.opened("r-then-publishing"), noted("publishing"))
-    published.add_done_callback(lambda _: seen.append("publishing's done callback"))
-    seq = await plain
-    assert await raising == seq, "one message for the turn"
-    assert await published is True
+    publisher.send(msgspec.json.encode(bus.opened("r-done-raises")), noted("raises"))
+    publisher.send(msgspec.json.encode(bus.opened("r-done-plain")), noted("plain"))
+    waited = publisher.submit(msgspec.json.encode(bus.opened("r-done-waited")))
+    waited.add_done_callback(lambda _: seen.append("done callback"))
+    bus.stream.send(
+        bus.opened("r-done-stream"), lambda error: seen.append(f"stream: {error!r}{' (in it)' if handling else ''}")
+    )
+    seq = await waited
     await asyncio.sleep(0)
-    assert seen[:2] == [f"raises: {seq} (in the acknowledgement)", f"plain: {seq} (in the acknowledgement)"]
-    assert "publishing: True (in the acknowledgement)" in seen
-    assert "done callback" in seen
-    assert publisher._then == {}
+    assert seen[:3] == [
+        f"raises: {seq} (in the acknowledgement)",
+        f"plain: {seq} (in the acknowledgement)",
+        "stream: None (in it)",
+    ], "one message for the turn, told in order, in the acknowledgement's call"
+    assert seen[3:] == ["done callback"]
+    assert (await bus.stored())[-1].count(b"r-done-") == 4
 
-    # Answers lost on the way back: the timeout resolves the event, and calls its `then` in that call.
+    # Answers lost on the way back: the timeout tells the event, in its own call.
     await publisher.stop()
     monkeypatch.setattr(publisher, "_on_ack", lambda *_: None)
+    monkeypatch.setattr(publisher, "timeout_s", 0.3)
     await publisher.start()
     seen.clear()
-    lost = publisher.submit(msgspec.json.encode(bus.opened("r-then-lost")), noted("lost"))
+    publisher.send(msgspec.json.encode(bus.opened("r-done-lost")), noted("lost"))
+    lost = publisher.submit(msgspec.json.encode(bus.opened("r-done-lost-too")))
     with pytest.raises(TimeoutError):
-        await publisher.acknowledged(lost, 0.3)
+        await lost
     assert seen == ["lost: TimeoutError()"]
-    assert publisher._then == {}
+    assert publisher._waiting == {}
 
 
 async def test_an_idle_consumer_writes_a_requests_first_events_a_linger_later_unless_hurried(

@@ -102,16 +102,6 @@ HURRY_AGAIN_S = 0.1
 GONE_AFTER_S = 0.25
 
 
-def _settle(done: asyncio.Future[bool], attempt: asyncio.Future[int]) -> None:
-    """`done` as `attempt` ended: True once stored, or its error (cancelled with it)."""
-    if attempt.cancelled():
-        done.cancel()
-    elif (error := attempt.exception()) is not None:
-        done.set_exception(error)
-    else:
-        done.set_result(True)
-
-
 def _not_yet(exc: BaseException) -> bool:
     """A JetStream that may answer shortly: no answer in time, or one of its own "not now" errors."""
     if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
@@ -203,7 +193,7 @@ class UsageStream:
         self._max_bytes = max_bytes
         self._metrics = metrics
         self._js: JetStreamContext = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
-        self.publisher = Publisher(nc, self._subject)
+        self.publisher = Publisher(nc, self._subject, PUBLISH_TIMEOUT_S)
         # This replica's consumer (services/usage/pull.py), and the task that pulls and writes its events.
         self._pull: Pull | None = None
         self._consuming: asyncio.Task[None] | None = None
@@ -222,11 +212,32 @@ class UsageStream:
 
     # ---- publishing (the request path) -----------------------------------------------------
 
-    def submit(
-        self, event: UsageEvent, then: Callable[[asyncio.Future[int]], None] | None = None
-    ) -> asyncio.Future[int]:
-        """Send one event now (with this loop turn's others); its future gets the stream sequence."""
-        return self.publisher.submit(ENCODER.encode(event), then)
+    def send(self, event: UsageEvent, done: Callable[[BaseException | None], None]) -> None:
+        """Store one event in the stream, sent with this loop turn's others: `done(None)` once JetStream
+        acknowledged it, `done(error)` if it could not be stored.
+
+        Called in the acknowledgement's own call: no task, no future and no loop turn between JetStream's
+        answer and what waits for it (an answer's end waits for its settlement so). A first try that fails
+        as `publish` would try again is tried again by `publish`, in a task, for up to PUBLISH_RETRY_S more.
+        """
+
+        def answered(seq: int, error: BaseException | None) -> None:
+            if error is None or not isinstance(error, _UNAVAILABLE):
+                done(error)
+                return
+            retry = asyncio.ensure_future(self._retry(event))
+            self._retries.add(retry)  # the loop holds tasks weakly
+            retry.add_done_callback(lambda r: self._retried(r, done))
+
+        self.publisher.send(ENCODER.encode(event), answered)
+
+    def _retried(self, retry: asyncio.Future[int], done: Callable[[BaseException | None], None]) -> None:
+        self._retries.discard(retry)
+        done(asyncio.CancelledError() if retry.cancelled() else retry.exception())
+
+    async def _retry(self, event: UsageEvent) -> int:
+        await asyncio.sleep(0.02)
+        return await self.publish(event)
 
     async def publish(self, event: UsageEvent, *, deadline: float | None = None) -> int:
         """Store one event in the stream; its sequence number once JetStream acknowledged it.
@@ -241,60 +252,29 @@ class UsageStream:
         pause = 0.02
         while True:
             try:
-                return await self.publisher.acknowledged(self.submit(event), PUBLISH_TIMEOUT_S)
+                return await self.publisher.submit(ENCODER.encode(event))
             except _UNAVAILABLE:
                 if time.monotonic() + pause >= deadline:
                     raise
             await asyncio.sleep(pause)
             pause = min(0.5, pause * 2)
 
-    def publishing(
-        self, event: UsageEvent, then: Callable[[asyncio.Future[bool]], None] | None = None
-    ) -> asyncio.Future[bool]:
-        """`publish(event)` under way: sent with this loop turn's events, True once JetStream acknowledged it.
+    def publishing(self, event: UsageEvent) -> asyncio.Future[bool]:
+        """`send(event)`, told through a future: True once stored, or the error."""
+        future: asyncio.Future[bool] = self.publisher.loop().create_future()
 
-        No task waits for the acknowledgement while the first try succeeds (all but an outage): a task
-        per request for that was a visible share of metering's CPU. A first try that fails as `publish`
-        would try again is tried again by `publish`, in a task, within the same PUBLISH_RETRY_S.
-        `then(future)`, if given, is called once the future is done, in the same call that resolves it
-        (the acknowledgement's, as `Publisher.submit`'s `then`): no loop turn in between.
-        """
-        deadline = time.monotonic() + PUBLISH_RETRY_S
-        loop = self.publisher.loop()
-        done: asyncio.Future[bool] = loop.create_future()
-
-        def finished() -> None:
-            if then is not None:
-                then(done)
-
-        def answered(f: asyncio.Future[int]) -> None:
-            if done.done():
+        def done(error: BaseException | None) -> None:
+            if future.done():
                 return
-            error = None if f.cancelled() else f.exception()
-            if f.cancelled() or error is None:
-                _settle(done, f)
-                finished()
-            elif isinstance(error, _UNAVAILABLE):
-                retry = asyncio.ensure_future(self._retry(event, deadline))
-                self._retries.add(retry)  # the loop holds tasks weakly
-                retry.add_done_callback(retried)
+            if error is None:
+                future.set_result(True)
+            elif isinstance(error, asyncio.CancelledError):
+                future.cancel()
             else:
-                done.set_exception(error)
-                finished()
+                future.set_exception(error)
 
-        def retried(r: asyncio.Future[int]) -> None:
-            self._retries.discard(r)
-            if not done.done():
-                _settle(done, r)
-                finished()
-
-        first = self.submit(event, answered)
-        self.publisher.expire_after(first, PUBLISH_TIMEOUT_S)
-        return done
-
-    async def _retry(self, event: UsageEvent, deadline: float) -> int:
-        await asyncio.sleep(0.02)
-        return await self.publish(event, deadline=deadline)
+        self.send(event, done)
+        return future
 
     # ---- the stream and this replica's consumer --------------------------------------------
 

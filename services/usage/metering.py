@@ -62,6 +62,64 @@ class _Unsettled(NamedTuple):
     lease: Lease | None = None
 
 
+class Opening:
+    """A reservation's write under way: its outcome once known, and futures only for whoever waits before.
+
+    Told in the call that learns it (the usage stream's acknowledgement, `UsageStream.send`): a future per
+    request, and the `shield` its wait needed, were part of what metering cost a request, and the reservation
+    is usually stored before the provider's first token comes.
+    """
+
+    __slots__ = ("_waiters", "outcome")
+
+    def __init__(self) -> None:
+        # True: stored; False: the lease's row no longer held the request; an exception: it could not be.
+        self.outcome: bool | BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def __call__(self, error: BaseException | None) -> None:
+        """`UsageStream.send`'s `done`."""
+        self.resolve(True if error is None else error)
+
+    def resolve(self, outcome: bool | BaseException) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters = None
+
+    @classmethod
+    def of(cls, future: asyncio.Future[bool]) -> Opening:
+        """The outcome of a write under way as a future (a group commit's)."""
+        opening = cls()
+
+        def told(f: asyncio.Future[bool]) -> None:
+            opening.resolve(f.exception() or f.result() if not f.cancelled() else asyncio.CancelledError())
+
+        future.add_done_callback(told)
+        return opening
+
+    @property
+    def stored(self) -> bool:
+        return self.outcome is True
+
+    async def wait(self) -> bool:
+        """The outcome: True or False, or its exception raised. A waiter cancelled cancels only its own wait."""
+        if self.outcome is None:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+
 @dataclass
 class Ticket:
     """One request's reservation, updated by the gateway as frames arrive."""
@@ -82,7 +140,7 @@ class Ticket:
     # its reservation row: under way while the request is dispatched (`Metering.confirm`).
     lease: Lease | None = None
     tokens: int = 0
-    opening: asyncio.Future[bool] | None = None
+    opening: Opening | None = None
     # A whole answer's reservation, not sent: it goes with the settlement, in one event (usage_events.Whole).
     deferred: Opened | None = None
 
@@ -253,9 +311,10 @@ class Metering:
             ticket.deferred = opening
         elif self._stream is not None:
             # Sent at once: it leaves with the request's work message, in one socket write.
-            ticket.opening = self._stream.publishing(opening)
+            ticket.opening = Opening()
+            self._stream.send(opening, ticket.opening)
         else:
-            ticket.opening = self._opener.submit(opening)
+            ticket.opening = Opening.of(self._opener.submit(opening))
         self._open[request_id] = ticket
         return ticket
 
@@ -270,10 +329,11 @@ class Metering:
 
     async def confirm(self, ticket: Ticket) -> None:
         """Wait until the ticket's reservation row is written (raises if it could not be)."""
-        if ticket.opening is None:
+        opening = ticket.opening
+        if opening is None or opening.stored:
             return
         try:
-            opened = await asyncio.shield(ticket.opening)
+            opened = await opening.wait()
         except Exception as exc:
             log.warning("reservation_failed", request_id=ticket.request_id, error=type(exc).__name__)
             raise CoordinatorUnavailable("Usage could not be recorded just now; retry the request.") from None
@@ -506,16 +566,7 @@ class Metering:
             done.set_result(None)
             return done
         opening = ticket.opening
-        if self._stream is None or (
-            ticket.deferred is None
-            and (
-                opening is None
-                or not opening.done()
-                or opening.cancelled()
-                or opening.exception() is not None
-                or not opening.result()
-            )
-        ):
+        if self._stream is None or (ticket.deferred is None and (opening is None or not opening.stored)):
             # A task (its reservation is awaited first), kept here: a caller that stops waiting cancels only
             # its own future, never the settlement.
             task = asyncio.ensure_future(
@@ -539,10 +590,8 @@ class Metering:
         done = loop.create_future()
         deferred = ticket.deferred
 
-        def published(f: asyncio.Future[bool]) -> None:
-            if f.cancelled():
-                self._settle_failed(ticket, settlement, ended, asyncio.CancelledError())
-            elif (error := f.exception()) is not None:
+        def published(error: BaseException | None) -> None:
+            if error is not None:
                 self._settle_failed(ticket, settlement, ended, error)
             else:
                 # The consumer puts the slot where `keep_slot` says (the lease row, while it exists).
@@ -552,7 +601,7 @@ class Metering:
 
         # Called in the same call as the acknowledgement's: the answer's end waits for `done`, with no loop
         # turn in between for a done callback.
-        self._stream.publishing(closing if deferred is None else Whole(deferred, closing), published)
+        self._stream.send(closing if deferred is None else Whole(deferred, closing), published)
         return done
 
     async def _settle(
@@ -564,7 +613,7 @@ class Metering:
         self._open.pop(ticket.request_id, None)
         if ticket.opening is not None:
             try:
-                opened: bool | None = await asyncio.shield(ticket.opening)
+                opened: bool | None = await ticket.opening.wait()
             except Exception:
                 opened = None
             if not opened and self._stream is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -40,11 +41,16 @@ _NO_RESPONDERS = "503"
 MAX_GROUP_BYTES = 48 * 1024
 
 
-# How often events still waiting for their acknowledgement are checked against their deadline.
+# How often messages still waiting for their acknowledgement are checked against their deadline.
 EXPIRY_TICK_S = 0.1
+# How long a message waits for its acknowledgement before its events fail with TimeoutError.
+ACK_TIMEOUT_S = 2.0
 
-# One event to send: its encoding, and what its publisher awaits (the stream sequence).
-_Item = tuple[bytes, "asyncio.Future[int]"]
+# What an event's sender is told, once: the stream sequence of the message that holds it (0 with an error),
+# and the error nats-py's `js.publish` would have raised, or None.
+Done = Callable[[int, BaseException | None], None]
+# One event to send: its encoding, and whom to tell.
+_Item = tuple[bytes, Done]
 
 
 class _PubAck(msgspec.Struct):
@@ -58,33 +64,45 @@ class _PubAck(msgspec.Struct):
 _PUBACK = msgspec.json.Decoder(_PubAck)
 
 
+def _resolve(future: asyncio.Future[int], seq: int, error: BaseException | None) -> None:
+    if future.done():
+        return  # its waiter gave up (cancelled)
+    if error is None:
+        future.set_result(seq)
+    else:
+        future.set_exception(error)
+
+
 class Publisher:
-    """Publishes usage events to the stream, a loop turn's events together, and awaits their PubAck.
+    """Publishes usage events to the stream, a loop turn's events together, and tells each event's sender
+    what JetStream answered.
 
     The acknowledgements come on one subscription of this replica's own inbox: nats-py's `js.publish`
     is a request (a new token, a future in a shared map, `asyncio.wait_for`, then `json.loads` and a
     dataclass per acknowledgement), which was a visible share of the gateway's CPU. Here a counter
-    names the reply and msgspec reads the answer.
+    names the reply and msgspec reads the answer. An event is sent with a plain callback (`send`), told
+    in the acknowledgement's own call: no future, no deadline of its own (its message has one), nothing
+    scheduled per event. A future per event and the chain of callbacks resolving it were most of what
+    publishing cost a request.
     """
 
-    def __init__(self, nc: Nats, subject: str) -> None:
+    def __init__(self, nc: Nats, subject: str, timeout_s: float = ACK_TIMEOUT_S) -> None:
         self._nc = nc
         # This replica's usage subject: every event goes there.
         self._subject = subject
+        self.timeout_s = timeout_s
         self._inbox = nc.new_inbox()
-        # Each message in flight: its reply subject → the futures of the events it holds.
-        self._waiting: dict[str, list[asyncio.Future[int]]] = {}
+        # Each message in flight: its reply subject → whom to tell about the events it holds.
+        self._waiting: dict[str, list[Done]] = {}
         self._next = 0
         self._sub: Subscription | None = None
         self._starting = asyncio.Lock()
-        # This turn's events not sent yet (encoded event, its future), if any.
+        # This turn's events not sent yet, if any.
         self._turn: list[_Item] = []
-        # Events waiting for their acknowledgement: (deadline, future) per timeout, and the timer expiring
-        # them while any wait (`expire_after`).
-        self._deadlines: dict[float, collections.deque[tuple[float, asyncio.Future[int]]]] = {}
+        # Messages in flight by deadline (all have the same timeout, so in the order sent), and the timer
+        # expiring them while any wait.
+        self._deadlines: collections.deque[tuple[float, str]] = collections.deque()
         self._ticking: asyncio.TimerHandle | None = None
-        # What to call at once when an event's future is resolved here (`submit`'s `then`), by future.
-        self._then: dict[asyncio.Future[int], Callable[[asyncio.Future[int]], None]] = {}
         # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
         # Known from the first event on (asyncio.get_running_loop() is a getpid() system call on Python 3.11).
@@ -107,7 +125,7 @@ class Publisher:
     def _on_ack(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
         waiting = self._waiting.pop(subject, None)
         if waiting is None:
-            return  # answered after every one of its events gave up
+            return  # answered after its deadline: its events were told TimeoutError
         error: BaseException | None = None
         seq = 0
         if headers and headers.get(api.Header.STATUS.value) == _NO_RESPONDERS:
@@ -125,23 +143,7 @@ class Publisher:
                 seq = answer.seq
             except Exception as exc:
                 error = exc
-        for future in waiting:
-            if future.done():
-                continue  # its publish gave up (timed out or cancelled)
-            if error is None:
-                future.set_result(seq)
-            else:
-                future.set_exception(error)
-            self._resolved(future)
-
-    def _resolved(self, future: asyncio.Future[int]) -> None:
-        then = self._then.pop(future, None) if self._then else None
-        if then is not None:
-            try:
-                then(future)
-            except Exception:
-                # As the loop does with a done callback that raises: told, and nothing else stops.
-                log.exception("usage_ack_callback_failed")
+        _tell(waiting, seq, error)
 
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running loop, kept from the first call on."""
@@ -155,116 +157,86 @@ class Publisher:
         """Events wait for the end of this loop turn."""
         return bool(self._turn)
 
-    def submit(self, data: bytes, then: Callable[[asyncio.Future[int]], None] | None = None) -> asyncio.Future[int]:
-        """Queue one encoded event for this loop turn's message. Its future gets the stream sequence of the
-        message that holds it once JetStream acknowledged it, or the error nats-py's `js.publish` would raise.
-
-        `then(future)` is called as soon as this publisher resolves the future, in the same call: not as a
-        done callback, which the loop runs a turn later (an answer's end waits for its settlement's
-        acknowledgement, and each such turn between the two was a wake-up of the loop per request).
-        """
-        loop = self.loop()
-        future: asyncio.Future[int] = loop.create_future()
-        if then is not None:
-            self._then[future] = then
-        self._turn.append((data, future))
+    def send(self, data: bytes, done: Done) -> None:
+        """Queue one encoded event for this loop turn's message; `done(seq, error)` is called once, in the
+        call that learns the outcome: JetStream's acknowledgement (the stream sequence of the message that
+        holds the event), its error, a failed send, or TimeoutError after `timeout_s` without an answer
+        (up to EXPIRY_TICK_S later). What `done` raises is logged; nothing else stops."""
+        self._turn.append((data, done))
         if len(self._turn) == 1:
             # The turn's first event: the ones the turn's other callbacks publish join it. Queued for the
             # connection's flusher before it runs, it also shares the socket write of what they published.
-            loop.call_soon(self._end_turn)
+            self.loop().call_soon(self._end_turn)
+
+    def submit(self, data: bytes) -> asyncio.Future[int]:
+        """`send`, told through a future: the stream sequence, or the error raised."""
+        future: asyncio.Future[int] = self.loop().create_future()
+        self.send(data, functools.partial(_resolve, future))
         return future
 
-    async def acknowledged(self, future: asyncio.Future[int], timeout_s: float) -> int:
-        """Wait for a submitted event's acknowledgement (raises TimeoutError after `timeout_s`)."""
-        self.expire_after(future, timeout_s)
-        try:
-            return await future
-        finally:
-            if future.cancelled():
-                self._forget_answered()
-
-    def expire_after(self, future: asyncio.Future[int], timeout_s: float) -> None:
-        """Fail a submitted event's future with TimeoutError if it is not acknowledged within `timeout_s`
-        (up to EXPIRY_TICK_S later).
-
-        One timer ticks while events wait, instead of a timer per event (two per request, each a libuv
-        timer made and cancelled under uvloop), and `asyncio.timeout` before that (a task lookup and a
-        context manager per event).
-        """
-        loop = future.get_loop()
-        # Deadlines in the order submitted: per timeout, so each queue's are in order too.
-        queue = self._deadlines.get(timeout_s)
-        if queue is None:
-            queue = self._deadlines[timeout_s] = collections.deque()
-        queue.append((loop.time() + timeout_s, future))
-        if self._ticking is None:
-            self._ticking = loop.call_later(EXPIRY_TICK_S, self._tick)
-
     def _tick(self) -> None:
-        loop = self.loop()
-        now = loop.time()
-        expired = False
-        for queue in list(self._deadlines.values()):  # a `then` may wait for another timeout
-            while queue and (queue[0][1].done() or queue[0][0] <= now):
-                _, future = queue.popleft()
-                if not future.done():
-                    future.set_exception(TimeoutError())
-                    self._resolved(future)
-                    expired = True
-        if expired:
-            self._forget_answered()
-        waiting = any(self._deadlines.values())
-        self._ticking = loop.call_later(EXPIRY_TICK_S, self._tick) if waiting else None
-
-    def _forget_answered(self) -> None:
-        """Forget the messages none of whose events still waits (an event gave up: rare, so a scan)."""
-        for reply, futures in list(self._waiting.items()):
-            if all(f.done() for f in futures):
-                del self._waiting[reply]
-        for future in [f for f in self._then if f.done()]:
-            self._resolved(future)  # cancelled by whoever awaited it: told all the same
+        now = self.loop().time()
+        deadlines, waiting = self._deadlines, self._waiting
+        # Answered ones are dropped as they come to the front; acknowledgements come back in order.
+        while deadlines and (deadlines[0][1] not in waiting or deadlines[0][0] <= now):
+            _, reply = deadlines.popleft()
+            told = waiting.pop(reply, None)
+            if told is not None:
+                _tell(told, 0, TimeoutError())
+        self._ticking = self.loop().call_later(EXPIRY_TICK_S, self._tick) if deadlines else None
 
     def _end_turn(self) -> None:
         turn, self._turn = self._turn, []
+        deadline = self.loop().time() + self.timeout_s
         for group in _groups(turn):
             self._next += 1
             reply = subjects.usage_ack(self._inbox, self._next)
-            futures = [f for _, f in group]
-            self._waiting[reply] = futures
+            told = [done for _, done in group]
+            self._waiting[reply] = told
+            self._deadlines.append((deadline, reply))
             payload = group[0][0] if len(group) == 1 else b"[" + b",".join(d for d, _ in group) + b"]"
             try:
                 # No headers: no Nats-Msg-Id for JetStream to drop a retried event by (the writer drops it,
                 # see ledger.apply), so the server keeps no table of ids and the consumer parses no headers.
                 sent = self._sub is not None and nats_direct.publish_nowait(self._nc, self._subject, payload, reply)
             except Exception as exc:
-                self._failed(reply, futures, exc)
+                self._failed(reply, exc)
                 continue
             if sent:
                 self.messages += 1
                 self.events += len(group)
                 continue
             # Not subscribed to the answers yet, disconnected or the buffer full: nats-py's own way.
-            task = asyncio.ensure_future(self._send(payload, reply, futures))
+            task = asyncio.ensure_future(self._send(payload, reply, len(group)))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        if self._ticking is None and self._deadlines:
+            self._ticking = self.loop().call_later(EXPIRY_TICK_S, self._tick)
 
-    async def _send(self, payload: bytes, reply: str, futures: list[asyncio.Future[int]]) -> None:
+    async def _send(self, payload: bytes, reply: str, events: int) -> None:
         try:
             if self._sub is None:
                 await self.start()
             await self._nc.publish(self._subject, payload, reply=reply)
         except Exception as exc:
-            self._failed(reply, futures, exc)
+            self._failed(reply, exc)
             return
         self.messages += 1
-        self.events += len(futures)
+        self.events += events
 
-    def _failed(self, reply: str, futures: list[asyncio.Future[int]], exc: Exception) -> None:
-        self._waiting.pop(reply, None)
-        for future in futures:
-            if not future.done():
-                future.set_exception(exc)
-                self._resolved(future)
+    def _failed(self, reply: str, exc: Exception) -> None:
+        told = self._waiting.pop(reply, None)
+        if told is not None:
+            _tell(told, 0, exc)
+
+
+def _tell(told: list[Done], seq: int, error: BaseException | None) -> None:
+    for done in told:
+        try:
+            done(seq, error)
+        except Exception:
+            # As the loop does with a callback that raises: told, and nothing else stops.
+            log.exception("usage_ack_callback_failed")
 
 
 def _groups(turn: list[_Item]) -> list[list[_Item]]:
