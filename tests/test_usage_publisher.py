@@ -23,7 +23,7 @@ from nats.aio.client import Client as Nats
 
 from infra.nats import NatsServer
 from schemas import nats_direct, subjects
-from schemas.usage_events import Closed, Opened, Settlement, decode
+from schemas.usage_events import Closed, Opened, Settlement, Whole, decode
 from services.usage import ledger
 from services.usage.ledger import UsageStream
 from services.usage.publisher import MAX_GROUP_BYTES
@@ -467,6 +467,69 @@ async def test_a_stop_while_the_consumer_holds_a_requests_first_events_writes_th
     assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", rid) == 1
     info = await bus.nc.jetstream().stream_info(subjects.USAGE_STREAM)
     assert info.state.messages == 0, "nothing left in the stream for another replica to adopt"
+
+
+async def test_a_streams_reservation_waits_one_batch_for_its_settlement_and_they_are_written_as_one(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches following each other hold back a stream's reservation whose settlement is not in the batch
+    (unacknowledged) for the next: a stream that ended meanwhile is written as a whole answer, one ledger
+    row and no reservations row in and out. A reservation is held once; one held at a stop is written."""
+    calls: list[list[str]] = []
+    real_apply = ledger.apply
+
+    async def recorded(db: asyncpg.Pool, gateway_id: str, events: list[Any]) -> None:
+        calls.append([f"{type(e).__name__}:{e.request_id}" for e in events])
+        await real_apply(db, gateway_id, events)
+
+    monkeypatch.setattr(ledger, "apply", recorded)
+    stream, gw = bus.stream, bus.stream._gw
+    await stream._add_consumer(gw)
+    pull = Pull(bus.nc, subjects.USAGE_STREAM, subjects.usage_consumer(gw))
+    await pull.start()
+    short, long, whole = (f"{name}{secrets.token_hex(4)}" for name in ("short", "long", "whole"))
+
+    async def reservations() -> set[str]:
+        rows = await bus.db.fetch(
+            "SELECT request_id FROM reservations WHERE request_id = ANY($1::text[])", [short, long, whole]
+        )
+        return {r["request_id"] for r in rows}
+
+    try:
+        await stream.publish(bus.opened(short))
+        await stream.publish(bus.opened(long))
+        done = _ok(whole)
+        await stream.publish(Whole(bus.opened(whole), Closed(whole, done.settlement, keep_slot=False)))
+        await stream._write(gw, await pull.drain(ledger.BATCH, 1.0), pull, hold=True)
+        assert calls == [[f"Whole:{whole}"]], "the reservations wait; the rest is written"
+        assert await reservations() == set()
+        consumer = await bus.nc.jetstream().consumer_info(subjects.USAGE_STREAM, subjects.usage_consumer(gw))
+        assert consumer.num_ack_pending == 2, "their messages wait for the batch that writes them"
+
+        await stream.publish(_ok(short))
+        await stream._write(gw, await pull.drain(ledger.BATCH, 1.0), pull, hold=True)
+        # Held once: the long stream's reservation is written now, its settlement or not.
+        assert sorted(calls[1]) == sorted([f"Opened:{short}", f"Opened:{long}", f"Closed:{short}"])
+        assert await reservations() == {long}, "the short stream never had a reservations row"
+        ledger_rows = await bus.db.fetch(
+            "SELECT request_id, completion_tokens FROM usage_ledger WHERE request_id = ANY($1::text[])",
+            [short, long, whole],
+        )
+        assert sorted((r["request_id"], r["completion_tokens"]) for r in ledger_rows) == sorted(
+            [(short, 4), (whole, 4)]
+        )
+        await written_async(bus.server.url, 5.0)  # every message acknowledged
+
+        # A reservation held when the replica stops gracefully is written, not left in the stream.
+        last = f"last{secrets.token_hex(4)}"
+        await stream.publish(bus.opened(last))
+        await stream._write(gw, await pull.drain(ledger.BATCH, 1.0), pull, hold=True)
+        assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", last) == 0
+        await stream._write(gw, [], pull)
+        assert await bus.db.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", last) == 1
+        await written_async(bus.server.url, 5.0)
+    finally:
+        await pull.close()
 
 
 async def test_a_consumer_the_server_removed_is_made_again_and_writes_on(bus: Bus) -> None:

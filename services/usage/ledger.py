@@ -207,8 +207,12 @@ class UsageStream:
         # Other replicas' consumers seen with no pull waiting and no progress: since when, and their
         # progress then (see `adopt_orphans`).
         self._idle_seen: dict[str, tuple[float, tuple[int, int]]] = {}
-        # Publishes whose first try failed, being tried again (`publishing`).
+        # Publishes whose first try failed, being tried again (`send`).
         self._retries: set[asyncio.Future[int]] = set()
+        # Streamed requests' reservations held back by the last batch for the next (`_write`), and the
+        # messages holding them, not acknowledged until then.
+        self._held: list[tuple[Delivery, UsageEvent]] = []
+        self._held_msgs: list[Delivery] = []
 
     # ---- publishing (the request path) -----------------------------------------------------
 
@@ -319,6 +323,8 @@ class UsageStream:
         pull, self._pull = self._pull, None
         pull.stop_polling()
         try:
+            if self._held:
+                await self._write(self._gw, [], pull)  # what the last batch held back
             while msgs := await pull.drain(BATCH, 0.2):
                 await self._write(self._gw, msgs, pull)
             await self._until_applied(self._gw)
@@ -412,7 +418,12 @@ class UsageStream:
                     log.warning("usage_consumer_claim_failed", error=type(exc).__name__)
                     continue
                 pull.lost, busy = False, False
+                # The new consumer delivers again what this one was given and did not acknowledge.
+                self._held, self._held_msgs = [], []
                 continue
+            # Batches following each other hold back reservations (`_write`); the first after a quiet spell
+            # lingered for its settlements already, and a second linger without a pull waiting would look gone.
+            following = busy
             if busy:
                 start = last  # the next batch a linger after the last
             else:
@@ -423,30 +434,32 @@ class UsageStream:
                     if not pull.got:
                         continue
                 start = time.monotonic()  # the first events after a quiet spell
+            hurried = False
             while not self._stopping.is_set():
-                if self._hurried_at > max(last, start - HURRY_AGAIN_S):
-                    # No more often than every HURRIED_S: a buyer at their limit can have their refusal
-                    # rechecked many times a second, and each write costs Postgres about 0.4 ms.
-                    take_at = last + min(self._linger_s, HURRIED_S)
-                else:
-                    take_at = start + self._linger_s
+                hurried = self._hurried_at > max(last, start - HURRY_AGAIN_S)
+                # Hurried, no more often than every HURRIED_S: a buyer at their limit can have their refusal
+                # rechecked many times a second, and each write costs Postgres about 0.4 ms.
+                take_at = last + min(self._linger_s, HURRIED_S) if hurried else start + self._linger_s
                 now = time.monotonic()
                 if now >= take_at:
                     break
                 await self._woken(take_at - now)
             last = time.monotonic()
-            held = len(pull.got)
+            waiting = len(pull.got)
             msgs = await pull.drain(BATCH, DRAIN_WAIT_S)
-            busy = len(msgs) > held
-            if msgs:
+            busy = len(msgs) > waiting
+            if msgs or self._held:
                 # A write that takes long (Postgres away) pulls meanwhile: the server would remove a consumer
                 # nobody pulls for `idle_s`, and other replicas would take this one for gone.
                 keep_alive = loop.call_later(PULL_WAIT_S, pull.poll, BATCH, PULL_WAIT_S)
                 try:
-                    await self._write(self._gw, msgs, pull)
+                    hold = following and self._linger_s > 0 and not (hurried or self._stopping.is_set())
+                    await self._write(self._gw, msgs, pull, hold=hold)
                 finally:
                     keep_alive.cancel()
                     pull.stop_polling()
+                # A batch that held reservations back takes the next a linger later, whatever comes meanwhile.
+                busy = busy or bool(self._held)
 
     async def _woken(self, timeout_s: float | None = None) -> None:
         """Wait for the consumer's wake-up (`_wake`), or `timeout_s`."""
@@ -455,21 +468,42 @@ class UsageStream:
             async with asyncio.timeout(timeout_s):
                 await self._wake.wait()
 
-    async def _write(self, gateway_id: str, msgs: list[Delivery], pull: Pull) -> None:
+    async def _write(self, gateway_id: str, msgs: list[Delivery], pull: Pull, *, hold: bool = False) -> None:
         """Apply a batch, then acknowledge it; on failure nothing is acknowledged (all come again).
 
         An event that can never be written (it does not decode, or Postgres refuses what it holds) is
         parked in `usage_dead_letters` and the others are written: it must not hold up every settlement
         of its replica behind it, as it once did.
+
+        With `hold` (this replica's own consumer, nobody waiting for the ledger, not stopping), a streamed
+        request's reservation whose settlement is not in the batch waits for the next batch, a linger later,
+        its message unacknowledged meanwhile (once: then it is written whatever came). A stream that ends
+        by then is written as a whole answer is: one ledger row, instead of a reservations row inserted by
+        one batch and deleted by the next (most of what Postgres spent on a stream longer than the linger's
+        remainder: a quarter of the requests of 8-token-a-step streams at c=64, more for longer ones). The
+        event is stored in the stream meanwhile, so a replica that dies leaves it to whoever adopts its
+        events; the one thing that waits is the row its progress reports (every 2 s) update.
         """
+        own = gateway_id == self._gw
         events: list[tuple[Delivery, UsageEvent]] = []
+        earlier: list[Delivery] = []
+        if own:
+            events, self._held = self._held, []
+            earlier, self._held_msgs = self._held_msgs, []
         undecodable: list[tuple[Delivery, str]] = []
+        fresh: list[tuple[Delivery, UsageEvent]] = []
         for msg in msgs:
             try:
-                events.extend((msg, event) for event in decode(msg.data))
+                fresh.extend((msg, event) for event in decode(msg.data))
             except Exception as exc:
                 # Only the control plane can publish here; an event that does not decode never will.
                 undecodable.append((msg, f"undecodable: {exc}"))
+        if hold and own and fresh:
+            fresh, held = _hold_lone_opens(events, fresh)
+            if held:
+                self._held = held
+                self._held_msgs = list(dict.fromkeys(msg for msg, _ in held))
+        events += fresh
         while True:
             try:
                 for msg, why in undecodable:
@@ -493,8 +527,12 @@ class UsageStream:
                     self._metrics.settle_failures.inc()
                 await asyncio.sleep(1.0)
         # Written: each event goes from the stream (a work queue takes only explicit acknowledgements;
-        # they leave together in one write to the server).
-        pull.ack(msgs)
+        # they leave together in one write to the server). A message holding a reservation held back is
+        # acknowledged with the batch that writes it.
+        if own and self._held_msgs:
+            holding = {msg.reply for msg in self._held_msgs}
+            msgs = [msg for msg in msgs if msg.reply not in holding]
+        pull.ack(earlier + msgs)
 
     async def _one_by_one(self, gateway_id: str, events: list[tuple[Delivery, UsageEvent]]) -> None:
         """Write each event on its own, in order (writing one twice changes nothing); park the refused."""
@@ -658,6 +696,21 @@ class UsageStream:
             if not nats_direct.publish_nowait(self._nc, subjects.LEDGER_HURRY, b""):
                 await self._nc.publish(subjects.LEDGER_HURRY, b"")
         return time.monotonic()
+
+
+def _hold_lone_opens(
+    earlier: list[tuple[Delivery, UsageEvent]], fresh: list[tuple[Delivery, UsageEvent]]
+) -> tuple[list[tuple[Delivery, UsageEvent]], list[tuple[Delivery, UsageEvent]]]:
+    """`fresh` split into what to write now and the reservations to hold for the next batch: those whose
+    settlement is in neither part of this batch (`earlier`: what the last batch held)."""
+    closed = {e.request_id for _, e in earlier if isinstance(e, Closed)}
+    closed.update(e.request_id for _, e in fresh if isinstance(e, Closed))
+    now: list[tuple[Delivery, UsageEvent]] = []
+    held: list[tuple[Delivery, UsageEvent]] = []
+    for item in fresh:
+        event = item[1]
+        (held if isinstance(event, Opened) and event.request_id not in closed else now).append(item)
+    return now, held
 
 
 def _progress(ci: api.ConsumerInfo) -> tuple[int, int]:
