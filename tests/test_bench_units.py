@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from services.metrics.registry import Metrics
-from tests.bench import instructions
+from tests.bench import hotpath, instructions
 from tests.bench.instructions import Counting, parse_total
 from tests.bench.lean_http import LeanClients
 from tests.bench.lease_grants import TOKEN_FILE, GrantProbe
-from tests.bench.load import ViaGateway
+from tests.bench.load import Level, Sample, ViaGateway
 
 # `callgrind_control -e Ir <pid>` of a process with two threads (valgrind 3.19); its lines end in a space.
 STATUS = "PID 10217: python -m services serve\n\n  Totals:        Ir \n   Th 1  26,733,686 \n   Th 2       1,204 \n\n"
@@ -208,3 +208,37 @@ async def test_the_lean_client_finds_a_short_stream_and_a_closed_connection() ->
     assert (first.error, first.tokens) == (None, 3)
     # The server said it closes: the next request opened a connection of its own.
     assert (second.error, server.connections) == (None, 2)
+
+
+@pytest.mark.unit
+def test_hotpath_runs_metering_on_and_off_back_to_back_each_first_in_turn() -> None:
+    names = [hotpath.DIRECT_HTTP, *hotpath.SERIES, hotpath.PG_SERIES]
+    off, on = hotpath.SERIES[0], hotpath.SERIES[1]
+    for r in range(6):
+        rotated = names[r % len(names) :] + names[: r % len(names)]
+        order = hotpath._paired(rotated, r)
+        assert sorted(order) == sorted(names), "every series once"
+        at = order.index(off)
+        assert order[at + 1 if r % 2 == 0 else at - 1] == on, (r, order)
+        # The others keep the rotation's order.
+        assert [s for s in order if s != on] == [s for s in rotated if s != on]
+
+
+def _tally(*rates: float) -> hotpath.Tally:
+    """One level per round: 100 successful requests in 100 / rate seconds."""
+    levels = []
+    for rate in rates:
+        samples = [Sample(start=0.0, end=0.001) for _ in range(100)]
+        levels.append(Level(concurrency=16, samples=samples, wall_s=100 / rate, cpu_s=0.0))
+    return hotpath.Tally(levels=levels)
+
+
+@pytest.mark.unit
+def test_hotpath_judges_metering_on_off_by_the_median_of_paired_rounds_and_shows_the_pooled_ratio() -> None:
+    # The fourth round's metering-off series fell in a slow spell: pooled, it drags the whole run's ratio.
+    off = _tally(1000, 1000, 1000, 400, 1000)
+    on = _tally(950, 940, 960, 930, 920)
+    assert hotpath.paired_ratios(on, off) == pytest.approx([0.95, 0.94, 0.96, 2.325, 0.92])
+    pooled = 5 * 100 / sum(100 / r for r in (950, 940, 960, 930, 920)) / (5 * 100 / (4 * 0.1 + 0.25))
+    assert hotpath.on_off(on, off) == f"0.95x median of 5 paired rounds [0.92-2.33; pooled {pooled:.2f}x]"
+    assert hotpath.on_off(_tally(950), _tally(1000)) == "0.95x (pooled)"

@@ -88,7 +88,9 @@ PACED_REQUESTS = 256
 # last ones finishing at falling concurrency, with the ledger's lingering batch of the series before. On
 # 2026-12-07, back to back, 2048 instead of 512 gave 0.716 instead of 0.977 ms of metering-on gateway CPU
 # per 64-token stream at c=64 (off 0.676 / 0.741), and on/off rounds of 0.91-1.01 instead of 0.60-1.01.
-CONCURRENT_REQUESTS = 2048
+# Six rounds of 512 (ROUNDS): the on/off goal is judged on the median of the rounds' paired ratios.
+CONCURRENT_REQUESTS = 3072
+ROUNDS = 6
 # A third one that answers slowly (a token a second), for the many-streams-at-once measurement.
 SLOW_MODEL = "synthetic-slow"
 SLOW_TOKEN_DELAY_S = 1.0
@@ -417,7 +419,7 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
             tallies = {s: Tally() for s in names}
             per_round = max(1, (column.requests or plan.requests) // plan.rounds)
             for r in range(plan.rounds):
-                order = names[r % len(names) :] + names[: r % len(names)]
+                order = _paired(names[r % len(names) :] + names[: r % len(names)], r)
                 for series in order:
                     name, send = senders[series]
                     tally = tallies[series]
@@ -474,20 +476,43 @@ async def measure(plan: Plan, stack: SyntheticStack, profile_dir: Path) -> Measu
     return results, (profiler.top() if profiler is not None else []), slow
 
 
-def _round_range(on: Tally, off: Tally) -> str:
-    """The on/off requests/s ratio round by round (each round's two series ran minutes apart at most), as
-    " [min-max, median]": on a shared machine a single run's ratio moves by more than a change under test.
-    The median of the rounds' own ratios compares series that ran close together: a slow spell of the
-    machine (the fixed workload's time moves by a third within a run) that falls on one series of one
-    round moves the whole run's ratio, not the median."""
+def _paired(order: list[str], r: int) -> list[str]:
+    """A round's rotated order with metering on (one key) right after metering off in even rounds and right
+    before it in odd ones: the pair the on/off goal compares runs back to back, seconds apart at most, and
+    each goes first as often as the other."""
+    if SERIES[0] not in order or SERIES[1] not in order:
+        return order
+    order = [s for s in order if s != SERIES[1]]
+    at = order.index(SERIES[0]) + (1 if r % 2 == 0 else 0)
+    return [*order[:at], SERIES[1], *order[at:]]
+
+
+def paired_ratios(on: Tally, off: Tally) -> list[float]:
+    """The on/off requests/s ratio of each round (the two series ran back to back: `_paired`)."""
     ratios = []
     for a, b in zip(on.levels, off.levels, strict=False):
         on_rps, off_rps = Stats.of(a).requests_per_s, Stats.of(b).requests_per_s
         if off_rps:
             ratios.append(on_rps / off_rps)
+    return ratios
+
+
+def on_off(on: Tally, off: Tally) -> str:
+    """Metering on / off requests/s: the median of the rounds' paired ratios (the figure the goal is judged
+    on), their range, and the ratio of all requests pooled.
+
+    On a shared machine a single run's pooled ratio moves by more than a change under test: a slow spell of
+    the machine (the fixed workload's time moves by a third within a run) that falls on one series of one
+    round moves it (the pooled ratio is total requests over total time). The median of the rounds' own
+    ratios compares series that ran back to back, and a spell on one round moves it little."""
+    pooled = f"{on.stats.requests_per_s / off.stats.requests_per_s:.2f}x" if off.stats.requests_per_s else "-"
+    ratios = paired_ratios(on, off)
     if len(ratios) < 2:
-        return ""
-    return f" [rounds {min(ratios):.2f}-{max(ratios):.2f}, median {statistics.median(ratios):.2f}]"
+        return f"{pooled} (pooled)"
+    return (
+        f"{statistics.median(ratios):.2f}x median of {len(ratios)} paired rounds"
+        f" [{min(ratios):.2f}-{max(ratios):.2f}; pooled {pooled}]"
+    )
 
 
 def _sum(total: dict[str, float] | None, used: dict[str, float] | None) -> dict[str, float] | None:
@@ -537,7 +562,8 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         f"        '{PG_SERIES}' = metering on, 1 key, reservations and settlements straight to PostgreSQL",
         "        (MP_SETTLEMENT=postgres) instead of through the usage stream (JetStream; the default).",
         f"load: POST /v1/chat/completions, max_tokens={plan.tokens}, closed loop; {plan.requests} measured requests",
-        f"      per column and series in {plan.rounds} rounds whose order rotates; after a warm-up of each;",
+        f"      per column and series in {plan.rounds} rounds whose order rotates ('{SERIES[0]}' and",
+        f"      '{SERIES[1]}' back to back, in turn first); after a warm-up of each;",
         f"      {_many(plan)} per series where requests run at once (c > 1), so that a round is not mostly its ramp.",
         *_client_lines(plan),
         "postgres: "
@@ -614,8 +640,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         ratio = "-"
         if one.latency_p50_ms and many.latency_p50_ms:
             ratio = f"{one.latency_p50_ms / many.latency_p50_ms:.2f}x"
-        rps = f"{one.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
-        rps += _round_range(tallies[SERIES[1]], tallies[SERIES[0]])
+        rps = on_off(tallies[SERIES[1]], tallies[SERIES[0]])
         pg = tallies[PG_SERIES].stats
         pg_rps = f"{pg.requests_per_s / off.requests_per_s:.2f}x" if off.requests_per_s else "-"
         bound = "c=1: one key both, the run's noise" if label in one_worker else "<= 1.20x"
@@ -747,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"per column and series (default 512; {CONCURRENT_REQUESTS} where c > 1)",
     )
-    parser.add_argument("--rounds", type=cli.positive, default=None, help="rounds (default 4; 2 with --quick)")
+    parser.add_argument("--rounds", type=cli.positive, default=None, help=f"rounds (default {ROUNDS}; 2 with --quick)")
     parser.add_argument(
         "--slow-streams",
         type=int,
@@ -793,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         columns=tuple(columns),
         tokens=args.tokens,
         requests=args.requests or (128 if args.quick else 512),
-        rounds=args.rounds or (2 if args.quick else 4),
+        rounds=args.rounds or (2 if args.quick else ROUNDS),
         profile_s=1.0 if args.profile else 0.0,
         profile_column=columns.index(Column(True, args.concurrency, requests=many))
         if args.profile_column is None
