@@ -156,6 +156,12 @@ class DirectClient(Client):
         self._ps = _Parser(self)
         # This turn's write of what `publish_nowait` queued, once scheduled.
         self._writing: asyncio.Handle | None = None
+        # How many commands `publish_nowait(..., ahead=True)` put at the front of the pending list `_ahead_of`
+        # (nats-py's flusher and `_write_turn` start a new list: then none).
+        self._ahead = 0
+        self._ahead_of: list[bytes] | None = None
+        # Called once before the next write of what `publish_nowait` queued (`before_write`).
+        self._before_write: Callable[[], object] | None = None
         # Known from the first `publish_nowait` on (asyncio.get_running_loop() is a getpid() system call
         # on Python 3.11).
         self._writing_loop: asyncio.AbstractEventLoop | None = None
@@ -200,10 +206,13 @@ class DirectClient(Client):
         self._pending_data_size += len(PING_PROTO)
         await self._flush_pending()
 
-    def publish_nowait(self, subject: str, payload: bytes, reply: str = "") -> bool:
+    def publish_nowait(self, subject: str, payload: bytes, reply: str = "", *, ahead: bool = False) -> bool:
         """`publish` without a coroutine: queued now, written with everything queued in the same loop turn
         at its end (`_write_turn`). False, with nothing queued, where `publish` might have to wait
         (disconnected, or the pending buffer full): then await `publish` instead.
+
+        `ahead`: in front of what is queued and not written yet, behind what was queued `ahead` before it
+        (in order among themselves). Nothing waits behind a PING that way but what waited already.
 
         For subjects this process builds itself (schemas/subjects.py): they are not validated again.
         """
@@ -222,7 +231,14 @@ class DirectClient(Client):
         stats = self.stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += size
-        self._pending.append(command)
+        queued = self._pending
+        if ahead:
+            if self._ahead_of is not queued:
+                self._ahead_of, self._ahead = queued, 0
+            queued.insert(self._ahead, command)
+            self._ahead += 1
+        else:
+            queued.append(command)
         self._pending_data_size = pending
         if self._writing is None:
             loop = self._writing_loop
@@ -230,6 +246,19 @@ class DirectClient(Client):
                 loop = self._writing_loop = asyncio.get_running_loop()
             self._writing = loop.call_soon(self._write_turn)
         return True
+
+    def before_write(self, hook: Callable[[], object]) -> None:
+        """Call `hook` once, right before the next `_write_turn` writes (it may queue more, `ahead`): a loop
+        turn's usage events go in front of what the turn queued before them, in the same write."""
+        self._before_write = hook
+
+    def write_now(self) -> None:
+        """Write what is queued now, as the turn's end would (`_write_turn`), instead of a loop turn later."""
+        if self._writing is not None:
+            self._writing.cancel()
+            self._writing = None
+        if self._pending_data_size:
+            self._write_turn()
 
     def _write_turn(self) -> None:
         """Write what this loop turn queued (and anything queued before it), in one call, at the turn's end.
@@ -240,6 +269,10 @@ class DirectClient(Client):
         or not connected, the flusher takes it as before: it writes, then waits for the buffer to drain.
         """
         self._writing = None
+        hook = self._before_write
+        if hook is not None:
+            self._before_write = None
+            hook()
         if not self._pending_data_size:
             return  # the flusher wrote it meanwhile
         writer: asyncio.StreamWriter | None = getattr(self._transport, "_io_writer", None)
@@ -292,9 +325,21 @@ async def connect(servers: str | list[str], **options: Any) -> Client:
     return nc
 
 
-def publish_nowait(nc: Client, subject: str, payload: bytes, reply: str = "") -> bool:
+def publish_nowait(nc: Client, subject: str, payload: bytes, reply: str = "", *, ahead: bool = False) -> bool:
     """`DirectClient.publish_nowait` where `nc` is one; False otherwise (then await `publish`)."""
-    return isinstance(nc, DirectClient) and nc.publish_nowait(subject, payload, reply)
+    return isinstance(nc, DirectClient) and nc.publish_nowait(subject, payload, reply, ahead=ahead)
+
+
+def before_write(nc: Client, hook: Callable[[], object]) -> None:
+    """`DirectClient.before_write` where `nc` is one (a plain client writes what it was given, in order)."""
+    if isinstance(nc, DirectClient):
+        nc.before_write(hook)
+
+
+def write_now(nc: Client) -> None:
+    """`DirectClient.write_now` where `nc` is one (nats-py's own flusher writes for any other)."""
+    if isinstance(nc, DirectClient):
+        nc.write_now()
 
 
 async def subscribe(nc: Client, subject: str, on_message: OnMessage) -> Subscription:

@@ -472,3 +472,40 @@ def test_a_local_nats_server_runs_go_on_one_p(bare_nats: NatsServer) -> None:
     # per message); an operator's own GOMAXPROCS wins.
     environ = Path(f"/proc/{bare_nats.proc.pid}/environ").read_bytes().split(b"\0")
     assert f"GOMAXPROCS={os.environ.get('GOMAXPROCS', '1')}".encode() in environ
+
+
+@pytest.mark.unit
+async def test_commands_queued_ahead_lead_the_turns_write_in_order_and_a_hook_queues_before_it() -> None:
+    """A loop turn's usage events go in front of the work messages queued before them, in one write."""
+    nc = nats_direct.DirectClient()
+    nc._status = Client.CONNECTED
+    nc._flush_queue = asyncio.Queue()
+    nc._max_payload = 1024
+    writer = _Writer(0)
+    nc._transport = type("Transport", (), {"_io_writer": writer})()
+
+    def cmd(name: str) -> bytes:
+        return pub_cmd(name, "", name.encode())
+
+    assert nc.publish_nowait("work1", b"work1")
+    assert nc.publish_nowait("usage1", b"usage1", ahead=True)
+    assert nc.publish_nowait("work2", b"work2")
+    assert nc.publish_nowait("usage2", b"usage2", ahead=True)
+    assert nc._pending == [cmd("usage1"), cmd("usage2"), cmd("work1"), cmd("work2")]
+    nc.write_now()
+    expected = [cmd("usage1"), cmd("usage2"), cmd("work1"), cmd("work2")]
+    assert writer.writes == [expected], "at once, not at the turn's end"
+    await asyncio.sleep(0)
+    assert len(writer.writes) == 1, "the turn's end finds nothing left"
+
+    # A hook queues what it has right before the turn's write, ahead of the rest (and of nothing written).
+    assert nc.publish_nowait("work3", b"work3")
+    nc.before_write(lambda: nc.publish_nowait("usage3", b"usage3", ahead=True))
+    assert nc._pending == [cmd("work3")]
+    await asyncio.sleep(0)
+    assert writer.writes[-1] == [cmd("usage3"), cmd("work3")]
+    # Once: the next turn's write is only what it queued.
+    assert nc.publish_nowait("work4", b"work4")
+    await asyncio.sleep(0)
+    assert writer.writes[-1] == [cmd("work4")]
+    assert nc._pending_data_size == 0

@@ -112,11 +112,6 @@ async def start(
         ex.model, ex.stream = job.request.model, job.stream
         ex.label(job.request.model, runtime.pool.serves_model)
         ex.ticket = await _reserve(runtime, principal, job, ex.request_id)
-        if runtime.metering.turn_pending():
-            # One loop turn, so that the reservation's event (and the turn's others) is queued ahead of the
-            # work message: both leave in one write, and nats-server stores the event while the provider
-            # starts, not while the provider's Accepted comes back through it.
-            await asyncio.sleep(0)
         deadline_ms = int((time.time() + runtime.settings.request_timeout_s) * 1000)
         frame_ms = 0 if job.stream else runtime.settings.nonstream_frame_ms
         # Canaries (services/canary/prompts.py) set what a streamed request gets here: keep them alike.

@@ -248,10 +248,6 @@ class Metering:
         """Reservations of requests running on this replica (for the metrics, read at scrape time)."""
         return len(self._open)
 
-    def turn_pending(self) -> bool:
-        """Whether usage events of this loop turn wait to be sent at its end (services/usage/publisher.py)."""
-        return self._stream is not None and self._stream.publisher.pending
-
     def published(self) -> tuple[int, int]:
         """Messages stored in the usage stream, and the events they carried (metrics, at scrape time)."""
         if self._stream is None:

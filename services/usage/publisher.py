@@ -11,9 +11,11 @@ stored, acknowledged and delivered once. Nothing waits for more events to come:
 the first event of a turn leaves when that turn's other callbacks have run, so a
 lone request's event leaves as soon as before, alone and in the old format
 (a single object). It is queued without a coroutine (`nats_direct.publish_nowait`)
-before the connection's flusher runs, so it also shares the socket write of
-whatever else that turn published (a request's reservation goes out with the
-request's work message).
+ahead of what the connection has not written yet, and written at once with it: a
+request's reservation goes out in front of the request's work message, in one
+write, so nats-server stores the event while the provider starts (not while the
+provider's Accepted comes back through it), and a settlement's acknowledgement
+is not a loop turn later for the write's own turn.
 """
 
 from __future__ import annotations
@@ -152,11 +154,6 @@ class Publisher:
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    @property
-    def pending(self) -> bool:
-        """Events wait for the end of this loop turn."""
-        return bool(self._turn)
-
     def send(self, data: bytes, done: Done) -> None:
         """Queue one encoded event for this loop turn's message; `done(seq, error)` is called once, in the
         call that learns the outcome: JetStream's acknowledgement (the stream sequence of the message that
@@ -164,9 +161,10 @@ class Publisher:
         (up to EXPIRY_TICK_S later). What `done` raises is logged; nothing else stops."""
         self._turn.append((data, done))
         if len(self._turn) == 1:
-            # The turn's first event: the ones the turn's other callbacks publish join it. Queued for the
-            # connection's flusher before it runs, it also shares the socket write of what they published.
+            # The turn's first event: the ones the turn's other callbacks publish join it. They go at the
+            # turn's end, or as the connection writes what the turn queued before them if that comes first.
             self.loop().call_soon(self._end_turn)
+            nats_direct.before_write(self._nc, self._publish_turn)
 
     def submit(self, data: bytes) -> asyncio.Future[int]:
         """`send`, told through a future: the stream sequence, or the error raised."""
@@ -186,6 +184,15 @@ class Publisher:
         self._ticking = self.loop().call_later(EXPIRY_TICK_S, self._tick) if deadlines else None
 
     def _end_turn(self) -> None:
+        self._publish_turn()
+        # Now, with what the connection has queued (the work messages of the requests these reservations are
+        # for): each loop turn on the way to the acknowledgement is one more in every request's time.
+        nats_direct.write_now(self._nc)
+
+    def _publish_turn(self) -> None:
+        """Queue the turn's events ahead of what the connection has not written yet, a message per group."""
+        if not self._turn:
+            return  # queued already, before the connection wrote
         turn, self._turn = self._turn, []
         deadline = self.loop().time() + self.timeout_s
         for group in _groups(turn):
@@ -198,7 +205,9 @@ class Publisher:
             try:
                 # No headers: no Nats-Msg-Id for JetStream to drop a retried event by (the writer drops it,
                 # see ledger.apply), so the server keeps no table of ids and the consumer parses no headers.
-                sent = self._sub is not None and nats_direct.publish_nowait(self._nc, self._subject, payload, reply)
+                sent = self._sub is not None and nats_direct.publish_nowait(
+                    self._nc, self._subject, payload, reply, ahead=True
+                )
             except Exception as exc:
                 self._failed(reply, exc)
                 continue
