@@ -272,7 +272,11 @@ class DirectClient(Client):
         hook = self._before_write
         if hook is not None:
             self._before_write = None
-            hook()
+            try:
+                hook()
+            except Exception:
+                # What was queued is written all the same; the hook's owner learns of its own failure.
+                log.exception("nats_direct_before_write_failed")
         if not self._pending_data_size:
             return  # the flusher wrote it meanwhile
         writer: asyncio.StreamWriter | None = getattr(self._transport, "_io_writer", None)

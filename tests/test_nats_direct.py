@@ -509,3 +509,12 @@ async def test_commands_queued_ahead_lead_the_turns_write_in_order_and_a_hook_qu
     await asyncio.sleep(0)
     assert writer.writes[-1] == [cmd("work4")]
     assert nc._pending_data_size == 0
+
+    # A hook that fails keeps nothing from being written.
+    def failing() -> None:
+        raise RuntimeError("a hook that fails")
+
+    nc.before_write(failing)
+    assert nc.publish_nowait("work5", b"work5")
+    await asyncio.sleep(0)
+    assert writer.writes[-1] == [cmd("work5")]
