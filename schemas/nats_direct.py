@@ -268,15 +268,16 @@ class DirectClient(Client):
         waits in that buffer (the server reads slowly), or the connection is not a plain or TLS stream,
         or not connected, the flusher takes it as before: it writes, then waits for the buffer to drain.
         """
-        self._writing = None
         hook = self._before_write
         if hook is not None:
+            # Before `_writing` is cleared: what the hook queues goes in this write, without scheduling another.
             self._before_write = None
             try:
                 hook()
             except Exception:
                 # What was queued is written all the same; the hook's owner learns of its own failure.
                 log.exception("nats_direct_before_write_failed")
+        self._writing = None
         if not self._pending_data_size:
             return  # the flusher wrote it meanwhile
         writer: asyncio.StreamWriter | None = getattr(self._transport, "_io_writer", None)

@@ -504,6 +504,7 @@ async def test_commands_queued_ahead_lead_the_turns_write_in_order_and_a_hook_qu
     assert nc._pending == [cmd("work3")]
     await asyncio.sleep(0)
     assert writer.writes[-1] == [cmd("usage3"), cmd("work3")]
+    assert nc._writing is None, "what the hook queued went in that write: no other is scheduled"
     # Once: the next turn's write is only what it queued.
     assert nc.publish_nowait("work4", b"work4")
     await asyncio.sleep(0)
