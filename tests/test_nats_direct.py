@@ -348,10 +348,7 @@ async def test_the_parser_hands_plain_messages_of_direct_subscriptions_over_with
 
 @pytest.mark.unit
 async def test_publish_nowait_queues_the_command_nats_pys_pub_cmd_makes() -> None:
-    nc = nats_direct.DirectClient()
-    nc._status = Client.CONNECTED
-    nc._flush_queue = asyncio.Queue()
-    nc._max_payload = 1024
+    nc = _publishing_client()
     sent = [("a.b", "", b"hi"), ("mp.v1.work.p", "mp.v1.reply.p.g.r", b""), ("caf\u00e9", "r", b"\r\n\x00" * 9)]
     for subject, reply, payload in sent:
         assert nc.publish_nowait(subject, payload, reply)
@@ -362,6 +359,17 @@ async def test_publish_nowait_queues_the_command_nats_pys_pub_cmd_makes() -> Non
     assert not nc.publish_nowait("a", b"x")
     nc._status = Client.DRAINING_SUBS
     assert nc.publish_nowait("a", b"x")
+
+
+def _publishing_client(writer: _Writer | None = None) -> nats_direct.DirectClient:
+    """A client as connected for `publish_nowait`, writing to `writer` where one is given."""
+    nc = nats_direct.DirectClient()
+    nc._status = Client.CONNECTED
+    nc._flush_queue = asyncio.Queue()
+    nc._max_payload = 1024
+    if writer is not None:
+        nc._transport = type("Transport", (), {"_io_writer": writer})()
+    return nc
 
 
 class _Writer:
@@ -387,12 +395,10 @@ class _Writer:
 async def test_a_turns_publishes_are_one_write_at_its_end_or_the_flushers_when_the_socket_is_behind(
     buffered: int,
 ) -> None:
-    nc = nats_direct.DirectClient()
-    nc._status = Client.CONNECTED
-    nc._flush_queue = asyncio.Queue()
-    nc._max_payload = 1024
     writer = _Writer(buffered)
-    nc._transport = type("Transport", (), {"_io_writer": writer})()
+    nc = _publishing_client(writer)
+    flush_queue = nc._flush_queue
+    assert flush_queue is not None
     for i in range(3):
         assert nc.publish_nowait(f"s.{i}", b"x")
     assert writer.writes == [], "nothing written before the turn ends"
@@ -400,10 +406,10 @@ async def test_a_turns_publishes_are_one_write_at_its_end_or_the_flushers_when_t
     expected = [pub_cmd(f"s.{i}", "", b"x") for i in range(3)]
     if buffered:
         # The socket is behind: nats-py's flusher writes it, then waits for the buffer to drain.
-        assert (writer.writes, nc._pending, nc._flush_queue.qsize()) == ([], expected, 1)
+        assert (writer.writes, nc._pending, flush_queue.qsize()) == ([], expected, 1)
     else:
         assert (writer.writes, nc._pending, nc._pending_data_size) == ([expected], [], 0)
-        assert nc._flush_queue.empty()
+        assert flush_queue.empty()
     assert nc.publish_nowait("next", b"y")
     await asyncio.sleep(0)
     assert len(writer.writes) == (0 if buffered else 2), "the next turn writes again"
@@ -477,12 +483,8 @@ def test_a_local_nats_server_runs_go_on_one_p(bare_nats: NatsServer) -> None:
 @pytest.mark.unit
 async def test_commands_queued_ahead_lead_the_turns_write_in_order_and_a_hook_queues_before_it() -> None:
     """A loop turn's usage events go in front of the work messages queued before them, in one write."""
-    nc = nats_direct.DirectClient()
-    nc._status = Client.CONNECTED
-    nc._flush_queue = asyncio.Queue()
-    nc._max_payload = 1024
     writer = _Writer(0)
-    nc._transport = type("Transport", (), {"_io_writer": writer})()
+    nc = _publishing_client(writer)
 
     def cmd(name: str) -> bytes:
         return pub_cmd(name, "", name.encode())

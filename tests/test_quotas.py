@@ -32,7 +32,7 @@ from services.metrics.registry import Metrics
 from services.usage import leases, ledger
 from services.usage import metering as metering_module
 from services.usage.ledger import UsageStream, UsageStreamUnavailable
-from services.usage.metering import Metering
+from services.usage.metering import Metering, Opening
 from services.usage.quotas import Holder, Limits
 from tests.support import logs
 from tests.support.accounts import TestAccount, fetch, make_account, make_account_async, query
@@ -689,7 +689,8 @@ async def test_a_usage_event_waits_for_the_stream_instead_of_failing(stack: Stac
 
 
 async def test_a_reservation_whose_first_publish_fails_is_published_again(stack: Stack, tmp_path: Path) -> None:
-    """A request's reservation event is sent without a task of its own (`UsageStream.publishing`); a first
+    """A request's reservation event is sent without a task of its own (`UsageStream.send`, told to an
+    `Opening`); a first
     try that finds no stream is tried again, as `publish` does, and the request's wait ends when it lands."""
     server = NatsServer.start(tmp_path / "nats")
     db = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
@@ -699,15 +700,18 @@ async def test_a_reservation_whose_first_publish_fails_is_published_again(stack:
         await stream.publisher.start()
         day = dt.datetime.now(dt.UTC).date()
         event = Opened("r-retry-open", "a1", 1, 1, None, "m", day, 10)
-        opened = stream.publishing(event)
+        opened = Opening()
+        stream.send(event, opened)
         await asyncio.sleep(0.5)
-        assert not opened.done(), "no stream yet: still trying"
+        assert opened.outcome is None, "no stream yet: still trying"
         await stream._ensure_stream()
-        assert await asyncio.wait_for(asyncio.shield(opened), 5) is True
+        assert await asyncio.wait_for(opened.wait(), 5) is True
         info = await nc.jetstream().stream_info(subjects.USAGE_STREAM)
         assert info.state.messages == 1, "stored once: the tries before the stream existed stored nothing"
         # With the stream there, the next one lands on its first try.
-        assert await asyncio.wait_for(stream.publishing(Opened("r-first-try", "a1", 1, 1, None, "m", day, 10)), 5)
+        first_try = Opening()
+        stream.send(Opened("r-first-try", "a1", 1, 1, None, "m", day, 10), first_try)
+        assert await asyncio.wait_for(first_try.wait(), 5)
         assert (await nc.jetstream().stream_info(subjects.USAGE_STREAM)).state.messages == 2
     finally:
         await stream.publisher.stop()

@@ -263,23 +263,6 @@ class UsageStream:
             await asyncio.sleep(pause)
             pause = min(0.5, pause * 2)
 
-    def publishing(self, event: UsageEvent) -> asyncio.Future[bool]:
-        """`send(event)`, told through a future: True once stored, or the error."""
-        future: asyncio.Future[bool] = self.publisher.loop().create_future()
-
-        def done(error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is None:
-                future.set_result(True)
-            elif isinstance(error, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(error)
-
-        self.send(event, done)
-        return future
-
     # ---- the stream and this replica's consumer --------------------------------------------
 
     async def start(self, *, wait_s: float = START_WAIT_S) -> None:
