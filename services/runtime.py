@@ -160,6 +160,8 @@ async def open_runtime(settings: Settings, metrics: Metrics | None = None) -> As
         if settings.metering and settings.settlement == "jetstream"
         else None
     )
+    if stream is not None:
+        router.on_final = stream.publisher.flush_soon
     metering = Metering(
         db,
         settings.gateway_id,

@@ -268,3 +268,46 @@ async def test_without_bundles_an_accepted_frame_is_not_held(ends: tuple[ReplyRo
     await replier.accept(3, 0)
     assert replier.held is None
     assert await stream.next(5) == bus.Accepted(seq=0, prompt_tokens=3)
+
+
+async def test_a_streams_final_frame_is_told_after_its_reader_was_woken(ends: tuple[ReplyRouter, Client]) -> None:
+    """`ReplyRouter.on_final` (the usage publisher's `flush_soon`) is called once per stream, on its Done frame
+    whether it came alone or in a bundle, and after the stream's reader was woken: what it schedules runs after
+    the reader's next step, in which the reader settles its request."""
+    router, daemon = ends
+    loop = asyncio.get_running_loop()
+    order: list[str] = []
+
+    def on_final() -> None:
+        loop.call_soon(order.append, "flush")
+
+    router.on_final = on_final
+    outbox = Outbox(daemon)
+    streams = {rid: router.open(rid, "mac-a", max_frames=100, max_bytes=1 << 20) for rid in ("fin-a", "fin-b")}
+
+    async def reader(rid: str) -> None:
+        while True:
+            frame = await streams[rid].next(5)
+            assert frame is not None
+            if isinstance(frame, bus.Done):
+                order.append(f"{rid} done")
+                return
+
+    readers = [asyncio.ensure_future(reader(rid)) for rid in streams]
+    await asyncio.sleep(0)
+    for frame in _frames(2):
+        # Both in one turn: the first alone on its reply subject, the second in a bundle.
+        for rid in streams:
+            await _send(outbox, daemon, rid, frame)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        if isinstance(frame, bus.Delta):
+            assert order == [], "a delta is not the final frame"
+    await asyncio.wait_for(asyncio.gather(*readers), 5)
+    for _ in range(50):
+        if len(order) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    # Each flush runs after the step of the reader whose final frame asked for it.
+    assert order == ["fin-a done", "flush", "fin-b done", "flush"]
+    await outbox.close()

@@ -590,3 +590,41 @@ async def test_a_backlog_of_more_messages_than_a_pull_takes_is_adopted_whole(bus
         assert state.messages == 0
     finally:
         await other_nc.close()
+
+
+async def test_flush_soon_sends_what_the_woken_requests_queue_in_their_turn_not_at_its_end(bus: Bus) -> None:
+    """The reply router calls `flush_soon` as a provider's final frame wakes its request: the settlements the
+    requests woken so far make leave right after them, one message for them all, before the loop turn's other
+    callbacks (an answer's end waits for its settlement's acknowledgement). What comes later in the turn waits
+    for the turn's end, as before."""
+    publisher = bus.stream.publisher
+    loop = asyncio.get_running_loop()
+    sent_before_late: list[int] = []
+
+    def settles(rid: str) -> None:
+        bus.stream.send(_ok(rid), lambda _: None)
+
+    def late() -> None:
+        sent_before_late.append(publisher.messages)
+        settles("r-flush-late")
+
+    # As the router's reads do: a request woken, the flush asked for, a second request woken and the flush
+    # asked for again (it moves behind the second), then a callback of the turn's that settles one more.
+    loop.call_soon(settles, "r-flush-first")
+    publisher.flush_soon()
+    loop.call_soon(settles, "r-flush-second")
+    publisher.flush_soon()
+    loop.call_soon(late)
+    for _ in range(50):
+        if publisher.messages == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sent_before_late == [1], "the two woken requests' settlements were sent before the turn went on"
+    early, later = (await bus.stored())[-2:]
+    assert [e.request_id for e in decode(early)] == ["r-flush-first", "r-flush-second"]
+    assert [e.request_id for e in decode(later)] == ["r-flush-late"]
+
+    # With nothing queued it sends nothing.
+    publisher.flush_soon()
+    await asyncio.sleep(0.05)
+    assert publisher.messages == 2

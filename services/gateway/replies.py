@@ -95,6 +95,8 @@ class ReplyStream:
         self.dead = False
         # One timer per stream, not one per frame (`next`).
         self._timer: asyncio.TimerHandle | None = None
+        # Called as the provider's final frame arrives (`ReplyRouter.on_final`).
+        self.on_final: Callable[[], None] | None = None
 
     def push(self, item: _Item) -> None:
         self._items.append(item)
@@ -146,6 +148,8 @@ class ReplyStream:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if type(item) is bus.Done and (on_final := self.on_final) is not None:
+            on_final()  # after the reader's wake-up: what it schedules runs after the reader
 
     def _garbled(self, reason: str, violation: str) -> None:
         self.dead = True
@@ -246,6 +250,9 @@ class ReplyRouter:
         self._streams: dict[str, ReplyStream] = {}
         self._subs: list[Subscription] = []
         self.stray_frames = 0
+        # Called as a stream's final frame (bus.Done) arrives, after its reader was woken: the usage
+        # publisher's `flush_soon`, so the settlement the reader makes leaves in the turn it is made.
+        self.on_final: Callable[[], None] | None = None
         # Told (provider id, detail) of a bundle that does not decode: a protocol violation.
         self.on_garbled_bundle: Callable[[str, str], None] | None = None
         # Handed to each stream (asyncio.get_running_loop() is a getpid() system call on Python 3.11).
@@ -298,6 +305,7 @@ class ReplyRouter:
         stream = ReplyStream(request_id, provider_id, max_frames=max_frames, max_bytes=max_bytes, loop=self._loop)
         # Built (and its ids checked) once per leg: the work message names it, `close` forgets it.
         stream.subject = subjects.reply(provider_id, self._gateway_id, request_id)
+        stream.on_final = self.on_final
         self._streams[stream.subject] = stream
         return stream
 

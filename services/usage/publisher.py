@@ -16,6 +16,13 @@ request's reservation goes out in front of the request's work message, in one
 write, so nats-server stores the event while the provider starts (not while the
 provider's Accepted comes back through it), and a settlement's acknowledgement
 is not a loop turn later for the write's own turn.
+
+A turn's end is late for settlements under load: the loop reads every ready
+socket before it runs the next turn's callbacks, and each answer's end waits for
+its settlement's acknowledgement. So the reply router says when a provider's
+final frame woke its request (`flush_soon`), and the events queued by the time
+the requests woken by that read have run leave then, in the turn that settled
+them; what is queued later waits for the turn's end as before.
 """
 
 from __future__ import annotations
@@ -107,6 +114,8 @@ class Publisher:
         self._ticking: asyncio.TimerHandle | None = None
         # Sends waiting for what `publish_nowait` could not do (kept: the loop holds tasks weakly).
         self._background: set[asyncio.Future[None]] = set()
+        # The early send `flush_soon` scheduled, if it has not run yet.
+        self._flushing: asyncio.Handle | None = None
         # Known from the first event on (asyncio.get_running_loop() is a getpid() system call on Python 3.11).
         self._loop: asyncio.AbstractEventLoop | None = None
         # How many messages and events went out (metrics, read at scrape time).
@@ -119,6 +128,9 @@ class Publisher:
                 self._sub = await nats_direct.subscribe(self._nc, subjects.usage_acks(self._inbox), self._on_ack)
 
     async def stop(self) -> None:
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -165,6 +177,23 @@ class Publisher:
             # turn's end, or as the connection writes what the turn queued before them if that comes first.
             self.loop().call_soon(self._end_turn)
             nats_direct.before_write(self._nc, self._publish_turn)
+
+    def flush_soon(self) -> None:
+        """Send the events queued by the time the callbacks scheduled so far have run, then.
+
+        Called as a provider's final frame arrives (in the loop's reading of sockets): the request it
+        woke settles when its task next runs, and this runs after it, in the same turn, instead of after
+        the next turn's reads. Called again before that, it moves behind the tasks woken since.
+        """
+        flushing = self._flushing
+        if flushing is not None:
+            flushing.cancel()
+        self._flushing = self.loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = None
+        if self._turn:
+            self._end_turn()
 
     def submit(self, data: bytes) -> asyncio.Future[int]:
         """`send`, told through a future: the stream sequence, or the error raised."""
