@@ -22,7 +22,7 @@ from schemas.tasks import cancel_and_wait
 from services.gateway import pipeline
 from services.gateway.exchange import Exchange
 from services.gateway.frames import joined, joins
-from services.gateway.sse import EventStream, ServerSend
+from services.gateway.sse import EventStream, Last, ServerSend
 from services.usage.batch import GroupCommit
 from services.usage.leases import HORIZON_S, MAX_DOUBLED, Lease, wanted
 from services.usage.quotas import Limits
@@ -263,6 +263,131 @@ async def test_an_event_stream_sends_its_chunks_then_ends() -> None:
         (b"data: [DONE]\n\n", True),
         (b"", False),
     ]
+
+
+async def test_an_event_streams_last_chunk_leaves_with_its_end() -> None:
+    """A `Last` chunk is sent as the response's end: one message (uvicorn makes it one write), no empty end after."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield Last(b"data: [DONE]\n\n")
+
+    client = _Client()
+    await EventStream(chunks(), {})({"type": "http"}, client.receive, client.send)  # type: ignore[arg-type]
+    assert [(b["body"], b["more_body"]) for b in client.sent[1:]] == [
+        (b"data: 1\n\n", True),
+        (b"data: [DONE]\n\n", False),
+    ]
+
+
+class _Feed:
+    """A provider's call whose frames the test hands over, and what `pipeline.stream` asks of it."""
+
+    provider_id = "p"
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bus.Delta | bus.Done] = asyncio.Queue()
+        self.finished = False
+
+    def ready(self) -> bool:
+        return not self.queue.empty()
+
+    def take_run(self, run: list[bus.Delta]) -> bus.Delta | None:
+        return None
+
+    def frames(self) -> AsyncGenerator[bus.Delta | bus.Done, None]:
+        async def frames() -> AsyncGenerator[bus.Delta | bus.Done, None]:
+            while True:
+                frame = await self.queue.get()
+                if isinstance(frame, bus.Done):
+                    self.finished = True
+                yield frame
+
+        return frames()
+
+    async def close(self) -> None:
+        pass
+
+
+class _Text:
+    """A surface's renderer: a chunk per Delta, two for the end."""
+
+    async def render(self, events: AsyncIterator[Event]) -> AsyncGenerator[bytes, None]:
+        async for event in events:
+            if isinstance(event, bus.Delta):
+                yield f"data: {event.text}\n\n".encode()
+            else:
+                yield b"data: end\n\n"
+                yield b"data: [DONE]\n\n"
+
+    def failed(self, code: str, message: str) -> list[bytes]:
+        return [b"data: failed\n\n"]
+
+
+class _Settling:
+    """Metering whose settlement the test acknowledges."""
+
+    def __init__(self) -> None:
+        self.acknowledged = asyncio.get_running_loop().create_future()
+
+    def settling(self, ticket: object, **_: object) -> asyncio.Future[None]:
+        return self.acknowledged
+
+
+async def _streaming(call: _Feed) -> tuple[_Client, _Settling, asyncio.Future[None]]:
+    from types import SimpleNamespace
+
+    from services.usage.metering import Ticket
+    from services.usage.quotas import Holder
+
+    ex = Exchange("r1", stream=True)
+    ex.ticket = Ticket("r1", Holder("a1", 1, 1, None), "m", usage=None)
+    metering = _Settling()
+    started = SimpleNamespace(ex=ex, call=call, headers={})
+    response = pipeline.stream(SimpleNamespace(metering=metering), started, _Text())  # type: ignore[arg-type]
+    client = _Client()
+    responding = asyncio.ensure_future(response({"type": "http"}, client.receive, client.send))  # type: ignore[arg-type]
+    return client, metering, responding
+
+
+def _bodies(client: _Client) -> list[tuple[object, object]]:
+    return [(b["body"], b["more_body"]) for b in client.sent[1:]]
+
+
+async def test_a_streams_last_chunks_wait_for_its_settlement_and_leave_with_its_end() -> None:
+    """Written before the settlement's acknowledgement, the last chunks left in one write and the response's
+    end alone a few ms later in another (a second system call, a second wake-up of the buyer's client): with
+    metering on, a tenth of the gateway's requests/s at c=64. Now the end and the last chunks are one write."""
+    call = _Feed()
+    client, metering, responding = await _streaming(call)
+    call.queue.put_nowait(bus.Delta(seq=1, text="a", tokens=1, token_ids=[1]))
+    await asyncio.sleep(0.01)
+    assert _bodies(client) == [(b"data: a\n\n", True)], "a token that is here leaves at once"
+    call.queue.put_nowait(bus.Delta(seq=2, text="b", tokens=1, token_ids=[2]))
+    call.queue.put_nowait(bus.Done(seq=3, finish_reason="length", prompt_tokens=3, completion_tokens=2))
+    await asyncio.sleep(0.01)
+    assert _bodies(client) == [(b"data: a\n\n", True)], "the end waits for the settlement"
+    assert not responding.done()
+    metering.acknowledged.set_result(None)
+    await asyncio.wait_for(responding, 2)
+    assert _bodies(client) == [
+        (b"data: a\n\n", True),
+        (b"data: b\n\ndata: end\n\ndata: [DONE]\n\n", False),
+    ]
+
+
+async def test_an_answer_that_came_whole_sends_its_first_token_before_its_settlement() -> None:
+    """All of it came with the final frame (a one-token answer): holding it for the settlement would add the
+    acknowledgement's round trip to its time to first token, so it leaves at once and the end follows."""
+    call = _Feed()
+    call.queue.put_nowait(bus.Delta(seq=1, text="a", tokens=1, token_ids=[1]))
+    call.queue.put_nowait(bus.Done(seq=2, finish_reason="length", prompt_tokens=3, completion_tokens=1))
+    client, metering, responding = await _streaming(call)
+    await asyncio.sleep(0.01)
+    assert _bodies(client) == [(b"data: a\n\ndata: end\n\ndata: [DONE]\n\n", True)]
+    metering.acknowledged.set_result(None)
+    await asyncio.wait_for(responding, 2)
+    assert _bodies(client)[1:] == [(b"", False)]
 
 
 async def test_a_hang_up_closes_the_event_streams_chunks_and_ends_quietly() -> None:

@@ -45,6 +45,12 @@ class ServerSend:
         await self.app(scope, receive, send)
 
 
+class Last(bytes):
+    """An answer's final bytes: they leave in the same write as the response's end."""
+
+    __slots__ = ()
+
+
 class EventStream(Response[None]):
     """A 200 answer whose body is `chunks`, each sent as soon as it is produced."""
 
@@ -74,10 +80,13 @@ class EventStream(Response[None]):
 
         stop_watching = on_hang_up(scope, receive, hang_up)
         try:
+            ended = False
             async with contextlib.aclosing(self._chunks) as chunks:
                 async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    ended = type(chunk) is Last
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # The buyer left: the chunks' generator was closed (it cancels and settles); nothing to send.
             if hung_up and task.uncancel() == 0:
