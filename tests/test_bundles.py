@@ -308,6 +308,10 @@ async def test_a_streams_final_frame_is_told_after_its_reader_was_woken(ends: tu
         if len(order) >= 4:
             break
         await asyncio.sleep(0.01)
-    # Each flush runs after the step of the reader whose final frame asked for it.
-    assert order == ["fin-a done", "flush", "fin-b done", "flush"]
+    # Each flush runs after the step of the reader whose final frame asked for it: never more flushes than
+    # readers done at any point. (Frames a busy machine delivers in one read wake both readers before either
+    # flush runs, so the exact interleaving is the machine's.)
+    assert sorted(order) == ["fin-a done", "fin-b done", "flush", "flush"]
+    prefixes = [order[: i + 1] for i in range(len(order))]
+    assert all(p.count("flush") <= len(p) - p.count("flush") for p in prefixes), order
     await outbox.close()
