@@ -643,6 +643,12 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
     table.add("goals (issue 14)")
     # The columns whose added time to first token is a goal: streamed at c=1, at full speed and paced.
     c1_labels = {c.label for c in plan.columns if c.stream and c.concurrency == 1 and c.model != BATCH_MODEL}
+    # The gateway's CPU goals are per 64-token answer, at any concurrency.
+    cpu_goals = {
+        c.label: "<= 1 ms per 64-token stream" if c.stream else "<= 0.5 ms per non-stream request"
+        for c in plan.columns
+        if (c.tokens or plan.tokens) == 64
+    }
     # At c=1 "N keys" is one key too (worker 0 uses key 0 % 1): the ratio there is the run's own noise.
     one_worker = {c.label for c in plan.columns if c.concurrency == 1}
     for label, tallies in results.items():
@@ -663,6 +669,13 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             f" Postgres settlement {pg_rps})"
         )
         table.add(line)
+        if label in cpu_goals:
+            per_req = []
+            for name, series in (("on", SERIES[1]), ("off", SERIES[0])):
+                t = tallies[series]
+                if t.gateway_cpu_s is not None and t.samples:
+                    per_req.append(f"{name} {1000 * t.gateway_cpu_s / len(t.samples):.3f}")
+            table.add(f"  {'':<28} gateway CPU ms/req: {', '.join(per_req)} ({cpu_goals[label]}, metering on)")
         if label in c1_labels:
             for base in (DIRECT_HTTP, DIRECT):
                 if base not in tallies:
