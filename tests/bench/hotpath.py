@@ -148,6 +148,13 @@ class Tally:
     def samples(self) -> list[Sample]:
         return [x for lev in self.levels for x in lev.samples]
 
+    @property
+    def gateway_ms_per_request(self) -> float | None:
+        """Its gateway's CPU over its rounds per request, in ms (None for a series through no gateway)."""
+        if self.gateway_cpu_s is None:
+            return None
+        return 1000 * self.gateway_cpu_s / max(1, sum(len(lev.samples) for lev in self.levels))
+
 
 @dataclass
 class Plan:
@@ -611,7 +618,7 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
             n = max(1, len(t.samples))
             counted = [x.chunks for x in t.samples if x.ok and x.chunks]
             chunks = sum(counted) / len(counted) if counted and series not in (DIRECT, DIRECT_HTTP) else None
-            gw_req = None if t.gateway_cpu_s is None else 1000 * t.gateway_cpu_s / n
+            gw_req = t.gateway_ms_per_request
             table.row(
                 f"{label} / {series}",
                 [
@@ -670,11 +677,11 @@ def render(plan: Plan, measured: Measured, tail: list[str]) -> str:
         )
         table.add(line)
         if label in cpu_goals:
-            per_req = []
-            for name, series in (("on", SERIES[1]), ("off", SERIES[0])):
-                t = tallies[series]
-                if t.gateway_cpu_s is not None and t.samples:
-                    per_req.append(f"{name} {1000 * t.gateway_cpu_s / len(t.samples):.3f}")
+            per_req = [
+                f"{name} {ms_req:.3f}"
+                for name, series in (("on", SERIES[1]), ("off", SERIES[0]))
+                if (ms_req := tallies[series].gateway_ms_per_request) is not None
+            ]
             table.add(f"  {'':<28} gateway CPU ms/req: {', '.join(per_req)} ({cpu_goals[label]}, metering on)")
         if label in c1_labels:
             for base in (DIRECT_HTTP, DIRECT):
